@@ -1,0 +1,167 @@
+//! The [`AuditSink`] trait and the audit event model.
+//!
+//! Event identifiers follow DICOM PS3.15 Annex A.5 / PS3.16 CID 400–401
+//! where one exists, so records can be turned into DICOM audit messages.
+
+use std::fmt::{Debug, Display};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::error::Result;
+use crate::ids::{FileId, SessionId, Uid};
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AuditAction {
+    /// An upload session was opened.
+    SessionCreated,
+    /// A file was declared in a session.
+    FileAdded,
+    /// A chunk was stored (or refused: see the outcome).
+    ChunkStored,
+    /// A file was verified and validated (or refused).
+    FileCompleted,
+    /// A file was removed from a session.
+    FileRemoved,
+    /// A session's instances are being handed to the PACS.
+    ForwardStarted,
+    /// The PACS sink reported its outcome.
+    Forwarded,
+    /// A session expired and was removed.
+    SessionExpired,
+    /// A session was aborted by its owner.
+    SessionAborted,
+    /// Patient data was read (status query, download).
+    DataAccessed,
+    /// A user logged in (or failed to).
+    Login,
+    /// A user logged out.
+    Logout,
+    /// A security alert (token reuse, lockout, configuration change).
+    SecurityAlert,
+    /// The application started.
+    ApplicationStart,
+    /// The application stopped.
+    ApplicationStop,
+}
+
+impl AuditAction {
+    /// The DICOM audit Event ID (DCM code, PS3.16 CID 400).
+    pub fn dicom_event_id(self) -> u32 {
+        match self {
+            Self::SessionCreated | Self::FileAdded | Self::ChunkStored | Self::FileCompleted => 110107, // Import
+            Self::FileRemoved | Self::SessionExpired | Self::SessionAborted => 110105,                  // DICOM Study Deleted
+            Self::ForwardStarted => 110102,                                                              // Begin Transferring DICOM Instances
+            Self::Forwarded => 110104,                                                                   // DICOM Instances Transferred
+            Self::DataAccessed => 110103,                                                                // DICOM Instances Accessed
+            Self::Login | Self::Logout => 110114,                                                        // User Authentication
+            Self::SecurityAlert => 110113,                                                               // Security Alert
+            Self::ApplicationStart | Self::ApplicationStop => 110100,                                    // Application Activity
+        }
+    }
+}
+
+/// Event outcome (PS3.15 A.5 EventOutcomeIndicator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditOutcome {
+    /// 0: success.
+    Success,
+    /// 4: minor failure (the client's request was refused).
+    MinorFailure,
+    /// 8: serious failure (the action failed).
+    SeriousFailure,
+    /// 12: major failure.
+    MajorFailure,
+}
+
+impl AuditOutcome {
+    /// The numeric EventOutcomeIndicator.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Success => 0,
+            Self::MinorFailure => 4,
+            Self::SeriousFailure => 8,
+            Self::MajorFailure => 12,
+        }
+    }
+}
+
+/// One audit record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// When (UTC).
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// Who (user id, or "system").
+    pub user: String,
+    /// Client address, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// What.
+    pub action: AuditAction,
+    /// DICOM Event ID of `action`.
+    pub event_id: u32,
+    /// Outcome.
+    pub outcome: AuditOutcome,
+    /// Session concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionId>,
+    /// File concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileId>,
+    /// Study concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub study: Option<Uid>,
+    /// Patient concerned (audit trail only; never logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient_id: Option<String>,
+    /// Free text: error code and reason, counts.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl AuditEvent {
+    /// A new event at the current time.
+    pub fn new(user: impl Into<String>, action: AuditAction, outcome: AuditOutcome) -> Self {
+        Self {
+            time: OffsetDateTime::now_utc(),
+            user: user.into(),
+            address: None,
+            action,
+            event_id: action.dicom_event_id(),
+            outcome,
+            session: None,
+            file: None,
+            study: None,
+            patient_id: None,
+            detail: String::new(),
+        }
+    }
+}
+
+/// Durable, append-only audit trail.
+///
+/// # Contract
+/// - [`record`](Self::record) returns `Ok` only once the event is durable.
+///   The pipeline fails closed: an action whose audit record cannot be
+///   written reports [`Error::Audit`](crate::Error::Audit).
+/// - Events are kept in the order `record` calls returned.
+/// - [`events`](Self::events) returns every recorded event in order (used by
+///   audit review and tests; an implementation that ships events elsewhere
+///   returns what it still holds).
+///
+/// # Cancellation
+/// A dropped `record` future may or may not have recorded the event.
+#[async_trait]
+pub trait AuditSink: Debug + Display + Send + Sync + 'static {
+    /// Append one event durably.
+    async fn record(&self, event: &AuditEvent) -> Result<()>;
+
+    /// Every recorded event, oldest first.
+    async fn events(&self) -> Result<Vec<AuditEvent>>;
+}

@@ -1,0 +1,82 @@
+//! The [`ChunkStore`] trait: where uploaded bytes live.
+
+use std::fmt::{Debug, Display};
+use std::ops::Range;
+
+use async_trait::async_trait;
+
+use crate::digest::ByteStream;
+use crate::error::Result;
+use crate::ids::{FileId, SessionId};
+use crate::model::ChunkRecord;
+
+/// Addresses one file of one session in a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileKey {
+    /// The session.
+    pub session: SessionId,
+    /// The file.
+    pub file: FileId,
+}
+
+/// Where a chunk goes and how long it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkPlacement {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Exact number of bytes the body carries.
+    pub length: u64,
+}
+
+/// Durable storage for uploaded bytes.
+///
+/// A file is created with its total size, filled by chunks (byte ranges that
+/// may arrive in any order), sealed once every byte is present, then read
+/// back for verification, validation and forwarding.
+///
+/// # Contract
+/// - [`put_chunk`](Self::put_chunk) consumes `body` to its end. If any item
+///   of `body` is `Err`, or the body does not carry exactly
+///   `placement.length` bytes, the store returns an error and **no trace of
+///   the chunk becomes readable as stored data**. When it returns `Ok`, the
+///   bytes are **durable** (fsync'd, or acknowledged by the object store),
+///   so they survive a crash of this process and of the machine.
+/// - The caller (the pipeline) guarantees that no two `put_chunk` calls for
+///   overlapping ranges of one file run at the same time, and that a range
+///   already acknowledged is never written again.
+/// - [`seal_file`](Self::seal_file) is called once every chunk is recorded,
+///   with the chunk records in offset order, tiling `[0, size)`. After `Ok`
+///   the whole file is durable and readable with [`read`](Self::read).
+///   Sealing twice is a no-op.
+/// - [`read`](Self::read) of a range returns exactly those bytes; it may
+///   serve ranges of unsealed files that were acknowledged.
+/// - Deleting something that does not exist is not an error.
+///
+/// # Errors
+/// Storage failures are [`Error::Storage`](crate::Error::Storage) (with
+/// `Full` for ENOSPC); a missing file is [`Error::NotFound`](crate::Error::NotFound).
+///
+/// # Cancellation
+/// Dropping a `put_chunk` future before it completes leaves the chunk
+/// unacknowledged; whatever was partly written is never counted.
+#[async_trait]
+pub trait ChunkStore: Debug + Display + Send + Sync + 'static {
+    /// Prepare storage for a file of `size` bytes. Idempotent.
+    async fn create_file(&self, key: FileKey, size: u64) -> Result<()>;
+
+    /// Store one verified chunk; durable when `Ok` returns. The returned
+    /// string is a store-specific receipt kept in the [`ChunkRecord`].
+    async fn put_chunk(&self, key: FileKey, placement: ChunkPlacement, body: ByteStream) -> Result<String>;
+
+    /// Make the complete file durable and readable as one object.
+    async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()>;
+
+    /// Read a byte range of a file.
+    async fn read(&self, key: FileKey, range: Range<u64>) -> Result<ByteStream>;
+
+    /// Remove a file and all its chunks.
+    async fn delete_file(&self, key: FileKey) -> Result<()>;
+
+    /// Remove everything stored for a session.
+    async fn delete_session(&self, session: SessionId) -> Result<()>;
+}

@@ -1,0 +1,134 @@
+//! DICOM validation: a bounded structural pre-scan of our own, then
+//! dicom-object on the header only, on a thread with an explicit stack.
+//!
+//! dicom-object 0.10.1 aborts the process on deeply nested sequences,
+//! allocates whatever a declared length says and inflates Deflated files
+//! without a cap, so nothing reaches it before [`prescan`] has checked
+//! every declared length against the bytes that remain, capped nesting
+//! depth and element count, and bounded any inflation.
+
+mod prescan;
+mod validate;
+
+pub use prescan::{PrescanLimits, PrescanReport, prescan};
+pub use validate::{DicomLimits, validate_dicom};
+
+/// Why a file is not acceptable DICOM. Every variant is the client's fault
+/// (HTTP 422) and carries no patient data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DicomError {
+    /// No 128-byte preamble followed by `DICM`.
+    #[error("not a DICOM Part-10 file: {reason}")]
+    NotDicom {
+        /// Details.
+        reason: String,
+    },
+    /// The file ends inside an element header or value.
+    #[error("truncated at byte {offset}: {needed} more bytes needed")]
+    Truncated {
+        /// Where.
+        offset: u64,
+        /// How many bytes were missing.
+        needed: u64,
+    },
+    /// A declared length is larger than the bytes that remain (or than its container).
+    #[error("element {tag} at byte {offset} declares {declared} bytes, only {remaining} remain")]
+    LengthOverrun {
+        /// Tag as `(gggg,eeee)`.
+        tag: String,
+        /// Where.
+        offset: u64,
+        /// Declared length.
+        declared: u64,
+        /// Bytes left in the enclosing container or file.
+        remaining: u64,
+    },
+    /// Sequences nested deeper than allowed.
+    #[error("sequence nesting deeper than {max}")]
+    TooDeep {
+        /// The limit.
+        max: u32,
+    },
+    /// More data elements than allowed.
+    #[error("more than {max} data elements")]
+    TooManyElements {
+        /// The limit.
+        max: u64,
+    },
+    /// A delimiter or item tag where none may stand.
+    #[error("unexpected {tag} at byte {offset}")]
+    StrayDelimiter {
+        /// Tag as `(gggg,eeee)`.
+        tag: String,
+        /// Where.
+        offset: u64,
+    },
+    /// The header (everything before Pixel Data) is larger than allowed.
+    #[error("header larger than {max} bytes")]
+    HeaderTooLarge {
+        /// The limit.
+        max: u64,
+    },
+    /// The transfer syntax is not accepted.
+    #[error("unsupported transfer syntax {uid}")]
+    UnsupportedTransferSyntax {
+        /// The transfer syntax UID.
+        uid: String,
+    },
+    /// A Deflated data set inflates past the cap.
+    #[error("deflated data set inflates past {max} bytes")]
+    InflateLimit {
+        /// The cap.
+        max: u64,
+    },
+    /// A required attribute is missing.
+    #[error("missing required attribute {name}")]
+    MissingAttribute {
+        /// Keyword, e.g. "SOPInstanceUID".
+        name: &'static str,
+    },
+    /// A required attribute is malformed.
+    #[error("attribute {name} is invalid: {reason}")]
+    BadAttribute {
+        /// Keyword.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Any other structural defect.
+    #[error("malformed at byte {offset}: {reason}")]
+    Malformed {
+        /// Where.
+        offset: u64,
+        /// Why.
+        reason: String,
+    },
+    /// dicom-object refused the header after the pre-scan passed.
+    #[error("DICOM parser: {message}")]
+    Parser {
+        /// The parser's message.
+        message: String,
+    },
+}
+
+impl DicomError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotDicom { .. } => "RELAY_DICOM_NOT_DICOM",
+            Self::Truncated { .. } => "RELAY_DICOM_TRUNCATED",
+            Self::LengthOverrun { .. } => "RELAY_DICOM_LENGTH_OVERRUN",
+            Self::TooDeep { .. } => "RELAY_DICOM_TOO_DEEP",
+            Self::TooManyElements { .. } => "RELAY_DICOM_TOO_MANY_ELEMENTS",
+            Self::StrayDelimiter { .. } => "RELAY_DICOM_STRAY_DELIMITER",
+            Self::HeaderTooLarge { .. } => "RELAY_DICOM_HEADER_TOO_LARGE",
+            Self::UnsupportedTransferSyntax { .. } => "RELAY_DICOM_UNSUPPORTED_TRANSFER_SYNTAX",
+            Self::InflateLimit { .. } => "RELAY_DICOM_INFLATE_LIMIT",
+            Self::MissingAttribute { .. } => "RELAY_DICOM_MISSING_ATTRIBUTE",
+            Self::BadAttribute { .. } => "RELAY_DICOM_BAD_ATTRIBUTE",
+            Self::Malformed { .. } => "RELAY_DICOM_MALFORMED",
+            Self::Parser { .. } => "RELAY_DICOM_PARSER",
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! # relaypacs-core
+//!
+//! The verified DICOM ingestion pipeline of RelayPACS, with no HTTP and no
+//! database inside. A study upload is a session of files; each file arrives
+//! as checksummed chunks in any order, is verified byte for byte against its
+//! whole-file SHA-256, validated as DICOM (bounded pre-scan first), and
+//! handed to a [`PacsSink`]. Every state change is an [`AuditSink`] event.
+//!
+//! Storage and destinations are traits, so vendors bring their own:
+//! [`ChunkStore`] (bytes), [`SessionStore`] (state with compare-and-set),
+//! [`PacsSink`] (delivery) and [`AuditSink`] (audit trail). Each trait has a
+//! conformance suite in [`testing`] (feature `testing`) that any
+//! implementation runs with one macro call.
+
+pub mod audit;
+pub mod chunk_store;
+pub mod dicom;
+pub mod digest;
+pub mod error;
+pub mod ids;
+pub mod model;
+pub mod pacs_sink;
+pub mod pipeline;
+pub mod session_store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use audit::{AuditAction, AuditEvent, AuditOutcome, AuditSink};
+pub use chunk_store::{ChunkPlacement, ChunkStore, FileKey};
+pub use digest::{ByteStream, Sha256Digest, VerifyingStream, bytes_stream};
+pub use error::{Error, ErrorKind, IntegrityError, Result, StorageErrorKind};
+pub use ids::{Actor, FileId, SessionId, Uid};
+pub use model::{ChunkRecord, DicomSummary, FileRecord, FileState, Limits, SessionRecord, SessionState, Versioned};
+pub use pacs_sink::{DeliveryReport, Instance, InstanceOutcome, InstanceSource, PacsSink};
+pub use pipeline::{NewFile, NewSession, Pipeline, PipelineConfig, PutChunk, PutOutcome};
+pub use session_store::{ChunkInsert, SessionStore};

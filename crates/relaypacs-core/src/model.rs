@@ -1,0 +1,175 @@
+//! The upload session model: sessions hold files, files hold chunks.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::digest::Sha256Digest;
+use crate::ids::{FileId, SessionId, Uid};
+
+/// Limits checked when sessions and files are created and chunks arrive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Largest declared size of one file (default 2 GiB).
+    pub max_file_size: u64,
+    /// Largest sum of declared file sizes in one session (default 20 GiB).
+    pub max_session_size: u64,
+    /// Most files in one session (default 10,000).
+    pub max_files: u32,
+    /// Smallest chunk, except the last chunk of a file (default 64 KiB).
+    pub min_chunk_size: u64,
+    /// Largest chunk (default 64 MiB).
+    pub max_chunk_size: u64,
+    /// Inactivity after which a session expires (default 24 h).
+    pub session_ttl_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_file_size: 2 << 30,
+            max_session_size: 20 << 30,
+            max_files: 10_000,
+            min_chunk_size: 64 << 10,
+            max_chunk_size: 64 << 20,
+            session_ttl_secs: 24 * 3600,
+        }
+    }
+}
+
+/// State of an upload session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SessionState {
+    /// Files may be added and uploaded.
+    Open,
+    /// Completion was requested; files are being handed to the PACS sink.
+    Forwarding,
+    /// The PACS sink accepted every instance.
+    Delivered {
+        /// When the sink confirmed.
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+        /// Sink description (e.g. "local-archive:/data/archive").
+        sink: String,
+    },
+    /// The last hand-off failed; `transient` failures may be retried.
+    ForwardFailed {
+        /// Whether a retry may succeed.
+        transient: bool,
+        /// The reason reported by the sink.
+        reason: String,
+    },
+}
+
+/// State of one file of a session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum FileState {
+    /// Chunks are arriving.
+    Uploading,
+    /// Every byte verified against the whole-file digest, and DICOM validated.
+    Valid {
+        /// What validation found.
+        dicom: DicomSummary,
+    },
+}
+
+/// The identifying attributes found in a validated DICOM file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DicomSummary {
+    /// (0008,0016) SOP Class UID.
+    pub sop_class_uid: Uid,
+    /// (0008,0018) SOP Instance UID.
+    pub sop_instance_uid: Uid,
+    /// (0020,000D) Study Instance UID.
+    pub study_instance_uid: Uid,
+    /// (0020,000E) Series Instance UID.
+    pub series_instance_uid: Uid,
+    /// (0010,0020) Patient ID. Patient data: goes to the audit trail, never to logs.
+    pub patient_id: String,
+    /// (0002,0010) Transfer Syntax UID.
+    pub transfer_syntax: Uid,
+    /// (0008,0060) Modality, when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modality: Option<String>,
+}
+
+/// One file of an upload session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// File id.
+    pub id: FileId,
+    /// Client-given name, for display only (never used to build a path).
+    pub name: String,
+    /// Declared total size in bytes.
+    pub size: u64,
+    /// Declared whole-file SHA-256, when the client gave one.
+    pub sha256: Option<Sha256Digest>,
+    /// State.
+    pub state: FileState,
+}
+
+/// An upload session: one study upload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Session id.
+    pub id: SessionId,
+    /// Owner's user id; only the owner and admins see the session.
+    pub owner: String,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Last change made through the pipeline (expiry counts from here).
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Whether files of several studies may share this session.
+    pub allow_multiple_studies: bool,
+    /// The study, once the first file validated.
+    pub study_instance_uid: Option<Uid>,
+    /// Limits in force for this session (copied at creation).
+    pub limits: Limits,
+    /// Files by id.
+    pub files: BTreeMap<FileId, FileRecord>,
+    /// Session state.
+    pub state: SessionState,
+}
+
+impl SessionRecord {
+    /// Sum of declared file sizes.
+    pub fn declared_bytes(&self) -> u64 {
+        self.files.values().map(|f| f.size).sum()
+    }
+}
+
+/// One acknowledged chunk: bytes `[offset, offset + length)` of a file,
+/// durable in the chunk store and verified against `sha256`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Digest of the chunk's bytes.
+    pub sha256: Sha256Digest,
+    /// Store-specific receipt (e.g. an object version or ETag).
+    pub receipt: String,
+}
+
+impl ChunkRecord {
+    /// End offset (exclusive).
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// A stored session with the version used for compare-and-set updates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned<T> {
+    /// The value.
+    pub value: T,
+    /// Opaque version; changes on every successful update.
+    pub version: u64,
+}

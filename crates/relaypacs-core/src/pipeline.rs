@@ -1,0 +1,901 @@
+//! The ingestion pipeline: sessions, chunks, completion, validation, delivery.
+//!
+//! [`Pipeline`] is the one entry point an embedding application (or the
+//! reference server) calls. It owns no I/O of its own: bytes go to the
+//! [`ChunkStore`], state to the [`SessionStore`], instances to the
+//! [`PacsSink`] and events to the [`AuditSink`].
+//!
+//! # Concurrency
+//! Each session has a gate: requests that work on a session hold it shared,
+//! expiry and abort hold it exclusive (and expiry only *tries*, so a session
+//! with a request in flight is never expired). Inside a session, byte ranges
+//! being written are reserved, so two writes to overlapping ranges never
+//! run at once, and a range already acknowledged is never written again.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::RwLock;
+
+use crate::audit::{AuditAction, AuditEvent, AuditOutcome, AuditSink};
+use crate::chunk_store::{ChunkPlacement, ChunkStore, FileKey};
+use crate::dicom::{DicomLimits, validate_dicom};
+use crate::digest::{ByteStream, Sha256Digest, VerifyingStream};
+use crate::error::{Error, ErrorKind, IntegrityError, Result};
+use crate::ids::{Actor, FileId, SessionId};
+use crate::model::{ChunkRecord, FileRecord, FileState, Limits, SessionRecord, SessionState, Versioned};
+use crate::pacs_sink::{Instance, InstanceOutcome, InstanceSource, PacsSink};
+use crate::session_store::{ChunkInsert, SessionStore};
+
+/// Pipeline settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PipelineConfig {
+    /// Limits for new sessions (and the ceiling for per-session limits).
+    pub limits: Limits,
+    /// DICOM validation limits.
+    #[serde(skip)]
+    pub dicom: DicomLimits,
+}
+
+/// Request to open a session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NewSession {
+    /// Allow files of several studies in one session.
+    pub allow_multiple_studies: bool,
+}
+
+/// Request to declare a file in a session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewFile {
+    /// Display name (never used as a path).
+    pub name: String,
+    /// Total size in bytes.
+    pub size: u64,
+    /// Whole-file SHA-256, if the client knows it.
+    #[serde(default)]
+    pub sha256: Option<Sha256Digest>,
+}
+
+/// Describes one chunk being put.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutChunk {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Exact length of the body.
+    pub length: u64,
+    /// Declared SHA-256 of the body; when absent, integrity rests on the
+    /// whole-file digest and DICOM validation.
+    #[serde(default)]
+    pub sha256: Option<Sha256Digest>,
+}
+
+/// What [`Pipeline::put_chunk`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum PutOutcome {
+    /// The chunk is now durable and recorded.
+    Stored {
+        /// The record.
+        chunk: ChunkRecord,
+    },
+    /// The identical chunk was already stored; nothing changed.
+    AlreadyStored {
+        /// The existing record.
+        chunk: ChunkRecord,
+    },
+}
+
+impl PutOutcome {
+    /// The chunk record either way.
+    pub fn chunk(&self) -> &ChunkRecord {
+        match self {
+            Self::Stored { chunk } | Self::AlreadyStored { chunk } => chunk,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    rw: RwLock<()>,
+    reserved: Mutex<Vec<(FileId, Range<u64>)>>,
+}
+
+/// Releases a reserved byte range when dropped (also on cancellation).
+struct Reservation {
+    gate: Arc<Gate>,
+    file: FileId,
+    range: Range<u64>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut r = lock(&self.gate.reserved);
+        if let Some(i) = r.iter().position(|(f, rg)| *f == self.file && *rg == self.range) {
+            r.swap_remove(i);
+        }
+    }
+}
+
+/// Locks a std mutex, recovering from poisoning: every critical section in
+/// this module leaves the guarded data consistent before anything that can
+/// panic, so a poisoned lock still holds valid data.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+/// The ingestion pipeline. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Pipeline {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    chunks: Arc<dyn ChunkStore>,
+    sessions: Arc<dyn SessionStore>,
+    sink: Arc<dyn PacsSink>,
+    audit: Arc<dyn AuditSink>,
+    config: PipelineConfig,
+    gates: Mutex<HashMap<SessionId, Arc<Gate>>>,
+}
+
+impl fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("chunks", &self.inner.chunks.to_string())
+            .field("sessions", &self.inner.sessions.to_string())
+            .field("sink", &self.inner.sink.to_string())
+            .field("audit", &self.inner.audit.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads instances for a sink from the chunk store.
+#[derive(Debug)]
+struct StoreSource {
+    chunks: Arc<dyn ChunkStore>,
+}
+
+#[async_trait]
+impl InstanceSource for StoreSource {
+    async fn open(&self, instance: &Instance) -> Result<ByteStream> {
+        self.chunks.read(instance.key, 0..instance.size).await
+    }
+}
+
+/// Result of a full read-back of a stored file.
+struct ReadBack {
+    prefix: Vec<u8>,
+    sha256: Sha256Digest,
+}
+
+impl Pipeline {
+    /// Assemble a pipeline from its four adapters.
+    pub fn new(
+        chunks: Arc<dyn ChunkStore>,
+        sessions: Arc<dyn SessionStore>,
+        sink: Arc<dyn PacsSink>,
+        audit: Arc<dyn AuditSink>,
+        config: PipelineConfig,
+    ) -> Self {
+        Self { inner: Arc::new(Inner { chunks, sessions, sink, audit, config, gates: Mutex::new(HashMap::new()) }) }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.inner.config
+    }
+
+    /// The chunk store.
+    pub fn chunk_store(&self) -> &Arc<dyn ChunkStore> {
+        &self.inner.chunks
+    }
+
+    /// The session store.
+    pub fn session_store(&self) -> &Arc<dyn SessionStore> {
+        &self.inner.sessions
+    }
+
+    /// The audit sink.
+    pub fn audit_sink(&self) -> &Arc<dyn AuditSink> {
+        &self.inner.audit
+    }
+
+    fn gate(&self, id: SessionId) -> Arc<Gate> {
+        lock(&self.inner.gates).entry(id).or_default().clone()
+    }
+
+    fn forget_gate(&self, id: SessionId) {
+        lock(&self.inner.gates).remove(&id);
+    }
+
+    fn event(actor: &Actor, action: AuditAction, outcome: AuditOutcome, session: Option<SessionId>) -> AuditEvent {
+        let mut e = AuditEvent::new(actor.user.clone(), action, outcome);
+        e.address = actor.address.clone();
+        e.session = session;
+        e
+    }
+
+    /// Record an audit event; a failure refuses the action (fail closed).
+    async fn audit(&self, event: AuditEvent) -> Result<()> {
+        self.inner.audit.record(&event).await.map_err(|e| Error::Audit { source: Box::new(e) })
+    }
+
+    /// Audit a refused or failed action, then return its error. If even the
+    /// audit record fails, the audit error is returned (it is the graver one)
+    /// and the original error stays reachable as its source chain's sibling
+    /// in the log written at the edge.
+    async fn refuse<T>(&self, mut event: AuditEvent, err: Error) -> Result<T> {
+        event.outcome = match err.kind() {
+            ErrorKind::Storage | ErrorKind::InsufficientStorage | ErrorKind::Pacs | ErrorKind::Audit => {
+                AuditOutcome::SeriousFailure
+            }
+            _ => AuditOutcome::MinorFailure,
+        };
+        event.detail = format!("{}: {}", err.code(), err);
+        self.audit(event).await?;
+        Err(err)
+    }
+
+    fn check_owner(actor: &Actor, rec: &SessionRecord) -> Result<()> {
+        if actor.admin || rec.owner == actor.user {
+            Ok(())
+        } else {
+            // Another user's session is indistinguishable from a missing one.
+            Err(Error::NotFound { what: "session" })
+        }
+    }
+
+    async fn load_owned(&self, actor: &Actor, id: SessionId) -> Result<Versioned<SessionRecord>> {
+        let v = self.inner.sessions.load_session(id).await?;
+        Self::check_owner(actor, &v.value)?;
+        Ok(v)
+    }
+
+    fn require_open(rec: &SessionRecord) -> Result<()> {
+        match rec.state {
+            SessionState::Open => Ok(()),
+            _ => Err(Error::conflict("RELAY_SESSION_NOT_OPEN", "the session no longer accepts changes")),
+        }
+    }
+
+    /// Apply `change` to the session with compare-and-set, reloading and
+    /// re-applying on a concurrent update.
+    async fn update<T>(
+        &self,
+        id: SessionId,
+        mut current: Versioned<SessionRecord>,
+        mut change: impl FnMut(&mut SessionRecord) -> Result<T>,
+    ) -> Result<(SessionRecord, T)> {
+        for _ in 0..64 {
+            let mut rec = current.value.clone();
+            let out = change(&mut rec)?;
+            rec.updated_at = OffsetDateTime::now_utc();
+            match self.inner.sessions.update_session(&rec, current.version).await {
+                Ok(_) => return Ok((rec, out)),
+                Err(Error::Precondition { .. }) => current = self.inner.sessions.load_session(id).await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Busy { what: "session is being updated concurrently".into() })
+    }
+
+    /// Open a new upload session owned by `actor`.
+    pub async fn create_session(&self, actor: &Actor, req: NewSession) -> Result<SessionRecord> {
+        let now = OffsetDateTime::now_utc();
+        let rec = SessionRecord {
+            id: SessionId::random(),
+            owner: actor.user.clone(),
+            created_at: now,
+            updated_at: now,
+            allow_multiple_studies: req.allow_multiple_studies,
+            study_instance_uid: None,
+            limits: self.inner.config.limits.clone(),
+            files: Default::default(),
+            state: SessionState::Open,
+        };
+        let ev = Self::event(actor, AuditAction::SessionCreated, AuditOutcome::Success, Some(rec.id));
+        if let Err(e) = self.inner.sessions.create_session(&rec).await {
+            return self.refuse(ev, e).await;
+        }
+        self.audit(ev).await?;
+        Ok(rec)
+    }
+
+    /// Declare a file of `size` bytes in a session.
+    pub async fn add_file(&self, actor: &Actor, id: SessionId, req: NewFile) -> Result<FileRecord> {
+        let gate = self.gate(id);
+        let _g = gate.rw.read().await;
+        let current = self.load_owned(actor, id).await?;
+        let mut ev = Self::event(actor, AuditAction::FileAdded, AuditOutcome::Success, Some(id));
+        match self.add_file_inner(id, current, req).await {
+            Ok(f) => {
+                ev.file = Some(f.id);
+                ev.detail = format!("size={}", f.size);
+                self.audit(ev).await?;
+                Ok(f)
+            }
+            Err(e) => self.refuse(ev, e).await,
+        }
+    }
+
+    async fn add_file_inner(&self, id: SessionId, current: Versioned<SessionRecord>, req: NewFile) -> Result<FileRecord> {
+        let limits = current.value.limits.clone();
+        Self::require_open(&current.value)?;
+        if req.size == 0 {
+            return Err(Error::invalid("RELAY_EMPTY_FILE", "file size must be at least 1 byte"));
+        }
+        if req.size > limits.max_file_size {
+            return Err(Error::LimitExceeded { what: "file size", limit: limits.max_file_size, actual: req.size });
+        }
+        if req.name.len() > 255 || req.name.chars().any(char::is_control) {
+            return Err(Error::invalid("RELAY_BAD_FILE_NAME", "file name must be at most 255 bytes with no control characters"));
+        }
+        let file = FileRecord { id: FileId::random(), name: req.name, size: req.size, sha256: req.sha256, state: FileState::Uploading };
+        self.inner.chunks.create_file(FileKey { session: id, file: file.id }, file.size).await?;
+        let f2 = file.clone();
+        self.update(id, current, move |rec| {
+            Self::require_open(rec)?;
+            if rec.files.len() as u64 >= u64::from(rec.limits.max_files) {
+                return Err(Error::LimitExceeded {
+                    what: "files per session",
+                    limit: u64::from(rec.limits.max_files),
+                    actual: rec.files.len() as u64 + 1,
+                });
+            }
+            let total = rec.declared_bytes().saturating_add(f2.size);
+            if total > rec.limits.max_session_size {
+                return Err(Error::LimitExceeded { what: "session size", limit: rec.limits.max_session_size, actual: total });
+            }
+            rec.files.insert(f2.id, f2.clone());
+            Ok(())
+        })
+        .await?;
+        Ok(file)
+    }
+
+    /// Store one chunk of a file. The body is verified against
+    /// `chunk.length` and `chunk.sha256` while it streams; only once the
+    /// bytes are durable is the chunk recorded. Re-sending a stored chunk
+    /// is a no-op; the same range with other bytes is a conflict.
+    pub async fn put_chunk(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+        chunk: PutChunk,
+        body: ByteStream,
+    ) -> Result<PutOutcome> {
+        let gate = self.gate(id);
+        let _g = gate.rw.read().await;
+        let current = self.load_owned(actor, id).await?;
+        let mut ev = Self::event(actor, AuditAction::ChunkStored, AuditOutcome::Success, Some(id));
+        ev.file = Some(file);
+        ev.detail = format!("offset={} length={}", chunk.offset, chunk.length);
+        match self.put_chunk_inner(&gate, id, file, current, chunk, body).await {
+            Ok(out) => {
+                if matches!(out, PutOutcome::Stored { .. }) {
+                    self.audit(ev).await?;
+                }
+                Ok(out)
+            }
+            Err(e) => self.refuse(ev, e).await,
+        }
+    }
+
+    async fn put_chunk_inner(
+        &self,
+        gate: &Arc<Gate>,
+        id: SessionId,
+        file_id: FileId,
+        current: Versioned<SessionRecord>,
+        chunk: PutChunk,
+        body: ByteStream,
+    ) -> Result<PutOutcome> {
+        let rec = &current.value;
+        Self::require_open(rec)?;
+        let file = rec.files.get(&file_id).ok_or(Error::NotFound { what: "file" })?;
+        if !matches!(file.state, FileState::Uploading) {
+            return Err(Error::conflict("RELAY_FILE_COMPLETE", "the file is already complete"));
+        }
+        let limits = &rec.limits;
+        let end = chunk.offset.checked_add(chunk.length).filter(|e| *e <= file.size).ok_or_else(|| {
+            Error::invalid("RELAY_BAD_RANGE", format!("chunk range exceeds the declared file size {}", file.size))
+        })?;
+        if chunk.length == 0 {
+            return Err(Error::invalid("RELAY_BAD_RANGE", "chunk length must be at least 1"));
+        }
+        if chunk.length > limits.max_chunk_size {
+            return Err(Error::LimitExceeded { what: "chunk size", limit: limits.max_chunk_size, actual: chunk.length });
+        }
+        if chunk.length < limits.min_chunk_size && end != file.size {
+            return Err(Error::invalid(
+                "RELAY_CHUNK_TOO_SMALL",
+                format!("only the last chunk may be smaller than {} bytes", limits.min_chunk_size),
+            ));
+        }
+        let range = chunk.offset..end;
+        let key = FileKey { session: id, file: file_id };
+
+        // Already recorded? Then this is a retry (no-op) or a conflict; the
+        // stored range is never written again either way.
+        let recorded = self.inner.sessions.chunks(id, file_id).await?;
+        if let Some(existing) = recorded.iter().find(|c| c.offset == chunk.offset && c.length == chunk.length) {
+            return self.retry_of(existing.clone(), chunk, body).await;
+        }
+        if let Some(c) = recorded.iter().find(|c| overlaps(&(c.offset..c.end()), &range)) {
+            return Err(Error::conflict(
+                "RELAY_CHUNK_OVERLAP",
+                format!("range {}..{} overlaps the stored chunk {}..{}", range.start, range.end, c.offset, c.end()),
+            ));
+        }
+        let _reservation = {
+            let mut r = lock(&gate.reserved);
+            if r.iter().any(|(f, rg)| *f == file_id && overlaps(rg, &range)) {
+                return Err(Error::Busy { what: format!("range {}..{} is being written by another request", range.start, range.end) });
+            }
+            r.push((file_id, range.clone()));
+            Reservation { gate: gate.clone(), file: file_id, range: range.clone() }
+        };
+
+        let (verifying, slot) = VerifyingStream::new(body, chunk.offset, chunk.length, chunk.sha256);
+        let placement = ChunkPlacement { offset: chunk.offset, length: chunk.length };
+        let receipt = self.inner.chunks.put_chunk(key, placement, Box::pin(verifying)).await?;
+        let sha256 = slot.get().ok_or_else(|| {
+            Error::storage(
+                crate::error::StorageErrorKind::Io,
+                "put chunk",
+                format!("{} returned before consuming the whole chunk body", self.inner.chunks),
+            )
+        })?;
+        let record = ChunkRecord { offset: chunk.offset, length: chunk.length, sha256, receipt };
+        match self.inner.sessions.record_chunk(id, file_id, &record).await? {
+            ChunkInsert::Inserted => {}
+            ChunkInsert::Existing(other) if other.sha256 == sha256 && other.length == record.length => {
+                return Ok(PutOutcome::AlreadyStored { chunk: other });
+            }
+            ChunkInsert::Existing(_) => {
+                return Err(Error::conflict("RELAY_CHUNK_CONFLICT", "another chunk was recorded at this offset"));
+            }
+        }
+        // Keep the session's activity time fresh for expiry, at most once a
+        // minute (one extra durable write per minute of upload).
+        if (OffsetDateTime::now_utc() - current.value.updated_at).whole_seconds() >= 60 {
+            self.update(id, current, |_| Ok(())).await?;
+        }
+        Ok(PutOutcome::Stored { chunk: record })
+    }
+
+    /// A chunk for an already-recorded range: identical bytes are a no-op,
+    /// other bytes a conflict. The body is only read (to compare) when no
+    /// digest was declared.
+    async fn retry_of(&self, existing: ChunkRecord, chunk: PutChunk, body: ByteStream) -> Result<PutOutcome> {
+        let same = match chunk.sha256 {
+            Some(d) => d == existing.sha256,
+            None => {
+                let (mut s, slot) = VerifyingStream::new(body, chunk.offset, chunk.length, None);
+                while let Some(item) = s.next().await {
+                    item?;
+                }
+                slot.get() == Some(existing.sha256)
+            }
+        };
+        if same {
+            Ok(PutOutcome::AlreadyStored { chunk: existing })
+        } else {
+            Err(Error::conflict(
+                "RELAY_CHUNK_CONFLICT",
+                format!("a different chunk is already stored at offset {}", existing.offset),
+            ))
+        }
+    }
+
+    /// Verify and validate a file whose chunks are all stored: the chunks
+    /// must tile the file, every stored chunk must still hash to what was
+    /// acknowledged, the whole file must match its declared SHA-256, and
+    /// the content must be valid DICOM of the session's study.
+    pub async fn complete_file(&self, actor: &Actor, id: SessionId, file: FileId) -> Result<FileRecord> {
+        let gate = self.gate(id);
+        let _g = gate.rw.read().await;
+        let current = self.load_owned(actor, id).await?;
+        let mut ev = Self::event(actor, AuditAction::FileCompleted, AuditOutcome::Success, Some(id));
+        ev.file = Some(file);
+        match self.complete_file_inner(id, file, current).await {
+            Ok(f) => {
+                if let FileState::Valid { dicom } = &f.state {
+                    ev.study = Some(dicom.study_instance_uid.clone());
+                    ev.patient_id = Some(dicom.patient_id.clone());
+                    ev.detail = format!("sop_instance_uid={} sha256={}", dicom.sop_instance_uid, f.sha256.map(|d| d.to_hex()).unwrap_or_default());
+                }
+                self.audit(ev).await?;
+                Ok(f)
+            }
+            Err(e) => self.refuse(ev, e).await,
+        }
+    }
+
+    async fn complete_file_inner(&self, id: SessionId, file_id: FileId, current: Versioned<SessionRecord>) -> Result<FileRecord> {
+        Self::require_open(&current.value)?;
+        let file = current.value.files.get(&file_id).cloned().ok_or(Error::NotFound { what: "file" })?;
+        if matches!(file.state, FileState::Valid { .. }) {
+            return Ok(file);
+        }
+        let chunks = self.inner.sessions.chunks(id, file_id).await?;
+        let mut missing = Vec::new();
+        let mut pos = 0u64;
+        for c in &chunks {
+            if c.offset > pos {
+                missing.push(format!("{}..{}", pos, c.offset));
+            }
+            pos = pos.max(c.end());
+        }
+        if pos < file.size {
+            missing.push(format!("{}..{}", pos, file.size));
+        }
+        if !missing.is_empty() {
+            let shown: Vec<_> = missing.iter().take(8).cloned().collect();
+            return Err(Error::invalid(
+                "RELAY_FILE_INCOMPLETE",
+                format!("{} byte range(s) not uploaded yet: {}", missing.len(), shown.join(", ")),
+            ));
+        }
+        let key = FileKey { session: id, file: file_id };
+        self.inner.chunks.seal_file(key, file.size, &chunks).await?;
+        let header_cap = self.inner.config.dicom.max_header_bytes.min(file.size);
+        let back = self.read_back(key, file.size, &chunks, header_cap).await?;
+        if let Some(expected) = file.sha256
+            && expected != back.sha256
+        {
+            return Err(IntegrityError::FileHash { expected: expected.to_hex(), actual: back.sha256.to_hex() }.into());
+        }
+        let limits = self.inner.config.dicom.clone();
+        let size = file.size;
+        let prefix = back.prefix;
+        let dicom = tokio::task::spawn_blocking(move || validate_dicom(&prefix, size, &limits))
+            .await
+            .map_err(|e| Error::Dicom(crate::dicom::DicomError::Parser { message: format!("validator task failed: {e}") }))??;
+        let digest = back.sha256;
+        let (rec, ()) = self
+            .update(id, current, |rec| {
+                Self::require_open(rec)?;
+                if let Some(study) = &rec.study_instance_uid
+                    && *study != dicom.study_instance_uid
+                    && !rec.allow_multiple_studies
+                {
+                    return Err(Error::StudyMismatch { expected: study.to_string(), actual: dicom.study_instance_uid.to_string() });
+                }
+                if rec.files.values().any(|f| {
+                    f.id != file_id && matches!(&f.state, FileState::Valid { dicom: d } if d.sop_instance_uid == dicom.sop_instance_uid)
+                }) {
+                    return Err(Error::conflict(
+                        "RELAY_DUPLICATE_INSTANCE",
+                        format!("SOP Instance UID {} is already in this session", dicom.sop_instance_uid),
+                    ));
+                }
+                if rec.study_instance_uid.is_none() {
+                    rec.study_instance_uid = Some(dicom.study_instance_uid.clone());
+                }
+                let f = rec.files.get_mut(&file_id).ok_or(Error::NotFound { what: "file" })?;
+                f.sha256 = Some(digest);
+                f.state = FileState::Valid { dicom: dicom.clone() };
+                Ok(())
+            })
+            .await?;
+        rec.files.get(&file_id).cloned().ok_or(Error::NotFound { what: "file" })
+    }
+
+    /// Stream a stored file back, checking every chunk against its recorded
+    /// digest and computing the whole-file digest, keeping the first
+    /// `header_cap` bytes. Hashing runs on a blocking thread fed through a
+    /// small bounded channel, so memory stays at a few buffers.
+    async fn read_back(&self, key: FileKey, size: u64, chunks: &[ChunkRecord], header_cap: u64) -> Result<ReadBack> {
+        let mut stream = self.inner.chunks.read(key, 0..size).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let bounds: Vec<(u64, u64, Sha256Digest)> = chunks.iter().map(|c| (c.offset, c.end(), c.sha256)).collect();
+        let hasher = tokio::task::spawn_blocking(move || -> Result<ReadBack> {
+            let mut whole = Sha256::new();
+            let mut prefix = Vec::with_capacity(usize::try_from(header_cap).unwrap_or(0));
+            let mut idx = 0usize;
+            let mut part = Sha256::new();
+            let mut pos = 0u64;
+            while let Some(mut buf) = rx.blocking_recv() {
+                whole.update(&buf);
+                if (prefix.len() as u64) < header_cap {
+                    let take = usize::try_from((header_cap - prefix.len() as u64).min(buf.len() as u64)).unwrap_or(0);
+                    prefix.extend_from_slice(&buf[..take]);
+                }
+                while !buf.is_empty() {
+                    let Some(&(_, end, expect)) = bounds.get(idx) else {
+                        return Err(IntegrityError::StoredSize { expected: size, actual: pos + buf.len() as u64 }.into());
+                    };
+                    let n = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
+                    part.update(&buf[..n]);
+                    pos += n as u64;
+                    buf = buf.slice(n..);
+                    if pos == end {
+                        let got = Sha256Digest(std::mem::take(&mut part).finalize().into());
+                        if got != expect {
+                            return Err(IntegrityError::StoredChunkCorrupt {
+                                offset: bounds[idx].0,
+                                expected: expect.to_hex(),
+                                actual: got.to_hex(),
+                            }
+                            .into());
+                        }
+                        idx += 1;
+                    }
+                }
+            }
+            if pos != size {
+                return Err(IntegrityError::StoredSize { expected: size, actual: pos }.into());
+            }
+            Ok(ReadBack { prefix, sha256: Sha256Digest(whole.finalize().into()) })
+        });
+        let mut send_err = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(b) => {
+                    if tx.send(b).await.is_err() {
+                        break; // the hasher stopped early with an error; it is reported below
+                    }
+                }
+                Err(e) => {
+                    send_err = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let res = hasher
+            .await
+            .map_err(|e| Error::storage(crate::error::StorageErrorKind::Io, "verify stored file", e.to_string()))?;
+        match send_err {
+            Some(e) => Err(e),
+            None => res,
+        }
+    }
+
+    /// Hand every validated file of the session to the PACS sink and record
+    /// the outcome. Allowed from `Open`, and again after a transient
+    /// failure or an interrupted forward (delivery is idempotent).
+    pub async fn complete_session(&self, actor: &Actor, id: SessionId) -> Result<SessionRecord> {
+        let gate = self.gate(id);
+        let _g = gate.rw.read().await;
+        let current = self.load_owned(actor, id).await?;
+        let mut ev = Self::event(actor, AuditAction::ForwardStarted, AuditOutcome::Success, Some(id));
+        ev.study = current.value.study_instance_uid.clone();
+        let (rec, ()) = match self
+            .update(id, current, |rec| {
+                match &rec.state {
+                    SessionState::Open | SessionState::Forwarding | SessionState::ForwardFailed { .. } => {}
+                    SessionState::Delivered { .. } => {
+                        return Err(Error::conflict("RELAY_SESSION_DELIVERED", "the session was already delivered"));
+                    }
+                }
+                if rec.files.is_empty() {
+                    return Err(Error::invalid("RELAY_SESSION_EMPTY", "the session has no files"));
+                }
+                let pending = rec.files.values().filter(|f| !matches!(f.state, FileState::Valid { .. })).count();
+                if pending > 0 {
+                    return Err(Error::invalid("RELAY_FILES_INCOMPLETE", format!("{pending} file(s) are not complete")));
+                }
+                rec.state = SessionState::Forwarding;
+                Ok(())
+            })
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return self.refuse(ev, e).await,
+        };
+        self.audit(ev).await?;
+
+        let instances: Vec<Instance> = rec
+            .files
+            .values()
+            .filter_map(|f| match (&f.state, f.sha256) {
+                (FileState::Valid { dicom }, Some(sha256)) => {
+                    Some(Instance { key: FileKey { session: id, file: f.id }, size: f.size, sha256, dicom: dicom.clone() })
+                }
+                _ => None,
+            })
+            .collect();
+        let source = StoreSource { chunks: self.inner.chunks.clone() };
+        let result = self.inner.sink.deliver(&instances, &source).await;
+        let sink_name = self.inner.sink.to_string();
+        let new_state = match &result {
+            Ok(report) if report.all_delivered() => SessionState::Delivered { at: OffsetDateTime::now_utc(), sink: sink_name },
+            Ok(report) => {
+                let failed: Vec<_> = report
+                    .outcomes
+                    .iter()
+                    .filter_map(|(uid, o)| match o {
+                        InstanceOutcome::Failed { transient, reason } => Some((uid, *transient, reason)),
+                        _ => None,
+                    })
+                    .collect();
+                SessionState::ForwardFailed {
+                    transient: failed.iter().all(|(_, t, _)| *t),
+                    reason: failed.iter().take(4).map(|(u, _, r)| format!("{u}: {r}")).collect::<Vec<_>>().join("; "),
+                }
+            }
+            Err(e) => SessionState::ForwardFailed { transient: e.is_retryable(), reason: e.to_string() },
+        };
+        // One audit record for what was delivered and one for what failed,
+        // never a single record with mixed outcomes (PS3.15 A.5.2).
+        let study = rec.study_instance_uid.clone();
+        let patients: Vec<String> = {
+            let mut p: Vec<String> = instances.iter().map(|i| i.dicom.patient_id.clone()).collect();
+            p.sort();
+            p.dedup();
+            p
+        };
+        let mk = |outcome, detail: String| {
+            let mut e = Self::event(actor, AuditAction::Forwarded, outcome, Some(id));
+            e.study = study.clone();
+            e.patient_id = Some(patients.join("\\"));
+            e.detail = detail;
+            e
+        };
+        match &result {
+            Ok(report) => {
+                let ok = report.outcomes.iter().filter(|(_, o)| o.is_delivered()).count();
+                let bad = report.outcomes.len() - ok;
+                if ok > 0 {
+                    self.audit(mk(AuditOutcome::Success, format!("instances={ok} sink={}", self.inner.sink))).await?;
+                }
+                if bad > 0 {
+                    self.audit(mk(AuditOutcome::SeriousFailure, format!("instances={bad} sink={}", self.inner.sink))).await?;
+                }
+            }
+            Err(e) => {
+                self.audit(mk(AuditOutcome::SeriousFailure, format!("{}: {e}", e.code()))).await?;
+            }
+        }
+        let current = self.inner.sessions.load_session(id).await?;
+        let (rec, ()) = self
+            .update(id, current, |r| {
+                r.state = new_state.clone();
+                Ok(())
+            })
+            .await?;
+        match result {
+            Err(e) => Err(e),
+            Ok(_) => Ok(rec),
+        }
+    }
+
+    /// The session as its owner (or an admin) sees it. Audited as data access.
+    pub async fn session(&self, actor: &Actor, id: SessionId) -> Result<SessionRecord> {
+        let v = self.load_owned(actor, id).await?;
+        let mut ev = Self::event(actor, AuditAction::DataAccessed, AuditOutcome::Success, Some(id));
+        ev.study = v.value.study_instance_uid.clone();
+        self.audit(ev).await?;
+        Ok(v.value)
+    }
+
+    /// The stored chunks of a file (for resuming clients).
+    pub async fn file_chunks(&self, actor: &Actor, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>> {
+        let v = self.load_owned(actor, id).await?;
+        if !v.value.files.contains_key(&file) {
+            return Err(Error::NotFound { what: "file" });
+        }
+        self.inner.sessions.chunks(id, file).await
+    }
+
+    /// Read a completed (validated) file of a session. Audited as data access.
+    pub async fn read_file(&self, actor: &Actor, id: SessionId, file: FileId) -> Result<ByteStream> {
+        let v = self.load_owned(actor, id).await?;
+        let f = v.value.files.get(&file).ok_or(Error::NotFound { what: "file" })?;
+        if !matches!(f.state, FileState::Valid { .. }) {
+            return Err(Error::conflict("RELAY_FILE_NOT_COMPLETE", "the file is not complete"));
+        }
+        let mut ev = Self::event(actor, AuditAction::DataAccessed, AuditOutcome::Success, Some(id));
+        ev.file = Some(file);
+        ev.study = v.value.study_instance_uid.clone();
+        self.audit(ev).await?;
+        self.inner.chunks.read(FileKey { session: id, file }, 0..f.size).await
+    }
+
+    /// Remove a file from an open session (its bytes and chunk records).
+    pub async fn remove_file(&self, actor: &Actor, id: SessionId, file: FileId) -> Result<()> {
+        let gate = self.gate(id);
+        let _g = gate.rw.write().await;
+        let current = self.load_owned(actor, id).await?;
+        let mut ev = Self::event(actor, AuditAction::FileRemoved, AuditOutcome::Success, Some(id));
+        ev.file = Some(file);
+        let res = async {
+            Self::require_open(&current.value)?;
+            if !current.value.files.contains_key(&file) {
+                return Err(Error::NotFound { what: "file" });
+            }
+            self.update(id, current, |rec| {
+                rec.files.remove(&file);
+                if rec.files.values().all(|f| matches!(f.state, FileState::Uploading)) {
+                    rec.study_instance_uid = None;
+                }
+                Ok(())
+            })
+            .await?;
+            self.inner.sessions.delete_chunks(id, file).await?;
+            self.inner.chunks.delete_file(FileKey { session: id, file }).await
+        }
+        .await;
+        match res {
+            Ok(()) => self.audit(ev).await,
+            Err(e) => self.refuse(ev, e).await,
+        }
+    }
+
+    /// Abort a session: delete its bytes and state. Waits for requests in flight.
+    pub async fn abort_session(&self, actor: &Actor, id: SessionId) -> Result<()> {
+        let gate = self.gate(id);
+        let _g = gate.rw.write().await;
+        let current = self.load_owned(actor, id).await?;
+        let ev = Self::event(actor, AuditAction::SessionAborted, AuditOutcome::Success, Some(id));
+        let res = async {
+            self.inner.sessions.delete_session(id, current.version).await?;
+            self.inner.chunks.delete_session(id).await
+        }
+        .await;
+        match res {
+            Ok(()) => {
+                self.forget_gate(id);
+                self.audit(ev).await
+            }
+            Err(e) => self.refuse(ev, e).await,
+        }
+    }
+
+    /// Remove sessions inactive for longer than their TTL at `now`. A session
+    /// with a request in flight is skipped (its gate is busy), and the
+    /// inactivity is re-checked under the exclusive gate, so an upload that
+    /// touched the session in between is never removed. Delivered sessions
+    /// and sessions being forwarded are kept.
+    pub async fn expire_sessions(&self, now: OffsetDateTime) -> Result<Vec<SessionId>> {
+        let mut removed = Vec::new();
+        for id in self.inner.sessions.list_sessions().await? {
+            let gate = self.gate(id);
+            let Ok(_g) = gate.rw.try_write() else { continue };
+            let current = match self.inner.sessions.load_session(id).await {
+                Ok(v) => v,
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let rec = &current.value;
+            let idle = (now - rec.updated_at).whole_seconds();
+            let expired = idle >= 0 && idle as u64 > rec.limits.session_ttl_secs;
+            if !expired || !matches!(rec.state, SessionState::Open | SessionState::ForwardFailed { .. }) {
+                continue;
+            }
+            match self.inner.sessions.delete_session(id, current.version).await {
+                Ok(()) => {}
+                Err(Error::Precondition { .. }) | Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+            self.inner.chunks.delete_session(id).await?;
+            let mut ev = Self::event(&Actor::system(), AuditAction::SessionExpired, AuditOutcome::Success, Some(id));
+            ev.study = rec.study_instance_uid.clone();
+            ev.detail = format!("idle_secs={idle}");
+            self.audit(ev).await?;
+            removed.push(id);
+            drop(_g);
+            self.forget_gate(id);
+        }
+        Ok(removed)
+    }
+}
