@@ -1,11 +1,55 @@
 //! Conformance suites for the core traits, and test-data generators.
 //!
-//! Each suite is a set of `async fn` cases plus a macro that expands to one
-//! `#[tokio::test]` per case, each with a fresh store from your factory:
+//! Each suite is a set of public `async fn` cases plus a macro that expands
+//! to one `#[tokio::test]` per case, each with a fresh store from your
+//! factory. A factory is an `async fn() -> (Store, Guard)`; the guard (a
+//! temp dir, a server handle, `()`) lives as long as the case runs.
 //!
 //! ```ignore
-//! async fn make() -> (MyStore, tempfile::TempDir) { /* … */ }
+//! async fn make() -> (MyChunkStore, tempfile::TempDir) { /* … */ }
 //! relaypacs_core::chunk_store_conformance!(make);
 //! ```
 
+pub mod audit_sink;
+pub mod chunk_store;
 pub mod dicom_gen;
+pub mod pacs_sink;
+pub mod session_store;
+
+/// Deterministic pseudo-random bytes (xorshift), for reproducible test data.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        let take = (len - out.len()).min(8);
+        out.extend_from_slice(&bytes[..take]);
+    }
+    out
+}
+
+/// Collect a byte stream into memory (tests only).
+pub async fn collect(stream: crate::ByteStream) -> crate::Result<Vec<u8>> {
+    use futures::TryStreamExt;
+    let parts: Vec<bytes::Bytes> = stream.try_collect().await?;
+    Ok(parts.concat())
+}
+
+/// A body stream that yields `data` in pieces of `piece` bytes.
+pub fn pieces(data: &[u8], piece: usize) -> crate::ByteStream {
+    let parts: Vec<crate::Result<bytes::Bytes>> =
+        data.chunks(piece.max(1)).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
+    Box::pin(futures::stream::iter(parts))
+}
+
+/// A body stream that yields `data` and then fails with an I/O error.
+pub fn failing(data: &[u8]) -> crate::ByteStream {
+    let parts: Vec<crate::Result<bytes::Bytes>> = vec![
+        Ok(bytes::Bytes::copy_from_slice(data)),
+        Err(crate::Error::io("client body", std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset"))),
+    ];
+    Box::pin(futures::stream::iter(parts))
+}

@@ -1,0 +1,136 @@
+//! Conformance suite for [`PacsSink`] implementations.
+//!
+//! Run it with [`pacs_sink_conformance!`](crate::pacs_sink_conformance).
+//! The factory also returns a [`SinkProbe`] that reads back what the
+//! destination holds, so byte-exactness is checked at the destination.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+
+use crate::chunk_store::FileKey;
+use crate::digest::{ByteStream, Sha256Digest};
+use crate::error::{Error, Result};
+use crate::ids::{FileId, SessionId, Uid};
+use crate::model::DicomSummary;
+use crate::pacs_sink::{Instance, InstanceOutcome, InstanceSource, PacsSink};
+use crate::testing::{dicom_gen, pieces};
+
+/// Reads back what a destination holds, for the conformance suite.
+#[async_trait]
+pub trait SinkProbe: Send + Sync {
+    /// The stored bytes of an instance as a Part-10 file, if the destination
+    /// holds it. A destination that rewrites the file meta group (C-STORE)
+    /// returns the bytes the sink sent, reassembled, or fails the case.
+    async fn fetch(&self, sop_instance_uid: &Uid) -> Result<Option<Vec<u8>>>;
+}
+
+/// An in-memory [`InstanceSource`] for tests.
+#[derive(Debug, Default)]
+pub struct MemorySource {
+    files: HashMap<FileKey, Vec<u8>>,
+}
+
+impl MemorySource {
+    /// Add a file's bytes and return the [`Instance`] describing it.
+    pub fn add(&mut self, bytes: Vec<u8>, dicom: DicomSummary) -> Instance {
+        let key = FileKey { session: SessionId::random(), file: FileId::random() };
+        let inst = Instance { key, size: bytes.len() as u64, sha256: Sha256Digest::of(&bytes), dicom };
+        self.files.insert(key, bytes);
+        inst
+    }
+}
+
+#[async_trait]
+impl InstanceSource for MemorySource {
+    async fn open(&self, instance: &Instance) -> Result<ByteStream> {
+        let b = self.files.get(&instance.key).ok_or(Error::NotFound { what: "file" })?;
+        Ok(pieces(b, 64 << 10))
+    }
+}
+
+/// Generate `n` valid instances of one study into a [`MemorySource`].
+pub fn study(n: usize) -> Result<(MemorySource, Vec<Instance>)> {
+    let mut src = MemorySource::default();
+    let study = dicom_gen::new_uid();
+    let series = dicom_gen::new_uid();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let spec = dicom_gen::DicomSpec {
+            study_uid: study.clone(),
+            series_uid: series.clone(),
+            sop_instance_uid: dicom_gen::new_uid(),
+            seed: i as u64,
+            ..dicom_gen::DicomSpec::default()
+        };
+        let bytes = dicom_gen::generate(&spec).map_err(|e| Error::invalid("TEST_GEN", e.to_string()))?;
+        let summary = crate::dicom::validate_dicom(&bytes, bytes.len() as u64, &Default::default())?;
+        out.push(src.add(bytes, summary));
+    }
+    Ok((src, out))
+}
+
+/// A study is delivered and the destination holds every instance byte-exact.
+pub async fn delivers_byte_exact(sink: &dyn PacsSink, probe: &dyn SinkProbe) {
+    let (src, insts) = study(3).expect("generate study");
+    let report = sink.deliver(&insts, &src).await.expect("deliver");
+    assert_eq!(report.outcomes.len(), insts.len());
+    for ((uid, outcome), inst) in report.outcomes.iter().zip(&insts) {
+        assert_eq!(uid, &inst.dicom.sop_instance_uid, "outcomes are in input order");
+        assert_eq!(outcome, &InstanceOutcome::Stored);
+        let held = probe.fetch(uid).await.expect("probe").expect("destination holds the instance");
+        let sent = src.files.get(&inst.key).expect("source bytes");
+        assert_eq!(Sha256Digest::of(&held), Sha256Digest::of(sent), "destination bytes differ");
+    }
+}
+
+/// Delivering again is harmless: every instance reported delivered, nothing duplicated.
+pub async fn redelivery_is_idempotent(sink: &dyn PacsSink, probe: &dyn SinkProbe) {
+    let (src, insts) = study(2).expect("generate study");
+    sink.deliver(&insts, &src).await.expect("first deliver");
+    let again = sink.deliver(&insts, &src).await.expect("second deliver");
+    assert!(again.all_delivered(), "{again:?}");
+    for i in &insts {
+        assert!(probe.fetch(&i.dicom.sop_instance_uid).await.expect("probe").is_some());
+    }
+}
+
+/// A source that fails mid-instance never leaves a partial instance behind.
+pub async fn source_failure_leaves_nothing(sink: &dyn PacsSink, probe: &dyn SinkProbe) {
+    #[derive(Debug)]
+    struct Broken(MemorySource);
+    #[async_trait]
+    impl InstanceSource for Broken {
+        async fn open(&self, instance: &Instance) -> Result<ByteStream> {
+            let b = self.0.files.get(&instance.key).ok_or(Error::NotFound { what: "file" })?;
+            Ok(crate::testing::failing(&b[..b.len() / 2]))
+        }
+    }
+    let (src, insts) = study(1).expect("generate study");
+    let res = sink.deliver(&insts, &Broken(src)).await;
+    match res {
+        Err(_) => {}
+        Ok(r) => assert!(!r.all_delivered(), "a broken source was reported delivered"),
+    }
+    let held = probe.fetch(&insts[0].dicom.sop_instance_uid).await.expect("probe");
+    assert!(held.is_none(), "a partial instance was stored");
+}
+
+/// Generates one `#[tokio::test]` per [`PacsSink`] conformance case.
+/// `$factory` is an `async fn() -> (impl PacsSink, impl SinkProbe, impl Sized)`.
+#[macro_export]
+macro_rules! pacs_sink_conformance {
+    ($factory:path) => {
+        mod pacs_sink_conformance {
+            use super::*;
+            $crate::pacs_sink_conformance!(@cases $factory; delivers_byte_exact, redelivery_is_idempotent, source_failure_leaves_nothing);
+        }
+    };
+    (@cases $factory:path; $($case:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let (sink, probe, _guard) = $factory().await;
+            $crate::testing::pacs_sink::$case(&sink, &probe).await;
+        }
+    )*};
+}

@@ -1,0 +1,186 @@
+//! Conformance suite for [`SessionStore`] implementations.
+//!
+//! Run it with [`session_store_conformance!`](crate::session_store_conformance).
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+
+use crate::digest::Sha256Digest;
+use crate::error::Error;
+use crate::ids::{FileId, SessionId};
+use crate::model::{ChunkRecord, FileRecord, FileState, Limits, SessionRecord, SessionState};
+use crate::session_store::{ChunkInsert, SessionStore};
+
+/// A fresh session record with one file.
+pub fn sample_session() -> SessionRecord {
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let file = FileRecord {
+        id: FileId::random(),
+        name: "ct-001.dcm".into(),
+        size: 4 << 20,
+        sha256: Some(Sha256Digest::of(b"whole")),
+        state: FileState::Uploading,
+    };
+    SessionRecord {
+        id: SessionId::random(),
+        owner: "alice".into(),
+        created_at: now,
+        updated_at: now,
+        allow_multiple_studies: false,
+        study_instance_uid: None,
+        limits: Limits::default(),
+        files: [(file.id, file)].into_iter().collect(),
+        state: SessionState::Open,
+    }
+}
+
+fn chunk(offset: u64, tag: &[u8]) -> ChunkRecord {
+    ChunkRecord { offset, length: 1 << 20, sha256: Sha256Digest::of(tag), receipt: format!("r{offset}") }
+}
+
+/// Create then load returns the same record; creating twice fails.
+pub async fn create_load(store: &dyn SessionStore) {
+    let s = sample_session();
+    let v = store.create_session(&s).await.expect("create");
+    assert_eq!(v.value, s);
+    let loaded = store.load_session(s.id).await.expect("load");
+    assert_eq!(loaded.value, s);
+    assert_eq!(loaded.version, v.version);
+    assert!(matches!(store.create_session(&s).await, Err(Error::AlreadyExists { .. })));
+    assert!(matches!(store.load_session(SessionId::random()).await, Err(Error::NotFound { .. })));
+    assert!(store.list_sessions().await.expect("list").contains(&s.id));
+}
+
+/// Compare-and-set: the right version wins, a stale one fails and changes nothing.
+pub async fn compare_and_set(store: &dyn SessionStore) {
+    let s = sample_session();
+    let v1 = store.create_session(&s).await.expect("create").version;
+    let mut a = s.clone();
+    a.state = SessionState::Forwarding;
+    let v2 = store.update_session(&a, v1).await.expect("update at current version");
+    assert_ne!(v1, v2);
+    let mut b = s.clone();
+    b.owner = "mallory".into();
+    assert!(matches!(store.update_session(&b, v1).await, Err(Error::Precondition { .. })));
+    let loaded = store.load_session(s.id).await.expect("load");
+    assert_eq!(loaded.value, a);
+    assert_eq!(loaded.version, v2);
+    let missing = sample_session();
+    assert!(matches!(store.update_session(&missing, 1).await, Err(Error::NotFound { .. })));
+}
+
+/// Of many concurrent updates from one version, exactly one succeeds.
+pub async fn concurrent_cas_has_one_winner(store: Arc<dyn SessionStore>) {
+    let s = sample_session();
+    let v = store.create_session(&s).await.expect("create").version;
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            let mut rec = s.clone();
+            rec.owner = format!("writer-{i}");
+            tokio::spawn(async move { store.update_session(&rec, v).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(_) => ok += 1,
+            Err(Error::Precondition { .. }) => {}
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert_eq!(ok, 1, "exactly one compare-and-set must win");
+}
+
+/// Chunk records: insert-if-absent, ordered listing, per-file deletion.
+pub async fn chunk_records(store: &dyn SessionStore) {
+    let s = sample_session();
+    store.create_session(&s).await.expect("create");
+    let file = *s.files.keys().next().expect("sample has a file");
+    let other = FileId::random();
+    for off in [3u64 << 20, 0, 1 << 20] {
+        assert_eq!(store.record_chunk(s.id, file, &chunk(off, b"a")).await.expect("record"), ChunkInsert::Inserted);
+    }
+    assert_eq!(
+        store.record_chunk(s.id, file, &chunk(0, b"b")).await.expect("record again"),
+        ChunkInsert::Existing(chunk(0, b"a")),
+        "an existing record is returned, not replaced"
+    );
+    store.record_chunk(s.id, other, &chunk(0, b"o")).await.expect("other file");
+    let list = store.chunks(s.id, file).await.expect("chunks");
+    assert_eq!(list.iter().map(|c| c.offset).collect::<Vec<_>>(), vec![0, 1 << 20, 3 << 20]);
+    assert_eq!(list[0], chunk(0, b"a"));
+    store.delete_chunks(s.id, file).await.expect("delete_chunks");
+    assert!(store.chunks(s.id, file).await.expect("chunks").is_empty());
+    assert_eq!(store.chunks(s.id, other).await.expect("chunks").len(), 1);
+    assert!(matches!(
+        store.record_chunk(SessionId::random(), file, &chunk(0, b"x")).await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+/// Of many concurrent inserts at one offset, exactly one is `Inserted`.
+pub async fn concurrent_chunk_insert(store: Arc<dyn SessionStore>) {
+    let s = sample_session();
+    store.create_session(&s).await.expect("create");
+    let file = FileId::random();
+    let tasks: Vec<_> = (0..16u8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.record_chunk(s.id, file, &chunk(0, &[i])).await })
+        })
+        .collect();
+    let mut inserted = 0;
+    for t in tasks {
+        if t.await.expect("task").expect("record") == ChunkInsert::Inserted {
+            inserted += 1;
+        }
+    }
+    assert_eq!(inserted, 1);
+    assert_eq!(store.chunks(s.id, file).await.expect("chunks").len(), 1);
+}
+
+/// Deletion is compare-and-set too, and removes chunk records.
+pub async fn delete_session(store: &dyn SessionStore) {
+    let s = sample_session();
+    let v = store.create_session(&s).await.expect("create").version;
+    let file = *s.files.keys().next().expect("sample has a file");
+    store.record_chunk(s.id, file, &chunk(0, b"a")).await.expect("record");
+    let v2 = store.update_session(&s, v).await.expect("update");
+    assert!(matches!(store.delete_session(s.id, v).await, Err(Error::Precondition { .. })));
+    assert!(store.load_session(s.id).await.is_ok(), "a stale delete must not remove the session");
+    store.delete_session(s.id, v2).await.expect("delete");
+    assert!(matches!(store.load_session(s.id).await, Err(Error::NotFound { .. })));
+    assert!(!store.list_sessions().await.expect("list").contains(&s.id));
+    let recreated = store.create_session(&s).await.expect("an id can be used again after deletion");
+    assert!(store.chunks(s.id, file).await.expect("chunks").is_empty(), "chunk records outlived their session");
+    store.delete_session(s.id, recreated.version).await.expect("delete");
+}
+
+/// Generates one `#[tokio::test]` per [`SessionStore`] conformance case.
+/// `$factory` is an `async fn() -> (impl SessionStore, impl Sized)`.
+#[macro_export]
+macro_rules! session_store_conformance {
+    ($factory:path) => {
+        mod session_store_conformance {
+            use super::*;
+            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, chunk_records, delete_session);
+            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert);
+        }
+    };
+    (@ref $factory:path; $($case:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let (store, _guard) = $factory().await;
+            $crate::testing::session_store::$case(&store).await;
+        }
+    )*};
+    (@arc $factory:path; $($case:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let (store, _guard) = $factory().await;
+            $crate::testing::session_store::$case(std::sync::Arc::new(store)).await;
+        }
+    )*};
+}
