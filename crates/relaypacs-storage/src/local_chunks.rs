@@ -1,0 +1,310 @@
+//! [`LocalChunkStore`]: chunks written in place into one file per upload.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use relaypacs_core::{ByteStream, ChunkPlacement, ChunkRecord, ChunkStore, Error, FileKey, Result, SessionId};
+use tokio::io::AsyncReadExt;
+use tokio::sync::Notify;
+
+use crate::fs::{create_dir_durable, fsync_dir, lock_root, remove_dir_atomic, sweep_temp};
+
+/// Bytes gathered before one positioned write.
+const WRITE_BUF: usize = 1 << 20;
+/// Read size when streaming a file back.
+const READ_BUF: usize = 1 << 20;
+
+/// A [`ChunkStore`] on the local file system, the embedded default.
+///
+/// Each file of an upload is one preallocated (sparse) file,
+/// `<root>/<session>/<file>.data`; a chunk is written at its offset and
+/// `fdatasync`ed before `put_chunk` returns, so sealing needs no copy.
+/// Ranges that were never acknowledged have unspecified content; the
+/// pipeline only reads acknowledged ranges.
+///
+/// The store takes an exclusive lock on its root: one process per folder.
+#[derive(Clone)]
+pub struct LocalChunkStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    _lock: File,
+    writers: Mutex<HashMap<FileKey, Vec<Range<u64>>>>,
+    writer_done: Notify,
+}
+
+impl fmt::Debug for LocalChunkStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalChunkStore").field("root", &self.inner.root).finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for LocalChunkStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "local-chunks:{}", self.inner.root.display())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Critical sections below never panic while holding the lock; a poisoned
+    // lock still guards consistent data.
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Marks a byte range as being written until dropped (even if the writing
+/// thread outlives a cancelled request), so no later write to the same
+/// range can start while a stale one is still running.
+struct ActiveWrite {
+    store: Arc<Inner>,
+    key: FileKey,
+    range: Range<u64>,
+}
+
+impl Drop for ActiveWrite {
+    fn drop(&mut self) {
+        let mut w = lock(&self.store.writers);
+        if let Some(v) = w.get_mut(&self.key) {
+            if let Some(i) = v.iter().position(|r| *r == self.range) {
+                v.swap_remove(i);
+            }
+            if v.is_empty() {
+                w.remove(&self.key);
+            }
+        }
+        drop(w);
+        self.store.writer_done.notify_waiters();
+    }
+}
+
+impl LocalChunkStore {
+    /// Open (or create) a store under `root`.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        let lock = lock_root(&root)?;
+        sweep_temp(&root)?;
+        Ok(Self {
+            inner: Arc::new(Inner { root, _lock: lock, writers: Mutex::new(HashMap::new()), writer_done: Notify::new() }),
+        })
+    }
+
+    fn session_dir(&self, s: SessionId) -> PathBuf {
+        self.inner.root.join(s.to_string())
+    }
+
+    fn data_path(&self, key: FileKey) -> PathBuf {
+        self.session_dir(key.session).join(format!("{}.data", key.file))
+    }
+
+    async fn begin_write(&self, key: FileKey, range: Range<u64>) -> ActiveWrite {
+        let inner = &self.inner;
+        loop {
+            let notified = inner.writer_done.notified();
+            {
+                let mut w = lock(&inner.writers);
+                let v = w.entry(key).or_default();
+                if !v.iter().any(|r| r.start < range.end && range.start < r.end) {
+                    v.push(range.clone());
+                    return ActiveWrite { store: inner.clone(), key, range };
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(op: &'static str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::storage(relaypacs_core::StorageErrorKind::Io, op, e.to_string()))?
+}
+
+#[async_trait]
+impl ChunkStore for LocalChunkStore {
+    async fn create_file(&self, key: FileKey, size: u64) -> Result<()> {
+        let dir = self.session_dir(key.session);
+        let path = self.data_path(key);
+        blocking("create file", move || {
+            create_dir_durable(&dir)?;
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => {
+                    f.set_len(size).map_err(|e| Error::io("size data file", e))?;
+                    f.sync_all().map_err(|e| Error::io("fsync data file", e))?;
+                    fsync_dir(&dir)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let len = std::fs::metadata(&path).map_err(|e| Error::io("stat data file", e))?.len();
+                    if len == size {
+                        Ok(())
+                    } else {
+                        Err(Error::conflict("RELAY_FILE_SIZE_CONFLICT", "file exists with another size"))
+                    }
+                }
+                Err(e) => Err(Error::io("create data file", e)),
+            }
+        })
+        .await
+    }
+
+    async fn put_chunk(&self, key: FileKey, placement: ChunkPlacement, mut body: ByteStream) -> Result<String> {
+        let path = self.data_path(key);
+        let range = placement.offset..placement.offset.saturating_add(placement.length);
+        let active = self.begin_write(key, range).await;
+        let file = match File::options().write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound { what: "file" }),
+            Err(e) => return Err(Error::io("open data file", e)),
+        };
+        // Hashing (in the body stream) and disk writes overlap: this task
+        // polls the body, a blocking thread writes what it is sent.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(2);
+        let offset = placement.offset;
+        let length = placement.length;
+        let writer = tokio::task::spawn_blocking(move || -> Result<()> {
+            let _active = active; // released only when this thread stops writing
+            let mut pos = offset;
+            while let Some(msg) = rx.blocking_recv() {
+                match msg {
+                    Some(buf) => {
+                        file.write_all_at(&buf, pos).map_err(|e| Error::io("write chunk", e))?;
+                        pos += buf.len() as u64;
+                    }
+                    None => {
+                        // Commit: every byte is written; make it durable.
+                        if pos != offset + length {
+                            return Err(Error::invalid("RELAY_CHUNK_LENGTH", "chunk length mismatch"));
+                        }
+                        // A failed fdatasync fails the chunk, and this
+                        // descriptor is dropped: a retry opens a new one.
+                        return file.sync_data().map_err(|e| Error::io("fdatasync chunk", e));
+                    }
+                }
+            }
+            Err(Error::storage(relaypacs_core::StorageErrorKind::Io, "write chunk", "chunk write abandoned"))
+        });
+        let mut buf = BytesMut::with_capacity(WRITE_BUF);
+        let mut seen = 0u64;
+        let mut failure = None;
+        while let Some(item) = body.next().await {
+            match item {
+                Ok(b) => {
+                    seen += b.len() as u64;
+                    if seen > length {
+                        failure = Some(Error::Integrity(relaypacs_core::IntegrityError::ChunkLength {
+                            offset,
+                            expected: length,
+                            actual: seen,
+                        }));
+                        break;
+                    }
+                    buf.extend_from_slice(&b);
+                    if buf.len() >= WRITE_BUF && tx.send(Some(buf.split().freeze())).await.is_err() {
+                        break; // writer failed; its error is reported below
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if failure.is_none() && seen != length {
+            failure = Some(Error::Integrity(relaypacs_core::IntegrityError::ChunkLength {
+                offset,
+                expected: length,
+                actual: seen,
+            }));
+        }
+        if failure.is_none() {
+            if !buf.is_empty() {
+                let _ = tx.send(Some(buf.freeze())).await; // a send error means the writer failed: reported below
+            }
+            let _ = tx.send(None).await;
+        }
+        drop(tx);
+        // Wait for the writer in every case, so nothing writes into this
+        // range after we return.
+        let written =
+            writer.await.map_err(|e| Error::storage(relaypacs_core::StorageErrorKind::Io, "write chunk", e.to_string()))?;
+        match failure {
+            Some(e) => Err(e),
+            None => written.map(|()| String::new()),
+        }
+    }
+
+    async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()> {
+        let mut pos = 0;
+        for c in chunks {
+            if c.offset != pos {
+                return Err(Error::invalid("RELAY_FILE_INCOMPLETE", format!("no chunk at offset {pos}")));
+            }
+            pos = c.end();
+        }
+        if pos != size {
+            return Err(Error::invalid("RELAY_FILE_INCOMPLETE", format!("chunks end at {pos}, file has {size} bytes")));
+        }
+        let path = self.data_path(key);
+        blocking("seal file", move || {
+            let f = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound { what: "file" }),
+                Err(e) => return Err(Error::io("open data file", e)),
+            };
+            let len = f.metadata().map_err(|e| Error::io("stat data file", e))?.len();
+            if len != size {
+                return Err(Error::Integrity(relaypacs_core::IntegrityError::StoredSize { expected: size, actual: len }));
+            }
+            f.sync_all().map_err(|e| Error::io("fsync data file", e))
+        })
+        .await
+    }
+
+    async fn read(&self, key: FileKey, range: Range<u64>) -> Result<ByteStream> {
+        let path = self.data_path(key);
+        let mut f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound { what: "file" }),
+            Err(e) => return Err(Error::io("open data file", e)),
+        };
+        let len = f.metadata().await.map_err(|e| Error::io("stat data file", e))?.len();
+        if range.start > range.end || range.end > len {
+            return Err(Error::invalid("RELAY_BAD_RANGE", format!("range {range:?} outside file of {len} bytes")));
+        }
+        use tokio::io::AsyncSeekExt;
+        f.seek(std::io::SeekFrom::Start(range.start)).await.map_err(|e| Error::io("seek data file", e))?;
+        let reader = tokio::io::BufReader::with_capacity(READ_BUF, f.take(range.end - range.start));
+        let s = tokio_util::io::ReaderStream::with_capacity(reader, READ_BUF)
+            .map(|r| r.map_err(|e| Error::io("read data file", e)));
+        Ok(Box::pin(s))
+    }
+
+    async fn delete_file(&self, key: FileKey) -> Result<()> {
+        let path = self.data_path(key);
+        let dir = self.session_dir(key.session);
+        blocking("delete file", move || {
+            match std::fs::remove_file(&path) {
+                Ok(()) => fsync_dir(&dir),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::io("delete data file", e)),
+            }
+        })
+        .await
+    }
+
+    async fn delete_session(&self, session: SessionId) -> Result<()> {
+        let dir = self.session_dir(session);
+        blocking("delete session", move || remove_dir_atomic(&dir)).await
+    }
+}

@@ -1,0 +1,23 @@
+//! The shared conformance suites run against the local adapters.
+
+use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
+use tempfile::TempDir;
+
+async fn chunks() -> (LocalChunkStore, TempDir) {
+    let dir = TempDir::new().expect("tempdir");
+    (LocalChunkStore::open(dir.path().join("chunks")).expect("open"), dir)
+}
+
+async fn sessions() -> (FileSessionStore, TempDir) {
+    let dir = TempDir::new().expect("tempdir");
+    (FileSessionStore::open(dir.path().join("sessions")).expect("open"), dir)
+}
+
+async fn audit() -> (JsonlAuditSink, TempDir) {
+    let dir = TempDir::new().expect("tempdir");
+    (JsonlAuditSink::open(dir.path().join("audit/audit.jsonl")).expect("open"), dir)
+}
+
+relaypacs_core::chunk_store_conformance!(chunks);
+relaypacs_core::session_store_conformance!(sessions);
+relaypacs_core::audit_sink_conformance!(audit);
