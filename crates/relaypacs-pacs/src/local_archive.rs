@@ -1,0 +1,206 @@
+//! [`LocalArchiveSink`]: a folder laid out by Study/Series/SOP Instance UID.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use relaypacs_core::{
+    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, IntegrityError, PacsSink, Result, Sha256Digest,
+    StorageErrorKind, Uid,
+};
+use sha2::{Digest, Sha256};
+
+/// A [`PacsSink`] writing each instance to
+/// `<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`, so
+/// the gateway runs with no external PACS.
+///
+/// Paths are built only from [`Uid`]s, which are digits and dots, so no
+/// value can escape the root. Each instance is streamed into a temp file
+/// (hashed on the way and checked against the verified digest), fsync'd,
+/// linked into place without replacing anything (`link` fails if the name
+/// exists), and the directory is fsync'd: crash-safe, never partial. An
+/// instance already archived with identical bytes is `AlreadyPresent`;
+/// with different bytes it is refused, never overwritten.
+#[derive(Clone)]
+pub struct LocalArchiveSink {
+    root: PathBuf,
+}
+
+impl fmt::Debug for LocalArchiveSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalArchiveSink").field("root", &self.root).finish()
+    }
+}
+
+impl fmt::Display for LocalArchiveSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "local-archive:{}", self.root.display())
+    }
+}
+
+fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(op, e)
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync archive directory"))
+}
+
+fn create_dir_durable(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(p) = dir.parent() {
+        create_dir_durable(p)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(Error::io("create archive directory", e)),
+    }
+    match dir.parent() {
+        Some(p) => fsync_dir(p),
+        None => Ok(()),
+    }
+}
+
+fn file_digest(path: &Path) -> Result<Sha256Digest> {
+    let mut f = File::open(path).map_err(io("open archived instance"))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io("read archived instance"))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Sha256Digest(h.finalize().into()))
+}
+
+impl LocalArchiveSink {
+    /// An archive rooted at `root` (created if missing).
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        create_dir_durable(&root)?;
+        Ok(Self { root })
+    }
+
+    /// Where an instance is (or would be) archived.
+    pub fn instance_path(&self, study: &Uid, series: &Uid, sop: &Uid) -> PathBuf {
+        self.root.join(study.as_str()).join(series.as_str()).join(format!("{}.dcm", sop.as_str()))
+    }
+
+    /// Find an archived instance by SOP Instance UID (walks the archive).
+    pub fn find(&self, sop: &Uid) -> Result<Option<PathBuf>> {
+        let name = format!("{}.dcm", sop.as_str());
+        for study in std::fs::read_dir(&self.root).map_err(io("list archive"))? {
+            let study = study.map_err(io("list archive"))?.path();
+            if !study.is_dir() {
+                continue;
+            }
+            for series in std::fs::read_dir(&study).map_err(io("list archive"))? {
+                let p = series.map_err(io("list archive"))?.path().join(&name);
+                if p.is_file() {
+                    return Ok(Some(p));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn deliver_one(&self, inst: &Instance, source: &dyn InstanceSource) -> Result<InstanceOutcome> {
+        let d = &inst.dicom;
+        let target = self.instance_path(&d.study_instance_uid, &d.series_instance_uid, &d.sop_instance_uid);
+        let dir = target.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
+        let expected = inst.sha256;
+        if target.exists() {
+            let t = target.clone();
+            let held = tokio::task::spawn_blocking(move || file_digest(&t)).await.map_err(join_err)??;
+            return Ok(same_or_refused(held, expected));
+        }
+        let mut r = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut r);
+        let tmp = dir.join(format!(".{}.{}.tmp", d.sop_instance_uid, hex::encode(r)));
+        let (dir2, tmp2) = (dir.clone(), tmp.clone());
+        let mut file = tokio::task::spawn_blocking(move || -> Result<File> {
+            create_dir_durable(&dir2)?;
+            OpenOptions::new().write(true).create_new(true).open(&tmp2).map_err(io("create archive temp file"))
+        })
+        .await
+        .map_err(join_err)??;
+        let res: Result<InstanceOutcome> = async {
+            let mut stream = source.open(inst).await?;
+            let mut h = Sha256::new();
+            let mut n = 0u64;
+            while let Some(item) = stream.next().await {
+                let b = item?;
+                h.update(&b);
+                n += b.len() as u64;
+                let (f, r) = tokio::task::spawn_blocking(move || {
+                    let r = file.write_all(&b);
+                    (file, r)
+                })
+                .await
+                .map_err(join_err)?;
+                file = f;
+                r.map_err(io("write archive temp file"))?;
+            }
+            let got = Sha256Digest(h.finalize().into());
+            if n != inst.size || got != expected {
+                return Err(IntegrityError::FileHash { expected: expected.to_hex(), actual: got.to_hex() }.into());
+            }
+            let (t, tg, dr) = (tmp.clone(), target.clone(), dir.clone());
+            tokio::task::spawn_blocking(move || -> Result<InstanceOutcome> {
+                // Crash-safe publish: fsync temp, link into place (never
+                // replacing an existing name), fsync dir, drop the temp name.
+                file.sync_all().map_err(io("fsync archive temp file"))?;
+                let outcome = match std::fs::hard_link(&t, &tg) {
+                    Ok(()) => InstanceOutcome::Stored,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => same_or_refused(file_digest(&tg)?, expected),
+                    Err(e) => return Err(Error::io("link archived instance", e)),
+                };
+                std::fs::remove_file(&t).map_err(io("remove archive temp file"))?;
+                fsync_dir(&dr)?;
+                Ok(outcome)
+            })
+            .await
+            .map_err(join_err)?
+        }
+        .await;
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp); // best effort; a leftover temp name is never read
+        }
+        res
+    }
+}
+
+fn same_or_refused(held: Sha256Digest, expected: Sha256Digest) -> InstanceOutcome {
+    if held == expected {
+        InstanceOutcome::AlreadyPresent
+    } else {
+        InstanceOutcome::Failed {
+            transient: false,
+            reason: "the archive holds different content for this SOP Instance UID".into(),
+        }
+    }
+}
+
+fn join_err(e: tokio::task::JoinError) -> Error {
+    Error::storage(StorageErrorKind::Io, "archive task", e.to_string())
+}
+
+#[async_trait]
+impl PacsSink for LocalArchiveSink {
+    async fn deliver(&self, instances: &[Instance], source: &dyn InstanceSource) -> Result<DeliveryReport> {
+        let mut report = DeliveryReport::default();
+        for inst in instances {
+            let outcome = self.deliver_one(inst, source).await?;
+            report.outcomes.push((inst.dicom.sop_instance_uid.clone(), outcome));
+        }
+        Ok(report)
+    }
+}

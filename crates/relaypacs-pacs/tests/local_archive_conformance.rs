@@ -1,0 +1,24 @@
+//! The shared PACS-sink conformance suite against the local archive.
+
+use async_trait::async_trait;
+use relaypacs_core::testing::pacs_sink::SinkProbe;
+use relaypacs_core::{Result, Uid};
+use relaypacs_pacs::LocalArchiveSink;
+use tempfile::TempDir;
+
+struct Probe(LocalArchiveSink);
+
+#[async_trait]
+impl SinkProbe for Probe {
+    async fn fetch(&self, sop: &Uid) -> Result<Option<Vec<u8>>> {
+        Ok(self.0.find(sop)?.map(|p| std::fs::read(p).expect("read archived file")))
+    }
+}
+
+async fn archive() -> (LocalArchiveSink, Probe, TempDir) {
+    let dir = TempDir::new().expect("tempdir");
+    let sink = LocalArchiveSink::open(dir.path().join("archive")).expect("open");
+    (sink.clone(), Probe(sink), dir)
+}
+
+relaypacs_core::pacs_sink_conformance!(archive);
