@@ -1,0 +1,77 @@
+//! Crash-test worker: uploads one file through the pipeline on the embedded
+//! adapters, printing `ACK <offset>` after each acknowledged chunk. The
+//! crash test SIGKILLs it at random points and starts it again; on start it
+//! resumes the same upload (ids kept in `<data>/writer-state.json`).
+//!
+//! Usage: `crash_writer <data-dir> <source-file> <chunk-size> <seed> [complete]`
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use relaypacs_core::{Actor, FileId, NewFile, PipelineConfig, SessionId, Sha256Digest};
+use relaypacs_integration::{Embedded, open_session, put};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct WriterState {
+    session: SessionId,
+    file: FileId,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("crash_writer: {msg}");
+    std::process::exit(2)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 5 {
+        fail("usage: crash_writer <data-dir> <source-file> <chunk-size> <seed> [complete]");
+    }
+    let data = PathBuf::from(&args[1]);
+    let source = std::fs::read(&args[2]).unwrap_or_else(|e| fail(e));
+    let chunk: usize = args[3].parse().unwrap_or_else(|e| fail(e));
+    let seed: u64 = args[4].parse().unwrap_or_else(|e| fail(e));
+    let complete = args.get(5).is_some_and(|a| a == "complete");
+    let e = Embedded::open(&data, PipelineConfig::default()).unwrap_or_else(|e| fail(e));
+    let p = &e.pipeline;
+    let actor = Actor::user("crash");
+    let state_path = data.join("writer-state.json");
+    let st: WriterState = match std::fs::read(&state_path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| fail(e)),
+        Err(_) => {
+            let session = open_session(p, &actor).await.unwrap_or_else(|e| fail(e));
+            let nf = NewFile { name: "crash.dcm".into(), size: source.len() as u64, sha256: Some(Sha256Digest::of(&source)) };
+            let file = p.add_file(&actor, session, nf).await.unwrap_or_else(|e| fail(e)).id;
+            let st = WriterState { session, file };
+            let bytes = serde_json::to_vec(&st).unwrap_or_else(|e| fail(e));
+            relaypacs_storage::fs::write_atomic(&state_path, &bytes).unwrap_or_else(|e| fail(e));
+            st
+        }
+    };
+    let done = p.file_chunks(&actor, st.session, st.file).await.unwrap_or_else(|e| fail(e));
+    let mut offsets: Vec<usize> = (0..source.len()).step_by(chunk).filter(|o| !done.iter().any(|c| c.offset == *o as u64)).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    offsets.shuffle(&mut rng);
+    let mut out = std::io::stdout().lock();
+    // A few chunks at a time in parallel, like a real client.
+    for group in offsets.chunks(rng.random_range(1..4)) {
+        let futs = group.iter().map(|&o| {
+            let end = (o + chunk).min(source.len());
+            put(p, &actor, st.session, st.file, o as u64, &source[o..end])
+        });
+        for (r, o) in futures::future::join_all(futs).await.into_iter().zip(group) {
+            r.unwrap_or_else(|e| fail(e));
+            let _ = writeln!(out, "ACK {o}");
+            let _ = out.flush();
+        }
+    }
+    if complete {
+        let f = p.complete_file(&actor, st.session, st.file).await.unwrap_or_else(|e| fail(e));
+        let _ = writeln!(out, "COMPLETE {}", f.sha256.map(|d| d.to_hex()).unwrap_or_default());
+    }
+    let _ = writeln!(out, "DONE");
+}
