@@ -81,15 +81,22 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A valid Part-10 file (Secondary Capture, Explicit VR LE) of `study`,
-/// with pixel data from `seed`.
+/// A valid Part-10 file (Secondary Capture, Explicit VR LE, 400 x 400 x
+/// 16 bit, about 320 KB) of `study`, with pixel data from `seed`.
 pub fn dicom(study: &str, seed: u64) -> Vec<u8> {
+    dicom_sized(study, seed, 400)
+}
+
+/// Like [`dicom`] with `side` x `side` pixels.
+pub fn dicom_sized(study: &str, seed: u64, side: u16) -> Vec<u8> {
     use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
     let spec = DicomSpec {
         study_uid: study.to_owned(),
         series_uid: format!("{study}.1"),
         sop_instance_uid: new_uid(),
         seed,
+        rows: side,
+        cols: side,
         ..DicomSpec::default()
     };
     match generate(&spec) {

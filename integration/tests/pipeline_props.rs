@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use proptest::prelude::*;
 use relaypacs_core::testing::{collect, pieces};
 use relaypacs_core::{Actor, Error, FileId, Limits, NewFile, PipelineConfig, PutChunk, PutOutcome, SessionId, Sha256Digest};
-use relaypacs_integration::{Embedded, dicom, new_study};
+use relaypacs_integration::{Embedded, dicom_sized, new_study};
 
 const CHUNK: usize = 4096;
 
@@ -78,7 +78,7 @@ async fn run(ops: Vec<Op>) {
         let study = new_study();
         let s = p.create_session(actor, Default::default()).await.unwrap().id;
         for k in 0..2 {
-            let data = dicom(&study, (u * 2 + k) as u64);
+            let data = dicom_sized(&study, (u * 2 + k) as u64, 96);
             let nf = NewFile { name: format!("{u}-{k}"), size: data.len() as u64, sha256: Some(Sha256Digest::of(&data)) };
             let id = p.add_file(actor, s, nf).await.unwrap().id;
             files.push(FileModel { session: s, id, data, stored: BTreeSet::new(), complete: false });

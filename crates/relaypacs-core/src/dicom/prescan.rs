@@ -1,21 +1,584 @@
-//! Placeholder replaced by the pre-scan implementation.
+//! The structural pre-scan: a pure, non-recursive walk over the element
+//! headers of a Part-10 file, with every limit an argument.
+//!
+//! Written by hand because no DICOM crate offers a bounded walk: dicom-rs
+//! recurses per nesting level and trusts declared lengths (see the module
+//! docs of [`crate::dicom`]). This walk keeps an explicit stack, checks
+//! every declared length against the bytes that remain in its container
+//! before it moves, allocates nothing proportional to a declared length,
+//! and runs in time linear in the bytes it looks at.
+
+use std::io::Read;
+
+use dicom_core::Tag;
+use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+use dicom_dictionary_std::StandardDataDictionary;
+
 use super::DicomError;
 
 /// Limits of the pre-scan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrescanLimits {
-    /// Deepest sequence nesting.
+    /// Deepest sequence nesting accepted (default 32).
     pub max_depth: u32,
+    /// Most data elements (items included) before Pixel Data (default 100,000).
+    pub max_elements: u64,
+    /// Cap on the inflated size of a Deflated data set's header (default 8 MiB).
+    pub max_inflated_bytes: u64,
 }
 
-/// What the pre-scan found.
-#[derive(Clone, Debug, PartialEq, Eq)]
+impl Default for PrescanLimits {
+    fn default() -> Self {
+        Self { max_depth: 32, max_elements: 100_000, max_inflated_bytes: 8 << 20 }
+    }
+}
+
+/// What the pre-scan found. String values are top-level attributes with
+/// trailing NUL/space padding removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PrescanReport {
-    /// Transfer syntax.
+    /// (0002,0010) Transfer Syntax UID.
     pub transfer_syntax: String,
+    /// Offset just past the file meta group.
+    pub meta_end: u64,
+    /// Offset of the top-level Pixel Data element, if any (in the inflated
+    /// data set for Deflated files).
+    pub pixel_data_offset: Option<u64>,
+    /// End of the header: the Pixel Data offset, or the end of the data set.
+    pub header_end: u64,
+    /// Data elements seen.
+    pub element_count: u64,
+    /// Deepest sequence nesting seen.
+    pub max_depth_seen: u32,
+    /// Whether the data set was Deflated (and inflated through the cap).
+    pub deflated: bool,
+    /// (0008,0016) SOP Class UID.
+    pub sop_class_uid: Option<String>,
+    /// (0008,0018) SOP Instance UID.
+    pub sop_instance_uid: Option<String>,
+    /// (0020,000D) Study Instance UID.
+    pub study_instance_uid: Option<String>,
+    /// (0020,000E) Series Instance UID.
+    pub series_instance_uid: Option<String>,
+    /// (0010,0020) Patient ID.
+    pub patient_id: Option<String>,
+    /// (0008,0060) Modality.
+    pub modality: Option<String>,
 }
 
-/// Pre-scan.
-pub fn prescan(_bytes: &[u8], _total_len: u64, _limits: &PrescanLimits) -> Result<PrescanReport, DicomError> {
-    Err(DicomError::Malformed { offset: 0, reason: "pre-scan not built yet".into() })
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
+const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Syntax {
+    ImplicitLe,
+    ExplicitLe,
+    ExplicitBe,
+}
+
+fn syntax_of(ts: &str) -> Option<(Syntax, bool)> {
+    match ts {
+        IMPLICIT_LE => Some((Syntax::ImplicitLe, false)),
+        EXPLICIT_LE => Some((Syntax::ExplicitLe, false)),
+        EXPLICIT_BE => Some((Syntax::ExplicitBe, false)),
+        DEFLATED => Some((Syntax::ExplicitLe, true)),
+        // Encapsulated (JPEG family, JPEG-LS, JPEG 2000, MPEG, HTJ2K, …) and RLE:
+        // explicit VR little endian data sets with encapsulated pixel data.
+        t if t.starts_with("1.2.840.10008.1.2.4.") || t == "1.2.840.10008.1.2.5" => Some((Syntax::ExplicitLe, false)),
+        _ => None,
+    }
+}
+
+fn tag_str(g: u16, e: u16) -> String {
+    format!("({g:04X},{e:04X})")
+}
+
+/// A view of the bytes with the file's real size: reading past `avail`
+/// but within `total` means the header does not fit the prefix.
+struct Bytes<'a> {
+    data: &'a [u8],
+    total: u64,
+    /// Set when `total` is unknown because inflation stopped at its cap.
+    capped: Option<u64>,
+    max_header: u64,
+}
+
+impl Bytes<'_> {
+    fn need(&self, pos: u64, n: u64) -> Result<&[u8], DicomError> {
+        let end = pos.checked_add(n).ok_or(DicomError::Malformed { offset: pos, reason: "offset overflow".into() })?;
+        if end > self.total {
+            if let Some(cap) = self.capped {
+                return Err(DicomError::InflateLimit { max: cap });
+            }
+            return Err(DicomError::Truncated { offset: pos, needed: end - self.total });
+        }
+        let (Ok(s), Ok(e)) = (usize::try_from(pos), usize::try_from(end)) else {
+            return Err(DicomError::HeaderTooLarge { max: self.max_header });
+        };
+        self.data.get(s..e).ok_or(DicomError::HeaderTooLarge { max: self.max_header })
+    }
+}
+
+fn u16_at(b: &[u8], i: usize, be: bool) -> u16 {
+    let x = [b.get(i).copied().unwrap_or(0), b.get(i + 1).copied().unwrap_or(0)];
+    if be { u16::from_be_bytes(x) } else { u16::from_le_bytes(x) }
+}
+
+fn u32_at(b: &[u8], i: usize, be: bool) -> u32 {
+    let mut x = [0u8; 4];
+    for (k, v) in x.iter_mut().enumerate() {
+        *v = b.get(i + k).copied().unwrap_or(0);
+    }
+    if be { u32::from_be_bytes(x) } else { u32::from_le_bytes(x) }
+}
+
+fn clean(v: &[u8]) -> String {
+    let s = String::from_utf8_lossy(v);
+    s.trim_end_matches(['\0', ' ']).trim_start_matches(' ').to_owned()
+}
+
+/// VRs with a 2-byte reserved field and a 4-byte length in explicit VR.
+fn long_vr(vr: [u8; 2]) -> bool {
+    matches!(
+        &vr,
+        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV"
+    )
+}
+
+fn dictionary_says_sequence(g: u16, e: u16) -> bool {
+    StandardDataDictionary
+        .by_tag(Tag(g, e))
+        .is_some_and(|entry| matches!(entry.vr(), VirtualVr::Exact(dicom_core::VR::SQ)))
+}
+
+#[derive(Clone, Copy)]
+enum Frame {
+    /// A sequence; `end` is None for undefined length.
+    Sequence { end: Option<u64> },
+    /// An item of a sequence.
+    Item { end: Option<u64> },
+    /// Encapsulated pixel data fragments (undefined length).
+    Fragments,
+}
+
+impl Frame {
+    fn end(self) -> Option<u64> {
+        match self {
+            Frame::Sequence { end } | Frame::Item { end } => end,
+            Frame::Fragments => None,
+        }
+    }
+}
+
+/// Pre-scan a Part-10 file. `bytes` is the file or a prefix of it;
+/// `total_len` is the whole file's size. See the module docs.
+pub fn prescan(bytes: &[u8], total_len: u64, limits: &PrescanLimits) -> Result<PrescanReport, DicomError> {
+    let view = Bytes { data: bytes, total: total_len, capped: None, max_header: bytes.len() as u64 };
+    if total_len < 132 {
+        return Err(DicomError::NotDicom { reason: format!("{total_len} bytes is too short for a preamble and DICM") });
+    }
+    if view.need(128, 4)? != b"DICM" {
+        return Err(DicomError::NotDicom { reason: "no DICM prefix after the 128-byte preamble".into() });
+    }
+    let (ts, meta_end) = scan_meta(&view)?;
+    let (syntax, deflated) =
+        syntax_of(&ts).ok_or_else(|| DicomError::UnsupportedTransferSyntax { uid: ts.clone() })?;
+    let mut report = PrescanReport { transfer_syntax: ts, meta_end, deflated, ..PrescanReport::default() };
+    if deflated {
+        // The data set after the meta group is raw deflate: inflate at most
+        // the cap, plus one byte to tell "ended" from "capped".
+        let start = usize::try_from(meta_end).map_err(|_| DicomError::HeaderTooLarge { max: bytes.len() as u64 })?;
+        let compressed = bytes.get(start..).unwrap_or(&[]);
+        let mut inflated = Vec::new();
+        let cap = limits.max_inflated_bytes;
+        flate2::read::DeflateDecoder::new(compressed)
+            .take(cap.saturating_add(1))
+            .read_to_end(&mut inflated)
+            .map_err(|e| DicomError::Malformed { offset: meta_end, reason: format!("bad deflate stream: {e}") })?;
+        let capped = inflated.len() as u64 > cap;
+        if capped {
+            inflated.truncate(usize::try_from(cap).unwrap_or(usize::MAX));
+        }
+        let iv = Bytes {
+            data: &inflated,
+            total: inflated.len() as u64,
+            capped: capped.then_some(cap),
+            max_header: cap,
+        };
+        walk(&iv, 0, Syntax::ExplicitLe, limits, &mut report).map_err(|e| match e {
+            // Running out of inflated bytes means the header is bigger than the cap.
+            DicomError::LengthOverrun { .. } | DicomError::Truncated { .. } | DicomError::HeaderTooLarge { .. } if capped => {
+                DicomError::InflateLimit { max: cap }
+            }
+            e => e,
+        })?;
+    } else {
+        walk(&view, meta_end, syntax, limits, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// Walk the file meta group (always explicit VR little endian).
+fn scan_meta(view: &Bytes<'_>) -> Result<(String, u64), DicomError> {
+    let mut pos = 132u64;
+    let mut end: Option<u64> = None;
+    let mut ts = None;
+    loop {
+        if let Some(e) = end
+            && pos >= e
+        {
+            if pos > e {
+                return Err(DicomError::Malformed { offset: pos, reason: "meta group overruns its group length".into() });
+            }
+            break;
+        }
+        if pos + 2 > view.total {
+            break;
+        }
+        let h = view.need(pos, 2)?;
+        let g = u16_at(h, 0, false);
+        if g != 0x0002 {
+            if end.is_some() {
+                return Err(DicomError::Malformed { offset: pos, reason: "non-meta element inside the meta group".into() });
+            }
+            break; // no group length: the meta group ends at the first other group
+        }
+        let h = view.need(pos, 8)?;
+        let e = u16_at(h, 2, false);
+        let vr = [h[4], h[5]];
+        if !vr.iter().all(u8::is_ascii_uppercase) {
+            return Err(DicomError::Malformed { offset: pos, reason: "meta group is not explicit VR".into() });
+        }
+        let (hdr, len) = if long_vr(vr) {
+            let h = view.need(pos, 12)?;
+            (12u64, u64::from(u32_at(h, 8, false)))
+        } else {
+            (8u64, u64::from(u16_at(h, 6, false)))
+        };
+        if len == u64::from(UNDEFINED) {
+            return Err(DicomError::Malformed { offset: pos, reason: "undefined length in the meta group".into() });
+        }
+        let vpos = pos + hdr;
+        let remaining = view.total.saturating_sub(vpos);
+        if len > remaining {
+            return Err(DicomError::LengthOverrun { tag: tag_str(g, e), offset: pos, declared: len, remaining });
+        }
+        if len > 1 << 20 {
+            return Err(DicomError::Malformed { offset: pos, reason: "meta element larger than 1 MiB".into() });
+        }
+        let value = view.need(vpos, len)?;
+        match e {
+            0x0000 => {
+                if len != 4 {
+                    return Err(DicomError::Malformed { offset: pos, reason: "group length is not 4 bytes".into() });
+                }
+                let gl = u64::from(u32_at(value, 0, false));
+                let meta_end = vpos + 4 + gl;
+                if meta_end > view.total {
+                    return Err(DicomError::LengthOverrun {
+                        tag: tag_str(2, 0),
+                        offset: pos,
+                        declared: gl,
+                        remaining: view.total.saturating_sub(vpos + 4),
+                    });
+                }
+                end = Some(meta_end);
+            }
+            0x0010 => ts = Some(clean(value)),
+            _ => {}
+        }
+        pos = vpos + len;
+    }
+    let ts = ts.ok_or(DicomError::MissingAttribute { name: "TransferSyntaxUID" })?;
+    Ok((ts, pos))
+}
+
+/// Walk the data set from `start` with an explicit stack.
+fn walk(view: &Bytes<'_>, start: u64, syntax: Syntax, limits: &PrescanLimits, report: &mut PrescanReport) -> Result<(), DicomError> {
+    let be = syntax == Syntax::ExplicitBe;
+    let explicit = syntax != Syntax::ImplicitLe;
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut pos = start;
+    let mut depth: u32 = 0;
+    loop {
+        // Close defined-length containers that end here.
+        while let Some(top) = stack.last().copied() {
+            match top.end() {
+                Some(end) if pos == end => {
+                    stack.pop();
+                    if let Frame::Sequence { .. } = top {
+                        depth -= 1;
+                    }
+                }
+                Some(end) if pos > end => {
+                    return Err(DicomError::Malformed { offset: pos, reason: "element runs past its container".into() });
+                }
+                _ => break,
+            }
+        }
+        // The end of the container we are in, or of the data set.
+        let limit = stack.iter().rev().find_map(|f| f.end()).unwrap_or(view.total);
+        if stack.is_empty() && pos >= view.total {
+            if view.capped.is_some() {
+                return Err(DicomError::InflateLimit { max: view.max_header });
+            }
+            report.header_end = pos;
+            return Ok(());
+        }
+        let h = view.need(pos, 8)?;
+        let g = u16_at(h, 0, be);
+        let e = u16_at(h, 2, be);
+        report.element_count += 1;
+        if report.element_count > limits.max_elements {
+            return Err(DicomError::TooManyElements { max: limits.max_elements });
+        }
+        if g == 0xFFFE {
+            let len = u32_at(h, 4, be);
+            let top = stack.last().copied();
+            match (e, top) {
+                (0xE000, Some(Frame::Sequence { .. })) => {
+                    pos += 8;
+                    if len == UNDEFINED {
+                        stack.push(Frame::Item { end: None });
+                    } else {
+                        let remaining = limit.saturating_sub(pos);
+                        if u64::from(len) > remaining {
+                            return Err(DicomError::LengthOverrun {
+                                tag: tag_str(g, e),
+                                offset: pos - 8,
+                                declared: u64::from(len),
+                                remaining,
+                            });
+                        }
+                        stack.push(Frame::Item { end: Some(pos + u64::from(len)) });
+                    }
+                }
+                (0xE000, Some(Frame::Fragments)) => {
+                    if len == UNDEFINED {
+                        return Err(DicomError::Malformed { offset: pos, reason: "fragment with undefined length".into() });
+                    }
+                    let remaining = limit.saturating_sub(pos + 8);
+                    if u64::from(len) > remaining {
+                        return Err(DicomError::LengthOverrun {
+                            tag: tag_str(g, e),
+                            offset: pos,
+                            declared: u64::from(len),
+                            remaining,
+                        });
+                    }
+                    view.need(pos + 8, u64::from(len))?;
+                    pos += 8 + u64::from(len);
+                }
+                (0xE00D, Some(Frame::Item { end: None })) if len == 0 => {
+                    stack.pop();
+                    pos += 8;
+                }
+                (0xE0DD, Some(Frame::Sequence { end: None })) if len == 0 => {
+                    stack.pop();
+                    depth -= 1;
+                    pos += 8;
+                }
+                (0xE0DD, Some(Frame::Fragments)) if len == 0 => {
+                    stack.pop();
+                    pos += 8;
+                }
+                _ => return Err(DicomError::StrayDelimiter { tag: tag_str(g, e), offset: pos }),
+            }
+            continue;
+        }
+        if matches!(stack.last(), Some(Frame::Sequence { .. } | Frame::Fragments)) {
+            return Err(DicomError::Malformed { offset: pos, reason: format!("element {} directly inside a sequence", tag_str(g, e)) });
+        }
+        // Element header.
+        let (hdr, len, vr): (u64, u32, Option<[u8; 2]>) = if explicit {
+            let vr = [h[4], h[5]];
+            if !vr.iter().all(u8::is_ascii_uppercase) {
+                return Err(DicomError::Malformed { offset: pos, reason: format!("invalid VR in {}", tag_str(g, e)) });
+            }
+            if long_vr(vr) {
+                let h12 = view.need(pos, 12)?;
+                (12, u32_at(h12, 8, be), Some(vr))
+            } else {
+                (8, u32::from(u16_at(h, 6, be)), Some(vr))
+            }
+        } else {
+            (8, u32_at(h, 4, false), None)
+        };
+        let vpos = pos + hdr;
+        let is_sq = match vr {
+            Some(v) => &v == b"SQ",
+            None => dictionary_says_sequence(g, e),
+        };
+        let top_level = stack.is_empty();
+        if g == 0x7FE0 && e == 0x0010 && top_level {
+            report.pixel_data_offset = Some(pos);
+            report.header_end = pos;
+            if len != UNDEFINED {
+                let remaining = limit.saturating_sub(vpos);
+                if u64::from(len) > remaining {
+                    return Err(DicomError::LengthOverrun {
+                        tag: tag_str(g, e),
+                        offset: pos,
+                        declared: u64::from(len),
+                        remaining,
+                    });
+                }
+            }
+            return Ok(());
+        }
+        if len == UNDEFINED {
+            let un = vr.is_some_and(|v| &v == b"UN");
+            if is_sq || un || !explicit {
+                depth += 1;
+                report.max_depth_seen = report.max_depth_seen.max(depth);
+                if depth > limits.max_depth {
+                    return Err(DicomError::TooDeep { max: limits.max_depth });
+                }
+                stack.push(Frame::Sequence { end: None });
+            } else if g == 0x7FE0 && e == 0x0010 {
+                stack.push(Frame::Fragments);
+            } else {
+                return Err(DicomError::Malformed { offset: pos, reason: format!("undefined length on {}", tag_str(g, e)) });
+            }
+            pos = vpos;
+            continue;
+        }
+        let len = u64::from(len);
+        let remaining = limit.saturating_sub(vpos);
+        if len > remaining {
+            return Err(DicomError::LengthOverrun { tag: tag_str(g, e), offset: pos, declared: len, remaining });
+        }
+        if len % 2 == 1 {
+            return Err(DicomError::Malformed { offset: pos, reason: format!("odd length {len} in {}", tag_str(g, e)) });
+        }
+        if is_sq {
+            depth += 1;
+            report.max_depth_seen = report.max_depth_seen.max(depth);
+            if depth > limits.max_depth {
+                return Err(DicomError::TooDeep { max: limits.max_depth });
+            }
+            stack.push(Frame::Sequence { end: Some(vpos + len) });
+            pos = vpos;
+            continue;
+        }
+        // A plain value: it must lie inside the header bytes we hold.
+        let value = view.need(vpos, len)?;
+        if top_level {
+            let slot = match (g, e) {
+                (0x0008, 0x0016) => Some(&mut report.sop_class_uid),
+                (0x0008, 0x0018) => Some(&mut report.sop_instance_uid),
+                (0x0020, 0x000D) => Some(&mut report.study_instance_uid),
+                (0x0020, 0x000E) => Some(&mut report.series_instance_uid),
+                (0x0010, 0x0020) => Some(&mut report.patient_id),
+                (0x0008, 0x0060) => Some(&mut report.modality),
+                _ => None,
+            };
+            if let Some(slot) = slot {
+                *slot = Some(clean(value));
+            }
+        }
+        pos = vpos + len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(ts: &str) -> Vec<u8> {
+        let mut ts = ts.as_bytes().to_vec();
+        if ts.len() % 2 == 1 {
+            ts.push(0);
+        }
+        let mut body = Vec::new();
+        body.extend_from_slice(&[0x02, 0x00, 0x10, 0x00, b'U', b'I']);
+        body.extend_from_slice(&(ts.len() as u16).to_le_bytes());
+        body.extend_from_slice(&ts);
+        let mut out = vec![0u8; 128];
+        out.extend_from_slice(b"DICM");
+        out.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]);
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
+        out.extend_from_slice(&g.to_le_bytes());
+        out.extend_from_slice(&e.to_le_bytes());
+        out.extend_from_slice(vr);
+        if long_vr(*vr) {
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        } else {
+            out.extend_from_slice(&(v.len() as u16).to_le_bytes());
+        }
+        out.extend_from_slice(v);
+    }
+
+    fn minimal() -> Vec<u8> {
+        let mut f = meta(EXPLICIT_LE);
+        el(&mut f, 0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0");
+        el(&mut f, 0x0008, 0x0018, b"UI", b"1.2.3.4\0");
+        el(&mut f, 0x0010, 0x0020, b"LO", b"PAT1");
+        el(&mut f, 0x0020, 0x000D, b"UI", b"1.2.3\0");
+        el(&mut f, 0x0020, 0x000E, b"UI", b"1.2.3.1\0");
+        el(&mut f, 0x7FE0, 0x0010, b"OW", &[0u8; 16]);
+        f
+    }
+
+    #[test]
+    fn minimal_file_scans() {
+        let f = minimal();
+        let r = prescan(&f, f.len() as u64, &PrescanLimits::default()).unwrap();
+        assert_eq!(r.transfer_syntax, EXPLICIT_LE);
+        assert_eq!(r.sop_instance_uid.as_deref(), Some("1.2.3.4"));
+        assert_eq!(r.patient_id.as_deref(), Some("PAT1"));
+        assert_eq!(r.pixel_data_offset, Some(f.len() as u64 - 28));
+    }
+
+    #[test]
+    fn huge_length_in_tiny_file() {
+        let mut f = meta(EXPLICIT_LE);
+        f.extend_from_slice(&[0x09, 0x00, 0x10, 0x00, b'O', b'B', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF]);
+        f.extend_from_slice(&[0u8; 64]);
+        let e = prescan(&f, f.len() as u64, &PrescanLimits::default()).unwrap_err();
+        assert!(matches!(e, DicomError::LengthOverrun { declared: 0xFFFF_FFF0, .. }), "{e:?}");
+    }
+
+    #[test]
+    fn deep_nesting_is_capped_without_recursion() {
+        let mut f = meta(EXPLICIT_LE);
+        for _ in 0..100_000 {
+            f.extend_from_slice(&[0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+            f.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        }
+        let r = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || prescan(&f, f.len() as u64, &PrescanLimits::default()))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(matches!(r, Err(DicomError::TooDeep { max: 32 })), "{r:?}");
+    }
+
+    #[test]
+    fn prefix_too_short_is_header_too_large_and_truncation_is_truncated() {
+        let f = minimal();
+        let e = prescan(&f[..150], f.len() as u64, &PrescanLimits::default()).unwrap_err();
+        assert!(matches!(e, DicomError::HeaderTooLarge { .. }), "{e:?}");
+        let cut = &f[..f.len() - 40];
+        let e = prescan(cut, cut.len() as u64, &PrescanLimits::default()).unwrap_err();
+        assert!(matches!(e, DicomError::Truncated { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn stray_delimiters() {
+        let mut f = meta(EXPLICIT_LE);
+        f.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        let e = prescan(&f, f.len() as u64, &PrescanLimits::default()).unwrap_err();
+        assert!(matches!(e, DicomError::StrayDelimiter { .. }), "{e:?}");
+    }
 }

@@ -1,5 +1,12 @@
-//! Placeholder replaced by the validator.
-use super::{DicomError, PrescanLimits};
+//! Validation: the pre-scan, required attributes, then dicom-object on the
+//! header only, on a thread with an explicit stack.
+
+use dicom_dictionary_std::tags;
+use dicom_object::OpenFileOptions;
+use dicom_object::file::OddLengthStrategy;
+
+use super::{DicomError, PrescanLimits, prescan};
+use crate::ids::Uid;
 use crate::model::DicomSummary;
 
 /// Validation limits.
@@ -7,17 +14,71 @@ use crate::model::DicomSummary;
 pub struct DicomLimits {
     /// Pre-scan limits.
     pub prescan: PrescanLimits,
-    /// Most bytes read before Pixel Data.
+    /// Most bytes read before Pixel Data (default 8 MiB). The caller hands
+    /// [`validate_dicom`] at most this many bytes of the file.
     pub max_header_bytes: u64,
+    /// Stack of the dicom-object parser thread (default 32 MiB).
+    pub parser_stack_bytes: usize,
 }
 
 impl Default for DicomLimits {
     fn default() -> Self {
-        Self { prescan: PrescanLimits { max_depth: 32 }, max_header_bytes: 8 << 20 }
+        Self { prescan: PrescanLimits::default(), max_header_bytes: 8 << 20, parser_stack_bytes: 32 << 20 }
     }
 }
 
-/// Validate.
-pub fn validate_dicom(_prefix: &[u8], _total_len: u64, _limits: &DicomLimits) -> Result<DicomSummary, DicomError> {
-    Err(DicomError::Malformed { offset: 0, reason: "validator not built yet".into() })
+fn uid(name: &'static str, v: Option<String>) -> Result<Uid, DicomError> {
+    let v = v.ok_or(DicomError::MissingAttribute { name })?;
+    Uid::parse(&v).map_err(|e| DicomError::BadAttribute { name, reason: e.to_string() })
+}
+
+/// Validate a Part-10 file given its first bytes (`prefix`, at most
+/// `limits.max_header_bytes`) and its size. Blocking: it runs dicom-object
+/// on its own thread and waits for it.
+pub fn validate_dicom(prefix: &[u8], total_len: u64, limits: &DicomLimits) -> Result<DicomSummary, DicomError> {
+    let report = prescan(prefix, total_len, &limits.prescan)?;
+    let summary = DicomSummary {
+        sop_class_uid: uid("SOPClassUID", report.sop_class_uid.clone())?,
+        sop_instance_uid: uid("SOPInstanceUID", report.sop_instance_uid.clone())?,
+        study_instance_uid: uid("StudyInstanceUID", report.study_instance_uid.clone())?,
+        series_instance_uid: uid("SeriesInstanceUID", report.series_instance_uid.clone())?,
+        patient_id: match report.patient_id.clone() {
+            Some(p) if !p.is_empty() => p,
+            Some(_) => return Err(DicomError::BadAttribute { name: "PatientID", reason: "empty".into() }),
+            None => return Err(DicomError::MissingAttribute { name: "PatientID" }),
+        },
+        transfer_syntax: uid("TransferSyntaxUID", Some(report.transfer_syntax.clone()))?,
+        modality: report.modality.clone().filter(|m| !m.is_empty()),
+    };
+    // Only the header goes to dicom-object: the bytes before Pixel Data
+    // (for Deflated files, the compressed prefix; the pre-scan proved its
+    // inflated header fits the cap, and reading stops at Pixel Data).
+    let header: Vec<u8> = if report.deflated {
+        prefix.to_vec()
+    } else {
+        let end = usize::try_from(report.header_end).unwrap_or(prefix.len()).min(prefix.len());
+        prefix[..end].to_vec()
+    };
+    let parsed = std::thread::Builder::new()
+        .name("relaypacs-dicom-parse".into())
+        .stack_size(limits.parser_stack_bytes)
+        .spawn(move || {
+            OpenFileOptions::new()
+                .read_until(tags::PIXEL_DATA)
+                .odd_length_strategy(OddLengthStrategy::Fail)
+                .from_reader(std::io::Cursor::new(header))
+                .map(|obj| {
+                    let get = |t| obj.element(t).ok().and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches(['\0', ' ']).to_owned()));
+                    (get(tags::SOP_INSTANCE_UID), get(tags::STUDY_INSTANCE_UID))
+                })
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| DicomError::Parser { message: format!("cannot start parser thread: {e}") })?
+        .join()
+        .map_err(|_| DicomError::Parser { message: "the parser panicked".into() })?
+        .map_err(|message| DicomError::Parser { message })?;
+    if parsed.0.as_deref() != Some(summary.sop_instance_uid.as_str()) || parsed.1.as_deref() != Some(summary.study_instance_uid.as_str()) {
+        return Err(DicomError::Parser { message: "the parser disagrees with the pre-scan on the instance or study UID".into() });
+    }
+    Ok(summary)
 }

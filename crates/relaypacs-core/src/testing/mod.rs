@@ -13,8 +13,7 @@
 pub mod audit_sink;
 pub mod chunk_store;
 pub mod dicom_gen;
-// pacs_sink: enabled once dicom_gen lands
-// pub mod pacs_sink;
+pub mod pacs_sink;
 pub mod session_store;
 
 /// Deterministic pseudo-random bytes (xorshift), for reproducible test data.
