@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use relaypacs_core::testing::pieces;
 use relaypacs_core::{
-    Actor, FileId, FileRecord, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk, PutOutcome, Result, SessionId,
-    Sha256Digest,
+    Actor, FileId, FileRecord, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk, PutOutcome,
+    Result, SessionId, Sha256Digest,
 };
 use relaypacs_pacs::LocalArchiveSink;
 use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
@@ -39,7 +39,12 @@ impl Embedded {
             Arc::new(audit.clone()),
             config,
         );
-        Ok(Self { pipeline, root: root.to_path_buf(), archive, audit })
+        Ok(Self {
+            pipeline,
+            root: root.to_path_buf(),
+            archive,
+            audit,
+        })
     }
 }
 
@@ -54,7 +59,15 @@ pub async fn upload_file(
     chunk: usize,
 ) -> Result<FileRecord> {
     let f = p
-        .add_file(actor, session, NewFile { name: name.into(), size: data.len() as u64, sha256: Some(Sha256Digest::of(data)) })
+        .add_file(
+            actor,
+            session,
+            NewFile {
+                name: name.into(),
+                size: data.len() as u64,
+                sha256: Some(Sha256Digest::of(data)),
+            },
+        )
         .await?;
     for (i, c) in data.chunks(chunk).enumerate() {
         put(p, actor, session, f.id, (i * chunk) as u64, c).await?;
@@ -63,9 +76,21 @@ pub async fn upload_file(
 }
 
 /// Put one chunk with its digest declared.
-pub async fn put(p: &Pipeline, actor: &Actor, session: SessionId, file: FileId, offset: u64, data: &[u8]) -> Result<PutOutcome> {
-    let spec = PutChunk { offset, length: data.len() as u64, sha256: Some(Sha256Digest::of(data)) };
-    p.put_chunk(actor, session, file, spec, pieces(data, 64 << 10)).await
+pub async fn put(
+    p: &Pipeline,
+    actor: &Actor,
+    session: SessionId,
+    file: FileId,
+    offset: u64,
+    data: &[u8],
+) -> Result<PutOutcome> {
+    let spec = PutChunk {
+        offset,
+        length: data.len() as u64,
+        sha256: Some(Sha256Digest::of(data)),
+    };
+    p.put_chunk(actor, session, file, spec, pieces(data, 64 << 10))
+        .await
 }
 
 /// Open a session for `actor`.
@@ -122,7 +147,12 @@ pub fn dicom_of_size(study: &str, size: usize) -> Vec<u8> {
     };
     let path = dir.path().join("big.dcm");
     use relaypacs_core::testing::dicom_gen::{DicomSpec, new_uid, write_large_file};
-    let spec = DicomSpec { study_uid: study.to_owned(), series_uid: format!("{study}.1"), sop_instance_uid: new_uid(), ..DicomSpec::default() };
+    let spec = DicomSpec {
+        study_uid: study.to_owned(),
+        series_uid: format!("{study}.1"),
+        sop_instance_uid: new_uid(),
+        ..DicomSpec::default()
+    };
     if let Err(e) = write_large_file(&path, &spec, size as u64) {
         panic!("large DICOM generation failed: {e}");
     }

@@ -3,6 +3,7 @@
 //! a storage error, nothing unacknowledged may be recorded, every chunk
 //! acknowledged before stays verified, the failure is audited, and a retry
 //! once the fault is gone completes the file byte-exact.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use std::fmt;
 use std::ops::Range;
@@ -13,8 +14,9 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use relaypacs_core::testing::collect;
 use relaypacs_core::{
-    AuditOutcome, AuditSink, ByteStream, ChunkInsert, ChunkPlacement, ChunkRecord, ChunkStore, Error, ErrorKind, FileId, FileKey,
-    NewFile, Pipeline, PipelineConfig, Result, SessionId, SessionRecord, SessionStore, Sha256Digest, Versioned,
+    AuditOutcome, AuditSink, ByteStream, ChunkInsert, ChunkPlacement, ChunkRecord, ChunkStore,
+    Error, ErrorKind, FileId, FileKey, NewFile, Pipeline, PipelineConfig, Result, SessionId,
+    SessionRecord, SessionStore, Sha256Digest, Versioned,
 };
 use relaypacs_integration::{Embedded, dicom_of_size, new_study, put};
 
@@ -67,11 +69,19 @@ impl fmt::Display for FaultySessions {
 impl ChunkStore for FaultyChunks {
     async fn create_file(&self, key: FileKey, size: u64) -> Result<()> {
         if self.1.hit("create file")? {
-            return Err(Error::io("create file", std::io::Error::from_raw_os_error(5)));
+            return Err(Error::io(
+                "create file",
+                std::io::Error::from_raw_os_error(5),
+            ));
         }
         self.0.create_file(key, size).await
     }
-    async fn put_chunk(&self, key: FileKey, placement: ChunkPlacement, body: ByteStream) -> Result<String> {
+    async fn put_chunk(
+        &self,
+        key: FileKey,
+        placement: ChunkPlacement,
+        body: ByteStream,
+    ) -> Result<String> {
         if self.1.hit("write chunk")? {
             // A short write: half the bytes reach the disk, then the device fails.
             let half = placement.length / 2;
@@ -84,7 +94,12 @@ impl ChunkStore for FaultyChunks {
                     }
                     futures::future::ready(keep)
                 })
-                .chain(futures::stream::once(async { Err(Error::io("write chunk", std::io::Error::from_raw_os_error(5))) }))
+                .chain(futures::stream::once(async {
+                    Err(Error::io(
+                        "write chunk",
+                        std::io::Error::from_raw_os_error(5),
+                    ))
+                }))
                 .boxed();
             return self.0.put_chunk(key, placement, cut).await;
         }
@@ -125,7 +140,12 @@ impl SessionStore for FaultySessions {
     async fn list_sessions(&self) -> Result<Vec<SessionId>> {
         self.0.list_sessions().await
     }
-    async fn record_chunk(&self, id: SessionId, file: FileId, c: &ChunkRecord) -> Result<ChunkInsert> {
+    async fn record_chunk(
+        &self,
+        id: SessionId,
+        file: FileId,
+        c: &ChunkRecord,
+    ) -> Result<ChunkInsert> {
         self.1.hit("record chunk")?;
         self.0.record_chunk(id, file, c).await
     }
@@ -140,7 +160,12 @@ impl SessionStore for FaultySessions {
 const CHUNK: usize = 64 << 10;
 
 /// Runs the upload; returns the first error, or None if it completed.
-async fn attempt(p: &Pipeline, data: &[u8], state: &mut (Option<SessionId>, Option<FileId>), acked: &mut Vec<u64>) -> Option<Error> {
+async fn attempt(
+    p: &Pipeline,
+    data: &[u8],
+    state: &mut (Option<SessionId>, Option<FileId>),
+    acked: &mut Vec<u64>,
+) -> Option<Error> {
     let a = relaypacs_core::Actor::user("alice");
     let s = match state.0 {
         Some(s) => s,
@@ -151,7 +176,18 @@ async fn attempt(p: &Pipeline, data: &[u8], state: &mut (Option<SessionId>, Opti
     };
     let f = match state.1 {
         Some(f) => f,
-        None => match p.add_file(&a, s, NewFile { name: "f".into(), size: data.len() as u64, sha256: Some(Sha256Digest::of(data)) }).await {
+        None => match p
+            .add_file(
+                &a,
+                s,
+                NewFile {
+                    name: "f".into(),
+                    size: data.len() as u64,
+                    sha256: Some(Sha256Digest::of(data)),
+                },
+            )
+            .await
+        {
             Ok(r) => *state.1.insert(r.id),
             Err(e) => return Some(e),
         },
@@ -166,19 +202,26 @@ async fn attempt(p: &Pipeline, data: &[u8], state: &mut (Option<SessionId>, Opti
             Err(e) => return Some(e),
         }
     }
-    match p.complete_file(&a, s, f).await {
-        Ok(_) => None,
-        Err(e) => Some(e),
-    }
+    p.complete_file(&a, s, f).await.err()
 }
 
 async fn run_with_fault(fault: Fault, k: u64, data: &[u8]) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let e = Embedded::open(dir.path(), PipelineConfig::default()).unwrap();
-    let faults = Arc::new(Faults { calls: AtomicU64::new(0), fail_at: AtomicU64::new(k), fault });
+    let faults = Arc::new(Faults {
+        calls: AtomicU64::new(0),
+        fail_at: AtomicU64::new(k),
+        fault,
+    });
     let p = Pipeline::new(
-        Arc::new(FaultyChunks(e.pipeline.chunk_store().clone(), faults.clone())),
-        Arc::new(FaultySessions(e.pipeline.session_store().clone(), faults.clone())),
+        Arc::new(FaultyChunks(
+            e.pipeline.chunk_store().clone(),
+            faults.clone(),
+        )),
+        Arc::new(FaultySessions(
+            e.pipeline.session_store().clone(),
+            faults.clone(),
+        )),
         Arc::new(e.archive.clone()),
         Arc::new(e.audit.clone()),
         PipelineConfig::default(),
@@ -201,20 +244,47 @@ async fn run_with_fault(fault: Fault, k: u64, data: &[u8]) -> u64 {
             recorded.sort();
             let mut want_acked = acked.clone();
             want_acked.sort();
-            assert_eq!(recorded, want_acked, "k={k} {fault:?}: recorded chunks differ from acknowledged ones");
+            assert_eq!(
+                recorded, want_acked,
+                "k={k} {fault:?}: recorded chunks differ from acknowledged ones"
+            );
             for c in &recs {
-                let b = collect(e.pipeline.chunk_store().read(FileKey { session: s, file: f }, c.offset..c.end()).await.unwrap()).await.unwrap();
+                let b = collect(
+                    e.pipeline
+                        .chunk_store()
+                        .read(
+                            FileKey {
+                                session: s,
+                                file: f,
+                            },
+                            c.offset..c.end(),
+                        )
+                        .await
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
                 assert_eq!(Sha256Digest::of(&b), c.sha256);
             }
         }
         // The failure is in the audit trail.
         let events = e.audit.events().await.unwrap();
-        assert!(events.iter().any(|ev| ev.outcome == AuditOutcome::SeriousFailure), "k={k}: failure not audited");
+        assert!(
+            events
+                .iter()
+                .any(|ev| ev.outcome == AuditOutcome::SeriousFailure),
+            "k={k}: failure not audited"
+        );
         // Fault gone: the client retries and finishes byte-exact.
         faults.fail_at.store(0, Ordering::SeqCst);
-        assert!(attempt(&p, data, &mut state, &mut acked).await.is_none(), "k={k}: retry failed");
+        assert!(
+            attempt(&p, data, &mut state, &mut acked).await.is_none(),
+            "k={k}: retry failed"
+        );
         let a = relaypacs_core::Actor::user("alice");
-        let (Some(s), Some(f)) = state else { panic!("no session after a successful retry") };
+        let (Some(s), Some(f)) = state else {
+            panic!("no session after a successful retry")
+        };
         let got = collect(p.read_file(&a, s, f).await.unwrap()).await.unwrap();
         assert!(got == data, "k={k}: completed bytes differ");
     }

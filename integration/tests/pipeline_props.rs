@@ -2,12 +2,16 @@
 //! orders, duplicates, corruptions, truncations and two interleaved sessions.
 //! Every completed file is byte-identical to its source, every corrupted or
 //! truncated chunk is rejected, and nothing rejected changes stored state.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 use relaypacs_core::testing::{collect, pieces};
-use relaypacs_core::{Actor, Error, FileId, Limits, NewFile, PipelineConfig, PutChunk, PutOutcome, SessionId, Sha256Digest};
+use relaypacs_core::{
+    Actor, Error, FileId, Limits, NewFile, PipelineConfig, PutChunk, PutOutcome, SessionId,
+    Sha256Digest,
+};
 use relaypacs_integration::{Embedded, dicom_sized, new_study};
 
 const CHUNK: usize = 4096;
@@ -23,8 +27,14 @@ enum Damage {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Put { file: usize, chunk: usize, damage: Damage },
-    Complete { file: usize },
+    Put {
+        file: usize,
+        chunk: usize,
+        damage: Damage,
+    },
+    Complete {
+        file: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -61,33 +71,67 @@ impl FileModel {
 async fn stored_state(e: &Embedded, files: &[FileModel]) -> Vec<Vec<relaypacs_core::ChunkRecord>> {
     let mut out = Vec::new();
     for f in files {
-        out.push(e.pipeline.session_store().chunks(f.session, f.id).await.unwrap());
+        out.push(
+            e.pipeline
+                .session_store()
+                .chunks(f.session, f.id)
+                .await
+                .unwrap(),
+        );
     }
     out
 }
 
 async fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
-    let limits = Limits { min_chunk_size: CHUNK as u64, ..Limits::default() };
-    let e = Embedded::open(dir.path(), PipelineConfig { limits, ..Default::default() }).unwrap();
+    let limits = Limits {
+        min_chunk_size: CHUNK as u64,
+        ..Limits::default()
+    };
+    let e = Embedded::open(
+        dir.path(),
+        PipelineConfig {
+            limits,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let p = &e.pipeline;
     let users = [Actor::user("alice"), Actor::user("bob")];
     let mut files = Vec::new();
     // Two sessions (two users, two studies), two files each, interleaved.
     for (u, actor) in users.iter().enumerate() {
         let study = new_study();
-        let s = p.create_session(actor, Default::default()).await.unwrap().id;
+        let s = p
+            .create_session(actor, Default::default())
+            .await
+            .unwrap()
+            .id;
         for k in 0..2 {
             let data = dicom_sized(&study, (u * 2 + k) as u64, 96);
-            let nf = NewFile { name: format!("{u}-{k}"), size: data.len() as u64, sha256: Some(Sha256Digest::of(&data)) };
+            let nf = NewFile {
+                name: format!("{u}-{k}"),
+                size: data.len() as u64,
+                sha256: Some(Sha256Digest::of(&data)),
+            };
             let id = p.add_file(actor, s, nf).await.unwrap().id;
-            files.push(FileModel { session: s, id, data, stored: BTreeSet::new(), complete: false });
+            files.push(FileModel {
+                session: s,
+                id,
+                data,
+                stored: BTreeSet::new(),
+                complete: false,
+            });
         }
     }
     let owner = |i: usize| users[i / 2].clone();
     for op in ops {
         match op {
-            Op::Put { file, chunk, damage } => {
+            Op::Put {
+                file,
+                chunk,
+                damage,
+            } => {
                 let f = &files[file];
                 let i = chunk % f.chunks();
                 let r = f.range(i);
@@ -101,27 +145,51 @@ async fn run(ops: Vec<Op>) {
                     Damage::Extend => body.push(0),
                     Damage::WrongDigest => digest = Sha256Digest::of(b"wrong"),
                 }
-                let spec = PutChunk { offset: r.start as u64, length: good.len() as u64, sha256: Some(digest) };
+                let spec = PutChunk {
+                    offset: r.start as u64,
+                    length: good.len() as u64,
+                    sha256: Some(digest),
+                };
                 let before = stored_state(&e, &files).await;
-                let res = p.put_chunk(&owner(file), f.session, f.id, spec, pieces(&body, 1000)).await;
+                let res = p
+                    .put_chunk(&owner(file), f.session, f.id, spec, pieces(&body, 1000))
+                    .await;
                 let f = &mut files[file];
                 match (&damage, res) {
                     (_, Err(err)) if f.complete => assert_eq!(err.code(), "RELAY_FILE_COMPLETE"),
-                    (Damage::None, Ok(PutOutcome::Stored { .. })) => assert!(f.stored.insert(i), "stored twice"),
-                    (Damage::None, Ok(PutOutcome::AlreadyStored { .. })) => assert!(f.stored.contains(&i)),
-                    (Damage::WrongDigest, Err(err)) if f.stored.contains(&i) => assert_eq!(err.code(), "RELAY_CHUNK_CONFLICT"),
-                    (Damage::WrongDigest, Err(err)) => assert_eq!(err.code(), "RELAY_CHUNK_HASH_MISMATCH"),
-                    (Damage::Flip(_) | Damage::Truncate(_) | Damage::Extend, Ok(PutOutcome::AlreadyStored { .. })) => {
+                    (Damage::None, Ok(PutOutcome::Stored { .. })) => {
+                        assert!(f.stored.insert(i), "stored twice")
+                    }
+                    (Damage::None, Ok(PutOutcome::AlreadyStored { .. })) => {
+                        assert!(f.stored.contains(&i))
+                    }
+                    (Damage::WrongDigest, Err(err)) if f.stored.contains(&i) => {
+                        assert_eq!(err.code(), "RELAY_CHUNK_CONFLICT")
+                    }
+                    (Damage::WrongDigest, Err(err)) => {
+                        assert_eq!(err.code(), "RELAY_CHUNK_HASH_MISMATCH")
+                    }
+                    (
+                        Damage::Flip(_) | Damage::Truncate(_) | Damage::Extend,
+                        Ok(PutOutcome::AlreadyStored { .. }),
+                    ) => {
                         // Retry of a stored chunk with its true digest: not read, nothing changes.
                         assert!(f.stored.contains(&i));
                     }
-                    (Damage::Flip(_) | Damage::Truncate(_) | Damage::Extend, Err(Error::Integrity(_))) => {
+                    (
+                        Damage::Flip(_) | Damage::Truncate(_) | Damage::Extend,
+                        Err(Error::Integrity(_)),
+                    ) => {
                         assert!(!f.stored.contains(&i));
                     }
                     (d, r) => panic!("unexpected result for {d:?}: {r:?}"),
                 }
                 if !matches!(damage, Damage::None) {
-                    assert_eq!(stored_state(&e, &files).await, before, "a rejected chunk changed stored state");
+                    assert_eq!(
+                        stored_state(&e, &files).await,
+                        before,
+                        "a rejected chunk changed stored state"
+                    );
                 }
             }
             Op::Complete { file } => {
@@ -144,13 +212,21 @@ async fn run(ops: Vec<Op>) {
         let actor = owner(k);
         for i in 0..f.chunks() {
             let r = f.range(i);
-            let spec = PutChunk { offset: r.start as u64, length: r.len() as u64, sha256: Some(Sha256Digest::of(&f.data[r.clone()])) };
+            let spec = PutChunk {
+                offset: r.start as u64,
+                length: r.len() as u64,
+                sha256: Some(Sha256Digest::of(&f.data[r.clone()])),
+            };
             if !f.complete {
-                p.put_chunk(&actor, f.session, f.id, spec, pieces(&f.data[r], 777)).await.unwrap();
+                p.put_chunk(&actor, f.session, f.id, spec, pieces(&f.data[r], 777))
+                    .await
+                    .unwrap();
             }
         }
         p.complete_file(&actor, f.session, f.id).await.unwrap();
-        let got = collect(p.read_file(&actor, f.session, f.id).await.unwrap()).await.unwrap();
+        let got = collect(p.read_file(&actor, f.session, f.id).await.unwrap())
+            .await
+            .unwrap();
         assert!(got == f.data, "completed file {k} differs from its source");
     }
 }

@@ -63,10 +63,18 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let size_mib: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024);
     let chunk_mib: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8);
-    let base = args.get(3).map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let base = args
+        .get(3)
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let work = tempfile::tempdir_in(&base).unwrap_or_else(|e| die(e));
     let src = work.path().join("source.dcm");
-    let spec = DicomSpec { study_uid: new_uid(), series_uid: new_uid(), sop_instance_uid: new_uid(), ..DicomSpec::default() };
+    let spec = DicomSpec {
+        study_uid: new_uid(),
+        series_uid: new_uid(),
+        sop_instance_uid: new_uid(),
+        ..DicomSpec::default()
+    };
     write_large_file(&src, &spec, size_mib << 20).unwrap_or_else(|e| die(e));
     let size = std::fs::metadata(&src).unwrap_or_else(|e| die(e)).len();
     // The client's own whole-file digest (not timed).
@@ -87,34 +95,74 @@ async fn main() {
     let sha_limit = sha_speed(size);
 
     let rss_before = peak_rss_bytes().unwrap_or(0);
-    let e = Embedded::open(&work.path().join("data"), PipelineConfig::default()).unwrap_or_else(|e| die(e));
+    let e = Embedded::open(&work.path().join("data"), PipelineConfig::default())
+        .unwrap_or_else(|e| die(e));
     let p = &e.pipeline;
     let actor = Actor::user("bench");
     let t = Instant::now();
     let s = open_session(p, &actor).await.unwrap_or_else(|e| die(e));
-    let fr = p.add_file(&actor, s, NewFile { name: "big.dcm".into(), size, sha256: Some(whole) }).await.unwrap_or_else(|e| die(e));
+    let fr = p
+        .add_file(
+            &actor,
+            s,
+            NewFile {
+                name: "big.dcm".into(),
+                size,
+                sha256: Some(whole),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| die(e));
     let mut off = 0u64;
     while off < size {
         let n = (size - off).min(chunk as u64) as usize;
         f.seek(SeekFrom::Start(off)).unwrap_or_else(|e| die(e));
         f.read_exact(&mut buf[..n]).unwrap_or_else(|e| die(e));
         let digest = Sha256Digest::of(&buf[..n]);
-        let spec = PutChunk { offset: off, length: n as u64, sha256: Some(digest) };
-        p.put_chunk(&actor, s, fr.id, spec, pieces(&buf[..n], 256 << 10)).await.unwrap_or_else(|e| die(e));
+        let spec = PutChunk {
+            offset: off,
+            length: n as u64,
+            sha256: Some(digest),
+        };
+        p.put_chunk(&actor, s, fr.id, spec, pieces(&buf[..n], 256 << 10))
+            .await
+            .unwrap_or_else(|e| die(e));
         off += n as u64;
     }
     let upload = t.elapsed().as_secs_f64();
     let t2 = Instant::now();
-    p.complete_file(&actor, s, fr.id).await.unwrap_or_else(|e| die(e));
+    p.complete_file(&actor, s, fr.id)
+        .await
+        .unwrap_or_else(|e| die(e));
     let complete = t2.elapsed().as_secs_f64();
     let total = t.elapsed().as_secs_f64();
     let peak = peak_rss_bytes().unwrap_or(0);
     let ingest = mbps(size, total);
     let limit = write_limit.min(sha_limit);
-    println!("file: {:.0} MiB in {} MiB chunks (chunk digests computed by the client, outside the timing)", size as f64 / 1048576.0, chunk_mib);
-    println!("machine: sequential write + fdatasync {write_limit:.0} MB/s, SHA-256 {sha_limit:.0} MB/s (same run)");
-    println!("ingest: upload {upload:.2} s, complete (re-verify every chunk + whole file, validate) {complete:.2} s");
-    println!("ingest throughput: {ingest:.0} MB/s end to end = {:.0}% of the machine limit ({limit:.0} MB/s)", 100.0 * ingest / limit);
-    println!("upload phase alone: {:.0} MB/s = {:.0}% of the limit", mbps(size, upload), 100.0 * mbps(size, upload) / limit);
-    println!("peak RSS: {:.1} MiB (process, including the {} MiB client chunk buffer; {:.1} MiB before the pipeline ran)", peak as f64 / 1048576.0, chunk_mib, rss_before as f64 / 1048576.0);
+    println!(
+        "file: {:.0} MiB in {} MiB chunks (chunk digests computed by the client, outside the timing)",
+        size as f64 / 1048576.0,
+        chunk_mib
+    );
+    println!(
+        "machine: sequential write + fdatasync {write_limit:.0} MB/s, SHA-256 {sha_limit:.0} MB/s (same run)"
+    );
+    println!(
+        "ingest: upload {upload:.2} s, complete (re-verify every chunk + whole file, validate) {complete:.2} s"
+    );
+    println!(
+        "ingest throughput: {ingest:.0} MB/s end to end = {:.0}% of the machine limit ({limit:.0} MB/s)",
+        100.0 * ingest / limit
+    );
+    println!(
+        "upload phase alone: {:.0} MB/s = {:.0}% of the limit",
+        mbps(size, upload),
+        100.0 * mbps(size, upload) / limit
+    );
+    println!(
+        "peak RSS: {:.1} MiB (process, including the {} MiB client chunk buffer; {:.1} MiB before the pipeline ran)",
+        peak as f64 / 1048576.0,
+        chunk_mib,
+        rss_before as f64 / 1048576.0
+    );
 }

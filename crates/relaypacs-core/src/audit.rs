@@ -53,14 +53,16 @@ impl AuditAction {
     /// The DICOM audit Event ID (DCM code, PS3.16 CID 400).
     pub fn dicom_event_id(self) -> u32 {
         match self {
-            Self::SessionCreated | Self::FileAdded | Self::ChunkStored | Self::FileCompleted => 110107, // Import
-            Self::FileRemoved | Self::SessionExpired | Self::SessionAborted => 110105,                  // DICOM Study Deleted
-            Self::ForwardStarted => 110102,                                                              // Begin Transferring DICOM Instances
-            Self::Forwarded => 110104,                                                                   // DICOM Instances Transferred
-            Self::DataAccessed => 110103,                                                                // DICOM Instances Accessed
-            Self::Login | Self::Logout => 110114,                                                        // User Authentication
-            Self::SecurityAlert => 110113,                                                               // Security Alert
-            Self::ApplicationStart | Self::ApplicationStop => 110100,                                    // Application Activity
+            Self::SessionCreated | Self::FileAdded | Self::ChunkStored | Self::FileCompleted => {
+                110107
+            } // Import
+            Self::FileRemoved | Self::SessionExpired | Self::SessionAborted => 110105, // DICOM Study Deleted
+            Self::ForwardStarted => 110102, // Begin Transferring DICOM Instances
+            Self::Forwarded => 110104,      // DICOM Instances Transferred
+            Self::DataAccessed => 110103,   // DICOM Instances Accessed
+            Self::Login | Self::Logout => 110114, // User Authentication
+            Self::SecurityAlert => 110113,  // Security Alert
+            Self::ApplicationStart | Self::ApplicationStop => 110100, // Application Activity
         }
     }
 }

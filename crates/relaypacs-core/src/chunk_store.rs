@@ -66,7 +66,12 @@ pub trait ChunkStore: Debug + Display + Send + Sync + 'static {
 
     /// Store one verified chunk; durable when `Ok` returns. The returned
     /// string is a store-specific receipt kept in the [`ChunkRecord`].
-    async fn put_chunk(&self, key: FileKey, placement: ChunkPlacement, body: ByteStream) -> Result<String>;
+    async fn put_chunk(
+        &self,
+        key: FileKey,
+        placement: ChunkPlacement,
+        body: ByteStream,
+    ) -> Result<String>;
 
     /// Make the complete file durable and readable as one object.
     async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()>;

@@ -33,9 +33,13 @@ impl Sha256Digest {
     pub fn from_hex(s: &str) -> Result<Self, Error> {
         let mut out = [0u8; 32];
         if s.len() != 64 {
-            return Err(Error::invalid("RELAY_BAD_DIGEST", "SHA-256 must be 64 hex digits"));
+            return Err(Error::invalid(
+                "RELAY_BAD_DIGEST",
+                "SHA-256 must be 64 hex digits",
+            ));
         }
-        hex::decode_to_slice(s, &mut out).map_err(|_| Error::invalid("RELAY_BAD_DIGEST", "SHA-256 must be 64 hex digits"))?;
+        hex::decode_to_slice(s, &mut out)
+            .map_err(|_| Error::invalid("RELAY_BAD_DIGEST", "SHA-256 must be 64 hex digits"))?;
         Ok(Self(out))
     }
 
@@ -128,7 +132,12 @@ impl DigestSlot {
 impl VerifyingStream {
     /// Verify `inner` against the declared length and optional digest.
     /// `offset` is only used in error messages.
-    pub fn new(inner: ByteStream, offset: u64, len: u64, expected: Option<Sha256Digest>) -> (Self, DigestSlot) {
+    pub fn new(
+        inner: ByteStream,
+        offset: u64,
+        len: u64,
+        expected: Option<Sha256Digest>,
+    ) -> (Self, DigestSlot) {
         let slot = DigestSlot::default();
         (
             Self {
@@ -165,7 +174,14 @@ impl Stream for VerifyingStream {
                 let seen = self.seen + b.len() as u64;
                 if seen > self.len {
                     let (offset, len) = (self.offset, self.len);
-                    return self.fail(IntegrityError::ChunkLength { offset, expected: len, actual: seen }.into());
+                    return self.fail(
+                        IntegrityError::ChunkLength {
+                            offset,
+                            expected: len,
+                            actual: seen,
+                        }
+                        .into(),
+                    );
                 }
                 self.seen = seen;
                 if let Some(h) = self.hasher.as_mut() {
@@ -176,15 +192,32 @@ impl Stream for VerifyingStream {
             Poll::Ready(None) => {
                 if self.seen != self.len {
                     let (offset, len, seen) = (self.offset, self.len, self.seen);
-                    return self.fail(IntegrityError::ChunkLength { offset, expected: len, actual: seen }.into());
+                    return self.fail(
+                        IntegrityError::ChunkLength {
+                            offset,
+                            expected: len,
+                            actual: seen,
+                        }
+                        .into(),
+                    );
                 }
-                let actual = Sha256Digest(self.hasher.take().map(|h| h.finalize().into()).unwrap_or_default());
+                let actual = Sha256Digest(
+                    self.hasher
+                        .take()
+                        .map(|h| h.finalize().into())
+                        .unwrap_or_default(),
+                );
                 if let Some(expected) = self.expected
                     && expected != actual
                 {
                     let offset = self.offset;
                     return self.fail(
-                        IntegrityError::ChunkHash { offset, expected: expected.to_hex(), actual: actual.to_hex() }.into(),
+                        IntegrityError::ChunkHash {
+                            offset,
+                            expected: expected.to_hex(),
+                            actual: actual.to_hex(),
+                        }
+                        .into(),
                     );
                 }
                 match self.result.lock() {
@@ -225,13 +258,27 @@ mod tests {
         assert_eq!(drain(s).await.unwrap(), data);
         assert_eq!(slot.get(), Some(d));
 
-        let (s, slot) = VerifyingStream::new(bytes_stream(data.clone()), 0, 11, Some(Sha256Digest::of(b"x")));
-        assert!(matches!(drain(s).await, Err(Error::Integrity(IntegrityError::ChunkHash { .. }))));
+        let (s, slot) = VerifyingStream::new(
+            bytes_stream(data.clone()),
+            0,
+            11,
+            Some(Sha256Digest::of(b"x")),
+        );
+        assert!(matches!(
+            drain(s).await,
+            Err(Error::Integrity(IntegrityError::ChunkHash { .. }))
+        ));
         assert_eq!(slot.get(), None);
 
         let (s, _) = VerifyingStream::new(bytes_stream(data.clone()), 0, 10, None);
-        assert!(matches!(drain(s).await, Err(Error::Integrity(IntegrityError::ChunkLength { .. }))));
+        assert!(matches!(
+            drain(s).await,
+            Err(Error::Integrity(IntegrityError::ChunkLength { .. }))
+        ));
         let (s, _) = VerifyingStream::new(bytes_stream(data), 0, 12, None);
-        assert!(matches!(drain(s).await, Err(Error::Integrity(IntegrityError::ChunkLength { .. }))));
+        assert!(matches!(
+            drain(s).await,
+            Err(Error::Integrity(IntegrityError::ChunkLength { .. }))
+        ));
     }
 }

@@ -225,12 +225,18 @@ pub enum Error {
 impl Error {
     /// A client-side validation error with a stable code.
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
-        Self::Invalid { code, message: message.into() }
+        Self::Invalid {
+            code,
+            message: message.into(),
+        }
     }
 
     /// A conflict with a stable code.
     pub fn conflict(code: &'static str, reason: impl Into<String>) -> Self {
-        Self::Conflict { code, reason: reason.into() }
+        Self::Conflict {
+            code,
+            reason: reason.into(),
+        }
     }
 
     /// A storage error from an I/O error; ENOSPC/EDQUOT become [`StorageErrorKind::Full`].
@@ -238,31 +244,54 @@ impl Error {
         let kind = match err.raw_os_error() {
             Some(28) | Some(122) => StorageErrorKind::Full, // ENOSPC, EDQUOT on Linux
             _ => match err.kind() {
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => StorageErrorKind::Full,
-                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => StorageErrorKind::Corrupt,
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                    StorageErrorKind::Full
+                }
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+                    StorageErrorKind::Corrupt
+                }
                 _ => StorageErrorKind::Io,
             },
         };
-        Self::Storage { kind, op: op.into(), source: Box::new(err) }
+        Self::Storage {
+            kind,
+            op: op.into(),
+            source: Box::new(err),
+        }
     }
 
     /// A storage error of a given kind with any cause.
-    pub fn storage(kind: StorageErrorKind, op: impl Into<Cow<'static, str>>, source: impl Into<BoxError>) -> Self {
-        Self::Storage { kind, op: op.into(), source: source.into() }
+    pub fn storage(
+        kind: StorageErrorKind,
+        op: impl Into<Cow<'static, str>>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self::Storage {
+            kind,
+            op: op.into(),
+            source: source.into(),
+        }
     }
 
     /// The coarse class of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Invalid { .. } | Self::Dicom(_) | Self::StudyMismatch { .. } => ErrorKind::Invalid,
+            Self::Invalid { .. } | Self::Dicom(_) | Self::StudyMismatch { .. } => {
+                ErrorKind::Invalid
+            }
             Self::LimitExceeded { .. } => ErrorKind::LimitExceeded,
             Self::Integrity(_) => ErrorKind::Integrity,
-            Self::Conflict { .. } | Self::Precondition { .. } | Self::AlreadyExists { .. } => ErrorKind::Conflict,
+            Self::Conflict { .. } | Self::Precondition { .. } | Self::AlreadyExists { .. } => {
+                ErrorKind::Conflict
+            }
             Self::Busy { .. } => ErrorKind::Busy,
             Self::NotFound { .. } => ErrorKind::NotFound,
             Self::Gone => ErrorKind::Gone,
             Self::Auth { .. } => ErrorKind::Auth,
-            Self::Storage { kind: StorageErrorKind::Full, .. } => ErrorKind::InsufficientStorage,
+            Self::Storage {
+                kind: StorageErrorKind::Full,
+                ..
+            } => ErrorKind::InsufficientStorage,
             Self::Storage { .. } => ErrorKind::Storage,
             Self::Pacs { .. } => ErrorKind::Pacs,
             Self::Audit { .. } => ErrorKind::Audit,
@@ -273,7 +302,9 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Busy { .. } | Self::Precondition { .. } => true,
-            Self::Storage { kind, .. } => matches!(kind, StorageErrorKind::Io | StorageErrorKind::Unavailable),
+            Self::Storage { kind, .. } => {
+                matches!(kind, StorageErrorKind::Io | StorageErrorKind::Unavailable)
+            }
             Self::Pacs { transient, .. } => *transient,
             Self::Audit { source } => source.is_retryable(),
             _ => false,
@@ -283,7 +314,9 @@ impl Error {
     /// A stable machine-readable code, e.g. `RELAY_CHUNK_HASH_MISMATCH`.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Invalid { code, .. } | Self::Conflict { code, .. } | Self::Auth { code, .. } => code,
+            Self::Invalid { code, .. } | Self::Conflict { code, .. } | Self::Auth { code, .. } => {
+                code
+            }
             Self::LimitExceeded { .. } => "RELAY_LIMIT_EXCEEDED",
             Self::Integrity(i) => match i {
                 IntegrityError::ChunkHash { .. } => "RELAY_CHUNK_HASH_MISMATCH",
@@ -299,10 +332,17 @@ impl Error {
             Self::Gone => "RELAY_SESSION_EXPIRED",
             Self::Dicom(d) => d.code(),
             Self::StudyMismatch { .. } => "RELAY_STUDY_MISMATCH",
-            Self::Storage { kind: StorageErrorKind::Full, .. } => "RELAY_STORAGE_FULL",
+            Self::Storage {
+                kind: StorageErrorKind::Full,
+                ..
+            } => "RELAY_STORAGE_FULL",
             Self::Storage { .. } => "RELAY_STORAGE_ERROR",
-            Self::Pacs { transient: true, .. } => "RELAY_PACS_TRANSIENT",
-            Self::Pacs { transient: false, .. } => "RELAY_PACS_REJECTED",
+            Self::Pacs {
+                transient: true, ..
+            } => "RELAY_PACS_TRANSIENT",
+            Self::Pacs {
+                transient: false, ..
+            } => "RELAY_PACS_REJECTED",
             Self::Audit { .. } => "RELAY_AUDIT_UNAVAILABLE",
         }
     }

@@ -14,14 +14,19 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::error::Error;
 
 fn parse_hex128(s: &str, what: &'static str) -> Result<[u8; 16], Error> {
-    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if s.len() != 32
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(Error::invalid(
             "RELAY_BAD_ID",
             format!("{what} must be 32 lowercase hex digits"),
         ));
     }
     let mut out = [0u8; 16];
-    hex::decode_to_slice(s, &mut out).map_err(|_| Error::invalid("RELAY_BAD_ID", format!("{what} is not hex")))?;
+    hex::decode_to_slice(s, &mut out)
+        .map_err(|_| Error::invalid("RELAY_BAD_ID", format!("{what} is not hex")))?;
     Ok(out)
 }
 
@@ -172,12 +177,20 @@ pub struct Actor {
 impl Actor {
     /// A regular user.
     pub fn user(user: impl Into<String>) -> Self {
-        Self { user: user.into(), admin: false, address: None }
+        Self {
+            user: user.into(),
+            admin: false,
+            address: None,
+        }
     }
 
     /// The gateway itself (background work).
     pub fn system() -> Self {
-        Self { user: "system".into(), admin: true, address: None }
+        Self {
+            user: "system".into(),
+            admin: true,
+            address: None,
+        }
     }
 
     /// With a client address.
@@ -195,7 +208,13 @@ mod tests {
     fn ids_roundtrip_and_reject_traversal() {
         let id = SessionId::random();
         assert_eq!(SessionId::parse(&id.to_string()).unwrap(), id);
-        for bad in ["../../etc/passwd", "", "ABCDEF0123456789abcdef0123456789", "0123456789abcdef0123456789abcde/", "0123456789abcdef0123456789abcdef0"] {
+        for bad in [
+            "../../etc/passwd",
+            "",
+            "ABCDEF0123456789abcdef0123456789",
+            "0123456789abcdef0123456789abcde/",
+            "0123456789abcdef0123456789abcdef0",
+        ] {
             assert!(SessionId::parse(bad).is_err(), "{bad}");
         }
     }
@@ -204,7 +223,16 @@ mod tests {
     fn uid_rules() {
         assert!(Uid::parse("1.2.840.10008.5.1.4.1.1.7").is_ok());
         assert!(Uid::parse("2.25.0").is_ok());
-        for bad in ["", "1..2", "1.02", "1.2.a", "../1", "1/2", &"1".repeat(65), "1.2\0"] {
+        for bad in [
+            "",
+            "1..2",
+            "1.02",
+            "1.2.a",
+            "../1",
+            "1/2",
+            &"1".repeat(65),
+            "1.2\0",
+        ] {
             assert!(Uid::parse(bad).is_err(), "{bad:?}");
         }
     }

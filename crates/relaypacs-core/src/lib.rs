@@ -30,7 +30,10 @@ pub use chunk_store::{ChunkPlacement, ChunkStore, FileKey};
 pub use digest::{ByteStream, Sha256Digest, VerifyingStream, bytes_stream};
 pub use error::{Error, ErrorKind, IntegrityError, Result, StorageErrorKind};
 pub use ids::{Actor, FileId, SessionId, Uid};
-pub use model::{ChunkRecord, DicomSummary, FileRecord, FileState, Limits, SessionRecord, SessionState, Versioned};
+pub use model::{
+    ChunkRecord, DicomSummary, FileRecord, FileState, Limits, SessionRecord, SessionState,
+    Versioned,
+};
 pub use pacs_sink::{DeliveryReport, Instance, InstanceOutcome, InstanceSource, PacsSink};
 pub use pipeline::{NewFile, NewSession, Pipeline, PipelineConfig, PutChunk, PutOutcome};
 pub use session_store::{ChunkInsert, SessionStore};

@@ -98,5 +98,9 @@ impl DeliveryReport {
 #[async_trait]
 pub trait PacsSink: Debug + Display + Send + Sync + 'static {
     /// Deliver a batch of instances of one study.
-    async fn deliver(&self, instances: &[Instance], source: &dyn InstanceSource) -> Result<DeliveryReport>;
+    async fn deliver(
+        &self,
+        instances: &[Instance],
+        source: &dyn InstanceSource,
+    ) -> Result<DeliveryReport>;
 }

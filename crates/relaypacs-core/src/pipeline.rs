@@ -30,7 +30,9 @@ use crate::dicom::{DicomLimits, validate_dicom};
 use crate::digest::{ByteStream, Sha256Digest, VerifyingStream};
 use crate::error::{Error, ErrorKind, IntegrityError, Result};
 use crate::ids::{Actor, FileId, SessionId};
-use crate::model::{ChunkRecord, FileRecord, FileState, Limits, SessionRecord, SessionState, Versioned};
+use crate::model::{
+    ChunkRecord, FileRecord, FileState, Limits, SessionRecord, SessionState, Versioned,
+};
 use crate::pacs_sink::{Instance, InstanceOutcome, InstanceSource, PacsSink};
 use crate::session_store::{ChunkInsert, SessionStore};
 
@@ -119,7 +121,10 @@ struct Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         let mut r = lock(&self.gate.reserved);
-        if let Some(i) = r.iter().position(|(f, rg)| *f == self.file && *rg == self.range) {
+        if let Some(i) = r
+            .iter()
+            .position(|(f, rg)| *f == self.file && *rg == self.range)
+        {
             r.swap_remove(i);
         }
     }
@@ -193,7 +198,16 @@ impl Pipeline {
         audit: Arc<dyn AuditSink>,
         config: PipelineConfig,
     ) -> Self {
-        Self { inner: Arc::new(Inner { chunks, sessions, sink, audit, config, gates: Mutex::new(HashMap::new()) }) }
+        Self {
+            inner: Arc::new(Inner {
+                chunks,
+                sessions,
+                sink,
+                audit,
+                config,
+                gates: Mutex::new(HashMap::new()),
+            }),
+        }
     }
 
     /// The configuration in force.
@@ -224,7 +238,12 @@ impl Pipeline {
         lock(&self.inner.gates).remove(&id);
     }
 
-    fn event(actor: &Actor, action: AuditAction, outcome: AuditOutcome, session: Option<SessionId>) -> AuditEvent {
+    fn event(
+        actor: &Actor,
+        action: AuditAction,
+        outcome: AuditOutcome,
+        session: Option<SessionId>,
+    ) -> AuditEvent {
         let mut e = AuditEvent::new(actor.user.clone(), action, outcome);
         e.address = actor.address.clone();
         e.session = session;
@@ -233,7 +252,13 @@ impl Pipeline {
 
     /// Record an audit event; a failure refuses the action (fail closed).
     async fn audit(&self, event: AuditEvent) -> Result<()> {
-        self.inner.audit.record(&event).await.map_err(|e| Error::Audit { source: Box::new(e) })
+        self.inner
+            .audit
+            .record(&event)
+            .await
+            .map_err(|e| Error::Audit {
+                source: Box::new(e),
+            })
     }
 
     /// Audit a refused or failed action, then return its error. If even the
@@ -242,9 +267,10 @@ impl Pipeline {
     /// in the log written at the edge.
     async fn refuse<T>(&self, mut event: AuditEvent, err: Error) -> Result<T> {
         event.outcome = match err.kind() {
-            ErrorKind::Storage | ErrorKind::InsufficientStorage | ErrorKind::Pacs | ErrorKind::Audit => {
-                AuditOutcome::SeriousFailure
-            }
+            ErrorKind::Storage
+            | ErrorKind::InsufficientStorage
+            | ErrorKind::Pacs
+            | ErrorKind::Audit => AuditOutcome::SeriousFailure,
             _ => AuditOutcome::MinorFailure,
         };
         event.detail = format!("{}: {}", err.code(), err);
@@ -270,7 +296,10 @@ impl Pipeline {
     fn require_open(rec: &SessionRecord) -> Result<()> {
         match rec.state {
             SessionState::Open => Ok(()),
-            _ => Err(Error::conflict("RELAY_SESSION_NOT_OPEN", "the session no longer accepts changes")),
+            _ => Err(Error::conflict(
+                "RELAY_SESSION_NOT_OPEN",
+                "the session no longer accepts changes",
+            )),
         }
     }
 
@@ -286,13 +315,22 @@ impl Pipeline {
             let mut rec = current.value.clone();
             let out = change(&mut rec)?;
             rec.updated_at = OffsetDateTime::now_utc();
-            match self.inner.sessions.update_session(&rec, current.version).await {
+            match self
+                .inner
+                .sessions
+                .update_session(&rec, current.version)
+                .await
+            {
                 Ok(_) => return Ok((rec, out)),
-                Err(Error::Precondition { .. }) => current = self.inner.sessions.load_session(id).await?,
+                Err(Error::Precondition { .. }) => {
+                    current = self.inner.sessions.load_session(id).await?
+                }
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::Busy { what: "session is being updated concurrently".into() })
+        Err(Error::Busy {
+            what: "session is being updated concurrently".into(),
+        })
     }
 
     /// Open a new upload session owned by `actor`.
@@ -309,7 +347,12 @@ impl Pipeline {
             files: Default::default(),
             state: SessionState::Open,
         };
-        let ev = Self::event(actor, AuditAction::SessionCreated, AuditOutcome::Success, Some(rec.id));
+        let ev = Self::event(
+            actor,
+            AuditAction::SessionCreated,
+            AuditOutcome::Success,
+            Some(rec.id),
+        );
         if let Err(e) = self.inner.sessions.create_session(&rec).await {
             return self.refuse(ev, e).await;
         }
@@ -322,7 +365,12 @@ impl Pipeline {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
         let current = self.load_owned(actor, id).await?;
-        let mut ev = Self::event(actor, AuditAction::FileAdded, AuditOutcome::Success, Some(id));
+        let mut ev = Self::event(
+            actor,
+            AuditAction::FileAdded,
+            AuditOutcome::Success,
+            Some(id),
+        );
         match self.add_file_inner(id, current, req).await {
             Ok(f) => {
                 ev.file = Some(f.id);
@@ -334,20 +382,50 @@ impl Pipeline {
         }
     }
 
-    async fn add_file_inner(&self, id: SessionId, current: Versioned<SessionRecord>, req: NewFile) -> Result<FileRecord> {
+    async fn add_file_inner(
+        &self,
+        id: SessionId,
+        current: Versioned<SessionRecord>,
+        req: NewFile,
+    ) -> Result<FileRecord> {
         let limits = current.value.limits.clone();
         Self::require_open(&current.value)?;
         if req.size == 0 {
-            return Err(Error::invalid("RELAY_EMPTY_FILE", "file size must be at least 1 byte"));
+            return Err(Error::invalid(
+                "RELAY_EMPTY_FILE",
+                "file size must be at least 1 byte",
+            ));
         }
         if req.size > limits.max_file_size {
-            return Err(Error::LimitExceeded { what: "file size", limit: limits.max_file_size, actual: req.size });
+            return Err(Error::LimitExceeded {
+                what: "file size",
+                limit: limits.max_file_size,
+                actual: req.size,
+            });
         }
         if req.name.len() > 255 || req.name.chars().any(char::is_control) {
-            return Err(Error::invalid("RELAY_BAD_FILE_NAME", "file name must be at most 255 bytes with no control characters"));
+            return Err(Error::invalid(
+                "RELAY_BAD_FILE_NAME",
+                "file name must be at most 255 bytes with no control characters",
+            ));
         }
-        let file = FileRecord { id: FileId::random(), name: req.name, size: req.size, sha256: req.sha256, state: FileState::Uploading };
-        self.inner.chunks.create_file(FileKey { session: id, file: file.id }, file.size).await?;
+        let file = FileRecord {
+            id: FileId::random(),
+            name: req.name,
+            size: req.size,
+            sha256: req.sha256,
+            state: FileState::Uploading,
+        };
+        self.inner
+            .chunks
+            .create_file(
+                FileKey {
+                    session: id,
+                    file: file.id,
+                },
+                file.size,
+            )
+            .await?;
         let f2 = file.clone();
         self.update(id, current, move |rec| {
             Self::require_open(rec)?;
@@ -360,7 +438,11 @@ impl Pipeline {
             }
             let total = rec.declared_bytes().saturating_add(f2.size);
             if total > rec.limits.max_session_size {
-                return Err(Error::LimitExceeded { what: "session size", limit: rec.limits.max_session_size, actual: total });
+                return Err(Error::LimitExceeded {
+                    what: "session size",
+                    limit: rec.limits.max_session_size,
+                    actual: total,
+                });
             }
             rec.files.insert(f2.id, f2.clone());
             Ok(())
@@ -384,10 +466,18 @@ impl Pipeline {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
         let current = self.load_owned(actor, id).await?;
-        let mut ev = Self::event(actor, AuditAction::ChunkStored, AuditOutcome::Success, Some(id));
+        let mut ev = Self::event(
+            actor,
+            AuditAction::ChunkStored,
+            AuditOutcome::Success,
+            Some(id),
+        );
         ev.file = Some(file);
         ev.detail = format!("offset={} length={}", chunk.offset, chunk.length);
-        match self.put_chunk_inner(&gate, id, file, current, chunk, body).await {
+        match self
+            .put_chunk_inner(&gate, id, file, current, chunk, body)
+            .await
+        {
             Ok(out) => {
                 if matches!(out, PutOutcome::Stored { .. }) {
                     self.audit(ev).await?;
@@ -409,68 +499,143 @@ impl Pipeline {
     ) -> Result<PutOutcome> {
         let rec = &current.value;
         Self::require_open(rec)?;
-        let file = rec.files.get(&file_id).ok_or(Error::NotFound { what: "file" })?;
+        let file = rec
+            .files
+            .get(&file_id)
+            .ok_or(Error::NotFound { what: "file" })?;
         if !matches!(file.state, FileState::Uploading) {
-            return Err(Error::conflict("RELAY_FILE_COMPLETE", "the file is already complete"));
+            return Err(Error::conflict(
+                "RELAY_FILE_COMPLETE",
+                "the file is already complete",
+            ));
         }
         let limits = &rec.limits;
-        let end = chunk.offset.checked_add(chunk.length).filter(|e| *e <= file.size).ok_or_else(|| {
-            Error::invalid("RELAY_BAD_RANGE", format!("chunk range exceeds the declared file size {}", file.size))
-        })?;
+        let end = chunk
+            .offset
+            .checked_add(chunk.length)
+            .filter(|e| *e <= file.size)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "RELAY_BAD_RANGE",
+                    format!("chunk range exceeds the declared file size {}", file.size),
+                )
+            })?;
         if chunk.length == 0 {
-            return Err(Error::invalid("RELAY_BAD_RANGE", "chunk length must be at least 1"));
+            return Err(Error::invalid(
+                "RELAY_BAD_RANGE",
+                "chunk length must be at least 1",
+            ));
         }
         if chunk.length > limits.max_chunk_size {
-            return Err(Error::LimitExceeded { what: "chunk size", limit: limits.max_chunk_size, actual: chunk.length });
+            return Err(Error::LimitExceeded {
+                what: "chunk size",
+                limit: limits.max_chunk_size,
+                actual: chunk.length,
+            });
         }
         if chunk.length < limits.min_chunk_size && end != file.size {
             return Err(Error::invalid(
                 "RELAY_CHUNK_TOO_SMALL",
-                format!("only the last chunk may be smaller than {} bytes", limits.min_chunk_size),
+                format!(
+                    "only the last chunk may be smaller than {} bytes",
+                    limits.min_chunk_size
+                ),
             ));
         }
         let range = chunk.offset..end;
-        let key = FileKey { session: id, file: file_id };
+        let key = FileKey {
+            session: id,
+            file: file_id,
+        };
 
         // Already recorded? Then this is a retry (no-op) or a conflict; the
         // stored range is never written again either way.
         let recorded = self.inner.sessions.chunks(id, file_id).await?;
-        if let Some(existing) = recorded.iter().find(|c| c.offset == chunk.offset && c.length == chunk.length) {
+        if let Some(existing) = recorded
+            .iter()
+            .find(|c| c.offset == chunk.offset && c.length == chunk.length)
+        {
             return self.retry_of(existing.clone(), chunk, body).await;
         }
-        if let Some(c) = recorded.iter().find(|c| overlaps(&(c.offset..c.end()), &range)) {
+        if let Some(c) = recorded
+            .iter()
+            .find(|c| overlaps(&(c.offset..c.end()), &range))
+        {
             return Err(Error::conflict(
                 "RELAY_CHUNK_OVERLAP",
-                format!("range {}..{} overlaps the stored chunk {}..{}", range.start, range.end, c.offset, c.end()),
+                format!(
+                    "range {}..{} overlaps the stored chunk {}..{}",
+                    range.start,
+                    range.end,
+                    c.offset,
+                    c.end()
+                ),
             ));
         }
         let _reservation = {
             let mut r = lock(&gate.reserved);
-            if r.iter().any(|(f, rg)| *f == file_id && overlaps(rg, &range)) {
-                return Err(Error::Busy { what: format!("range {}..{} is being written by another request", range.start, range.end) });
+            if r.iter()
+                .any(|(f, rg)| *f == file_id && overlaps(rg, &range))
+            {
+                return Err(Error::Busy {
+                    what: format!(
+                        "range {}..{} is being written by another request",
+                        range.start, range.end
+                    ),
+                });
             }
             r.push((file_id, range.clone()));
-            Reservation { gate: gate.clone(), file: file_id, range: range.clone() }
+            Reservation {
+                gate: gate.clone(),
+                file: file_id,
+                range: range.clone(),
+            }
         };
 
-        let (verifying, slot) = VerifyingStream::new(body, chunk.offset, chunk.length, chunk.sha256);
-        let placement = ChunkPlacement { offset: chunk.offset, length: chunk.length };
-        let receipt = self.inner.chunks.put_chunk(key, placement, Box::pin(verifying)).await?;
+        let (verifying, slot) =
+            VerifyingStream::new(body, chunk.offset, chunk.length, chunk.sha256);
+        let placement = ChunkPlacement {
+            offset: chunk.offset,
+            length: chunk.length,
+        };
+        let receipt = self
+            .inner
+            .chunks
+            .put_chunk(key, placement, Box::pin(verifying))
+            .await?;
         let sha256 = slot.get().ok_or_else(|| {
             Error::storage(
                 crate::error::StorageErrorKind::Io,
                 "put chunk",
-                format!("{} returned before consuming the whole chunk body", self.inner.chunks),
+                format!(
+                    "{} returned before consuming the whole chunk body",
+                    self.inner.chunks
+                ),
             )
         })?;
-        let record = ChunkRecord { offset: chunk.offset, length: chunk.length, sha256, receipt };
-        match self.inner.sessions.record_chunk(id, file_id, &record).await? {
+        let record = ChunkRecord {
+            offset: chunk.offset,
+            length: chunk.length,
+            sha256,
+            receipt,
+        };
+        match self
+            .inner
+            .sessions
+            .record_chunk(id, file_id, &record)
+            .await?
+        {
             ChunkInsert::Inserted => {}
-            ChunkInsert::Existing(other) if other.sha256 == sha256 && other.length == record.length => {
+            ChunkInsert::Existing(other)
+                if other.sha256 == sha256 && other.length == record.length =>
+            {
                 return Ok(PutOutcome::AlreadyStored { chunk: other });
             }
             ChunkInsert::Existing(_) => {
-                return Err(Error::conflict("RELAY_CHUNK_CONFLICT", "another chunk was recorded at this offset"));
+                return Err(Error::conflict(
+                    "RELAY_CHUNK_CONFLICT",
+                    "another chunk was recorded at this offset",
+                ));
             }
         }
         // Keep the session's activity time fresh for expiry, at most once a
@@ -484,7 +649,12 @@ impl Pipeline {
     /// A chunk for an already-recorded range: identical bytes are a no-op,
     /// other bytes a conflict. The body is only read (to compare) when no
     /// digest was declared.
-    async fn retry_of(&self, existing: ChunkRecord, chunk: PutChunk, body: ByteStream) -> Result<PutOutcome> {
+    async fn retry_of(
+        &self,
+        existing: ChunkRecord,
+        chunk: PutChunk,
+        body: ByteStream,
+    ) -> Result<PutOutcome> {
         let same = match chunk.sha256 {
             Some(d) => d == existing.sha256,
             None => {
@@ -500,7 +670,10 @@ impl Pipeline {
         } else {
             Err(Error::conflict(
                 "RELAY_CHUNK_CONFLICT",
-                format!("a different chunk is already stored at offset {}", existing.offset),
+                format!(
+                    "a different chunk is already stored at offset {}",
+                    existing.offset
+                ),
             ))
         }
     }
@@ -509,18 +682,32 @@ impl Pipeline {
     /// must tile the file, every stored chunk must still hash to what was
     /// acknowledged, the whole file must match its declared SHA-256, and
     /// the content must be valid DICOM of the session's study.
-    pub async fn complete_file(&self, actor: &Actor, id: SessionId, file: FileId) -> Result<FileRecord> {
+    pub async fn complete_file(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+    ) -> Result<FileRecord> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
         let current = self.load_owned(actor, id).await?;
-        let mut ev = Self::event(actor, AuditAction::FileCompleted, AuditOutcome::Success, Some(id));
+        let mut ev = Self::event(
+            actor,
+            AuditAction::FileCompleted,
+            AuditOutcome::Success,
+            Some(id),
+        );
         ev.file = Some(file);
         match self.complete_file_inner(id, file, current).await {
             Ok(f) => {
                 if let FileState::Valid { dicom } = &f.state {
                     ev.study = Some(dicom.study_instance_uid.clone());
                     ev.patient_id = Some(dicom.patient_id.clone());
-                    ev.detail = format!("sop_instance_uid={} sha256={}", dicom.sop_instance_uid, f.sha256.map(|d| d.to_hex()).unwrap_or_default());
+                    ev.detail = format!(
+                        "sop_instance_uid={} sha256={}",
+                        dicom.sop_instance_uid,
+                        f.sha256.map(|d| d.to_hex()).unwrap_or_default()
+                    );
                 }
                 self.audit(ev).await?;
                 Ok(f)
@@ -529,9 +716,19 @@ impl Pipeline {
         }
     }
 
-    async fn complete_file_inner(&self, id: SessionId, file_id: FileId, current: Versioned<SessionRecord>) -> Result<FileRecord> {
+    async fn complete_file_inner(
+        &self,
+        id: SessionId,
+        file_id: FileId,
+        current: Versioned<SessionRecord>,
+    ) -> Result<FileRecord> {
         Self::require_open(&current.value)?;
-        let file = current.value.files.get(&file_id).cloned().ok_or(Error::NotFound { what: "file" })?;
+        let file = current
+            .value
+            .files
+            .get(&file_id)
+            .cloned()
+            .ok_or(Error::NotFound { what: "file" })?;
         if matches!(file.state, FileState::Valid { .. }) {
             return Ok(file);
         }
@@ -551,24 +748,39 @@ impl Pipeline {
             let shown: Vec<_> = missing.iter().take(8).cloned().collect();
             return Err(Error::invalid(
                 "RELAY_FILE_INCOMPLETE",
-                format!("{} byte range(s) not uploaded yet: {}", missing.len(), shown.join(", ")),
+                format!(
+                    "{} byte range(s) not uploaded yet: {}",
+                    missing.len(),
+                    shown.join(", ")
+                ),
             ));
         }
-        let key = FileKey { session: id, file: file_id };
+        let key = FileKey {
+            session: id,
+            file: file_id,
+        };
         self.inner.chunks.seal_file(key, file.size, &chunks).await?;
         let header_cap = self.inner.config.dicom.max_header_bytes.min(file.size);
         let back = self.read_back(key, file.size, &chunks, header_cap).await?;
         if let Some(expected) = file.sha256
             && expected != back.sha256
         {
-            return Err(IntegrityError::FileHash { expected: expected.to_hex(), actual: back.sha256.to_hex() }.into());
+            return Err(IntegrityError::FileHash {
+                expected: expected.to_hex(),
+                actual: back.sha256.to_hex(),
+            }
+            .into());
         }
         let limits = self.inner.config.dicom.clone();
         let size = file.size;
         let prefix = back.prefix;
         let dicom = tokio::task::spawn_blocking(move || validate_dicom(&prefix, size, &limits))
             .await
-            .map_err(|e| Error::Dicom(crate::dicom::DicomError::Parser { message: format!("validator task failed: {e}") }))??;
+            .map_err(|e| {
+                Error::Dicom(crate::dicom::DicomError::Parser {
+                    message: format!("validator task failed: {e}"),
+                })
+            })??;
         let digest = back.sha256;
         let (rec, ()) = self
             .update(id, current, |rec| {
@@ -596,17 +808,29 @@ impl Pipeline {
                 Ok(())
             })
             .await?;
-        rec.files.get(&file_id).cloned().ok_or(Error::NotFound { what: "file" })
+        rec.files
+            .get(&file_id)
+            .cloned()
+            .ok_or(Error::NotFound { what: "file" })
     }
 
     /// Stream a stored file back, checking every chunk against its recorded
     /// digest and computing the whole-file digest, keeping the first
     /// `header_cap` bytes. Hashing runs on a blocking thread fed through a
     /// small bounded channel, so memory stays at a few buffers.
-    async fn read_back(&self, key: FileKey, size: u64, chunks: &[ChunkRecord], header_cap: u64) -> Result<ReadBack> {
+    async fn read_back(
+        &self,
+        key: FileKey,
+        size: u64,
+        chunks: &[ChunkRecord],
+        header_cap: u64,
+    ) -> Result<ReadBack> {
         let mut stream = self.inner.chunks.read(key, 0..size).await?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
-        let bounds: Vec<(u64, u64, Sha256Digest)> = chunks.iter().map(|c| (c.offset, c.end(), c.sha256)).collect();
+        let bounds: Vec<(u64, u64, Sha256Digest)> = chunks
+            .iter()
+            .map(|c| (c.offset, c.end(), c.sha256))
+            .collect();
         let hasher = tokio::task::spawn_blocking(move || -> Result<ReadBack> {
             let mut whole = Sha256::new();
             let mut prefix = Vec::with_capacity(usize::try_from(header_cap).unwrap_or(0));
@@ -616,12 +840,18 @@ impl Pipeline {
             while let Some(mut buf) = rx.blocking_recv() {
                 whole.update(&buf);
                 if (prefix.len() as u64) < header_cap {
-                    let take = usize::try_from((header_cap - prefix.len() as u64).min(buf.len() as u64)).unwrap_or(0);
+                    let take =
+                        usize::try_from((header_cap - prefix.len() as u64).min(buf.len() as u64))
+                            .unwrap_or(0);
                     prefix.extend_from_slice(&buf[..take]);
                 }
                 while !buf.is_empty() {
                     let Some(&(_, end, expect)) = bounds.get(idx) else {
-                        return Err(IntegrityError::StoredSize { expected: size, actual: pos + buf.len() as u64 }.into());
+                        return Err(IntegrityError::StoredSize {
+                            expected: size,
+                            actual: pos + buf.len() as u64,
+                        }
+                        .into());
                     };
                     let n = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
                     part.update(&buf[..n]);
@@ -642,9 +872,16 @@ impl Pipeline {
                 }
             }
             if pos != size {
-                return Err(IntegrityError::StoredSize { expected: size, actual: pos }.into());
+                return Err(IntegrityError::StoredSize {
+                    expected: size,
+                    actual: pos,
+                }
+                .into());
             }
-            Ok(ReadBack { prefix, sha256: Sha256Digest(whole.finalize().into()) })
+            Ok(ReadBack {
+                prefix,
+                sha256: Sha256Digest(whole.finalize().into()),
+            })
         });
         let mut send_err = None;
         while let Some(item) = stream.next().await {
@@ -661,9 +898,13 @@ impl Pipeline {
             }
         }
         drop(tx);
-        let res = hasher
-            .await
-            .map_err(|e| Error::storage(crate::error::StorageErrorKind::Io, "verify stored file", e.to_string()))?;
+        let res = hasher.await.map_err(|e| {
+            Error::storage(
+                crate::error::StorageErrorKind::Io,
+                "verify stored file",
+                e.to_string(),
+            )
+        })?;
         match send_err {
             Some(e) => Err(e),
             None => res,
@@ -677,22 +918,42 @@ impl Pipeline {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
         let current = self.load_owned(actor, id).await?;
-        let mut ev = Self::event(actor, AuditAction::ForwardStarted, AuditOutcome::Success, Some(id));
+        let mut ev = Self::event(
+            actor,
+            AuditAction::ForwardStarted,
+            AuditOutcome::Success,
+            Some(id),
+        );
         ev.study = current.value.study_instance_uid.clone();
         let (rec, ()) = match self
             .update(id, current, |rec| {
                 match &rec.state {
-                    SessionState::Open | SessionState::Forwarding | SessionState::ForwardFailed { .. } => {}
+                    SessionState::Open
+                    | SessionState::Forwarding
+                    | SessionState::ForwardFailed { .. } => {}
                     SessionState::Delivered { .. } => {
-                        return Err(Error::conflict("RELAY_SESSION_DELIVERED", "the session was already delivered"));
+                        return Err(Error::conflict(
+                            "RELAY_SESSION_DELIVERED",
+                            "the session was already delivered",
+                        ));
                     }
                 }
                 if rec.files.is_empty() {
-                    return Err(Error::invalid("RELAY_SESSION_EMPTY", "the session has no files"));
+                    return Err(Error::invalid(
+                        "RELAY_SESSION_EMPTY",
+                        "the session has no files",
+                    ));
                 }
-                let pending = rec.files.values().filter(|f| !matches!(f.state, FileState::Valid { .. })).count();
+                let pending = rec
+                    .files
+                    .values()
+                    .filter(|f| !matches!(f.state, FileState::Valid { .. }))
+                    .count();
                 if pending > 0 {
-                    return Err(Error::invalid("RELAY_FILES_INCOMPLETE", format!("{pending} file(s) are not complete")));
+                    return Err(Error::invalid(
+                        "RELAY_FILES_INCOMPLETE",
+                        format!("{pending} file(s) are not complete"),
+                    ));
                 }
                 rec.state = SessionState::Forwarding;
                 Ok(())
@@ -708,38 +969,62 @@ impl Pipeline {
             .files
             .values()
             .filter_map(|f| match (&f.state, f.sha256) {
-                (FileState::Valid { dicom }, Some(sha256)) => {
-                    Some(Instance { key: FileKey { session: id, file: f.id }, size: f.size, sha256, dicom: dicom.clone() })
-                }
+                (FileState::Valid { dicom }, Some(sha256)) => Some(Instance {
+                    key: FileKey {
+                        session: id,
+                        file: f.id,
+                    },
+                    size: f.size,
+                    sha256,
+                    dicom: dicom.clone(),
+                }),
                 _ => None,
             })
             .collect();
-        let source = StoreSource { chunks: self.inner.chunks.clone() };
+        let source = StoreSource {
+            chunks: self.inner.chunks.clone(),
+        };
         let result = self.inner.sink.deliver(&instances, &source).await;
         let sink_name = self.inner.sink.to_string();
         let new_state = match &result {
-            Ok(report) if report.all_delivered() => SessionState::Delivered { at: OffsetDateTime::now_utc(), sink: sink_name },
+            Ok(report) if report.all_delivered() => SessionState::Delivered {
+                at: OffsetDateTime::now_utc(),
+                sink: sink_name,
+            },
             Ok(report) => {
                 let failed: Vec<_> = report
                     .outcomes
                     .iter()
                     .filter_map(|(uid, o)| match o {
-                        InstanceOutcome::Failed { transient, reason } => Some((uid, *transient, reason)),
+                        InstanceOutcome::Failed { transient, reason } => {
+                            Some((uid, *transient, reason))
+                        }
                         _ => None,
                     })
                     .collect();
                 SessionState::ForwardFailed {
                     transient: failed.iter().all(|(_, t, _)| *t),
-                    reason: failed.iter().take(4).map(|(u, _, r)| format!("{u}: {r}")).collect::<Vec<_>>().join("; "),
+                    reason: failed
+                        .iter()
+                        .take(4)
+                        .map(|(u, _, r)| format!("{u}: {r}"))
+                        .collect::<Vec<_>>()
+                        .join("; "),
                 }
             }
-            Err(e) => SessionState::ForwardFailed { transient: e.is_retryable(), reason: e.to_string() },
+            Err(e) => SessionState::ForwardFailed {
+                transient: e.is_retryable(),
+                reason: e.to_string(),
+            },
         };
         // One audit record for what was delivered and one for what failed,
         // never a single record with mixed outcomes (PS3.15 A.5.2).
         let study = rec.study_instance_uid.clone();
         let patients: Vec<String> = {
-            let mut p: Vec<String> = instances.iter().map(|i| i.dicom.patient_id.clone()).collect();
+            let mut p: Vec<String> = instances
+                .iter()
+                .map(|i| i.dicom.patient_id.clone())
+                .collect();
             p.sort();
             p.dedup();
             p
@@ -753,17 +1038,33 @@ impl Pipeline {
         };
         match &result {
             Ok(report) => {
-                let ok = report.outcomes.iter().filter(|(_, o)| o.is_delivered()).count();
+                let ok = report
+                    .outcomes
+                    .iter()
+                    .filter(|(_, o)| o.is_delivered())
+                    .count();
                 let bad = report.outcomes.len() - ok;
                 if ok > 0 {
-                    self.audit(mk(AuditOutcome::Success, format!("instances={ok} sink={}", self.inner.sink))).await?;
+                    self.audit(mk(
+                        AuditOutcome::Success,
+                        format!("instances={ok} sink={}", self.inner.sink),
+                    ))
+                    .await?;
                 }
                 if bad > 0 {
-                    self.audit(mk(AuditOutcome::SeriousFailure, format!("instances={bad} sink={}", self.inner.sink))).await?;
+                    self.audit(mk(
+                        AuditOutcome::SeriousFailure,
+                        format!("instances={bad} sink={}", self.inner.sink),
+                    ))
+                    .await?;
                 }
             }
             Err(e) => {
-                self.audit(mk(AuditOutcome::SeriousFailure, format!("{}: {e}", e.code()))).await?;
+                self.audit(mk(
+                    AuditOutcome::SeriousFailure,
+                    format!("{}: {e}", e.code()),
+                ))
+                .await?;
             }
         }
         let current = self.inner.sessions.load_session(id).await?;
@@ -782,14 +1083,24 @@ impl Pipeline {
     /// The session as its owner (or an admin) sees it. Audited as data access.
     pub async fn session(&self, actor: &Actor, id: SessionId) -> Result<SessionRecord> {
         let v = self.load_owned(actor, id).await?;
-        let mut ev = Self::event(actor, AuditAction::DataAccessed, AuditOutcome::Success, Some(id));
+        let mut ev = Self::event(
+            actor,
+            AuditAction::DataAccessed,
+            AuditOutcome::Success,
+            Some(id),
+        );
         ev.study = v.value.study_instance_uid.clone();
         self.audit(ev).await?;
         Ok(v.value)
     }
 
     /// The stored chunks of a file (for resuming clients).
-    pub async fn file_chunks(&self, actor: &Actor, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>> {
+    pub async fn file_chunks(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+    ) -> Result<Vec<ChunkRecord>> {
         let v = self.load_owned(actor, id).await?;
         if !v.value.files.contains_key(&file) {
             return Err(Error::NotFound { what: "file" });
@@ -798,17 +1109,37 @@ impl Pipeline {
     }
 
     /// Read a completed (validated) file of a session. Audited as data access.
-    pub async fn read_file(&self, actor: &Actor, id: SessionId, file: FileId) -> Result<ByteStream> {
+    pub async fn read_file(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+    ) -> Result<ByteStream> {
         let v = self.load_owned(actor, id).await?;
-        let f = v.value.files.get(&file).ok_or(Error::NotFound { what: "file" })?;
+        let f = v
+            .value
+            .files
+            .get(&file)
+            .ok_or(Error::NotFound { what: "file" })?;
         if !matches!(f.state, FileState::Valid { .. }) {
-            return Err(Error::conflict("RELAY_FILE_NOT_COMPLETE", "the file is not complete"));
+            return Err(Error::conflict(
+                "RELAY_FILE_NOT_COMPLETE",
+                "the file is not complete",
+            ));
         }
-        let mut ev = Self::event(actor, AuditAction::DataAccessed, AuditOutcome::Success, Some(id));
+        let mut ev = Self::event(
+            actor,
+            AuditAction::DataAccessed,
+            AuditOutcome::Success,
+            Some(id),
+        );
         ev.file = Some(file);
         ev.study = v.value.study_instance_uid.clone();
         self.audit(ev).await?;
-        self.inner.chunks.read(FileKey { session: id, file }, 0..f.size).await
+        self.inner
+            .chunks
+            .read(FileKey { session: id, file }, 0..f.size)
+            .await
     }
 
     /// Remove a file from an open session (its bytes and chunk records).
@@ -816,7 +1147,12 @@ impl Pipeline {
         let gate = self.gate(id);
         let _g = gate.rw.write().await;
         let current = self.load_owned(actor, id).await?;
-        let mut ev = Self::event(actor, AuditAction::FileRemoved, AuditOutcome::Success, Some(id));
+        let mut ev = Self::event(
+            actor,
+            AuditAction::FileRemoved,
+            AuditOutcome::Success,
+            Some(id),
+        );
         ev.file = Some(file);
         let res = async {
             Self::require_open(&current.value)?;
@@ -825,14 +1161,21 @@ impl Pipeline {
             }
             self.update(id, current, |rec| {
                 rec.files.remove(&file);
-                if rec.files.values().all(|f| matches!(f.state, FileState::Uploading)) {
+                if rec
+                    .files
+                    .values()
+                    .all(|f| matches!(f.state, FileState::Uploading))
+                {
                     rec.study_instance_uid = None;
                 }
                 Ok(())
             })
             .await?;
             self.inner.sessions.delete_chunks(id, file).await?;
-            self.inner.chunks.delete_file(FileKey { session: id, file }).await
+            self.inner
+                .chunks
+                .delete_file(FileKey { session: id, file })
+                .await
         }
         .await;
         match res {
@@ -846,9 +1189,17 @@ impl Pipeline {
         let gate = self.gate(id);
         let _g = gate.rw.write().await;
         let current = self.load_owned(actor, id).await?;
-        let ev = Self::event(actor, AuditAction::SessionAborted, AuditOutcome::Success, Some(id));
+        let ev = Self::event(
+            actor,
+            AuditAction::SessionAborted,
+            AuditOutcome::Success,
+            Some(id),
+        );
         let res = async {
-            self.inner.sessions.delete_session(id, current.version).await?;
+            self.inner
+                .sessions
+                .delete_session(id, current.version)
+                .await?;
             self.inner.chunks.delete_session(id).await
         }
         .await;
@@ -870,7 +1221,9 @@ impl Pipeline {
         let mut removed = Vec::new();
         for id in self.inner.sessions.list_sessions().await? {
             let gate = self.gate(id);
-            let Ok(_g) = gate.rw.try_write() else { continue };
+            let Ok(_g) = gate.rw.try_write() else {
+                continue;
+            };
             let current = match self.inner.sessions.load_session(id).await {
                 Ok(v) => v,
                 Err(Error::NotFound { .. }) => continue,
@@ -879,16 +1232,31 @@ impl Pipeline {
             let rec = &current.value;
             let idle = (now - rec.updated_at).whole_seconds();
             let expired = idle >= 0 && idle as u64 > rec.limits.session_ttl_secs;
-            if !expired || !matches!(rec.state, SessionState::Open | SessionState::ForwardFailed { .. }) {
+            if !expired
+                || !matches!(
+                    rec.state,
+                    SessionState::Open | SessionState::ForwardFailed { .. }
+                )
+            {
                 continue;
             }
-            match self.inner.sessions.delete_session(id, current.version).await {
+            match self
+                .inner
+                .sessions
+                .delete_session(id, current.version)
+                .await
+            {
                 Ok(()) => {}
                 Err(Error::Precondition { .. }) | Err(Error::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             }
             self.inner.chunks.delete_session(id).await?;
-            let mut ev = Self::event(&Actor::system(), AuditAction::SessionExpired, AuditOutcome::Success, Some(id));
+            let mut ev = Self::event(
+                &Actor::system(),
+                AuditAction::SessionExpired,
+                AuditOutcome::Success,
+                Some(id),
+            );
             ev.study = rec.study_instance_uid.clone();
             ev.detail = format!("idle_secs={idle}");
             self.audit(ev).await?;

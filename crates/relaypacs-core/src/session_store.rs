@@ -55,7 +55,12 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
     async fn list_sessions(&self) -> Result<Vec<SessionId>>;
 
     /// Record an acknowledged chunk (insert-if-absent by offset).
-    async fn record_chunk(&self, id: SessionId, file: FileId, chunk: &ChunkRecord) -> Result<ChunkInsert>;
+    async fn record_chunk(
+        &self,
+        id: SessionId,
+        file: FileId,
+        chunk: &ChunkRecord,
+    ) -> Result<ChunkInsert>;
 
     /// The recorded chunks of a file, by ascending offset.
     async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>>;

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use futures::StreamExt;
 use relaypacs_core::{
-    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, IntegrityError, PacsSink, Result, Sha256Digest,
-    StorageErrorKind, Uid,
+    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, IntegrityError, PacsSink,
+    Result, Sha256Digest, StorageErrorKind, Uid,
 };
 use sha2::{Digest, Sha256};
 
@@ -31,7 +31,9 @@ pub struct LocalArchiveSink {
 
 impl fmt::Debug for LocalArchiveSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LocalArchiveSink").field("root", &self.root).finish()
+        f.debug_struct("LocalArchiveSink")
+            .field("root", &self.root)
+            .finish()
     }
 }
 
@@ -46,7 +48,9 @@ fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync archive directory"))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync archive directory"))
 }
 
 fn create_dir_durable(dir: &Path) -> Result<()> {
@@ -91,7 +95,10 @@ impl LocalArchiveSink {
 
     /// Where an instance is (or would be) archived.
     pub fn instance_path(&self, study: &Uid, series: &Uid, sop: &Uid) -> PathBuf {
-        self.root.join(study.as_str()).join(series.as_str()).join(format!("{}.dcm", sop.as_str()))
+        self.root
+            .join(study.as_str())
+            .join(series.as_str())
+            .join(format!("{}.dcm", sop.as_str()))
     }
 
     /// Find an archived instance by SOP Instance UID (walks the archive).
@@ -112,14 +119,27 @@ impl LocalArchiveSink {
         Ok(None)
     }
 
-    async fn deliver_one(&self, inst: &Instance, source: &dyn InstanceSource) -> Result<InstanceOutcome> {
+    async fn deliver_one(
+        &self,
+        inst: &Instance,
+        source: &dyn InstanceSource,
+    ) -> Result<InstanceOutcome> {
         let d = &inst.dicom;
-        let target = self.instance_path(&d.study_instance_uid, &d.series_instance_uid, &d.sop_instance_uid);
-        let dir = target.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
+        let target = self.instance_path(
+            &d.study_instance_uid,
+            &d.series_instance_uid,
+            &d.sop_instance_uid,
+        );
+        let dir = target
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.root.clone());
         let expected = inst.sha256;
         if target.exists() {
             let t = target.clone();
-            let held = tokio::task::spawn_blocking(move || file_digest(&t)).await.map_err(join_err)??;
+            let held = tokio::task::spawn_blocking(move || file_digest(&t))
+                .await
+                .map_err(join_err)??;
             return Ok(same_or_refused(held, expected));
         }
         let mut r = [0u8; 8];
@@ -128,7 +148,11 @@ impl LocalArchiveSink {
         let (dir2, tmp2) = (dir.clone(), tmp.clone());
         let mut file = tokio::task::spawn_blocking(move || -> Result<File> {
             create_dir_durable(&dir2)?;
-            OpenOptions::new().write(true).create_new(true).open(&tmp2).map_err(io("create archive temp file"))
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp2)
+                .map_err(io("create archive temp file"))
         })
         .await
         .map_err(join_err)??;
@@ -151,7 +175,11 @@ impl LocalArchiveSink {
             }
             let got = Sha256Digest(h.finalize().into());
             if n != inst.size || got != expected {
-                return Err(IntegrityError::FileHash { expected: expected.to_hex(), actual: got.to_hex() }.into());
+                return Err(IntegrityError::FileHash {
+                    expected: expected.to_hex(),
+                    actual: got.to_hex(),
+                }
+                .into());
             }
             let (t, tg, dr) = (tmp.clone(), target.clone(), dir.clone());
             tokio::task::spawn_blocking(move || -> Result<InstanceOutcome> {
@@ -160,7 +188,9 @@ impl LocalArchiveSink {
                 file.sync_all().map_err(io("fsync archive temp file"))?;
                 let outcome = match std::fs::hard_link(&t, &tg) {
                     Ok(()) => InstanceOutcome::Stored,
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => same_or_refused(file_digest(&tg)?, expected),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        same_or_refused(file_digest(&tg)?, expected)
+                    }
                     Err(e) => return Err(Error::io("link archived instance", e)),
                 };
                 std::fs::remove_file(&t).map_err(io("remove archive temp file"))?;
@@ -195,11 +225,17 @@ fn join_err(e: tokio::task::JoinError) -> Error {
 
 #[async_trait]
 impl PacsSink for LocalArchiveSink {
-    async fn deliver(&self, instances: &[Instance], source: &dyn InstanceSource) -> Result<DeliveryReport> {
+    async fn deliver(
+        &self,
+        instances: &[Instance],
+        source: &dyn InstanceSource,
+    ) -> Result<DeliveryReport> {
         let mut report = DeliveryReport::default();
         for inst in instances {
             let outcome = self.deliver_one(inst, source).await?;
-            report.outcomes.push((inst.dicom.sop_instance_uid.clone(), outcome));
+            report
+                .outcomes
+                .push((inst.dicom.sop_instance_uid.clone(), outcome));
         }
         Ok(report)
     }

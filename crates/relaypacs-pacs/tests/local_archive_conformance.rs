@@ -1,4 +1,5 @@
 //! The shared PACS-sink conformance suite against the local archive.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use async_trait::async_trait;
 use relaypacs_core::testing::pacs_sink::SinkProbe;
@@ -11,7 +12,10 @@ struct Probe(LocalArchiveSink);
 #[async_trait]
 impl SinkProbe for Probe {
     async fn fetch(&self, sop: &Uid) -> Result<Option<Vec<u8>>> {
-        Ok(self.0.find(sop)?.map(|p| std::fs::read(p).expect("read archived file")))
+        Ok(self
+            .0
+            .find(sop)?
+            .map(|p| std::fs::read(p).expect("read archived file")))
     }
 }
 

@@ -13,7 +13,9 @@ use relaypacs_core::{Error, Result};
 
 /// `fsync` a directory so that entries created, renamed or removed in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))
 }
 
 /// Create `dir` and any missing parents, making each new entry durable.
@@ -39,7 +41,10 @@ pub fn create_dir_durable(dir: &Path) -> Result<()> {
 pub fn temp_path(target: &Path) -> PathBuf {
     let mut r = [0u8; 8];
     rand::rng().fill_bytes(&mut r);
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     target.with_file_name(format!(".{name}.{}.tmp", hex::encode(r)))
 }
 
@@ -55,7 +60,8 @@ pub fn write_atomic(target: &Path, bytes: &[u8]) -> Result<()> {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| Error::io("create temp file", e))?;
-        f.write_all(bytes).map_err(|e| Error::io("write temp file", e))?;
+        f.write_all(bytes)
+            .map_err(|e| Error::io("write temp file", e))?;
         f.sync_all().map_err(|e| Error::io("fsync temp file", e))?;
         fs::rename(&tmp, target).map_err(|e| Error::io("rename temp file", e))?;
         fsync_dir(target.parent().unwrap_or(Path::new(".")))
@@ -74,7 +80,12 @@ pub fn remove_dir_atomic(dir: &Path) -> Result<()> {
     match fs::rename(dir, &trash) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("rename {} for removal", dir.display()), e)),
+        Err(e) => {
+            return Err(Error::io(
+                format!("rename {} for removal", dir.display()),
+                e,
+            ));
+        }
     }
     if let Some(parent) = dir.parent() {
         fsync_dir(parent)?;
@@ -95,7 +106,11 @@ pub fn sweep_temp(dir: &Path) -> Result<()> {
         let name = name.to_string_lossy();
         if name.starts_with('.') && name.ends_with(".tmp") {
             let p = entry.path();
-            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            let r = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
             r.map_err(|e| Error::io("remove leftover temp file", e))?;
         }
     }

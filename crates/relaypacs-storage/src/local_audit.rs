@@ -79,15 +79,25 @@ fn link_hash(prev: &[u8; 32], seq: u64, event_json: &str) -> [u8; 32] {
 /// Detects a changed byte, a removed, inserted or reordered record. A cut
 /// tail is only detectable against an anchor: see [`verify_chain_against`].
 pub fn verify_chain(path: &Path) -> std::result::Result<ChainHead, ChainError> {
-    let f = File::open(path).map_err(|e| ChainError { index: 0, reason: format!("cannot open: {e}") })?;
-    let mut head = ChainHead { count: 0, hash: [0; 32] };
+    let f = File::open(path).map_err(|e| ChainError {
+        index: 0,
+        reason: format!("cannot open: {e}"),
+    })?;
+    let mut head = ChainHead {
+        count: 0,
+        hash: [0; 32],
+    };
     for (i, line) in BufReader::new(f).lines().enumerate() {
         let index = i as u64;
         let bad = |reason: String| ChainError { index, reason };
         let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
-        let rec: LineIn<'_> = serde_json::from_str(&line).map_err(|e| bad(format!("not a chain record: {e}")))?;
+        let rec: LineIn<'_> =
+            serde_json::from_str(&line).map_err(|e| bad(format!("not a chain record: {e}")))?;
         if rec.seq != index {
-            return Err(bad(format!("sequence number {} where {index} was expected", rec.seq)));
+            return Err(bad(format!(
+                "sequence number {} where {index} was expected",
+                rec.seq
+            )));
         }
         if rec.prev != hex::encode(head.hash) {
             return Err(bad("does not link to the previous record".into()));
@@ -96,35 +106,56 @@ pub fn verify_chain(path: &Path) -> std::result::Result<ChainHead, ChainError> {
         if rec.hash != hex::encode(h) {
             return Err(bad("content does not match its hash".into()));
         }
-        serde_json::from_str::<AuditEvent>(rec.event.get()).map_err(|e| bad(format!("not an audit event: {e}")))?;
-        head = ChainHead { count: index + 1, hash: h };
+        serde_json::from_str::<AuditEvent>(rec.event.get())
+            .map_err(|e| bad(format!("not an audit event: {e}")))?;
+        head = ChainHead {
+            count: index + 1,
+            hash: h,
+        };
     }
     Ok(head)
 }
 
 /// Verify a chain and check it still contains `anchor` (a head recorded
 /// earlier): detects a truncated tail as well.
-pub fn verify_chain_against(path: &Path, anchor: ChainHead) -> std::result::Result<ChainHead, ChainError> {
+pub fn verify_chain_against(
+    path: &Path,
+    anchor: ChainHead,
+) -> std::result::Result<ChainHead, ChainError> {
     let head = verify_chain(path)?;
     if head.count < anchor.count {
         return Err(ChainError {
             index: head.count,
-            reason: format!("chain has {} records, the anchor saw {}", head.count, anchor.count),
+            reason: format!(
+                "chain has {} records, the anchor saw {}",
+                head.count, anchor.count
+            ),
         });
     }
     if anchor.count > 0 {
         // Recompute the hash at the anchor's position.
-        let f = File::open(path).map_err(|e| ChainError { index: 0, reason: format!("cannot open: {e}") })?;
+        let f = File::open(path).map_err(|e| ChainError {
+            index: 0,
+            reason: format!("cannot open: {e}"),
+        })?;
         let idx = anchor.count - 1;
         let line = BufReader::new(f)
             .lines()
             .nth(idx as usize)
             .and_then(|l| l.ok())
-            .ok_or(ChainError { index: idx, reason: "record missing".into() })?;
-        let rec: LineIn<'_> =
-            serde_json::from_str(&line).map_err(|e| ChainError { index: idx, reason: format!("not a chain record: {e}") })?;
+            .ok_or(ChainError {
+                index: idx,
+                reason: "record missing".into(),
+            })?;
+        let rec: LineIn<'_> = serde_json::from_str(&line).map_err(|e| ChainError {
+            index: idx,
+            reason: format!("not a chain record: {e}"),
+        })?;
         if rec.hash != hex::encode(anchor.hash) {
-            return Err(ChainError { index: idx, reason: "differs from the anchored record".into() });
+            return Err(ChainError {
+                index: idx,
+                reason: "differs from the anchored record".into(),
+            });
         }
     }
     Ok(head)
@@ -146,7 +177,9 @@ struct State {
 
 impl fmt::Debug for JsonlAuditSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JsonlAuditSink").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("JsonlAuditSink")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -176,15 +209,27 @@ impl JsonlAuditSink {
         if !existed {
             fsync_dir(path.parent().unwrap_or(Path::new(".")))?;
         }
-        let len = file.seek(SeekFrom::End(0)).map_err(|e| Error::io("seek audit trail", e))?;
+        let len = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::io("seek audit trail", e))?;
         let bytes = std::fs::read(&path).map_err(|e| Error::io("read audit trail", e))?;
-        let complete = bytes.iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0) as u64;
+        let complete = bytes
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map(|i| i + 1)
+            .unwrap_or(0) as u64;
         if complete < len {
-            file.set_len(complete).map_err(|e| Error::io("cut torn audit record", e))?;
-            file.sync_data().map_err(|e| Error::io("fsync audit trail", e))?;
+            file.set_len(complete)
+                .map_err(|e| Error::io("cut torn audit record", e))?;
+            file.sync_data()
+                .map_err(|e| Error::io("fsync audit trail", e))?;
         }
-        let head = verify_chain(&path).map_err(|e| Error::storage(StorageErrorKind::Corrupt, "verify audit trail", e))?;
-        Ok(Self { path, state: Arc::new(Mutex::new(State { file, head })) })
+        let head = verify_chain(&path)
+            .map_err(|e| Error::storage(StorageErrorKind::Corrupt, "verify audit trail", e))?;
+        Ok(Self {
+            path,
+            state: Arc::new(Mutex::new(State { file, head })),
+        })
     }
 
     /// The file the trail is written to.
@@ -201,15 +246,25 @@ impl JsonlAuditSink {
 #[async_trait]
 impl AuditSink for JsonlAuditSink {
     async fn record(&self, event: &AuditEvent) -> Result<()> {
-        let json = serde_json::to_string(event).map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
-        let raw = RawValue::from_string(json).map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
+        let json = serde_json::to_string(event)
+            .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
+        let raw = RawValue::from_string(json)
+            .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
         let mut st = self.state.lock().await;
         let seq = st.head.count;
         let hash = link_hash(&st.head.hash, seq, raw.get());
-        let mut line = serde_json::to_vec(&LineOut { seq, prev: hex::encode(st.head.hash), hash: hex::encode(hash), event: &raw })
-            .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit record", e))?;
+        let mut line = serde_json::to_vec(&LineOut {
+            seq,
+            prev: hex::encode(st.head.hash),
+            hash: hex::encode(hash),
+            event: &raw,
+        })
+        .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit record", e))?;
         line.push(b'\n');
-        let mut file = st.file.try_clone().map_err(|e| Error::io("clone audit handle", e))?;
+        let mut file = st
+            .file
+            .try_clone()
+            .map_err(|e| Error::io("clone audit handle", e))?;
         let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let end = file.seek(SeekFrom::End(0))?;
             // Durable append: the record is acknowledged only after fdatasync.
@@ -222,18 +277,25 @@ impl AuditSink for JsonlAuditSink {
         .await
         .map_err(|e| Error::storage(StorageErrorKind::Io, "audit append task", e.to_string()))?;
         res.map_err(|e| Error::io("append audit record", e))?;
-        st.head = ChainHead { count: seq + 1, hash };
+        st.head = ChainHead {
+            count: seq + 1,
+            hash,
+        };
         Ok(())
     }
 
     async fn events(&self) -> Result<Vec<AuditEvent>> {
         let _st = self.state.lock().await; // a consistent snapshot: no append in between
-        let text = tokio::fs::read_to_string(&self.path).await.map_err(|e| Error::io("read audit trail", e))?;
+        let text = tokio::fs::read_to_string(&self.path)
+            .await
+            .map_err(|e| Error::io("read audit trail", e))?;
         text.lines()
             .map(|l| {
-                let rec: LineIn<'_> =
-                    serde_json::from_str(l).map_err(|e| Error::storage(StorageErrorKind::Corrupt, "parse audit trail", e))?;
-                serde_json::from_str(rec.event.get()).map_err(|e| Error::storage(StorageErrorKind::Corrupt, "parse audit event", e))
+                let rec: LineIn<'_> = serde_json::from_str(l).map_err(|e| {
+                    Error::storage(StorageErrorKind::Corrupt, "parse audit trail", e)
+                })?;
+                serde_json::from_str(rec.event.get())
+                    .map_err(|e| Error::storage(StorageErrorKind::Corrupt, "parse audit event", e))
             })
             .collect()
     }

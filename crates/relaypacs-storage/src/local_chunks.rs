@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use relaypacs_core::{ByteStream, ChunkPlacement, ChunkRecord, ChunkStore, Error, FileKey, Result, SessionId};
+use relaypacs_core::{
+    ByteStream, ChunkPlacement, ChunkRecord, ChunkStore, Error, FileKey, Result, SessionId,
+};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 
@@ -45,7 +47,9 @@ struct Inner {
 
 impl fmt::Debug for LocalChunkStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LocalChunkStore").field("root", &self.inner.root).finish_non_exhaustive()
+        f.debug_struct("LocalChunkStore")
+            .field("root", &self.inner.root)
+            .finish_non_exhaustive()
     }
 }
 
@@ -96,7 +100,12 @@ impl LocalChunkStore {
         let lock = lock_root(&root)?;
         sweep_temp(&root)?;
         Ok(Self {
-            inner: Arc::new(Inner { root, _lock: lock, writers: Mutex::new(HashMap::new()), writer_done: Notify::new() }),
+            inner: Arc::new(Inner {
+                root,
+                _lock: lock,
+                writers: Mutex::new(HashMap::new()),
+                writer_done: Notify::new(),
+            }),
         })
     }
 
@@ -105,7 +114,8 @@ impl LocalChunkStore {
     }
 
     fn data_path(&self, key: FileKey) -> PathBuf {
-        self.session_dir(key.session).join(format!("{}.data", key.file))
+        self.session_dir(key.session)
+            .join(format!("{}.data", key.file))
     }
 
     async fn begin_write(&self, key: FileKey, range: Range<u64>) -> ActiveWrite {
@@ -117,7 +127,11 @@ impl LocalChunkStore {
                 let v = w.entry(key).or_default();
                 if !v.iter().any(|r| r.start < range.end && range.start < r.end) {
                     v.push(range.clone());
-                    return ActiveWrite { store: inner.clone(), key, range };
+                    return ActiveWrite {
+                        store: inner.clone(),
+                        key,
+                        range,
+                    };
                 }
             }
             notified.await;
@@ -125,7 +139,10 @@ impl LocalChunkStore {
     }
 }
 
-async fn blocking<T: Send + 'static>(op: &'static str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn blocking<T: Send + 'static>(
+    op: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::storage(relaypacs_core::StorageErrorKind::Io, op, e.to_string()))?
@@ -140,16 +157,22 @@ impl ChunkStore for LocalChunkStore {
             create_dir_durable(&dir)?;
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(f) => {
-                    f.set_len(size).map_err(|e| Error::io("size data file", e))?;
+                    f.set_len(size)
+                        .map_err(|e| Error::io("size data file", e))?;
                     f.sync_all().map_err(|e| Error::io("fsync data file", e))?;
                     fsync_dir(&dir)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let len = std::fs::metadata(&path).map_err(|e| Error::io("stat data file", e))?.len();
+                    let len = std::fs::metadata(&path)
+                        .map_err(|e| Error::io("stat data file", e))?
+                        .len();
                     if len == size {
                         Ok(())
                     } else {
-                        Err(Error::conflict("RELAY_FILE_SIZE_CONFLICT", "file exists with another size"))
+                        Err(Error::conflict(
+                            "RELAY_FILE_SIZE_CONFLICT",
+                            "file exists with another size",
+                        ))
                     }
                 }
                 Err(e) => Err(Error::io("create data file", e)),
@@ -158,13 +181,20 @@ impl ChunkStore for LocalChunkStore {
         .await
     }
 
-    async fn put_chunk(&self, key: FileKey, placement: ChunkPlacement, mut body: ByteStream) -> Result<String> {
+    async fn put_chunk(
+        &self,
+        key: FileKey,
+        placement: ChunkPlacement,
+        mut body: ByteStream,
+    ) -> Result<String> {
         let path = self.data_path(key);
         let range = placement.offset..placement.offset.saturating_add(placement.length);
         let active = self.begin_write(key, range).await;
         let file = match File::options().write(true).open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound { what: "file" }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound { what: "file" });
+            }
             Err(e) => return Err(Error::io("open data file", e)),
         };
         // Hashing (in the body stream) and disk writes overlap: this task
@@ -178,21 +208,31 @@ impl ChunkStore for LocalChunkStore {
             while let Some(msg) = rx.blocking_recv() {
                 match msg {
                     Some(buf) => {
-                        file.write_all_at(&buf, pos).map_err(|e| Error::io("write chunk", e))?;
+                        file.write_all_at(&buf, pos)
+                            .map_err(|e| Error::io("write chunk", e))?;
                         pos += buf.len() as u64;
                     }
                     None => {
                         // Commit: every byte is written; make it durable.
                         if pos != offset + length {
-                            return Err(Error::invalid("RELAY_CHUNK_LENGTH", "chunk length mismatch"));
+                            return Err(Error::invalid(
+                                "RELAY_CHUNK_LENGTH",
+                                "chunk length mismatch",
+                            ));
                         }
                         // A failed fdatasync fails the chunk, and this
                         // descriptor is dropped: a retry opens a new one.
-                        return file.sync_data().map_err(|e| Error::io("fdatasync chunk", e));
+                        return file
+                            .sync_data()
+                            .map_err(|e| Error::io("fdatasync chunk", e));
                     }
                 }
             }
-            Err(Error::storage(relaypacs_core::StorageErrorKind::Io, "write chunk", "chunk write abandoned"))
+            Err(Error::storage(
+                relaypacs_core::StorageErrorKind::Io,
+                "write chunk",
+                "chunk write abandoned",
+            ))
         });
         let mut buf = BytesMut::with_capacity(WRITE_BUF);
         let mut seen = 0u64;
@@ -202,15 +242,18 @@ impl ChunkStore for LocalChunkStore {
                 Ok(b) => {
                     seen += b.len() as u64;
                     if seen > length {
-                        failure = Some(Error::Integrity(relaypacs_core::IntegrityError::ChunkLength {
-                            offset,
-                            expected: length,
-                            actual: seen,
-                        }));
+                        failure = Some(Error::Integrity(
+                            relaypacs_core::IntegrityError::ChunkLength {
+                                offset,
+                                expected: length,
+                                actual: seen,
+                            },
+                        ));
                         break;
                     }
                     buf.extend_from_slice(&b);
-                    if buf.len() >= WRITE_BUF && tx.send(Some(buf.split().freeze())).await.is_err() {
+                    if buf.len() >= WRITE_BUF && tx.send(Some(buf.split().freeze())).await.is_err()
+                    {
                         break; // writer failed; its error is reported below
                     }
                 }
@@ -221,11 +264,13 @@ impl ChunkStore for LocalChunkStore {
             }
         }
         if failure.is_none() && seen != length {
-            failure = Some(Error::Integrity(relaypacs_core::IntegrityError::ChunkLength {
-                offset,
-                expected: length,
-                actual: seen,
-            }));
+            failure = Some(Error::Integrity(
+                relaypacs_core::IntegrityError::ChunkLength {
+                    offset,
+                    expected: length,
+                    actual: seen,
+                },
+            ));
         }
         if failure.is_none() {
             if !buf.is_empty() {
@@ -236,8 +281,13 @@ impl ChunkStore for LocalChunkStore {
         drop(tx);
         // Wait for the writer in every case, so nothing writes into this
         // range after we return.
-        let written =
-            writer.await.map_err(|e| Error::storage(relaypacs_core::StorageErrorKind::Io, "write chunk", e.to_string()))?;
+        let written = writer.await.map_err(|e| {
+            Error::storage(
+                relaypacs_core::StorageErrorKind::Io,
+                "write chunk",
+                e.to_string(),
+            )
+        })?;
         match failure {
             Some(e) => Err(e),
             None => written.map(|()| String::new()),
@@ -248,23 +298,39 @@ impl ChunkStore for LocalChunkStore {
         let mut pos = 0;
         for c in chunks {
             if c.offset != pos {
-                return Err(Error::invalid("RELAY_FILE_INCOMPLETE", format!("no chunk at offset {pos}")));
+                return Err(Error::invalid(
+                    "RELAY_FILE_INCOMPLETE",
+                    format!("no chunk at offset {pos}"),
+                ));
             }
             pos = c.end();
         }
         if pos != size {
-            return Err(Error::invalid("RELAY_FILE_INCOMPLETE", format!("chunks end at {pos}, file has {size} bytes")));
+            return Err(Error::invalid(
+                "RELAY_FILE_INCOMPLETE",
+                format!("chunks end at {pos}, file has {size} bytes"),
+            ));
         }
         let path = self.data_path(key);
         blocking("seal file", move || {
             let f = match File::open(&path) {
                 Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound { what: "file" }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::NotFound { what: "file" });
+                }
                 Err(e) => return Err(Error::io("open data file", e)),
             };
-            let len = f.metadata().map_err(|e| Error::io("stat data file", e))?.len();
+            let len = f
+                .metadata()
+                .map_err(|e| Error::io("stat data file", e))?
+                .len();
             if len != size {
-                return Err(Error::Integrity(relaypacs_core::IntegrityError::StoredSize { expected: size, actual: len }));
+                return Err(Error::Integrity(
+                    relaypacs_core::IntegrityError::StoredSize {
+                        expected: size,
+                        actual: len,
+                    },
+                ));
             }
             f.sync_all().map_err(|e| Error::io("fsync data file", e))
         })
@@ -275,15 +341,26 @@ impl ChunkStore for LocalChunkStore {
         let path = self.data_path(key);
         let mut f = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound { what: "file" }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound { what: "file" });
+            }
             Err(e) => return Err(Error::io("open data file", e)),
         };
-        let len = f.metadata().await.map_err(|e| Error::io("stat data file", e))?.len();
+        let len = f
+            .metadata()
+            .await
+            .map_err(|e| Error::io("stat data file", e))?
+            .len();
         if range.start > range.end || range.end > len {
-            return Err(Error::invalid("RELAY_BAD_RANGE", format!("range {range:?} outside file of {len} bytes")));
+            return Err(Error::invalid(
+                "RELAY_BAD_RANGE",
+                format!("range {range:?} outside file of {len} bytes"),
+            ));
         }
         use tokio::io::AsyncSeekExt;
-        f.seek(std::io::SeekFrom::Start(range.start)).await.map_err(|e| Error::io("seek data file", e))?;
+        f.seek(std::io::SeekFrom::Start(range.start))
+            .await
+            .map_err(|e| Error::io("seek data file", e))?;
         let reader = tokio::io::BufReader::with_capacity(READ_BUF, f.take(range.end - range.start));
         let s = tokio_util::io::ReaderStream::with_capacity(reader, READ_BUF)
             .map(|r| r.map_err(|e| Error::io("read data file", e)));
@@ -293,12 +370,10 @@ impl ChunkStore for LocalChunkStore {
     async fn delete_file(&self, key: FileKey) -> Result<()> {
         let path = self.data_path(key);
         let dir = self.session_dir(key.session);
-        blocking("delete file", move || {
-            match std::fs::remove_file(&path) {
-                Ok(()) => fsync_dir(&dir),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(Error::io("delete data file", e)),
-            }
+        blocking("delete file", move || match std::fs::remove_file(&path) {
+            Ok(()) => fsync_dir(&dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("delete data file", e)),
         })
         .await
     }

@@ -9,11 +9,14 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use relaypacs_core::{
-    ChunkInsert, ChunkRecord, Error, FileId, Result, SessionId, SessionRecord, SessionStore, StorageErrorKind, Versioned,
+    ChunkInsert, ChunkRecord, Error, FileId, Result, SessionId, SessionRecord, SessionStore,
+    StorageErrorKind, Versioned,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::fs::{create_dir_durable, fsync_dir, lock_root, remove_dir_atomic, sweep_temp, write_atomic};
+use crate::fs::{
+    create_dir_durable, fsync_dir, lock_root, remove_dir_atomic, sweep_temp, write_atomic,
+};
 
 /// A [`SessionStore`] in a folder, the embedded default. Survives restarts.
 ///
@@ -49,7 +52,9 @@ struct Stored {
 
 impl fmt::Debug for FileSessionStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FileSessionStore").field("root", &self.inner.root).finish_non_exhaustive()
+        f.debug_struct("FileSessionStore")
+            .field("root", &self.inner.root)
+            .finish_non_exhaustive()
     }
 }
 
@@ -109,14 +114,20 @@ fn read_stored(dir: &Path) -> Result<Stored> {
     let path = dir.join("session.json");
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound { what: "session" }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotFound { what: "session" });
+        }
         Err(e) => return Err(Error::io("read session", e)),
     };
     serde_json::from_slice(&bytes).map_err(|e| corrupt("parse session", e))
 }
 
 fn write_stored(dir: &Path, version: u64, session: &SessionRecord) -> Result<()> {
-    let bytes = serde_json::to_vec(&Stored { version, session: session.clone() }).map_err(|e| corrupt("encode session", e))?;
+    let bytes = serde_json::to_vec(&Stored {
+        version,
+        session: session.clone(),
+    })
+    .map_err(|e| corrupt("encode session", e))?;
     write_atomic(&dir.join("session.json"), &bytes)
 }
 
@@ -132,30 +143,43 @@ fn read_log(path: &Path) -> Result<BTreeMap<u64, ChunkRecord>> {
         Err(e) => return Err(Error::io("open chunk log", e)),
     };
     let mut text = Vec::new();
-    f.read_to_end(&mut text).map_err(|e| Error::io("read chunk log", e))?;
-    let complete = text.iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
+    f.read_to_end(&mut text)
+        .map_err(|e| Error::io("read chunk log", e))?;
+    let complete = text
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map(|i| i + 1)
+        .unwrap_or(0);
     if complete < text.len() {
         // The tail was being appended when the process died; it was never
         // acknowledged. Cut it off durably before appending more.
-        f.set_len(complete as u64).map_err(|e| Error::io("truncate torn chunk log", e))?;
+        f.set_len(complete as u64)
+            .map_err(|e| Error::io("truncate torn chunk log", e))?;
         f.sync_data().map_err(|e| Error::io("fsync chunk log", e))?;
     }
     let mut out = BTreeMap::new();
-    for line in text[..complete].split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        let rec: ChunkRecord = serde_json::from_slice(line).map_err(|e| corrupt("parse chunk log", e))?;
+    for line in text[..complete]
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+    {
+        let rec: ChunkRecord =
+            serde_json::from_slice(line).map_err(|e| corrupt("parse chunk log", e))?;
         out.entry(rec.offset).or_insert(rec);
     }
     Ok(out)
 }
 
-fn cached_log<'a>(cache: &'a mut ChunkCache, file: FileId, dir: &Path) -> Result<&'a mut BTreeMap<u64, ChunkRecord>> {
+fn cached_log<'a>(
+    cache: &'a mut ChunkCache,
+    file: FileId,
+    dir: &Path,
+) -> Result<&'a mut BTreeMap<u64, ChunkRecord>> {
     use std::collections::hash_map::Entry;
     match cache.entry(file) {
         Entry::Occupied(o) => Ok(o.into_mut()),
         Entry::Vacant(v) => Ok(v.insert(read_log(&log_path(dir, file))?)),
     }
 }
-
 
 #[async_trait]
 impl SessionStore for FileSessionStore {
@@ -171,13 +195,22 @@ impl SessionStore for FileSessionStore {
             cache.clear();
             create_dir_durable(&dir.join("chunks"))?;
             write_stored(dir, 1, &session)?;
-            Ok(Versioned { value: session, version: 1 })
+            Ok(Versioned {
+                value: session,
+                version: 1,
+            })
         })
         .await
     }
 
     async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>> {
-        self.with_session(id, |_, dir| read_stored(dir).map(|s| Versioned { value: s.session, version: s.version })).await
+        self.with_session(id, |_, dir| {
+            read_stored(dir).map(|s| Versioned {
+                value: s.session,
+                version: s.version,
+            })
+        })
+        .await
     }
 
     async fn update_session(&self, session: &SessionRecord, expected: u64) -> Result<u64> {
@@ -185,7 +218,9 @@ impl SessionStore for FileSessionStore {
         self.with_session(session.id, move |_, dir| {
             let cur = read_stored(dir)?;
             if cur.version != expected {
-                return Err(Error::Precondition { what: format!("session version {} (expected {expected})", cur.version) });
+                return Err(Error::Precondition {
+                    what: format!("session version {} (expected {expected})", cur.version),
+                });
             }
             let next = expected + 1;
             write_stored(dir, next, &session)?;
@@ -198,7 +233,9 @@ impl SessionStore for FileSessionStore {
         self.with_session(id, move |cache, dir| {
             let cur = read_stored(dir)?;
             if cur.version != expected {
-                return Err(Error::Precondition { what: format!("session version {} (expected {expected})", cur.version) });
+                return Err(Error::Precondition {
+                    what: format!("session version {} (expected {expected})", cur.version),
+                });
             }
             cache.clear();
             remove_dir_atomic(dir)
@@ -224,7 +261,12 @@ impl SessionStore for FileSessionStore {
         .map_err(|e| Error::storage(StorageErrorKind::Io, "list sessions", e.to_string()))?
     }
 
-    async fn record_chunk(&self, id: SessionId, file: FileId, chunk: &ChunkRecord) -> Result<ChunkInsert> {
+    async fn record_chunk(
+        &self,
+        id: SessionId,
+        file: FileId,
+        chunk: &ChunkRecord,
+    ) -> Result<ChunkInsert> {
         let chunk = chunk.clone();
         self.with_session(id, move |cache, dir| {
             if !dir.join("session.json").exists() {
@@ -236,12 +278,19 @@ impl SessionStore for FileSessionStore {
             }
             let path = log_path(dir, file);
             let new = !path.exists();
-            let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io("open chunk log", e))?;
-            let mut line = serde_json::to_vec(&chunk).map_err(|e| corrupt("encode chunk record", e))?;
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| Error::io("open chunk log", e))?;
+            let mut line =
+                serde_json::to_vec(&chunk).map_err(|e| corrupt("encode chunk record", e))?;
             line.push(b'\n');
             // Durable append: write the whole line, then fdatasync; a new
             // log file also needs its directory entry synced.
-            let end = f.seek(SeekFrom::End(0)).map_err(|e| Error::io("seek chunk log", e))?;
+            let end = f
+                .seek(SeekFrom::End(0))
+                .map_err(|e| Error::io("seek chunk log", e))?;
             if let Err(e) = f.write_all(&line).and_then(|()| f.sync_data()) {
                 // Undo a partial append so the log stays well-formed; if
                 // even that fails the torn line is cut at the next open.

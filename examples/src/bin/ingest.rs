@@ -15,8 +15,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, generate, new_uid};
 use relaypacs_core::{
-    Actor, ByteStream, Error, FileState, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk, SessionState,
-    Sha256Digest,
+    Actor, ByteStream, Error, FileState, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk,
+    SessionState, Sha256Digest,
 };
 use relaypacs_pacs::LocalArchiveSink;
 use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore, verify_chain};
@@ -52,16 +52,52 @@ async fn chunk_body(path: &Path, offset: u64, len: u64) -> std::io::Result<ByteS
 }
 
 /// Upload one file in 8 MiB chunks and complete it.
-async fn ingest_file(p: &Pipeline, actor: &Actor, s: relaypacs_core::SessionId, path: &Path) -> Result<FileState, Error> {
-    let size = tokio::fs::metadata(path).await.map_err(|e| Error::io("stat input", e))?.len();
-    let digest = file_digest(path).await.map_err(|e| Error::io("hash input", e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let f = p.add_file(actor, s, NewFile { name, size, sha256: Some(digest) }).await?;
+async fn ingest_file(
+    p: &Pipeline,
+    actor: &Actor,
+    s: relaypacs_core::SessionId,
+    path: &Path,
+) -> Result<FileState, Error> {
+    let size = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| Error::io("stat input", e))?
+        .len();
+    let digest = file_digest(path)
+        .await
+        .map_err(|e| Error::io("hash input", e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let f = p
+        .add_file(
+            actor,
+            s,
+            NewFile {
+                name,
+                size,
+                sha256: Some(digest),
+            },
+        )
+        .await?;
     let mut off = 0;
     while off < size {
         let len = (size - off).min(CHUNK);
-        let body = chunk_body(path, off, len).await.map_err(|e| Error::io("read input", e))?;
-        p.put_chunk(actor, s, f.id, PutChunk { offset: off, length: len, sha256: None }, body).await?;
+        let body = chunk_body(path, off, len)
+            .await
+            .map_err(|e| Error::io("read input", e))?;
+        p.put_chunk(
+            actor,
+            s,
+            f.id,
+            PutChunk {
+                offset: off,
+                length: len,
+                sha256: None,
+            },
+            body,
+        )
+        .await?;
         off += len;
     }
     Ok(p.complete_file(actor, s, f.id).await?.state)
@@ -70,7 +106,10 @@ async fn ingest_file(p: &Pipeline, actor: &Actor, s: relaypacs_core::SessionId, 
 fn demo_study(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let study = new_uid();
-    for (i, class) in [SopClass::Ct, SopClass::Mr, SopClass::SecondaryCapture].into_iter().enumerate() {
+    for (i, class) in [SopClass::Ct, SopClass::Mr, SopClass::SecondaryCapture]
+        .into_iter()
+        .enumerate()
+    {
         let spec = DicomSpec {
             study_uid: study.clone(),
             series_uid: format!("{study}.{i}"),
@@ -115,7 +154,10 @@ async fn run(folder: Option<PathBuf>, data: PathBuf) -> Result<(), Error> {
         None => {
             let demo = data.join("demo-input");
             demo_study(&demo).map_err(|e| Error::io("write demo study", e))?;
-            println!("no folder given: generated a demo study in {}", demo.display());
+            println!(
+                "no folder given: generated a demo study in {}",
+                demo.display()
+            );
             demo
         }
     };
@@ -129,7 +171,15 @@ async fn run(folder: Option<PathBuf>, data: PathBuf) -> Result<(), Error> {
         PipelineConfig::default(),
     );
     let actor = Actor::user(std::env::var("USER").unwrap_or_else(|_| "local".into()));
-    let s = p.create_session(&actor, NewSession { allow_multiple_studies: true }).await?.id;
+    let s = p
+        .create_session(
+            &actor,
+            NewSession {
+                allow_multiple_studies: true,
+            },
+        )
+        .await?
+        .id;
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&folder)
         .map_err(|e| Error::io("list input folder", e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -141,7 +191,12 @@ async fn run(folder: Option<PathBuf>, data: PathBuf) -> Result<(), Error> {
         match ingest_file(&p, &actor, s, path).await {
             Ok(FileState::Valid { dicom }) => {
                 ok += 1;
-                println!("  ok      {}  SOP {}  ({})", path.display(), dicom.sop_instance_uid, dicom.transfer_syntax);
+                println!(
+                    "  ok      {}  SOP {}  ({})",
+                    path.display(),
+                    dicom.sop_instance_uid,
+                    dicom.transfer_syntax
+                );
             }
             Ok(FileState::Uploading) => bad += 1,
             Err(e) => {
@@ -153,7 +208,11 @@ async fn run(folder: Option<PathBuf>, data: PathBuf) -> Result<(), Error> {
     if ok > 0 {
         // Files that were refused stay in the session; drop them before delivery.
         let rec = p.session(&actor, s).await?;
-        for f in rec.files.values().filter(|f| !matches!(f.state, FileState::Valid { .. })) {
+        for f in rec
+            .files
+            .values()
+            .filter(|f| !matches!(f.state, FileState::Valid { .. }))
+        {
             p.remove_file(&actor, s, f.id).await?;
         }
         let rec = p.complete_session(&actor, s).await?;
@@ -161,7 +220,8 @@ async fn run(folder: Option<PathBuf>, data: PathBuf) -> Result<(), Error> {
             println!("delivered {ok} instance(s) to {sink}");
         }
     }
-    let head = verify_chain(audit.path()).map_err(|e| Error::invalid("RELAY_AUDIT_CHAIN", e.to_string()))?;
+    let head = verify_chain(audit.path())
+        .map_err(|e| Error::invalid("RELAY_AUDIT_CHAIN", e.to_string()))?;
     println!(
         "summary: {ok} ingested, {bad} refused; archive {}; audit trail {} ({} records, chain verified)",
         archive_root(&data).display(),

@@ -44,16 +44,30 @@ async fn main() {
         Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| fail(e)),
         Err(_) => {
             let session = open_session(p, &actor).await.unwrap_or_else(|e| fail(e));
-            let nf = NewFile { name: "crash.dcm".into(), size: source.len() as u64, sha256: Some(Sha256Digest::of(&source)) };
-            let file = p.add_file(&actor, session, nf).await.unwrap_or_else(|e| fail(e)).id;
+            let nf = NewFile {
+                name: "crash.dcm".into(),
+                size: source.len() as u64,
+                sha256: Some(Sha256Digest::of(&source)),
+            };
+            let file = p
+                .add_file(&actor, session, nf)
+                .await
+                .unwrap_or_else(|e| fail(e))
+                .id;
             let st = WriterState { session, file };
             let bytes = serde_json::to_vec(&st).unwrap_or_else(|e| fail(e));
             relaypacs_storage::fs::write_atomic(&state_path, &bytes).unwrap_or_else(|e| fail(e));
             st
         }
     };
-    let done = p.file_chunks(&actor, st.session, st.file).await.unwrap_or_else(|e| fail(e));
-    let mut offsets: Vec<usize> = (0..source.len()).step_by(chunk).filter(|o| !done.iter().any(|c| c.offset == *o as u64)).collect();
+    let done = p
+        .file_chunks(&actor, st.session, st.file)
+        .await
+        .unwrap_or_else(|e| fail(e));
+    let mut offsets: Vec<usize> = (0..source.len())
+        .step_by(chunk)
+        .filter(|o| !done.iter().any(|c| c.offset == *o as u64))
+        .collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     offsets.shuffle(&mut rng);
     let mut out = std::io::stdout().lock();
@@ -70,8 +84,15 @@ async fn main() {
         }
     }
     if complete {
-        let f = p.complete_file(&actor, st.session, st.file).await.unwrap_or_else(|e| fail(e));
-        let _ = writeln!(out, "COMPLETE {}", f.sha256.map(|d| d.to_hex()).unwrap_or_default());
+        let f = p
+            .complete_file(&actor, st.session, st.file)
+            .await
+            .unwrap_or_else(|e| fail(e));
+        let _ = writeln!(
+            out,
+            "COMPLETE {}",
+            f.sha256.map(|d| d.to_hex()).unwrap_or_default()
+        );
     }
     let _ = writeln!(out, "DONE");
 }

@@ -29,7 +29,11 @@ pub struct PrescanLimits {
 
 impl Default for PrescanLimits {
     fn default() -> Self {
-        Self { max_depth: 32, max_elements: 100_000, max_inflated_bytes: 8 << 20 }
+        Self {
+            max_depth: 32,
+            max_elements: 100_000,
+            max_inflated_bytes: 8 << 20,
+        }
     }
 }
 
@@ -87,7 +91,9 @@ fn syntax_of(ts: &str) -> Option<(Syntax, bool)> {
         DEFLATED => Some((Syntax::ExplicitLe, true)),
         // Encapsulated (JPEG family, JPEG-LS, JPEG 2000, MPEG, HTJ2K, …) and RLE:
         // explicit VR little endian data sets with encapsulated pixel data.
-        t if t.starts_with("1.2.840.10008.1.2.4.") || t == "1.2.840.10008.1.2.5" => Some((Syntax::ExplicitLe, false)),
+        t if t.starts_with("1.2.840.10008.1.2.4.") || t == "1.2.840.10008.1.2.5" => {
+            Some((Syntax::ExplicitLe, false))
+        }
         _ => None,
     }
 }
@@ -108,23 +114,40 @@ struct Bytes<'a> {
 
 impl Bytes<'_> {
     fn need(&self, pos: u64, n: u64) -> Result<&[u8], DicomError> {
-        let end = pos.checked_add(n).ok_or(DicomError::Malformed { offset: pos, reason: "offset overflow".into() })?;
+        let end = pos.checked_add(n).ok_or(DicomError::Malformed {
+            offset: pos,
+            reason: "offset overflow".into(),
+        })?;
         if end > self.total {
             if let Some(cap) = self.capped {
                 return Err(DicomError::InflateLimit { max: cap });
             }
-            return Err(DicomError::Truncated { offset: pos, needed: end - self.total });
+            return Err(DicomError::Truncated {
+                offset: pos,
+                needed: end - self.total,
+            });
         }
         let (Ok(s), Ok(e)) = (usize::try_from(pos), usize::try_from(end)) else {
-            return Err(DicomError::HeaderTooLarge { max: self.max_header });
+            return Err(DicomError::HeaderTooLarge {
+                max: self.max_header,
+            });
         };
-        self.data.get(s..e).ok_or(DicomError::HeaderTooLarge { max: self.max_header })
+        self.data.get(s..e).ok_or(DicomError::HeaderTooLarge {
+            max: self.max_header,
+        })
     }
 }
 
 fn u16_at(b: &[u8], i: usize, be: bool) -> u16 {
-    let x = [b.get(i).copied().unwrap_or(0), b.get(i + 1).copied().unwrap_or(0)];
-    if be { u16::from_be_bytes(x) } else { u16::from_le_bytes(x) }
+    let x = [
+        b.get(i).copied().unwrap_or(0),
+        b.get(i + 1).copied().unwrap_or(0),
+    ];
+    if be {
+        u16::from_be_bytes(x)
+    } else {
+        u16::from_le_bytes(x)
+    }
 }
 
 fn u32_at(b: &[u8], i: usize, be: bool) -> u32 {
@@ -132,19 +155,37 @@ fn u32_at(b: &[u8], i: usize, be: bool) -> u32 {
     for (k, v) in x.iter_mut().enumerate() {
         *v = b.get(i + k).copied().unwrap_or(0);
     }
-    if be { u32::from_be_bytes(x) } else { u32::from_le_bytes(x) }
+    if be {
+        u32::from_be_bytes(x)
+    } else {
+        u32::from_le_bytes(x)
+    }
 }
 
 fn clean(v: &[u8]) -> String {
     let s = String::from_utf8_lossy(v);
-    s.trim_end_matches(['\0', ' ']).trim_start_matches(' ').to_owned()
+    s.trim_end_matches(['\0', ' '])
+        .trim_start_matches(' ')
+        .to_owned()
 }
 
 /// VRs with a 2-byte reserved field and a 4-byte length in explicit VR.
 fn long_vr(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
-        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV"
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
     )
 }
 
@@ -175,29 +216,52 @@ impl Frame {
 
 /// Pre-scan a Part-10 file. `bytes` is the file or a prefix of it;
 /// `total_len` is the whole file's size. See the module docs.
-pub fn prescan(bytes: &[u8], total_len: u64, limits: &PrescanLimits) -> Result<PrescanReport, DicomError> {
-    let view = Bytes { data: bytes, total: total_len, capped: None, max_header: bytes.len() as u64 };
+pub fn prescan(
+    bytes: &[u8],
+    total_len: u64,
+    limits: &PrescanLimits,
+) -> Result<PrescanReport, DicomError> {
+    let view = Bytes {
+        data: bytes,
+        total: total_len,
+        capped: None,
+        max_header: bytes.len() as u64,
+    };
     if total_len < 132 {
-        return Err(DicomError::NotDicom { reason: format!("{total_len} bytes is too short for a preamble and DICM") });
+        return Err(DicomError::NotDicom {
+            reason: format!("{total_len} bytes is too short for a preamble and DICM"),
+        });
     }
     if view.need(128, 4)? != b"DICM" {
-        return Err(DicomError::NotDicom { reason: "no DICM prefix after the 128-byte preamble".into() });
+        return Err(DicomError::NotDicom {
+            reason: "no DICM prefix after the 128-byte preamble".into(),
+        });
     }
     let (ts, meta_end) = scan_meta(&view)?;
     let (syntax, deflated) =
         syntax_of(&ts).ok_or_else(|| DicomError::UnsupportedTransferSyntax { uid: ts.clone() })?;
-    let mut report = PrescanReport { transfer_syntax: ts, meta_end, deflated, ..PrescanReport::default() };
+    let mut report = PrescanReport {
+        transfer_syntax: ts,
+        meta_end,
+        deflated,
+        ..PrescanReport::default()
+    };
     if deflated {
         // The data set after the meta group is raw deflate: inflate at most
         // the cap, plus one byte to tell "ended" from "capped".
-        let start = usize::try_from(meta_end).map_err(|_| DicomError::HeaderTooLarge { max: bytes.len() as u64 })?;
+        let start = usize::try_from(meta_end).map_err(|_| DicomError::HeaderTooLarge {
+            max: bytes.len() as u64,
+        })?;
         let compressed = bytes.get(start..).unwrap_or(&[]);
         let mut inflated = Vec::new();
         let cap = limits.max_inflated_bytes;
         flate2::read::DeflateDecoder::new(compressed)
             .take(cap.saturating_add(1))
             .read_to_end(&mut inflated)
-            .map_err(|e| DicomError::Malformed { offset: meta_end, reason: format!("bad deflate stream: {e}") })?;
+            .map_err(|e| DicomError::Malformed {
+                offset: meta_end,
+                reason: format!("bad deflate stream: {e}"),
+            })?;
         let capped = inflated.len() as u64 > cap;
         if capped {
             inflated.truncate(usize::try_from(cap).unwrap_or(usize::MAX));
@@ -210,7 +274,11 @@ pub fn prescan(bytes: &[u8], total_len: u64, limits: &PrescanLimits) -> Result<P
         };
         walk(&iv, 0, Syntax::ExplicitLe, limits, &mut report).map_err(|e| match e {
             // Running out of inflated bytes means the header is bigger than the cap.
-            DicomError::LengthOverrun { .. } | DicomError::Truncated { .. } | DicomError::HeaderTooLarge { .. } if capped => {
+            DicomError::LengthOverrun { .. }
+            | DicomError::Truncated { .. }
+            | DicomError::HeaderTooLarge { .. }
+                if capped =>
+            {
                 DicomError::InflateLimit { max: cap }
             }
             e => e,
@@ -231,7 +299,10 @@ fn scan_meta(view: &Bytes<'_>) -> Result<(String, u64), DicomError> {
             && pos >= e
         {
             if pos > e {
-                return Err(DicomError::Malformed { offset: pos, reason: "meta group overruns its group length".into() });
+                return Err(DicomError::Malformed {
+                    offset: pos,
+                    reason: "meta group overruns its group length".into(),
+                });
             }
             break;
         }
@@ -242,7 +313,10 @@ fn scan_meta(view: &Bytes<'_>) -> Result<(String, u64), DicomError> {
         let g = u16_at(h, 0, false);
         if g != 0x0002 {
             if end.is_some() {
-                return Err(DicomError::Malformed { offset: pos, reason: "non-meta element inside the meta group".into() });
+                return Err(DicomError::Malformed {
+                    offset: pos,
+                    reason: "non-meta element inside the meta group".into(),
+                });
             }
             break; // no group length: the meta group ends at the first other group
         }
@@ -250,7 +324,10 @@ fn scan_meta(view: &Bytes<'_>) -> Result<(String, u64), DicomError> {
         let e = u16_at(h, 2, false);
         let vr = [h[4], h[5]];
         if !vr.iter().all(u8::is_ascii_uppercase) {
-            return Err(DicomError::Malformed { offset: pos, reason: "meta group is not explicit VR".into() });
+            return Err(DicomError::Malformed {
+                offset: pos,
+                reason: "meta group is not explicit VR".into(),
+            });
         }
         let (hdr, len) = if long_vr(vr) {
             let h = view.need(pos, 12)?;
@@ -259,21 +336,35 @@ fn scan_meta(view: &Bytes<'_>) -> Result<(String, u64), DicomError> {
             (8u64, u64::from(u16_at(h, 6, false)))
         };
         if len == u64::from(UNDEFINED) {
-            return Err(DicomError::Malformed { offset: pos, reason: "undefined length in the meta group".into() });
+            return Err(DicomError::Malformed {
+                offset: pos,
+                reason: "undefined length in the meta group".into(),
+            });
         }
         let vpos = pos + hdr;
         let remaining = view.total.saturating_sub(vpos);
         if len > remaining {
-            return Err(DicomError::LengthOverrun { tag: tag_str(g, e), offset: pos, declared: len, remaining });
+            return Err(DicomError::LengthOverrun {
+                tag: tag_str(g, e),
+                offset: pos,
+                declared: len,
+                remaining,
+            });
         }
         if len > 1 << 20 {
-            return Err(DicomError::Malformed { offset: pos, reason: "meta element larger than 1 MiB".into() });
+            return Err(DicomError::Malformed {
+                offset: pos,
+                reason: "meta element larger than 1 MiB".into(),
+            });
         }
         let value = view.need(vpos, len)?;
         match e {
             0x0000 => {
                 if len != 4 {
-                    return Err(DicomError::Malformed { offset: pos, reason: "group length is not 4 bytes".into() });
+                    return Err(DicomError::Malformed {
+                        offset: pos,
+                        reason: "group length is not 4 bytes".into(),
+                    });
                 }
                 let gl = u64::from(u32_at(value, 0, false));
                 let meta_end = vpos + 4 + gl;
@@ -292,12 +383,20 @@ fn scan_meta(view: &Bytes<'_>) -> Result<(String, u64), DicomError> {
         }
         pos = vpos + len;
     }
-    let ts = ts.ok_or(DicomError::MissingAttribute { name: "TransferSyntaxUID" })?;
+    let ts = ts.ok_or(DicomError::MissingAttribute {
+        name: "TransferSyntaxUID",
+    })?;
     Ok((ts, pos))
 }
 
 /// Walk the data set from `start` with an explicit stack.
-fn walk(view: &Bytes<'_>, start: u64, syntax: Syntax, limits: &PrescanLimits, report: &mut PrescanReport) -> Result<(), DicomError> {
+fn walk(
+    view: &Bytes<'_>,
+    start: u64,
+    syntax: Syntax,
+    limits: &PrescanLimits,
+    report: &mut PrescanReport,
+) -> Result<(), DicomError> {
     let be = syntax == Syntax::ExplicitBe;
     let explicit = syntax != Syntax::ImplicitLe;
     let mut stack: Vec<Frame> = Vec::new();
@@ -314,16 +413,25 @@ fn walk(view: &Bytes<'_>, start: u64, syntax: Syntax, limits: &PrescanLimits, re
                     }
                 }
                 Some(end) if pos > end => {
-                    return Err(DicomError::Malformed { offset: pos, reason: "element runs past its container".into() });
+                    return Err(DicomError::Malformed {
+                        offset: pos,
+                        reason: "element runs past its container".into(),
+                    });
                 }
                 _ => break,
             }
         }
         // The end of the container we are in, or of the data set.
-        let limit = stack.iter().rev().find_map(|f| f.end()).unwrap_or(view.total);
+        let limit = stack
+            .iter()
+            .rev()
+            .find_map(|f| f.end())
+            .unwrap_or(view.total);
         if stack.is_empty() && pos >= view.total {
             if view.capped.is_some() {
-                return Err(DicomError::InflateLimit { max: view.max_header });
+                return Err(DicomError::InflateLimit {
+                    max: view.max_header,
+                });
             }
             report.header_end = pos;
             return Ok(());
@@ -333,7 +441,9 @@ fn walk(view: &Bytes<'_>, start: u64, syntax: Syntax, limits: &PrescanLimits, re
         let e = u16_at(h, 2, be);
         report.element_count += 1;
         if report.element_count > limits.max_elements {
-            return Err(DicomError::TooManyElements { max: limits.max_elements });
+            return Err(DicomError::TooManyElements {
+                max: limits.max_elements,
+            });
         }
         if g == 0xFFFE {
             let len = u32_at(h, 4, be);
@@ -353,12 +463,17 @@ fn walk(view: &Bytes<'_>, start: u64, syntax: Syntax, limits: &PrescanLimits, re
                                 remaining,
                             });
                         }
-                        stack.push(Frame::Item { end: Some(pos + u64::from(len)) });
+                        stack.push(Frame::Item {
+                            end: Some(pos + u64::from(len)),
+                        });
                     }
                 }
                 (0xE000, Some(Frame::Fragments)) => {
                     if len == UNDEFINED {
-                        return Err(DicomError::Malformed { offset: pos, reason: "fragment with undefined length".into() });
+                        return Err(DicomError::Malformed {
+                            offset: pos,
+                            reason: "fragment with undefined length".into(),
+                        });
                     }
                     let remaining = limit.saturating_sub(pos + 8);
                     if u64::from(len) > remaining {
@@ -385,18 +500,32 @@ fn walk(view: &Bytes<'_>, start: u64, syntax: Syntax, limits: &PrescanLimits, re
                     stack.pop();
                     pos += 8;
                 }
-                _ => return Err(DicomError::StrayDelimiter { tag: tag_str(g, e), offset: pos }),
+                _ => {
+                    return Err(DicomError::StrayDelimiter {
+                        tag: tag_str(g, e),
+                        offset: pos,
+                    });
+                }
             }
             continue;
         }
-        if matches!(stack.last(), Some(Frame::Sequence { .. } | Frame::Fragments)) {
-            return Err(DicomError::Malformed { offset: pos, reason: format!("element {} directly inside a sequence", tag_str(g, e)) });
+        if matches!(
+            stack.last(),
+            Some(Frame::Sequence { .. } | Frame::Fragments)
+        ) {
+            return Err(DicomError::Malformed {
+                offset: pos,
+                reason: format!("element {} directly inside a sequence", tag_str(g, e)),
+            });
         }
         // Element header.
         let (hdr, len, vr): (u64, u32, Option<[u8; 2]>) = if explicit {
             let vr = [h[4], h[5]];
             if !vr.iter().all(u8::is_ascii_uppercase) {
-                return Err(DicomError::Malformed { offset: pos, reason: format!("invalid VR in {}", tag_str(g, e)) });
+                return Err(DicomError::Malformed {
+                    offset: pos,
+                    reason: format!("invalid VR in {}", tag_str(g, e)),
+                });
             }
             if long_vr(vr) {
                 let h12 = view.need(pos, 12)?;
@@ -435,13 +564,18 @@ fn walk(view: &Bytes<'_>, start: u64, syntax: Syntax, limits: &PrescanLimits, re
                 depth += 1;
                 report.max_depth_seen = report.max_depth_seen.max(depth);
                 if depth > limits.max_depth {
-                    return Err(DicomError::TooDeep { max: limits.max_depth });
+                    return Err(DicomError::TooDeep {
+                        max: limits.max_depth,
+                    });
                 }
                 stack.push(Frame::Sequence { end: None });
             } else if g == 0x7FE0 && e == 0x0010 {
                 stack.push(Frame::Fragments);
             } else {
-                return Err(DicomError::Malformed { offset: pos, reason: format!("undefined length on {}", tag_str(g, e)) });
+                return Err(DicomError::Malformed {
+                    offset: pos,
+                    reason: format!("undefined length on {}", tag_str(g, e)),
+                });
             }
             pos = vpos;
             continue;
@@ -449,18 +583,30 @@ fn walk(view: &Bytes<'_>, start: u64, syntax: Syntax, limits: &PrescanLimits, re
         let len = u64::from(len);
         let remaining = limit.saturating_sub(vpos);
         if len > remaining {
-            return Err(DicomError::LengthOverrun { tag: tag_str(g, e), offset: pos, declared: len, remaining });
+            return Err(DicomError::LengthOverrun {
+                tag: tag_str(g, e),
+                offset: pos,
+                declared: len,
+                remaining,
+            });
         }
         if len % 2 == 1 {
-            return Err(DicomError::Malformed { offset: pos, reason: format!("odd length {len} in {}", tag_str(g, e)) });
+            return Err(DicomError::Malformed {
+                offset: pos,
+                reason: format!("odd length {len} in {}", tag_str(g, e)),
+            });
         }
         if is_sq {
             depth += 1;
             report.max_depth_seen = report.max_depth_seen.max(depth);
             if depth > limits.max_depth {
-                return Err(DicomError::TooDeep { max: limits.max_depth });
+                return Err(DicomError::TooDeep {
+                    max: limits.max_depth,
+                });
             }
-            stack.push(Frame::Sequence { end: Some(vpos + len) });
+            stack.push(Frame::Sequence {
+                end: Some(vpos + len),
+            });
             pos = vpos;
             continue;
         }
@@ -520,7 +666,13 @@ mod tests {
 
     fn minimal() -> Vec<u8> {
         let mut f = meta(EXPLICIT_LE);
-        el(&mut f, 0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0");
+        el(
+            &mut f,
+            0x0008,
+            0x0016,
+            b"UI",
+            b"1.2.840.10008.5.1.4.1.1.7\0",
+        );
         el(&mut f, 0x0008, 0x0018, b"UI", b"1.2.3.4\0");
         el(&mut f, 0x0010, 0x0020, b"LO", b"PAT1");
         el(&mut f, 0x0020, 0x000D, b"UI", b"1.2.3\0");
@@ -542,17 +694,30 @@ mod tests {
     #[test]
     fn huge_length_in_tiny_file() {
         let mut f = meta(EXPLICIT_LE);
-        f.extend_from_slice(&[0x09, 0x00, 0x10, 0x00, b'O', b'B', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF]);
+        f.extend_from_slice(&[
+            0x09, 0x00, 0x10, 0x00, b'O', b'B', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF,
+        ]);
         f.extend_from_slice(&[0u8; 64]);
         let e = prescan(&f, f.len() as u64, &PrescanLimits::default()).unwrap_err();
-        assert!(matches!(e, DicomError::LengthOverrun { declared: 0xFFFF_FFF0, .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                DicomError::LengthOverrun {
+                    declared: 0xFFFF_FFF0,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn deep_nesting_is_capped_without_recursion() {
         let mut f = meta(EXPLICIT_LE);
         for _ in 0..100_000 {
-            f.extend_from_slice(&[0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+            f.extend_from_slice(&[
+                0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+            ]);
             f.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
         }
         let r = std::thread::Builder::new()

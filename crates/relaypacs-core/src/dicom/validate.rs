@@ -23,19 +23,30 @@ pub struct DicomLimits {
 
 impl Default for DicomLimits {
     fn default() -> Self {
-        Self { prescan: PrescanLimits::default(), max_header_bytes: 8 << 20, parser_stack_bytes: 32 << 20 }
+        Self {
+            prescan: PrescanLimits::default(),
+            max_header_bytes: 8 << 20,
+            parser_stack_bytes: 32 << 20,
+        }
     }
 }
 
 fn uid(name: &'static str, v: Option<String>) -> Result<Uid, DicomError> {
     let v = v.ok_or(DicomError::MissingAttribute { name })?;
-    Uid::parse(&v).map_err(|e| DicomError::BadAttribute { name, reason: e.to_string() })
+    Uid::parse(&v).map_err(|e| DicomError::BadAttribute {
+        name,
+        reason: e.to_string(),
+    })
 }
 
 /// Validate a Part-10 file given its first bytes (`prefix`, at most
 /// `limits.max_header_bytes`) and its size. Blocking: it runs dicom-object
 /// on its own thread and waits for it.
-pub fn validate_dicom(prefix: &[u8], total_len: u64, limits: &DicomLimits) -> Result<DicomSummary, DicomError> {
+pub fn validate_dicom(
+    prefix: &[u8],
+    total_len: u64,
+    limits: &DicomLimits,
+) -> Result<DicomSummary, DicomError> {
     let report = prescan(prefix, total_len, &limits.prescan)?;
     let summary = DicomSummary {
         sop_class_uid: uid("SOPClassUID", report.sop_class_uid.clone())?,
@@ -44,7 +55,12 @@ pub fn validate_dicom(prefix: &[u8], total_len: u64, limits: &DicomLimits) -> Re
         series_instance_uid: uid("SeriesInstanceUID", report.series_instance_uid.clone())?,
         patient_id: match report.patient_id.clone() {
             Some(p) if !p.is_empty() => p,
-            Some(_) => return Err(DicomError::BadAttribute { name: "PatientID", reason: "empty".into() }),
+            Some(_) => {
+                return Err(DicomError::BadAttribute {
+                    name: "PatientID",
+                    reason: "empty".into(),
+                });
+            }
             None => return Err(DicomError::MissingAttribute { name: "PatientID" }),
         },
         transfer_syntax: uid("TransferSyntaxUID", Some(report.transfer_syntax.clone()))?,
@@ -56,7 +72,9 @@ pub fn validate_dicom(prefix: &[u8], total_len: u64, limits: &DicomLimits) -> Re
     let header: Vec<u8> = if report.deflated {
         prefix.to_vec()
     } else {
-        let end = usize::try_from(report.header_end).unwrap_or(prefix.len()).min(prefix.len());
+        let end = usize::try_from(report.header_end)
+            .unwrap_or(prefix.len())
+            .min(prefix.len());
         prefix[..end].to_vec()
     };
     let parsed = std::thread::Builder::new()
@@ -68,17 +86,31 @@ pub fn validate_dicom(prefix: &[u8], total_len: u64, limits: &DicomLimits) -> Re
                 .odd_length_strategy(OddLengthStrategy::Fail)
                 .from_reader(std::io::Cursor::new(header))
                 .map(|obj| {
-                    let get = |t| obj.element(t).ok().and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches(['\0', ' ']).to_owned()));
+                    let get = |t| {
+                        obj.element(t).ok().and_then(|e| {
+                            e.to_str()
+                                .ok()
+                                .map(|s| s.trim_end_matches(['\0', ' ']).to_owned())
+                        })
+                    };
                     (get(tags::SOP_INSTANCE_UID), get(tags::STUDY_INSTANCE_UID))
                 })
                 .map_err(|e| e.to_string())
         })
-        .map_err(|e| DicomError::Parser { message: format!("cannot start parser thread: {e}") })?
+        .map_err(|e| DicomError::Parser {
+            message: format!("cannot start parser thread: {e}"),
+        })?
         .join()
-        .map_err(|_| DicomError::Parser { message: "the parser panicked".into() })?
+        .map_err(|_| DicomError::Parser {
+            message: "the parser panicked".into(),
+        })?
         .map_err(|message| DicomError::Parser { message })?;
-    if parsed.0.as_deref() != Some(summary.sop_instance_uid.as_str()) || parsed.1.as_deref() != Some(summary.study_instance_uid.as_str()) {
-        return Err(DicomError::Parser { message: "the parser disagrees with the pre-scan on the instance or study UID".into() });
+    if parsed.0.as_deref() != Some(summary.sop_instance_uid.as_str())
+        || parsed.1.as_deref() != Some(summary.study_instance_uid.as_str())
+    {
+        return Err(DicomError::Parser {
+            message: "the parser disagrees with the pre-scan on the instance or study UID".into(),
+        });
     }
     Ok(summary)
 }

@@ -8,7 +8,11 @@ use crate::audit::{AuditAction, AuditEvent, AuditOutcome, AuditSink};
 use crate::ids::{SessionId, Uid};
 
 fn event(i: usize) -> AuditEvent {
-    let mut e = AuditEvent::new(format!("user-{}", i % 3), AuditAction::ChunkStored, AuditOutcome::Success);
+    let mut e = AuditEvent::new(
+        format!("user-{}", i % 3),
+        AuditAction::ChunkStored,
+        AuditOutcome::Success,
+    );
     e.session = Some(SessionId::random());
     e.study = Uid::parse("1.2.3.4").ok();
     e.detail = format!("event {i} \"quoted\"\nnewline\u{1b}[31m");

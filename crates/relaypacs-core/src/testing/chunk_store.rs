@@ -10,16 +10,37 @@ use crate::model::ChunkRecord;
 use crate::testing::{collect, failing, pattern, pieces};
 
 fn key() -> FileKey {
-    FileKey { session: SessionId::random(), file: FileId::random() }
+    FileKey {
+        session: SessionId::random(),
+        file: FileId::random(),
+    }
 }
 
-async fn put(store: &dyn ChunkStore, key: FileKey, data: &[u8], offset: u64, len: u64) -> ChunkRecord {
+async fn put(
+    store: &dyn ChunkStore,
+    key: FileKey,
+    data: &[u8],
+    offset: u64,
+    len: u64,
+) -> ChunkRecord {
     let body = &data[offset as usize..(offset + len) as usize];
     let receipt = store
-        .put_chunk(key, ChunkPlacement { offset, length: len }, pieces(body, 64 << 10))
+        .put_chunk(
+            key,
+            ChunkPlacement {
+                offset,
+                length: len,
+            },
+            pieces(body, 64 << 10),
+        )
         .await
         .expect("put_chunk of a good body must succeed");
-    ChunkRecord { offset, length: len, sha256: Sha256Digest::of(body), receipt }
+    ChunkRecord {
+        offset,
+        length: len,
+        sha256: Sha256Digest::of(body),
+        receipt,
+    }
 }
 
 /// Chunks put out of order, sealed, read back whole and in sub-ranges.
@@ -29,7 +50,10 @@ pub async fn out_of_order_roundtrip(store: &dyn ChunkStore) {
     let size = 3 * cs + 12_345;
     let data = pattern(1, size as usize);
     store.create_file(k, size).await.expect("create_file");
-    store.create_file(k, size).await.expect("create_file is idempotent");
+    store
+        .create_file(k, size)
+        .await
+        .expect("create_file is idempotent");
     let mut recs = Vec::new();
     for i in [3u64, 0, 2, 1] {
         let len = (size - i * cs).min(cs);
@@ -37,9 +61,19 @@ pub async fn out_of_order_roundtrip(store: &dyn ChunkStore) {
     }
     recs.sort_by_key(|r| r.offset);
     store.seal_file(k, size, &recs).await.expect("seal_file");
-    store.seal_file(k, size, &recs).await.expect("seal_file twice is a no-op");
-    assert_eq!(collect(store.read(k, 0..size).await.expect("read")).await.expect("read stream"), data);
-    let sub = collect(store.read(k, cs - 10..cs + 10).await.expect("read range")).await.expect("range stream");
+    store
+        .seal_file(k, size, &recs)
+        .await
+        .expect("seal_file twice is a no-op");
+    assert_eq!(
+        collect(store.read(k, 0..size).await.expect("read"))
+            .await
+            .expect("read stream"),
+        data
+    );
+    let sub = collect(store.read(k, cs - 10..cs + 10).await.expect("read range"))
+        .await
+        .expect("range stream");
     assert_eq!(sub, &data[(cs - 10) as usize..(cs + 10) as usize]);
 }
 
@@ -48,25 +82,67 @@ pub async fn out_of_order_roundtrip(store: &dyn ChunkStore) {
 pub async fn failed_body_is_not_stored(store: &dyn ChunkStore) {
     let k = key();
     let data = pattern(2, 300_000);
-    store.create_file(k, data.len() as u64).await.expect("create_file");
+    store
+        .create_file(k, data.len() as u64)
+        .await
+        .expect("create_file");
     let err = store
-        .put_chunk(k, ChunkPlacement { offset: 0, length: data.len() as u64 }, failing(&data[..1000]))
+        .put_chunk(
+            k,
+            ChunkPlacement {
+                offset: 0,
+                length: data.len() as u64,
+            },
+            failing(&data[..1000]),
+        )
         .await
         .expect_err("a failing body must fail the put");
-    assert!(matches!(err.kind(), ErrorKind::Storage), "error passed through: {err:?}");
+    assert!(
+        matches!(err.kind(), ErrorKind::Storage),
+        "error passed through: {err:?}"
+    );
     let rec = put(store, k, &data, 0, data.len() as u64).await;
-    store.seal_file(k, data.len() as u64, &[rec]).await.expect("seal");
-    assert_eq!(collect(store.read(k, 0..data.len() as u64).await.expect("read")).await.expect("stream"), data);
+    store
+        .seal_file(k, data.len() as u64, &[rec])
+        .await
+        .expect("seal");
+    assert_eq!(
+        collect(store.read(k, 0..data.len() as u64).await.expect("read"))
+            .await
+            .expect("stream"),
+        data
+    );
 }
 
 /// A body shorter or longer than its placement is refused.
 pub async fn wrong_length_is_refused(store: &dyn ChunkStore) {
     let k = key();
     let data = pattern(3, 100_000);
-    store.create_file(k, data.len() as u64).await.expect("create_file");
-    let short = store.put_chunk(k, ChunkPlacement { offset: 0, length: 100_000 }, pieces(&data[..99_999], 4096)).await;
+    store
+        .create_file(k, data.len() as u64)
+        .await
+        .expect("create_file");
+    let short = store
+        .put_chunk(
+            k,
+            ChunkPlacement {
+                offset: 0,
+                length: 100_000,
+            },
+            pieces(&data[..99_999], 4096),
+        )
+        .await;
     assert!(short.is_err(), "short body accepted");
-    let long = store.put_chunk(k, ChunkPlacement { offset: 0, length: 99_999 }, pieces(&data, 4096)).await;
+    let long = store
+        .put_chunk(
+            k,
+            ChunkPlacement {
+                offset: 0,
+                length: 99_999,
+            },
+            pieces(&data, 4096),
+        )
+        .await;
     assert!(long.is_err(), "long body accepted");
 }
 
@@ -80,19 +156,36 @@ pub async fn parallel_chunks(store: &dyn ChunkStore) {
     let futs = (0..n).map(|i| put(store, k, &data, i * cs, cs));
     let recs = futures::future::join_all(futs).await;
     store.seal_file(k, cs * n, &recs).await.expect("seal");
-    assert_eq!(collect(store.read(k, 0..cs * n).await.expect("read")).await.expect("stream"), data);
+    assert_eq!(
+        collect(store.read(k, 0..cs * n).await.expect("read"))
+            .await
+            .expect("stream"),
+        data
+    );
 }
 
 /// Deleting files and sessions; reading a missing file is `NotFound`.
 pub async fn delete_semantics(store: &dyn ChunkStore) {
     let session = SessionId::random();
-    let a = FileKey { session, file: FileId::random() };
-    let b = FileKey { session, file: FileId::random() };
+    let a = FileKey {
+        session,
+        file: FileId::random(),
+    };
+    let b = FileKey {
+        session,
+        file: FileId::random(),
+    };
     let data = pattern(5, 70_000);
     for k in [a, b] {
-        store.create_file(k, data.len() as u64).await.expect("create");
+        store
+            .create_file(k, data.len() as u64)
+            .await
+            .expect("create");
         let r = put(store, k, &data, 0, data.len() as u64).await;
-        store.seal_file(k, data.len() as u64, &[r]).await.expect("seal");
+        store
+            .seal_file(k, data.len() as u64, &[r])
+            .await
+            .expect("seal");
     }
     store.delete_file(a).await.expect("delete_file");
     store.delete_file(a).await.expect("deleting twice is fine");
@@ -101,12 +194,26 @@ pub async fn delete_semantics(store: &dyn ChunkStore) {
         Ok(s) => assert!(collect(s).await.is_err(), "deleted file still readable"),
         Err(e) => panic!("expected NotFound, got {e:?}"),
     }
-    assert_eq!(collect(store.read(b, 0..10).await.expect("b intact")).await.expect("stream"), &data[..10]);
+    assert_eq!(
+        collect(store.read(b, 0..10).await.expect("b intact"))
+            .await
+            .expect("stream"),
+        &data[..10]
+    );
     store.delete_session(session).await.expect("delete_session");
-    store.delete_session(session).await.expect("deleting a session twice is fine");
-    assert!(matches!(store.read(b, 0..10).await, Err(Error::NotFound { .. })), "session delete left file b");
+    store
+        .delete_session(session)
+        .await
+        .expect("deleting a session twice is fine");
+    assert!(
+        matches!(store.read(b, 0..10).await, Err(Error::NotFound { .. })),
+        "session delete left file b"
+    );
     let missing = key();
-    assert!(matches!(store.read(missing, 0..1).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        store.read(missing, 0..1).await,
+        Err(Error::NotFound { .. })
+    ));
 }
 
 /// Sealing needs every chunk: a store must not invent missing bytes.

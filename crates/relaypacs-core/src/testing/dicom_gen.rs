@@ -127,14 +127,33 @@ enum Enc {
 }
 
 fn long_vr(vr: &[u8; 2]) -> bool {
-    matches!(vr, b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV")
+    matches!(
+        vr,
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
+    )
 }
 
 /// Write one element header (value length `len`).
 fn header(out: &mut Vec<u8>, enc: Enc, g: u16, e: u16, vr: &[u8; 2], len: u32) {
     let be = enc == Enc::ExplicitBe;
-    let w16 = |out: &mut Vec<u8>, v: u16| out.extend_from_slice(&if be { v.to_be_bytes() } else { v.to_le_bytes() });
-    let w32 = |out: &mut Vec<u8>, v: u32| out.extend_from_slice(&if be { v.to_be_bytes() } else { v.to_le_bytes() });
+    let w16 = |out: &mut Vec<u8>, v: u16| {
+        out.extend_from_slice(&if be { v.to_be_bytes() } else { v.to_le_bytes() })
+    };
+    let w32 = |out: &mut Vec<u8>, v: u32| {
+        out.extend_from_slice(&if be { v.to_be_bytes() } else { v.to_le_bytes() })
+    };
     w16(out, g);
     w16(out, e);
     match enc {
@@ -163,7 +182,11 @@ fn text(out: &mut Vec<u8>, enc: Enc, g: u16, e: u16, vr: &[u8; 2], v: &str) {
 
 fn us(out: &mut Vec<u8>, enc: Enc, g: u16, e: u16, v: u16) {
     header(out, enc, g, e, b"US", 2);
-    out.extend_from_slice(&if enc == Enc::ExplicitBe { v.to_be_bytes() } else { v.to_le_bytes() });
+    out.extend_from_slice(&if enc == Enc::ExplicitBe {
+        v.to_be_bytes()
+    } else {
+        v.to_le_bytes()
+    });
 }
 
 /// Preamble, DICM and the file meta group (explicit VR little endian).
@@ -172,10 +195,31 @@ fn meta(sop_class: &str, sop_instance: &str, ts: &str) -> Vec<u8> {
     header(&mut body, Enc::ExplicitLe, 0x0002, 0x0001, b"OB", 2);
     body.extend_from_slice(&[0, 1]);
     text(&mut body, Enc::ExplicitLe, 0x0002, 0x0002, b"UI", sop_class);
-    text(&mut body, Enc::ExplicitLe, 0x0002, 0x0003, b"UI", sop_instance);
+    text(
+        &mut body,
+        Enc::ExplicitLe,
+        0x0002,
+        0x0003,
+        b"UI",
+        sop_instance,
+    );
     text(&mut body, Enc::ExplicitLe, 0x0002, 0x0010, b"UI", ts);
-    text(&mut body, Enc::ExplicitLe, 0x0002, 0x0012, b"UI", "2.25.271828182845904523536028747135266249");
-    text(&mut body, Enc::ExplicitLe, 0x0002, 0x0013, b"SH", "RELAYPACS_TEST");
+    text(
+        &mut body,
+        Enc::ExplicitLe,
+        0x0002,
+        0x0012,
+        b"UI",
+        "2.25.271828182845904523536028747135266249",
+    );
+    text(
+        &mut body,
+        Enc::ExplicitLe,
+        0x0002,
+        0x0013,
+        b"SH",
+        "RELAYPACS_TEST",
+    );
     let mut out = vec![0u8; 128];
     out.extend_from_slice(b"DICM");
     header(&mut out, Enc::ExplicitLe, 0x0002, 0x0000, b"UL", 4);
@@ -188,11 +232,25 @@ fn meta(sop_class: &str, sop_instance: &str, ts: &str) -> Vec<u8> {
 fn dataset_header(spec: &DicomSpec, enc: Enc, bits: u16) -> Vec<u8> {
     let mut d = Vec::new();
     text(&mut d, enc, 0x0008, 0x0005, b"CS", "ISO_IR 100");
-    text(&mut d, enc, 0x0008, 0x0008, b"CS", "ORIGINAL\\PRIMARY\\AXIAL");
+    text(
+        &mut d,
+        enc,
+        0x0008,
+        0x0008,
+        b"CS",
+        "ORIGINAL\\PRIMARY\\AXIAL",
+    );
     text(&mut d, enc, 0x0008, 0x0016, b"UI", spec.sop_class.uid());
     text(&mut d, enc, 0x0008, 0x0018, b"UI", &spec.sop_instance_uid);
     text(&mut d, enc, 0x0008, 0x0020, b"DA", "20261122");
-    text(&mut d, enc, 0x0008, 0x0060, b"CS", spec.sop_class.modality());
+    text(
+        &mut d,
+        enc,
+        0x0008,
+        0x0060,
+        b"CS",
+        spec.sop_class.modality(),
+    );
     text(&mut d, enc, 0x0010, 0x0010, b"PN", "Test^Patient");
     text(&mut d, enc, 0x0010, 0x0020, b"LO", &spec.patient_id);
     text(&mut d, enc, 0x0020, 0x000D, b"UI", &spec.study_uid);
@@ -219,7 +277,10 @@ pub fn generate(spec: &DicomSpec) -> std::io::Result<Vec<u8>> {
     let mut out = meta(spec.sop_class.uid(), &spec.sop_instance_uid, ts.uid());
     let pixels = usize::from(spec.rows) * usize::from(spec.cols);
     match ts {
-        TransferSyntax::ExplicitLe | TransferSyntax::ImplicitLe | TransferSyntax::ExplicitBe | TransferSyntax::Deflated => {
+        TransferSyntax::ExplicitLe
+        | TransferSyntax::ImplicitLe
+        | TransferSyntax::ExplicitBe
+        | TransferSyntax::Deflated => {
             let enc = match ts {
                 TransferSyntax::ImplicitLe => Enc::ImplicitLe,
                 TransferSyntax::ExplicitBe => Enc::ExplicitBe,
@@ -234,7 +295,8 @@ pub fn generate(spec: &DicomSpec) -> std::io::Result<Vec<u8>> {
             header(&mut d, enc, 0x7FE0, 0x0010, b"OW", px.len() as u32);
             d.extend_from_slice(&px);
             if ts == TransferSyntax::Deflated {
-                let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+                let mut enc =
+                    flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
                 enc.write_all(&d)?;
                 let mut z = enc.finish()?;
                 if z.len() % 2 == 1 {
@@ -266,9 +328,19 @@ pub fn generate(spec: &DicomSpec) -> std::io::Result<Vec<u8>> {
 /// `path`, streaming its pixel data in 1 MiB blocks (never held whole).
 pub fn write_large_file(path: &Path, spec: &DicomSpec, target_size: u64) -> std::io::Result<()> {
     let side = ((target_size / 2) as f64).sqrt().ceil() as u64;
-    let side = u16::try_from(side.max(1)).map_err(|_| std::io::Error::other("target size too large"))?;
-    let spec = DicomSpec { rows: side, cols: side, transfer_syntax: TransferSyntax::ExplicitLe, ..spec.clone() };
-    let mut out = meta(spec.sop_class.uid(), &spec.sop_instance_uid, spec.transfer_syntax.uid());
+    let side =
+        u16::try_from(side.max(1)).map_err(|_| std::io::Error::other("target size too large"))?;
+    let spec = DicomSpec {
+        rows: side,
+        cols: side,
+        transfer_syntax: TransferSyntax::ExplicitLe,
+        ..spec.clone()
+    };
+    let mut out = meta(
+        spec.sop_class.uid(),
+        &spec.sop_instance_uid,
+        spec.transfer_syntax.uid(),
+    );
     out.extend_from_slice(&dataset_header(&spec, Enc::ExplicitLe, 16));
     let len = u64::from(side) * u64::from(side) * 2;
     let len32 = u32::try_from(len).map_err(|_| std::io::Error::other("pixel data over 4 GiB"))?;
@@ -302,7 +374,14 @@ pub fn nested_sequences(depth: usize, undefined: bool) -> Vec<u8> {
     let mut out = hostile_meta("1.2.840.10008.1.2.1");
     for i in 0..depth {
         if undefined {
-            header(&mut out, Enc::ExplicitLe, 0x0008, 0x1115, b"SQ", 0xFFFF_FFFF);
+            header(
+                &mut out,
+                Enc::ExplicitLe,
+                0x0008,
+                0x1115,
+                b"SQ",
+                0xFFFF_FFFF,
+            );
             out.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
         } else {
             let level = ((depth - i) * 20) as u32;
@@ -317,7 +396,14 @@ pub fn nested_sequences(depth: usize, undefined: bool) -> Vec<u8> {
 /// A tiny file with one element declaring `0xFFFFFFF0` bytes.
 pub fn huge_declared_length() -> Vec<u8> {
     let mut out = hostile_meta("1.2.840.10008.1.2.1");
-    header(&mut out, Enc::ExplicitLe, 0x0009, 0x1010, b"OB", 0xFFFF_FFF0);
+    header(
+        &mut out,
+        Enc::ExplicitLe,
+        0x0009,
+        0x1010,
+        b"OB",
+        0xFFFF_FFF0,
+    );
     out.resize(382, 0);
     out
 }
@@ -327,7 +413,14 @@ pub fn deflate_bomb(inflated: u64) -> std::io::Result<Vec<u8>> {
     let mut out = hostile_meta("1.2.840.10008.1.2.1.99");
     let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
     let mut first = Vec::new();
-    header(&mut first, Enc::ExplicitLe, 0x0009, 0x1010, b"OB", (inflated - 12).min(0xFFFF_FFF0) as u32);
+    header(
+        &mut first,
+        Enc::ExplicitLe,
+        0x0009,
+        0x1010,
+        b"OB",
+        (inflated - 12).min(0xFFFF_FFF0) as u32,
+    );
     enc.write_all(&first)?;
     let zeros = vec![0u8; 1 << 20];
     let mut left = inflated.saturating_sub(12);
@@ -353,7 +446,20 @@ pub fn stray_delimiters(n: usize) -> Vec<u8> {
 /// Truncations of `valid` at a spread of offsets.
 pub fn truncations(valid: &[u8]) -> Vec<Vec<u8>> {
     let n = valid.len();
-    let mut at = vec![1, 64, 128, 131, 133, 140, 150, 200, 300, n / 3, n / 2, n - 2];
+    let mut at = vec![
+        1,
+        64,
+        128,
+        131,
+        133,
+        140,
+        150,
+        200,
+        300,
+        n / 3,
+        n / 2,
+        n - 2,
+    ];
     at.retain(|&a| a < n);
     at.into_iter().map(|a| valid[..a].to_vec()).collect()
 }
@@ -371,11 +477,17 @@ pub fn hostile_set() -> Vec<(&'static str, Vec<u8>)> {
         ("sq-depth-100000-undefined", nested_sequences(100_000, true)),
         ("sq-depth-100000-defined", nested_sequences(100_000, false)),
         ("length-0xFFFFFFF0-in-382-bytes", huge_declared_length()),
-        ("deflate-bomb-512MiB", deflate_bomb(512 << 20).unwrap_or_default()),
+        (
+            "deflate-bomb-512MiB",
+            deflate_bomb(512 << 20).unwrap_or_default(),
+        ),
         ("stray-delimiters-200000", stray_delimiters(200_000)),
         ("no-dicm", super::pattern(11, 300)),
         ("random-bytes", super::pattern(12, 100_000)),
-        ("uid-path-traversal", valid(&|s| s.sop_instance_uid = "../../etc/passwd".into())),
+        (
+            "uid-path-traversal",
+            valid(&|s| s.sop_instance_uid = "../../etc/passwd".into()),
+        ),
         ("missing-patient-id", {
             let b = valid(&|s| s.patient_id = "X".into());
             // Rename (0010,0020) to a private tag (0011,0020): PatientID is gone.

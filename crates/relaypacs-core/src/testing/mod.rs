@@ -10,6 +10,10 @@
 //! relaypacs_core::chunk_store_conformance!(make);
 //! ```
 
+// Conformance cases are tests: a broken contract must fail loudly, so they
+// unwrap and panic by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod audit_sink;
 pub mod chunk_store;
 pub mod dicom_gen;
@@ -40,8 +44,10 @@ pub async fn collect(stream: crate::ByteStream) -> crate::Result<Vec<u8>> {
 
 /// A body stream that yields `data` in pieces of `piece` bytes.
 pub fn pieces(data: &[u8], piece: usize) -> crate::ByteStream {
-    let parts: Vec<crate::Result<bytes::Bytes>> =
-        data.chunks(piece.max(1)).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
+    let parts: Vec<crate::Result<bytes::Bytes>> = data
+        .chunks(piece.max(1))
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
     Box::pin(futures::stream::iter(parts))
 }
 
@@ -49,7 +55,10 @@ pub fn pieces(data: &[u8], piece: usize) -> crate::ByteStream {
 pub fn failing(data: &[u8]) -> crate::ByteStream {
     let parts: Vec<crate::Result<bytes::Bytes>> = vec![
         Ok(bytes::Bytes::copy_from_slice(data)),
-        Err(crate::Error::io("client body", std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset"))),
+        Err(crate::Error::io(
+            "client body",
+            std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset"),
+        )),
     ];
     Box::pin(futures::stream::iter(parts))
 }

@@ -34,8 +34,16 @@ pub struct MemorySource {
 impl MemorySource {
     /// Add a file's bytes and return the [`Instance`] describing it.
     pub fn add(&mut self, bytes: Vec<u8>, dicom: DicomSummary) -> Instance {
-        let key = FileKey { session: SessionId::random(), file: FileId::random() };
-        let inst = Instance { key, size: bytes.len() as u64, sha256: Sha256Digest::of(&bytes), dicom };
+        let key = FileKey {
+            session: SessionId::random(),
+            file: FileId::random(),
+        };
+        let inst = Instance {
+            key,
+            size: bytes.len() as u64,
+            sha256: Sha256Digest::of(&bytes),
+            dicom,
+        };
         self.files.insert(key, bytes);
         inst
     }
@@ -44,7 +52,10 @@ impl MemorySource {
 #[async_trait]
 impl InstanceSource for MemorySource {
     async fn open(&self, instance: &Instance) -> Result<ByteStream> {
-        let b = self.files.get(&instance.key).ok_or(Error::NotFound { what: "file" })?;
+        let b = self
+            .files
+            .get(&instance.key)
+            .ok_or(Error::NotFound { what: "file" })?;
         Ok(pieces(b, 64 << 10))
     }
 }
@@ -63,8 +74,10 @@ pub fn study(n: usize) -> Result<(MemorySource, Vec<Instance>)> {
             seed: i as u64,
             ..dicom_gen::DicomSpec::default()
         };
-        let bytes = dicom_gen::generate(&spec).map_err(|e| Error::invalid("TEST_GEN", e.to_string()))?;
-        let summary = crate::dicom::validate_dicom(&bytes, bytes.len() as u64, &Default::default())?;
+        let bytes =
+            dicom_gen::generate(&spec).map_err(|e| Error::invalid("TEST_GEN", e.to_string()))?;
+        let summary =
+            crate::dicom::validate_dicom(&bytes, bytes.len() as u64, &Default::default())?;
         out.push(src.add(bytes, summary));
     }
     Ok((src, out))
@@ -76,11 +89,22 @@ pub async fn delivers_byte_exact(sink: &dyn PacsSink, probe: &dyn SinkProbe) {
     let report = sink.deliver(&insts, &src).await.expect("deliver");
     assert_eq!(report.outcomes.len(), insts.len());
     for ((uid, outcome), inst) in report.outcomes.iter().zip(&insts) {
-        assert_eq!(uid, &inst.dicom.sop_instance_uid, "outcomes are in input order");
+        assert_eq!(
+            uid, &inst.dicom.sop_instance_uid,
+            "outcomes are in input order"
+        );
         assert_eq!(outcome, &InstanceOutcome::Stored);
-        let held = probe.fetch(uid).await.expect("probe").expect("destination holds the instance");
+        let held = probe
+            .fetch(uid)
+            .await
+            .expect("probe")
+            .expect("destination holds the instance");
         let sent = src.files.get(&inst.key).expect("source bytes");
-        assert_eq!(Sha256Digest::of(&held), Sha256Digest::of(sent), "destination bytes differ");
+        assert_eq!(
+            Sha256Digest::of(&held),
+            Sha256Digest::of(sent),
+            "destination bytes differ"
+        );
     }
 }
 
@@ -91,7 +115,13 @@ pub async fn redelivery_is_idempotent(sink: &dyn PacsSink, probe: &dyn SinkProbe
     let again = sink.deliver(&insts, &src).await.expect("second deliver");
     assert!(again.all_delivered(), "{again:?}");
     for i in &insts {
-        assert!(probe.fetch(&i.dicom.sop_instance_uid).await.expect("probe").is_some());
+        assert!(
+            probe
+                .fetch(&i.dicom.sop_instance_uid)
+                .await
+                .expect("probe")
+                .is_some()
+        );
     }
 }
 
@@ -102,7 +132,11 @@ pub async fn source_failure_leaves_nothing(sink: &dyn PacsSink, probe: &dyn Sink
     #[async_trait]
     impl InstanceSource for Broken {
         async fn open(&self, instance: &Instance) -> Result<ByteStream> {
-            let b = self.0.files.get(&instance.key).ok_or(Error::NotFound { what: "file" })?;
+            let b = self
+                .0
+                .files
+                .get(&instance.key)
+                .ok_or(Error::NotFound { what: "file" })?;
             Ok(crate::testing::failing(&b[..b.len() / 2]))
         }
     }
@@ -112,7 +146,10 @@ pub async fn source_failure_leaves_nothing(sink: &dyn PacsSink, probe: &dyn Sink
         Err(_) => {}
         Ok(r) => assert!(!r.all_delivered(), "a broken source was reported delivered"),
     }
-    let held = probe.fetch(&insts[0].dicom.sop_instance_uid).await.expect("probe");
+    let held = probe
+        .fetch(&insts[0].dicom.sop_instance_uid)
+        .await
+        .expect("probe");
     assert!(held.is_none(), "a partial instance was stored");
 }
 

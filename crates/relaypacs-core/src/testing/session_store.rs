@@ -14,7 +14,9 @@ use crate::session_store::{ChunkInsert, SessionStore};
 
 /// A fresh session record with one file.
 pub fn sample_session() -> SessionRecord {
-    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
     let file = FileRecord {
         id: FileId::random(),
         name: "ct-001.dcm".into(),
@@ -36,7 +38,12 @@ pub fn sample_session() -> SessionRecord {
 }
 
 fn chunk(offset: u64, tag: &[u8]) -> ChunkRecord {
-    ChunkRecord { offset, length: 1 << 20, sha256: Sha256Digest::of(tag), receipt: format!("r{offset}") }
+    ChunkRecord {
+        offset,
+        length: 1 << 20,
+        sha256: Sha256Digest::of(tag),
+        receipt: format!("r{offset}"),
+    }
 }
 
 /// Create then load returns the same record; creating twice fails.
@@ -47,8 +54,14 @@ pub async fn create_load(store: &dyn SessionStore) {
     let loaded = store.load_session(s.id).await.expect("load");
     assert_eq!(loaded.value, s);
     assert_eq!(loaded.version, v.version);
-    assert!(matches!(store.create_session(&s).await, Err(Error::AlreadyExists { .. })));
-    assert!(matches!(store.load_session(SessionId::random()).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        store.create_session(&s).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        store.load_session(SessionId::random()).await,
+        Err(Error::NotFound { .. })
+    ));
     assert!(store.list_sessions().await.expect("list").contains(&s.id));
 }
 
@@ -58,16 +71,25 @@ pub async fn compare_and_set(store: &dyn SessionStore) {
     let v1 = store.create_session(&s).await.expect("create").version;
     let mut a = s.clone();
     a.state = SessionState::Forwarding;
-    let v2 = store.update_session(&a, v1).await.expect("update at current version");
+    let v2 = store
+        .update_session(&a, v1)
+        .await
+        .expect("update at current version");
     assert_ne!(v1, v2);
     let mut b = s.clone();
     b.owner = "mallory".into();
-    assert!(matches!(store.update_session(&b, v1).await, Err(Error::Precondition { .. })));
+    assert!(matches!(
+        store.update_session(&b, v1).await,
+        Err(Error::Precondition { .. })
+    ));
     let loaded = store.load_session(s.id).await.expect("load");
     assert_eq!(loaded.value, a);
     assert_eq!(loaded.version, v2);
     let missing = sample_session();
-    assert!(matches!(store.update_session(&missing, 1).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        store.update_session(&missing, 1).await,
+        Err(Error::NotFound { .. })
+    ));
 }
 
 /// Of many concurrent updates from one version, exactly one succeeds.
@@ -100,22 +122,42 @@ pub async fn chunk_records(store: &dyn SessionStore) {
     let file = *s.files.keys().next().expect("sample has a file");
     let other = FileId::random();
     for off in [3u64 << 20, 0, 1 << 20] {
-        assert_eq!(store.record_chunk(s.id, file, &chunk(off, b"a")).await.expect("record"), ChunkInsert::Inserted);
+        assert_eq!(
+            store
+                .record_chunk(s.id, file, &chunk(off, b"a"))
+                .await
+                .expect("record"),
+            ChunkInsert::Inserted
+        );
     }
     assert_eq!(
-        store.record_chunk(s.id, file, &chunk(0, b"b")).await.expect("record again"),
+        store
+            .record_chunk(s.id, file, &chunk(0, b"b"))
+            .await
+            .expect("record again"),
         ChunkInsert::Existing(chunk(0, b"a")),
         "an existing record is returned, not replaced"
     );
-    store.record_chunk(s.id, other, &chunk(0, b"o")).await.expect("other file");
+    store
+        .record_chunk(s.id, other, &chunk(0, b"o"))
+        .await
+        .expect("other file");
     let list = store.chunks(s.id, file).await.expect("chunks");
-    assert_eq!(list.iter().map(|c| c.offset).collect::<Vec<_>>(), vec![0, 1 << 20, 3 << 20]);
+    assert_eq!(
+        list.iter().map(|c| c.offset).collect::<Vec<_>>(),
+        vec![0, 1 << 20, 3 << 20]
+    );
     assert_eq!(list[0], chunk(0, b"a"));
-    store.delete_chunks(s.id, file).await.expect("delete_chunks");
+    store
+        .delete_chunks(s.id, file)
+        .await
+        .expect("delete_chunks");
     assert!(store.chunks(s.id, file).await.expect("chunks").is_empty());
     assert_eq!(store.chunks(s.id, other).await.expect("chunks").len(), 1);
     assert!(matches!(
-        store.record_chunk(SessionId::random(), file, &chunk(0, b"x")).await,
+        store
+            .record_chunk(SessionId::random(), file, &chunk(0, b"x"))
+            .await,
         Err(Error::NotFound { .. })
     ));
 }
@@ -146,16 +188,37 @@ pub async fn delete_session(store: &dyn SessionStore) {
     let s = sample_session();
     let v = store.create_session(&s).await.expect("create").version;
     let file = *s.files.keys().next().expect("sample has a file");
-    store.record_chunk(s.id, file, &chunk(0, b"a")).await.expect("record");
+    store
+        .record_chunk(s.id, file, &chunk(0, b"a"))
+        .await
+        .expect("record");
     let v2 = store.update_session(&s, v).await.expect("update");
-    assert!(matches!(store.delete_session(s.id, v).await, Err(Error::Precondition { .. })));
-    assert!(store.load_session(s.id).await.is_ok(), "a stale delete must not remove the session");
+    assert!(matches!(
+        store.delete_session(s.id, v).await,
+        Err(Error::Precondition { .. })
+    ));
+    assert!(
+        store.load_session(s.id).await.is_ok(),
+        "a stale delete must not remove the session"
+    );
     store.delete_session(s.id, v2).await.expect("delete");
-    assert!(matches!(store.load_session(s.id).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        store.load_session(s.id).await,
+        Err(Error::NotFound { .. })
+    ));
     assert!(!store.list_sessions().await.expect("list").contains(&s.id));
-    let recreated = store.create_session(&s).await.expect("an id can be used again after deletion");
-    assert!(store.chunks(s.id, file).await.expect("chunks").is_empty(), "chunk records outlived their session");
-    store.delete_session(s.id, recreated.version).await.expect("delete");
+    let recreated = store
+        .create_session(&s)
+        .await
+        .expect("an id can be used again after deletion");
+    assert!(
+        store.chunks(s.id, file).await.expect("chunks").is_empty(),
+        "chunk records outlived their session"
+    );
+    store
+        .delete_session(s.id, recreated.version)
+        .await
+        .expect("delete");
 }
 
 /// Generates one `#[tokio::test]` per [`SessionStore`] conformance case.
