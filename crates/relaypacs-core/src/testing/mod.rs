@@ -18,6 +18,7 @@ pub mod audit_sink;
 pub mod chunk_store;
 pub mod dicom_gen;
 pub mod pacs_sink;
+pub mod peers;
 pub mod session_store;
 
 /// Deterministic pseudo-random bytes (xorshift), for reproducible test data.
