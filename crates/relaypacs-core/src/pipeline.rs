@@ -816,42 +816,24 @@ impl Pipeline {
 
     /// Stream a stored file back, checking every chunk against its recorded
     /// digest and computing the whole-file digest, keeping the first
-    /// `header_cap` bytes. Hashing runs on a blocking thread fed through a
-    /// small bounded channel, so memory stays at a few buffers.
-    async fn read_back(
-        &self,
-        key: FileKey,
-        size: u64,
-        chunks: &[ChunkRecord],
-        header_cap: u64,
-    ) -> Result<ReadBack> {
+    /// `header_cap` bytes.
+    async fn read_back(&self, key: FileKey, size: u64, chunks: &[ChunkRecord], header_cap: u64) -> Result<ReadBack> {
         let mut stream = self.inner.chunks.read(key, 0..size).await?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
-        let bounds: Vec<(u64, u64, Sha256Digest)> = chunks
-            .iter()
-            .map(|c| (c.offset, c.end(), c.sha256))
-            .collect();
-        let hasher = tokio::task::spawn_blocking(move || -> Result<ReadBack> {
-            let mut whole = Sha256::new();
-            let mut prefix = Vec::with_capacity(usize::try_from(header_cap).unwrap_or(0));
+        // Two hashers on two blocking threads (one per core): one checks
+        // each chunk against its recorded digest, the other computes the
+        // whole-file digest. Buffers are shared (`Bytes` clones), and the
+        // channels are small, so memory stays at a few buffers.
+        let (tx_parts, mut rx_parts) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let (tx_whole, mut rx_whole) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let bounds: Vec<(u64, u64, Sha256Digest)> = chunks.iter().map(|c| (c.offset, c.end(), c.sha256)).collect();
+        let parts = tokio::task::spawn_blocking(move || -> Result<()> {
             let mut idx = 0usize;
             let mut part = Sha256::new();
             let mut pos = 0u64;
-            while let Some(mut buf) = rx.blocking_recv() {
-                whole.update(&buf);
-                if (prefix.len() as u64) < header_cap {
-                    let take =
-                        usize::try_from((header_cap - prefix.len() as u64).min(buf.len() as u64))
-                            .unwrap_or(0);
-                    prefix.extend_from_slice(&buf[..take]);
-                }
+            while let Some(mut buf) = rx_parts.blocking_recv() {
                 while !buf.is_empty() {
-                    let Some(&(_, end, expect)) = bounds.get(idx) else {
-                        return Err(IntegrityError::StoredSize {
-                            expected: size,
-                            actual: pos + buf.len() as u64,
-                        }
-                        .into());
+                    let Some(&(start, end, expect)) = bounds.get(idx) else {
+                        return Err(IntegrityError::StoredSize { expected: size, actual: pos + buf.len() as u64 }.into());
                     };
                     let n = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
                     part.update(&buf[..n]);
@@ -861,7 +843,7 @@ impl Pipeline {
                         let got = Sha256Digest(std::mem::take(&mut part).finalize().into());
                         if got != expect {
                             return Err(IntegrityError::StoredChunkCorrupt {
-                                offset: bounds[idx].0,
+                                offset: start,
                                 expected: expect.to_hex(),
                                 actual: got.to_hex(),
                             }
@@ -872,43 +854,47 @@ impl Pipeline {
                 }
             }
             if pos != size {
-                return Err(IntegrityError::StoredSize {
-                    expected: size,
-                    actual: pos,
-                }
-                .into());
+                return Err(IntegrityError::StoredSize { expected: size, actual: pos }.into());
             }
-            Ok(ReadBack {
-                prefix,
-                sha256: Sha256Digest(whole.finalize().into()),
-            })
+            Ok(())
         });
-        let mut send_err = None;
+        let whole = tokio::task::spawn_blocking(move || -> ReadBack {
+            let mut whole = Sha256::new();
+            let mut prefix = Vec::with_capacity(usize::try_from(header_cap).unwrap_or(0));
+            while let Some(buf) = rx_whole.blocking_recv() {
+                whole.update(&buf);
+                if (prefix.len() as u64) < header_cap {
+                    let take = usize::try_from((header_cap - prefix.len() as u64).min(buf.len() as u64)).unwrap_or(0);
+                    prefix.extend_from_slice(&buf[..take]);
+                }
+            }
+            ReadBack { prefix, sha256: Sha256Digest(whole.finalize().into()) }
+        });
+        let mut read_err = None;
         while let Some(item) = stream.next().await {
             match item {
                 Ok(b) => {
-                    if tx.send(b).await.is_err() {
-                        break; // the hasher stopped early with an error; it is reported below
+                    // A send fails only if the chunk checker stopped early
+                    // with an error; that error is reported below.
+                    if tx_parts.send(b.clone()).await.is_err() || tx_whole.send(b).await.is_err() {
+                        break;
                     }
                 }
                 Err(e) => {
-                    send_err = Some(e);
+                    read_err = Some(e);
                     break;
                 }
             }
         }
-        drop(tx);
-        let res = hasher.await.map_err(|e| {
-            Error::storage(
-                crate::error::StorageErrorKind::Io,
-                "verify stored file",
-                e.to_string(),
-            )
-        })?;
-        match send_err {
-            Some(e) => Err(e),
-            None => res,
+        drop((tx_parts, tx_whole));
+        let join = |e: tokio::task::JoinError| Error::storage(crate::error::StorageErrorKind::Io, "verify stored file", e.to_string());
+        let parts = parts.await.map_err(join)?;
+        let whole = whole.await.map_err(join)?;
+        if let Some(e) = read_err {
+            return Err(e);
         }
+        parts?;
+        Ok(whole)
     }
 
     /// Hand every validated file of the session to the PACS sink and record

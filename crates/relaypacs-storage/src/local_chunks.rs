@@ -21,6 +21,10 @@ use crate::fs::{create_dir_durable, fsync_dir, lock_root, remove_dir_atomic, swe
 
 /// Bytes gathered before one positioned write.
 const WRITE_BUF: usize = 1 << 20;
+/// Buffers queued between the hashing task and the writer thread.
+const WRITE_QUEUE: usize = 6;
+/// Flush written bytes every this many bytes of a chunk (a multiple of `WRITE_BUF`).
+const EARLY_SYNC: u64 = 2 << 20;
 /// Read size when streaming a file back.
 const READ_BUF: usize = 1 << 20;
 
@@ -198,8 +202,10 @@ impl ChunkStore for LocalChunkStore {
             Err(e) => return Err(Error::io("open data file", e)),
         };
         // Hashing (in the body stream) and disk writes overlap: this task
-        // polls the body, a blocking thread writes what it is sent.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(2);
+        // polls the body, a blocking thread writes what it is sent and
+        // flushes every few MiB, so the disk works while the next bytes are
+        // hashed and the final fdatasync has little left to wait for.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(WRITE_QUEUE);
         let offset = placement.offset;
         let length = placement.length;
         let writer = tokio::task::spawn_blocking(move || -> Result<()> {
@@ -211,6 +217,11 @@ impl ChunkStore for LocalChunkStore {
                         file.write_all_at(&buf, pos)
                             .map_err(|e| Error::io("write chunk", e))?;
                         pos += buf.len() as u64;
+                        if (pos - offset) % EARLY_SYNC == 0 && pos != offset + length {
+                            // Only a head start for the final fdatasync;
+                            // acknowledgement still waits for that one.
+                            file.sync_data().map_err(|e| Error::io("fdatasync chunk", e))?;
+                        }
                     }
                     None => {
                         // Commit: every byte is written; make it durable.
