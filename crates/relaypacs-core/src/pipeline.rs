@@ -817,7 +817,13 @@ impl Pipeline {
     /// Stream a stored file back, checking every chunk against its recorded
     /// digest and computing the whole-file digest, keeping the first
     /// `header_cap` bytes.
-    async fn read_back(&self, key: FileKey, size: u64, chunks: &[ChunkRecord], header_cap: u64) -> Result<ReadBack> {
+    async fn read_back(
+        &self,
+        key: FileKey,
+        size: u64,
+        chunks: &[ChunkRecord],
+        header_cap: u64,
+    ) -> Result<ReadBack> {
         let mut stream = self.inner.chunks.read(key, 0..size).await?;
         // Two hashers on two blocking threads (one per core): one checks
         // each chunk against its recorded digest, the other computes the
@@ -825,7 +831,10 @@ impl Pipeline {
         // channels are small, so memory stays at a few buffers.
         let (tx_parts, mut rx_parts) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
         let (tx_whole, mut rx_whole) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
-        let bounds: Vec<(u64, u64, Sha256Digest)> = chunks.iter().map(|c| (c.offset, c.end(), c.sha256)).collect();
+        let bounds: Vec<(u64, u64, Sha256Digest)> = chunks
+            .iter()
+            .map(|c| (c.offset, c.end(), c.sha256))
+            .collect();
         let parts = tokio::task::spawn_blocking(move || -> Result<()> {
             let mut idx = 0usize;
             let mut part = Sha256::new();
@@ -833,7 +842,11 @@ impl Pipeline {
             while let Some(mut buf) = rx_parts.blocking_recv() {
                 while !buf.is_empty() {
                     let Some(&(start, end, expect)) = bounds.get(idx) else {
-                        return Err(IntegrityError::StoredSize { expected: size, actual: pos + buf.len() as u64 }.into());
+                        return Err(IntegrityError::StoredSize {
+                            expected: size,
+                            actual: pos + buf.len() as u64,
+                        }
+                        .into());
                     };
                     let n = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
                     part.update(&buf[..n]);
@@ -854,7 +867,11 @@ impl Pipeline {
                 }
             }
             if pos != size {
-                return Err(IntegrityError::StoredSize { expected: size, actual: pos }.into());
+                return Err(IntegrityError::StoredSize {
+                    expected: size,
+                    actual: pos,
+                }
+                .into());
             }
             Ok(())
         });
@@ -864,11 +881,16 @@ impl Pipeline {
             while let Some(buf) = rx_whole.blocking_recv() {
                 whole.update(&buf);
                 if (prefix.len() as u64) < header_cap {
-                    let take = usize::try_from((header_cap - prefix.len() as u64).min(buf.len() as u64)).unwrap_or(0);
+                    let take =
+                        usize::try_from((header_cap - prefix.len() as u64).min(buf.len() as u64))
+                            .unwrap_or(0);
                     prefix.extend_from_slice(&buf[..take]);
                 }
             }
-            ReadBack { prefix, sha256: Sha256Digest(whole.finalize().into()) }
+            ReadBack {
+                prefix,
+                sha256: Sha256Digest(whole.finalize().into()),
+            }
         });
         let mut read_err = None;
         while let Some(item) = stream.next().await {
@@ -887,7 +909,13 @@ impl Pipeline {
             }
         }
         drop((tx_parts, tx_whole));
-        let join = |e: tokio::task::JoinError| Error::storage(crate::error::StorageErrorKind::Io, "verify stored file", e.to_string());
+        let join = |e: tokio::task::JoinError| {
+            Error::storage(
+                crate::error::StorageErrorKind::Io,
+                "verify stored file",
+                e.to_string(),
+            )
+        };
         let parts = parts.await.map_err(join)?;
         let whole = whole.await.map_err(join)?;
         if let Some(e) = read_err {

@@ -220,7 +220,8 @@ impl ChunkStore for LocalChunkStore {
                         if (pos - offset) % EARLY_SYNC == 0 && pos != offset + length {
                             // Only a head start for the final fdatasync;
                             // acknowledgement still waits for that one.
-                            file.sync_data().map_err(|e| Error::io("fdatasync chunk", e))?;
+                            file.sync_data()
+                                .map_err(|e| Error::io("fdatasync chunk", e))?;
                         }
                     }
                     None => {
