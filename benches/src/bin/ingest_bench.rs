@@ -39,7 +39,7 @@ fn disk_write(dir: &std::path::Path, size: u64, sync_every: Option<u64>) -> f64 
         f.write_all(&block[..n]).unwrap_or_else(|e| die(e));
         left -= n as u64;
         if let Some(every) = sync_every
-            && (size - left) % every == 0
+            && (size - left).is_multiple_of(every)
         {
             f.sync_data().unwrap_or_else(|e| die(e));
         }

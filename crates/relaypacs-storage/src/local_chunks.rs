@@ -217,7 +217,7 @@ impl ChunkStore for LocalChunkStore {
                         file.write_all_at(&buf, pos)
                             .map_err(|e| Error::io("write chunk", e))?;
                         pos += buf.len() as u64;
-                        if (pos - offset) % EARLY_SYNC == 0 && pos != offset + length {
+                        if (pos - offset).is_multiple_of(EARLY_SYNC) && pos != offset + length {
                             // Only a head start for the final fdatasync;
                             // acknowledgement still waits for that one.
                             file.sync_data()
