@@ -11,6 +11,19 @@
 //! [`PacsSink`] (delivery) and [`AuditSink`] (audit trail). Each trait has a
 //! conformance suite in [`testing`] (feature `testing`) that any
 //! implementation runs with one macro call.
+//!
+//! Identifiers are checked when parsed, so none can smuggle a path:
+//!
+//! ```
+//! use relaypacs_core::{SessionId, Sha256Digest, Uid};
+//!
+//! assert!(Uid::parse("1.2.840.10008.5.1.4.1.1.7").is_ok());
+//! assert!(Uid::parse("../../etc/passwd").is_err());
+//! let id = SessionId::random();
+//! assert_eq!(SessionId::parse(&id.to_string())?, id);
+//! assert_eq!(Sha256Digest::of(b"abc").to_hex().len(), 64);
+//! # Ok::<(), relaypacs_core::Error>(())
+//! ```
 
 pub mod audit;
 pub mod chunk_store;

@@ -5,7 +5,7 @@
 //! factory. A factory is an `async fn() -> (Store, Guard)`; the guard (a
 //! temp dir, a server handle, `()`) lives as long as the case runs.
 //!
-//! ```ignore
+//! ```text
 //! async fn make() -> (MyChunkStore, tempfile::TempDir) { /* … */ }
 //! relaypacs_core::chunk_store_conformance!(make);
 //! ```
