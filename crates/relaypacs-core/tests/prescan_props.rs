@@ -48,3 +48,26 @@ proptest! {
         let _ = validate_dicom(&data, data.len() as u64, &DicomLimits::default());
     }
 }
+
+proptest! {
+    /// FUZ-4: whatever a client or a DICOM file puts in an identifier
+    /// (`../`, absolute paths, NUL, backslashes, 10k characters), what
+    /// parses is digits and dots only, so no path built from it can leave
+    /// its root; everything else is refused.
+    #[test]
+    fn identifiers_cannot_carry_paths(s in prop_oneof![
+        "[0-9./\\\\\\x00a-z]{0,80}",
+        "(\\.\\./)+[0-9.]{0,20}",
+        "/[0-9.]{1,30}",
+        proptest::string::string_regex("[0-9.]{10000}").unwrap(),
+    ]) {
+        if let Ok(u) = relaypacs_core::Uid::parse(&s) {
+            prop_assert!(u.as_str().bytes().all(|b| b.is_ascii_digit() || b == b'.'));
+            prop_assert!(!u.as_str().contains(".."));
+            prop_assert!(u.as_str().len() <= 64);
+            let p = std::path::Path::new("/archive").join(u.as_str());
+            prop_assert!(p.components().count() == 3, "{p:?}");
+        }
+        prop_assert!(relaypacs_core::SessionId::parse(&s).is_err() || s.len() == 32);
+    }
+}

@@ -68,6 +68,44 @@ pub struct PrescanReport {
     pub patient_id: Option<String>,
     /// (0008,0060) Modality.
     pub modality: Option<String>,
+    /// (0028,0010) Rows.
+    pub rows: Option<u16>,
+    /// (0028,0011) Columns.
+    pub columns: Option<u16>,
+    /// (0028,0002) Samples per Pixel.
+    pub samples_per_pixel: Option<u16>,
+    /// (0028,0100) Bits Allocated.
+    pub bits_allocated: Option<u16>,
+    /// (0028,0008) Number of Frames.
+    pub number_of_frames: Option<String>,
+}
+
+impl PrescanReport {
+    /// Bytes that Rows x Columns x Samples x Bits Allocated x Frames call
+    /// for (checked arithmetic); `None` when the attributes are absent.
+    pub fn native_pixel_bytes(&self) -> Result<Option<u64>, DicomError> {
+        let (Some(r), Some(c), Some(b)) = (self.rows, self.columns, self.bits_allocated) else {
+            return Ok(None);
+        };
+        let frames: u64 = match self.number_of_frames.as_deref() {
+            None | Some("") => 1,
+            Some(f) => f.trim().parse().map_err(|_| DicomError::BadAttribute {
+                name: "NumberOfFrames",
+                reason: "not an unsigned integer".into(),
+            })?,
+        };
+        let samples = u64::from(self.samples_per_pixel.unwrap_or(1));
+        let bits = u64::from(r)
+            .checked_mul(u64::from(c))
+            .and_then(|x| x.checked_mul(samples))
+            .and_then(|x| x.checked_mul(u64::from(b)))
+            .and_then(|x| x.checked_mul(frames))
+            .ok_or(DicomError::BadAttribute {
+                name: "Rows",
+                reason: "Rows x Columns x Samples x Bits x Frames overflows".into(),
+            })?;
+        Ok(Some(bits.div_ceil(8)))
+    }
 }
 
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
@@ -546,6 +584,17 @@ fn walk(
             report.pixel_data_offset = Some(pos);
             report.header_end = pos;
             if len != UNDEFINED {
+                // Native pixel data must hold what the image attributes say.
+                if let Some(need) = report.native_pixel_bytes()?
+                    && need > u64::from(len)
+                {
+                    return Err(DicomError::Malformed {
+                        offset: pos,
+                        reason: format!(
+                            "pixel data has {len} bytes, the image attributes call for {need}"
+                        ),
+                    });
+                }
                 let remaining = limit.saturating_sub(vpos);
                 if u64::from(len) > remaining {
                     return Err(DicomError::LengthOverrun {
@@ -624,6 +673,15 @@ fn walk(
             };
             if let Some(slot) = slot {
                 *slot = Some(clean(value));
+            }
+            let us = (value.len() == 2).then(|| u16_at(value, 0, be));
+            match (g, e) {
+                (0x0028, 0x0010) => report.rows = us,
+                (0x0028, 0x0011) => report.columns = us,
+                (0x0028, 0x0002) => report.samples_per_pixel = us,
+                (0x0028, 0x0100) => report.bits_allocated = us,
+                (0x0028, 0x0008) => report.number_of_frames = Some(clean(value)),
+                _ => {}
             }
         }
         pos = vpos + len;

@@ -464,6 +464,26 @@ pub fn truncations(valid: &[u8]) -> Vec<Vec<u8>> {
     at.into_iter().map(|a| valid[..a].to_vec()).collect()
 }
 
+/// A valid-looking file whose image attributes call for far more pixel
+/// bytes than its 128-byte Pixel Data holds.
+pub fn pixel_mismatch(rows: u16, cols: u16, frames: &str) -> Vec<u8> {
+    let spec = DicomSpec {
+        rows,
+        cols,
+        ..DicomSpec::default()
+    };
+    let mut out = meta(
+        spec.sop_class.uid(),
+        &spec.sop_instance_uid,
+        spec.transfer_syntax.uid(),
+    );
+    out.extend_from_slice(&dataset_header(&spec, Enc::ExplicitLe, 16));
+    text(&mut out, Enc::ExplicitLe, 0x0028, 0x0008, b"IS", frames);
+    header(&mut out, Enc::ExplicitLe, 0x7FE0, 0x0010, b"OW", 128);
+    out.extend_from_slice(&[0u8; 128]);
+    out
+}
+
 /// The hostile set: each entry is refused with a typed error.
 pub fn hostile_set() -> Vec<(&'static str, Vec<u8>)> {
     let valid = |f: &dyn Fn(&mut DicomSpec)| {
@@ -511,6 +531,14 @@ pub fn hostile_set() -> Vec<(&'static str, Vec<u8>)> {
     sd.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 4, 0, 0, 0, 0, 0, 0, 0]);
     set.push(("sequence-delimiter-nonzero-length", sd));
     set.push(("unsupported-transfer-syntax", hostile_meta("1.2.3.4.5.6")));
+    set.push((
+        "pixel-dimensions-overflow",
+        pixel_mismatch(65535, 65535, "4294967295"),
+    ));
+    set.push((
+        "pixel-data-shorter-than-dimensions",
+        pixel_mismatch(512, 512, "1"),
+    ));
     for t in truncations(&valid(&|_| {})) {
         set.push(("truncated", t));
     }
