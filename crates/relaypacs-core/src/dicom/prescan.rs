@@ -604,6 +604,8 @@ fn walk(
                         remaining,
                     });
                 }
+            } else {
+                walk_fragments(view, vpos, be, limits, report)?;
             }
             return Ok(());
         }
@@ -685,6 +687,52 @@ fn walk(
             }
         }
         pos = vpos + len;
+    }
+}
+
+/// Walk the items of top-level encapsulated Pixel Data as far as the bytes
+/// we hold reach: every fragment length must fit the file, and when the
+/// whole file is here, the Sequence Delimitation Item must end it.
+fn walk_fragments(
+    view: &Bytes<'_>,
+    mut pos: u64,
+    be: bool,
+    limits: &PrescanLimits,
+    report: &mut PrescanReport,
+) -> Result<(), DicomError> {
+    loop {
+        if pos.saturating_add(8) > view.data.len() as u64 && pos.saturating_add(8) <= view.total {
+            return Ok(()); // beyond the prefix: the rest is checked by the whole-file digest
+        }
+        let h = view.need(pos, 8)?;
+        let (g, e, len) = (u16_at(h, 0, be), u16_at(h, 2, be), u32_at(h, 4, be));
+        report.element_count += 1;
+        if report.element_count > limits.max_elements {
+            return Err(DicomError::TooManyElements {
+                max: limits.max_elements,
+            });
+        }
+        match (g, e) {
+            (0xFFFE, 0xE000) if len != UNDEFINED => {
+                let remaining = view.total.saturating_sub(pos + 8);
+                if u64::from(len) > remaining {
+                    return Err(DicomError::LengthOverrun {
+                        tag: tag_str(g, e),
+                        offset: pos,
+                        declared: u64::from(len),
+                        remaining,
+                    });
+                }
+                pos += 8 + u64::from(len);
+            }
+            (0xFFFE, 0xE0DD) if len == 0 => return Ok(()),
+            _ => {
+                return Err(DicomError::Malformed {
+                    offset: pos,
+                    reason: format!("{} inside encapsulated pixel data", tag_str(g, e)),
+                });
+            }
+        }
     }
 }
 

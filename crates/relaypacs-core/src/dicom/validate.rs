@@ -48,6 +48,11 @@ pub fn validate_dicom(
     limits: &DicomLimits,
 ) -> Result<DicomSummary, DicomError> {
     let report = prescan(prefix, total_len, &limits.prescan)?;
+    // An image (it has Rows) without Pixel Data lost its pixels, typically
+    // to a truncation exactly at an element boundary.
+    if report.rows.is_some() && report.pixel_data_offset.is_none() {
+        return Err(DicomError::MissingAttribute { name: "PixelData" });
+    }
     let summary = DicomSummary {
         sop_class_uid: uid("SOPClassUID", report.sop_class_uid.clone())?,
         sop_instance_uid: uid("SOPInstanceUID", report.sop_instance_uid.clone())?,
