@@ -6,7 +6,7 @@ use std::ops::Range;
 use async_trait::async_trait;
 
 use crate::digest::ByteStream;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ids::{FileId, SessionId};
 use crate::model::ChunkRecord;
 
@@ -84,4 +84,26 @@ pub trait ChunkStore: Debug + Display + Send + Sync + 'static {
 
     /// Remove everything stored for a session.
     async fn delete_session(&self, session: SessionId) -> Result<()>;
+}
+
+/// Check that `chunks` (in offset order) tile `[0, size)` exactly, as
+/// [`ChunkStore::seal_file`] requires; stores call it before sealing.
+pub fn check_tiling(size: u64, chunks: &[ChunkRecord]) -> Result<()> {
+    let mut pos = 0;
+    for c in chunks {
+        if c.offset != pos {
+            return Err(Error::invalid(
+                "RELAY_FILE_INCOMPLETE",
+                format!("no chunk at offset {pos}"),
+            ));
+        }
+        pos = c.end();
+    }
+    if pos != size {
+        return Err(Error::invalid(
+            "RELAY_FILE_INCOMPLETE",
+            format!("chunks end at {pos}, file has {size} bytes"),
+        ));
+    }
+    Ok(())
 }

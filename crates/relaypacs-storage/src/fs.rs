@@ -136,3 +136,13 @@ pub fn lock_root(root: &Path) -> Result<File> {
         Err(fs::TryLockError::Error(e)) => Err(Error::io("lock data folder", e)),
     }
 }
+
+/// Lock a std mutex, recovering from poisoning: no critical section in this
+/// crate panics while holding a lock, so a poisoned lock still guards
+/// consistent data.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}

@@ -17,7 +17,7 @@ use relaypacs_core::{
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 
-use crate::fs::{create_dir_durable, fsync_dir, lock_root, remove_dir_atomic, sweep_temp};
+use crate::fs::{create_dir_durable, fsync_dir, lock, lock_root, remove_dir_atomic, sweep_temp};
 
 /// Bytes gathered before one positioned write.
 const WRITE_BUF: usize = 1 << 20;
@@ -60,15 +60,6 @@ impl fmt::Debug for LocalChunkStore {
 impl fmt::Display for LocalChunkStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "local-chunks:{}", self.inner.root.display())
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections below never panic while holding the lock; a poisoned
-    // lock still guards consistent data.
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 
@@ -307,22 +298,7 @@ impl ChunkStore for LocalChunkStore {
     }
 
     async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()> {
-        let mut pos = 0;
-        for c in chunks {
-            if c.offset != pos {
-                return Err(Error::invalid(
-                    "RELAY_FILE_INCOMPLETE",
-                    format!("no chunk at offset {pos}"),
-                ));
-            }
-            pos = c.end();
-        }
-        if pos != size {
-            return Err(Error::invalid(
-                "RELAY_FILE_INCOMPLETE",
-                format!("chunks end at {pos}, file has {size} bytes"),
-            ));
-        }
+        relaypacs_core::chunk_store::check_tiling(size, chunks)?;
         let path = self.data_path(key);
         blocking("seal file", move || {
             let f = match File::open(&path) {

@@ -15,7 +15,7 @@ use relaypacs_core::{
 use serde::{Deserialize, Serialize};
 
 use crate::fs::{
-    create_dir_durable, fsync_dir, lock_root, remove_dir_atomic, sweep_temp, write_atomic,
+    create_dir_durable, fsync_dir, lock, lock_root, remove_dir_atomic, sweep_temp, write_atomic,
 };
 
 /// A [`SessionStore`] in a folder, the embedded default. Survives restarts.
@@ -61,15 +61,6 @@ impl fmt::Debug for FileSessionStore {
 impl fmt::Display for FileSessionStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "file-sessions:{}", self.inner.root.display())
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // No critical section here panics while holding a lock, so a poisoned
-    // lock still guards consistent data.
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

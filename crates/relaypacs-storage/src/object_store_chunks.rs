@@ -227,22 +227,7 @@ impl ChunkStore for ObjectStoreChunkStore {
     }
 
     async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()> {
-        let mut pos = 0;
-        for c in chunks {
-            if c.offset != pos {
-                return Err(Error::invalid(
-                    "RELAY_FILE_INCOMPLETE",
-                    format!("no chunk at offset {pos}"),
-                ));
-            }
-            pos = c.end();
-        }
-        if pos != size {
-            return Err(Error::invalid(
-                "RELAY_FILE_INCOMPLETE",
-                format!("chunks end at {pos}, file has {size} bytes"),
-            ));
-        }
+        relaypacs_core::chunk_store::check_tiling(size, chunks)?;
         let data = self.data_path(key);
         let mut chunks_present = true;
         for c in chunks {
