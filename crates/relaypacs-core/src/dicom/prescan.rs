@@ -78,6 +78,9 @@ pub struct PrescanReport {
     pub bits_allocated: Option<u16>,
     /// (0028,0008) Number of Frames.
     pub number_of_frames: Option<String>,
+    /// For Deflated files: the inflated data set up to `header_end`, the
+    /// exact bytes this scan verified (bounded by the inflation cap).
+    pub inflated_header: Option<Vec<u8>>,
 }
 
 impl PrescanReport {
@@ -227,6 +230,50 @@ fn long_vr(vr: [u8; 2]) -> bool {
     )
 }
 
+/// The VRs of PS3.5 Table 6.2-1. Any other pair of letters is refused:
+/// parsers disagree on how long an unknown VR's length field is, and a
+/// disagreement is exactly how a checked file turns into a huge allocation
+/// in the next parser.
+fn known_vr(vr: [u8; 2]) -> bool {
+    matches!(
+        &vr,
+        b"AE"
+            | b"AS"
+            | b"AT"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"FD"
+            | b"FL"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"PN"
+            | b"SH"
+            | b"SL"
+            | b"SQ"
+            | b"SS"
+            | b"ST"
+            | b"SV"
+            | b"TM"
+            | b"UC"
+            | b"UI"
+            | b"UL"
+            | b"UN"
+            | b"UR"
+            | b"US"
+            | b"UT"
+            | b"UV"
+    )
+}
+
 fn dictionary_says_sequence(g: u16, e: u16) -> bool {
     StandardDataDictionary
         .by_tag(Tag(g, e))
@@ -321,6 +368,8 @@ pub fn prescan(
             }
             e => e,
         })?;
+        inflated.truncate(usize::try_from(report.header_end).unwrap_or(inflated.len()));
+        report.inflated_header = Some(inflated);
     } else {
         walk(&view, meta_end, syntax, limits, &mut report)?;
     }
@@ -361,7 +410,7 @@ fn scan_meta(view: &Bytes<'_>) -> Result<(String, u64), DicomError> {
         let h = view.need(pos, 8)?;
         let e = u16_at(h, 2, false);
         let vr = [h[4], h[5]];
-        if !vr.iter().all(u8::is_ascii_uppercase) {
+        if !known_vr(vr) {
             return Err(DicomError::Malformed {
                 offset: pos,
                 reason: "meta group is not explicit VR".into(),
@@ -559,7 +608,7 @@ fn walk(
         // Element header.
         let (hdr, len, vr): (u64, u32, Option<[u8; 2]>) = if explicit {
             let vr = [h[4], h[5]];
-            if !vr.iter().all(u8::is_ascii_uppercase) {
+            if !known_vr(vr) {
                 return Err(DicomError::Malformed {
                     offset: pos,
                     reason: format!("invalid VR in {}", tag_str(g, e)),

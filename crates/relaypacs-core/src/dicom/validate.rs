@@ -71,16 +71,26 @@ pub fn validate_dicom(
         transfer_syntax: uid("TransferSyntaxUID", Some(report.transfer_syntax.clone()))?,
         modality: report.modality.clone().filter(|m| !m.is_empty()),
     };
-    // Only the header goes to dicom-object: the bytes before Pixel Data
-    // (for Deflated files, the compressed prefix; the pre-scan proved its
-    // inflated header fits the cap, and reading stops at Pixel Data).
-    let header: Vec<u8> = if report.deflated {
-        prefix.to_vec()
-    } else {
-        let end = usize::try_from(report.header_end)
-            .unwrap_or(prefix.len())
-            .min(prefix.len());
-        prefix[..end].to_vec()
+    // Only the bytes the pre-scan verified go to dicom-object: the header
+    // before Pixel Data. A Deflated file is handed over already inflated
+    // (its meta group relabelled Explicit VR Little Endian), so dicom-object
+    // never runs an inflater of its own on hostile input.
+    let header: Vec<u8> = match &report.inflated_header {
+        Some(inflated) => {
+            let meta_end = usize::try_from(report.meta_end)
+                .unwrap_or(prefix.len())
+                .min(prefix.len());
+            let mut h = prefix[..meta_end].to_vec();
+            relabel_deflated(&mut h)?;
+            h.extend_from_slice(inflated);
+            h
+        }
+        None => {
+            let end = usize::try_from(report.header_end)
+                .unwrap_or(prefix.len())
+                .min(prefix.len());
+            prefix[..end].to_vec()
+        }
     };
     let parsed = std::thread::Builder::new()
         .name("relaypacs-dicom-parse".into())
@@ -118,4 +128,20 @@ pub fn validate_dicom(
         });
     }
     Ok(summary)
+}
+
+/// Rewrite the Transfer Syntax UID value in a meta group from Deflated
+/// Explicit VR LE to Explicit VR LE, in place (same length, NUL-padded).
+fn relabel_deflated(meta: &mut [u8]) -> Result<(), DicomError> {
+    const FROM: &[u8] = b"1.2.840.10008.1.2.1.99";
+    const TO: &[u8] = b"1.2.840.10008.1.2.1\0\0\0";
+    let at = meta
+        .windows(FROM.len())
+        .position(|w| w == FROM)
+        .ok_or(DicomError::Malformed {
+            offset: 0,
+            reason: "Deflated transfer syntax not found in the meta group".into(),
+        })?;
+    meta[at..at + TO.len()].copy_from_slice(TO);
+    Ok(())
 }
