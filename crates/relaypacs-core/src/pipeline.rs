@@ -262,9 +262,8 @@ impl Pipeline {
     }
 
     /// Audit a refused or failed action, then return its error. If even the
-    /// audit record fails, the audit error is returned (it is the graver one)
-    /// and the original error stays reachable as its source chain's sibling
-    /// in the log written at the edge.
+    /// audit record fails, the audit error is returned instead: it is the
+    /// graver one, and the action was refused either way.
     async fn refuse<T>(&self, mut event: AuditEvent, err: Error) -> Result<T> {
         event.outcome = match err.kind() {
             ErrorKind::Storage

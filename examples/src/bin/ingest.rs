@@ -223,14 +223,10 @@ async fn run(folder: Option<PathBuf>, data: PathBuf) -> Result<(), Error> {
     let head = verify_chain(audit.path())
         .map_err(|e| Error::invalid("RELAY_AUDIT_CHAIN", e.to_string()))?;
     println!(
-        "summary: {ok} ingested, {bad} refused; archive {}; audit trail {} ({} records, chain verified)",
-        archive_root(&data).display(),
+        "summary: {ok} ingested, {bad} refused; {}; audit trail {} ({} records, chain verified)",
+        archive,
         audit.path().display(),
         head.count
     );
     Ok(())
-}
-
-fn archive_root(data: &Path) -> PathBuf {
-    data.join("archive")
 }

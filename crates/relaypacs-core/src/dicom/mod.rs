@@ -7,7 +7,7 @@
 //! every declared length against the bytes that remain, capped nesting
 //! depth and element count, and bounded any inflation.
 
-mod prescan;
+pub(crate) mod prescan;
 mod validate;
 
 pub use prescan::{PrescanLimits, PrescanReport, prescan};

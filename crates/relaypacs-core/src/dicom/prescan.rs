@@ -139,6 +139,16 @@ fn syntax_of(ts: &str) -> Option<(Syntax, bool)> {
     }
 }
 
+/// A declared length larger than the bytes left in its container.
+fn overrun(g: u16, e: u16, offset: u64, declared: u64, remaining: u64) -> DicomError {
+    DicomError::LengthOverrun {
+        tag: tag_str(g, e),
+        offset,
+        declared,
+        remaining,
+    }
+}
+
 fn tag_str(g: u16, e: u16) -> String {
     format!("({g:04X},{e:04X})")
 }
@@ -211,7 +221,7 @@ fn clean(v: &[u8]) -> String {
 }
 
 /// VRs with a 2-byte reserved field and a 4-byte length in explicit VR.
-fn long_vr(vr: [u8; 2]) -> bool {
+pub(crate) fn long_vr(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
         b"OB"
@@ -431,12 +441,7 @@ fn scan_meta(view: &Bytes<'_>) -> Result<(String, u64), DicomError> {
         let vpos = pos + hdr;
         let remaining = view.total.saturating_sub(vpos);
         if len > remaining {
-            return Err(DicomError::LengthOverrun {
-                tag: tag_str(g, e),
-                offset: pos,
-                declared: len,
-                remaining,
-            });
+            return Err(overrun(g, e, pos, len, remaining));
         }
         if len > 1 << 20 {
             return Err(DicomError::Malformed {
@@ -456,12 +461,7 @@ fn scan_meta(view: &Bytes<'_>) -> Result<(String, u64), DicomError> {
                 let gl = u64::from(u32_at(value, 0, false));
                 let meta_end = vpos + 4 + gl;
                 if meta_end > view.total {
-                    return Err(DicomError::LengthOverrun {
-                        tag: tag_str(2, 0),
-                        offset: pos,
-                        declared: gl,
-                        remaining: view.total.saturating_sub(vpos + 4),
-                    });
+                    return Err(overrun(2, 0, pos, gl, view.total.saturating_sub(vpos + 4)));
                 }
                 end = Some(meta_end);
             }
@@ -543,12 +543,7 @@ fn walk(
                     } else {
                         let remaining = limit.saturating_sub(pos);
                         if u64::from(len) > remaining {
-                            return Err(DicomError::LengthOverrun {
-                                tag: tag_str(g, e),
-                                offset: pos - 8,
-                                declared: u64::from(len),
-                                remaining,
-                            });
+                            return Err(overrun(g, e, pos - 8, u64::from(len), remaining));
                         }
                         stack.push(Frame::Item {
                             end: Some(pos + u64::from(len)),
@@ -564,12 +559,7 @@ fn walk(
                     }
                     let remaining = limit.saturating_sub(pos + 8);
                     if u64::from(len) > remaining {
-                        return Err(DicomError::LengthOverrun {
-                            tag: tag_str(g, e),
-                            offset: pos,
-                            declared: u64::from(len),
-                            remaining,
-                        });
+                        return Err(overrun(g, e, pos, u64::from(len), remaining));
                     }
                     view.need(pos + 8, u64::from(len))?;
                     pos += 8 + u64::from(len);
@@ -646,12 +636,7 @@ fn walk(
                 }
                 let remaining = limit.saturating_sub(vpos);
                 if u64::from(len) > remaining {
-                    return Err(DicomError::LengthOverrun {
-                        tag: tag_str(g, e),
-                        offset: pos,
-                        declared: u64::from(len),
-                        remaining,
-                    });
+                    return Err(overrun(g, e, pos, u64::from(len), remaining));
                 }
             } else {
                 walk_fragments(view, vpos, be, limits, report)?;
@@ -683,12 +668,7 @@ fn walk(
         let len = u64::from(len);
         let remaining = limit.saturating_sub(vpos);
         if len > remaining {
-            return Err(DicomError::LengthOverrun {
-                tag: tag_str(g, e),
-                offset: pos,
-                declared: len,
-                remaining,
-            });
+            return Err(overrun(g, e, pos, len, remaining));
         }
         if len % 2 == 1 {
             return Err(DicomError::Malformed {
@@ -765,12 +745,7 @@ fn walk_fragments(
             (0xFFFE, 0xE000) if len != UNDEFINED => {
                 let remaining = view.total.saturating_sub(pos + 8);
                 if u64::from(len) > remaining {
-                    return Err(DicomError::LengthOverrun {
-                        tag: tag_str(g, e),
-                        offset: pos,
-                        declared: u64::from(len),
-                        remaining,
-                    });
+                    return Err(overrun(g, e, pos, u64::from(len), remaining));
                 }
                 pos += 8 + u64::from(len);
             }

@@ -126,25 +126,6 @@ enum Enc {
     ExplicitBe,
 }
 
-fn long_vr(vr: &[u8; 2]) -> bool {
-    matches!(
-        vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    )
-}
-
 /// Write one element header (value length `len`).
 fn header(out: &mut Vec<u8>, enc: Enc, g: u16, e: u16, vr: &[u8; 2], len: u32) {
     let be = enc == Enc::ExplicitBe;
@@ -158,7 +139,7 @@ fn header(out: &mut Vec<u8>, enc: Enc, g: u16, e: u16, vr: &[u8; 2], len: u32) {
     w16(out, e);
     match enc {
         Enc::ImplicitLe => w32(out, len),
-        _ if long_vr(vr) => {
+        _ if crate::dicom::prescan::long_vr(*vr) => {
             out.extend_from_slice(vr);
             out.extend_from_slice(&[0, 0]);
             w32(out, len);
