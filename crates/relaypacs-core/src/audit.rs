@@ -41,6 +41,12 @@ pub enum AuditAction {
     Login,
     /// A user logged out.
     Logout,
+    /// A session token was refreshed (or the refresh was refused).
+    TokenRefreshed,
+    /// A user account was created or changed (security attributes).
+    UserChanged,
+    /// The audit trail itself was read.
+    AuditLogUsed,
     /// A security alert (token reuse, lockout, configuration change).
     SecurityAlert,
     /// The application started.
@@ -60,8 +66,9 @@ impl AuditAction {
             Self::ForwardStarted => 110102, // Begin Transferring DICOM Instances
             Self::Forwarded => 110104,      // DICOM Instances Transferred
             Self::DataAccessed => 110103,   // DICOM Instances Accessed
-            Self::Login | Self::Logout => 110114, // User Authentication
-            Self::SecurityAlert => 110113,  // Security Alert
+            Self::Login | Self::Logout | Self::TokenRefreshed => 110114, // User Authentication
+            Self::SecurityAlert | Self::UserChanged => 110113, // Security Alert
+            Self::AuditLogUsed => 110101,   // Audit Log Used
             Self::ApplicationStart | Self::ApplicationStop => 110100, // Application Activity
         }
     }

@@ -102,6 +102,19 @@ pub enum IntegrityError {
         /// Digest of the bytes read back (hex).
         actual: String,
     },
+    /// A chunk's bytes do not match a checksum declared by a transport
+    /// (e.g. tus `Upload-Checksum` with SHA-1).
+    #[error("chunk at offset {offset}: {algorithm} checksum mismatch (declared {expected}, received {actual})")]
+    ChunkChecksum {
+        /// Byte offset of the chunk.
+        offset: u64,
+        /// Checksum algorithm name (e.g. "sha1").
+        algorithm: &'static str,
+        /// Declared checksum (hex).
+        expected: String,
+        /// Computed checksum (hex).
+        actual: String,
+    },
     /// The stored file has a different size than declared.
     #[error("stored file has {actual} bytes, {expected} declared")]
     StoredSize {
@@ -321,6 +334,7 @@ impl Error {
             Self::Integrity(i) => match i {
                 IntegrityError::ChunkHash { .. } => "RELAY_CHUNK_HASH_MISMATCH",
                 IntegrityError::ChunkLength { .. } => "RELAY_CHUNK_LENGTH_MISMATCH",
+                IntegrityError::ChunkChecksum { .. } => "RELAY_CHUNK_CHECKSUM_MISMATCH",
                 IntegrityError::FileHash { .. } => "RELAY_FILE_HASH_MISMATCH",
                 IntegrityError::StoredChunkCorrupt { .. } => "RELAY_STORED_CHUNK_CORRUPT",
                 IntegrityError::StoredSize { .. } => "RELAY_STORED_SIZE_MISMATCH",

@@ -48,5 +48,7 @@ pub use model::{
     Versioned,
 };
 pub use pacs_sink::{DeliveryReport, Instance, InstanceOutcome, InstanceSource, PacsSink};
-pub use pipeline::{NewFile, NewSession, Pipeline, PipelineConfig, PutChunk, PutOutcome};
+pub use pipeline::{
+    FileStatus, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk, PutOutcome, contiguous_end,
+};
 pub use session_store::{ChunkInsert, SessionStore};

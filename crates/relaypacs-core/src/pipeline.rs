@@ -80,6 +80,36 @@ pub struct PutChunk {
     pub sha256: Option<Sha256Digest>,
 }
 
+/// What [`Pipeline::file_status`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStatus {
+    /// The file's record.
+    pub file: FileRecord,
+    /// Its stored chunks, by offset.
+    pub chunks: Vec<ChunkRecord>,
+    /// End of the contiguous run of stored bytes from offset 0.
+    pub offset: u64,
+    /// When the session expires if nothing else happens.
+    pub expires_at: OffsetDateTime,
+    /// The session's state.
+    pub session_state: SessionState,
+}
+
+/// End of the contiguous run of chunks starting at offset 0 (chunks need
+/// not be sorted).
+pub fn contiguous_end(chunks: &[ChunkRecord]) -> u64 {
+    let mut sorted: Vec<&ChunkRecord> = chunks.iter().collect();
+    sorted.sort_by_key(|c| c.offset);
+    let mut end = 0;
+    for c in sorted {
+        if c.offset > end {
+            break;
+        }
+        end = end.max(c.end());
+    }
+    end
+}
+
 /// What [`Pipeline::put_chunk`] did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -1105,6 +1135,34 @@ impl Pipeline {
         ev.study = v.value.study_instance_uid.clone();
         self.audit(ev).await?;
         Ok(v.value)
+    }
+
+    /// A file's record, its stored chunks and when its session expires, for
+    /// resuming clients. Not audited: it reveals sizes and offsets only.
+    pub async fn file_status(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+    ) -> Result<FileStatus> {
+        let v = self.load_owned(actor, id).await?;
+        let f = v
+            .value
+            .files
+            .get(&file)
+            .cloned()
+            .ok_or(Error::NotFound { what: "file" })?;
+        let chunks = self.inner.sessions.chunks(id, file).await?;
+        let ttl = time::Duration::seconds(
+            i64::try_from(v.value.limits.session_ttl_secs).unwrap_or(i64::MAX),
+        );
+        Ok(FileStatus {
+            offset: contiguous_end(&chunks),
+            file: f,
+            chunks,
+            expires_at: v.value.updated_at.saturating_add(ttl),
+            session_state: v.value.state,
+        })
     }
 
     /// The stored chunks of a file (for resuming clients).

@@ -1,1 +1,130 @@
-//! The RelayPACS reference HTTP server (built in the next milestone; see issue 3).
+//! RelayPACS reference server: the pipeline of `relaypacs-core` behind
+//! authenticated tus 1.0 uploads, a study-session API, STOW-RS ingest and
+//! live events. Thin by design: every rule about bytes, chunks, DICOM and
+//! audit lives in the core; this crate maps HTTP onto it.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = relaypacs_http::Config::load(None)?;
+//! let server = relaypacs_http::Server::start(config).await?;
+//! println!("listening on {}", server.addr());
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod auth;
+pub mod config;
+pub mod disk;
+pub mod edges;
+pub mod error;
+pub mod metrics;
+pub mod notify;
+pub mod routes;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use relaypacs_core::{AuditAction, AuditOutcome};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+pub use error::ApiError;
+pub use state::{AppState, StartError};
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    state: AppState,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+    sweeper: JoinHandle<()>,
+}
+
+impl Server {
+    /// Open the stores, bind the configured address and serve.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let listen = config.listen;
+        let state = AppState::open(config).await?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| StartError::Other(format!("cannot listen on {listen}: {e}")))?;
+        Self::with_listener(state, listener).await
+    }
+
+    /// Serve an opened state on a bound listener.
+    pub async fn with_listener(state: AppState, listener: tokio::net::TcpListener) -> Result<Self, StartError> {
+        let addr = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+        let mut ev = relaypacs_core::AuditEvent::new("system", AuditAction::ApplicationStart, AuditOutcome::Success);
+        ev.detail = format!("listening on {addr}");
+        state
+            .audit_event(ev)
+            .await
+            .map_err(|source| StartError::Store { what: "audit trail", source })?;
+        let (stop, rx) = oneshot::channel::<()>();
+        let app = edges::app(state.clone());
+        let cfg = state.config.http.clone();
+        let task = tokio::spawn(async move {
+            edges::serve(listener, app, &cfg, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        let sweeper = tokio::spawn(sweep(state.clone()));
+        tracing::info!(%addr, "relaypacs listening");
+        Ok(Self { addr, state, stop, task, sweeper })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state (for tests and embedding).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Wait until the server stops by itself (it only does on error).
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    /// Stop accepting, let in-flight requests finish, record the stop.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        self.sweeper.abort();
+        if let Ok(Err(e)) = self.task.await {
+            tracing::error!(error = %e, "server ended with an error");
+        }
+        let ev = relaypacs_core::AuditEvent::new("system", AuditAction::ApplicationStop, AuditOutcome::Success);
+        if let Err(e) = self.state.audit_event(ev).await {
+            tracing::error!(error = %e, "could not record the application stop");
+        }
+    }
+}
+
+/// Expire idle sessions periodically.
+async fn sweep(state: AppState) {
+    let every = Duration::from_secs(state.config.http.sweep_interval_secs.max(1));
+    loop {
+        tokio::time::sleep(every).await;
+        match state.pipeline.expire_sessions(time::OffsetDateTime::now_utc()).await {
+            Ok(gone) => {
+                if !gone.is_empty() {
+                    let prefixes: Vec<String> = gone.iter().map(|s| s.to_string()).collect();
+                    for set in AppState::admit(&state.admission.open_uploads).values_mut() {
+                        set.retain(|u| !prefixes.iter().any(|p| u.starts_with(p)));
+                    }
+                    tracing::info!(count = gone.len(), "expired idle study sessions");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+        }
+    }
+}

@@ -23,7 +23,11 @@ pub fn create_dir_durable(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    if let Some(parent) = dir.parent() {
+    // A relative path's last parent is "": the current folder.
+    let parent = dir
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    if let Some(parent) = parent {
         create_dir_durable(parent)?;
     }
     match fs::create_dir(dir) {
@@ -31,7 +35,7 @@ pub fn create_dir_durable(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(Error::io(format!("create directory {}", dir.display()), e)),
     }
-    if let Some(parent) = dir.parent() {
+    if let Some(parent) = parent {
         fsync_dir(parent)?;
     }
     Ok(())

@@ -1,0 +1,13 @@
+//! Users, passwords, tokens, TOTP and login throttling.
+
+pub mod limiter;
+pub mod password;
+pub mod tokens;
+pub mod totp;
+pub mod users;
+
+pub use limiter::{LimiterConfig, LoginLimiter, RetryAfter};
+pub use password::{Hasher, PolicyError, check_policy};
+pub use tokens::{Claims, RefreshError, TokenPair, TokenSettings, Tokens};
+pub use totp::TotpBox;
+pub use users::{FileUserStore, Role, UserRecord, UserStore};

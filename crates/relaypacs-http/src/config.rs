@@ -1,0 +1,437 @@
+//! Server configuration: a TOML file overlaid by `RELAYPACS_*` environment
+//! variables (environment wins; nested keys use `__`, e.g.
+//! `RELAYPACS_HTTP__BODY_IDLE_TIMEOUT_SECS=30`), validated before anything
+//! binds a port.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use rand::RngCore;
+use relaypacs_core::Limits;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable could not be parsed.
+    #[error("configuration: {0}")]
+    Parse(String),
+    /// A value is out of range or inconsistent.
+    #[error("configuration: {field}: {reason}")]
+    Invalid {
+        /// The setting (as written in the file).
+        field: &'static str,
+        /// What is wrong (never the secret's value).
+        reason: String,
+    },
+    /// The secret file could not be read or created.
+    #[error("configuration: secret file {path}: {source}")]
+    SecretFile {
+        /// Path of the secret file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Everything the server needs to start.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on (default `127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// Data folder for the embedded adapters (default `./relaypacs-data`).
+    pub data_dir: PathBuf,
+    /// The token-signing secret. Prefer `secret_file` or the
+    /// `RELAYPACS_SECRET` variable; never commit it.
+    #[serde(skip_serializing)]
+    pub secret: Option<SecretString>,
+    /// File holding the secret; created with a random value (mode 0600) on
+    /// first start when neither this file nor `secret` exists. Default:
+    /// `<data_dir>/secret`.
+    pub secret_file: Option<PathBuf>,
+    /// Pipeline limits.
+    pub limits: Limits,
+    /// HTTP edge limits.
+    pub http: HttpConfig,
+    /// Authentication settings.
+    pub auth: AuthConfig,
+    /// Where validated studies go.
+    pub sink: SinkConfig,
+}
+
+/// Edge limits and policies (defaults from security-anchors §6).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Time allowed to send the request line and headers (slowloris guard).
+    pub header_read_timeout_secs: u64,
+    /// Longest pause between two reads of a request body.
+    pub body_idle_timeout_secs: u64,
+    /// Largest JSON request body.
+    pub max_json_body: usize,
+    /// Largest request head (request line + headers), at least 8 KiB.
+    pub max_header_bytes: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Largest tus PATCH that carries `Upload-Checksum` (it is verified and
+    /// stored as one chunk).
+    pub max_checksummed_patch: u64,
+    /// tus PATCH bodies without a checksum are stored in durable pieces of
+    /// this size, so a dropped connection keeps every complete piece.
+    pub patch_segment_size: u64,
+    /// Largest upload (`Tus-Max-Size`); at most the pipeline's file limit.
+    pub max_upload_size: u64,
+    /// Parallel PATCH requests per user.
+    pub max_parallel_patches_per_user: usize,
+    /// Unfinished uploads per user.
+    pub max_open_uploads_per_user: usize,
+    /// Open event streams per user.
+    pub max_event_streams_per_user: usize,
+    /// Free bytes that must remain on the data volume after a new upload is
+    /// admitted; `None` means max(10% of the volume, 2 × max upload size).
+    pub min_free_bytes: Option<u64>,
+    /// Origins allowed by CORS (exact match). Empty: no CORS headers at all.
+    pub cors_origins: Vec<String>,
+    /// Send HSTS (only behind TLS).
+    pub hsts: bool,
+    /// Most concurrent connections (excess ones wait in the listen queue).
+    pub max_connections: usize,
+    /// How often the expiry sweeper runs.
+    pub sweep_interval_secs: u64,
+}
+
+/// Authentication settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Access token lifetime.
+    pub access_ttl_secs: u64,
+    /// A refresh token unused this long expires.
+    pub refresh_idle_secs: u64,
+    /// A login's refresh tokens stop working this long after the login.
+    pub refresh_absolute_secs: u64,
+    /// JWT `iss`.
+    pub issuer: String,
+    /// JWT `aud`.
+    pub audience: String,
+    /// Login attempts per client address per minute.
+    pub login_per_address_per_minute: u32,
+    /// Consecutive failures on one account before it is locked with backoff.
+    pub lockout_after_failures: u32,
+    /// Failed verifications allowed per account per hour.
+    pub max_failures_per_hour: u32,
+    /// Longest lockout.
+    pub max_lockout_secs: u64,
+    /// Argon2id memory in KiB (OWASP minimum 19456).
+    pub argon2_memory_kib: u32,
+    /// Argon2id iterations (OWASP minimum 2 at 19 MiB).
+    pub argon2_iterations: u32,
+}
+
+/// The PACS sink.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// A local archive folder (default `<data_dir>/archive`).
+    Archive {
+        /// Folder; default `<data_dir>/archive`.
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("relaypacs-data"),
+            secret: None,
+            secret_file: None,
+            limits: Limits::default(),
+            http: HttpConfig::default(),
+            auth: AuthConfig::default(),
+            sink: SinkConfig::Archive { path: None },
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_secs: 10,
+            body_idle_timeout_secs: 30,
+            max_json_body: 64 << 10,
+            max_header_bytes: 16 << 10,
+            max_headers: 100,
+            max_checksummed_patch: 32 << 20,
+            patch_segment_size: 8 << 20,
+            max_upload_size: 2 << 30,
+            max_parallel_patches_per_user: 4,
+            max_open_uploads_per_user: 64,
+            max_event_streams_per_user: 5,
+            min_free_bytes: None,
+            cors_origins: Vec::new(),
+            hsts: false,
+            max_connections: 1024,
+            sweep_interval_secs: 60,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            access_ttl_secs: 900,
+            refresh_idle_secs: 1800,
+            refresh_absolute_secs: 12 * 3600,
+            issuer: "relaypacs".into(),
+            audience: "relaypacs-api".into(),
+            login_per_address_per_minute: 20,
+            lockout_after_failures: 5,
+            max_failures_per_hour: 100,
+            max_lockout_secs: 900,
+            argon2_memory_kib: 19456,
+            argon2_iterations: 2,
+        }
+    }
+}
+
+/// Placeholders that must never be accepted as secrets.
+const PLACEHOLDERS: &[&str] = &[
+    "changeme",
+    "change-me",
+    "change_me",
+    "secret",
+    "your-secret-key",
+    "your-secret-key-here",
+    "supersecret",
+    "dev-secret-key-change-in-production",
+    "relaypacs-secret",
+    "please-change-this-secret-in-production",
+    "replace-with-a-long-random-secret-value",
+];
+
+/// Refuse a secret that is short, empty, a placeholder or low in entropy.
+/// The message names the setting, never the value.
+pub fn check_secret(field: &'static str, secret: &str) -> Result<(), ConfigError> {
+    let bytes = secret.as_bytes();
+    let bad = |reason: &str| ConfigError::Invalid {
+        field,
+        reason: reason.to_string(),
+    };
+    if bytes.is_empty() {
+        return Err(bad("is empty"));
+    }
+    let lower = secret.to_ascii_lowercase();
+    if PLACEHOLDERS.iter().any(|p| lower.contains(p)) {
+        return Err(bad("is a known placeholder value; generate a random secret"));
+    }
+    if bytes.len() < 32 {
+        return Err(bad("is shorter than 32 bytes"));
+    }
+    // Shannon entropy per byte: a repeated or patterned value is refused.
+    let mut counts = [0u32; 256];
+    for &b in bytes {
+        counts[usize::from(b)] += 1;
+    }
+    let n = bytes.len() as f64;
+    let entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
+    if entropy < 3.0 {
+        return Err(bad("has too little entropy (use 32+ random bytes)"));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Load from an optional TOML file, then `RELAYPACS_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            if !f.is_file() {
+                return Err(ConfigError::Parse(format!(
+                    "config file {} does not exist",
+                    f.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        fig = fig.merge(Env::prefixed("RELAYPACS_").split("__").ignore(&["config", "log"]));
+        let cfg: Config = fig
+            .extract()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let inv = |field: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if let Some(s) = &self.secret {
+            check_secret("secret", s.expose_secret())?;
+        }
+        let h = &self.http;
+        if h.header_read_timeout_secs == 0 || h.header_read_timeout_secs > 300 {
+            return inv("http.header_read_timeout_secs", "must be 1..=300");
+        }
+        if h.body_idle_timeout_secs == 0 || h.body_idle_timeout_secs > 600 {
+            return inv("http.body_idle_timeout_secs", "must be 1..=600");
+        }
+        if h.max_header_bytes < 8192 {
+            return inv("http.max_header_bytes", "must be at least 8192");
+        }
+        if h.max_json_body < 1024 || h.max_json_body > 16 << 20 {
+            return inv("http.max_json_body", "must be 1 KiB..=16 MiB");
+        }
+        if h.patch_segment_size < self.limits.min_chunk_size
+            || h.patch_segment_size > self.limits.max_chunk_size
+        {
+            return inv(
+                "http.patch_segment_size",
+                "must lie within limits.min_chunk_size..=limits.max_chunk_size",
+            );
+        }
+        if h.max_checksummed_patch > self.limits.max_chunk_size {
+            return inv(
+                "http.max_checksummed_patch",
+                "must not exceed limits.max_chunk_size",
+            );
+        }
+        if h.max_upload_size > self.limits.max_file_size {
+            return inv(
+                "http.max_upload_size",
+                "must not exceed limits.max_file_size",
+            );
+        }
+        if h.max_parallel_patches_per_user == 0 || h.max_event_streams_per_user == 0 {
+            return inv("http", "per-user limits must be at least 1");
+        }
+        for o in &h.cors_origins {
+            if o == "*" || o == "null" || !(o.starts_with("https://") || o.starts_with("http://"))
+            {
+                return inv(
+                    "http.cors_origins",
+                    "each origin must be an exact http(s) origin; '*' and 'null' are refused",
+                );
+            }
+        }
+        let a = &self.auth;
+        if a.access_ttl_secs == 0 || a.access_ttl_secs > 3600 {
+            return inv("auth.access_ttl_secs", "must be 1..=3600");
+        }
+        if a.refresh_absolute_secs < a.refresh_idle_secs {
+            return inv(
+                "auth.refresh_absolute_secs",
+                "must be at least auth.refresh_idle_secs",
+            );
+        }
+        if a.argon2_memory_kib < 19456 || a.argon2_iterations < 2 {
+            return inv(
+                "auth.argon2_memory_kib",
+                "argon2id below the OWASP minimum (19456 KiB, 2 iterations)",
+            );
+        }
+        if a.issuer.is_empty() || a.audience.is_empty() {
+            return inv("auth.issuer", "issuer and audience must be set");
+        }
+        Ok(())
+    }
+
+    /// The secret file's path.
+    pub fn secret_path(&self) -> PathBuf {
+        self.secret_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("secret"))
+    }
+
+    /// The archive folder.
+    pub fn archive_path(&self) -> PathBuf {
+        match &self.sink {
+            SinkConfig::Archive { path } => {
+                path.clone().unwrap_or_else(|| self.data_dir.join("archive"))
+            }
+        }
+    }
+
+    /// The configured secret, or the one in the secret file, or a new
+    /// random one written to the secret file (mode 0600, fsync'd, then the
+    /// folder fsync'd) on first start.
+    pub fn resolve_secret(&self) -> Result<SecretString, ConfigError> {
+        if let Some(s) = &self.secret {
+            return Ok(s.clone());
+        }
+        let path = self.secret_path();
+        let io = |source| ConfigError::SecretFile {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&path).map_err(io)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    return Err(ConfigError::Invalid {
+                        field: "secret_file",
+                        reason: format!(
+                            "{} is readable by other users (mode {:o}); chmod 600 it",
+                            path.display(),
+                            mode & 0o777
+                        ),
+                    });
+                }
+                let s = s.trim().to_string();
+                check_secret("secret_file", &s)?;
+                Ok(SecretString::from(s))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut raw = [0u8; 48];
+                rand::rng().fill_bytes(&mut raw);
+                let value = hex::encode(raw);
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    relaypacs_storage::fs::create_dir_durable(dir)
+                        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+                }
+                use std::os::unix::fs::OpenOptionsExt;
+                // Crash-safe: write a temp file created with mode 0600 (never
+                // readable by others, even for a moment), fsync it, rename it
+                // into place, fsync the folder. A crash leaves either no
+                // secret file or a complete one.
+                let tmp = relaypacs_storage::fs::temp_path(&path);
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(io)?;
+                f.write_all(value.as_bytes()).map_err(io)?;
+                f.sync_all().map_err(io)?;
+                drop(f);
+                std::fs::rename(&tmp, &path).map_err(io)?;
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    relaypacs_storage::fs::fsync_dir(dir)
+                        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+                }
+                tracing::info!(path = %path.display(), "generated a new random secret (first start)");
+                Ok(SecretString::from(value))
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+}

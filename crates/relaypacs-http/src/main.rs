@@ -1,0 +1,162 @@
+//! `relaypacs`: the reference server binary.
+//!
+//! - `relaypacs` (or `relaypacs serve`): run the gateway. With no
+//!   configuration it listens on 127.0.0.1:8080 and keeps everything under
+//!   `./relaypacs-data`, with a random secret created on first start.
+//! - `relaypacs user add NAME --role admin`: create an account (the
+//!   password is read from standard input). There is no built-in account.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use relaypacs_http::auth::{FileUserStore, Hasher, Role, UserStore, check_policy};
+use relaypacs_http::routes::auth::{check_username, new_record};
+use relaypacs_http::{Config, Server};
+
+#[derive(Parser, Debug)]
+#[command(name = "relaypacs", version, about = "RelayPACS DICOM ingestion gateway")]
+struct Cli {
+    /// TOML configuration file (RELAYPACS_* variables override it).
+    #[arg(long, env = "RELAYPACS_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Manage accounts (run while the server is stopped, or use the API).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Create an account; the password is read from standard input.
+    Add {
+        /// Login name.
+        username: String,
+        /// uploader, radiologist or admin.
+        #[arg(long, default_value = "uploader")]
+        role: Role,
+    },
+    /// List accounts.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RELAYPACS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relaypacs: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config),
+        Command::User { command } => match user(config, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("relaypacs: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relaypacs: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let mut server = match Server::start(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("relaypacs: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        eprintln!("relaypacs: listening on http://{}", server.addr());
+        let stop = async {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return tokio::signal::ctrl_c().await.unwrap_or(()),
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        tokio::select! {
+            () = stop => {
+                server.shutdown().await;
+                ExitCode::SUCCESS
+            }
+            r = server.wait() => {
+                eprintln!("relaypacs: server stopped: {r:?}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+fn user(config: Config, command: UserCommand) -> Result<(), String> {
+    let auth_dir = config.data_dir.join("auth");
+    relaypacs_storage::fs::create_dir_durable(&config.data_dir).map_err(|e| e.to_string())?;
+    // The server keeps accounts in memory: refuse to edit them under it.
+    let _lock = relaypacs_storage::fs::lock_root(&config.data_dir.join("server"))
+        .map_err(|e| format!("{e} (stop the server, or create users with POST /api/v1/users)"))?;
+    relaypacs_storage::fs::create_dir_durable(&auth_dir).map_err(|e| e.to_string())?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&auth_dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
+    }
+    let store = FileUserStore::open(auth_dir.join("users.json")).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    match command {
+        UserCommand::List => {
+            for u in rt.block_on(store.list()).map_err(|e| e.to_string())? {
+                println!("{}\t{}\t{:?}\t{}", u.id, u.username, u.role, if u.disabled { "disabled" } else { "active" });
+            }
+            Ok(())
+        }
+        UserCommand::Add { username, role } => {
+            check_username(&username).map_err(|e| e.message)?;
+            eprintln!("password for {username} (one line on standard input):");
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
+            let password = line.trim_end_matches(['\r', '\n']).to_string();
+            check_policy(&password, &username).map_err(|e| e.to_string())?;
+            let a = &config.auth;
+            let hasher = Hasher::new(a.argon2_memory_kib, a.argon2_iterations, 1)?;
+            let hash = hasher.hash_blocking(&password)?;
+            let rec = new_record(&username, role, hash);
+            let id = rec.id.clone();
+            rt.block_on(store.create(rec)).map_err(|e| e.to_string())?;
+            println!("created {username} ({role:?}) with id {id}");
+            Ok(())
+        }
+    }
+}

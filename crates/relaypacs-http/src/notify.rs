@@ -1,0 +1,202 @@
+//! Live events (per-user broadcast, for server-sent events) and durable
+//! notifications (per-user files, visible to their owner only).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use relaypacs_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::broadcast;
+
+/// One live event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// Bytes of an upload became durable.
+    UploadProgress {
+        /// Study session id.
+        study: String,
+        /// tus upload id.
+        upload: String,
+        /// Durable offset.
+        offset: u64,
+        /// Declared length.
+        length: u64,
+    },
+    /// A file was verified and validated (or refused).
+    FileCompleted {
+        /// Study session id.
+        study: String,
+        /// tus upload id.
+        upload: String,
+        /// Whether it validated.
+        ok: bool,
+        /// Error code when it did not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+    },
+    /// A notification was created (delivery, failure, report).
+    Notification(Notification),
+}
+
+/// Kinds of notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotificationKind {
+    /// The study reached the PACS.
+    Delivered,
+    /// Forwarding failed.
+    ForwardFailed,
+    /// A report is available.
+    ReportReady,
+}
+
+/// A durable notification for one user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    /// Random id.
+    pub id: String,
+    /// What happened.
+    pub kind: NotificationKind,
+    /// Study session id.
+    pub study: String,
+    /// Short text (no patient data).
+    pub message: String,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Whether the owner marked it read.
+    pub read: bool,
+}
+
+/// Per-user event channels and notification files.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    dir: PathBuf,
+    channels: Arc<Mutex<HashMap<String, broadcast::Sender<Event>>>>,
+    files: Arc<tokio::sync::Mutex<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The channel map is consistent at every step; poisoning is harmless.
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn storage(op: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Storage {
+        kind: relaypacs_core::StorageErrorKind::Corrupt,
+        op: op.into(),
+        source: Box::new(e),
+    }
+}
+
+impl Hub {
+    /// Notifications kept under `dir`.
+    pub fn open(dir: PathBuf) -> Result<Self> {
+        relaypacs_storage::fs::create_dir_durable(&dir)?;
+        Ok(Self {
+            dir,
+            channels: Arc::new(Mutex::new(HashMap::new())),
+            files: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    /// Subscribe to `user`'s events.
+    pub fn subscribe(&self, user: &str) -> broadcast::Receiver<Event> {
+        lock(&self.channels)
+            .entry(user.to_string())
+            .or_insert_with(|| broadcast::channel(256).0)
+            .subscribe()
+    }
+
+    /// Send an event to `user`'s open streams (none open: dropped).
+    pub fn publish(&self, user: &str, event: Event) {
+        let mut m = lock(&self.channels);
+        if let Some(tx) = m.get(user) {
+            if tx.send(event).is_err() {
+                m.remove(user);
+            }
+        }
+    }
+
+    fn path(&self, user: &str) -> PathBuf {
+        // User ids are server-generated hex; hash anyway so no client value
+        // ever becomes a path.
+        self.dir.join(format!("{}.json", hex::encode(sha2::Sha256::digest_str(user))))
+    }
+
+    async fn load(&self, user: &str) -> Result<Vec<Notification>> {
+        match tokio::fs::read(self.path(user)).await {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| storage("read notifications", e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(Error::io("read notifications", e)),
+        }
+    }
+
+    async fn store(&self, user: &str, list: &[Notification]) -> Result<()> {
+        let bytes = serde_json::to_vec(list).map_err(|e| storage("encode notifications", e))?;
+        let path = self.path(user);
+        // Crash-safe: temp file, fsync, rename, fsync dir (write_atomic).
+        tokio::task::spawn_blocking(move || relaypacs_storage::fs::write_atomic(&path, &bytes))
+            .await
+            .map_err(|e| Error::io("write notifications", std::io::Error::other(e)))?
+    }
+
+    /// Durably add a notification for `user`, then push it live.
+    pub async fn notify(&self, user: &str, kind: NotificationKind, study: &str, message: &str) -> Result<Notification> {
+        let n = Notification {
+            id: relaypacs_core::FileId::random().to_string(),
+            kind,
+            study: study.to_string(),
+            message: message.to_string(),
+            created_at: OffsetDateTime::now_utc(),
+            read: false,
+        };
+        let _g = self.files.lock().await;
+        let mut list = self.load(user).await?;
+        list.push(n.clone());
+        if list.len() > 1000 {
+            let cut = list.len() - 1000;
+            list.drain(..cut);
+        }
+        self.store(user, &list).await?;
+        drop(_g);
+        self.publish(user, Event::Notification(n.clone()));
+        Ok(n)
+    }
+
+    /// `user`'s notifications, newest last.
+    pub async fn list(&self, user: &str) -> Result<Vec<Notification>> {
+        self.load(user).await
+    }
+
+    /// Mark one of `user`'s notifications read; `NotFound` if it is not theirs.
+    pub async fn mark_read(&self, user: &str, id: &str) -> Result<Notification> {
+        let _g = self.files.lock().await;
+        let mut list = self.load(user).await?;
+        let n = list
+            .iter_mut()
+            .find(|n| n.id == id)
+            .ok_or(Error::NotFound { what: "notification" })?;
+        n.read = true;
+        let out = n.clone();
+        self.store(user, &list).await?;
+        Ok(out)
+    }
+}
+
+trait DigestStr {
+    fn digest_str(s: &str) -> Vec<u8>;
+}
+
+impl DigestStr for sha2::Sha256 {
+    fn digest_str(s: &str) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(s.as_bytes()).to_vec()
+    }
+}

@@ -1,0 +1,123 @@
+//! Live events over server-sent events, and notifications.
+//!
+//! A stream is opened with the `Authorization` header (fetch-based
+//! clients) or with a single-use ticket valid for 30 s (browsers'
+//! `EventSource`, which cannot set headers): never with a token in the URL.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::request::Parts;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+
+use super::{AuthUser, ClientAddr, Path, authenticate, bearer};
+use crate::error::{ApiError, ApiResult};
+use crate::notify::Notification;
+use crate::state::AppState;
+
+/// Ticket answer.
+#[derive(Debug, Serialize)]
+pub struct Ticket {
+    ticket: String,
+    expires_in: u64,
+}
+
+/// `POST /api/v1/events/ticket`: a single-use ticket to open one stream.
+pub async fn ticket(State(state): State<AppState>, user: AuthUser) -> Response {
+    let mut r = axum::Json(Ticket { ticket: state.tokens.ticket(&user.token), expires_in: 30 }).into_response();
+    r.headers_mut().insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Query of the stream endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    #[serde(default)]
+    ticket: Option<String>,
+}
+
+/// Releases a user's stream slot when the stream is dropped.
+struct Slot {
+    state: AppState,
+    user: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = AppState::admit(&self.state.admission.streams);
+        if let Some(n) = m.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// `GET /api/v1/events`: the caller's live events.
+pub async fn stream(
+    State(state): State<AppState>,
+    ClientAddr(addr): ClientAddr,
+    parts: Parts,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let q: StreamQuery = Query::<StreamQuery>::try_from_uri(&parts.uri)
+        .map(|Query(q)| q)
+        .map_err(|_| ApiError::bad_request("RELAY_BAD_QUERY", "the only query parameter is 'ticket'"))?;
+    let user = match (bearer(&parts), q.ticket) {
+        (Some(token), None) => authenticate(&state, token, addr).await?,
+        (None, Some(t)) => {
+            let token = state
+                .tokens
+                .redeem(&t)
+                .ok_or_else(|| ApiError::unauthorized("RELAY_BAD_TICKET", "unknown, used or expired ticket"))?;
+            authenticate(&state, &token, addr).await?
+        }
+        _ => {
+            return Err(ApiError::unauthorized(
+                "RELAY_UNAUTHENTICATED",
+                "authenticate with the Authorization header or a stream ticket",
+            ));
+        }
+    };
+    {
+        let mut m = AppState::admit(&state.admission.streams);
+        let n = m.entry(user.id.clone()).or_default();
+        if *n >= state.config.http.max_event_streams_per_user {
+            return Err(ApiError::too_many("RELAY_TOO_MANY_STREAMS", "too many open event streams", 5));
+        }
+        *n += 1;
+    }
+    let slot = Slot { state: state.clone(), user: user.id.clone() };
+    let mut rx = state.hub.subscribe(&user.id);
+    let s = async_stream::stream! {
+        let _slot = slot;
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let data = serde_json::to_string(&ev).unwrap_or_default();
+                    yield Ok(SseEvent::default().event("message").data(data));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    yield Ok(SseEvent::default().event("lagged").data(n.to_string()));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    };
+    Ok(Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// `GET /api/v1/notifications`: the caller's notifications.
+pub async fn notifications(State(state): State<AppState>, user: AuthUser) -> ApiResult<axum::Json<Vec<Notification>>> {
+    Ok(axum::Json(state.hub.list(&user.id).await?))
+}
+
+/// `POST /api/v1/notifications/{id}/read`: only the owner's (404 otherwise).
+pub async fn mark_read(State(state): State<AppState>, user: AuthUser, Path(id): Path<String>) -> ApiResult<axum::Json<Notification>> {
+    Ok(axum::Json(state.hub.mark_read(&user.id, &id).await?))
+}

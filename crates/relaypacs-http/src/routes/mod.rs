@@ -1,0 +1,184 @@
+//! HTTP routes: thin adapters from requests to the pipeline.
+
+pub mod auth;
+pub mod events;
+pub mod ops;
+pub mod stow;
+pub mod studies;
+pub mod tus;
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use relaypacs_core::Actor;
+use serde::de::DeserializeOwned;
+
+use crate::auth::Role;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The client's address (socket peer), for audit records and throttling.
+#[derive(Debug, Clone)]
+pub struct ClientAddr(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip().to_string())
+                .unwrap_or_else(|| "unknown".into()),
+        ))
+    }
+}
+
+/// An authenticated caller (Bearer access token in the Authorization header).
+#[derive(Debug, Clone)]
+pub struct AuthUser {
+    /// User id.
+    pub id: String,
+    /// Login name.
+    pub username: String,
+    /// Role.
+    pub role: Role,
+    /// Refresh family of the token.
+    pub family: String,
+    /// Client address.
+    pub address: String,
+    /// The raw access token (for issuing stream tickets only; never logged).
+    pub token: String,
+}
+
+impl AuthUser {
+    /// The pipeline actor.
+    pub fn actor(&self) -> Actor {
+        Actor {
+            user: self.id.clone(),
+            admin: self.role == Role::Admin,
+            address: Some(self.address.clone()),
+        }
+    }
+}
+
+/// Checks an access token and the account behind it.
+pub async fn authenticate(state: &AppState, token: &str, address: String) -> Result<AuthUser, ApiError> {
+    let bad = || ApiError::unauthorized("RELAY_UNAUTHENTICATED", "missing, invalid or expired access token");
+    let claims = state.tokens.verify(token).ok_or_else(bad)?;
+    let user = state
+        .users
+        .by_id(&claims.sub)
+        .await
+        .map_err(ApiError::from)?
+        .ok_or_else(bad)?;
+    if user.disabled || claims.iat < user.tokens_valid_after.unix_timestamp() {
+        return Err(bad());
+    }
+    Ok(AuthUser {
+        id: user.id,
+        username: user.username,
+        role: user.role,
+        family: claims.sid,
+        address,
+        token: token.to_string(),
+    })
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(parts: &Parts) -> Option<&str> {
+    let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let address = ClientAddr::from_request_parts(parts, state).await?.0;
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::unauthorized("RELAY_UNAUTHENTICATED", "an Authorization: Bearer header is required")
+        })?;
+        authenticate(state, token, address).await
+    }
+}
+
+/// JSON body extractor whose rejections are JSON errors.
+#[derive(Debug)]
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(r) => {
+                let status = r.status();
+                let code = match status {
+                    StatusCode::PAYLOAD_TOO_LARGE => "RELAY_BODY_TOO_LARGE",
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => "RELAY_UNSUPPORTED_MEDIA_TYPE",
+                    _ => "RELAY_BAD_JSON",
+                };
+                let status = if status.is_server_error() { StatusCode::BAD_REQUEST } else { status };
+                Err(ApiError::new(status, code, r.body_text()))
+            }
+        }
+    }
+}
+
+/// Path extractor whose rejections are JSON errors.
+#[derive(Debug)]
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Self(v))
+            .map_err(|r| ApiError::bad_request("RELAY_BAD_PATH", r.body_text()))
+    }
+}
+
+/// The router with every route of the API.
+pub fn router(state: AppState) -> axum::Router {
+    use axum::routing::{get, post};
+    let json_limit = state.config.http.max_json_body;
+    axum::Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .route("/api/v1/auth/login", post(auth::login))
+        .route("/api/v1/auth/refresh", post(auth::refresh))
+        .route("/api/v1/auth/logout", post(auth::logout))
+        .route("/api/v1/auth/me", get(auth::me))
+        .route("/api/v1/auth/password", post(auth::change_password))
+        .route("/api/v1/auth/totp", post(auth::totp_enroll))
+        .route("/api/v1/auth/totp/confirm", post(auth::totp_confirm))
+        .route("/api/v1/users", post(auth::create_user).get(auth::list_users))
+        .route("/api/v1/studies", post(studies::create).get(studies::list))
+        .route("/api/v1/studies/{id}", get(studies::show).delete(studies::abort))
+        .route("/api/v1/studies/{id}/complete", post(studies::complete))
+        .route("/api/v1/audit", get(ops::audit))
+        .route("/api/v1/events", get(events::stream))
+        .route("/api/v1/events/ticket", post(events::ticket))
+        .route("/api/v1/notifications", get(events::notifications))
+        .route("/api/v1/notifications/{id}/read", post(events::mark_read))
+        .route("/files", post(tus::create).options(tus::options))
+        .route(
+            "/files/{id}",
+            axum::routing::head(tus::head)
+                .patch(tus::patch)
+                .delete(tus::terminate)
+                .options(tus::options),
+        )
+        .route("/dicomweb/studies", post(stow::store))
+        .route("/dicomweb/studies/{study}", post(stow::store_in_study))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(json_limit))
+        .with_state(state)
+}

@@ -1,0 +1,71 @@
+//! Health, readiness, metrics, the OpenAPI document, audit review, and
+//! the JSON answers for unknown routes and methods.
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use relaypacs_core::{AuditAction, AuditEvent, AuditOutcome};
+
+use super::AuthUser;
+use crate::auth::Role;
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+/// The OpenAPI document (kept in step with the router by a test).
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Response {
+    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// `GET /readyz`: the data volume has room and the stores answer.
+pub async fn readyz(State(state): State<AppState>) -> ApiResult<Response> {
+    match state.watermark.admit(0) {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "RELAY_STORAGE_FULL", "free space below the watermark"));
+        }
+        Err(e) => return Err(ApiError::internal("readyz disk", &e)),
+    }
+    state.pipeline.session_store().list_sessions().await?;
+    Ok(axum::Json(serde_json::json!({ "status": "ready" })).into_response())
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let mut r = state.metrics.render().into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+/// `GET /openapi.json`.
+pub async fn openapi() -> Response {
+    let mut r = OPENAPI.into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// `GET /api/v1/audit` (admin): the audit trail; reading it is audited.
+pub async fn audit(State(state): State<AppState>, user: AuthUser) -> ApiResult<axum::Json<Vec<AuditEvent>>> {
+    if user.role != Role::Admin {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "RELAY_FORBIDDEN", "only admins read the audit trail"));
+    }
+    state
+        .audit_event(AppState::event(&user.id, &user.address, AuditAction::AuditLogUsed, AuditOutcome::Success))
+        .await?;
+    Ok(axum::Json(state.audit.events().await?))
+}
+
+/// Unknown route.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "RELAY_NOT_FOUND", "no such route")
+}
+
+/// Known route, wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "RELAY_METHOD_NOT_ALLOWED", "method not allowed on this route")
+}

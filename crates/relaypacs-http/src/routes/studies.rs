@@ -1,0 +1,181 @@
+//! Study sessions: open, inspect, complete (verify, validate, hand off to
+//! the PACS sink), abort. Only the owner or an admin sees a session; for
+//! anyone else it does not exist (404).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use relaypacs_core::{
+    DicomSummary, FileState, NewSession, SessionId, SessionRecord, SessionState, contiguous_end,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{AuthUser, Path};
+use crate::error::{ApiError, ApiResult};
+use crate::notify::NotificationKind;
+use crate::routes::tus::upload_id;
+use crate::state::AppState;
+
+/// Request to open a study session.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CreateStudy {
+    /// Allow files of several studies in one session.
+    allow_multiple_studies: bool,
+}
+
+/// One file as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct FileView {
+    id: String,
+    upload_url: String,
+    name: String,
+    size: u64,
+    offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dicom: Option<DicomSummary>,
+}
+
+/// A study session as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct StudyView {
+    id: String,
+    owner: String,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: time::OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: time::OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    expires_at: time::OffsetDateTime,
+    allow_multiple_studies: bool,
+    study_instance_uid: Option<String>,
+    state: SessionState,
+    files: Vec<FileView>,
+    limits: relaypacs_core::Limits,
+}
+
+async fn view(state: &AppState, rec: SessionRecord) -> ApiResult<StudyView> {
+    let mut files = Vec::with_capacity(rec.files.len());
+    for f in rec.files.values() {
+        let (offset, st, dicom) = match &f.state {
+            FileState::Valid { dicom } => (f.size, "valid", Some(dicom.clone())),
+            _ => {
+                let chunks = state.pipeline.session_store().chunks(rec.id, f.id).await?;
+                (contiguous_end(&chunks), "uploading", None)
+            }
+        };
+        files.push(FileView {
+            id: f.id.to_string(),
+            upload_url: format!("/files/{}", upload_id(rec.id, f.id)),
+            name: f.name.clone(),
+            size: f.size,
+            offset,
+            sha256: f.sha256.map(|d| d.to_hex()),
+            state: st,
+            dicom,
+        });
+    }
+    let ttl = time::Duration::seconds(i64::try_from(rec.limits.session_ttl_secs).unwrap_or(i64::MAX));
+    Ok(StudyView {
+        id: rec.id.to_string(),
+        owner: rec.owner.clone(),
+        created_at: rec.created_at,
+        updated_at: rec.updated_at,
+        expires_at: rec.updated_at.saturating_add(ttl),
+        allow_multiple_studies: rec.allow_multiple_studies,
+        study_instance_uid: rec.study_instance_uid.as_ref().map(|u| u.as_str().to_string()),
+        state: rec.state.clone(),
+        files,
+        limits: rec.limits.clone(),
+    })
+}
+
+fn parse_id(id: &str) -> ApiResult<SessionId> {
+    SessionId::parse(id).map_err(|_| ApiError::not_found("study session"))
+}
+
+/// `POST /api/v1/studies`.
+pub async fn create(
+    State(state): State<AppState>,
+    user: AuthUser,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, axum::Json<StudyView>)> {
+    let req: CreateStudy = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateStudy::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("RELAY_BAD_JSON", e.to_string()))?
+    };
+    let rec = state
+        .pipeline
+        .create_session(&user.actor(), NewSession { allow_multiple_studies: req.allow_multiple_studies })
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(view(&state, rec).await?)))
+}
+
+/// `GET /api/v1/studies`: the caller's sessions (an admin sees all).
+pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<axum::Json<Vec<StudyView>>> {
+    let store = state.pipeline.session_store().clone();
+    let mut out = Vec::new();
+    for id in store.list_sessions().await? {
+        let Ok(v) = store.load_session(id).await else { continue };
+        if v.value.owner == user.id || user.role == crate::auth::Role::Admin {
+            out.push(view(&state, v.value).await?);
+        }
+    }
+    Ok(axum::Json(out))
+}
+
+/// `GET /api/v1/studies/{id}` (audited as data access).
+pub async fn show(State(state): State<AppState>, user: AuthUser, Path(id): Path<String>) -> ApiResult<axum::Json<StudyView>> {
+    let rec = state.pipeline.session(&user.actor(), parse_id(&id)?).await?;
+    Ok(axum::Json(view(&state, rec).await?))
+}
+
+/// `POST /api/v1/studies/{id}/complete`: verify and validate any fully
+/// uploaded file not yet validated, then hand the study to the PACS sink.
+pub async fn complete(State(state): State<AppState>, user: AuthUser, Path(id): Path<String>) -> ApiResult<axum::Json<StudyView>> {
+    let sid = parse_id(&id)?;
+    let actor = user.actor();
+    let rec = state.pipeline.session(&actor, sid).await?;
+    for f in rec.files.values() {
+        if f.state == FileState::Uploading {
+            let s = state.pipeline.file_status(&actor, sid, f.id).await?;
+            if s.offset != f.size {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "RELAY_UPLOAD_INCOMPLETE",
+                    format!("file {} has {} of {} bytes", f.id, s.offset, f.size),
+                ));
+            }
+            state.pipeline.complete_file(&actor, sid, f.id).await?;
+        }
+    }
+    let rec = state.pipeline.complete_session(&actor, sid).await;
+    let (kind, msg, outcome) = match &rec {
+        Ok(r) => match &r.state {
+            SessionState::Delivered { .. } => (NotificationKind::Delivered, "study delivered to the PACS".to_string(), "delivered"),
+            SessionState::ForwardFailed { reason, .. } => {
+                (NotificationKind::ForwardFailed, format!("forwarding failed: {reason}"), "failed")
+            }
+            _ => (NotificationKind::ForwardFailed, "forwarding did not finish".to_string(), "pending"),
+        },
+        Err(e) => (NotificationKind::ForwardFailed, format!("forwarding failed: {}", e.code()), "error"),
+    };
+    state.metrics.forwards.get_or_create(&crate::metrics::Outcome { outcome: outcome.into() }).inc();
+    let owner = rec.as_ref().map_or(user.id.clone(), |r| r.owner.clone());
+    state.hub.notify(&owner, kind, &sid.to_string(), &msg).await?;
+    Ok(axum::Json(view(&state, rec?).await?))
+}
+
+/// `DELETE /api/v1/studies/{id}`: abort and remove the session.
+pub async fn abort(State(state): State<AppState>, user: AuthUser, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let sid = parse_id(&id)?;
+    state.pipeline.abort_session(&user.actor(), sid).await?;
+    let prefix = sid.to_string();
+    for set in AppState::admit(&state.admission.open_uploads).values_mut() {
+        set.retain(|u| !u.starts_with(&prefix));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,560 @@
+//! tus 1.0.0 uploads: core protocol, creation, creation-with-upload,
+//! termination, checksum (sha256, sha1) and expiration.
+//!
+//! An upload is one file of a study session; its id is the session id
+//! followed by the file id (64 hex digits, 256 random bits).
+//!
+//! A PATCH with `Upload-Checksum` is verified whole and stored as one
+//! chunk: on mismatch the answer is 460 and nothing is kept. A PATCH
+//! without a checksum is stored in durable segments of
+//! `http.patch_segment_size` bytes, so a dropped connection keeps every
+//! complete segment and the next HEAD reports exactly those bytes.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use futures::StreamExt;
+use relaypacs_core::{
+    ByteStream, Error, FileId, FileState, IntegrityError, NewFile, PutChunk, SessionId,
+    SessionState, Sha256Digest,
+};
+use sha1::Digest as _;
+
+use super::{AuthUser, Path};
+use crate::error::{ApiError, ApiResult};
+use crate::notify::Event;
+use crate::state::AppState;
+
+/// The protocol version we speak.
+pub const TUS_VERSION: &str = "1.0.0";
+/// Extensions we implement.
+pub const TUS_EXTENSIONS: &str = "creation,creation-with-upload,termination,checksum,expiration";
+
+/// The upload id of a file.
+pub fn upload_id(session: SessionId, file: FileId) -> String {
+    format!("{session}{file}")
+}
+
+fn parse_upload_id(id: &str) -> Result<(SessionId, FileId), ApiError> {
+    if id.len() != 64 || !id.is_ascii() {
+        return Err(ApiError::not_found("upload"));
+    }
+    match (SessionId::parse(&id[..32]), FileId::parse(&id[32..])) {
+        (Ok(s), Ok(f)) => Ok((s, f)),
+        _ => Err(ApiError::not_found("upload")),
+    }
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    let mut all = h.get_all(name).iter();
+    let Some(v) = all.next() else {
+        return Ok(None);
+    };
+    if all.next().is_some() {
+        return Err(ApiError::bad_request("RELAY_BAD_HEADER", format!("{name} given more than once")));
+    }
+    v.to_str()
+        .map(Some)
+        .map_err(|_| ApiError::bad_request("RELAY_BAD_HEADER", format!("{name} is not visible ASCII")))
+}
+
+/// A non-negative decimal header value (digits only, no sign or spaces).
+fn header_u64(h: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
+    let Some(v) = header_str(h, name)? else {
+        return Ok(None);
+    };
+    if v.is_empty() || v.len() > 19 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::bad_request("RELAY_BAD_HEADER", format!("{name} must be a non-negative integer")));
+    }
+    v.parse()
+        .map(Some)
+        .map_err(|_| ApiError::bad_request("RELAY_BAD_HEADER", format!("{name} is out of range")))
+}
+
+fn check_resumable(h: &HeaderMap) -> Result<(), ApiError> {
+    match header_str(h, "tus-resumable")? {
+        Some(TUS_VERSION) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "RELAY_TUS_VERSION",
+            "Tus-Resumable: 1.0.0 is required",
+        )),
+    }
+}
+
+/// Parsed `Upload-Metadata`.
+#[derive(Debug, Default)]
+struct Metadata {
+    filename: Option<String>,
+    session: Option<String>,
+    sha256: Option<String>,
+}
+
+fn parse_metadata(v: &str) -> Result<Metadata, ApiError> {
+    let bad = |m: &str| ApiError::bad_request("RELAY_BAD_METADATA", format!("Upload-Metadata: {m}"));
+    let mut out = Metadata::default();
+    let mut seen = std::collections::HashSet::new();
+    for pair in v.split(',') {
+        let pair = pair.trim();
+        if pair.is_empty() {
+            continue;
+        }
+        let (key, value) = match pair.split_once(' ') {
+            Some((k, v)) => (k, v.trim()),
+            None => (pair, ""),
+        };
+        if key.is_empty() || key.len() > 64 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad("keys must be 1-64 visible ASCII characters"));
+        }
+        if !seen.insert(key.to_string()) {
+            return Err(bad("a key appears twice"));
+        }
+        let decoded = STANDARD
+            .decode(value)
+            .map_err(|_| bad(&format!("the value of {key:?} is not base64")))?;
+        let text = || {
+            String::from_utf8(decoded.clone()).map_err(|_| bad(&format!("the value of {key:?} is not UTF-8")))
+        };
+        match key {
+            "filename" | "name" => out.filename = Some(text()?),
+            "session" | "study_session" => out.session = Some(text()?),
+            "sha256" | "checksum_sha256" => {
+                // Hex (64 digits) or the raw 32 bytes.
+                out.sha256 = Some(if decoded.len() == 32 { hex::encode(&decoded) } else { text()? })
+            }
+            _ => {} // other keys (filetype, relativePath, …) are ignored
+        }
+    }
+    Ok(out)
+}
+
+fn expires(at: time::OffsetDateTime) -> HeaderValue {
+    let t: SystemTime = at.into();
+    HeaderValue::from_str(&httpdate::fmt_http_date(t)).unwrap_or(HeaderValue::from_static("0"))
+}
+
+fn tus_response(status: StatusCode) -> Response {
+    let mut r = status.into_response();
+    r.headers_mut().insert("tus-resumable", HeaderValue::from_static(TUS_VERSION));
+    r
+}
+
+/// `OPTIONS /files`: discovery (no authentication, as tus requires).
+pub async fn options(State(state): State<AppState>) -> Response {
+    let mut r = tus_response(StatusCode::NO_CONTENT);
+    let h = r.headers_mut();
+    h.insert("tus-version", HeaderValue::from_static(TUS_VERSION));
+    h.insert("tus-extension", HeaderValue::from_static(TUS_EXTENSIONS));
+    h.insert("tus-checksum-algorithm", HeaderValue::from_static("sha256,sha1"));
+    h.insert("tus-max-size", HeaderValue::from(state.config.http.max_upload_size));
+    r
+}
+
+/// Removes an upload from the "being written" set when dropped.
+struct WriteGuard {
+    state: AppState,
+    id: String,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        AppState::admit(&self.state.admission.writing).remove(&self.id);
+    }
+}
+
+fn enter_write(state: &AppState, id: &str) -> Result<WriteGuard, ApiError> {
+    if !AppState::admit(&state.admission.writing).insert(id.to_string()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "RELAY_UPLOAD_BUSY",
+            "another request is writing this upload; retry after it ends",
+        ));
+    }
+    Ok(WriteGuard { state: state.clone(), id: id.to_string() })
+}
+
+fn user_permit(state: &AppState, user: &str) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let sem = AppState::admit(&state.admission.patches)
+        .entry(user.to_string())
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(state.config.http.max_parallel_patches_per_user)))
+        .clone();
+    sem.try_acquire_owned().map_err(|_| {
+        ApiError::too_many("RELAY_TOO_MANY_PARALLEL_UPLOADS", "too many uploads in progress for this user", 1)
+    })
+}
+
+/// A checksum declared with `Upload-Checksum`.
+#[derive(Debug, Clone)]
+enum Checksum {
+    Sha256(Sha256Digest),
+    Sha1([u8; 20]),
+}
+
+fn parse_checksum(h: &HeaderMap) -> Result<Option<Checksum>, ApiError> {
+    let Some(v) = header_str(h, "upload-checksum")? else {
+        return Ok(None);
+    };
+    let bad = |m: &str| ApiError::bad_request("RELAY_BAD_CHECKSUM", format!("Upload-Checksum: {m}"));
+    let (alg, b64) = v.trim().split_once(' ').ok_or_else(|| bad("expected '<algorithm> <base64>'"))?;
+    let raw = STANDARD.decode(b64.trim()).map_err(|_| bad("the checksum is not base64"))?;
+    match alg {
+        "sha256" => {
+            let a: [u8; 32] = raw.try_into().map_err(|_| bad("a sha256 checksum has 32 bytes"))?;
+            Ok(Some(Checksum::Sha256(Sha256Digest(a))))
+        }
+        "sha1" => {
+            let a: [u8; 20] = raw.try_into().map_err(|_| bad("a sha1 checksum has 20 bytes"))?;
+            Ok(Some(Checksum::Sha1(a)))
+        }
+        _ => Err(bad("unsupported algorithm (sha256, sha1)")),
+    }
+}
+
+/// The request body as a shared source that segments read from in turn.
+struct Source {
+    stream: axum::body::BodyDataStream,
+    leftover: Option<Bytes>,
+}
+
+const BODY_INTERRUPTED: &str = "RELAY_BODY_INTERRUPTED";
+
+impl Source {
+    async fn next(&mut self, max: u64) -> Option<relaypacs_core::Result<Bytes>> {
+        let mut piece = match self.leftover.take() {
+            Some(b) => b,
+            None => match self.stream.next().await? {
+                Ok(b) => b,
+                Err(e) => {
+                    return Some(Err(Error::Invalid {
+                        code: BODY_INTERRUPTED,
+                        message: format!("the request body was interrupted or too slow: {e}"),
+                    }));
+                }
+            },
+        };
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        if piece.len() > max {
+            self.leftover = Some(piece.split_off(max));
+        }
+        Some(Ok(piece))
+    }
+}
+
+/// `length` bytes from `src` as a stream; with a SHA-1 to check at the end.
+fn segment(src: Arc<tokio::sync::Mutex<Source>>, length: u64, offset: u64, sha1: Option<[u8; 20]>) -> ByteStream {
+    Box::pin(async_stream::stream! {
+        let mut left = length;
+        let mut h = sha1::Sha1::new();
+        while left > 0 {
+            let next = src.lock().await.next(left).await;
+            match next {
+                None => return, // short body: the core reports the length mismatch
+                Some(Err(e)) => { yield Err(e); return; }
+                Some(Ok(b)) => {
+                    left -= b.len() as u64;
+                    if sha1.is_some() { h.update(&b); }
+                    yield Ok(b);
+                }
+            }
+        }
+        if let Some(expected) = sha1 {
+            let actual: [u8; 20] = h.finalize().into();
+            if actual != expected {
+                yield Err(Error::Integrity(IntegrityError::ChunkChecksum {
+                    offset,
+                    algorithm: "sha1",
+                    expected: hex::encode(expected),
+                    actual: hex::encode(actual),
+                }));
+            }
+        }
+    })
+}
+
+fn map_write_error(state: &AppState, e: Error) -> ApiError {
+    if e.code() == BODY_INTERRUPTED {
+        return ApiError::new(StatusCode::REQUEST_TIMEOUT, BODY_INTERRUPTED, e.to_string());
+    }
+    if matches!(e, Error::Integrity(IntegrityError::ChunkHash { .. } | IntegrityError::ChunkChecksum { .. })) {
+        state.metrics.chunk_verifications_failed.inc();
+    }
+    ApiError::from(e)
+}
+
+/// Write one PATCH body at `offset`; returns the new durable offset.
+async fn write_body(
+    state: &AppState,
+    user: &AuthUser,
+    ids: (SessionId, FileId),
+    offset: u64,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<u64> {
+    let (sid, fid) = ids;
+    let id = upload_id(sid, fid);
+    let length = header_u64(headers, "content-length")?
+        .ok_or_else(|| ApiError::new(StatusCode::LENGTH_REQUIRED, "RELAY_LENGTH_REQUIRED", "PATCH needs Content-Length"))?;
+    let checksum = parse_checksum(headers)?;
+    let _write = enter_write(state, &id)?;
+    let _permit = user_permit(state, &user.id)?;
+    let actor = user.actor();
+    let status = state.pipeline.file_status(&actor, sid, fid).await?;
+    if status.session_state != SessionState::Open {
+        return Err(ApiError::new(StatusCode::CONFLICT, "RELAY_SESSION_NOT_OPEN", "the study no longer accepts uploads"));
+    }
+    if offset != status.offset {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "RELAY_OFFSET_MISMATCH",
+            format!("Upload-Offset {offset} does not match the upload's offset {}", status.offset),
+        ));
+    }
+    let size = status.file.size;
+    let end = offset.checked_add(length).filter(|&e| e <= size).ok_or_else(|| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "RELAY_UPLOAD_OVERFLOW", "the body would exceed Upload-Length")
+    })?;
+    if length == 0 {
+        return finish_if_complete(state, user, ids, offset, size, &status.file.state).await;
+    }
+    let limits = &state.config.limits;
+    if length < limits.min_chunk_size && end != size {
+        return Err(ApiError::bad_request(
+            "RELAY_PATCH_TOO_SMALL",
+            format!("PATCH bodies must have at least {} bytes unless they end the upload", limits.min_chunk_size),
+        ));
+    }
+    match state.watermark.admit(0) {
+        Ok(Ok(free)) if free >= length => {}
+        Ok(_) => {
+            return Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "RELAY_STORAGE_FULL",
+                "the gateway is low on disk space",
+            ));
+        }
+        Err(e) => return Err(ApiError::internal("disk space", &e)),
+    }
+    let src = Arc::new(tokio::sync::Mutex::new(Source { stream: body.into_data_stream(), leftover: None }));
+    let mut at = offset;
+    let pieces: Vec<(u64, u64)> = if checksum.is_some() {
+        if length > state.config.http.max_checksummed_patch {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RELAY_PATCH_TOO_LARGE",
+                format!("a checksummed PATCH may carry at most {} bytes", state.config.http.max_checksummed_patch),
+            ));
+        }
+        vec![(offset, length)]
+    } else {
+        plan_segments(offset, length, state.config.http.patch_segment_size, limits.min_chunk_size)
+    };
+    for (seg_offset, seg_len) in pieces {
+        let (sha256, sha1) = match &checksum {
+            Some(Checksum::Sha256(d)) => (Some(*d), None),
+            Some(Checksum::Sha1(d)) => (None, Some(*d)),
+            None => (None, None),
+        };
+        let body = segment(src.clone(), seg_len, seg_offset, sha1);
+        state
+            .pipeline
+            .put_chunk(&actor, sid, fid, PutChunk { offset: seg_offset, length: seg_len, sha256 }, body)
+            .await
+            .map_err(|e| map_write_error(state, e))?;
+        at = seg_offset + seg_len;
+        state.metrics.upload_bytes.inc_by(seg_len);
+        state.hub.publish(&user.id, Event::UploadProgress { study: sid.to_string(), upload: id.clone(), offset: at, length: size });
+    }
+    finish_if_complete(state, user, ids, at, size, &status.file.state).await
+}
+
+/// Cut `length` bytes at `offset` into segments of `segment` bytes; a tail
+/// shorter than `min` joins the previous segment.
+pub fn plan_segments(offset: u64, length: u64, segment: u64, min: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = offset;
+    let end = offset + length;
+    while at < end {
+        let n = segment.min(end - at);
+        out.push((at, n));
+        at += n;
+    }
+    if out.len() > 1 {
+        if let Some(&(_, last)) = out.last() {
+            if last < min {
+                out.pop();
+                if let Some(prev) = out.last_mut() {
+                    prev.1 += last;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// When every byte is in, verify and validate the file.
+async fn finish_if_complete(
+    state: &AppState,
+    user: &AuthUser,
+    ids: (SessionId, FileId),
+    offset: u64,
+    size: u64,
+    file_state: &FileState,
+) -> ApiResult<u64> {
+    if offset != size || matches!(file_state, FileState::Valid { .. }) {
+        return Ok(offset);
+    }
+    let (sid, fid) = ids;
+    let id = upload_id(sid, fid);
+    match state.pipeline.complete_file(&user.actor(), sid, fid).await {
+        Ok(_) => {
+            if let Some(set) = AppState::admit(&state.admission.open_uploads).get_mut(&user.id) {
+                set.remove(&id);
+            }
+            state.hub.publish(&user.id, Event::FileCompleted { study: sid.to_string(), upload: id, ok: true, code: None });
+            Ok(offset)
+        }
+        Err(e) => {
+            state.metrics.files_refused.inc();
+            state.hub.publish(
+                &user.id,
+                Event::FileCompleted { study: sid.to_string(), upload: id, ok: false, code: Some(e.code().to_string()) },
+            );
+            Err(e.into())
+        }
+    }
+}
+
+/// `POST /files`: create an upload (optionally with its first bytes).
+pub async fn create(State(state): State<AppState>, user: AuthUser, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    check_resumable(&headers)?;
+    if headers.contains_key("upload-defer-length") {
+        return Err(ApiError::bad_request("RELAY_DEFER_LENGTH", "Upload-Defer-Length is not supported; send Upload-Length"));
+    }
+    let length = header_u64(&headers, "upload-length")?
+        .ok_or_else(|| ApiError::bad_request("RELAY_BAD_HEADER", "Upload-Length is required"))?;
+    if length > state.config.http.max_upload_size {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RELAY_UPLOAD_TOO_LARGE",
+            format!("Upload-Length exceeds Tus-Max-Size ({})", state.config.http.max_upload_size),
+        ));
+    }
+    let meta = match header_str(&headers, "upload-metadata")? {
+        Some(v) => parse_metadata(v)?,
+        None => Metadata::default(),
+    };
+    let session = meta.session.ok_or_else(|| {
+        ApiError::bad_request("RELAY_MISSING_SESSION", "Upload-Metadata must carry 'session' (the study session id)")
+    })?;
+    let sid = SessionId::parse(&session).map_err(|_| ApiError::not_found("study session"))?;
+    let name = meta.filename.unwrap_or_else(|| "upload".into());
+    if name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("RELAY_BAD_METADATA", "filename must be at most 255 bytes without control characters"));
+    }
+    let sha256 = match meta.sha256 {
+        Some(s) => Some(Sha256Digest::from_hex(&s).map_err(|_| {
+            ApiError::bad_request("RELAY_BAD_METADATA", "sha256 must be 64 hex digits (or 32 raw bytes)")
+        })?),
+        None => None,
+    };
+    {
+        let open = AppState::admit(&state.admission.open_uploads);
+        if open.get(&user.id).map_or(0, |s| s.len()) >= state.config.http.max_open_uploads_per_user {
+            return Err(ApiError::too_many("RELAY_TOO_MANY_OPEN_UPLOADS", "too many unfinished uploads; finish or delete some", 60));
+        }
+    }
+    match state.watermark.admit(length) {
+        Ok(Ok(_)) => {}
+        Ok(Err((free, min))) => {
+            tracing::warn!(free, min, requested = length, "upload refused: free space below the watermark");
+            let mut ev = AppState::event(&user.id, &user.address, relaypacs_core::AuditAction::SecurityAlert, relaypacs_core::AuditOutcome::MinorFailure);
+            ev.detail = format!("upload refused: free disk space {free} below watermark {min}");
+            state.audit_event(ev).await?;
+            return Err(ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "RELAY_STORAGE_FULL", "the gateway is low on disk space; try later"));
+        }
+        Err(e) => return Err(ApiError::internal("disk space", &e)),
+    }
+    let actor = user.actor();
+    let file = state.pipeline.add_file(&actor, sid, NewFile { name, size: length, sha256 }).await?;
+    let id = upload_id(sid, file.id);
+    AppState::admit(&state.admission.open_uploads).entry(user.id.clone()).or_default().insert(id.clone());
+    state.metrics.uploads_created.inc();
+    let with_body = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/offset+octet-stream")
+        && header_u64(&headers, "content-length")?.unwrap_or(0) > 0;
+    let offset = if with_body {
+        write_body(&state, &user, (sid, file.id), 0, &headers, body).await?
+    } else {
+        0
+    };
+    let status = state.pipeline.file_status(&actor, sid, file.id).await?;
+    let mut r = tus_response(StatusCode::CREATED);
+    let h = r.headers_mut();
+    h.insert(header::LOCATION, HeaderValue::from_str(&format!("/files/{id}")).map_err(|e| ApiError::internal("location", &e))?);
+    h.insert("upload-expires", expires(status.expires_at));
+    if with_body {
+        h.insert("upload-offset", HeaderValue::from(offset));
+    }
+    Ok(r)
+}
+
+/// `HEAD /files/{id}`: the durable offset.
+pub async fn head(State(state): State<AppState>, user: AuthUser, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
+    check_resumable(&headers)?;
+    let (sid, fid) = parse_upload_id(&id)?;
+    let s = state.pipeline.file_status(&user.actor(), sid, fid).await?;
+    let mut r = tus_response(StatusCode::OK);
+    let h = r.headers_mut();
+    h.insert("upload-offset", HeaderValue::from(s.offset));
+    h.insert("upload-length", HeaderValue::from(s.file.size));
+    h.insert("upload-expires", expires(s.expires_at));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
+}
+
+/// `PATCH /files/{id}`: append bytes at `Upload-Offset`.
+pub async fn patch(
+    State(state): State<AppState>,
+    user: AuthUser,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult<Response> {
+    check_resumable(&headers)?;
+    if headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes()) != Some(b"application/offset+octet-stream") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "RELAY_UNSUPPORTED_MEDIA_TYPE",
+            "PATCH needs Content-Type: application/offset+octet-stream",
+        ));
+    }
+    let offset = header_u64(&headers, "upload-offset")?
+        .ok_or_else(|| ApiError::bad_request("RELAY_BAD_HEADER", "Upload-Offset is required"))?;
+    let (sid, fid) = parse_upload_id(&id)?;
+    let new_offset = write_body(&state, &user, (sid, fid), offset, &headers, body).await?;
+    let s = state.pipeline.file_status(&user.actor(), sid, fid).await?;
+    let mut r = tus_response(StatusCode::NO_CONTENT);
+    let h = r.headers_mut();
+    h.insert("upload-offset", HeaderValue::from(new_offset));
+    h.insert("upload-expires", expires(s.expires_at));
+    Ok(r)
+}
+
+/// `DELETE /files/{id}`: termination.
+pub async fn terminate(State(state): State<AppState>, user: AuthUser, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
+    check_resumable(&headers)?;
+    let (sid, fid) = parse_upload_id(&id)?;
+    state.pipeline.remove_file(&user.actor(), sid, fid).await?;
+    for set in AppState::admit(&state.admission.open_uploads).values_mut() {
+        set.remove(&id);
+    }
+    Ok(tus_response(StatusCode::NO_CONTENT))
+}

@@ -1,0 +1,245 @@
+//! The server's shared state, wired from a [`Config`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use relaypacs_core::{
+    AuditAction, AuditEvent, AuditOutcome, AuditSink, FileState, Pipeline, PipelineConfig,
+    SessionState,
+};
+use relaypacs_pacs::LocalArchiveSink;
+use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
+use tokio::sync::Semaphore;
+
+use crate::auth::{
+    FileUserStore, Hasher, LimiterConfig, LoginLimiter, TokenSettings, Tokens, TotpBox, UserStore,
+};
+use crate::config::{Config, ConfigError};
+use crate::disk::Watermark;
+use crate::metrics::Metrics;
+use crate::notify::Hub;
+
+/// Why the server could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A store could not be opened.
+    #[error("opening {what}: {source}")]
+    Store {
+        /// Which store.
+        what: &'static str,
+        /// The error.
+        source: relaypacs_core::Error,
+    },
+    /// Anything else at start-up.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Everything handlers share. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+/// Per-upload and per-user admission state.
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// Uploads with a PATCH in progress.
+    pub writing: Mutex<std::collections::HashSet<String>>,
+    /// Per-user PATCH permits.
+    pub patches: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per-user open event streams.
+    pub streams: Mutex<HashMap<String, usize>>,
+    /// Per-user unfinished uploads (upload ids).
+    pub open_uploads: Mutex<HashMap<String, std::collections::HashSet<String>>>,
+}
+
+/// The shared state's fields.
+#[derive(Debug)]
+pub struct Inner {
+    /// Configuration.
+    pub config: Config,
+    /// The pipeline.
+    pub pipeline: Pipeline,
+    /// The audit sink (also reachable through the pipeline).
+    pub audit: Arc<dyn AuditSink>,
+    /// Accounts.
+    pub users: Arc<dyn UserStore>,
+    /// Password hashing.
+    pub hasher: Hasher,
+    /// Tokens.
+    pub tokens: Tokens,
+    /// TOTP.
+    pub totp: TotpBox,
+    /// Login throttling.
+    pub limiter: LoginLimiter,
+    /// Events and notifications.
+    pub hub: Hub,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Disk watermark.
+    pub watermark: Watermark,
+    /// Admission control.
+    pub admission: Admission,
+    /// Spool folder for STOW-RS parts.
+    pub spool: PathBuf,
+    _lock: std::fs::File,
+}
+
+fn store(what: &'static str) -> impl FnOnce(relaypacs_core::Error) -> StartError {
+    move |source| StartError::Store { what, source }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Admission maps are consistent at every step; poisoning is harmless.
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl AppState {
+    /// Open every store under the configured data folder.
+    pub async fn open(config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        let secret = config.resolve_secret()?;
+        let root = config.data_dir.clone();
+        relaypacs_storage::fs::create_dir_durable(&root).map_err(store("data folder"))?;
+        let server_lock = relaypacs_storage::fs::lock_root(&root.join("server"))
+            .map_err(store("server lock"))?;
+        let chunks = LocalChunkStore::open(root.join("chunks")).map_err(store("chunk store"))?;
+        let sessions =
+            FileSessionStore::open(root.join("sessions")).map_err(store("session store"))?;
+        let audit = JsonlAuditSink::open(root.join("audit").join("audit.jsonl"))
+            .map_err(store("audit trail"))?;
+        let archive = LocalArchiveSink::open(config.archive_path()).map_err(store("archive"))?;
+        let audit: Arc<dyn AuditSink> = Arc::new(audit);
+        let pipeline = Pipeline::new(
+            Arc::new(chunks),
+            Arc::new(sessions),
+            Arc::new(archive),
+            audit.clone(),
+            PipelineConfig {
+                limits: config.limits.clone(),
+                ..PipelineConfig::default()
+            },
+        );
+        let auth_dir = root.join("auth");
+        relaypacs_storage::fs::create_dir_durable(&auth_dir).map_err(store("auth folder"))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&auth_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| store("auth folder")(relaypacs_core::Error::io("chmod", e)))?;
+        }
+        let users = FileUserStore::open(auth_dir.join("users.json")).map_err(store("users"))?;
+        let a = &config.auth;
+        let tokens = Tokens::new(
+            &secret,
+            TokenSettings {
+                access_ttl_secs: a.access_ttl_secs,
+                refresh_idle_secs: a.refresh_idle_secs,
+                refresh_absolute_secs: a.refresh_absolute_secs,
+                issuer: a.issuer.clone(),
+                audience: a.audience.clone(),
+            },
+            auth_dir.join("refresh.json"),
+        )
+        .map_err(store("refresh tokens"))?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hasher = Hasher::new(a.argon2_memory_kib, a.argon2_iterations, 2 * cores)
+            .map_err(StartError::Other)?;
+        let limiter = LoginLimiter::new(LimiterConfig {
+            per_address_per_minute: a.login_per_address_per_minute,
+            lockout_after: a.lockout_after_failures,
+            max_failures_per_hour: a.max_failures_per_hour,
+            max_lockout: std::time::Duration::from_secs(a.max_lockout_secs),
+        });
+        let hub = Hub::open(root.join("notifications")).map_err(store("notifications"))?;
+        let spool = root.join("spool");
+        relaypacs_storage::fs::create_dir_durable(&spool).map_err(store("spool"))?;
+        relaypacs_storage::fs::sweep_temp(&spool).map_err(store("spool"))?;
+        let watermark = Watermark {
+            path: root.clone(),
+            configured: config.http.min_free_bytes,
+            max_upload: config.http.max_upload_size,
+        };
+        let state = Self {
+            inner: Arc::new(Inner {
+                totp: TotpBox::new(&secret),
+                pipeline,
+                audit,
+                users: Arc::new(users),
+                hasher,
+                tokens,
+                limiter,
+                hub,
+                metrics: Metrics::default(),
+                watermark,
+                admission: Admission::default(),
+                spool,
+                config,
+                _lock: server_lock,
+            }),
+        };
+        state.count_open_uploads().await.map_err(store("sessions"))?;
+        Ok(state)
+    }
+
+    /// Rebuild the per-user count of unfinished uploads from the sessions.
+    async fn count_open_uploads(&self) -> relaypacs_core::Result<()> {
+        let store = self.pipeline.session_store().clone();
+        let mut map: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+        for id in store.list_sessions().await? {
+            let Ok(v) = store.load_session(id).await else {
+                continue;
+            };
+            if v.value.state != SessionState::Open {
+                continue;
+            }
+            for f in v.value.files.values() {
+                if f.state == FileState::Uploading {
+                    map.entry(v.value.owner.clone())
+                        .or_default()
+                        .insert(crate::routes::tus::upload_id(id, f.id));
+                }
+            }
+        }
+        *lock(&self.admission.open_uploads) = map;
+        Ok(())
+    }
+
+    /// Record an audit event; failures are returned (fail closed).
+    pub async fn audit_event(&self, ev: AuditEvent) -> relaypacs_core::Result<()> {
+        self.audit.record(&ev).await.map_err(|e| relaypacs_core::Error::Audit {
+            source: Box::new(e),
+        })
+    }
+
+    /// A new audit event for `user` from `address`.
+    pub fn event(
+        user: &str,
+        address: &str,
+        action: AuditAction,
+        outcome: AuditOutcome,
+    ) -> AuditEvent {
+        let mut ev = AuditEvent::new(user, action, outcome);
+        ev.address = Some(address.to_string());
+        ev
+    }
+
+    /// Locks an admission map.
+    pub fn admit<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        lock(m)
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
