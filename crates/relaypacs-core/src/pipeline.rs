@@ -667,9 +667,13 @@ impl Pipeline {
                 ));
             }
         }
-        // Keep the session's activity time fresh for expiry, at most once a
-        // minute (one extra durable write per minute of upload).
-        if (OffsetDateTime::now_utc() - current.value.updated_at).whole_seconds() >= 60 {
+        // Keep the session's activity time fresh for expiry: at most once a
+        // minute (one extra durable write per minute of upload), and at
+        // least four times per TTL, so a short TTL never expires a session
+        // that receives chunks.
+        let every = (current.value.limits.session_ttl_secs / 4).min(60);
+        let idle = (OffsetDateTime::now_utc() - current.value.updated_at).whole_seconds();
+        if idle >= 0 && idle as u64 >= every {
             self.update(id, current, |_| Ok(())).await?;
         }
         Ok(PutOutcome::Stored { chunk: record })

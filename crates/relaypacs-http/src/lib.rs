@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 pub use config::Config;
 pub use error::ApiError;
-pub use state::{AppState, StartError};
+pub use state::{Adapters, AppState, StartError};
 
 /// A running server.
 #[derive(Debug)]
@@ -46,8 +46,16 @@ pub struct Server {
 impl Server {
     /// Open the stores, bind the configured address and serve.
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_with(config, |a| a).await
+    }
+
+    /// Like [`start`](Self::start), letting `adapt` replace adapters.
+    pub async fn start_with(
+        config: Config,
+        adapt: impl FnOnce(state::Adapters) -> state::Adapters,
+    ) -> Result<Self, StartError> {
         let listen = config.listen;
-        let state = AppState::open(config).await?;
+        let state = AppState::open_with(config, adapt).await?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| StartError::Other(format!("cannot listen on {listen}: {e}")))?;

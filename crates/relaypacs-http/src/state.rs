@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use relaypacs_core::{
-    AuditAction, AuditEvent, AuditOutcome, AuditSink, FileState, Pipeline, PipelineConfig,
-    SessionState,
+    AuditAction, AuditEvent, AuditOutcome, AuditSink, ChunkStore, FileState, PacsSink, Pipeline,
+    PipelineConfig, SessionState, SessionStore,
 };
 use relaypacs_pacs::LocalArchiveSink;
 use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
@@ -37,6 +37,21 @@ pub enum StartError {
     /// Anything else at start-up.
     #[error("{0}")]
     Other(String),
+}
+
+/// The pipeline's adapters. [`AppState::open_with`] hands the embedded
+/// defaults to a function that may replace or wrap any of them (another
+/// PACS sink, an object-store chunk store, fault injection in tests).
+#[derive(Debug, Clone)]
+pub struct Adapters {
+    /// Chunk store.
+    pub chunks: Arc<dyn ChunkStore>,
+    /// Session store.
+    pub sessions: Arc<dyn SessionStore>,
+    /// PACS sink.
+    pub sink: Arc<dyn PacsSink>,
+    /// Audit sink.
+    pub audit: Arc<dyn AuditSink>,
 }
 
 /// Everything handlers share. Cheap to clone.
@@ -105,6 +120,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl AppState {
     /// Open every store under the configured data folder.
     pub async fn open(config: Config) -> Result<Self, StartError> {
+        Self::open_with(config, |a| a).await
+    }
+
+    /// Like [`open`](Self::open), letting `adapt` replace adapters.
+    pub async fn open_with(
+        config: Config,
+        adapt: impl FnOnce(Adapters) -> Adapters,
+    ) -> Result<Self, StartError> {
         config.validate()?;
         let secret = config.resolve_secret()?;
         let root = config.data_dir.clone();
@@ -117,12 +140,18 @@ impl AppState {
         let audit = JsonlAuditSink::open(root.join("audit").join("audit.jsonl"))
             .map_err(store("audit trail"))?;
         let archive = LocalArchiveSink::open(config.archive_path()).map_err(store("archive"))?;
-        let audit: Arc<dyn AuditSink> = Arc::new(audit);
+        let a = adapt(Adapters {
+            chunks: Arc::new(chunks),
+            sessions: Arc::new(sessions),
+            sink: Arc::new(archive),
+            audit: Arc::new(audit),
+        });
+        let audit = a.audit.clone();
         let pipeline = Pipeline::new(
-            Arc::new(chunks),
-            Arc::new(sessions),
-            Arc::new(archive),
-            audit.clone(),
+            a.chunks,
+            a.sessions,
+            a.sink,
+            a.audit,
             PipelineConfig {
                 limits: config.limits.clone(),
                 ..PipelineConfig::default()

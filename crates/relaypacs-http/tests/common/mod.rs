@@ -1,0 +1,235 @@
+//! Test harness: a real server on a loopback port, users, and a client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
+use relaypacs_http::auth::Role;
+use relaypacs_http::routes::auth::new_record;
+use relaypacs_http::{Config, Server};
+use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub const PASSWORD: &str = "plum-orbit-Cascade-7731";
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub http: Client,
+}
+
+pub fn secret() -> secrecy::SecretString {
+    let mut b = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+    secrecy::SecretString::from(hex::encode(b))
+}
+
+/// A config for tests: loopback port 0, a fresh data folder, no watermark.
+pub fn test_config(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.data_dir = dir.join("data");
+    c.secret = Some(secret());
+    c.http.min_free_bytes = Some(0);
+    c
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(f: impl FnOnce(&mut Config)) -> Self {
+        Self::start_adapted(f, |a| a).await
+    }
+
+    pub async fn start_adapted(
+        f: impl FnOnce(&mut Config),
+        adapt: impl FnOnce(relaypacs_http::Adapters) -> relaypacs_http::Adapters,
+    ) -> Self {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let mut c = test_config(dir.path());
+        f(&mut c);
+        let server = Server::start_with(c, adapt).await.unwrap();
+        let url = format!("http://{}", server.addr());
+        Self { server: Some(server), dir, url, http: Client::builder().build().unwrap() }
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub async fn add_user(&self, name: &str, role: Role) -> String {
+        let st = self.server().state();
+        let hash = st.hasher.hash(PASSWORD.to_string()).await.unwrap();
+        let rec = new_record(name, role, hash);
+        let id = rec.id.clone();
+        st.users.create(rec).await.unwrap();
+        id
+    }
+
+    pub async fn login(&self, name: &str) -> Value {
+        let r = self
+            .http
+            .post(format!("{}/api/v1/auth/login", self.url))
+            .json(&serde_json::json!({"username": name, "password": PASSWORD}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "login of {name}");
+        r.json().await.unwrap()
+    }
+
+    /// A new user of `role` and their access token.
+    pub async fn user(&self, name: &str, role: Role) -> User {
+        let id = self.add_user(name, role).await;
+        let t = self.login(name).await;
+        User {
+            id,
+            token: t["access_token"].as_str().unwrap().to_string(),
+            refresh: t["refresh_token"].as_str().unwrap().to_string(),
+        }
+    }
+
+    pub fn req(&self, method: Method, path: &str, user: &User) -> RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&user.token)
+    }
+
+    pub async fn new_study(&self, user: &User) -> String {
+        let r = self.req(Method::POST, "/api/v1/studies", user).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+    }
+
+    /// tus creation; returns the upload path (`/files/…`).
+    pub async fn create_upload(&self, user: &User, study: &str, len: u64, sha256: Option<&[u8]>) -> String {
+        let r = self.create_upload_raw(user, study, len, sha256).await;
+        assert_eq!(r.status(), 201, "{:?}", r.text().await);
+        r.headers()["location"].to_str().unwrap().to_string()
+    }
+
+    pub async fn create_upload_raw(&self, user: &User, study: &str, len: u64, sha256: Option<&[u8]>) -> Response {
+        let mut meta = format!("filename {},session {}", STANDARD.encode("a.dcm"), STANDARD.encode(study));
+        if let Some(d) = sha256 {
+            meta.push_str(&format!(",sha256 {}", STANDARD.encode(hex::encode(Sha256::digest(d)))));
+        }
+        self.req(Method::POST, "/files", user)
+            .header("tus-resumable", "1.0.0")
+            .header("upload-length", len.to_string())
+            .header("upload-metadata", meta)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn patch(&self, user: &User, upload: &str, offset: u64, body: Vec<u8>, checksum: Option<String>) -> Response {
+        let mut r = self
+            .req(Method::PATCH, upload, user)
+            .header("tus-resumable", "1.0.0")
+            .header("upload-offset", offset.to_string())
+            .header("content-type", "application/offset+octet-stream");
+        if let Some(c) = checksum {
+            r = r.header("upload-checksum", c);
+        }
+        r.body(body).send().await.unwrap()
+    }
+
+    pub async fn head_offset(&self, user: &User, upload: &str) -> u64 {
+        let r = self.req(Method::HEAD, upload, user).header("tus-resumable", "1.0.0").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.headers()["upload-offset"].to_str().unwrap().parse().unwrap()
+    }
+
+    /// Upload `data` whole through tus (one PATCH) into `study`.
+    pub async fn upload(&self, user: &User, study: &str, data: &[u8]) -> String {
+        let up = self.create_upload(user, study, data.len() as u64, Some(data)).await;
+        let r = self.patch(user, &up, 0, data.to_vec(), Some(sha256_header(data))).await;
+        assert_eq!(r.status(), 204, "{:?}", r.text().await);
+        up
+    }
+
+    pub async fn audit(&self) -> Vec<relaypacs_core::AuditEvent> {
+        self.server().state().audit.events().await.unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: String,
+    pub token: String,
+    pub refresh: String,
+}
+
+pub fn sha256_header(data: &[u8]) -> String {
+    format!("sha256 {}", STANDARD.encode(Sha256::digest(data)))
+}
+
+pub fn sha1_header(data: &[u8]) -> String {
+    use sha1::Digest as _;
+    format!("sha1 {}", STANDARD.encode(sha1::Sha1::digest(data)))
+}
+
+/// A valid DICOM file of a new study (or of `study`).
+pub fn dicom(study: Option<&str>, rows: u16) -> Vec<u8> {
+    generate(&DicomSpec {
+        study_uid: study.map_or_else(new_uid, str::to_string),
+        rows,
+        cols: rows,
+        ..DicomSpec::default()
+    })
+    .unwrap()
+}
+
+/// SHA-256 of every file under `dir` except the audit trail (which grows
+/// with every request), by relative path.
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+            if rel.starts_with("audit") || rel.ends_with(".lock") {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(rel, hex::encode(Sha256::digest(std::fs::read(&p).unwrap())));
+            }
+        }
+    }
+    out
+}
+
+pub fn status(r: &Response) -> StatusCode {
+    r.status()
+}
+
+/// Assert a JSON error body with `code`.
+pub async fn expect_error(r: Response, status: u16, code: &str) -> Value {
+    let s = r.status().as_u16();
+    let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+    let body = r.text().await.unwrap();
+    assert_eq!(s, status, "body: {body}");
+    assert_eq!(ct.as_deref(), Some("application/json"), "body: {body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], code, "body: {body}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    v
+}
