@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 pub const PASSWORD: &str = "plum-orbit-Cascade-7731";
 
 pub struct TestServer {
+    pub secret: String,
     pub server: Option<Server>,
     pub dir: tempfile::TempDir,
     pub url: String,
@@ -54,9 +55,10 @@ impl TestServer {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let mut c = test_config(dir.path());
         f(&mut c);
+        let secret = c.secret.as_ref().map(|s| secrecy::ExposeSecret::expose_secret(s).to_string()).unwrap_or_default();
         let server = Server::start_with(c, adapt).await.unwrap();
         let url = format!("http://{}", server.addr());
-        Self { server: Some(server), dir, url, http: Client::builder().build().unwrap() }
+        Self { secret, server: Some(server), dir, url, http: Client::builder().build().unwrap() }
     }
 
     pub fn server(&self) -> &Server {
