@@ -272,10 +272,12 @@ struct Ours {
 
 impl Ours {
     async fn start(dir: &Path, client: &Client) -> Res<Self> {
-        let mut config = relaypacs_http::Config::default();
-        config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        config.data_dir = dir.to_path_buf();
-        config.secret = Some(secrecy::SecretString::from(random_hex(32)));
+        let mut config = relaypacs_http::Config {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: dir.to_path_buf(),
+            secret: Some(secrecy::SecretString::from(random_hex(32))),
+            ..relaypacs_http::Config::default()
+        };
         config.http.min_free_bytes = Some(0);
         let server = relaypacs_http::Server::start(config).await?;
         let st = server.state();

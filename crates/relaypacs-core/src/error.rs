@@ -104,7 +104,9 @@ pub enum IntegrityError {
     },
     /// A chunk's bytes do not match a checksum declared by a transport
     /// (e.g. tus `Upload-Checksum` with SHA-1).
-    #[error("chunk at offset {offset}: {algorithm} checksum mismatch (declared {expected}, received {actual})")]
+    #[error(
+        "chunk at offset {offset}: {algorithm} checksum mismatch (declared {expected}, received {actual})"
+    )]
     ChunkChecksum {
         /// Byte offset of the chunk.
         offset: u64,

@@ -229,7 +229,9 @@ pub fn check_secret(field: &'static str, secret: &str) -> Result<(), ConfigError
     }
     let lower = secret.to_ascii_lowercase();
     if PLACEHOLDERS.iter().any(|p| lower.contains(p)) {
-        return Err(bad("is a known placeholder value; generate a random secret"));
+        return Err(bad(
+            "is a known placeholder value; generate a random secret",
+        ));
     }
     if bytes.len() < 32 {
         return Err(bad("is shorter than 32 bytes"));
@@ -267,7 +269,11 @@ impl Config {
             }
             fig = fig.merge(Toml::file(f));
         }
-        fig = fig.merge(Env::prefixed("RELAYPACS_").split("__").ignore(&["config", "log"]));
+        fig = fig.merge(
+            Env::prefixed("RELAYPACS_")
+                .split("__")
+                .ignore(&["config", "log"]),
+        );
         let cfg: Config = fig
             .extract()
             .map_err(|e| ConfigError::Parse(e.to_string()))?;
@@ -323,8 +329,7 @@ impl Config {
             return inv("http", "per-user limits must be at least 1");
         }
         for o in &h.cors_origins {
-            if o == "*" || o == "null" || !(o.starts_with("https://") || o.starts_with("http://"))
-            {
+            if o == "*" || o == "null" || !(o.starts_with("https://") || o.starts_with("http://")) {
                 return inv(
                     "http.cors_origins",
                     "each origin must be an exact http(s) origin; '*' and 'null' are refused",
@@ -363,9 +368,9 @@ impl Config {
     /// The archive folder.
     pub fn archive_path(&self) -> PathBuf {
         match &self.sink {
-            SinkConfig::Archive { path } => {
-                path.clone().unwrap_or_else(|| self.data_dir.join("archive"))
-            }
+            SinkConfig::Archive { path } => path
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("archive")),
         }
     }
 

@@ -42,8 +42,33 @@ const CREDENTIAL_PARAMS: &[&str] = &[
     "api_key",
 ];
 
-/// Refuses credentials in URLs and compressed request bodies.
-async fn guard(req: Request, next: Next) -> Response {
+/// Refuses credentials in URLs, compressed request bodies, and bodies
+/// whose declared length exceeds what the route accepts (answered before
+/// a byte of the body is read).
+async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared {
+        let path = req.uri().path();
+        let limit = if path.starts_with("/files") {
+            state.config.http.max_upload_size
+        } else if path.starts_with("/dicomweb/") {
+            state.config.limits.max_session_size
+        } else {
+            state.config.http.max_json_body as u64
+        };
+        if n > limit {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RELAY_BODY_TOO_LARGE",
+                format!("the request body may have at most {limit} bytes"),
+            )
+            .into_response();
+        }
+    }
     if let Some(q) = req.uri().query() {
         for pair in q.split('&') {
             let key = pair.split('=').next().unwrap_or("");
@@ -57,8 +82,10 @@ async fn guard(req: Request, next: Next) -> Response {
             }
         }
     }
-    if let Some(enc) = req.headers().get(header::CONTENT_ENCODING) {
-        if enc.as_bytes() != b"identity" {
+    if let Some(enc) = req.headers().get(header::CONTENT_ENCODING)
+        && enc.as_bytes() != b"identity"
+    {
+        {
             return ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "RELAY_CONTENT_ENCODING",
@@ -87,10 +114,10 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         .to_string();
     let mut res = next.run(req).await;
     let status = res.status();
-    let is_json = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"application/dicom+json"));
+    let is_json = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes().starts_with(b"application/json")
+            || v.as_bytes().starts_with(b"application/dicom+json")
+    });
     if (status.is_client_error() || status.is_server_error()) && !is_json && method != "HEAD" {
         let code = match status {
             StatusCode::PAYLOAD_TOO_LARGE => "RELAY_BODY_TOO_LARGE",
@@ -109,14 +136,32 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
                 res.headers_mut().insert(k.clone(), v.clone());
             }
         }
-        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
     let elapsed = started.elapsed();
-    let label = crate::metrics::RouteLabel { route: route.clone(), method: method.clone(), status: status.as_u16() };
+    let label = crate::metrics::RouteLabel {
+        route: route.clone(),
+        method: method.clone(),
+        status: status.as_u16(),
+    };
     state.metrics.requests.get_or_create(&label).inc();
-    state.metrics.latency.get_or_create(&label).observe(elapsed.as_secs_f64());
+    state
+        .metrics
+        .latency
+        .get_or_create(&label)
+        .observe(elapsed.as_secs_f64());
     // Route templates only: no concrete ids, no query strings, no patient data.
-    tracing::info!(request_id, method, route, status = status.as_u16(), ms = elapsed.as_millis() as u64, "request");
+    tracing::info!(
+        request_id,
+        method,
+        route,
+        status = status.as_u16(),
+        ms = elapsed.as_millis() as u64,
+        "request"
+    );
     res
 }
 
@@ -125,12 +170,23 @@ pub fn app(state: AppState) -> Router {
     let cfg = state.config.http.clone();
     let mut router = crate::routes::router(state.clone())
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
-        .layer(axum::middleware::from_fn(guard));
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     if !cfg.cors_origins.is_empty() {
-        let origins: Vec<HeaderValue> = cfg.cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+        let origins: Vec<HeaderValue> = cfg
+            .cors_origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
         let cors = CorsLayer::new()
             .allow_origin(AllowOrigin::list(origins))
-            .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::HEAD, Method::DELETE, Method::OPTIONS])
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PATCH,
+                Method::HEAD,
+                Method::DELETE,
+                Method::OPTIONS,
+            ])
             .allow_headers([
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
@@ -157,11 +213,28 @@ pub fn app(state: AppState) -> Router {
     }
     let csp = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'";
     router = router
-        .layer(SetResponseHeaderLayer::if_not_present(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
-        .layer(SetResponseHeaderLayer::if_not_present(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp)))
-        .layer(SetResponseHeaderLayer::if_not_present(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")))
-        .layer(SetResponseHeaderLayer::if_not_present(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
-        .layer(SetResponseHeaderLayer::if_not_present(header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(csp),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        // Everything here may carry patient data or tokens: never cached
+        // (overrides the event stream's "no-cache").
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ));
     if cfg.hsts {
         router = router.layer(SetResponseHeaderLayer::overriding(
             header::STRICT_TRANSPORT_SECURITY,

@@ -92,7 +92,9 @@ impl ApiError {
         serde_json::to_string(&Body {
             error: Inner { code, message },
         })
-        .unwrap_or_else(|_| String::from("{\"error\":{\"code\":\"RELAY_INTERNAL\",\"message\":\"\"}}"))
+        .unwrap_or_else(|_| {
+            String::from("{\"error\":{\"code\":\"RELAY_INTERNAL\",\"message\":\"\"}}")
+        })
     }
 }
 

@@ -63,14 +63,26 @@ impl Server {
     }
 
     /// Serve an opened state on a bound listener.
-    pub async fn with_listener(state: AppState, listener: tokio::net::TcpListener) -> Result<Self, StartError> {
-        let addr = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
-        let mut ev = relaypacs_core::AuditEvent::new("system", AuditAction::ApplicationStart, AuditOutcome::Success);
+    pub async fn with_listener(
+        state: AppState,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Self, StartError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        let mut ev = relaypacs_core::AuditEvent::new(
+            "system",
+            AuditAction::ApplicationStart,
+            AuditOutcome::Success,
+        );
         ev.detail = format!("listening on {addr}");
         state
             .audit_event(ev)
             .await
-            .map_err(|source| StartError::Store { what: "audit trail", source })?;
+            .map_err(|source| StartError::Store {
+                what: "audit trail",
+                source,
+            })?;
         let (stop, rx) = oneshot::channel::<()>();
         let app = edges::app(state.clone());
         let cfg = state.config.http.clone();
@@ -82,7 +94,13 @@ impl Server {
         });
         let sweeper = tokio::spawn(sweep(state.clone()));
         tracing::info!(%addr, "relaypacs listening");
-        Ok(Self { addr, state, stop, task, sweeper })
+        Ok(Self {
+            addr,
+            state,
+            stop,
+            task,
+            sweeper,
+        })
     }
 
     /// The bound address.
@@ -110,7 +128,11 @@ impl Server {
         if let Ok(Err(e)) = self.task.await {
             tracing::error!(error = %e, "server ended with an error");
         }
-        let ev = relaypacs_core::AuditEvent::new("system", AuditAction::ApplicationStop, AuditOutcome::Success);
+        let ev = relaypacs_core::AuditEvent::new(
+            "system",
+            AuditAction::ApplicationStop,
+            AuditOutcome::Success,
+        );
         if let Err(e) = self.state.audit_event(ev).await {
             tracing::error!(error = %e, "could not record the application stop");
         }
@@ -122,7 +144,11 @@ async fn sweep(state: AppState) {
     let every = Duration::from_secs(state.config.http.sweep_interval_secs.max(1));
     loop {
         tokio::time::sleep(every).await;
-        match state.pipeline.expire_sessions(time::OffsetDateTime::now_utc()).await {
+        match state
+            .pipeline
+            .expire_sessions(time::OffsetDateTime::now_utc())
+            .await
+        {
             Ok(gone) => {
                 if !gone.is_empty() {
                     let prefixes: Vec<String> = gone.iter().map(|s| s.to_string()).collect();

@@ -16,7 +16,11 @@ use relaypacs_http::routes::auth::{check_username, new_record};
 use relaypacs_http::{Config, Server};
 
 #[derive(Parser, Debug)]
-#[command(name = "relaypacs", version, about = "RelayPACS DICOM ingestion gateway")]
+#[command(
+    name = "relaypacs",
+    version,
+    about = "RelayPACS DICOM ingestion gateway"
+)]
 struct Cli {
     /// TOML configuration file (RELAYPACS_* variables override it).
     #[arg(long, env = "RELAYPACS_CONFIG", global = true)]
@@ -80,7 +84,10 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("relaypacs: cannot start the runtime: {e}");
@@ -97,10 +104,11 @@ fn serve(config: Config) -> ExitCode {
         };
         eprintln!("relaypacs: listening on http://{}", server.addr());
         let stop = async {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return tokio::signal::ctrl_c().await.unwrap_or(()),
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return tokio::signal::ctrl_c().await.unwrap_or(()),
+                };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -128,7 +136,8 @@ fn user(config: Config, command: UserCommand) -> Result<(), String> {
     relaypacs_storage::fs::create_dir_durable(&auth_dir).map_err(|e| e.to_string())?;
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&auth_dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&auth_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| e.to_string())?;
     }
     let store = FileUserStore::open(auth_dir.join("users.json")).map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -138,7 +147,13 @@ fn user(config: Config, command: UserCommand) -> Result<(), String> {
     match command {
         UserCommand::List => {
             for u in rt.block_on(store.list()).map_err(|e| e.to_string())? {
-                println!("{}\t{}\t{:?}\t{}", u.id, u.username, u.role, if u.disabled { "disabled" } else { "active" });
+                println!(
+                    "{}\t{}\t{:?}\t{}",
+                    u.id,
+                    u.username,
+                    u.role,
+                    if u.disabled { "disabled" } else { "active" }
+                );
             }
             Ok(())
         }
@@ -146,7 +161,10 @@ fn user(config: Config, command: UserCommand) -> Result<(), String> {
             check_username(&username).map_err(|e| e.message)?;
             eprintln!("password for {username} (one line on standard input):");
             let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
             let password = line.trim_end_matches(['\r', '\n']).to_string();
             check_policy(&password, &username).map_err(|e| e.to_string())?;
             let a = &config.auth;

@@ -61,17 +61,33 @@ impl Default for Metrics {
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             registry: Registry::default(),
         };
-        registry.register("uploads_created", "tus uploads created", m.uploads_created.clone());
-        registry.register("upload_bytes", "Upload bytes made durable", m.upload_bytes.clone());
+        registry.register(
+            "uploads_created",
+            "tus uploads created",
+            m.uploads_created.clone(),
+        );
+        registry.register(
+            "upload_bytes",
+            "Upload bytes made durable",
+            m.upload_bytes.clone(),
+        );
         registry.register(
             "chunk_verifications_failed",
             "Chunks refused by checksum verification",
             m.chunk_verifications_failed.clone(),
         );
-        registry.register("files_refused", "Files refused at completion", m.files_refused.clone());
+        registry.register(
+            "files_refused",
+            "Files refused at completion",
+            m.files_refused.clone(),
+        );
         registry.register("forwards", "PACS forwards by outcome", m.forwards.clone());
         registry.register("http_requests", "HTTP requests", m.requests.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency", m.latency.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            m.latency.clone(),
+        );
         Self { registry, ..m }
     }
 }

@@ -117,17 +117,20 @@ impl Hub {
     /// Send an event to `user`'s open streams (none open: dropped).
     pub fn publish(&self, user: &str, event: Event) {
         let mut m = lock(&self.channels);
-        if let Some(tx) = m.get(user) {
-            if tx.send(event).is_err() {
-                m.remove(user);
-            }
+        if let Some(tx) = m.get(user)
+            && tx.send(event).is_err()
+        {
+            m.remove(user);
         }
     }
 
     fn path(&self, user: &str) -> PathBuf {
         // User ids are server-generated hex; hash anyway so no client value
         // ever becomes a path.
-        self.dir.join(format!("{}.json", hex::encode(sha2::Sha256::digest_str(user))))
+        self.dir.join(format!(
+            "{}.json",
+            hex::encode(sha2::Sha256::digest_str(user))
+        ))
     }
 
     async fn load(&self, user: &str) -> Result<Vec<Notification>> {
@@ -148,7 +151,13 @@ impl Hub {
     }
 
     /// Durably add a notification for `user`, then push it live.
-    pub async fn notify(&self, user: &str, kind: NotificationKind, study: &str, message: &str) -> Result<Notification> {
+    pub async fn notify(
+        &self,
+        user: &str,
+        kind: NotificationKind,
+        study: &str,
+        message: &str,
+    ) -> Result<Notification> {
         let n = Notification {
             id: relaypacs_core::FileId::random().to_string(),
             kind,
@@ -182,7 +191,9 @@ impl Hub {
         let n = list
             .iter_mut()
             .find(|n| n.id == id)
-            .ok_or(Error::NotFound { what: "notification" })?;
+            .ok_or(Error::NotFound {
+                what: "notification",
+            })?;
         n.read = true;
         let out = n.clone();
         self.store(user, &list).await?;

@@ -132,8 +132,8 @@ impl AppState {
         let secret = config.resolve_secret()?;
         let root = config.data_dir.clone();
         relaypacs_storage::fs::create_dir_durable(&root).map_err(store("data folder"))?;
-        let server_lock = relaypacs_storage::fs::lock_root(&root.join("server"))
-            .map_err(store("server lock"))?;
+        let server_lock =
+            relaypacs_storage::fs::lock_root(&root.join("server")).map_err(store("server lock"))?;
         let chunks = LocalChunkStore::open(root.join("chunks")).map_err(store("chunk store"))?;
         let sessions =
             FileSessionStore::open(root.join("sessions")).map_err(store("session store"))?;
@@ -214,7 +214,10 @@ impl AppState {
                 _lock: server_lock,
             }),
         };
-        state.count_open_uploads().await.map_err(store("sessions"))?;
+        state
+            .count_open_uploads()
+            .await
+            .map_err(store("sessions"))?;
         Ok(state)
     }
 
@@ -243,9 +246,12 @@ impl AppState {
 
     /// Record an audit event; failures are returned (fail closed).
     pub async fn audit_event(&self, ev: AuditEvent) -> relaypacs_core::Result<()> {
-        self.audit.record(&ev).await.map_err(|e| relaypacs_core::Error::Audit {
-            source: Box::new(e),
-        })
+        self.audit
+            .record(&ev)
+            .await
+            .map_err(|e| relaypacs_core::Error::Audit {
+                source: Box::new(e),
+            })
     }
 
     /// A new audit event for `user` from `address`.

@@ -45,7 +45,11 @@ fn finding_01_default_or_weak_secret_refuses_to_start() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "secret {value:?} accepted: {stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "secret {value:?} accepted: {stderr}"
+        );
         assert!(stderr.contains("secret"), "{stderr}");
         if value.len() > 4 {
             assert!(!stderr.contains(value), "the secret value was printed");
@@ -78,7 +82,10 @@ async fn finding_01_generated_secret_is_random_and_private() {
         let again = c.resolve_secret().unwrap();
         assert_eq!(secrecy::ExposeSecret::expose_secret(&again), secrets[i]);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(c.resolve_secret().is_err(), "a world-readable secret file was accepted");
+        assert!(
+            c.resolve_secret().is_err(),
+            "a world-readable secret file was accepted"
+        );
     }
     assert_ne!(secrets[0], secrets[1]);
 }
@@ -100,15 +107,26 @@ impl ChunkStore for Faulty {
     async fn create_file(&self, key: FileKey, size: u64) -> CoreResult<()> {
         self.0.create_file(key, size).await
     }
-    async fn put_chunk(&self, key: FileKey, placement: ChunkPlacement, body: ByteStream) -> CoreResult<String> {
+    async fn put_chunk(
+        &self,
+        key: FileKey,
+        placement: ChunkPlacement,
+        body: ByteStream,
+    ) -> CoreResult<String> {
         match self.1.load(Ordering::SeqCst) {
             1 => {
                 // Consume part of the body first, as a real failing disk would.
                 let mut b = body;
                 let _ = b.next().await;
-                Err(Error::io("write chunk", std::io::Error::from_raw_os_error(5)))
+                Err(Error::io(
+                    "write chunk",
+                    std::io::Error::from_raw_os_error(5),
+                ))
             }
-            2 => Err(Error::io("write chunk", std::io::Error::from_raw_os_error(28))),
+            2 => Err(Error::io(
+                "write chunk",
+                std::io::Error::from_raw_os_error(28),
+            )),
             _ => self.0.put_chunk(key, placement, body).await,
         }
     }
@@ -147,24 +165,56 @@ async fn finding_02_failed_write_never_records_a_chunk() {
     let u = t.user("ana", Role::Uploader).await;
     let study = t.new_study(&u).await;
     let data = dicom(None, 300);
-    let up = t.create_upload(&u, &study, data.len() as u64, Some(&data)).await;
-    for (code, status, err) in [(1u8, 503u16, "RELAY_STORAGE_ERROR"), (2, 507, "RELAY_STORAGE_FULL")] {
+    let up = t
+        .create_upload(&u, &study, data.len() as u64, Some(&data))
+        .await;
+    for (code, status, err) in [
+        (1u8, 503u16, "RELAY_STORAGE_ERROR"),
+        (2, 507, "RELAY_STORAGE_FULL"),
+    ] {
         fault.store(code, Ordering::SeqCst);
         for checksum in [Some(sha256_header(&data)), None] {
             let r = t.patch(&u, &up, 0, data.clone(), checksum).await;
             expect_error(r, status, err).await;
-            assert_eq!(t.head_offset(&u, &up).await, 0, "offset moved after a failed write");
-            let (sid, fid) = (SessionId::parse(&up[7..39]).unwrap(), relaypacs_core::FileId::parse(&up[39..]).unwrap());
-            let chunks = t.server().state().pipeline.session_store().chunks(sid, fid).await.unwrap();
-            assert!(chunks.is_empty(), "a chunk was recorded for a failed write: {chunks:?}");
+            assert_eq!(
+                t.head_offset(&u, &up).await,
+                0,
+                "offset moved after a failed write"
+            );
+            let (sid, fid) = (
+                SessionId::parse(&up[7..39]).unwrap(),
+                relaypacs_core::FileId::parse(&up[39..]).unwrap(),
+            );
+            let chunks = t
+                .server()
+                .state()
+                .pipeline
+                .session_store()
+                .chunks(sid, fid)
+                .await
+                .unwrap();
+            assert!(
+                chunks.is_empty(),
+                "a chunk was recorded for a failed write: {chunks:?}"
+            );
         }
     }
     let events = t.audit().await;
-    assert!(events.iter().any(|e| e.action == AuditAction::ChunkStored && e.outcome != AuditOutcome::Success));
-    assert!(!events.iter().any(|e| e.action == AuditAction::ChunkStored && e.outcome == AuditOutcome::Success));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == AuditAction::ChunkStored && e.outcome != AuditOutcome::Success)
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.action == AuditAction::ChunkStored && e.outcome == AuditOutcome::Success)
+    );
     // Once the fault is gone the same upload completes byte-exact.
     fault.store(0, Ordering::SeqCst);
-    let r = t.patch(&u, &up, 0, data.clone(), Some(sha256_header(&data))).await;
+    let r = t
+        .patch(&u, &up, 0, data.clone(), Some(sha256_header(&data)))
+        .await;
     assert_eq!(r.status(), 204);
     assert_eq!(t.head_offset(&u, &up).await, data.len() as u64);
     t.stop().await;
@@ -182,13 +232,22 @@ async fn finding_05_failures_surface_typed_and_audited() {
     let data = dicom(None, 200);
     let up = t.create_upload(&u, &study, data.len() as u64, None).await;
     fault.store(1, Ordering::SeqCst);
-    let v = expect_error(t.patch(&u, &up, 0, data.clone(), None).await, 503, "RELAY_STORAGE_ERROR").await;
+    let v = expect_error(
+        t.patch(&u, &up, 0, data.clone(), None).await,
+        503,
+        "RELAY_STORAGE_ERROR",
+    )
+    .await;
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(!msg.contains('/') && !msg.contains("os error"), "internals leaked: {msg}");
+    assert!(
+        !msg.contains('/') && !msg.contains("os error"),
+        "internals leaked: {msg}"
+    );
     fault.store(0, Ordering::SeqCst);
     // Wrong checksum: 460, not 500.
     expect_error(
-        t.patch(&u, &up, 0, data.clone(), Some(sha256_header(b"other"))).await,
+        t.patch(&u, &up, 0, data.clone(), Some(sha256_header(b"other")))
+            .await,
         460,
         "RELAY_CHUNK_HASH_MISMATCH",
     )
@@ -199,9 +258,19 @@ async fn finding_05_failures_surface_typed_and_audited() {
     let r = t.patch(&u, &up2, 0, junk, None).await;
     assert_eq!(r.status(), 422);
     let v: serde_json::Value = r.json().await.unwrap();
-    assert!(v["error"]["code"].as_str().unwrap().starts_with("RELAY_DICOM"), "{v}");
+    assert!(
+        v["error"]["code"]
+            .as_str()
+            .unwrap()
+            .starts_with("RELAY_DICOM"),
+        "{v}"
+    );
     let events = t.audit().await;
-    assert!(events.iter().any(|e| e.action == AuditAction::FileCompleted && e.outcome != AuditOutcome::Success));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == AuditAction::FileCompleted && e.outcome != AuditOutcome::Success)
+    );
     t.stop().await;
 }
 
@@ -219,16 +288,37 @@ async fn finding_03_every_size_is_bounded() {
     let u = t.user("cy", Role::Uploader).await;
     let study = t.new_study(&u).await;
     // Over Tus-Max-Size at creation.
-    expect_error(t.create_upload_raw(&u, &study, (1 << 20) + 1, None).await, 413, "RELAY_UPLOAD_TOO_LARGE").await;
-    let opt = t.http.request(Method::OPTIONS, format!("{}/files", t.url)).send().await.unwrap();
+    expect_error(
+        t.create_upload_raw(&u, &study, (1 << 20) + 1, None).await,
+        413,
+        "RELAY_UPLOAD_TOO_LARGE",
+    )
+    .await;
+    let opt = t
+        .http
+        .request(Method::OPTIONS, format!("{}/files", t.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(opt.headers()["tus-max-size"], "1048576");
     // More bytes than Upload-Length.
     let up = t.create_upload(&u, &study, 100_000, None).await;
-    expect_error(t.patch(&u, &up, 0, vec![0; 100_001], None).await, 413, "RELAY_UPLOAD_OVERFLOW").await;
+    expect_error(
+        t.patch(&u, &up, 0, vec![0; 100_001], None).await,
+        413,
+        "RELAY_UPLOAD_OVERFLOW",
+    )
+    .await;
     // A checksummed PATCH over its cap.
     let up2 = t.create_upload(&u, &study, 1 << 20, None).await;
     let big = vec![1u8; (256 << 10) + 1];
-    expect_error(t.patch(&u, &up2, 0, big.clone(), Some(sha256_header(&big))).await, 413, "RELAY_PATCH_TOO_LARGE").await;
+    expect_error(
+        t.patch(&u, &up2, 0, big.clone(), Some(sha256_header(&big)))
+            .await,
+        413,
+        "RELAY_PATCH_TOO_LARGE",
+    )
+    .await;
     assert_eq!(t.head_offset(&u, &up2).await, 0);
     // JSON bodies.
     let r = t
@@ -249,7 +339,10 @@ async fn finding_03_every_size_is_bounded() {
     .concat();
     let r = t
         .req(Method::POST, "/dicomweb/studies", &u)
-        .header("content-type", "multipart/related; type=\"application/dicom\"; boundary=B")
+        .header(
+            "content-type",
+            "multipart/related; type=\"application/dicom\"; boundary=B",
+        )
         .body(body)
         .send()
         .await
@@ -269,16 +362,43 @@ async fn finding_04_other_users_objects_do_not_exist() {
     let a = t.user("alma", Role::Uploader).await;
     let b = t.user("bert", Role::Uploader).await;
     // B listens for events.
-    let mut b_stream = t.req(Method::GET, "/api/v1/events", &b).send().await.unwrap().bytes_stream();
+    let mut b_stream = t
+        .req(Method::GET, "/api/v1/events", &b)
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
     let study = t.new_study(&a).await;
     let data = dicom(None, 64);
     let up = t.upload(&a, &study, &data).await;
-    let r = t.req(Method::POST, &format!("/api/v1/studies/{study}/complete"), &a).send().await.unwrap();
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/api/v1/studies/{study}/complete"),
+            &a,
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let list: Vec<serde_json::Value> = t.req(Method::GET, "/api/v1/notifications", &a).send().await.unwrap().json().await.unwrap();
+    let list: Vec<serde_json::Value> = t
+        .req(Method::GET, "/api/v1/notifications", &a)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list.len(), 1);
     let nid = list[0]["id"].as_str().unwrap().to_string();
-    let b_list: Vec<serde_json::Value> = t.req(Method::GET, "/api/v1/notifications", &b).send().await.unwrap().json().await.unwrap();
+    let b_list: Vec<serde_json::Value> = t
+        .req(Method::GET, "/api/v1/notifications", &b)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(b_list.is_empty());
     let cross = [
         (Method::POST, format!("/api/v1/notifications/{nid}/read")),
@@ -288,31 +408,59 @@ async fn finding_04_other_users_objects_do_not_exist() {
         (Method::DELETE, up.clone()),
     ];
     for (m, p) in cross {
-        let r = t.req(m.clone(), &p, &b).header("tus-resumable", "1.0.0").send().await.unwrap();
+        let r = t
+            .req(m.clone(), &p, &b)
+            .header("tus-resumable", "1.0.0")
+            .send()
+            .await
+            .unwrap();
         expect_error(r, 404, "RELAY_NOT_FOUND").await;
     }
-    let r = t.req(Method::HEAD, &up, &b).header("tus-resumable", "1.0.0").send().await.unwrap();
+    let r = t
+        .req(Method::HEAD, &up, &b)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let r = t.patch(&b, &up, 0, vec![0; 10], None).await;
     assert_eq!(r.status(), 404);
     // The owner can mark it read.
-    let r = t.req(Method::POST, &format!("/api/v1/notifications/{nid}/read"), &a).send().await.unwrap();
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/api/v1/notifications/{nid}/read"),
+            &a,
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // B's stream received nothing but keep-alives (it is read until it
     // stays quiet; whatever arrived is kept).
     let mut got = String::new();
-    while let Ok(Some(Ok(c))) = tokio::time::timeout(Duration::from_millis(500), b_stream.next()).await {
+    while let Ok(Some(Ok(c))) =
+        tokio::time::timeout(Duration::from_millis(500), b_stream.next()).await
+    {
         got.push_str(&String::from_utf8_lossy(&c));
     }
     // The same stream does deliver B's own events.
     let own = t.new_study(&b).await;
     t.upload(&b, &own, &dicom(None, 64)).await;
     let mut mine = String::new();
-    while let Ok(Some(Ok(c))) = tokio::time::timeout(Duration::from_millis(500), b_stream.next()).await {
+    while let Ok(Some(Ok(c))) =
+        tokio::time::timeout(Duration::from_millis(500), b_stream.next()).await
+    {
         mine.push_str(&String::from_utf8_lossy(&c));
     }
-    assert!(mine.contains(&own), "B's stream does not deliver B's events: {mine}");
-    assert!(!got.contains("data:") && !got.contains(&study), "B saw A's events: {got}");
+    assert!(
+        mine.contains(&own),
+        "B's stream does not deliver B's events: {mine}"
+    );
+    assert!(
+        !got.contains("data:") && !got.contains(&study),
+        "B saw A's events: {got}"
+    );
     t.stop().await;
 }
 
@@ -326,11 +474,22 @@ async fn finding_06_login_brute_force_is_throttled() {
     let login = |name: &'static str, pw: &'static str| {
         let http = t.http.clone();
         let url = format!("{}/api/v1/auth/login", t.url);
-        async move { http.post(url).json(&serde_json::json!({"username": name, "password": pw})).send().await.unwrap() }
+        async move {
+            http.post(url)
+                .json(&serde_json::json!({"username": name, "password": pw}))
+                .send()
+                .await
+                .unwrap()
+        }
     };
     let mut statuses = Vec::new();
     for _ in 0..8 {
-        statuses.push(login("dora", "wrong password guess 1").await.status().as_u16());
+        statuses.push(
+            login("dora", "wrong password guess 1")
+                .await
+                .status()
+                .as_u16(),
+        );
     }
     assert_eq!(&statuses[..5], &[401; 5]);
     assert!(statuses[5..].iter().all(|&s| s == 429), "{statuses:?}");
@@ -340,8 +499,19 @@ async fn finding_06_login_brute_force_is_throttled() {
     // The right password is refused during the lockout too.
     assert_eq!(login("dora", PASSWORD).await.status(), 429);
     let events = t.audit().await;
-    assert!(events.iter().any(|e| e.action == AuditAction::SecurityAlert), "lockout not audited");
-    assert!(events.iter().filter(|e| e.action == AuditAction::Login && e.outcome == AuditOutcome::MinorFailure).count() >= 5);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == AuditAction::SecurityAlert),
+        "lockout not audited"
+    );
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.action == AuditAction::Login && e.outcome == AuditOutcome::MinorFailure)
+            .count()
+            >= 5
+    );
     // Unknown user and wrong password look the same.
     let a = login("nobody-here", "wrong password guess 1").await;
     let b = login("dora2", "wrong password guess 1").await;
@@ -376,22 +546,49 @@ async fn finding_06_login_brute_force_is_throttled() {
 async fn finding_07_no_credential_in_any_url() {
     let t = TestServer::start().await;
     let u = t.user("eli", Role::Uploader).await;
-    for q in ["token", "access_token", "Access_Token", "jwt", "refresh_token"] {
+    for q in [
+        "token",
+        "access_token",
+        "Access_Token",
+        "jwt",
+        "refresh_token",
+    ] {
         for path in ["/api/v1/events", "/api/v1/studies", "/files"] {
-            let r = t.http.get(format!("{}{path}?{q}={}", t.url, u.token)).send().await.unwrap();
+            let r = t
+                .http
+                .get(format!("{}{path}?{q}={}", t.url, u.token))
+                .send()
+                .await
+                .unwrap();
             expect_error(r, 400, "RELAY_CREDENTIAL_IN_URL").await;
         }
     }
     // The header works for fetch-based clients.
-    let r = t.req(Method::GET, "/api/v1/events", &u).send().await.unwrap();
+    let r = t
+        .req(Method::GET, "/api/v1/events", &u)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     drop(r);
     // EventSource: a single-use ticket, which is not a token.
-    let tk: serde_json::Value = t.req(Method::POST, "/api/v1/events/ticket", &u).send().await.unwrap().json().await.unwrap();
+    let tk: serde_json::Value = t
+        .req(Method::POST, "/api/v1/events/ticket", &u)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let ticket = tk["ticket"].as_str().unwrap();
     assert!(!ticket.starts_with("eyJ"));
-    let r = t.http.get(format!("{}/api/v1/events?ticket={ticket}", t.url)).send().await.unwrap();
+    let r = t
+        .http
+        .get(format!("{}/api/v1/events?ticket={ticket}", t.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let mut s = r.bytes_stream();
     let study = t.new_study(&u).await;
@@ -408,11 +605,25 @@ async fn finding_07_no_credential_in_any_url() {
     })
     .await
     .unwrap();
-    assert!(text.contains("upload_progress") && text.contains("file_completed"), "{text}");
-    let again = t.http.get(format!("{}/api/v1/events?ticket={ticket}", t.url)).send().await.unwrap();
+    assert!(
+        text.contains("upload_progress") && text.contains("file_completed"),
+        "{text}"
+    );
+    let again = t
+        .http
+        .get(format!("{}/api/v1/events?ticket={ticket}", t.url))
+        .send()
+        .await
+        .unwrap();
     expect_error(again, 401, "RELAY_BAD_TICKET").await;
     // A ticket is not a bearer token.
-    let r = t.http.get(format!("{}/api/v1/studies", t.url)).bearer_auth(ticket).send().await.unwrap();
+    let r = t
+        .http
+        .get(format!("{}/api/v1/studies", t.url))
+        .bearer_auth(ticket)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     t.stop().await;
 }
@@ -426,7 +637,13 @@ async fn finding_07_no_credential_in_any_url() {
 async fn finding_08_every_action_is_audited() {
     let t = TestServer::start().await;
     let u = t.user("fay", Role::Uploader).await;
-    let bad = t.http.post(format!("{}/api/v1/auth/login", t.url)).json(&serde_json::json!({"username":"fay","password":"not the password 1"})).send().await.unwrap();
+    let bad = t
+        .http
+        .post(format!("{}/api/v1/auth/login", t.url))
+        .json(&serde_json::json!({"username":"fay","password":"not the password 1"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 401);
     let study = t.new_study(&u).await;
     let data = dicom(None, 64);
@@ -434,15 +651,68 @@ async fn finding_08_every_action_is_audited() {
     let junk = vec![1u8; 1000];
     let up = t.create_upload(&u, &study, 1000, None).await;
     assert_eq!(t.patch(&u, &up, 0, junk, None).await.status(), 422);
-    assert_eq!(t.req(Method::DELETE, &up, &u).header("tus-resumable", "1.0.0").send().await.unwrap().status(), 204);
-    assert_eq!(t.req(Method::GET, &format!("/api/v1/studies/{study}"), &u).send().await.unwrap().status(), 200);
-    assert_eq!(t.req(Method::POST, &format!("/api/v1/studies/{study}/complete"), &u).send().await.unwrap().status(), 200);
-    let r = t.http.post(format!("{}/api/v1/auth/refresh", t.url)).json(&serde_json::json!({"refresh_token": u.refresh})).send().await.unwrap();
+    assert_eq!(
+        t.req(Method::DELETE, &up, &u)
+            .header("tus-resumable", "1.0.0")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(
+        t.req(Method::GET, &format!("/api/v1/studies/{study}"), &u)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        t.req(
+            Method::POST,
+            &format!("/api/v1/studies/{study}/complete"),
+            &u
+        )
+        .send()
+        .await
+        .unwrap()
+        .status(),
+        200
+    );
+    let r = t
+        .http
+        .post(format!("{}/api/v1/auth/refresh", t.url))
+        .json(&serde_json::json!({"refresh_token": u.refresh}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(t.req(Method::POST, "/api/v1/auth/logout", &u).send().await.unwrap().status(), 204);
-    assert_eq!(t.req(Method::GET, "/api/v1/auth/me", &u).send().await.unwrap().status(), 401, "token works after logout");
+    assert_eq!(
+        t.req(Method::POST, "/api/v1/auth/logout", &u)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(
+        t.req(Method::GET, "/api/v1/auth/me", &u)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401,
+        "token works after logout"
+    );
     let events = t.audit().await;
-    let has = |a: AuditAction, o: AuditOutcome| events.iter().any(|e| e.action == a && e.outcome == o && (e.user == u.id || e.user == "anonymous" || e.user == "system"));
+    let has = |a: AuditAction, o: AuditOutcome| {
+        events.iter().any(|e| {
+            e.action == a
+                && e.outcome == o
+                && (e.user == u.id || e.user == "anonymous" || e.user == "system")
+        })
+    };
     for (a, o) in [
         (AuditAction::Login, AuditOutcome::Success),
         (AuditAction::Login, AuditOutcome::MinorFailure),
@@ -459,11 +729,24 @@ async fn finding_08_every_action_is_audited() {
     ] {
         assert!(has(a, o), "missing audit record {a:?}/{o:?}");
     }
-    assert!(events.iter().any(|e| e.action == AuditAction::FileCompleted && e.outcome != AuditOutcome::Success));
-    let fwd = events.iter().find(|e| e.action == AuditAction::Forwarded).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == AuditAction::FileCompleted && e.outcome != AuditOutcome::Success)
+    );
+    let fwd = events
+        .iter()
+        .find(|e| e.action == AuditAction::Forwarded)
+        .unwrap();
     assert_eq!(fwd.event_id, 110104);
     assert!(fwd.study.is_some(), "forward record names no study");
-    assert!(events.iter().filter(|e| e.user == u.id).all(|e| e.address.as_deref() == Some("127.0.0.1")), "client address missing");
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.user == u.id)
+            .all(|e| e.address.as_deref() == Some("127.0.0.1")),
+        "client address missing"
+    );
     t.stop().await;
 }
 
@@ -475,21 +758,52 @@ async fn finding_09_weak_passwords_are_refused_and_hashes_are_strong() {
     let t = TestServer::start().await;
     let admin = t.user("root-admin", Role::Admin).await;
     let create = |name: &str, pw: &str| {
-        t.req(Method::POST, "/api/v1/users", &admin).json(&serde_json::json!({"username": name, "password": pw, "role": "uploader"})).send()
+        t.req(Method::POST, "/api/v1/users", &admin)
+            .json(&serde_json::json!({"username": name, "password": pw, "role": "uploader"}))
+            .send()
     };
-    for weak in ["short", "password1234", "aaaaaaaaaaaaaaaa", "qwertyuiop123", "ginny-mcgee", "Password123!"] {
-        expect_error(create("ginny-mcgee", weak).await.unwrap(), 400, "RELAY_WEAK_PASSWORD").await;
+    for weak in [
+        "short",
+        "password1234",
+        "aaaaaaaaaaaaaaaa",
+        "qwertyuiop123",
+        "ginny-mcgee",
+        "Password123!",
+    ] {
+        expect_error(
+            create("ginny-mcgee", weak).await.unwrap(),
+            400,
+            "RELAY_WEAK_PASSWORD",
+        )
+        .await;
     }
     let long: String = "Correct-Horse-Battery-Staple-".repeat(4);
     assert_eq!(create("gil", &long).await.unwrap().status(), 201);
     assert_eq!(create("hal", &long).await.unwrap().status(), 201);
     // No truncation: a prefix of the password does not log in.
-    let r = t.http.post(format!("{}/api/v1/auth/login", t.url)).json(&serde_json::json!({"username": "gil", "password": &long[..72]})).send().await.unwrap();
+    let r = t
+        .http
+        .post(format!("{}/api/v1/auth/login", t.url))
+        .json(&serde_json::json!({"username": "gil", "password": &long[..72]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = t.http.post(format!("{}/api/v1/auth/login", t.url)).json(&serde_json::json!({"username": "gil", "password": long})).send().await.unwrap();
+    let r = t
+        .http
+        .post(format!("{}/api/v1/auth/login", t.url))
+        .json(&serde_json::json!({"username": "gil", "password": long}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let users: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(t.data().join("auth/users.json")).unwrap()).unwrap();
-    let hashes: Vec<&str> = users.iter().filter(|u| u["username"] == "gil" || u["username"] == "hal").map(|u| u["password_hash"].as_str().unwrap()).collect();
+    let users: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(t.data().join("auth/users.json")).unwrap()).unwrap();
+    let hashes: Vec<&str> = users
+        .iter()
+        .filter(|u| u["username"] == "gil" || u["username"] == "hal")
+        .map(|u| u["password_hash"].as_str().unwrap())
+        .collect();
     assert_eq!(hashes.len(), 2);
     assert_ne!(hashes[0], hashes[1], "same password, same hash: no salt");
     for h in hashes {
@@ -497,7 +811,12 @@ async fn finding_09_weak_passwords_are_refused_and_hashes_are_strong() {
     }
     // Only admins create users.
     let up = t.user("ivy", Role::Uploader).await;
-    let r = t.req(Method::POST, "/api/v1/users", &up).json(&serde_json::json!({"username":"x","password":long,"role":"admin"})).send().await.unwrap();
+    let r = t
+        .req(Method::POST, "/api/v1/users", &up)
+        .json(&serde_json::json!({"username":"x","password":long,"role":"admin"}))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 403, "RELAY_FORBIDDEN").await;
     t.stop().await;
 }
@@ -509,23 +828,68 @@ async fn finding_09_weak_passwords_are_refused_and_hashes_are_strong() {
 async fn finding_10_cors_is_closed_by_default_and_exact_when_configured() {
     let t = TestServer::start().await;
     for origin in ["https://evil.example", "null"] {
-        let r = t.http.request(Method::OPTIONS, format!("{}/api/v1/studies", t.url)).header("origin", origin).header("access-control-request-method", "POST").send().await.unwrap();
+        let r = t
+            .http
+            .request(Method::OPTIONS, format!("{}/api/v1/studies", t.url))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+            .await
+            .unwrap();
         assert!(r.headers().get("access-control-allow-origin").is_none());
-        let r = t.http.get(format!("{}/healthz", t.url)).header("origin", origin).send().await.unwrap();
+        let r = t
+            .http
+            .get(format!("{}/healthz", t.url))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
         assert!(r.headers().get("access-control-allow-origin").is_none());
     }
     t.stop().await;
-    let t = TestServer::start_with(|c| c.http.cors_origins = vec!["https://viewer.example".into()]).await;
-    for origin in ["https://evil.example", "null", "https://viewer.example.evil.example"] {
-        let r = t.http.get(format!("{}/healthz", t.url)).header("origin", origin).send().await.unwrap();
-        assert!(r.headers().get("access-control-allow-origin").is_none(), "{origin} allowed");
+    let t = TestServer::start_with(|c| c.http.cors_origins = vec!["https://viewer.example".into()])
+        .await;
+    for origin in [
+        "https://evil.example",
+        "null",
+        "https://viewer.example.evil.example",
+    ] {
+        let r = t
+            .http
+            .get(format!("{}/healthz", t.url))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.headers().get("access-control-allow-origin").is_none(),
+            "{origin} allowed"
+        );
     }
-    let r = t.http.request(Method::OPTIONS, format!("{}/files", t.url)).header("origin", "https://viewer.example").header("access-control-request-method", "PATCH").send().await.unwrap();
-    assert_eq!(r.headers()["access-control-allow-origin"], "https://viewer.example");
-    assert!(r.headers().get("access-control-allow-credentials").is_none());
+    let r = t
+        .http
+        .request(Method::OPTIONS, format!("{}/files", t.url))
+        .header("origin", "https://viewer.example")
+        .header("access-control-request-method", "PATCH")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://viewer.example"
+    );
+    assert!(
+        r.headers()
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
     t.stop().await;
     // A wildcard is refused at start.
-    let mut c = test_config(tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().path());
+    let mut c = test_config(
+        tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap()
+            .path(),
+    );
     c.http.cors_origins = vec!["*".into()];
     assert!(c.validate().is_err());
 }
@@ -546,20 +910,27 @@ async fn finding_11_expiry_never_removes_an_active_upload() {
     let u = t.user("jo", Role::Uploader).await;
     let study = t.new_study(&u).await;
     let data = dicom(None, 600); // ~720 KB
-    let up = t.create_upload(&u, &study, data.len() as u64, Some(&data)).await;
+    let up = t
+        .create_upload(&u, &study, data.len() as u64, Some(&data))
+        .await;
     let piece = 128 << 10;
     let mut offset = 0;
     // PATCHes 1 s apart for longer than the TTL.
     for _ in 0..3 {
         let end = (offset + piece).min(data.len());
-        let r = t.patch(&u, &up, offset as u64, data[offset..end].to_vec(), None).await;
+        let r = t
+            .patch(&u, &up, offset as u64, data[offset..end].to_vec(), None)
+            .await;
         assert_eq!(r.status(), 204, "{:?}", r.text().await);
         offset = end;
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
     // One slow PATCH streaming the rest over ~3 s (longer than the TTL).
     let rest = data[offset..].to_vec();
-    let parts: Vec<Vec<u8>> = rest.chunks(rest.len() / 6 + 1).map(<[u8]>::to_vec).collect();
+    let parts: Vec<Vec<u8>> = rest
+        .chunks(rest.len() / 6 + 1)
+        .map(<[u8]>::to_vec)
+        .collect();
     let stream = futures::stream::iter(parts).then(|p| async move {
         tokio::time::sleep(Duration::from_millis(500)).await;
         Ok::<_, std::io::Error>(bytes::Bytes::from(p))
@@ -579,7 +950,11 @@ async fn finding_11_expiry_never_removes_an_active_upload() {
     // An idle session does expire.
     let idle = t.new_study(&u).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let r = t.req(Method::GET, &format!("/api/v1/studies/{idle}"), &u).send().await.unwrap();
+    let r = t
+        .req(Method::GET, &format!("/api/v1/studies/{idle}"), &u)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404, "idle session was not expired");
     t.stop().await;
 }

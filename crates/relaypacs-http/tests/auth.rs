@@ -12,7 +12,11 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 fn key(secret: &str) -> Vec<u8> {
-    Sha256::new().chain_update(b"relaypacs/jwt/v1\0").chain_update(secret.as_bytes()).finalize().to_vec()
+    Sha256::new()
+        .chain_update(b"relaypacs/jwt/v1\0")
+        .chain_update(secret.as_bytes())
+        .finalize()
+        .to_vec()
 }
 
 fn now() -> i64 {
@@ -33,7 +37,9 @@ async fn jwt_matrix_rejects_every_forgery() {
         c
     };
     let k = key(&t.secret);
-    let sign = |h: Header, c: serde_json::Value, key: &[u8]| jsonwebtoken::encode(&h, &c, &EncodingKey::from_secret(key)).unwrap();
+    let sign = |h: Header, c: serde_json::Value, key: &[u8]| {
+        jsonwebtoken::encode(&h, &c, &EncodingKey::from_secret(key)).unwrap()
+    };
     let at = || {
         let mut h = Header::new(Algorithm::HS256);
         h.typ = Some("at+jwt".into());
@@ -42,11 +48,24 @@ async fn jwt_matrix_rejects_every_forgery() {
     // Sanity: a correctly forged token with the real key works, so the
     // rejections below are about the one thing each case changes.
     let good = sign(at(), claims(&|_| {}), &k);
-    assert_eq!(t.http.get(format!("{}/api/v1/auth/me", t.url)).bearer_auth(&good).send().await.unwrap().status(), 200);
+    assert_eq!(
+        t.http
+            .get(format!("{}/api/v1/auth/me", t.url))
+            .bearer_auth(&good)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let none = {
         use base64::Engine;
         let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        format!("{}.{}.", e.encode(r#"{"alg":"none","typ":"at+jwt"}"#), e.encode(claims(&|_| {}).to_string()))
+        format!(
+            "{}.{}.",
+            e.encode(r#"{"alg":"none","typ":"at+jwt"}"#),
+            e.encode(claims(&|_| {}).to_string())
+        )
     };
     let mut hs384 = Header::new(Algorithm::HS384);
     hs384.typ = Some("at+jwt".into());
@@ -56,30 +75,95 @@ async fn jwt_matrix_rejects_every_forgery() {
     jku.jku = Some("https://evil.example/keys".into());
     let cases: Vec<(&str, String)> = vec![
         ("alg none", none),
-        ("wrong key", sign(at(), claims(&|_| {}), b"another-key-another-key-another-key")),
-        ("secret used directly as key", sign(at(), claims(&|_| {}), t.secret.as_bytes())),
+        (
+            "wrong key",
+            sign(
+                at(),
+                claims(&|_| {}),
+                b"another-key-another-key-another-key",
+            ),
+        ),
+        (
+            "secret used directly as key",
+            sign(at(), claims(&|_| {}), t.secret.as_bytes()),
+        ),
         ("HS384", sign(hs384, claims(&|_| {}), &k)),
-        ("typ JWT (not an access token)", sign(jwt_typ, claims(&|_| {}), &k)),
+        (
+            "typ JWT (not an access token)",
+            sign(jwt_typ, claims(&|_| {}), &k),
+        ),
         ("jku header", sign(jku, claims(&|_| {}), &k)),
-        ("expired", sign(at(), claims(&|c| c["exp"] = json!(now() - 30)), &k)),
-        ("nbf in the future", sign(at(), claims(&|c| c["nbf"] = json!(now() + 600)), &k)),
-        ("no exp", sign(at(), claims(&|c| { c.as_object_mut().unwrap().remove("exp"); }), &k)),
-        ("wrong iss", sign(at(), claims(&|c| c["iss"] = json!("someone-else")), &k)),
-        ("wrong aud", sign(at(), claims(&|c| c["aud"] = json!("other-api")), &k)),
-        ("no aud", sign(at(), claims(&|c| { c.as_object_mut().unwrap().remove("aud"); }), &k)),
-        ("unknown family", sign(at(), claims(&|c| c["sid"] = json!("nope")), &k)),
-        ("unknown user", sign(at(), claims(&|c| c["sub"] = json!("0123456789abcdef0123456789abcdef")), &k)),
+        (
+            "expired",
+            sign(at(), claims(&|c| c["exp"] = json!(now() - 30)), &k),
+        ),
+        (
+            "nbf in the future",
+            sign(at(), claims(&|c| c["nbf"] = json!(now() + 600)), &k),
+        ),
+        (
+            "no exp",
+            sign(
+                at(),
+                claims(&|c| {
+                    c.as_object_mut().unwrap().remove("exp");
+                }),
+                &k,
+            ),
+        ),
+        (
+            "wrong iss",
+            sign(at(), claims(&|c| c["iss"] = json!("someone-else")), &k),
+        ),
+        (
+            "wrong aud",
+            sign(at(), claims(&|c| c["aud"] = json!("other-api")), &k),
+        ),
+        (
+            "no aud",
+            sign(
+                at(),
+                claims(&|c| {
+                    c.as_object_mut().unwrap().remove("aud");
+                }),
+                &k,
+            ),
+        ),
+        (
+            "unknown family",
+            sign(at(), claims(&|c| c["sid"] = json!("nope")), &k),
+        ),
+        (
+            "unknown user",
+            sign(
+                at(),
+                claims(&|c| c["sub"] = json!("0123456789abcdef0123456789abcdef")),
+                &k,
+            ),
+        ),
         ("refresh token as access token", u.refresh.clone()),
         ("garbage", "not.a.token".into()),
         ("4 KiB token", "a".repeat(5000)),
     ];
     for (name, token) in cases {
-        let r = t.http.get(format!("{}/api/v1/auth/me", t.url)).bearer_auth(&token).send().await.unwrap();
+        let r = t
+            .http
+            .get(format!("{}/api/v1/auth/me", t.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
         assert!(r.headers().get("www-authenticate").is_some(), "{name}");
         expect_error(r, 401, "RELAY_UNAUTHENTICATED").await;
     }
     // A 100 KiB header never reaches the parser: the head limit answers.
-    let r = t.http.get(format!("{}/api/v1/auth/me", t.url)).bearer_auth("a".repeat(100 << 10)).send().await.unwrap();
+    let r = t
+        .http
+        .get(format!("{}/api/v1/auth/me", t.url))
+        .bearer_auth("a".repeat(100 << 10))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 431);
     t.stop().await;
 }
@@ -87,12 +171,22 @@ async fn jwt_matrix_rejects_every_forgery() {
 fn decode_sid(token: &str) -> String {
     use base64::Engine;
     let payload = token.split('.').nth(1).unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
     v["sid"].as_str().unwrap().to_string()
 }
 
 async fn refresh(t: &TestServer, token: &str) -> reqwest::Response {
-    t.http.post(format!("{}/api/v1/auth/refresh", t.url)).json(&json!({"refresh_token": token})).send().await.unwrap()
+    t.http
+        .post(format!("{}/api/v1/auth/refresh", t.url))
+        .json(&json!({"refresh_token": token}))
+        .send()
+        .await
+        .unwrap()
 }
 
 /// AUTH-3: rotation, reuse detection revoking the family (with a security
@@ -109,9 +203,20 @@ async fn refresh_rotation_and_reuse_detection() {
     // Reuse of R1: refused, and the family (R2, A2) dies with it.
     expect_error(refresh(&t, &r1).await, 401, "RELAY_REFRESH_REUSED").await;
     expect_error(refresh(&t, &r2).await, 401, "RELAY_REFRESH_INVALID").await;
-    let r = t.http.get(format!("{}/api/v1/auth/me", t.url)).bearer_auth(&a2).send().await.unwrap();
+    let r = t
+        .http
+        .get(format!("{}/api/v1/auth/me", t.url))
+        .bearer_auth(&a2)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    assert!(t.audit().await.iter().any(|e| e.action == relaypacs_core::AuditAction::SecurityAlert && e.user == u.id));
+    assert!(
+        t.audit()
+            .await
+            .iter()
+            .any(|e| e.action == relaypacs_core::AuditAction::SecurityAlert && e.user == u.id)
+    );
     // Parallel refresh of one token: exactly one success.
     let fresh: serde_json::Value = t.login("uma").await;
     let rt = fresh["refresh_token"].as_str().unwrap().to_string();
@@ -121,9 +226,30 @@ async fn refresh_rotation_and_reuse_detection() {
     assert_eq!(s, [200, 401]);
     // Logout revokes the login: its access and refresh tokens stop working.
     let l: serde_json::Value = t.login("uma").await;
-    let (a, rr) = (l["access_token"].as_str().unwrap(), l["refresh_token"].as_str().unwrap());
-    assert_eq!(t.http.post(format!("{}/api/v1/auth/logout", t.url)).bearer_auth(a).send().await.unwrap().status(), 204);
-    assert_eq!(t.http.get(format!("{}/api/v1/auth/me", t.url)).bearer_auth(a).send().await.unwrap().status(), 401);
+    let (a, rr) = (
+        l["access_token"].as_str().unwrap(),
+        l["refresh_token"].as_str().unwrap(),
+    );
+    assert_eq!(
+        t.http
+            .post(format!("{}/api/v1/auth/logout", t.url))
+            .bearer_auth(a)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(
+        t.http
+            .get(format!("{}/api/v1/auth/me", t.url))
+            .bearer_auth(a)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
     assert_eq!(refresh(&t, rr).await.status(), 401);
     // Refresh tokens are stored hashed only.
     let stored = std::fs::read_to_string(t.data().join("auth/refresh.json")).unwrap();
@@ -151,13 +277,44 @@ async fn refresh_idle_timeout() {
 async fn totp_second_factor_and_password_change() {
     let t = TestServer::start().await;
     let u = t.user("wen", Role::Radiologist).await;
-    let e: serde_json::Value = t.req(Method::POST, "/api/v1/auth/totp", &u).send().await.unwrap().json().await.unwrap();
-    let secret = totp_rs::Secret::Encoded(e["secret"].as_str().unwrap().into()).to_bytes().unwrap();
-    let totp = totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 1, 30, secret, Some("RelayPACS".into()), "wen".into()).unwrap();
+    let e: serde_json::Value = t
+        .req(Method::POST, "/api/v1/auth/totp", &u)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = totp_rs::Secret::Encoded(e["secret"].as_str().unwrap().into())
+        .to_bytes()
+        .unwrap();
+    let totp = totp_rs::TOTP::new(
+        totp_rs::Algorithm::SHA1,
+        6,
+        1,
+        30,
+        secret,
+        Some("RelayPACS".into()),
+        "wen".into(),
+    )
+    .unwrap();
     let code = totp.generate_current().unwrap();
-    let r = t.req(Method::POST, "/api/v1/auth/totp/confirm", &u).json(&json!({"code": "000000"})).send().await.unwrap();
+    let r = t
+        .req(Method::POST, "/api/v1/auth/totp/confirm", &u)
+        .json(&json!({"code": "000000"}))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 400, "RELAY_TOTP_INVALID").await;
-    assert_eq!(t.req(Method::POST, "/api/v1/auth/totp/confirm", &u).json(&json!({"code": code})).send().await.unwrap().status(), 204);
+    assert_eq!(
+        t.req(Method::POST, "/api/v1/auth/totp/confirm", &u)
+            .json(&json!({"code": code}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
     // The secret is stored encrypted.
     let users = std::fs::read_to_string(t.data().join("auth/users.json")).unwrap();
     assert!(!users.contains(e["secret"].as_str().unwrap()));
@@ -166,7 +323,10 @@ async fn totp_second_factor_and_password_change() {
         if let Some(c) = code {
             body["totp"] = json!(c);
         }
-        t.http.post(format!("{}/api/v1/auth/login", t.url)).json(&body).send()
+        t.http
+            .post(format!("{}/api/v1/auth/login", t.url))
+            .json(&body)
+            .send()
     };
     assert_eq!(login(None).await.unwrap().status(), 401);
     // The confirmation used the current step: wait for the next one.
@@ -177,12 +337,39 @@ async fn totp_second_factor_and_password_change() {
     let code = totp.generate_current().unwrap();
     let ok = login(Some(code.clone())).await.unwrap();
     assert_eq!(ok.status(), 200);
-    assert_eq!(login(Some(code)).await.unwrap().status(), 401, "a TOTP code worked twice");
+    assert_eq!(
+        login(Some(code)).await.unwrap().status(),
+        401,
+        "a TOTP code worked twice"
+    );
     let tok: serde_json::Value = ok.json().await.unwrap();
     let a = tok["access_token"].as_str().unwrap();
-    let r = t.http.post(format!("{}/api/v1/auth/password", t.url)).bearer_auth(a).json(&json!({"current": PASSWORD, "new": "Quiet-Lantern-Harbor-9042"})).send().await.unwrap();
+    let r = t
+        .http
+        .post(format!("{}/api/v1/auth/password", t.url))
+        .bearer_auth(a)
+        .json(&json!({"current": PASSWORD, "new": "Quiet-Lantern-Harbor-9042"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
-    assert_eq!(t.http.get(format!("{}/api/v1/auth/me", t.url)).bearer_auth(a).send().await.unwrap().status(), 401);
-    assert_eq!(t.req(Method::GET, "/api/v1/auth/me", &u).send().await.unwrap().status(), 401);
+    assert_eq!(
+        t.http
+            .get(format!("{}/api/v1/auth/me", t.url))
+            .bearer_auth(a)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        t.req(Method::GET, "/api/v1/auth/me", &u)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
     t.stop().await;
 }

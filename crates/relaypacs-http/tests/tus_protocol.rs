@@ -15,17 +15,33 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn discovery_creation_head_patch_termination() {
     let t = TestServer::start().await;
     let u = t.user("kai", Role::Uploader).await;
-    let r = t.http.request(Method::OPTIONS, format!("{}/files", t.url)).send().await.unwrap();
+    let r = t
+        .http
+        .request(Method::OPTIONS, format!("{}/files", t.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     assert_eq!(r.headers()["tus-version"], "1.0.0");
     assert_eq!(r.headers()["tus-checksum-algorithm"], "sha256,sha1");
     let ext = r.headers()["tus-extension"].to_str().unwrap();
-    for e in ["creation", "creation-with-upload", "termination", "checksum", "expiration"] {
+    for e in [
+        "creation",
+        "creation-with-upload",
+        "termination",
+        "checksum",
+        "expiration",
+    ] {
         assert!(ext.split(',').any(|x| x == e), "{e} missing");
     }
     let study = t.new_study(&u).await;
     // Tus-Resumable is required.
-    let r = t.req(Method::POST, "/files", &u).header("upload-length", "10").send().await.unwrap();
+    let r = t
+        .req(Method::POST, "/files", &u)
+        .header("upload-length", "10")
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 412, "RELAY_TUS_VERSION").await;
     // Creation with upload.
     let data = dicom(None, 200);
@@ -46,24 +62,56 @@ async fn discovery_creation_head_patch_termination() {
     assert!(r.headers().get("upload-expires").is_some());
     assert_eq!(r.headers()["tus-resumable"], "1.0.0");
     let up = r.headers()["location"].to_str().unwrap().to_string();
-    let h = t.req(Method::HEAD, &up, &u).header("tus-resumable", "1.0.0").send().await.unwrap();
+    let h = t
+        .req(Method::HEAD, &up, &u)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(h.headers()["cache-control"], "no-store");
-    assert_eq!(h.headers()["upload-length"], data.len().to_string().as_str());
+    assert_eq!(
+        h.headers()["upload-length"],
+        data.len().to_string().as_str()
+    );
     // Wrong offset: 409, nothing changes.
-    expect_error(t.patch(&u, &up, 0, data[..half].to_vec(), None).await, 409, "RELAY_OFFSET_MISMATCH").await;
+    expect_error(
+        t.patch(&u, &up, 0, data[..half].to_vec(), None).await,
+        409,
+        "RELAY_OFFSET_MISMATCH",
+    )
+    .await;
     // Wrong content type: 415.
-    let r = t.req(Method::PATCH, &up, &u).header("tus-resumable", "1.0.0").header("upload-offset", half.to_string()).body(vec![0; 10]).send().await.unwrap();
+    let r = t
+        .req(Method::PATCH, &up, &u)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-offset", half.to_string())
+        .body(vec![0; 10])
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 415, "RELAY_UNSUPPORTED_MEDIA_TYPE").await;
     // SHA-1 checksum (the algorithm tus requires): right bytes pass.
     let rest = data[half..].to_vec();
-    let r = t.patch(&u, &up, half as u64, rest.clone(), Some(sha1_header(&rest))).await;
+    let r = t
+        .patch(&u, &up, half as u64, rest.clone(), Some(sha1_header(&rest)))
+        .await;
     assert_eq!(r.status(), 204);
     assert!(r.headers().get("upload-expires").is_some());
     assert_eq!(t.head_offset(&u, &up).await, data.len() as u64);
     // Termination.
-    let r = t.req(Method::DELETE, &up, &u).header("tus-resumable", "1.0.0").send().await.unwrap();
+    let r = t
+        .req(Method::DELETE, &up, &u)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
-    let r = t.req(Method::HEAD, &up, &u).header("tus-resumable", "1.0.0").send().await.unwrap();
+    let r = t
+        .req(Method::HEAD, &up, &u)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     t.stop().await;
 }
@@ -91,21 +139,44 @@ async fn checksum_mismatch_is_460_and_keeps_nothing() {
         assert_eq!(t.head_offset(&u, &up).await, 0);
     }
     for bad in ["md5 AAAA", "sha256", "sha256 !!!", "sha1 AAAA"] {
-        let r = t.patch(&u, &up, 0, piece.clone(), Some(bad.to_string())).await;
+        let r = t
+            .patch(&u, &up, 0, piece.clone(), Some(bad.to_string()))
+            .await;
         expect_error(r, 400, "RELAY_BAD_CHECKSUM").await;
     }
     assert_eq!(t.head_offset(&u, &up).await, 0);
-    let r = t.patch(&u, &up, 0, piece.clone(), Some(sha256_header(&piece))).await;
+    let r = t
+        .patch(&u, &up, 0, piece.clone(), Some(sha256_header(&piece)))
+        .await;
     assert_eq!(r.status(), 204);
     assert_eq!(t.head_offset(&u, &up).await, 100_000);
-    let m = t.http.get(format!("{}/metrics", t.url)).send().await.unwrap().text().await.unwrap();
-    assert!(m.contains("relaypacs_chunk_verifications_failed_total 2"), "{m}");
+    let m = t
+        .http
+        .get(format!("{}/metrics", t.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("relaypacs_chunk_verifications_failed_total 2"),
+        "{m}"
+    );
     t.stop().await;
 }
 
 /// Send a PATCH over a raw socket: headers declaring `declared` bytes,
 /// then only `sent` bytes, then close.
-async fn torn_patch(t: &TestServer, u: &User, up: &str, offset: u64, body: &[u8], declared: usize, checksum: Option<String>) {
+async fn torn_patch(
+    t: &TestServer,
+    u: &User,
+    up: &str,
+    offset: u64,
+    body: &[u8],
+    declared: usize,
+    checksum: Option<String>,
+) {
     let addr = t.server().addr();
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut head = format!(
@@ -133,22 +204,47 @@ async fn dropped_connection_keeps_only_durable_bytes() {
     let u = t.user("max", Role::Uploader).await;
     let study = t.new_study(&u).await;
     let data = dicom(None, 400); // ~320 KB
-    let up = t.create_upload(&u, &study, data.len() as u64, Some(&data)).await;
+    let up = t
+        .create_upload(&u, &study, data.len() as u64, Some(&data))
+        .await;
     // Checksummed: 150 KB of a declared 200 KB arrive, nothing is kept.
-    torn_patch(&t, &u, &up, 0, &data[..150_000], 200_000, Some(sha256_header(&data[..200_000]))).await;
+    torn_patch(
+        &t,
+        &u,
+        &up,
+        0,
+        &data[..150_000],
+        200_000,
+        Some(sha256_header(&data[..200_000])),
+    )
+    .await;
     assert_eq!(t.head_offset(&u, &up).await, 0);
     // Unchecksummed: the two complete 64 KiB segments are kept.
     torn_patch(&t, &u, &up, 0, &data[..150_000], 200_000, None).await;
     assert_eq!(t.head_offset(&u, &up).await, 128 << 10);
     // Resume from the reported offset.
     let off = t.head_offset(&u, &up).await as usize;
-    let r = t.patch(&u, &up, off as u64, data[off..].to_vec(), None).await;
+    let r = t
+        .patch(&u, &up, off as u64, data[off..].to_vec(), None)
+        .await;
     assert_eq!(r.status(), 204, "{:?}", r.text().await);
-    let r = t.req(Method::POST, &format!("/api/v1/studies/{study}/complete"), &u).send().await.unwrap();
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/api/v1/studies/{study}/complete"),
+            &u,
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let stored: Vec<_> = walk(&t.data().join("archive"));
     assert_eq!(stored.len(), 1);
-    assert_eq!(std::fs::read(&stored[0]).unwrap(), data, "stored file differs");
+    assert_eq!(
+        std::fs::read(&stored[0]).unwrap(),
+        data,
+        "stored file differs"
+    );
     t.stop().await;
 }
 
@@ -185,7 +281,9 @@ async fn concurrent_patches_never_interleave() {
     let u = t.user("ned", Role::Uploader).await;
     let study = t.new_study(&u).await;
     let data = dicom(None, 300);
-    let up = t.create_upload(&u, &study, data.len() as u64, Some(&data)).await;
+    let up = t
+        .create_upload(&u, &study, data.len() as u64, Some(&data))
+        .await;
     let send = |body: reqwest::Body| {
         t.req(Method::PATCH, &up, &u)
             .header("tus-resumable", "1.0.0")
@@ -206,7 +304,14 @@ async fn concurrent_patches_never_interleave() {
     s.sort_unstable();
     assert_eq!(s, [204, 409]);
     assert_eq!(t.head_offset(&u, &up).await, data.len() as u64);
-    let v: serde_json::Value = t.req(Method::GET, &format!("/api/v1/studies/{study}"), &u).send().await.unwrap().json().await.unwrap();
+    let v: serde_json::Value = t
+        .req(Method::GET, &format!("/api/v1/studies/{study}"), &u)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["files"][0]["state"], "valid");
     t.stop().await;
 }
@@ -221,7 +326,9 @@ async fn upload_outlives_token_expiry() {
     let u = t.user("ora", Role::Uploader).await;
     let study = t.new_study(&u).await;
     let data = dicom(None, 300);
-    let up = t.create_upload(&u, &study, data.len() as u64, Some(&data)).await;
+    let up = t
+        .create_upload(&u, &study, data.len() as u64, Some(&data))
+        .await;
     let first = data[..131072].to_vec();
     let r = t
         .req(Method::PATCH, &up, &u)
@@ -233,12 +340,33 @@ async fn upload_outlives_token_expiry() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 204, "a PATCH failed because its token expired mid-way");
-    let r = t.patch(&u, &up, 131072, data[131072..].to_vec(), None).await;
+    assert_eq!(
+        r.status(),
+        204,
+        "a PATCH failed because its token expired mid-way"
+    );
+    let r = t
+        .patch(&u, &up, 131072, data[131072..].to_vec(), None)
+        .await;
     assert_eq!(r.status(), 401);
-    let fresh: serde_json::Value = t.http.post(format!("{}/api/v1/auth/refresh", t.url)).json(&serde_json::json!({"refresh_token": u.refresh})).send().await.unwrap().json().await.unwrap();
-    let u2 = User { id: u.id.clone(), token: fresh["access_token"].as_str().unwrap().into(), refresh: fresh["refresh_token"].as_str().unwrap().into() };
-    let r = t.patch(&u2, &up, 131072, data[131072..].to_vec(), None).await;
+    let fresh: serde_json::Value = t
+        .http
+        .post(format!("{}/api/v1/auth/refresh", t.url))
+        .json(&serde_json::json!({"refresh_token": u.refresh}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let u2 = User {
+        id: u.id.clone(),
+        token: fresh["access_token"].as_str().unwrap().into(),
+        refresh: fresh["refresh_token"].as_str().unwrap().into(),
+    };
+    let r = t
+        .patch(&u2, &up, 131072, data[131072..].to_vec(), None)
+        .await;
     assert_eq!(r.status(), 204);
     t.stop().await;
 }
@@ -294,9 +422,19 @@ async fn disk_watermark_answers_507() {
     let study = t.new_study(&u).await;
     let r = t.create_upload_raw(&u, &study, 1000, None).await;
     expect_error(r, 507, "RELAY_STORAGE_FULL").await;
-    let r = t.http.get(format!("{}/readyz", t.url)).send().await.unwrap();
+    let r = t
+        .http
+        .get(format!("{}/readyz", t.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
-    assert!(t.audit().await.iter().any(|e| e.action == relaypacs_core::AuditAction::SecurityAlert));
+    assert!(
+        t.audit()
+            .await
+            .iter()
+            .any(|e| e.action == relaypacs_core::AuditAction::SecurityAlert)
+    );
     t.stop().await;
 }
 
@@ -309,7 +447,9 @@ async fn stalled_body_is_cut_and_upload_unlocked() {
     let study = t.new_study(&u).await;
     let data = dicom(None, 300);
     let up = t.create_upload(&u, &study, data.len() as u64, None).await;
-    let mut s = tokio::net::TcpStream::connect(t.server().addr()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(t.server().addr())
+        .await
+        .unwrap();
     let head = format!(
         "PATCH {up} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\nContent-Length: {}\r\n\r\n",
         u.token,
@@ -319,8 +459,15 @@ async fn stalled_body_is_cut_and_upload_unlocked() {
     s.write_all(&data[..1000]).await.unwrap();
     let started = std::time::Instant::now();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap_or(0);
-    assert!(started.elapsed() < Duration::from_secs(5), "stalled body held for {:?}", started.elapsed());
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stalled body held for {:?}",
+        started.elapsed()
+    );
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
     assert_eq!(t.head_offset(&u, &up).await, 0);

@@ -24,9 +24,13 @@ pub fn create_dir_durable(dir: &Path) -> Result<()> {
         return Ok(());
     }
     // A relative path's last parent is "": the current folder.
-    let parent = dir
-        .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    let parent = dir.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        }
+    });
     if let Some(parent) = parent {
         create_dir_durable(parent)?;
     }

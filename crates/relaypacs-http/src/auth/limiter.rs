@@ -70,15 +70,24 @@ impl LoginLimiter {
         let mut m = lock(&self.addresses);
         if m.len() > 100_000 {
             // Bound memory under address spraying: forget idle entries.
-            m.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60)));
+            m.retain(|_, q| {
+                q.back()
+                    .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60))
+            });
         }
         let q = m.entry(address.to_string()).or_default();
-        while q.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
+        while q
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
             q.pop_front();
         }
         if q.len() >= self.cfg.per_address_per_minute as usize {
             let oldest = q.front().copied().unwrap_or(now);
-            return Err(RetryAfter(secs_until(oldest + Duration::from_secs(60), now)));
+            return Err(RetryAfter(secs_until(
+                oldest + Duration::from_secs(60),
+                now,
+            )));
         }
         q.push_back(now);
         Ok(())
@@ -91,17 +100,24 @@ impl LoginLimiter {
         let Some(a) = m.get_mut(account) else {
             return Ok(());
         };
-        while a.failures.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(3600)) {
+        while a
+            .failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(3600))
+        {
             a.failures.pop_front();
         }
-        if let Some(until) = a.locked_until {
-            if until > now {
-                return Err(RetryAfter(secs_until(until, now)));
-            }
+        if let Some(until) = a.locked_until
+            && until > now
+        {
+            return Err(RetryAfter(secs_until(until, now)));
         }
         if a.failures.len() >= self.cfg.max_failures_per_hour as usize {
             let oldest = a.failures.front().copied().unwrap_or(now);
-            return Err(RetryAfter(secs_until(oldest + Duration::from_secs(3600), now)));
+            return Err(RetryAfter(secs_until(
+                oldest + Duration::from_secs(3600),
+                now,
+            )));
         }
         Ok(())
     }

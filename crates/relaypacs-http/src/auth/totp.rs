@@ -73,7 +73,9 @@ impl TotpBox {
         if b.len() < 12 {
             return None;
         }
-        self.cipher.decrypt(Nonce::from_slice(&b[..12]), &b[12..]).ok()
+        self.cipher
+            .decrypt(Nonce::from_slice(&b[..12]), &b[12..])
+            .ok()
     }
 
     /// Check `code` for the sealed secret: the time step it matched, if it
@@ -88,12 +90,9 @@ impl TotpBox {
             .ok()?
             .as_secs();
         let step = now / 30;
-        for s in [step, step.saturating_sub(1)] {
-            if s > last_step && t.generate(s * 30) == code {
-                return Some(s);
-            }
-        }
-        None
+        [step, step.saturating_sub(1)]
+            .into_iter()
+            .find(|&s| s > last_step && t.generate(s * 30) == code)
     }
 
     /// The current code for a sealed secret (tests and enrolment checks).

@@ -110,13 +110,12 @@ impl FileUserStore {
         let path = path.into();
         let users = match std::fs::read(&path) {
             Ok(b) => {
-                let list: Vec<UserRecord> = serde_json::from_slice(&b).map_err(|e| {
-                    Error::Storage {
+                let list: Vec<UserRecord> =
+                    serde_json::from_slice(&b).map_err(|e| Error::Storage {
                         kind: relaypacs_core::StorageErrorKind::Corrupt,
                         op: "read users".into(),
                         source: Box::new(e),
-                    }
-                })?;
+                    })?;
                 list.into_iter().map(|u| (u.id.clone(), u)).collect()
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
@@ -144,7 +143,10 @@ impl FileUserStore {
         relaypacs_storage::fs::write_atomic(&self.path, &bytes)
     }
 
-    fn change(&self, f: impl FnOnce(&mut BTreeMap<String, UserRecord>) -> Result<()>) -> Result<()> {
+    fn change(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, UserRecord>) -> Result<()>,
+    ) -> Result<()> {
         let mut g = lock(&self.users);
         let mut next = g.clone();
         f(&mut next)?;
@@ -159,8 +161,7 @@ impl UserStore for FileUserStore {
     async fn create(&self, user: UserRecord) -> Result<()> {
         self.change(|m| {
             let name = user.username.to_lowercase();
-            if m.values().any(|u| u.username.to_lowercase() == name) || m.contains_key(&user.id)
-            {
+            if m.values().any(|u| u.username.to_lowercase() == name) || m.contains_key(&user.id) {
                 return Err(Error::AlreadyExists { what: "user" });
             }
             m.insert(user.id.clone(), user);

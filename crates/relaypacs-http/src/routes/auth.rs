@@ -29,7 +29,10 @@ impl std::fmt::Debug for LoginRequest {
 }
 
 fn invalid_credentials() -> ApiError {
-    ApiError::unauthorized("RELAY_INVALID_CREDENTIALS", "invalid username, password or code")
+    ApiError::unauthorized(
+        "RELAY_INVALID_CREDENTIALS",
+        "invalid username, password or code",
+    )
 }
 
 /// `POST /api/v1/auth/login`.
@@ -42,23 +45,38 @@ pub async fn login(
         return Err(invalid_credentials());
     }
     if let Err(r) = state.limiter.attempt_from(&addr) {
-        return Err(ApiError::too_many("RELAY_RATE_LIMITED", "too many login attempts from this address", r.0));
+        return Err(ApiError::too_many(
+            "RELAY_RATE_LIMITED",
+            "too many login attempts from this address",
+            r.0,
+        ));
     }
     let account = req.username.to_lowercase();
     if let Err(r) = state.limiter.check_account(&account) {
-        return Err(ApiError::too_many("RELAY_ACCOUNT_LOCKED", "too many failed attempts; try again later", r.0));
+        return Err(ApiError::too_many(
+            "RELAY_ACCOUNT_LOCKED",
+            "too many failed attempts; try again later",
+            r.0,
+        ));
     }
     let user = state.users.by_name(&req.username).await?;
     let (ok, rehash) = state
         .hasher
-        .verify(req.password.clone(), user.as_ref().map(|u| u.password_hash.clone()))
+        .verify(
+            req.password.clone(),
+            user.as_ref().map(|u| u.password_hash.clone()),
+        )
         .await;
     let mut failure = None;
     let mut totp_step = None;
     match &user {
         Some(u) if ok && !u.disabled => {
             if let Some(sealed) = &u.totp {
-                match req.totp.as_deref().and_then(|c| state.totp.check(sealed, &u.username, c, u.totp_last_step)) {
+                match req
+                    .totp
+                    .as_deref()
+                    .and_then(|c| state.totp.check(sealed, &u.username, c, u.totp_last_step))
+                {
                     Some(step) => totp_step = Some(step),
                     None => failure = Some("second factor missing, wrong or reused"),
                 }
@@ -67,14 +85,21 @@ pub async fn login(
         Some(u) if u.disabled => failure = Some("account disabled"),
         _ => failure = Some("bad username or password"),
     }
-    let who = user.as_ref().map_or_else(|| "anonymous".to_string(), |u| u.id.clone());
+    let who = user
+        .as_ref()
+        .map_or_else(|| "anonymous".to_string(), |u| u.id.clone());
     if let Some(reason) = failure {
         let locked = state.limiter.failed(&account);
         let mut ev = AppState::event(&who, &addr, AuditAction::Login, AuditOutcome::MinorFailure);
         ev.detail = reason.to_string();
         state.audit_event(ev).await?;
         if locked {
-            let mut ev = AppState::event(&who, &addr, AuditAction::SecurityAlert, AuditOutcome::MinorFailure);
+            let mut ev = AppState::event(
+                &who,
+                &addr,
+                AuditAction::SecurityAlert,
+                AuditOutcome::MinorFailure,
+            );
             ev.detail = "account locked after repeated login failures".into();
             state.audit_event(ev).await?;
         }
@@ -86,7 +111,11 @@ pub async fn login(
     state.limiter.succeeded(&account);
     if rehash || totp_step.is_some() {
         if rehash {
-            u.password_hash = state.hasher.hash(req.password).await.map_err(|e| ApiError::internal("rehash", &e))?;
+            u.password_hash = state
+                .hasher
+                .hash(req.password)
+                .await
+                .map_err(|e| ApiError::internal("rehash", &e))?;
         }
         if let Some(s) = totp_step {
             u.totp_last_step = s;
@@ -129,27 +158,57 @@ pub async fn refresh(
     Json(req): Json<RefreshRequest>,
 ) -> ApiResult<Response> {
     if let Err(r) = state.limiter.attempt_from(&addr) {
-        return Err(ApiError::too_many("RELAY_RATE_LIMITED", "too many attempts from this address", r.0));
+        return Err(ApiError::too_many(
+            "RELAY_RATE_LIMITED",
+            "too many attempts from this address",
+            r.0,
+        ));
     }
     let users: Vec<UserRecord> = state.users.list().await?;
-    let role_of = |id: &str| users.iter().find(|u| u.id == id && !u.disabled).map(|u| u.role);
+    let role_of = |id: &str| {
+        users
+            .iter()
+            .find(|u| u.id == id && !u.disabled)
+            .map(|u| u.role)
+    };
     match state.tokens.refresh(&req.refresh_token, role_of) {
         Ok((pair, user)) => {
-            let ev = AppState::event(&user, &addr, AuditAction::TokenRefreshed, AuditOutcome::Success);
+            let ev = AppState::event(
+                &user,
+                &addr,
+                AuditAction::TokenRefreshed,
+                AuditOutcome::Success,
+            );
             state.audit_event(ev).await?;
             Ok(no_store(axum::Json(pair)))
         }
         Err(RefreshError::Reused { user }) => {
-            let mut ev = AppState::event(&user, &addr, AuditAction::SecurityAlert, AuditOutcome::MinorFailure);
+            let mut ev = AppState::event(
+                &user,
+                &addr,
+                AuditAction::SecurityAlert,
+                AuditOutcome::MinorFailure,
+            );
             ev.detail = "refresh token reused: its login was revoked".into();
             state.audit_event(ev).await?;
-            Err(ApiError::unauthorized("RELAY_REFRESH_REUSED", "refresh token already used; log in again"))
+            Err(ApiError::unauthorized(
+                "RELAY_REFRESH_REUSED",
+                "refresh token already used; log in again",
+            ))
         }
         Err(RefreshError::Invalid) => {
-            let mut ev = AppState::event("anonymous", &addr, AuditAction::TokenRefreshed, AuditOutcome::MinorFailure);
+            let mut ev = AppState::event(
+                "anonymous",
+                &addr,
+                AuditAction::TokenRefreshed,
+                AuditOutcome::MinorFailure,
+            );
             ev.detail = "unknown, expired or revoked refresh token".into();
             state.audit_event(ev).await?;
-            Err(ApiError::unauthorized("RELAY_REFRESH_INVALID", "invalid or expired refresh token"))
+            Err(ApiError::unauthorized(
+                "RELAY_REFRESH_INVALID",
+                "invalid or expired refresh token",
+            ))
         }
     }
 }
@@ -158,7 +217,12 @@ pub async fn refresh(
 /// access tokens).
 pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<StatusCode> {
     state.tokens.revoke(&user.family)?;
-    let ev = AppState::event(&user.id, &user.address, AuditAction::Logout, AuditOutcome::Success);
+    let ev = AppState::event(
+        &user.id,
+        &user.address,
+        AuditAction::Logout,
+        AuditOutcome::Success,
+    );
     state.audit_event(ev).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -187,7 +251,11 @@ impl From<&UserRecord> for UserView {
 
 /// `GET /api/v1/auth/me`.
 pub async fn me(State(state): State<AppState>, user: AuthUser) -> ApiResult<axum::Json<UserView>> {
-    let u = state.users.by_id(&user.id).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    let u = state
+        .users
+        .by_id(&user.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
     Ok(axum::Json(UserView::from(&u)))
 }
 
@@ -212,18 +280,35 @@ pub async fn change_password(
     user: AuthUser,
     Json(req): Json<PasswordChange>,
 ) -> ApiResult<StatusCode> {
-    let mut u = state.users.by_id(&user.id).await?.ok_or_else(|| ApiError::not_found("user"))?;
-    let (ok, _) = state.hasher.verify(req.current, Some(u.password_hash.clone())).await;
+    let mut u = state
+        .users
+        .by_id(&user.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
+    let (ok, _) = state
+        .hasher
+        .verify(req.current, Some(u.password_hash.clone()))
+        .await;
     if !ok {
         state.limiter.failed(&u.username.to_lowercase());
         return Err(invalid_credentials());
     }
-    check_policy(&req.new, &u.username).map_err(|e| ApiError::bad_request("RELAY_WEAK_PASSWORD", e.to_string()))?;
-    u.password_hash = state.hasher.hash(req.new).await.map_err(|e| ApiError::internal("hash", &e))?;
+    check_policy(&req.new, &u.username)
+        .map_err(|e| ApiError::bad_request("RELAY_WEAK_PASSWORD", e.to_string()))?;
+    u.password_hash = state
+        .hasher
+        .hash(req.new)
+        .await
+        .map_err(|e| ApiError::internal("hash", &e))?;
     u.tokens_valid_after = OffsetDateTime::now_utc();
     state.users.update(u).await?;
     state.tokens.revoke_user(&user.id)?;
-    let mut ev = AppState::event(&user.id, &user.address, AuditAction::UserChanged, AuditOutcome::Success);
+    let mut ev = AppState::event(
+        &user.id,
+        &user.address,
+        AuditAction::UserChanged,
+        AuditOutcome::Success,
+    );
     ev.detail = "password changed".into();
     state.audit_event(ev).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -238,9 +323,17 @@ pub struct TotpEnrolment {
 
 /// `POST /api/v1/auth/totp`: start TOTP enrolment.
 pub async fn totp_enroll(State(state): State<AppState>, user: AuthUser) -> ApiResult<Response> {
-    let mut u = state.users.by_id(&user.id).await?.ok_or_else(|| ApiError::not_found("user"))?;
+    let mut u = state
+        .users
+        .by_id(&user.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
     if u.totp.is_some() {
-        return Err(ApiError::new(StatusCode::CONFLICT, "RELAY_TOTP_ENROLLED", "a second factor is already enrolled"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "RELAY_TOTP_ENROLLED",
+            "a second factor is already enrolled",
+        ));
     }
     let (sealed, secret, url) = state
         .totp
@@ -248,7 +341,10 @@ pub async fn totp_enroll(State(state): State<AppState>, user: AuthUser) -> ApiRe
         .ok_or_else(|| ApiError::internal("totp enrol", &"secret generation failed"))?;
     u.totp_pending = Some(sealed);
     state.users.update(u).await?;
-    Ok(no_store(axum::Json(TotpEnrolment { secret, otpauth_url: url })))
+    Ok(no_store(axum::Json(TotpEnrolment {
+        secret,
+        otpauth_url: url,
+    })))
 }
 
 /// TOTP confirmation.
@@ -264,11 +360,18 @@ pub async fn totp_confirm(
     user: AuthUser,
     Json(req): Json<TotpConfirm>,
 ) -> ApiResult<StatusCode> {
-    let mut u = state.users.by_id(&user.id).await?.ok_or_else(|| ApiError::not_found("user"))?;
-    let sealed = u
-        .totp_pending
-        .clone()
-        .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "RELAY_TOTP_NOT_PENDING", "start enrolment first"))?;
+    let mut u = state
+        .users
+        .by_id(&user.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
+    let sealed = u.totp_pending.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "RELAY_TOTP_NOT_PENDING",
+            "start enrolment first",
+        )
+    })?;
     let step = state
         .totp
         .check(&sealed, &u.username, &req.code, u.totp_last_step)
@@ -277,7 +380,12 @@ pub async fn totp_confirm(
     u.totp_pending = None;
     u.totp_last_step = step;
     state.users.update(u).await?;
-    let mut ev = AppState::event(&user.id, &user.address, AuditAction::UserChanged, AuditOutcome::Success);
+    let mut ev = AppState::event(
+        &user.id,
+        &user.address,
+        AuditAction::UserChanged,
+        AuditOutcome::Success,
+    );
     ev.detail = "second factor enrolled".into();
     state.audit_event(ev).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -294,7 +402,9 @@ pub struct NewUser {
 
 impl std::fmt::Debug for NewUser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewUser").field("username", &self.username).finish_non_exhaustive()
+        f.debug_struct("NewUser")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
     }
 }
 
@@ -302,7 +412,9 @@ impl std::fmt::Debug for NewUser {
 pub fn check_username(name: &str) -> Result<(), ApiError> {
     if name.is_empty()
         || name.len() > 64
-        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b))
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b))
     {
         return Err(ApiError::bad_request(
             "RELAY_BAD_USERNAME",
@@ -336,26 +448,59 @@ pub async fn create_user(
     Json(req): Json<NewUser>,
 ) -> ApiResult<(StatusCode, axum::Json<UserView>)> {
     if user.role != Role::Admin {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "RELAY_FORBIDDEN", "only admins manage users"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "RELAY_FORBIDDEN",
+            "only admins manage users",
+        ));
     }
     if let Err(r) = state.limiter.attempt_from(&user.address) {
-        return Err(ApiError::too_many("RELAY_RATE_LIMITED", "too many requests from this address", r.0));
+        return Err(ApiError::too_many(
+            "RELAY_RATE_LIMITED",
+            "too many requests from this address",
+            r.0,
+        ));
     }
     check_username(&req.username)?;
-    check_policy(&req.password, &req.username).map_err(|e| ApiError::bad_request("RELAY_WEAK_PASSWORD", e.to_string()))?;
-    let hash = state.hasher.hash(req.password).await.map_err(|e| ApiError::internal("hash", &e))?;
+    check_policy(&req.password, &req.username)
+        .map_err(|e| ApiError::bad_request("RELAY_WEAK_PASSWORD", e.to_string()))?;
+    let hash = state
+        .hasher
+        .hash(req.password)
+        .await
+        .map_err(|e| ApiError::internal("hash", &e))?;
     let rec = new_record(&req.username, req.role, hash);
     state.users.create(rec.clone()).await?;
-    let mut ev = AppState::event(&user.id, &user.address, AuditAction::UserChanged, AuditOutcome::Success);
+    let mut ev = AppState::event(
+        &user.id,
+        &user.address,
+        AuditAction::UserChanged,
+        AuditOutcome::Success,
+    );
     ev.detail = format!("user {} created with role {:?}", rec.id, rec.role);
     state.audit_event(ev).await?;
     Ok((StatusCode::CREATED, axum::Json(UserView::from(&rec))))
 }
 
 /// `GET /api/v1/users` (admin).
-pub async fn list_users(State(state): State<AppState>, user: AuthUser) -> ApiResult<axum::Json<Vec<UserView>>> {
+pub async fn list_users(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> ApiResult<axum::Json<Vec<UserView>>> {
     if user.role != Role::Admin {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "RELAY_FORBIDDEN", "only admins manage users"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "RELAY_FORBIDDEN",
+            "only admins manage users",
+        ));
     }
-    Ok(axum::Json(state.users.list().await?.iter().map(UserView::from).collect()))
+    Ok(axum::Json(
+        state
+            .users
+            .list()
+            .await?
+            .iter()
+            .map(UserView::from)
+            .collect(),
+    ))
 }

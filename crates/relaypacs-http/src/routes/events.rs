@@ -28,8 +28,15 @@ pub struct Ticket {
 
 /// `POST /api/v1/events/ticket`: a single-use ticket to open one stream.
 pub async fn ticket(State(state): State<AppState>, user: AuthUser) -> Response {
-    let mut r = axum::Json(Ticket { ticket: state.tokens.ticket(&user.token), expires_in: 30 }).into_response();
-    r.headers_mut().insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    let mut r = axum::Json(Ticket {
+        ticket: state.tokens.ticket(&user.token),
+        expires_in: 30,
+    })
+    .into_response();
+    r.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
     r
 }
 
@@ -67,14 +74,15 @@ pub async fn stream(
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let q: StreamQuery = Query::<StreamQuery>::try_from_uri(&parts.uri)
         .map(|Query(q)| q)
-        .map_err(|_| ApiError::bad_request("RELAY_BAD_QUERY", "the only query parameter is 'ticket'"))?;
+        .map_err(|_| {
+            ApiError::bad_request("RELAY_BAD_QUERY", "the only query parameter is 'ticket'")
+        })?;
     let user = match (bearer(&parts), q.ticket) {
         (Some(token), None) => authenticate(&state, token, addr).await?,
         (None, Some(t)) => {
-            let token = state
-                .tokens
-                .redeem(&t)
-                .ok_or_else(|| ApiError::unauthorized("RELAY_BAD_TICKET", "unknown, used or expired ticket"))?;
+            let token = state.tokens.redeem(&t).ok_or_else(|| {
+                ApiError::unauthorized("RELAY_BAD_TICKET", "unknown, used or expired ticket")
+            })?;
             authenticate(&state, &token, addr).await?
         }
         _ => {
@@ -88,11 +96,18 @@ pub async fn stream(
         let mut m = AppState::admit(&state.admission.streams);
         let n = m.entry(user.id.clone()).or_default();
         if *n >= state.config.http.max_event_streams_per_user {
-            return Err(ApiError::too_many("RELAY_TOO_MANY_STREAMS", "too many open event streams", 5));
+            return Err(ApiError::too_many(
+                "RELAY_TOO_MANY_STREAMS",
+                "too many open event streams",
+                5,
+            ));
         }
         *n += 1;
     }
-    let slot = Slot { state: state.clone(), user: user.id.clone() };
+    let slot = Slot {
+        state: state.clone(),
+        user: user.id.clone(),
+    };
     let mut rx = state.hub.subscribe(&user.id);
     let s = async_stream::stream! {
         let _slot = slot;
@@ -113,11 +128,18 @@ pub async fn stream(
 }
 
 /// `GET /api/v1/notifications`: the caller's notifications.
-pub async fn notifications(State(state): State<AppState>, user: AuthUser) -> ApiResult<axum::Json<Vec<Notification>>> {
+pub async fn notifications(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> ApiResult<axum::Json<Vec<Notification>>> {
     Ok(axum::Json(state.hub.list(&user.id).await?))
 }
 
 /// `POST /api/v1/notifications/{id}/read`: only the owner's (404 otherwise).
-pub async fn mark_read(State(state): State<AppState>, user: AuthUser, Path(id): Path<String>) -> ApiResult<axum::Json<Notification>> {
+pub async fn mark_read(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Notification>> {
     Ok(axum::Json(state.hub.mark_read(&user.id, &id).await?))
 }

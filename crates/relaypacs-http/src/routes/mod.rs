@@ -65,8 +65,17 @@ impl AuthUser {
 }
 
 /// Checks an access token and the account behind it.
-pub async fn authenticate(state: &AppState, token: &str, address: String) -> Result<AuthUser, ApiError> {
-    let bad = || ApiError::unauthorized("RELAY_UNAUTHENTICATED", "missing, invalid or expired access token");
+pub async fn authenticate(
+    state: &AppState,
+    token: &str,
+    address: String,
+) -> Result<AuthUser, ApiError> {
+    let bad = || {
+        ApiError::unauthorized(
+            "RELAY_UNAUTHENTICATED",
+            "missing, invalid or expired access token",
+        )
+    };
     let claims = state.tokens.verify(token).ok_or_else(bad)?;
     let user = state
         .users
@@ -99,7 +108,10 @@ impl FromRequestParts<AppState> for AuthUser {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let address = ClientAddr::from_request_parts(parts, state).await?.0;
         let token = bearer(parts).ok_or_else(|| {
-            ApiError::unauthorized("RELAY_UNAUTHENTICATED", "an Authorization: Bearer header is required")
+            ApiError::unauthorized(
+                "RELAY_UNAUTHENTICATED",
+                "an Authorization: Bearer header is required",
+            )
         })?;
         authenticate(state, token, address).await
     }
@@ -121,7 +133,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                     StatusCode::UNSUPPORTED_MEDIA_TYPE => "RELAY_UNSUPPORTED_MEDIA_TYPE",
                     _ => "RELAY_BAD_JSON",
                 };
-                let status = if status.is_server_error() { StatusCode::BAD_REQUEST } else { status };
+                let status = if status.is_server_error() {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    status
+                };
                 Err(ApiError::new(status, code, r.body_text()))
             }
         }
@@ -158,9 +174,15 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/api/v1/auth/password", post(auth::change_password))
         .route("/api/v1/auth/totp", post(auth::totp_enroll))
         .route("/api/v1/auth/totp/confirm", post(auth::totp_confirm))
-        .route("/api/v1/users", post(auth::create_user).get(auth::list_users))
+        .route(
+            "/api/v1/users",
+            post(auth::create_user).get(auth::list_users),
+        )
         .route("/api/v1/studies", post(studies::create).get(studies::list))
-        .route("/api/v1/studies/{id}", get(studies::show).delete(studies::abort))
+        .route(
+            "/api/v1/studies/{id}",
+            get(studies::show).delete(studies::abort),
+        )
         .route("/api/v1/studies/{id}/complete", post(studies::complete))
         .route("/api/v1/audit", get(ops::audit))
         .route("/api/v1/events", get(events::stream))

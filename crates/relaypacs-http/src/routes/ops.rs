@@ -24,7 +24,11 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Response> {
     match state.watermark.admit(0) {
         Ok(Ok(_)) => {}
         Ok(Err(_)) => {
-            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "RELAY_STORAGE_FULL", "free space below the watermark"));
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "RELAY_STORAGE_FULL",
+                "free space below the watermark",
+            ));
         }
         Err(e) => return Err(ApiError::internal("readyz disk", &e)),
     }
@@ -45,17 +49,32 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 /// `GET /openapi.json`.
 pub async fn openapi() -> Response {
     let mut r = OPENAPI.into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 /// `GET /api/v1/audit` (admin): the audit trail; reading it is audited.
-pub async fn audit(State(state): State<AppState>, user: AuthUser) -> ApiResult<axum::Json<Vec<AuditEvent>>> {
+pub async fn audit(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> ApiResult<axum::Json<Vec<AuditEvent>>> {
     if user.role != Role::Admin {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "RELAY_FORBIDDEN", "only admins read the audit trail"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "RELAY_FORBIDDEN",
+            "only admins read the audit trail",
+        ));
     }
     state
-        .audit_event(AppState::event(&user.id, &user.address, AuditAction::AuditLogUsed, AuditOutcome::Success))
+        .audit_event(AppState::event(
+            &user.id,
+            &user.address,
+            AuditAction::AuditLogUsed,
+            AuditOutcome::Success,
+        ))
         .await?;
     Ok(axum::Json(state.audit.events().await?))
 }
@@ -67,5 +86,9 @@ pub async fn not_found() -> ApiError {
 
 /// Known route, wrong method.
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "RELAY_METHOD_NOT_ALLOWED", "method not allowed on this route")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "RELAY_METHOD_NOT_ALLOWED",
+        "method not allowed on this route",
+    )
 }

@@ -60,7 +60,11 @@ fn reason_for(e: &Error) -> u16 {
 }
 
 fn bad_media(msg: &str) -> ApiError {
-    ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "RELAY_UNSUPPORTED_MEDIA_TYPE", msg.to_string())
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "RELAY_UNSUPPORTED_MEDIA_TYPE",
+        msg.to_string(),
+    )
 }
 
 /// The multipart boundary of a STOW-RS request.
@@ -68,21 +72,30 @@ fn boundary(headers: &HeaderMap) -> ApiResult<String> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| bad_media("Content-Type multipart/related; type=\"application/dicom\" is required"))?;
-    let m: mime::Mime = ct.parse().map_err(|_| bad_media("unparsable Content-Type"))?;
+        .ok_or_else(|| {
+            bad_media("Content-Type multipart/related; type=\"application/dicom\" is required")
+        })?;
+    let m: mime::Mime = ct
+        .parse()
+        .map_err(|_| bad_media("unparsable Content-Type"))?;
     if m.type_() != mime::MULTIPART || m.subtype().as_str() != "related" {
         return Err(bad_media("Content-Type must be multipart/related"));
     }
-    if let Some(t) = m.get_param("type") {
-        if !t.as_str().eq_ignore_ascii_case("application/dicom") {
-            return Err(bad_media("only type=\"application/dicom\" is supported"));
-        }
+    if let Some(t) = m.get_param("type")
+        && !t.as_str().eq_ignore_ascii_case("application/dicom")
+    {
+        return Err(bad_media("only type=\"application/dicom\" is supported"));
     }
     let b = m
         .get_param(mime::BOUNDARY)
         .map(|b| b.as_str().to_string())
         .filter(|b| !b.is_empty() && b.len() <= 70)
-        .ok_or_else(|| ApiError::bad_request("RELAY_BAD_MULTIPART", "multipart boundary missing or longer than 70 characters"))?;
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "RELAY_BAD_MULTIPART",
+                "multipart boundary missing or longer than 70 characters",
+            )
+        })?;
     Ok(b)
 }
 
@@ -92,73 +105,136 @@ struct Spool(std::path::PathBuf);
 impl Drop for Spool {
     fn drop(&mut self) {
         // Best effort: leftovers are swept at the next start.
-        if let Err(e) = std::fs::remove_file(&self.0) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(error = %e, "could not remove a STOW spool file");
-            }
+        if let Err(e) = std::fs::remove_file(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %e, "could not remove a STOW spool file");
         }
     }
 }
 
 /// Spool one part to disk: (file, size, digest).
-async fn spool_part(state: &AppState, field: &mut multer::Field<'static>) -> Result<(Spool, u64, Sha256Digest), ApiError> {
+async fn spool_part(
+    state: &AppState,
+    field: &mut multer::Field<'static>,
+) -> Result<(Spool, u64, Sha256Digest), ApiError> {
     let name = format!(".stow-{}.tmp", FileId::random());
     let spool = Spool(state.spool.join(name));
-    let mut f = tokio::fs::File::create(&spool.0).await.map_err(|e| ApiError::from(Error::io("spool", e)))?;
+    let mut f = tokio::fs::File::create(&spool.0)
+        .await
+        .map_err(|e| ApiError::from(Error::io("spool", e)))?;
     let mut h = Sha256::new();
     let mut n: u64 = 0;
     let max = state.config.http.max_upload_size;
     while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
         n += chunk.len() as u64;
         if n > max {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "RELAY_UPLOAD_TOO_LARGE", format!("a part exceeds {max} bytes")));
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RELAY_UPLOAD_TOO_LARGE",
+                format!("a part exceeds {max} bytes"),
+            ));
         }
         h.update(&chunk);
-        f.write_all(&chunk).await.map_err(|e| ApiError::from(Error::io("spool", e)))?;
+        f.write_all(&chunk)
+            .await
+            .map_err(|e| ApiError::from(Error::io("spool", e)))?;
     }
-    f.flush().await.map_err(|e| ApiError::from(Error::io("spool", e)))?;
+    f.flush()
+        .await
+        .map_err(|e| ApiError::from(Error::io("spool", e)))?;
     Ok((spool, n, Sha256Digest(h.finalize().into())))
 }
 
 fn multipart_error(e: multer::Error) -> ApiError {
     match e {
         multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "RELAY_UPLOAD_TOO_LARGE", e.to_string())
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RELAY_UPLOAD_TOO_LARGE",
+                e.to_string(),
+            )
         }
-        multer::Error::StreamReadFailed(_) => {
-            ApiError::new(StatusCode::REQUEST_TIMEOUT, "RELAY_BODY_INTERRUPTED", "the request body was interrupted or too slow")
-        }
-        _ => ApiError::bad_request("RELAY_BAD_MULTIPART", format!("malformed multipart body: {e}")),
+        multer::Error::StreamReadFailed(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "RELAY_BODY_INTERRUPTED",
+            "the request body was interrupted or too slow",
+        ),
+        _ => ApiError::bad_request(
+            "RELAY_BAD_MULTIPART",
+            format!("malformed multipart body: {e}"),
+        ),
     }
 }
 
 /// Feed a spooled part through the pipeline as one file.
-async fn ingest(state: &AppState, user: &AuthUser, sid: SessionId, index: usize, spool: &Spool, size: u64, digest: Sha256Digest) -> relaypacs_core::Result<(FileId, DicomSummary)> {
+async fn ingest(
+    state: &AppState,
+    user: &AuthUser,
+    sid: SessionId,
+    index: usize,
+    spool: &Spool,
+    size: u64,
+    digest: Sha256Digest,
+) -> relaypacs_core::Result<(FileId, DicomSummary)> {
     let actor = user.actor();
     let file = state
         .pipeline
-        .add_file(&actor, sid, NewFile { name: format!("stow-part-{index}.dcm"), size, sha256: Some(digest) })
+        .add_file(
+            &actor,
+            sid,
+            NewFile {
+                name: format!("stow-part-{index}.dcm"),
+                size,
+                sha256: Some(digest),
+            },
+        )
         .await?;
     let seg = state.config.http.patch_segment_size;
-    let mut f = tokio::fs::File::open(&spool.0).await.map_err(|e| Error::io("read spool", e))?;
+    let mut f = tokio::fs::File::open(&spool.0)
+        .await
+        .map_err(|e| Error::io("read spool", e))?;
     let mut offset = 0u64;
     let plan = super::tus::plan_segments(0, size, seg, state.config.limits.min_chunk_size);
     for (_, len) in plan {
         let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
-        f.read_exact(&mut buf).await.map_err(|e| Error::io("read spool", e))?;
+        f.read_exact(&mut buf)
+            .await
+            .map_err(|e| Error::io("read spool", e))?;
         let body: ByteStream = relaypacs_core::bytes_stream(buf);
-        state.pipeline.put_chunk(&actor, sid, file.id, PutChunk { offset, length: len, sha256: None }, body).await?;
+        state
+            .pipeline
+            .put_chunk(
+                &actor,
+                sid,
+                file.id,
+                PutChunk {
+                    offset,
+                    length: len,
+                    sha256: None,
+                },
+                body,
+            )
+            .await?;
         offset += len;
     }
     let rec = state.pipeline.complete_file(&actor, sid, file.id).await?;
     match rec.state {
         relaypacs_core::FileState::Valid { dicom } => Ok((file.id, dicom)),
-        _ => Err(Error::Invalid { code: "RELAY_NOT_VALIDATED", message: "the file was not validated".into() }),
+        _ => Err(Error::Invalid {
+            code: "RELAY_NOT_VALIDATED",
+            message: "the file was not validated".into(),
+        }),
     }
 }
 
 /// `POST /dicomweb/studies`.
-pub async fn store(State(state): State<AppState>, user: AuthUser, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+pub async fn store(
+    State(state): State<AppState>,
+    user: AuthUser,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     run(state, user, headers, body, None).await
 }
 
@@ -170,19 +246,39 @@ pub async fn store_in_study(
     Path(study): Path<String>,
     body: Body,
 ) -> ApiResult<Response> {
-    let uid = Uid::parse(&study).map_err(|_| ApiError::bad_request("RELAY_BAD_UID", "the Study Instance UID in the URL is not a valid UID"))?;
+    let uid = Uid::parse(&study).map_err(|_| {
+        ApiError::bad_request(
+            "RELAY_BAD_UID",
+            "the Study Instance UID in the URL is not a valid UID",
+        )
+    })?;
     run(state, user, headers, body, Some(uid)).await
 }
 
-async fn run(state: AppState, user: AuthUser, headers: HeaderMap, body: Body, study: Option<Uid>) -> ApiResult<Response> {
+async fn run(
+    state: AppState,
+    user: AuthUser,
+    headers: HeaderMap,
+    body: Body,
+    study: Option<Uid>,
+) -> ApiResult<Response> {
     let boundary = boundary(&headers)?;
     if let Ok(Err(_)) = state.watermark.admit(0) {
-        return Err(ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "RELAY_STORAGE_FULL", "the gateway is low on disk space; try later"));
+        return Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "RELAY_STORAGE_FULL",
+            "the gateway is low on disk space; try later",
+        ));
     }
     let actor = user.actor();
     let session = state
         .pipeline
-        .create_session(&actor, NewSession { allow_multiple_studies: study.is_none() })
+        .create_session(
+            &actor,
+            NewSession {
+                allow_multiple_studies: study.is_none(),
+            },
+        )
         .await?;
     let sid = session.id;
     let constraints = multer::Constraints::new().size_limit(
@@ -190,7 +286,8 @@ async fn run(state: AppState, user: AuthUser, headers: HeaderMap, body: Body, st
             .per_field(state.config.http.max_upload_size)
             .whole_stream(state.config.limits.max_session_size),
     );
-    let mut mp = multer::Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
+    let mut mp =
+        multer::Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
     let mut stored: Vec<Stored> = Vec::new();
     let mut failed: Vec<Failed> = Vec::new();
     let mut index = 0usize;
@@ -200,7 +297,11 @@ async fn run(state: AppState, user: AuthUser, headers: HeaderMap, body: Body, st
             let Some(mut field) = next else { break };
             index += 1;
             if index > usize::try_from(state.config.limits.max_files).unwrap_or(usize::MAX) {
-                return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "RELAY_TOO_MANY_PARTS", "too many parts"));
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "RELAY_TOO_MANY_PARTS",
+                    "too many parts",
+                ));
             }
             let ok_type = field
                 .content_type()
@@ -208,14 +309,20 @@ async fn run(state: AppState, user: AuthUser, headers: HeaderMap, body: Body, st
             if !ok_type {
                 // Drain the part; it is reported as not understood.
                 while field.chunk().await.map_err(multipart_error)?.is_some() {}
-                failed.push(Failed { sop_class: None, sop_instance: None, reason: reason::CANNOT_UNDERSTAND });
+                failed.push(Failed {
+                    sop_class: None,
+                    sop_instance: None,
+                    reason: reason::CANNOT_UNDERSTAND,
+                });
                 continue;
             }
             let (spool, size, digest) = spool_part(&state, &mut field).await?;
             match ingest(&state, &user, sid, index, &spool, size, digest).await {
                 Ok((fid, summary)) => {
-                    if let Some(want) = &study {
-                        if &summary.study_instance_uid != want {
+                    if let Some(want) = &study
+                        && &summary.study_instance_uid != want
+                    {
+                        {
                             state.pipeline.remove_file(&actor, sid, fid).await?;
                             failed.push(Failed {
                                 sop_class: Some(summary.sop_class_uid.as_str().to_string()),
@@ -239,7 +346,11 @@ async fn run(state: AppState, user: AuthUser, headers: HeaderMap, body: Body, st
                             state.pipeline.remove_file(&actor, sid, *fid).await?;
                         }
                     }
-                    failed.push(Failed { sop_class: None, sop_instance: None, reason: reason_for(&e) });
+                    failed.push(Failed {
+                        sop_class: None,
+                        sop_instance: None,
+                        reason: reason_for(&e),
+                    });
                 }
             }
         }
@@ -255,7 +366,10 @@ async fn run(state: AppState, user: AuthUser, headers: HeaderMap, body: Body, st
     }
     if index == 0 {
         state.pipeline.abort_session(&actor, sid).await?;
-        return Err(ApiError::bad_request("RELAY_BAD_MULTIPART", "the request has no parts"));
+        return Err(ApiError::bad_request(
+            "RELAY_BAD_MULTIPART",
+            "the request has no parts",
+        ));
     }
     if stored.is_empty() {
         state.pipeline.abort_session(&actor, sid).await?;
@@ -263,11 +377,27 @@ async fn run(state: AppState, user: AuthUser, headers: HeaderMap, body: Body, st
         let rec = state.pipeline.complete_session(&actor, sid).await?;
         match &rec.state {
             SessionState::Delivered { .. } => {
-                state.metrics.forwards.get_or_create(&crate::metrics::Outcome { outcome: "delivered".into() }).inc();
+                state
+                    .metrics
+                    .forwards
+                    .get_or_create(&crate::metrics::Outcome {
+                        outcome: "delivered".into(),
+                    })
+                    .inc();
             }
             SessionState::ForwardFailed { transient, .. } => {
-                state.metrics.forwards.get_or_create(&crate::metrics::Outcome { outcome: "failed".into() }).inc();
-                let r = if *transient { reason::OUT_OF_RESOURCES } else { reason::PROCESSING_FAILURE };
+                state
+                    .metrics
+                    .forwards
+                    .get_or_create(&crate::metrics::Outcome {
+                        outcome: "failed".into(),
+                    })
+                    .inc();
+                let r = if *transient {
+                    reason::OUT_OF_RESOURCES
+                } else {
+                    reason::PROCESSING_FAILURE
+                };
                 for s in stored.drain(..) {
                     failed.push(Failed {
                         sop_class: Some(s.summary.sop_class_uid.as_str().to_string()),
@@ -288,7 +418,10 @@ async fn run(state: AppState, user: AuthUser, headers: HeaderMap, body: Body, st
     };
     let body = response_body(&stored, &failed);
     let mut r = (status, body.to_string()).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/dicom+json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/dicom+json"),
+    );
     Ok(r)
 }
 
@@ -322,7 +455,10 @@ fn response_body(stored: &[Stored], failed: &[Failed]) -> Value {
                 if let Some(i) = &f.sop_instance {
                     m.insert("00081155".into(), ui(i));
                 }
-                m.insert("00081197".into(), json!({ "vr": "US", "Value": [f.reason] }));
+                m.insert(
+                    "00081197".into(),
+                    json!({ "vr": "US", "Value": [f.reason] }),
+                );
                 Value::Object(m)
             })
             .collect();

@@ -77,7 +77,8 @@ async fn view(state: &AppState, rec: SessionRecord) -> ApiResult<StudyView> {
             dicom,
         });
     }
-    let ttl = time::Duration::seconds(i64::try_from(rec.limits.session_ttl_secs).unwrap_or(i64::MAX));
+    let ttl =
+        time::Duration::seconds(i64::try_from(rec.limits.session_ttl_secs).unwrap_or(i64::MAX));
     Ok(StudyView {
         id: rec.id.to_string(),
         owner: rec.owner.clone(),
@@ -85,7 +86,10 @@ async fn view(state: &AppState, rec: SessionRecord) -> ApiResult<StudyView> {
         updated_at: rec.updated_at,
         expires_at: rec.updated_at.saturating_add(ttl),
         allow_multiple_studies: rec.allow_multiple_studies,
-        study_instance_uid: rec.study_instance_uid.as_ref().map(|u| u.as_str().to_string()),
+        study_instance_uid: rec
+            .study_instance_uid
+            .as_ref()
+            .map(|u| u.as_str().to_string()),
         state: rec.state.clone(),
         files,
         limits: rec.limits.clone(),
@@ -105,21 +109,32 @@ pub async fn create(
     let req: CreateStudy = if body.iter().all(u8::is_ascii_whitespace) {
         CreateStudy::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("RELAY_BAD_JSON", e.to_string()))?
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("RELAY_BAD_JSON", e.to_string()))?
     };
     let rec = state
         .pipeline
-        .create_session(&user.actor(), NewSession { allow_multiple_studies: req.allow_multiple_studies })
+        .create_session(
+            &user.actor(),
+            NewSession {
+                allow_multiple_studies: req.allow_multiple_studies,
+            },
+        )
         .await?;
     Ok((StatusCode::CREATED, axum::Json(view(&state, rec).await?)))
 }
 
 /// `GET /api/v1/studies`: the caller's sessions (an admin sees all).
-pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<axum::Json<Vec<StudyView>>> {
+pub async fn list(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> ApiResult<axum::Json<Vec<StudyView>>> {
     let store = state.pipeline.session_store().clone();
     let mut out = Vec::new();
     for id in store.list_sessions().await? {
-        let Ok(v) = store.load_session(id).await else { continue };
+        let Ok(v) = store.load_session(id).await else {
+            continue;
+        };
         if v.value.owner == user.id || user.role == crate::auth::Role::Admin {
             out.push(view(&state, v.value).await?);
         }
@@ -128,14 +143,25 @@ pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<ax
 }
 
 /// `GET /api/v1/studies/{id}` (audited as data access).
-pub async fn show(State(state): State<AppState>, user: AuthUser, Path(id): Path<String>) -> ApiResult<axum::Json<StudyView>> {
-    let rec = state.pipeline.session(&user.actor(), parse_id(&id)?).await?;
+pub async fn show(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<StudyView>> {
+    let rec = state
+        .pipeline
+        .session(&user.actor(), parse_id(&id)?)
+        .await?;
     Ok(axum::Json(view(&state, rec).await?))
 }
 
 /// `POST /api/v1/studies/{id}/complete`: verify and validate any fully
 /// uploaded file not yet validated, then hand the study to the PACS sink.
-pub async fn complete(State(state): State<AppState>, user: AuthUser, Path(id): Path<String>) -> ApiResult<axum::Json<StudyView>> {
+pub async fn complete(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<StudyView>> {
     let sid = parse_id(&id)?;
     let actor = user.actor();
     let rec = state.pipeline.session(&actor, sid).await?;
@@ -155,22 +181,49 @@ pub async fn complete(State(state): State<AppState>, user: AuthUser, Path(id): P
     let rec = state.pipeline.complete_session(&actor, sid).await;
     let (kind, msg, outcome) = match &rec {
         Ok(r) => match &r.state {
-            SessionState::Delivered { .. } => (NotificationKind::Delivered, "study delivered to the PACS".to_string(), "delivered"),
-            SessionState::ForwardFailed { reason, .. } => {
-                (NotificationKind::ForwardFailed, format!("forwarding failed: {reason}"), "failed")
-            }
-            _ => (NotificationKind::ForwardFailed, "forwarding did not finish".to_string(), "pending"),
+            SessionState::Delivered { .. } => (
+                NotificationKind::Delivered,
+                "study delivered to the PACS".to_string(),
+                "delivered",
+            ),
+            SessionState::ForwardFailed { reason, .. } => (
+                NotificationKind::ForwardFailed,
+                format!("forwarding failed: {reason}"),
+                "failed",
+            ),
+            _ => (
+                NotificationKind::ForwardFailed,
+                "forwarding did not finish".to_string(),
+                "pending",
+            ),
         },
-        Err(e) => (NotificationKind::ForwardFailed, format!("forwarding failed: {}", e.code()), "error"),
+        Err(e) => (
+            NotificationKind::ForwardFailed,
+            format!("forwarding failed: {}", e.code()),
+            "error",
+        ),
     };
-    state.metrics.forwards.get_or_create(&crate::metrics::Outcome { outcome: outcome.into() }).inc();
+    state
+        .metrics
+        .forwards
+        .get_or_create(&crate::metrics::Outcome {
+            outcome: outcome.into(),
+        })
+        .inc();
     let owner = rec.as_ref().map_or(user.id.clone(), |r| r.owner.clone());
-    state.hub.notify(&owner, kind, &sid.to_string(), &msg).await?;
+    state
+        .hub
+        .notify(&owner, kind, &sid.to_string(), &msg)
+        .await?;
     Ok(axum::Json(view(&state, rec?).await?))
 }
 
 /// `DELETE /api/v1/studies/{id}`: abort and remove the session.
-pub async fn abort(State(state): State<AppState>, user: AuthUser, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn abort(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     let sid = parse_id(&id)?;
     state.pipeline.abort_session(&user.actor(), sid).await?;
     let prefix = sid.to_string();

@@ -58,11 +58,14 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiEr
         return Ok(None);
     };
     if all.next().is_some() {
-        return Err(ApiError::bad_request("RELAY_BAD_HEADER", format!("{name} given more than once")));
+        return Err(ApiError::bad_request(
+            "RELAY_BAD_HEADER",
+            format!("{name} given more than once"),
+        ));
     }
-    v.to_str()
-        .map(Some)
-        .map_err(|_| ApiError::bad_request("RELAY_BAD_HEADER", format!("{name} is not visible ASCII")))
+    v.to_str().map(Some).map_err(|_| {
+        ApiError::bad_request("RELAY_BAD_HEADER", format!("{name} is not visible ASCII"))
+    })
 }
 
 /// A non-negative decimal header value (digits only, no sign or spaces).
@@ -71,7 +74,10 @@ fn header_u64(h: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
         return Ok(None);
     };
     if v.is_empty() || v.len() > 19 || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ApiError::bad_request("RELAY_BAD_HEADER", format!("{name} must be a non-negative integer")));
+        return Err(ApiError::bad_request(
+            "RELAY_BAD_HEADER",
+            format!("{name} must be a non-negative integer"),
+        ));
     }
     v.parse()
         .map(Some)
@@ -98,7 +104,8 @@ struct Metadata {
 }
 
 fn parse_metadata(v: &str) -> Result<Metadata, ApiError> {
-    let bad = |m: &str| ApiError::bad_request("RELAY_BAD_METADATA", format!("Upload-Metadata: {m}"));
+    let bad =
+        |m: &str| ApiError::bad_request("RELAY_BAD_METADATA", format!("Upload-Metadata: {m}"));
     let mut out = Metadata::default();
     let mut seen = std::collections::HashSet::new();
     for pair in v.split(',') {
@@ -120,14 +127,19 @@ fn parse_metadata(v: &str) -> Result<Metadata, ApiError> {
             .decode(value)
             .map_err(|_| bad(&format!("the value of {key:?} is not base64")))?;
         let text = || {
-            String::from_utf8(decoded.clone()).map_err(|_| bad(&format!("the value of {key:?} is not UTF-8")))
+            String::from_utf8(decoded.clone())
+                .map_err(|_| bad(&format!("the value of {key:?} is not UTF-8")))
         };
         match key {
             "filename" | "name" => out.filename = Some(text()?),
             "session" | "study_session" => out.session = Some(text()?),
             "sha256" | "checksum_sha256" => {
                 // Hex (64 digits) or the raw 32 bytes.
-                out.sha256 = Some(if decoded.len() == 32 { hex::encode(&decoded) } else { text()? })
+                out.sha256 = Some(if decoded.len() == 32 {
+                    hex::encode(&decoded)
+                } else {
+                    text()?
+                })
             }
             _ => {} // other keys (filetype, relativePath, …) are ignored
         }
@@ -142,7 +154,8 @@ fn expires(at: time::OffsetDateTime) -> HeaderValue {
 
 fn tus_response(status: StatusCode) -> Response {
     let mut r = status.into_response();
-    r.headers_mut().insert("tus-resumable", HeaderValue::from_static(TUS_VERSION));
+    r.headers_mut()
+        .insert("tus-resumable", HeaderValue::from_static(TUS_VERSION));
     r
 }
 
@@ -152,8 +165,14 @@ pub async fn options(State(state): State<AppState>) -> Response {
     let h = r.headers_mut();
     h.insert("tus-version", HeaderValue::from_static(TUS_VERSION));
     h.insert("tus-extension", HeaderValue::from_static(TUS_EXTENSIONS));
-    h.insert("tus-checksum-algorithm", HeaderValue::from_static("sha256,sha1"));
-    h.insert("tus-max-size", HeaderValue::from(state.config.http.max_upload_size));
+    h.insert(
+        "tus-checksum-algorithm",
+        HeaderValue::from_static("sha256,sha1"),
+    );
+    h.insert(
+        "tus-max-size",
+        HeaderValue::from(state.config.http.max_upload_size),
+    );
     r
 }
 
@@ -177,16 +196,30 @@ fn enter_write(state: &AppState, id: &str) -> Result<WriteGuard, ApiError> {
             "another request is writing this upload; retry after it ends",
         ));
     }
-    Ok(WriteGuard { state: state.clone(), id: id.to_string() })
+    Ok(WriteGuard {
+        state: state.clone(),
+        id: id.to_string(),
+    })
 }
 
-fn user_permit(state: &AppState, user: &str) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+fn user_permit(
+    state: &AppState,
+    user: &str,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
     let sem = AppState::admit(&state.admission.patches)
         .entry(user.to_string())
-        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(state.config.http.max_parallel_patches_per_user)))
+        .or_insert_with(|| {
+            Arc::new(tokio::sync::Semaphore::new(
+                state.config.http.max_parallel_patches_per_user,
+            ))
+        })
         .clone();
     sem.try_acquire_owned().map_err(|_| {
-        ApiError::too_many("RELAY_TOO_MANY_PARALLEL_UPLOADS", "too many uploads in progress for this user", 1)
+        ApiError::too_many(
+            "RELAY_TOO_MANY_PARALLEL_UPLOADS",
+            "too many uploads in progress for this user",
+            1,
+        )
     })
 }
 
@@ -201,16 +234,26 @@ fn parse_checksum(h: &HeaderMap) -> Result<Option<Checksum>, ApiError> {
     let Some(v) = header_str(h, "upload-checksum")? else {
         return Ok(None);
     };
-    let bad = |m: &str| ApiError::bad_request("RELAY_BAD_CHECKSUM", format!("Upload-Checksum: {m}"));
-    let (alg, b64) = v.trim().split_once(' ').ok_or_else(|| bad("expected '<algorithm> <base64>'"))?;
-    let raw = STANDARD.decode(b64.trim()).map_err(|_| bad("the checksum is not base64"))?;
+    let bad =
+        |m: &str| ApiError::bad_request("RELAY_BAD_CHECKSUM", format!("Upload-Checksum: {m}"));
+    let (alg, b64) = v
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| bad("expected '<algorithm> <base64>'"))?;
+    let raw = STANDARD
+        .decode(b64.trim())
+        .map_err(|_| bad("the checksum is not base64"))?;
     match alg {
         "sha256" => {
-            let a: [u8; 32] = raw.try_into().map_err(|_| bad("a sha256 checksum has 32 bytes"))?;
+            let a: [u8; 32] = raw
+                .try_into()
+                .map_err(|_| bad("a sha256 checksum has 32 bytes"))?;
             Ok(Some(Checksum::Sha256(Sha256Digest(a))))
         }
         "sha1" => {
-            let a: [u8; 20] = raw.try_into().map_err(|_| bad("a sha1 checksum has 20 bytes"))?;
+            let a: [u8; 20] = raw
+                .try_into()
+                .map_err(|_| bad("a sha1 checksum has 20 bytes"))?;
             Ok(Some(Checksum::Sha1(a)))
         }
         _ => Err(bad("unsupported algorithm (sha256, sha1)")),
@@ -248,7 +291,12 @@ impl Source {
 }
 
 /// `length` bytes from `src` as a stream; with a SHA-1 to check at the end.
-fn segment(src: Arc<tokio::sync::Mutex<Source>>, length: u64, offset: u64, sha1: Option<[u8; 20]>) -> ByteStream {
+fn segment(
+    src: Arc<tokio::sync::Mutex<Source>>,
+    length: u64,
+    offset: u64,
+    sha1: Option<[u8; 20]>,
+) -> ByteStream {
     Box::pin(async_stream::stream! {
         let mut left = length;
         let mut h = sha1::Sha1::new();
@@ -282,7 +330,10 @@ fn map_write_error(state: &AppState, e: Error) -> ApiError {
     if e.code() == BODY_INTERRUPTED {
         return ApiError::new(StatusCode::REQUEST_TIMEOUT, BODY_INTERRUPTED, e.to_string());
     }
-    if matches!(e, Error::Integrity(IntegrityError::ChunkHash { .. } | IntegrityError::ChunkChecksum { .. })) {
+    if matches!(
+        e,
+        Error::Integrity(IntegrityError::ChunkHash { .. } | IntegrityError::ChunkChecksum { .. })
+    ) {
         state.metrics.chunk_verifications_failed.inc();
     }
     ApiError::from(e)
@@ -299,27 +350,46 @@ async fn write_body(
 ) -> ApiResult<u64> {
     let (sid, fid) = ids;
     let id = upload_id(sid, fid);
-    let length = header_u64(headers, "content-length")?
-        .ok_or_else(|| ApiError::new(StatusCode::LENGTH_REQUIRED, "RELAY_LENGTH_REQUIRED", "PATCH needs Content-Length"))?;
+    let length = header_u64(headers, "content-length")?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "RELAY_LENGTH_REQUIRED",
+            "PATCH needs Content-Length",
+        )
+    })?;
     let checksum = parse_checksum(headers)?;
     let _write = enter_write(state, &id)?;
     let _permit = user_permit(state, &user.id)?;
     let actor = user.actor();
     let status = state.pipeline.file_status(&actor, sid, fid).await?;
     if status.session_state != SessionState::Open {
-        return Err(ApiError::new(StatusCode::CONFLICT, "RELAY_SESSION_NOT_OPEN", "the study no longer accepts uploads"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "RELAY_SESSION_NOT_OPEN",
+            "the study no longer accepts uploads",
+        ));
     }
     if offset != status.offset {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "RELAY_OFFSET_MISMATCH",
-            format!("Upload-Offset {offset} does not match the upload's offset {}", status.offset),
+            format!(
+                "Upload-Offset {offset} does not match the upload's offset {}",
+                status.offset
+            ),
         ));
     }
     let size = status.file.size;
-    let end = offset.checked_add(length).filter(|&e| e <= size).ok_or_else(|| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "RELAY_UPLOAD_OVERFLOW", "the body would exceed Upload-Length")
-    })?;
+    let end = offset
+        .checked_add(length)
+        .filter(|&e| e <= size)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RELAY_UPLOAD_OVERFLOW",
+                "the body would exceed Upload-Length",
+            )
+        })?;
     if length == 0 {
         return finish_if_complete(state, user, ids, offset, size, &status.file.state).await;
     }
@@ -327,7 +397,10 @@ async fn write_body(
     if length < limits.min_chunk_size && end != size {
         return Err(ApiError::bad_request(
             "RELAY_PATCH_TOO_SMALL",
-            format!("PATCH bodies must have at least {} bytes unless they end the upload", limits.min_chunk_size),
+            format!(
+                "PATCH bodies must have at least {} bytes unless they end the upload",
+                limits.min_chunk_size
+            ),
         ));
     }
     match state.watermark.admit(0) {
@@ -341,19 +414,30 @@ async fn write_body(
         }
         Err(e) => return Err(ApiError::internal("disk space", &e)),
     }
-    let src = Arc::new(tokio::sync::Mutex::new(Source { stream: body.into_data_stream(), leftover: None }));
+    let src = Arc::new(tokio::sync::Mutex::new(Source {
+        stream: body.into_data_stream(),
+        leftover: None,
+    }));
     let mut at = offset;
     let pieces: Vec<(u64, u64)> = if checksum.is_some() {
         if length > state.config.http.max_checksummed_patch {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RELAY_PATCH_TOO_LARGE",
-                format!("a checksummed PATCH may carry at most {} bytes", state.config.http.max_checksummed_patch),
+                format!(
+                    "a checksummed PATCH may carry at most {} bytes",
+                    state.config.http.max_checksummed_patch
+                ),
             ));
         }
         vec![(offset, length)]
     } else {
-        plan_segments(offset, length, state.config.http.patch_segment_size, limits.min_chunk_size)
+        plan_segments(
+            offset,
+            length,
+            state.config.http.patch_segment_size,
+            limits.min_chunk_size,
+        )
     };
     for (seg_offset, seg_len) in pieces {
         let (sha256, sha1) = match &checksum {
@@ -364,12 +448,30 @@ async fn write_body(
         let body = segment(src.clone(), seg_len, seg_offset, sha1);
         state
             .pipeline
-            .put_chunk(&actor, sid, fid, PutChunk { offset: seg_offset, length: seg_len, sha256 }, body)
+            .put_chunk(
+                &actor,
+                sid,
+                fid,
+                PutChunk {
+                    offset: seg_offset,
+                    length: seg_len,
+                    sha256,
+                },
+                body,
+            )
             .await
             .map_err(|e| map_write_error(state, e))?;
         at = seg_offset + seg_len;
         state.metrics.upload_bytes.inc_by(seg_len);
-        state.hub.publish(&user.id, Event::UploadProgress { study: sid.to_string(), upload: id.clone(), offset: at, length: size });
+        state.hub.publish(
+            &user.id,
+            Event::UploadProgress {
+                study: sid.to_string(),
+                upload: id.clone(),
+                offset: at,
+                length: size,
+            },
+        );
     }
     finish_if_complete(state, user, ids, at, size, &status.file.state).await
 }
@@ -385,14 +487,13 @@ pub fn plan_segments(offset: u64, length: u64, segment: u64, min: u64) -> Vec<(u
         out.push((at, n));
         at += n;
     }
-    if out.len() > 1 {
-        if let Some(&(_, last)) = out.last() {
-            if last < min {
-                out.pop();
-                if let Some(prev) = out.last_mut() {
-                    prev.1 += last;
-                }
-            }
+    if out.len() > 1
+        && let Some(&(_, last)) = out.last()
+        && last < min
+    {
+        out.pop();
+        if let Some(prev) = out.last_mut() {
+            prev.1 += last;
         }
     }
     out
@@ -417,14 +518,27 @@ async fn finish_if_complete(
             if let Some(set) = AppState::admit(&state.admission.open_uploads).get_mut(&user.id) {
                 set.remove(&id);
             }
-            state.hub.publish(&user.id, Event::FileCompleted { study: sid.to_string(), upload: id, ok: true, code: None });
+            state.hub.publish(
+                &user.id,
+                Event::FileCompleted {
+                    study: sid.to_string(),
+                    upload: id,
+                    ok: true,
+                    code: None,
+                },
+            );
             Ok(offset)
         }
         Err(e) => {
             state.metrics.files_refused.inc();
             state.hub.publish(
                 &user.id,
-                Event::FileCompleted { study: sid.to_string(), upload: id, ok: false, code: Some(e.code().to_string()) },
+                Event::FileCompleted {
+                    study: sid.to_string(),
+                    upload: id,
+                    ok: false,
+                    code: Some(e.code().to_string()),
+                },
             );
             Err(e.into())
         }
@@ -432,10 +546,18 @@ async fn finish_if_complete(
 }
 
 /// `POST /files`: create an upload (optionally with its first bytes).
-pub async fn create(State(state): State<AppState>, user: AuthUser, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+pub async fn create(
+    State(state): State<AppState>,
+    user: AuthUser,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     check_resumable(&headers)?;
     if headers.contains_key("upload-defer-length") {
-        return Err(ApiError::bad_request("RELAY_DEFER_LENGTH", "Upload-Defer-Length is not supported; send Upload-Length"));
+        return Err(ApiError::bad_request(
+            "RELAY_DEFER_LENGTH",
+            "Upload-Defer-Length is not supported; send Upload-Length",
+        ));
     }
     let length = header_u64(&headers, "upload-length")?
         .ok_or_else(|| ApiError::bad_request("RELAY_BAD_HEADER", "Upload-Length is required"))?;
@@ -443,7 +565,10 @@ pub async fn create(State(state): State<AppState>, user: AuthUser, headers: Head
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RELAY_UPLOAD_TOO_LARGE",
-            format!("Upload-Length exceeds Tus-Max-Size ({})", state.config.http.max_upload_size),
+            format!(
+                "Upload-Length exceeds Tus-Max-Size ({})",
+                state.config.http.max_upload_size
+            ),
         ));
     }
     let meta = match header_str(&headers, "upload-metadata")? {
@@ -451,40 +576,82 @@ pub async fn create(State(state): State<AppState>, user: AuthUser, headers: Head
         None => Metadata::default(),
     };
     let session = meta.session.ok_or_else(|| {
-        ApiError::bad_request("RELAY_MISSING_SESSION", "Upload-Metadata must carry 'session' (the study session id)")
+        ApiError::bad_request(
+            "RELAY_MISSING_SESSION",
+            "Upload-Metadata must carry 'session' (the study session id)",
+        )
     })?;
     let sid = SessionId::parse(&session).map_err(|_| ApiError::not_found("study session"))?;
     let name = meta.filename.unwrap_or_else(|| "upload".into());
     if name.len() > 255 || name.chars().any(char::is_control) {
-        return Err(ApiError::bad_request("RELAY_BAD_METADATA", "filename must be at most 255 bytes without control characters"));
+        return Err(ApiError::bad_request(
+            "RELAY_BAD_METADATA",
+            "filename must be at most 255 bytes without control characters",
+        ));
     }
     let sha256 = match meta.sha256 {
         Some(s) => Some(Sha256Digest::from_hex(&s).map_err(|_| {
-            ApiError::bad_request("RELAY_BAD_METADATA", "sha256 must be 64 hex digits (or 32 raw bytes)")
+            ApiError::bad_request(
+                "RELAY_BAD_METADATA",
+                "sha256 must be 64 hex digits (or 32 raw bytes)",
+            )
         })?),
         None => None,
     };
     {
         let open = AppState::admit(&state.admission.open_uploads);
-        if open.get(&user.id).map_or(0, |s| s.len()) >= state.config.http.max_open_uploads_per_user {
-            return Err(ApiError::too_many("RELAY_TOO_MANY_OPEN_UPLOADS", "too many unfinished uploads; finish or delete some", 60));
+        if open.get(&user.id).map_or(0, |s| s.len()) >= state.config.http.max_open_uploads_per_user
+        {
+            return Err(ApiError::too_many(
+                "RELAY_TOO_MANY_OPEN_UPLOADS",
+                "too many unfinished uploads; finish or delete some",
+                60,
+            ));
         }
     }
     match state.watermark.admit(length) {
         Ok(Ok(_)) => {}
         Ok(Err((free, min))) => {
-            tracing::warn!(free, min, requested = length, "upload refused: free space below the watermark");
-            let mut ev = AppState::event(&user.id, &user.address, relaypacs_core::AuditAction::SecurityAlert, relaypacs_core::AuditOutcome::MinorFailure);
+            tracing::warn!(
+                free,
+                min,
+                requested = length,
+                "upload refused: free space below the watermark"
+            );
+            let mut ev = AppState::event(
+                &user.id,
+                &user.address,
+                relaypacs_core::AuditAction::SecurityAlert,
+                relaypacs_core::AuditOutcome::MinorFailure,
+            );
             ev.detail = format!("upload refused: free disk space {free} below watermark {min}");
             state.audit_event(ev).await?;
-            return Err(ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "RELAY_STORAGE_FULL", "the gateway is low on disk space; try later"));
+            return Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "RELAY_STORAGE_FULL",
+                "the gateway is low on disk space; try later",
+            ));
         }
         Err(e) => return Err(ApiError::internal("disk space", &e)),
     }
     let actor = user.actor();
-    let file = state.pipeline.add_file(&actor, sid, NewFile { name, size: length, sha256 }).await?;
+    let file = state
+        .pipeline
+        .add_file(
+            &actor,
+            sid,
+            NewFile {
+                name,
+                size: length,
+                sha256,
+            },
+        )
+        .await?;
     let id = upload_id(sid, file.id);
-    AppState::admit(&state.admission.open_uploads).entry(user.id.clone()).or_default().insert(id.clone());
+    AppState::admit(&state.admission.open_uploads)
+        .entry(user.id.clone())
+        .or_default()
+        .insert(id.clone());
     state.metrics.uploads_created.inc();
     let with_body = headers
         .get(header::CONTENT_TYPE)
@@ -498,7 +665,11 @@ pub async fn create(State(state): State<AppState>, user: AuthUser, headers: Head
     let status = state.pipeline.file_status(&actor, sid, file.id).await?;
     let mut r = tus_response(StatusCode::CREATED);
     let h = r.headers_mut();
-    h.insert(header::LOCATION, HeaderValue::from_str(&format!("/files/{id}")).map_err(|e| ApiError::internal("location", &e))?);
+    h.insert(
+        header::LOCATION,
+        HeaderValue::from_str(&format!("/files/{id}"))
+            .map_err(|e| ApiError::internal("location", &e))?,
+    );
     h.insert("upload-expires", expires(status.expires_at));
     if with_body {
         h.insert("upload-offset", HeaderValue::from(offset));
@@ -507,7 +678,12 @@ pub async fn create(State(state): State<AppState>, user: AuthUser, headers: Head
 }
 
 /// `HEAD /files/{id}`: the durable offset.
-pub async fn head(State(state): State<AppState>, user: AuthUser, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn head(
+    State(state): State<AppState>,
+    user: AuthUser,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     check_resumable(&headers)?;
     let (sid, fid) = parse_upload_id(&id)?;
     let s = state.pipeline.file_status(&user.actor(), sid, fid).await?;
@@ -529,7 +705,9 @@ pub async fn patch(
     body: Body,
 ) -> ApiResult<Response> {
     check_resumable(&headers)?;
-    if headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes()) != Some(b"application/offset+octet-stream") {
+    if headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes())
+        != Some(b"application/offset+octet-stream")
+    {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "RELAY_UNSUPPORTED_MEDIA_TYPE",
@@ -549,7 +727,12 @@ pub async fn patch(
 }
 
 /// `DELETE /files/{id}`: termination.
-pub async fn terminate(State(state): State<AppState>, user: AuthUser, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn terminate(
+    State(state): State<AppState>,
+    user: AuthUser,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     check_resumable(&headers)?;
     let (sid, fid) = parse_upload_id(&id)?;
     state.pipeline.remove_file(&user.actor(), sid, fid).await?;

@@ -31,10 +31,12 @@ pub fn secret() -> secrecy::SecretString {
 
 /// A config for tests: loopback port 0, a fresh data folder, no watermark.
 pub fn test_config(dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.data_dir = dir.join("data");
-    c.secret = Some(secret());
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("data"),
+        secret: Some(secret()),
+        ..Config::default()
+    };
     c.http.min_free_bytes = Some(0);
     c
 }
@@ -55,10 +57,20 @@ impl TestServer {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let mut c = test_config(dir.path());
         f(&mut c);
-        let secret = c.secret.as_ref().map(|s| secrecy::ExposeSecret::expose_secret(s).to_string()).unwrap_or_default();
+        let secret = c
+            .secret
+            .as_ref()
+            .map(|s| secrecy::ExposeSecret::expose_secret(s).to_string())
+            .unwrap_or_default();
         let server = Server::start_with(c, adapt).await.unwrap();
         let url = format!("http://{}", server.addr());
-        Self { secret, server: Some(server), dir, url, http: Client::builder().build().unwrap() }
+        Self {
+            secret,
+            server: Some(server),
+            dir,
+            url,
+            http: Client::builder().build().unwrap(),
+        }
     }
 
     pub fn server(&self) -> &Server {
@@ -102,26 +114,54 @@ impl TestServer {
     }
 
     pub fn req(&self, method: Method, path: &str, user: &User) -> RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&user.token)
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&user.token)
     }
 
     pub async fn new_study(&self, user: &User) -> String {
-        let r = self.req(Method::POST, "/api/v1/studies", user).send().await.unwrap();
+        let r = self
+            .req(Method::POST, "/api/v1/studies", user)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201);
-        r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// tus creation; returns the upload path (`/files/…`).
-    pub async fn create_upload(&self, user: &User, study: &str, len: u64, sha256: Option<&[u8]>) -> String {
+    pub async fn create_upload(
+        &self,
+        user: &User,
+        study: &str,
+        len: u64,
+        sha256: Option<&[u8]>,
+    ) -> String {
         let r = self.create_upload_raw(user, study, len, sha256).await;
         assert_eq!(r.status(), 201, "{:?}", r.text().await);
         r.headers()["location"].to_str().unwrap().to_string()
     }
 
-    pub async fn create_upload_raw(&self, user: &User, study: &str, len: u64, sha256: Option<&[u8]>) -> Response {
-        let mut meta = format!("filename {},session {}", STANDARD.encode("a.dcm"), STANDARD.encode(study));
+    pub async fn create_upload_raw(
+        &self,
+        user: &User,
+        study: &str,
+        len: u64,
+        sha256: Option<&[u8]>,
+    ) -> Response {
+        let mut meta = format!(
+            "filename {},session {}",
+            STANDARD.encode("a.dcm"),
+            STANDARD.encode(study)
+        );
         if let Some(d) = sha256 {
-            meta.push_str(&format!(",sha256 {}", STANDARD.encode(hex::encode(Sha256::digest(d)))));
+            meta.push_str(&format!(
+                ",sha256 {}",
+                STANDARD.encode(hex::encode(Sha256::digest(d)))
+            ));
         }
         self.req(Method::POST, "/files", user)
             .header("tus-resumable", "1.0.0")
@@ -132,7 +172,14 @@ impl TestServer {
             .unwrap()
     }
 
-    pub async fn patch(&self, user: &User, upload: &str, offset: u64, body: Vec<u8>, checksum: Option<String>) -> Response {
+    pub async fn patch(
+        &self,
+        user: &User,
+        upload: &str,
+        offset: u64,
+        body: Vec<u8>,
+        checksum: Option<String>,
+    ) -> Response {
         let mut r = self
             .req(Method::PATCH, upload, user)
             .header("tus-resumable", "1.0.0")
@@ -145,15 +192,28 @@ impl TestServer {
     }
 
     pub async fn head_offset(&self, user: &User, upload: &str) -> u64 {
-        let r = self.req(Method::HEAD, upload, user).header("tus-resumable", "1.0.0").send().await.unwrap();
+        let r = self
+            .req(Method::HEAD, upload, user)
+            .header("tus-resumable", "1.0.0")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
-        r.headers()["upload-offset"].to_str().unwrap().parse().unwrap()
+        r.headers()["upload-offset"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     /// Upload `data` whole through tus (one PATCH) into `study`.
     pub async fn upload(&self, user: &User, study: &str, data: &[u8]) -> String {
-        let up = self.create_upload(user, study, data.len() as u64, Some(data)).await;
-        let r = self.patch(user, &up, 0, data.to_vec(), Some(sha256_header(data))).await;
+        let up = self
+            .create_upload(user, study, data.len() as u64, Some(data))
+            .await;
+        let r = self
+            .patch(user, &up, 0, data.to_vec(), Some(sha256_header(data)))
+            .await;
         assert_eq!(r.status(), 204, "{:?}", r.text().await);
         up
     }
@@ -226,12 +286,19 @@ pub fn status(r: &Response) -> StatusCode {
 /// Assert a JSON error body with `code`.
 pub async fn expect_error(r: Response, status: u16, code: &str) -> Value {
     let s = r.status().as_u16();
-    let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string());
     let body = r.text().await.unwrap();
     assert_eq!(s, status, "body: {body}");
     assert_eq!(ct.as_deref(), Some("application/json"), "body: {body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], code, "body: {body}");
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
     v
 }
