@@ -109,8 +109,12 @@ pub async fn create(
     let req: CreateStudy = if body.iter().all(u8::is_ascii_whitespace) {
         CreateStudy::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request("RELAY_BAD_JSON", e.to_string()))?
+        let bad = |e: String| ApiError::bad_request("RELAY_BAD_JSON", e);
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+        if !v.is_object() {
+            return Err(bad("the body must be a JSON object".into()));
+        }
+        serde_json::from_value(v).map_err(|e| bad(e.to_string()))?
     };
     let rec = state
         .pipeline
