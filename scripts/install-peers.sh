@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the real peers the tests talk to, idempotently:
 #   dcmtk (DICOM tools), orthanc + orthanc-dicomweb (PACS), redis-server,
-#   s3s-fs 0.14.1 (S3-compatible server that checks signatures and checksums).
-# Usage: scripts/install-peers.sh [all|apt|s3s-fs]
+#   s3s-fs 0.14.1 (S3-compatible server that checks signatures and checksums),
+#   the tus clients tuspy (PyPI, in a venv) and tus-js-client + @tus/server
+#   (npm, clients/node/node_modules), pinned by clients/.
+# Usage: scripts/install-peers.sh [all|apt|s3s-fs|clients]
 # Tools land in $RELAYPACS_TOOLS (default ~/.cache/relaypacs/tools).
 set -euo pipefail
 what="${1:-all}"
@@ -31,5 +33,22 @@ if [[ "$what" == all || "$what" == s3s-fs ]]; then
   if [[ ! -x "$tools/bin/s3s-fs" ]]; then
     echo "install-peers: cargo install s3s-fs@0.14.1 (a few minutes, once)" >&2
     cargo install s3s-fs@0.14.1 --locked --features binary --root "$tools" >&2
+  fi
+fi
+
+if [[ "$what" == all || "$what" == clients ]]; then
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  venv="$tools/venv"
+  stamp="$venv/.requirements"
+  if ! cmp -s "$root/clients/python/requirements.txt" "$stamp" 2>/dev/null; then
+    echo "install-peers: tuspy venv ($venv)" >&2
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q -r "$root/clients/python/requirements.txt" >&2
+    cp "$root/clients/python/requirements.txt" "$stamp"
+  fi
+  lock="$root/clients/node/node_modules/.package-lock.json"
+  if [[ ! -e "$lock" || "$root/clients/node/package-lock.json" -nt "$lock" ]]; then
+    echo "install-peers: npm ci (tus-js-client, @tus/server)" >&2
+    npm ci --silent --prefix "$root/clients/node" >&2
   fi
 fi
