@@ -203,14 +203,24 @@ fn upload_url(base: &str, location: &str) -> String {
     }
 }
 
-/// One tus upload: POST then PATCHes. Returns (seconds spent in HTTP, upload URL).
+/// Seconds spent in HTTP during one upload.
+#[derive(Clone, Copy)]
+struct Timing {
+    /// POST and every PATCH.
+    total: f64,
+    /// The last PATCH alone (on our server: whole-file verification and
+    /// DICOM validation happen in it).
+    last: f64,
+}
+
+/// One tus upload: POST then PATCHes. Returns the timing and the upload URL.
 async fn tus_upload(
     client: &Client,
     base: &str,
     src: &Source,
     token: Option<&str>,
     metadata: &str,
-) -> Res<(f64, String)> {
+) -> Res<(Timing, String)> {
     let mut reader = Reader::open(src).await?;
     let mut http = Duration::ZERO;
     let mut req = client
@@ -230,6 +240,7 @@ async fn tus_upload(
     r.bytes().await?;
     http += t.elapsed();
 
+    let mut last = Duration::ZERO;
     let mut offset = 0u64;
     for i in 0..src.pieces() {
         let body = reader.next().await?;
@@ -253,13 +264,18 @@ async fn tus_upload(
         }
         let got: u64 = header(&r, "upload-offset")?.parse()?;
         r.bytes().await?;
-        http += t.elapsed();
+        last = t.elapsed();
+        http += last;
         offset += n;
         if got != offset {
             return Err(format!("PATCH {}: Upload-Offset {got}, expected {offset}", i + 1).into());
         }
     }
-    Ok((http.as_secs_f64(), url))
+    let timing = Timing {
+        total: http.as_secs_f64(),
+        last: last.as_secs_f64(),
+    };
+    Ok((timing, url))
 }
 
 /// Our server, running in this process, and the bench user's token.
@@ -309,8 +325,8 @@ impl Ours {
         Ok(self.token.clone())
     }
 
-    /// One upload in a new study session; returns (HTTP seconds, study id).
-    async fn run(&mut self, client: &Client, src: &Source) -> Res<(f64, String)> {
+    /// One upload in a new study session; returns the timing and the study id.
+    async fn run(&mut self, client: &Client, src: &Source) -> Res<(Timing, String)> {
         let token = self.token(client).await?;
         let r = client
             .post(format!("{}/api/v1/studies", self.base))
@@ -335,8 +351,8 @@ impl Ours {
             STANDARD.encode(name),
             STANDARD.encode(&study)
         );
-        let (secs, _) = tus_upload(client, &self.base, src, Some(&token), &meta).await?;
-        Ok((secs, study))
+        let (timing, _) = tus_upload(client, &self.base, src, Some(&token), &meta).await?;
+        Ok((timing, study))
     }
 
     /// The study's one file is `valid` with the right size.
@@ -425,16 +441,16 @@ impl Theirs {
         })
     }
 
-    async fn run(&self, client: &Client, src: &Source) -> Res<(f64, String)> {
+    async fn run(&self, client: &Client, src: &Source) -> Res<(Timing, String)> {
         let meta = format!("filename {}", STANDARD.encode("source.dcm"));
-        let (secs, url) = tus_upload(client, &self.base, src, None, &meta).await?;
+        let (timing, url) = tus_upload(client, &self.base, src, None, &meta).await?;
         let id = url
             .rsplit('/')
             .next()
             .filter(|s| !s.is_empty())
             .ok_or_else(|| format!("no upload id in {url}"))?
             .to_string();
-        Ok((secs, id))
+        Ok((timing, id))
     }
 
     fn check(&self, id: &str, size: u64) -> Res<()> {
@@ -507,15 +523,21 @@ async fn main() -> Res<()> {
     let mut studies = Vec::new();
     let mut uploads = Vec::new();
     for run in 1..=args.runs {
-        let (secs, study) = ours.run(&client, &src).await?;
-        let r = mbps(size, secs);
-        println!("{OURS}: run {run}: {r:.1} MB/s ({secs:.2} s)");
+        let (t, study) = ours.run(&client, &src).await?;
+        let r = mbps(size, t.total);
+        println!(
+            "{OURS}: run {run}: {r:.1} MB/s ({:.2} s, of which last PATCH {:.2} s)",
+            t.total, t.last
+        );
         ours_mbps.push(r);
         studies.push(study);
 
-        let (secs, id) = theirs.run(&client, &src).await?;
-        let r = mbps(size, secs);
-        println!("{THEIRS}: run {run}: {r:.1} MB/s ({secs:.2} s)");
+        let (t, id) = theirs.run(&client, &src).await?;
+        let r = mbps(size, t.total);
+        println!(
+            "{THEIRS}: run {run}: {r:.1} MB/s ({:.2} s, of which last PATCH {:.2} s)",
+            t.total, t.last
+        );
         theirs_mbps.push(r);
         uploads.push(id);
     }

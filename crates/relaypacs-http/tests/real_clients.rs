@@ -119,7 +119,7 @@ async fn tuspy_and_tus_js_client_upload_interrupt_and_resume() {
         let path = url.strip_prefix(&t.url).unwrap();
         let offset = t.head_offset(&u, path).await;
         assert!(
-            offset >= 2_500_000 && offset < 6 << 20,
+            (2_500_000..6 << 20).contains(&offset),
             "{kind}: offset {offset}"
         );
         let v = run(client_cmd(kind, &python)

@@ -1,0 +1,174 @@
+//! AUD-7 / AUTH-8: the server's own logs (the real binary's stderr) never
+//! contain passwords, tokens, the secret or patient identifiers, and a
+//! hostile username stays one escaped log line.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "Velvet-Quarry-Lantern-5521";
+
+#[tokio::test]
+async fn logs_hold_no_secrets_and_no_patient_data() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let data = dir.path().join("data");
+    let secret = "f3".repeat(8) + &hex_random();
+    let bin = env!("CARGO_BIN_EXE_relaypacs");
+    let mut add = Command::new(bin)
+        .args(["user", "add", "lena", "--role", "uploader"])
+        .env("RELAYPACS_DATA_DIR", &data)
+        .env("RELAYPACS_SECRET", &secret)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    writeln!(add.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+    let out = add.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = relaypacs_core::testing::peers::free_port();
+    let mut server = Command::new(bin)
+        .env("RELAYPACS_DATA_DIR", &data)
+        .env("RELAYPACS_SECRET", &secret)
+        .env("RELAYPACS_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RELAYPACS_LOG", "debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = server.stderr.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    relaypacs_core::testing::peers::wait_for_port(port, Duration::from_secs(20));
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    // A failed login with a hostile username, then a real one.
+    let evil = "eve\r\n{\"level\":\"ERROR\"}\u{1b}[31m";
+    let r = http
+        .post(format!("{url}/api/v1/auth/login"))
+        .json(&json!({"username": evil, "password": "Wrong-Password-123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let tok: Value = http
+        .post(format!("{url}/api/v1/auth/login"))
+        .json(&json!({"username": "lena", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let access = tok["access_token"].as_str().unwrap().to_string();
+    let refresh = tok["refresh_token"].as_str().unwrap().to_string();
+    let study: Value = http
+        .post(format!("{url}/api/v1/studies"))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = study["id"].as_str().unwrap();
+    let patient = "PATIENT-ZETA-4471";
+    let file = generate(&DicomSpec {
+        patient_id: patient.into(),
+        study_uid: new_uid(),
+        ..DicomSpec::default()
+    })
+    .unwrap();
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let r = http
+        .post(format!("{url}/files"))
+        .bearer_auth(&access)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", file.len().to_string())
+        .header(
+            "upload-metadata",
+            format!("filename {},session {}", b64("x.dcm"), b64(sid)),
+        )
+        .send()
+        .await
+        .unwrap();
+    let up = r.headers()["location"].to_str().unwrap().to_string();
+    let r = http
+        .patch(format!("{url}{up}"))
+        .bearer_auth(&access)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-offset", "0")
+        .header("content-type", "application/offset+octet-stream")
+        .body(file)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = http
+        .post(format!("{url}/api/v1/studies/{sid}/complete"))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(format!("{url}/api/v1/auth/refresh"))
+        .json(&json!({"refresh_token": refresh}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(format!("{url}/api/v1/events?access_token={access}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Stop with SIGTERM and collect the log.
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(server.id().to_string())
+        .status();
+    let _ = server.wait();
+    let log = lines.join().unwrap();
+    assert!(log.len() > 5, "no log lines");
+    let text = log.join("\n");
+    for (what, needle) in [
+        ("password", PASSWORD),
+        ("secret", secret.as_str()),
+        ("access token", access.as_str()),
+        ("JWT prefix", "eyJ"),
+        ("refresh token", refresh.as_str()),
+        ("patient id", patient),
+        ("query credential", "access_token="),
+    ] {
+        assert!(!text.contains(needle), "the log contains the {what}");
+    }
+    // Every line is one JSON object: the hostile username did not split it.
+    for l in &log {
+        if l.starts_with('{') {
+            serde_json::from_str::<Value>(l)
+                .unwrap_or_else(|e| panic!("not one JSON line ({e}): {l}"));
+        }
+    }
+    assert!(!text.contains('\u{1b}'), "raw escape sequence in the log");
+}
+
+fn hex_random() -> String {
+    let mut b = [0u8; 24];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+    hex::encode(b)
+}
