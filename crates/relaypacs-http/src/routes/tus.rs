@@ -347,7 +347,7 @@ async fn write_body(
     offset: u64,
     headers: &HeaderMap,
     body: Body,
-) -> ApiResult<u64> {
+) -> ApiResult<(u64, time::OffsetDateTime)> {
     let (sid, fid) = ids;
     let id = upload_id(sid, fid);
     let length = header_u64(headers, "content-length")?.ok_or_else(|| {
@@ -391,7 +391,8 @@ async fn write_body(
             )
         })?;
     if length == 0 {
-        return finish_if_complete(state, user, ids, offset, size, &status.file.state).await;
+        let done = finish_if_complete(state, user, ids, offset, size, &status.file.state).await?;
+        return Ok((done, status.expires_at));
     }
     let limits = &state.config.limits;
     if length < limits.min_chunk_size && end != size {
@@ -473,7 +474,10 @@ async fn write_body(
             },
         );
     }
-    finish_if_complete(state, user, ids, at, size, &status.file.state).await
+    // The expiry read before the write is conservative: writes only push
+    // it later.
+    let done = finish_if_complete(state, user, ids, at, size, &status.file.state).await?;
+    Ok((done, status.expires_at))
 }
 
 /// Cut `length` bytes at `offset` into segments of `segment` bytes; a tail
@@ -658,7 +662,9 @@ pub async fn create(
         .is_some_and(|v| v.as_bytes() == b"application/offset+octet-stream")
         && header_u64(&headers, "content-length")?.unwrap_or(0) > 0;
     let offset = if with_body {
-        write_body(&state, &user, (sid, file.id), 0, &headers, body).await?
+        write_body(&state, &user, (sid, file.id), 0, &headers, body)
+            .await?
+            .0
     } else {
         0
     };
@@ -717,12 +723,12 @@ pub async fn patch(
     let offset = header_u64(&headers, "upload-offset")?
         .ok_or_else(|| ApiError::bad_request("RELAY_BAD_HEADER", "Upload-Offset is required"))?;
     let (sid, fid) = parse_upload_id(&id)?;
-    let new_offset = write_body(&state, &user, (sid, fid), offset, &headers, body).await?;
-    let s = state.pipeline.file_status(&user.actor(), sid, fid).await?;
+    let (new_offset, expires_at) =
+        write_body(&state, &user, (sid, fid), offset, &headers, body).await?;
     let mut r = tus_response(StatusCode::NO_CONTENT);
     let h = r.headers_mut();
     h.insert("upload-offset", HeaderValue::from(new_offset));
-    h.insert("upload-expires", expires(s.expires_at));
+    h.insert("upload-expires", expires(expires_at));
     Ok(r)
 }
 
