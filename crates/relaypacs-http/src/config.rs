@@ -408,7 +408,7 @@ impl Config {
                 let mut raw = [0u8; 48];
                 rand::rng().fill_bytes(&mut raw);
                 let value = hex::encode(raw);
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if let Some(dir) = path.parent() {
                     relaypacs_storage::fs::create_dir_durable(dir)
                         .map_err(|e| io(std::io::Error::other(e.to_string())))?;
                 }
@@ -429,7 +429,7 @@ impl Config {
                 f.sync_all().map_err(io)?;
                 drop(f);
                 std::fs::rename(&tmp, &path).map_err(io)?;
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if let Some(dir) = path.parent() {
                     relaypacs_storage::fs::fsync_dir(dir)
                         .map_err(|e| io(std::io::Error::other(e.to_string())))?;
                 }

@@ -85,14 +85,12 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
     if let Some(enc) = req.headers().get(header::CONTENT_ENCODING)
         && enc.as_bytes() != b"identity"
     {
-        {
-            return ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "RELAY_CONTENT_ENCODING",
-                "compressed request bodies are not accepted",
-            )
-            .into_response();
-        }
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "RELAY_CONTENT_ENCODING",
+            "compressed request bodies are not accepted",
+        )
+        .into_response();
     }
     next.run(req).await
 }

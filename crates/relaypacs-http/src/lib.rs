@@ -17,6 +17,7 @@ pub mod config;
 pub mod disk;
 pub mod edges;
 pub mod error;
+mod json_file;
 pub mod metrics;
 pub mod notify;
 pub mod routes;
@@ -152,9 +153,7 @@ async fn sweep(state: AppState) {
             Ok(gone) => {
                 if !gone.is_empty() {
                     let prefixes: Vec<String> = gone.iter().map(|s| s.to_string()).collect();
-                    for set in AppState::admit(&state.admission.open_uploads).values_mut() {
-                        set.retain(|u| !prefixes.iter().any(|p| u.starts_with(p)));
-                    }
+                    state.forget_uploads(|u| prefixes.iter().any(|p| u.starts_with(p)));
                     tracing::info!(count = gone.len(), "expired idle study sessions");
                 }
             }

@@ -128,18 +128,11 @@ fn serve(config: Config) -> ExitCode {
 }
 
 fn user(config: Config, command: UserCommand) -> Result<(), String> {
-    let auth_dir = config.data_dir.join("auth");
     relaypacs_storage::fs::create_dir_durable(&config.data_dir).map_err(|e| e.to_string())?;
     // The server keeps accounts in memory: refuse to edit them under it.
     let _lock = relaypacs_storage::fs::lock_root(&config.data_dir.join("server"))
         .map_err(|e| format!("{e} (stop the server, or create users with POST /api/v1/users)"))?;
-    relaypacs_storage::fs::create_dir_durable(&auth_dir).map_err(|e| e.to_string())?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&auth_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| e.to_string())?;
-    }
-    let store = FileUserStore::open(auth_dir.join("users.json")).map_err(|e| e.to_string())?;
+    let store = FileUserStore::open_in(&config.data_dir).map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -79,21 +79,7 @@ pub struct Hub {
     files: Arc<tokio::sync::Mutex<()>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The channel map is consistent at every step; poisoning is harmless.
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
-fn storage(op: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::Storage {
-        kind: relaypacs_core::StorageErrorKind::Corrupt,
-        op: op.into(),
-        source: Box::new(e),
-    }
-}
+use relaypacs_storage::fs::lock;
 
 impl Hub {
     /// Notifications kept under `dir`.
@@ -129,25 +115,24 @@ impl Hub {
         // ever becomes a path.
         self.dir.join(format!(
             "{}.json",
-            hex::encode(sha2::Sha256::digest_str(user))
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(user.as_bytes()))
         ))
     }
 
     async fn load(&self, user: &str) -> Result<Vec<Notification>> {
-        match tokio::fs::read(self.path(user)).await {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| storage("read notifications", e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(Error::io("read notifications", e)),
-        }
+        let path = self.path(user);
+        tokio::task::spawn_blocking(move || crate::json_file::read(&path, "read notifications"))
+            .await
+            .map_err(|e| Error::io("read notifications", std::io::Error::other(e)))?
     }
 
-    async fn store(&self, user: &str, list: &[Notification]) -> Result<()> {
-        let bytes = serde_json::to_vec(list).map_err(|e| storage("encode notifications", e))?;
+    async fn store(&self, user: &str, list: Vec<Notification>) -> Result<()> {
         let path = self.path(user);
-        // Crash-safe: temp file, fsync, rename, fsync dir (write_atomic).
-        tokio::task::spawn_blocking(move || relaypacs_storage::fs::write_atomic(&path, &bytes))
-            .await
-            .map_err(|e| Error::io("write notifications", std::io::Error::other(e)))?
+        tokio::task::spawn_blocking(move || {
+            crate::json_file::write(&path, &list, "write notifications")
+        })
+        .await
+        .map_err(|e| Error::io("write notifications", std::io::Error::other(e)))?
     }
 
     /// Durably add a notification for `user`, then push it live.
@@ -173,7 +158,7 @@ impl Hub {
             let cut = list.len() - 1000;
             list.drain(..cut);
         }
-        self.store(user, &list).await?;
+        self.store(user, list).await?;
         drop(_g);
         self.publish(user, Event::Notification(n.clone()));
         Ok(n)
@@ -196,18 +181,7 @@ impl Hub {
             })?;
         n.read = true;
         let out = n.clone();
-        self.store(user, &list).await?;
+        self.store(user, list).await?;
         Ok(out)
-    }
-}
-
-trait DigestStr {
-    fn digest_str(s: &str) -> Vec<u8>;
-}
-
-impl DigestStr for sha2::Sha256 {
-    fn digest_str(s: &str) -> Vec<u8> {
-        use sha2::Digest;
-        sha2::Sha256::digest(s.as_bytes()).to_vec()
     }
 }

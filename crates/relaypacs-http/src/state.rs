@@ -109,13 +109,7 @@ fn store(what: &'static str) -> impl FnOnce(relaypacs_core::Error) -> StartError
     move |source| StartError::Store { what, source }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Admission maps are consistent at every step; poisoning is harmless.
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
+use relaypacs_storage::fs::lock;
 
 impl AppState {
     /// Open every store under the configured data folder.
@@ -157,13 +151,7 @@ impl AppState {
                 ..PipelineConfig::default()
             },
         );
-        let auth_dir = root.join("auth");
-        relaypacs_storage::fs::create_dir_durable(&auth_dir).map_err(store("auth folder"))?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&auth_dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| store("auth folder")(relaypacs_core::Error::io("chmod", e)))?;
-        }
+        let auth_dir = crate::auth::users::auth_dir(&root).map_err(store("auth folder"))?;
         let users = FileUserStore::open(auth_dir.join("users.json")).map_err(store("users"))?;
         let a = &config.auth;
         let tokens = Tokens::new(
@@ -244,6 +232,14 @@ impl AppState {
         Ok(())
     }
 
+    /// Stop counting the unfinished uploads whose id matches `gone`
+    /// (finished, terminated, aborted or expired).
+    pub fn forget_uploads(&self, gone: impl Fn(&str) -> bool) {
+        for set in lock(&self.admission.open_uploads).values_mut() {
+            set.retain(|u| !gone(u));
+        }
+    }
+
     /// Record an audit event; failures are returned (fail closed).
     pub async fn audit_event(&self, ev: AuditEvent) -> relaypacs_core::Result<()> {
         self.audit
@@ -264,11 +260,6 @@ impl AppState {
         let mut ev = AuditEvent::new(user, action, outcome);
         ev.address = Some(address.to_string());
         ev
-    }
-
-    /// Locks an admission map.
-    pub fn admit<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        lock(m)
     }
 }
 

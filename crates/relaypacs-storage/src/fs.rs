@@ -12,7 +12,13 @@ use rand::RngCore;
 use relaypacs_core::{Error, Result};
 
 /// `fsync` a directory so that entries created, renamed or removed in it are durable.
+/// An empty path (the parent of a bare relative name) is the current folder.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))
@@ -145,10 +151,10 @@ pub fn lock_root(root: &Path) -> Result<File> {
     }
 }
 
-/// Lock a std mutex, recovering from poisoning: no critical section in this
-/// crate panics while holding a lock, so a poisoned lock still guards
-/// consistent data.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Lock a std mutex, recovering from poisoning. Callers (this crate and
+/// the reference server) keep every critical section consistent before
+/// anything that can panic, so a poisoned lock still guards valid data.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),

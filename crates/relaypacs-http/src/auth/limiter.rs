@@ -42,13 +42,7 @@ pub struct LoginLimiter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryAfter(pub u64);
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The maps stay consistent at every step; poisoning carries no risk.
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
+use relaypacs_storage::fs::lock;
 
 fn secs_until(t: Instant, now: Instant) -> u64 {
     t.saturating_duration_since(now).as_secs() + 1

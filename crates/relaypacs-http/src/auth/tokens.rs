@@ -106,13 +106,7 @@ impl std::fmt::Debug for Tokens {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section keeps the map consistent; poisoning is harmless.
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
+use relaypacs_storage::fs::lock;
 
 fn random_token(prefix: &str) -> String {
     let mut raw = [0u8; 32];
@@ -155,15 +149,7 @@ impl Tokens {
         validation.set_issuer(&[settings.issuer.as_str()]);
         validation.set_audience(&[settings.audience.as_str()]);
         validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
-        let families = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Storage {
-                kind: relaypacs_core::StorageErrorKind::Corrupt,
-                op: "read refresh tokens".into(),
-                source: Box::new(e),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(Error::io("read refresh tokens", e)),
-        };
+        let families = crate::json_file::read(&path, "read refresh tokens")?;
         Ok(Self {
             enc: EncodingKey::from_secret(&key),
             dec: DecodingKey::from_secret(&key),
@@ -180,13 +166,7 @@ impl Tokens {
     }
 
     fn persist(&self, f: &BTreeMap<String, Family>) -> Result<()> {
-        let bytes = serde_json::to_vec(f).map_err(|e| Error::Storage {
-            kind: relaypacs_core::StorageErrorKind::Io,
-            op: "encode refresh tokens".into(),
-            source: Box::new(e),
-        })?;
-        // Crash-safe: temp file, fsync, rename, fsync dir (write_atomic).
-        relaypacs_storage::fs::write_atomic(&self.path, &bytes)
+        crate::json_file::write(&self.path, f, "write refresh tokens")
     }
 
     fn access(&self, user: &str, role: Role, family: &str) -> Result<String> {

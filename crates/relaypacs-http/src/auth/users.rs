@@ -88,6 +88,16 @@ pub trait UserStore: Debug + Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<UserRecord>>;
 }
 
+/// The private folder for account data under `data_dir` (created, mode 0700).
+pub fn auth_dir(data_dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = data_dir.join("auth");
+    relaypacs_storage::fs::create_dir_durable(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io("chmod auth folder", e))?;
+    Ok(dir)
+}
+
 /// Users in one JSON file, replaced atomically on every change.
 #[derive(Debug)]
 pub struct FileUserStore {
@@ -95,36 +105,25 @@ pub struct FileUserStore {
     users: Mutex<BTreeMap<String, UserRecord>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section below leaves the map consistent before any
-    // fallible step, so a poisoned lock still guards valid data.
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
+use relaypacs_storage::fs::lock;
 
 impl FileUserStore {
     /// Open (or start) the store at `path`.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        let users = match std::fs::read(&path) {
-            Ok(b) => {
-                let list: Vec<UserRecord> =
-                    serde_json::from_slice(&b).map_err(|e| Error::Storage {
-                        kind: relaypacs_core::StorageErrorKind::Corrupt,
-                        op: "read users".into(),
-                        source: Box::new(e),
-                    })?;
-                list.into_iter().map(|u| (u.id.clone(), u)).collect()
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(Error::io("read users", e)),
-        };
+        let list: Vec<UserRecord> = crate::json_file::read(&path, "read users")?;
+        let users = list.into_iter().map(|u| (u.id.clone(), u)).collect();
         Ok(Self {
             path,
             users: Mutex::new(users),
         })
+    }
+
+    /// Open the store in `data_dir/auth/users.json`, creating the folder
+    /// with mode 0700 (it also holds the refresh-token digests).
+    pub fn open_in(data_dir: &Path) -> Result<Self> {
+        let dir = auth_dir(data_dir)?;
+        Self::open(dir.join("users.json"))
     }
 
     /// The file's path.
@@ -134,13 +133,7 @@ impl FileUserStore {
 
     fn persist(&self, users: &BTreeMap<String, UserRecord>) -> Result<()> {
         let list: Vec<&UserRecord> = users.values().collect();
-        let bytes = serde_json::to_vec_pretty(&list).map_err(|e| Error::Storage {
-            kind: relaypacs_core::StorageErrorKind::Io,
-            op: "encode users".into(),
-            source: Box::new(e),
-        })?;
-        // Crash-safe: temp file, fsync, rename, fsync dir (write_atomic).
-        relaypacs_storage::fs::write_atomic(&self.path, &bytes)
+        crate::json_file::write(&self.path, &list, "write users")
     }
 
     fn change(

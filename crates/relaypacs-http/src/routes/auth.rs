@@ -28,6 +28,17 @@ impl std::fmt::Debug for LoginRequest {
     }
 }
 
+/// Count an attempt from `address` against the per-address limit.
+fn throttle(state: &AppState, address: &str) -> ApiResult<()> {
+    state.limiter.attempt_from(address).map_err(|r| {
+        ApiError::too_many(
+            "RELAY_RATE_LIMITED",
+            "too many attempts from this address",
+            r.0,
+        )
+    })
+}
+
 fn invalid_credentials() -> ApiError {
     ApiError::unauthorized(
         "RELAY_INVALID_CREDENTIALS",
@@ -44,13 +55,7 @@ pub async fn login(
     if req.username.is_empty() || req.username.len() > 128 || req.password.len() > 4096 {
         return Err(invalid_credentials());
     }
-    if let Err(r) = state.limiter.attempt_from(&addr) {
-        return Err(ApiError::too_many(
-            "RELAY_RATE_LIMITED",
-            "too many login attempts from this address",
-            r.0,
-        ));
-    }
+    throttle(&state, &addr)?;
     let account = req.username.to_lowercase();
     if let Err(r) = state.limiter.check_account(&account) {
         return Err(ApiError::too_many(
@@ -157,13 +162,7 @@ pub async fn refresh(
     ClientAddr(addr): ClientAddr,
     Json(req): Json<RefreshRequest>,
 ) -> ApiResult<Response> {
-    if let Err(r) = state.limiter.attempt_from(&addr) {
-        return Err(ApiError::too_many(
-            "RELAY_RATE_LIMITED",
-            "too many attempts from this address",
-            r.0,
-        ));
-    }
+    throttle(&state, &addr)?;
     let users: Vec<UserRecord> = state.users.list().await?;
     let role_of = |id: &str| {
         users
@@ -454,13 +453,7 @@ pub async fn create_user(
             "only admins manage users",
         ));
     }
-    if let Err(r) = state.limiter.attempt_from(&user.address) {
-        return Err(ApiError::too_many(
-            "RELAY_RATE_LIMITED",
-            "too many requests from this address",
-            r.0,
-        ));
-    }
+    throttle(&state, &user.address)?;
     check_username(&req.username)?;
     check_policy(&req.password, &req.username)
         .map_err(|e| ApiError::bad_request("RELAY_WEAK_PASSWORD", e.to_string()))?;

@@ -56,7 +56,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut m = AppState::admit(&self.state.admission.streams);
+        let mut m = relaypacs_storage::fs::lock(&self.state.admission.streams);
         if let Some(n) = m.get_mut(&self.user) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -93,7 +93,7 @@ pub async fn stream(
         }
     };
     {
-        let mut m = AppState::admit(&state.admission.streams);
+        let mut m = relaypacs_storage::fs::lock(&state.admission.streams);
         let n = m.entry(user.id.clone()).or_default();
         if *n >= state.config.http.max_event_streams_per_user {
             return Err(ApiError::too_many(

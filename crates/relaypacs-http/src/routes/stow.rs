@@ -322,15 +322,13 @@ async fn run(
                     if let Some(want) = &study
                         && &summary.study_instance_uid != want
                     {
-                        {
-                            state.pipeline.remove_file(&actor, sid, fid).await?;
-                            failed.push(Failed {
-                                sop_class: Some(summary.sop_class_uid.as_str().to_string()),
-                                sop_instance: Some(summary.sop_instance_uid.as_str().to_string()),
-                                reason: reason::DATA_SET_MISMATCH,
-                            });
-                            continue;
-                        }
+                        state.pipeline.remove_file(&actor, sid, fid).await?;
+                        failed.push(Failed {
+                            sop_class: Some(summary.sop_class_uid.as_str().to_string()),
+                            sop_instance: Some(summary.sop_instance_uid.as_str().to_string()),
+                            reason: reason::DATA_SET_MISMATCH,
+                        });
+                        continue;
                     }
                     stored.push(Stored { summary });
                 }

@@ -231,8 +231,6 @@ pub async fn abort(
     let sid = parse_id(&id)?;
     state.pipeline.abort_session(&user.actor(), sid).await?;
     let prefix = sid.to_string();
-    for set in AppState::admit(&state.admission.open_uploads).values_mut() {
-        set.retain(|u| !u.starts_with(&prefix));
-    }
+    state.forget_uploads(|u| u.starts_with(&prefix));
     Ok(StatusCode::NO_CONTENT)
 }

@@ -184,12 +184,12 @@ struct WriteGuard {
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
-        AppState::admit(&self.state.admission.writing).remove(&self.id);
+        relaypacs_storage::fs::lock(&self.state.admission.writing).remove(&self.id);
     }
 }
 
 fn enter_write(state: &AppState, id: &str) -> Result<WriteGuard, ApiError> {
-    if !AppState::admit(&state.admission.writing).insert(id.to_string()) {
+    if !relaypacs_storage::fs::lock(&state.admission.writing).insert(id.to_string()) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "RELAY_UPLOAD_BUSY",
@@ -206,7 +206,7 @@ fn user_permit(
     state: &AppState,
     user: &str,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    let sem = AppState::admit(&state.admission.patches)
+    let sem = relaypacs_storage::fs::lock(&state.admission.patches)
         .entry(user.to_string())
         .or_insert_with(|| {
             Arc::new(tokio::sync::Semaphore::new(
@@ -519,9 +519,7 @@ async fn finish_if_complete(
     let id = upload_id(sid, fid);
     match state.pipeline.complete_file(&user.actor(), sid, fid).await {
         Ok(_) => {
-            if let Some(set) = AppState::admit(&state.admission.open_uploads).get_mut(&user.id) {
-                set.remove(&id);
-            }
+            state.forget_uploads(|u| u == id);
             state.hub.publish(
                 &user.id,
                 Event::FileCompleted {
@@ -603,7 +601,7 @@ pub async fn create(
         None => None,
     };
     {
-        let open = AppState::admit(&state.admission.open_uploads);
+        let open = relaypacs_storage::fs::lock(&state.admission.open_uploads);
         if open.get(&user.id).map_or(0, |s| s.len()) >= state.config.http.max_open_uploads_per_user
         {
             return Err(ApiError::too_many(
@@ -652,7 +650,7 @@ pub async fn create(
         )
         .await?;
     let id = upload_id(sid, file.id);
-    AppState::admit(&state.admission.open_uploads)
+    relaypacs_storage::fs::lock(&state.admission.open_uploads)
         .entry(user.id.clone())
         .or_default()
         .insert(id.clone());
@@ -742,8 +740,6 @@ pub async fn terminate(
     check_resumable(&headers)?;
     let (sid, fid) = parse_upload_id(&id)?;
     state.pipeline.remove_file(&user.actor(), sid, fid).await?;
-    for set in AppState::admit(&state.admission.open_uploads).values_mut() {
-        set.remove(&id);
-    }
+    state.forget_uploads(|u| u == id);
     Ok(tus_response(StatusCode::NO_CONTENT))
 }
