@@ -17,6 +17,7 @@ flock 9
 
 need_apt=()
 if [[ "$what" == all || "$what" == apt ]]; then
+  command -v curl >/dev/null 2>&1 || need_apt+=(curl)
   command -v dcmdump >/dev/null 2>&1 || need_apt+=(dcmtk)
   command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
   [[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need_apt+=(orthanc-dicomweb)

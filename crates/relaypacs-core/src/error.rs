@@ -224,6 +224,8 @@ pub enum Error {
         transient: bool,
         /// The PACS's reason, as reported.
         reason: String,
+        /// How long the PACS asked us to wait (`Retry-After`), if it did.
+        retry_after: Option<std::time::Duration>,
         /// Underlying cause, if any.
         #[source]
         source: Option<BoxError>,
@@ -285,6 +287,27 @@ impl Error {
             kind,
             op: op.into(),
             source: source.into(),
+        }
+    }
+
+    /// A PACS failure that a later retry may fix (unreachable, 5xx, timeout).
+    pub fn pacs_transient(reason: impl Into<String>, source: Option<BoxError>) -> Self {
+        Self::Pacs {
+            transient: true,
+            reason: reason.into(),
+            retry_after: None,
+            source,
+        }
+    }
+
+    /// A PACS refusal that retrying unchanged will not fix (4xx, rejected
+    /// association, refused instance).
+    pub fn pacs_permanent(reason: impl Into<String>, source: Option<BoxError>) -> Self {
+        Self::Pacs {
+            transient: false,
+            reason: reason.into(),
+            retry_after: None,
+            source,
         }
     }
 

@@ -103,4 +103,14 @@ pub trait PacsSink: Debug + Display + Send + Sync + 'static {
         instances: &[Instance],
         source: &dyn InstanceSource,
     ) -> Result<DeliveryReport>;
+
+    /// Which of `instances` the destination holds now, in input order
+    /// (QIDO-RS, C-FIND, a file check, …). Used after a delivery to confirm
+    /// it before a study is called delivered: a sink's "stored" is a claim,
+    /// this is the check.
+    ///
+    /// # Errors
+    /// [`Error::Pacs`](crate::Error::Pacs) when the destination cannot be
+    /// asked; nothing is inferred from a failed query.
+    async fn verify(&self, instances: &[Instance]) -> Result<Vec<bool>>;
 }

@@ -132,3 +132,30 @@ impl DicomError {
         }
     }
 }
+
+/// Byte offset where the data set starts in a Part-10 file: after the
+/// 128-byte preamble, `DICM` and the file meta group, whose length the
+/// mandatory (0002,0000) File Meta Information Group Length gives.
+/// `prefix` needs only the first 144 bytes. A C-STORE sends the data set
+/// from here (the receiver writes its own meta group).
+///
+/// # Errors
+/// [`DicomError::NotDicom`] when the prefix is not a Part-10 header with an
+/// explicit-VR group length first.
+pub fn data_set_offset(prefix: &[u8]) -> Result<u64, DicomError> {
+    let bad = |reason: &str| DicomError::NotDicom {
+        reason: reason.to_owned(),
+    };
+    let head = prefix
+        .get(128..144)
+        .ok_or_else(|| bad("shorter than the Part-10 header"))?;
+    if &head[..4] != b"DICM" {
+        return Err(bad("no DICM magic"));
+    }
+    // (0002,0000) UL, 4-byte value: tag 02 00 00 00, VR "UL", length 4.
+    if head[4..12] != [0x02, 0x00, 0x00, 0x00, b'U', b'L', 0x04, 0x00] {
+        return Err(bad("the file meta group does not start with its group length"));
+    }
+    let len = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
+    Ok(144 + u64::from(len))
+}

@@ -23,6 +23,23 @@ pub trait SinkProbe: Send + Sync {
     /// holds it. A destination that rewrites the file meta group (C-STORE)
     /// returns the bytes the sink sent, reassembled, or fails the case.
     async fn fetch(&self, sop_instance_uid: &Uid) -> Result<Option<Vec<u8>>>;
+
+    /// Whether the destination keeps the sender's file meta group. A
+    /// C-STORE receiver writes its own, so only the data set after it is
+    /// compared.
+    fn preserves_file_meta(&self) -> bool {
+        true
+    }
+}
+
+/// The part of a Part-10 file that every destination must hold unchanged:
+/// the whole file, or the data set after the file meta group.
+fn held_part(bytes: &[u8], whole: bool) -> &[u8] {
+    if whole {
+        return bytes;
+    }
+    let off = crate::dicom::data_set_offset(bytes).expect("a Part-10 file") as usize;
+    &bytes[off..]
 }
 
 /// An in-memory [`InstanceSource`] for tests.
@@ -100,9 +117,10 @@ pub async fn delivers_byte_exact(sink: &dyn PacsSink, probe: &dyn SinkProbe) {
             .expect("probe")
             .expect("destination holds the instance");
         let sent = src.files.get(&inst.key).expect("source bytes");
+        let whole = probe.preserves_file_meta();
         assert_eq!(
-            Sha256Digest::of(&held),
-            Sha256Digest::of(sent),
+            Sha256Digest::of(held_part(&held, whole)),
+            Sha256Digest::of(held_part(sent, whole)),
             "destination bytes differ"
         );
     }
@@ -153,6 +171,17 @@ pub async fn source_failure_leaves_nothing(sink: &dyn PacsSink, probe: &dyn Sink
     assert!(held.is_none(), "a partial instance was stored");
 }
 
+/// `verify` says "not held" before a delivery and "held" after it, per
+/// instance and in order.
+pub async fn verify_reports_what_is_held(sink: &dyn PacsSink, _probe: &dyn SinkProbe) {
+    let (src, insts) = study(3).expect("generate study");
+    let before = sink.verify(&insts).await.expect("verify before");
+    assert_eq!(before, vec![false; 3], "nothing delivered yet");
+    sink.deliver(&insts[..2], &src).await.expect("deliver two");
+    let after = sink.verify(&insts).await.expect("verify after");
+    assert_eq!(after, vec![true, true, false], "exactly the delivered ones");
+}
+
 /// Generates one `#[tokio::test]` per [`PacsSink`] conformance case.
 /// `$factory` is an `async fn() -> (impl PacsSink, impl SinkProbe, impl Sized)`.
 #[macro_export]
@@ -160,7 +189,7 @@ macro_rules! pacs_sink_conformance {
     ($factory:path) => {
         mod pacs_sink_conformance {
             use super::*;
-            $crate::pacs_sink_conformance!(@cases $factory; delivers_byte_exact, redelivery_is_idempotent, source_failure_leaves_nothing);
+            $crate::pacs_sink_conformance!(@cases $factory; delivers_byte_exact, redelivery_is_idempotent, source_failure_leaves_nothing, verify_reports_what_is_held);
         }
     };
     (@cases $factory:path; $($case:ident),*) => {$(

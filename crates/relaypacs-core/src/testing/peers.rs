@@ -143,3 +143,284 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// Options for a test [`Orthanc`].
+#[derive(Clone, Debug, Default)]
+pub struct OrthancOptions {
+    /// A Lua script loaded at start (e.g. a `ReceivedInstanceFilter` that
+    /// refuses instances, to provoke a permanent rejection).
+    pub lua: Option<String>,
+}
+
+/// A real Orthanc PACS with its DICOMweb plugin, started as a plain process
+/// on free loopback ports with a temporary storage folder and random
+/// credentials. [`stop`](Self::stop) kills it like a crash;
+/// [`start_again`](Self::start_again) brings it back on the same ports and
+/// storage. Killed on drop.
+#[derive(Debug)]
+pub struct Orthanc {
+    /// REST and DICOMweb port.
+    pub http_port: u16,
+    /// DIMSE port.
+    pub dicom_port: u16,
+    /// Its AE title.
+    pub aet: String,
+    /// HTTP basic-auth user.
+    pub user: String,
+    /// HTTP basic-auth password.
+    pub password: String,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Orthanc {
+    /// Start a fresh Orthanc.
+    pub fn start() -> Self {
+        Self::start_with(OrthancOptions::default())
+    }
+
+    /// Start a fresh Orthanc with options.
+    pub fn start_with(options: OrthancOptions) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut o = Self {
+            http_port: free_port(),
+            dicom_port: free_port(),
+            aet: "ORTHANC".into(),
+            user: "relay".into(),
+            password: super::dicom_gen::new_uid(),
+            child: None,
+            dir,
+        };
+        o.configure(&options);
+        o.start_again();
+        o
+    }
+
+    fn configure(&self, options: &OrthancOptions) {
+        let root = self.dir.path();
+        let lua = match &options.lua {
+            Some(script) => {
+                let p = root.join("filter.lua");
+                std::fs::write(&p, script).expect("write lua");
+                format!("[{:?}]", p.display().to_string())
+            }
+            None => "[]".into(),
+        };
+        let plugin = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so";
+        let config = format!(
+            r#"{{
+  "Name": "relaypacs-test",
+  "StorageDirectory": {db:?},
+  "IndexDirectory": {db:?},
+  "StorageCompression": false,
+  "Plugins": [{plugin:?}],
+  "LuaScripts": {lua},
+  "ConcurrentJobs": 2,
+  "HttpServerEnabled": true,
+  "HttpPort": {http},
+  "RemoteAccessAllowed": false,
+  "AuthenticationEnabled": true,
+  "RegisteredUsers": {{ {user:?}: {password:?} }},
+  "HttpCompressionEnabled": false,
+  "HttpDescribeErrors": true,
+  "HttpThreadsCount": 50,
+  "KeepAlive": true,
+  "TcpNoDelay": true,
+  "WebDavEnabled": false,
+  "DicomServerEnabled": true,
+  "DicomAet": {aet:?},
+  "DicomPort": {dicom},
+  "DicomCheckCalledAet": true,
+  "DicomAlwaysAllowEcho": true,
+  "DicomAlwaysAllowStore": true,
+  "DicomAlwaysAllowFind": true,
+  "UnknownSopClassAccepted": false,
+  "DicomWeb": {{ "Enable": true, "Root": "/dicom-web/", "EnableWado": true,
+                 "WadoRoot": "/wado", "Host": "127.0.0.1:{http}", "Ssl": false }}
+}}"#,
+            db = root.join("db").display().to_string(),
+            http = self.http_port,
+            dicom = self.dicom_port,
+            user = self.user,
+            password = self.password,
+            aet = self.aet,
+        );
+        std::fs::write(root.join("orthanc.json"), config).expect("write orthanc.json");
+    }
+
+    /// Start (again) on the same ports and storage; waits until both ports
+    /// answer.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "orthanc is already running");
+        let bin = tool("Orthanc");
+        let root = self.dir.path();
+        let child = Command::new(bin)
+            .arg(format!("--logfile={}", root.join("orthanc.log").display()))
+            .arg(root.join("orthanc.json"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start Orthanc");
+        self.child = Some(child);
+        wait_for_port(self.dicom_port, Duration::from_secs(20));
+        wait_for_port(self.http_port, Duration::from_secs(20));
+    }
+
+    /// Kill it (SIGKILL, like a crash or power cut). Its storage stays.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Replace the Lua scripts (takes effect at the next start).
+    pub fn reconfigure(&self, options: &OrthancOptions) {
+        self.configure(options);
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// The DICOMweb root, `http://127.0.0.1:<port>/dicom-web`.
+    pub fn dicomweb(&self) -> String {
+        format!("{}/dicom-web", self.url())
+    }
+
+    /// Call Orthanc's REST API with `curl` (blocking; tests only). Returns
+    /// the HTTP status and body.
+    pub fn rest(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("out");
+        let mut cmd = Command::new(tool("curl"));
+        cmd.args(["-s", "-X", method, "-o"])
+            .arg(&out)
+            .args(["-w", "%{http_code}", "-H", "Expect:", "-u"])
+            .arg(format!("{}:{}", self.user, self.password));
+        if let Some(b) = body {
+            let inp = dir.path().join("in");
+            std::fs::write(&inp, b).expect("write body");
+            cmd.arg("--data-binary").arg(format!("@{}", inp.display()));
+        }
+        let res = cmd
+            .arg(format!("{}{path}", self.url()))
+            .output()
+            .expect("run curl");
+        let code = String::from_utf8_lossy(&res.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        (code, std::fs::read(&out).unwrap_or_default())
+    }
+
+    /// Orthanc's identifier of an instance, by SOP Instance UID.
+    pub fn instance_id(&self, sop_instance_uid: &str) -> Option<String> {
+        let (code, body) = self.rest("POST", "/tools/lookup", Some(sop_instance_uid.as_bytes()));
+        assert_eq!(code, 200, "lookup: {}", String::from_utf8_lossy(&body));
+        let found: serde_json::Value = serde_json::from_slice(&body).expect("lookup JSON");
+        found
+            .as_array()?
+            .iter()
+            .find(|v| v["Type"] == "Instance")
+            .and_then(|v| v["ID"].as_str().map(str::to_owned))
+    }
+
+    /// The stored file of an instance, by SOP Instance UID.
+    pub fn instance_file(&self, sop_instance_uid: &str) -> Option<Vec<u8>> {
+        let id = self.instance_id(sop_instance_uid)?;
+        let (code, body) = self.rest("GET", &format!("/instances/{id}/file"), None);
+        assert_eq!(code, 200, "file of {id}");
+        Some(body)
+    }
+
+    /// How many instances Orthanc holds in all.
+    pub fn instance_count(&self) -> usize {
+        let (code, body) = self.rest("GET", "/statistics", None);
+        assert_eq!(code, 200, "statistics");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("statistics JSON");
+        v["CountInstances"].as_u64().unwrap_or(0) as usize
+    }
+
+    /// Store a Part-10 file directly through the REST API (e.g. a report a
+    /// radiologist's system would add). Returns Orthanc's answer as JSON.
+    pub fn upload(&self, part10: &[u8]) -> serde_json::Value {
+        let (code, body) = self.rest("POST", "/instances", Some(part10));
+        assert_eq!(code, 200, "upload: {}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).expect("upload JSON")
+    }
+
+    /// Orthanc's own log (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("orthanc.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Orthanc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// dcmtk's `storescp`: an independent C-STORE SCP writing every received
+/// instance to a temporary folder; killed on drop.
+#[derive(Debug)]
+pub struct StoreScp {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its AE title.
+    pub aet: String,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl StoreScp {
+    /// Start one accepting any calling AE and the common storage classes
+    /// in their own transfer syntax (`+xa`: accept all supported).
+    pub fn start() -> Self {
+        let bin = tool("storescp");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let aet = "STORESCP".to_owned();
+        let child = Command::new(bin)
+            .args(["--aetitle", &aet, "+xa", "-uf", "--output-directory"])
+            .arg(dir.path())
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start storescp");
+        wait_for_port(port, Duration::from_secs(10));
+        Self {
+            port,
+            aet,
+            child,
+            dir,
+        }
+    }
+
+    /// The file it wrote for an instance, if any (dcmtk names it
+    /// `<modality>.<SOPInstanceUID>`).
+    pub fn received(&self, sop_instance_uid: &str) -> Option<Vec<u8>> {
+        let suffix = format!(".{sop_instance_uid}");
+        std::fs::read_dir(self.dir.path())
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().ends_with(&suffix))
+            .and_then(|e| std::fs::read(e.path()).ok())
+    }
+
+    /// How many instances it wrote.
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(self.dir.path()).map_or(0, |d| d.count())
+    }
+}
+
+impl Drop for StoreScp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
