@@ -31,6 +31,8 @@ pub enum AuditAction {
     ForwardStarted,
     /// The PACS sink reported its outcome.
     Forwarded,
+    /// An administrator put a dead-lettered delivery back in the outbox.
+    ForwardReplayed,
     /// A session expired and was removed.
     SessionExpired,
     /// A session was aborted by its owner.
@@ -63,12 +65,12 @@ impl AuditAction {
                 110107
             } // Import
             Self::FileRemoved | Self::SessionExpired | Self::SessionAborted => 110105, // DICOM Study Deleted
-            Self::ForwardStarted => 110102, // Begin Transferring DICOM Instances
-            Self::Forwarded => 110104,      // DICOM Instances Transferred
-            Self::DataAccessed => 110103,   // DICOM Instances Accessed
+            Self::ForwardStarted | Self::ForwardReplayed => 110102, // Begin Transferring DICOM Instances
+            Self::Forwarded => 110104,                              // DICOM Instances Transferred
+            Self::DataAccessed => 110103,                           // DICOM Instances Accessed
             Self::Login | Self::Logout | Self::TokenRefreshed => 110114, // User Authentication
-            Self::SecurityAlert | Self::UserChanged => 110113, // Security Alert
-            Self::AuditLogUsed => 110101,   // Audit Log Used
+            Self::SecurityAlert | Self::UserChanged => 110113,      // Security Alert
+            Self::AuditLogUsed => 110101,                           // Audit Log Used
             Self::ApplicationStart | Self::ApplicationStop => 110100, // Application Activity
         }
     }

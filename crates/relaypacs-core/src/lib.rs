@@ -32,8 +32,10 @@ pub mod digest;
 pub mod error;
 pub mod ids;
 pub mod model;
+pub mod outbox;
 pub mod pacs_sink;
 pub mod pipeline;
+pub mod report_source;
 pub mod session_store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -44,11 +46,13 @@ pub use digest::{ByteStream, Sha256Digest, VerifyingStream, bytes_stream};
 pub use error::{Error, ErrorKind, IntegrityError, Result, StorageErrorKind};
 pub use ids::{Actor, FileId, SessionId, Uid};
 pub use model::{
-    ChunkRecord, DicomSummary, FileRecord, FileState, Limits, SessionRecord, SessionState,
-    Versioned,
+    ChunkRecord, Delivery, DicomSummary, FileRecord, FileState, Limits, SessionRecord,
+    SessionState, Versioned,
 };
+pub use outbox::{Next, Outbox, OutboxConfig, OutboxEvent, OutboxListener};
 pub use pacs_sink::{DeliveryReport, Instance, InstanceOutcome, InstanceSource, PacsSink};
 pub use pipeline::{
     FileStatus, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk, PutOutcome, contiguous_end,
 };
+pub use report_source::{ReportKind, ReportRef, ReportSource};
 pub use session_store::{ChunkInsert, SessionStore};

@@ -1,12 +1,13 @@
 //! The upload session model: sessions hold files, files hold chunks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::digest::Sha256Digest;
 use crate::ids::{FileId, SessionId, Uid};
+use crate::report_source::ReportRef;
 
 /// Limits checked when sessions and files are created and chunks arrive.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,23 +46,58 @@ impl Default for Limits {
 pub enum SessionState {
     /// Files may be added and uploaded.
     Open,
-    /// Completion was requested; files are being handed to the PACS sink.
+    /// Completed and in the outbox: the delivery worker hands the files to
+    /// the PACS sink, retrying with backoff (see [`SessionRecord::delivery`]).
     Forwarding,
-    /// The PACS sink accepted every instance.
+    /// The PACS holds every instance: the sink accepted them and a
+    /// verification query confirmed it.
     Delivered {
-        /// When the sink confirmed.
+        /// When the verification confirmed.
         #[serde(with = "time::serde::rfc3339")]
         at: OffsetDateTime,
         /// Sink description (e.g. "local-archive:/data/archive").
         sink: String,
     },
-    /// The last hand-off failed; `transient` failures may be retried.
-    ForwardFailed {
-        /// Whether a retry may succeed.
-        transient: bool,
-        /// The reason reported by the sink.
+    /// Delivery failed permanently or ran out of attempts; waits for an
+    /// admin to replay it.
+    DeadLetter {
+        /// When it was given up.
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+        /// The PACS's reason(s).
         reason: String,
     },
+}
+
+/// The outbox bookkeeping of a completed session: attempts, schedule,
+/// what the PACS was confirmed to hold, and reports found afterwards.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Delivery {
+    /// When the session entered the outbox (first completion or replay).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub queued_at: Option<OffsetDateTime>,
+    /// Attempts since `queued_at`.
+    pub attempts: u32,
+    /// When the next attempt is due.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+    /// A worker holds the entry until then (see `lease_owner`).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub lease_until: Option<OffsetDateTime>,
+    /// Which worker holds the lease.
+    pub lease_owner: Option<String>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// SOP Instance UIDs the PACS was confirmed to hold.
+    pub confirmed: BTreeSet<String>,
+    /// How often an admin replayed the entry from dead letters.
+    pub replays: u32,
+    /// Reports found at the PACS after delivery.
+    pub reports: Vec<ReportRef>,
+    /// When the PACS was last asked for reports.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub reports_checked_at: Option<OffsetDateTime>,
 }
 
 /// State of one file of a session.
@@ -135,6 +171,9 @@ pub struct SessionRecord {
     pub files: BTreeMap<FileId, FileRecord>,
     /// Session state.
     pub state: SessionState,
+    /// Outbox bookkeeping (empty until completion).
+    #[serde(default)]
+    pub delivery: Delivery,
 }
 
 impl SessionRecord {

@@ -28,7 +28,10 @@ pub struct Instance {
 /// over its [`ChunkStore`](crate::ChunkStore)).
 #[async_trait]
 pub trait InstanceSource: Debug + Send + Sync {
-    /// The whole Part-10 file of `instance`, streamed.
+    /// The whole Part-10 file of `instance`, streamed. The stream may fail
+    /// at any point, including after its last byte (the pipeline's source
+    /// checks the verified SHA-256 at the end): a sink must not commit an
+    /// instance before its stream has ended without error.
     async fn open(&self, instance: &Instance) -> Result<ByteStream>;
 }
 
@@ -66,6 +69,10 @@ impl InstanceOutcome {
 pub struct DeliveryReport {
     /// `(SOP Instance UID, outcome)` for every instance handed over.
     pub outcomes: Vec<(Uid, InstanceOutcome)>,
+    /// How long the destination asked to wait before a retry of the
+    /// transient failures, if it said.
+    #[serde(skip)]
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl DeliveryReport {

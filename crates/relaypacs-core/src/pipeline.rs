@@ -33,7 +33,7 @@ use crate::ids::{Actor, FileId, SessionId};
 use crate::model::{
     ChunkRecord, FileRecord, FileState, Limits, SessionRecord, SessionState, Versioned,
 };
-use crate::pacs_sink::{Instance, InstanceOutcome, InstanceSource, PacsSink};
+use crate::pacs_sink::{Instance, InstanceSource, PacsSink};
 use crate::session_store::{ChunkInsert, SessionStore};
 
 /// Pipeline settings.
@@ -136,8 +136,8 @@ impl PutOutcome {
 }
 
 #[derive(Debug, Default)]
-struct Gate {
-    rw: RwLock<()>,
+pub(crate) struct Gate {
+    pub(crate) rw: RwLock<()>,
     reserved: Mutex<Vec<(FileId, Range<u64>)>>,
 }
 
@@ -163,7 +163,7 @@ impl Drop for Reservation {
 /// Locks a std mutex, recovering from poisoning: every critical section in
 /// this module leaves the guarded data consistent before anything that can
 /// panic, so a poisoned lock still holds valid data.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
@@ -177,16 +177,22 @@ fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
 /// The ingestion pipeline. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct Pipeline {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    chunks: Arc<dyn ChunkStore>,
-    sessions: Arc<dyn SessionStore>,
-    sink: Arc<dyn PacsSink>,
-    audit: Arc<dyn AuditSink>,
+pub(crate) struct Inner {
+    pub(crate) chunks: Arc<dyn ChunkStore>,
+    pub(crate) sessions: Arc<dyn SessionStore>,
+    pub(crate) sink: Arc<dyn PacsSink>,
+    pub(crate) audit: Arc<dyn AuditSink>,
     config: PipelineConfig,
     gates: Mutex<HashMap<SessionId, Arc<Gate>>>,
+    /// Where reports are looked for after delivery (set once).
+    pub(crate) reports: std::sync::OnceLock<Arc<dyn crate::report_source::ReportSource>>,
+    /// Sessions newly put in the outbox, for the delivery worker.
+    pub(crate) queued: Mutex<Vec<SessionId>>,
+    /// Wakes the delivery worker.
+    pub(crate) kick: tokio::sync::Notify,
 }
 
 impl fmt::Debug for Pipeline {
@@ -202,14 +208,19 @@ impl fmt::Debug for Pipeline {
 
 /// Reads instances for a sink from the chunk store.
 #[derive(Debug)]
-struct StoreSource {
-    chunks: Arc<dyn ChunkStore>,
+pub(crate) struct StoreSource {
+    pub(crate) chunks: Arc<dyn ChunkStore>,
 }
 
 #[async_trait]
 impl InstanceSource for StoreSource {
+    /// The stored bytes, checked on the way against the verified length
+    /// and SHA-256: a file changed at rest fails at its end, so a sink
+    /// never commits it (and the delivery is dead-lettered, not retried).
     async fn open(&self, instance: &Instance) -> Result<ByteStream> {
-        self.chunks.read(instance.key, 0..instance.size).await
+        let raw = self.chunks.read(instance.key, 0..instance.size).await?;
+        let (verified, _) = VerifyingStream::new(raw, 0, instance.size, Some(instance.sha256));
+        Ok(Box::pin(verified))
     }
 }
 
@@ -236,6 +247,9 @@ impl Pipeline {
                 audit,
                 config,
                 gates: Mutex::new(HashMap::new()),
+                reports: std::sync::OnceLock::new(),
+                queued: Mutex::new(Vec::new()),
+                kick: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -260,7 +274,7 @@ impl Pipeline {
         &self.inner.audit
     }
 
-    fn gate(&self, id: SessionId) -> Arc<Gate> {
+    pub(crate) fn gate(&self, id: SessionId) -> Arc<Gate> {
         lock(&self.inner.gates).entry(id).or_default().clone()
     }
 
@@ -268,7 +282,7 @@ impl Pipeline {
         lock(&self.inner.gates).remove(&id);
     }
 
-    fn event(
+    pub(crate) fn event(
         actor: &Actor,
         action: AuditAction,
         outcome: AuditOutcome,
@@ -281,7 +295,7 @@ impl Pipeline {
     }
 
     /// Record an audit event; a failure refuses the action (fail closed).
-    async fn audit(&self, event: AuditEvent) -> Result<()> {
+    pub(crate) async fn audit(&self, event: AuditEvent) -> Result<()> {
         self.inner
             .audit
             .record(&event)
@@ -294,7 +308,7 @@ impl Pipeline {
     /// Audit a refused or failed action, then return its error. If even the
     /// audit record fails, the audit error is returned instead: it is the
     /// graver one, and the action was refused either way.
-    async fn refuse<T>(&self, mut event: AuditEvent, err: Error) -> Result<T> {
+    pub(crate) async fn refuse<T>(&self, mut event: AuditEvent, err: Error) -> Result<T> {
         event.outcome = match err.kind() {
             ErrorKind::Storage
             | ErrorKind::InsufficientStorage
@@ -307,7 +321,7 @@ impl Pipeline {
         Err(err)
     }
 
-    fn check_owner(actor: &Actor, rec: &SessionRecord) -> Result<()> {
+    pub(crate) fn check_owner(actor: &Actor, rec: &SessionRecord) -> Result<()> {
         if actor.admin || rec.owner == actor.user {
             Ok(())
         } else {
@@ -316,7 +330,11 @@ impl Pipeline {
         }
     }
 
-    async fn load_owned(&self, actor: &Actor, id: SessionId) -> Result<Versioned<SessionRecord>> {
+    pub(crate) async fn load_owned(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+    ) -> Result<Versioned<SessionRecord>> {
         let v = self.inner.sessions.load_session(id).await?;
         Self::check_owner(actor, &v.value)?;
         Ok(v)
@@ -334,7 +352,7 @@ impl Pipeline {
 
     /// Apply `change` to the session with compare-and-set, reloading and
     /// re-applying on a concurrent update.
-    async fn update<T>(
+    pub(crate) async fn update<T>(
         &self,
         id: SessionId,
         mut current: Versioned<SessionRecord>,
@@ -375,6 +393,7 @@ impl Pipeline {
             limits: self.inner.config.limits.clone(),
             files: Default::default(),
             state: SessionState::Open,
+            delivery: Default::default(),
         };
         let ev = Self::event(
             actor,
@@ -958,13 +977,19 @@ impl Pipeline {
         Ok(whole)
     }
 
-    /// Hand every validated file of the session to the PACS sink and record
-    /// the outcome. Allowed from `Open`, and again after a transient
-    /// failure or an interrupted forward (delivery is idempotent).
+    /// Put the session in the outbox: every file must be validated. The
+    /// one compare-and-set that records "completed" also records the
+    /// outbox entry (a transactional outbox), so an acknowledged study is
+    /// never left without a pending delivery, whatever crashes after. The
+    /// delivery worker ([`Outbox`](crate::outbox::Outbox)) does the rest;
+    /// completing a session already in the outbox is a no-op.
     pub async fn complete_session(&self, actor: &Actor, id: SessionId) -> Result<SessionRecord> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
         let current = self.load_owned(actor, id).await?;
+        if current.value.state == SessionState::Forwarding {
+            return Ok(current.value);
+        }
         let mut ev = Self::event(
             actor,
             AuditAction::ForwardStarted,
@@ -972,16 +997,22 @@ impl Pipeline {
             Some(id),
         );
         ev.study = current.value.study_instance_uid.clone();
+        let now = OffsetDateTime::now_utc();
         let (rec, ()) = match self
             .update(id, current, |rec| {
                 match &rec.state {
-                    SessionState::Open
-                    | SessionState::Forwarding
-                    | SessionState::ForwardFailed { .. } => {}
+                    SessionState::Open => {}
+                    SessionState::Forwarding => return Ok(()),
                     SessionState::Delivered { .. } => {
                         return Err(Error::conflict(
                             "RELAY_SESSION_DELIVERED",
                             "the session was already delivered",
+                        ));
+                    }
+                    SessionState::DeadLetter { .. } => {
+                        return Err(Error::conflict(
+                            "RELAY_SESSION_DEAD_LETTER",
+                            "delivery failed permanently; an administrator must replay it",
                         ));
                     }
                 }
@@ -1003,6 +1034,11 @@ impl Pipeline {
                     ));
                 }
                 rec.state = SessionState::Forwarding;
+                rec.delivery = crate::model::Delivery {
+                    queued_at: Some(now),
+                    next_attempt_at: Some(now),
+                    ..Default::default()
+                };
                 Ok(())
             })
             .await
@@ -1010,15 +1046,26 @@ impl Pipeline {
             Ok(v) => v,
             Err(e) => return self.refuse(ev, e).await,
         };
+        ev.detail = format!("queued instances={}", rec.files.len());
         self.audit(ev).await?;
+        self.wake_outbox(id);
+        Ok(rec)
+    }
 
-        let instances: Vec<Instance> = rec
-            .files
+    /// Tell the delivery worker that `id` has work.
+    pub(crate) fn wake_outbox(&self, id: SessionId) {
+        lock(&self.inner.queued).push(id);
+        self.inner.kick.notify_one();
+    }
+
+    /// The validated instances of a session, in file order.
+    pub(crate) fn instances_of(rec: &SessionRecord) -> Vec<Instance> {
+        rec.files
             .values()
             .filter_map(|f| match (&f.state, f.sha256) {
                 (FileState::Valid { dicom }, Some(sha256)) => Some(Instance {
                     key: FileKey {
-                        session: id,
+                        session: rec.id,
                         file: f.id,
                     },
                     size: f.size,
@@ -1027,104 +1074,7 @@ impl Pipeline {
                 }),
                 _ => None,
             })
-            .collect();
-        let source = StoreSource {
-            chunks: self.inner.chunks.clone(),
-        };
-        let result = self.inner.sink.deliver(&instances, &source).await;
-        let sink_name = self.inner.sink.to_string();
-        let new_state = match &result {
-            Ok(report) if report.all_delivered() => SessionState::Delivered {
-                at: OffsetDateTime::now_utc(),
-                sink: sink_name,
-            },
-            Ok(report) => {
-                let failed: Vec<_> = report
-                    .outcomes
-                    .iter()
-                    .filter_map(|(uid, o)| match o {
-                        InstanceOutcome::Failed { transient, reason } => {
-                            Some((uid, *transient, reason))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                SessionState::ForwardFailed {
-                    transient: failed.iter().all(|(_, t, _)| *t),
-                    reason: failed
-                        .iter()
-                        .take(4)
-                        .map(|(u, _, r)| format!("{u}: {r}"))
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                }
-            }
-            Err(e) => SessionState::ForwardFailed {
-                transient: e.is_retryable(),
-                reason: e.to_string(),
-            },
-        };
-        // One audit record for what was delivered and one for what failed,
-        // never a single record with mixed outcomes (PS3.15 A.5.2).
-        let study = rec.study_instance_uid.clone();
-        let patients: Vec<String> = {
-            let mut p: Vec<String> = instances
-                .iter()
-                .map(|i| i.dicom.patient_id.clone())
-                .collect();
-            p.sort();
-            p.dedup();
-            p
-        };
-        let mk = |outcome, detail: String| {
-            let mut e = Self::event(actor, AuditAction::Forwarded, outcome, Some(id));
-            e.study = study.clone();
-            e.patient_id = Some(patients.join("\\"));
-            e.detail = detail;
-            e
-        };
-        match &result {
-            Ok(report) => {
-                let ok = report
-                    .outcomes
-                    .iter()
-                    .filter(|(_, o)| o.is_delivered())
-                    .count();
-                let bad = report.outcomes.len() - ok;
-                if ok > 0 {
-                    self.audit(mk(
-                        AuditOutcome::Success,
-                        format!("instances={ok} sink={}", self.inner.sink),
-                    ))
-                    .await?;
-                }
-                if bad > 0 {
-                    self.audit(mk(
-                        AuditOutcome::SeriousFailure,
-                        format!("instances={bad} sink={}", self.inner.sink),
-                    ))
-                    .await?;
-                }
-            }
-            Err(e) => {
-                self.audit(mk(
-                    AuditOutcome::SeriousFailure,
-                    format!("{}: {e}", e.code()),
-                ))
-                .await?;
-            }
-        }
-        let current = self.inner.sessions.load_session(id).await?;
-        let (rec, ()) = self
-            .update(id, current, |r| {
-                r.state = new_state.clone();
-                Ok(())
-            })
-            .await?;
-        match result {
-            Err(e) => Err(e),
-            Ok(_) => Ok(rec),
-        }
+            .collect()
     }
 
     /// The session as its owner (or an admin) sees it. Audited as data access.
@@ -1290,8 +1240,9 @@ impl Pipeline {
     /// Remove sessions inactive for longer than their TTL at `now`. A session
     /// with a request in flight is skipped (its gate is busy), and the
     /// inactivity is re-checked under the exclusive gate, so an upload that
-    /// touched the session in between is never removed. Delivered sessions
-    /// and sessions being forwarded are kept.
+    /// touched the session in between is never removed. Only open sessions
+    /// expire: a study the gateway acknowledged (in the outbox, delivered or
+    /// in dead letters) is never removed by time alone.
     pub async fn expire_sessions(&self, now: OffsetDateTime) -> Result<Vec<SessionId>> {
         let mut removed = Vec::new();
         for id in self.inner.sessions.list_sessions().await? {
@@ -1307,12 +1258,7 @@ impl Pipeline {
             let rec = &current.value;
             let idle = (now - rec.updated_at).whole_seconds();
             let expired = idle >= 0 && idle as u64 > rec.limits.session_ttl_secs;
-            if !expired
-                || !matches!(
-                    rec.state,
-                    SessionState::Open | SessionState::ForwardFailed { .. }
-                )
-            {
+            if !expired || rec.state != SessionState::Open {
                 continue;
             }
             match self

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use rand::RngCore;
-use relaypacs_core::Limits;
+use relaypacs_core::{Limits, OutboxConfig};
+use relaypacs_pacs::{CStoreConfig, DicomWebAuth, DicomWebConfig};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
@@ -60,8 +61,15 @@ pub struct Config {
     pub http: HttpConfig,
     /// Authentication settings.
     pub auth: AuthConfig,
-    /// Where validated studies go.
-    pub sink: SinkConfig,
+    /// Where validated studies go: one or more sinks, each of which must
+    /// hold every instance before a study counts as delivered. There is no
+    /// fallback from one to another. Default: the local archive.
+    pub sinks: Vec<SinkConfig>,
+    /// Where reports are polled for after delivery (DICOMweb QIDO-RS and
+    /// WADO-RS). Default: the first STOW-RS sink's PACS, if any.
+    pub reports: Option<DicomWebSinkConfig>,
+    /// Retries, dead letters and the report watch.
+    pub outbox: OutboxConfig,
 }
 
 /// Edge limits and policies (defaults from security-anchors §6).
@@ -133,7 +141,7 @@ pub struct AuthConfig {
     pub argon2_iterations: u32,
 }
 
-/// The PACS sink.
+/// One PACS sink.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
@@ -143,6 +151,130 @@ pub enum SinkConfig {
         #[serde(default)]
         path: Option<PathBuf>,
     },
+    /// A DICOMweb PACS, by STOW-RS (verified by QIDO-RS).
+    StowRs(DicomWebSinkConfig),
+    /// A DIMSE PACS, by C-STORE (verified by C-FIND).
+    CStore(CStoreSinkConfig),
+}
+
+/// A DICOMweb PACS.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DicomWebSinkConfig {
+    /// The DICOMweb root, e.g. `https://pacs.example/dicom-web`.
+    pub url: String,
+    /// HTTP basic-auth user (with `password`).
+    pub user: Option<String>,
+    /// HTTP basic-auth password.
+    #[serde(skip_serializing)]
+    pub password: Option<SecretString>,
+    /// A bearer token (instead of user and password).
+    #[serde(skip_serializing)]
+    pub token: Option<SecretString>,
+    /// Extra PEM root certificates (a hospital CA). Certificates are
+    /// always validated.
+    pub ca_file: Option<PathBuf>,
+    /// Connect timeout.
+    pub connect_timeout_secs: u64,
+    /// Timeout of one request.
+    pub request_timeout_secs: u64,
+    /// Most instance bytes per STOW-RS request.
+    pub batch_bytes: u64,
+    /// Most instances per STOW-RS request.
+    pub batch_instances: usize,
+}
+
+impl Default for DicomWebSinkConfig {
+    fn default() -> Self {
+        let d = DicomWebConfig::new("");
+        Self {
+            url: String::new(),
+            user: None,
+            password: None,
+            token: None,
+            ca_file: None,
+            connect_timeout_secs: d.connect_timeout.as_secs(),
+            request_timeout_secs: d.request_timeout.as_secs(),
+            batch_bytes: d.batch_bytes,
+            batch_instances: d.batch_instances,
+        }
+    }
+}
+
+impl DicomWebSinkConfig {
+    /// The adapter configuration.
+    pub fn to_dicomweb(&self) -> Result<DicomWebConfig, ConfigError> {
+        let auth = match (&self.user, &self.password, &self.token) {
+            (None, None, None) => DicomWebAuth::None,
+            (Some(user), Some(password), None) => DicomWebAuth::Basic {
+                user: user.clone(),
+                password: password.clone(),
+            },
+            (None, None, Some(token)) => DicomWebAuth::Bearer {
+                token: token.clone(),
+            },
+            _ => {
+                return Err(ConfigError::Invalid {
+                    field: "sinks.user",
+                    reason: "set user and password together, or token alone".into(),
+                });
+            }
+        };
+        let mut c = DicomWebConfig::new(self.url.clone());
+        c.auth = auth;
+        c.ca_file = self.ca_file.clone();
+        c.connect_timeout = std::time::Duration::from_secs(self.connect_timeout_secs.max(1));
+        c.request_timeout = std::time::Duration::from_secs(self.request_timeout_secs.max(1));
+        c.batch_bytes = self.batch_bytes;
+        c.batch_instances = self.batch_instances;
+        Ok(c)
+    }
+}
+
+/// A DIMSE PACS.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CStoreSinkConfig {
+    /// `host:port` of the PACS's DICOM service.
+    pub address: String,
+    /// Our AE title.
+    pub calling_ae: String,
+    /// The PACS's AE title.
+    pub called_ae: String,
+    /// Connect (and association) timeout.
+    pub connect_timeout_secs: u64,
+    /// Timeout of each read or write.
+    pub io_timeout_secs: u64,
+    /// Largest PDU.
+    pub max_pdu: u32,
+}
+
+impl Default for CStoreSinkConfig {
+    fn default() -> Self {
+        let d = CStoreConfig::default();
+        Self {
+            address: d.address,
+            calling_ae: d.calling_ae,
+            called_ae: d.called_ae,
+            connect_timeout_secs: d.connect_timeout.as_secs(),
+            io_timeout_secs: d.io_timeout.as_secs(),
+            max_pdu: d.max_pdu,
+        }
+    }
+}
+
+impl CStoreSinkConfig {
+    /// The adapter configuration.
+    pub fn to_cstore(&self) -> CStoreConfig {
+        CStoreConfig {
+            address: self.address.clone(),
+            calling_ae: self.calling_ae.clone(),
+            called_ae: self.called_ae.clone(),
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout_secs.max(1)),
+            io_timeout: std::time::Duration::from_secs(self.io_timeout_secs.max(1)),
+            max_pdu: self.max_pdu,
+        }
+    }
 }
 
 impl Default for Config {
@@ -155,7 +287,9 @@ impl Default for Config {
             limits: Limits::default(),
             http: HttpConfig::default(),
             auth: AuthConfig::default(),
-            sink: SinkConfig::Archive { path: None },
+            sinks: vec![SinkConfig::Archive { path: None }],
+            reports: None,
+            outbox: OutboxConfig::default(),
         }
     }
 }
@@ -292,6 +426,35 @@ impl Config {
         if let Some(s) = &self.secret {
             check_secret("secret", s.expose_secret())?;
         }
+        if self.sinks.is_empty() {
+            return inv("sinks", "configure at least one sink");
+        }
+        for s in &self.sinks {
+            match s {
+                SinkConfig::StowRs(c) => {
+                    c.to_dicomweb()?;
+                    if c.url.is_empty() {
+                        return inv("sinks.url", "a stow_rs sink needs its DICOMweb url");
+                    }
+                }
+                SinkConfig::CStore(c) => {
+                    if c.address.is_empty() {
+                        return inv("sinks.address", "a c_store sink needs host:port");
+                    }
+                }
+                SinkConfig::Archive { .. } => {}
+            }
+        }
+        if let Some(r) = &self.reports {
+            r.to_dicomweb()?;
+        }
+        let o = &self.outbox;
+        if o.max_attempts == 0 || o.parallel == 0 || o.base_delay.is_zero() {
+            return inv(
+                "outbox",
+                "max_attempts, parallel and base_delay must be positive",
+            );
+        }
         let h = &self.http;
         if h.header_read_timeout_secs == 0 || h.header_read_timeout_secs > 300 {
             return inv("http.header_read_timeout_secs", "must be 1..=300");
@@ -365,13 +528,20 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("secret"))
     }
 
-    /// The archive folder.
-    pub fn archive_path(&self) -> PathBuf {
-        match &self.sink {
-            SinkConfig::Archive { path } => path
-                .clone()
-                .unwrap_or_else(|| self.data_dir.join("archive")),
-        }
+    /// A local archive's folder.
+    pub fn archive_path(&self, path: Option<&PathBuf>) -> PathBuf {
+        path.cloned()
+            .unwrap_or_else(|| self.data_dir.join("archive"))
+    }
+
+    /// Where reports are polled for: `reports`, else the first STOW-RS sink.
+    pub fn reports_source(&self) -> Option<&DicomWebSinkConfig> {
+        self.reports.as_ref().or_else(|| {
+            self.sinks.iter().find_map(|s| match s {
+                SinkConfig::StowRs(c) => Some(c),
+                _ => None,
+            })
+        })
     }
 
     /// The configured secret, or the one in the secret file, or a new

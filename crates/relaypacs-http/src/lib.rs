@@ -42,6 +42,8 @@ pub struct Server {
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
     sweeper: JoinHandle<()>,
+    outbox: JoinHandle<()>,
+    stop_outbox: oneshot::Sender<()>,
 }
 
 impl Server {
@@ -94,6 +96,15 @@ impl Server {
             .await
         });
         let sweeper = tokio::spawn(sweep(state.clone()));
+        let (stop_outbox, outbox_stopped) = oneshot::channel::<()>();
+        let outbox = relaypacs_core::Outbox::new(
+            state.pipeline.clone(),
+            state.config.outbox.clone(),
+            std::sync::Arc::new(notify::DeliveryNotifier(state.clone())),
+        );
+        let outbox = tokio::spawn(outbox.run(async {
+            let _ = outbox_stopped.await;
+        }));
         tracing::info!(%addr, "relaypacs listening");
         Ok(Self {
             addr,
@@ -101,6 +112,8 @@ impl Server {
             stop,
             task,
             sweeper,
+            outbox,
+            stop_outbox,
         })
     }
 
@@ -126,6 +139,16 @@ impl Server {
     pub async fn shutdown(self) {
         let _ = self.stop.send(());
         self.sweeper.abort();
+        // The worker finishes the attempt in progress (its state is durable
+        // either way) and stops.
+        let _ = self.stop_outbox.send(());
+        let abort = self.outbox.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(10), self.outbox)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
         if let Ok(Err(e)) = self.task.await {
             tracing::error!(error = %e, "server ended with an error");
         }

@@ -185,3 +185,74 @@ impl Hub {
         Ok(out)
     }
 }
+
+/// Turns the delivery worker's events into the uploader's notifications
+/// (written durably, then pushed to open event streams) and metrics.
+#[derive(Debug, Clone)]
+pub struct DeliveryNotifier(pub crate::state::AppState);
+
+#[async_trait::async_trait]
+impl relaypacs_core::OutboxListener for DeliveryNotifier {
+    async fn on_event(&self, event: &relaypacs_core::OutboxEvent) {
+        use relaypacs_core::OutboxEvent as E;
+        let (owner, session, kind, message, outcome) = match event {
+            E::Delivered {
+                owner,
+                session,
+                instances,
+                ..
+            } => (
+                owner,
+                session,
+                NotificationKind::Delivered,
+                format!("study delivered: the PACS holds all {instances} instance(s)"),
+                "delivered",
+            ),
+            E::DeadLettered { owner, session, .. } => (
+                owner,
+                session,
+                NotificationKind::ForwardFailed,
+                "delivery to the PACS failed; an administrator has been alerted".to_owned(),
+                "dead_letter",
+            ),
+            E::ReportReady {
+                owner,
+                session,
+                report,
+            } => (
+                owner,
+                session,
+                NotificationKind::ReportReady,
+                format!("a report is ready: {}", report.sop_instance_uid),
+                "report",
+            ),
+            E::Retrying { .. } => {
+                self.0
+                    .metrics
+                    .forwards
+                    .get_or_create(&crate::metrics::Outcome {
+                        outcome: "retrying".into(),
+                    })
+                    .inc();
+                return;
+            }
+        };
+        self.0
+            .metrics
+            .forwards
+            .get_or_create(&crate::metrics::Outcome {
+                outcome: outcome.into(),
+            })
+            .inc();
+        if let Err(e) = self
+            .0
+            .hub
+            .notify(owner, kind, &session.to_string(), &message)
+            .await
+        {
+            // The delivery itself is durable and visible in the study's
+            // state; only this message is lost. Logged once, here.
+            tracing::error!(session = %session, error = %e, "could not store a delivery notification");
+        }
+    }
+}

@@ -4,11 +4,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use crate::config::SinkConfig;
 use relaypacs_core::{
     AuditAction, AuditEvent, AuditOutcome, AuditSink, ChunkStore, FileState, PacsSink, Pipeline,
     PipelineConfig, SessionState, SessionStore,
 };
-use relaypacs_pacs::LocalArchiveSink;
+use relaypacs_pacs::{CStoreSink, DicomWebReports, FanOutSink, LocalArchiveSink, StowSink};
 use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
 use tokio::sync::Semaphore;
 
@@ -105,6 +106,30 @@ pub struct Inner {
     _lock: std::fs::File,
 }
 
+/// The configured sinks: one as is, several behind a fan-out (every one
+/// must hold an instance; no fallback).
+fn open_sinks(config: &Config) -> Result<Arc<dyn PacsSink>, StartError> {
+    let mut sinks: Vec<Arc<dyn PacsSink>> = Vec::new();
+    for s in &config.sinks {
+        sinks.push(match s {
+            SinkConfig::Archive { path } => Arc::new(
+                LocalArchiveSink::open(config.archive_path(path.as_ref()))
+                    .map_err(store("archive"))?,
+            ),
+            SinkConfig::StowRs(c) => {
+                Arc::new(StowSink::new(&c.to_dicomweb()?).map_err(store("STOW-RS sink"))?)
+            }
+            SinkConfig::CStore(c) => {
+                Arc::new(CStoreSink::new(c.to_cstore()).map_err(store("C-STORE sink"))?)
+            }
+        });
+    }
+    if sinks.len() == 1 {
+        return Ok(sinks.remove(0));
+    }
+    Ok(Arc::new(FanOutSink::new(sinks).map_err(store("sinks"))?))
+}
+
 fn store(what: &'static str) -> impl FnOnce(relaypacs_core::Error) -> StartError {
     move |source| StartError::Store { what, source }
 }
@@ -133,11 +158,11 @@ impl AppState {
             FileSessionStore::open(root.join("sessions")).map_err(store("session store"))?;
         let audit = JsonlAuditSink::open(root.join("audit").join("audit.jsonl"))
             .map_err(store("audit trail"))?;
-        let archive = LocalArchiveSink::open(config.archive_path()).map_err(store("archive"))?;
+        let sink = open_sinks(&config)?;
         let a = adapt(Adapters {
             chunks: Arc::new(chunks),
             sessions: Arc::new(sessions),
-            sink: Arc::new(archive),
+            sink,
             audit: Arc::new(audit),
         });
         let audit = a.audit.clone();
@@ -151,6 +176,12 @@ impl AppState {
                 ..PipelineConfig::default()
             },
         );
+        if let Some(r) = config.reports_source() {
+            let src = DicomWebReports::new(&r.to_dicomweb()?).map_err(store("report source"))?;
+            pipeline
+                .set_report_source(Arc::new(src))
+                .map_err(store("report source"))?;
+        }
         let auth_dir = crate::auth::users::auth_dir(&root).map_err(store("auth folder"))?;
         let users = FileUserStore::open(auth_dir.join("users.json")).map_err(store("users"))?;
         let a = &config.auth;

@@ -154,7 +154,9 @@ pub fn data_set_offset(prefix: &[u8]) -> Result<u64, DicomError> {
     }
     // (0002,0000) UL, 4-byte value: tag 02 00 00 00, VR "UL", length 4.
     if head[4..12] != [0x02, 0x00, 0x00, 0x00, b'U', b'L', 0x04, 0x00] {
-        return Err(bad("the file meta group does not start with its group length"));
+        return Err(bad(
+            "the file meta group does not start with its group length",
+        ));
     }
     let len = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
     Ok(144 + u64::from(len))

@@ -525,3 +525,40 @@ pub fn hostile_set() -> Vec<(&'static str, Vec<u8>)> {
     }
     set
 }
+
+/// Encapsulated PDF Storage SOP Class UID (a radiologist's report).
+pub const ENCAPSULATED_PDF: &str = "1.2.840.10008.5.1.4.1.1.104.1";
+
+/// A valid Encapsulated PDF report instance (modality DOC) in a new series
+/// of `study_uid`, as a reporting system would add it to the study.
+/// Returns `(SOP Instance UID, Part-10 bytes)`.
+pub fn pdf_report(study_uid: &str, patient_id: &str, pdf: &[u8]) -> (String, Vec<u8>) {
+    let sop = new_uid();
+    let enc = Enc::ExplicitLe;
+    let mut out = meta(ENCAPSULATED_PDF, &sop, TransferSyntax::ExplicitLe.uid());
+    let d = &mut out;
+    text(d, enc, 0x0008, 0x0005, b"CS", "ISO_IR 100");
+    text(d, enc, 0x0008, 0x0016, b"UI", ENCAPSULATED_PDF);
+    text(d, enc, 0x0008, 0x0018, b"UI", &sop);
+    text(d, enc, 0x0008, 0x0020, b"DA", "20261122");
+    text(d, enc, 0x0008, 0x0023, b"DA", "20261122");
+    text(d, enc, 0x0008, 0x002A, b"DT", "20261122120000");
+    text(d, enc, 0x0008, 0x0060, b"CS", "DOC");
+    text(d, enc, 0x0008, 0x0064, b"CS", "WSD");
+    text(d, enc, 0x0010, 0x0010, b"PN", "Test^Patient");
+    text(d, enc, 0x0010, 0x0020, b"LO", patient_id);
+    text(d, enc, 0x0020, 0x000D, b"UI", study_uid);
+    text(d, enc, 0x0020, 0x000E, b"UI", &new_uid());
+    text(d, enc, 0x0020, 0x0011, b"IS", "900");
+    text(d, enc, 0x0020, 0x0013, b"IS", "1");
+    text(d, enc, 0x0028, 0x0301, b"CS", "NO");
+    text(d, enc, 0x0042, 0x0010, b"ST", "Radiology report");
+    let mut body = pdf.to_vec();
+    if body.len() % 2 == 1 {
+        body.push(0);
+    }
+    header(d, enc, 0x0042, 0x0011, b"OB", body.len() as u32);
+    d.extend_from_slice(&body);
+    text(d, enc, 0x0042, 0x0012, b"LO", "application/pdf");
+    (sop, out)
+}

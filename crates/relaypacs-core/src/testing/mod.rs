@@ -19,6 +19,7 @@ pub mod chunk_store;
 pub mod dicom_gen;
 pub mod pacs_sink;
 pub mod peers;
+pub mod report_source;
 pub mod session_store;
 
 /// Deterministic pseudo-random bytes (xorshift), for reproducible test data.

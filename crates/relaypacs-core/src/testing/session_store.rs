@@ -34,6 +34,7 @@ pub fn sample_session() -> SessionRecord {
         limits: Limits::default(),
         files: [(file.id, file)].into_iter().collect(),
         state: SessionState::Open,
+        delivery: Default::default(),
     }
 }
 

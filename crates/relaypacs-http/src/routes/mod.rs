@@ -1,6 +1,7 @@
 //! HTTP routes: thin adapters from requests to the pipeline.
 
 pub mod auth;
+pub mod delivery;
 pub mod events;
 pub mod ops;
 pub mod stow;
@@ -184,6 +185,14 @@ pub fn router(state: AppState) -> axum::Router {
             get(studies::show).delete(studies::abort),
         )
         .route("/api/v1/studies/{id}/complete", post(studies::complete))
+        .route("/api/v1/studies/{id}/reports", get(delivery::reports))
+        .route("/api/v1/studies/{id}/reports/{sop}", get(delivery::report))
+        .route("/api/v1/admin/outbox", get(delivery::outbox))
+        .route("/api/v1/admin/dead-letters", get(delivery::dead_letters))
+        .route(
+            "/api/v1/admin/dead-letters/{id}/replay",
+            post(delivery::replay),
+        )
         .route("/api/v1/audit", get(ops::audit))
         .route("/api/v1/events", get(events::stream))
         .route("/api/v1/events/ticket", post(events::ticket))

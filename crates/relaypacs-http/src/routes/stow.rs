@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use relaypacs_core::{
     ByteStream, DicomSummary, Error, ErrorKind, FileId, NewFile, NewSession, PutChunk, SessionId,
-    SessionState, Sha256Digest, Uid,
+    Sha256Digest, Uid,
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -372,40 +372,16 @@ async fn run(
     if stored.is_empty() {
         state.pipeline.abort_session(&actor, sid).await?;
     } else {
-        let rec = state.pipeline.complete_session(&actor, sid).await?;
-        match &rec.state {
-            SessionState::Delivered { .. } => {
-                state
-                    .metrics
-                    .forwards
-                    .get_or_create(&crate::metrics::Outcome {
-                        outcome: "delivered".into(),
-                    })
-                    .inc();
-            }
-            SessionState::ForwardFailed { transient, .. } => {
-                state
-                    .metrics
-                    .forwards
-                    .get_or_create(&crate::metrics::Outcome {
-                        outcome: "failed".into(),
-                    })
-                    .inc();
-                let r = if *transient {
-                    reason::OUT_OF_RESOURCES
-                } else {
-                    reason::PROCESSING_FAILURE
-                };
-                for s in stored.drain(..) {
-                    failed.push(Failed {
-                        sop_class: Some(s.summary.sop_class_uid.as_str().to_string()),
-                        sop_instance: Some(s.summary.sop_instance_uid.as_str().to_string()),
-                        reason: r,
-                    });
-                }
-            }
-            _ => {}
-        }
+        // Stored, verified and in the outbox: the gateway answers for these
+        // instances now (store and forward); delivery to the PACS follows.
+        state.pipeline.complete_session(&actor, sid).await?;
+        state
+            .metrics
+            .forwards
+            .get_or_create(&crate::metrics::Outcome {
+                outcome: "queued".into(),
+            })
+            .inc();
     }
     let status = if failed.is_empty() {
         StatusCode::OK

@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{AuthUser, Path};
 use crate::error::{ApiError, ApiResult};
-use crate::notify::NotificationKind;
 use crate::routes::tus::upload_id;
 use crate::state::AppState;
 
@@ -52,8 +51,21 @@ pub struct StudyView {
     allow_multiple_studies: bool,
     study_instance_uid: Option<String>,
     state: SessionState,
+    delivery: DeliveryView,
     files: Vec<FileView>,
     limits: relaypacs_core::Limits,
+}
+
+/// Where the study is on its way to the PACS.
+#[derive(Debug, Serialize)]
+pub struct DeliveryView {
+    attempts: u32,
+    #[serde(with = "time::serde::rfc3339::option")]
+    next_attempt_at: Option<time::OffsetDateTime>,
+    last_error: Option<String>,
+    /// Instances the PACS was confirmed (by query) to hold.
+    confirmed_instances: usize,
+    reports: usize,
 }
 
 async fn view(state: &AppState, rec: SessionRecord) -> ApiResult<StudyView> {
@@ -91,12 +103,19 @@ async fn view(state: &AppState, rec: SessionRecord) -> ApiResult<StudyView> {
             .as_ref()
             .map(|u| u.as_str().to_string()),
         state: rec.state.clone(),
+        delivery: DeliveryView {
+            attempts: rec.delivery.attempts,
+            next_attempt_at: rec.delivery.next_attempt_at,
+            last_error: rec.delivery.last_error.clone(),
+            confirmed_instances: rec.delivery.confirmed.len(),
+            reports: rec.delivery.reports.len(),
+        },
         files,
         limits: rec.limits.clone(),
     })
 }
 
-fn parse_id(id: &str) -> ApiResult<SessionId> {
+pub(crate) fn parse_id(id: &str) -> ApiResult<SessionId> {
     SessionId::parse(id).map_err(|_| ApiError::not_found("study session"))
 }
 
@@ -160,12 +179,14 @@ pub async fn show(
 }
 
 /// `POST /api/v1/studies/{id}/complete`: verify and validate any fully
-/// uploaded file not yet validated, then hand the study to the PACS sink.
+/// uploaded file not yet validated, then put the study in the outbox
+/// (202: the gateway holds it durably; delivery follows, and the uploader
+/// is notified once the PACS is confirmed to hold every instance).
 pub async fn complete(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
-) -> ApiResult<axum::Json<StudyView>> {
+) -> ApiResult<(StatusCode, axum::Json<StudyView>)> {
     let sid = parse_id(&id)?;
     let actor = user.actor();
     let rec = state.pipeline.session(&actor, sid).await?;
@@ -182,44 +203,15 @@ pub async fn complete(
             state.pipeline.complete_file(&actor, sid, f.id).await?;
         }
     }
-    let rec = state.pipeline.complete_session(&actor, sid).await;
-    let (kind, msg, outcome) = match &rec {
-        Ok(r) => match &r.state {
-            SessionState::Delivered { .. } => (
-                NotificationKind::Delivered,
-                "study delivered to the PACS".to_string(),
-                "delivered",
-            ),
-            SessionState::ForwardFailed { reason, .. } => (
-                NotificationKind::ForwardFailed,
-                format!("forwarding failed: {reason}"),
-                "failed",
-            ),
-            _ => (
-                NotificationKind::ForwardFailed,
-                "forwarding did not finish".to_string(),
-                "pending",
-            ),
-        },
-        Err(e) => (
-            NotificationKind::ForwardFailed,
-            format!("forwarding failed: {}", e.code()),
-            "error",
-        ),
-    };
+    let rec = state.pipeline.complete_session(&actor, sid).await?;
     state
         .metrics
         .forwards
         .get_or_create(&crate::metrics::Outcome {
-            outcome: outcome.into(),
+            outcome: "queued".into(),
         })
         .inc();
-    let owner = rec.as_ref().map_or(user.id.clone(), |r| r.owner.clone());
-    state
-        .hub
-        .notify(&owner, kind, &sid.to_string(), &msg)
-        .await?;
-    Ok(axum::Json(view(&state, rec?).await?))
+    Ok((StatusCode::ACCEPTED, axum::Json(view(&state, rec).await?)))
 }
 
 /// `DELETE /api/v1/studies/{id}`: abort and remove the session.

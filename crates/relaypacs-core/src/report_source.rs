@@ -1,0 +1,80 @@
+//! The [`ReportSource`] trait: where radiologists' reports are found.
+//!
+//! A report is an instance added to the study at the PACS after delivery:
+//! a DICOM Structured Report or an Encapsulated PDF. The gateway polls for
+//! them and lets the uploader fetch them.
+
+use std::fmt::{Debug, Display};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::ByteStream;
+use crate::error::Result;
+use crate::ids::Uid;
+
+/// What kind of report an instance is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportKind {
+    /// A DICOM Structured Report (any SR storage class, 1.2.840.10008.5.1.4.1.1.88.*).
+    StructuredReport,
+    /// An Encapsulated PDF (1.2.840.10008.5.1.4.1.1.104.1).
+    EncapsulatedPdf,
+}
+
+impl ReportKind {
+    /// The kind of report an instance of `sop_class_uid` is, if any.
+    ///
+    /// ```
+    /// use relaypacs_core::ReportKind;
+    /// assert_eq!(ReportKind::of_sop_class("1.2.840.10008.5.1.4.1.1.88.33"), Some(ReportKind::StructuredReport));
+    /// assert_eq!(ReportKind::of_sop_class("1.2.840.10008.5.1.4.1.1.104.1"), Some(ReportKind::EncapsulatedPdf));
+    /// assert_eq!(ReportKind::of_sop_class("1.2.840.10008.5.1.4.1.1.2"), None);
+    /// ```
+    pub fn of_sop_class(sop_class_uid: &str) -> Option<Self> {
+        if sop_class_uid == "1.2.840.10008.5.1.4.1.1.104.1" {
+            Some(Self::EncapsulatedPdf)
+        } else if sop_class_uid.starts_with("1.2.840.10008.5.1.4.1.1.88.") {
+            Some(Self::StructuredReport)
+        } else {
+            None
+        }
+    }
+}
+
+/// A report found in a study at the PACS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportRef {
+    /// Study Instance UID.
+    pub study_instance_uid: Uid,
+    /// Series Instance UID.
+    pub series_instance_uid: Uid,
+    /// SOP Instance UID.
+    pub sop_instance_uid: Uid,
+    /// SOP Class UID.
+    pub sop_class_uid: Uid,
+    /// SR or PDF.
+    pub kind: ReportKind,
+}
+
+/// Finds and fetches reports at a PACS.
+///
+/// # Contract
+/// - `find_reports` lists every report instance the PACS holds for the
+///   study now (SR or Encapsulated PDF), and nothing else; an unknown study
+///   yields an empty list, not an error.
+/// - `fetch_report` streams the report as a Part-10 file.
+///
+/// # Errors
+/// [`Error::Pacs`](crate::Error::Pacs) (transient or not) when the PACS
+/// cannot be asked; [`Error::NotFound`](crate::Error::NotFound) when the
+/// report is gone.
+#[async_trait]
+pub trait ReportSource: Debug + Display + Send + Sync + 'static {
+    /// The reports in `study`.
+    async fn find_reports(&self, study: &Uid) -> Result<Vec<ReportRef>>;
+
+    /// The report's Part-10 bytes, streamed.
+    async fn fetch_report(&self, report: &ReportRef) -> Result<ByteStream>;
+}

@@ -1,0 +1,422 @@
+//! DIMSE messages of the C-STORE and C-FIND SCU, encoded and parsed by hand.
+//!
+//! Command sets are always Implicit VR Little Endian (PS3.7 §6.3.1) and
+//! flat: a handful of group-0000 elements with defined lengths. Writing
+//! them by hand is ten lines per message and needs no dependency; parsing
+//! them by hand keeps an untrusted peer's bytes away from dicom-object,
+//! which aborts the process on deeply nested sequences (see
+//! `relaypacs_core::dicom`). C-FIND identifiers are parsed the same way,
+//! with a bounded depth for any sequence the peer adds.
+
+use relaypacs_core::InstanceOutcome;
+
+/// Implicit VR Little Endian.
+pub(super) const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+/// Study Root Query/Retrieve Information Model - FIND.
+pub(super) const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+
+/// (0000,0100) Command Field values.
+pub(super) const C_STORE_RQ: u16 = 0x0001;
+pub(super) const C_STORE_RSP: u16 = 0x8001;
+pub(super) const C_FIND_RQ: u16 = 0x0020;
+pub(super) const C_FIND_RSP: u16 = 0x8020;
+
+/// (0000,0800) Command Data Set Type: "no data set".
+const NO_DATA_SET: u16 = 0x0101;
+/// (0000,0700) Priority: medium.
+const PRIORITY_MEDIUM: u16 = 0x0000;
+
+/// Bytes of a P-DATA-TF PDU before the PDV value: PDU type, reserved,
+/// PDU length (4), PDV item length (4), presentation context id, message
+/// control header.
+pub(super) const PDATA_HEADER: usize = 12;
+/// Bytes of a PDV item counted in the negotiated maximum PDU length besides
+/// the value itself: item length (4), context id, message control header.
+pub(super) const PDV_OVERHEAD: u32 = 6;
+
+/// Fill in the 12-byte P-DATA-TF header at the front of `buf`, whose value
+/// (everything after the header) is one PDV.
+pub(super) fn set_pdata_header(buf: &mut [u8], context_id: u8, command: bool, last: bool) {
+    let value_len = buf.len() - PDATA_HEADER;
+    // value_len is at most the negotiated maximum PDU length (u32).
+    let pdv_len = (value_len as u32) + 2;
+    let pdu_len = pdv_len + 4;
+    buf[0] = 0x04;
+    buf[1] = 0x00;
+    buf[2..6].copy_from_slice(&pdu_len.to_be_bytes());
+    buf[6..10].copy_from_slice(&pdv_len.to_be_bytes());
+    buf[10] = context_id;
+    buf[11] = u8::from(command) | (u8::from(last) << 1);
+}
+
+fn element(out: &mut Vec<u8>, group: u16, elem: u16, value: &[u8]) {
+    out.extend_from_slice(&group.to_le_bytes());
+    out.extend_from_slice(&elem.to_le_bytes());
+    // Values here are UIDs (≤ 64 bytes) and 2-byte integers.
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(value);
+}
+
+/// A UID value padded to even length with NUL (PS3.5 §9.1).
+fn uid_value(uid: &str) -> Vec<u8> {
+    let mut v = uid.as_bytes().to_vec();
+    if v.len() % 2 == 1 {
+        v.push(0);
+    }
+    v
+}
+
+/// A command set: the given elements (sorted by element number, all in
+/// group 0000) preceded by (0000,0000) Command Group Length.
+fn command(elements: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(256);
+    for (elem, value) in elements {
+        element(&mut body, 0x0000, *elem, value);
+    }
+    let mut out = Vec::with_capacity(body.len() + 12);
+    element(&mut out, 0x0000, 0x0000, &(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// C-STORE-RQ (PS3.7 §9.3.1.1) with a data set following.
+pub(super) fn c_store_rq(sop_class: &str, sop_instance: &str, message_id: u16) -> Vec<u8> {
+    command(&[
+        (0x0002, uid_value(sop_class)),
+        (0x0100, C_STORE_RQ.to_le_bytes().to_vec()),
+        (0x0110, message_id.to_le_bytes().to_vec()),
+        (0x0700, PRIORITY_MEDIUM.to_le_bytes().to_vec()),
+        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
+        (0x1000, uid_value(sop_instance)),
+    ])
+}
+
+/// C-FIND-RQ (PS3.7 §9.3.2.1) in the Study Root model, identifier following.
+pub(super) fn c_find_rq(message_id: u16) -> Vec<u8> {
+    command(&[
+        (0x0002, uid_value(STUDY_ROOT_FIND)),
+        (0x0100, C_FIND_RQ.to_le_bytes().to_vec()),
+        (0x0110, message_id.to_le_bytes().to_vec()),
+        (0x0700, PRIORITY_MEDIUM.to_le_bytes().to_vec()),
+        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
+    ])
+}
+
+/// The C-FIND identifier (Implicit VR Little Endian) asking for the SOP
+/// Instance UIDs of one series at IMAGE level.
+pub(super) fn image_level_query(study: &str, series: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(192);
+    element(&mut out, 0x0008, 0x0018, b""); // SOPInstanceUID: return key
+    element(&mut out, 0x0008, 0x0052, b"IMAGE "); // QueryRetrieveLevel
+    element(&mut out, 0x0020, 0x000D, &uid_value(study));
+    element(&mut out, 0x0020, 0x000E, &uid_value(series));
+    out
+}
+
+/// The fields of a response command set that the SCU acts on.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Response {
+    /// (0000,0100) Command Field.
+    pub command_field: u16,
+    /// (0000,0120) Message ID Being Responded To.
+    pub responding_to: u16,
+    /// (0000,0900) Status.
+    pub status: u16,
+    /// (0000,0800) Command Data Set Type: whether a data set follows.
+    pub has_data_set: bool,
+    /// (0000,0902) Error Comment, sanitised.
+    pub error_comment: Option<String>,
+}
+
+fn u16_value(v: &[u8]) -> Result<u16, String> {
+    match v {
+        [a, b] => Ok(u16::from_le_bytes([*a, *b])),
+        _ => Err(format!("a US value of {} bytes", v.len())),
+    }
+}
+
+/// Printable ASCII only, trimmed, at most 256 characters: text from the
+/// peer goes into reasons and logs.
+fn sanitise(v: &[u8]) -> String {
+    let s: String = v
+        .iter()
+        .take(256)
+        .map(|&b| {
+            if (0x20..0x7F).contains(&b) {
+                char::from(b)
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    s.trim_matches(|c| c == ' ' || c == '?').to_owned()
+}
+
+/// Parse a response command set (flat, Implicit VR Little Endian).
+pub(super) fn parse_response(bytes: &[u8]) -> Result<Response, String> {
+    let mut r = Response::default();
+    let (mut field, mut status, mut dst) = (None, None, None);
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        let head = bytes
+            .get(pos..pos + 8)
+            .ok_or("command set ends inside an element header")?;
+        let group = u16::from_le_bytes([head[0], head[1]]);
+        let elem = u16::from_le_bytes([head[2], head[3]]);
+        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        pos += 8;
+        let value = pos
+            .checked_add(len)
+            .and_then(|end| bytes.get(pos..end))
+            .ok_or_else(|| format!("command element ({group:04X},{elem:04X}) overruns"))?;
+        pos += len;
+        if group != 0x0000 {
+            return Err(format!("element ({group:04X},{elem:04X}) in a command set"));
+        }
+        match elem {
+            0x0100 => field = Some(u16_value(value)?),
+            0x0120 => r.responding_to = u16_value(value)?,
+            0x0800 => dst = Some(u16_value(value)?),
+            0x0900 => status = Some(u16_value(value)?),
+            0x0902 => r.error_comment = Some(sanitise(value)).filter(|s| !s.is_empty()),
+            _ => {}
+        }
+    }
+    r.command_field = field.ok_or("no Command Field")?;
+    r.status = status.ok_or("no Status")?;
+    r.has_data_set = dst.ok_or("no Command Data Set Type")? != NO_DATA_SET;
+    Ok(r)
+}
+
+/// What a status code means (PS3.4 Annex B.2.3, PS3.7 Annex C).
+fn meaning(status: u16) -> &'static str {
+    match status {
+        0x0000 => "success",
+        0x0001 => "requested optional attributes are not supported",
+        0x0107 => "attribute list error",
+        0x0110 => "processing failure",
+        0x0111 => "duplicate SOP instance",
+        0x0116 => "attribute value out of range",
+        0x0117 => "invalid SOP instance",
+        0x0118 => "no such SOP class",
+        0x0119 => "class-instance conflict",
+        0x0122 => "SOP class not supported",
+        0x0124 => "refused: not authorized",
+        0x0210 => "duplicate invocation",
+        0x0211 => "unrecognized operation",
+        0x0212 => "mistyped argument",
+        0x0213 => "resource limitation",
+        0xB000 => "coercion of data elements",
+        0xB006 => "elements discarded",
+        0xB007 => "data set does not match SOP class",
+        0xFE00 => "cancelled",
+        0xFF00 | 0xFF01 => "pending",
+        s if s & 0xFF00 == 0xA700 => "refused: out of resources",
+        s if s & 0xFF00 == 0xA900 => "error: data set does not match SOP class",
+        s if s & 0xF000 == 0xC000 => "error: cannot understand",
+        s if s & 0xF000 == 0xB000 => "warning",
+        _ => "unknown status",
+    }
+}
+
+/// `C-STORE status 0xNNNN: meaning (comment)`.
+pub(super) fn describe(service: &str, status: u16, comment: Option<&str>) -> String {
+    let mut s = format!("{service} status 0x{status:04X}: {}", meaning(status));
+    if let Some(c) = comment {
+        s.push_str(" (");
+        s.push_str(c);
+        s.push(')');
+    }
+    s
+}
+
+/// Whether a failure status may clear up on a later retry: out of resources.
+pub(super) fn is_transient(status: u16) -> bool {
+    status & 0xFF00 == 0xA700 || status == 0x0213
+}
+
+/// The outcome of one instance from its C-STORE-RSP status.
+pub(super) fn store_outcome(status: u16, comment: Option<&str>) -> InstanceOutcome {
+    match status {
+        0x0000 => InstanceOutcome::Stored,
+        // Warnings: stored, perhaps changed (PS3.4 B.2.3; 0001/0107/0116 from PS3.7 C.4).
+        0x0001 | 0x0107 | 0x0116 | 0xB000..=0xBFFF => InstanceOutcome::Warning {
+            reason: describe("C-STORE", status, comment),
+        },
+        _ => InstanceOutcome::Failed {
+            transient: is_transient(status),
+            reason: describe("C-STORE", status, comment),
+        },
+    }
+}
+
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+/// Sequence nesting accepted in a C-FIND identifier.
+const MAX_DEPTH: u32 = 16;
+
+fn header_at(data: &[u8], pos: usize) -> Result<((u16, u16), u32), String> {
+    let h = data
+        .get(pos..pos + 8)
+        .ok_or("identifier ends inside an element header")?;
+    Ok((
+        (
+            u16::from_le_bytes([h[0], h[1]]),
+            u16::from_le_bytes([h[2], h[3]]),
+        ),
+        u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
+    ))
+}
+
+fn skip_defined(data: &[u8], pos: usize, len: u32) -> Result<usize, String> {
+    pos.checked_add(len as usize)
+        .filter(|end| *end <= data.len())
+        .ok_or_else(|| "identifier element overruns".to_owned())
+}
+
+/// Skip the items of an undefined-length sequence; returns the position
+/// after its delimiter.
+fn skip_sequence(data: &[u8], mut pos: usize, depth: u32) -> Result<usize, String> {
+    if depth > MAX_DEPTH {
+        return Err(format!("identifier nests deeper than {MAX_DEPTH}"));
+    }
+    loop {
+        let (tag, len) = header_at(data, pos)?;
+        pos += 8;
+        match tag {
+            (0xFFFE, 0xE0DD) => return Ok(pos),
+            (0xFFFE, 0xE000) if len == UNDEFINED => pos = skip_item(data, pos, depth)?,
+            (0xFFFE, 0xE000) => pos = skip_defined(data, pos, len)?,
+            _ => return Err("a non-item inside a sequence".into()),
+        }
+    }
+}
+
+/// Skip the elements of an undefined-length item.
+fn skip_item(data: &[u8], mut pos: usize, depth: u32) -> Result<usize, String> {
+    loop {
+        let (tag, len) = header_at(data, pos)?;
+        pos += 8;
+        if tag == (0xFFFE, 0xE00D) {
+            return Ok(pos);
+        }
+        pos = if len == UNDEFINED {
+            skip_sequence(data, pos, depth + 1)?
+        } else {
+            skip_defined(data, pos, len)?
+        };
+    }
+}
+
+/// The SOP Instance UID (0008,0018) of a C-FIND response identifier in
+/// Implicit VR Little Endian, without padding; `None` if absent or empty.
+pub(super) fn sop_instance_uid(data: &[u8]) -> Result<Option<String>, String> {
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let (tag, len) = header_at(data, pos)?;
+        pos += 8;
+        if len == UNDEFINED {
+            pos = skip_sequence(data, pos, 1)?;
+            continue;
+        }
+        let end = skip_defined(data, pos, len)?;
+        if tag == (0x0008, 0x0018) {
+            let v = String::from_utf8_lossy(&data[pos..end]);
+            let v = v.trim_end_matches(['\0', ' ']).trim_start();
+            return Ok(Some(v.to_owned()).filter(|s| !s.is_empty()));
+        }
+        pos = end;
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn store_rq_has_group_length_and_even_uids() {
+        let c = c_store_rq("1.2.840.10008.5.1.4.1.1.7", "1.2.3", 7);
+        let len = u32::from_le_bytes(c[8..12].try_into().unwrap()) as usize;
+        assert_eq!(len, c.len() - 12);
+        assert!(c.len().is_multiple_of(2));
+        // Round trip of the fields a response shares.
+        let mut rsp = c.clone();
+        rsp.extend_from_slice(&[0, 0, 0x00, 0x09, 2, 0, 0, 0, 0x00, 0xA7]);
+        let r = parse_response(&rsp).unwrap();
+        assert_eq!(r.command_field, C_STORE_RQ);
+        assert_eq!(r.status, 0xA700);
+        assert!(r.has_data_set);
+    }
+
+    #[test]
+    fn statuses_map_to_outcomes() {
+        assert_eq!(store_outcome(0, None), InstanceOutcome::Stored);
+        assert!(matches!(
+            store_outcome(0xB000, None),
+            InstanceOutcome::Warning { .. }
+        ));
+        assert!(matches!(
+            store_outcome(0xA702, None),
+            InstanceOutcome::Failed {
+                transient: true,
+                ..
+            }
+        ));
+        let InstanceOutcome::Failed { transient, reason } = store_outcome(0x0122, Some("no"))
+        else {
+            panic!()
+        };
+        assert!(!transient);
+        assert_eq!(
+            reason,
+            "C-STORE status 0x0122: SOP class not supported (no)"
+        );
+        assert!(matches!(
+            store_outcome(0xC123, None),
+            InstanceOutcome::Failed {
+                transient: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn identifier_uid_is_found_after_nested_sequences() {
+        let mut d = Vec::new();
+        element(&mut d, 0x0008, 0x0005, b"ISO_IR 100");
+        // (0008,1115) undefined-length sequence, one undefined item holding
+        // another undefined sequence with an empty defined item.
+        d.extend_from_slice(&[0x08, 0, 0x15, 0x11, 0xFF, 0xFF, 0xFF, 0xFF]);
+        d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        d.extend_from_slice(&[0x08, 0, 0x40, 0x11, 0xFF, 0xFF, 0xFF, 0xFF]);
+        d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0]);
+        d.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        d.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        d.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        element(&mut d, 0x0008, 0x0018, &uid_value("1.2.345"));
+        assert_eq!(sop_instance_uid(&d).unwrap().as_deref(), Some("1.2.345"));
+        assert_eq!(
+            sop_instance_uid(&image_level_query("1.2", "1.3")).unwrap(),
+            None
+        );
+        assert!(sop_instance_uid(&d[..d.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let mut d = Vec::new();
+        for _ in 0..40 {
+            d.extend_from_slice(&[0x08, 0, 0x15, 0x11, 0xFF, 0xFF, 0xFF, 0xFF]);
+            d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        }
+        assert!(sop_instance_uid(&d).unwrap_err().contains("deeper"));
+    }
+
+    #[test]
+    fn pdata_header_is_consistent() {
+        let mut b = vec![0u8; PDATA_HEADER + 10];
+        set_pdata_header(&mut b, 3, false, true);
+        assert_eq!(&b[..12], &[4, 0, 0, 0, 0, 16, 0, 0, 0, 12, 3, 2]);
+    }
+}

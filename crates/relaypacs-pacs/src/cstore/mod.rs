@@ -1,0 +1,795 @@
+//! [`CStoreSink`]: delivery by DIMSE C-STORE, verification by C-FIND, as an
+//! SCU over dicom-ul's async association.
+//!
+//! One association per [`deliver`](PacsSink::deliver) call carries the whole
+//! batch. Each distinct (SOP class, transfer syntax) of the batch is proposed
+//! as its own presentation context with exactly the file's transfer syntax:
+//! files are never transcoded, so an instance whose context the PACS rejects
+//! fails (permanently) instead of being changed.
+//!
+//! Each instance is streamed from its [`InstanceSource`] straight into
+//! P-DATA-TF PDUs: the Part-10 preamble and file meta group are skipped (the
+//! receiver writes its own), and at most one PDU of the data set is held in
+//! memory. The PDU carrying the "last fragment" flag, which makes the PACS
+//! commit the instance, is sent only after the source stream has ended
+//! successfully; the source checks the whole-file SHA-256 at its end, so a
+//! late digest error still aborts the association and nothing is stored.
+
+mod dimse;
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dicom_ul::association::{AsyncClientAssociation, ClientAssociationOptions, Error as UlError};
+use dicom_ul::pdu::{
+    AbortRQSource, AssociationRJResult, MINIMUM_PDU_SIZE, PDataValue, PDataValueType, Pdu,
+};
+use futures::StreamExt;
+use relaypacs_core::dicom::{DicomError, data_set_offset};
+use relaypacs_core::{
+    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, PacsSink, Result, Uid,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use dimse::{C_FIND_RSP, C_STORE_RSP, IMPLICIT_VR_LE, PDATA_HEADER, PDV_OVERHEAD, STUDY_ROOT_FIND};
+
+/// Largest `max_pdu` accepted in a [`CStoreConfig`]: it bounds the memory
+/// one instance in flight may take.
+const MAX_PDU_LIMIT: u32 = 16 << 20;
+/// Presentation context ids are the odd numbers 1..=255 (PS3.8 §9.3.2.2).
+const MAX_CONTEXTS: usize = 128;
+/// Bytes of a Part-10 file needed to find where its data set starts.
+const PREFIX: usize = 144;
+/// Largest response command set accepted.
+const MAX_COMMAND: usize = 64 << 10;
+/// Largest C-FIND response identifier accepted.
+const MAX_IDENTIFIER: usize = 1 << 20;
+/// Longest wait for an A-ABORT to go out before the socket is closed anyway.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
+
+/// Settings of a [`CStoreSink`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CStoreConfig {
+    /// The PACS's DICOM port as `host:port` (e.g. `pacs.example:104`).
+    pub address: String,
+    /// Our AE title (the calling AE), 1 to 16 printable ASCII characters.
+    pub calling_ae: String,
+    /// The PACS's AE title (the called AE), 1 to 16 printable ASCII characters.
+    pub called_ae: String,
+    /// Limit for the TCP connect, and again for the association negotiation.
+    pub connect_timeout: Duration,
+    /// Limit for each network read or write once associated, including the
+    /// wait for a C-STORE response while the PACS writes the instance.
+    pub io_timeout: Duration,
+    /// Largest PDU we receive, proposed in the association request, and the
+    /// cap on the P-DATA PDUs we send (the PACS's own maximum also applies).
+    /// Between 1018 bytes and 16 MiB.
+    pub max_pdu: u32,
+}
+
+impl Default for CStoreConfig {
+    /// No address; `RELAYPACS` calling `ANY-SCP`, 10 s to connect, 60 s per
+    /// read or write, 64 KiB PDUs.
+    fn default() -> Self {
+        Self {
+            address: String::new(),
+            calling_ae: "RELAYPACS".into(),
+            called_ae: "ANY-SCP".into(),
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(60),
+            max_pdu: 64 << 10,
+        }
+    }
+}
+
+/// An AE title: 1 to 16 characters of printable ASCII without backslash,
+/// not all spaces (PS3.5 §6.2, VR AE).
+fn check_ae(which: &str, ae: &str) -> Result<()> {
+    let ok = (1..=16).contains(&ae.len())
+        && ae.bytes().all(|b| (0x20..0x7F).contains(&b) && b != b'\\')
+        && !ae.bytes().all(|b| b == b' ');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "RELAY_CSTORE_BAD_AE_TITLE",
+            format!(
+                "the {which} AE title must be 1 to 16 printable ASCII characters, \
+                 without backslash and not all spaces"
+            ),
+        ))
+    }
+}
+
+fn check_address(address: &str) -> Result<()> {
+    let ok = address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "RELAY_CSTORE_BAD_ADDRESS",
+            format!("the PACS address must be host:port, not {address:?}"),
+        ))
+    }
+}
+
+/// A [`PacsSink`] storing instances in a PACS by DIMSE C-STORE and checking
+/// them by C-FIND (Study Root, IMAGE level).
+///
+/// See the [module documentation](self) for the guarantees: no transcoding,
+/// streaming with at most one PDU held, and no commit of an instance whose
+/// source failed at any point.
+#[derive(Clone, Debug)]
+pub struct CStoreSink {
+    config: CStoreConfig,
+}
+
+impl fmt::Display for CStoreSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "c-store:{}@{}",
+            self.config.called_ae, self.config.address
+        )
+    }
+}
+
+/// An error as text with its causes, `outer: inner: …`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Why an instance was not sent at all.
+fn not_accepted(inst: &Instance) -> InstanceOutcome {
+    InstanceOutcome::Failed {
+        transient: false,
+        reason: format!(
+            "transfer syntax/SOP class not accepted by the PACS (SOP class {}, transfer \
+             syntax {}); instances are never transcoded",
+            inst.dicom.sop_class_uid, inst.dicom.transfer_syntax
+        ),
+    }
+}
+
+impl CStoreSink {
+    /// A sink for the PACS described by `config`; nothing is contacted yet.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] with code `RELAY_CSTORE_BAD_AE_TITLE`,
+    /// `RELAY_CSTORE_BAD_ADDRESS`, `RELAY_CSTORE_BAD_TIMEOUT` or
+    /// `RELAY_CSTORE_BAD_MAX_PDU` for a setting out of range.
+    pub fn new(config: CStoreConfig) -> Result<Self> {
+        check_ae("calling", &config.calling_ae)?;
+        check_ae("called", &config.called_ae)?;
+        check_address(&config.address)?;
+        if config.connect_timeout.is_zero() || config.io_timeout.is_zero() {
+            return Err(Error::invalid(
+                "RELAY_CSTORE_BAD_TIMEOUT",
+                "C-STORE timeouts must be greater than zero",
+            ));
+        }
+        if !(MINIMUM_PDU_SIZE..=MAX_PDU_LIMIT).contains(&config.max_pdu) {
+            return Err(Error::invalid(
+                "RELAY_CSTORE_BAD_MAX_PDU",
+                format!("max_pdu must be between {MINIMUM_PDU_SIZE} and {MAX_PDU_LIMIT} bytes"),
+            ));
+        }
+        Ok(Self { config })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &CStoreConfig {
+        &self.config
+    }
+
+    /// Map a dicom-ul failure: a permanent association rejection (e.g.
+    /// called AE title not recognized) is permanent, everything else
+    /// (refused, reset, timed out, transient rejection) may pass.
+    fn ul_error(&self, during: &str, e: UlError) -> Error {
+        if let UlError::Rejected { association_rj, .. } = &e {
+            let permanent = matches!(association_rj.result, AssociationRJResult::Permanent);
+            let reason = format!(
+                "{self}: association rejected ({}): {}",
+                if permanent { "permanent" } else { "transient" },
+                association_rj.source
+            );
+            return if permanent {
+                Error::pacs_permanent(reason, Some(Box::new(e)))
+            } else {
+                Error::pacs_transient(reason, Some(Box::new(e)))
+            };
+        }
+        Error::pacs_transient(
+            format!("{self}: {during}: {}", chain(&e)),
+            Some(Box::new(e)),
+        )
+    }
+
+    /// Request an association proposing `contexts` (abstract syntax, one
+    /// transfer syntax each, ids 1, 3, 5, … in order). Returns the
+    /// connection and, per proposed context, its id if accepted; `None`
+    /// when the PACS accepted none of them (dicom-ul has then aborted).
+    async fn associate(
+        &self,
+        contexts: &[(String, String)],
+    ) -> Result<Option<(Conn, Vec<Option<u8>>)>> {
+        let c = &self.config;
+        let mut opts = ClientAssociationOptions::new()
+            .calling_ae_title(c.calling_ae.as_str())
+            .called_ae_title(c.called_ae.as_str())
+            .max_pdu_length(c.max_pdu)
+            .connection_timeout(c.connect_timeout)
+            .read_timeout(c.io_timeout)
+            .write_timeout(c.io_timeout);
+        for (abstract_syntax, ts) in contexts {
+            opts = opts.with_presentation_context(abstract_syntax.as_str(), vec![ts.as_str()]);
+        }
+        let limit = c.connect_timeout + c.io_timeout;
+        let assoc =
+            match tokio::time::timeout(limit, opts.establish_async(c.address.as_str())).await {
+                Err(_) => {
+                    return Err(Error::pacs_transient(
+                        format!("{self}: no association within {limit:?}"),
+                        None,
+                    ));
+                }
+                Ok(Err(UlError::NoAcceptedPresentationContexts { .. })) => return Ok(None),
+                Ok(Err(e)) => return Err(self.ul_error("association request", e)),
+                Ok(Ok(a)) => a,
+            };
+        let mut conn = Conn::new(assoc, c, self.to_string());
+        // TCP_NODELAY: a DIMSE exchange is write-write-read (command PDU,
+        // data PDUs, then wait for the response). With Nagle's algorithm the
+        // small tail of a message waits in the kernel for the ACK of the
+        // previous segment, which the peer delays by up to 40 ms: dcmtk's
+        // storescu does not set this option and stalls ~40 ms per instance
+        // (20 instances/s against Orthanc on loopback). We send whole PDUs
+        // per write, so disabling Nagle costs no tiny segments.
+        if let Err(e) = conn.assoc.inner_stream().set_nodelay(true) {
+            conn.abort().await;
+            return Err(Error::pacs_transient(
+                format!("{self}: set TCP_NODELAY: {e}"),
+                Some(Box::new(e)),
+            ));
+        }
+        let negotiated = conn.assoc.presentation_contexts();
+        let accepted = contexts
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ts))| {
+                // i < MAX_CONTEXTS (128), so the id fits in a u8.
+                let id = (2 * i + 1) as u8;
+                negotiated
+                    .iter()
+                    .find(|pc| {
+                        pc.id == id && pc.transfer_syntax.trim_end_matches(['\0', ' ']) == ts
+                    })
+                    .map(|pc| pc.id)
+            })
+            .collect();
+        Ok(Some((conn, accepted)))
+    }
+
+    /// Deliver a run of instances (at most [`MAX_CONTEXTS`] distinct
+    /// contexts) over one association, appending their outcomes.
+    async fn deliver_run(
+        &self,
+        instances: &[Instance],
+        source: &dyn InstanceSource,
+        out: &mut Vec<(Uid, InstanceOutcome)>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let mut contexts: Vec<(String, String)> = Vec::new();
+        let context_of: Vec<usize> = instances
+            .iter()
+            .map(|i| {
+                let key = (
+                    i.dicom.sop_class_uid.to_string(),
+                    i.dicom.transfer_syntax.to_string(),
+                );
+                contexts.iter().position(|c| *c == key).unwrap_or_else(|| {
+                    contexts.push(key);
+                    contexts.len() - 1
+                })
+            })
+            .collect();
+        let Some((mut conn, accepted)) = self.associate(&contexts).await? else {
+            tracing::debug!(sink = %self, contexts = contexts.len(), "C-STORE: no presentation context accepted");
+            out.extend(
+                instances
+                    .iter()
+                    .map(|i| (i.dicom.sop_instance_uid.clone(), not_accepted(i))),
+            );
+            return Ok(());
+        };
+        let mut bytes = 0u64;
+        for (inst, &ci) in instances.iter().zip(&context_of) {
+            let outcome = match accepted[ci] {
+                None => not_accepted(inst),
+                Some(id) => match self.store(&mut conn, id, inst, source).await {
+                    Ok((outcome, n)) => {
+                        bytes += n;
+                        outcome
+                    }
+                    Err(e) => {
+                        conn.abort().await;
+                        tracing::debug!(sink = %self, error = %e, "C-STORE association aborted");
+                        return Err(e);
+                    }
+                },
+            };
+            out.push((inst.dicom.sop_instance_uid.clone(), outcome));
+        }
+        let released = conn.release().await;
+        tracing::debug!(
+            sink = %self,
+            instances = instances.len(),
+            contexts = contexts.len(),
+            accepted = accepted.iter().flatten().count(),
+            data_set_bytes = bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            released = released.is_ok(),
+            "C-STORE association done"
+        );
+        if let Err(e) = released {
+            // Every response is in: the instances are stored whatever the
+            // release does.
+            tracing::warn!(sink = %self, error = %e, "C-STORE: A-RELEASE failed");
+        }
+        Ok(())
+    }
+
+    /// Store one instance on an established association. Returns its
+    /// outcome and the data set bytes sent. Any `Err` leaves the
+    /// association unusable: the caller aborts it.
+    async fn store(
+        &self,
+        conn: &mut Conn,
+        ctx: u8,
+        inst: &Instance,
+        source: &dyn InstanceSource,
+    ) -> Result<(InstanceOutcome, u64)> {
+        let mut stream = source.open(inst).await?;
+        let message_id = conn.next_message_id();
+        let mut head: Vec<u8> = Vec::with_capacity(PREFIX);
+        let mut skip: Option<u64> = None;
+        let mut sent = 0u64;
+        while let Some(piece) = stream.next().await {
+            // A source error (I/O, size or digest mismatch) propagates
+            // before the last fragment is sent: the caller aborts.
+            let piece = piece?;
+            let mut data: &[u8] = &piece;
+            let to_skip = match skip {
+                Some(s) => s,
+                None => {
+                    let take = (PREFIX - head.len()).min(data.len());
+                    head.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if head.len() < PREFIX {
+                        continue;
+                    }
+                    data_set_offset(&head)? - PREFIX as u64
+                }
+            };
+            let now = to_skip.min(data.len() as u64);
+            skip = Some(to_skip - now);
+            // now <= data.len(), so it fits in usize.
+            data = &data[now as usize..];
+            if data.is_empty() {
+                continue;
+            }
+            if sent == 0 {
+                let command = dimse::c_store_rq(
+                    inst.dicom.sop_class_uid.as_str(),
+                    inst.dicom.sop_instance_uid.as_str(),
+                    message_id,
+                );
+                conn.send_whole(ctx, true, &command).await?;
+                conn.data_begin();
+            }
+            conn.data_push(ctx, data).await?;
+            sent += data.len() as u64;
+        }
+        if skip != Some(0) {
+            return Err(Error::Dicom(DicomError::NotDicom {
+                reason: "the file ends inside its file meta group".into(),
+            }));
+        }
+        if sent == 0 {
+            return Err(Error::Dicom(DicomError::Malformed {
+                offset: inst.size,
+                reason: "no data set after the file meta group".into(),
+            }));
+        }
+        // The source has ended without error: commit.
+        conn.data_end(ctx).await?;
+        let (rsp, _) = conn.read_message(ctx, MAX_COMMAND).await?;
+        if rsp.command_field != C_STORE_RSP || rsp.responding_to != message_id {
+            return Err(conn.protocol(format!(
+                "expected C-STORE-RSP to message {message_id}, got command 0x{:04X} to {}",
+                rsp.command_field, rsp.responding_to
+            )));
+        }
+        let outcome = dimse::store_outcome(rsp.status, rsp.error_comment.as_deref());
+        Ok((outcome, sent))
+    }
+
+    /// Run one IMAGE-level C-FIND for a series; add the SOP Instance UIDs
+    /// found to `held`.
+    async fn find_series(
+        &self,
+        conn: &mut Conn,
+        ctx: u8,
+        study: &Uid,
+        series: &Uid,
+        held: &mut HashSet<String>,
+    ) -> Result<()> {
+        let message_id = conn.next_message_id();
+        conn.send_whole(ctx, true, &dimse::c_find_rq(message_id))
+            .await?;
+        let query = dimse::image_level_query(study.as_str(), series.as_str());
+        conn.send_whole(ctx, false, &query).await?;
+        loop {
+            let (rsp, identifier) = conn.read_message(ctx, MAX_IDENTIFIER).await?;
+            if rsp.command_field != C_FIND_RSP || rsp.responding_to != message_id {
+                return Err(conn.protocol(format!(
+                    "expected C-FIND-RSP to message {message_id}, got command 0x{:04X} to {}",
+                    rsp.command_field, rsp.responding_to
+                )));
+            }
+            match rsp.status {
+                0xFF00 | 0xFF01 => {
+                    let uid = dimse::sop_instance_uid(&identifier).map_err(|e| conn.protocol(e))?;
+                    held.extend(uid);
+                }
+                0x0000 => return Ok(()),
+                s => {
+                    let reason = format!(
+                        "{self}: {}",
+                        dimse::describe("C-FIND", s, rsp.error_comment.as_deref())
+                    );
+                    return Err(if dimse::is_transient(s) {
+                        Error::pacs_transient(reason, None)
+                    } else {
+                        Error::pacs_permanent(reason, None)
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl PacsSink for CStoreSink {
+    async fn deliver(
+        &self,
+        instances: &[Instance],
+        source: &dyn InstanceSource,
+    ) -> Result<DeliveryReport> {
+        let mut report = DeliveryReport {
+            outcomes: Vec::with_capacity(instances.len()),
+            ..DeliveryReport::default()
+        };
+        // One association for the batch; a batch of more than 128 distinct
+        // (SOP class, transfer syntax) pairs needs one per 128.
+        let mut start = 0;
+        while start < instances.len() {
+            let mut seen = HashSet::new();
+            let end = instances[start..]
+                .iter()
+                .position(|i| {
+                    seen.insert((&i.dicom.sop_class_uid, &i.dicom.transfer_syntax));
+                    seen.len() > MAX_CONTEXTS
+                })
+                .map_or(instances.len(), |n| start + n);
+            self.deliver_run(&instances[start..end], source, &mut report.outcomes)
+                .await?;
+            start = end;
+        }
+        Ok(report)
+    }
+
+    async fn verify(&self, instances: &[Instance]) -> Result<Vec<bool>> {
+        if instances.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let refused = || {
+            Error::pacs_permanent(
+                format!(
+                    "{self}: the PACS does not accept Study Root C-FIND in Implicit VR Little Endian"
+                ),
+                None,
+            )
+        };
+        let contexts = [(STUDY_ROOT_FIND.to_owned(), IMPLICIT_VR_LE.to_owned())];
+        let Some((mut conn, accepted)) = self.associate(&contexts).await? else {
+            return Err(refused());
+        };
+        let Some(ctx) = accepted.first().copied().flatten() else {
+            conn.abort().await;
+            return Err(refused());
+        };
+        let mut series: Vec<(&Uid, &Uid)> = Vec::new();
+        for i in instances {
+            let key = (&i.dicom.study_instance_uid, &i.dicom.series_instance_uid);
+            if !series.contains(&key) {
+                series.push(key);
+            }
+        }
+        let mut held = HashSet::new();
+        for (study, ser) in &series {
+            if let Err(e) = self
+                .find_series(&mut conn, ctx, study, ser, &mut held)
+                .await
+            {
+                conn.abort().await;
+                tracing::debug!(sink = %self, error = %e, "C-FIND association aborted");
+                return Err(e);
+            }
+        }
+        let released = conn.release().await;
+        tracing::debug!(
+            sink = %self,
+            queries = series.len(),
+            found = held.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            released = released.is_ok(),
+            "C-FIND association done"
+        );
+        if let Err(e) = released {
+            tracing::warn!(sink = %self, error = %e, "C-FIND: A-RELEASE failed");
+        }
+        Ok(instances
+            .iter()
+            .map(|i| held.contains(i.dicom.sop_instance_uid.as_str()))
+            .collect())
+    }
+}
+
+/// An established association with its PDU framing state.
+///
+/// P-DATA PDUs are framed here rather than with dicom-ul's
+/// `AsyncPDataWriter`: that writer sends its buffered data as the *last*
+/// fragment when it is dropped, so an error path or a cancelled future would
+/// commit a truncated instance. Here the last-fragment flag is only ever set
+/// by [`data_end`](Self::data_end); dropping a `Conn` mid-instance just
+/// closes the socket, and the PACS discards the incomplete message.
+struct Conn {
+    assoc: AsyncClientAssociation<TcpStream>,
+    /// PDVs received but not consumed yet (a PDU may carry several).
+    pending: VecDeque<PDataValue>,
+    io_timeout: Duration,
+    /// Largest PDV value we send: the PDU maximum of both sides minus the
+    /// PDV item header, even.
+    max_value: usize,
+    /// The data PDU being filled: header, then up to `max_value` bytes.
+    buf: Vec<u8>,
+    message_id: u16,
+    /// A write was cut short: the stream is not at a PDU boundary, so no
+    /// A-ABORT may be sent (its bytes could complete the partial PDU).
+    broken: bool,
+    /// `c-store:CALLED@host:port`, for messages.
+    label: String,
+}
+
+impl Conn {
+    fn new(assoc: AsyncClientAssociation<TcpStream>, config: &CStoreConfig, label: String) -> Self {
+        // dicom-ul reports an unlimited peer (0) as its largest size.
+        let max_pdu = assoc.acceptor_max_pdu_length().min(config.max_pdu);
+        let max_value = (max_pdu.saturating_sub(PDV_OVERHEAD).max(2) & !1) as usize;
+        Self {
+            assoc,
+            pending: VecDeque::new(),
+            io_timeout: config.io_timeout,
+            max_value,
+            buf: Vec::with_capacity(PDATA_HEADER + max_value),
+            message_id: 0,
+            broken: false,
+            label,
+        }
+    }
+
+    fn next_message_id(&mut self) -> u16 {
+        self.message_id = self.message_id.checked_add(1).unwrap_or(1);
+        self.message_id
+    }
+
+    fn peer(&self) -> &str {
+        &self.label
+    }
+
+    /// A protocol violation by the peer: permanent.
+    fn protocol(&self, what: impl fmt::Display) -> Error {
+        Error::pacs_permanent(format!("{}: protocol error: {what}", self.peer()), None)
+    }
+
+    fn io_error(&self, what: &str, e: std::io::Error) -> Error {
+        Error::pacs_transient(format!("{}: {what}: {e}", self.peer()), Some(Box::new(e)))
+    }
+
+    /// Write bytes that hold whole PDUs, within the I/O timeout.
+    async fn write(&mut self, from_buf: bool, bytes: &[u8]) -> Result<()> {
+        let data = if from_buf { &self.buf[..] } else { bytes };
+        let res =
+            tokio::time::timeout(self.io_timeout, self.assoc.inner_stream().write_all(data)).await;
+        match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.broken = true;
+                Err(self.io_error("send", e))
+            }
+            Err(_) => {
+                self.broken = true;
+                Err(Error::pacs_transient(
+                    format!(
+                        "{}: send timed out after {:?}",
+                        self.peer(),
+                        self.io_timeout
+                    ),
+                    None,
+                ))
+            }
+        }
+    }
+
+    /// Send a small message part (a command set or a C-FIND identifier) in
+    /// as many PDVs as needed, the last one flagged.
+    async fn send_whole(&mut self, ctx: u8, command: bool, value: &[u8]) -> Result<()> {
+        let parts = value.len().div_ceil(self.max_value).max(1);
+        for (i, part) in value.chunks(self.max_value).enumerate() {
+            let mut pdu = vec![0u8; PDATA_HEADER];
+            pdu.extend_from_slice(part);
+            dimse::set_pdata_header(&mut pdu, ctx, command, i + 1 == parts);
+            self.write(false, &pdu).await?;
+        }
+        Ok(())
+    }
+
+    /// Start a streamed data set.
+    fn data_begin(&mut self) {
+        self.buf.clear();
+        self.buf.resize(PDATA_HEADER, 0);
+    }
+
+    /// Append data set bytes. A full PDU is sent (not last) only once more
+    /// data follows it, so the final PDU is always still held when the
+    /// source ends and can carry the last-fragment flag.
+    async fn data_push(&mut self, ctx: u8, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            if self.buf.len() - PDATA_HEADER == self.max_value {
+                dimse::set_pdata_header(&mut self.buf, ctx, false, false);
+                self.write(true, &[]).await?;
+                self.buf.truncate(PDATA_HEADER);
+            }
+            let room = self.max_value - (self.buf.len() - PDATA_HEADER);
+            let take = room.min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+        }
+        Ok(())
+    }
+
+    /// Send the held PDU with the last-fragment flag: the PACS now stores
+    /// the instance.
+    async fn data_end(&mut self, ctx: u8) -> Result<()> {
+        dimse::set_pdata_header(&mut self.buf, ctx, false, true);
+        self.write(true, &[]).await?;
+        self.buf.truncate(PDATA_HEADER);
+        Ok(())
+    }
+
+    async fn next_pdv(&mut self) -> Result<PDataValue> {
+        loop {
+            if let Some(v) = self.pending.pop_front() {
+                return Ok(v);
+            }
+            let pdu = match tokio::time::timeout(self.io_timeout, self.assoc.receive()).await {
+                Err(_) => {
+                    return Err(Error::pacs_transient(
+                        format!("{}: no response within {:?}", self.peer(), self.io_timeout),
+                        None,
+                    ));
+                }
+                Ok(Err(e)) => {
+                    return Err(Error::pacs_transient(
+                        format!("{}: receive: {}", self.peer(), chain(&e)),
+                        Some(Box::new(e)),
+                    ));
+                }
+                Ok(Ok(pdu)) => pdu,
+            };
+            match pdu {
+                Pdu::PData { data } => self.pending.extend(data),
+                Pdu::AbortRQ { source } => {
+                    return Err(Error::pacs_transient(
+                        format!(
+                            "{}: the PACS aborted the association ({source:?})",
+                            self.peer()
+                        ),
+                        None,
+                    ));
+                }
+                other => {
+                    return Err(self.protocol(format!("unexpected {}", other.short_description())));
+                }
+            }
+        }
+    }
+
+    /// Read one message on `ctx`: its command set, and its data set (at
+    /// most `max_data` bytes) if the command announces one.
+    async fn read_message(
+        &mut self,
+        ctx: u8,
+        max_data: usize,
+    ) -> Result<(dimse::Response, Vec<u8>)> {
+        let mut command = Vec::new();
+        loop {
+            let v = self.next_pdv().await?;
+            if v.value_type != PDataValueType::Command || v.presentation_context_id != ctx {
+                return Err(self.protocol("expected a command fragment"));
+            }
+            command.extend_from_slice(&v.data);
+            if command.len() > MAX_COMMAND {
+                return Err(self.protocol("command set too large"));
+            }
+            if v.is_last {
+                break;
+            }
+        }
+        let rsp = dimse::parse_response(&command).map_err(|e| self.protocol(e))?;
+        let mut data = Vec::new();
+        if rsp.has_data_set {
+            loop {
+                let v = self.next_pdv().await?;
+                if v.value_type != PDataValueType::Data || v.presentation_context_id != ctx {
+                    return Err(self.protocol("expected a data set fragment"));
+                }
+                data.extend_from_slice(&v.data);
+                if data.len() > max_data {
+                    return Err(self.protocol("response data set too large"));
+                }
+                if v.is_last {
+                    break;
+                }
+            }
+        }
+        Ok((rsp, data))
+    }
+
+    /// A-RELEASE, then close.
+    async fn release(self) -> std::result::Result<(), String> {
+        let t = self.io_timeout;
+        match tokio::time::timeout(t, self.assoc.release()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(chain(&e)),
+            Err(_) => Err(format!("no A-RELEASE response within {t:?}")),
+        }
+    }
+
+    /// A-ABORT (as service user), then close. Anything the PACS had not
+    /// received completely is discarded.
+    async fn abort(mut self) {
+        let grace = self.io_timeout.min(ABORT_GRACE);
+        if !self.broken {
+            let pdu = Pdu::AbortRQ {
+                source: AbortRQSource::ServiceUser,
+            };
+            let _ = tokio::time::timeout(grace, self.assoc.send(&pdu)).await;
+        }
+        let _ = tokio::time::timeout(grace, self.assoc.inner_stream().shutdown()).await;
+    }
+}

@@ -1,0 +1,88 @@
+//! The shared PACS-sink conformance suite for the C-STORE sink: in full
+//! against a real Orthanc, and the cases that need no C-FIND against dcmtk's
+//! storescp (an independent C-STORE SCP).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
+
+use async_trait::async_trait;
+use relaypacs_core::testing::pacs_sink::SinkProbe;
+use relaypacs_core::testing::peers::{Orthanc, StoreScp};
+use relaypacs_core::{Result, Uid};
+use relaypacs_pacs::{CStoreConfig, CStoreSink};
+
+fn sink(port: u16, called_ae: &str) -> CStoreSink {
+    CStoreSink::new(CStoreConfig {
+        address: format!("127.0.0.1:{port}"),
+        called_ae: called_ae.into(),
+        ..CStoreConfig::default()
+    })
+    .expect("valid config")
+}
+
+/// Reads back what Orthanc stored (its own file meta group, our data set).
+struct OrthancProbe(Orthanc);
+
+#[async_trait]
+impl SinkProbe for OrthancProbe {
+    async fn fetch(&self, sop: &Uid) -> Result<Option<Vec<u8>>> {
+        Ok(tokio::task::block_in_place(|| {
+            self.0.instance_file(sop.as_str())
+        }))
+    }
+
+    fn preserves_file_meta(&self) -> bool {
+        false
+    }
+}
+
+async fn orthanc() -> (CStoreSink, OrthancProbe, ()) {
+    let o = tokio::task::block_in_place(Orthanc::start);
+    (sink(o.dicom_port, &o.aet), OrthancProbe(o), ())
+}
+
+relaypacs_core::pacs_sink_conformance!(orthanc);
+
+/// dcmtk's storescp has no C-FIND, so `verify` is not run against it.
+mod storescp {
+    use relaypacs_core::testing::pacs_sink::{
+        delivers_byte_exact, redelivery_is_idempotent, source_failure_leaves_nothing,
+    };
+
+    use super::*;
+
+    struct Probe(StoreScp);
+
+    #[async_trait]
+    impl SinkProbe for Probe {
+        async fn fetch(&self, sop: &Uid) -> Result<Option<Vec<u8>>> {
+            Ok(self.0.received(sop.as_str()))
+        }
+
+        fn preserves_file_meta(&self) -> bool {
+            false
+        }
+    }
+
+    fn storescp() -> (CStoreSink, Probe) {
+        let scp = tokio::task::block_in_place(StoreScp::start);
+        (sink(scp.port, &scp.aet), Probe(scp))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn storescp_delivers_byte_exact() {
+        let (sink, probe) = storescp();
+        delivers_byte_exact(&sink, &probe).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn storescp_redelivery_is_idempotent() {
+        let (sink, probe) = storescp();
+        redelivery_is_idempotent(&sink, &probe).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn storescp_source_failure_leaves_nothing() {
+        let (sink, probe) = storescp();
+        source_failure_leaves_nothing(&sink, &probe).await;
+        assert_eq!(probe.0.count(), 0, "storescp wrote a file");
+    }
+}
