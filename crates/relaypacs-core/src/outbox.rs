@@ -704,20 +704,24 @@ impl Pipeline {
         id: SessionId,
         sop_instance_uid: &str,
     ) -> Result<(ReportRef, ByteStream)> {
-        let rec = self.load_owned(actor, id).await?.value;
         let mut ev = Self::event(
             actor,
             AuditAction::DataAccessed,
             AuditOutcome::Success,
             Some(id),
         );
+        ev.detail = format!("report {sop_instance_uid}");
+        // A refused look at someone else's report is recorded too.
+        let rec = match self.load_owned(actor, id).await {
+            Ok(v) => v.value,
+            Err(e) => return self.refuse(ev, e).await,
+        };
         ev.study = rec.study_instance_uid.clone();
         let patients: BTreeSet<String> = Self::instances_of(&rec)
             .into_iter()
             .map(|i| i.dicom.patient_id)
             .collect();
         ev.patient_id = Some(patients.into_iter().collect::<Vec<_>>().join("\\"));
-        ev.detail = format!("report {sop_instance_uid}");
         let Some(report) = rec
             .delivery
             .reports

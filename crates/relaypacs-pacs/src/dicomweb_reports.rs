@@ -85,9 +85,15 @@ impl ReportSource for DicomWebReports {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let boundary = multer::parse_boundary(&ct).map_err(|e| {
-            Error::pacs_permanent(format!("WADO-RS answer is not multipart ({ct}): {e}"), None)
-        })?;
+        // multer's own parser accepts only multipart/form-data.
+        let boundary = ct
+            .parse::<mime::Mime>()
+            .ok()
+            .filter(|m| m.type_() == mime::MULTIPART)
+            .and_then(|m| m.get_param(mime::BOUNDARY).map(|b| b.to_string()))
+            .ok_or_else(|| {
+                Error::pacs_permanent(format!("WADO-RS answer is not multipart: {ct}"), None)
+            })?;
         let limits = multer::Constraints::new()
             .size_limit(multer::SizeLimit::new().per_field(MAX_REPORT_BYTES));
         let mut parts = multer::Multipart::with_constraints(resp.bytes_stream(), boundary, limits);

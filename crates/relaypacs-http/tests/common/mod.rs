@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 pub const PASSWORD: &str = "plum-orbit-Cascade-7731";
 
 pub struct TestServer {
+    pub config: Config,
     pub secret: String,
     pub server: Option<Server>,
     pub dir: tempfile::TempDir,
@@ -62,9 +63,10 @@ impl TestServer {
             .as_ref()
             .map(|s| secrecy::ExposeSecret::expose_secret(s).to_string())
             .unwrap_or_default();
-        let server = Server::start_with(c, adapt).await.unwrap();
+        let server = Server::start_with(c.clone(), adapt).await.unwrap();
         let url = format!("http://{}", server.addr());
         Self {
+            config: c,
             secret,
             server: Some(server),
             dir,
@@ -220,6 +222,18 @@ impl TestServer {
 
     pub async fn audit(&self) -> Vec<relaypacs_core::AuditEvent> {
         self.server().state().audit.events().await.unwrap()
+    }
+
+    /// Stop the server and start it again on the same data folder (and a
+    /// new port), after `f` changed its configuration.
+    pub async fn restart(&mut self, f: impl FnOnce(&mut Config)) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        f(&mut self.config);
+        let server = Server::start_with(self.config.clone(), |a| a).await.unwrap();
+        self.url = format!("http://{}", server.addr());
+        self.server = Some(server);
     }
 
     pub async fn stop(mut self) {
