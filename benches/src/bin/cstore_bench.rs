@@ -14,10 +14,14 @@
 //! `VerifyingStream` (length and whole-file SHA-256), as in production.
 //!
 //! Prints instances/s per run, the medians and the ratio ours/storescu as a
-//! table, then one JSON line.
+//! table, then one JSON line. Also prints Orthanc's CPU use during each run
+//! (and ours during ours), in % of one core, from /proc: the machine has
+//! two cores shared by client and server, so this shows which side limits.
 //!
 //! Run: `cargo run --release -p relaypacs-benches --bin cstore_bench`
-//! (options: `--count N`, `--rounds N`).
+//! (options: `--count N`, `--rounds N`; `--split N` runs ours as N
+//! concurrent `deliver` calls, so N associations, to see whether Orthanc
+//! scales past one association; the default 1 is the comparison asked for).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -36,7 +40,7 @@ use tokio::io::AsyncReadExt;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-const USAGE: &str = "usage: cstore_bench [--count N (200)] [--rounds N (3)]";
+const USAGE: &str = "usage: cstore_bench [--count N (200)] [--rounds N (3)] [--split N (1)]";
 
 /// Streams instances from their Part-10 files, verified like the pipeline does.
 #[derive(Debug)]
@@ -82,6 +86,43 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// CPU seconds (user + system) used so far by process `pid`, from
+/// /proc/<pid>/stat (Linux), with `ticks` clock ticks per second.
+fn cpu_secs(pid: u32, ticks: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after "(comm) ": state ppid … utime (14th field) is the 12th here.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let used = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(used / ticks)
+}
+
+/// The Orthanc process this bench started (our child named `Orthanc`).
+fn orthanc_pid() -> Option<u32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?;
+        let ppid = stat
+            .get(stat.rfind(')')? + 2..)?
+            .split_whitespace()
+            .nth(1)?;
+        (comm == "Orthanc" && ppid == me).then_some(pid)
+    })
+}
+
+/// Clock ticks per second for /proc times (`getconf CLK_TCK`, else 100).
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 /// Delete the study from Orthanc and check it is empty again.
 fn clear(orthanc: &Orthanc, study_uid: &str) -> Res<()> {
     let (code, body) = orthanc.rest("POST", "/tools/lookup", Some(study_uid.as_bytes()));
@@ -108,13 +149,14 @@ fn clear(orthanc: &Orthanc, study_uid: &str) -> Res<()> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Res<()> {
-    let (mut count, mut rounds) = (200usize, 3usize);
+    let (mut count, mut rounds, mut split) = (200usize, 3usize, 1usize);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value: Option<usize> = args.next().and_then(|v| v.parse().ok()).filter(|n| *n > 0);
         match (flag.as_str(), value) {
             ("--count", Some(n)) => count = n,
             ("--rounds", Some(n)) => rounds = n,
+            ("--split", Some(n)) => split = n,
             _ => return Err(format!("bad arguments\n{USAGE}").into()),
         }
     }
@@ -180,9 +222,27 @@ async fn main() -> Res<()> {
         storescu.display()
     );
 
+    let ticks = clock_ticks();
+    let pid = orthanc_pid().ok_or("cannot find the Orthanc process")?;
+    let me = std::process::id();
+    // Orthanc's and our CPU use during a run, in % of one core of wall time.
+    let cpu = |t0: (f64, f64), secs: f64| {
+        let o = cpu_secs(pid, ticks).unwrap_or(f64::NAN) - t0.0;
+        let m = cpu_secs(me, ticks).unwrap_or(f64::NAN) - t0.1;
+        (100.0 * o / secs, 100.0 * m / secs)
+    };
+    let cpu_now = || {
+        (
+            cpu_secs(pid, ticks).unwrap_or(f64::NAN),
+            cpu_secs(me, ticks).unwrap_or(f64::NAN),
+        )
+    };
     let (mut theirs, mut ours) = (Vec::new(), Vec::new());
+    let (mut orthanc_cpu_theirs, mut orthanc_cpu_ours, mut our_cpu) =
+        (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         // dcmtk storescu: one association, all files.
+        let c0 = cpu_now();
         let t = Instant::now();
         let status = tokio::process::Command::new(&storescu)
             .args(["-aet", "RELAYPACS", "-aec", &orthanc.aet, "127.0.0.1"])
@@ -191,6 +251,8 @@ async fn main() -> Res<()> {
             .status()
             .await?;
         let secs = t.elapsed().as_secs_f64();
+        let (ocpu, _) = cpu(c0, secs);
+        orthanc_cpu_theirs.push(ocpu);
         if !status.success() {
             return Err(format!("storescu failed: {status}").into());
         }
@@ -200,18 +262,24 @@ async fn main() -> Res<()> {
         }
         theirs.push(count as f64 / secs);
         println!(
-            "round {round}: storescu   {secs:7.3} s  {:7.1} inst/s",
+            "round {round}: storescu   {secs:7.3} s  {:7.1} inst/s  Orthanc CPU {ocpu:3.0}%",
             count as f64 / secs
         );
         tokio::task::block_in_place(|| clear(&orthanc, &study))?;
 
         // Ours: one deliver call, one association.
+        let c0 = cpu_now();
         let t = Instant::now();
-        let report = sink.deliver(&instances, &source).await?;
+        let parts = instances.chunks(count.div_ceil(split));
+        let reports =
+            futures::future::try_join_all(parts.map(|part| sink.deliver(part, &source))).await?;
         let secs = t.elapsed().as_secs_f64();
-        if let Some((uid, o)) = report
-            .outcomes
+        let (ocpu, mcpu) = cpu(c0, secs);
+        orthanc_cpu_ours.push(ocpu);
+        our_cpu.push(mcpu);
+        if let Some((uid, o)) = reports
             .iter()
+            .flat_map(|r| &r.outcomes)
             .find(|(_, o)| *o != InstanceOutcome::Stored)
         {
             return Err(format!("ours: {uid}: {o:?}").into());
@@ -222,7 +290,7 @@ async fn main() -> Res<()> {
         }
         ours.push(count as f64 / secs);
         println!(
-            "round {round}: CStoreSink {secs:7.3} s  {:7.1} inst/s",
+            "round {round}: CStoreSink {secs:7.3} s  {:7.1} inst/s  Orthanc CPU {ocpu:3.0}%  ours {mcpu:3.0}%",
             count as f64 / secs
         );
         tokio::task::block_in_place(|| clear(&orthanc, &study))?;
@@ -231,8 +299,8 @@ async fn main() -> Res<()> {
     let (mt, mo) = (median(&theirs), median(&ours));
     let mbs = |ips: f64| ips * avg / 1e6;
     println!();
-    println!("| client | runs (inst/s) | median inst/s | MB/s |");
-    println!("|---|---|---|---|");
+    println!("| client | runs (inst/s) | median inst/s | MB/s | Orthanc CPU (median) |");
+    println!("|---|---|---|---|---|");
     let fmt_runs = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.1}"))
@@ -240,14 +308,22 @@ async fn main() -> Res<()> {
             .join(" ")
     };
     println!(
-        "| dcmtk storescu | {} | {mt:.1} | {:.1} |",
+        "| dcmtk storescu | {} | {mt:.1} | {:.1} | {:.0}% |",
         fmt_runs(&theirs),
-        mbs(mt)
+        mbs(mt),
+        median(&orthanc_cpu_theirs)
     );
     println!(
-        "| RelayPACS CStoreSink | {} | {mo:.1} | {:.1} |",
+        "| RelayPACS CStoreSink{} | {} | {mo:.1} | {:.1} | {:.0}% (ours {:.0}%) |",
+        if split > 1 {
+            format!(" ({split} associations)")
+        } else {
+            String::new()
+        },
         fmt_runs(&ours),
-        mbs(mo)
+        mbs(mo),
+        median(&orthanc_cpu_ours),
+        median(&our_cpu)
     );
     println!("ratio ours/storescu: {:.1}x", mo / mt);
     println!(
@@ -257,11 +333,15 @@ async fn main() -> Res<()> {
             "instances": count,
             "instance_bytes": avg.round(),
             "rounds": rounds,
+            "split": split,
             "storescu_inst_per_s": theirs,
             "ours_inst_per_s": ours,
             "storescu_median": mt,
             "ours_median": mo,
             "ratio": mo / mt,
+            "orthanc_cpu_pct_storescu": orthanc_cpu_theirs,
+            "orthanc_cpu_pct_ours": orthanc_cpu_ours,
+            "our_cpu_pct": our_cpu,
         })
     );
     Ok(())

@@ -41,10 +41,23 @@ async fn logs_hold_no_secrets_and_no_patient_data() {
         .env("RELAYPACS_SECRET", &secret)
         .env("RELAYPACS_LISTEN", format!("127.0.0.1:{port}"))
         .env("RELAYPACS_LOG", "debug")
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = server.stderr.take().unwrap();
+    // Kill the server if an assertion below fails, so no process outlives
+    // the test.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(self.0.to_string())
+                .status();
+        }
+    }
+    let _guard = KillOnDrop(server.id());
     let lines = std::thread::spawn(move || {
         BufReader::new(stderr)
             .lines()
@@ -123,7 +136,7 @@ async fn logs_hold_no_secrets_and_no_patient_data() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 202);
     let r = http
         .post(format!("{url}/api/v1/auth/refresh"))
         .json(&json!({"refresh_token": refresh}))

@@ -157,8 +157,10 @@ async fn tuspy_and_tus_js_client_upload_interrupt_and_resume() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
-    // Byte-identical in the archive.
+    assert_eq!(r.status(), 202);
+    // Delivered (the worker notifies once verified), byte-identical.
+    let note = t.wait_notifications(&u, 1).await;
+    assert_eq!(note[0]["kind"], "delivered", "{note:?}");
     let mut archived: Vec<Vec<u8>> = snapshot(&t.data().join("archive"))
         .keys()
         .map(|k| std::fs::read(t.data().join("archive").join(k)).unwrap())

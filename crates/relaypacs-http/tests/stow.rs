@@ -63,6 +63,8 @@ async fn stow_statuses_and_response() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(seq_len(&v, "00081199"), 2);
     assert_eq!(v["00081199"]["Value"][0]["00081155"]["vr"], "UI");
+    // Accepted durably; delivered (to the archive sink) by the worker.
+    t.wait_notifications(&u, 1).await;
     let archived = snapshot(&t.data().join("archive").join(&study));
     assert_eq!(archived.len(), 2, "both instances archived");
     // Some stored: 202 with FailedSOPSequence and a reason.
@@ -145,7 +147,9 @@ async fn stow_statuses_and_response() {
         .await
         .unwrap();
     expect_error(r, 415, "RELAY_UNSUPPORTED_MEDIA_TYPE").await;
-    // Malformed multipart: 400 and nothing kept.
+    // Malformed multipart: 400 and nothing kept. (First let the worker
+    // deliver the two accepted requests.)
+    t.wait_notifications(&u, 2).await;
     let before = snapshot(&t.data().join("archive"));
     let r = t
         .req(Method::POST, "/dicomweb/studies", &u)

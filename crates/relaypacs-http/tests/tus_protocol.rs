@@ -237,7 +237,8 @@ async fn dropped_connection_keeps_only_durable_bytes() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 202);
+    t.wait_notifications(&u, 1).await;
     let stored: Vec<_> = walk(&t.data().join("archive"));
     assert_eq!(stored.len(), 1);
     assert_eq!(

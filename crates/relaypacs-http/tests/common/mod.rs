@@ -220,6 +220,30 @@ impl TestServer {
         up
     }
 
+    /// Wait (up to 30 s) until `user` has at least `n` notifications.
+    pub async fn wait_notifications(&self, user: &User, n: usize) -> Vec<Value> {
+        let start = std::time::Instant::now();
+        loop {
+            let list: Vec<Value> = self
+                .req(Method::GET, "/api/v1/notifications", user)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if list.len() >= n {
+                return list;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "{} of {n} notifications",
+                list.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn audit(&self) -> Vec<relaypacs_core::AuditEvent> {
         self.server().state().audit.events().await.unwrap()
     }
