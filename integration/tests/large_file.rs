@@ -82,7 +82,10 @@ async fn file_over_100_mib_round_trips_with_bounded_memory() {
     let FileState::Valid { dicom } = done.state else {
         panic!("not valid")
     };
-    let rec = p.complete_session(&a, s).await.unwrap();
+    let rec = p
+        .complete_and_deliver(&a, s, &Default::default())
+        .await
+        .unwrap();
     assert!(matches!(rec.state, SessionState::Delivered { .. }));
     let archived = e.archive.instance_path(
         &dicom.study_instance_uid,

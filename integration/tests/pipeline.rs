@@ -38,7 +38,10 @@ async fn study_flows_to_archive_byte_exact_and_is_audited() {
             .unwrap();
         assert!(matches!(rec.state, FileState::Valid { .. }));
     }
-    let done = p.complete_session(&alice(), s).await.unwrap();
+    let done = p
+        .complete_and_deliver(&alice(), s, &Default::default())
+        .await
+        .unwrap();
     assert!(
         matches!(done.state, SessionState::Delivered { .. }),
         "{:?}",

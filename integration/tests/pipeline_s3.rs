@@ -63,7 +63,10 @@ async fn study_through_s3_chunk_store() {
     let FileState::Valid { dicom } = rec.state else {
         panic!("not valid")
     };
-    let done = p.complete_session(&a, s).await.unwrap();
+    let done = p
+        .complete_and_deliver(&a, s, &Default::default())
+        .await
+        .unwrap();
     assert!(matches!(done.state, SessionState::Delivered { .. }));
     let archived = local.archive.instance_path(
         &dicom.study_instance_uid,

@@ -227,6 +227,25 @@ impl Pipeline {
             .map_err(|_| Error::conflict("RELAY_REPORTS_SET", "a report source is already set"))
     }
 
+    /// Complete the session and make one delivery attempt at once, in the
+    /// caller's task (for embedders that run no [`Outbox`] worker, and for
+    /// examples). Returns the session afterwards: delivered, still in the
+    /// outbox with a retry scheduled, or a dead letter. A worker, if one
+    /// runs, picks up from there.
+    ///
+    /// # Errors
+    /// As [`complete_session`](Pipeline::complete_session), and store failures.
+    pub async fn complete_and_deliver(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        config: &OutboxConfig,
+    ) -> Result<SessionRecord> {
+        self.complete_session(actor, id).await?;
+        self.attempt_delivery(id, "inline", config).await?;
+        Ok(self.inner.sessions.load_session(id).await?.value)
+    }
+
     /// One delivery attempt for `id` if it is due (see the module docs).
     /// Returns the event to report, if any, and when to look again.
     /// `worker` names the caller's lease.

@@ -48,7 +48,13 @@ async fn study_json(t: &TestServer, u: &User, id: &str) -> Value {
 }
 
 /// Poll the study until `pred` holds (or fail with its last state).
-async fn wait_for(t: &TestServer, u: &User, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+async fn wait_for(
+    t: &TestServer,
+    u: &User,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let start = Instant::now();
     loop {
         let v = study_json(t, u, id).await;
@@ -75,9 +81,10 @@ async fn notifications(t: &TestServer, u: &User, kind: &str) -> Vec<Value> {
         .unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
-    let list = v.as_array().cloned().unwrap_or_else(|| {
-        v["notifications"].as_array().cloned().unwrap_or_default()
-    });
+    let list = v
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| v["notifications"].as_array().cloned().unwrap_or_default());
     list.into_iter().filter(|n| n["kind"] == kind).collect()
 }
 
@@ -85,10 +92,11 @@ async fn notifications(t: &TestServer, u: &User, kind: &str) -> Vec<Value> {
 async fn upload_and_complete(t: &TestServer, u: &User, n: usize) -> (String, String, Vec<Vec<u8>>) {
     let sid = t.new_study(u).await;
     let first = dicom(None, 32);
-    let study_uid = relaypacs_core::dicom::validate_dicom(&first, first.len() as u64, &Default::default())
-        .unwrap()
-        .study_instance_uid
-        .to_string();
+    let study_uid =
+        relaypacs_core::dicom::validate_dicom(&first, first.len() as u64, &Default::default())
+            .unwrap()
+            .study_instance_uid
+            .to_string();
     let mut files = vec![first];
     for _ in 1..n {
         files.push(dicom(Some(&study_uid), 32));
@@ -131,14 +139,24 @@ async fn fwd_stow_delivers_byte_identical_and_notifies_after_verification() {
     assert_eq!(v["delivery"]["confirmed_instances"], 3, "{v:#}");
     for f in &files {
         let (o, sop) = (o.clone(), sop_of(f));
-        let held = blocking(move || o.instance_file(&sop)).await.expect("Orthanc holds it");
+        let held = blocking(move || o.instance_file(&sop))
+            .await
+            .expect("Orthanc holds it");
         assert_eq!(&held, f, "byte-identical at the PACS");
     }
-    assert_eq!(blocking({ let o = o.clone(); move || o.instance_count() }).await, 3);
+    assert_eq!(
+        blocking({
+            let o = o.clone();
+            move || o.instance_count()
+        })
+        .await,
+        3
+    );
     assert_eq!(notifications(&t, &u, "delivered").await.len(), 1);
     let audit = t.audit().await;
     assert!(
-        audit.iter().any(|e| e.detail.contains("verified") && e.session.map(|s| s.to_string()) == Some(sid.clone())),
+        audit.iter().any(|e| e.detail.contains("verified")
+            && e.session.map(|s| s.to_string()) == Some(sid.clone())),
         "a verified-delivery audit record"
     );
     t.stop().await;
@@ -156,8 +174,17 @@ async fn fwd_pacs_down_then_back_delivers_exactly_once() {
         v["delivery"]["attempts"].as_u64() >= Some(2)
     })
     .await;
-    assert_eq!(v["state"]["state"], "forwarding", "a PACS outage is retried: {v:#}");
-    assert!(v["delivery"]["last_error"].as_str().unwrap().contains("connection"), "{v:#}");
+    assert_eq!(
+        v["state"]["state"], "forwarding",
+        "a PACS outage is retried: {v:#}"
+    );
+    assert!(
+        v["delivery"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("connection"),
+        "{v:#}"
+    );
     assert!(notifications(&t, &u, "delivered").await.is_empty());
     let o = blocking(move || {
         o.start_again();
@@ -166,7 +193,14 @@ async fn fwd_pacs_down_then_back_delivers_exactly_once() {
     .await;
     wait_for(&t, &u, &sid, "delivered", state_is("delivered")).await;
     let o = std::sync::Arc::new(o);
-    assert_eq!(blocking({ let o = o.clone(); move || o.instance_count() }).await, files.len());
+    assert_eq!(
+        blocking({
+            let o = o.clone();
+            move || o.instance_count()
+        })
+        .await,
+        files.len()
+    );
     for f in &files {
         let (o, sop) = (o.clone(), sop_of(f));
         assert_eq!(&blocking(move || o.instance_file(&sop)).await.unwrap(), f);
@@ -197,7 +231,14 @@ async fn fwd_gateway_restart_with_a_pending_entry_delivers() {
         o
     })
     .await;
-    wait_for(&t, &u, &sid, "delivered after restart", state_is("delivered")).await;
+    wait_for(
+        &t,
+        &u,
+        &sid,
+        "delivered after restart",
+        state_is("delivered"),
+    )
+    .await;
     assert_eq!(blocking(move || o.instance_count()).await, files.len());
     assert_eq!(notifications(&t, &u, "delivered").await.len(), 1);
     t.stop().await;
@@ -214,45 +255,81 @@ async fn fwd_permanent_rejection_dead_letters_at_once_and_replay_after_fix_deliv
     let v = wait_for(&t, &u, &sid, "dead letter", state_is("dead_letter")).await;
     assert_eq!(v["delivery"]["attempts"], 1, "4xx is not retried: {v:#}");
     let reason = v["state"]["reason"].as_str().unwrap();
-    assert!(reason.contains("401"), "the PACS's reason is kept: {reason}");
+    assert!(
+        reason.contains("401"),
+        "the PACS's reason is kept: {reason}"
+    );
     assert_eq!(notifications(&t, &u, "forward_failed").await.len(), 1);
     assert!(notifications(&t, &u, "delivered").await.is_empty());
 
     // Dead letters are the admin's: listed with the reason; users get 403.
-    let r = t.req(Method::GET, "/api/v1/admin/dead-letters", &u).send().await.unwrap();
-    assert_eq!(r.status(), 403);
     let r = t
-        .req(Method::POST, &format!("/api/v1/admin/dead-letters/{sid}/replay"), &u)
+        .req(Method::GET, "/api/v1/admin/dead-letters", &u)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    let r = t.req(Method::GET, "/api/v1/admin/dead-letters", &admin).send().await.unwrap();
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/api/v1/admin/dead-letters/{sid}/replay"),
+            &u,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = t
+        .req(Method::GET, "/api/v1/admin/dead-letters", &admin)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let list: Vec<Value> = r.json().await.unwrap();
-    assert!(list.iter().any(|e| e["id"] == sid && e["last_error"].as_str().unwrap().contains("401")));
+    assert!(
+        list.iter()
+            .any(|e| e["id"] == sid && e["last_error"].as_str().unwrap().contains("401"))
+    );
 
     // The admin fixes the configuration and replays.
     let good = stow(&o, &o.password);
     t.restart(|c| c.sinks = vec![good]).await;
     let admin = User {
-        token: t.login("admin").await["access_token"].as_str().unwrap().into(),
+        token: t.login("admin").await["access_token"]
+            .as_str()
+            .unwrap()
+            .into(),
         ..admin
     };
     let r = t
-        .req(Method::POST, &format!("/api/v1/admin/dead-letters/{sid}/replay"), &admin)
+        .req(
+            Method::POST,
+            &format!("/api/v1/admin/dead-letters/{sid}/replay"),
+            &admin,
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 202, "{:?}", r.text().await);
-    wait_for(&t, &u, &sid, "delivered after replay", state_is("delivered")).await;
+    wait_for(
+        &t,
+        &u,
+        &sid,
+        "delivered after replay",
+        state_is("delivered"),
+    )
+    .await;
     let o = std::sync::Arc::new(o);
     for f in &files {
         let (o, sop) = (o.clone(), sop_of(f));
         assert_eq!(&blocking(move || o.instance_file(&sop)).await.unwrap(), f);
     }
     let audit = t.audit().await;
-    assert!(audit.iter().any(|e| e.action == relaypacs_core::AuditAction::ForwardReplayed));
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == relaypacs_core::AuditAction::ForwardReplayed)
+    );
     t.stop().await;
 }
 
@@ -262,7 +339,12 @@ async fn fwd_permanent_rejection_dead_letters_at_once_and_replay_after_fix_deliv
 /// letter, and once the PACS is fixed a replay delivers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fwd_unverified_delivery_is_never_called_delivered() {
-    let mut o = blocking(|| Orthanc::start_with(OrthancOptions { lua: Some(REFUSE_ALL.into()) })).await;
+    let mut o = blocking(|| {
+        Orthanc::start_with(OrthancOptions {
+            lua: Some(REFUSE_ALL.into()),
+        })
+    })
+    .await;
     let sink = stow(&o, &o.password);
     let t = TestServer::start_with(|c| {
         fast(c, sink);
@@ -274,7 +356,13 @@ async fn fwd_unverified_delivery_is_never_called_delivered() {
     let (sid, _, files) = upload_and_complete(&t, &u, 2).await;
     let v = wait_for(&t, &u, &sid, "dead letter", state_is("dead_letter")).await;
     assert_eq!(v["delivery"]["attempts"], 3);
-    assert!(v["state"]["reason"].as_str().unwrap().contains("does not hold 2 of 2"), "{v:#}");
+    assert!(
+        v["state"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not hold 2 of 2"),
+        "{v:#}"
+    );
     assert!(notifications(&t, &u, "delivered").await.is_empty());
     let o2 = blocking(move || {
         o.stop();
@@ -284,7 +372,11 @@ async fn fwd_unverified_delivery_is_never_called_delivered() {
     })
     .await;
     let r = t
-        .req(Method::POST, &format!("/api/v1/admin/dead-letters/{sid}/replay"), &admin)
+        .req(
+            Method::POST,
+            &format!("/api/v1/admin/dead-letters/{sid}/replay"),
+            &admin,
+        )
         .send()
         .await
         .unwrap();
@@ -317,14 +409,21 @@ async fn fwd_replay_refuses_a_file_changed_at_rest() {
     }
     assert!(flipped > 0, "found the stored chunks");
     let r = t
-        .req(Method::POST, &format!("/api/v1/admin/dead-letters/{sid}/replay"), &admin)
+        .req(
+            Method::POST,
+            &format!("/api/v1/admin/dead-letters/{sid}/replay"),
+            &admin,
+        )
         .send()
         .await
         .unwrap();
     let status = r.status().as_u16();
     let body: Value = r.json().await.unwrap();
     assert!((400..500).contains(&status), "{status} {body}");
-    assert!(body["error"]["code"].as_str().unwrap().contains("HASH"), "{body}");
+    assert!(
+        body["error"]["code"].as_str().unwrap().contains("HASH"),
+        "{body}"
+    );
     let v = study_json(&t, &u, &sid).await;
     assert_eq!(v["state"]["state"], "dead_letter");
     assert_eq!(blocking(move || o.instance_count()).await, 0);
@@ -353,7 +452,10 @@ async fn reports_notify_the_uploader_and_only_they_can_fetch_them() {
     let other = t.user("elsewhere", Role::Uploader).await;
     let (sid, study_uid, _) = upload_and_complete(&t, &u, 1).await;
     wait_for(&t, &u, &sid, "delivered", state_is("delivered")).await;
-    assert!(notifications(&t, &u, "report_ready").await.is_empty(), "no report yet");
+    assert!(
+        notifications(&t, &u, "report_ready").await.is_empty(),
+        "no report yet"
+    );
 
     // The radiologist's system adds a PDF report to the study.
     let pdf = b"%PDF-1.4\n% report: no acute findings\n%%EOF\n".to_vec();
@@ -368,7 +470,11 @@ async fn reports_notify_the_uploader_and_only_they_can_fetch_them() {
     assert_eq!(ready.len(), 1);
     assert!(notifications(&t, &other, "report_ready").await.is_empty());
 
-    let r = t.req(Method::GET, &format!("/api/v1/studies/{sid}/reports"), &u).send().await.unwrap();
+    let r = t
+        .req(Method::GET, &format!("/api/v1/studies/{sid}/reports"), &u)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let list: Vec<Value> = r.json().await.unwrap();
     assert_eq!(list.len(), 1);
@@ -379,7 +485,11 @@ async fn reports_notify_the_uploader_and_only_they_can_fetch_them() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/dicom");
     let got = r.bytes().await.unwrap();
-    assert_eq!(data_set(&got), data_set(&report), "the report as the PACS holds it");
+    assert_eq!(
+        data_set(&got),
+        data_set(&report),
+        "the report as the PACS holds it"
+    );
 
     // Another user: not found, for the list and for the file.
     for path in [format!("/api/v1/studies/{sid}/reports"), url.clone()] {
@@ -387,12 +497,20 @@ async fn reports_notify_the_uploader_and_only_they_can_fetch_them() {
         assert_eq!(r.status(), 404, "{path}");
     }
     let audit = t.audit().await;
-    assert!(audit.iter().any(|e| e.action == relaypacs_core::AuditAction::DataAccessed
-        && e.detail.contains(&sop)
-        && e.outcome == relaypacs_core::AuditOutcome::Success));
-    assert!(audit.iter().any(|e| e.action == relaypacs_core::AuditAction::DataAccessed
-        && e.user != u.id
-        && e.outcome != relaypacs_core::AuditOutcome::Success));
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == relaypacs_core::AuditAction::DataAccessed
+                && e.detail.contains(&sop)
+                && e.outcome == relaypacs_core::AuditOutcome::Success)
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == relaypacs_core::AuditAction::DataAccessed
+                && e.user != u.id
+                && e.outcome != relaypacs_core::AuditOutcome::Success)
+    );
     t.stop().await;
 }
 
@@ -409,11 +527,18 @@ async fn fwd_cstore_delivers_byte_identical_data_sets() {
     let u = t.user("clinic", Role::Uploader).await;
     let (sid, _, files) = upload_and_complete(&t, &u, 3).await;
     let v = wait_for(&t, &u, &sid, "delivered", state_is("delivered")).await;
-    assert_eq!(v["delivery"]["confirmed_instances"], 3, "verified by C-FIND: {v:#}");
+    assert_eq!(
+        v["delivery"]["confirmed_instances"], 3,
+        "verified by C-FIND: {v:#}"
+    );
     for f in &files {
         let (o, sop) = (o.clone(), sop_of(f));
         let held = blocking(move || o.instance_file(&sop)).await.unwrap();
-        assert_eq!(data_set(&held), data_set(f), "the data set is byte-identical");
+        assert_eq!(
+            data_set(&held),
+            data_set(f),
+            "the data set is byte-identical"
+        );
     }
     assert_eq!(notifications(&t, &u, "delivered").await.len(), 1);
     t.stop().await;

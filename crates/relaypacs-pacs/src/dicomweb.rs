@@ -126,7 +126,10 @@ impl DicomWebClient {
             }
         }
         let http = b.build().map_err(|e| {
-            Error::invalid("RELAY_PACS_CLIENT", format!("HTTP client for the PACS: {e}"))
+            Error::invalid(
+                "RELAY_PACS_CLIENT",
+                format!("HTTP client for the PACS: {e}"),
+            )
         })?;
         Ok(Self {
             http,
@@ -240,7 +243,11 @@ pub(crate) fn is_transient_status(s: StatusCode) -> bool {
 
 /// `Retry-After` as a delay (seconds or an HTTP date), capped at a day.
 pub(crate) fn retry_after(resp: &Response) -> Option<Duration> {
-    let v = resp.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    let v = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?;
     let d = match v.trim().parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
         Err(_) => httpdate::parse_http_date(v)

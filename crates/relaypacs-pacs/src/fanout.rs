@@ -4,7 +4,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use relaypacs_core::{DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, PacsSink, Result};
+use relaypacs_core::{
+    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, PacsSink, Result,
+};
 
 /// Delivers every instance to each of its sinks in turn (e.g. a local
 /// archive and the hospital PACS). An instance counts as delivered only
@@ -39,7 +41,10 @@ impl FanOutSink {
     /// [`Error::Invalid`] when `sinks` is empty.
     pub fn new(sinks: Vec<Arc<dyn PacsSink>>) -> Result<Self> {
         if sinks.is_empty() {
-            return Err(Error::invalid("RELAY_NO_SINK", "no PACS sink is configured"));
+            return Err(Error::invalid(
+                "RELAY_NO_SINK",
+                "no PACS sink is configured",
+            ));
         }
         Ok(Self { sinks })
     }
@@ -49,8 +54,12 @@ fn rank(o: &InstanceOutcome) -> u8 {
     match o {
         InstanceOutcome::Stored | InstanceOutcome::AlreadyPresent => 0,
         InstanceOutcome::Warning { .. } => 1,
-        InstanceOutcome::Failed { transient: true, .. } => 2,
-        InstanceOutcome::Failed { transient: false, .. } => 3,
+        InstanceOutcome::Failed {
+            transient: true, ..
+        } => 2,
+        InstanceOutcome::Failed {
+            transient: false, ..
+        } => 3,
     }
 }
 
@@ -65,7 +74,9 @@ impl PacsSink for FanOutSink {
         for sink in &self.sinks {
             let mut r = sink.deliver(instances, source).await?;
             for (_, o) in &mut r.outcomes {
-                if let InstanceOutcome::Failed { reason, .. } | InstanceOutcome::Warning { reason } = o {
+                if let InstanceOutcome::Failed { reason, .. }
+                | InstanceOutcome::Warning { reason } = o
+                {
                     *reason = format!("{sink}: {reason}");
                 }
             }

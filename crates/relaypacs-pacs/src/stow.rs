@@ -8,16 +8,15 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use relaypacs_core::{
-    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, IntegrityError,
-    PacsSink, Result, Uid,
+    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, IntegrityError, PacsSink,
+    Result, Uid,
 };
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 use crate::dicomweb::{
-    DicomWebClient, DicomWebConfig, items_of, number_of, status_error, string_of,
-    transport,
+    DicomWebClient, DicomWebConfig, items_of, number_of, status_error, string_of, transport,
 };
 
 /// DICOM JSON tags of the STOW-RS response.

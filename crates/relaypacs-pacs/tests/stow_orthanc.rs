@@ -24,7 +24,8 @@ fn failed(o: &InstanceOutcome) -> Option<bool> {
 }
 
 /// Lua that makes Orthanc refuse every instance, as a PACS rule would.
-pub const REFUSE_ALL: &str = "function ReceivedInstanceFilter(dicom, origin, info)\n  return false\nend\n";
+pub const REFUSE_ALL: &str =
+    "function ReceivedInstanceFilter(dicom, origin, info)\n  return false\nend\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_are_permanent() {
@@ -37,7 +38,10 @@ async fn wrong_credentials_are_permanent() {
         assert!(format!("{out:?}").contains("401"), "{out:?}");
     }
     assert_eq!(o.instance_count(), 0);
-    assert!(sink.verify(&insts).await.is_err(), "an unauthorised query proves nothing");
+    assert!(
+        sink.verify(&insts).await.is_err(),
+        "an unauthorised query proves nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,7 +51,10 @@ async fn pacs_down_is_transient_and_a_retry_delivers() {
     let (src, insts) = study(3).unwrap();
     o.stop();
     let r = sink.deliver(&insts, &src).await.unwrap();
-    assert!(r.outcomes.iter().all(|(_, out)| failed(out) == Some(true)), "{r:?}");
+    assert!(
+        r.outcomes.iter().all(|(_, out)| failed(out) == Some(true)),
+        "{r:?}"
+    );
     let e = sink.verify(&insts).await.unwrap_err();
     assert!(e.is_retryable(), "{e:?}");
     o.start_again();

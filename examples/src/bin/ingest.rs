@@ -215,7 +215,9 @@ async fn run(folder: Option<PathBuf>, data: PathBuf) -> Result<(), Error> {
         {
             p.remove_file(&actor, s, f.id).await?;
         }
-        let rec = p.complete_session(&actor, s).await?;
+        let rec = p
+            .complete_and_deliver(&actor, s, &Default::default())
+            .await?;
         if let SessionState::Delivered { sink, .. } = &rec.state {
             println!("delivered {ok} instance(s) to {sink}");
         }

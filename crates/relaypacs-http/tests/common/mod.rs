@@ -255,7 +255,9 @@ impl TestServer {
             s.shutdown().await;
         }
         f(&mut self.config);
-        let server = Server::start_with(self.config.clone(), |a| a).await.unwrap();
+        let server = Server::start_with(self.config.clone(), |a| a)
+            .await
+            .unwrap();
         self.url = format!("http://{}", server.addr());
         self.server = Some(server);
     }
