@@ -949,3 +949,35 @@ impl Outbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_retry_after() {
+        let c = OutboxConfig {
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            ..OutboxConfig::default()
+        };
+        // Jitter adds up to 100%: attempt n waits in [d, 2d], d = min(2^(n-1), cap).
+        for (attempt, d) in [(1u32, 1u64), (2, 2), (3, 4), (6, 32), (7, 60), (30, 60)] {
+            let w = c.backoff(attempt, None);
+            assert!(w >= Duration::from_secs(d), "attempt {attempt}: {w:?}");
+            assert!(w <= Duration::from_secs(2 * d), "attempt {attempt}: {w:?}");
+        }
+        let w = c.backoff(1, Some(Duration::from_secs(120)));
+        assert!(w >= Duration::from_secs(120), "Retry-After is a floor: {w:?}");
+    }
+
+    #[test]
+    fn configuration_round_trips_in_seconds() {
+        let c = OutboxConfig::default();
+        let j = serde_json::to_value(&c).unwrap();
+        assert_eq!(j["base_delay"], 1.0);
+        let back: OutboxConfig = serde_json::from_value(j).unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -289,3 +289,42 @@ pub(crate) async fn status_error(what: &str, resp: Response) -> Error {
         Error::pacs_permanent(reason, None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn transient_statuses_are_the_retryable_ones() {
+        for s in [500, 502, 503, 504, 408, 429] {
+            assert!(is_transient_status(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 413, 415] {
+            assert!(!is_transient_status(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+    }
+
+    #[test]
+    fn urls_must_be_http() {
+        for bad in ["ftp://pacs/dicom-web", "not a url", "mailto:x@y"] {
+            let e = DicomWebClient::new(&DicomWebConfig::new(bad)).unwrap_err();
+            assert_eq!(e.code(), "RELAY_PACS_URL", "{bad}");
+        }
+        let c = DicomWebClient::new(&DicomWebConfig::new("https://pacs.example/dicom-web")).unwrap();
+        assert_eq!(c.base().as_str(), "https://pacs.example/dicom-web/");
+    }
+
+    #[test]
+    fn credentials_are_never_printed() {
+        let a = DicomWebAuth::Basic {
+            user: "relay".into(),
+            password: "hunter2-very-secret".to_owned().into(),
+        };
+        let c = DicomWebConfig {
+            auth: a,
+            ..DicomWebConfig::new("http://x")
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

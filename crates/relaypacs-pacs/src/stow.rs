@@ -351,6 +351,80 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    fn batch(n: usize) -> Vec<Instance> {
+        let (_, insts) = relaypacs_core::testing::pacs_sink::study(n).unwrap();
+        insts
+    }
+
+    fn item(uid: &Uid, tag_: &str, code: Option<u64>) -> Value {
+        let mut v = serde_json::json!({
+            "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.7"]},
+            "00081155": {"vr": "UI", "Value": [uid.as_str()]},
+        });
+        if let Some(c) = code {
+            v[tag_] = serde_json::json!({"vr": "US", "Value": [c]});
+        }
+        v
+    }
+
+    /// PS3.18 §10.5.3: a 202 names what was stored (with or without a
+    /// warning) and what failed; each instance gets its own outcome.
+    #[test]
+    fn partial_success_is_read_per_instance() {
+        let b = batch(4);
+        let uid = |i: usize| &b[i].dicom.sop_instance_uid;
+        let body = serde_json::json!({
+            "00081199": {"vr": "SQ", "Value": [
+                item(uid(0), tag::WARNING_REASON, None),
+                item(uid(1), tag::WARNING_REASON, Some(0xB000)),
+            ]},
+            "00081198": {"vr": "SQ", "Value": [
+                item(uid(2), tag::FAILURE_REASON, Some(0xA700)),
+                item(uid(3), tag::FAILURE_REASON, Some(0xC000)),
+            ]},
+        });
+        let o = outcomes(&b, StatusCode::ACCEPTED, &body);
+        assert_eq!(o[0].1, InstanceOutcome::Stored);
+        assert!(matches!(&o[1].1, InstanceOutcome::Warning { reason } if reason.contains("B000")));
+        assert!(matches!(o[2].1, InstanceOutcome::Failed { transient: true, .. }));
+        assert!(matches!(&o[3].1, InstanceOutcome::Failed { transient: false, reason } if reason.contains("C000")));
+        assert!(o.iter().zip(&b).all(|((u, _), i)| u == &i.dicom.sop_instance_uid));
+    }
+
+    /// A 200 is not taken on trust: an instance it lists as failed, or does
+    /// not mention, is not stored (the lesson of S3's CompleteMultipartUpload).
+    #[test]
+    fn a_200_that_says_failure_is_a_failure() {
+        let b = batch(3);
+        let body = serde_json::json!({
+            "00081199": {"vr": "SQ", "Value": [item(&b[0].dicom.sop_instance_uid, tag::WARNING_REASON, None)]},
+            "00081198": {"vr": "SQ", "Value": [item(&b[1].dicom.sop_instance_uid, tag::FAILURE_REASON, Some(0x0110))]},
+        });
+        let o = outcomes(&b, StatusCode::OK, &body);
+        assert_eq!(o[0].1, InstanceOutcome::Stored);
+        assert!(matches!(o[1].1, InstanceOutcome::Failed { transient: false, .. }));
+        assert!(matches!(o[2].1, InstanceOutcome::Failed { transient: true, .. }));
+        let empty = outcomes(&b, StatusCode::OK, &Value::Null);
+        assert!(empty.iter().all(|(_, o)| !o.is_delivered()));
+    }
+
+    /// A 409 without per-instance detail refuses the whole request.
+    #[test]
+    fn a_409_refuses_everything_permanently() {
+        let b = batch(2);
+        let o = outcomes(&b, StatusCode::CONFLICT, &Value::Null);
+        assert!(o.iter().all(|(_, o)| matches!(o, InstanceOutcome::Failed { transient: false, .. })));
+    }
+
+    #[test]
+    fn duplicates_are_already_present() {
+        let b = batch(1);
+        let body = serde_json::json!({
+            "00081198": {"vr": "SQ", "Value": [item(&b[0].dicom.sop_instance_uid, tag::FAILURE_REASON, Some(0x0111))]},
+        });
+        assert_eq!(outcomes(&b, StatusCode::CONFLICT, &body)[0].1, InstanceOutcome::AlreadyPresent);
+    }
+
     #[test]
     fn failure_reasons_are_classified() {
         assert_eq!(failure(Some(0x0111)), InstanceOutcome::AlreadyPresent);
