@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use relaypacs_core::testing::pieces;
 use relaypacs_core::{
-    Actor, FileId, FileRecord, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk, PutOutcome,
-    Result, SessionId, Sha256Digest,
+    Actor, FileId, FileRecord, NewFile, NewSession, PacsSink, Pipeline, PipelineConfig, PutChunk,
+    PutOutcome, Result, SessionId, Sha256Digest,
 };
 use relaypacs_pacs::LocalArchiveSink;
 use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
@@ -28,6 +28,16 @@ pub struct Embedded {
 impl Embedded {
     /// Open the embedded adapters under `root` (creating it).
     pub fn open(root: &Path, config: PipelineConfig) -> Result<Self> {
+        Self::open_wrapped(root, config, |a| Arc::new(a))
+    }
+
+    /// Like [`open`](Self::open), with the archive sink wrapped by `wrap`
+    /// (fault injection in tests).
+    pub fn open_wrapped(
+        root: &Path,
+        config: PipelineConfig,
+        wrap: impl FnOnce(LocalArchiveSink) -> Arc<dyn PacsSink>,
+    ) -> Result<Self> {
         let chunks = LocalChunkStore::open(root.join("chunks"))?;
         let sessions = FileSessionStore::open(root.join("sessions"))?;
         let archive = LocalArchiveSink::open(root.join("archive"))?;
@@ -35,7 +45,7 @@ impl Embedded {
         let pipeline = Pipeline::new(
             Arc::new(chunks),
             Arc::new(sessions),
-            Arc::new(archive.clone()),
+            wrap(archive.clone()),
             Arc::new(audit.clone()),
             config,
         );

@@ -969,7 +969,10 @@ mod tests {
             assert!(w <= Duration::from_secs(2 * d), "attempt {attempt}: {w:?}");
         }
         let w = c.backoff(1, Some(Duration::from_secs(120)));
-        assert!(w >= Duration::from_secs(120), "Retry-After is a floor: {w:?}");
+        assert!(
+            w >= Duration::from_secs(120),
+            "Retry-After is a floor: {w:?}"
+        );
     }
 
     #[test]

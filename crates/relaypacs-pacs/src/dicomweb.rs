@@ -301,7 +301,10 @@ mod tests {
             assert!(is_transient_status(StatusCode::from_u16(s).unwrap()), "{s}");
         }
         for s in [400, 401, 403, 404, 409, 413, 415] {
-            assert!(!is_transient_status(StatusCode::from_u16(s).unwrap()), "{s}");
+            assert!(
+                !is_transient_status(StatusCode::from_u16(s).unwrap()),
+                "{s}"
+            );
         }
     }
 
@@ -311,7 +314,8 @@ mod tests {
             let e = DicomWebClient::new(&DicomWebConfig::new(bad)).unwrap_err();
             assert_eq!(e.code(), "RELAY_PACS_URL", "{bad}");
         }
-        let c = DicomWebClient::new(&DicomWebConfig::new("https://pacs.example/dicom-web")).unwrap();
+        let c =
+            DicomWebClient::new(&DicomWebConfig::new("https://pacs.example/dicom-web")).unwrap();
         assert_eq!(c.base().as_str(), "https://pacs.example/dicom-web/");
     }
 

@@ -386,9 +386,21 @@ mod tests {
         let o = outcomes(&b, StatusCode::ACCEPTED, &body);
         assert_eq!(o[0].1, InstanceOutcome::Stored);
         assert!(matches!(&o[1].1, InstanceOutcome::Warning { reason } if reason.contains("B000")));
-        assert!(matches!(o[2].1, InstanceOutcome::Failed { transient: true, .. }));
-        assert!(matches!(&o[3].1, InstanceOutcome::Failed { transient: false, reason } if reason.contains("C000")));
-        assert!(o.iter().zip(&b).all(|((u, _), i)| u == &i.dicom.sop_instance_uid));
+        assert!(matches!(
+            o[2].1,
+            InstanceOutcome::Failed {
+                transient: true,
+                ..
+            }
+        ));
+        assert!(
+            matches!(&o[3].1, InstanceOutcome::Failed { transient: false, reason } if reason.contains("C000"))
+        );
+        assert!(
+            o.iter()
+                .zip(&b)
+                .all(|((u, _), i)| u == &i.dicom.sop_instance_uid)
+        );
     }
 
     /// A 200 is not taken on trust: an instance it lists as failed, or does
@@ -402,8 +414,20 @@ mod tests {
         });
         let o = outcomes(&b, StatusCode::OK, &body);
         assert_eq!(o[0].1, InstanceOutcome::Stored);
-        assert!(matches!(o[1].1, InstanceOutcome::Failed { transient: false, .. }));
-        assert!(matches!(o[2].1, InstanceOutcome::Failed { transient: true, .. }));
+        assert!(matches!(
+            o[1].1,
+            InstanceOutcome::Failed {
+                transient: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            o[2].1,
+            InstanceOutcome::Failed {
+                transient: true,
+                ..
+            }
+        ));
         let empty = outcomes(&b, StatusCode::OK, &Value::Null);
         assert!(empty.iter().all(|(_, o)| !o.is_delivered()));
     }
@@ -413,7 +437,13 @@ mod tests {
     fn a_409_refuses_everything_permanently() {
         let b = batch(2);
         let o = outcomes(&b, StatusCode::CONFLICT, &Value::Null);
-        assert!(o.iter().all(|(_, o)| matches!(o, InstanceOutcome::Failed { transient: false, .. })));
+        assert!(o.iter().all(|(_, o)| matches!(
+            o,
+            InstanceOutcome::Failed {
+                transient: false,
+                ..
+            }
+        )));
     }
 
     #[test]
@@ -422,7 +452,10 @@ mod tests {
         let body = serde_json::json!({
             "00081198": {"vr": "SQ", "Value": [item(&b[0].dicom.sop_instance_uid, tag::FAILURE_REASON, Some(0x0111))]},
         });
-        assert_eq!(outcomes(&b, StatusCode::CONFLICT, &body)[0].1, InstanceOutcome::AlreadyPresent);
+        assert_eq!(
+            outcomes(&b, StatusCode::CONFLICT, &body)[0].1,
+            InstanceOutcome::AlreadyPresent
+        );
     }
 
     #[test]

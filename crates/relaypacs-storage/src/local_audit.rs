@@ -250,37 +250,49 @@ impl AuditSink for JsonlAuditSink {
             .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
         let raw = RawValue::from_string(json)
             .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
-        let mut st = self.state.lock().await;
-        let seq = st.head.count;
-        let hash = link_hash(&st.head.hash, seq, raw.get());
-        let mut line = serde_json::to_vec(&LineOut {
-            seq,
-            prev: hex::encode(st.head.hash),
-            hash: hex::encode(hash),
-            event: &raw,
-        })
-        .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit record", e))?;
-        line.push(b'\n');
-        let mut file = st
-            .file
-            .try_clone()
-            .map_err(|e| Error::io("clone audit handle", e))?;
-        let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let end = file.seek(SeekFrom::End(0))?;
-            // Durable append: the record is acknowledged only after fdatasync.
-            if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
-                let _ = file.set_len(end); // keep the chain well-formed; a torn line is also cut at open
-                return Err(e);
-            }
-            Ok(())
+        // The append and the chain-head update run in their own task, so a
+        // caller that gives up (a client hanging up mid-request) cannot
+        // leave a record written but the head not advanced: the next record
+        // would repeat its sequence number and break the chain.
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let mut st = state.lock().await;
+            let seq = st.head.count;
+            let hash = link_hash(&st.head.hash, seq, raw.get());
+            let mut line = serde_json::to_vec(&LineOut {
+                seq,
+                prev: hex::encode(st.head.hash),
+                hash: hex::encode(hash),
+                event: &raw,
+            })
+            .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit record", e))?;
+            line.push(b'\n');
+            let mut file = st
+                .file
+                .try_clone()
+                .map_err(|e| Error::io("clone audit handle", e))?;
+            let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let end = file.seek(SeekFrom::End(0))?;
+                // Durable append: the record is acknowledged only after fdatasync.
+                if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
+                    let _ = file.set_len(end); // keep the chain well-formed; a torn line is also cut at open
+                    return Err(e);
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| {
+                Error::storage(StorageErrorKind::Io, "audit append task", e.to_string())
+            })?;
+            res.map_err(|e| Error::io("append audit record", e))?;
+            st.head = ChainHead {
+                count: seq + 1,
+                hash,
+            };
+            Ok::<(), Error>(())
         })
         .await
-        .map_err(|e| Error::storage(StorageErrorKind::Io, "audit append task", e.to_string()))?;
-        res.map_err(|e| Error::io("append audit record", e))?;
-        st.head = ChainHead {
-            count: seq + 1,
-            hash,
-        };
+        .map_err(|e| Error::storage(StorageErrorKind::Io, "audit append task", e.to_string()))??;
         Ok(())
     }
 
