@@ -93,6 +93,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Count a delivery step (`queued`, `retrying`, `delivered`, …).
+    pub fn forward(&self, outcome: &str) {
+        self.forwards
+            .get_or_create(&Outcome {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
     /// The text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -227,23 +227,11 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
                 "report",
             ),
             E::Retrying { .. } => {
-                self.0
-                    .metrics
-                    .forwards
-                    .get_or_create(&crate::metrics::Outcome {
-                        outcome: "retrying".into(),
-                    })
-                    .inc();
+                self.0.metrics.forward("retrying");
                 return;
             }
         };
-        self.0
-            .metrics
-            .forwards
-            .get_or_create(&crate::metrics::Outcome {
-                outcome: outcome.into(),
-            })
-            .inc();
+        self.0.metrics.forward(outcome);
         if let Err(e) = self
             .0
             .hub

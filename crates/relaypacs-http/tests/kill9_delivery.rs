@@ -4,13 +4,16 @@
 //! user action.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-use std::io::Write;
+mod common;
+
+use std::ffi::OsStr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::binary;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
 use relaypacs_core::testing::peers::{Orthanc, free_port, wait_for_port};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const PASSWORD: &str = "Velvet-Quarry-Lantern-5521";
 
@@ -68,78 +71,27 @@ max_delay = 0.5
     )
     .unwrap();
     let bin = env!("CARGO_BIN_EXE_relaypacs");
-    let mut add = Command::new(bin)
-        .args(["--config"])
-        .arg(&config)
-        .args(["user", "add", "lena", "--role", "uploader"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(add.stdin.take().unwrap(), "{PASSWORD}").unwrap();
-    let out = add.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    binary::add_user(
+        &[OsStr::new("--config"), config.as_os_str()],
+        &[],
+        "lena",
+        "uploader",
+        PASSWORD,
     );
 
     o.stop();
     let mut gw = start(bin, &config, port);
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let tok: Value = http
-        .post(format!("{url}/api/v1/auth/login"))
-        .json(&json!({"username": "lena", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tok = binary::login(&http, &url, "lena", PASSWORD).await;
     let access = tok["access_token"].as_str().unwrap().to_string();
-    let study: Value = http
-        .post(format!("{url}/api/v1/studies"))
-        .bearer_auth(&access)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = study["id"].as_str().unwrap().to_string();
+    let sid = binary::new_study(&http, &url, &access).await;
     let spec = DicomSpec {
         study_uid: new_uid(),
         ..DicomSpec::default()
     };
     let file = generate(&spec).unwrap();
-    use base64::Engine;
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let r = http
-        .post(format!("{url}/files"))
-        .bearer_auth(&access)
-        .header("tus-resumable", "1.0.0")
-        .header("upload-length", file.len().to_string())
-        .header(
-            "upload-metadata",
-            format!("filename {},session {}", b64("x.dcm"), b64(&sid)),
-        )
-        .send()
-        .await
-        .unwrap();
-    let up = r.headers()["location"].to_str().unwrap().to_string();
-    let r = http
-        .patch(format!("{url}{up}"))
-        .bearer_auth(&access)
-        .header("tus-resumable", "1.0.0")
-        .header("upload-offset", "0")
-        .header("content-type", "application/offset+octet-stream")
-        .body(file.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    binary::tus_upload(&http, &url, &access, &sid, &file).await;
     let r = http
         .post(format!("{url}/api/v1/studies/{sid}/complete"))
         .bearer_auth(&access)

@@ -3,10 +3,14 @@
 //! hostile username stays one escaped log line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::binary;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
 use serde_json::{Value, json};
 
@@ -18,22 +22,15 @@ async fn logs_hold_no_secrets_and_no_patient_data() {
     let data = dir.path().join("data");
     let secret = "f3".repeat(8) + &hex_random();
     let bin = env!("CARGO_BIN_EXE_relaypacs");
-    let mut add = Command::new(bin)
-        .args(["user", "add", "lena", "--role", "uploader"])
-        .env("RELAYPACS_DATA_DIR", &data)
-        .env("RELAYPACS_SECRET", &secret)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    writeln!(add.stdin.take().unwrap(), "{PASSWORD}").unwrap();
-    let out = add.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    binary::add_user(
+        &[],
+        &[
+            ("RELAYPACS_DATA_DIR", data.as_os_str()),
+            ("RELAYPACS_SECRET", OsStr::new(&secret)),
+        ],
+        "lena",
+        "uploader",
+        PASSWORD,
     );
     let port = relaypacs_core::testing::peers::free_port();
     let mut server = Command::new(bin)
@@ -76,27 +73,10 @@ async fn logs_hold_no_secrets_and_no_patient_data() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let tok: Value = http
-        .post(format!("{url}/api/v1/auth/login"))
-        .json(&json!({"username": "lena", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tok = binary::login(&http, &url, "lena", PASSWORD).await;
     let access = tok["access_token"].as_str().unwrap().to_string();
     let refresh = tok["refresh_token"].as_str().unwrap().to_string();
-    let study: Value = http
-        .post(format!("{url}/api/v1/studies"))
-        .bearer_auth(&access)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = study["id"].as_str().unwrap();
+    let sid = binary::new_study(&http, &url, &access).await;
     let patient = "PATIENT-ZETA-4471";
     let file = generate(&DicomSpec {
         patient_id: patient.into(),
@@ -104,32 +84,7 @@ async fn logs_hold_no_secrets_and_no_patient_data() {
         ..DicomSpec::default()
     })
     .unwrap();
-    use base64::Engine;
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let r = http
-        .post(format!("{url}/files"))
-        .bearer_auth(&access)
-        .header("tus-resumable", "1.0.0")
-        .header("upload-length", file.len().to_string())
-        .header(
-            "upload-metadata",
-            format!("filename {},session {}", b64("x.dcm"), b64(sid)),
-        )
-        .send()
-        .await
-        .unwrap();
-    let up = r.headers()["location"].to_str().unwrap().to_string();
-    let r = http
-        .patch(format!("{url}{up}"))
-        .bearer_auth(&access)
-        .header("tus-resumable", "1.0.0")
-        .header("upload-offset", "0")
-        .header("content-type", "application/offset+octet-stream")
-        .body(file)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    binary::tus_upload(&http, &url, &access, &sid, &file).await;
     let r = http
         .post(format!("{url}/api/v1/studies/{sid}/complete"))
         .bearer_auth(&access)

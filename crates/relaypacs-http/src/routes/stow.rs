@@ -375,13 +375,7 @@ async fn run(
         // Stored, verified and in the outbox: the gateway answers for these
         // instances now (store and forward); delivery to the PACS follows.
         state.pipeline.complete_session(&actor, sid).await?;
-        state
-            .metrics
-            .forwards
-            .get_or_create(&crate::metrics::Outcome {
-                outcome: "queued".into(),
-            })
-            .inc();
+        state.metrics.forward("queued");
     }
     let status = if failed.is_empty() {
         StatusCode::OK

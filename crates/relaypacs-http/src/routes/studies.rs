@@ -204,13 +204,7 @@ pub async fn complete(
         }
     }
     let rec = state.pipeline.complete_session(&actor, sid).await?;
-    state
-        .metrics
-        .forwards
-        .get_or_create(&crate::metrics::Outcome {
-            outcome: "queued".into(),
-        })
-        .inc();
+    state.metrics.forward("queued");
     Ok((StatusCode::ACCEPTED, axum::Json(view(&state, rec).await?)))
 }
 

@@ -1,6 +1,8 @@
 //! Test harness: a real server on a loopback port, users, and a client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod binary;
+
 use std::path::{Path, PathBuf};
 
 use base64::Engine;

@@ -1,0 +1,94 @@
+//! Driving the real `relaypacs` binary and its API with a plain client, as
+//! an operator and a user would.
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+/// `relaypacs [ARGS] user add NAME --role ROLE` with the password on stdin
+/// and `envs` set; panics with its stderr if it fails.
+pub fn add_user(args: &[&OsStr], envs: &[(&str, &OsStr)], name: &str, role: &str, password: &str) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_relaypacs"));
+    cmd.args(args).args(["user", "add", name, "--role", role]);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut add = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(add.stdin.take().unwrap(), "{password}").unwrap();
+    let out = add.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Log in; returns the token answer.
+pub async fn login(http: &reqwest::Client, url: &str, name: &str, password: &str) -> Value {
+    http.post(format!("{url}/api/v1/auth/login"))
+        .json(&json!({"username": name, "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Open a study; returns its id.
+pub async fn new_study(http: &reqwest::Client, url: &str, token: &str) -> String {
+    let v: Value = http
+        .post(format!("{url}/api/v1/studies"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["id"].as_str().unwrap().to_owned()
+}
+
+/// Upload `file` into study `sid` with a tus creation and one PATCH (204).
+pub async fn tus_upload(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    sid: &str,
+    file: &[u8],
+) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let r = http
+        .post(format!("{url}/files"))
+        .bearer_auth(token)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", file.len().to_string())
+        .header(
+            "upload-metadata",
+            format!("filename {},session {}", b64("x.dcm"), b64(sid)),
+        )
+        .send()
+        .await
+        .unwrap();
+    let up = r.headers()["location"].to_str().unwrap().to_string();
+    let r = http
+        .patch(format!("{url}{up}"))
+        .bearer_auth(token)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-offset", "0")
+        .header("content-type", "application/offset+octet-stream")
+        .body(file.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    up
+}
