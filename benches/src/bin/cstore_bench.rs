@@ -6,22 +6,23 @@
 //! a temp dir, starts a fresh Orthanc on free loopback ports, then runs
 //! `--rounds` (default 3) rounds, alternating: `storescu -aet RELAYPACS -aec
 //! ORTHANC 127.0.0.1 <port> <files...>` (one association, all files), then
-//! `CStoreSink::deliver` of the same instances (one association), each
-//! timed end to end and checked (exit status / every outcome `Stored`, and
-//! Orthanc holds all of them). The study is deleted through Orthanc's REST
+//! `CStoreSink::deliver` of the same instances with one association, then
+//! with the default configuration (2 associations at once), each timed end
+//! to end and checked (exit status / every outcome `Stored`, and Orthanc
+//! holds all of them). The study is deleted through Orthanc's REST
 //! API between runs, so every run stores into the same empty Orthanc. Our
 //! source streams each file from disk through the pipeline's
 //! `VerifyingStream` (length and whole-file SHA-256), as in production.
 //!
-//! Prints instances/s per run, the medians and the ratio ours/storescu as a
-//! table, then one JSON line. Also prints Orthanc's CPU use during each run
+//! Prints instances/s per run, the medians and the ratios ours/storescu as
+//! a table, then one JSON line. Also prints Orthanc's CPU use during each run
 //! (and ours during ours), in % of one core, from /proc: the machine has
 //! two cores shared by client and server, so this shows which side limits.
 //!
 //! Run: `cargo run --release -p relaypacs-benches --bin cstore_bench`
-//! (options: `--count N`, `--rounds N`; `--split N` runs ours as N
-//! concurrent `deliver` calls, so N associations, to see whether Orthanc
-//! scales past one association; the default 1 is the comparison asked for).
+//! (options: `--count N`, `--rounds N`; `--associations N` replaces the
+//! default configuration's number of associations for the second run of
+//! ours).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -40,7 +41,8 @@ use tokio::io::AsyncReadExt;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-const USAGE: &str = "usage: cstore_bench [--count N (200)] [--rounds N (3)] [--split N (1)]";
+const USAGE: &str =
+    "usage: cstore_bench [--count N (200)] [--rounds N (3)] [--associations N (default config)]";
 
 /// Streams instances from their Part-10 files, verified like the pipeline does.
 #[derive(Debug)]
@@ -123,6 +125,58 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// Orthanc's and our CPU seconds so far, to take CPU use over a run.
+#[derive(Clone, Copy, Debug)]
+struct Cpu {
+    orthanc: u32,
+    me: u32,
+    ticks: f64,
+}
+
+impl Cpu {
+    fn now(&self) -> (f64, f64) {
+        (
+            cpu_secs(self.orthanc, self.ticks).unwrap_or(f64::NAN),
+            cpu_secs(self.me, self.ticks).unwrap_or(f64::NAN),
+        )
+    }
+
+    /// Orthanc's and our CPU use since `t0`, in % of one core over `secs`.
+    fn since(&self, t0: (f64, f64), secs: f64) -> (f64, f64) {
+        let (o, m) = self.now();
+        (100.0 * (o - t0.0) / secs, 100.0 * (m - t0.1) / secs)
+    }
+}
+
+/// One timed delivery of all `instances` by `sink`, checked: every outcome
+/// `Stored` and Orthanc holds `instances.len()`. Returns the seconds and
+/// Orthanc's and our CPU %.
+async fn run_ours(
+    sink: &CStoreSink,
+    instances: &[Instance],
+    source: &DiskSource,
+    orthanc: &Orthanc,
+    cpu: Cpu,
+) -> Res<(f64, f64, f64)> {
+    let c0 = cpu.now();
+    let t = Instant::now();
+    let report = sink.deliver(instances, source).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let (ocpu, mcpu) = cpu.since(c0, secs);
+    if let Some((uid, o)) = report
+        .outcomes
+        .iter()
+        .find(|(_, o)| *o != InstanceOutcome::Stored)
+    {
+        return Err(format!("{sink}: {uid}: {o:?}").into());
+    }
+    let held = tokio::task::block_in_place(|| orthanc.instance_count());
+    if held != instances.len() {
+        return Err(format!("{sink}: Orthanc holds {held} of {}", instances.len()).into());
+    }
+    Ok((secs, ocpu, mcpu))
+}
+
 /// Delete the study from Orthanc and check it is empty again.
 fn clear(orthanc: &Orthanc, study_uid: &str) -> Res<()> {
     let (code, body) = orthanc.rest("POST", "/tools/lookup", Some(study_uid.as_bytes()));
@@ -149,18 +203,18 @@ fn clear(orthanc: &Orthanc, study_uid: &str) -> Res<()> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Res<()> {
-    let (mut count, mut rounds, mut split) = (200usize, 3usize, 1usize);
+    let (mut count, mut rounds) = (200usize, 3usize);
+    let mut associations = CStoreConfig::default().associations;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value: Option<usize> = args.next().and_then(|v| v.parse().ok()).filter(|n| *n > 0);
         match (flag.as_str(), value) {
             ("--count", Some(n)) => count = n,
             ("--rounds", Some(n)) => rounds = n,
-            ("--split", Some(n)) => split = n,
+            ("--associations", Some(n)) => associations = n,
             _ => return Err(format!("bad arguments\n{USAGE}").into()),
         }
     }
-
     // The instances, as Part-10 files on disk.
     let work = tempfile::Builder::new().prefix("cstore_bench.").tempdir()?;
     let (study, series) = (new_uid(), new_uid());
@@ -210,39 +264,35 @@ async fn main() -> Res<()> {
 
     let orthanc = tokio::task::block_in_place(Orthanc::start);
     let storescu = tool("storescu");
-    let sink = CStoreSink::new(CStoreConfig {
+    let config = CStoreConfig {
         address: format!("127.0.0.1:{}", orthanc.dicom_port),
         calling_ae: "RELAYPACS".into(),
         called_ae: orthanc.aet.clone(),
+        associations,
         ..CStoreConfig::default()
+    };
+    let sink = CStoreSink::new(config.clone())?;
+    let sink1 = CStoreSink::new(CStoreConfig {
+        associations: 1,
+        ..config
     })?;
     println!(
-        "Orthanc on DICOM port {} (fresh storage); {} vs {sink}",
+        "Orthanc on DICOM port {} (fresh storage); {} vs {sink} with 1 and {associations} associations",
         orthanc.dicom_port,
         storescu.display()
     );
 
-    let ticks = clock_ticks();
-    let pid = orthanc_pid().ok_or("cannot find the Orthanc process")?;
-    let me = std::process::id();
-    // Orthanc's and our CPU use during a run, in % of one core of wall time.
-    let cpu = |t0: (f64, f64), secs: f64| {
-        let o = cpu_secs(pid, ticks).unwrap_or(f64::NAN) - t0.0;
-        let m = cpu_secs(me, ticks).unwrap_or(f64::NAN) - t0.1;
-        (100.0 * o / secs, 100.0 * m / secs)
+    let cpu = Cpu {
+        orthanc: orthanc_pid().ok_or("cannot find the Orthanc process")?,
+        me: std::process::id(),
+        ticks: clock_ticks(),
     };
-    let cpu_now = || {
-        (
-            cpu_secs(pid, ticks).unwrap_or(f64::NAN),
-            cpu_secs(me, ticks).unwrap_or(f64::NAN),
-        )
-    };
-    let (mut theirs, mut ours) = (Vec::new(), Vec::new());
-    let (mut orthanc_cpu_theirs, mut orthanc_cpu_ours, mut our_cpu) =
-        (Vec::new(), Vec::new(), Vec::new());
+    let (mut theirs, mut ours1, mut ours) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ocpu_theirs, mut ocpu_ours1, mut ocpu_ours) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut our_cpu1, mut our_cpu) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         // dcmtk storescu: one association, all files.
-        let c0 = cpu_now();
+        let c0 = cpu.now();
         let t = Instant::now();
         let status = tokio::process::Command::new(&storescu)
             .args(["-aet", "RELAYPACS", "-aec", &orthanc.aet, "127.0.0.1"])
@@ -251,8 +301,8 @@ async fn main() -> Res<()> {
             .status()
             .await?;
         let secs = t.elapsed().as_secs_f64();
-        let (ocpu, _) = cpu(c0, secs);
-        orthanc_cpu_theirs.push(ocpu);
+        let (ocpu, _) = cpu.since(c0, secs);
+        ocpu_theirs.push(ocpu);
         if !status.success() {
             return Err(format!("storescu failed: {status}").into());
         }
@@ -262,45 +312,48 @@ async fn main() -> Res<()> {
         }
         theirs.push(count as f64 / secs);
         println!(
-            "round {round}: storescu   {secs:7.3} s  {:7.1} inst/s  Orthanc CPU {ocpu:3.0}%",
+            "round {round}: storescu              {secs:7.3} s  {:7.1} inst/s  Orthanc CPU {ocpu:3.0}%",
             count as f64 / secs
         );
         tokio::task::block_in_place(|| clear(&orthanc, &study))?;
 
-        // Ours: one deliver call, one association.
-        let c0 = cpu_now();
-        let t = Instant::now();
-        let parts = instances.chunks(count.div_ceil(split));
-        let reports =
-            futures::future::try_join_all(parts.map(|part| sink.deliver(part, &source))).await?;
-        let secs = t.elapsed().as_secs_f64();
-        let (ocpu, mcpu) = cpu(c0, secs);
-        orthanc_cpu_ours.push(ocpu);
-        our_cpu.push(mcpu);
-        if let Some((uid, o)) = reports
-            .iter()
-            .flat_map(|r| &r.outcomes)
-            .find(|(_, o)| *o != InstanceOutcome::Stored)
-        {
-            return Err(format!("ours: {uid}: {o:?}").into());
+        // Ours, one association, then the default configuration (or
+        // `--associations`).
+        for (label, sink, rates, ocpus, mcpus) in [
+            (
+                "1 association".to_owned(),
+                &sink1,
+                &mut ours1,
+                &mut ocpu_ours1,
+                &mut our_cpu1,
+            ),
+            (
+                format!("{associations} associations"),
+                &sink,
+                &mut ours,
+                &mut ocpu_ours,
+                &mut our_cpu,
+            ),
+        ] {
+            let (secs, ocpu, mcpu) = run_ours(sink, &instances, &source, &orthanc, cpu).await?;
+            rates.push(count as f64 / secs);
+            ocpus.push(ocpu);
+            mcpus.push(mcpu);
+            println!(
+                "round {round}: ours, {label:15} {secs:7.3} s  {:7.1} inst/s  Orthanc CPU {ocpu:3.0}%  ours {mcpu:3.0}%",
+                count as f64 / secs
+            );
+            tokio::task::block_in_place(|| clear(&orthanc, &study))?;
         }
-        let held = tokio::task::block_in_place(|| orthanc.instance_count());
-        if held != count {
-            return Err(format!("ours: Orthanc holds {held} of {count}").into());
-        }
-        ours.push(count as f64 / secs);
-        println!(
-            "round {round}: CStoreSink {secs:7.3} s  {:7.1} inst/s  Orthanc CPU {ocpu:3.0}%  ours {mcpu:3.0}%",
-            count as f64 / secs
-        );
-        tokio::task::block_in_place(|| clear(&orthanc, &study))?;
     }
 
-    let (mt, mo) = (median(&theirs), median(&ours));
+    let (mt, mo1, mo) = (median(&theirs), median(&ours1), median(&ours));
     let mbs = |ips: f64| ips * avg / 1e6;
     println!();
-    println!("| client | runs (inst/s) | median inst/s | MB/s | Orthanc CPU (median) |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| client | runs (inst/s) | median inst/s | MB/s | vs storescu | Orthanc CPU (median) | our CPU (median) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let fmt_runs = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.1}"))
@@ -308,24 +361,37 @@ async fn main() -> Res<()> {
             .join(" ")
     };
     println!(
-        "| dcmtk storescu | {} | {mt:.1} | {:.1} | {:.0}% |",
+        "| dcmtk storescu (1 association) | {} | {mt:.1} | {:.1} | 1.0x | {:.0}% | |",
         fmt_runs(&theirs),
         mbs(mt),
-        median(&orthanc_cpu_theirs)
+        median(&ocpu_theirs)
     );
     println!(
-        "| RelayPACS CStoreSink{} | {} | {mo:.1} | {:.1} | {:.0}% (ours {:.0}%) |",
-        if split > 1 {
-            format!(" ({split} associations)")
+        "| RelayPACS CStoreSink, 1 association | {} | {mo1:.1} | {:.1} | {:.1}x | {:.0}% | {:.0}% |",
+        fmt_runs(&ours1),
+        mbs(mo1),
+        mo1 / mt,
+        median(&ocpu_ours1),
+        median(&our_cpu1)
+    );
+    println!(
+        "| RelayPACS CStoreSink, {associations} associations{} | {} | {mo:.1} | {:.1} | {:.1}x | {:.0}% | {:.0}% |",
+        if associations == CStoreConfig::default().associations {
+            " (default)"
         } else {
-            String::new()
+            ""
         },
         fmt_runs(&ours),
         mbs(mo),
-        median(&orthanc_cpu_ours),
+        mo / mt,
+        median(&ocpu_ours),
         median(&our_cpu)
     );
-    println!("ratio ours/storescu: {:.1}x", mo / mt);
+    println!(
+        "ratio ours/storescu: {:.1}x (1 association), {:.1}x ({associations} associations)",
+        mo1 / mt,
+        mo / mt
+    );
     println!(
         "{}",
         serde_json::json!({
@@ -333,14 +399,19 @@ async fn main() -> Res<()> {
             "instances": count,
             "instance_bytes": avg.round(),
             "rounds": rounds,
-            "split": split,
+            "associations": associations,
             "storescu_inst_per_s": theirs,
+            "ours_1_inst_per_s": ours1,
             "ours_inst_per_s": ours,
             "storescu_median": mt,
+            "ours_1_median": mo1,
             "ours_median": mo,
+            "ratio_1": mo1 / mt,
             "ratio": mo / mt,
-            "orthanc_cpu_pct_storescu": orthanc_cpu_theirs,
-            "orthanc_cpu_pct_ours": orthanc_cpu_ours,
+            "orthanc_cpu_pct_storescu": ocpu_theirs,
+            "orthanc_cpu_pct_ours_1": ocpu_ours1,
+            "orthanc_cpu_pct_ours": ocpu_ours,
+            "our_cpu_pct_1": our_cpu1,
             "our_cpu_pct": our_cpu,
         })
     );

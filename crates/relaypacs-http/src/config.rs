@@ -247,6 +247,8 @@ pub struct CStoreSinkConfig {
     pub io_timeout_secs: u64,
     /// Largest PDU.
     pub max_pdu: u32,
+    /// Associations opened at once for one delivery (1..=8).
+    pub associations: usize,
 }
 
 impl Default for CStoreSinkConfig {
@@ -259,6 +261,7 @@ impl Default for CStoreSinkConfig {
             connect_timeout_secs: d.connect_timeout.as_secs(),
             io_timeout_secs: d.io_timeout.as_secs(),
             max_pdu: d.max_pdu,
+            associations: d.associations,
         }
     }
 }
@@ -273,6 +276,7 @@ impl CStoreSinkConfig {
             connect_timeout: std::time::Duration::from_secs(self.connect_timeout_secs.max(1)),
             io_timeout: std::time::Duration::from_secs(self.io_timeout_secs.max(1)),
             max_pdu: self.max_pdu,
+            associations: self.associations,
         }
     }
 }

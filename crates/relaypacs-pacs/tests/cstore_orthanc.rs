@@ -4,6 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
 
 use async_trait::async_trait;
 use relaypacs_core::dicom::{data_set_offset, validate_dicom};
@@ -140,6 +145,24 @@ fn config_is_validated() {
     })
     .unwrap_err();
     assert_eq!(e.code(), "RELAY_CSTORE_BAD_MAX_PDU");
+    assert_eq!(CStoreConfig::default().associations, 2);
+    for bad in [0, 9] {
+        let e = CStoreSink::new(CStoreConfig {
+            associations: bad,
+            ..ok.clone()
+        })
+        .unwrap_err();
+        assert_eq!(e.code(), "RELAY_CSTORE_BAD_ASSOCIATIONS", "{bad}");
+    }
+    for good in [1, 8] {
+        assert!(
+            CStoreSink::new(CStoreConfig {
+                associations: good,
+                ..ok.clone()
+            })
+            .is_ok()
+        );
+    }
     let s = CStoreSink::new(CStoreConfig {
         called_ae: "PACS1".into(),
         ..ok
@@ -186,6 +209,83 @@ async fn orthanc_down_is_transient_and_a_retry_delivers() {
     let report = sink.deliver(&insts, &src).await.unwrap();
     assert_stored_exact(&o, &src, &insts, &report.outcomes).await;
     assert_eq!(sink.verify(&insts).await.unwrap(), vec![true; 3]);
+}
+
+/// A source that counts the instances in flight (opened, stream not yet
+/// dropped); each open waits 20 ms so the associations overlap for sure.
+#[derive(Debug)]
+struct Concurrency {
+    files: Files,
+    open: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+/// Counts one open instance until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl InstanceSource for Concurrency {
+    async fn open(&self, instance: &Instance) -> Result<ByteStream> {
+        let now = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        let guard = InFlight(self.open.clone());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let stream = pieces(self.files.bytes(instance), 64 << 10);
+        Ok(Box::pin(stream.map(move |piece| {
+            let _held = &guard;
+            piece
+        })))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_associations_store_all_byte_exact_in_input_order() {
+    let o = blocking(Orthanc::start);
+    let sink = CStoreSink::new(CStoreConfig {
+        associations: 3,
+        ..sink_for(&o, &o.aet).config().clone()
+    })
+    .unwrap();
+    let mut files = Files::new(64 << 10);
+    let (st, se) = (new_uid(), new_uid());
+    // Two SOP classes and transfer syntaxes, sizes varying, so the groups
+    // differ in contexts and bytes.
+    let insts: Vec<_> = (0..12u16)
+        .map(|i| {
+            let (class, ts) = if i % 3 == 0 {
+                (SopClass::Ct, TransferSyntax::ImplicitLe)
+            } else {
+                (SopClass::SecondaryCapture, TransferSyntax::ExplicitLe)
+            };
+            files.add(&DicomSpec {
+                rows: 64 + 32 * (i % 4),
+                cols: 64,
+                seed: u64::from(i),
+                ..spec(&st, &se, class, ts)
+            })
+        })
+        .collect();
+    let src = Concurrency {
+        files,
+        open: Arc::default(),
+        most: Arc::default(),
+    };
+    let report = sink.deliver(&insts, &src).await.unwrap();
+    // In input order, one outcome each, every data set unchanged.
+    let uids: Vec<_> = report.outcomes.iter().map(|(u, _)| u).collect();
+    let expected: Vec<_> = insts.iter().map(|i| &i.dicom.sop_instance_uid).collect();
+    assert_eq!(uids, expected);
+    assert_stored_exact(&o, &src.files, &insts, &report.outcomes).await;
+    assert_eq!(blocking(|| o.instance_count()), 12);
+    assert_eq!(sink.verify(&insts).await.unwrap(), vec![true; 12]);
+    // Three instances were in flight at once: one per association.
+    assert_eq!(src.most.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,32 +469,44 @@ impl InstanceSource for LateFailure {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_after_the_last_byte_stores_nothing_of_that_instance() {
     let o = blocking(Orthanc::start);
-    let sink = sink_for(&o, &o.aet);
-    let mut files = Files::new(64 << 10);
-    let (st, se) = (new_uid(), new_uid());
-    let insts: Vec<_> = (0..3)
-        .map(|_| {
-            files.add(&spec(
-                &st,
-                &se,
-                SopClass::SecondaryCapture,
-                TransferSyntax::ExplicitLe,
-            ))
+    // One association: what follows the failure on it is not sent either.
+    // Two: the groups are [0, 1] and [2]; the other association finishes
+    // its instance (it is confirmed by `verify`, not sent again), and the
+    // call still fails as a whole.
+    let mut total = 0;
+    for (associations, expected) in [(1, [true, false, false]), (2, [true, false, true])] {
+        let sink = CStoreSink::new(CStoreConfig {
+            associations,
+            ..sink_for(&o, &o.aet).config().clone()
         })
-        .collect();
-    let src = LateFailure {
-        bad: insts[1].dicom.sop_instance_uid.clone(),
-        files,
-    };
-    let err = sink.deliver(&insts, &src).await.unwrap_err();
-    assert_eq!(
-        err.kind(),
-        ErrorKind::Storage,
-        "the source's error is passed through: {err}"
-    );
-    let held = sink.verify(&insts).await.unwrap();
-    assert_eq!(held, vec![true, false, false], "{}", blocking(|| o.log()));
-    assert_eq!(blocking(|| o.instance_count()), 1);
+        .unwrap();
+        let mut files = Files::new(64 << 10);
+        let (st, se) = (new_uid(), new_uid());
+        let insts: Vec<_> = (0..3)
+            .map(|_| {
+                files.add(&spec(
+                    &st,
+                    &se,
+                    SopClass::SecondaryCapture,
+                    TransferSyntax::ExplicitLe,
+                ))
+            })
+            .collect();
+        let src = LateFailure {
+            bad: insts[1].dicom.sop_instance_uid.clone(),
+            files,
+        };
+        let err = sink.deliver(&insts, &src).await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::Storage,
+            "the source's error is passed through: {err}"
+        );
+        let held = sink.verify(&insts).await.unwrap();
+        assert_eq!(held, expected, "{associations}: {}", blocking(|| o.log()));
+        total += expected.iter().filter(|h| **h).count();
+        assert_eq!(blocking(|| o.instance_count()), total);
+    }
 }
 
 /// Orthanc 1.10 answers C-STORE success (0x0000) even for an instance its

@@ -36,6 +36,8 @@ const PREFIX: usize = 144;
 const MAX_COMMAND: usize = 64 << 10;
 /// Largest C-FIND response identifier accepted.
 const MAX_IDENTIFIER: usize = 1 << 20;
+/// Most associations one delivery may open at once.
+const MAX_ASSOCIATIONS: usize = 8;
 /// Longest wait for an A-ABORT to go out before the socket is closed anyway.
 const ABORT_GRACE: Duration = Duration::from_secs(5);
 
@@ -57,11 +59,14 @@ pub struct CStoreConfig {
     /// cap on the P-DATA PDUs we send (the PACS's own maximum also applies).
     /// Between 1018 bytes and 16 MiB.
     pub max_pdu: u32,
+    /// Associations opened at once for one delivery; hospital PACSes
+    /// commonly accept several; 1 = strictly sequential. Between 1 and 8.
+    pub associations: usize,
 }
 
 impl Default for CStoreConfig {
     /// No address; `RELAYPACS` calling `ANY-SCP`, 10 s to connect, 60 s per
-    /// read or write, 64 KiB PDUs.
+    /// read or write, 64 KiB PDUs, 2 associations at once.
     fn default() -> Self {
         Self {
             address: String::new(),
@@ -70,6 +75,7 @@ impl Default for CStoreConfig {
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(60),
             max_pdu: 64 << 10,
+            associations: 2,
         }
     }
 }
@@ -110,8 +116,12 @@ fn check_address(address: &str) -> Result<()> {
 /// A [`PacsSink`] storing instances in a PACS by DIMSE C-STORE and checking
 /// them by C-FIND (Study Root, IMAGE level).
 ///
-/// One association per [`deliver`](PacsSink::deliver) call carries the whole
-/// batch. Each distinct (SOP class, transfer syntax) of the batch is proposed
+/// A [`deliver`](PacsSink::deliver) call splits its batch into up to
+/// [`CStoreConfig::associations`] contiguous groups of about equal bytes
+/// and sends each group over its own association, all at once (one
+/// instance in flight per association: a PACS answers each C-STORE only
+/// once it has written the instance, so parallel associations keep it
+/// busy). Outcomes come back in input order. Each distinct (SOP class, transfer syntax) of the batch is proposed
 /// as its own presentation context with exactly the file's transfer syntax:
 /// files are never transcoded, so an instance whose context the PACS rejects
 /// fails (permanently) instead of being changed.
@@ -151,6 +161,35 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Split `instances` into at most `n` non-empty contiguous groups of about
+/// equal size in bytes (an empty batch gives no group).
+fn split_by_bytes(instances: &[Instance], n: usize) -> Vec<&[Instance]> {
+    let n = n.clamp(1, instances.len().max(1));
+    let weight = |i: &Instance| i.size.max(1);
+    let total: u64 = instances.iter().map(weight).sum();
+    let mut groups = Vec::with_capacity(n);
+    let (mut start, mut acc) = (0, 0u64);
+    for (i, inst) in instances.iter().enumerate() {
+        acc += weight(inst);
+        if groups.len() + 1 == n {
+            break;
+        }
+        // Cut once this group reaches its share of the bytes, or when the
+        // instances left are just enough for one per group still to come.
+        let cut = groups.len() as u128 + 1;
+        let groups_left = n - groups.len() - 1;
+        let instances_left = instances.len() - i - 1;
+        if u128::from(acc) * n as u128 >= u128::from(total) * cut || instances_left == groups_left {
+            groups.push(&instances[start..=i]);
+            start = i + 1;
+        }
+    }
+    if start < instances.len() {
+        groups.push(&instances[start..]);
+    }
+    groups
+}
+
 /// Why an instance was not sent at all.
 fn not_accepted(inst: &Instance) -> InstanceOutcome {
     InstanceOutcome::Failed {
@@ -168,8 +207,9 @@ impl CStoreSink {
     ///
     /// # Errors
     /// [`Error::Invalid`] with code `RELAY_CSTORE_BAD_AE_TITLE`,
-    /// `RELAY_CSTORE_BAD_ADDRESS`, `RELAY_CSTORE_BAD_TIMEOUT` or
-    /// `RELAY_CSTORE_BAD_MAX_PDU` for a setting out of range.
+    /// `RELAY_CSTORE_BAD_ADDRESS`, `RELAY_CSTORE_BAD_TIMEOUT`,
+    /// `RELAY_CSTORE_BAD_MAX_PDU` or `RELAY_CSTORE_BAD_ASSOCIATIONS` for a
+    /// setting out of range.
     pub fn new(config: CStoreConfig) -> Result<Self> {
         check_ae("calling", &config.calling_ae)?;
         check_ae("called", &config.called_ae)?;
@@ -184,6 +224,12 @@ impl CStoreSink {
             return Err(Error::invalid(
                 "RELAY_CSTORE_BAD_MAX_PDU",
                 format!("max_pdu must be between {MINIMUM_PDU_SIZE} and {MAX_PDU_LIMIT} bytes"),
+            ));
+        }
+        if !(1..=MAX_ASSOCIATIONS).contains(&config.associations) {
+            return Err(Error::invalid(
+                "RELAY_CSTORE_BAD_ASSOCIATIONS",
+                format!("associations must be between 1 and {MAX_ASSOCIATIONS}"),
             ));
         }
         Ok(Self { config })
@@ -285,6 +331,32 @@ impl CStoreSink {
             })
             .collect();
         Ok(Some((conn, accepted)))
+    }
+
+    /// Deliver a contiguous group of instances over one association (or
+    /// one per [`MAX_CONTEXTS`] distinct contexts), returning their
+    /// outcomes in order.
+    async fn deliver_group(
+        &self,
+        instances: &[Instance],
+        source: &dyn InstanceSource,
+    ) -> Result<Vec<(Uid, InstanceOutcome)>> {
+        let mut out = Vec::with_capacity(instances.len());
+        let mut start = 0;
+        while start < instances.len() {
+            let mut seen = HashSet::new();
+            let end = instances[start..]
+                .iter()
+                .position(|i| {
+                    seen.insert((&i.dicom.sop_class_uid, &i.dicom.transfer_syntax));
+                    seen.len() > MAX_CONTEXTS
+                })
+                .map_or(instances.len(), |n| start + n);
+            self.deliver_run(&instances[start..end], source, &mut out)
+                .await?;
+            start = end;
+        }
+        Ok(out)
     }
 
     /// Deliver a run of instances (at most [`MAX_CONTEXTS`] distinct
@@ -487,21 +559,17 @@ impl PacsSink for CStoreSink {
             outcomes: Vec::with_capacity(instances.len()),
             ..DeliveryReport::default()
         };
-        // One association for the batch; a batch of more than 128 distinct
-        // (SOP class, transfer syntax) pairs needs one per 128.
-        let mut start = 0;
-        while start < instances.len() {
-            let mut seen = HashSet::new();
-            let end = instances[start..]
-                .iter()
-                .position(|i| {
-                    seen.insert((&i.dicom.sop_class_uid, &i.dicom.transfer_syntax));
-                    seen.len() > MAX_CONTEXTS
-                })
-                .map_or(instances.len(), |n| start + n);
-            self.deliver_run(&instances[start..end], source, &mut report.outcomes)
-                .await?;
-            start = end;
+        // One association per group, all at once in this task (the source
+        // is borrowed). Every group runs to its end even when another one
+        // fails, so what it stored is confirmed by the caller's `verify`
+        // and not sent again.
+        let groups = split_by_bytes(instances, self.config.associations);
+        let results =
+            futures::future::join_all(groups.iter().map(|g| self.deliver_group(g, source))).await;
+        // `Err` means nothing is known about the batch: the first error
+        // (in input order) stands for the whole call.
+        for r in results {
+            report.outcomes.extend(r?);
         }
         Ok(report)
     }
@@ -846,5 +914,57 @@ impl Conn {
             let _ = tokio::time::timeout(grace, self.assoc.send(&pdu)).await;
         }
         let _ = tokio::time::timeout(grace, self.assoc.inner_stream().shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failure must panic
+
+    use super::*;
+
+    fn sized(sizes: &[u64]) -> Vec<Instance> {
+        let (_, insts) = relaypacs_core::testing::pacs_sink::study(1).unwrap();
+        sizes
+            .iter()
+            .map(|&size| Instance {
+                size,
+                ..insts[0].clone()
+            })
+            .collect()
+    }
+
+    fn lens(groups: &[&[Instance]]) -> Vec<usize> {
+        groups.iter().map(|g| g.len()).collect()
+    }
+
+    #[test]
+    fn split_is_contiguous_non_empty_and_balanced_by_bytes() {
+        assert!(split_by_bytes(&[], 3).is_empty());
+        let even = sized(&[10; 12]);
+        assert_eq!(lens(&split_by_bytes(&even, 1)), vec![12]);
+        assert_eq!(lens(&split_by_bytes(&even, 2)), vec![6, 6]);
+        assert_eq!(lens(&split_by_bytes(&even, 3)), vec![4, 4, 4]);
+        assert_eq!(lens(&split_by_bytes(&even, 5)), vec![3, 2, 3, 2, 2]);
+        // Never more groups than instances.
+        assert_eq!(lens(&split_by_bytes(&even[..2], 8)), vec![1, 1]);
+        // By bytes, not count; every group keeps at least one instance.
+        assert_eq!(
+            lens(&split_by_bytes(&sized(&[100, 1, 1]), 3)),
+            vec![1, 1, 1]
+        );
+        assert_eq!(
+            lens(&split_by_bytes(&sized(&[1, 1, 100]), 3)),
+            vec![1, 1, 1]
+        );
+        assert_eq!(
+            lens(&split_by_bytes(&sized(&[30, 1, 1, 1, 1, 30]), 2)),
+            vec![3, 3]
+        );
+        assert_eq!(lens(&split_by_bytes(&sized(&[0, 0, 0, 0]), 2)), vec![2, 2]);
+        for n in 1..=8 {
+            let groups = split_by_bytes(&even, n);
+            assert_eq!(groups.concat(), even, "{n}");
+        }
     }
 }
