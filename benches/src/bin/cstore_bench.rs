@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use relaypacs_benches::{Cpu, Res, clear_study, median};
 use relaypacs_core::dicom::validate_dicom;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, TransferSyntax, generate, new_uid};
 use relaypacs_core::testing::peers::{Orthanc, tool};
@@ -38,8 +39,6 @@ use relaypacs_core::{
 };
 use relaypacs_pacs::{CStoreConfig, CStoreSink};
 use tokio::io::AsyncReadExt;
-
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 const USAGE: &str =
     "usage: cstore_bench [--count N (200)] [--rounds N (3)] [--associations N (default config)]";
@@ -78,76 +77,6 @@ impl InstanceSource for DiskSource {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
-/// CPU seconds (user + system) used so far by process `pid`, from
-/// /proc/<pid>/stat (Linux), with `ticks` clock ticks per second.
-fn cpu_secs(pid: u32, ticks: f64) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after "(comm) ": state ppid … utime (14th field) is the 12th here.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let used = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(used / ticks)
-}
-
-/// The Orthanc process this bench started (our child named `Orthanc`).
-fn orthanc_pid() -> Option<u32> {
-    let me = std::process::id().to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-        let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?;
-        let ppid = stat
-            .get(stat.rfind(')')? + 2..)?
-            .split_whitespace()
-            .nth(1)?;
-        (comm == "Orthanc" && ppid == me).then_some(pid)
-    })
-}
-
-/// Clock ticks per second for /proc times (`getconf CLK_TCK`, else 100).
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Orthanc's and our CPU seconds so far, to take CPU use over a run.
-#[derive(Clone, Copy, Debug)]
-struct Cpu {
-    orthanc: u32,
-    me: u32,
-    ticks: f64,
-}
-
-impl Cpu {
-    fn now(&self) -> (f64, f64) {
-        (
-            cpu_secs(self.orthanc, self.ticks).unwrap_or(f64::NAN),
-            cpu_secs(self.me, self.ticks).unwrap_or(f64::NAN),
-        )
-    }
-
-    /// Orthanc's and our CPU use since `t0`, in % of one core over `secs`.
-    fn since(&self, t0: (f64, f64), secs: f64) -> (f64, f64) {
-        let (o, m) = self.now();
-        (100.0 * (o - t0.0) / secs, 100.0 * (m - t0.1) / secs)
-    }
-}
-
 /// One timed delivery of all `instances` by `sink`, checked: every outcome
 /// `Stored` and Orthanc holds `instances.len()`. Returns the seconds and
 /// Orthanc's and our CPU %.
@@ -175,30 +104,6 @@ async fn run_ours(
         return Err(format!("{sink}: Orthanc holds {held} of {}", instances.len()).into());
     }
     Ok((secs, ocpu, mcpu))
-}
-
-/// Delete the study from Orthanc and check it is empty again.
-fn clear(orthanc: &Orthanc, study_uid: &str) -> Res<()> {
-    let (code, body) = orthanc.rest("POST", "/tools/lookup", Some(study_uid.as_bytes()));
-    if code != 200 {
-        return Err(format!("lookup: HTTP {code}").into());
-    }
-    let found: serde_json::Value = serde_json::from_slice(&body)?;
-    for hit in found.as_array().into_iter().flatten() {
-        if hit["Type"] == "Study"
-            && let Some(id) = hit["ID"].as_str()
-        {
-            let (code, _) = orthanc.rest("DELETE", &format!("/studies/{id}"), None);
-            if code != 200 {
-                return Err(format!("delete study: HTTP {code}").into());
-            }
-        }
-    }
-    let left = orthanc.instance_count();
-    if left != 0 {
-        return Err(format!("{left} instances left after delete").into());
-    }
-    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -282,11 +187,7 @@ async fn main() -> Res<()> {
         storescu.display()
     );
 
-    let cpu = Cpu {
-        orthanc: orthanc_pid().ok_or("cannot find the Orthanc process")?,
-        me: std::process::id(),
-        ticks: clock_ticks(),
-    };
+    let cpu = Cpu::of_orthanc_and_me()?;
     let (mut theirs, mut ours1, mut ours) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ocpu_theirs, mut ocpu_ours1, mut ocpu_ours) = (Vec::new(), Vec::new(), Vec::new());
     let (mut our_cpu1, mut our_cpu) = (Vec::new(), Vec::new());
@@ -315,7 +216,7 @@ async fn main() -> Res<()> {
             "round {round}: storescu              {secs:7.3} s  {:7.1} inst/s  Orthanc CPU {ocpu:3.0}%",
             count as f64 / secs
         );
-        tokio::task::block_in_place(|| clear(&orthanc, &study))?;
+        tokio::task::block_in_place(|| clear_study(&orthanc, &study))?;
 
         // Ours, one association, then the default configuration (or
         // `--associations`).
@@ -343,7 +244,7 @@ async fn main() -> Res<()> {
                 "round {round}: ours, {label:15} {secs:7.3} s  {:7.1} inst/s  Orthanc CPU {ocpu:3.0}%  ours {mcpu:3.0}%",
                 count as f64 / secs
             );
-            tokio::task::block_in_place(|| clear(&orthanc, &study))?;
+            tokio::task::block_in_place(|| clear_study(&orthanc, &study))?;
         }
     }
 

@@ -10,15 +10,12 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use relaypacs_benches::mbps;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, new_uid, write_large_file};
 use relaypacs_core::testing::pieces;
 use relaypacs_core::{Actor, NewFile, PipelineConfig, PutChunk, Sha256Digest};
 use relaypacs_integration::{Embedded, open_session, peak_rss_bytes};
 use sha2::{Digest, Sha256};
-
-fn mbps(bytes: u64, secs: f64) -> f64 {
-    bytes as f64 / secs / 1e6
-}
 
 fn die(msg: impl std::fmt::Display) -> ! {
     eprintln!("ingest_bench: {msg}");

@@ -47,6 +47,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use relaypacs_benches::{Cpu, Res, clear_study, median};
 use relaypacs_core::dicom::validate_dicom;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, TransferSyntax, generate, new_uid};
 use relaypacs_core::testing::pacs_sink::MemorySource;
@@ -58,101 +59,12 @@ use relaypacs_core::{
 use relaypacs_integration::{Embedded, open_session, upload_file};
 use relaypacs_pacs::{DicomWebAuth, DicomWebConfig, StowSink};
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
 const USAGE: &str = "usage: stow_bench [--count N (200)] [--rounds N (3)] [--data DIR (temp dir)]";
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
-/// CPU seconds (user + system) used so far by process `pid`, from
-/// /proc/<pid>/stat (Linux), with `ticks` clock ticks per second.
-fn cpu_secs(pid: u32, ticks: f64) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after "(comm) ": state ppid … utime (14th field) is the 12th here.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let used = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(used / ticks)
-}
-
-/// The Orthanc process this bench started (our child named `Orthanc`).
-fn orthanc_pid() -> Option<u32> {
-    let me = std::process::id().to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-        let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?;
-        let ppid = stat
-            .get(stat.rfind(')')? + 2..)?
-            .split_whitespace()
-            .nth(1)?;
-        (comm == "Orthanc" && ppid == me).then_some(pid)
-    })
-}
-
-/// Clock ticks per second for /proc times (`getconf CLK_TCK`, else 100).
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Orthanc's and our CPU seconds so far, to take CPU use over a run.
-#[derive(Clone, Copy, Debug)]
-struct Cpu {
-    orthanc: u32,
-    me: u32,
-    ticks: f64,
-}
-
-impl Cpu {
-    fn now(&self) -> (f64, f64) {
-        (
-            cpu_secs(self.orthanc, self.ticks).unwrap_or(f64::NAN),
-            cpu_secs(self.me, self.ticks).unwrap_or(f64::NAN),
-        )
-    }
-
-    /// Orthanc's and our CPU use since `t0`, in % of one core over `secs`.
-    fn since(&self, t0: (f64, f64), secs: f64) -> (f64, f64) {
-        let (o, m) = self.now();
-        (100.0 * (o - t0.0) / secs, 100.0 * (m - t0.1) / secs)
-    }
-}
-
-/// Delete the study from Orthanc and check it is empty again.
+/// Delete the study from Orthanc, then flush the page cache's dirty data
+/// so the next run does not pay for this one's writes.
 fn clear(orthanc: &Orthanc, study_uid: &str) -> Res<()> {
-    let (code, body) = orthanc.rest("POST", "/tools/lookup", Some(study_uid.as_bytes()));
-    if code != 200 {
-        return Err(format!("lookup: HTTP {code}").into());
-    }
-    let found: serde_json::Value = serde_json::from_slice(&body)?;
-    for hit in found.as_array().into_iter().flatten() {
-        if hit["Type"] == "Study"
-            && let Some(id) = hit["ID"].as_str()
-        {
-            let (code, _) = orthanc.rest("DELETE", &format!("/studies/{id}"), None);
-            if code != 200 {
-                return Err(format!("delete study: HTTP {code}").into());
-            }
-        }
-    }
-    let left = orthanc.instance_count();
-    if left != 0 {
-        return Err(format!("{left} instances left after delete").into());
-    }
+    clear_study(orthanc, study_uid)?;
     let synced = std::process::Command::new("sync").status()?;
     if !synced.success() {
         return Err(format!("sync: {synced}").into());
@@ -338,11 +250,7 @@ async fn main() -> Res<()> {
         work.path().display()
     );
 
-    let cpu = Cpu {
-        orthanc: orthanc_pid().ok_or("cannot find the Orthanc process")?,
-        me: std::process::id(),
-        ticks: clock_ticks(),
-    };
+    let cpu = Cpu::of_orthanc_and_me()?;
     let outbox = OutboxConfig::default();
     let (mut direct, mut ours) = (Vec::new(), Vec::new());
     let (mut ocpu_direct, mut ocpu_ours) = (Vec::new(), Vec::new());

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use rand::RngCore;
+use relaypacs_benches::{mbps, median};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, new_uid, write_large_file};
 use reqwest::{Client, Response, StatusCode};
 use sha2::{Digest, Sha256};
@@ -109,23 +110,6 @@ fn scratch_base(dir: Option<PathBuf>) -> Res<PathBuf> {
     match mount_of(&tmp) {
         Some((fstype, _)) if fstype != "tmpfs" && fstype != "ramfs" => Ok(tmp),
         _ => Ok(std::env::current_dir()?),
-    }
-}
-
-fn mbps(bytes: u64, secs: f64) -> f64 {
-    bytes as f64 / secs / 1e6
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
     }
 }
 
