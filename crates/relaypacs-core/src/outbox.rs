@@ -31,11 +31,11 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::audit::{AuditAction, AuditOutcome};
-use crate::digest::{ByteStream, VerifyingStream};
+use crate::digest::ByteStream;
 use crate::error::{Error, ErrorKind, Result};
 use crate::ids::{Actor, SessionId, Uid};
 use crate::model::{Delivery, SessionRecord, SessionState};
-use crate::pacs_sink::InstanceOutcome;
+use crate::pacs_sink::{InstanceOutcome, InstanceSource};
 use crate::pipeline::{Pipeline, StoreSource};
 use crate::report_source::{ReportRef, ReportSource};
 
@@ -201,6 +201,27 @@ fn worker_actor() -> Actor {
     }
 }
 
+/// Refuse a non-admin actor with `reason`.
+fn admin_only(actor: &Actor, reason: &str) -> Result<()> {
+    if actor.admin {
+        Ok(())
+    } else {
+        Err(Error::Auth {
+            code: "RELAY_FORBIDDEN",
+            reason: reason.into(),
+        })
+    }
+}
+
+/// The distinct Patient IDs of `instances`, as one audit value.
+fn patients_of(instances: &[crate::pacs_sink::Instance]) -> String {
+    let set: BTreeSet<&str> = instances
+        .iter()
+        .map(|i| i.dicom.patient_id.as_str())
+        .collect();
+    set.into_iter().collect::<Vec<_>>().join("\\")
+}
+
 fn plus(t: OffsetDateTime, d: Duration) -> OffsetDateTime {
     t + time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
 }
@@ -264,16 +285,8 @@ impl Pipeline {
         };
         let now = OffsetDateTime::now_utc();
         let d = &current.value.delivery;
-        match &current.value.state {
-            SessionState::Forwarding => {}
-            SessionState::Delivered { at, .. } => {
-                let next = plus(
-                    d.reports_checked_at.unwrap_or(*at),
-                    config.report_poll_interval,
-                );
-                return Ok((None, self.report_next(*at, next, config)));
-            }
-            _ => return Ok((None, Next::Done)),
+        if current.value.state != SessionState::Forwarding {
+            return Ok((None, self.due(&current.value, config, now)));
         }
         if let Some(t) = d.next_attempt_at.filter(|t| *t > now) {
             return Ok((None, Next::At(t)));
@@ -298,13 +311,7 @@ impl Pipeline {
             .await?;
         let actor = worker_actor();
         let instances = Self::instances_of(&rec);
-        let patients: Vec<String> = {
-            let set: BTreeSet<String> = instances
-                .iter()
-                .map(|i| i.dicom.patient_id.clone())
-                .collect();
-            set.into_iter().collect()
-        };
+        let patients = patients_of(&instances);
         let mut ev = Self::event(
             &actor,
             AuditAction::ForwardStarted,
@@ -312,7 +319,7 @@ impl Pipeline {
             Some(id),
         );
         ev.study = rec.study_instance_uid.clone();
-        ev.patient_id = Some(patients.join("\\"));
+        ev.patient_id = Some(patients.clone());
         ev.detail = format!("attempt={attempts} sink={}", self.inner.sink);
         self.audit(ev).await?;
 
@@ -473,7 +480,7 @@ impl Pipeline {
         let mk = |outcome, detail: String| {
             let mut e = Self::event(&actor, AuditAction::Forwarded, outcome, Some(id));
             e.study = rec.study_instance_uid.clone();
-            e.patient_id = Some(patients.join("\\"));
+            e.patient_id = Some(patients.clone());
             e.detail = detail;
             e
         };
@@ -504,6 +511,24 @@ impl Pipeline {
             _ => Next::Done,
         };
         Ok((Some(event), next))
+    }
+
+    /// When the worker next has something to do for `rec`: a delivery
+    /// attempt (outbox entries), a report check (delivered studies within
+    /// the report window), or nothing.
+    fn due(&self, rec: &SessionRecord, config: &OutboxConfig, now: OffsetDateTime) -> Next {
+        match rec.state {
+            SessionState::Forwarding => Next::At(rec.delivery.next_attempt_at.unwrap_or(now)),
+            SessionState::Delivered { at, .. } => self.report_next(
+                at,
+                plus(
+                    rec.delivery.reports_checked_at.unwrap_or(at),
+                    config.report_poll_interval,
+                ),
+                config,
+            ),
+            _ => Next::Done,
+        }
     }
 
     fn report_next(
@@ -604,16 +629,8 @@ impl Pipeline {
             AuditOutcome::Success,
             Some(id),
         );
-        if !actor.admin {
-            return self
-                .refuse(
-                    ev,
-                    Error::Auth {
-                        code: "RELAY_FORBIDDEN",
-                        reason: "replaying a delivery needs the admin role".into(),
-                    },
-                )
-                .await;
+        if let Err(e) = admin_only(actor, "replaying a delivery needs the admin role") {
+            return self.refuse(ev, e).await;
         }
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
@@ -630,9 +647,11 @@ impl Pipeline {
                 )
                 .await;
         }
+        let source = StoreSource {
+            chunks: self.inner.chunks.clone(),
+        };
         for inst in Self::instances_of(&current.value) {
-            let raw: ByteStream = self.inner.chunks.read(inst.key, 0..inst.size).await?;
-            let (mut check, _) = VerifyingStream::new(raw, 0, inst.size, Some(inst.sha256));
+            let mut check = source.open(&inst).await?;
             while let Some(part) = check.next().await {
                 if let Err(e) = part {
                     return self.refuse(ev, e).await;
@@ -680,16 +699,8 @@ impl Pipeline {
             None,
         );
         ev.detail = if dead { "dead letters" } else { "outbox" }.into();
-        if !actor.admin {
-            return self
-                .refuse(
-                    ev,
-                    Error::Auth {
-                        code: "RELAY_FORBIDDEN",
-                        reason: "the outbox is for administrators".into(),
-                    },
-                )
-                .await;
+        if let Err(e) = admin_only(actor, "the outbox is for administrators") {
+            return self.refuse(ev, e).await;
         }
         let mut out = Vec::new();
         for id in self.inner.sessions.list_sessions().await? {
@@ -736,11 +747,7 @@ impl Pipeline {
             Err(e) => return self.refuse(ev, e).await,
         };
         ev.study = rec.study_instance_uid.clone();
-        let patients: BTreeSet<String> = Self::instances_of(&rec)
-            .into_iter()
-            .map(|i| i.dicom.patient_id)
-            .collect();
-        ev.patient_id = Some(patients.into_iter().collect::<Vec<_>>().join("\\"));
+        ev.patient_id = Some(patients_of(&Self::instances_of(&rec)));
         let Some(report) = rec
             .delivery
             .reports
@@ -834,6 +841,15 @@ impl Outbox {
         Ok(next)
     }
 
+    /// Step `due`, `parallel` at a time; what each needs next.
+    async fn step_all(&self, due: Vec<SessionId>) -> Vec<(SessionId, Next)> {
+        futures::stream::iter(due)
+            .map(|id| async move { (id, self.step(id).await) })
+            .buffer_unordered(self.config.parallel.max(1))
+            .collect()
+            .await
+    }
+
     /// Load every session's schedule from the store.
     async fn scan(&self, schedule: &mut HashMap<SessionId, OffsetDateTime>) -> Result<()> {
         let now = OffsetDateTime::now_utc();
@@ -843,22 +859,7 @@ impl Outbox {
                 Err(Error::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            let due = match rec.state {
-                SessionState::Forwarding => Some(rec.delivery.next_attempt_at.unwrap_or(now)),
-                SessionState::Delivered { at, .. } => match self.pipeline.report_next(
-                    at,
-                    plus(
-                        rec.delivery.reports_checked_at.unwrap_or(at),
-                        self.config.report_poll_interval,
-                    ),
-                    &self.config,
-                ) {
-                    Next::At(t) => Some(t),
-                    Next::Done => None,
-                },
-                _ => None,
-            };
-            if let Some(t) = due {
+            if let Next::At(t) = self.pipeline.due(&rec, &self.config, now) {
                 schedule.insert(id, t);
             }
         }
@@ -880,11 +881,7 @@ impl Outbox {
             .map(|(id, _)| *id)
             .collect();
         let n = due.len();
-        futures::stream::iter(due)
-            .for_each_concurrent(self.config.parallel.max(1), |id| async move {
-                self.step(id).await;
-            })
-            .await;
+        self.step_all(due).await;
         Ok(n)
     }
 
@@ -893,7 +890,6 @@ impl Outbox {
     /// entry when due, `parallel` at a time.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let this = &self;
         let mut schedule: HashMap<SessionId, OffsetDateTime> = HashMap::new();
         let mut last_scan: Option<tokio::time::Instant> = None;
         loop {
@@ -917,12 +913,7 @@ impl Outbox {
                 .map(|(id, _)| *id)
                 .collect();
             if !due.is_empty() {
-                let results: Vec<(SessionId, Next)> = futures::stream::iter(due)
-                    .map(|id| async move { (id, this.step(id).await) })
-                    .buffer_unordered(self.config.parallel.max(1))
-                    .collect()
-                    .await;
-                for (id, next) in results {
+                for (id, next) in self.step_all(due).await {
                     match next {
                         Next::At(t) => {
                             schedule.insert(id, t);

@@ -124,6 +124,18 @@ fn data_set(f: &[u8]) -> &[u8] {
     &f[relaypacs_core::dicom::data_set_offset(f).unwrap() as usize..]
 }
 
+/// An admin's (or anyone's) replay request for a dead letter.
+async fn replay(t: &TestServer, u: &User, sid: &str) -> reqwest::Response {
+    t.req(
+        Method::POST,
+        &format!("/api/v1/admin/dead-letters/{sid}/replay"),
+        u,
+    )
+    .send()
+    .await
+    .unwrap()
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
 }
@@ -269,15 +281,7 @@ async fn fwd_permanent_rejection_dead_letters_at_once_and_replay_after_fix_deliv
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    let r = t
-        .req(
-            Method::POST,
-            &format!("/api/v1/admin/dead-letters/{sid}/replay"),
-            &u,
-        )
-        .send()
-        .await
-        .unwrap();
+    let r = replay(&t, &u, &sid).await;
     assert_eq!(r.status(), 403);
     let r = t
         .req(Method::GET, "/api/v1/admin/dead-letters", &admin)
@@ -301,15 +305,7 @@ async fn fwd_permanent_rejection_dead_letters_at_once_and_replay_after_fix_deliv
             .into(),
         ..admin
     };
-    let r = t
-        .req(
-            Method::POST,
-            &format!("/api/v1/admin/dead-letters/{sid}/replay"),
-            &admin,
-        )
-        .send()
-        .await
-        .unwrap();
+    let r = replay(&t, &admin, &sid).await;
     assert_eq!(r.status(), 202, "{:?}", r.text().await);
     wait_for(
         &t,
@@ -371,15 +367,7 @@ async fn fwd_unverified_delivery_is_never_called_delivered() {
         o
     })
     .await;
-    let r = t
-        .req(
-            Method::POST,
-            &format!("/api/v1/admin/dead-letters/{sid}/replay"),
-            &admin,
-        )
-        .send()
-        .await
-        .unwrap();
+    let r = replay(&t, &admin, &sid).await;
     assert_eq!(r.status(), 202);
     wait_for(&t, &u, &sid, "delivered", state_is("delivered")).await;
     assert_eq!(blocking(move || o2.instance_count()).await, files.len());
@@ -408,15 +396,7 @@ async fn fwd_replay_refuses_a_file_changed_at_rest() {
         }
     }
     assert!(flipped > 0, "found the stored chunks");
-    let r = t
-        .req(
-            Method::POST,
-            &format!("/api/v1/admin/dead-letters/{sid}/replay"),
-            &admin,
-        )
-        .send()
-        .await
-        .unwrap();
+    let r = replay(&t, &admin, &sid).await;
     let status = r.status().as_u16();
     let body: Value = r.json().await.unwrap();
     assert!((400..500).contains(&status), "{status} {body}");
