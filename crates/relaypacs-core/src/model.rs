@@ -131,6 +131,10 @@ pub struct DicomSummary {
     /// (0008,0060) Modality, when present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modality: Option<String>,
+    /// What validation accepted but a reader should know (e.g. a Type 2
+    /// attribute absent, an image without Pixel Data). No patient data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One file of an upload session.

@@ -70,6 +70,7 @@ pub fn validate_dicom(
         },
         transfer_syntax: uid("TransferSyntaxUID", Some(report.transfer_syntax.clone()))?,
         modality: report.modality.clone().filter(|m| !m.is_empty()),
+        warnings: Vec::new(),
     };
     // Only the bytes the pre-scan verified go to dicom-object: the header
     // before Pixel Data. A Deflated file is handed over already inflated
