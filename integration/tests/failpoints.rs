@@ -16,7 +16,7 @@ use relaypacs_core::testing::collect;
 use relaypacs_core::{
     AuditOutcome, AuditSink, ByteStream, ChunkInsert, ChunkPlacement, ChunkRecord, ChunkStore,
     Error, ErrorKind, FileId, FileKey, NewFile, Pipeline, PipelineConfig, Result, SessionId,
-    SessionRecord, SessionStore, Sha256Digest, Versioned,
+    SessionRecord, SessionStore, Sha256Digest, Versioned, InstanceClaim, Uid,
 };
 use relaypacs_integration::{Embedded, dicom_of_size, new_study, put};
 
@@ -154,6 +154,16 @@ impl SessionStore for FaultySessions {
     }
     async fn delete_chunks(&self, id: SessionId, file: FileId) -> Result<()> {
         self.0.delete_chunks(id, file).await
+    }
+    async fn claim_instance(&self, c: &InstanceClaim) -> Result<InstanceClaim> {
+        self.1.hit("claim instance")?;
+        self.0.claim_instance(c).await
+    }
+    async fn instance_claim(&self, sop: &Uid) -> Result<Option<InstanceClaim>> {
+        self.0.instance_claim(sop).await
+    }
+    async fn release_instance(&self, sop: &Uid, id: SessionId, file: FileId) -> Result<()> {
+        self.0.release_instance(sop, id, file).await
     }
 }
 

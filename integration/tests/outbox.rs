@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use relaypacs_core::{
     Actor, AuditAction, AuditOutcome, AuditSink, DeliveryReport, Instance, InstanceOutcome,
     InstanceSource, Next, OutboxConfig, PacsSink, PipelineConfig, Result, SessionId, SessionState,
-    Uid,
+    Uid, Holding,
 };
 use relaypacs_integration::{Embedded, dicom, new_study, open_session, upload_file};
 use relaypacs_pacs::LocalArchiveSink;
@@ -92,7 +92,7 @@ impl PacsSink for Faulty {
         })
     }
 
-    async fn verify(&self, instances: &[Instance]) -> Result<Vec<bool>> {
+    async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
         self.inner.verify(instances).await
     }
 }

@@ -35,7 +35,7 @@ use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, TransferSyntax, ge
 use relaypacs_core::testing::peers::{Orthanc, tool};
 use relaypacs_core::{
     ByteStream, Error, FileId, FileKey, Instance, InstanceOutcome, InstanceSource, PacsSink,
-    Result as RelayResult, SessionId, Sha256Digest, VerifyingStream,
+    Result as RelayResult, SessionId, VerifyingStream,
 };
 use relaypacs_pacs::{CStoreConfig, CStoreSink};
 use tokio::io::AsyncReadExt;
@@ -151,12 +151,7 @@ async fn main() -> Res<()> {
             file: FileId::random(),
         };
         total_bytes += bytes.len() as u64;
-        instances.push(Instance {
-            key,
-            size: bytes.len() as u64,
-            sha256: Sha256Digest::of(&bytes),
-            dicom,
-        });
+        instances.push(Instance::of_bytes(key, &bytes, dicom));
         source.paths.insert(key, path.clone());
         paths.push(path);
     }

@@ -356,7 +356,7 @@ async fn main() -> Res<()> {
                     let t = Instant::now();
                     let held = sink.verify(&instances).await?;
                     let vsecs = t.elapsed().as_secs_f64();
-                    if !held.iter().all(|h| *h) {
+                    if !held.iter().all(|h| h.is_same()) {
                         return Err("sink: verify finds instances missing".into());
                     }
                     sink_only.push(count as f64 / secs);

@@ -230,6 +230,19 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+    /// A file was refused for its content and removed from its session
+    /// (see [`Pipeline::complete_file`](crate::Pipeline::complete_file)).
+    /// Kind and code are those of `source`.
+    #[error("{source}")]
+    FileRefused {
+        /// (0008,0016) of the file, when it could be read.
+        sop_class_uid: Option<crate::Uid>,
+        /// (0008,0018) of the file, when it could be read.
+        sop_instance_uid: Option<crate::Uid>,
+        /// Why it was refused.
+        #[source]
+        source: Box<Error>,
+    },
     /// The audit trail could not be written; the action was refused (fail closed).
     #[error("audit trail unavailable")]
     Audit {
@@ -333,6 +346,15 @@ impl Error {
             Self::Storage { .. } => ErrorKind::Storage,
             Self::Pacs { .. } => ErrorKind::Pacs,
             Self::Audit { .. } => ErrorKind::Audit,
+            Self::FileRefused { source, .. } => source.kind(),
+        }
+    }
+
+    /// The error itself, or what a [`FileRefused`](Self::FileRefused) wraps.
+    pub fn root(&self) -> &Error {
+        match self {
+            Self::FileRefused { source, .. } => source.root(),
+            e => e,
         }
     }
 
@@ -383,6 +405,7 @@ impl Error {
                 transient: false, ..
             } => "RELAY_PACS_REJECTED",
             Self::Audit { .. } => "RELAY_AUDIT_UNAVAILABLE",
+            Self::FileRefused { source, .. } => source.code(),
         }
     }
 }

@@ -50,9 +50,12 @@ pub use model::{
     SessionState, Versioned,
 };
 pub use outbox::{Next, Outbox, OutboxConfig, OutboxEvent, OutboxListener};
-pub use pacs_sink::{DeliveryReport, Instance, InstanceOutcome, InstanceSource, PacsSink};
+pub use pacs_sink::{
+    DeliveryReport, Holding, Instance, InstanceOutcome, InstanceSource, PacsSink, Verification,
+    VerifyMode, compare_content,
+};
 pub use pipeline::{
     FileStatus, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk, PutOutcome, contiguous_end,
 };
 pub use report_source::{ReportKind, ReportRef, ReportSource};
-pub use session_store::{ChunkInsert, SessionStore};
+pub use session_store::{ChunkInsert, InstanceClaim, SessionStore};

@@ -7,6 +7,7 @@ use time::OffsetDateTime;
 
 use crate::digest::Sha256Digest;
 use crate::ids::{FileId, SessionId, Uid};
+use crate::pacs_sink::Verification;
 use crate::report_source::ReportRef;
 
 /// Limits checked when sessions and files are created and chunks arrive.
@@ -50,13 +51,18 @@ pub enum SessionState {
     /// the PACS sink, retrying with backoff (see [`SessionRecord::delivery`]).
     Forwarding,
     /// The PACS holds every instance: the sink accepted them and a
-    /// verification query confirmed it.
+    /// verification after sending confirmed it.
     Delivered {
         /// When the verification confirmed.
         #[serde(with = "time::serde::rfc3339")]
         at: OffsetDateTime,
         /// Sink description (e.g. "local-archive:/data/archive").
         sink: String,
+        /// The weakest verification of any instance: `content` when the
+        /// PACS returned every instance and each is what was sent,
+        /// `presence-only` when for some only the UID could be found.
+        #[serde(default = "legacy_verification")]
+        verified: Verification,
     },
     /// Delivery failed permanently or ran out of attempts; waits for an
     /// admin to replay it.
@@ -89,8 +95,9 @@ pub struct Delivery {
     pub lease_owner: Option<String>,
     /// Why the last attempt failed.
     pub last_error: Option<String>,
-    /// SOP Instance UIDs the PACS was confirmed to hold.
-    pub confirmed: BTreeSet<String>,
+    /// SOP Instance UIDs the PACS was confirmed to hold, and how.
+    #[serde(deserialize_with = "confirmed_compat")]
+    pub confirmed: BTreeMap<String, Verification>,
     /// How often an admin replayed the entry from dead letters.
     pub replays: u32,
     /// Reports found at the PACS after delivery.
@@ -98,6 +105,32 @@ pub struct Delivery {
     /// When the PACS was last asked for reports.
     #[serde(with = "time::serde::rfc3339::option")]
     pub reports_checked_at: Option<OffsetDateTime>,
+}
+
+/// Records written before verification modes existed were checked for
+/// presence only.
+fn legacy_verification() -> Verification {
+    Verification::PresenceOnly
+}
+
+/// `confirmed` as written now (UID → verification), or as a plain list of
+/// UIDs from before verification modes (presence only).
+fn confirmed_compat<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, Verification>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Map(BTreeMap<String, Verification>),
+        Set(BTreeSet<String>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::Map(m) => m,
+        Either::Set(s) => s
+            .into_iter()
+            .map(|u| (u, Verification::PresenceOnly))
+            .collect(),
+    })
 }
 
 /// State of one file of a session.
@@ -146,8 +179,12 @@ pub struct FileRecord {
     pub name: String,
     /// Declared total size in bytes.
     pub size: u64,
-    /// Declared whole-file SHA-256, when the client gave one.
+    /// Declared whole-file SHA-256, when the client gave one (the
+    /// verified one once valid).
     pub sha256: Option<Sha256Digest>,
+    /// SHA-256 of the data set after the file meta group, once valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_set_sha256: Option<Sha256Digest>,
     /// State.
     pub state: FileState,
 }

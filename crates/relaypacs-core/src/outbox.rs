@@ -19,7 +19,7 @@
 //! `Retry-After`). An admin can [`replay`](Pipeline::replay) a dead letter
 //! after fixing the cause.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +35,7 @@ use crate::digest::ByteStream;
 use crate::error::{Error, ErrorKind, Result};
 use crate::ids::{Actor, SessionId, Uid};
 use crate::model::{Delivery, SessionRecord, SessionState};
-use crate::pacs_sink::{InstanceOutcome, InstanceSource};
+use crate::pacs_sink::{Holding, Instance, InstanceOutcome, InstanceSource, Verification};
 use crate::pipeline::{Pipeline, StoreSource};
 use crate::report_source::{ReportRef, ReportSource};
 
@@ -142,6 +142,8 @@ pub enum OutboxEvent {
         instances: usize,
         /// Sink description.
         sink: String,
+        /// The weakest verification of any instance.
+        verified: Verification,
     },
     /// An attempt failed; another is scheduled.
     Retrying {
@@ -224,6 +226,54 @@ fn patients_of(instances: &[crate::pacs_sink::Instance]) -> String {
 
 fn plus(t: OffsetDateTime, d: Duration) -> OffsetDateTime {
     t + time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
+}
+
+/// What one attempt learnt, before and after sending.
+#[derive(Default)]
+struct Progress {
+    /// `(uid, transient, reason)` of what the sink refused.
+    refused: Vec<(Uid, bool, String)>,
+    /// The PACS holds other content under these UIDs (the reasons).
+    conflicts: Vec<String>,
+    /// The sink or the PACS could not be asked.
+    failure: Option<Error>,
+    /// The PACS's `Retry-After`.
+    retry_after: Option<Duration>,
+}
+
+impl Progress {
+    /// Fold a [`PacsSink::verify`](crate::PacsSink::verify) answer for
+    /// `asked` in: the same content becomes confirmed, other content a
+    /// conflict; returns what the PACS does not hold.
+    fn take(
+        &mut self,
+        asked: &[Instance],
+        held: Vec<Holding>,
+        confirmed: &mut BTreeMap<String, Verification>,
+    ) -> Vec<Instance> {
+        if held.len() != asked.len() {
+            self.failure = Some(Error::pacs_permanent(
+                format!(
+                    "the sink answered {} verification(s) for {} instance(s)",
+                    held.len(),
+                    asked.len()
+                ),
+                None,
+            ));
+            return Vec::new();
+        }
+        let mut absent = Vec::new();
+        for (inst, h) in asked.iter().zip(held) {
+            match h {
+                Holding::Same { verification } => {
+                    confirmed.insert(inst.dicom.sop_instance_uid.to_string(), verification);
+                }
+                Holding::Different { reason } => self.conflicts.push(reason),
+                _ => absent.push(inst.clone()),
+            }
+        }
+        absent
+    }
 }
 
 /// Whether an error means retrying unchanged cannot help.
@@ -323,74 +373,88 @@ impl Pipeline {
         ev.detail = format!("attempt={attempts} sink={}", self.inner.sink);
         self.audit(ev).await?;
 
+        let mut confirmed: BTreeMap<String, Verification> = rec.delivery.confirmed.clone();
         let pending: Vec<_> = instances
             .iter()
-            .filter(|i| {
-                !rec.delivery
-                    .confirmed
-                    .contains(i.dicom.sop_instance_uid.as_str())
-            })
+            .filter(|i| !confirmed.contains_key(i.dicom.sop_instance_uid.as_str()))
             .cloned()
             .collect();
         let source = StoreSource {
             chunks: self.inner.chunks.clone(),
         };
-        // (uid, transient, reason) of what the sink refused.
-        let mut refused: Vec<(Uid, bool, String)> = Vec::new();
-        let mut failure: Option<Error> = None;
-        let mut retry_after = None;
-        if !pending.is_empty() {
-            match self.inner.sink.deliver(&pending, &source).await {
+        let mut progress = Progress::default();
+        // Check before sending: an identical copy at the PACS needs no
+        // resend, a different one is a conflict before a byte is sent.
+        let to_send = match self.inner.sink.verify(&pending).await {
+            Ok(held) => progress.take(&pending, held, &mut confirmed),
+            Err(e) => {
+                progress.failure = Some(e);
+                Vec::new()
+            }
+        };
+        if progress.failure.is_none() && progress.conflicts.is_empty() && !to_send.is_empty() {
+            match self.inner.sink.deliver(&to_send, &source).await {
                 Ok(report) => {
-                    retry_after = report.retry_after;
+                    progress.retry_after = report.retry_after;
                     for (uid, o) in report.outcomes {
                         if let InstanceOutcome::Failed { transient, reason } = o {
-                            refused.push((uid, transient, reason));
+                            progress.refused.push((uid, transient, reason));
                         }
                     }
                 }
-                Err(e) => failure = Some(e),
+                Err(e) => progress.failure = Some(e),
+            }
+            // Whatever the sink said, the PACS's own answer decides (and
+            // catches another writer racing us under the same UID).
+            match self.inner.sink.verify(&to_send).await {
+                Ok(held) => {
+                    progress.take(&to_send, held, &mut confirmed);
+                }
+                Err(e) => {
+                    progress.failure.get_or_insert(e);
+                }
             }
         }
-        // Whatever the sink said, the PACS's own answer decides.
-        let held = match self.inner.sink.verify(&instances).await {
-            Ok(h) => Some(h),
-            Err(e) => {
-                if failure.is_none() {
-                    failure = Some(e);
-                }
-                None
-            }
-        };
-        let confirmed: BTreeSet<String> = match &held {
-            Some(h) => instances
-                .iter()
-                .zip(h)
-                .filter(|(_, held)| **held)
-                .map(|(i, _)| i.dicom.sop_instance_uid.to_string())
-                .collect(),
-            None => rec.delivery.confirmed.clone(),
-        };
-        let missing = instances.len() - confirmed.len().min(instances.len());
-        refused.retain(|(uid, _, _)| !confirmed.contains(uid.as_str()));
+        let Progress {
+            mut refused,
+            conflicts,
+            failure,
+            retry_after,
+        } = progress;
+        let missing = instances
+            .iter()
+            .filter(|i| !confirmed.contains_key(i.dicom.sop_instance_uid.as_str()))
+            .count();
+        refused.retain(|(uid, _, _)| !confirmed.contains_key(uid.as_str()));
+        let verified = confirmed
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(Verification::Content);
 
         let now = OffsetDateTime::now_utc();
         let sink = self.inner.sink.to_string();
-        let (state, event) = if held.is_some() && missing == 0 {
+        let (state, event) = if failure.is_none() && conflicts.is_empty() && missing == 0 {
             (
                 SessionState::Delivered {
                     at: now,
                     sink: sink.clone(),
+                    verified,
                 },
                 OutboxEvent::Delivered {
                     session: id,
                     owner: rec.owner.clone(),
                     instances: instances.len(),
                     sink: sink.clone(),
+                    verified,
                 },
             )
         } else {
-            let mut reasons: Vec<String> = Vec::new();
+            // A conflict first: it is why nothing (more) was sent.
+            let mut reasons: Vec<String> = conflicts.iter().take(4).cloned().collect();
+            if conflicts.len() > 4 {
+                reasons.push(format!("and {} more conflicts", conflicts.len() - 4));
+            }
             if let Some(e) = &failure {
                 reasons.push(format!("{}: {e}", e.code()));
             }
@@ -410,7 +474,10 @@ impl Pipeline {
                 ));
             }
             let reason = reasons.join("; ");
-            let permanent = failure.as_ref().is_some_and(is_permanent)
+            // A PACS holding other content under a UID will not change its
+            // mind by itself: never retried blindly.
+            let permanent = !conflicts.is_empty()
+                || failure.as_ref().is_some_and(is_permanent)
                 || refused.iter().any(|(_, transient, _)| !transient);
             let queued = rec.delivery.queued_at.unwrap_or(rec.updated_at);
             let too_old = now - queued
@@ -487,7 +554,10 @@ impl Pipeline {
         if !confirmed.is_empty() {
             self.audit(mk(
                 AuditOutcome::Success,
-                format!("instances={} verified sink={sink}", confirmed.len()),
+                format!(
+                    "instances={} verified={verified} sink={sink}",
+                    confirmed.len()
+                ),
             ))
             .await?;
         }
@@ -586,7 +656,7 @@ impl Pipeline {
             .reports
             .iter()
             .map(|r| r.sop_instance_uid.as_str())
-            .chain(rec.delivery.confirmed.iter().map(String::as_str))
+            .chain(rec.delivery.confirmed.keys().map(String::as_str))
             .collect();
         let new: Vec<ReportRef> = found
             .into_iter()

@@ -20,8 +20,29 @@ pub struct Instance {
     pub size: u64,
     /// Verified SHA-256 of the Part-10 file.
     pub sha256: Sha256Digest,
+    /// SHA-256 of the data set after the file meta group (what a
+    /// destination that writes its own meta group must hold unchanged);
+    /// `None` only for files accepted before it was recorded.
+    pub data_set_sha256: Option<Sha256Digest>,
     /// Identifying attributes.
     pub dicom: DicomSummary,
+}
+
+impl Instance {
+    /// The instance of a whole Part-10 file held in memory (tests, tools):
+    /// both digests computed from `bytes`.
+    pub fn of_bytes(key: FileKey, bytes: &[u8], dicom: DicomSummary) -> Self {
+        let mut h = crate::dicom::Part10Hasher::new(bytes.len());
+        h.update(bytes);
+        let d = h.finish();
+        Self {
+            key,
+            size: bytes.len() as u64,
+            sha256: d.whole.unwrap_or_else(|| Sha256Digest::of(bytes)),
+            data_set_sha256: d.data_set,
+            dicom,
+        }
+    }
 }
 
 /// Opens the bytes of instances for a sink (implemented by the pipeline
@@ -82,6 +103,112 @@ impl DeliveryReport {
     }
 }
 
+/// How a sink proves that the destination holds an instance (a per-sink
+/// setting).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyMode {
+    /// Retrieve the instance and compare its content with what was sent
+    /// (see [`compare_content`]).
+    #[default]
+    Content,
+    /// Only ask whether an instance with the SOP Instance UID exists.
+    Presence,
+}
+
+/// How it was established that a destination holds an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Verification {
+    /// Only the SOP Instance UID was found; the content was not compared
+    /// (the destination cannot return it, or the sink is configured so).
+    #[serde(rename = "presence-only")]
+    PresenceOnly,
+    /// The destination returned the instance and its content is what was
+    /// sent.
+    #[serde(rename = "content")]
+    Content,
+}
+
+impl Verification {
+    /// Human-readable form, as shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PresenceOnly => "presence-only",
+            Self::Content => "content",
+        }
+    }
+}
+
+impl std::fmt::Display for Verification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a destination holds under an instance's SOP Instance UID.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "held", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Holding {
+    /// Nothing.
+    Absent,
+    /// The instance that was sent, established as `verification` says.
+    Same {
+        /// Content compared, or presence only.
+        verification: Verification,
+    },
+    /// Another object: the destination kept a different version, or
+    /// transcoded it. Never to be called delivered.
+    Different {
+        /// What differs, naming the SOP Instance UID.
+        reason: String,
+    },
+}
+
+impl Holding {
+    /// Whether the destination holds what was sent.
+    pub fn is_same(&self) -> bool {
+        matches!(self, Self::Same { .. })
+    }
+}
+
+/// The one comparison every sink uses between an instance and what a
+/// destination returned for it:
+/// 1. the same whole file (byte-identical Part-10), or
+/// 2. the same data set after the file meta group (the destination wrote
+///    a meta group of its own, or returned only the data set);
+///
+/// otherwise the destination holds a different object. A copy in another
+/// transfer syntax (a PACS that transcodes) is **not** decoded and
+/// compared: by policy it counts as different, and the reason says so
+/// (configure such a sink with [`VerifyMode::Presence`]).
+pub fn compare_content(instance: &Instance, got: &crate::dicom::ContentDigest) -> Holding {
+    let same_whole = got.whole == Some(instance.sha256);
+    let same_data_set = got.data_set.is_some() && got.data_set == instance.data_set_sha256;
+    if same_whole || same_data_set {
+        return Holding::Same {
+            verification: Verification::Content,
+        };
+    }
+    let sop = &instance.dicom.sop_instance_uid;
+    let sent_ts = instance.dicom.transfer_syntax.as_str();
+    match got.transfer_syntax.as_deref() {
+        Some(ts) if ts != sent_ts => Holding::Different {
+            reason: format!(
+                "the PACS holds SOP Instance UID {sop} in transfer syntax {ts}, not {sent_ts} \
+                 as sent: a transcoded copy is not compared (verify = \"presence\" accepts it)"
+            ),
+        },
+        _ => Holding::Different {
+            reason: format!(
+                "the PACS holds a different object with SOP Instance UID {sop} \
+                 ({} bytes returned, {} sent)",
+                got.size, instance.size
+            ),
+        },
+    }
+}
+
 /// A destination PACS (or archive) for validated instances.
 ///
 /// # Contract
@@ -111,13 +238,19 @@ pub trait PacsSink: Debug + Display + Send + Sync + 'static {
         source: &dyn InstanceSource,
     ) -> Result<DeliveryReport>;
 
-    /// Which of `instances` the destination holds now, in input order
-    /// (QIDO-RS, C-FIND, a file check, …). Used after a delivery to confirm
-    /// it before a study is called delivered: a sink's "stored" is a claim,
-    /// this is the check.
+    /// What the destination holds now under each of `instances`' SOP
+    /// Instance UIDs, in input order. The pipeline asks before sending
+    /// (an identical copy needs no resend, a different one is a conflict)
+    /// and after (a sink's "stored" is a claim, this is the check).
+    ///
+    /// A sink configured for [`VerifyMode::Content`] retrieves each held
+    /// instance (WADO-RS, C-GET, reading a file, …), streaming and
+    /// bounded, and decides with [`compare_content`]; where the
+    /// destination cannot return content it answers
+    /// [`Verification::PresenceOnly`], never `Content`.
     ///
     /// # Errors
     /// [`Error::Pacs`](crate::Error::Pacs) when the destination cannot be
     /// asked; nothing is inferred from a failed query.
-    async fn verify(&self, instances: &[Instance]) -> Result<Vec<bool>>;
+    async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>>;
 }

@@ -26,15 +26,16 @@ use tokio::sync::RwLock;
 
 use crate::audit::{AuditAction, AuditEvent, AuditOutcome, AuditSink};
 use crate::chunk_store::{ChunkPlacement, ChunkStore, FileKey};
-use crate::dicom::{DicomLimits, validate_dicom};
+use crate::dicom::{DicomLimits, Identified, Part10Hasher, validate_dicom};
 use crate::digest::{ByteStream, Sha256Digest, VerifyingStream};
 use crate::error::{Error, ErrorKind, IntegrityError, Result};
-use crate::ids::{Actor, FileId, SessionId};
+use crate::ids::{Actor, FileId, SessionId, Uid};
 use crate::model::{
-    ChunkRecord, FileRecord, FileState, Limits, SessionRecord, SessionState, Versioned,
+    ChunkRecord, DicomSummary, FileRecord, FileState, Limits, SessionRecord, SessionState,
+    Versioned,
 };
 use crate::pacs_sink::{Instance, InstanceSource, PacsSink};
-use crate::session_store::{ChunkInsert, SessionStore};
+use crate::session_store::{ChunkInsert, InstanceClaim, SessionStore};
 
 /// Pipeline settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +46,23 @@ pub struct PipelineConfig {
     /// DICOM validation limits.
     #[serde(skip)]
     pub dicom: DicomLimits,
+    /// What to do with a SOP Instance UID the gateway accepted before
+    /// with other content.
+    pub duplicates: DuplicatePolicy,
+}
+
+/// What happens to an upload whose SOP Instance UID the gateway accepted
+/// before (in any session, its index of accepted instances says).
+/// The same data set again is always an idempotent success.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicatePolicy {
+    /// Other content under a known UID is refused (409; STOW-RS 0x0111).
+    #[default]
+    Refuse,
+    /// Other content is accepted with a warning; the PACS check before
+    /// sending still refuses to overwrite a different object there.
+    Accept,
 }
 
 /// Request to open a session.
@@ -93,6 +111,19 @@ pub struct FileStatus {
     pub expires_at: OffsetDateTime,
     /// The session's state.
     pub session_state: SessionState,
+}
+
+/// Whether `err` refuses a file for its content, so that it is removed
+/// from its session (see [`Pipeline::complete_file`]).
+fn refuses_content(err: &Error) -> bool {
+    match err {
+        Error::Dicom(_) | Error::StudyMismatch { .. } => true,
+        Error::Integrity(IntegrityError::FileHash { .. }) => true,
+        Error::Conflict { code, .. } => {
+            matches!(*code, "RELAY_DUPLICATE_INSTANCE" | "RELAY_INSTANCE_CONFLICT")
+        }
+        _ => false,
+    }
 }
 
 /// End of the contiguous run of chunks starting at offset 0 (chunks need
@@ -228,6 +259,9 @@ impl InstanceSource for StoreSource {
 struct ReadBack {
     prefix: Vec<u8>,
     sha256: Sha256Digest,
+    /// Digest of the data set after the file meta group, when the meta
+    /// group could be read.
+    data_set_sha256: Option<Sha256Digest>,
 }
 
 impl Pipeline {
@@ -462,6 +496,7 @@ impl Pipeline {
             name: req.name,
             size: req.size,
             sha256: req.sha256,
+            data_set_sha256: None,
             state: FileState::Uploading,
         };
         self.inner
@@ -732,8 +767,16 @@ impl Pipeline {
 
     /// Verify and validate a file whose chunks are all stored: the chunks
     /// must tile the file, every stored chunk must still hash to what was
-    /// acknowledged, the whole file must match its declared SHA-256, and
-    /// the content must be valid DICOM of the session's study.
+    /// acknowledged, the whole file must match its declared SHA-256, the
+    /// content must be valid DICOM of the session's study, and its SOP
+    /// Instance UID must not stand for other content the gateway accepted
+    /// before (see [`DuplicatePolicy`]).
+    ///
+    /// A file refused for its content (invalid DICOM, wrong study, a
+    /// duplicate or conflicting instance, a whole-file digest mismatch) is
+    /// removed from the session with its bytes, so the session stays open
+    /// for its other files; the error is then [`Error::FileRefused`],
+    /// carrying the UIDs that could be read.
     pub async fn complete_file(
         &self,
         actor: &Actor,
@@ -741,7 +784,7 @@ impl Pipeline {
         file: FileId,
     ) -> Result<FileRecord> {
         let gate = self.gate(id);
-        let _g = gate.rw.read().await;
+        let guard = gate.rw.read().await;
         let current = self.load_owned(actor, id).await?;
         let mut ev = Self::event(
             actor,
@@ -750,7 +793,7 @@ impl Pipeline {
             Some(id),
         );
         ev.file = Some(file);
-        match self.complete_file_inner(id, file, current).await {
+        let (err, known) = match self.complete_file_inner(id, file, current).await {
             Ok(f) => {
                 if let FileState::Valid { dicom } = &f.state {
                     ev.study = Some(dicom.study_instance_uid.clone());
@@ -760,12 +803,33 @@ impl Pipeline {
                         dicom.sop_instance_uid,
                         f.sha256.map(|d| d.to_hex()).unwrap_or_default()
                     );
+                    if !dicom.warnings.is_empty() {
+                        ev.detail.push_str(&format!(" warnings={}", dicom.warnings.join("; ")));
+                    }
                 }
                 self.audit(ev).await?;
-                Ok(f)
+                return Ok(f);
             }
-            Err(e) => self.refuse(ev, e).await,
+            Err(refusal) => refusal,
+        };
+        drop(guard);
+        if !refuses_content(&err) {
+            return self.refuse(ev, err).await;
         }
+        // Content the gateway will never accept: the file goes, with its
+        // bytes and any claim it holds.
+        let uid = |v: &Option<String>| v.as_deref().and_then(|v| Uid::parse(v).ok());
+        ev.study = uid(&known.study_instance_uid);
+        ev.patient_id = known.patient_id.clone();
+        let err = match self.drop_file(id, file, true).await {
+            Ok(()) => Error::FileRefused {
+                sop_class_uid: uid(&known.sop_class_uid),
+                sop_instance_uid: uid(&known.sop_instance_uid),
+                source: Box::new(err),
+            },
+            Err(e) => e,
+        };
+        self.refuse(ev, err).await
     }
 
     async fn complete_file_inner(
@@ -773,18 +837,19 @@ impl Pipeline {
         id: SessionId,
         file_id: FileId,
         current: Versioned<SessionRecord>,
-    ) -> Result<FileRecord> {
-        Self::require_open(&current.value)?;
+    ) -> std::result::Result<FileRecord, (Error, Identified)> {
+        let plain = |e: Error| (e, Identified::default());
+        Self::require_open(&current.value).map_err(plain)?;
         let file = current
             .value
             .files
             .get(&file_id)
             .cloned()
-            .ok_or(Error::NotFound { what: "file" })?;
+            .ok_or_else(|| plain(Error::NotFound { what: "file" }))?;
         if matches!(file.state, FileState::Valid { .. }) {
             return Ok(file);
         }
-        let chunks = self.inner.sessions.chunks(id, file_id).await?;
+        let chunks = self.inner.sessions.chunks(id, file_id).await.map_err(plain)?;
         let mut missing = Vec::new();
         let mut pos = 0u64;
         for c in &chunks {
@@ -798,43 +863,82 @@ impl Pipeline {
         }
         if !missing.is_empty() {
             let shown: Vec<_> = missing.iter().take(8).cloned().collect();
-            return Err(Error::invalid(
+            return Err(plain(Error::invalid(
                 "RELAY_FILE_INCOMPLETE",
                 format!(
                     "{} byte range(s) not uploaded yet: {}",
                     missing.len(),
                     shown.join(", ")
                 ),
-            ));
+            )));
         }
         let key = FileKey {
             session: id,
             file: file_id,
         };
-        self.inner.chunks.seal_file(key, file.size, &chunks).await?;
+        self.inner
+            .chunks
+            .seal_file(key, file.size, &chunks)
+            .await
+            .map_err(plain)?;
         let header_cap = self.inner.config.dicom.max_header_bytes.min(file.size);
-        let back = self.read_back(key, file.size, &chunks, header_cap).await?;
+        let back = self
+            .read_back(key, file.size, &chunks, header_cap)
+            .await
+            .map_err(plain)?;
         if let Some(expected) = file.sha256
             && expected != back.sha256
         {
-            return Err(IntegrityError::FileHash {
-                expected: expected.to_hex(),
-                actual: back.sha256.to_hex(),
-            }
-            .into());
+            return Err(plain(
+                IntegrityError::FileHash {
+                    expected: expected.to_hex(),
+                    actual: back.sha256.to_hex(),
+                }
+                .into(),
+            ));
         }
         let limits = self.inner.config.dicom.clone();
         let size = file.size;
         let prefix = back.prefix;
-        let dicom = tokio::task::spawn_blocking(move || validate_dicom(&prefix, size, &limits))
-            .await
-            .map_err(|e| {
-                Error::Dicom(crate::dicom::DicomError::Parser {
-                    message: format!("validator task failed: {e}"),
-                })
-            })??;
+        let (validated, known) = tokio::task::spawn_blocking(move || {
+            let validated = validate_dicom(&prefix, size, &limits);
+            // On refusal, whatever identifies the file still goes back to
+            // the client (STOW-RS references it in its failure).
+            let known = match &validated {
+                Ok(_) => Identified::default(),
+                Err(_) => crate::dicom::identify(&prefix, size, &limits.prescan),
+            };
+            (validated, known)
+        })
+        .await
+        .map_err(|e| {
+            plain(Error::Dicom(crate::dicom::DicomError::Parser {
+                message: format!("validator task failed: {e}"),
+            }))
+        })?;
+        let mut dicom = match validated {
+            Ok(d) => d,
+            Err(e) => return Err((Error::Dicom(e), known)),
+        };
+        let refused = |e: Error, d: &DicomSummary| (e, Identified::from(d));
+        let data_set_sha256 = back.data_set_sha256.ok_or_else(|| {
+            refused(
+                Error::Dicom(crate::dicom::DicomError::Malformed {
+                    offset: 0,
+                    reason: "the file meta group could not be delimited".into(),
+                }),
+                &dicom,
+            )
+        })?;
+        let claimed = match self.claim(id, file_id, &dicom, data_set_sha256).await {
+            Ok((claimed, warning)) => {
+                dicom.warnings.extend(warning);
+                claimed
+            }
+            Err(e) => return Err(refused(e, &dicom)),
+        };
         let digest = back.sha256;
-        let (rec, ()) = self
+        let updated = self
             .update(id, current, |rec| {
                 Self::require_open(rec)?;
                 if let Some(study) = &rec.study_instance_uid
@@ -856,14 +960,170 @@ impl Pipeline {
                 }
                 let f = rec.files.get_mut(&file_id).ok_or(Error::NotFound { what: "file" })?;
                 f.sha256 = Some(digest);
+                f.data_set_sha256 = Some(data_set_sha256);
                 f.state = FileState::Valid { dicom: dicom.clone() };
                 Ok(())
             })
-            .await?;
+            .await;
+        let (rec, ()) = match updated {
+            Ok(v) => v,
+            Err(e) => {
+                if claimed {
+                    // Best effort; a claim left behind by a file that is
+                    // gone is recognised as stale by the next claimant.
+                    if let Err(r) = self
+                        .inner
+                        .sessions
+                        .release_instance(&dicom.sop_instance_uid, id, file_id)
+                        .await
+                    {
+                        tracing::warn!(error = %r, "could not release an instance claim");
+                    }
+                }
+                return Err(refused(e, &dicom));
+            }
+        };
         rec.files
             .get(&file_id)
             .cloned()
-            .ok_or(Error::NotFound { what: "file" })
+            .ok_or_else(|| plain(Error::NotFound { what: "file" }))
+    }
+
+    /// Claim the file's SOP Instance UID in the index of accepted
+    /// instances. Returns whether this file holds the claim now, and a
+    /// warning when the UID was accepted before with the same content (an
+    /// idempotent success) or, by policy, with other content.
+    async fn claim(
+        &self,
+        id: SessionId,
+        file: FileId,
+        dicom: &DicomSummary,
+        data_set: Sha256Digest,
+    ) -> Result<(bool, Option<String>)> {
+        let sop = &dicom.sop_instance_uid;
+        let mine = InstanceClaim::new(
+            sop.clone(),
+            data_set,
+            dicom.study_instance_uid.clone(),
+            id,
+            file,
+        );
+        // A stale claim (its file is gone) is released and the claim
+        // retried; a few rounds bound a pathological race.
+        for _ in 0..4 {
+            let held = self.inner.sessions.claim_instance(&mine).await?;
+            if held.held_by(id, file) {
+                return Ok((true, None));
+            }
+            if held.data_set_sha256 == data_set {
+                return Ok((
+                    false,
+                    Some(format!(
+                        "SOP Instance UID {sop} was accepted before with the same content \
+                         (study {})",
+                        held.study_instance_uid
+                    )),
+                ));
+            }
+            if self.claim_is_stale(&held).await? {
+                self.inner
+                    .sessions
+                    .release_instance(sop, held.session, held.file)
+                    .await?;
+                continue;
+            }
+            return match self.inner.config.duplicates {
+                DuplicatePolicy::Refuse => Err(Error::conflict(
+                    "RELAY_INSTANCE_CONFLICT",
+                    format!(
+                        "SOP Instance UID {sop} was already accepted with other content \
+                         (study {})",
+                        held.study_instance_uid
+                    ),
+                )),
+                DuplicatePolicy::Accept => Ok((
+                    false,
+                    Some(format!(
+                        "SOP Instance UID {sop} was accepted before with other content \
+                         (study {}); accepted by policy",
+                        held.study_instance_uid
+                    )),
+                )),
+            };
+        }
+        Err(Error::Busy {
+            what: format!("the index entry of SOP Instance UID {sop}"),
+        })
+    }
+
+    /// Whether a claim's file no longer exists (removed, session gone).
+    async fn claim_is_stale(&self, claim: &InstanceClaim) -> Result<bool> {
+        match self.inner.sessions.load_session(claim.session).await {
+            Ok(v) => Ok(!v.value.files.contains_key(&claim.file)),
+            Err(Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Release the index claims of `rec`'s valid files (all, or one).
+    async fn release_claims(&self, rec: &SessionRecord, only: Option<FileId>) -> Result<()> {
+        for f in rec.files.values() {
+            if only.is_some_and(|o| o != f.id) {
+                continue;
+            }
+            if let FileState::Valid { dicom } = &f.state {
+                self.inner
+                    .sessions
+                    .release_instance(&dicom.sop_instance_uid, rec.id, f.id)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove a file of an open session: its record, chunk records, bytes
+    /// and index claim. With `refused`, only a file not (yet) valid is
+    /// removed (a concurrent completion may have validated it).
+    async fn drop_file(&self, id: SessionId, file: FileId, refused: bool) -> Result<()> {
+        let gate = self.gate(id);
+        let _g = gate.rw.write().await;
+        let current = self.inner.sessions.load_session(id).await?;
+        Self::require_open(&current.value)?;
+        let Some(f) = current.value.files.get(&file) else {
+            return if refused {
+                Ok(())
+            } else {
+                Err(Error::NotFound { what: "file" })
+            };
+        };
+        if refused && matches!(f.state, FileState::Valid { .. }) {
+            return Ok(());
+        }
+        let sop: Option<Uid> = match &f.state {
+            FileState::Valid { dicom } => Some(dicom.sop_instance_uid.clone()),
+            FileState::Uploading => None,
+        };
+        self.update(id, current, |rec| {
+            rec.files.remove(&file);
+            if rec
+                .files
+                .values()
+                .all(|f| matches!(f.state, FileState::Uploading))
+            {
+                rec.study_instance_uid = None;
+            }
+            Ok(())
+        })
+        .await?;
+        self.inner.sessions.delete_chunks(id, file).await?;
+        self.inner
+            .chunks
+            .delete_file(FileKey { session: id, file })
+            .await?;
+        if let Some(sop) = sop {
+            self.inner.sessions.release_instance(&sop, id, file).await?;
+        }
+        Ok(())
     }
 
     /// Stream a stored file back, checking every chunk against its recorded
@@ -927,6 +1187,17 @@ impl Pipeline {
             }
             Ok(())
         });
+        // A third for the digest of the data set after the meta group (the
+        // index of accepted instances and content verification compare it).
+        let (tx_set, mut rx_set) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let meta_cap = usize::try_from(header_cap).unwrap_or(usize::MAX);
+        let data_set = tokio::task::spawn_blocking(move || {
+            let mut h = Part10Hasher::data_set_only(meta_cap);
+            while let Some(buf) = rx_set.blocking_recv() {
+                h.update(&buf);
+            }
+            h.finish().data_set
+        });
         let whole = tokio::task::spawn_blocking(move || -> ReadBack {
             let mut whole = Sha256::new();
             let mut prefix = Vec::with_capacity(usize::try_from(header_cap).unwrap_or(0));
@@ -942,6 +1213,7 @@ impl Pipeline {
             ReadBack {
                 prefix,
                 sha256: Sha256Digest(whole.finalize().into()),
+                data_set_sha256: None,
             }
         });
         let mut read_err = None;
@@ -950,7 +1222,10 @@ impl Pipeline {
                 Ok(b) => {
                     // A send fails only if the chunk checker stopped early
                     // with an error; that error is reported below.
-                    if tx_parts.send(b.clone()).await.is_err() || tx_whole.send(b).await.is_err() {
+                    if tx_parts.send(b.clone()).await.is_err()
+                        || tx_set.send(b.clone()).await.is_err()
+                        || tx_whole.send(b).await.is_err()
+                    {
                         break;
                     }
                 }
@@ -960,7 +1235,7 @@ impl Pipeline {
                 }
             }
         }
-        drop((tx_parts, tx_whole));
+        drop((tx_parts, tx_whole, tx_set));
         let join = |e: tokio::task::JoinError| {
             Error::storage(
                 crate::error::StorageErrorKind::Io,
@@ -969,7 +1244,8 @@ impl Pipeline {
             )
         };
         let parts = parts.await.map_err(join)?;
-        let whole = whole.await.map_err(join)?;
+        let mut whole = whole.await.map_err(join)?;
+        whole.data_set_sha256 = data_set.await.map_err(join)?;
         if let Some(e) = read_err {
             return Err(e);
         }
@@ -985,10 +1261,14 @@ impl Pipeline {
     /// completing a session already in the outbox is a no-op.
     pub async fn complete_session(&self, actor: &Actor, id: SessionId) -> Result<SessionRecord> {
         let gate = self.gate(id);
-        let _g = gate.rw.read().await;
+        let guard = gate.rw.read().await;
         let current = self.load_owned(actor, id).await?;
         if current.value.state == SessionState::Forwarding {
             return Ok(current.value);
+        }
+        if current.value.state == SessionState::Open && current.value.files.is_empty() {
+            drop(guard);
+            return self.end_empty(actor, id).await;
         }
         let mut ev = Self::event(
             actor,
@@ -1052,6 +1332,39 @@ impl Pipeline {
         Ok(rec)
     }
 
+    /// Completing a session with no file (every one was refused, or none
+    /// was sent) ends it: nothing can be delivered, so it is removed
+    /// rather than left open until it expires. Always an error (422).
+    async fn end_empty(&self, actor: &Actor, id: SessionId) -> Result<SessionRecord> {
+        let gate = self.gate(id);
+        let _g = gate.rw.write().await;
+        let mut ev = Self::event(
+            actor,
+            AuditAction::SessionAborted,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        let current = self.load_owned(actor, id).await?;
+        if current.value.state != SessionState::Open || !current.value.files.is_empty() {
+            return Err(Error::Busy {
+                what: "the session changed while it was being completed".into(),
+            });
+        }
+        self.inner
+            .sessions
+            .delete_session(id, current.version)
+            .await?;
+        self.inner.chunks.delete_session(id).await?;
+        ev.detail = "completed with no valid file: session ended".into();
+        self.audit(ev).await?;
+        drop(_g);
+        self.forget_gate(id);
+        Err(Error::invalid(
+            "RELAY_SESSION_EMPTY",
+            "the session has no valid file; it has been ended",
+        ))
+    }
+
     /// Tell the delivery worker that `id` has work.
     pub(crate) fn wake_outbox(&self, id: SessionId) {
         lock(&self.inner.queued).push(id);
@@ -1070,6 +1383,7 @@ impl Pipeline {
                     },
                     size: f.size,
                     sha256,
+                    data_set_sha256: f.data_set_sha256,
                     dicom: dicom.clone(),
                 }),
                 _ => None,
@@ -1167,43 +1481,19 @@ impl Pipeline {
             .await
     }
 
-    /// Remove a file from an open session (its bytes and chunk records).
+    /// Remove a file from an open session (its bytes, chunk records and
+    /// index claim).
     pub async fn remove_file(&self, actor: &Actor, id: SessionId, file: FileId) -> Result<()> {
-        let gate = self.gate(id);
-        let _g = gate.rw.write().await;
-        let current = self.load_owned(actor, id).await?;
+        let rec = self.load_owned(actor, id).await?;
         let mut ev = Self::event(
             actor,
             AuditAction::FileRemoved,
             AuditOutcome::Success,
             Some(id),
         );
+        ev.study = rec.value.study_instance_uid.clone();
         ev.file = Some(file);
-        let res = async {
-            Self::require_open(&current.value)?;
-            if !current.value.files.contains_key(&file) {
-                return Err(Error::NotFound { what: "file" });
-            }
-            self.update(id, current, |rec| {
-                rec.files.remove(&file);
-                if rec
-                    .files
-                    .values()
-                    .all(|f| matches!(f.state, FileState::Uploading))
-                {
-                    rec.study_instance_uid = None;
-                }
-                Ok(())
-            })
-            .await?;
-            self.inner.sessions.delete_chunks(id, file).await?;
-            self.inner
-                .chunks
-                .delete_file(FileKey { session: id, file })
-                .await
-        }
-        .await;
-        match res {
+        match self.drop_file(id, file, false).await {
             Ok(()) => self.audit(ev).await,
             Err(e) => self.refuse(ev, e).await,
         }
@@ -1225,7 +1515,13 @@ impl Pipeline {
                 .sessions
                 .delete_session(id, current.version)
                 .await?;
-            self.inner.chunks.delete_session(id).await
+            self.inner.chunks.delete_session(id).await?;
+            // An acknowledged study keeps its claims: the gateway accepted
+            // those instances whatever happens to the session record.
+            if current.value.state == SessionState::Open {
+                self.release_claims(&current.value, None).await?;
+            }
+            Ok(())
         }
         .await;
         match res {
@@ -1272,6 +1568,7 @@ impl Pipeline {
                 Err(e) => return Err(e),
             }
             self.inner.chunks.delete_session(id).await?;
+            self.release_claims(rec, None).await?;
             let mut ev = Self::event(
                 &Actor::system(),
                 AuditAction::SessionExpired,

@@ -3,10 +3,59 @@
 use std::fmt::{Debug, Display};
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
+use crate::digest::Sha256Digest;
 use crate::error::Result;
-use crate::ids::{FileId, SessionId};
+use crate::ids::{FileId, SessionId, Uid};
 use crate::model::{ChunkRecord, SessionRecord, Versioned};
+
+/// One entry of the gateway's index of accepted instances: which file of
+/// which session first brought a SOP Instance UID, with the digest of its
+/// data set (see [`SessionStore::claim_instance`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct InstanceClaim {
+    /// (0008,0018) SOP Instance UID, the key.
+    pub sop_instance_uid: Uid,
+    /// SHA-256 of the data set after the file meta group.
+    pub data_set_sha256: Sha256Digest,
+    /// (0020,000D) Study Instance UID of the file.
+    pub study_instance_uid: Uid,
+    /// The session that holds the claim.
+    pub session: SessionId,
+    /// The file in that session.
+    pub file: FileId,
+    /// When it was accepted.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+impl InstanceClaim {
+    /// A claim made now.
+    pub fn new(
+        sop_instance_uid: Uid,
+        data_set_sha256: Sha256Digest,
+        study_instance_uid: Uid,
+        session: SessionId,
+        file: FileId,
+    ) -> Self {
+        Self {
+            sop_instance_uid,
+            data_set_sha256,
+            study_instance_uid,
+            session,
+            file,
+            at: OffsetDateTime::now_utc(),
+        }
+    }
+
+    /// Whether `self` is the claim of `session`'s `file`.
+    pub fn held_by(&self, session: SessionId, file: FileId) -> bool {
+        self.session == session && self.file == file
+    }
+}
 
 /// What [`SessionStore::record_chunk`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +78,10 @@ pub enum ChunkInsert {
 ///   by `(session, file, chunk.offset)`: of two concurrent inserts at one
 ///   offset exactly one gets `Inserted`, the other gets `Existing`.
 /// - [`chunks`](Self::chunks) returns records in ascending offset order.
+/// - [`claim_instance`](Self::claim_instance) is an atomic insert-if-absent
+///   keyed by SOP Instance UID, across every session (and every process
+///   sharing the store): of concurrent claims of one UID exactly one is
+///   recorded and every caller gets that one back.
 /// - Operations on a session that does not exist return
 ///   [`Error::NotFound`](crate::Error::NotFound).
 ///
@@ -67,4 +120,24 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
 
     /// Forget the chunk records of one file (when a file is removed).
     async fn delete_chunks(&self, id: SessionId, file: FileId) -> Result<()>;
+
+    /// Record `claim` in the index of accepted instances unless its SOP
+    /// Instance UID is already claimed. Returns the claim in force: equal
+    /// to `claim` when it was recorded now (or earlier by the same file),
+    /// otherwise the earlier one, whatever its digest; the caller decides
+    /// what a different digest means.
+    async fn claim_instance(&self, claim: &InstanceClaim) -> Result<InstanceClaim>;
+
+    /// The claim on a SOP Instance UID, if any.
+    async fn instance_claim(&self, sop_instance_uid: &Uid) -> Result<Option<InstanceClaim>>;
+
+    /// Drop the claim on `sop_instance_uid` if `session`'s `file` holds it
+    /// (the file was removed or refused, the session aborted or expired);
+    /// otherwise do nothing.
+    async fn release_instance(
+        &self,
+        sop_instance_uid: &Uid,
+        session: SessionId,
+        file: FileId,
+    ) -> Result<()>;
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use relaypacs_core::{
-    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, PacsSink, Result,
+    DeliveryReport, Error, Holding, Instance, InstanceOutcome, InstanceSource, PacsSink, Result,
+    Verification,
 };
 
 /// Delivers every instance to each of its sinks in turn (e.g. a local
@@ -96,11 +97,30 @@ impl PacsSink for FanOutSink {
         Ok(merged.unwrap_or_default())
     }
 
-    async fn verify(&self, instances: &[Instance]) -> Result<Vec<bool>> {
-        let mut held = vec![true; instances.len()];
+    /// An instance is the same only if every destination holds the same,
+    /// with the weakest verification among them; any destination holding
+    /// other content makes it different.
+    async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
+        let mut held: Vec<Holding> = instances
+            .iter()
+            .map(|_| Holding::Same {
+                verification: Verification::Content,
+            })
+            .collect();
         for sink in &self.sinks {
-            for (h, v) in held.iter_mut().zip(sink.verify(instances).await?) {
-                *h &= v;
+            for (acc, h) in held.iter_mut().zip(sink.verify(instances).await?) {
+                *acc = match (std::mem::replace(acc, Holding::Absent), h) {
+                    (d @ Holding::Different { .. }, _) => d,
+                    (_, Holding::Different { reason }) => Holding::Different {
+                        reason: format!("{sink}: {reason}"),
+                    },
+                    (Holding::Same { verification: a }, Holding::Same { verification: b }) => {
+                        Holding::Same {
+                            verification: a.min(b),
+                        }
+                    }
+                    _ => Holding::Absent,
+                };
             }
         }
         Ok(held)

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use relaypacs_core::dicom::{ContentDigest, Part10Hasher};
 use relaypacs_core::{
-    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, IntegrityError, PacsSink,
-    Result, Sha256Digest, StorageErrorKind, Uid,
+    DeliveryReport, Error, Holding, Instance, InstanceOutcome, InstanceSource, IntegrityError,
+    PacsSink, Result, Sha256Digest, StorageErrorKind, Uid, compare_content,
 };
 use sha2::{Digest, Sha256};
 
@@ -71,9 +72,10 @@ fn create_dir_durable(dir: &Path) -> Result<()> {
     }
 }
 
-fn file_digest(path: &Path) -> Result<Sha256Digest> {
+/// The content digests of an archived file (streamed, 1 MiB at a time).
+fn file_content(path: &Path) -> Result<ContentDigest> {
     let mut f = File::open(path).map_err(io("open archived instance"))?;
-    let mut h = Sha256::new();
+    let mut h = Part10Hasher::new(META_CAP);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).map_err(io("read archived instance"))?;
@@ -82,7 +84,20 @@ fn file_digest(path: &Path) -> Result<Sha256Digest> {
         }
         h.update(&buf[..n]);
     }
-    Ok(Sha256Digest(h.finalize().into()))
+    Ok(h.finish())
+}
+
+/// Largest file meta group looked for when comparing content.
+const META_CAP: usize = 1 << 20;
+
+fn file_digest(path: &Path) -> Result<Sha256Digest> {
+    file_content(path)?.whole.ok_or_else(|| {
+        Error::storage(
+            StorageErrorKind::Io,
+            "hash archived instance",
+            "no whole-file digest",
+        )
+    })
 }
 
 impl LocalArchiveSink {
@@ -241,8 +256,10 @@ impl PacsSink for LocalArchiveSink {
     }
     /// Held means: the file is at its path and its bytes hash to the
     /// verified digest (a full re-read; the archive is local).
-    async fn verify(&self, instances: &[Instance]) -> Result<Vec<bool>> {
-        let paths: Vec<(PathBuf, Sha256Digest)> = instances
+    /// Reads every archived file back and compares its content (the
+    /// archive is always content-verified).
+    async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
+        let items: Vec<(PathBuf, Instance)> = instances
             .iter()
             .map(|i| {
                 (
@@ -251,18 +268,18 @@ impl PacsSink for LocalArchiveSink {
                         &i.dicom.series_instance_uid,
                         &i.dicom.sop_instance_uid,
                     ),
-                    i.sha256,
+                    i.clone(),
                 )
             })
             .collect();
         tokio::task::spawn_blocking(move || {
-            paths
+            items
                 .iter()
-                .map(|(p, want)| {
+                .map(|(p, inst)| {
                     if !p.is_file() {
-                        return Ok(false);
+                        return Ok(Holding::Absent);
                     }
-                    Ok(file_digest(p)? == *want)
+                    Ok(compare_content(inst, &file_content(p)?))
                 })
                 .collect()
         })

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use relaypacs_core::{
     DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, IntegrityError, PacsSink,
-    Result, Uid,
+    Result, Uid, Holding, Verification,
 };
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
@@ -317,7 +317,7 @@ impl PacsSink for StowSink {
         Ok(report)
     }
 
-    async fn verify(&self, instances: &[Instance]) -> Result<Vec<bool>> {
+    async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
         let mut held: HashMap<&Uid, std::collections::HashSet<String>> = HashMap::new();
         for inst in instances {
             let study = &inst.dicom.study_instance_uid;
@@ -339,8 +339,16 @@ impl PacsSink for StowSink {
         Ok(instances
             .iter()
             .map(|i| {
-                held.get(&i.dicom.study_instance_uid)
+                if held
+                    .get(&i.dicom.study_instance_uid)
                     .is_some_and(|s| s.contains(i.dicom.sop_instance_uid.as_str()))
+                {
+                    Holding::Same {
+                        verification: Verification::PresenceOnly,
+                    }
+                } else {
+                    Holding::Absent
+                }
             })
             .collect())
     }

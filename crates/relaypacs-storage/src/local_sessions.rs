@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use relaypacs_core::{
-    ChunkInsert, ChunkRecord, Error, FileId, Result, SessionId, SessionRecord, SessionStore,
-    StorageErrorKind, Versioned,
+    ChunkInsert, ChunkRecord, Error, FileId, InstanceClaim, Result, SessionId, SessionRecord,
+    SessionStore, StorageErrorKind, Uid, Versioned,
 };
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +40,9 @@ struct Inner {
     /// which also guards that session's cache of chunk records (kept in
     /// step with the logs once read).
     locks: Mutex<HashMap<SessionId, Arc<Mutex<ChunkCache>>>>,
+    /// Serialises claims and releases of the instance index (the root lock
+    /// keeps other processes out).
+    index: Mutex<()>,
 }
 
 type ChunkCache = HashMap<FileId, BTreeMap<u64, ChunkRecord>>;
@@ -74,13 +77,31 @@ impl FileSessionStore {
         let root = root.as_ref().to_path_buf();
         let lock = lock_root(&root)?;
         sweep_temp(&root)?;
+        let index = root.join(INDEX_DIR);
+        create_dir_durable(&index)?;
+        sweep_temp(&index)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 root,
                 _lock: lock,
                 locks: Mutex::new(HashMap::new()),
+                index: Mutex::new(()),
             }),
         })
+    }
+
+    /// Run `f` on a blocking thread while holding the index lock.
+    async fn with_index<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Path) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let _g = lock(&inner.index);
+            f(&inner.root.join(INDEX_DIR))
+        })
+        .await
+        .map_err(|e| Error::storage(StorageErrorKind::Io, "instance index task", e.to_string()))?
     }
 
     /// Run `f` on a blocking thread while holding the session's lock.
@@ -98,6 +119,23 @@ impl FileSessionStore {
         })
         .await
         .map_err(|e| Error::storage(StorageErrorKind::Io, "session store task", e.to_string()))?
+    }
+}
+
+/// Folder of the instance index under the root.
+const INDEX_DIR: &str = "instances";
+
+fn claim_path(index: &Path, sop: &Uid) -> PathBuf {
+    index.join(format!("{sop}.json"))
+}
+
+fn read_claim(path: &Path) -> Result<Option<InstanceClaim>> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| corrupt("parse instance claim", e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("read instance claim", e)),
     }
 }
 
@@ -303,6 +341,49 @@ impl SessionStore for FileSessionStore {
                 return Err(Error::NotFound { what: "session" });
             }
             Ok(cached_log(cache, file, dir)?.values().cloned().collect())
+        })
+        .await
+    }
+
+    async fn claim_instance(&self, claim: &InstanceClaim) -> Result<InstanceClaim> {
+        let claim = claim.clone();
+        self.with_index(move |index| {
+            let path = claim_path(index, &claim.sop_instance_uid);
+            if let Some(existing) = read_claim(&path)? {
+                return Ok(existing);
+            }
+            let bytes = serde_json::to_vec(&claim).map_err(|e| corrupt("encode claim", e))?;
+            // Crash-safe: temp, fsync, rename, fsync dir (write_atomic).
+            write_atomic(&path, &bytes)?;
+            Ok(claim)
+        })
+        .await
+    }
+
+    async fn instance_claim(&self, sop_instance_uid: &Uid) -> Result<Option<InstanceClaim>> {
+        let sop = sop_instance_uid.clone();
+        self.with_index(move |index| read_claim(&claim_path(index, &sop)))
+            .await
+    }
+
+    async fn release_instance(
+        &self,
+        sop_instance_uid: &Uid,
+        session: SessionId,
+        file: FileId,
+    ) -> Result<()> {
+        let sop = sop_instance_uid.clone();
+        self.with_index(move |index| {
+            let path = claim_path(index, &sop);
+            match read_claim(&path)? {
+                Some(c) if c.held_by(session, file) => {
+                    // Durable removal: unlink, then fsync the folder.
+                    std::fs::remove_file(&path)
+                        .map_err(|e| Error::io("remove instance claim", e))?;
+                    fsync_dir(index)
+                }
+                _ => Ok(()),
+            }
         })
         .await
     }

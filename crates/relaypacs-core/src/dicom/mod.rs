@@ -7,9 +7,11 @@
 //! every declared length against the bytes that remain, capped nesting
 //! depth and element count, and bounded any inflation.
 
+mod content;
 pub(crate) mod prescan;
 mod validate;
 
+pub use content::{ContentDigest, Part10Hasher};
 pub use prescan::{PrescanLimits, PrescanReport, prescan};
 pub use validate::{DicomLimits, validate_dicom};
 
@@ -160,4 +162,46 @@ pub fn data_set_offset(prefix: &[u8]) -> Result<u64, DicomError> {
     }
     let len = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
     Ok(144 + u64::from(len))
+}
+
+/// What identifies a file, as far as it could be read (for the client's
+/// answer when the file is refused).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identified {
+    /// (0008,0016), if read.
+    pub sop_class_uid: Option<String>,
+    /// (0008,0018), if read.
+    pub sop_instance_uid: Option<String>,
+    /// (0020,000D), if read.
+    pub study_instance_uid: Option<String>,
+    /// (0020,000E), if read.
+    pub series_instance_uid: Option<String>,
+    /// (0010,0020), if read.
+    pub patient_id: Option<String>,
+}
+
+impl From<&crate::model::DicomSummary> for Identified {
+    fn from(d: &crate::model::DicomSummary) -> Self {
+        Self {
+            sop_class_uid: Some(d.sop_class_uid.to_string()),
+            sop_instance_uid: Some(d.sop_instance_uid.to_string()),
+            study_instance_uid: Some(d.study_instance_uid.to_string()),
+            series_instance_uid: Some(d.series_instance_uid.to_string()),
+            patient_id: Some(d.patient_id.clone()),
+        }
+    }
+}
+
+/// Read the identifying attributes of a file that may be invalid: the
+/// pre-scan's findings up to wherever it stopped. Pure and bounded like
+/// [`prescan`].
+pub fn identify(prefix: &[u8], total_len: u64, limits: &PrescanLimits) -> Identified {
+    let report = prescan::prescan_partial(prefix, total_len, limits);
+    Identified {
+        sop_class_uid: report.sop_class_uid,
+        sop_instance_uid: report.sop_instance_uid,
+        study_instance_uid: report.study_instance_uid,
+        series_instance_uid: report.series_instance_uid,
+        patient_id: report.patient_id,
+    }
 }

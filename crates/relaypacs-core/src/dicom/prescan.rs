@@ -316,6 +316,25 @@ pub fn prescan(
     total_len: u64,
     limits: &PrescanLimits,
 ) -> Result<PrescanReport, DicomError> {
+    let mut report = PrescanReport::default();
+    prescan_into(bytes, total_len, limits, &mut report)?;
+    Ok(report)
+}
+
+/// What [`prescan`] found before it stopped, whether or not it failed.
+pub(crate) fn prescan_partial(bytes: &[u8], total_len: u64, limits: &PrescanLimits) -> PrescanReport {
+    let mut report = PrescanReport::default();
+    // The error is the caller's to report; only the findings matter here.
+    let _ = prescan_into(bytes, total_len, limits, &mut report);
+    report
+}
+
+fn prescan_into(
+    bytes: &[u8],
+    total_len: u64,
+    limits: &PrescanLimits,
+    report: &mut PrescanReport,
+) -> Result<(), DicomError> {
     let view = Bytes {
         data: bytes,
         total: total_len,
@@ -335,7 +354,7 @@ pub fn prescan(
     let (ts, meta_end) = scan_meta(&view)?;
     let (syntax, deflated) =
         syntax_of(&ts).ok_or_else(|| DicomError::UnsupportedTransferSyntax { uid: ts.clone() })?;
-    let mut report = PrescanReport {
+    *report = PrescanReport {
         transfer_syntax: ts,
         meta_end,
         deflated,
@@ -367,7 +386,7 @@ pub fn prescan(
             capped: capped.then_some(cap),
             max_header: cap,
         };
-        walk(&iv, 0, Syntax::ExplicitLe, limits, &mut report).map_err(|e| match e {
+        walk(&iv, 0, Syntax::ExplicitLe, limits, report).map_err(|e| match e {
             // Running out of inflated bytes means the header is bigger than the cap.
             DicomError::LengthOverrun { .. }
             | DicomError::Truncated { .. }
@@ -381,9 +400,39 @@ pub fn prescan(
         inflated.truncate(usize::try_from(report.header_end).unwrap_or(inflated.len()));
         report.inflated_header = Some(inflated);
     } else {
-        walk(&view, meta_end, syntax, limits, &mut report)?;
+        walk(&view, meta_end, syntax, limits, report)?;
     }
-    Ok(report)
+    Ok(())
+}
+
+/// The transfer syntax and data set offset of a Part-10 file from its
+/// first bytes. `total` is the file's size when known; with `None` the
+/// answer is `Ok(None)` while `prefix` is too short to tell (more bytes
+/// are needed). Pure and bounded by `prefix`.
+pub(crate) fn file_meta(
+    prefix: &[u8],
+    total: Option<u64>,
+) -> Result<Option<(String, u64)>, DicomError> {
+    let view = Bytes {
+        data: prefix,
+        total: total.unwrap_or(u64::MAX),
+        capped: None,
+        max_header: prefix.len() as u64,
+    };
+    let scanned = view.need(128, 4).and_then(|magic| {
+        if magic != b"DICM" {
+            return Err(DicomError::NotDicom {
+                reason: "no DICM prefix after the 128-byte preamble".into(),
+            });
+        }
+        scan_meta(&view)
+    });
+    match scanned {
+        Ok(found) => Ok(Some(found)),
+        // Past the bytes we hold but within the (unknown) file: wait for more.
+        Err(DicomError::HeaderTooLarge { .. }) if total.is_none() => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Walk the file meta group (always explicit VR little endian).

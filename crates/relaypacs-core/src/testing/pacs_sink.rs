@@ -13,7 +13,9 @@ use crate::digest::{ByteStream, Sha256Digest};
 use crate::error::{Error, Result};
 use crate::ids::{FileId, SessionId, Uid};
 use crate::model::DicomSummary;
-use crate::pacs_sink::{Instance, InstanceOutcome, InstanceSource, PacsSink};
+use crate::pacs_sink::{
+    Holding, Instance, InstanceOutcome, InstanceSource, PacsSink, Verification,
+};
 use crate::testing::{dicom_gen, pieces};
 
 /// Reads back what a destination holds, for the conformance suite.
@@ -55,12 +57,7 @@ impl MemorySource {
             session: SessionId::random(),
             file: FileId::random(),
         };
-        let inst = Instance {
-            key,
-            size: bytes.len() as u64,
-            sha256: Sha256Digest::of(&bytes),
-            dicom,
-        };
+        let inst = Instance::of_bytes(key, &bytes, dicom);
         self.files.insert(key, bytes);
         inst
     }
@@ -110,7 +107,13 @@ pub async fn delivers_byte_exact(sink: &dyn PacsSink, probe: &dyn SinkProbe) {
             uid, &inst.dicom.sop_instance_uid,
             "outcomes are in input order"
         );
-        assert_eq!(outcome, &InstanceOutcome::Stored);
+        assert!(
+            matches!(
+                outcome,
+                InstanceOutcome::Stored | InstanceOutcome::Warning { .. }
+            ),
+            "{outcome:?}"
+        );
         let held = probe
             .fetch(uid)
             .await
@@ -171,15 +174,94 @@ pub async fn source_failure_leaves_nothing(sink: &dyn PacsSink, probe: &dyn Sink
     assert!(held.is_none(), "a partial instance was stored");
 }
 
-/// `verify` says "not held" before a delivery and "held" after it, per
+/// `verify` says "absent" before a delivery and "the same" after it, per
 /// instance and in order.
 pub async fn verify_reports_what_is_held(sink: &dyn PacsSink, _probe: &dyn SinkProbe) {
     let (src, insts) = study(3).expect("generate study");
     let before = sink.verify(&insts).await.expect("verify before");
-    assert_eq!(before, vec![false; 3], "nothing delivered yet");
+    assert_eq!(before, vec![Holding::Absent; 3], "nothing delivered yet");
     sink.deliver(&insts[..2], &src).await.expect("deliver two");
     let after = sink.verify(&insts).await.expect("verify after");
-    assert_eq!(after, vec![true, true, false], "exactly the delivered ones");
+    assert_eq!(after.len(), 3);
+    assert!(after[0].is_same() && after[1].is_same(), "{after:?}");
+    assert_eq!(after[2], Holding::Absent, "exactly the delivered ones");
+}
+
+/// The same SOP Instance UIDs with other content (another pixel seed):
+/// `verify` must not call the destination's copy the same. A sink that
+/// compares content answers `Different`; one that cannot may answer
+/// `Same` only as presence-only.
+pub async fn verify_detects_other_content(sink: &dyn PacsSink, _probe: &dyn SinkProbe) {
+    let (src, insts) = study(2).expect("generate study");
+    sink.deliver(&insts, &src).await.expect("deliver");
+    let (mut other_src, _) = study(0).expect("empty");
+    let others: Vec<Instance> = insts
+        .iter()
+        .enumerate()
+        .map(|(i, inst)| {
+            let spec = dicom_gen::DicomSpec {
+                study_uid: inst.dicom.study_instance_uid.to_string(),
+                series_uid: inst.dicom.series_instance_uid.to_string(),
+                sop_instance_uid: inst.dicom.sop_instance_uid.to_string(),
+                seed: 1000 + i as u64,
+                ..dicom_gen::DicomSpec::default()
+            };
+            let bytes = dicom_gen::generate(&spec).expect("generate");
+            let summary = crate::dicom::validate_dicom(&bytes, bytes.len() as u64, &Default::default())
+                .expect("valid");
+            other_src.add(bytes, summary)
+        })
+        .collect();
+    let held = sink.verify(&others).await.expect("verify");
+    for (h, inst) in held.iter().zip(&others) {
+        match h {
+            Holding::Different { reason } => assert!(
+                reason.contains(inst.dicom.sop_instance_uid.as_str()),
+                "the reason names the UID: {reason}"
+            ),
+            Holding::Same {
+                verification: Verification::PresenceOnly,
+            } => {}
+            other => panic!("other content called {other:?}"),
+        }
+    }
+    // Delivering the other content must not be reported as the same
+    // content held: the destination keeps its version, or replaces it.
+    let report = sink.deliver(&others, &other_src).await;
+    if let Ok(report) = report {
+        let after = sink.verify(&others).await.expect("verify after");
+        for ((_, outcome), h) in report.outcomes.iter().zip(&after) {
+            if let Holding::Same {
+                verification: Verification::Content,
+            } = h
+            {
+                // Replaced: then the sink's claim and the check agree.
+                assert!(outcome.is_delivered(), "{outcome:?}");
+            }
+        }
+    }
+}
+
+/// A sink's failures are classified: an unreachable or refusing
+/// destination is `Error::Pacs` (transient or permanent), never a panic;
+/// its outcomes cover every input in order.
+pub async fn outcomes_cover_every_instance(sink: &dyn PacsSink, _probe: &dyn SinkProbe) {
+    let (src, insts) = study(4).expect("generate study");
+    let report = sink.deliver(&insts, &src).await.expect("deliver");
+    let uids: Vec<&Uid> = report.outcomes.iter().map(|(u, _)| u).collect();
+    let want: Vec<&Uid> = insts.iter().map(|i| &i.dicom.sop_instance_uid).collect();
+    assert_eq!(uids, want, "one outcome per instance, in input order");
+    for (_, o) in &report.outcomes {
+        assert!(
+            matches!(
+                o,
+                InstanceOutcome::Stored
+                    | InstanceOutcome::AlreadyPresent
+                    | InstanceOutcome::Warning { .. }
+            ),
+            "{o:?}"
+        );
+    }
 }
 
 /// Generates one `#[tokio::test]` per [`PacsSink`] conformance case.
@@ -189,7 +271,7 @@ macro_rules! pacs_sink_conformance {
     ($factory:path) => {
         mod pacs_sink_conformance {
             use super::*;
-            $crate::pacs_sink_conformance!(@cases $factory; delivers_byte_exact, redelivery_is_idempotent, source_failure_leaves_nothing, verify_reports_what_is_held);
+            $crate::pacs_sink_conformance!(@cases $factory; delivers_byte_exact, redelivery_is_idempotent, source_failure_leaves_nothing, verify_reports_what_is_held, verify_detects_other_content, outcomes_cover_every_instance);
         }
     };
     (@cases $factory:path; $($case:ident),*) => {$(

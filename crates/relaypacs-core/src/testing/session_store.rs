@@ -8,9 +8,9 @@ use time::OffsetDateTime;
 
 use crate::digest::Sha256Digest;
 use crate::error::Error;
-use crate::ids::{FileId, SessionId};
+use crate::ids::{FileId, SessionId, Uid};
 use crate::model::{ChunkRecord, FileRecord, FileState, Limits, SessionRecord, SessionState};
-use crate::session_store::{ChunkInsert, SessionStore};
+use crate::session_store::{ChunkInsert, InstanceClaim, SessionStore};
 
 /// A fresh session record with one file.
 pub fn sample_session() -> SessionRecord {
@@ -22,6 +22,7 @@ pub fn sample_session() -> SessionRecord {
         name: "ct-001.dcm".into(),
         size: 4 << 20,
         sha256: Some(Sha256Digest::of(b"whole")),
+        data_set_sha256: None,
         state: FileState::Uploading,
     };
     SessionRecord {
@@ -114,6 +115,89 @@ pub async fn concurrent_cas_has_one_winner(store: Arc<dyn SessionStore>) {
         }
     }
     assert_eq!(ok, 1, "exactly one compare-and-set must win");
+}
+
+fn claim_of(sop: &Uid, content: &[u8]) -> InstanceClaim {
+    InstanceClaim::new(
+        sop.clone(),
+        Sha256Digest::of(content),
+        Uid::parse("1.2.3.4").expect("valid UID"),
+        SessionId::random(),
+        FileId::random(),
+    )
+}
+
+fn fresh_uid() -> Uid {
+    let n = u128::from_le_bytes(rand::random());
+    Uid::parse(&format!("2.25.{n}")).expect("valid UID")
+}
+
+/// The index of accepted instances: insert-if-absent by SOP Instance UID,
+/// durable, readable, released only by its holder.
+pub async fn instance_claims(store: &dyn SessionStore) {
+    let sop = fresh_uid();
+    assert_eq!(store.instance_claim(&sop).await.expect("lookup"), None);
+    let first = claim_of(&sop, b"first");
+    assert_eq!(store.claim_instance(&first).await.expect("claim"), first);
+    // The holder claiming again is answered with its own claim.
+    assert_eq!(store.claim_instance(&first).await.expect("again"), first);
+    // Another file, other content: the earlier claim stands.
+    let second = claim_of(&sop, b"second");
+    assert_eq!(store.claim_instance(&second).await.expect("claim"), first);
+    assert_eq!(
+        store.instance_claim(&sop).await.expect("lookup"),
+        Some(first.clone())
+    );
+    // Only the holder releases.
+    store
+        .release_instance(&sop, second.session, second.file)
+        .await
+        .expect("release by another");
+    assert_eq!(
+        store.instance_claim(&sop).await.expect("lookup"),
+        Some(first.clone())
+    );
+    store
+        .release_instance(&sop, first.session, first.file)
+        .await
+        .expect("release");
+    assert_eq!(store.instance_claim(&sop).await.expect("lookup"), None);
+    assert_eq!(store.claim_instance(&second).await.expect("claim"), second);
+    // Other UIDs are independent.
+    let other = claim_of(&fresh_uid(), b"first");
+    assert_eq!(store.claim_instance(&other).await.expect("claim"), other);
+}
+
+/// Of many concurrent claims of one SOP Instance UID with different
+/// content, exactly one is recorded and every caller is told which.
+pub async fn concurrent_claims_have_one_winner(store: Arc<dyn SessionStore>) {
+    for _round in 0..20 {
+        let sop = fresh_uid();
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                let claim = claim_of(&sop, format!("content-{i}").as_bytes());
+                tokio::spawn(async move {
+                    let held = store.claim_instance(&claim).await.expect("claim");
+                    (claim, held)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        let mut answers = Vec::new();
+        for t in tasks {
+            let (claim, held) = t.await.expect("task");
+            if held == claim {
+                winners.push(claim);
+            }
+            answers.push(held);
+        }
+        assert_eq!(winners.len(), 1, "exactly one claim must win");
+        assert!(
+            answers.iter().all(|a| *a == winners[0]),
+            "every caller learns the winner"
+        );
+    }
 }
 
 /// Chunk records: insert-if-absent, ordered listing, per-file deletion.
@@ -229,8 +313,8 @@ macro_rules! session_store_conformance {
     ($factory:path) => {
         mod session_store_conformance {
             use super::*;
-            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, chunk_records, delete_session);
-            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert);
+            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, chunk_records, delete_session, instance_claims);
+            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner);
         }
     };
     (@ref $factory:path; $($case:ident),*) => {$(

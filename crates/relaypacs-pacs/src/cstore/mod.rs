@@ -18,7 +18,7 @@ use dicom_ul::pdu::{
 use futures::StreamExt;
 use relaypacs_core::dicom::{DicomError, data_set_offset};
 use relaypacs_core::{
-    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, PacsSink, Result, Uid,
+    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, PacsSink, Result, Uid, Holding, Verification,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -574,7 +574,7 @@ impl PacsSink for CStoreSink {
         Ok(report)
     }
 
-    async fn verify(&self, instances: &[Instance]) -> Result<Vec<bool>> {
+    async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
         if instances.is_empty() {
             return Ok(Vec::new());
         }
@@ -627,7 +627,15 @@ impl PacsSink for CStoreSink {
         }
         Ok(instances
             .iter()
-            .map(|i| held.contains(i.dicom.sop_instance_uid.as_str()))
+            .map(|i| {
+                if held.contains(i.dicom.sop_instance_uid.as_str()) {
+                    Holding::Same {
+                        verification: Verification::PresenceOnly,
+                    }
+                } else {
+                    Holding::Absent
+                }
+            })
             .collect())
     }
 }
