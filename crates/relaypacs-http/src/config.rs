@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use rand::RngCore;
-use relaypacs_core::{Limits, OutboxConfig};
+use relaypacs_core::{Limits, OutboxConfig, VerifyMode};
 use relaypacs_pacs::{CStoreConfig, DicomWebAuth, DicomWebConfig};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -182,6 +182,9 @@ pub struct DicomWebSinkConfig {
     pub batch_bytes: u64,
     /// Most instances per STOW-RS request.
     pub batch_instances: usize,
+    /// `content` (default: every instance retrieved by WADO-RS and
+    /// compared with what was sent) or `presence` (QIDO-RS finds the UID).
+    pub verify: VerifyMode,
 }
 
 impl Default for DicomWebSinkConfig {
@@ -197,6 +200,7 @@ impl Default for DicomWebSinkConfig {
             request_timeout_secs: d.request_timeout.as_secs(),
             batch_bytes: d.batch_bytes,
             batch_instances: d.batch_instances,
+            verify: d.verify,
         }
     }
 }
@@ -227,6 +231,7 @@ impl DicomWebSinkConfig {
         c.request_timeout = std::time::Duration::from_secs(self.request_timeout_secs.max(1));
         c.batch_bytes = self.batch_bytes;
         c.batch_instances = self.batch_instances;
+        c.verify = self.verify;
         Ok(c)
     }
 }
@@ -249,6 +254,9 @@ pub struct CStoreSinkConfig {
     pub max_pdu: u32,
     /// Associations opened at once for one delivery (1..=8).
     pub associations: usize,
+    /// `content` (default: C-GET retrieves and compares each instance;
+    /// presence-only where the PACS offers no C-GET) or `presence` (C-FIND).
+    pub verify: VerifyMode,
 }
 
 impl Default for CStoreSinkConfig {
@@ -262,6 +270,7 @@ impl Default for CStoreSinkConfig {
             io_timeout_secs: d.io_timeout.as_secs(),
             max_pdu: d.max_pdu,
             associations: d.associations,
+            verify: d.verify,
         }
     }
 }
@@ -277,6 +286,7 @@ impl CStoreSinkConfig {
             io_timeout: std::time::Duration::from_secs(self.io_timeout_secs.max(1)),
             max_pdu: self.max_pdu,
             associations: self.associations,
+            verify: self.verify,
         }
     }
 }

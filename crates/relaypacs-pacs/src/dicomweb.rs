@@ -60,6 +60,9 @@ pub struct DicomWebConfig {
     pub batch_bytes: u64,
     /// Most instances in one STOW-RS request.
     pub batch_instances: usize,
+    /// How delivery is proven: retrieve and compare content (WADO-RS,
+    /// the default) or only find the UID (QIDO-RS).
+    pub verify: relaypacs_core::VerifyMode,
 }
 
 impl DicomWebConfig {
@@ -74,6 +77,7 @@ impl DicomWebConfig {
             ca_file: None,
             batch_bytes: 32 << 20,
             batch_instances: 64,
+            verify: relaypacs_core::VerifyMode::Content,
         }
     }
 }

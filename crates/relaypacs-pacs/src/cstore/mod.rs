@@ -62,6 +62,10 @@ pub struct CStoreConfig {
     /// Associations opened at once for one delivery; hospital PACSes
     /// commonly accept several; 1 = strictly sequential. Between 1 and 8.
     pub associations: usize,
+    /// How delivery is proven: retrieve and compare content (C-GET, the
+    /// default; presence-only where the PACS offers no retrieval) or only
+    /// find the UID (C-FIND).
+    pub verify: relaypacs_core::VerifyMode,
 }
 
 impl Default for CStoreConfig {
@@ -76,6 +80,7 @@ impl Default for CStoreConfig {
             io_timeout: Duration::from_secs(60),
             max_pdu: 64 << 10,
             associations: 2,
+            verify: relaypacs_core::VerifyMode::Content,
         }
     }
 }
