@@ -44,14 +44,25 @@ async fn hostile_files_are_refused_with_typed_errors() {
             .unwrap();
         }
         match p.complete_file(&a, s, f.id).await {
-            Err(Error::Dicom(d)) => {
-                refused += 1;
-                eprintln!("{name}: {} {d}", d.code());
-            }
+            Err(e @ Error::FileRefused { .. }) => match e.root() {
+                Error::Dicom(d) => {
+                    refused += 1;
+                    eprintln!("{name}: {} {d}", d.code());
+                }
+                other => panic!("{name}: expected a DICOM error, got {other:?}"),
+            },
             Err(other) => panic!("{name}: expected a DICOM error, got {other:?}"),
             Ok(_) => panic!("{name}: hostile file accepted"),
         }
-        p.remove_file(&a, s, f.id).await.unwrap();
+        // A refused file leaves the session with its bytes.
+        assert!(
+            !p.session(&a, s).await.unwrap().files.contains_key(&f.id),
+            "{name}: the refused file is still in the session"
+        );
+        assert!(matches!(
+            p.remove_file(&a, s, f.id).await,
+            Err(Error::NotFound { .. })
+        ));
     }
     assert!(refused >= 10, "only {refused} hostile files in the set");
     assert!(

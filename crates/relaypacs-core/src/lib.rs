@@ -55,7 +55,8 @@ pub use pacs_sink::{
     VerifyMode, compare_content,
 };
 pub use pipeline::{
-    FileStatus, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk, PutOutcome, contiguous_end,
+    DuplicatePolicy, FileStatus, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk,
+    PutOutcome, contiguous_end,
 };
 pub use report_source::{ReportKind, ReportRef, ReportSource};
 pub use session_store::{ChunkInsert, InstanceClaim, SessionStore};
