@@ -13,7 +13,7 @@ mod validate;
 
 pub use content::{ContentDigest, Part10Hasher};
 pub use prescan::{PrescanLimits, PrescanReport, prescan};
-pub use validate::{DicomLimits, validate_dicom};
+pub use validate::{DicomLimits, WARNING_NO_PIXEL_DATA, WARNING_PATIENT_ID_ABSENT, validate_dicom};
 
 /// Why a file is not acceptable DICOM. Every variant is the client's fault
 /// (HTTP 422) and carries no patient data.

@@ -78,17 +78,45 @@ pub struct PrescanReport {
     pub bits_allocated: Option<u16>,
     /// (0028,0008) Number of Frames.
     pub number_of_frames: Option<String>,
+    /// (0028,0004) Photometric Interpretation.
+    pub photometric_interpretation: Option<String>,
+    /// Tag `(group, element)` of the top-level pixel data element found:
+    /// (7FE0,0010) Pixel Data, (7FE0,0008) Float Pixel Data or (7FE0,0009)
+    /// Double Float Pixel Data. `None` when there is none.
+    pub pixel_data_tag: Option<(u16, u16)>,
+    /// Data elements (pixel data included) whose value length is odd.
+    /// PS3.5 7.1.1 asks for even lengths; dcmtk and dicom-object read odd
+    /// ones as declared, and so does this scan.
+    pub odd_length_elements: u64,
+    /// Tag of the first element with an odd value length.
+    pub first_odd_length_tag: Option<(u16, u16)>,
     /// For Deflated files: the inflated data set up to `header_end`, the
     /// exact bytes this scan verified (bounded by the inflation cap).
     pub inflated_header: Option<Vec<u8>>,
 }
 
 impl PrescanReport {
-    /// Bytes that Rows x Columns x Samples x Bits Allocated x Frames call
-    /// for (checked arithmetic); `None` when the attributes are absent.
+    /// Bytes the image attributes call for in the top-level pixel data
+    /// element (checked arithmetic); `None` when the attributes needed are
+    /// absent.
+    ///
+    /// For (7FE0,0010) Pixel Data: Rows x Columns x values per pixel x
+    /// Number of Frames x Bits Allocated bits, rounded up to whole bytes
+    /// once for all frames (PS3.5 8.1.1 and 8.2: 1-bit frames are packed
+    /// without padding between them). Values per pixel are Samples per
+    /// Pixel, except 2 for YBR_FULL_422 and YBR_PARTIAL_422 (Cb and Cr are
+    /// shared by two pixels of a row) and 1.5 for YBR_PARTIAL_420 (shared by
+    /// 2x2 pixels; PS3.3 C.7.6.3.1.2). For (7FE0,0008) Float Pixel Data and
+    /// (7FE0,0009) Double Float Pixel Data: Rows x Columns x Samples x
+    /// Frames x 4 or 8 bytes. The value may be longer (its padding to an
+    /// even length, or more); only a shorter one is a defect.
     pub fn native_pixel_bytes(&self) -> Result<Option<u64>, DicomError> {
-        let (Some(r), Some(c), Some(b)) = (self.rows, self.columns, self.bits_allocated) else {
+        let (Some(r), Some(c)) = (self.rows, self.columns) else {
             return Ok(None);
+        };
+        let overflow = || DicomError::BadAttribute {
+            name: "Rows",
+            reason: "Rows x Columns x Samples x Bits x Frames overflows".into(),
         };
         let frames: u64 = match self.number_of_frames.as_deref() {
             None | Some("") => 1,
@@ -98,16 +126,34 @@ impl PrescanReport {
             })?,
         };
         let samples = u64::from(self.samples_per_pixel.unwrap_or(1));
-        let bits = u64::from(r)
-            .checked_mul(u64::from(c))
-            .and_then(|x| x.checked_mul(samples))
-            .and_then(|x| x.checked_mul(u64::from(b)))
+        let pixels = u64::from(r) * u64::from(c);
+        let float_bytes = match self.pixel_data_tag {
+            Some((0x7FE0, 0x0008)) => Some(4u64),
+            Some((0x7FE0, 0x0009)) => Some(8u64),
+            _ => None,
+        };
+        if let Some(width) = float_bytes {
+            return pixels
+                .checked_mul(samples)
+                .and_then(|x| x.checked_mul(frames))
+                .and_then(|x| x.checked_mul(width))
+                .map(Some)
+                .ok_or_else(overflow);
+        }
+        let Some(bits) = self.bits_allocated else {
+            return Ok(None);
+        };
+        // Values per frame, in half values so that 4:2:0 stays an integer.
+        let halves = match self.photometric_interpretation.as_deref() {
+            Some("YBR_FULL_422" | "YBR_PARTIAL_422") => pixels.checked_mul(4),
+            Some("YBR_PARTIAL_420") => pixels.checked_mul(3),
+            _ => pixels.checked_mul(samples).and_then(|x| x.checked_mul(2)),
+        };
+        let half_bits = halves
             .and_then(|x| x.checked_mul(frames))
-            .ok_or(DicomError::BadAttribute {
-                name: "Rows",
-                reason: "Rows x Columns x Samples x Bits x Frames overflows".into(),
-            })?;
-        Ok(Some(bits.div_ceil(8)))
+            .and_then(|x| x.checked_mul(u64::from(bits)))
+            .ok_or_else(overflow)?;
+        Ok(Some(half_bits.div_ceil(16)))
     }
 }
 
@@ -322,7 +368,11 @@ pub fn prescan(
 }
 
 /// What [`prescan`] found before it stopped, whether or not it failed.
-pub(crate) fn prescan_partial(bytes: &[u8], total_len: u64, limits: &PrescanLimits) -> PrescanReport {
+pub(crate) fn prescan_partial(
+    bytes: &[u8],
+    total_len: u64,
+    limits: &PrescanLimits,
+) -> PrescanReport {
     let mut report = PrescanReport::default();
     // The error is the caller's to report; only the findings matter here.
     let _ = prescan_into(bytes, total_len, limits, &mut report);
@@ -668,11 +718,16 @@ fn walk(
             None => dictionary_says_sequence(g, e),
         };
         let top_level = stack.is_empty();
-        if g == 0x7FE0 && e == 0x0010 && top_level {
+        // Pixel Data, Float Pixel Data or Double Float Pixel Data at the top
+        // level ends the header: its value is checked against the image
+        // attributes and the file size, never read into memory.
+        if g == 0x7FE0 && matches!(e, 0x0008 | 0x0009 | 0x0010) && top_level {
             report.pixel_data_offset = Some(pos);
+            report.pixel_data_tag = Some((g, e));
             report.header_end = pos;
             if len != UNDEFINED {
-                // Native pixel data must hold what the image attributes say.
+                // Native pixel data must hold what the image attributes say
+                // (it may be longer: padding to an even length, or more).
                 if let Some(need) = report.native_pixel_bytes()?
                     && need > u64::from(len)
                 {
@@ -687,8 +742,17 @@ fn walk(
                 if u64::from(len) > remaining {
                     return Err(overrun(g, e, pos, u64::from(len), remaining));
                 }
-            } else {
+                if len % 2 == 1 {
+                    note_odd_length(report, g, e);
+                }
+            } else if e == 0x0010 {
+                // Encapsulated: fragments, never a native length.
                 walk_fragments(view, vpos, be, limits, report)?;
+            } else {
+                return Err(DicomError::Malformed {
+                    offset: pos,
+                    reason: format!("undefined length on {}", tag_str(g, e)),
+                });
             }
             return Ok(());
         }
@@ -720,10 +784,10 @@ fn walk(
             return Err(overrun(g, e, pos, len, remaining));
         }
         if len % 2 == 1 {
-            return Err(DicomError::Malformed {
-                offset: pos,
-                reason: format!("odd length {len} in {}", tag_str(g, e)),
-            });
+            // PS3.5 7.1.1 wants even lengths, but dcmtk (by default) and
+            // dicom-object read an odd length as declared, as this walk does:
+            // every parser agrees where the next element starts.
+            note_odd_length(report, g, e);
         }
         if is_sq {
             depth += 1;
@@ -749,6 +813,7 @@ fn walk(
                 (0x0020, 0x000E) => Some(&mut report.series_instance_uid),
                 (0x0010, 0x0020) => Some(&mut report.patient_id),
                 (0x0008, 0x0060) => Some(&mut report.modality),
+                (0x0028, 0x0004) => Some(&mut report.photometric_interpretation),
                 _ => None,
             };
             if let Some(slot) = slot {
@@ -766,6 +831,12 @@ fn walk(
         }
         pos = vpos + len;
     }
+}
+
+/// Count an element whose value length is odd, remembering the first.
+fn note_odd_length(report: &mut PrescanReport, g: u16, e: u16) {
+    report.odd_length_elements += 1;
+    report.first_odd_length_tag.get_or_insert((g, e));
 }
 
 /// Walk the items of top-level encapsulated Pixel Data as far as the bytes
@@ -924,5 +995,122 @@ mod tests {
         f.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
         let e = prescan(&f, f.len() as u64, &PrescanLimits::default()).unwrap_err();
         assert!(matches!(e, DicomError::StrayDelimiter { .. }), "{e:?}");
+    }
+
+    fn image(
+        photometric: Option<&str>,
+        samples: u16,
+        bits: u16,
+        frames: Option<&str>,
+    ) -> PrescanReport {
+        PrescanReport {
+            rows: Some(16),
+            columns: Some(16),
+            samples_per_pixel: Some(samples),
+            bits_allocated: Some(bits),
+            number_of_frames: frames.map(str::to_owned),
+            photometric_interpretation: photometric.map(str::to_owned),
+            pixel_data_tag: Some((0x7FE0, 0x0010)),
+            ..PrescanReport::default()
+        }
+    }
+
+    #[test]
+    fn native_pixel_bytes_follows_photometric_bits_and_frames() {
+        let need = |r: PrescanReport| r.native_pixel_bytes().unwrap();
+        assert_eq!(need(image(None, 1, 16, None)), Some(512));
+        assert_eq!(need(image(Some("RGB"), 3, 8, Some("2"))), Some(1536));
+        // 4:2:2 stores two values per pixel, 4:2:0 one and a half.
+        assert_eq!(need(image(Some("YBR_FULL_422"), 3, 8, None)), Some(512));
+        assert_eq!(need(image(Some("YBR_PARTIAL_422"), 3, 8, None)), Some(512));
+        assert_eq!(need(image(Some("YBR_PARTIAL_420"), 3, 8, None)), Some(384));
+        assert_eq!(need(image(Some("YBR_FULL"), 3, 8, None)), Some(768));
+        // 1 bit: packed across frames, rounded up once.
+        let mut r = image(None, 1, 1, Some("3"));
+        (r.rows, r.columns) = (Some(5), Some(5));
+        assert_eq!(need(r), Some(10));
+        assert_eq!(need(image(None, 1, 1, None)), Some(32));
+        // Float and double float: 4 and 8 bytes a sample, Bits Allocated aside.
+        let mut r = image(None, 1, 16, Some("2"));
+        r.pixel_data_tag = Some((0x7FE0, 0x0008));
+        assert_eq!(need(r.clone()), Some(2048));
+        r.pixel_data_tag = Some((0x7FE0, 0x0009));
+        r.bits_allocated = None;
+        assert_eq!(need(r), Some(4096));
+        // Unknown without the attributes; a bad frame count is refused.
+        let mut r = image(None, 1, 16, None);
+        r.bits_allocated = None;
+        assert_eq!(need(r), None);
+        assert!(image(None, 1, 16, Some("-1")).native_pixel_bytes().is_err());
+        let mut r = image(None, u16::MAX, 64, Some("4294967295"));
+        (r.rows, r.columns) = (Some(u16::MAX), Some(u16::MAX));
+        assert!(r.native_pixel_bytes().is_err(), "overflow is refused");
+    }
+
+    fn with_pixels(tag: u16, vr: &[u8; 2], photometric: &[u8], len: usize) -> Vec<u8> {
+        let mut f = meta(EXPLICIT_LE);
+        el(&mut f, 0x0008, 0x0018, b"UI", b"1.2.3.4\0");
+        el(&mut f, 0x0028, 0x0002, b"US", &3u16.to_le_bytes());
+        el(&mut f, 0x0028, 0x0004, b"CS", photometric);
+        el(&mut f, 0x0028, 0x0010, b"US", &4u16.to_le_bytes());
+        el(&mut f, 0x0028, 0x0011, b"US", &4u16.to_le_bytes());
+        el(&mut f, 0x0028, 0x0100, b"US", &8u16.to_le_bytes());
+        el(&mut f, 0x7FE0, tag, vr, &vec![0u8; len]);
+        f
+    }
+
+    #[test]
+    fn pixel_data_length_is_checked_against_the_photometric_interpretation() {
+        let l = PrescanLimits::default();
+        // 4 x 4 YBR_FULL_422 at 8 bits: 32 bytes, and more is fine.
+        for len in [32, 34, 48] {
+            let f = with_pixels(0x0010, b"OB", b"YBR_FULL_422", len);
+            let r = prescan(&f, f.len() as u64, &l).unwrap();
+            assert_eq!(
+                r.photometric_interpretation.as_deref(),
+                Some("YBR_FULL_422")
+            );
+            assert_eq!(r.odd_length_elements, 0);
+        }
+        let f = with_pixels(0x0010, b"OB", b"YBR_FULL_422", 30);
+        let e = prescan(&f, f.len() as u64, &l).unwrap_err();
+        assert!(matches!(e, DicomError::Malformed { .. }), "{e:?}");
+        // RGB needs all three samples.
+        let f = with_pixels(0x0010, b"OB", b"RGB ", 32);
+        assert!(prescan(&f, f.len() as u64, &l).is_err());
+    }
+
+    #[test]
+    fn float_pixel_data_ends_the_header_beyond_the_prefix() {
+        let l = PrescanLimits::default();
+        for (tag, vr, width) in [(0x0008, b"OF", 4), (0x0009, b"OD", 8)] {
+            let f = with_pixels(tag, vr, b"RGB ", 4 * 4 * 3 * width);
+            let header_end = f.len() - 4 * 4 * 3 * width - 12;
+            let r = prescan(&f[..header_end + 12], f.len() as u64, &l).unwrap();
+            assert_eq!(r.pixel_data_tag, Some((0x7FE0, tag)));
+            assert_eq!(r.header_end, header_end as u64);
+            let short = with_pixels(tag, vr, b"RGB ", 4 * 4 * 3 * width - 4);
+            assert!(prescan(&short, short.len() as u64, &l).is_err());
+        }
+        // Never encapsulated: undefined length is malformed.
+        let mut f = with_pixels(0x0008, b"OF", b"RGB ", 0);
+        let n = f.len();
+        f[n - 4..].copy_from_slice(&[0xFF; 4]);
+        let e = prescan(&f, f.len() as u64, &l).unwrap_err();
+        assert!(matches!(e, DicomError::Malformed { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn odd_lengths_are_counted_not_refused() {
+        let mut f = meta(EXPLICIT_LE);
+        el(&mut f, 0x0008, 0x0018, b"UI", b"1.2.3.4\0");
+        el(&mut f, 0x0008, 0x1030, b"LO", b"ABC");
+        el(&mut f, 0x0010, 0x0020, b"LO", b"P1");
+        el(&mut f, 0x0020, 0x0011, b"IS", b"7");
+        let r = prescan(&f, f.len() as u64, &PrescanLimits::default()).unwrap();
+        assert_eq!(r.odd_length_elements, 2);
+        assert_eq!(r.first_odd_length_tag, Some((0x0008, 0x1030)));
+        assert_eq!(r.patient_id.as_deref(), Some("P1"));
+        assert_eq!(r.header_end, f.len() as u64);
     }
 }

@@ -1,5 +1,11 @@
 //! Validation: the pre-scan, required attributes, then dicom-object on the
 //! header only, on a thread with an explicit stack.
+//!
+//! Attributes follow their PS3.3 types: the four identifying UIDs are
+//! Type 1 (present, non-empty, valid UID syntax) and refused otherwise;
+//! Patient ID is Type 2 (may be empty; absent is accepted with a warning
+//! unless [`DicomLimits::require_patient_id`]). What is accepted but worth
+//! knowing goes to [`DicomSummary::warnings`], never with patient data.
 
 use dicom_dictionary_std::tags;
 use dicom_object::OpenFileOptions;
@@ -19,7 +25,18 @@ pub struct DicomLimits {
     pub max_header_bytes: u64,
     /// Stack of the dicom-object parser thread (default 32 MiB).
     pub parser_stack_bytes: usize,
+    /// Refuse a file without a (0010,0020) Patient ID element with
+    /// [`DicomError::MissingAttribute`] (default `false`: Patient ID is
+    /// Type 2, so its absence is accepted with
+    /// [`WARNING_PATIENT_ID_ABSENT`]). An empty Patient ID is valid either way.
+    pub require_patient_id: bool,
 }
+
+/// Warning when (0010,0020) Patient ID is absent and not required.
+pub const WARNING_PATIENT_ID_ABSENT: &str = "PatientID (0010,0020) is absent (Type 2)";
+
+/// Warning when Rows or Columns are present but no pixel data element is.
+pub const WARNING_NO_PIXEL_DATA: &str = "image attributes present but no Pixel Data";
 
 impl Default for DicomLimits {
     fn default() -> Self {
@@ -27,6 +44,7 @@ impl Default for DicomLimits {
             prescan: PrescanLimits::default(),
             max_header_bytes: 8 << 20,
             parser_stack_bytes: 32 << 20,
+            require_patient_id: false,
         }
     }
 }
@@ -42,35 +60,60 @@ fn uid(name: &'static str, v: Option<String>) -> Result<Uid, DicomError> {
 /// Validate a Part-10 file given its first bytes (`prefix`, at most
 /// `limits.max_header_bytes`) and its size. Blocking: it runs dicom-object
 /// on its own thread and waits for it.
+///
+/// Accepted files may carry warnings ([`DicomSummary::warnings`]):
+/// [`WARNING_PATIENT_ID_ABSENT`], [`WARNING_NO_PIXEL_DATA`] (for every SOP
+/// class), and one for data elements with odd value lengths (read as
+/// declared, as dcmtk does).
+///
+/// # Errors
+/// A [`DicomError`] when the file is not structurally sound DICOM, a Type 1
+/// UID is missing, empty or malformed, Patient ID is absent while
+/// `limits.require_patient_id` is set, native pixel data is shorter than the
+/// image attributes call for, or dicom-object refuses the header.
 pub fn validate_dicom(
     prefix: &[u8],
     total_len: u64,
     limits: &DicomLimits,
 ) -> Result<DicomSummary, DicomError> {
     let report = prescan(prefix, total_len, &limits.prescan)?;
-    // An image (it has Rows) without Pixel Data lost its pixels, typically
-    // to a truncation exactly at an element boundary.
-    if report.rows.is_some() && report.pixel_data_offset.is_none() {
-        return Err(DicomError::MissingAttribute { name: "PixelData" });
+    let mut warnings = Vec::new();
+    let sop_class_uid = uid("SOPClassUID", report.sop_class_uid.clone())?;
+    let sop_instance_uid = uid("SOPInstanceUID", report.sop_instance_uid.clone())?;
+    let study_instance_uid = uid("StudyInstanceUID", report.study_instance_uid.clone())?;
+    let series_instance_uid = uid("SeriesInstanceUID", report.series_instance_uid.clone())?;
+    // Type 2: present and empty is a valid "unknown".
+    let patient_id = match report.patient_id.clone() {
+        Some(p) => p,
+        None if limits.require_patient_id => {
+            return Err(DicomError::MissingAttribute { name: "PatientID" });
+        }
+        None => {
+            warnings.push(WARNING_PATIENT_ID_ABSENT.to_owned());
+            String::new()
+        }
+    };
+    // An image whose pixels are absent (e.g. a CR sent header-only) is
+    // accepted for every SOP class; a data set with no pixel module at all
+    // (SR, RT Plan, …) gets no warning.
+    if (report.rows.is_some() || report.columns.is_some()) && report.pixel_data_offset.is_none() {
+        warnings.push(WARNING_NO_PIXEL_DATA.to_owned());
+    }
+    if let Some((g, e)) = report.first_odd_length_tag {
+        warnings.push(format!(
+            "{} data element(s) with an odd value length, first ({g:04X},{e:04X}); read as declared",
+            report.odd_length_elements
+        ));
     }
     let summary = DicomSummary {
-        sop_class_uid: uid("SOPClassUID", report.sop_class_uid.clone())?,
-        sop_instance_uid: uid("SOPInstanceUID", report.sop_instance_uid.clone())?,
-        study_instance_uid: uid("StudyInstanceUID", report.study_instance_uid.clone())?,
-        series_instance_uid: uid("SeriesInstanceUID", report.series_instance_uid.clone())?,
-        patient_id: match report.patient_id.clone() {
-            Some(p) if !p.is_empty() => p,
-            Some(_) => {
-                return Err(DicomError::BadAttribute {
-                    name: "PatientID",
-                    reason: "empty".into(),
-                });
-            }
-            None => return Err(DicomError::MissingAttribute { name: "PatientID" }),
-        },
+        sop_class_uid,
+        sop_instance_uid,
+        study_instance_uid,
+        series_instance_uid,
+        patient_id,
         transfer_syntax: uid("TransferSyntaxUID", Some(report.transfer_syntax.clone()))?,
         modality: report.modality.clone().filter(|m| !m.is_empty()),
-        warnings: Vec::new(),
+        warnings,
     };
     // Only the bytes the pre-scan verified go to dicom-object: the header
     // before Pixel Data. A Deflated file is handed over already inflated
@@ -99,7 +142,9 @@ pub fn validate_dicom(
         .spawn(move || {
             OpenFileOptions::new()
                 .read_until(tags::PIXEL_DATA)
-                .odd_length_strategy(OddLengthStrategy::Fail)
+                // As declared, like the pre-scan and dcmtk: all three agree
+                // on where each element ends.
+                .odd_length_strategy(OddLengthStrategy::Accept)
                 .from_reader(std::io::Cursor::new(header))
                 .map(|obj| {
                     let get = |t| {
@@ -145,4 +190,134 @@ fn relabel_deflated(meta: &mut [u8]) -> Result<(), DicomError> {
         })?;
     meta[at..at + TO.len()].copy_from_slice(TO);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dicom::prescan::long_vr;
+
+    fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
+        out.extend_from_slice(&g.to_le_bytes());
+        out.extend_from_slice(&e.to_le_bytes());
+        out.extend_from_slice(vr);
+        if long_vr(*vr) {
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        } else {
+            out.extend_from_slice(&(v.len() as u16).to_le_bytes());
+        }
+        out.extend_from_slice(v);
+    }
+
+    /// A small Explicit VR Little Endian file: the four UIDs, then
+    /// `patient_id` (absent when `None`), then `rest` (already encoded).
+    fn file(sop_instance: &[u8], patient_id: Option<&[u8]>, rest: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        el(&mut body, 0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1\0");
+        let mut f = vec![0u8; 128];
+        f.extend_from_slice(b"DICM");
+        el(
+            &mut f,
+            0x0002,
+            0x0000,
+            b"UL",
+            &(body.len() as u32).to_le_bytes(),
+        );
+        f.extend_from_slice(&body);
+        el(
+            &mut f,
+            0x0008,
+            0x0016,
+            b"UI",
+            b"1.2.840.10008.5.1.4.1.1.7\0",
+        );
+        el(&mut f, 0x0008, 0x0018, b"UI", sop_instance);
+        if let Some(p) = patient_id {
+            el(&mut f, 0x0010, 0x0020, b"LO", p);
+        }
+        el(&mut f, 0x0020, 0x000D, b"UI", b"1.2.3\0");
+        el(&mut f, 0x0020, 0x000E, b"UI", b"1.2.3.1\0");
+        f.extend_from_slice(rest);
+        f
+    }
+
+    fn image(pixels: bool) -> Vec<u8> {
+        let mut r = Vec::new();
+        el(&mut r, 0x0028, 0x0010, b"US", &2u16.to_le_bytes());
+        el(&mut r, 0x0028, 0x0011, b"US", &2u16.to_le_bytes());
+        el(&mut r, 0x0028, 0x0100, b"US", &8u16.to_le_bytes());
+        if pixels {
+            el(&mut r, 0x7FE0, 0x0010, b"OB", &[0u8; 4]);
+        }
+        r
+    }
+
+    fn check(f: &[u8], limits: &DicomLimits) -> Result<DicomSummary, DicomError> {
+        validate_dicom(f, f.len() as u64, limits)
+    }
+
+    #[test]
+    fn patient_id_is_type_2() {
+        let strict = DicomLimits {
+            require_patient_id: true,
+            ..DicomLimits::default()
+        };
+        let present = file(b"1.2.3.4\0", Some(b"P1"), &image(true));
+        let s = check(&present, &DicomLimits::default()).unwrap();
+        assert_eq!((s.patient_id.as_str(), s.warnings.len()), ("P1", 0));
+        let empty = file(b"1.2.3.4\0", Some(b""), &image(true));
+        for limits in [DicomLimits::default(), strict.clone()] {
+            let s = check(&empty, &limits).unwrap();
+            assert_eq!((s.patient_id.as_str(), s.warnings.len()), ("", 0));
+        }
+        let absent = file(b"1.2.3.4\0", None, &image(true));
+        let s = check(&absent, &DicomLimits::default()).unwrap();
+        assert_eq!(s.patient_id, "");
+        assert_eq!(s.warnings, vec![WARNING_PATIENT_ID_ABSENT.to_owned()]);
+        assert_eq!(
+            check(&absent, &strict),
+            Err(DicomError::MissingAttribute { name: "PatientID" })
+        );
+    }
+
+    #[test]
+    fn type_1_uids_stay_required() {
+        for uid in [&b""[..], b"1..2", b"../x"] {
+            let f = file(uid, Some(b"P1"), &image(true));
+            let e = check(&f, &DicomLimits::default()).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    DicomError::BadAttribute {
+                        name: "SOPInstanceUID",
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_image_without_pixel_data_is_accepted_with_a_warning() {
+        let f = file(b"1.2.3.4\0", Some(b"P1"), &image(false));
+        let s = check(&f, &DicomLimits::default()).unwrap();
+        assert_eq!(s.warnings, vec![WARNING_NO_PIXEL_DATA.to_owned()]);
+        // No pixel module at all (SR, RT Plan, …): no warning.
+        let f = file(b"1.2.3.4\0", Some(b"P1"), &[]);
+        let s = check(&f, &DicomLimits::default()).unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn odd_lengths_are_accepted_with_a_warning_naming_only_the_tag() {
+        let mut rest = Vec::new();
+        el(&mut rest, 0x0020, 0x0011, b"IS", b"7");
+        let f = file(b"1.2.3.4\0", Some(b"SECRET"), &rest);
+        let s = check(&f, &DicomLimits::default()).unwrap();
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert!(s.warnings[0].contains("(0020,0011)"), "{:?}", s.warnings);
+        assert!(!s.warnings[0].contains("SECRET"));
+    }
 }
