@@ -171,6 +171,8 @@ pub struct Orthanc {
     pub password: String,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// `DicomAlwaysAllowGet`: any calling AE may retrieve by C-GET.
+    allow_get: bool,
 }
 
 impl Orthanc {
@@ -181,6 +183,18 @@ impl Orthanc {
 
     /// Start a fresh Orthanc with options.
     pub fn start_with(options: OrthancOptions) -> Self {
+        Self::start_configured(options, false)
+    }
+
+    /// Start a fresh Orthanc with options that also lets any calling AE
+    /// retrieve by C-GET (`DicomAlwaysAllowGet`), as a PACS does for an AE
+    /// it has registered. Without it, Orthanc accepts the C-GET context
+    /// and aborts the association on the request.
+    pub fn start_with_get(options: OrthancOptions) -> Self {
+        Self::start_configured(options, true)
+    }
+
+    fn start_configured(options: OrthancOptions, allow_get: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut o = Self {
             http_port: free_port(),
@@ -190,6 +204,7 @@ impl Orthanc {
             password: super::dicom_gen::new_uid(),
             child: None,
             dir,
+            allow_get,
         };
         o.configure(&options);
         o.start_again();
@@ -234,6 +249,7 @@ impl Orthanc {
   "DicomAlwaysAllowEcho": true,
   "DicomAlwaysAllowStore": true,
   "DicomAlwaysAllowFind": true,
+  "DicomAlwaysAllowGet": {allow_get},
   "UnknownSopClassAccepted": false,
   "DicomWeb": {{ "Enable": true, "Root": "/dicom-web/", "EnableWado": true,
                  "WadoRoot": "/wado", "Host": "127.0.0.1:{http}", "Ssl": false }}
@@ -244,6 +260,7 @@ impl Orthanc {
             user = self.user,
             password = self.password,
             aet = self.aet,
+            allow_get = self.allow_get,
         );
         std::fs::write(root.join("orthanc.json"), config).expect("write orthanc.json");
     }
