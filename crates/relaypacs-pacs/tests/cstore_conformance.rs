@@ -1,11 +1,13 @@
 //! The shared PACS-sink conformance suite for the C-STORE sink: in full
-//! against a real Orthanc, and the cases that need no C-FIND against dcmtk's
-//! storescp (an independent C-STORE SCP).
+//! against a real Orthanc that lets us retrieve by C-GET (content
+//! verification), again against one that does not (C-FIND, presence only),
+//! and against dcmtk's storescp (an independent C-STORE SCP with neither
+//! C-GET nor C-FIND: verify answers from the acknowledged C-STOREs).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use async_trait::async_trait;
 use relaypacs_core::testing::pacs_sink::SinkProbe;
-use relaypacs_core::testing::peers::{Orthanc, StoreScp};
+use relaypacs_core::testing::peers::{Orthanc, OrthancOptions, StoreScp};
 use relaypacs_core::{Result, Uid};
 use relaypacs_pacs::{CStoreConfig, CStoreSink};
 
@@ -35,16 +37,31 @@ impl SinkProbe for OrthancProbe {
 }
 
 async fn orthanc() -> (CStoreSink, OrthancProbe, ()) {
-    let o = tokio::task::block_in_place(Orthanc::start);
+    let o = tokio::task::block_in_place(|| Orthanc::start_with_get(OrthancOptions::default()));
     (sink(o.dicom_port, &o.aet), OrthancProbe(o), ())
 }
 
 relaypacs_core::pacs_sink_conformance!(orthanc);
 
-/// dcmtk's storescp has no C-FIND, so `verify` is not run against it.
+/// Orthanc refusing C-GET to our AE (its default): the sink falls back to
+/// C-FIND, presence only.
+mod orthanc_without_get {
+    use super::*;
+
+    async fn orthanc() -> (CStoreSink, OrthancProbe, ()) {
+        let o = tokio::task::block_in_place(Orthanc::start);
+        (sink(o.dicom_port, &o.aet), OrthancProbe(o), ())
+    }
+
+    relaypacs_core::pacs_sink_conformance!(orthanc);
+}
+
+/// dcmtk's storescp has neither C-GET nor C-FIND: `verify` answers from
+/// what it acknowledged to this sink.
 mod storescp {
     use relaypacs_core::testing::pacs_sink::{
-        delivers_byte_exact, redelivery_is_idempotent, source_failure_leaves_nothing,
+        delivers_byte_exact, outcomes_cover_every_instance, redelivery_is_idempotent,
+        source_failure_leaves_nothing, verify_detects_other_content, verify_reports_what_is_held,
     };
 
     use super::*;
@@ -84,5 +101,23 @@ mod storescp {
         let (sink, probe) = storescp();
         source_failure_leaves_nothing(&sink, &probe).await;
         assert_eq!(probe.0.count(), 0, "storescp wrote a file");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn storescp_verify_reports_what_is_held() {
+        let (sink, probe) = storescp();
+        verify_reports_what_is_held(&sink, &probe).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn storescp_verify_detects_other_content() {
+        let (sink, probe) = storescp();
+        verify_detects_other_content(&sink, &probe).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn storescp_outcomes_cover_every_instance() {
+        let (sink, probe) = storescp();
+        outcomes_cover_every_instance(&sink, &probe).await;
     }
 }

@@ -1,6 +1,7 @@
 //! The C-STORE sink against a real Orthanc: rejection, outage and retry,
-//! mixed SOP classes and transfer syntaxes, C-FIND verification, large
-//! instances, rejected contexts and late source failures.
+//! mixed SOP classes and transfer syntaxes, verification (content by C-GET
+//! where Orthanc lets us retrieve), large instances, rejected contexts and
+//! late source failures.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use std::collections::HashMap;
@@ -17,12 +18,19 @@ use relaypacs_core::testing::pacs_sink::{MemorySource, study};
 use relaypacs_core::testing::peers::{Orthanc, OrthancOptions};
 use relaypacs_core::testing::{failing, pieces};
 use relaypacs_core::{
-    ByteStream, ErrorKind, Instance, InstanceOutcome, InstanceSource, PacsSink, Result, Uid,
+    ByteStream, ErrorKind, Holding, Instance, InstanceOutcome, InstanceSource, PacsSink, Result,
+    Uid, Verification,
 };
 use relaypacs_pacs::{CStoreConfig, CStoreSink};
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
+}
+
+/// An Orthanc that lets any AE retrieve by C-GET, so `verify` compares
+/// content.
+fn orthanc_with_get() -> Orthanc {
+    blocking(|| Orthanc::start_with_get(OrthancOptions::default()))
 }
 
 fn sink_for(o: &Orthanc, called_ae: &str) -> CStoreSink {
@@ -185,7 +193,7 @@ async fn wrong_called_ae_is_a_permanent_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orthanc_down_is_transient_and_a_retry_delivers() {
-    let mut o = blocking(Orthanc::start);
+    let mut o = orthanc_with_get();
     let sink = sink_for(&o, &o.aet);
     let mut src = Files::new(64 << 10);
     let (st, se) = (new_uid(), new_uid());
@@ -208,7 +216,9 @@ async fn orthanc_down_is_transient_and_a_retry_delivers() {
     blocking(|| o.start_again());
     let report = sink.deliver(&insts, &src).await.unwrap();
     assert_stored_exact(&o, &src, &insts, &report.outcomes).await;
-    assert_eq!(held(sink.verify(&insts).await.unwrap()), vec![true; 3]);
+    let verified = sink.verify(&insts).await.unwrap();
+    assert_eq!(held(verified.clone()), vec![true; 3]);
+    assert_eq!(verified, vec![CONTENT; 3]);
 }
 
 /// A source that counts the instances in flight (opened, stream not yet
@@ -246,7 +256,7 @@ impl InstanceSource for Concurrency {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_associations_store_all_byte_exact_in_input_order() {
-    let o = blocking(Orthanc::start);
+    let o = orthanc_with_get();
     let sink = CStoreSink::new(CStoreConfig {
         associations: 3,
         ..sink_for(&o, &o.aet).config().clone()
@@ -283,14 +293,16 @@ async fn parallel_associations_store_all_byte_exact_in_input_order() {
     assert_eq!(uids, expected);
     assert_stored_exact(&o, &src.files, &insts, &report.outcomes).await;
     assert_eq!(blocking(|| o.instance_count()), 12);
-    assert_eq!(held(sink.verify(&insts).await.unwrap()), vec![true; 12]);
+    let verified = sink.verify(&insts).await.unwrap();
+    assert_eq!(held(verified.clone()), vec![true; 12]);
+    assert_eq!(verified, vec![CONTENT; 12], "two SOP classes, two syntaxes");
     // Three instances were in flight at once: one per association.
     assert_eq!(src.most.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_sop_classes_and_transfer_syntaxes_are_byte_exact() {
-    let o = blocking(Orthanc::start);
+    let o = orthanc_with_get();
     let sink = sink_for(&o, &o.aet);
     let mut src = Files::new(64 << 10);
     let st = new_uid();
@@ -321,11 +333,13 @@ async fn mixed_sop_classes_and_transfer_syntaxes_are_byte_exact() {
         assert_eq!(summary.transfer_syntax, inst.dicom.transfer_syntax);
         assert_eq!(summary.sop_class_uid, inst.dicom.sop_class_uid);
     }
+    // Retrieved by C-GET in the syntax each was sent in: the same content.
+    assert_eq!(sink.verify(&insts).await.unwrap(), vec![CONTENT; 5]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_reports_exactly_the_delivered_ones() {
-    let o = blocking(Orthanc::start);
+    let o = orthanc_with_get();
     let sink = sink_for(&o, &o.aet);
     assert_eq!(held(sink.verify(&[]).await.unwrap()), Vec::<bool>::new());
     let mut src = Files::new(64 << 10);
@@ -346,10 +360,10 @@ async fn verify_reports_exactly_the_delivered_ones() {
     let chosen = [insts[0].clone(), insts[2].clone(), insts[3].clone()];
     let report = sink.deliver(&chosen, &src).await.unwrap();
     assert!(report.all_delivered(), "{report:?}");
-    assert_eq!(
-        held(sink.verify(&insts).await.unwrap()),
-        vec![true, false, true, true, false]
-    );
+    let verified = sink.verify(&insts).await.unwrap();
+    assert_eq!(held(verified.clone()), vec![true, false, true, true, false]);
+    let (c, no) = (CONTENT, Holding::Absent);
+    assert_eq!(verified, vec![c.clone(), no.clone(), c.clone(), c, no]);
     // Another study's instance with the same series layout is not confused.
     let other = Files::new(64 << 10).add(&spec(
         &new_uid(),
@@ -362,7 +376,7 @@ async fn verify_reports_exactly_the_delivered_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_instance_spans_many_pdus_byte_exact() {
-    let o = blocking(Orthanc::start);
+    let o = orthanc_with_get();
     let sink = sink_for(&o, &o.aet);
     // 1536 x 1536 x 16 bit: 4.7 MB, about 290 PDUs at Orthanc's 16 KiB.
     let mut src = Files::new(100_003);
@@ -382,6 +396,8 @@ async fn a_large_instance_spans_many_pdus_byte_exact() {
     assert!(insts[0].size > 4_500_000);
     let report = sink.deliver(&insts, &src).await.unwrap();
     assert_stored_exact(&o, &src, &insts, &report.outcomes).await;
+    // Retrieved in as many PDUs, hashed as it streams in.
+    assert_eq!(sink.verify(&insts).await.unwrap(), vec![CONTENT]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -468,7 +484,7 @@ impl InstanceSource for LateFailure {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_after_the_last_byte_stores_nothing_of_that_instance() {
-    let o = blocking(Orthanc::start);
+    let o = orthanc_with_get();
     // One association: what follows the failure on it is not sent either.
     // Two: the groups are [0, 1] and [2]; the other association finishes
     // its instance (it is confirmed by `verify`, not sent again), and the
@@ -502,8 +518,12 @@ async fn a_failure_after_the_last_byte_stores_nothing_of_that_instance() {
             ErrorKind::Storage,
             "the source's error is passed through: {err}"
         );
-        let found = held(sink.verify(&insts).await.unwrap());
+        let verified = sink.verify(&insts).await.unwrap();
+        let found = held(verified.clone());
         assert_eq!(found, expected, "{associations}: {}", blocking(|| o.log()));
+        for (h, want) in verified.iter().zip(expected) {
+            assert_eq!(h, if want { &CONTENT } else { &Holding::Absent });
+        }
         total += expected.iter().filter(|h| **h).count();
         assert_eq!(blocking(|| o.instance_count()), total);
     }
@@ -511,11 +531,12 @@ async fn a_failure_after_the_last_byte_stores_nothing_of_that_instance() {
 
 /// Orthanc 1.10 answers C-STORE success (0x0000) even for an instance its
 /// `ReceivedInstanceFilter` drops: a C-STORE "stored" is a claim, and
-/// `verify` (C-FIND) is what catches the difference.
+/// `verify` (C-GET: nothing returned, C-FIND: absent) is what catches the
+/// difference.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_orthanc_drops_is_caught_by_verify() {
     let o = blocking(|| {
-        Orthanc::start_with(OrthancOptions {
+        Orthanc::start_with_get(OrthancOptions {
             lua: Some(
                 "function ReceivedInstanceFilter(dicom, origin, info)\n  \
                  return dicom.Modality ~= 'CT'\nend\n"
@@ -542,14 +563,21 @@ async fn an_instance_orthanc_drops_is_caught_by_verify() {
     ];
     let report = sink.deliver(&insts, &src).await.unwrap();
     assert_eq!(report.outcomes[1].1, InstanceOutcome::Stored);
+    let verified = sink.verify(&insts).await.unwrap();
     assert_eq!(
-        held(sink.verify(&insts).await.unwrap()),
+        held(verified.clone()),
         vec![false, true],
         "{}",
         blocking(|| o.log())
     );
+    assert_eq!(verified, vec![Holding::Absent, CONTENT]);
     assert_eq!(blocking(|| o.instance_count()), 1);
 }
+
+/// The instance retrieved and its content compared.
+const CONTENT: Holding = Holding::Same {
+    verification: Verification::Content,
+};
 
 /// Which instances `verify` finds the same as sent.
 fn held(h: Vec<relaypacs_core::Holding>) -> Vec<bool> {

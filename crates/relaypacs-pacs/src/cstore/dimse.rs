@@ -1,4 +1,5 @@
-//! DIMSE messages of the C-STORE and C-FIND SCU, encoded and parsed by hand.
+//! DIMSE messages of the C-STORE, C-FIND and C-GET SCU (and of the C-STORE
+//! SCP role a C-GET needs), encoded and parsed by hand.
 //!
 //! Command sets are always Implicit VR Little Endian (PS3.7 §6.3.1) and
 //! flat: a handful of group-0000 elements with defined lengths. Writing
@@ -14,12 +15,16 @@ use relaypacs_core::InstanceOutcome;
 pub(super) const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 /// Study Root Query/Retrieve Information Model - FIND.
 pub(super) const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+/// Study Root Query/Retrieve Information Model - GET.
+pub(super) const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
 
 /// (0000,0100) Command Field values.
 pub(super) const C_STORE_RQ: u16 = 0x0001;
 pub(super) const C_STORE_RSP: u16 = 0x8001;
 pub(super) const C_FIND_RQ: u16 = 0x0020;
 pub(super) const C_FIND_RSP: u16 = 0x8020;
+pub(super) const C_GET_RQ: u16 = 0x0010;
+pub(super) const C_GET_RSP: u16 = 0x8010;
 
 /// (0000,0800) Command Data Set Type: "no data set".
 const NO_DATA_SET: u16 = 0x0101;
@@ -113,19 +118,81 @@ pub(super) fn image_level_query(study: &str, series: &str) -> Vec<u8> {
     out
 }
 
-/// The fields of a response command set that the SCU acts on.
+/// C-GET-RQ (PS3.7 §9.3.3.1) in the Study Root model, identifier following.
+pub(super) fn c_get_rq(message_id: u16) -> Vec<u8> {
+    command(&[
+        (0x0002, uid_value(STUDY_ROOT_GET)),
+        (0x0100, C_GET_RQ.to_le_bytes().to_vec()),
+        (0x0110, message_id.to_le_bytes().to_vec()),
+        (0x0700, PRIORITY_MEDIUM.to_le_bytes().to_vec()),
+        (0x0800, 0x0000u16.to_le_bytes().to_vec()),
+    ])
+}
+
+/// The C-GET identifier (Implicit VR Little Endian) naming one instance at
+/// IMAGE level by its unique keys (PS3.4 §C.4.3.2.1).
+pub(super) fn image_level_keys(study: &str, series: &str, sop_instance: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    element(&mut out, 0x0008, 0x0018, &uid_value(sop_instance));
+    element(&mut out, 0x0008, 0x0052, b"IMAGE ");
+    element(&mut out, 0x0020, 0x000D, &uid_value(study));
+    element(&mut out, 0x0020, 0x000E, &uid_value(series));
+    out
+}
+
+/// C-STORE-RSP (PS3.7 §9.3.1.2) to a C-STORE sub-operation of a C-GET.
+pub(super) fn c_store_rsp(
+    sop_class: &str,
+    sop_instance: &str,
+    responding_to: u16,
+    status: u16,
+) -> Vec<u8> {
+    command(&[
+        (0x0002, uid_value(sop_class)),
+        (0x0100, C_STORE_RSP.to_le_bytes().to_vec()),
+        (0x0120, responding_to.to_le_bytes().to_vec()),
+        (0x0800, NO_DATA_SET.to_le_bytes().to_vec()),
+        (0x0900, status.to_le_bytes().to_vec()),
+        (0x1000, uid_value(sop_instance)),
+    ])
+}
+
+/// (0000,1020)-(0000,1023): the sub-operation counts of a C-GET response,
+/// each present or not (PS3.7 §9.3.3.2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct SubOperations {
+    /// Number of Remaining Sub-operations.
+    pub remaining: Option<u16>,
+    /// Number of Completed Sub-operations.
+    pub completed: Option<u16>,
+    /// Number of Failed Sub-operations.
+    pub failed: Option<u16>,
+    /// Number of Warning Sub-operations.
+    pub warning: Option<u16>,
+}
+
+/// The fields of a command set that the SCU acts on (a response, or a
+/// C-STORE-RQ sub-operation of a C-GET).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Response {
     /// (0000,0100) Command Field.
     pub command_field: u16,
+    /// (0000,0110) Message ID (requests; 0 if absent).
+    pub message_id: u16,
     /// (0000,0120) Message ID Being Responded To.
     pub responding_to: u16,
-    /// (0000,0900) Status.
+    /// (0000,0900) Status (0 in a request, which has none).
     pub status: u16,
     /// (0000,0800) Command Data Set Type: whether a data set follows.
     pub has_data_set: bool,
     /// (0000,0902) Error Comment, sanitised.
     pub error_comment: Option<String>,
+    /// (0000,0002) Affected SOP Class UID, sanitised, without padding.
+    pub affected_sop_class: Option<String>,
+    /// (0000,1000) Affected SOP Instance UID, sanitised, without padding.
+    pub affected_sop_instance: Option<String>,
+    /// C-GET sub-operation counts.
+    pub sub_operations: SubOperations,
 }
 
 fn u16_value(v: &[u8]) -> Result<u16, String> {
@@ -152,8 +219,27 @@ fn sanitise(v: &[u8]) -> String {
     s.trim_matches(|c| c == ' ' || c == '?').to_owned()
 }
 
+/// A UID value from the peer: padding removed, sanitised, `None` if empty.
+fn uid_of(v: &[u8]) -> Option<String> {
+    let end = v
+        .iter()
+        .rposition(|&b| b != 0 && b != b' ')
+        .map_or(0, |i| i + 1);
+    Some(sanitise(&v[..end])).filter(|s| !s.is_empty())
+}
+
 /// Parse a response command set (flat, Implicit VR Little Endian).
 pub(super) fn parse_response(bytes: &[u8]) -> Result<Response, String> {
+    parse_command(bytes, true)
+}
+
+/// Parse a request command set (a C-STORE-RQ sub-operation), which has no
+/// Status but a Message ID.
+pub(super) fn parse_request(bytes: &[u8]) -> Result<Response, String> {
+    parse_command(bytes, false)
+}
+
+fn parse_command(bytes: &[u8], response: bool) -> Result<Response, String> {
     let mut r = Response::default();
     let (mut field, mut status, mut dst) = (None, None, None);
     let mut pos = 0usize;
@@ -171,19 +257,32 @@ pub(super) fn parse_response(bytes: &[u8]) -> Result<Response, String> {
             .ok_or_else(|| format!("command element ({group:04X},{elem:04X}) overruns"))?;
         pos += len;
         if group != 0x0000 {
-            return Err(format!("element ({group:04X},{elem:04X}) in a command set"));
+            // dcmtk-based peers (Orthanc) put the Failed SOP Instance UID
+            // List (0008,0058) of a pending C-GET-RSP into its command set.
+            continue;
         }
         match elem {
+            0x0002 => r.affected_sop_class = uid_of(value),
             0x0100 => field = Some(u16_value(value)?),
+            0x0110 => r.message_id = u16_value(value)?,
             0x0120 => r.responding_to = u16_value(value)?,
             0x0800 => dst = Some(u16_value(value)?),
             0x0900 => status = Some(u16_value(value)?),
             0x0902 => r.error_comment = Some(sanitise(value)).filter(|s| !s.is_empty()),
+            0x1000 => r.affected_sop_instance = uid_of(value),
+            0x1020 => r.sub_operations.remaining = Some(u16_value(value)?),
+            0x1021 => r.sub_operations.completed = Some(u16_value(value)?),
+            0x1022 => r.sub_operations.failed = Some(u16_value(value)?),
+            0x1023 => r.sub_operations.warning = Some(u16_value(value)?),
             _ => {}
         }
     }
     r.command_field = field.ok_or("no Command Field")?;
-    r.status = status.ok_or("no Status")?;
+    r.status = match status {
+        Some(s) => s,
+        None if response => return Err("no Status".into()),
+        None => 0,
+    };
     r.has_data_set = dst.ok_or("no Command Data Set Type")? != NO_DATA_SET;
     Ok(r)
 }
@@ -211,6 +310,8 @@ fn meaning(status: u16) -> &'static str {
         0xB007 => "data set does not match SOP class",
         0xFE00 => "cancelled",
         0xFF00 | 0xFF01 => "pending",
+        0xA701 => "refused: out of resources, unable to calculate the number of matches",
+        0xA702 => "refused: out of resources, unable to perform sub-operations",
         s if s & 0xFF00 == 0xA700 => "refused: out of resources",
         s if s & 0xFF00 == 0xA900 => "error: data set does not match SOP class",
         s if s & 0xF000 == 0xC000 => "error: cannot understand",
@@ -221,7 +322,13 @@ fn meaning(status: u16) -> &'static str {
 
 /// `C-STORE status 0xNNNN: meaning (comment)`.
 pub(super) fn describe(service: &str, status: u16, comment: Option<&str>) -> String {
-    let mut s = format!("{service} status 0x{status:04X}: {}", meaning(status));
+    let meaning = match status {
+        // For the query/retrieve services 0xA900 is about the identifier.
+        0xA900 if service != "C-STORE" => "error: identifier does not match SOP class",
+        0xB000 if service == "C-GET" => "warning: sub-operations complete, some failed",
+        _ => meaning(status),
+    };
+    let mut s = format!("{service} status 0x{status:04X}: {meaning}");
     if let Some(c) = comment {
         s.push_str(" (");
         s.push_str(c);
@@ -411,6 +518,61 @@ mod tests {
             d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
         }
         assert!(sop_instance_uid(&d).unwrap_err().contains("deeper"));
+    }
+
+    #[test]
+    fn c_get_messages_round_trip() {
+        let rq = parse_request(&c_get_rq(9)).unwrap();
+        assert_eq!(rq.command_field, C_GET_RQ);
+        assert_eq!(rq.message_id, 9);
+        assert_eq!(rq.affected_sop_class.as_deref(), Some(STUDY_ROOT_GET));
+        assert!(rq.has_data_set);
+        let rsp = parse_response(&c_store_rsp("1.2.3", "1.2.345", 7, 0xA700)).unwrap();
+        assert_eq!(rsp.command_field, C_STORE_RSP);
+        assert_eq!(rsp.responding_to, 7);
+        assert_eq!(rsp.status, 0xA700);
+        assert!(!rsp.has_data_set);
+        assert_eq!(rsp.affected_sop_class.as_deref(), Some("1.2.3"));
+        assert_eq!(rsp.affected_sop_instance.as_deref(), Some("1.2.345"));
+        // A request has no Status.
+        assert!(parse_response(&c_get_rq(1)).is_err());
+        let keys = image_level_keys("1.2", "1.3", "1.2.345");
+        assert_eq!(sop_instance_uid(&keys).unwrap().as_deref(), Some("1.2.345"));
+    }
+
+    /// A pending C-GET-RSP as Orthanc 1.10 sends it after a failed
+    /// sub-operation: counts, and the Failed SOP Instance UID List in the
+    /// command set itself.
+    #[test]
+    fn c_get_rsp_counts_and_a_stray_identifier_element() {
+        let mut c = command(&[
+            (0x0002, uid_value(STUDY_ROOT_GET)),
+            (0x0100, C_GET_RSP.to_le_bytes().to_vec()),
+            (0x0120, 1u16.to_le_bytes().to_vec()),
+            (0x0800, NO_DATA_SET.to_le_bytes().to_vec()),
+            (0x0900, 0xFF00u16.to_le_bytes().to_vec()),
+            (0x1020, 0u16.to_le_bytes().to_vec()),
+            (0x1021, 2u16.to_le_bytes().to_vec()),
+            (0x1022, 1u16.to_le_bytes().to_vec()),
+        ]);
+        element(&mut c, 0x0008, 0x0000, &52u32.to_le_bytes());
+        element(&mut c, 0x0008, 0x0058, &uid_value("1.2.345"));
+        let r = parse_response(&c).unwrap();
+        assert_eq!((r.command_field, r.status), (C_GET_RSP, 0xFF00));
+        assert_eq!(
+            r.sub_operations,
+            SubOperations {
+                remaining: Some(0),
+                completed: Some(2),
+                failed: Some(1),
+                warning: None,
+            }
+        );
+        assert_eq!(
+            describe("C-GET", 0xA702, None),
+            "C-GET status 0xA702: refused: out of resources, unable to perform sub-operations"
+        );
+        assert!(describe("C-GET", 0xA900, None).contains("identifier"));
     }
 
     #[test]

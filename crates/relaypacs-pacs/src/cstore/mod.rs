@@ -1,10 +1,20 @@
-//! [`CStoreSink`]: delivery by DIMSE C-STORE, verification by C-FIND, as an
-//! SCU over dicom-ul's async association.
+//! [`CStoreSink`]: delivery by DIMSE C-STORE, verification by C-GET
+//! (content) or C-FIND (presence), as an SCU over dicom-ul's async
+//! association.
+//!
+//! `mod.rs` holds the sink, the association set-up and the P-DATA framing;
+//! `cget.rs` the content verification association, `verify.rs` the choice
+//! of service (and C-FIND), `acked.rs` the record of acknowledged stores,
+//! `dimse.rs` the DIMSE messages.
 
+mod acked;
+mod cget;
 mod dimse;
+mod verify;
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -18,12 +28,13 @@ use dicom_ul::pdu::{
 use futures::StreamExt;
 use relaypacs_core::dicom::{DicomError, data_set_offset};
 use relaypacs_core::{
-    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, PacsSink, Result, Uid, Holding, Verification,
+    DeliveryReport, Error, Holding, Instance, InstanceOutcome, InstanceSource, PacsSink, Result,
+    Uid,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use dimse::{C_FIND_RSP, C_STORE_RSP, IMPLICIT_VR_LE, PDATA_HEADER, PDV_OVERHEAD, STUDY_ROOT_FIND};
+use dimse::{C_STORE_RSP, PDATA_HEADER, PDV_OVERHEAD};
 
 /// Largest `max_pdu` accepted in a [`CStoreConfig`]: it bounds the memory
 /// one instance in flight may take.
@@ -64,7 +75,8 @@ pub struct CStoreConfig {
     pub associations: usize,
     /// How delivery is proven: retrieve and compare content (C-GET, the
     /// default; presence-only where the PACS offers no retrieval) or only
-    /// find the UID (C-FIND).
+    /// find the UID (C-FIND). A PACS offering neither is answered from the
+    /// C-STOREs it acknowledged to this process (see [`CStoreSink`]).
     pub verify: relaypacs_core::VerifyMode,
 }
 
@@ -119,7 +131,7 @@ fn check_address(address: &str) -> Result<()> {
 }
 
 /// A [`PacsSink`] storing instances in a PACS by DIMSE C-STORE and checking
-/// them by C-FIND (Study Root, IMAGE level).
+/// them by C-GET (content) or C-FIND (presence), Study Root, IMAGE level.
 ///
 /// A [`deliver`](PacsSink::deliver) call splits its batch into up to
 /// [`CStoreConfig::associations`] contiguous groups of about equal bytes
@@ -139,9 +151,50 @@ fn check_address(address: &str) -> Result<()> {
 /// only after the source stream has ended successfully; the source checks
 /// the whole-file SHA-256 at its end, so a late digest error still aborts
 /// the association and nothing is stored.
+///
+/// # Verification
+/// [`verify`](PacsSink::verify) uses the best service the PACS accepts:
+/// - [`VerifyMode::Content`](relaypacs_core::VerifyMode::Content), the PACS
+///   accepts Study Root C-GET: one association proposes C-GET, C-FIND and,
+///   for each (SOP class, transfer syntax) of the batch, a storage context
+///   with only that transfer syntax and the SCP role for us (SCP/SCU Role
+///   Selection, PS3.7 D.3.3.4), so the PACS returns each instance as it was
+///   sent, untranscoded. Each instance is fetched by its own IMAGE-level
+///   C-GET; the data set of the returned C-STORE sub-operation is hashed as
+///   it streams in (never held; more than the sent size plus 1/8 plus
+///   64 KiB counts as another object) and judged by
+///   [`compare_content`](relaypacs_core::compare_content): `Same { Content }`
+///   or `Different` naming the SOP Instance UID. A SOP class that occurs in
+///   two transfer syntaxes in one batch gets one association per transfer
+///   syntax. An instance the C-GET returns nothing for is decided by C-FIND
+///   on the same association: absent, or (present but not retrievable as
+///   sent) `Same { PresenceOnly }`; a PACS without C-FIND is taken at its
+///   C-GET status (no match, or "unable to process" with no
+///   sub-operation: absent; failed sub-operations: presence only;
+///   refusals: an error). Instances with no recorded data set digest are
+///   only looked up by C-FIND.
+/// - [`VerifyMode::Presence`](relaypacs_core::VerifyMode::Presence), or the
+///   PACS does not accept the C-GET context (or aborts the association on
+///   the first C-GET, as Orthanc does for an AE it does not allow): C-FIND,
+///   answering `Same { PresenceOnly }` or `Absent`, never `Content`.
+/// - The PACS accepts neither C-GET nor C-FIND (a plain C-STORE SCP such as
+///   dcmtk's `storescp`) and so cannot be asked at all: the answer comes
+///   from a record, kept in memory by this sink, of the instances the PACS
+///   answered a C-STORE *from this process* with success or a warning
+///   (SOP Instance UID → digests sent, at most 65,536 UIDs, the oldest
+///   forgotten first): `Same { PresenceOnly }` when the digests are those
+///   of the instance asked about, `Different` when other content was
+///   acknowledged under its UID, and `Absent` otherwise, including after a
+///   restart or once forgotten, so such instances are sent again, which
+///   C-STORE tolerates. Nothing is read back from the PACS in that case.
+///
+/// What the PACS accepted is remembered per sink (and its clones) for ten
+/// minutes, so each verify does not negotiate services the PACS refused;
+/// a failed verify forgets it and the next one probes again.
 #[derive(Clone, Debug)]
 pub struct CStoreSink {
     config: CStoreConfig,
+    state: Arc<verify::VerifyState>,
 }
 
 impl fmt::Display for CStoreSink {
@@ -237,7 +290,10 @@ impl CStoreSink {
                 format!("associations must be between 1 and {MAX_ASSOCIATIONS}"),
             ));
         }
-        Ok(Self { config })
+        Ok(Self {
+            config,
+            state: Arc::default(),
+        })
     }
 
     /// The settings.
@@ -269,12 +325,15 @@ impl CStoreSink {
     }
 
     /// Request an association proposing `contexts` (abstract syntax, one
-    /// transfer syntax each, ids 1, 3, 5, … in order). Returns the
+    /// transfer syntax each, ids 1, 3, 5, … in order) and, for each SOP
+    /// class of `scp_roles`, the SCP role only for us (SCP/SCU Role
+    /// Selection, for the C-STORE sub-operations of a C-GET). Returns the
     /// connection and, per proposed context, its id if accepted; `None`
     /// when the PACS accepted none of them (dicom-ul has then aborted).
     async fn associate(
         &self,
         contexts: &[(String, String)],
+        scp_roles: &[&str],
     ) -> Result<Option<(Conn, Vec<Option<u8>>)>> {
         let c = &self.config;
         let mut opts = ClientAssociationOptions::new()
@@ -286,6 +345,9 @@ impl CStoreSink {
             .write_timeout(c.io_timeout);
         for (abstract_syntax, ts) in contexts {
             opts = opts.with_presentation_context(abstract_syntax.as_str(), vec![ts.as_str()]);
+        }
+        for class in scp_roles {
+            opts = opts.with_role_selection(*class, false, true);
         }
         let limit = c.connect_timeout + c.io_timeout;
         let assoc =
@@ -387,7 +449,7 @@ impl CStoreSink {
                 })
             })
             .collect();
-        let Some((mut conn, accepted)) = self.associate(&contexts).await? else {
+        let Some((mut conn, accepted)) = self.associate(&contexts, &[]).await? else {
             tracing::debug!(sink = %self, contexts = contexts.len(), "C-STORE: no presentation context accepted");
             out.extend(
                 instances
@@ -403,6 +465,9 @@ impl CStoreSink {
                 Some(id) => match self.store(&mut conn, id, inst, source).await {
                     Ok((outcome, n)) => {
                         bytes += n;
+                        if outcome.is_delivered() {
+                            self.state.acknowledged(inst);
+                        }
                         outcome
                     }
                     Err(e) => {
@@ -507,50 +572,6 @@ impl CStoreSink {
         let outcome = dimse::store_outcome(rsp.status, rsp.error_comment.as_deref());
         Ok((outcome, sent))
     }
-
-    /// Run one IMAGE-level C-FIND for a series; add the SOP Instance UIDs
-    /// found to `held`.
-    async fn find_series(
-        &self,
-        conn: &mut Conn,
-        ctx: u8,
-        study: &Uid,
-        series: &Uid,
-        held: &mut HashSet<String>,
-    ) -> Result<()> {
-        let message_id = conn.next_message_id();
-        conn.send_whole(ctx, true, &dimse::c_find_rq(message_id))
-            .await?;
-        let query = dimse::image_level_query(study.as_str(), series.as_str());
-        conn.send_whole(ctx, false, &query).await?;
-        loop {
-            let (rsp, identifier) = conn.read_message(ctx, MAX_IDENTIFIER).await?;
-            if rsp.command_field != C_FIND_RSP || rsp.responding_to != message_id {
-                return Err(conn.protocol(format!(
-                    "expected C-FIND-RSP to message {message_id}, got command 0x{:04X} to {}",
-                    rsp.command_field, rsp.responding_to
-                )));
-            }
-            match rsp.status {
-                0xFF00 | 0xFF01 => {
-                    let uid = dimse::sop_instance_uid(&identifier).map_err(|e| conn.protocol(e))?;
-                    held.extend(uid);
-                }
-                0x0000 => return Ok(()),
-                s => {
-                    let reason = format!(
-                        "{self}: {}",
-                        dimse::describe("C-FIND", s, rsp.error_comment.as_deref())
-                    );
-                    return Err(if dimse::is_transient(s) {
-                        Error::pacs_transient(reason, None)
-                    } else {
-                        Error::pacs_permanent(reason, None)
-                    });
-                }
-            }
-        }
-    }
 }
 
 #[async_trait]
@@ -580,68 +601,7 @@ impl PacsSink for CStoreSink {
     }
 
     async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
-        if instances.is_empty() {
-            return Ok(Vec::new());
-        }
-        let started = Instant::now();
-        let refused = || {
-            Error::pacs_permanent(
-                format!(
-                    "{self}: the PACS does not accept Study Root C-FIND in Implicit VR Little Endian"
-                ),
-                None,
-            )
-        };
-        let contexts = [(STUDY_ROOT_FIND.to_owned(), IMPLICIT_VR_LE.to_owned())];
-        let Some((mut conn, accepted)) = self.associate(&contexts).await? else {
-            return Err(refused());
-        };
-        let Some(ctx) = accepted.first().copied().flatten() else {
-            conn.abort().await;
-            return Err(refused());
-        };
-        let mut series: Vec<(&Uid, &Uid)> = Vec::new();
-        for i in instances {
-            let key = (&i.dicom.study_instance_uid, &i.dicom.series_instance_uid);
-            if !series.contains(&key) {
-                series.push(key);
-            }
-        }
-        let mut held = HashSet::new();
-        for (study, ser) in &series {
-            if let Err(e) = self
-                .find_series(&mut conn, ctx, study, ser, &mut held)
-                .await
-            {
-                conn.abort().await;
-                tracing::debug!(sink = %self, error = %e, "C-FIND association aborted");
-                return Err(e);
-            }
-        }
-        let released = conn.release().await;
-        tracing::debug!(
-            sink = %self,
-            queries = series.len(),
-            found = held.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            released = released.is_ok(),
-            "C-FIND association done"
-        );
-        if let Err(e) = released {
-            tracing::warn!(sink = %self, error = %e, "C-FIND: A-RELEASE failed");
-        }
-        Ok(instances
-            .iter()
-            .map(|i| {
-                if held.contains(i.dicom.sop_instance_uid.as_str()) {
-                    Holding::Same {
-                        verification: Verification::PresenceOnly,
-                    }
-                } else {
-                    Holding::Absent
-                }
-            })
-            .collect())
+        self.verify_instances(instances).await
     }
 }
 
