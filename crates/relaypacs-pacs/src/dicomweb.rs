@@ -165,16 +165,51 @@ impl DicomWebClient {
     /// Every instance-level QIDO-RS match in `study`, paged 1,000 at a time.
     /// An unknown study is an empty list.
     pub(crate) async fn study_instances(&self, study: &Uid, fields: &[&str]) -> Result<Vec<Value>> {
+        self.qido_instances(&format!("studies/{study}/instances"), &[], fields)
+            .await
+    }
+
+    /// Every instance, in any study, whose SOP Instance UID is one of
+    /// `sops`: QIDO-RS `GET instances?00080018=<uid>,<uid>,…` (UID list
+    /// matching, PS3.18 §8.3.4.1), [`UID_LIST_CHUNK`] UIDs per request so
+    /// the URL stays short (Orthanc refuses requests over 16 KiB).
+    pub(crate) async fn instances_with_uids(
+        &self,
+        sops: &[&Uid],
+        fields: &[&str],
+    ) -> Result<Vec<Value>> {
+        let mut out = Vec::new();
+        for chunk in sops.chunks(UID_LIST_CHUNK) {
+            let list = chunk
+                .iter()
+                .map(|u| u.as_str())
+                .collect::<Vec<_>>()
+                .join(",");
+            out.extend(
+                self.qido_instances("instances", &[("00080018", list)], fields)
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Instance-level QIDO-RS at `path` with `filters`, paged 1,000 at a
+    /// time. A 404 or 204 is an empty list.
+    async fn qido_instances(
+        &self,
+        path: &str,
+        filters: &[(&str, String)],
+        fields: &[&str],
+    ) -> Result<Vec<Value>> {
         const PAGE: usize = 1000;
         let mut out = Vec::new();
         loop {
-            let mut q: Vec<(&str, String)> = vec![
-                ("limit", PAGE.to_string()),
-                ("offset", out.len().to_string()),
-            ];
+            let mut q: Vec<(&str, String)> = filters.to_vec();
+            q.push(("limit", PAGE.to_string()));
+            q.push(("offset", out.len().to_string()));
             q.extend(fields.iter().map(|f| ("includefield", (*f).to_owned())));
             let resp = self
-                .request(Method::GET, &format!("studies/{study}/instances"))?
+                .request(Method::GET, path)?
                 .query(&q)
                 .header(reqwest::header::ACCEPT, "application/dicom+json")
                 .send()
@@ -203,6 +238,10 @@ impl DicomWebClient {
         }
     }
 }
+
+/// SOP Instance UIDs per QIDO-RS UID-list query: at most 64 × 65 bytes of
+/// UIDs, well under the 8 KiB request line many HTTP servers allow.
+pub(crate) const UID_LIST_CHUNK: usize = 64;
 
 /// The first string value of `tag` (8 hex digits) in a DICOM JSON object.
 pub(crate) fn string_of(obj: &Value, tag: &str) -> Option<String> {
@@ -294,6 +333,411 @@ pub(crate) async fn status_error(what: &str, resp: Response) -> Error {
     }
 }
 
+/// Limits on the `multipart/related` framing of a WADO-RS answer, checked
+/// by [`MultipartReader`] as the bytes arrive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FramingLimits {
+    /// Most parts accepted (a retrieval of one instance: 1).
+    pub max_parts: usize,
+    /// Most content bytes of one part.
+    pub max_part_bytes: u64,
+    /// Most bytes of the preamble before the first boundary, of the
+    /// transport padding after a boundary, and of one part's header block.
+    pub max_head_bytes: usize,
+}
+
+/// Why the multipart framing of an answer was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FramingError {
+    /// The `Content-Type` is not multipart with a usable boundary.
+    NotMultipart(String),
+    /// A part beyond [`FramingLimits::max_parts`] began.
+    TooManyParts {
+        /// The limit.
+        limit: usize,
+    },
+    /// A part's content grew beyond [`FramingLimits::max_part_bytes`].
+    PartTooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// A preamble, padding or part header block grew beyond
+    /// [`FramingLimits::max_head_bytes`].
+    HeadTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// Bytes that are not multipart framing.
+    Malformed(&'static str),
+    /// The body ended before its closing boundary.
+    Truncated,
+}
+
+impl fmt::Display for FramingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotMultipart(ct) => write!(f, "the answer is not multipart ({ct:?})"),
+            Self::TooManyParts { limit } => write!(f, "more than {limit} part(s)"),
+            Self::PartTooLarge { limit } => write!(f, "a part of more than {limit} bytes"),
+            Self::HeadTooLarge { limit } => {
+                write!(f, "multipart framing of more than {limit} bytes")
+            }
+            Self::Malformed(what) => write!(f, "malformed multipart body: {what}"),
+            Self::Truncated => f.write_str("the multipart body ended before its closing boundary"),
+        }
+    }
+}
+
+impl std::error::Error for FramingError {}
+
+/// The boundary of a `multipart/*` `Content-Type` (RFC 2046 §5.1.1: 1 to
+/// 70 characters). Lenient about other parameters (servers send
+/// `type=application/dicom` unquoted).
+///
+/// # Errors
+/// [`FramingError::NotMultipart`] for another media type or a missing or
+/// unusable boundary.
+pub fn multipart_boundary(content_type: &str) -> std::result::Result<String, FramingError> {
+    let refuse = || FramingError::NotMultipart(content_type.chars().take(120).collect());
+    let (media, mut rest) = content_type.split_once(';').unwrap_or((content_type, ""));
+    let media = media.trim();
+    let is_multipart = media.len() > 10
+        && media
+            .get(..10)
+            .is_some_and(|t| t.eq_ignore_ascii_case("multipart/"));
+    if !is_multipart {
+        return Err(refuse());
+    }
+    loop {
+        rest = rest.trim_start_matches([' ', '\t', ';']);
+        if rest.is_empty() {
+            return Err(refuse());
+        }
+        let (name, after) = rest.split_once('=').ok_or_else(refuse)?;
+        let (value, tail) = match after.trim_start().strip_prefix('"') {
+            Some(quoted) => {
+                let mut value = String::new();
+                let mut end = None;
+                let mut chars = quoted.char_indices();
+                while let Some((at, c)) = chars.next() {
+                    match c {
+                        '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                        '"' => {
+                            end = Some(at + 1);
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                (value, &quoted[end.ok_or_else(refuse)?..])
+            }
+            None => {
+                let end = after.find(';').unwrap_or(after.len());
+                (after[..end].trim().to_owned(), &after[end..])
+            }
+        };
+        if name.trim().eq_ignore_ascii_case("boundary") {
+            let usable = (1..=70).contains(&value.len())
+                && !value.ends_with(' ')
+                && value.bytes().all(|c| c == b' ' || c.is_ascii_graphic());
+            return if usable { Ok(value) } else { Err(refuse()) };
+        }
+        rest = tail;
+    }
+}
+
+/// One step of a multipart body, as [`MultipartReader::feed`] finds it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PartEvent<'a> {
+    /// A part begins, with its `Content-Type` header if it has one.
+    Start {
+        /// The part's `Content-Type` value.
+        content_type: Option<&'a str>,
+    },
+    /// The next bytes of the current part's content.
+    Data(&'a [u8]),
+    /// The current part ended at a boundary.
+    End,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Preamble,
+    AfterBoundary,
+    Headers,
+    Body,
+    Done,
+}
+
+/// An incremental parser of a multipart body (RFC 2046 §5.1.1) for
+/// answers that must not be held in memory: bytes are fed as they arrive
+/// and each part's content is handed on at once. It holds at most the
+/// bytes of one feed plus a boundary's length while in a part, and at
+/// most [`FramingLimits::max_head_bytes`] of preamble or part headers.
+/// Every limit is checked before content is handed on, so an answer over
+/// a limit is refused without reading further. Pure (no I/O), for
+/// fuzzing.
+#[derive(Debug)]
+pub struct MultipartReader {
+    /// `CRLF "--" boundary`.
+    delimiter: Vec<u8>,
+    limits: FramingLimits,
+    stage: Stage,
+    /// Bytes not yet handed on.
+    buf: Vec<u8>,
+    /// Bytes of preamble or padding seen in this stage.
+    head: usize,
+    /// How far `buf` has been searched for the end of a header block.
+    scanned: usize,
+    parts: usize,
+    part_bytes: u64,
+}
+
+impl MultipartReader {
+    /// A reader of a body delimited by `boundary` (see
+    /// [`multipart_boundary`]).
+    pub fn new(boundary: &str, limits: FramingLimits) -> Self {
+        let mut delimiter = b"\r\n--".to_vec();
+        delimiter.extend_from_slice(boundary.as_bytes());
+        Self {
+            delimiter,
+            limits,
+            stage: Stage::Preamble,
+            // The first boundary may open the body without a CRLF before
+            // it: with one assumed, every delimiter looks the same.
+            buf: b"\r\n".to_vec(),
+            head: 0,
+            scanned: 0,
+            parts: 0,
+            part_bytes: 0,
+        }
+    }
+
+    /// Parts begun so far.
+    pub fn parts(&self) -> usize {
+        self.parts
+    }
+
+    /// Whether the closing boundary has been read (what follows it, the
+    /// epilogue, is ignored).
+    pub fn is_done(&self) -> bool {
+        self.stage == Stage::Done
+    }
+
+    /// Parse the next bytes of the body, calling `on` for what they
+    /// complete.
+    ///
+    /// # Errors
+    /// A [`FramingError`] once the body breaks a limit or is not
+    /// multipart; the reader must not be fed after that.
+    pub fn feed<F: FnMut(PartEvent<'_>)>(
+        &mut self,
+        input: &[u8],
+        mut on: F,
+    ) -> std::result::Result<(), FramingError> {
+        if self.stage == Stage::Done {
+            return Ok(());
+        }
+        self.buf.extend_from_slice(input);
+        while self.step(&mut on)? {}
+        Ok(())
+    }
+
+    /// The body has ended.
+    ///
+    /// # Errors
+    /// [`FramingError::Truncated`] unless the closing boundary was read.
+    pub fn finish(&self) -> std::result::Result<(), FramingError> {
+        if self.is_done() {
+            Ok(())
+        } else {
+            Err(FramingError::Truncated)
+        }
+    }
+
+    /// One step on the buffered bytes; `Ok(false)` when more are needed.
+    fn step<F: FnMut(PartEvent<'_>)>(
+        &mut self,
+        on: &mut F,
+    ) -> std::result::Result<bool, FramingError> {
+        let dlen = self.delimiter.len();
+        match self.stage {
+            Stage::Preamble => {
+                if let Some(i) = find(&self.buf, &self.delimiter) {
+                    self.buf.drain(..i + dlen);
+                    self.enter(Stage::AfterBoundary);
+                    return Ok(true);
+                }
+                let drop = self.buf.len().saturating_sub(dlen - 1);
+                self.buf.drain(..drop);
+                self.count_head(drop)?;
+                Ok(false)
+            }
+            Stage::AfterBoundary => match self.buf.first() {
+                None => Ok(false),
+                Some(b'-') => match self.buf.get(1) {
+                    None => Ok(false),
+                    Some(b'-') => {
+                        self.buf = Vec::new();
+                        self.enter(Stage::Done);
+                        Ok(false)
+                    }
+                    Some(_) => Err(FramingError::Malformed("a boundary is followed by '-'")),
+                },
+                Some(_) => {
+                    let pad = self
+                        .buf
+                        .iter()
+                        .take_while(|b| matches!(b, b' ' | b'\t'))
+                        .count();
+                    self.buf.drain(..pad);
+                    self.count_head(pad)?;
+                    match self.buf.as_slice() {
+                        [] | [b'\r'] => Ok(false),
+                        [b'\r', b'\n', ..] => {
+                            self.buf.drain(..2);
+                            self.parts += 1;
+                            if self.parts > self.limits.max_parts {
+                                return Err(FramingError::TooManyParts {
+                                    limit: self.limits.max_parts,
+                                });
+                            }
+                            self.enter(Stage::Headers);
+                            Ok(true)
+                        }
+                        _ => Err(FramingError::Malformed(
+                            "a boundary is not followed by CRLF",
+                        )),
+                    }
+                }
+            },
+            Stage::Headers => {
+                let end = if self.buf.starts_with(b"\r\n") {
+                    Some((0, 2))
+                } else {
+                    let from = self.scanned.saturating_sub(3);
+                    find(&self.buf[from..], b"\r\n\r\n").map(|i| (from + i, from + i + 4))
+                };
+                let Some((block, rest)) = end else {
+                    self.scanned = self.buf.len();
+                    if self.buf.len() > self.limits.max_head_bytes {
+                        return Err(self.head_too_large());
+                    }
+                    return Ok(false);
+                };
+                if rest > self.limits.max_head_bytes {
+                    return Err(self.head_too_large());
+                }
+                let content_type = content_type_of(&self.buf[..block])?;
+                on(PartEvent::Start {
+                    content_type: content_type.map(|(a, b)| {
+                        // Checked as UTF-8 by content_type_of.
+                        std::str::from_utf8(&self.buf[a..b]).unwrap_or_default()
+                    }),
+                });
+                self.buf.drain(..rest);
+                self.part_bytes = 0;
+                self.enter(Stage::Body);
+                Ok(true)
+            }
+            Stage::Body => {
+                if let Some(i) = find(&self.buf, &self.delimiter) {
+                    self.emit(i, on)?;
+                    self.buf.drain(..dlen);
+                    on(PartEvent::End);
+                    self.enter(Stage::AfterBoundary);
+                    return Ok(true);
+                }
+                // Hold back what could be the start of a delimiter.
+                let n = self.buf.len().saturating_sub(dlen - 1);
+                self.emit(n, on)?;
+                Ok(false)
+            }
+            Stage::Done => Ok(false),
+        }
+    }
+
+    fn enter(&mut self, stage: Stage) {
+        self.stage = stage;
+        self.head = 0;
+        self.scanned = 0;
+    }
+
+    fn count_head(&mut self, n: usize) -> std::result::Result<(), FramingError> {
+        self.head = self.head.saturating_add(n);
+        if self.head > self.limits.max_head_bytes {
+            return Err(self.head_too_large());
+        }
+        Ok(())
+    }
+
+    fn head_too_large(&self) -> FramingError {
+        FramingError::HeadTooLarge {
+            limit: self.limits.max_head_bytes,
+        }
+    }
+
+    /// Hand on the first `n` buffered bytes as content, within the limit.
+    fn emit<F: FnMut(PartEvent<'_>)>(
+        &mut self,
+        n: usize,
+        on: &mut F,
+    ) -> std::result::Result<(), FramingError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let total = self.part_bytes.saturating_add(n as u64);
+        if total > self.limits.max_part_bytes {
+            return Err(FramingError::PartTooLarge {
+                limit: self.limits.max_part_bytes,
+            });
+        }
+        on(PartEvent::Data(&self.buf[..n]));
+        self.buf.drain(..n);
+        self.part_bytes = total;
+        Ok(())
+    }
+}
+
+/// The byte range of the `Content-Type` value in a part's header block
+/// (lines `Name: value` separated by CRLF).
+fn content_type_of(block: &[u8]) -> std::result::Result<Option<(usize, usize)>, FramingError> {
+    let text = std::str::from_utf8(block)
+        .map_err(|_| FramingError::Malformed("part headers are not UTF-8"))?;
+    let mut found = None;
+    let mut at = 0;
+    for line in text.split("\r\n").filter(|_| !text.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(FramingError::Malformed("a part header line has no colon"));
+        };
+        if name.trim().eq_ignore_ascii_case("content-type") {
+            let v = value.trim();
+            let start = at + name.len() + 1 + (value.len() - value.trim_start().len());
+            found = Some((start, start + v.len()));
+        }
+        at += line.len() + 2;
+    }
+    Ok(found)
+}
+
+/// The first position of `needle` in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, rest) = needle.split_first()?;
+    let mut from = 0;
+    while let Some(p) = hay.get(from..)?.iter().position(|&b| b == first) {
+        let at = from + p;
+        let end = at + needle.len();
+        if end > hay.len() {
+            return None;
+        }
+        if &hay[at + 1..end] == rest {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -334,5 +778,213 @@ mod tests {
             ..DicomWebConfig::new("http://x")
         };
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+    const LIMITS: FramingLimits = FramingLimits {
+        max_parts: 1,
+        max_part_bytes: 1 << 20,
+        max_head_bytes: 1024,
+    };
+
+    /// Each part's content type and content.
+    type Parts = Vec<(Option<String>, Vec<u8>)>;
+
+    /// Feed `body` in pieces of `piece` bytes; the parts' content types and
+    /// contents, or the first error.
+    fn parse(
+        body: &[u8],
+        piece: usize,
+        limits: FramingLimits,
+    ) -> std::result::Result<Parts, FramingError> {
+        let mut r = MultipartReader::new("b0undary", limits);
+        let mut parts: Parts = Vec::new();
+        let mut open = false;
+        for p in body.chunks(piece) {
+            r.feed(p, |ev| match ev {
+                PartEvent::Start { content_type } => {
+                    assert!(!open);
+                    open = true;
+                    parts.push((content_type.map(str::to_owned), Vec::new()));
+                }
+                PartEvent::Data(d) => {
+                    assert!(open);
+                    parts.last_mut().unwrap().1.extend_from_slice(d);
+                }
+                PartEvent::End => {
+                    assert!(open);
+                    open = false;
+                }
+            })?;
+        }
+        r.finish()?;
+        assert!(!open);
+        assert_eq!(r.parts(), parts.len());
+        Ok(parts)
+    }
+
+    fn content(n: usize) -> Vec<u8> {
+        // Bytes that look like the start of a delimiter, without being one.
+        let pattern = b"\r\n--b0undar\r";
+        (0..n)
+            .map(|i| pattern[i % pattern.len()] ^ u8::from(i % 97 == 0))
+            .collect()
+    }
+
+    fn body(parts: &[&[u8]]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for p in parts {
+            b.extend_from_slice(
+                b"--b0undary\r\nContent-Type: application/dicom\r\nContent-Length: 5\r\n\r\n",
+            );
+            b.extend_from_slice(p);
+            b.extend_from_slice(b"\r\n");
+        }
+        b.extend_from_slice(b"--b0undary--\r\n");
+        b
+    }
+
+    /// Orthanc's framing (no preamble, headers, one part, close), in
+    /// pieces of every size: the part's content exactly.
+    #[test]
+    fn one_part_in_any_pieces() {
+        let data = content(3000);
+        let b = body(&[&data]);
+        for piece in (1..40).chain([1000, 4096, b.len()]) {
+            let parts = parse(&b, piece, LIMITS).unwrap();
+            assert_eq!(parts.len(), 1, "piece {piece}");
+            assert_eq!(parts[0].0.as_deref(), Some("application/dicom"));
+            assert!(parts[0].1 == data, "piece {piece}");
+        }
+    }
+
+    #[test]
+    fn preamble_padding_and_empty_headers_are_framing() {
+        let b = b"preamble\r\n--b0undary \t\r\n\r\nabc\r\n--b0undary--";
+        for piece in 1..8 {
+            let parts = parse(b, piece, LIMITS).unwrap();
+            assert_eq!(parts, vec![(None, b"abc".to_vec())]);
+        }
+        // No parts at all: a well-formed, empty answer.
+        assert_eq!(parse(b"--b0undary--\r\n", 3, LIMITS).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn limits_are_enforced_as_the_bytes_arrive() {
+        let data = content(5000);
+        let small = FramingLimits {
+            max_part_bytes: 4999,
+            ..LIMITS
+        };
+        assert_eq!(
+            parse(&body(&[&data]), 7, small),
+            Err(FramingError::PartTooLarge { limit: 4999 })
+        );
+        let exact = FramingLimits {
+            max_part_bytes: 5000,
+            ..LIMITS
+        };
+        assert_eq!(parse(&body(&[&data]), 7, exact).unwrap().len(), 1);
+        assert_eq!(
+            parse(&body(&[b"one", b"two"]), 5, LIMITS),
+            Err(FramingError::TooManyParts { limit: 1 })
+        );
+        let two = FramingLimits {
+            max_parts: 2,
+            ..LIMITS
+        };
+        assert_eq!(parse(&body(&[b"one", b"two"]), 5, two).unwrap().len(), 2);
+        let long_preamble = [vec![b'x'; 2000], body(&[b"x"])].concat();
+        assert_eq!(
+            parse(&long_preamble, 100, LIMITS),
+            Err(FramingError::HeadTooLarge { limit: 1024 })
+        );
+        let long_header = [
+            b"--b0undary\r\nX-Pad: ".to_vec(),
+            vec![b'y'; 2000],
+            b"\r\n\r\nabc\r\n--b0undary--".to_vec(),
+        ]
+        .concat();
+        assert_eq!(
+            parse(&long_header, 100, LIMITS),
+            Err(FramingError::HeadTooLarge { limit: 1024 })
+        );
+    }
+
+    /// A part whose content never ends is refused once over the limit,
+    /// however long the rest of the body would be.
+    #[test]
+    fn an_endless_part_is_refused_at_the_limit() {
+        let mut r = MultipartReader::new("b0undary", LIMITS);
+        let mut seen = 0u64;
+        r.feed(b"--b0undary\r\n\r\n", |_| {}).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        let mut fed = 0u64;
+        let err = loop {
+            fed += chunk.len() as u64;
+            if let Err(e) = r.feed(&chunk, |ev| {
+                if let PartEvent::Data(d) = ev {
+                    seen += d.len() as u64;
+                }
+            }) {
+                break e;
+            }
+            assert!(fed < 4 << 20, "never refused");
+        };
+        assert_eq!(err, FramingError::PartTooLarge { limit: 1 << 20 });
+        assert!(seen <= 1 << 20);
+        assert!(fed <= (1 << 20) + (64 << 10), "{fed} bytes fed");
+    }
+
+    #[test]
+    fn broken_bodies_are_refused() {
+        assert_eq!(
+            parse(b"--b0undary\r\n\r\nabc", 2, LIMITS),
+            Err(FramingError::Truncated)
+        );
+        assert_eq!(parse(b"", 2, LIMITS), Err(FramingError::Truncated));
+        assert!(matches!(
+            parse(b"--b0undaryX\r\n\r\nabc\r\n--b0undary--", 2, LIMITS),
+            Err(FramingError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(
+                b"--b0undary\r\nno colon\r\n\r\nabc\r\n--b0undary--",
+                2,
+                LIMITS
+            ),
+            Err(FramingError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn the_boundary_comes_from_the_content_type() {
+        assert_eq!(
+            multipart_boundary("multipart/related; type=\"application/dicom\"; boundary=abc-1")
+                .unwrap(),
+            "abc-1"
+        );
+        assert_eq!(
+            multipart_boundary("Multipart/Related; boundary=\"a b:c\"; type=application/dicom")
+                .unwrap(),
+            "a b:c"
+        );
+        assert_eq!(
+            multipart_boundary("multipart/related;type=\"a;b\";BOUNDARY = \"x\\\"y\" ").unwrap(),
+            "x\"y"
+        );
+        for bad in [
+            "application/dicom",
+            "multipart/related; type=\"application/dicom\"",
+            "multipart/related; boundary=\"\"",
+            "multipart/related; boundary=\"abc",
+            "multipart/; boundary=abc",
+            "text/plain; boundary=abc",
+            &format!("multipart/related; boundary={}", "x".repeat(71)),
+            "",
+        ] {
+            assert!(
+                matches!(multipart_boundary(bad), Err(FramingError::NotMultipart(_))),
+                "{bad}"
+            );
+        }
     }
 }

@@ -1,27 +1,31 @@
 //! [`StowSink`]: delivery to a PACS by DICOMweb STOW-RS (PS3.18 §10.5),
-//! verified by QIDO-RS.
+//! verified by QIDO-RS (presence) and WADO-RS (content).
 
 use std::collections::HashMap;
 use std::fmt;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
+use relaypacs_core::dicom::{ContentDigest, Part10Hasher};
 use relaypacs_core::{
-    DeliveryReport, Error, Instance, InstanceOutcome, InstanceSource, IntegrityError, PacsSink,
-    Result, Uid, Holding, Verification,
+    DeliveryReport, Error, Holding, Instance, InstanceOutcome, InstanceSource, IntegrityError,
+    PacsSink, Result, Uid, Verification, VerifyMode, compare_content,
 };
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 use crate::dicomweb::{
-    DicomWebClient, DicomWebConfig, items_of, number_of, status_error, string_of, transport,
+    DicomWebClient, DicomWebConfig, FramingError, FramingLimits, MultipartReader, PartEvent,
+    items_of, multipart_boundary, number_of, status_error, string_of, transport,
 };
 
 /// DICOM JSON tags of the STOW-RS response.
 mod tag {
     pub const SOP_INSTANCE_UID: &str = "00080018";
+    pub const STUDY_INSTANCE_UID: &str = "0020000D";
+    pub const SERIES_INSTANCE_UID: &str = "0020000E";
     pub const FAILED_SOP_SEQUENCE: &str = "00081198";
     pub const REFERENCED_SOP_SEQUENCE: &str = "00081199";
     pub const REFERENCED_SOP_INSTANCE_UID: &str = "00081155";
@@ -37,12 +41,154 @@ mod tag {
 /// failed → its Failure Reason decides transient or permanent. HTTP 408,
 /// 429 and 5xx are transient (with `Retry-After`); other 4xx are permanent.
 /// A 200 that does not reference an instance does not count as stored.
-/// `verify` asks QIDO-RS which SOP instances the study holds.
+///
+/// # Verification
+/// A PACS may answer a STOW-RS with success and keep the object it already
+/// had under the SOP Instance UID (Orthanc does), so `verify` asks the
+/// PACS what it holds:
+/// 1. **Presence**, by QIDO-RS: the study's instances (one query per
+///    study); a SOP Instance UID not found in its own study is looked up in
+///    every study (UID list matching, 64 UIDs per query) and, if another
+///    study holds it, is [`Holding::Different`] naming both UIDs.
+/// 2. **Content** ([`VerifyMode::Content`], the default): each instance
+///    found is retrieved by WADO-RS from the study and series where the
+///    PACS holds it, as stored (`Accept: multipart/related;
+///    type="application/dicom"; transfer-syntax=*`), four at a time,
+///    in order. The answer is streamed through
+///    [`Part10Hasher`], never held in memory, and compared by
+///    [`compare_content`]: the PACS holds what was sent if it returns the
+///    byte-identical Part-10 file, or the identical data set after a file
+///    meta group of its own. A copy in another transfer syntax (a PACS
+///    that transcodes on storage or ignores `transfer-syntax=*`) is a
+///    mismatch by policy; configure `verify = "presence"` for such a PACS.
+///    The retrieval is bounded: one part is expected, of at most the sent
+///    size plus 64 KiB (room for a rewritten meta group); a larger part,
+///    or a second one, is `Different` without being read further.
+///
+/// With [`VerifyMode::Presence`] a found instance is
+/// `Same { PresenceOnly }`. A 404 from WADO-RS for an instance QIDO-RS
+/// listed is `Absent`; other HTTP failures are classified as for STOW-RS.
 #[derive(Clone, Debug)]
 pub struct StowSink {
     client: DicomWebClient,
     batch_bytes: u64,
     batch_instances: usize,
+    verify: VerifyMode,
+}
+
+/// How many bytes a retrieved instance may exceed the size sent by: room
+/// for a PACS that writes a file meta group of its own (another
+/// implementation class and version, a source AE title, private meta
+/// elements); the data set after it must still be identical.
+pub const RETRIEVE_SLACK_BYTES: u64 = 64 << 10;
+
+/// How many WADO-RS retrievals one `verify` runs at a time.
+pub const RETRIEVALS_IN_FLIGHT: usize = 4;
+
+/// Most bytes of multipart framing (preamble, part headers) accepted
+/// around a retrieved instance.
+const RETRIEVE_HEAD_BYTES: usize = 16 << 10;
+
+/// Most bytes of a file meta group [`Part10Hasher`] buffers.
+const MAX_META_BYTES: usize = 1 << 20;
+
+/// The WADO-RS media type asked for: the instance as stored (PS3.18
+/// §8.7.3.5.2). Orthanc (DICOMweb plugin 1.7) honours `transfer-syntax=*`
+/// and returns the stored file byte for byte; without it, it transcodes to
+/// Explicit VR Little Endian (and fails with 500 on what it cannot decode).
+const WADO_ACCEPT: &str = "multipart/related; type=\"application/dicom\"; transfer-syntax=*";
+
+/// The framing limits of retrieving an instance of `size` bytes: one part
+/// of at most `size + RETRIEVE_SLACK_BYTES`.
+pub fn retrieve_limits(size: u64) -> FramingLimits {
+    FramingLimits {
+        max_parts: 1,
+        max_part_bytes: size.saturating_add(RETRIEVE_SLACK_BYTES),
+        max_head_bytes: RETRIEVE_HEAD_BYTES,
+    }
+}
+
+/// What a WADO-RS answer for one instance held.
+#[derive(Debug)]
+pub enum Retrieved {
+    /// No part: nothing returned for the instance.
+    Nothing,
+    /// One part, with its digests.
+    One(ContentDigest),
+    /// The answer broke its limits (see [`FramingError`]); it was not read
+    /// further.
+    Refused(FramingError),
+}
+
+/// Digest the single part of a WADO-RS answer `body` delimited by
+/// `boundary`, within `limits`, streaming: each piece is hashed and
+/// dropped. Stops reading at the first broken limit. The answer is read
+/// to its closing boundary (and a short epilogue, so the connection can be
+/// reused).
+///
+/// # Errors
+/// [`Error::Pacs`] (transient) when the body cannot be read or is not
+/// well-formed multipart; permanent when a part is not
+/// `application/dicom`.
+pub async fn digest_single_part<S, E>(
+    body: S,
+    boundary: &str,
+    limits: FramingLimits,
+) -> Result<Retrieved>
+where
+    S: Stream<Item = std::result::Result<Bytes, E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut reader = MultipartReader::new(boundary, limits);
+    let mut hasher = Part10Hasher::new(MAX_META_BYTES);
+    let mut not_dicom: Option<String> = None;
+    let mut epilogue = 0usize;
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| {
+            Error::pacs_transient("WADO-RS: transfer failed".to_owned(), Some(e.into()))
+        })?;
+        if reader.is_done() {
+            epilogue += piece.len();
+            if epilogue > limits.max_head_bytes {
+                break;
+            }
+            continue;
+        }
+        let fed = reader.feed(&piece, |ev| match ev {
+            PartEvent::Start {
+                content_type: Some(ct),
+            } if !is_dicom(ct) => not_dicom = Some(ct.chars().take(120).collect()),
+            PartEvent::Data(d) => hasher.update(d),
+            PartEvent::Start { .. } | PartEvent::End => {}
+        });
+        if let Some(ct) = not_dicom {
+            return Err(Error::pacs_permanent(
+                format!("WADO-RS returned a part of type {ct:?}, not application/dicom"),
+                None,
+            ));
+        }
+        match fed {
+            Ok(()) => {}
+            Err(e @ (FramingError::PartTooLarge { .. } | FramingError::TooManyParts { .. })) => {
+                return Ok(Retrieved::Refused(e));
+            }
+            Err(e) => return Err(Error::pacs_transient(format!("WADO-RS: {e}"), None)),
+        }
+    }
+    reader
+        .finish()
+        .map_err(|e| Error::pacs_transient(format!("WADO-RS: {e}"), None))?;
+    Ok(if reader.parts() == 0 {
+        Retrieved::Nothing
+    } else {
+        Retrieved::One(hasher.finish())
+    })
+}
+
+fn is_dicom(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default();
+    essence.trim().eq_ignore_ascii_case("application/dicom")
 }
 
 impl fmt::Display for StowSink {
@@ -61,6 +207,152 @@ impl StowSink {
             client: DicomWebClient::new(config)?,
             batch_bytes: config.batch_bytes.max(1),
             batch_instances: config.batch_instances.max(1),
+            verify: config.verify,
+        })
+    }
+
+    /// Where the PACS holds each instance in its own study: the series
+    /// (the sent one if listed there), by QIDO-RS, one query per study.
+    async fn locate(&self, instances: &[Instance]) -> Result<Vec<Option<Uid>>> {
+        let mut in_study: HashMap<&Uid, HashMap<String, Vec<Uid>>> = HashMap::new();
+        for inst in instances {
+            let study = &inst.dicom.study_instance_uid;
+            if in_study.contains_key(study) {
+                continue;
+            }
+            let found = self
+                .client
+                .study_instances(study, &[tag::SOP_INSTANCE_UID, tag::SERIES_INSTANCE_UID])
+                .await?;
+            let mut series_of: HashMap<String, Vec<Uid>> = HashMap::new();
+            for v in &found {
+                if let Some(sop) = string_of(v, tag::SOP_INSTANCE_UID) {
+                    // A series UID that is not a UID cannot be asked for:
+                    // then the sent one is.
+                    let series =
+                        string_of(v, tag::SERIES_INSTANCE_UID).and_then(|s| Uid::parse(&s).ok());
+                    series_of.entry(sop).or_default().extend(series);
+                }
+            }
+            in_study.insert(study, series_of);
+        }
+        Ok(instances
+            .iter()
+            .map(|i| {
+                let series = in_study
+                    .get(&i.dicom.study_instance_uid)?
+                    .get(i.dicom.sop_instance_uid.as_str())?;
+                let ours = &i.dicom.series_instance_uid;
+                Some(
+                    series
+                        .iter()
+                        .find(|s| *s == ours)
+                        .or(series.first())
+                        .unwrap_or(ours)
+                        .clone(),
+                )
+            })
+            .collect())
+    }
+
+    /// The other studies holding each of `sops` (QIDO-RS across studies).
+    async fn elsewhere(&self, sops: &[&Uid]) -> Result<HashMap<String, Vec<String>>> {
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        if sops.is_empty() {
+            return Ok(out);
+        }
+        let found = self
+            .client
+            .instances_with_uids(sops, &[tag::SOP_INSTANCE_UID, tag::STUDY_INSTANCE_UID])
+            .await?;
+        for v in &found {
+            if let (Some(sop), Some(study)) = (
+                string_of(v, tag::SOP_INSTANCE_UID),
+                string_of(v, tag::STUDY_INSTANCE_UID),
+            ) {
+                out.entry(sop).or_default().push(study);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Retrieve `inst` from `series` by WADO-RS and compare its content.
+    async fn retrieve(&self, inst: &Instance, series: &Uid) -> Result<Holding> {
+        let sop = &inst.dicom.sop_instance_uid;
+        let path = format!(
+            "studies/{}/series/{series}/instances/{sop}",
+            inst.dicom.study_instance_uid
+        );
+        let resp = self
+            .client
+            .request(Method::GET, &path)?
+            .header(ACCEPT, WADO_ACCEPT)
+            .send()
+            .await
+            .map_err(|e| transport("WADO-RS", e))?;
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND || status == StatusCode::NO_CONTENT {
+            // Listed by QIDO-RS, gone now (or never retrievable): not held.
+            return Ok(Holding::Absent);
+        }
+        if status == StatusCode::NOT_ACCEPTABLE {
+            return Err(Error::pacs_permanent(
+                "WADO-RS: HTTP 406, the PACS cannot return instances as stored \
+                 (transfer-syntax=*); verify = \"presence\" only checks the UID"
+                    .to_owned(),
+                None,
+            ));
+        }
+        if !status.is_success() {
+            return Err(status_error("WADO-RS", resp).await);
+        }
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let boundary = multipart_boundary(content_type).map_err(|e| {
+            Error::pacs_permanent(
+                format!(
+                    "WADO-RS of SOP Instance UID {sop}: {e}; \
+                     verify = \"presence\" only checks the UID"
+                ),
+                None,
+            )
+        })?;
+        let retrieved =
+            digest_single_part(resp.bytes_stream(), &boundary, retrieve_limits(inst.size))
+                .await
+                .map_err(|e| match e {
+                    Error::Pacs {
+                        transient,
+                        reason,
+                        retry_after,
+                        source,
+                    } => Error::Pacs {
+                        transient,
+                        reason: format!("{reason} (SOP Instance UID {sop})"),
+                        retry_after,
+                        source,
+                    },
+                    e => e,
+                })?;
+        Ok(match retrieved {
+            Retrieved::Nothing => Holding::Absent,
+            Retrieved::One(digest) => compare_content(inst, &digest),
+            Retrieved::Refused(FramingError::TooManyParts { .. }) => Holding::Different {
+                reason: format!(
+                    "the PACS returned more than one object for SOP Instance UID {sop}"
+                ),
+            },
+            Retrieved::Refused(e) => Holding::Different {
+                reason: format!(
+                    "the PACS returned more bytes than were sent for SOP Instance UID {sop} \
+                     ({e}; {} bytes sent, {RETRIEVE_SLACK_BYTES} more allowed for a \
+                     rewritten file meta group); not read further",
+                    inst.size
+                ),
+            },
         })
     }
 
@@ -318,39 +610,54 @@ impl PacsSink for StowSink {
     }
 
     async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
-        let mut held: HashMap<&Uid, std::collections::HashSet<String>> = HashMap::new();
-        for inst in instances {
-            let study = &inst.dicom.study_instance_uid;
-            if held.contains_key(study) {
-                continue;
-            }
-            let found = self
-                .client
-                .study_instances(study, &[tag::SOP_INSTANCE_UID])
-                .await?;
-            held.insert(
-                study,
-                found
-                    .iter()
-                    .filter_map(|v| string_of(v, tag::SOP_INSTANCE_UID))
-                    .collect(),
-            );
-        }
-        Ok(instances
+        let located = self.locate(instances).await?;
+        let missing: Vec<&Uid> = instances
             .iter()
-            .map(|i| {
-                if held
-                    .get(&i.dicom.study_instance_uid)
-                    .is_some_and(|s| s.contains(i.dicom.sop_instance_uid.as_str()))
-                {
-                    Holding::Same {
-                        verification: Verification::PresenceOnly,
+            .zip(&located)
+            .filter(|(_, at)| at.is_none())
+            .map(|(i, _)| &i.dicom.sop_instance_uid)
+            .collect();
+        let elsewhere = self.elsewhere(&missing).await?;
+        let mut held = vec![Holding::Absent; instances.len()];
+        let mut to_retrieve = Vec::new();
+        for (k, (inst, at)) in instances.iter().zip(&located).enumerate() {
+            let sop = &inst.dicom.sop_instance_uid;
+            let ours = inst.dicom.study_instance_uid.as_str();
+            match (at, self.verify) {
+                (None, _) => {
+                    let other = elsewhere
+                        .get(sop.as_str())
+                        .and_then(|studies| studies.iter().find(|s| *s != ours));
+                    if let Some(other) = other {
+                        held[k] = Holding::Different {
+                            reason: format!(
+                                "the PACS holds SOP Instance UID {sop} in another study, \
+                                 Study Instance UID {other}, not in {ours} as sent"
+                            ),
+                        };
                     }
-                } else {
-                    Holding::Absent
                 }
-            })
-            .collect())
+                (Some(_), VerifyMode::Presence) => {
+                    held[k] = Holding::Same {
+                        verification: Verification::PresenceOnly,
+                    };
+                }
+                (Some(series), VerifyMode::Content) => {
+                    // Futures built here, not in a stream combinator's
+                    // closure, so the async-trait future stays `Send`.
+                    to_retrieve
+                        .push(async move { self.retrieve(inst, series).await.map(|h| (k, h)) });
+                }
+            }
+        }
+        let retrieved: Vec<(usize, Holding)> = futures::stream::iter(to_retrieve)
+            .buffered(RETRIEVALS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        for (k, h) in retrieved {
+            held[k] = h;
+        }
+        Ok(held)
     }
 }
 
@@ -485,5 +792,120 @@ mod tests {
                 }
             ));
         }
+    }
+
+    fn wado_body(parts: &[&[u8]]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for p in parts {
+            b.extend_from_slice(b"--B\r\nContent-Type: application/dicom\r\n\r\n");
+            b.extend_from_slice(p);
+            b.extend_from_slice(b"\r\n");
+        }
+        b.extend_from_slice(b"--B--\r\n");
+        b
+    }
+
+    fn stream_of(
+        b: Vec<u8>,
+        piece: usize,
+    ) -> impl Stream<Item = std::result::Result<Bytes, std::io::Error>> {
+        let pieces: Vec<_> = b.chunks(piece).map(Bytes::copy_from_slice).collect();
+        futures::stream::iter(pieces.into_iter().map(Ok))
+    }
+
+    /// The retrieved part is hashed as it streams and compared with the
+    /// one rule: the same file is the same, another pixel seed is not.
+    #[tokio::test]
+    async fn a_retrieved_part_is_compared_by_content() {
+        use relaypacs_core::testing::dicom_gen::{DicomSpec, generate};
+        let spec = DicomSpec::default();
+        let sent = generate(&spec).unwrap();
+        let summary =
+            relaypacs_core::dicom::validate_dicom(&sent, sent.len() as u64, &Default::default())
+                .unwrap();
+        let key = relaypacs_core::FileKey {
+            session: relaypacs_core::SessionId::random(),
+            file: relaypacs_core::FileId::random(),
+        };
+        let inst = Instance::of_bytes(key, &sent, summary);
+        let other = generate(&DicomSpec { seed: 7, ..spec }).unwrap();
+        for (held, same) in [(&sent, true), (&other, false)] {
+            let body = stream_of(wado_body(&[held]), 777);
+            let got = digest_single_part(body, "B", retrieve_limits(inst.size))
+                .await
+                .unwrap();
+            let Retrieved::One(digest) = got else {
+                panic!("{got:?}")
+            };
+            let h = compare_content(&inst, &digest);
+            assert_eq!(h.is_same(), same, "{h:?}");
+            if !same {
+                assert!(
+                    matches!(&h, Holding::Different { reason } if reason.contains(inst.dicom.sop_instance_uid.as_str())),
+                    "{h:?}"
+                );
+            }
+        }
+    }
+
+    /// An answer larger than allowed is refused once over the limit:
+    /// the stream (64 MiB, made on demand) is not read to its end.
+    #[tokio::test]
+    async fn a_retrieval_larger_than_allowed_is_refused_without_reading_it_all() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let pulled = AtomicU64::new(0);
+        let piece = 64usize << 10;
+        let head = Bytes::from_static(b"--B\r\nContent-Type: application/dicom\r\n\r\n");
+        let body = futures::stream::iter(0..1024).map(|i| {
+            let b = if i == 0 {
+                head.clone()
+            } else {
+                Bytes::from(vec![0u8; piece])
+            };
+            pulled.fetch_add(b.len() as u64, Ordering::Relaxed);
+            Ok::<_, std::io::Error>(b)
+        });
+        let sent = 1u64 << 20;
+        let got = digest_single_part(body, "B", retrieve_limits(sent))
+            .await
+            .unwrap();
+        assert!(
+            matches!(got, Retrieved::Refused(FramingError::PartTooLarge { limit }) if limit == sent + RETRIEVE_SLACK_BYTES),
+            "{got:?}"
+        );
+        let read = pulled.load(Ordering::Relaxed);
+        assert!(
+            read <= sent + RETRIEVE_SLACK_BYTES + 2 * piece as u64,
+            "{read} bytes read"
+        );
+    }
+
+    #[tokio::test]
+    async fn more_than_one_part_none_or_a_torn_body() {
+        let limits = retrieve_limits(100);
+        let two = wado_body(&[b"one", b"two"]);
+        assert!(matches!(
+            digest_single_part(stream_of(two, 5), "B", limits)
+                .await
+                .unwrap(),
+            Retrieved::Refused(FramingError::TooManyParts { limit: 1 })
+        ));
+        assert!(matches!(
+            digest_single_part(stream_of(wado_body(&[]), 5), "B", limits)
+                .await
+                .unwrap(),
+            Retrieved::Nothing
+        ));
+        let mut torn = wado_body(&[b"one"]);
+        torn.truncate(torn.len() - 10);
+        let e = digest_single_part(stream_of(torn, 5), "B", limits)
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e:?}");
+        let other = b"--B\r\nContent-Type: application/json\r\n\r\n{}\r\n--B--".to_vec();
+        let e = digest_single_part(stream_of(other, 5), "B", limits)
+            .await
+            .unwrap_err();
+        assert!(!e.is_retryable(), "{e:?}");
     }
 }
