@@ -124,7 +124,8 @@ pub enum Retrieved {
 /// `boundary`, within `limits`, streaming: each piece is hashed and
 /// dropped. Stops reading at the first broken limit. The answer is read
 /// to its closing boundary (and a short epilogue, so the connection can be
-/// reused).
+/// reused). With `whole`, the whole-file digest is computed too (needed
+/// only when the data set digest of what was sent is unknown).
 ///
 /// # Errors
 /// [`Error::Pacs`] (transient) when the body cannot be read or is not
@@ -134,6 +135,7 @@ pub async fn digest_single_part<S, E>(
     body: S,
     boundary: &str,
     limits: FramingLimits,
+    whole: bool,
 ) -> Result<Retrieved>
 where
     S: Stream<Item = std::result::Result<Bytes, E>>,
@@ -141,7 +143,13 @@ where
 {
     let mut body = std::pin::pin!(body);
     let mut reader = MultipartReader::new(boundary, limits);
-    let mut hasher = Part10Hasher::new(MAX_META_BYTES);
+    // The data set digest alone decides when the sent one is known; the
+    // whole-file digest (a second SHA-256 pass) only when it is not.
+    let mut hasher = if whole {
+        Part10Hasher::new(MAX_META_BYTES)
+    } else {
+        Part10Hasher::data_set_only(MAX_META_BYTES)
+    };
     let mut not_dicom: Option<String> = None;
     let mut epilogue = 0usize;
     while let Some(piece) = body.next().await {
@@ -320,23 +328,27 @@ impl StowSink {
                 None,
             )
         })?;
-        let retrieved =
-            digest_single_part(resp.bytes_stream(), &boundary, retrieve_limits(inst.size))
-                .await
-                .map_err(|e| match e {
-                    Error::Pacs {
-                        transient,
-                        reason,
-                        retry_after,
-                        source,
-                    } => Error::Pacs {
-                        transient,
-                        reason: format!("{reason} (SOP Instance UID {sop})"),
-                        retry_after,
-                        source,
-                    },
-                    e => e,
-                })?;
+        let retrieved = digest_single_part(
+            resp.bytes_stream(),
+            &boundary,
+            retrieve_limits(inst.size),
+            inst.data_set_sha256.is_none(),
+        )
+        .await
+        .map_err(|e| match e {
+            Error::Pacs {
+                transient,
+                reason,
+                retry_after,
+                source,
+            } => Error::Pacs {
+                transient,
+                reason: format!("{reason} (SOP Instance UID {sop})"),
+                retry_after,
+                source,
+            },
+            e => e,
+        })?;
         Ok(match retrieved {
             Retrieved::Nothing => Holding::Absent,
             Retrieved::One(digest) => compare_content(inst, &digest),
@@ -831,7 +843,7 @@ mod tests {
         let other = generate(&DicomSpec { seed: 7, ..spec }).unwrap();
         for (held, same) in [(&sent, true), (&other, false)] {
             let body = stream_of(wado_body(&[held]), 777);
-            let got = digest_single_part(body, "B", retrieve_limits(inst.size))
+            let got = digest_single_part(body, "B", retrieve_limits(inst.size), true)
                 .await
                 .unwrap();
             let Retrieved::One(digest) = got else {
@@ -866,7 +878,7 @@ mod tests {
             Ok::<_, std::io::Error>(b)
         });
         let sent = 1u64 << 20;
-        let got = digest_single_part(body, "B", retrieve_limits(sent))
+        let got = digest_single_part(body, "B", retrieve_limits(sent), true)
             .await
             .unwrap();
         assert!(
@@ -885,25 +897,25 @@ mod tests {
         let limits = retrieve_limits(100);
         let two = wado_body(&[b"one", b"two"]);
         assert!(matches!(
-            digest_single_part(stream_of(two, 5), "B", limits)
+            digest_single_part(stream_of(two, 5), "B", limits, true)
                 .await
                 .unwrap(),
             Retrieved::Refused(FramingError::TooManyParts { limit: 1 })
         ));
         assert!(matches!(
-            digest_single_part(stream_of(wado_body(&[]), 5), "B", limits)
+            digest_single_part(stream_of(wado_body(&[]), 5), "B", limits, true)
                 .await
                 .unwrap(),
             Retrieved::Nothing
         ));
         let mut torn = wado_body(&[b"one"]);
         torn.truncate(torn.len() - 10);
-        let e = digest_single_part(stream_of(torn, 5), "B", limits)
+        let e = digest_single_part(stream_of(torn, 5), "B", limits, true)
             .await
             .unwrap_err();
         assert!(e.is_retryable(), "{e:?}");
         let other = b"--B\r\nContent-Type: application/json\r\n\r\n{}\r\n--B--".to_vec();
-        let e = digest_single_part(stream_of(other, 5), "B", limits)
+        let e = digest_single_part(stream_of(other, 5), "B", limits, true)
             .await
             .unwrap_err();
         assert!(!e.is_retryable(), "{e:?}");
