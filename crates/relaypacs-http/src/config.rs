@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use rand::RngCore;
-use relaypacs_core::{Limits, OutboxConfig, VerifyMode};
+use relaypacs_core::pipeline::DuplicatePolicy;
+use relaypacs_core::{Limits, OutboxConfig, PipelineConfig, VerifyMode};
 use relaypacs_pacs::{CStoreConfig, DicomWebAuth, DicomWebConfig};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,8 @@ pub struct Config {
     pub secret_file: Option<PathBuf>,
     /// Pipeline limits.
     pub limits: Limits,
+    /// What uploads are accepted: duplicate policy, Patient ID rule.
+    pub ingest: IngestConfig,
     /// HTTP edge limits.
     pub http: HttpConfig,
     /// Authentication settings.
@@ -70,6 +73,22 @@ pub struct Config {
     pub reports: Option<DicomWebSinkConfig>,
     /// Retries, dead letters and the report watch.
     pub outbox: OutboxConfig,
+}
+
+/// What the gateway accepts (`[ingest]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// A SOP Instance UID the gateway accepted before with other content:
+    /// `refuse` (default; tus 409 `RELAY_INSTANCE_CONFLICT`, STOW-RS
+    /// 0x0111) or `accept` (with a warning; the PACS is still checked
+    /// before sending and never overwritten). The same content again is
+    /// always an idempotent success.
+    pub duplicates: DuplicatePolicy,
+    /// Refuse files without a (0010,0020) Patient ID element. Default
+    /// `false`: Patient ID is Type 2, so its absence is accepted with a
+    /// warning.
+    pub require_patient_id: bool,
 }
 
 /// Edge limits and policies (defaults from security-anchors §6).
@@ -299,6 +318,7 @@ impl Default for Config {
             secret: None,
             secret_file: None,
             limits: Limits::default(),
+            ingest: IngestConfig::default(),
             http: HttpConfig::default(),
             auth: AuthConfig::default(),
             sinks: vec![SinkConfig::Archive { path: None }],
@@ -540,6 +560,19 @@ impl Config {
         self.secret_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("secret"))
+    }
+
+    /// The pipeline's settings: limits, DICOM validation and the duplicate
+    /// policy.
+    pub fn pipeline(&self) -> PipelineConfig {
+        PipelineConfig {
+            limits: self.limits.clone(),
+            dicom: relaypacs_core::dicom::DicomLimits {
+                require_patient_id: self.ingest.require_patient_id,
+                ..Default::default()
+            },
+            duplicates: self.ingest.duplicates,
+        }
     }
 
     /// A local archive's folder.

@@ -98,15 +98,24 @@ impl ApiError {
     }
 }
 
-/// HTTP status for a core error kind.
+/// HTTP status for a core error kind. A file refused for its content
+/// ([`Error::FileRefused`]) answers as its cause does: 422 for invalid
+/// DICOM, another study or a whole-file digest mismatch, 409 for a
+/// duplicate or conflicting SOP Instance UID.
 pub fn status_of(e: &Error) -> StatusCode {
+    let root = e.root();
     match e.kind() {
-        ErrorKind::Invalid => match e {
+        ErrorKind::Invalid => match root {
             Error::Dicom(_) | Error::StudyMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            // Completing a session with no valid file (it is ended).
+            Error::Invalid {
+                code: "RELAY_SESSION_EMPTY",
+                ..
+            } => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::BAD_REQUEST,
         },
         ErrorKind::LimitExceeded => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorKind::Integrity => match e {
+        ErrorKind::Integrity => match root {
             Error::Integrity(IntegrityError::ChunkLength { .. }) => StatusCode::BAD_REQUEST,
             Error::Integrity(IntegrityError::StoredChunkCorrupt { .. })
             | Error::Integrity(IntegrityError::StoredSize { .. }) => StatusCode::CONFLICT,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use relaypacs_core::{Error, Result};
+use relaypacs_core::{Error, Result, Verification};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
@@ -69,6 +69,11 @@ pub struct Notification {
     pub created_at: OffsetDateTime,
     /// Whether the owner marked it read.
     pub read: bool,
+    /// For `delivered`: how the PACS was confirmed to hold the study
+    /// (`content`: every instance retrieved and compared; `presence-only`:
+    /// for some, only the SOP Instance UID was found).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verification>,
 }
 
 /// Per-user event channels and notification files.
@@ -143,6 +148,18 @@ impl Hub {
         study: &str,
         message: &str,
     ) -> Result<Notification> {
+        self.notify_verified(user, kind, study, message, None).await
+    }
+
+    /// Like [`notify`](Self::notify), with how a delivery was verified.
+    pub async fn notify_verified(
+        &self,
+        user: &str,
+        kind: NotificationKind,
+        study: &str,
+        message: &str,
+        verified: Option<Verification>,
+    ) -> Result<Notification> {
         let n = Notification {
             id: relaypacs_core::FileId::random().to_string(),
             kind,
@@ -150,6 +167,7 @@ impl Hub {
             message: message.to_string(),
             created_at: OffsetDateTime::now_utc(),
             read: false,
+            verified,
         };
         let _g = self.files.lock().await;
         let mut list = self.load(user).await?;
@@ -186,6 +204,20 @@ impl Hub {
     }
 }
 
+/// The text of a `delivered` notification: it says how delivery was
+/// verified, and a presence-only check never reads as a plain "delivered".
+pub fn delivered_message(instances: usize, verified: Verification) -> String {
+    match verified {
+        Verification::Content => {
+            format!("study delivered: the PACS holds all {instances} instance(s), content verified")
+        }
+        Verification::PresenceOnly => format!(
+            "study delivered (verified: presence-only \u{2014} the PACS reports each instance \
+             but its content could not be compared): {instances} instance(s)"
+        ),
+    }
+}
+
 /// Turns the delivery worker's events into the uploader's notifications
 /// (written durably, then pushed to open event streams) and metrics.
 #[derive(Debug, Clone)]
@@ -195,18 +227,20 @@ pub struct DeliveryNotifier(pub crate::state::AppState);
 impl relaypacs_core::OutboxListener for DeliveryNotifier {
     async fn on_event(&self, event: &relaypacs_core::OutboxEvent) {
         use relaypacs_core::OutboxEvent as E;
-        let (owner, session, kind, message, outcome) = match event {
+        let (owner, session, kind, message, outcome, verified) = match event {
             E::Delivered {
                 owner,
                 session,
                 instances,
+                verified,
                 ..
             } => (
                 owner,
                 session,
                 NotificationKind::Delivered,
-                format!("study delivered: the PACS holds all {instances} instance(s)"),
+                delivered_message(*instances, *verified),
                 "delivered",
+                Some(*verified),
             ),
             E::DeadLettered { owner, session, .. } => (
                 owner,
@@ -214,6 +248,7 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
                 NotificationKind::ForwardFailed,
                 "delivery to the PACS failed; an administrator has been alerted".to_owned(),
                 "dead_letter",
+                None,
             ),
             E::ReportReady {
                 owner,
@@ -225,6 +260,7 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
                 NotificationKind::ReportReady,
                 format!("a report is ready: {}", report.sop_instance_uid),
                 "report",
+                None,
             ),
             E::Retrying { .. } => {
                 self.0.metrics.forward("retrying");
@@ -235,7 +271,7 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
         if let Err(e) = self
             .0
             .hub
-            .notify(owner, kind, &session.to_string(), &message)
+            .notify_verified(owner, kind, &session.to_string(), &message, verified)
             .await
         {
             // The delivery itself is durable and visible in the study's

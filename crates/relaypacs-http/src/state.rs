@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::SinkConfig;
 use relaypacs_core::{
     AuditAction, AuditEvent, AuditOutcome, AuditSink, ChunkStore, FileState, PacsSink, Pipeline,
-    PipelineConfig, SessionState, SessionStore,
+    SessionState, SessionStore,
 };
 use relaypacs_pacs::{CStoreSink, DicomWebReports, FanOutSink, LocalArchiveSink, StowSink};
 use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
@@ -166,16 +166,7 @@ impl AppState {
             audit: Arc::new(audit),
         });
         let audit = a.audit.clone();
-        let pipeline = Pipeline::new(
-            a.chunks,
-            a.sessions,
-            a.sink,
-            a.audit,
-            PipelineConfig {
-                limits: config.limits.clone(),
-                ..PipelineConfig::default()
-            },
-        );
+        let pipeline = Pipeline::new(a.chunks, a.sessions, a.sink, a.audit, config.pipeline());
         if let Some(r) = config.reports_source() {
             let src = DicomWebReports::new(&r.to_dicomweb()?).map_err(store("report source"))?;
             pipeline

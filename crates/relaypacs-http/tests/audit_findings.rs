@@ -643,8 +643,21 @@ async fn finding_08_every_action_is_audited() {
     let junk = vec![1u8; 1000];
     let up = t.create_upload(&u, &study, 1000, None).await;
     assert_eq!(t.patch(&u, &up, 0, junk, None).await.status(), 422);
+    // A refused file leaves its study with its bytes (the pipeline removes
+    // it), so terminating it afterwards finds nothing.
     assert_eq!(
         t.req(Method::DELETE, &up, &u)
+            .header("tus-resumable", "1.0.0")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    // Termination of an unfinished upload is audited as a removal.
+    let partial = t.create_upload(&u, &study, 1000, None).await;
+    assert_eq!(
+        t.req(Method::DELETE, &partial, &u)
             .header("tus-resumable", "1.0.0")
             .send()
             .await

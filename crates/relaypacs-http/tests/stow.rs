@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use relaypacs_core::testing::dicom_gen::new_uid;
+use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
 use relaypacs_http::auth::Role;
 use reqwest::Method;
 use serde_json::Value;
@@ -174,5 +174,285 @@ async fn stow_statuses_and_response() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    t.stop().await;
+}
+
+/// A file of `study` with SOP Instance UID `sop`; `seed` varies its pixels.
+fn instance(study: &str, sop: &str, seed: u64) -> Vec<u8> {
+    generate(&DicomSpec {
+        study_uid: study.to_owned(),
+        sop_instance_uid: sop.to_owned(),
+        seed,
+        ..DicomSpec::default()
+    })
+    .unwrap()
+}
+
+fn uid_of(item: &Value, tag: &str) -> Option<String> {
+    item[tag]["Value"][0].as_str().map(str::to_owned)
+}
+
+fn comment_of(item: &Value) -> String {
+    assert_eq!(item["00000902"]["vr"], "LO", "{item}");
+    item["00000902"]["Value"][0].as_str().unwrap().to_owned()
+}
+
+fn warnings(r: &reqwest::Response) -> Vec<String> {
+    r.headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Failed SOP Sequence items reference the instance whenever it could be
+/// read, carry the specific Failure Reason and say why in Error Comment;
+/// each failure is also a `Warning` header field.
+#[tokio::test]
+async fn stow_failures_reference_uids_and_reasons() {
+    let t = TestServer::start().await;
+    let u = t.user("ola", Role::Uploader).await;
+    let study = new_uid();
+    let (sop_a, sop_b) = (new_uid(), new_uid());
+    let a = instance(&study, &sop_a, 1);
+    let b = instance(&study, &sop_b, 2);
+    // An unsupported transfer syntax: same length as Explicit VR LE.
+    let mut odd_ts = instance(&study, &new_uid(), 3);
+    let at = odd_ts
+        .windows(19)
+        .position(|w| w == b"1.2.840.10008.1.2.1")
+        .unwrap();
+    odd_ts[at..at + 19].copy_from_slice(b"1.2.840.10008.1.2.9");
+    // The same instance twice in one request, garbage, an unsupported
+    // transfer syntax, and another valid instance.
+    let r = stow(
+        &t,
+        &u,
+        "/dicomweb/studies",
+        multipart(
+            &[
+                ("application/dicom", a.clone()),
+                ("application/dicom", a.clone()),
+                ("application/dicom", vec![0u8; 500]),
+                ("application/dicom", odd_ts),
+                ("application/dicom", b),
+            ],
+            "XyZ",
+        ),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let headers = warnings(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(seq_len(&v, "00081199"), 2, "{v}");
+    assert_eq!(seq_len(&v, "00081198"), 3, "{v}");
+    let failed = v["00081198"]["Value"].as_array().unwrap();
+    // Duplicate in the request: 0x0111, both UIDs, the UID named.
+    let dup = &failed[0];
+    assert_eq!(dup["00081197"]["Value"][0], 0x0111, "{dup}");
+    assert_eq!(dup["00081197"]["vr"], "US");
+    assert_eq!(uid_of(dup, "00081155").as_deref(), Some(sop_a.as_str()));
+    assert_eq!(
+        uid_of(dup, "00081150").as_deref(),
+        Some("1.2.840.10008.5.1.4.1.1.7")
+    );
+    let c = comment_of(dup);
+    assert!(
+        c.contains("RELAY_DUPLICATE_INSTANCE") && c.contains(&sop_a),
+        "{c}"
+    );
+    // Nothing readable: 0xC000 and no UIDs.
+    let junk = &failed[1];
+    assert_eq!(junk["00081197"]["Value"][0], 0xC000, "{junk}");
+    assert!(junk.get("00081150").is_none() && junk.get("00081155").is_none());
+    assert!(comment_of(junk).starts_with("RELAY_DICOM"), "{junk}");
+    // Unsupported transfer syntax: 0xC122.
+    let ts = &failed[2];
+    assert_eq!(ts["00081197"]["Value"][0], 0xC122, "{ts}");
+    assert!(comment_of(ts).contains("TRANSFER_SYNTAX"), "{ts}");
+    // Every failure is a Warning header field too, status code first.
+    assert_eq!(headers.len(), 3, "{headers:?}");
+    assert!(
+        headers[0].starts_with("299 relaypacs \"0111 "),
+        "{headers:?}"
+    );
+    assert!(headers[0].contains(&sop_a), "{headers:?}");
+    assert!(
+        headers[1].starts_with("299 relaypacs \"C000 "),
+        "{headers:?}"
+    );
+    assert!(
+        headers[2].starts_with("299 relaypacs \"C122 "),
+        "{headers:?}"
+    );
+    // Stored cleanly: no Warning Reason.
+    for item in v["00081199"]["Value"].as_array().unwrap() {
+        assert!(item.get("00081196").is_none(), "{item}");
+    }
+
+    // Another study than the URL names: 0xA900 with the UIDs, whether it
+    // comes first (checked against the URL) or after an instance of the
+    // right study (the session holds that study).
+    let other = new_uid();
+    let (sop_d, sop_e) = (new_uid(), new_uid());
+    let r = stow(
+        &t,
+        &u,
+        &format!("/dicomweb/studies/{study}"),
+        multipart(&[("application/dicom", instance(&other, &sop_d, 4))], "XyZ"),
+    )
+    .await;
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.unwrap();
+    let item = &v["00081198"]["Value"][0];
+    assert_eq!(item["00081197"]["Value"][0], 0xA900, "{item}");
+    assert_eq!(uid_of(item, "00081155").as_deref(), Some(sop_d.as_str()));
+    assert!(uid_of(item, "00081150").is_some(), "{item}");
+    let c = comment_of(item);
+    assert!(c.contains(&other) && c.contains(&study), "{c}");
+    let r = stow(
+        &t,
+        &u,
+        &format!("/dicomweb/studies/{study}"),
+        multipart(
+            &[
+                ("application/dicom", instance(&study, &new_uid(), 5)),
+                ("application/dicom", instance(&other, &sop_e, 6)),
+            ],
+            "XyZ",
+        ),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(seq_len(&v, "00081199"), 1, "{v}");
+    let item = &v["00081198"]["Value"][0];
+    assert_eq!(item["00081197"]["Value"][0], 0xA900, "{item}");
+    assert_eq!(uid_of(item, "00081155").as_deref(), Some(sop_e.as_str()));
+    assert!(comment_of(item).contains("RELAY_STUDY_MISMATCH"), "{item}");
+    // The refused instance left the gateway: it can be sent again to its
+    // own study.
+    let r = stow(
+        &t,
+        &u,
+        &format!("/dicomweb/studies/{other}"),
+        multipart(&[("application/dicom", instance(&other, &sop_e, 6))], "XyZ"),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    t.stop().await;
+}
+
+/// A SOP Instance UID accepted in an earlier request with other content
+/// is refused with 0x0111, naming the UID and the earlier study.
+#[tokio::test]
+async fn stow_conflict_across_requests_names_uid_and_earlier_study() {
+    let t = TestServer::start().await;
+    let u = t.user("pim", Role::Uploader).await;
+    let (first_study, second_study, sop) = (new_uid(), new_uid(), new_uid());
+    let r = stow(
+        &t,
+        &u,
+        "/dicomweb/studies",
+        multipart(
+            &[("application/dicom", instance(&first_study, &sop, 1))],
+            "XyZ",
+        ),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let r = stow(
+        &t,
+        &u,
+        "/dicomweb/studies",
+        multipart(
+            &[("application/dicom", instance(&second_study, &sop, 2))],
+            "XyZ",
+        ),
+    )
+    .await;
+    assert_eq!(r.status(), 409);
+    let headers = warnings(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(seq_len(&v, "00081199"), 0, "{v}");
+    let item = &v["00081198"]["Value"][0];
+    assert_eq!(item["00081197"]["Value"][0], 0x0111, "{item}");
+    assert_eq!(uid_of(item, "00081155").as_deref(), Some(sop.as_str()));
+    assert!(uid_of(item, "00081150").is_some(), "{item}");
+    let c = comment_of(item);
+    assert!(c.contains("RELAY_INSTANCE_CONFLICT"), "{c}");
+    assert!(c.contains(&sop) && c.contains(&first_study), "{c}");
+    assert_eq!(headers.len(), 1, "{headers:?}");
+    assert!(
+        headers[0].starts_with("299 relaypacs \"0111 ") && headers[0].contains(&first_study),
+        "{headers:?}"
+    );
+    t.stop().await;
+}
+
+/// Stored with warnings: 202, the item in Referenced SOP Sequence with a
+/// Warning Reason and the warning in words; 200 only when all is clean.
+#[tokio::test]
+async fn stow_warnings_are_202_with_warning_reason() {
+    let t = TestServer::start().await;
+    let u = t.user("rue", Role::Uploader).await;
+    let (study, sop) = (new_uid(), new_uid());
+    let a = instance(&study, &sop, 1);
+    let r = stow(
+        &t,
+        &u,
+        "/dicomweb/studies",
+        multipart(&[("application/dicom", a.clone())], "XyZ"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(warnings(&r).is_empty());
+    // The same instance again, in a later request: an idempotent success
+    // with a warning pointing at the earlier study (B006).
+    let r = stow(
+        &t,
+        &u,
+        "/dicomweb/studies",
+        multipart(&[("application/dicom", a)], "XyZ"),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let headers = warnings(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(seq_len(&v, "00081198"), 0, "{v}");
+    let item = &v["00081199"]["Value"][0];
+    assert_eq!(uid_of(item, "00081155").as_deref(), Some(sop.as_str()));
+    assert_eq!(item["00081196"]["vr"], "US");
+    assert_eq!(item["00081196"]["Value"][0], 0xB006, "{item}");
+    let c = comment_of(item);
+    assert!(
+        c.contains("accepted before with the same content") && c.contains(&study),
+        "{c}"
+    );
+    assert_eq!(headers.len(), 1, "{headers:?}");
+    assert!(
+        headers[0].starts_with("299 relaypacs \"B006 "),
+        "{headers:?}"
+    );
+    // A validation warning (Patient ID absent, Type 2): B007.
+    let no_pid = generate(&DicomSpec {
+        omit_patient_id: true,
+        ..DicomSpec::default()
+    })
+    .unwrap();
+    let r = stow(
+        &t,
+        &u,
+        "/dicomweb/studies",
+        multipart(&[("application/dicom", no_pid)], "XyZ"),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    let item = &v["00081199"]["Value"][0];
+    assert_eq!(item["00081196"]["Value"][0], 0xB007, "{item}");
+    assert!(comment_of(item).contains("PatientID"), "{item}");
+    // Every instance accepted is delivered (to the archive sink).
+    t.wait_notifications(&u, 3).await;
     t.stop().await;
 }

@@ -5,11 +5,11 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use relaypacs_core::{ReportKind, SessionRecord, SessionState};
+use relaypacs_core::{ReportKind, SessionRecord, SessionState, Verification};
 use serde::Serialize;
 
 use super::AuthUser;
-use super::studies::parse_id;
+use super::studies::{parse_id, presence_only, verified_of};
 use crate::auth::Role;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -29,11 +29,19 @@ pub struct EntryView {
     next_attempt_at: Option<time::OffsetDateTime>,
     last_error: Option<String>,
     confirmed_instances: usize,
+    /// Confirmed instances whose content could not be compared.
+    confirmed_presence_only: usize,
+    /// `content` or `presence-only` (see the study view's `delivery.verified`).
+    verified: Option<Verification>,
     replays: u32,
 }
 
 fn entry(r: SessionRecord) -> EntryView {
+    let verified = verified_of(&r);
+    let confirmed_presence_only = presence_only(&r);
     EntryView {
+        verified,
+        confirmed_presence_only,
         id: r.id.to_string(),
         owner: r.owner,
         study_instance_uid: r.study_instance_uid.map(|u| u.to_string()),

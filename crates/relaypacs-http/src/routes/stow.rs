@@ -2,7 +2,23 @@
 //! type="application/dicom"`, parsed as a stream. Each part is spooled to
 //! disk (bounded by the file-size limit, hashed on the way), then goes
 //! through the same pipeline as a tus upload: chunks, whole-file SHA-256,
-//! DICOM validation. The answer is the DICOM JSON Store Instances Response.
+//! DICOM validation, the index of accepted instances. The answer is the
+//! DICOM JSON Store Instances Response (PS3.18 Annex I):
+//!
+//! - every refused part is an item of Failed SOP Sequence (0008,1198) with
+//!   the SOP Class and Instance UIDs whenever they could be read, the most
+//!   specific Failure Reason (0008,1197), and its cause in words in Error
+//!   Comment (0000,0902);
+//! - every stored instance is an item of Referenced SOP Sequence
+//!   (0008,1199), with a Warning Reason (0008,1196) and the warnings in
+//!   Error Comment when it was stored with warnings;
+//! - the status is 200 when every instance was stored cleanly, 202 when
+//!   some failed or carried a warning, 409 when none was stored
+//!   (PS3.18 Table 10.5.3-1);
+//! - each failure and warning is repeated in a `Warning` header field
+//!   (`299 relaypacs "<status> <cause>"`, the DICOM status code first, as
+//!   PS3.18 recommends for the Warning header), so a client that reads
+//!   only headers still learns why.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -20,45 +36,145 @@ use super::{AuthUser, Path};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
-/// PS3.18 / PS3.4 failure reasons used in FailedSOPSequence.
+/// PS3.18 Annex I / PS3.4 status codes used in the Store Instances Response.
 mod reason {
-    /// A700: Refused, out of resources.
+    /// A700: Refused, out of resources (storage full, a size limit).
     pub const OUT_OF_RESOURCES: u16 = 0xA700;
-    /// A900: Error, data set does not match SOP Class (also used when the
-    /// instance belongs to another study than the target URL names).
+    /// A900: Error, data set does not match SOP Class: the instance does
+    /// not conform to its SOP Class (it was read, but is invalid), or it
+    /// belongs to another study than the target (URL or request) names.
     pub const DATA_SET_MISMATCH: u16 = 0xA900;
-    /// C000: Error, cannot understand.
+    /// C000: Error, cannot understand: nothing identifying could be read.
     pub const CANNOT_UNDERSTAND: u16 = 0xC000;
     /// C122: Referenced Transfer Syntax not supported.
     pub const TRANSFER_SYNTAX: u16 = 0xC122;
     /// 0110: Processing failure.
     pub const PROCESSING_FAILURE: u16 = 0x0110;
-    /// 0111: Duplicate SOP Instance.
+    /// 0111: Duplicate SOP Instance: the UID is already in this request,
+    /// or the gateway accepted it before with other content.
     pub const DUPLICATE: u16 = 0x0111;
+
+    /// Warning Reason B006 "Elements Discarded". Used when the gateway
+    /// accepted this SOP Instance UID before with the same data set: the
+    /// earlier copy is the one kept and delivered (the PACS is checked
+    /// before sending and not sent a second time), so whatever this copy
+    /// carries beyond that data set (e.g. its own file meta group) is
+    /// discarded. None of the three codes PS3.18 I.2.1 documents is exact
+    /// for an idempotent repeat; "nothing coerced, this copy not kept" is
+    /// closest to B006.
+    pub const ELEMENTS_DISCARDED: u16 = 0xB006;
+    /// Warning Reason B007 "Data Set does not match SOP Class": stored
+    /// although the data set departs from its IOD or encoding rules (a
+    /// Type 2 attribute absent, image attributes without pixel data, odd
+    /// value lengths), or, under `duplicates = "accept"`, although it
+    /// differs from the data set accepted before under the same UID.
+    pub const DATA_SET_DEVIATES: u16 = 0xB007;
 }
 
+/// Marks the warning of an idempotent repeat (see
+/// [`relaypacs_core::Pipeline::complete_file`]).
+const SAME_CONTENT: &str = "accepted before with the same content";
+
+/// One stored instance.
 struct Stored {
     summary: DicomSummary,
 }
 
+impl Stored {
+    /// Warning Reason (0008,1196) for an instance stored with warnings.
+    fn warning_reason(&self) -> Option<u16> {
+        let w = &self.summary.warnings;
+        if w.is_empty() {
+            None
+        } else if w.iter().all(|w| w.contains(SAME_CONTENT)) {
+            Some(reason::ELEMENTS_DISCARDED)
+        } else {
+            Some(reason::DATA_SET_DEVIATES)
+        }
+    }
+}
+
+/// One refused part.
 struct Failed {
     sop_class: Option<String>,
     sop_instance: Option<String>,
     reason: u16,
+    /// The cause in words (no patient data).
+    comment: String,
 }
 
-fn reason_for(e: &Error) -> u16 {
-    match e {
-        Error::Dicom(d) if d.code().contains("TRANSFER_SYNTAX") => reason::TRANSFER_SYNTAX,
-        Error::Dicom(_) | Error::Integrity(_) | Error::Invalid { .. } => reason::CANNOT_UNDERSTAND,
+impl Failed {
+    /// A refusal of `e`, referencing the UIDs it carries (see
+    /// [`Error::FileRefused`]).
+    fn of(e: &Error) -> Self {
+        let (sop_class, sop_instance) = match e {
+            Error::FileRefused {
+                sop_class_uid,
+                sop_instance_uid,
+                ..
+            } => (
+                sop_class_uid.as_ref().map(|u| u.as_str().to_owned()),
+                sop_instance_uid.as_ref().map(|u| u.as_str().to_owned()),
+            ),
+            _ => (None, None),
+        };
+        let identified = sop_class.is_some() || sop_instance.is_some();
+        Self {
+            reason: reason_for(e, identified),
+            comment: comment_for(e, sop_instance.as_deref()),
+            sop_class,
+            sop_instance,
+        }
+    }
+}
+
+/// The most specific Failure Reason for `e`; `identified` says whether
+/// any UID of the instance could be read.
+fn reason_for(e: &Error, identified: bool) -> u16 {
+    match e.root() {
+        Error::Dicom(d) if d.code() == "RELAY_DICOM_UNSUPPORTED_TRANSFER_SYNTAX" => {
+            reason::TRANSFER_SYNTAX
+        }
         Error::StudyMismatch { .. } => reason::DATA_SET_MISMATCH,
-        Error::Conflict { code, .. } if code.contains("DUPLICATE") => reason::DUPLICATE,
+        Error::Conflict { code, .. }
+            if matches!(
+                *code,
+                "RELAY_DUPLICATE_INSTANCE" | "RELAY_INSTANCE_CONFLICT"
+            ) =>
+        {
+            reason::DUPLICATE
+        }
         Error::LimitExceeded { .. } => reason::OUT_OF_RESOURCES,
-        e if e.kind() == ErrorKind::InsufficientStorage => reason::OUT_OF_RESOURCES,
+        r if r.kind() == ErrorKind::InsufficientStorage => reason::OUT_OF_RESOURCES,
+        // Read far enough to be identified, yet not valid for its SOP Class.
+        Error::Dicom(_) if identified => reason::DATA_SET_MISMATCH,
+        Error::Dicom(_) | Error::Integrity(_) | Error::Invalid { .. } => reason::CANNOT_UNDERSTAND,
         _ => reason::PROCESSING_FAILURE,
     }
 }
 
+/// The cause of a refusal in words, naming the code and, for duplicates,
+/// the UID (and for conflicts the earlier study, which the core's message
+/// carries).
+fn comment_for(e: &Error, sop_instance: Option<&str>) -> String {
+    let root = e.root();
+    let text = match root {
+        // In a STOW-RS request the session is the request itself.
+        Error::Conflict {
+            code: "RELAY_DUPLICATE_INSTANCE",
+            ..
+        } => format!(
+            "SOP Instance UID {} is in this request more than once; the first copy was stored",
+            sop_instance.unwrap_or("?")
+        ),
+        Error::Conflict { reason, .. } => reason.clone(),
+        Error::Storage { .. } | Error::Audit { .. } => {
+            "the gateway cannot store data right now".to_owned()
+        }
+        other => other.to_string(),
+    };
+    format!("{}: {text}", root.code())
+}
 fn bad_media(msg: &str) -> ApiError {
     ApiError::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -167,7 +283,9 @@ fn multipart_error(e: multer::Error) -> ApiError {
     }
 }
 
-/// Feed a spooled part through the pipeline as one file.
+/// Feed a spooled part through the pipeline as one file. On failure, the
+/// id of the file when one was declared (a refused file is already gone
+/// from the session; one that failed otherwise is still there).
 async fn ingest(
     state: &AppState,
     user: &AuthUser,
@@ -176,7 +294,7 @@ async fn ingest(
     spool: &Spool,
     size: u64,
     digest: Sha256Digest,
-) -> relaypacs_core::Result<(FileId, DicomSummary)> {
+) -> Result<(FileId, DicomSummary), (Option<FileId>, Error)> {
     let actor = user.actor();
     let file = state
         .pipeline
@@ -189,18 +307,20 @@ async fn ingest(
                 sha256: Some(digest),
             },
         )
-        .await?;
+        .await
+        .map_err(|e| (None, e))?;
+    let fail = |e: Error| (Some(file.id), e);
     let seg = state.config.http.patch_segment_size;
     let mut f = tokio::fs::File::open(&spool.0)
         .await
-        .map_err(|e| Error::io("read spool", e))?;
+        .map_err(|e| fail(Error::io("read spool", e)))?;
     let mut offset = 0u64;
     let plan = super::tus::plan_segments(0, size, seg, state.config.limits.min_chunk_size);
     for (_, len) in plan {
         let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
         f.read_exact(&mut buf)
             .await
-            .map_err(|e| Error::io("read spool", e))?;
+            .map_err(|e| fail(Error::io("read spool", e)))?;
         let body: ByteStream = relaypacs_core::bytes_stream(buf);
         state
             .pipeline
@@ -215,16 +335,21 @@ async fn ingest(
                 },
                 body,
             )
-            .await?;
+            .await
+            .map_err(fail)?;
         offset += len;
     }
-    let rec = state.pipeline.complete_file(&actor, sid, file.id).await?;
+    let rec = state
+        .pipeline
+        .complete_file(&actor, sid, file.id)
+        .await
+        .map_err(fail)?;
     match rec.state {
         relaypacs_core::FileState::Valid { dicom } => Ok((file.id, dicom)),
-        _ => Err(Error::Invalid {
+        _ => Err(fail(Error::Invalid {
             code: "RELAY_NOT_VALIDATED",
             message: "the file was not validated".into(),
-        }),
+        })),
     }
 }
 
@@ -313,6 +438,9 @@ async fn run(
                     sop_class: None,
                     sop_instance: None,
                     reason: reason::CANNOT_UNDERSTAND,
+                    comment: format!(
+                        "RELAY_UNSUPPORTED_MEDIA_TYPE: part {index} is not application/dicom"
+                    ),
                 });
                 continue;
             }
@@ -322,33 +450,41 @@ async fn run(
                     if let Some(want) = &study
                         && &summary.study_instance_uid != want
                     {
+                        // Valid, but not of the study the URL names.
                         state.pipeline.remove_file(&actor, sid, fid).await?;
+                        state.metrics.files_refused.inc();
                         failed.push(Failed {
                             sop_class: Some(summary.sop_class_uid.as_str().to_string()),
                             sop_instance: Some(summary.sop_instance_uid.as_str().to_string()),
                             reason: reason::DATA_SET_MISMATCH,
+                            comment: format!(
+                                "RELAY_STUDY_MISMATCH: the instance belongs to study {}, \
+                                 not to study {want} named in the URL",
+                                summary.study_instance_uid
+                            ),
                         });
                         continue;
                     }
                     stored.push(Stored { summary });
                 }
-                Err(e) => {
+                Err((fid, e)) => {
                     if e.kind() == ErrorKind::Audit || e.kind() == ErrorKind::Storage {
                         return Err(e.into());
                     }
                     state.metrics.files_refused.inc();
-                    // Remove the refused file so the session can complete.
-                    let rec = state.pipeline.session_store().load_session(sid).await?;
-                    for (fid, f) in &rec.value.files {
-                        if !matches!(f.state, relaypacs_core::FileState::Valid { .. }) {
-                            state.pipeline.remove_file(&actor, sid, *fid).await?;
+                    // A file refused for its content has already left the
+                    // session (the pipeline removes it); one that failed
+                    // otherwise (e.g. storage full while its chunks were
+                    // written) is removed here, so the session can complete.
+                    if let Some(fid) = fid
+                        && !matches!(e, Error::FileRefused { .. })
+                    {
+                        match state.pipeline.remove_file(&actor, sid, fid).await {
+                            Ok(()) | Err(Error::NotFound { .. }) => {}
+                            Err(other) => return Err(other.into()),
                         }
                     }
-                    failed.push(Failed {
-                        sop_class: None,
-                        sop_instance: None,
-                        reason: reason_for(&e),
-                    });
+                    failed.push(Failed::of(&e));
                 }
             }
         }
@@ -377,24 +513,94 @@ async fn run(
         state.pipeline.complete_session(&actor, sid).await?;
         state.metrics.forward("queued");
     }
-    let status = if failed.is_empty() {
-        StatusCode::OK
-    } else if stored.is_empty() {
+    let warned = stored.iter().any(|s| s.warning_reason().is_some());
+    let status = if stored.is_empty() {
         StatusCode::CONFLICT
+    } else if failed.is_empty() && !warned {
+        StatusCode::OK
     } else {
         StatusCode::ACCEPTED
     };
     let body = response_body(&stored, &failed);
     let mut r = (status, body.to_string()).into_response();
-    r.headers_mut().insert(
+    let h = r.headers_mut();
+    h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/dicom+json"),
     );
+    for w in warning_headers(&stored, &failed) {
+        h.append(header::WARNING, w);
+    }
     Ok(r)
+}
+
+/// Most `Warning` header fields in one answer (the body has them all).
+const MAX_WARNING_HEADERS: usize = 20;
+/// Longest warn-text of one `Warning` header field, in characters.
+const MAX_WARNING_TEXT: usize = 400;
+
+/// One `Warning` header field per failure and per warning (PS3.18 §8.4:
+/// the text starts with the DICOM status code), in RFC 7234 syntax:
+/// `299 relaypacs "<hex status> <text>"`.
+fn warning_headers(stored: &[Stored], failed: &[Failed]) -> Vec<HeaderValue> {
+    let failures = failed.iter().map(|f| (f.reason, f.comment.clone()));
+    let warnings = stored.iter().filter_map(|s| {
+        s.warning_reason().map(|code| {
+            (
+                code,
+                format!(
+                    "SOP Instance UID {} stored with warnings: {}",
+                    s.summary.sop_instance_uid,
+                    s.summary.warnings.join("; ")
+                ),
+            )
+        })
+    });
+    let all: Vec<(u16, String)> = failures.chain(warnings).collect();
+    let extra = all.len().saturating_sub(MAX_WARNING_HEADERS);
+    let mut out: Vec<HeaderValue> = all
+        .into_iter()
+        .take(MAX_WARNING_HEADERS)
+        .filter_map(|(code, text)| warning_value(&format!("{code:04X} {text}")))
+        .collect();
+    if extra > 0 {
+        out.extend(warning_value(&format!(
+            "{extra} more failure(s) or warning(s); see the response body"
+        )));
+    }
+    out
+}
+
+/// `299 relaypacs "<text>"` with `text` made a valid quoted-string
+/// (visible ASCII, quotes and backslashes escaped, bounded).
+fn warning_value(text: &str) -> Option<HeaderValue> {
+    let mut quoted = String::with_capacity(text.len().min(MAX_WARNING_TEXT) + 8);
+    for c in text.chars().take(MAX_WARNING_TEXT) {
+        match c {
+            '"' | '\\' => {
+                quoted.push('\\');
+                quoted.push(c);
+            }
+            ' '..='~' => quoted.push(c),
+            '\u{2014}' | '\u{2013}' => quoted.push('-'),
+            _ => quoted.push('?'),
+        }
+    }
+    HeaderValue::from_str(&format!("299 relaypacs \"{quoted}\"")).ok()
 }
 
 fn ui(v: &str) -> Value {
     json!({ "vr": "UI", "Value": [v] })
+}
+
+fn us(v: u16) -> Value {
+    json!({ "vr": "US", "Value": [v] })
+}
+
+/// Error Comment (0000,0902), VR LO. Its texts name UIDs and may exceed
+/// the 64 characters LO nominally holds; DICOM JSON carries them whole.
+fn comment(text: &str) -> Value {
+    json!({ "vr": "LO", "Value": [text] })
 }
 
 /// The Store Instances Response Module in DICOM JSON.
@@ -404,10 +610,14 @@ fn response_body(stored: &[Stored], failed: &[Failed]) -> Value {
         let items: Vec<Value> = stored
             .iter()
             .map(|s| {
-                json!({
-                    "00081150": ui(s.summary.sop_class_uid.as_str()),
-                    "00081155": ui(s.summary.sop_instance_uid.as_str()),
-                })
+                let mut m = serde_json::Map::new();
+                m.insert("00081150".into(), ui(s.summary.sop_class_uid.as_str()));
+                m.insert("00081155".into(), ui(s.summary.sop_instance_uid.as_str()));
+                if let Some(code) = s.warning_reason() {
+                    m.insert("00081196".into(), us(code));
+                    m.insert("00000902".into(), comment(&s.summary.warnings.join("; ")));
+                }
+                Value::Object(m)
             })
             .collect();
         out.insert("00081199".into(), json!({ "vr": "SQ", "Value": items }));
@@ -423,14 +633,55 @@ fn response_body(stored: &[Stored], failed: &[Failed]) -> Value {
                 if let Some(i) = &f.sop_instance {
                     m.insert("00081155".into(), ui(i));
                 }
-                m.insert(
-                    "00081197".into(),
-                    json!({ "vr": "US", "Value": [f.reason] }),
-                );
+                m.insert("00081197".into(), us(f.reason));
+                m.insert("00000902".into(), comment(&f.comment));
                 Value::Object(m)
             })
             .collect();
         out.insert("00081198".into(), json!({ "vr": "SQ", "Value": items }));
     }
     Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warning_values_are_quoted_strings() {
+        let v = warning_value("0111 a \"quoted\" \\ text \u{2014} é");
+        assert_eq!(
+            v.as_ref().and_then(|v| v.to_str().ok()),
+            Some(r#"299 relaypacs "0111 a \"quoted\" \\ text - ?""#)
+        );
+        let long = "x".repeat(2 * MAX_WARNING_TEXT);
+        let v = warning_value(&long).map(|v| v.len());
+        assert_eq!(v, Some(MAX_WARNING_TEXT + "299 relaypacs \"\"".len()));
+    }
+
+    #[test]
+    fn failure_reasons_prefer_the_specific_code() {
+        let refused = |source: Error, uid: bool| Error::FileRefused {
+            sop_class_uid: None,
+            sop_instance_uid: uid.then(|| Uid::parse("1.2.3").ok()).flatten(),
+            source: Box::new(source),
+        };
+        let dup = Error::conflict("RELAY_INSTANCE_CONFLICT", "x");
+        assert_eq!(Failed::of(&refused(dup, true)).reason, reason::DUPLICATE);
+        let bad = || {
+            Error::Dicom(relaypacs_core::dicom::DicomError::MissingAttribute {
+                name: "SOPClassUID",
+            })
+        };
+        assert_eq!(
+            Failed::of(&refused(bad(), true)).reason,
+            reason::DATA_SET_MISMATCH
+        );
+        assert_eq!(
+            Failed::of(&refused(bad(), false)).reason,
+            reason::CANNOT_UNDERSTAND
+        );
+        let full = Error::io("x", std::io::Error::from_raw_os_error(28));
+        assert_eq!(Failed::of(&full).reason, reason::OUT_OF_RESOURCES);
+    }
 }

@@ -5,13 +5,14 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use relaypacs_core::{
-    DicomSummary, FileState, NewSession, SessionId, SessionRecord, SessionState, contiguous_end,
+    DicomSummary, FileState, NewSession, SessionId, SessionRecord, SessionState, Verification,
+    contiguous_end,
 };
 use serde::{Deserialize, Serialize};
 
 use super::{AuthUser, Path};
 use crate::error::{ApiError, ApiResult};
-use crate::routes::tus::upload_id;
+use crate::routes::tus::{refusal, upload_id};
 use crate::state::AppState;
 
 /// Request to open a study session.
@@ -35,6 +36,12 @@ pub struct FileView {
     state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     dicom: Option<DicomSummary>,
+    /// What validation accepted but a reader should know (also in
+    /// `dicom.warnings`); empty when there is nothing to say.
+    warnings: Vec<String>,
+    /// How the PACS was confirmed to hold this instance (`content` or
+    /// `presence-only`); `null` until it is.
+    verification: Option<Verification>,
 }
 
 /// A study session as the API shows it.
@@ -65,7 +72,31 @@ pub struct DeliveryView {
     last_error: Option<String>,
     /// Instances the PACS was confirmed (by query) to hold.
     confirmed_instances: usize,
+    /// Of those, the ones whose content could not be compared (the PACS
+    /// reports the SOP Instance UID, nothing more).
+    confirmed_presence_only: usize,
+    /// How delivery was verified: once delivered, as the state says; before,
+    /// the weakest verification of the instances confirmed so far.
+    verified: Option<Verification>,
     reports: usize,
+}
+
+/// How a study's delivery was verified: the delivered state's, or the
+/// weakest of the instances confirmed so far (`None` when none is).
+pub(crate) fn verified_of(rec: &SessionRecord) -> Option<Verification> {
+    match &rec.state {
+        SessionState::Delivered { verified, .. } => Some(*verified),
+        _ => rec.delivery.confirmed.values().min().copied(),
+    }
+}
+
+/// How many confirmed instances were verified by presence only.
+pub(crate) fn presence_only(rec: &SessionRecord) -> usize {
+    rec.delivery
+        .confirmed
+        .values()
+        .filter(|v| **v == Verification::PresenceOnly)
+        .count()
 }
 
 async fn view(state: &AppState, rec: SessionRecord) -> ApiResult<StudyView> {
@@ -78,6 +109,16 @@ async fn view(state: &AppState, rec: SessionRecord) -> ApiResult<StudyView> {
                 (contiguous_end(&chunks), "uploading", None)
             }
         };
+        let warnings = dicom
+            .as_ref()
+            .map(|d| d.warnings.clone())
+            .unwrap_or_default();
+        let verification = dicom.as_ref().and_then(|d| {
+            rec.delivery
+                .confirmed
+                .get(d.sop_instance_uid.as_str())
+                .copied()
+        });
         files.push(FileView {
             id: f.id.to_string(),
             upload_url: format!("/files/{}", upload_id(rec.id, f.id)),
@@ -87,6 +128,8 @@ async fn view(state: &AppState, rec: SessionRecord) -> ApiResult<StudyView> {
             sha256: f.sha256.map(|d| d.to_hex()),
             state: st,
             dicom,
+            warnings,
+            verification,
         });
     }
     let ttl =
@@ -108,6 +151,8 @@ async fn view(state: &AppState, rec: SessionRecord) -> ApiResult<StudyView> {
             next_attempt_at: rec.delivery.next_attempt_at,
             last_error: rec.delivery.last_error.clone(),
             confirmed_instances: rec.delivery.confirmed.len(),
+            confirmed_presence_only: presence_only(&rec),
+            verified: verified_of(&rec),
             reports: rec.delivery.reports.len(),
         },
         files,
@@ -182,6 +227,11 @@ pub async fn show(
 /// uploaded file not yet validated, then put the study in the outbox
 /// (202: the gateway holds it durably; delivery follows, and the uploader
 /// is notified once the PACS is confirmed to hold every instance).
+///
+/// A file still uploading answers 409 `RELAY_UPLOAD_INCOMPLETE`; a file
+/// refused now answers as its refusal (409 or 422) and leaves the study,
+/// which stays open; a study with no file answers 422
+/// `RELAY_SESSION_EMPTY` and is ended (a later GET answers 404).
 pub async fn complete(
     State(state): State<AppState>,
     user: AuthUser,
@@ -200,10 +250,30 @@ pub async fn complete(
                     format!("file {} has {} of {} bytes", f.id, s.offset, f.size),
                 ));
             }
-            state.pipeline.complete_file(&actor, sid, f.id).await?;
+            if let Err(e) = state.pipeline.complete_file(&actor, sid, f.id).await {
+                // A file refused now has left the study (with its bytes);
+                // the study stays open and the caller learns why.
+                if matches!(e, relaypacs_core::Error::FileRefused { .. }) {
+                    state.metrics.files_refused.inc();
+                    let id = upload_id(sid, f.id);
+                    state.forget_uploads(|u| u == id);
+                }
+                return Err(refusal(e));
+            }
         }
     }
-    let rec = state.pipeline.complete_session(&actor, sid).await?;
+    // With no file left (every one refused, or none sent) this answers
+    // 422 RELAY_SESSION_EMPTY and the pipeline ends the session.
+    let rec = match state.pipeline.complete_session(&actor, sid).await {
+        Ok(rec) => rec,
+        Err(e) => {
+            if e.code() == "RELAY_SESSION_EMPTY" {
+                let prefix = sid.to_string();
+                state.forget_uploads(|u| u.starts_with(&prefix));
+            }
+            return Err(e.into());
+        }
+    };
     state.metrics.forward("queued");
     Ok((StatusCode::ACCEPTED, axum::Json(view(&state, rec).await?)))
 }

@@ -533,6 +533,13 @@ async fn finish_if_complete(
         }
         Err(e) => {
             state.metrics.files_refused.inc();
+            // Refused for its content: the pipeline removed the file with
+            // its bytes, so the upload no longer exists (HEAD answers 404)
+            // and no longer counts as unfinished; the study stays open for
+            // its other files.
+            if matches!(e, Error::FileRefused { .. }) {
+                state.forget_uploads(|u| u == id);
+            }
             state.hub.publish(
                 &user.id,
                 Event::FileCompleted {
@@ -542,9 +549,36 @@ async fn finish_if_complete(
                     code: Some(e.code().to_string()),
                 },
             );
-            Err(e.into())
+            Err(refusal(e))
         }
     }
+}
+
+/// The answer to a file that failed completion. A refusal for content
+/// answers as its cause (409 for a duplicate or conflicting SOP Instance
+/// UID, 422 for invalid DICOM, another study or a whole-file digest
+/// mismatch), and its message says the upload was removed.
+pub(crate) fn refusal(e: Error) -> ApiError {
+    let (removed, uid) = match &e {
+        Error::FileRefused {
+            sop_instance_uid, ..
+        } => (
+            true,
+            sop_instance_uid.as_ref().map(|u| u.as_str().to_owned()),
+        ),
+        _ => (false, None),
+    };
+    let mut out = ApiError::from(e);
+    if let Some(uid) = uid
+        && !out.message.contains(&uid)
+    {
+        out.message = format!("SOP Instance UID {uid}: {}", out.message);
+    }
+    if removed {
+        out.message
+            .push_str("; the upload was refused and removed, the study stays open");
+    }
+    out
 }
 
 /// `POST /files`: create an upload (optionally with its first bytes).
