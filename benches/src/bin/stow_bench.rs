@@ -22,11 +22,14 @@
 //! - **ours**: `Pipeline::attempt_delivery` of that round's session with a
 //!   `StowSink` (default `DicomWebConfig`, basic auth): every instance is
 //!   streamed from the chunk store with its SHA-256 re-verified, POSTed in
-//!   the same batches, then confirmed by QIDO-RS, and the session record
+//!   groups of the same size, each verified while the next is sent (with
+//!   `--verify content`, the default, by QIDO-RS and a WADO-RS retrieval
+//!   of every instance compared with what was sent; with `--verify
+//!   presence` by QIDO-RS alone), after a QIDO-RS check before sending; the session record
 //!   and audit trail are updated durably. The session must end `Delivered`.
 //! - **sink** (to see where the difference goes): `StowSink::deliver`
 //!   alone from an in-memory source (no chunk store, no pipeline), then,
-//!   timed apart, its `verify` (QIDO-RS).
+//!   timed apart, its `verify` (the configured mode).
 //!
 //! The order of the three rotates from round to round. The study is
 //! deleted through Orthanc's REST API after every run and the page cache
@@ -53,13 +56,13 @@ use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, TransferSyntax, ge
 use relaypacs_core::testing::pacs_sink::MemorySource;
 use relaypacs_core::testing::peers::Orthanc;
 use relaypacs_core::{
-    Actor, InstanceOutcome, OutboxConfig, OutboxEvent, PacsSink, Pipeline, PipelineConfig,
+    Actor, InstanceOutcome, OutboxConfig, VerifyMode, OutboxEvent, PacsSink, Pipeline, PipelineConfig,
     SessionId, SessionState,
 };
 use relaypacs_integration::{Embedded, open_session, upload_file};
 use relaypacs_pacs::{DicomWebAuth, DicomWebConfig, StowSink};
 
-const USAGE: &str = "usage: stow_bench [--count N (200)] [--rounds N (3)] [--data DIR (temp dir)]";
+const USAGE: &str = "usage: stow_bench [--count N (200)] [--rounds N (3)] [--data DIR (temp dir)] [--verify content|presence (content)]";
 
 /// Delete the study from Orthanc, then flush the page cache's dirty data
 /// so the next run does not pay for this one's writes.
@@ -133,6 +136,7 @@ fn referenced(answer: &[u8]) -> Res<Vec<String>> {
 async fn main() -> Res<()> {
     let (mut count, mut rounds) = (200usize, 3usize);
     let mut data = std::env::temp_dir();
+    let mut verify = VerifyMode::Content;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next();
@@ -144,6 +148,8 @@ async fn main() -> Res<()> {
             ("--count", Some(n), _) => count = n,
             ("--rounds", Some(n), _) => rounds = n,
             ("--data", _, Some(dir)) => data = dir.into(),
+            ("--verify", _, Some(v)) if v == "content" => verify = VerifyMode::Content,
+            ("--verify", _, Some(v)) if v == "presence" => verify = VerifyMode::Presence,
             _ => return Err(format!("bad arguments\n{USAGE}").into()),
         }
     }
@@ -186,6 +192,7 @@ async fn main() -> Res<()> {
             user: orthanc.user.clone(),
             password: orthanc.password.clone().into(),
         },
+        verify,
         ..DicomWebConfig::new(orthanc.dicomweb())
     };
     let sink = StowSink::new(&config)?;
@@ -406,7 +413,7 @@ async fn main() -> Res<()> {
         mbs(ms)
     );
     println!(
-        "StowSink::verify (QIDO-RS, {count} instances): median {:.3} s",
+        "StowSink::verify ({verify:?}, {count} instances): median {:.3} s",
         median(&verify_secs)
     );
     let per_round: Vec<f64> = ours.iter().zip(&direct).map(|(o, d)| o / d).collect();

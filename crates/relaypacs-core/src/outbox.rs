@@ -69,6 +69,12 @@ pub struct OutboxConfig {
     /// How long after delivery reports are looked for.
     #[serde(with = "secs")]
     pub report_window: Duration,
+    /// Instances are handed to the sink in groups of at most this many
+    /// bytes (or `group_instances`), each verified while the next is sent
+    /// (default 32 MiB, the STOW-RS sink's default request size).
+    pub group_bytes: u64,
+    /// Most instances in one group (default 64).
+    pub group_instances: usize,
     /// Whether this worker is the only one on its session store (the
     /// reference server holds a lock on its data folder). Leases left by
     /// an earlier, crashed process are then taken over at once instead of
@@ -90,6 +96,8 @@ impl Default for OutboxConfig {
             rescan_interval: Duration::from_secs(300),
             report_poll_interval: Duration::from_secs(60),
             report_window: Duration::from_secs(30 * 24 * 3600),
+            group_bytes: 32 << 20,
+            group_instances: 64,
             exclusive: true,
         }
     }
@@ -276,6 +284,26 @@ impl Progress {
     }
 }
 
+/// Index ranges of `instances` in groups of at most `max_bytes` (a larger
+/// instance goes alone) and `max_count` instances.
+fn groups(instances: &[Instance], max_bytes: u64, max_count: usize) -> Vec<std::ops::Range<usize>> {
+    let (max_bytes, max_count) = (max_bytes.max(1), max_count.max(1));
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0u64);
+    for (i, inst) in instances.iter().enumerate() {
+        let full = i > start && (bytes + inst.size > max_bytes || i - start >= max_count);
+        if full {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += inst.size;
+    }
+    if start < instances.len() {
+        out.push(start..instances.len());
+    }
+    out
+}
+
 /// Whether an error means retrying unchanged cannot help.
 fn is_permanent(e: &Error) -> bool {
     match e.kind() {
@@ -392,28 +420,63 @@ impl Pipeline {
                 Vec::new()
             }
         };
-        if progress.failure.is_none() && progress.conflicts.is_empty() && !to_send.is_empty() {
-            match self.inner.sink.deliver(&to_send, &source).await {
-                Ok(report) => {
-                    progress.retry_after = report.retry_after;
+        // Send in groups; whatever the sink said, the PACS's own answer
+        // decides (and catches another writer racing us under the same
+        // UID). Each group is verified while the next one is sent, so the
+        // retrieval of what was sent overlaps the sending of the rest.
+        let groups = groups(&to_send, config.group_bytes, config.group_instances);
+        let sink = &self.inner.sink;
+        let mut sent: Option<&[Instance]> = None;
+        let mut next_group = groups.iter();
+        loop {
+            let healthy = progress.failure.is_none() && progress.conflicts.is_empty();
+            let next = if healthy {
+                next_group.next().map(|r| &to_send[r.clone()])
+            } else {
+                None
+            };
+            if sent.is_none() && next.is_none() {
+                break;
+            }
+            let (checked, delivered) = futures::join!(
+                async {
+                    match sent {
+                        Some(g) => Some(sink.verify(g).await),
+                        None => None,
+                    }
+                },
+                async {
+                    match next {
+                        Some(g) => Some(sink.deliver(g, &source).await),
+                        None => None,
+                    }
+                }
+            );
+            if let (Some(g), Some(checked)) = (sent, checked) {
+                match checked {
+                    Ok(held) => {
+                        progress.take(g, held, &mut confirmed);
+                    }
+                    Err(e) => {
+                        progress.failure.get_or_insert(e);
+                    }
+                }
+            }
+            match delivered {
+                Some(Ok(report)) => {
+                    progress.retry_after = progress.retry_after.max(report.retry_after);
                     for (uid, o) in report.outcomes {
                         if let InstanceOutcome::Failed { transient, reason } = o {
                             progress.refused.push((uid, transient, reason));
                         }
                     }
                 }
-                Err(e) => progress.failure = Some(e),
-            }
-            // Whatever the sink said, the PACS's own answer decides (and
-            // catches another writer racing us under the same UID).
-            match self.inner.sink.verify(&to_send).await {
-                Ok(held) => {
-                    progress.take(&to_send, held, &mut confirmed);
-                }
-                Err(e) => {
+                Some(Err(e)) => {
                     progress.failure.get_or_insert(e);
                 }
+                None => {}
             }
+            sent = next;
         }
         let Progress {
             mut refused,
@@ -1034,6 +1097,35 @@ mod tests {
             w >= Duration::from_secs(120),
             "Retry-After is a floor: {w:?}"
         );
+    }
+
+    #[test]
+    fn groups_respect_bytes_and_count_and_keep_order() {
+        let inst = |size: u64| Instance {
+            key: crate::chunk_store::FileKey {
+                session: SessionId::random(),
+                file: crate::ids::FileId::random(),
+            },
+            size,
+            sha256: crate::digest::Sha256Digest::of(b""),
+            data_set_sha256: None,
+            dicom: crate::model::DicomSummary {
+                sop_class_uid: Uid::parse("1.2").unwrap(),
+                sop_instance_uid: Uid::parse("1.2.3").unwrap(),
+                study_instance_uid: Uid::parse("1.2.4").unwrap(),
+                series_instance_uid: Uid::parse("1.2.5").unwrap(),
+                patient_id: String::new(),
+                transfer_syntax: Uid::parse("1.2.840.10008.1.2.1").unwrap(),
+                modality: None,
+                warnings: Vec::new(),
+            },
+        };
+        let sizes = [10u64, 10, 10, 50, 5, 5, 5, 5];
+        let list: Vec<Instance> = sizes.iter().map(|s| inst(*s)).collect();
+        assert_eq!(groups(&list, 30, 3), vec![0..3, 3..4, 4..7, 7..8]);
+        assert_eq!(groups(&list, 1000, 100), vec![0..8]);
+        assert_eq!(groups(&list, 1, 1).len(), 8);
+        assert!(groups(&[], 30, 3).is_empty());
     }
 
     #[test]
