@@ -108,10 +108,7 @@ async fn the_same_content_again_is_an_idempotent_success_pointing_at_the_earlier
         .await
         .unwrap();
     assert!(warnings(&first).is_empty(), "{:?}", warnings(&first));
-    let done = p
-        .complete_and_deliver(&alice, s1, &fast())
-        .await
-        .unwrap();
+    let done = p.complete_and_deliver(&alice, s1, &fast()).await.unwrap();
     assert!(
         matches!(
             done.state,
@@ -135,7 +132,10 @@ async fn the_same_content_again_is_an_idempotent_success_pointing_at_the_earlier
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(w[0].contains(&sop) && w[0].contains(&study), "{w:?}");
     assert!(w[0].contains("same content"), "{w:?}");
-    assert!(!w[0].contains(&s1.to_string()), "another user's session named");
+    assert!(
+        !w[0].contains(&s1.to_string()),
+        "another user's session named"
+    );
     // Delivery: the PACS check finds the identical copy; nothing is resent.
     let done = p.complete_and_deliver(&bob, s2, &fast()).await.unwrap();
     assert!(
@@ -174,16 +174,26 @@ async fn other_content_under_a_known_uid_is_refused_until_the_earlier_upload_is_
     // Same UID, other pixels, in another session of another study.
     let other_study = new_uid();
     let s2 = open_session(p, &alice).await.unwrap();
-    let err = upload_file(p, &alice, s2, "b.dcm", &file(&other_study, &sop, 2), 1 << 16)
-        .await
-        .unwrap_err();
+    let err = upload_file(
+        p,
+        &alice,
+        s2,
+        "b.dcm",
+        &file(&other_study, &sop, 2),
+        1 << 16,
+    )
+    .await
+    .unwrap_err();
     let Error::FileRefused {
         sop_instance_uid, ..
     } = &err
     else {
         panic!("{err:?}")
     };
-    assert_eq!(sop_instance_uid.as_ref().map(|u| u.as_str()), Some(sop.as_str()));
+    assert_eq!(
+        sop_instance_uid.as_ref().map(|u| u.as_str()),
+        Some(sop.as_str())
+    );
     assert_eq!(err.code(), "RELAY_INSTANCE_CONFLICT");
     let msg = err.to_string();
     assert!(msg.contains(&sop) && msg.contains(&study), "{msg}");
@@ -201,9 +211,16 @@ async fn other_content_under_a_known_uid_is_refused_until_the_earlier_upload_is_
     // Once the earlier (still open) upload is aborted, the UID is free.
     p.abort_session(&alice, s1).await.unwrap();
     let s3 = open_session(p, &alice).await.unwrap();
-    let ok = upload_file(p, &alice, s3, "c.dcm", &file(&other_study, &sop, 2), 1 << 16)
-        .await
-        .unwrap();
+    let ok = upload_file(
+        p,
+        &alice,
+        s3,
+        "c.dcm",
+        &file(&other_study, &sop, 2),
+        1 << 16,
+    )
+    .await
+    .unwrap();
     assert!(warnings(&ok).is_empty(), "{:?}", warnings(&ok));
     // Removing a valid file releases its claim too.
     p.remove_file(&alice, s3, ok.id).await.unwrap();
@@ -319,7 +336,10 @@ async fn a_pacs_holding_another_object_under_the_uid_is_a_conflict_before_sendin
     std::fs::write(&path, &theirs).unwrap();
     let done = p.complete_and_deliver(&alice, s, &fast()).await.unwrap();
     let SessionState::DeadLetter { reason, .. } = &done.state else {
-        panic!("a conflicting PACS copy was not dead-lettered: {:?}", done.state)
+        panic!(
+            "a conflicting PACS copy was not dead-lettered: {:?}",
+            done.state
+        )
     };
     assert!(
         reason.contains(&sop) && reason.contains("different object"),
@@ -332,7 +352,11 @@ async fn a_pacs_holding_another_object_under_the_uid_is_a_conflict_before_sendin
         0,
         "bytes were sent to a PACS holding another object"
     );
-    assert_eq!(std::fs::read(&path).unwrap(), theirs, "the PACS copy changed");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        theirs,
+        "the PACS copy changed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,7 +382,8 @@ async fn the_accept_policy_lets_other_content_in_but_never_calls_it_delivered() 
         .unwrap();
     let w = warnings(&f);
     assert!(
-        w.iter().any(|w| w.contains("other content") && w.contains(&sop)),
+        w.iter()
+            .any(|w| w.contains("other content") && w.contains(&sop)),
         "{w:?}"
     );
     let done = p.complete_and_deliver(&alice, s2, &fast()).await.unwrap();

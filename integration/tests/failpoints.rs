@@ -15,8 +15,8 @@ use futures::StreamExt;
 use relaypacs_core::testing::collect;
 use relaypacs_core::{
     AuditOutcome, AuditSink, ByteStream, ChunkInsert, ChunkPlacement, ChunkRecord, ChunkStore,
-    Error, ErrorKind, FileId, FileKey, NewFile, Pipeline, PipelineConfig, Result, SessionId,
-    SessionRecord, SessionStore, Sha256Digest, Versioned, InstanceClaim, Uid,
+    Error, ErrorKind, FileId, FileKey, InstanceClaim, NewFile, Pipeline, PipelineConfig, Result,
+    SessionId, SessionRecord, SessionStore, Sha256Digest, Uid, Versioned,
 };
 use relaypacs_integration::{Embedded, dicom_of_size, new_study, put};
 

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use relaypacs_core::{
-    Actor, AuditAction, AuditOutcome, AuditSink, DeliveryReport, Instance, InstanceOutcome,
-    InstanceSource, Next, OutboxConfig, PacsSink, PipelineConfig, Result, SessionId, SessionState,
-    Uid, Holding,
+    Actor, AuditAction, AuditOutcome, AuditSink, DeliveryReport, Holding, Instance,
+    InstanceOutcome, InstanceSource, Next, OutboxConfig, PacsSink, PipelineConfig, Result,
+    SessionId, SessionState, Uid,
 };
 use relaypacs_integration::{Embedded, dicom, new_study, open_session, upload_file};
 use relaypacs_pacs::LocalArchiveSink;

@@ -318,7 +318,10 @@ async fn bad_input_gives_typed_errors_and_changes_nothing() {
     let f3data = dicom(&study, 3);
     let err = refused_leaves_no_trace(&e, &a, s, "c", &f3data, Sha256Digest::of(b"not it")).await;
     assert!(
-        matches!(err.root(), Error::Integrity(IntegrityError::FileHash { .. })),
+        matches!(
+            err.root(),
+            Error::Integrity(IntegrityError::FileHash { .. })
+        ),
         "{err:?}"
     );
     // Non-DICOM bytes.
@@ -333,8 +336,7 @@ async fn bad_input_gives_typed_errors_and_changes_nothing() {
     );
     // A DICOM file of another study.
     let foreign = dicom(&new_study(), 4);
-    let err =
-        refused_leaves_no_trace(&e, &a, s, "e", &foreign, Sha256Digest::of(&foreign)).await;
+    let err = refused_leaves_no_trace(&e, &a, s, "e", &foreign, Sha256Digest::of(&foreign)).await;
     assert!(matches!(err.root(), Error::StudyMismatch { .. }), "{err:?}");
     // Every refusal was audited as a minor failure.
     let events = e.audit.events().await.unwrap();

@@ -56,8 +56,8 @@ use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, TransferSyntax, ge
 use relaypacs_core::testing::pacs_sink::MemorySource;
 use relaypacs_core::testing::peers::Orthanc;
 use relaypacs_core::{
-    Actor, InstanceOutcome, OutboxConfig, VerifyMode, OutboxEvent, PacsSink, Pipeline, PipelineConfig,
-    SessionId, SessionState,
+    Actor, InstanceOutcome, OutboxConfig, OutboxEvent, PacsSink, Pipeline, PipelineConfig,
+    SessionId, SessionState, VerifyMode,
 };
 use relaypacs_integration::{Embedded, open_session, upload_file};
 use relaypacs_pacs::{DicomWebAuth, DicomWebConfig, StowSink};

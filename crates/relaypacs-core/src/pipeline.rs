@@ -120,7 +120,10 @@ fn refuses_content(err: &Error) -> bool {
         Error::Dicom(_) | Error::StudyMismatch { .. } => true,
         Error::Integrity(IntegrityError::FileHash { .. }) => true,
         Error::Conflict { code, .. } => {
-            matches!(*code, "RELAY_DUPLICATE_INSTANCE" | "RELAY_INSTANCE_CONFLICT")
+            matches!(
+                *code,
+                "RELAY_DUPLICATE_INSTANCE" | "RELAY_INSTANCE_CONFLICT"
+            )
         }
         _ => false,
     }
@@ -804,7 +807,8 @@ impl Pipeline {
                         f.sha256.map(|d| d.to_hex()).unwrap_or_default()
                     );
                     if !dicom.warnings.is_empty() {
-                        ev.detail.push_str(&format!(" warnings={}", dicom.warnings.join("; ")));
+                        ev.detail
+                            .push_str(&format!(" warnings={}", dicom.warnings.join("; ")));
                     }
                 }
                 self.audit(ev).await?;
@@ -849,7 +853,12 @@ impl Pipeline {
         if matches!(file.state, FileState::Valid { .. }) {
             return Ok(file);
         }
-        let chunks = self.inner.sessions.chunks(id, file_id).await.map_err(plain)?;
+        let chunks = self
+            .inner
+            .sessions
+            .chunks(id, file_id)
+            .await
+            .map_err(plain)?;
         let mut missing = Vec::new();
         let mut pos = 0u64;
         for c in &chunks {

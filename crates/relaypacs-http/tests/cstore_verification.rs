@@ -73,10 +73,11 @@ async fn settle(t: &TestServer, u: &User, sid: &str) -> Value {
 
 fn study_files(n: usize) -> Vec<Vec<u8>> {
     let first = dicom(None, 32);
-    let study = relaypacs_core::dicom::validate_dicom(&first, first.len() as u64, &Default::default())
-        .unwrap()
-        .study_instance_uid
-        .to_string();
+    let study =
+        relaypacs_core::dicom::validate_dicom(&first, first.len() as u64, &Default::default())
+            .unwrap()
+            .study_instance_uid
+            .to_string();
     let mut files = vec![first];
     files.extend((1..n).map(|_| dicom(Some(&study), 32)));
     files
@@ -127,8 +128,12 @@ async fn c_store_to_a_pacs_keeping_another_object_dead_letters_naming_the_uid() 
     let u = t.user("clinic", Role::Uploader).await;
     let files = study_files(2);
     // Orthanc already keeps another object under the second file's UID.
-    let sop = relaypacs_core::dicom::validate_dicom(&files[1], files[1].len() as u64, &Default::default())
-        .unwrap();
+    let sop = relaypacs_core::dicom::validate_dicom(
+        &files[1],
+        files[1].len() as u64,
+        &Default::default(),
+    )
+    .unwrap();
     let other = relaypacs_core::testing::dicom_gen::generate(
         &relaypacs_core::testing::dicom_gen::DicomSpec {
             study_uid: sop.study_instance_uid.to_string(),

@@ -20,9 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, User};
-use relaypacs_core::testing::dicom_gen::{
-    DicomSpec, SopClass, generate, standard_variants,
-};
+use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, generate, standard_variants};
 use relaypacs_core::testing::peers::{Orthanc, tool};
 use relaypacs_http::auth::Role;
 use relaypacs_http::config::{DicomWebSinkConfig, SinkConfig};
@@ -86,10 +84,7 @@ fn dcmtk_made(dir: &Path) -> Vec<Item> {
     let mut convert = |name: &str, spec: DicomSpec, prog: &str, args: &[&str]| {
         let input = base(dir, name, spec);
         let output = dir.join(format!("{name}.dcm"));
-        run(Command::new(tool(prog))
-            .args(args)
-            .arg(&input)
-            .arg(&output));
+        run(Command::new(tool(prog)).args(args).arg(&input).arg(&output));
         out.push(Item {
             name: name.into(),
             bytes: std::fs::read(&output).unwrap(),
@@ -108,10 +103,20 @@ fn dcmtk_made(dir: &Path) -> Vec<Item> {
     // Capture, UIDs of img2dcm's own.
     let src = base(dir, "img2dcm", gray8());
     let jpg = dir.join("img2dcm.jpg");
-    run(Command::new(tool("dcmj2pnm")).arg("+oj").arg(&src).arg(&jpg));
+    run(Command::new(tool("dcmj2pnm"))
+        .arg("+oj")
+        .arg(&src)
+        .arg(&jpg));
     let img = dir.join("img2dcm.dcm");
     run(Command::new(tool("img2dcm"))
-        .args(["-i", "JPEG", "-k", "PatientID=IMG2DCM-1", "-k", "PatientName=Img^Test"])
+        .args([
+            "-i",
+            "JPEG",
+            "-k",
+            "PatientID=IMG2DCM-1",
+            "-k",
+            "PatientName=Img^Test",
+        ])
         .arg(&jpg)
         .arg(&img));
     out.push(Item {
@@ -219,7 +224,11 @@ fn failed_item<'a>(v: &'a Value, sop: &str) -> Option<&'a Value> {
 }
 
 async fn studies(t: &TestServer, u: &User) -> Vec<Value> {
-    let r = t.req(Method::GET, "/api/v1/studies", u).send().await.unwrap();
+    let r = t
+        .req(Method::GET, "/api/v1/studies", u)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     v.as_array()
@@ -323,9 +332,12 @@ async fn a_corpus_of_other_toolkits_reaches_orthanc_and_no_differing_copy_is_cal
     let start = Instant::now();
     let done = loop {
         let list = studies(&t, &u).await;
-        let settled = list
-            .iter()
-            .all(|s| matches!(s["state"]["state"].as_str(), Some("delivered" | "dead_letter")));
+        let settled = list.iter().all(|s| {
+            matches!(
+                s["state"]["state"].as_str(),
+                Some("delivered" | "dead_letter")
+            )
+        });
         if settled && list.len() == corpus.len() {
             break list;
         }
@@ -347,7 +359,11 @@ async fn a_corpus_of_other_toolkits_reaches_orthanc_and_no_differing_copy_is_cal
         let item = by_sop[sop];
         match s["state"]["state"].as_str() {
             Some("delivered") => {
-                assert!(!planted.contains_key(sop), "{}: a conflict was called delivered", item.name);
+                assert!(
+                    !planted.contains_key(sop),
+                    "{}: a conflict was called delivered",
+                    item.name
+                );
                 assert_eq!(s["state"]["verified"], "content", "{s:#}");
                 // What Orthanc holds is what was sent.
                 let held = tokio::task::block_in_place(|| o.instance_file(sop))

@@ -120,7 +120,10 @@ impl Part10Hasher {
             self.find_meta(Some(self.size));
         }
         let (data_set, transfer_syntax) = match self.meta {
-            Some(Ok(ts)) => (Some(Sha256Digest(self.data_set.finalize().into())), Some(ts)),
+            Some(Ok(ts)) => (
+                Some(Sha256Digest(self.data_set.finalize().into())),
+                Some(ts),
+            ),
             _ => (None, None),
         };
         ContentDigest {
@@ -159,7 +162,10 @@ mod tests {
         let data = vec![7u8; 5000];
         let a = file(&[], &data);
         // Another meta group (an implementation version name), same data set.
-        let b = file(&[0x02, 0, 0x13, 0, b'S', b'H', 4, 0, b'X', b'Y', b'Z', b' '], &data);
+        let b = file(
+            &[0x02, 0, 0x13, 0, b'S', b'H', 4, 0, b'X', b'Y', b'Z', b' '],
+            &data,
+        );
         let digest = |bytes: &[u8], piece: usize| {
             let mut h = Part10Hasher::new(1 << 20);
             for p in bytes.chunks(piece) {

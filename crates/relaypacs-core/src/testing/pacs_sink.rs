@@ -207,8 +207,9 @@ pub async fn verify_detects_other_content(sink: &dyn PacsSink, _probe: &dyn Sink
                 ..dicom_gen::DicomSpec::default()
             };
             let bytes = dicom_gen::generate(&spec).expect("generate");
-            let summary = crate::dicom::validate_dicom(&bytes, bytes.len() as u64, &Default::default())
-                .expect("valid");
+            let summary =
+                crate::dicom::validate_dicom(&bytes, bytes.len() as u64, &Default::default())
+                    .expect("valid");
             other_src.add(bytes, summary)
         })
         .collect();
