@@ -170,9 +170,9 @@ pub enum SinkConfig {
         #[serde(default)]
         path: Option<PathBuf>,
     },
-    /// A DICOMweb PACS, by STOW-RS (verified by QIDO-RS).
+    /// A DICOMweb PACS, by STOW-RS (verified by WADO-RS retrieval, or QIDO-RS).
     StowRs(DicomWebSinkConfig),
-    /// A DIMSE PACS, by C-STORE (verified by C-FIND).
+    /// A DIMSE PACS, by C-STORE (verified by C-GET, or C-FIND).
     CStore(CStoreSinkConfig),
 }
 

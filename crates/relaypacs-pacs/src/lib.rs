@@ -3,8 +3,10 @@
 //! [`PacsSink`](relaypacs_core::PacsSink) adapters: where validated
 //! instances go. [`LocalArchiveSink`] writes them to a folder so the gateway
 //! runs with no external PACS; [`StowSink`] speaks DICOMweb STOW-RS and
-//! verifies by QIDO-RS; `CStoreSink` speaks DIMSE C-STORE and verifies by
-//! C-FIND; [`FanOutSink`] delivers to several at once. [`DicomWebReports`]
+//! verifies content by WADO-RS retrieval (presence by QIDO-RS);
+//! `CStoreSink` speaks DIMSE C-STORE and verifies content by C-GET (presence
+//! by C-FIND where the PACS offers no retrieval); [`FanOutSink`] delivers
+//! to several at once. [`DicomWebReports`]
 //! finds reports by QIDO-RS and fetches them by WADO-RS.
 
 mod cstore;
