@@ -247,32 +247,60 @@ async fn presence_mode_answers_presence_only() {
 const COUNT_REQUESTS: &str = "function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n  \
      print('RELAYPACS-REQ ' .. method .. ' ' .. uri)\n  return true\nend\n";
 
-/// Requests Orthanc has logged so far: (QIDO-RS in a study, QIDO-RS across
-/// studies, WADO-RS).
-fn requests(o: &Orthanc) -> (usize, usize, usize) {
+/// Requests Orthanc has logged so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Requests {
+    /// QIDO-RS of a study's instances.
+    study_qido: usize,
+    /// QIDO-RS across studies (UID lists).
+    any_qido: usize,
+    /// WADO-RS of a whole series.
+    series_wado: usize,
+    /// WADO-RS of one instance.
+    instance_wado: usize,
+}
+
+impl std::ops::Sub for Requests {
+    type Output = Self;
+    fn sub(self, o: Self) -> Self {
+        Self {
+            study_qido: self.study_qido - o.study_qido,
+            any_qido: self.any_qido - o.any_qido,
+            series_wado: self.series_wado - o.series_wado,
+            instance_wado: self.instance_wado - o.instance_wado,
+        }
+    }
+}
+
+fn reqs(study_qido: usize, any_qido: usize, series_wado: usize, instance_wado: usize) -> Requests {
+    Requests {
+        study_qido,
+        any_qido,
+        series_wado,
+        instance_wado,
+    }
+}
+
+fn requests(o: &Orthanc) -> Requests {
     let log = o.log();
     let uris: Vec<&str> = log
         .lines()
         .filter_map(|l| l.split("RELAYPACS-REQ GET ").nth(1))
+        .map(str::trim_end)
         .collect();
-    let study_qido = uris
-        .iter()
-        .filter(|u| u.starts_with("/dicom-web/studies/") && u.ends_with("/instances"))
-        .count();
-    let any_qido = uris
-        .iter()
-        .filter(|u| **u == "/dicom-web/instances")
-        .count();
-    let wado = uris
-        .iter()
-        .filter(|u| u.starts_with("/dicom-web/studies/") && u.contains("/series/"))
-        .count();
-    (study_qido, any_qido, wado)
+    let count = |f: &dyn Fn(&str) -> bool| uris.iter().filter(|u| f(u)).count();
+    let wado = |u: &str| u.starts_with("/dicom-web/studies/") && u.contains("/series/");
+    Requests {
+        study_qido: count(&|u| u.starts_with("/dicom-web/studies/") && u.ends_with("/instances")),
+        any_qido: count(&|u| u == "/dicom-web/instances"),
+        series_wado: count(&|u| wado(u) && !u.contains("/instances")),
+        instance_wado: count(&|u| wado(u) && u.contains("/instances/")),
+    }
 }
 
 /// [`requests`] once they are `want` (Orthanc's log may lag a little), or
 /// after two seconds.
-fn requests_reach(o: &Orthanc, want: (usize, usize, usize)) -> (usize, usize, usize) {
+fn requests_reach(o: &Orthanc, want: Requests) -> Requests {
     for _ in 0..40 {
         let got = requests(o);
         if got == want {
@@ -283,11 +311,39 @@ fn requests_reach(o: &Orthanc, want: (usize, usize, usize)) -> (usize, usize, us
     requests(o)
 }
 
+/// The requests of one `verify` of `insts`, which must answer `want`,
+/// once they are `expect` (checked by the caller).
+async fn verify_counting(
+    o: &Orthanc,
+    sink: &StowSink,
+    insts: &[Instance],
+    want: &[Holding],
+    expect: Requests,
+) -> (Requests, std::time::Duration) {
+    let r0 = requests(o);
+    let t = Instant::now();
+    assert_eq!(sink.verify(insts).await.unwrap(), want);
+    let took = t.elapsed();
+    let r1 = requests_reach(o, add(r0, expect));
+    (r1 - r0, took)
+}
+
+fn add(a: Requests, b: Requests) -> Requests {
+    Requests {
+        study_qido: a.study_qido + b.study_qido,
+        any_qido: a.any_qido + b.any_qido,
+        series_wado: a.series_wado + b.series_wado,
+        instance_wado: a.instance_wado + b.instance_wado,
+    }
+}
+
 /// What `verify` costs, measured at Orthanc: before a delivery one
 /// QIDO-RS per study plus one UID-list query per 64 instances not found;
-/// after it one QIDO-RS per study plus one WADO-RS per instance.
+/// after it one QIDO-RS per study plus one WADO-RS per series that holds
+/// exactly the instances verified, and one per instance otherwise (a
+/// series holding others too, a single instance).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_costs_one_query_per_study_and_one_retrieval_per_instance() {
+async fn verify_costs_one_query_per_study_and_one_retrieval_per_series_or_instance() {
     let o = Orthanc::start_with(OrthancOptions {
         lua: Some(COUNT_REQUESTS.into()),
     });
@@ -297,24 +353,124 @@ async fn verify_costs_one_query_per_study_and_one_retrieval_per_instance() {
     let t = Instant::now();
     assert_eq!(sink.verify(&insts).await.unwrap(), vec![Holding::Absent; n]);
     let before = t.elapsed();
-    let r0 = requests_reach(&o, (1, n.div_ceil(64), 0));
-    assert_eq!(r0, (1, n.div_ceil(64), 0), "before delivery");
+    let r0 = requests_reach(&o, reqs(1, n.div_ceil(64), 0, 0));
+    assert_eq!(r0, reqs(1, n.div_ceil(64), 0, 0), "before delivery");
     sink.deliver(&insts, &src).await.unwrap();
-    let t = Instant::now();
-    assert_eq!(sink.verify(&insts).await.unwrap(), vec![CONTENT; n]);
-    let after = t.elapsed();
-    let r1 = requests_reach(&o, (r0.0 + 1, r0.1, r0.2 + n));
-    assert_eq!(
-        (r1.0 - r0.0, r1.1 - r0.1, r1.2 - r0.2),
-        (1, 0, n),
-        "after delivery"
-    );
+
+    // The series holds exactly these: one retrieval of the series.
+    let (all, after) = verify_counting(&o, &sink, &insts, &[CONTENT; 100], reqs(1, 0, 1, 0)).await;
+    assert_eq!(all, reqs(1, 0, 1, 0), "the whole series");
+    // The series holds others too: one retrieval per instance.
+    let part = 60;
+    let (some, part_took) = verify_counting(
+        &o,
+        &sink,
+        &insts[..part],
+        &[CONTENT; 60],
+        reqs(1, 0, 0, part),
+    )
+    .await;
+    assert_eq!(some, reqs(1, 0, 0, part), "part of the series");
+    // A single instance.
+    let (one, _) = verify_counting(&o, &sink, &insts[7..8], &[CONTENT], reqs(1, 0, 0, 1)).await;
+    assert_eq!(one, reqs(1, 0, 0, 1), "one instance");
     eprintln!(
         "verify of {n} instances ({} bytes each): before delivery {before:?} \
-         ({} requests), after {after:?} ({} requests, {:.2} per instance)",
+         ({} requests), after {after:?} (2 requests: QIDO-RS, WADO-RS of the series); \
+         {part} of them {part_took:?} ({} requests, one WADO-RS per instance)",
         insts[0].size,
-        r0.0 + r0.1,
-        n + 1,
-        (n + 1) as f64 / n as f64
+        r0.study_qido + r0.any_qido,
+        part + 1,
     );
+}
+
+/// A study of two series, each decided on its own: both hold exactly the
+/// instances verified (two series retrievals), then one series whole and
+/// one instance of the other (one series retrieval, one instance
+/// retrieval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_series_is_retrieved_whole_only_when_it_holds_exactly_the_instances() {
+    let o = Orthanc::start_with(OrthancOptions {
+        lua: Some(COUNT_REQUESTS.into()),
+    });
+    let sink = StowSink::new(&config(&o, &o.password.clone())).unwrap();
+    let study_uid = new_uid();
+    let mut src = MemorySource::default();
+    let mut insts = Vec::new();
+    for series in [new_uid(), new_uid()] {
+        for seed in 0..4 {
+            let bytes = generate(&DicomSpec {
+                study_uid: study_uid.clone(),
+                series_uid: series.clone(),
+                seed,
+                ..DicomSpec::default()
+            })
+            .unwrap();
+            let summary = relaypacs_core::dicom::validate_dicom(
+                &bytes,
+                bytes.len() as u64,
+                &Default::default(),
+            )
+            .unwrap();
+            insts.push(src.add(bytes, summary));
+        }
+    }
+    assert!(sink.deliver(&insts, &src).await.unwrap().all_delivered());
+    let (both, _) = verify_counting(&o, &sink, &insts, &[CONTENT; 8], reqs(1, 0, 2, 0)).await;
+    assert_eq!(both, reqs(1, 0, 2, 0));
+    let (mixed, _) = verify_counting(&o, &sink, &insts[..5], &[CONTENT; 5], reqs(1, 0, 1, 1)).await;
+    assert_eq!(mixed, reqs(1, 0, 1, 1));
+}
+
+/// A series holding ours and, under one of our UIDs, an object Orthanc
+/// had before (it keeps it over our STOW-RS): the one retrieval of the
+/// series finds that one `Different` and the others the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_object_in_a_series_is_caught_by_the_series_retrieval() {
+    let o = Orthanc::start_with(OrthancOptions {
+        lua: Some(COUNT_REQUESTS.into()),
+    });
+    let sink = StowSink::new(&config(&o, &o.password.clone())).unwrap();
+    let (src, insts) = study(6).unwrap();
+    let planted = other_object(&insts[3], 1000, None);
+    o.upload(&planted);
+    assert!(sink.deliver(&insts, &src).await.unwrap().all_delivered());
+    assert_eq!(
+        o.instance_file(insts[3].dicom.sop_instance_uid.as_str())
+            .unwrap(),
+        planted
+    );
+    let r0 = requests(&o);
+    let h = sink.verify(&insts).await.unwrap();
+    assert_different(&h[3], &[insts[3].dicom.sop_instance_uid.as_str()]);
+    for (k, h) in h.iter().enumerate().filter(|(k, _)| *k != 3) {
+        assert_eq!(*h, CONTENT, "instance {k}");
+    }
+    let r1 = requests_reach(&o, add(r0, reqs(1, 0, 1, 0)));
+    assert_eq!(r1 - r0, reqs(1, 0, 1, 0), "one retrieval of the series");
+}
+
+/// Lua that counts requests (as [`COUNT_REQUESTS`]) and refuses every
+/// WADO-RS of a whole series (Orthanc answers 403).
+const REFUSE_SERIES: &str = "function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n  \
+     print('RELAYPACS-REQ ' .. method .. ' ' .. uri)\n  \
+     if string.match(uri, '/series/[^/]+$') then return false end\n  return true\nend\n";
+
+/// A PACS that refuses the retrieval of a series (403) is asked instance
+/// by instance: the verdicts are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_series_retrieval_falls_back_to_one_per_instance() {
+    let o = Orthanc::start_with(OrthancOptions {
+        lua: Some(REFUSE_SERIES.into()),
+    });
+    let sink = StowSink::new(&config(&o, &o.password.clone())).unwrap();
+    let (src, insts) = study(5).unwrap();
+    o.upload(&other_object(&insts[1], 1000, None));
+    assert!(sink.deliver(&insts, &src).await.unwrap().all_delivered());
+    let r0 = requests(&o);
+    let h = sink.verify(&insts).await.unwrap();
+    assert_different(&h[1], &[insts[1].dicom.sop_instance_uid.as_str()]);
+    assert_eq!(held(h), vec![true, false, true, true, true]);
+    let r1 = requests_reach(&o, add(r0, reqs(1, 0, 1, 5)));
+    assert_eq!(r1 - r0, reqs(1, 0, 1, 5));
 }
