@@ -75,6 +75,9 @@ pub struct OutboxConfig {
     pub group_bytes: u64,
     /// Most instances in one group (default 64).
     pub group_instances: usize,
+    /// Groups sent at once (default 2; 1 = one request at a time). A PACS
+    /// ingests several requests faster than one.
+    pub groups_in_flight: usize,
     /// Whether this worker is the only one on its session store (the
     /// reference server holds a lock on its data folder). Leases left by
     /// an earlier, crashed process are then taken over at once instead of
@@ -96,8 +99,9 @@ impl Default for OutboxConfig {
             rescan_interval: Duration::from_secs(300),
             report_poll_interval: Duration::from_secs(60),
             report_window: Duration::from_secs(30 * 24 * 3600),
-            group_bytes: 32 << 20,
-            group_instances: 64,
+            group_bytes: 16 << 20,
+            group_instances: 32,
+            groups_in_flight: 2,
             exclusive: true,
         }
     }
@@ -420,39 +424,31 @@ impl Pipeline {
                 Vec::new()
             }
         };
-        // Send in groups; whatever the sink said, the PACS's own answer
-        // decides (and catches another writer racing us under the same
-        // UID). Each group is verified while the next one is sent, so the
-        // retrieval of what was sent overlaps the sending of the rest.
+        // Send in groups, `groups_in_flight` at a time; whatever the sink
+        // said, the PACS's own answer decides (and catches another writer
+        // racing us under the same UID). Groups are verified while the
+        // next ones are sent, so the retrieval of what was sent overlaps
+        // the sending of the rest.
         let groups = groups(&to_send, config.group_bytes, config.group_instances);
         let sink = &self.inner.sink;
-        let mut sent: Option<&[Instance]> = None;
-        let mut next_group = groups.iter();
+        let in_flight = config.groups_in_flight.max(1);
+        let mut sent: Vec<&[Instance]> = Vec::new();
+        let mut next_group = groups.iter().map(|r| &to_send[r.clone()]);
         loop {
             let healthy = progress.failure.is_none() && progress.conflicts.is_empty();
-            let next = if healthy {
-                next_group.next().map(|r| &to_send[r.clone()])
+            let next: Vec<&[Instance]> = if healthy {
+                next_group.by_ref().take(in_flight).collect()
             } else {
-                None
+                Vec::new()
             };
-            if sent.is_none() && next.is_none() {
+            if sent.is_empty() && next.is_empty() {
                 break;
             }
             let (checked, delivered) = futures::join!(
-                async {
-                    match sent {
-                        Some(g) => Some(sink.verify(g).await),
-                        None => None,
-                    }
-                },
-                async {
-                    match next {
-                        Some(g) => Some(sink.deliver(g, &source).await),
-                        None => None,
-                    }
-                }
+                futures::future::join_all(sent.iter().map(|g| sink.verify(g))),
+                futures::future::join_all(next.iter().map(|g| sink.deliver(g, &source)))
             );
-            if let (Some(g), Some(checked)) = (sent, checked) {
+            for (g, checked) in sent.iter().zip(checked) {
                 match checked {
                     Ok(held) => {
                         progress.take(g, held, &mut confirmed);
@@ -462,19 +458,20 @@ impl Pipeline {
                     }
                 }
             }
-            match delivered {
-                Some(Ok(report)) => {
-                    progress.retry_after = progress.retry_after.max(report.retry_after);
-                    for (uid, o) in report.outcomes {
-                        if let InstanceOutcome::Failed { transient, reason } = o {
-                            progress.refused.push((uid, transient, reason));
+            for delivered in delivered {
+                match delivered {
+                    Ok(report) => {
+                        progress.retry_after = progress.retry_after.max(report.retry_after);
+                        for (uid, o) in report.outcomes {
+                            if let InstanceOutcome::Failed { transient, reason } = o {
+                                progress.refused.push((uid, transient, reason));
+                            }
                         }
                     }
+                    Err(e) => {
+                        progress.failure.get_or_insert(e);
+                    }
                 }
-                Some(Err(e)) => {
-                    progress.failure.get_or_insert(e);
-                }
-                None => {}
             }
             sent = next;
         }
