@@ -113,6 +113,24 @@ pub const RETRIEVALS_IN_FLIGHT: usize = 4;
 /// around a retrieved instance.
 const RETRIEVE_HEAD_BYTES: usize = 16 << 10;
 
+/// A PACS error with what it was about appended to its reason.
+fn naming(e: Error, what: std::fmt::Arguments<'_>) -> Error {
+    match e {
+        Error::Pacs {
+            transient,
+            reason,
+            retry_after,
+            source,
+        } => Error::Pacs {
+            transient,
+            reason: format!("{reason} ({what})"),
+            retry_after,
+            source,
+        },
+        e => e,
+    }
+}
+
 /// Most bytes of a file meta group [`Part10Hasher`] buffers.
 const MAX_META_BYTES: usize = 1 << 20;
 
@@ -639,20 +657,7 @@ async fn fetch_series(
     };
     let digest = digest_series(resp.bytes_stream(), &boundary, members)
         .await
-        .map_err(|e| match e {
-            Error::Pacs {
-                transient,
-                reason,
-                retry_after,
-                source,
-            } => Error::Pacs {
-                transient,
-                reason: format!("{reason} (Series Instance UID {series})"),
-                retry_after,
-                source,
-            },
-            e => e,
-        })?;
+        .map_err(|e| naming(e, format_args!("Series Instance UID {series}")))?;
     if let Some(why) = &digest.abandoned {
         let undecided = digest.held.iter().filter(|h| h.is_none()).count();
         tracing::debug!(
@@ -822,20 +827,7 @@ impl StowSink {
             inst.data_set_sha256.is_none(),
         )
         .await
-        .map_err(|e| match e {
-            Error::Pacs {
-                transient,
-                reason,
-                retry_after,
-                source,
-            } => Error::Pacs {
-                transient,
-                reason: format!("{reason} (SOP Instance UID {sop})"),
-                retry_after,
-                source,
-            },
-            e => e,
-        })?;
+        .map_err(|e| naming(e, format_args!("SOP Instance UID {sop}")))?;
         Ok(match retrieved {
             Retrieved::Nothing => Holding::Absent,
             Retrieved::One(digest) => compare_content(inst, &digest),
