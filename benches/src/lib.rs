@@ -6,7 +6,7 @@
 //! Orthanc's direct ingest and dcmtk's `storescu`). This library holds what
 //! the binaries share.
 
-use relaypacs_core::testing::peers::Orthanc;
+use relaypacs_test_peers::Orthanc;
 
 /// The error type of the bench binaries.
 pub type Res<T> = Result<T, Box<dyn std::error::Error>>;

@@ -6,12 +6,12 @@
 use std::sync::Arc;
 
 use object_store::aws::AmazonS3Builder;
-use relaypacs_core::testing::peers::S3Server;
 use relaypacs_core::{
     Actor, FileState, NewFile, Pipeline, PipelineConfig, SessionState, Sha256Digest,
 };
 use relaypacs_integration::{Embedded, dicom_of_size, new_study, open_session, put};
 use relaypacs_storage::ObjectStoreChunkStore;
+use relaypacs_test_peers::S3Server;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn study_through_s3_chunk_store() {

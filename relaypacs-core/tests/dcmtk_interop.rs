@@ -7,7 +7,7 @@ use std::process::Command;
 
 use relaypacs_core::dicom::{DicomLimits, validate_dicom};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, TransferSyntax, generate};
-use relaypacs_core::testing::peers::tool;
+use relaypacs_test_peers::tool;
 
 #[test]
 fn dcmtk_accepts_every_generated_kind() {

@@ -20,7 +20,7 @@ use relaypacs_core::testing::dicom_gen::{
     DicomSpec, PixelData, SopClass, TransferSyntax, generate, odd_length_value, standard_refusals,
     standard_variant_specs, standard_variants,
 };
-use relaypacs_core::testing::peers::tool;
+use relaypacs_test_peers::tool;
 
 fn validate(bytes: &[u8]) -> Result<relaypacs_core::DicomSummary, DicomError> {
     validate_dicom(bytes, bytes.len() as u64, &DicomLimits::default())

@@ -37,7 +37,7 @@ fn finding_01_default_or_weak_secret_refuses_to_start() {
         &"01".repeat(40),
     ];
     for value in bad {
-        let port = relaypacs_core::testing::peers::free_port();
+        let port = relaypacs_test_peers::free_port();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_relaypacs"))
             .env("RELAYPACS_SECRET", value)
             .env("RELAYPACS_DATA_DIR", dir.path().join("d"))

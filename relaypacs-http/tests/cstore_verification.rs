@@ -10,9 +10,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, User, dicom};
-use relaypacs_core::testing::peers::{Orthanc, OrthancOptions, StoreScp};
 use relaypacs_http::auth::Role;
 use relaypacs_http::config::{CStoreSinkConfig, SinkConfig};
+use relaypacs_test_peers::{Orthanc, OrthancOptions, StoreScp};
 use reqwest::Method;
 use serde_json::Value;
 

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use common::{TestServer, User, dicom};
 use relaypacs_core::testing::dicom_gen::pdf_report;
-use relaypacs_core::testing::peers::{Orthanc, OrthancOptions};
 use relaypacs_http::Config;
 use relaypacs_http::auth::Role;
 use relaypacs_http::config::{CStoreSinkConfig, DicomWebSinkConfig, SinkConfig};
+use relaypacs_test_peers::{Orthanc, OrthancOptions};
 use reqwest::Method;
 use serde_json::Value;
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::binary;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
-use relaypacs_core::testing::peers::{Orthanc, free_port, wait_for_port};
+use relaypacs_test_peers::{Orthanc, free_port, wait_for_port};
 use serde_json::Value;
 
 const PASSWORD: &str = "Velvet-Quarry-Lantern-5521";

@@ -32,7 +32,7 @@ async fn logs_hold_no_secrets_and_no_patient_data() {
         "uploader",
         PASSWORD,
     );
-    let port = relaypacs_core::testing::peers::free_port();
+    let port = relaypacs_test_peers::free_port();
     let mut server = Command::new(bin)
         .env("RELAYPACS_DATA_DIR", &data)
         .env("RELAYPACS_SECRET", &secret)
@@ -61,7 +61,7 @@ async fn logs_hold_no_secrets_and_no_patient_data() {
             .map_while(Result::ok)
             .collect::<Vec<String>>()
     });
-    relaypacs_core::testing::peers::wait_for_port(port, Duration::from_secs(20));
+    relaypacs_test_peers::wait_for_port(port, Duration::from_secs(20));
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     // A failed login with a hostile username, then a real one.

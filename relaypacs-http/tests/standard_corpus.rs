@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use common::{TestServer, User};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, generate, standard_variants};
-use relaypacs_core::testing::peers::{Orthanc, tool};
 use relaypacs_http::auth::Role;
 use relaypacs_http::config::{DicomWebSinkConfig, SinkConfig};
+use relaypacs_test_peers::{Orthanc, tool};
 use reqwest::Method;
 use serde_json::Value;
 use sha2::{Digest, Sha256};

@@ -7,9 +7,9 @@
 
 use async_trait::async_trait;
 use relaypacs_core::testing::pacs_sink::SinkProbe;
-use relaypacs_core::testing::peers::{Orthanc, OrthancOptions, StoreScp};
 use relaypacs_core::{Result, Uid};
 use relaypacs_pacs::{CStoreConfig, CStoreSink};
+use relaypacs_test_peers::{Orthanc, OrthancOptions, StoreScp};
 
 fn sink(port: u16, called_ae: &str) -> CStoreSink {
     CStoreSink::new(CStoreConfig {

@@ -15,13 +15,13 @@ use async_trait::async_trait;
 use relaypacs_core::dicom::{data_set_offset, validate_dicom};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, TransferSyntax, generate, new_uid};
 use relaypacs_core::testing::pacs_sink::{MemorySource, study};
-use relaypacs_core::testing::peers::{Orthanc, OrthancOptions};
 use relaypacs_core::testing::{failing, pieces};
 use relaypacs_core::{
     ByteStream, ErrorKind, Holding, Instance, InstanceOutcome, InstanceSource, PacsSink, Result,
     Uid, Verification,
 };
 use relaypacs_pacs::{CStoreConfig, CStoreSink};
+use relaypacs_test_peers::{Orthanc, OrthancOptions};
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)

@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use relaypacs_core::dicom::{data_set_offset, validate_dicom};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, TransferSyntax, generate, new_uid};
-use relaypacs_core::testing::peers::{Orthanc, OrthancOptions, StoreScp};
 use relaypacs_core::testing::pieces;
 use relaypacs_core::{
     ByteStream, Holding, Instance, InstanceOutcome, InstanceSource, PacsSink, Result, Uid,
     Verification, VerifyMode,
 };
 use relaypacs_pacs::{CStoreConfig, CStoreSink};
+use relaypacs_test_peers::{Orthanc, OrthancOptions, StoreScp};
 
 const CONTENT: Holding = Holding::Same {
     verification: Verification::Content,

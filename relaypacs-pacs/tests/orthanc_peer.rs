@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
-use relaypacs_core::testing::peers::Orthanc;
+use relaypacs_test_peers::Orthanc;
 
 #[test]
 fn orthanc_stores_and_survives_a_kill() {

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use relaypacs_core::testing::pacs_sink::SinkProbe;
-use relaypacs_core::testing::peers::Orthanc;
 use relaypacs_core::testing::report_source::ReportPlanter;
 use relaypacs_core::{PacsSink, Result, Uid};
 use relaypacs_pacs::{
     DicomWebAuth, DicomWebConfig, DicomWebReports, FanOutSink, LocalArchiveSink, StowSink,
 };
+use relaypacs_test_peers::Orthanc;
 
 struct Held(Arc<Orthanc>);
 

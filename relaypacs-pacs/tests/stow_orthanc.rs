@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
 use relaypacs_core::testing::pacs_sink::{MemorySource, study};
-use relaypacs_core::testing::peers::{Orthanc, OrthancOptions};
 use relaypacs_core::{Holding, Instance, InstanceOutcome, PacsSink, Verification, VerifyMode};
 use relaypacs_pacs::{DicomWebAuth, DicomWebConfig, StowSink};
+use relaypacs_test_peers::{Orthanc, OrthancOptions};
 
 fn config(o: &Orthanc, password: &str) -> DicomWebConfig {
     let mut c = DicomWebConfig::new(o.dicomweb());

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use futures::TryStreamExt;
 use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
-use relaypacs_core::testing::peers::S3Server;
 use relaypacs_core::testing::{collect, failing, pattern, pieces};
 use relaypacs_core::{
     ChunkPlacement, ChunkRecord, ChunkStore, ErrorKind, FileId, FileKey, SessionId, Sha256Digest,
 };
 use relaypacs_storage::ObjectStoreChunkStore;
+use relaypacs_test_peers::S3Server;
 
 fn s3(server: &S3Server, secret: &str) -> Arc<dyn ObjectStore> {
     Arc::new(

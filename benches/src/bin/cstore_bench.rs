@@ -32,12 +32,12 @@ use bytes::Bytes;
 use relaypacs_benches::{Cpu, Res, clear_study, median};
 use relaypacs_core::dicom::validate_dicom;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, TransferSyntax, generate, new_uid};
-use relaypacs_core::testing::peers::{Orthanc, tool};
 use relaypacs_core::{
     ByteStream, Error, FileId, FileKey, Instance, InstanceOutcome, InstanceSource, PacsSink,
     Result as RelayResult, SessionId, VerifyingStream,
 };
 use relaypacs_pacs::{CStoreConfig, CStoreSink};
+use relaypacs_test_peers::{Orthanc, tool};
 use tokio::io::AsyncReadExt;
 
 const USAGE: &str =

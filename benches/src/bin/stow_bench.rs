@@ -54,13 +54,13 @@ use relaypacs_benches::{Cpu, Res, clear_study, median};
 use relaypacs_core::dicom::validate_dicom;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, TransferSyntax, generate, new_uid};
 use relaypacs_core::testing::pacs_sink::MemorySource;
-use relaypacs_core::testing::peers::Orthanc;
 use relaypacs_core::{
     Actor, InstanceOutcome, OutboxConfig, OutboxEvent, PacsSink, Pipeline, PipelineConfig,
     SessionId, SessionState, VerifyMode,
 };
 use relaypacs_integration::{Embedded, open_session, upload_file};
 use relaypacs_pacs::{DicomWebAuth, DicomWebConfig, StowSink};
+use relaypacs_test_peers::Orthanc;
 
 const USAGE: &str = "usage: stow_bench [--count N (200)] [--rounds N (3)] [--data DIR (temp dir)] [--verify content|presence (content)]";
 

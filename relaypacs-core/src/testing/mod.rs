@@ -18,7 +18,6 @@ pub mod audit_sink;
 pub mod chunk_store;
 pub mod dicom_gen;
 pub mod pacs_sink;
-pub mod peers;
 pub mod report_source;
 pub mod session_store;
 

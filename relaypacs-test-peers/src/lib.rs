@@ -1,11 +1,25 @@
 //! Real peer processes for tests: find (or install) a tool, pick a free
-//! loopback port, start an S3-compatible server. No mocks: tests talk to the
-//! real thing on 127.0.0.1.
+//! loopback port, start an S3-compatible server, an Orthanc PACS or dcmtk's
+//! `storescp`. No mocks: tests talk to the real thing on 127.0.0.1.
+//!
+//! This crate is unpublished and used only as a dev-dependency (and by the
+//! benches): it runs `scripts/install-peers.sh` from the repository and
+//! finds the repository from `CARGO_MANIFEST_DIR`. A vendor running the
+//! conformance suites needs only `relaypacs-core` with its `testing`
+//! feature, never this crate.
+
+// Test peers: a peer that cannot start must stop the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// A random UID under the `2.25` root (UUID-derived, PS3.5 B.2).
+fn random_uid() -> String {
+    format!("2.25.{}", rand::random::<u128>())
+}
 
 fn workspace_root() -> PathBuf {
     let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -101,8 +115,8 @@ impl S3Server {
         let root = tempfile::tempdir().expect("tempdir");
         let bucket = "relaypacs-test".to_owned();
         std::fs::create_dir(root.path().join(&bucket)).expect("create bucket folder");
-        let access_key = format!("AK{}", &super::dicom_gen::new_uid()[5..21]);
-        let secret_key = super::dicom_gen::new_uid();
+        let access_key = format!("AK{}", &random_uid()[5..21]);
+        let secret_key = random_uid();
         let port = free_port();
         let child = Command::new(bin)
             .args([
@@ -201,7 +215,7 @@ impl Orthanc {
             dicom_port: free_port(),
             aet: "ORTHANC".into(),
             user: "relay".into(),
-            password: super::dicom_gen::new_uid(),
+            password: random_uid(),
             child: None,
             dir,
             allow_get,
