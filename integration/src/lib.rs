@@ -23,6 +23,12 @@ pub struct Embedded {
     pub archive: LocalArchiveSink,
     /// The audit sink.
     pub audit: JsonlAuditSink,
+    /// The session store the pipeline was built with (for assertions on
+    /// what is recorded; the pipeline itself is the only door for work).
+    pub sessions: FileSessionStore,
+    /// The chunk store the pipeline was built with (for assertions on what
+    /// is stored).
+    pub chunks: LocalChunkStore,
 }
 
 impl Embedded {
@@ -43,8 +49,8 @@ impl Embedded {
         let archive = LocalArchiveSink::open(root.join("archive"))?;
         let audit = JsonlAuditSink::open(root.join("audit").join("audit.jsonl"))?;
         let pipeline = Pipeline::new(
-            Arc::new(chunks),
-            Arc::new(sessions),
+            Arc::new(chunks.clone()),
+            Arc::new(sessions.clone()),
             wrap(archive.clone()),
             Arc::new(audit.clone()),
             config,
@@ -54,12 +60,15 @@ impl Embedded {
             root: root.to_path_buf(),
             archive,
             audit,
+            sessions,
+            chunks,
         })
     }
 }
 
 /// Upload `data` as a new file of `session` in chunks of `chunk` bytes (in
-/// order) and complete it.
+/// order, each with its digest declared) and complete it, through
+/// [`Pipeline::ingest_stream_chunked`].
 pub async fn upload_file(
     p: &Pipeline,
     actor: &Actor,
@@ -79,10 +88,9 @@ pub async fn upload_file(
             },
         )
         .await?;
-    for (i, c) in data.chunks(chunk).enumerate() {
-        put(p, actor, session, f.id, (i * chunk) as u64, c).await?;
-    }
-    p.complete_file(actor, session, f.id).await
+    let bytes = pieces(data, 64 << 10);
+    p.ingest_stream_chunked(actor, session, f.id, chunk as u64, bytes)
+        .await
 }
 
 /// Put one chunk with its digest declared.

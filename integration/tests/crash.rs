@@ -4,6 +4,7 @@
 //! completes the file byte-exact.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
+use relaypacs_core::{ChunkStore as _, SessionStore as _};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -34,12 +35,7 @@ fn check_acknowledged(data: &Path, source: &[u8], acked: &[u64]) {
         let st: WriterState = serde_json::from_slice(&b).unwrap();
         let e =
             Embedded::open(data, PipelineConfig::default()).expect("stores reopen after SIGKILL");
-        let chunks = e
-            .pipeline
-            .session_store()
-            .chunks(st.session, st.file)
-            .await
-            .unwrap();
+        let chunks = e.sessions.chunks(st.session, st.file).await.unwrap();
         for off in acked {
             let c = chunks
                 .iter()
@@ -55,15 +51,9 @@ fn check_acknowledged(data: &Path, source: &[u8], acked: &[u64]) {
                 session: st.session,
                 file: st.file,
             };
-            let stored = collect(
-                e.pipeline
-                    .chunk_store()
-                    .read(key, c.offset..c.end())
-                    .await
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+            let stored = collect(e.chunks.read(key, c.offset..c.end()).await.unwrap())
+                .await
+                .unwrap();
             assert_eq!(
                 Sha256Digest::of(&stored),
                 c.sha256,

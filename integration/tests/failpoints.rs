@@ -224,14 +224,8 @@ async fn run_with_fault(fault: Fault, k: u64, data: &[u8]) -> u64 {
         fault,
     });
     let p = Pipeline::new(
-        Arc::new(FaultyChunks(
-            e.pipeline.chunk_store().clone(),
-            faults.clone(),
-        )),
-        Arc::new(FaultySessions(
-            e.pipeline.session_store().clone(),
-            faults.clone(),
-        )),
+        Arc::new(FaultyChunks(Arc::new(e.chunks.clone()), faults.clone())),
+        Arc::new(FaultySessions(Arc::new(e.sessions.clone()), faults.clone())),
         Arc::new(e.archive.clone()),
         Arc::new(e.audit.clone()),
         PipelineConfig::default(),
@@ -249,7 +243,7 @@ async fn run_with_fault(fault: Fault, k: u64, data: &[u8]) -> u64 {
         assert_eq!(err.kind(), want, "k={k} {fault:?}: {err:?}");
         // What was acknowledged is recorded and verified; nothing else is recorded.
         if let (Some(s), Some(f)) = state {
-            let recs = e.pipeline.session_store().chunks(s, f).await.unwrap();
+            let recs = e.sessions.chunks(s, f).await.unwrap();
             let mut recorded: Vec<u64> = recs.iter().map(|c| c.offset).collect();
             recorded.sort();
             let mut want_acked = acked.clone();
@@ -260,8 +254,7 @@ async fn run_with_fault(fault: Fault, k: u64, data: &[u8]) -> u64 {
             );
             for c in &recs {
                 let b = collect(
-                    e.pipeline
-                        .chunk_store()
+                    e.chunks
                         .read(
                             FileKey {
                                 session: s,

@@ -4,6 +4,7 @@
 //! one worker at a time (leases), and a crashed attempt taken over.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
+use relaypacs_core::SessionStore as _;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -169,12 +170,7 @@ fn fast() -> OutboxConfig {
 }
 
 async fn state(s: &Setup) -> relaypacs_core::SessionRecord {
-    s.e.pipeline
-        .session_store()
-        .load_session(s.sid)
-        .await
-        .unwrap()
-        .value
+    s.e.sessions.load_session(s.sid).await.unwrap().value
 }
 
 /// FWD-1: a 202-like partial refusal retries only the refused instance,

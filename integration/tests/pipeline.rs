@@ -3,6 +3,7 @@
 //! anything stored.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
+use relaypacs_core::{ChunkStore as _, SessionStore as _};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -97,32 +98,20 @@ async fn snapshot(
     Vec<Vec<relaypacs_core::ChunkRecord>>,
     Vec<Vec<u8>>,
 ) {
-    let rec = e
-        .pipeline
-        .session_store()
-        .load_session(s)
-        .await
-        .unwrap()
-        .value;
+    let rec = e.sessions.load_session(s).await.unwrap().value;
     let mut chunks = Vec::new();
     let mut bytes = Vec::new();
     for f in rec.files.values() {
-        let c = e.pipeline.session_store().chunks(s, f.id).await.unwrap();
+        let c = e.sessions.chunks(s, f.id).await.unwrap();
         for r in &c {
             let key = relaypacs_core::FileKey {
                 session: s,
                 file: f.id,
             };
             bytes.push(
-                collect(
-                    e.pipeline
-                        .chunk_store()
-                        .read(key, r.offset..r.end())
-                        .await
-                        .unwrap(),
-                )
-                .await
-                .unwrap(),
+                collect(e.chunks.read(key, r.offset..r.end()).await.unwrap())
+                    .await
+                    .unwrap(),
             );
         }
         chunks.push(c);
@@ -307,7 +296,7 @@ async fn bad_input_gives_typed_errors_and_changes_nothing() {
             session: s,
             file: f.id,
         };
-        let gone = match p.chunk_store().read(key, 0..data.len() as u64).await {
+        let gone = match e.chunks.read(key, 0..data.len() as u64).await {
             Err(_) => true,
             Ok(stream) => collect(stream).await.is_err(),
         };
@@ -598,8 +587,8 @@ async fn audit_failure_refuses_the_action() {
     let dir = tempfile::tempdir().unwrap();
     let e = Embedded::open(dir.path(), PipelineConfig::default()).unwrap();
     let p = relaypacs_core::Pipeline::new(
-        e.pipeline.chunk_store().clone(),
-        e.pipeline.session_store().clone(),
+        Arc::new(e.chunks.clone()),
+        Arc::new(e.sessions.clone()),
         Arc::new(e.archive.clone()),
         Arc::new(Broken),
         PipelineConfig::default(),

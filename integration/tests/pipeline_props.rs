@@ -4,6 +4,7 @@
 //! truncated chunk is rejected, and nothing rejected changes stored state.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
+use relaypacs_core::SessionStore as _;
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
@@ -71,13 +72,7 @@ impl FileModel {
 async fn stored_state(e: &Embedded, files: &[FileModel]) -> Vec<Vec<relaypacs_core::ChunkRecord>> {
     let mut out = Vec::new();
     for f in files {
-        out.push(
-            e.pipeline
-                .session_store()
-                .chunks(f.session, f.id)
-                .await
-                .unwrap(),
-        );
+        out.push(e.sessions.chunks(f.session, f.id).await.unwrap());
     }
     out
 }

@@ -30,7 +30,7 @@ async fn study_through_s3_chunk_store() {
     let local = Embedded::open(dir.path(), PipelineConfig::default()).unwrap();
     let p = Pipeline::new(
         Arc::new(ObjectStoreChunkStore::new(Arc::new(s3), "gateway")),
-        local.pipeline.session_store().clone(),
+        Arc::new(local.sessions.clone()),
         Arc::new(local.archive.clone()),
         Arc::new(local.audit.clone()),
         PipelineConfig::default(),

@@ -55,8 +55,8 @@ pub use pacs_sink::{
     VerifyMode, compare_content,
 };
 pub use pipeline::{
-    DuplicatePolicy, FileStatus, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk,
-    PutOutcome, contiguous_end,
+    DuplicatePolicy, FileStatus, INGEST_CHUNK_SIZE, NewFile, NewSession, Pipeline, PipelineConfig,
+    PutChunk, PutOutcome, contiguous_end,
 };
 pub use report_source::{ReportKind, ReportRef, ReportSource};
 pub use session_store::{ChunkInsert, InstanceClaim, SessionStore};

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::SinkConfig;
 use relaypacs_core::{
-    AuditAction, AuditEvent, AuditOutcome, AuditSink, ChunkStore, FileState, PacsSink, Pipeline,
-    SessionState, SessionStore,
+    Actor, AuditAction, AuditEvent, AuditOutcome, AuditSink, ChunkStore, FileState, PacsSink,
+    Pipeline, SessionState, SessionStore,
 };
 use relaypacs_pacs::{CStoreSink, DicomWebReports, FanOutSink, LocalArchiveSink, StowSink};
 use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
@@ -233,20 +233,16 @@ impl AppState {
 
     /// Rebuild the per-user count of unfinished uploads from the sessions.
     async fn count_open_uploads(&self) -> relaypacs_core::Result<()> {
-        let store = self.pipeline.session_store().clone();
         let mut map: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
-        for id in store.list_sessions().await? {
-            let Ok(v) = store.load_session(id).await else {
-                continue;
-            };
-            if v.value.state != SessionState::Open {
+        for rec in self.pipeline.list_sessions(&Actor::system()).await? {
+            if rec.state != SessionState::Open {
                 continue;
             }
-            for f in v.value.files.values() {
+            for f in rec.files.values() {
                 if f.state == FileState::Uploading {
-                    map.entry(v.value.owner.clone())
+                    map.entry(rec.owner.clone())
                         .or_default()
-                        .insert(crate::routes::tus::upload_id(id, f.id));
+                        .insert(crate::routes::tus::upload_id(rec.id, f.id));
                 }
             }
         }

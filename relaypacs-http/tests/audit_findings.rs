@@ -189,8 +189,7 @@ async fn finding_02_failed_write_never_records_a_chunk() {
                 .server()
                 .state()
                 .pipeline
-                .session_store()
-                .chunks(sid, fid)
+                .file_chunks(&relaypacs_core::Actor::system(), sid, fid)
                 .await
                 .unwrap();
             assert!(

@@ -226,10 +226,10 @@ async fn main() -> Res<()> {
     let embedded = Embedded::open(&work.path().join("data"), PipelineConfig::default())?;
     let local = &embedded.pipeline;
     let pipeline = Pipeline::new(
-        local.chunk_store().clone(),
-        local.session_store().clone(),
+        Arc::new(embedded.chunks.clone()),
+        Arc::new(embedded.sessions.clone()),
         Arc::new(sink.clone()),
-        local.audit_sink().clone(),
+        Arc::new(embedded.audit.clone()),
         local.config().clone(),
     );
     let actor = Actor::user("bench");

@@ -15,15 +15,13 @@ use std::sync::Arc;
 use futures::StreamExt;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, generate, new_uid};
 use relaypacs_core::{
-    Actor, ByteStream, Error, FileState, NewFile, NewSession, Pipeline, PipelineConfig, PutChunk,
+    Actor, ByteStream, Error, FileState, NewFile, NewSession, Pipeline, PipelineConfig,
     SessionState, Sha256Digest,
 };
 use relaypacs_pacs::LocalArchiveSink;
 use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore, verify_chain};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-
-const CHUNK: u64 = 8 << 20;
+use tokio::io::AsyncReadExt;
 
 fn usage() -> ! {
     eprintln!("usage: ingest [FOLDER] [--data DIR]");
@@ -43,15 +41,15 @@ async fn file_digest(path: &Path) -> std::io::Result<Sha256Digest> {
     }
 }
 
-async fn chunk_body(path: &Path, offset: u64, len: u64) -> std::io::Result<ByteStream> {
-    let mut f = tokio::fs::File::open(path).await?;
-    f.seek(std::io::SeekFrom::Start(offset)).await?;
-    let s = tokio_util::io::ReaderStream::with_capacity(f.take(len), 256 << 10)
+async fn file_body(path: &Path) -> std::io::Result<ByteStream> {
+    let f = tokio::fs::File::open(path).await?;
+    let s = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10)
         .map(|r| r.map_err(|e| Error::io("read input file", e)));
     Ok(Box::pin(s))
 }
 
-/// Upload one file in 8 MiB chunks and complete it.
+/// Upload one file through the pipeline (8 MiB chunks, each with its
+/// digest) and complete it.
 async fn ingest_file(
     p: &Pipeline,
     actor: &Actor,
@@ -80,27 +78,10 @@ async fn ingest_file(
             },
         )
         .await?;
-    let mut off = 0;
-    while off < size {
-        let len = (size - off).min(CHUNK);
-        let body = chunk_body(path, off, len)
-            .await
-            .map_err(|e| Error::io("read input", e))?;
-        p.put_chunk(
-            actor,
-            s,
-            f.id,
-            PutChunk {
-                offset: off,
-                length: len,
-                sha256: None,
-            },
-            body,
-        )
-        .await?;
-        off += len;
-    }
-    Ok(p.complete_file(actor, s, f.id).await?.state)
+    let body = file_body(path)
+        .await
+        .map_err(|e| Error::io("read input", e))?;
+    Ok(p.ingest_stream(actor, s, f.id, body).await?.state)
 }
 
 fn demo_study(dir: &Path) -> std::io::Result<()> {

@@ -32,7 +32,7 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Response> {
         }
         Err(e) => return Err(ApiError::internal("readyz disk", &e)),
     }
-    state.pipeline.session_store().list_sessions().await?;
+    state.pipeline.check_ready().await?;
     Ok(axum::Json(serde_json::json!({ "status": "ready" })).into_response())
 }
 

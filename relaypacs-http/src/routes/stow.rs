@@ -24,13 +24,14 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use relaypacs_core::{
-    ByteStream, DicomSummary, Error, ErrorKind, FileId, NewFile, NewSession, PutChunk, SessionId,
+    ByteStream, DicomSummary, Error, ErrorKind, FileId, NewFile, NewSession, SessionId,
     Sha256Digest, Uid,
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::{AuthUser, Path};
 use crate::error::{ApiError, ApiResult};
@@ -175,44 +176,15 @@ fn comment_for(e: &Error, sop_instance: Option<&str>) -> String {
     };
     format!("{}: {text}", root.code())
 }
-fn bad_media(msg: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "RELAY_UNSUPPORTED_MEDIA_TYPE",
-        msg.to_string(),
-    )
-}
-
 /// The multipart boundary of a STOW-RS request.
 fn boundary(headers: &HeaderMap) -> ApiResult<String> {
     let ct = headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            bad_media("Content-Type multipart/related; type=\"application/dicom\" is required")
-        })?;
-    let m: mime::Mime = ct
-        .parse()
-        .map_err(|_| bad_media("unparsable Content-Type"))?;
-    if m.type_() != mime::MULTIPART || m.subtype().as_str() != "related" {
-        return Err(bad_media("Content-Type must be multipart/related"));
-    }
-    if let Some(t) = m.get_param("type")
-        && !t.as_str().eq_ignore_ascii_case("application/dicom")
-    {
-        return Err(bad_media("only type=\"application/dicom\" is supported"));
-    }
-    let b = m
-        .get_param(mime::BOUNDARY)
-        .map(|b| b.as_str().to_string())
-        .filter(|b| !b.is_empty() && b.len() <= 70)
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "RELAY_BAD_MULTIPART",
-                "multipart boundary missing or longer than 70 characters",
-            )
-        })?;
-    Ok(b)
+        .and_then(|v| v.to_str().ok());
+    Ok(crate::stow_headers::stow_boundary(
+        ct,
+        crate::stow_headers::MAX_BOUNDARY_LEN,
+    )?)
 }
 
 /// Deletes a spool file when dropped.
@@ -310,38 +282,22 @@ async fn ingest(
         .await
         .map_err(|e| (None, e))?;
     let fail = |e: Error| (Some(file.id), e);
-    let seg = state.config.http.patch_segment_size;
-    let mut f = tokio::fs::File::open(&spool.0)
+    let f = tokio::fs::File::open(&spool.0)
         .await
         .map_err(|e| fail(Error::io("read spool", e)))?;
-    let mut offset = 0u64;
-    let plan = super::tus::plan_segments(0, size, seg, state.config.limits.min_chunk_size);
-    for (_, len) in plan {
-        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
-        f.read_exact(&mut buf)
-            .await
-            .map_err(|e| fail(Error::io("read spool", e)))?;
-        let body: ByteStream = relaypacs_core::bytes_stream(buf);
-        state
-            .pipeline
-            .put_chunk(
-                &actor,
-                sid,
-                file.id,
-                PutChunk {
-                    offset,
-                    length: len,
-                    sha256: None,
-                },
-                body,
-            )
-            .await
-            .map_err(fail)?;
-        offset += len;
-    }
+    let bytes: ByteStream = Box::pin(
+        tokio_util::io::ReaderStream::with_capacity(f, 256 << 10)
+            .map(|r| r.map_err(|e| Error::io("read spool", e))),
+    );
     let rec = state
         .pipeline
-        .complete_file(&actor, sid, file.id)
+        .ingest_stream_chunked(
+            &actor,
+            sid,
+            file.id,
+            state.config.http.patch_segment_size,
+            bytes,
+        )
         .await
         .map_err(fail)?;
     match rec.state {

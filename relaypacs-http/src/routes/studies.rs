@@ -5,8 +5,8 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use relaypacs_core::{
-    DicomSummary, FileState, NewSession, SessionId, SessionRecord, SessionState, Verification,
-    contiguous_end,
+    Actor, DicomSummary, FileState, NewSession, SessionId, SessionRecord, SessionState,
+    Verification,
 };
 use serde::{Deserialize, Serialize};
 
@@ -99,15 +99,14 @@ pub(crate) fn presence_only(rec: &SessionRecord) -> usize {
         .count()
 }
 
-async fn view(state: &AppState, rec: SessionRecord) -> ApiResult<StudyView> {
+async fn view(state: &AppState, actor: &Actor, rec: SessionRecord) -> ApiResult<StudyView> {
+    let offsets = state.pipeline.file_offsets(actor, rec.id).await?;
     let mut files = Vec::with_capacity(rec.files.len());
     for f in rec.files.values() {
         let (offset, st, dicom) = match &f.state {
             FileState::Valid { dicom } => (f.size, "valid", Some(dicom.clone())),
-            _ => {
-                let chunks = state.pipeline.session_store().chunks(rec.id, f.id).await?;
-                (contiguous_end(&chunks), "uploading", None)
-            }
+            // A file added since the record was read has no offset yet.
+            _ => (offsets.get(&f.id).copied().unwrap_or(0), "uploading", None),
         };
         let warnings = dicom
             .as_ref()
@@ -180,16 +179,20 @@ pub async fn create(
         }
         serde_json::from_value(v).map_err(|e| bad(e.to_string()))?
     };
+    let actor = user.actor();
     let rec = state
         .pipeline
         .create_session(
-            &user.actor(),
+            &actor,
             NewSession {
                 allow_multiple_studies: req.allow_multiple_studies,
             },
         )
         .await?;
-    Ok((StatusCode::CREATED, axum::Json(view(&state, rec).await?)))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(view(&state, &actor, rec).await?),
+    ))
 }
 
 /// `GET /api/v1/studies`: the caller's sessions (an admin sees all).
@@ -197,14 +200,14 @@ pub async fn list(
     State(state): State<AppState>,
     user: AuthUser,
 ) -> ApiResult<axum::Json<Vec<StudyView>>> {
-    let store = state.pipeline.session_store().clone();
+    let actor = user.actor();
     let mut out = Vec::new();
-    for id in store.list_sessions().await? {
-        let Ok(v) = store.load_session(id).await else {
-            continue;
-        };
-        if v.value.owner == user.id || user.role == crate::auth::Role::Admin {
-            out.push(view(&state, v.value).await?);
+    for rec in state.pipeline.list_sessions(&actor).await? {
+        match view(&state, &actor, rec).await {
+            Ok(v) => out.push(v),
+            // Removed (aborted, expired) since the list was read.
+            Err(e) if e.status == StatusCode::NOT_FOUND => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(axum::Json(out))
@@ -216,11 +219,9 @@ pub async fn show(
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<StudyView>> {
-    let rec = state
-        .pipeline
-        .session(&user.actor(), parse_id(&id)?)
-        .await?;
-    Ok(axum::Json(view(&state, rec).await?))
+    let actor = user.actor();
+    let rec = state.pipeline.session(&actor, parse_id(&id)?).await?;
+    Ok(axum::Json(view(&state, &actor, rec).await?))
 }
 
 /// `POST /api/v1/studies/{id}/complete`: verify and validate any fully
@@ -275,7 +276,10 @@ pub async fn complete(
         }
     };
     state.metrics.forward("queued");
-    Ok((StatusCode::ACCEPTED, axum::Json(view(&state, rec).await?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(view(&state, &actor, rec).await?),
+    ))
 }
 
 /// `DELETE /api/v1/studies/{id}`: abort and remove the session.

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use relaypacs_core::{
     ByteStream, Error, FileId, FileState, IntegrityError, NewFile, PutChunk, SessionId,
-    SessionState, Sha256Digest,
+    Sha256Digest,
 };
 use sha1::Digest as _;
 
@@ -361,14 +361,10 @@ async fn write_body(
     let _write = enter_write(state, &id)?;
     let _permit = user_permit(state, &user.id)?;
     let actor = user.actor();
+    // The session's state, the chunk ranges and sizes are the core's rules
+    // (put_chunk answers RELAY_SESSION_NOT_OPEN, RELAY_CHUNK_TOO_SMALL, …);
+    // the offset is tus's: a PATCH continues exactly where the upload is.
     let status = state.pipeline.file_status(&actor, sid, fid).await?;
-    if status.session_state != SessionState::Open {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "RELAY_SESSION_NOT_OPEN",
-            "the study no longer accepts uploads",
-        ));
-    }
     if offset != status.offset {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -380,7 +376,7 @@ async fn write_body(
         ));
     }
     let size = status.file.size;
-    let end = offset
+    offset
         .checked_add(length)
         .filter(|&e| e <= size)
         .ok_or_else(|| {
@@ -395,15 +391,6 @@ async fn write_body(
         return Ok((done, status.expires_at));
     }
     let limits = &state.config.limits;
-    if length < limits.min_chunk_size && end != size {
-        return Err(ApiError::bad_request(
-            "RELAY_PATCH_TOO_SMALL",
-            format!(
-                "PATCH bodies must have at least {} bytes unless they end the upload",
-                limits.min_chunk_size
-            ),
-        ));
-    }
     match state.watermark.admit(0) {
         Ok(Ok(free)) if free >= length => {}
         Ok(_) => {

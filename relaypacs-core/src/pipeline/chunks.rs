@@ -1,0 +1,448 @@
+//! Chunks: putting one chunk of a file (range reservation, verification while it
+//! streams, durable record), and a whole file put through the same rules.
+
+use super::*;
+
+/// What [`Pipeline::put_chunk`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum PutOutcome {
+    /// The chunk is now durable and recorded.
+    Stored {
+        /// The record.
+        chunk: ChunkRecord,
+    },
+    /// The identical chunk was already stored; nothing changed.
+    AlreadyStored {
+        /// The existing record.
+        chunk: ChunkRecord,
+    },
+}
+
+impl PutOutcome {
+    /// The chunk record either way.
+    pub fn chunk(&self) -> &ChunkRecord {
+        match self {
+            Self::Stored { chunk } | Self::AlreadyStored { chunk } => chunk,
+        }
+    }
+}
+
+/// Default chunk size of [`Pipeline::ingest_stream`] (8 MiB).
+pub const INGEST_CHUNK_SIZE: u64 = 8 << 20;
+
+/// Cuts a byte stream into chunks of exact lengths.
+struct ChunkReader {
+    stream: ByteStream,
+    leftover: bytes::Bytes,
+}
+
+impl ChunkReader {
+    /// The next `length` bytes (of the chunk at `offset`), gathered in one
+    /// buffer.
+    async fn take(&mut self, offset: u64, length: u64) -> Result<bytes::Bytes> {
+        let want = usize::try_from(length).map_err(|_| Error::LimitExceeded {
+            what: "chunk size",
+            limit: usize::MAX as u64,
+            actual: length,
+        })?;
+        if self.leftover.len() >= want {
+            return Ok(self.leftover.split_to(want));
+        }
+        let mut buf = bytes::BytesMut::with_capacity(want);
+        buf.extend_from_slice(&std::mem::take(&mut self.leftover));
+        while buf.len() < want {
+            let Some(item) = self.stream.next().await else {
+                return Err(IntegrityError::ChunkLength {
+                    offset,
+                    expected: length,
+                    actual: buf.len() as u64,
+                }
+                .into());
+            };
+            let mut piece = item?;
+            let room = want - buf.len();
+            if piece.len() > room {
+                self.leftover = piece.split_off(room);
+            }
+            buf.extend_from_slice(&piece);
+        }
+        Ok(buf.freeze())
+    }
+
+    /// The stream must hold no byte after the declared `size`.
+    async fn expect_end(&mut self, size: u64) -> Result<()> {
+        let mut extra = self.leftover.len() as u64;
+        while extra == 0 {
+            match self.stream.next().await {
+                Some(item) => extra += item?.len() as u64,
+                None => return Ok(()),
+            }
+        }
+        Err(IntegrityError::ChunkLength {
+            offset: size,
+            expected: 0,
+            actual: extra,
+        }
+        .into())
+    }
+}
+
+/// Releases a reserved byte range when dropped (also on cancellation).
+struct Reservation {
+    gate: Arc<Gate>,
+    file: FileId,
+    range: Range<u64>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut r = lock(&self.gate.reserved);
+        if let Some(i) = r
+            .iter()
+            .position(|(f, rg)| *f == self.file && *rg == self.range)
+        {
+            r.swap_remove(i);
+        }
+    }
+}
+
+impl Reservation {
+    /// Reserve `range` of `file` in the session's gate, or answer busy when
+    /// another request is writing an overlapping range.
+    fn take(gate: &Arc<Gate>, file: FileId, range: Range<u64>) -> Result<Self> {
+        let mut r = lock(&gate.reserved);
+        if r.iter().any(|(f, rg)| *f == file && overlaps(rg, &range)) {
+            return Err(Error::Busy {
+                what: format!(
+                    "range {}..{} is being written by another request",
+                    range.start, range.end
+                ),
+            });
+        }
+        r.push((file, range.clone()));
+        Ok(Self {
+            gate: gate.clone(),
+            file,
+            range,
+        })
+    }
+}
+
+fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+/// A new range must not overlap a recorded chunk (other than one at the
+/// same offset and length, which is a retry).
+fn check_no_overlap(recorded: &[ChunkRecord], range: &Range<u64>) -> Result<()> {
+    match recorded
+        .iter()
+        .find(|c| overlaps(&(c.offset..c.end()), range))
+    {
+        Some(c) => Err(Error::conflict(
+            "RELAY_CHUNK_OVERLAP",
+            format!(
+                "range {}..{} overlaps the stored chunk {}..{}",
+                range.start,
+                range.end,
+                c.offset,
+                c.end()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+impl Pipeline {
+    /// Store one chunk of a file. The body is verified against
+    /// `chunk.length` and `chunk.sha256` while it streams; only once the
+    /// bytes are durable is the chunk recorded. Re-sending a stored chunk
+    /// is a no-op; the same range with other bytes is a conflict.
+    pub async fn put_chunk(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+        chunk: PutChunk,
+        body: ByteStream,
+    ) -> Result<PutOutcome> {
+        let gate = self.gate(id);
+        let _g = gate.rw.read().await;
+        let current = self.load_owned(actor, id).await?;
+        let mut ev = Self::event(
+            actor,
+            AuditAction::ChunkStored,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        ev.file = Some(file);
+        ev.detail = format!("offset={} length={}", chunk.offset, chunk.length);
+        match self
+            .put_chunk_inner(&gate, id, file, current, chunk, body)
+            .await
+        {
+            Ok(out) => {
+                if matches!(out, PutOutcome::Stored { .. }) {
+                    self.audit(ev).await?;
+                }
+                Ok(out)
+            }
+            Err(e) => self.refuse(ev, e).await,
+        }
+    }
+
+    async fn put_chunk_inner(
+        &self,
+        gate: &Arc<Gate>,
+        id: SessionId,
+        file_id: FileId,
+        current: Versioned<SessionRecord>,
+        chunk: PutChunk,
+        body: ByteStream,
+    ) -> Result<PutOutcome> {
+        let range = Self::check_chunk(&current.value, file_id, &chunk)?;
+        // Already recorded? Then this is a retry (no-op) or a conflict; the
+        // stored range is never written again either way.
+        let recorded = self.inner.sessions.chunks(id, file_id).await?;
+        if let Some(existing) = recorded
+            .iter()
+            .find(|c| c.offset == chunk.offset && c.length == chunk.length)
+        {
+            return self.retry_of(existing.clone(), chunk, body).await;
+        }
+        check_no_overlap(&recorded, &range)?;
+        let _reservation = Reservation::take(gate, file_id, range)?;
+        let key = FileKey {
+            session: id,
+            file: file_id,
+        };
+        let record = self.store_chunk(key, chunk, body).await?;
+        match self
+            .inner
+            .sessions
+            .record_chunk(id, file_id, &record)
+            .await?
+        {
+            ChunkInsert::Inserted => {}
+            ChunkInsert::Existing(other)
+                if other.sha256 == record.sha256 && other.length == record.length =>
+            {
+                return Ok(PutOutcome::AlreadyStored { chunk: other });
+            }
+            ChunkInsert::Existing(_) => {
+                return Err(Error::conflict(
+                    "RELAY_CHUNK_CONFLICT",
+                    "another chunk was recorded at this offset",
+                ));
+            }
+        }
+        self.keep_alive(id, current).await?;
+        Ok(PutOutcome::Stored { chunk: record })
+    }
+
+    /// The chunk rules that need no I/O: the session is open, the file is
+    /// uploading, the range lies in the file and its length is within the
+    /// session's limits (only the last chunk may be shorter than the
+    /// minimum). Returns the chunk's byte range.
+    fn check_chunk(rec: &SessionRecord, file_id: FileId, chunk: &PutChunk) -> Result<Range<u64>> {
+        Self::require_open(rec)?;
+        let file = rec
+            .files
+            .get(&file_id)
+            .ok_or(Error::NotFound { what: "file" })?;
+        if !matches!(file.state, FileState::Uploading) {
+            return Err(Error::conflict(
+                "RELAY_FILE_COMPLETE",
+                "the file is already complete",
+            ));
+        }
+        let limits = &rec.limits;
+        let end = chunk
+            .offset
+            .checked_add(chunk.length)
+            .filter(|e| *e <= file.size)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "RELAY_BAD_RANGE",
+                    format!("chunk range exceeds the declared file size {}", file.size),
+                )
+            })?;
+        if chunk.length == 0 {
+            return Err(Error::invalid(
+                "RELAY_BAD_RANGE",
+                "chunk length must be at least 1",
+            ));
+        }
+        if chunk.length > limits.max_chunk_size {
+            return Err(Error::LimitExceeded {
+                what: "chunk size",
+                limit: limits.max_chunk_size,
+                actual: chunk.length,
+            });
+        }
+        if chunk.length < limits.min_chunk_size && end != file.size {
+            return Err(Error::invalid(
+                "RELAY_CHUNK_TOO_SMALL",
+                format!(
+                    "only the last chunk may be smaller than {} bytes",
+                    limits.min_chunk_size
+                ),
+            ));
+        }
+        Ok(chunk.offset..end)
+    }
+
+    /// Stream the body into the chunk store, verified against the declared
+    /// length and digest on the way; the record of the durable chunk.
+    async fn store_chunk(
+        &self,
+        key: FileKey,
+        chunk: PutChunk,
+        body: ByteStream,
+    ) -> Result<ChunkRecord> {
+        let (verifying, slot) =
+            VerifyingStream::new(body, chunk.offset, chunk.length, chunk.sha256);
+        let placement = ChunkPlacement {
+            offset: chunk.offset,
+            length: chunk.length,
+        };
+        let receipt = self
+            .inner
+            .chunks
+            .put_chunk(key, placement, Box::pin(verifying))
+            .await?;
+        let sha256 = slot.get().ok_or_else(|| {
+            Error::storage(
+                crate::error::StorageErrorKind::Io,
+                "put chunk",
+                format!(
+                    "{} returned before consuming the whole chunk body",
+                    self.inner.chunks
+                ),
+            )
+        })?;
+        Ok(ChunkRecord {
+            offset: chunk.offset,
+            length: chunk.length,
+            sha256,
+            receipt,
+        })
+    }
+
+    /// Keep the session's activity time fresh for expiry: at most once a
+    /// minute (one extra durable write per minute of upload), and at least
+    /// four times per TTL, so a short TTL never expires a session that
+    /// receives chunks.
+    async fn keep_alive(&self, id: SessionId, current: Versioned<SessionRecord>) -> Result<()> {
+        let every = (current.value.limits.session_ttl_secs / 4).min(60);
+        let idle = (OffsetDateTime::now_utc() - current.value.updated_at).whole_seconds();
+        if idle >= 0 && idle as u64 >= every {
+            self.update(id, current, |_| Ok(())).await?;
+        }
+        Ok(())
+    }
+
+    /// A chunk for an already-recorded range: identical bytes are a no-op,
+    /// other bytes a conflict. The body is only read (to compare) when no
+    /// digest was declared.
+    async fn retry_of(
+        &self,
+        existing: ChunkRecord,
+        chunk: PutChunk,
+        body: ByteStream,
+    ) -> Result<PutOutcome> {
+        let same = match chunk.sha256 {
+            Some(d) => d == existing.sha256,
+            None => {
+                let (mut s, slot) = VerifyingStream::new(body, chunk.offset, chunk.length, None);
+                while let Some(item) = s.next().await {
+                    item?;
+                }
+                slot.get() == Some(existing.sha256)
+            }
+        };
+        if same {
+            Ok(PutOutcome::AlreadyStored { chunk: existing })
+        } else {
+            Err(Error::conflict(
+                "RELAY_CHUNK_CONFLICT",
+                format!(
+                    "a different chunk is already stored at offset {}",
+                    existing.offset
+                ),
+            ))
+        }
+    }
+
+    /// Put a whole declared file through the chunk rules and complete it:
+    /// `bytes` (exactly the file's declared size) is cut into chunks of
+    /// [`INGEST_CHUNK_SIZE`] (at most the session's largest chunk), each
+    /// put with its SHA-256 computed and declared, as
+    /// [`put_chunk`](Self::put_chunk) does for a client's chunk (range
+    /// reservation, verification, durable record, audit); then
+    /// [`complete_file`](Self::complete_file) verifies and validates the
+    /// file. A chunk already stored with the same bytes is a no-op, so a
+    /// repeated call resumes where an earlier one stopped.
+    ///
+    /// # Errors
+    /// Those of [`put_chunk`](Self::put_chunk) and
+    /// [`complete_file`](Self::complete_file) (a file refused for its
+    /// content has left its session: [`Error::FileRefused`]); a stream
+    /// shorter or longer than the declared size fails with
+    /// `RELAY_CHUNK_LENGTH_MISMATCH`, and an error of the stream itself is
+    /// returned as it is.
+    pub async fn ingest_stream(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+        bytes: ByteStream,
+    ) -> Result<FileRecord> {
+        self.ingest_stream_chunked(actor, id, file, INGEST_CHUNK_SIZE, bytes)
+            .await
+    }
+
+    /// [`ingest_stream`](Self::ingest_stream) with chunks of `chunk_size`
+    /// bytes (at most the session's largest chunk; a size below the
+    /// session's smallest chunk is refused by the chunk rules).
+    ///
+    /// # Errors
+    /// As [`ingest_stream`](Self::ingest_stream).
+    pub async fn ingest_stream_chunked(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+        chunk_size: u64,
+        bytes: ByteStream,
+    ) -> Result<FileRecord> {
+        let current = self.load_owned(actor, id).await?;
+        let size = current
+            .value
+            .files
+            .get(&file)
+            .ok_or(Error::NotFound { what: "file" })?
+            .size;
+        let chunk_size = chunk_size.min(current.value.limits.max_chunk_size).max(1);
+        let mut reader = ChunkReader {
+            stream: bytes,
+            leftover: bytes::Bytes::new(),
+        };
+        let mut offset = 0u64;
+        while offset < size {
+            let length = chunk_size.min(size - offset);
+            let data = reader.take(offset, length).await?;
+            let spec = PutChunk {
+                offset,
+                length,
+                sha256: Some(Sha256Digest::of(&data)),
+            };
+            self.put_chunk(actor, id, file, spec, crate::digest::bytes_stream(data))
+                .await?;
+            offset += length;
+        }
+        reader.expect_end(size).await?;
+        self.complete_file(actor, id, file).await
+    }
+}

@@ -1,0 +1,485 @@
+//! Completion of a file: read-back against every acknowledged chunk digest and the
+//! whole-file SHA-256, DICOM validation, and the claim in the index of accepted
+//! instances.
+
+use super::*;
+
+/// Whether `err` refuses a file for its content, so that it is removed
+/// from its session (see [`Pipeline::complete_file`]).
+fn refuses_content(err: &Error) -> bool {
+    match err {
+        Error::Dicom(_) | Error::StudyMismatch { .. } => true,
+        Error::Integrity(IntegrityError::FileHash { .. }) => true,
+        Error::Conflict { code, .. } => {
+            matches!(
+                *code,
+                "RELAY_DUPLICATE_INSTANCE" | "RELAY_INSTANCE_CONFLICT"
+            )
+        }
+        _ => false,
+    }
+}
+
+/// Result of a full read-back of a stored file.
+struct ReadBack {
+    prefix: Vec<u8>,
+    sha256: Sha256Digest,
+    /// Digest of the data set after the file meta group, when the meta
+    /// group could be read.
+    data_set_sha256: Option<Sha256Digest>,
+}
+
+impl Pipeline {
+    /// Verify and validate a file whose chunks are all stored: the chunks
+    /// must tile the file, every stored chunk must still hash to what was
+    /// acknowledged, the whole file must match its declared SHA-256, the
+    /// content must be valid DICOM of the session's study, and its SOP
+    /// Instance UID must not stand for other content the gateway accepted
+    /// before (see [`DuplicatePolicy`]).
+    ///
+    /// A file refused for its content (invalid DICOM, wrong study, a
+    /// duplicate or conflicting instance, a whole-file digest mismatch) is
+    /// removed from the session with its bytes, so the session stays open
+    /// for its other files; the error is then [`Error::FileRefused`],
+    /// carrying the UIDs that could be read.
+    pub async fn complete_file(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+    ) -> Result<FileRecord> {
+        let gate = self.gate(id);
+        let guard = gate.rw.read().await;
+        let current = self.load_owned(actor, id).await?;
+        let mut ev = Self::event(
+            actor,
+            AuditAction::FileCompleted,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        ev.file = Some(file);
+        let (err, known) = match self.complete_file_inner(id, file, current).await {
+            Ok(f) => {
+                if let FileState::Valid { dicom } = &f.state {
+                    ev.study = Some(dicom.study_instance_uid.clone());
+                    ev.patient_id = Some(dicom.patient_id.clone());
+                    ev.detail = format!(
+                        "sop_instance_uid={} sha256={}",
+                        dicom.sop_instance_uid,
+                        f.sha256.map(|d| d.to_hex()).unwrap_or_default()
+                    );
+                    if !dicom.warnings.is_empty() {
+                        ev.detail
+                            .push_str(&format!(" warnings={}", dicom.warnings.join("; ")));
+                    }
+                }
+                self.audit(ev).await?;
+                return Ok(f);
+            }
+            Err(refusal) => refusal,
+        };
+        drop(guard);
+        if !refuses_content(&err) {
+            return self.refuse(ev, err).await;
+        }
+        // Content the gateway will never accept: the file goes, with its
+        // bytes and any claim it holds.
+        let uid = |v: &Option<String>| v.as_deref().and_then(|v| Uid::parse(v).ok());
+        ev.study = uid(&known.study_instance_uid);
+        ev.patient_id = known.patient_id.clone();
+        let err = match self.drop_file(id, file, true).await {
+            Ok(()) => Error::FileRefused {
+                sop_class_uid: uid(&known.sop_class_uid),
+                sop_instance_uid: uid(&known.sop_instance_uid),
+                source: Box::new(err),
+            },
+            Err(e) => e,
+        };
+        self.refuse(ev, err).await
+    }
+
+    async fn complete_file_inner(
+        &self,
+        id: SessionId,
+        file_id: FileId,
+        current: Versioned<SessionRecord>,
+    ) -> std::result::Result<FileRecord, (Error, Identified)> {
+        let plain = |e: Error| (e, Identified::default());
+        Self::require_open(&current.value).map_err(plain)?;
+        let file = current
+            .value
+            .files
+            .get(&file_id)
+            .cloned()
+            .ok_or_else(|| plain(Error::NotFound { what: "file" }))?;
+        if matches!(file.state, FileState::Valid { .. }) {
+            return Ok(file);
+        }
+        let chunks = self
+            .inner
+            .sessions
+            .chunks(id, file_id)
+            .await
+            .map_err(plain)?;
+        let mut missing = Vec::new();
+        let mut pos = 0u64;
+        for c in &chunks {
+            if c.offset > pos {
+                missing.push(format!("{}..{}", pos, c.offset));
+            }
+            pos = pos.max(c.end());
+        }
+        if pos < file.size {
+            missing.push(format!("{}..{}", pos, file.size));
+        }
+        if !missing.is_empty() {
+            let shown: Vec<_> = missing.iter().take(8).cloned().collect();
+            return Err(plain(Error::invalid(
+                "RELAY_FILE_INCOMPLETE",
+                format!(
+                    "{} byte range(s) not uploaded yet: {}",
+                    missing.len(),
+                    shown.join(", ")
+                ),
+            )));
+        }
+        let key = FileKey {
+            session: id,
+            file: file_id,
+        };
+        self.inner
+            .chunks
+            .seal_file(key, file.size, &chunks)
+            .await
+            .map_err(plain)?;
+        let header_cap = self.inner.config.dicom.max_header_bytes.min(file.size);
+        let back = self
+            .read_back(key, file.size, &chunks, header_cap)
+            .await
+            .map_err(plain)?;
+        if let Some(expected) = file.sha256
+            && expected != back.sha256
+        {
+            return Err(plain(
+                IntegrityError::FileHash {
+                    expected: expected.to_hex(),
+                    actual: back.sha256.to_hex(),
+                }
+                .into(),
+            ));
+        }
+        let limits = self.inner.config.dicom.clone();
+        let size = file.size;
+        let prefix = back.prefix;
+        let (validated, known) = tokio::task::spawn_blocking(move || {
+            let validated = validate_dicom(&prefix, size, &limits);
+            // On refusal, whatever identifies the file still goes back to
+            // the client (STOW-RS references it in its failure).
+            let known = match &validated {
+                Ok(_) => Identified::default(),
+                Err(_) => crate::dicom::identify(&prefix, size, &limits.prescan),
+            };
+            (validated, known)
+        })
+        .await
+        .map_err(|e| {
+            plain(Error::Dicom(crate::dicom::DicomError::Parser {
+                message: format!("validator task failed: {e}"),
+            }))
+        })?;
+        let mut dicom = match validated {
+            Ok(d) => d,
+            Err(e) => return Err((Error::Dicom(e), known)),
+        };
+        let refused = |e: Error, d: &DicomSummary| (e, Identified::from(d));
+        let data_set_sha256 = back.data_set_sha256.ok_or_else(|| {
+            refused(
+                Error::Dicom(crate::dicom::DicomError::Malformed {
+                    offset: 0,
+                    reason: "the file meta group could not be delimited".into(),
+                }),
+                &dicom,
+            )
+        })?;
+        let claimed = match self.claim(id, file_id, &dicom, data_set_sha256).await {
+            Ok((claimed, warning)) => {
+                dicom.warnings.extend(warning);
+                claimed
+            }
+            Err(e) => return Err(refused(e, &dicom)),
+        };
+        let digest = back.sha256;
+        let updated = self
+            .update(id, current, |rec| {
+                Self::require_open(rec)?;
+                if let Some(study) = &rec.study_instance_uid
+                    && *study != dicom.study_instance_uid
+                    && !rec.allow_multiple_studies
+                {
+                    return Err(Error::StudyMismatch { expected: study.to_string(), actual: dicom.study_instance_uid.to_string() });
+                }
+                if rec.files.values().any(|f| {
+                    f.id != file_id && matches!(&f.state, FileState::Valid { dicom: d } if d.sop_instance_uid == dicom.sop_instance_uid)
+                }) {
+                    return Err(Error::conflict(
+                        "RELAY_DUPLICATE_INSTANCE",
+                        format!("SOP Instance UID {} is already in this session", dicom.sop_instance_uid),
+                    ));
+                }
+                if rec.study_instance_uid.is_none() {
+                    rec.study_instance_uid = Some(dicom.study_instance_uid.clone());
+                }
+                let f = rec.files.get_mut(&file_id).ok_or(Error::NotFound { what: "file" })?;
+                f.sha256 = Some(digest);
+                f.data_set_sha256 = Some(data_set_sha256);
+                f.state = FileState::Valid { dicom: dicom.clone() };
+                Ok(())
+            })
+            .await;
+        let (rec, ()) = match updated {
+            Ok(v) => v,
+            Err(e) => {
+                if claimed {
+                    // Best effort; a claim left behind by a file that is
+                    // gone is recognised as stale by the next claimant.
+                    if let Err(r) = self
+                        .inner
+                        .sessions
+                        .release_instance(&dicom.sop_instance_uid, id, file_id)
+                        .await
+                    {
+                        tracing::warn!(error = %r, "could not release an instance claim");
+                    }
+                }
+                return Err(refused(e, &dicom));
+            }
+        };
+        rec.files
+            .get(&file_id)
+            .cloned()
+            .ok_or_else(|| plain(Error::NotFound { what: "file" }))
+    }
+
+    /// Claim the file's SOP Instance UID in the index of accepted
+    /// instances. Returns whether this file holds the claim now, and a
+    /// warning when the UID was accepted before with the same content (an
+    /// idempotent success) or, by policy, with other content.
+    async fn claim(
+        &self,
+        id: SessionId,
+        file: FileId,
+        dicom: &DicomSummary,
+        data_set: Sha256Digest,
+    ) -> Result<(bool, Option<String>)> {
+        let sop = &dicom.sop_instance_uid;
+        let mine = InstanceClaim::new(
+            sop.clone(),
+            data_set,
+            dicom.study_instance_uid.clone(),
+            id,
+            file,
+        );
+        // A stale claim (its file is gone) is released and the claim
+        // retried; a few rounds bound a pathological race.
+        for _ in 0..4 {
+            let held = self.inner.sessions.claim_instance(&mine).await?;
+            if held.held_by(id, file) {
+                return Ok((true, None));
+            }
+            if held.data_set_sha256 == data_set {
+                return Ok((
+                    false,
+                    Some(format!(
+                        "SOP Instance UID {sop} was accepted before with the same content \
+                         (study {})",
+                        held.study_instance_uid
+                    )),
+                ));
+            }
+            if self.claim_is_stale(&held).await? {
+                self.inner
+                    .sessions
+                    .release_instance(sop, held.session, held.file)
+                    .await?;
+                continue;
+            }
+            return match self.inner.config.duplicates {
+                DuplicatePolicy::Refuse => Err(Error::conflict(
+                    "RELAY_INSTANCE_CONFLICT",
+                    format!(
+                        "SOP Instance UID {sop} was already accepted with other content \
+                         (study {})",
+                        held.study_instance_uid
+                    ),
+                )),
+                DuplicatePolicy::Accept => Ok((
+                    false,
+                    Some(format!(
+                        "SOP Instance UID {sop} was accepted before with other content \
+                         (study {}); accepted by policy",
+                        held.study_instance_uid
+                    )),
+                )),
+            };
+        }
+        Err(Error::Busy {
+            what: format!("the index entry of SOP Instance UID {sop}"),
+        })
+    }
+
+    /// Whether a claim's file no longer exists (removed, session gone).
+    async fn claim_is_stale(&self, claim: &InstanceClaim) -> Result<bool> {
+        match self.inner.sessions.load_session(claim.session).await {
+            Ok(v) => Ok(!v.value.files.contains_key(&claim.file)),
+            Err(Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Release the index claims of `rec`'s valid files (all, or one).
+    pub(super) async fn release_claims(
+        &self,
+        rec: &SessionRecord,
+        only: Option<FileId>,
+    ) -> Result<()> {
+        for f in rec.files.values() {
+            if only.is_some_and(|o| o != f.id) {
+                continue;
+            }
+            if let FileState::Valid { dicom } = &f.state {
+                self.inner
+                    .sessions
+                    .release_instance(&dicom.sop_instance_uid, rec.id, f.id)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stream a stored file back, checking every chunk against its recorded
+    /// digest and computing the whole-file digest, keeping the first
+    /// `header_cap` bytes.
+    async fn read_back(
+        &self,
+        key: FileKey,
+        size: u64,
+        chunks: &[ChunkRecord],
+        header_cap: u64,
+    ) -> Result<ReadBack> {
+        let mut stream = self.inner.chunks.read(key, 0..size).await?;
+        // Two hashers on two blocking threads (one per core): one checks
+        // each chunk against its recorded digest, the other computes the
+        // whole-file digest. Buffers are shared (`Bytes` clones), and the
+        // channels are small, so memory stays at a few buffers.
+        let (tx_parts, mut rx_parts) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let (tx_whole, mut rx_whole) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let bounds: Vec<(u64, u64, Sha256Digest)> = chunks
+            .iter()
+            .map(|c| (c.offset, c.end(), c.sha256))
+            .collect();
+        let parts = tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut idx = 0usize;
+            let mut part = Sha256::new();
+            let mut pos = 0u64;
+            while let Some(mut buf) = rx_parts.blocking_recv() {
+                while !buf.is_empty() {
+                    let Some(&(start, end, expect)) = bounds.get(idx) else {
+                        return Err(IntegrityError::StoredSize {
+                            expected: size,
+                            actual: pos + buf.len() as u64,
+                        }
+                        .into());
+                    };
+                    let n = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
+                    part.update(&buf[..n]);
+                    pos += n as u64;
+                    buf = buf.slice(n..);
+                    if pos == end {
+                        let got = Sha256Digest(std::mem::take(&mut part).finalize().into());
+                        if got != expect {
+                            return Err(IntegrityError::StoredChunkCorrupt {
+                                offset: start,
+                                expected: expect.to_hex(),
+                                actual: got.to_hex(),
+                            }
+                            .into());
+                        }
+                        idx += 1;
+                    }
+                }
+            }
+            if pos != size {
+                return Err(IntegrityError::StoredSize {
+                    expected: size,
+                    actual: pos,
+                }
+                .into());
+            }
+            Ok(())
+        });
+        // A third for the digest of the data set after the meta group (the
+        // index of accepted instances and content verification compare it).
+        let (tx_set, mut rx_set) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let meta_cap = usize::try_from(header_cap).unwrap_or(usize::MAX);
+        let data_set = tokio::task::spawn_blocking(move || {
+            let mut h = Part10Hasher::data_set_only(meta_cap);
+            while let Some(buf) = rx_set.blocking_recv() {
+                h.update(&buf);
+            }
+            h.finish().data_set
+        });
+        let whole = tokio::task::spawn_blocking(move || -> ReadBack {
+            let mut whole = Sha256::new();
+            let mut prefix = Vec::with_capacity(usize::try_from(header_cap).unwrap_or(0));
+            while let Some(buf) = rx_whole.blocking_recv() {
+                whole.update(&buf);
+                if (prefix.len() as u64) < header_cap {
+                    let take =
+                        usize::try_from((header_cap - prefix.len() as u64).min(buf.len() as u64))
+                            .unwrap_or(0);
+                    prefix.extend_from_slice(&buf[..take]);
+                }
+            }
+            ReadBack {
+                prefix,
+                sha256: Sha256Digest(whole.finalize().into()),
+                data_set_sha256: None,
+            }
+        });
+        let mut read_err = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(b) => {
+                    // A send fails only if the chunk checker stopped early
+                    // with an error; that error is reported below.
+                    if tx_parts.send(b.clone()).await.is_err()
+                        || tx_set.send(b.clone()).await.is_err()
+                        || tx_whole.send(b).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    read_err = Some(e);
+                    break;
+                }
+            }
+        }
+        drop((tx_parts, tx_whole, tx_set));
+        let join = |e: tokio::task::JoinError| {
+            Error::storage(
+                crate::error::StorageErrorKind::Io,
+                "verify stored file",
+                e.to_string(),
+            )
+        };
+        let parts = parts.await.map_err(join)?;
+        let mut whole = whole.await.map_err(join)?;
+        whole.data_set_sha256 = data_set.await.map_err(join)?;
+        if let Some(e) = read_err {
+            return Err(e);
+        }
+        parts?;
+        Ok(whole)
+    }
+}

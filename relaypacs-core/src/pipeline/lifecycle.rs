@@ -1,0 +1,298 @@
+//! Lifecycle and queries: reading a session and its files, removing a file,
+//! aborting and expiring sessions.
+
+use super::*;
+
+impl Pipeline {
+    /// The session as its owner (or an admin) sees it. Audited as data access.
+    pub async fn session(&self, actor: &Actor, id: SessionId) -> Result<SessionRecord> {
+        let v = self.load_owned(actor, id).await?;
+        let mut ev = Self::event(
+            actor,
+            AuditAction::DataAccessed,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        ev.study = v.value.study_instance_uid.clone();
+        self.audit(ev).await?;
+        Ok(v.value)
+    }
+
+    /// A file's record, its stored chunks and when its session expires, for
+    /// resuming clients. Not audited: it reveals sizes and offsets only.
+    pub async fn file_status(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+    ) -> Result<FileStatus> {
+        let v = self.load_owned(actor, id).await?;
+        let f = v
+            .value
+            .files
+            .get(&file)
+            .cloned()
+            .ok_or(Error::NotFound { what: "file" })?;
+        let chunks = self.inner.sessions.chunks(id, file).await?;
+        let ttl = time::Duration::seconds(
+            i64::try_from(v.value.limits.session_ttl_secs).unwrap_or(i64::MAX),
+        );
+        Ok(FileStatus {
+            offset: contiguous_end(&chunks),
+            file: f,
+            chunks,
+            expires_at: v.value.updated_at.saturating_add(ttl),
+            session_state: v.value.state,
+        })
+    }
+
+    /// The stored chunks of a file (for resuming clients).
+    pub async fn file_chunks(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+    ) -> Result<Vec<ChunkRecord>> {
+        let v = self.load_owned(actor, id).await?;
+        if !v.value.files.contains_key(&file) {
+            return Err(Error::NotFound { what: "file" });
+        }
+        self.inner.sessions.chunks(id, file).await
+    }
+
+    /// Read a completed (validated) file of a session. Audited as data access.
+    pub async fn read_file(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+    ) -> Result<ByteStream> {
+        let v = self.load_owned(actor, id).await?;
+        let f = v
+            .value
+            .files
+            .get(&file)
+            .ok_or(Error::NotFound { what: "file" })?;
+        if !matches!(f.state, FileState::Valid { .. }) {
+            return Err(Error::conflict(
+                "RELAY_FILE_NOT_COMPLETE",
+                "the file is not complete",
+            ));
+        }
+        let mut ev = Self::event(
+            actor,
+            AuditAction::DataAccessed,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        ev.file = Some(file);
+        ev.study = v.value.study_instance_uid.clone();
+        self.audit(ev).await?;
+        self.inner
+            .chunks
+            .read(FileKey { session: id, file }, 0..f.size)
+            .await
+    }
+
+    /// Remove a file of an open session: its record, chunk records, bytes
+    /// and index claim. With `refused`, only a file not (yet) valid is
+    /// removed (a concurrent completion may have validated it).
+    pub(super) async fn drop_file(&self, id: SessionId, file: FileId, refused: bool) -> Result<()> {
+        let gate = self.gate(id);
+        let _g = gate.rw.write().await;
+        let current = self.inner.sessions.load_session(id).await?;
+        Self::require_open(&current.value)?;
+        let Some(f) = current.value.files.get(&file) else {
+            return if refused {
+                Ok(())
+            } else {
+                Err(Error::NotFound { what: "file" })
+            };
+        };
+        if refused && matches!(f.state, FileState::Valid { .. }) {
+            return Ok(());
+        }
+        let sop: Option<Uid> = match &f.state {
+            FileState::Valid { dicom } => Some(dicom.sop_instance_uid.clone()),
+            FileState::Uploading => None,
+        };
+        self.update(id, current, |rec| {
+            rec.files.remove(&file);
+            if rec
+                .files
+                .values()
+                .all(|f| matches!(f.state, FileState::Uploading))
+            {
+                rec.study_instance_uid = None;
+            }
+            Ok(())
+        })
+        .await?;
+        self.inner.sessions.delete_chunks(id, file).await?;
+        self.inner
+            .chunks
+            .delete_file(FileKey { session: id, file })
+            .await?;
+        if let Some(sop) = sop {
+            self.inner.sessions.release_instance(&sop, id, file).await?;
+        }
+        Ok(())
+    }
+
+    /// Remove a file from an open session (its bytes, chunk records and
+    /// index claim).
+    pub async fn remove_file(&self, actor: &Actor, id: SessionId, file: FileId) -> Result<()> {
+        let rec = self.load_owned(actor, id).await?;
+        let mut ev = Self::event(
+            actor,
+            AuditAction::FileRemoved,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        ev.study = rec.value.study_instance_uid.clone();
+        ev.file = Some(file);
+        match self.drop_file(id, file, false).await {
+            Ok(()) => self.audit(ev).await,
+            Err(e) => self.refuse(ev, e).await,
+        }
+    }
+
+    /// Abort a session: delete its bytes and state. Waits for requests in flight.
+    pub async fn abort_session(&self, actor: &Actor, id: SessionId) -> Result<()> {
+        let gate = self.gate(id);
+        let _g = gate.rw.write().await;
+        let current = self.load_owned(actor, id).await?;
+        let ev = Self::event(
+            actor,
+            AuditAction::SessionAborted,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        let res = async {
+            self.inner
+                .sessions
+                .delete_session(id, current.version)
+                .await?;
+            self.inner.chunks.delete_session(id).await?;
+            // An acknowledged study keeps its claims: the gateway accepted
+            // those instances whatever happens to the session record.
+            if current.value.state == SessionState::Open {
+                self.release_claims(&current.value, None).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match res {
+            Ok(()) => {
+                self.forget_gate(id);
+                self.audit(ev).await
+            }
+            Err(e) => self.refuse(ev, e).await,
+        }
+    }
+
+    /// Remove sessions inactive for longer than their TTL at `now`. A session
+    /// with a request in flight is skipped (its gate is busy), and the
+    /// inactivity is re-checked under the exclusive gate, so an upload that
+    /// touched the session in between is never removed. Only open sessions
+    /// expire: a study the gateway acknowledged (in the outbox, delivered or
+    /// in dead letters) is never removed by time alone.
+    pub async fn expire_sessions(&self, now: OffsetDateTime) -> Result<Vec<SessionId>> {
+        let mut removed = Vec::new();
+        for id in self.inner.sessions.list_sessions().await? {
+            let gate = self.gate(id);
+            let Ok(_g) = gate.rw.try_write() else {
+                continue;
+            };
+            let current = match self.inner.sessions.load_session(id).await {
+                Ok(v) => v,
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let rec = &current.value;
+            let idle = (now - rec.updated_at).whole_seconds();
+            let expired = idle >= 0 && idle as u64 > rec.limits.session_ttl_secs;
+            if !expired || rec.state != SessionState::Open {
+                continue;
+            }
+            match self
+                .inner
+                .sessions
+                .delete_session(id, current.version)
+                .await
+            {
+                Ok(()) => {}
+                Err(Error::Precondition { .. }) | Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+            self.inner.chunks.delete_session(id).await?;
+            self.release_claims(rec, None).await?;
+            let mut ev = Self::event(
+                &Actor::system(),
+                AuditAction::SessionExpired,
+                AuditOutcome::Success,
+                Some(id),
+            );
+            ev.study = rec.study_instance_uid.clone();
+            ev.detail = format!("idle_secs={idle}");
+            self.audit(ev).await?;
+            removed.push(id);
+            drop(_g);
+            self.forget_gate(id);
+        }
+        Ok(removed)
+    }
+    /// The sessions `actor` may see: its own, or every one for an admin
+    /// (the same ownership rule as every other call). Not audited, as
+    /// listing was not: it is the caller's own work list. A session removed
+    /// while the list is read is left out.
+    pub async fn list_sessions(&self, actor: &Actor) -> Result<Vec<SessionRecord>> {
+        let mut out = Vec::new();
+        for id in self.inner.sessions.list_sessions().await? {
+            let v = match self.inner.sessions.load_session(id).await {
+                Ok(v) => v,
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => {
+                    // One unreadable record does not hide the others.
+                    tracing::warn!(session = %id, error = %e, "session left out of a list");
+                    continue;
+                }
+            };
+            if Self::check_owner(actor, &v.value).is_ok() {
+                out.push(v.value);
+            }
+        }
+        Ok(out)
+    }
+
+    /// For each file of a session, the end of its contiguous run of stored
+    /// bytes from offset 0 (a valid file: its size), for a study view. Not
+    /// audited: it reveals sizes and offsets only.
+    pub async fn file_offsets(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+    ) -> Result<std::collections::BTreeMap<FileId, u64>> {
+        let v = self.load_owned(actor, id).await?;
+        let mut out = std::collections::BTreeMap::new();
+        for f in v.value.files.values() {
+            let offset = match f.state {
+                FileState::Valid { .. } => f.size,
+                FileState::Uploading => {
+                    contiguous_end(&self.inner.sessions.chunks(id, f.id).await?)
+                }
+            };
+            out.insert(f.id, offset);
+        }
+        Ok(out)
+    }
+
+    /// Whether the stores answer (a readiness probe): lists the sessions
+    /// without loading them.
+    ///
+    /// # Errors
+    /// The session store's error when it does not answer.
+    pub async fn check_ready(&self) -> Result<()> {
+        self.inner.sessions.list_sessions().await.map(|_| ())
+    }
+}

@@ -1,0 +1,362 @@
+//! The ingestion pipeline: sessions, chunks, completion, validation, delivery.
+//!
+//! [`Pipeline`] is the one entry point an embedding application (or the
+//! reference server) calls. It owns no I/O of its own: bytes go to the
+//! [`ChunkStore`], state to the [`SessionStore`], instances to the
+//! [`PacsSink`] and events to the [`AuditSink`].
+//!
+//! # Concurrency
+//! Each session has a gate: requests that work on a session hold it shared,
+//! expiry and abort hold it exclusive (and expiry only *tries*, so a session
+//! with a request in flight is never expired). Inside a session, byte ranges
+//! being written are reserved, so two writes to overlapping ranges never
+//! run at once, and a range already acknowledged is never written again.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::RwLock;
+
+use crate::audit::{AuditAction, AuditEvent, AuditOutcome, AuditSink};
+use crate::chunk_store::{ChunkPlacement, ChunkStore, FileKey};
+use crate::dicom::{DicomLimits, Identified, Part10Hasher, validate_dicom};
+use crate::digest::{ByteStream, Sha256Digest, VerifyingStream};
+use crate::error::{Error, ErrorKind, IntegrityError, Result};
+use crate::ids::{Actor, FileId, SessionId, Uid};
+use crate::model::{
+    ChunkRecord, DicomSummary, FileRecord, FileState, Limits, SessionRecord, SessionState,
+    Versioned,
+};
+use crate::pacs_sink::{Instance, InstanceSource, PacsSink};
+use crate::session_store::{ChunkInsert, InstanceClaim, SessionStore};
+
+mod chunks;
+mod completion;
+mod lifecycle;
+mod sessions;
+
+pub use chunks::{INGEST_CHUNK_SIZE, PutOutcome};
+
+/// Pipeline settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PipelineConfig {
+    /// Limits for new sessions (and the ceiling for per-session limits).
+    pub limits: Limits,
+    /// DICOM validation limits.
+    #[serde(skip)]
+    pub dicom: DicomLimits,
+    /// What to do with a SOP Instance UID the gateway accepted before
+    /// with other content.
+    pub duplicates: DuplicatePolicy,
+}
+
+/// What happens to an upload whose SOP Instance UID the gateway accepted
+/// before (in any session, its index of accepted instances says).
+/// The same data set again is always an idempotent success.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicatePolicy {
+    /// Other content under a known UID is refused (409; STOW-RS 0x0111).
+    #[default]
+    Refuse,
+    /// Other content is accepted with a warning; the PACS check before
+    /// sending still refuses to overwrite a different object there.
+    Accept,
+}
+
+/// Request to open a session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NewSession {
+    /// Allow files of several studies in one session.
+    pub allow_multiple_studies: bool,
+}
+
+/// Request to declare a file in a session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewFile {
+    /// Display name (never used as a path).
+    pub name: String,
+    /// Total size in bytes.
+    pub size: u64,
+    /// Whole-file SHA-256, if the client knows it.
+    #[serde(default)]
+    pub sha256: Option<Sha256Digest>,
+}
+
+/// Describes one chunk being put.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutChunk {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Exact length of the body.
+    pub length: u64,
+    /// Declared SHA-256 of the body; when absent, integrity rests on the
+    /// whole-file digest and DICOM validation.
+    #[serde(default)]
+    pub sha256: Option<Sha256Digest>,
+}
+
+/// What [`Pipeline::file_status`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStatus {
+    /// The file's record.
+    pub file: FileRecord,
+    /// Its stored chunks, by offset.
+    pub chunks: Vec<ChunkRecord>,
+    /// End of the contiguous run of stored bytes from offset 0.
+    pub offset: u64,
+    /// When the session expires if nothing else happens.
+    pub expires_at: OffsetDateTime,
+    /// The session's state.
+    pub session_state: SessionState,
+}
+
+/// End of the contiguous run of chunks starting at offset 0 (chunks need
+/// not be sorted).
+pub fn contiguous_end(chunks: &[ChunkRecord]) -> u64 {
+    let mut sorted: Vec<&ChunkRecord> = chunks.iter().collect();
+    sorted.sort_by_key(|c| c.offset);
+    let mut end = 0;
+    for c in sorted {
+        if c.offset > end {
+            break;
+        }
+        end = end.max(c.end());
+    }
+    end
+}
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    pub(crate) rw: RwLock<()>,
+    reserved: Mutex<Vec<(FileId, Range<u64>)>>,
+}
+
+/// Locks a std mutex, recovering from poisoning: every critical section in
+/// this module leaves the guarded data consistent before anything that can
+/// panic, so a poisoned lock still holds valid data.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// The ingestion pipeline. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Pipeline {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) chunks: Arc<dyn ChunkStore>,
+    pub(crate) sessions: Arc<dyn SessionStore>,
+    pub(crate) sink: Arc<dyn PacsSink>,
+    pub(crate) audit: Arc<dyn AuditSink>,
+    config: PipelineConfig,
+    gates: Mutex<HashMap<SessionId, Arc<Gate>>>,
+    /// Where reports are looked for after delivery (set once).
+    pub(crate) reports: std::sync::OnceLock<Arc<dyn crate::report_source::ReportSource>>,
+    /// Sessions newly put in the outbox, for the delivery worker.
+    pub(crate) queued: Mutex<Vec<SessionId>>,
+    /// Wakes the delivery worker.
+    pub(crate) kick: tokio::sync::Notify,
+}
+
+impl fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("chunks", &self.inner.chunks.to_string())
+            .field("sessions", &self.inner.sessions.to_string())
+            .field("sink", &self.inner.sink.to_string())
+            .field("audit", &self.inner.audit.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads instances for a sink from the chunk store.
+#[derive(Debug)]
+pub(crate) struct StoreSource {
+    pub(crate) chunks: Arc<dyn ChunkStore>,
+}
+
+#[async_trait]
+impl InstanceSource for StoreSource {
+    /// The stored bytes, checked on the way against the verified length
+    /// and SHA-256: a file changed at rest fails at its end, so a sink
+    /// never commits it (and the delivery is dead-lettered, not retried).
+    async fn open(&self, instance: &Instance) -> Result<ByteStream> {
+        let raw = self.chunks.read(instance.key, 0..instance.size).await?;
+        let (verified, _) = VerifyingStream::new(raw, 0, instance.size, Some(instance.sha256));
+        Ok(Box::pin(verified))
+    }
+}
+impl Pipeline {
+    /// Assemble a pipeline from its four adapters.
+    pub fn new(
+        chunks: Arc<dyn ChunkStore>,
+        sessions: Arc<dyn SessionStore>,
+        sink: Arc<dyn PacsSink>,
+        audit: Arc<dyn AuditSink>,
+        config: PipelineConfig,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                chunks,
+                sessions,
+                sink,
+                audit,
+                config,
+                gates: Mutex::new(HashMap::new()),
+                reports: std::sync::OnceLock::new(),
+                queued: Mutex::new(Vec::new()),
+                kick: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn gate(&self, id: SessionId) -> Arc<Gate> {
+        lock(&self.inner.gates).entry(id).or_default().clone()
+    }
+
+    fn forget_gate(&self, id: SessionId) {
+        lock(&self.inner.gates).remove(&id);
+    }
+
+    pub(crate) fn event(
+        actor: &Actor,
+        action: AuditAction,
+        outcome: AuditOutcome,
+        session: Option<SessionId>,
+    ) -> AuditEvent {
+        let mut e = AuditEvent::new(actor.user.clone(), action, outcome);
+        e.address = actor.address.clone();
+        e.session = session;
+        e
+    }
+
+    /// Record an audit event; a failure refuses the action (fail closed).
+    pub(crate) async fn audit(&self, event: AuditEvent) -> Result<()> {
+        self.inner
+            .audit
+            .record(&event)
+            .await
+            .map_err(|e| Error::Audit {
+                source: Box::new(e),
+            })
+    }
+
+    /// Audit a refused or failed action, then return its error. If even the
+    /// audit record fails, the audit error is returned instead: it is the
+    /// graver one, and the action was refused either way.
+    pub(crate) async fn refuse<T>(&self, mut event: AuditEvent, err: Error) -> Result<T> {
+        event.outcome = match err.kind() {
+            ErrorKind::Storage
+            | ErrorKind::InsufficientStorage
+            | ErrorKind::Pacs
+            | ErrorKind::Audit => AuditOutcome::SeriousFailure,
+            _ => AuditOutcome::MinorFailure,
+        };
+        event.detail = format!("{}: {}", err.code(), err);
+        self.audit(event).await?;
+        Err(err)
+    }
+
+    pub(crate) fn check_owner(actor: &Actor, rec: &SessionRecord) -> Result<()> {
+        if actor.admin || rec.owner == actor.user {
+            Ok(())
+        } else {
+            // Another user's session is indistinguishable from a missing one.
+            Err(Error::NotFound { what: "session" })
+        }
+    }
+
+    pub(crate) async fn load_owned(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+    ) -> Result<Versioned<SessionRecord>> {
+        let v = self.inner.sessions.load_session(id).await?;
+        Self::check_owner(actor, &v.value)?;
+        Ok(v)
+    }
+
+    fn require_open(rec: &SessionRecord) -> Result<()> {
+        match rec.state {
+            SessionState::Open => Ok(()),
+            _ => Err(Error::conflict(
+                "RELAY_SESSION_NOT_OPEN",
+                "the session no longer accepts changes",
+            )),
+        }
+    }
+
+    /// Apply `change` to the session with compare-and-set, reloading and
+    /// re-applying on a concurrent update.
+    pub(crate) async fn update<T>(
+        &self,
+        id: SessionId,
+        mut current: Versioned<SessionRecord>,
+        mut change: impl FnMut(&mut SessionRecord) -> Result<T>,
+    ) -> Result<(SessionRecord, T)> {
+        for _ in 0..64 {
+            let mut rec = current.value.clone();
+            let out = change(&mut rec)?;
+            rec.updated_at = OffsetDateTime::now_utc();
+            match self
+                .inner
+                .sessions
+                .update_session(&rec, current.version)
+                .await
+            {
+                Ok(_) => return Ok((rec, out)),
+                Err(Error::Precondition { .. }) => {
+                    current = self.inner.sessions.load_session(id).await?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Busy {
+            what: "session is being updated concurrently".into(),
+        })
+    }
+
+    /// Tell the delivery worker that `id` has work.
+    pub(crate) fn wake_outbox(&self, id: SessionId) {
+        lock(&self.inner.queued).push(id);
+        self.inner.kick.notify_one();
+    }
+
+    /// The validated instances of a session, in file order.
+    pub(crate) fn instances_of(rec: &SessionRecord) -> Vec<Instance> {
+        rec.files
+            .values()
+            .filter_map(|f| match (&f.state, f.sha256) {
+                (FileState::Valid { dicom }, Some(sha256)) => Some(Instance {
+                    key: FileKey {
+                        session: rec.id,
+                        file: f.id,
+                    },
+                    size: f.size,
+                    sha256,
+                    data_set_sha256: f.data_set_sha256,
+                    dicom: dicom.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+}

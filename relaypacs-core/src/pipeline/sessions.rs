@@ -1,0 +1,237 @@
+//! Sessions: opening one, declaring its files, completing it into the outbox.
+
+use super::*;
+
+impl Pipeline {
+    /// Open a new upload session owned by `actor`.
+    pub async fn create_session(&self, actor: &Actor, req: NewSession) -> Result<SessionRecord> {
+        let now = OffsetDateTime::now_utc();
+        let rec = SessionRecord {
+            id: SessionId::random(),
+            owner: actor.user.clone(),
+            created_at: now,
+            updated_at: now,
+            allow_multiple_studies: req.allow_multiple_studies,
+            study_instance_uid: None,
+            limits: self.inner.config.limits.clone(),
+            files: Default::default(),
+            state: SessionState::Open,
+            delivery: Default::default(),
+        };
+        let ev = Self::event(
+            actor,
+            AuditAction::SessionCreated,
+            AuditOutcome::Success,
+            Some(rec.id),
+        );
+        if let Err(e) = self.inner.sessions.create_session(&rec).await {
+            return self.refuse(ev, e).await;
+        }
+        self.audit(ev).await?;
+        Ok(rec)
+    }
+
+    /// Declare a file of `size` bytes in a session.
+    pub async fn add_file(&self, actor: &Actor, id: SessionId, req: NewFile) -> Result<FileRecord> {
+        let gate = self.gate(id);
+        let _g = gate.rw.read().await;
+        let current = self.load_owned(actor, id).await?;
+        let mut ev = Self::event(
+            actor,
+            AuditAction::FileAdded,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        match self.add_file_inner(id, current, req).await {
+            Ok(f) => {
+                ev.file = Some(f.id);
+                ev.detail = format!("size={}", f.size);
+                self.audit(ev).await?;
+                Ok(f)
+            }
+            Err(e) => self.refuse(ev, e).await,
+        }
+    }
+
+    async fn add_file_inner(
+        &self,
+        id: SessionId,
+        current: Versioned<SessionRecord>,
+        req: NewFile,
+    ) -> Result<FileRecord> {
+        let limits = current.value.limits.clone();
+        Self::require_open(&current.value)?;
+        if req.size == 0 {
+            return Err(Error::invalid(
+                "RELAY_EMPTY_FILE",
+                "file size must be at least 1 byte",
+            ));
+        }
+        if req.size > limits.max_file_size {
+            return Err(Error::LimitExceeded {
+                what: "file size",
+                limit: limits.max_file_size,
+                actual: req.size,
+            });
+        }
+        if req.name.len() > 255 || req.name.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "RELAY_BAD_FILE_NAME",
+                "file name must be at most 255 bytes with no control characters",
+            ));
+        }
+        let file = FileRecord {
+            id: FileId::random(),
+            name: req.name,
+            size: req.size,
+            sha256: req.sha256,
+            data_set_sha256: None,
+            state: FileState::Uploading,
+        };
+        self.inner
+            .chunks
+            .create_file(
+                FileKey {
+                    session: id,
+                    file: file.id,
+                },
+                file.size,
+            )
+            .await?;
+        let f2 = file.clone();
+        self.update(id, current, move |rec| {
+            Self::require_open(rec)?;
+            if rec.files.len() as u64 >= u64::from(rec.limits.max_files) {
+                return Err(Error::LimitExceeded {
+                    what: "files per session",
+                    limit: u64::from(rec.limits.max_files),
+                    actual: rec.files.len() as u64 + 1,
+                });
+            }
+            let total = rec.declared_bytes().saturating_add(f2.size);
+            if total > rec.limits.max_session_size {
+                return Err(Error::LimitExceeded {
+                    what: "session size",
+                    limit: rec.limits.max_session_size,
+                    actual: total,
+                });
+            }
+            rec.files.insert(f2.id, f2.clone());
+            Ok(())
+        })
+        .await?;
+        Ok(file)
+    }
+
+    /// Put the session in the outbox: every file must be validated. The
+    /// one compare-and-set that records "completed" also records the
+    /// outbox entry (a transactional outbox), so an acknowledged study is
+    /// never left without a pending delivery, whatever crashes after. The
+    /// delivery worker ([`Outbox`](crate::outbox::Outbox)) does the rest;
+    /// completing a session already in the outbox is a no-op.
+    pub async fn complete_session(&self, actor: &Actor, id: SessionId) -> Result<SessionRecord> {
+        let gate = self.gate(id);
+        let guard = gate.rw.read().await;
+        let current = self.load_owned(actor, id).await?;
+        if current.value.state == SessionState::Forwarding {
+            return Ok(current.value);
+        }
+        if current.value.state == SessionState::Open && current.value.files.is_empty() {
+            drop(guard);
+            return self.end_empty(actor, id).await;
+        }
+        let mut ev = Self::event(
+            actor,
+            AuditAction::ForwardStarted,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        ev.study = current.value.study_instance_uid.clone();
+        let now = OffsetDateTime::now_utc();
+        let (rec, ()) = match self
+            .update(id, current, |rec| {
+                match &rec.state {
+                    SessionState::Open => {}
+                    SessionState::Forwarding => return Ok(()),
+                    SessionState::Delivered { .. } => {
+                        return Err(Error::conflict(
+                            "RELAY_SESSION_DELIVERED",
+                            "the session was already delivered",
+                        ));
+                    }
+                    SessionState::DeadLetter { .. } => {
+                        return Err(Error::conflict(
+                            "RELAY_SESSION_DEAD_LETTER",
+                            "delivery failed permanently; an administrator must replay it",
+                        ));
+                    }
+                }
+                if rec.files.is_empty() {
+                    return Err(Error::invalid(
+                        "RELAY_SESSION_EMPTY",
+                        "the session has no files",
+                    ));
+                }
+                let pending = rec
+                    .files
+                    .values()
+                    .filter(|f| !matches!(f.state, FileState::Valid { .. }))
+                    .count();
+                if pending > 0 {
+                    return Err(Error::invalid(
+                        "RELAY_FILES_INCOMPLETE",
+                        format!("{pending} file(s) are not complete"),
+                    ));
+                }
+                rec.state = SessionState::Forwarding;
+                rec.delivery = crate::model::Delivery {
+                    queued_at: Some(now),
+                    next_attempt_at: Some(now),
+                    ..Default::default()
+                };
+                Ok(())
+            })
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return self.refuse(ev, e).await,
+        };
+        ev.detail = format!("queued instances={}", rec.files.len());
+        self.audit(ev).await?;
+        self.wake_outbox(id);
+        Ok(rec)
+    }
+
+    /// Completing a session with no file (every one was refused, or none
+    /// was sent) ends it: nothing can be delivered, so it is removed
+    /// rather than left open until it expires. Always an error (422).
+    async fn end_empty(&self, actor: &Actor, id: SessionId) -> Result<SessionRecord> {
+        let gate = self.gate(id);
+        let _g = gate.rw.write().await;
+        let mut ev = Self::event(
+            actor,
+            AuditAction::SessionAborted,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        let current = self.load_owned(actor, id).await?;
+        if current.value.state != SessionState::Open || !current.value.files.is_empty() {
+            return Err(Error::Busy {
+                what: "the session changed while it was being completed".into(),
+            });
+        }
+        self.inner
+            .sessions
+            .delete_session(id, current.version)
+            .await?;
+        self.inner.chunks.delete_session(id).await?;
+        ev.detail = "completed with no valid file: session ended".into();
+        self.audit(ev).await?;
+        drop(_g);
+        self.forget_gate(id);
+        Err(Error::invalid(
+            "RELAY_SESSION_EMPTY",
+            "the session has no valid file; it has been ended",
+        ))
+    }
+}
