@@ -7,7 +7,7 @@
 
 use async_trait::async_trait;
 use relaypacs_core::testing::pacs_sink::SinkProbe;
-use relaypacs_core::{Result, Uid};
+use relaypacs_core::{Instance, Result};
 use relaypacs_pacs::{CStoreConfig, CStoreSink};
 use relaypacs_test_peers::{Orthanc, OrthancOptions, StoreScp};
 
@@ -25,9 +25,10 @@ struct OrthancProbe(Orthanc);
 
 #[async_trait]
 impl SinkProbe for OrthancProbe {
-    async fn fetch(&self, sop: &Uid) -> Result<Option<Vec<u8>>> {
+    async fn fetch(&self, instance: &Instance) -> Result<Option<Vec<u8>>> {
         Ok(tokio::task::block_in_place(|| {
-            self.0.instance_file(sop.as_str())
+            self.0
+                .instance_file(instance.dicom.sop_instance_uid.as_str())
         }))
     }
 
@@ -41,7 +42,12 @@ async fn orthanc() -> (CStoreSink, OrthancProbe, ()) {
     (sink(o.dicom_port, &o.aet), OrthancProbe(o), ())
 }
 
-relaypacs_core::pacs_sink_conformance!(orthanc);
+/// A C-STORE sink pointed at a port nothing listens on.
+async fn cstore_to_nowhere() -> (CStoreSink, ()) {
+    (sink(relaypacs_test_peers::free_port(), "NOWHERE"), ())
+}
+
+relaypacs_core::pacs_sink_conformance!(orthanc_with_get, orthanc, unreachable = cstore_to_nowhere);
 
 /// Orthanc refusing C-GET to our AE (its default): the sink falls back to
 /// C-FIND, presence only.
@@ -53,7 +59,7 @@ mod orthanc_without_get {
         (sink(o.dicom_port, &o.aet), OrthancProbe(o), ())
     }
 
-    relaypacs_core::pacs_sink_conformance!(orthanc);
+    relaypacs_core::pacs_sink_conformance!(conformance, orthanc);
 }
 
 /// dcmtk's storescp has neither C-GET nor C-FIND: `verify` answers from
@@ -70,8 +76,8 @@ mod storescp {
 
     #[async_trait]
     impl SinkProbe for Probe {
-        async fn fetch(&self, sop: &Uid) -> Result<Option<Vec<u8>>> {
-            Ok(self.0.received(sop.as_str()))
+        async fn fetch(&self, instance: &Instance) -> Result<Option<Vec<u8>>> {
+            Ok(self.0.received(instance.dicom.sop_instance_uid.as_str()))
         }
 
         fn preserves_file_meta(&self) -> bool {

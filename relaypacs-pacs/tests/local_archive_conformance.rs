@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use relaypacs_core::testing::pacs_sink::SinkProbe;
-use relaypacs_core::{Result, Uid};
+use relaypacs_core::{Instance, Result};
 use relaypacs_pacs::LocalArchiveSink;
 use tempfile::TempDir;
 
@@ -11,10 +11,10 @@ struct Probe(LocalArchiveSink);
 
 #[async_trait]
 impl SinkProbe for Probe {
-    async fn fetch(&self, sop: &Uid) -> Result<Option<Vec<u8>>> {
+    async fn fetch(&self, instance: &Instance) -> Result<Option<Vec<u8>>> {
         Ok(self
             .0
-            .find(sop)?
+            .find(&instance.dicom.sop_instance_uid)?
             .map(|p| std::fs::read(p).expect("read archived file")))
     }
 }
@@ -25,4 +25,4 @@ async fn archive() -> (LocalArchiveSink, Probe, TempDir) {
     (sink.clone(), Probe(sink), dir)
 }
 
-relaypacs_core::pacs_sink_conformance!(archive);
+relaypacs_core::pacs_sink_conformance!(local_archive, archive);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use relaypacs_core::testing::pacs_sink::SinkProbe;
 use relaypacs_core::testing::report_source::ReportPlanter;
-use relaypacs_core::{PacsSink, Result, Uid};
+use relaypacs_core::{Instance, PacsSink, Result};
 use relaypacs_pacs::{
     DicomWebAuth, DicomWebConfig, DicomWebReports, FanOutSink, LocalArchiveSink, StowSink,
 };
@@ -18,9 +18,9 @@ struct Held(Arc<Orthanc>);
 
 #[async_trait]
 impl SinkProbe for Held {
-    async fn fetch(&self, sop: &Uid) -> Result<Option<Vec<u8>>> {
+    async fn fetch(&self, instance: &Instance) -> Result<Option<Vec<u8>>> {
         let o = self.0.clone();
-        let sop = sop.to_string();
+        let sop = instance.dicom.sop_instance_uid.to_string();
         Ok(tokio::task::spawn_blocking(move || o.instance_file(&sop))
             .await
             .unwrap())
@@ -52,7 +52,16 @@ async fn stow() -> (StowSink, Held, ()) {
     (StowSink::new(&config(&o)).unwrap(), Held(o), ())
 }
 
-relaypacs_core::pacs_sink_conformance!(stow);
+/// A STOW-RS sink pointed at a port nothing listens on.
+async fn stow_to_nowhere() -> (StowSink, ()) {
+    let url = format!(
+        "http://127.0.0.1:{}/dicom-web",
+        relaypacs_test_peers::free_port()
+    );
+    (StowSink::new(&DicomWebConfig::new(url)).unwrap(), ())
+}
+
+relaypacs_core::pacs_sink_conformance!(stow_orthanc, stow, unreachable = stow_to_nowhere);
 
 mod fan_out {
     use super::*;
@@ -62,9 +71,12 @@ mod fan_out {
 
     #[async_trait]
     impl SinkProbe for Both {
-        async fn fetch(&self, sop: &Uid) -> Result<Option<Vec<u8>>> {
-            let at_pacs = self.0.fetch(sop).await?;
-            let archived = self.1.find(sop)?.map(|p| std::fs::read(p).unwrap());
+        async fn fetch(&self, instance: &Instance) -> Result<Option<Vec<u8>>> {
+            let at_pacs = self.0.fetch(instance).await?;
+            let archived = self
+                .1
+                .find(&instance.dicom.sop_instance_uid)?
+                .map(|p| std::fs::read(p).unwrap());
             assert_eq!(at_pacs, archived, "the two destinations differ");
             Ok(at_pacs)
         }
@@ -78,7 +90,7 @@ mod fan_out {
         (FanOutSink::new(sinks).unwrap(), Both(held, archive), dir)
     }
 
-    relaypacs_core::pacs_sink_conformance!(fan_out);
+    relaypacs_core::pacs_sink_conformance!(fan_out_conformance, fan_out);
 }
 
 async fn reports() -> (DicomWebReports, Held, ()) {
@@ -86,4 +98,4 @@ async fn reports() -> (DicomWebReports, Held, ()) {
     (DicomWebReports::new(&config(&o)).unwrap(), Held(o), ())
 }
 
-relaypacs_core::report_source_conformance!(reports);
+relaypacs_core::report_source_conformance!(dicomweb_reports, reports);

@@ -28,6 +28,6 @@ async fn audit() -> (JsonlAuditSink, TempDir) {
     )
 }
 
-relaypacs_core::chunk_store_conformance!(chunks);
-relaypacs_core::session_store_conformance!(sessions);
-relaypacs_core::audit_sink_conformance!(audit);
+relaypacs_core::chunk_store_conformance!(local_chunk_store, chunks);
+relaypacs_core::session_store_conformance!(file_session_store, sessions);
+relaypacs_core::audit_sink_conformance!(jsonl_audit_sink, audit);

@@ -38,7 +38,7 @@ mod memory {
             (),
         )
     }
-    relaypacs_core::chunk_store_conformance!(make);
+    relaypacs_core::chunk_store_conformance!(conformance, make);
 }
 
 mod local {
@@ -48,7 +48,7 @@ mod local {
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
         (ObjectStoreChunkStore::new(Arc::new(fs), "relay"), dir)
     }
-    relaypacs_core::chunk_store_conformance!(make);
+    relaypacs_core::chunk_store_conformance!(conformance, make);
 }
 
 mod s3 {
@@ -58,7 +58,7 @@ mod s3 {
         let store = ObjectStoreChunkStore::new(s3(&server, &server.secret_key.clone()), "relay");
         (store, server)
     }
-    relaypacs_core::chunk_store_conformance!(make);
+    relaypacs_core::chunk_store_conformance!(conformance, make);
 }
 
 fn key() -> FileKey {

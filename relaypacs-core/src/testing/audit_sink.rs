@@ -49,22 +49,33 @@ pub async fn concurrent_records(sink: Arc<dyn AuditSink>) {
     assert_eq!(sink.events().await.expect("events").len() - before, 200);
 }
 
-/// Generates one `#[tokio::test]` per [`AuditSink`] conformance case.
-/// `$factory` is an `async fn() -> (impl AuditSink, impl Sized)`.
+/// Generates a module `$name` with one `#[test]` per [`AuditSink`]
+/// conformance case. `$factory` is an `async fn() -> (impl AuditSink,
+/// impl Sized)`; the calling crate needs no tokio of its own.
+///
+/// ```text
+/// relaypacs_core::audit_sink_conformance!(jsonl_audit, make_audit);
+/// ```
 #[macro_export]
 macro_rules! audit_sink_conformance {
-    ($factory:path) => {
-        mod audit_sink_conformance {
+    ($name:ident, $factory:path $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
             use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn ordered_roundtrip() {
-                let (sink, _guard) = $factory().await;
-                $crate::testing::audit_sink::ordered_roundtrip(&sink).await;
+            #[test]
+            fn ordered_roundtrip() {
+                $crate::testing::__rt::run(async {
+                    let (sink, _guard) = $factory().await;
+                    $crate::testing::audit_sink::ordered_roundtrip(&sink).await;
+                })
             }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn concurrent_records() {
-                let (sink, _guard) = $factory().await;
-                $crate::testing::audit_sink::concurrent_records(std::sync::Arc::new(sink)).await;
+            #[test]
+            fn concurrent_records() {
+                $crate::testing::__rt::run(async {
+                    let (sink, _guard) = $factory().await;
+                    $crate::testing::audit_sink::concurrent_records(::std::sync::Arc::new(sink))
+                        .await;
+                })
             }
         }
     };

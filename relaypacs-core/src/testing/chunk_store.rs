@@ -226,23 +226,31 @@ pub async fn seal_requires_recorded_chunks(store: &dyn ChunkStore) {
     assert!(res.is_err(), "sealing with a missing chunk must fail");
 }
 
-/// Generates one `#[tokio::test]` per [`ChunkStore`] conformance case.
-/// `$factory` is an `async fn() -> (impl ChunkStore, impl Sized)`.
+/// Generates a module `$name` with one `#[test]` per [`ChunkStore`]
+/// conformance case. `$factory` is an `async fn() -> (impl ChunkStore,
+/// impl Sized)`; the calling crate needs no tokio of its own.
+///
+/// ```text
+/// relaypacs_core::chunk_store_conformance!(local_chunks, make_local_chunks);
+/// ```
 #[macro_export]
 macro_rules! chunk_store_conformance {
-    ($factory:path) => {
-        $crate::chunk_store_conformance!(@cases $factory;
+    ($name:ident, $factory:path $(,)?) => {
+        $crate::chunk_store_conformance!(@cases $name, $factory;
             out_of_order_roundtrip, failed_body_is_not_stored, wrong_length_is_refused,
             parallel_chunks, delete_semantics, seal_requires_recorded_chunks);
     };
-    (@cases $factory:path; $($case:ident),*) => {
-        mod chunk_store_conformance {
+    (@cases $name:ident, $factory:path; $($case:ident),*) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    use super::*;
-                    let (store, _guard) = $factory().await;
-                    $crate::testing::chunk_store::$case(&store).await;
+                #[test]
+                fn $case() {
+                    $crate::testing::__rt::run(async {
+                        let (store, _guard) = $factory().await;
+                        $crate::testing::chunk_store::$case(&store).await;
+                    })
                 }
             )*
         }

@@ -64,21 +64,30 @@ pub async fn finds_and_fetches_a_pdf_report(src: &dyn ReportSource, p: &dyn Repo
     assert_eq!(data_set(&got), data_set(&report), "report bytes differ");
 }
 
-/// Generates one `#[tokio::test]` per [`ReportSource`] conformance case.
-/// `$factory` is an `async fn() -> (impl ReportSource, impl ReportPlanter, impl Sized)`.
+/// Generates a module `$name` with one `#[test]` per [`ReportSource`]
+/// conformance case. `$factory` is an `async fn() -> (impl ReportSource,
+/// impl ReportPlanter, impl Sized)`; the calling crate needs no tokio of
+/// its own.
+///
+/// ```text
+/// relaypacs_core::report_source_conformance!(dicomweb_reports, make_reports);
+/// ```
 #[macro_export]
 macro_rules! report_source_conformance {
-    ($factory:path) => {
-        mod report_source_conformance {
+    ($name:ident, $factory:path $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
             use super::*;
             $crate::report_source_conformance!(@cases $factory; unknown_study_has_no_reports, finds_and_fetches_a_pdf_report);
         }
     };
     (@cases $factory:path; $($case:ident),*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $case() {
-            let (src, planter, _guard) = $factory().await;
-            $crate::testing::report_source::$case(&src, &planter).await;
+        #[test]
+        fn $case() {
+            $crate::testing::__rt::run(async {
+                let (src, planter, _guard) = $factory().await;
+                $crate::testing::report_source::$case(&src, &planter).await;
+            })
         }
     )*};
 }

@@ -306,29 +306,39 @@ pub async fn delete_session(store: &dyn SessionStore) {
         .expect("delete");
 }
 
-/// Generates one `#[tokio::test]` per [`SessionStore`] conformance case.
-/// `$factory` is an `async fn() -> (impl SessionStore, impl Sized)`.
+/// Generates a module `$name` with one `#[test]` per [`SessionStore`]
+/// conformance case. `$factory` is an `async fn() -> (impl SessionStore,
+/// impl Sized)`; the calling crate needs no tokio of its own.
+///
+/// ```text
+/// relaypacs_core::session_store_conformance!(file_sessions, make_sessions);
+/// ```
 #[macro_export]
 macro_rules! session_store_conformance {
-    ($factory:path) => {
-        mod session_store_conformance {
+    ($name:ident, $factory:path $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
             use super::*;
             $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, chunk_records, delete_session, instance_claims);
             $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner);
         }
     };
     (@ref $factory:path; $($case:ident),*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $case() {
-            let (store, _guard) = $factory().await;
-            $crate::testing::session_store::$case(&store).await;
+        #[test]
+        fn $case() {
+            $crate::testing::__rt::run(async {
+                let (store, _guard) = $factory().await;
+                $crate::testing::session_store::$case(&store).await;
+            })
         }
     )*};
     (@arc $factory:path; $($case:ident),*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $case() {
-            let (store, _guard) = $factory().await;
-            $crate::testing::session_store::$case(std::sync::Arc::new(store)).await;
+        #[test]
+        fn $case() {
+            $crate::testing::__rt::run(async {
+                let (store, _guard) = $factory().await;
+                $crate::testing::session_store::$case(::std::sync::Arc::new(store)).await;
+            })
         }
     )*};
 }
