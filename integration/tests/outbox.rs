@@ -5,98 +5,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use relaypacs_core::SessionStore as _;
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
+use relaypacs_core::testing::faults::{FaultyPacsSink, Refusal};
 use relaypacs_core::{
-    Actor, AuditAction, AuditOutcome, AuditSink, DeliveryReport, Holding, Instance,
-    InstanceOutcome, InstanceSource, Next, OutboxConfig, PacsSink, PipelineConfig, Result,
-    SessionId, SessionState, Uid,
+    Actor, AuditAction, AuditOutcome, AuditSink, Next, OutboxConfig, PipelineConfig, SessionId,
+    SessionState, Uid,
 };
 use relaypacs_integration::{Embedded, dicom, new_study, open_session, upload_file};
 use relaypacs_pacs::LocalArchiveSink;
 
 /// The real archive, refusing chosen instances (once, or always) and
 /// recording what it was asked to deliver; optionally stalling forever.
-#[derive(Debug)]
-struct Faulty {
-    inner: LocalArchiveSink,
-    refuse: Mutex<HashSet<Uid>>,
-    transient: bool,
-    once: bool,
-    stall: std::sync::atomic::AtomicBool,
-    stalled: std::sync::atomic::AtomicBool,
-    asked: Mutex<Vec<Uid>>,
-}
+type Faulty = FaultyPacsSink<LocalArchiveSink>;
 
-impl std::fmt::Display for Faulty {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "faulty({})", self.inner)
-    }
-}
-
-#[async_trait]
-impl PacsSink for Faulty {
-    async fn deliver(
-        &self,
-        instances: &[Instance],
-        source: &dyn InstanceSource,
-    ) -> Result<DeliveryReport> {
-        // Stall the first call forever (a worker that hangs, then dies).
-        if self.stall.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.stalled
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            std::future::pending::<()>().await;
-        }
-        self.asked
-            .lock()
-            .unwrap()
-            .extend(instances.iter().map(|i| i.dicom.sop_instance_uid.clone()));
-        let mut refuse = self.refuse.lock().unwrap().clone();
-        let pass: Vec<Instance> = instances
-            .iter()
-            .filter(|i| !refuse.contains(&i.dicom.sop_instance_uid))
-            .cloned()
-            .collect();
-        let mut done = self
-            .inner
-            .deliver(&pass, source)
-            .await?
-            .outcomes
-            .into_iter();
-        let outcomes = instances
-            .iter()
-            .map(|i| {
-                let uid = i.dicom.sop_instance_uid.clone();
-                if refuse.remove(&uid) {
-                    let reason = "C-STORE status 0xA700: out of resources".to_owned();
-                    (
-                        uid,
-                        InstanceOutcome::Failed {
-                            transient: self.transient,
-                            reason,
-                        },
-                    )
-                } else {
-                    done.next().unwrap()
-                }
-            })
-            .collect();
-        if self.once {
-            self.refuse.lock().unwrap().clear();
-        }
-        Ok(DeliveryReport {
-            outcomes,
-            retry_after: None,
-        })
-    }
-
-    async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
-        self.inner.verify(instances).await
-    }
-}
+/// Why the archive refuses an instance.
+const REASON: &str = "C-STORE status 0xA700: out of resources";
 
 struct Setup {
     e: Embedded,
@@ -111,15 +36,10 @@ async fn setup(n: usize, refuse: &[usize], transient: bool, once: bool, stall: b
     let slot: Arc<Mutex<Option<Arc<Faulty>>>> = Arc::default();
     let s2 = slot.clone();
     let e = Embedded::open_wrapped(dir.path(), PipelineConfig::default(), move |a| {
-        let f = Arc::new(Faulty {
-            inner: a,
-            refuse: Mutex::default(),
-            transient,
-            once,
-            stall: stall.into(),
-            stalled: false.into(),
-            asked: Mutex::default(),
-        });
+        let f = Arc::new(FaultyPacsSink::counting(Arc::new(a)));
+        if stall {
+            f.stall_next_deliver();
+        }
         *s2.lock().unwrap() = Some(f.clone());
         f
     })
@@ -145,12 +65,15 @@ async fn setup(n: usize, refuse: &[usize], transient: bool, once: bool, stall: b
             s => panic!("{s:?}"),
         }
     }
-    {
-        let mut r = sink.refuse.lock().unwrap();
-        for i in refuse {
-            r.insert(uids[*i].clone());
-        }
-    }
+    let refusal = if transient {
+        Refusal::transient(REASON)
+    } else {
+        Refusal::permanent(REASON)
+    };
+    sink.refuse(
+        refuse.iter().map(|i| uids[*i].clone()),
+        if once { refusal.once() } else { refusal },
+    );
     e.pipeline.complete_session(&actor, sid).await.unwrap();
     Setup {
         e,
@@ -207,7 +130,7 @@ async fn a_partial_refusal_retries_only_the_refused_instance() {
     assert!(fwd.iter().any(|e| e.outcome == AuditOutcome::MinorFailure && e.detail.starts_with("instances=1")));
 
     tokio::time::sleep(Duration::from_millis(20)).await;
-    s.sink.asked.lock().unwrap().clear();
+    s.sink.clear_asked();
     let (ev, _) = p.attempt_delivery(s.sid, "w", &fast()).await.unwrap();
     assert!(
         matches!(
@@ -217,7 +140,7 @@ async fn a_partial_refusal_retries_only_the_refused_instance() {
         "{ev:?}"
     );
     assert_eq!(
-        *s.sink.asked.lock().unwrap(),
+        s.sink.asked(),
         vec![s.uids[1].clone()],
         "only the refused one again"
     );
@@ -262,7 +185,7 @@ async fn a_permanent_refusal_is_a_dead_letter_at_once() {
             .await
             .is_err()
     );
-    s.sink.refuse.lock().unwrap().clear();
+    s.sink.clear_refusals();
     s.e.pipeline
         .replay(
             &Actor {
@@ -322,7 +245,7 @@ async fn a_crashed_attempt_is_taken_over() {
     });
     // Wait until the worker is inside the sink, then "crash" it.
     for _ in 0..500 {
-        if s.sink.stalled.load(std::sync::atomic::Ordering::SeqCst) {
+        if s.sink.is_stalled() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -344,7 +267,7 @@ async fn a_crashed_attempt_is_taken_over() {
     assert!(
         matches!(next, Next::At(t) if t > time::OffsetDateTime::now_utc() + time::Duration::minutes(30))
     );
-    assert!(s.sink.asked.lock().unwrap().is_empty());
+    assert!(s.sink.asked().is_empty());
 
     let exclusive = OutboxConfig {
         exclusive: true,
