@@ -1,0 +1,584 @@
+//! One delivery attempt: take the lease, check what the PACS holds, send the
+//! rest in groups verified while the next are sent, decide (delivered, retry,
+//! dead letter), record and audit.
+
+use super::*;
+use crate::pacs_sink::DeliveryReport;
+
+/// Whether one attempt holds the entry, or when to look again.
+enum Lease {
+    /// This worker holds the lease; the record after taking it.
+    Taken {
+        rec: Box<SessionRecord>,
+        attempts: u32,
+    },
+    /// Nothing to do now.
+    NotNow(Next),
+}
+
+/// What one attempt learnt, before and after sending.
+#[derive(Default)]
+struct Progress {
+    /// `(uid, transient, reason)` of what the sink refused.
+    refused: Vec<(Uid, bool, String)>,
+    /// The PACS holds other content under these UIDs (the reasons).
+    conflicts: Vec<String>,
+    /// The sink or the PACS could not be asked.
+    failure: Option<Error>,
+    /// The PACS's `Retry-After`.
+    retry_after: Option<Duration>,
+}
+
+impl Progress {
+    /// Fold a [`PacsSink::verify`](crate::PacsSink::verify) answer for
+    /// `asked` in: the same content becomes confirmed, other content a
+    /// conflict; returns what the PACS does not hold.
+    fn take(
+        &mut self,
+        asked: &[Instance],
+        held: Vec<Holding>,
+        confirmed: &mut BTreeMap<String, Verification>,
+    ) -> Vec<Instance> {
+        if held.len() != asked.len() {
+            self.failure = Some(Error::pacs_permanent(
+                format!(
+                    "the sink answered {} verification(s) for {} instance(s)",
+                    held.len(),
+                    asked.len()
+                ),
+                None,
+            ));
+            return Vec::new();
+        }
+        let mut absent = Vec::new();
+        for (inst, h) in asked.iter().zip(held) {
+            match h {
+                Holding::Same { verification } => {
+                    confirmed.insert(inst.dicom.sop_instance_uid.to_string(), verification);
+                }
+                Holding::Different { reason } => self.conflicts.push(reason),
+                _ => absent.push(inst.clone()),
+            }
+        }
+        absent
+    }
+
+    /// Fold a sink's delivery report in: its `Retry-After` and what it
+    /// refused.
+    fn sent(&mut self, report: DeliveryReport) {
+        self.retry_after = self.retry_after.max(report.retry_after);
+        for (uid, o) in report.outcomes {
+            if let InstanceOutcome::Failed { transient, reason } = o {
+                self.refused.push((uid, transient, reason));
+            }
+        }
+    }
+}
+
+/// Where an attempt ended, once the PACS's answers are in.
+struct Settled {
+    /// What the sink refused and the PACS does not hold after all.
+    refused: Vec<(Uid, bool, String)>,
+    conflicts: Vec<String>,
+    failure: Option<Error>,
+    retry_after: Option<Duration>,
+    /// Instances the PACS is not confirmed to hold.
+    missing: usize,
+    /// The weakest verification of the confirmed instances.
+    verified: Verification,
+}
+
+impl Settled {
+    fn of(
+        progress: Progress,
+        instances: &[Instance],
+        confirmed: &BTreeMap<String, Verification>,
+    ) -> Self {
+        let Progress {
+            mut refused,
+            conflicts,
+            failure,
+            retry_after,
+        } = progress;
+        let missing = instances
+            .iter()
+            .filter(|i| !confirmed.contains_key(i.dicom.sop_instance_uid.as_str()))
+            .count();
+        refused.retain(|(uid, _, _)| !confirmed.contains_key(uid.as_str()));
+        let verified = confirmed
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(Verification::Content);
+        Self {
+            refused,
+            conflicts,
+            failure,
+            retry_after,
+            missing,
+            verified,
+        }
+    }
+
+    /// Why the study is not delivered (a conflict first: it is why nothing
+    /// more was sent).
+    fn reason(&self, instances: usize) -> String {
+        let (conflicts, refused) = (&self.conflicts, &self.refused);
+        let mut reasons: Vec<String> = conflicts.iter().take(4).cloned().collect();
+        if conflicts.len() > 4 {
+            reasons.push(format!("and {} more conflicts", conflicts.len() - 4));
+        }
+        if let Some(e) = &self.failure {
+            reasons.push(format!("{}: {e}", e.code()));
+        }
+        reasons.extend(
+            refused
+                .iter()
+                .take(4)
+                .map(|(uid, _, r)| format!("{uid}: {r}")),
+        );
+        if refused.len() > 4 {
+            reasons.push(format!("and {} more refused", refused.len() - 4));
+        }
+        if reasons.is_empty() {
+            reasons.push(format!(
+                "the PACS does not hold {} of {instances} instance(s) after delivery",
+                self.missing
+            ));
+        }
+        reasons.join("; ")
+    }
+
+    /// Whether retrying unchanged cannot help. A PACS holding other content
+    /// under a UID will not change its mind by itself: never retried
+    /// blindly.
+    fn permanent(&self) -> bool {
+        !self.conflicts.is_empty()
+            || self.failure.as_ref().is_some_and(is_permanent)
+            || self.refused.iter().any(|(_, transient, _)| !transient)
+    }
+}
+
+/// The entry's next state after an attempt, and the event to report:
+/// delivered when the PACS holds every instance; else a dead letter
+/// (permanent, too many attempts, too old) or a retry after the backoff.
+fn decide(
+    rec: &SessionRecord,
+    attempts: u32,
+    instances: usize,
+    s: &Settled,
+    sink: &str,
+    config: &OutboxConfig,
+    now: OffsetDateTime,
+) -> (SessionState, OutboxEvent) {
+    let id = rec.id;
+    if s.failure.is_none() && s.conflicts.is_empty() && s.missing == 0 {
+        return (
+            SessionState::Delivered {
+                at: now,
+                sink: sink.to_owned(),
+                verified: s.verified,
+            },
+            OutboxEvent::Delivered {
+                session: id,
+                owner: rec.owner.clone(),
+                instances,
+                sink: sink.to_owned(),
+                verified: s.verified,
+            },
+        );
+    }
+    let reason = s.reason(instances);
+    let permanent = s.permanent();
+    let queued = rec.delivery.queued_at.unwrap_or(rec.updated_at);
+    let too_old =
+        now - queued >= time::Duration::try_from(config.max_age).unwrap_or(time::Duration::MAX);
+    if permanent || attempts >= config.max_attempts || too_old {
+        let why = if permanent {
+            reason
+        } else {
+            format!("gave up after {attempts} attempt(s): {reason}")
+        };
+        (
+            SessionState::DeadLetter {
+                at: now,
+                reason: why.clone(),
+            },
+            OutboxEvent::DeadLettered {
+                session: id,
+                owner: rec.owner.clone(),
+                reason: why,
+            },
+        )
+    } else {
+        let next = plus(now, config.backoff(attempts, s.retry_after));
+        (
+            SessionState::Forwarding,
+            OutboxEvent::Retrying {
+                session: id,
+                owner: rec.owner.clone(),
+                attempts,
+                next,
+                reason,
+            },
+        )
+    }
+}
+
+/// The reason an event records as the entry's last error.
+fn last_error_of(event: &OutboxEvent) -> Option<&str> {
+    match event {
+        OutboxEvent::Retrying { reason, .. } | OutboxEvent::DeadLettered { reason, .. } => {
+            Some(reason)
+        }
+        _ => None,
+    }
+}
+
+/// Index ranges of `instances` in groups of at most `max_bytes` (a larger
+/// instance goes alone) and `max_count` instances.
+fn groups(instances: &[Instance], max_bytes: u64, max_count: usize) -> Vec<std::ops::Range<usize>> {
+    let (max_bytes, max_count) = (max_bytes.max(1), max_count.max(1));
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0u64);
+    for (i, inst) in instances.iter().enumerate() {
+        let full = i > start && (bytes + inst.size > max_bytes || i - start >= max_count);
+        if full {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += inst.size;
+    }
+    if start < instances.len() {
+        out.push(start..instances.len());
+    }
+    out
+}
+
+/// Whether an error means retrying unchanged cannot help.
+fn is_permanent(e: &Error) -> bool {
+    match e.kind() {
+        ErrorKind::Pacs | ErrorKind::Storage | ErrorKind::Audit => !e.is_retryable(),
+        ErrorKind::Busy => false,
+        // Integrity (the stored file no longer verifies), invalid, not found…
+        _ => true,
+    }
+}
+
+impl Pipeline {
+    /// Complete the session and make one delivery attempt at once, in the
+    /// caller's task (for embedders that run no [`Outbox`] worker, and for
+    /// examples). Returns the session afterwards: delivered, still in the
+    /// outbox with a retry scheduled, or a dead letter. A worker, if one
+    /// runs, picks up from there.
+    ///
+    /// # Errors
+    /// As [`complete_session`](Pipeline::complete_session), and store failures.
+    pub async fn complete_and_deliver(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        config: &OutboxConfig,
+    ) -> Result<SessionRecord> {
+        self.complete_session(actor, id).await?;
+        self.attempt_delivery(id, "inline", config).await?;
+        Ok(self.inner.sessions.load_session(id).await?.value)
+    }
+
+    /// One delivery attempt for `id` if it is due (see the module docs).
+    /// Returns the event to report, if any, and when to look again.
+    /// `worker` names the caller's lease.
+    pub async fn attempt_delivery(
+        &self,
+        id: SessionId,
+        worker: &str,
+        config: &OutboxConfig,
+    ) -> Result<(Option<OutboxEvent>, Next)> {
+        let gate = self.gate(id);
+        let _g = gate.rw.read().await;
+        let (rec, attempts) = match self.take_lease(id, worker, config).await? {
+            Lease::Taken { rec, attempts } => (*rec, attempts),
+            Lease::NotNow(next) => return Ok((None, next)),
+        };
+        let actor = worker_actor();
+        let instances = Self::instances_of(&rec);
+        let patients = patients_of(&instances);
+        let mut ev = Self::event(
+            &actor,
+            AuditAction::ForwardStarted,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        ev.study = rec.study_instance_uid.clone();
+        ev.patient_id = Some(patients.clone());
+        ev.detail = format!("attempt={attempts} sink={}", self.inner.sink);
+        self.audit(ev).await?;
+
+        let mut confirmed: BTreeMap<String, Verification> = rec.delivery.confirmed.clone();
+        let pending: Vec<_> = instances
+            .iter()
+            .filter(|i| !confirmed.contains_key(i.dicom.sop_instance_uid.as_str()))
+            .cloned()
+            .collect();
+        let progress = self.send_and_verify(&pending, config, &mut confirmed).await;
+        let settled = Settled::of(progress, &instances, &confirmed);
+        let now = OffsetDateTime::now_utc();
+        let sink = self.inner.sink.to_string();
+        let (state, event) = decide(
+            &rec,
+            attempts,
+            instances.len(),
+            &settled,
+            &sink,
+            config,
+            now,
+        );
+        self.record_attempt(id, worker, &state, &confirmed, &event)
+            .await?;
+
+        // One audit record for what the PACS holds and one for what it does
+        // not, never one record with mixed outcomes (PS3.15 A.5.2).
+        let mk = |outcome, detail: String| {
+            let mut e = Self::event(&actor, AuditAction::Forwarded, outcome, Some(id));
+            e.study = rec.study_instance_uid.clone();
+            e.patient_id = Some(patients.clone());
+            e.detail = detail;
+            e
+        };
+        if !confirmed.is_empty() {
+            self.audit(mk(
+                AuditOutcome::Success,
+                format!(
+                    "instances={} verified={} sink={sink}",
+                    confirmed.len(),
+                    settled.verified
+                ),
+            ))
+            .await?;
+        }
+        if let Some(reason) = last_error_of(&event) {
+            let outcome = if matches!(event, OutboxEvent::DeadLettered { .. }) {
+                AuditOutcome::SeriousFailure
+            } else {
+                AuditOutcome::MinorFailure
+            };
+            self.audit(mk(
+                outcome,
+                format!("instances={} sink={sink}: {reason}", settled.missing),
+            ))
+            .await?;
+        }
+        let next = match &event {
+            OutboxEvent::Retrying { next, .. } => Next::At(*next),
+            OutboxEvent::Delivered { .. } => {
+                self.report_next(now, plus(now, config.report_poll_interval), config)
+            }
+            _ => Next::Done,
+        };
+        Ok((Some(event), next))
+    }
+
+    /// Take the entry's lease for one attempt (compare-and-set: one worker
+    /// wins), or say when to look again: not in the outbox, not due yet,
+    /// or leased by another live worker.
+    async fn take_lease(
+        &self,
+        id: SessionId,
+        worker: &str,
+        config: &OutboxConfig,
+    ) -> Result<Lease> {
+        let current = match self.inner.sessions.load_session(id).await {
+            Ok(v) => v,
+            Err(Error::NotFound { .. }) => return Ok(Lease::NotNow(Next::Done)),
+            Err(e) => return Err(e),
+        };
+        let now = OffsetDateTime::now_utc();
+        let d = &current.value.delivery;
+        if current.value.state != SessionState::Forwarding {
+            return Ok(Lease::NotNow(self.due(&current.value, config, now)));
+        }
+        if let Some(t) = d.next_attempt_at.filter(|t| *t > now) {
+            return Ok(Lease::NotNow(Next::At(t)));
+        }
+        if let (Some(until), Some(owner)) = (d.lease_until, &d.lease_owner) {
+            let stale = config.exclusive && owner != worker;
+            if until > now && !stale && owner != worker {
+                return Ok(Lease::NotNow(Next::At(until)));
+            }
+        }
+        let (rec, attempts) = self
+            .update(id, current, |r| {
+                if r.state != SessionState::Forwarding {
+                    return Err(Error::conflict("RELAY_OUTBOX_MOVED", "entry changed"));
+                }
+                r.delivery.attempts += 1;
+                r.delivery.lease_until = Some(plus(now, config.lease));
+                r.delivery.lease_owner = Some(worker.to_owned());
+                Ok(r.delivery.attempts)
+            })
+            .await?;
+        Ok(Lease::Taken {
+            rec: Box::new(rec),
+            attempts,
+        })
+    }
+
+    /// Check before sending (an identical copy at the PACS needs no resend,
+    /// a different one is a conflict before a byte is sent), then send the
+    /// rest in groups, `groups_in_flight` at a time; whatever the sink
+    /// said, the PACS's own answer decides (and catches another writer
+    /// racing us under the same UID). Groups are verified while the next
+    /// ones are sent, so the retrieval of what was sent overlaps the
+    /// sending of the rest. What the PACS holds goes into `confirmed`.
+    async fn send_and_verify(
+        &self,
+        pending: &[Instance],
+        config: &OutboxConfig,
+        confirmed: &mut BTreeMap<String, Verification>,
+    ) -> Progress {
+        let source = StoreSource {
+            chunks: self.inner.chunks.clone(),
+        };
+        let mut progress = Progress::default();
+        let to_send = match self.inner.sink.verify(pending).await {
+            Ok(held) => progress.take(pending, held, confirmed),
+            Err(e) => {
+                progress.failure = Some(e);
+                Vec::new()
+            }
+        };
+        let groups = groups(&to_send, config.group_bytes, config.group_instances);
+        let sink = &self.inner.sink;
+        let in_flight = config.groups_in_flight.max(1);
+        let mut sent: Vec<&[Instance]> = Vec::new();
+        let mut next_group = groups.iter().map(|r| &to_send[r.clone()]);
+        loop {
+            let healthy = progress.failure.is_none() && progress.conflicts.is_empty();
+            let next: Vec<&[Instance]> = if healthy {
+                next_group.by_ref().take(in_flight).collect()
+            } else {
+                Vec::new()
+            };
+            if sent.is_empty() && next.is_empty() {
+                break;
+            }
+            let (checked, delivered) = futures::join!(
+                futures::future::join_all(sent.iter().map(|g| sink.verify(g))),
+                futures::future::join_all(next.iter().map(|g| sink.deliver(g, &source)))
+            );
+            for (g, checked) in sent.iter().zip(checked) {
+                match checked {
+                    Ok(held) => {
+                        progress.take(g, held, confirmed);
+                    }
+                    Err(e) => {
+                        progress.failure.get_or_insert(e);
+                    }
+                }
+            }
+            for delivered in delivered {
+                match delivered {
+                    Ok(report) => progress.sent(report),
+                    Err(e) => {
+                        progress.failure.get_or_insert(e);
+                    }
+                }
+            }
+            sent = next;
+        }
+        progress
+    }
+
+    /// Record the attempt's outcome and release the lease (only while this
+    /// worker still holds it).
+    async fn record_attempt(
+        &self,
+        id: SessionId,
+        worker: &str,
+        state: &SessionState,
+        confirmed: &BTreeMap<String, Verification>,
+        event: &OutboxEvent,
+    ) -> Result<()> {
+        let last_error = last_error_of(event).map(str::to_owned);
+        let next_at = match event {
+            OutboxEvent::Retrying { next, .. } => Some(*next),
+            _ => None,
+        };
+        let current = self.inner.sessions.load_session(id).await?;
+        self.update(id, current, |r| {
+            if r.delivery.lease_owner.as_deref() != Some(worker) {
+                return Err(Error::conflict(
+                    "RELAY_OUTBOX_LEASE_LOST",
+                    "another worker took the entry over",
+                ));
+            }
+            r.state = state.clone();
+            r.delivery.confirmed = confirmed.clone();
+            r.delivery.lease_until = None;
+            r.delivery.lease_owner = None;
+            r.delivery.last_error = last_error.clone();
+            r.delivery.next_attempt_at = next_at;
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// When the worker next has something to do for `rec`: a delivery
+    /// attempt (outbox entries), a report check (delivered studies within
+    /// the report window), or nothing.
+    pub(super) fn due(
+        &self,
+        rec: &SessionRecord,
+        config: &OutboxConfig,
+        now: OffsetDateTime,
+    ) -> Next {
+        match rec.state {
+            SessionState::Forwarding => Next::At(rec.delivery.next_attempt_at.unwrap_or(now)),
+            SessionState::Delivered { at, .. } => self.report_next(
+                at,
+                plus(
+                    rec.delivery.reports_checked_at.unwrap_or(at),
+                    config.report_poll_interval,
+                ),
+                config,
+            ),
+            _ => Next::Done,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn groups_respect_bytes_and_count_and_keep_order() {
+        let inst = |size: u64| Instance {
+            key: crate::chunk_store::FileKey {
+                session: SessionId::random(),
+                file: crate::ids::FileId::random(),
+            },
+            size,
+            sha256: crate::digest::Sha256Digest::of(b""),
+            data_set_sha256: None,
+            dicom: crate::model::DicomSummary {
+                sop_class_uid: Uid::parse("1.2").unwrap(),
+                sop_instance_uid: Uid::parse("1.2.3").unwrap(),
+                study_instance_uid: Uid::parse("1.2.4").unwrap(),
+                series_instance_uid: Uid::parse("1.2.5").unwrap(),
+                patient_id: String::new(),
+                transfer_syntax: Uid::parse("1.2.840.10008.1.2.1").unwrap(),
+                modality: None,
+                warnings: Vec::new(),
+            },
+        };
+        let sizes = [10u64, 10, 10, 50, 5, 5, 5, 5];
+        let list: Vec<Instance> = sizes.iter().map(|s| inst(*s)).collect();
+        assert_eq!(groups(&list, 30, 3), vec![0..3, 3..4, 4..7, 7..8]);
+        assert_eq!(groups(&list, 1000, 100), vec![0..8]);
+        assert_eq!(groups(&list, 1, 1).len(), 8);
+        assert!(groups(&[], 30, 3).is_empty());
+    }
+}

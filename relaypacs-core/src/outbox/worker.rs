@@ -1,0 +1,175 @@
+//! The delivery worker: runs due outbox entries, watches delivered studies for
+//! reports, and tells its listener.
+
+use super::*;
+
+/// The delivery worker: runs due outbox entries (a few at once), then
+/// watches delivered studies for reports, and tells its listener.
+pub struct Outbox {
+    pipeline: Pipeline,
+    config: OutboxConfig,
+    listener: Arc<dyn OutboxListener>,
+    worker: String,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("config", &self.config)
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// A worker over `pipeline`'s stores and sink.
+    pub fn new(
+        pipeline: Pipeline,
+        config: OutboxConfig,
+        listener: Arc<dyn OutboxListener>,
+    ) -> Self {
+        Self {
+            pipeline,
+            config,
+            listener,
+            worker: format!("worker-{:016x}", rand::random::<u64>()),
+        }
+    }
+
+    /// One step for one entry: a delivery attempt, or a report check.
+    async fn step(&self, id: SessionId) -> Next {
+        let result = match self
+            .pipeline
+            .attempt_delivery(id, &self.worker, &self.config)
+            .await
+        {
+            Ok((Some(event), next)) => {
+                self.listener.on_event(&event).await;
+                Ok(next)
+            }
+            // A delivered study whose report check is due.
+            Ok((None, Next::At(t))) if t <= OffsetDateTime::now_utc() => self.reports(id).await,
+            Ok((None, next)) => Ok(next),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(n) => n,
+            Err(e) => {
+                // Logged here, at the edge of the worker, once; the entry is
+                // durable and is tried again later.
+                tracing::warn!(session = %id, error = %e, code = e.code(), "outbox step failed");
+                Next::At(plus(
+                    OffsetDateTime::now_utc(),
+                    self.config.base_delay.max(Duration::from_secs(1)),
+                ))
+            }
+        }
+    }
+
+    async fn reports(&self, id: SessionId) -> Result<Next> {
+        let (events, next) = self.pipeline.check_reports(id, &self.config).await?;
+        for e in &events {
+            self.listener.on_event(e).await;
+        }
+        Ok(next)
+    }
+
+    /// Step `due`, `parallel` at a time; what each needs next.
+    async fn step_all(&self, due: Vec<SessionId>) -> Vec<(SessionId, Next)> {
+        futures::stream::iter(due)
+            .map(|id| async move { (id, self.step(id).await) })
+            .buffer_unordered(self.config.parallel.max(1))
+            .collect()
+            .await
+    }
+
+    /// Load every session's schedule from the store.
+    async fn scan(&self, schedule: &mut HashMap<SessionId, OffsetDateTime>) -> Result<()> {
+        let now = OffsetDateTime::now_utc();
+        for id in self.pipeline.inner.sessions.list_sessions().await? {
+            let rec = match self.pipeline.inner.sessions.load_session(id).await {
+                Ok(v) => v.value,
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            if let Next::At(t) = self.pipeline.due(&rec, &self.config, now) {
+                schedule.insert(id, t);
+            }
+        }
+        Ok(())
+    }
+
+    /// Run every entry due now, once (for embedders driving the worker
+    /// themselves, and tests). Returns how many entries were stepped.
+    ///
+    /// # Errors
+    /// A failure to list the session store.
+    pub async fn run_once(&self) -> Result<usize> {
+        let mut schedule = HashMap::new();
+        self.scan(&mut schedule).await?;
+        let now = OffsetDateTime::now_utc();
+        let due: Vec<SessionId> = schedule
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        let n = due.len();
+        self.step_all(due).await;
+        Ok(n)
+    }
+
+    /// Run until `shutdown` completes: scan the store at start and every
+    /// `rescan_interval`, take newly queued entries at once, and step each
+    /// entry when due, `parallel` at a time.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut schedule: HashMap<SessionId, OffsetDateTime> = HashMap::new();
+        let mut last_scan: Option<tokio::time::Instant> = None;
+        loop {
+            let rescan = last_scan.is_none_or(|t| t.elapsed() >= self.config.rescan_interval);
+            if rescan {
+                match self.scan(&mut schedule).await {
+                    Ok(()) => last_scan = Some(tokio::time::Instant::now()),
+                    Err(e) => {
+                        tracing::error!(error = %e, code = e.code(), "outbox scan failed");
+                        last_scan = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+            let now = OffsetDateTime::now_utc();
+            for id in std::mem::take(&mut *crate::pipeline::lock(&self.pipeline.inner.queued)) {
+                schedule.insert(id, now);
+            }
+            let due: Vec<SessionId> = schedule
+                .iter()
+                .filter(|(_, t)| **t <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            if !due.is_empty() {
+                for (id, next) in self.step_all(due).await {
+                    match next {
+                        Next::At(t) => {
+                            schedule.insert(id, t);
+                        }
+                        Next::Done => {
+                            schedule.remove(&id);
+                        }
+                    }
+                }
+                continue;
+            }
+            let now = OffsetDateTime::now_utc();
+            let until_due = schedule
+                .values()
+                .min()
+                .map(|t| (*t - now).try_into().unwrap_or(Duration::ZERO))
+                .unwrap_or(self.config.rescan_interval)
+                .min(self.config.rescan_interval);
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = self.pipeline.inner.kick.notified() => {}
+                () = tokio::time::sleep(until_due) => {}
+            }
+        }
+    }
+}
