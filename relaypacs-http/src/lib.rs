@@ -22,6 +22,8 @@ pub mod metrics;
 pub mod notify;
 pub mod routes;
 pub mod state;
+pub mod stow_headers;
+pub mod tus_headers;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -236,15 +236,15 @@ impl DicomWebClient {
             }
             let resp = check_status("QIDO-RS", resp).await?;
             let body = resp.bytes().await.map_err(|e| transport("QIDO-RS", e))?;
-            if body.iter().all(u8::is_ascii_whitespace) {
-                return Ok(out);
-            }
-            let page: Vec<Value> = serde_json::from_slice(&body).map_err(|e| {
+            let page = parse_qido_answer(&body, &DicomJsonLimits::default()).map_err(|e| {
                 Error::pacs_transient(
                     format!("QIDO-RS answer is not a DICOM JSON array: {e}"),
                     None,
                 )
             })?;
+            if page.is_empty() {
+                return Ok(out);
+            }
             let n = page.len();
             out.extend(page);
             if n < PAGE {
@@ -254,12 +254,114 @@ impl DicomWebClient {
     }
 }
 
+/// Limits on a DICOM JSON answer (QIDO-RS, the STOW-RS Store Instances
+/// Response) before it is parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DicomJsonLimits {
+    /// Most bytes of the answer.
+    pub max_bytes: usize,
+    /// Most objects in a QIDO-RS answer.
+    pub max_objects: usize,
+}
+
+impl Default for DicomJsonLimits {
+    /// 64 MiB and 100,000 objects: a page of 1,000 instances is a few
+    /// MiB at most, and parsing never nests deeper than 128 (serde_json's
+    /// recursion limit).
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 << 20,
+            max_objects: 100_000,
+        }
+    }
+}
+
+/// Why a DICOM JSON answer was refused.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DicomJsonError {
+    /// Larger than [`DicomJsonLimits::max_bytes`].
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// More objects than [`DicomJsonLimits::max_objects`].
+    TooManyObjects {
+        /// The limit.
+        limit: usize,
+    },
+    /// Not JSON of the expected shape.
+    Json(serde_json::Error),
+}
+
+impl fmt::Display for DicomJsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge { limit } => write!(f, "more than {limit} bytes"),
+            Self::TooManyObjects { limit } => write!(f, "more than {limit} objects"),
+            Self::Json(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for DicomJsonError {}
+
+/// The body of a DICOM JSON answer, whitespace only (an empty answer) as
+/// `None`, within `limits`.
+///
+/// # Errors
+/// [`DicomJsonError`].
+pub fn parse_dicom_json(
+    body: &[u8],
+    limits: &DicomJsonLimits,
+) -> std::result::Result<Option<Value>, DicomJsonError> {
+    if body.len() > limits.max_bytes {
+        return Err(DicomJsonError::TooLarge {
+            limit: limits.max_bytes,
+        });
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(DicomJsonError::Json)
+}
+
+/// The objects of a QIDO-RS answer (a DICOM JSON array; an empty body is
+/// no object), within `limits`. Read them with [`string_of`],
+/// [`number_of`] and [`items_of`].
+///
+/// # Errors
+/// [`DicomJsonError`]; a body that is not an array is
+/// [`DicomJsonError::Json`].
+pub fn parse_qido_answer(
+    body: &[u8],
+    limits: &DicomJsonLimits,
+) -> std::result::Result<Vec<Value>, DicomJsonError> {
+    if body.len() > limits.max_bytes {
+        return Err(DicomJsonError::TooLarge {
+            limit: limits.max_bytes,
+        });
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let page: Vec<Value> = serde_json::from_slice(body).map_err(DicomJsonError::Json)?;
+    if page.len() > limits.max_objects {
+        return Err(DicomJsonError::TooManyObjects {
+            limit: limits.max_objects,
+        });
+    }
+    Ok(page)
+}
+
 /// SOP Instance UIDs per QIDO-RS UID-list query: at most 64 × 65 bytes of
 /// UIDs, well under the 8 KiB request line many HTTP servers allow.
 pub(crate) const UID_LIST_CHUNK: usize = 64;
 
 /// The first string value of `tag` (8 hex digits) in a DICOM JSON object.
-pub(crate) fn string_of(obj: &Value, tag: &str) -> Option<String> {
+pub fn string_of(obj: &Value, tag: &str) -> Option<String> {
     obj.get(tag)?
         .get("Value")?
         .get(0)?
@@ -268,12 +370,12 @@ pub(crate) fn string_of(obj: &Value, tag: &str) -> Option<String> {
 }
 
 /// The first numeric value of `tag` in a DICOM JSON object.
-pub(crate) fn number_of(obj: &Value, tag: &str) -> Option<u64> {
+pub fn number_of(obj: &Value, tag: &str) -> Option<u64> {
     obj.get(tag)?.get("Value")?.get(0)?.as_u64()
 }
 
 /// The items of sequence `tag` in a DICOM JSON object.
-pub(crate) fn items_of<'a>(obj: &'a Value, tag: &str) -> &'a [Value] {
+pub fn items_of<'a>(obj: &'a Value, tag: &str) -> &'a [Value] {
     obj.get(tag)
         .and_then(|v| v.get("Value"))
         .and_then(Value::as_array)

@@ -22,3 +22,33 @@ pub use dicomweb_reports::DicomWebReports;
 pub use fanout::FanOutSink;
 pub use local_archive::LocalArchiveSink;
 pub use stow::StowSink;
+
+/// The pure parsers of what a PACS sends, public for fuzzing and for
+/// vendors' tests: bytes in, typed values or typed errors out, limits as
+/// arguments, no I/O.
+pub mod parse {
+    /// DIMSE command sets (C-STORE-RSP, C-FIND-RSP, C-GET-RSP, and the
+    /// C-STORE-RQ sub-operations of a C-GET) and C-FIND/C-GET identifiers.
+    pub mod dimse {
+        pub use crate::cstore::dimse::{
+            DimseError, MAX_IDENTIFIER_DEPTH, Response, SubOperations, identifier_sop_instance_uid,
+            parse_request, parse_response,
+        };
+    }
+    /// The `multipart/related` framing of WADO-RS answers, read
+    /// incrementally as the bytes arrive.
+    pub mod multipart {
+        pub use crate::dicomweb::{
+            FramingError, FramingLimits, MultipartReader, PartEvent, multipart_boundary,
+        };
+    }
+    /// DICOM JSON answers: the STOW-RS Store Instances Response and the
+    /// QIDO-RS search results.
+    pub mod dicom_json {
+        pub use crate::dicomweb::{
+            DicomJsonError, DicomJsonLimits, items_of, number_of, parse_dicom_json,
+            parse_qido_answer, string_of,
+        };
+        pub use crate::stow::{StoreResponse, parse_store_response};
+    }
+}

@@ -19,9 +19,9 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use crate::dicomweb::{
-    DicomWebClient, DicomWebConfig, FramingError, FramingLimits, MultipartReader, PartEvent,
-    is_transient_status, items_of, multipart_boundary, number_of, status_error, string_of,
-    transport,
+    DicomJsonError, DicomJsonLimits, DicomWebClient, DicomWebConfig, FramingError, FramingLimits,
+    MultipartReader, PartEvent, is_transient_status, items_of, multipart_boundary, number_of,
+    parse_dicom_json, status_error, string_of, transport,
 };
 
 /// DICOM JSON tags of the STOW-RS response.
@@ -1013,40 +1013,93 @@ impl StowSink {
             return Err(status_error("STOW-RS", resp).await);
         }
         let body = resp.bytes().await.map_err(|e| transport("STOW-RS", e))?;
-        let json: Value = if body.iter().all(u8::is_ascii_whitespace) {
-            Value::Null
-        } else {
-            serde_json::from_slice(&body).map_err(|e| {
-                Error::pacs_transient(
-                    format!("STOW-RS answered {status} with a body that is not DICOM JSON: {e}"),
-                    None,
-                )
-            })?
-        };
-        Ok(outcomes(batch, status, &json))
+        let answer = parse_store_response(&body, &DicomJsonLimits::default()).map_err(|e| {
+            Error::pacs_transient(
+                format!("STOW-RS answered {status} with a body that is not DICOM JSON: {e}"),
+                None,
+            )
+        })?;
+        Ok(outcomes_of(batch, status, &answer))
     }
 }
 
+/// What a PS3.18 Store Instances Response says about each SOP Instance
+/// UID it names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreResponse {
+    /// Referenced SOP Sequence (0008,1199): stored, with the item's
+    /// Warning Reason (0008,1196) if any.
+    pub referenced: HashMap<String, Option<u64>>,
+    /// Failed SOP Sequence (0008,1198): not stored, with the item's
+    /// Failure Reason (0008,1197) if any.
+    pub failed: HashMap<String, Option<u64>>,
+    /// The response's own Warning Reason.
+    pub warning: Option<u64>,
+}
+
+impl StoreResponse {
+    /// Read a parsed response: an object, or a one-element array (some
+    /// servers); anything else names nothing. An item is named by its
+    /// Referenced SOP Instance UID (0008,1155), else its SOP Instance UID.
+    pub fn from_json(json: &Value) -> Self {
+        let obj = match json {
+            Value::Array(a) => a.first().unwrap_or(&Value::Null),
+            v => v,
+        };
+        let uid_of = |item: &Value| {
+            string_of(item, tag::REFERENCED_SOP_INSTANCE_UID)
+                .or_else(|| string_of(item, tag::SOP_INSTANCE_UID))
+        };
+        Self {
+            referenced: items_of(obj, tag::REFERENCED_SOP_SEQUENCE)
+                .iter()
+                .filter_map(|i| Some((uid_of(i)?, number_of(i, tag::WARNING_REASON))))
+                .collect(),
+            failed: items_of(obj, tag::FAILED_SOP_SEQUENCE)
+                .iter()
+                .filter_map(|i| Some((uid_of(i)?, number_of(i, tag::FAILURE_REASON))))
+                .collect(),
+            warning: number_of(obj, tag::WARNING_REASON),
+        }
+    }
+}
+
+/// Parse the body of a STOW-RS answer (DICOM JSON; an empty body names
+/// nothing) within `limits`.
+///
+/// # Errors
+/// [`DicomJsonError`] for a body over the limits or not JSON.
+pub fn parse_store_response(
+    body: &[u8],
+    limits: &DicomJsonLimits,
+) -> std::result::Result<StoreResponse, DicomJsonError> {
+    Ok(parse_dicom_json(body, limits)?
+        .map(|json| StoreResponse::from_json(&json))
+        .unwrap_or_default())
+}
+
 /// Per-instance outcomes from a PS3.18 STOW-RS response body.
+#[cfg(test)]
 fn outcomes(batch: &[Instance], status: StatusCode, json: &Value) -> Vec<(Uid, InstanceOutcome)> {
-    // A response may be an object or a one-element array (some servers).
-    let obj = match json {
-        Value::Array(a) => a.first().unwrap_or(&Value::Null),
-        v => v,
-    };
-    let uid_of = |item: &Value| {
-        string_of(item, tag::REFERENCED_SOP_INSTANCE_UID)
-            .or_else(|| string_of(item, tag::SOP_INSTANCE_UID))
-    };
-    let referenced: HashMap<String, Option<u64>> = items_of(obj, tag::REFERENCED_SOP_SEQUENCE)
-        .iter()
-        .filter_map(|i| Some((uid_of(i)?, number_of(i, tag::WARNING_REASON))))
-        .collect();
-    let failed: HashMap<String, Option<u64>> = items_of(obj, tag::FAILED_SOP_SEQUENCE)
-        .iter()
-        .filter_map(|i| Some((uid_of(i)?, number_of(i, tag::FAILURE_REASON))))
-        .collect();
-    let top_warning = number_of(obj, tag::WARNING_REASON);
+    outcomes_of(batch, status, &StoreResponse::from_json(json))
+}
+
+/// Per-instance outcomes from a parsed PS3.18 STOW-RS response: named as
+/// failed → its Failure Reason decides; referenced → stored (with its
+/// warning, or the response's); not named → refused by a 409, else a
+/// transient failure (silence is not success).
+fn outcomes_of(
+    batch: &[Instance],
+    status: StatusCode,
+    answer: &StoreResponse,
+) -> Vec<(Uid, InstanceOutcome)> {
+    let StoreResponse {
+        referenced,
+        failed,
+        warning: top_warning,
+    } = answer;
+    let top_warning = *top_warning;
     batch
         .iter()
         .map(|inst| {

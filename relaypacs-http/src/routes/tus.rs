@@ -17,8 +17,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use futures::StreamExt;
 use relaypacs_core::{
@@ -31,9 +29,11 @@ use super::{AuthUser, Path};
 use crate::error::{ApiError, ApiResult};
 use crate::notify::Event;
 use crate::state::AppState;
+use crate::tus_headers::{
+    Checksum, MetadataLimits, check_resumable, checksum, header_u64, metadata,
+};
 
-/// The protocol version we speak.
-pub const TUS_VERSION: &str = "1.0.0";
+pub use crate::tus_headers::TUS_VERSION;
 /// Extensions we implement.
 pub const TUS_EXTENSIONS: &str = "creation,creation-with-upload,termination,checksum,expiration";
 
@@ -50,101 +50,6 @@ fn parse_upload_id(id: &str) -> Result<(SessionId, FileId), ApiError> {
         (Ok(s), Ok(f)) => Ok((s, f)),
         _ => Err(ApiError::not_found("upload")),
     }
-}
-
-fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
-    let mut all = h.get_all(name).iter();
-    let Some(v) = all.next() else {
-        return Ok(None);
-    };
-    if all.next().is_some() {
-        return Err(ApiError::bad_request(
-            "RELAY_BAD_HEADER",
-            format!("{name} given more than once"),
-        ));
-    }
-    v.to_str().map(Some).map_err(|_| {
-        ApiError::bad_request("RELAY_BAD_HEADER", format!("{name} is not visible ASCII"))
-    })
-}
-
-/// A non-negative decimal header value (digits only, no sign or spaces).
-fn header_u64(h: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
-    let Some(v) = header_str(h, name)? else {
-        return Ok(None);
-    };
-    if v.is_empty() || v.len() > 19 || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ApiError::bad_request(
-            "RELAY_BAD_HEADER",
-            format!("{name} must be a non-negative integer"),
-        ));
-    }
-    v.parse()
-        .map(Some)
-        .map_err(|_| ApiError::bad_request("RELAY_BAD_HEADER", format!("{name} is out of range")))
-}
-
-fn check_resumable(h: &HeaderMap) -> Result<(), ApiError> {
-    match header_str(h, "tus-resumable")? {
-        Some(TUS_VERSION) => Ok(()),
-        _ => Err(ApiError::new(
-            StatusCode::PRECONDITION_FAILED,
-            "RELAY_TUS_VERSION",
-            "Tus-Resumable: 1.0.0 is required",
-        )),
-    }
-}
-
-/// Parsed `Upload-Metadata`.
-#[derive(Debug, Default)]
-struct Metadata {
-    filename: Option<String>,
-    session: Option<String>,
-    sha256: Option<String>,
-}
-
-fn parse_metadata(v: &str) -> Result<Metadata, ApiError> {
-    let bad =
-        |m: &str| ApiError::bad_request("RELAY_BAD_METADATA", format!("Upload-Metadata: {m}"));
-    let mut out = Metadata::default();
-    let mut seen = std::collections::HashSet::new();
-    for pair in v.split(',') {
-        let pair = pair.trim();
-        if pair.is_empty() {
-            continue;
-        }
-        let (key, value) = match pair.split_once(' ') {
-            Some((k, v)) => (k, v.trim()),
-            None => (pair, ""),
-        };
-        if key.is_empty() || key.len() > 64 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(bad("keys must be 1-64 visible ASCII characters"));
-        }
-        if !seen.insert(key.to_string()) {
-            return Err(bad("a key appears twice"));
-        }
-        let decoded = STANDARD
-            .decode(value)
-            .map_err(|_| bad(&format!("the value of {key:?} is not base64")))?;
-        let text = || {
-            String::from_utf8(decoded.clone())
-                .map_err(|_| bad(&format!("the value of {key:?} is not UTF-8")))
-        };
-        match key {
-            "filename" | "name" => out.filename = Some(text()?),
-            "session" | "study_session" => out.session = Some(text()?),
-            "sha256" | "checksum_sha256" => {
-                // Hex (64 digits) or the raw 32 bytes.
-                out.sha256 = Some(if decoded.len() == 32 {
-                    hex::encode(&decoded)
-                } else {
-                    text()?
-                })
-            }
-            _ => {} // other keys (filetype, relativePath, …) are ignored
-        }
-    }
-    Ok(out)
 }
 
 fn expires(at: time::OffsetDateTime) -> HeaderValue {
@@ -221,43 +126,6 @@ fn user_permit(
             1,
         )
     })
-}
-
-/// A checksum declared with `Upload-Checksum`.
-#[derive(Debug, Clone)]
-enum Checksum {
-    Sha256(Sha256Digest),
-    Sha1([u8; 20]),
-}
-
-fn parse_checksum(h: &HeaderMap) -> Result<Option<Checksum>, ApiError> {
-    let Some(v) = header_str(h, "upload-checksum")? else {
-        return Ok(None);
-    };
-    let bad =
-        |m: &str| ApiError::bad_request("RELAY_BAD_CHECKSUM", format!("Upload-Checksum: {m}"));
-    let (alg, b64) = v
-        .trim()
-        .split_once(' ')
-        .ok_or_else(|| bad("expected '<algorithm> <base64>'"))?;
-    let raw = STANDARD
-        .decode(b64.trim())
-        .map_err(|_| bad("the checksum is not base64"))?;
-    match alg {
-        "sha256" => {
-            let a: [u8; 32] = raw
-                .try_into()
-                .map_err(|_| bad("a sha256 checksum has 32 bytes"))?;
-            Ok(Some(Checksum::Sha256(Sha256Digest(a))))
-        }
-        "sha1" => {
-            let a: [u8; 20] = raw
-                .try_into()
-                .map_err(|_| bad("a sha1 checksum has 20 bytes"))?;
-            Ok(Some(Checksum::Sha1(a)))
-        }
-        _ => Err(bad("unsupported algorithm (sha256, sha1)")),
-    }
 }
 
 /// The request body as a shared source that segments read from in turn.
@@ -357,7 +225,7 @@ async fn write_body(
             "PATCH needs Content-Length",
         )
     })?;
-    let checksum = parse_checksum(headers)?;
+    let checksum = checksum(headers)?;
     let _write = enter_write(state, &id)?;
     let _permit = user_permit(state, &user.id)?;
     let actor = user.actor();
@@ -594,10 +462,10 @@ pub async fn create(
             ),
         ));
     }
-    let meta = match header_str(&headers, "upload-metadata")? {
-        Some(v) => parse_metadata(v)?,
-        None => Metadata::default(),
-    };
+    let meta = metadata(
+        &headers,
+        &MetadataLimits::within_header_bytes(state.config.http.max_header_bytes),
+    )?;
     let session = meta.session.ok_or_else(|| {
         ApiError::bad_request(
             "RELAY_MISSING_SESSION",

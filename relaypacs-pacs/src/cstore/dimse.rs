@@ -160,7 +160,7 @@ pub(super) fn c_store_rsp(
 /// (0000,1020)-(0000,1023): the sub-operation counts of a C-GET response,
 /// each present or not (PS3.7 §9.3.3.2).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(super) struct SubOperations {
+pub struct SubOperations {
     /// Number of Remaining Sub-operations.
     pub remaining: Option<u16>,
     /// Number of Completed Sub-operations.
@@ -174,7 +174,8 @@ pub(super) struct SubOperations {
 /// The fields of a command set that the SCU acts on (a response, or a
 /// C-STORE-RQ sub-operation of a C-GET).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct Response {
+#[non_exhaustive]
+pub struct Response {
     /// (0000,0100) Command Field.
     pub command_field: u16,
     /// (0000,0110) Message ID (requests; 0 if absent).
@@ -195,10 +196,57 @@ pub(super) struct Response {
     pub sub_operations: SubOperations,
 }
 
-fn u16_value(v: &[u8]) -> Result<u16, String> {
+/// Why a command set or an identifier from the peer was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DimseError {
+    /// The bytes end inside an element header.
+    TruncatedHeader {
+        /// `"command set"` or `"identifier"`.
+        what: &'static str,
+    },
+    /// A command element's value runs past the end.
+    CommandOverrun {
+        /// The element's (group, element).
+        tag: (u16, u16),
+    },
+    /// An identifier element's value runs past the end.
+    IdentifierOverrun,
+    /// A US value that is not 2 bytes long.
+    UsLength(usize),
+    /// A required command element is missing (its name).
+    Missing(&'static str),
+    /// Sequences nest deeper than the limit.
+    TooDeep {
+        /// The limit.
+        limit: u32,
+    },
+    /// An element other than an item inside a sequence.
+    NonItem,
+}
+
+impl std::fmt::Display for DimseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TruncatedHeader { what } => write!(f, "{what} ends inside an element header"),
+            Self::CommandOverrun { tag: (g, e) } => {
+                write!(f, "command element ({g:04X},{e:04X}) overruns")
+            }
+            Self::IdentifierOverrun => f.write_str("identifier element overruns"),
+            Self::UsLength(n) => write!(f, "a US value of {n} bytes"),
+            Self::Missing(what) => write!(f, "no {what}"),
+            Self::TooDeep { limit } => write!(f, "identifier nests deeper than {limit}"),
+            Self::NonItem => f.write_str("a non-item inside a sequence"),
+        }
+    }
+}
+
+impl std::error::Error for DimseError {}
+
+fn u16_value(v: &[u8]) -> Result<u16, DimseError> {
     match v {
         [a, b] => Ok(u16::from_le_bytes([*a, *b])),
-        _ => Err(format!("a US value of {} bytes", v.len())),
+        _ => Err(DimseError::UsLength(v.len())),
     }
 }
 
@@ -228,25 +276,35 @@ fn uid_of(v: &[u8]) -> Option<String> {
     Some(sanitise(&v[..end])).filter(|s| !s.is_empty())
 }
 
-/// Parse a response command set (flat, Implicit VR Little Endian).
-pub(super) fn parse_response(bytes: &[u8]) -> Result<Response, String> {
+/// Parse a response command set (flat, Implicit VR Little Endian): a
+/// C-STORE-RSP, C-FIND-RSP or C-GET-RSP. Pure and bounded: the strings it
+/// keeps are sanitised to at most 256 characters.
+///
+/// # Errors
+/// [`DimseError`] for a truncated or overrunning element, a US value that
+/// is not 2 bytes, or a missing Command Field, Status or Command Data Set
+/// Type.
+pub fn parse_response(bytes: &[u8]) -> Result<Response, DimseError> {
     parse_command(bytes, true)
 }
 
 /// Parse a request command set (a C-STORE-RQ sub-operation), which has no
 /// Status but a Message ID.
-pub(super) fn parse_request(bytes: &[u8]) -> Result<Response, String> {
+///
+/// # Errors
+/// As [`parse_response`], without the need for a Status.
+pub fn parse_request(bytes: &[u8]) -> Result<Response, DimseError> {
     parse_command(bytes, false)
 }
 
-fn parse_command(bytes: &[u8], response: bool) -> Result<Response, String> {
+fn parse_command(bytes: &[u8], response: bool) -> Result<Response, DimseError> {
     let mut r = Response::default();
     let (mut field, mut status, mut dst) = (None, None, None);
     let mut pos = 0usize;
     while pos < bytes.len() {
-        let head = bytes
-            .get(pos..pos + 8)
-            .ok_or("command set ends inside an element header")?;
+        let head = bytes.get(pos..pos + 8).ok_or(DimseError::TruncatedHeader {
+            what: "command set",
+        })?;
         let group = u16::from_le_bytes([head[0], head[1]]);
         let elem = u16::from_le_bytes([head[2], head[3]]);
         let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
@@ -254,7 +312,7 @@ fn parse_command(bytes: &[u8], response: bool) -> Result<Response, String> {
         let value = pos
             .checked_add(len)
             .and_then(|end| bytes.get(pos..end))
-            .ok_or_else(|| format!("command element ({group:04X},{elem:04X}) overruns"))?;
+            .ok_or(DimseError::CommandOverrun { tag: (group, elem) })?;
         pos += len;
         if group != 0x0000 {
             // dcmtk-based peers (Orthanc) put the Failed SOP Instance UID
@@ -277,13 +335,13 @@ fn parse_command(bytes: &[u8], response: bool) -> Result<Response, String> {
             _ => {}
         }
     }
-    r.command_field = field.ok_or("no Command Field")?;
+    r.command_field = field.ok_or(DimseError::Missing("Command Field"))?;
     r.status = match status {
         Some(s) => s,
-        None if response => return Err("no Status".into()),
+        None if response => return Err(DimseError::Missing("Status")),
         None => 0,
     };
-    r.has_data_set = dst.ok_or("no Command Data Set Type")? != NO_DATA_SET;
+    r.has_data_set = dst.ok_or(DimseError::Missing("Command Data Set Type"))? != NO_DATA_SET;
     Ok(r)
 }
 
@@ -359,12 +417,12 @@ pub(super) fn store_outcome(status: u16, comment: Option<&str>) -> InstanceOutco
 
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 /// Sequence nesting accepted in a C-FIND identifier.
-const MAX_DEPTH: u32 = 16;
+pub const MAX_IDENTIFIER_DEPTH: u32 = 16;
 
-fn header_at(data: &[u8], pos: usize) -> Result<((u16, u16), u32), String> {
+fn header_at(data: &[u8], pos: usize) -> Result<((u16, u16), u32), DimseError> {
     let h = data
-        .get(pos..pos + 8)
-        .ok_or("identifier ends inside an element header")?;
+        .get(pos..pos.saturating_add(8))
+        .ok_or(DimseError::TruncatedHeader { what: "identifier" })?;
     Ok((
         (
             u16::from_le_bytes([h[0], h[1]]),
@@ -374,32 +432,37 @@ fn header_at(data: &[u8], pos: usize) -> Result<((u16, u16), u32), String> {
     ))
 }
 
-fn skip_defined(data: &[u8], pos: usize, len: u32) -> Result<usize, String> {
+fn skip_defined(data: &[u8], pos: usize, len: u32) -> Result<usize, DimseError> {
     pos.checked_add(len as usize)
         .filter(|end| *end <= data.len())
-        .ok_or_else(|| "identifier element overruns".to_owned())
+        .ok_or(DimseError::IdentifierOverrun)
 }
 
 /// Skip the items of an undefined-length sequence; returns the position
 /// after its delimiter.
-fn skip_sequence(data: &[u8], mut pos: usize, depth: u32) -> Result<usize, String> {
-    if depth > MAX_DEPTH {
-        return Err(format!("identifier nests deeper than {MAX_DEPTH}"));
+fn skip_sequence(
+    data: &[u8],
+    mut pos: usize,
+    depth: u32,
+    max_depth: u32,
+) -> Result<usize, DimseError> {
+    if depth > max_depth {
+        return Err(DimseError::TooDeep { limit: max_depth });
     }
     loop {
         let (tag, len) = header_at(data, pos)?;
         pos += 8;
         match tag {
             (0xFFFE, 0xE0DD) => return Ok(pos),
-            (0xFFFE, 0xE000) if len == UNDEFINED => pos = skip_item(data, pos, depth)?,
+            (0xFFFE, 0xE000) if len == UNDEFINED => pos = skip_item(data, pos, depth, max_depth)?,
             (0xFFFE, 0xE000) => pos = skip_defined(data, pos, len)?,
-            _ => return Err("a non-item inside a sequence".into()),
+            _ => return Err(DimseError::NonItem),
         }
     }
 }
 
 /// Skip the elements of an undefined-length item.
-fn skip_item(data: &[u8], mut pos: usize, depth: u32) -> Result<usize, String> {
+fn skip_item(data: &[u8], mut pos: usize, depth: u32, max_depth: u32) -> Result<usize, DimseError> {
     loop {
         let (tag, len) = header_at(data, pos)?;
         pos += 8;
@@ -407,7 +470,7 @@ fn skip_item(data: &[u8], mut pos: usize, depth: u32) -> Result<usize, String> {
             return Ok(pos);
         }
         pos = if len == UNDEFINED {
-            skip_sequence(data, pos, depth + 1)?
+            skip_sequence(data, pos, depth + 1, max_depth)?
         } else {
             skip_defined(data, pos, len)?
         };
@@ -416,13 +479,30 @@ fn skip_item(data: &[u8], mut pos: usize, depth: u32) -> Result<usize, String> {
 
 /// The SOP Instance UID (0008,0018) of a C-FIND response identifier in
 /// Implicit VR Little Endian, without padding; `None` if absent or empty.
-pub(super) fn sop_instance_uid(data: &[u8]) -> Result<Option<String>, String> {
+/// Sequences are skipped up to [`MAX_IDENTIFIER_DEPTH`] deep.
+pub(super) fn sop_instance_uid(data: &[u8]) -> Result<Option<String>, DimseError> {
+    identifier_sop_instance_uid(data, MAX_IDENTIFIER_DEPTH)
+}
+
+/// The SOP Instance UID (0008,0018) of a C-FIND or C-GET identifier in
+/// Implicit VR Little Endian, without padding; `None` if absent or empty.
+/// Sequences (skipped, never parsed) may nest `max_depth` deep. Pure and
+/// bounded: recursion is at most `max_depth` deep, the one string kept is
+/// the UID's value.
+///
+/// # Errors
+/// [`DimseError`] for a truncated or overrunning element, a non-item in a
+/// sequence, or nesting deeper than `max_depth`.
+pub fn identifier_sop_instance_uid(
+    data: &[u8],
+    max_depth: u32,
+) -> Result<Option<String>, DimseError> {
     let mut pos = 0usize;
     while pos < data.len() {
         let (tag, len) = header_at(data, pos)?;
         pos += 8;
         if len == UNDEFINED {
-            pos = skip_sequence(data, pos, 1)?;
+            pos = skip_sequence(data, pos, 1, max_depth)?;
             continue;
         }
         let end = skip_defined(data, pos, len)?;
@@ -517,7 +597,12 @@ mod tests {
             d.extend_from_slice(&[0x08, 0, 0x15, 0x11, 0xFF, 0xFF, 0xFF, 0xFF]);
             d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
         }
-        assert!(sop_instance_uid(&d).unwrap_err().contains("deeper"));
+        assert!(
+            sop_instance_uid(&d)
+                .unwrap_err()
+                .to_string()
+                .contains("deeper")
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 mod acked;
 mod cget;
-mod dimse;
+pub(crate) mod dimse;
 mod verify;
 
 use std::collections::{HashSet, VecDeque};
