@@ -8,13 +8,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use async_trait::async_trait;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
+use relaypacs_core::testing::faults::FaultyPacsSink;
 use relaypacs_core::{
-    Actor, DeliveryReport, DuplicatePolicy, Error, FileState, Holding, Instance, InstanceSource,
-    OutboxConfig, PacsSink, PipelineConfig, Result, SessionState, Verification,
+    Actor, DuplicatePolicy, Error, FileState, OutboxConfig, PipelineConfig, SessionState,
+    Verification,
 };
 use relaypacs_integration::{Embedded, open_session, upload_file};
 use relaypacs_pacs::LocalArchiveSink;
@@ -42,42 +41,13 @@ fn warnings(rec: &relaypacs_core::FileRecord) -> Vec<String> {
 }
 
 /// Counts what the pipeline hands the archive.
-#[derive(Debug)]
-struct Counting {
-    inner: LocalArchiveSink,
-    delivered: AtomicUsize,
-}
-
-impl std::fmt::Display for Counting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.inner.fmt(f)
-    }
-}
-
-#[async_trait]
-impl PacsSink for Counting {
-    async fn deliver(
-        &self,
-        instances: &[Instance],
-        source: &dyn InstanceSource,
-    ) -> Result<DeliveryReport> {
-        self.delivered.fetch_add(instances.len(), Ordering::SeqCst);
-        self.inner.deliver(instances, source).await
-    }
-
-    async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
-        self.inner.verify(instances).await
-    }
-}
+type Counting = FaultyPacsSink<LocalArchiveSink>;
 
 fn open(dir: &std::path::Path, config: PipelineConfig) -> (Embedded, Arc<Counting>) {
     let slot = Arc::new(std::sync::Mutex::new(None));
     let s2 = slot.clone();
     let e = Embedded::open_wrapped(dir, config, move |a| {
-        let c = Arc::new(Counting {
-            inner: a,
-            delivered: AtomicUsize::new(0),
-        });
+        let c = Arc::new(Counting::counting(Arc::new(a)));
         *s2.lock().unwrap() = Some(c.clone());
         c
     })
@@ -120,7 +90,7 @@ async fn the_same_content_again_is_an_idempotent_success_pointing_at_the_earlier
         "{:?}",
         done.state
     );
-    assert_eq!(sink.delivered.load(Ordering::SeqCst), 1);
+    assert_eq!(sink.instances_asked(), 1);
     // Another user sends the same object later: accepted, with a warning
     // that names the earlier study (its Study Instance UID, which the
     // sender's own file carries; never the other user's session).
@@ -154,7 +124,7 @@ async fn the_same_content_again_is_an_idempotent_success_pointing_at_the_earlier
         Some(&Verification::Content)
     );
     assert_eq!(
-        sink.delivered.load(Ordering::SeqCst),
+        sink.instances_asked(),
         1,
         "an identical copy at the PACS was sent again"
     );
@@ -348,7 +318,7 @@ async fn a_pacs_holding_another_object_under_the_uid_is_a_conflict_before_sendin
     assert_eq!(done.delivery.attempts, 1, "never retried blindly");
     assert!(done.delivery.confirmed.is_empty());
     assert_eq!(
-        sink.delivered.load(Ordering::SeqCst),
+        sink.instances_asked(),
         0,
         "bytes were sent to a PACS holding another object"
     );
@@ -392,5 +362,5 @@ async fn the_accept_policy_lets_other_content_in_but_never_calls_it_delivered() 
         "{:?}",
         done.state
     );
-    assert_eq!(sink.delivered.load(Ordering::SeqCst), 1);
+    assert_eq!(sink.instances_asked(), 1);
 }
