@@ -565,32 +565,17 @@ async fn expiry_never_removes_a_session_with_a_request_in_flight() {
 /// Audit fails closed: when the trail cannot be written, the action is refused.
 #[tokio::test]
 async fn audit_failure_refuses_the_action() {
-    #[derive(Debug)]
-    struct Broken;
-    impl std::fmt::Display for Broken {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("broken-audit")
-        }
-    }
-    #[async_trait::async_trait]
-    impl AuditSink for Broken {
-        async fn record(&self, _: &relaypacs_core::AuditEvent) -> relaypacs_core::Result<()> {
-            Err(Error::io(
-                "append audit record",
-                std::io::Error::from_raw_os_error(5),
-            ))
-        }
-        async fn events(&self) -> relaypacs_core::Result<Vec<relaypacs_core::AuditEvent>> {
-            Ok(vec![])
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
     let e = Embedded::open(dir.path(), PipelineConfig::default()).unwrap();
+    // Every audit record fails with EIO.
+    use relaypacs_core::testing::faults::{Fault, FaultPlan, FaultyAuditSink, Op};
+    let broken = FaultPlan::watching([Op::Record]);
+    broken.fail_always(Fault::Io);
     let p = relaypacs_core::Pipeline::new(
         Arc::new(e.chunks.clone()),
         Arc::new(e.sessions.clone()),
         Arc::new(e.archive.clone()),
-        Arc::new(Broken),
+        Arc::new(FaultyAuditSink::new(Arc::new(e.audit.clone()), broken)),
         PipelineConfig::default(),
     );
     let err = p
