@@ -29,6 +29,33 @@ struct ReadBack {
     data_set_sha256: Option<Sha256Digest>,
 }
 
+/// The chunks (sorted by offset) must cover `0..size` without a gap.
+fn check_tiled(chunks: &[ChunkRecord], size: u64) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut pos = 0u64;
+    for c in chunks {
+        if c.offset > pos {
+            missing.push(format!("{}..{}", pos, c.offset));
+        }
+        pos = pos.max(c.end());
+    }
+    if pos < size {
+        missing.push(format!("{pos}..{size}"));
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<_> = missing.iter().take(8).cloned().collect();
+    Err(Error::invalid(
+        "RELAY_FILE_INCOMPLETE",
+        format!(
+            "{} byte range(s) not uploaded yet: {}",
+            missing.len(),
+            shown.join(", ")
+        ),
+    ))
+}
+
 impl Pipeline {
     /// Verify and validate a file whose chunks are all stored: the chunks
     /// must tile the file, every stored chunk must still hash to what was
@@ -115,82 +142,8 @@ impl Pipeline {
         if matches!(file.state, FileState::Valid { .. }) {
             return Ok(file);
         }
-        let chunks = self
-            .inner
-            .sessions
-            .chunks(id, file_id)
-            .await
-            .map_err(plain)?;
-        let mut missing = Vec::new();
-        let mut pos = 0u64;
-        for c in &chunks {
-            if c.offset > pos {
-                missing.push(format!("{}..{}", pos, c.offset));
-            }
-            pos = pos.max(c.end());
-        }
-        if pos < file.size {
-            missing.push(format!("{}..{}", pos, file.size));
-        }
-        if !missing.is_empty() {
-            let shown: Vec<_> = missing.iter().take(8).cloned().collect();
-            return Err(plain(Error::invalid(
-                "RELAY_FILE_INCOMPLETE",
-                format!(
-                    "{} byte range(s) not uploaded yet: {}",
-                    missing.len(),
-                    shown.join(", ")
-                ),
-            )));
-        }
-        let key = FileKey {
-            session: id,
-            file: file_id,
-        };
-        self.inner
-            .chunks
-            .seal_file(key, file.size, &chunks)
-            .await
-            .map_err(plain)?;
-        let header_cap = self.inner.config.dicom.max_header_bytes.min(file.size);
-        let back = self
-            .read_back(key, file.size, &chunks, header_cap)
-            .await
-            .map_err(plain)?;
-        if let Some(expected) = file.sha256
-            && expected != back.sha256
-        {
-            return Err(plain(
-                IntegrityError::FileHash {
-                    expected: expected.to_hex(),
-                    actual: back.sha256.to_hex(),
-                }
-                .into(),
-            ));
-        }
-        let limits = self.inner.config.dicom.clone();
-        let size = file.size;
-        let prefix = back.prefix;
-        let (validated, known) = tokio::task::spawn_blocking(move || {
-            let validated = validate_dicom(&prefix, size, &limits);
-            // On refusal, whatever identifies the file still goes back to
-            // the client (STOW-RS references it in its failure).
-            let known = match &validated {
-                Ok(_) => Identified::default(),
-                Err(_) => crate::dicom::identify(&prefix, size, &limits.prescan),
-            };
-            (validated, known)
-        })
-        .await
-        .map_err(|e| {
-            plain(Error::Dicom(crate::dicom::DicomError::Parser {
-                message: format!("validator task failed: {e}"),
-            }))
-        })?;
-        let mut dicom = match validated {
-            Ok(d) => d,
-            Err(e) => return Err((Error::Dicom(e), known)),
-        };
+        let back = self.verify_stored(id, &file).await.map_err(plain)?;
+        let mut dicom = self.validate(back.prefix, file.size).await?;
         let refused = |e: Error, d: &DicomSummary| (e, Identified::from(d));
         let data_set_sha256 = back.data_set_sha256.ok_or_else(|| {
             refused(
@@ -208,36 +161,12 @@ impl Pipeline {
             }
             Err(e) => return Err(refused(e, &dicom)),
         };
-        let digest = back.sha256;
-        let updated = self
-            .update(id, current, |rec| {
-                Self::require_open(rec)?;
-                if let Some(study) = &rec.study_instance_uid
-                    && *study != dicom.study_instance_uid
-                    && !rec.allow_multiple_studies
-                {
-                    return Err(Error::StudyMismatch { expected: study.to_string(), actual: dicom.study_instance_uid.to_string() });
-                }
-                if rec.files.values().any(|f| {
-                    f.id != file_id && matches!(&f.state, FileState::Valid { dicom: d } if d.sop_instance_uid == dicom.sop_instance_uid)
-                }) {
-                    return Err(Error::conflict(
-                        "RELAY_DUPLICATE_INSTANCE",
-                        format!("SOP Instance UID {} is already in this session", dicom.sop_instance_uid),
-                    ));
-                }
-                if rec.study_instance_uid.is_none() {
-                    rec.study_instance_uid = Some(dicom.study_instance_uid.clone());
-                }
-                let f = rec.files.get_mut(&file_id).ok_or(Error::NotFound { what: "file" })?;
-                f.sha256 = Some(digest);
-                f.data_set_sha256 = Some(data_set_sha256);
-                f.state = FileState::Valid { dicom: dicom.clone() };
-                Ok(())
-            })
-            .await;
-        let (rec, ()) = match updated {
-            Ok(v) => v,
+        let digests = (back.sha256, data_set_sha256);
+        let rec = match self
+            .record_valid(id, file_id, current, &dicom, digests)
+            .await
+        {
+            Ok(rec) => rec,
             Err(e) => {
                 if claimed {
                     // Best effort; a claim left behind by a file that is
@@ -258,6 +187,115 @@ impl Pipeline {
             .get(&file_id)
             .cloned()
             .ok_or_else(|| plain(Error::NotFound { what: "file" }))
+    }
+
+    /// The file's stored bytes, proven: its chunks tile the file, every
+    /// one still hashes to what was acknowledged, and the whole file
+    /// matches its declared SHA-256 (when one was declared). The store
+    /// seals the file first.
+    async fn verify_stored(&self, id: SessionId, file: &FileRecord) -> Result<ReadBack> {
+        let chunks = self.inner.sessions.chunks(id, file.id).await?;
+        check_tiled(&chunks, file.size)?;
+        let key = FileKey {
+            session: id,
+            file: file.id,
+        };
+        self.inner.chunks.seal_file(key, file.size, &chunks).await?;
+        let header_cap = self.inner.config.dicom.max_header_bytes.min(file.size);
+        let back = self.read_back(key, file.size, &chunks, header_cap).await?;
+        if let Some(expected) = file.sha256
+            && expected != back.sha256
+        {
+            return Err(IntegrityError::FileHash {
+                expected: expected.to_hex(),
+                actual: back.sha256.to_hex(),
+            }
+            .into());
+        }
+        Ok(back)
+    }
+
+    /// Validate the file's header as DICOM (on a blocking thread). On
+    /// refusal, whatever identifies the file still goes back to the client
+    /// (STOW-RS references it in its failure).
+    async fn validate(
+        &self,
+        prefix: Vec<u8>,
+        size: u64,
+    ) -> std::result::Result<DicomSummary, (Error, Identified)> {
+        let limits = self.inner.config.dicom.clone();
+        let (validated, known) = tokio::task::spawn_blocking(move || {
+            let validated = validate_dicom(&prefix, size, &limits);
+            let known = match &validated {
+                Ok(_) => Identified::default(),
+                Err(_) => crate::dicom::identify(&prefix, size, &limits.prescan),
+            };
+            (validated, known)
+        })
+        .await
+        .map_err(|e| {
+            (
+                Error::Dicom(crate::dicom::DicomError::Parser {
+                    message: format!("validator task failed: {e}"),
+                }),
+                Identified::default(),
+            )
+        })?;
+        validated.map_err(|e| (Error::Dicom(e), known))
+    }
+
+    /// Record the file as valid (with its digests) in its session: the
+    /// session must still be open, of the file's study (unless several
+    /// are allowed), and hold no other file of the same SOP Instance UID.
+    async fn record_valid(
+        &self,
+        id: SessionId,
+        file_id: FileId,
+        current: Versioned<SessionRecord>,
+        dicom: &DicomSummary,
+        (digest, data_set_sha256): (Sha256Digest, Sha256Digest),
+    ) -> Result<SessionRecord> {
+        let (rec, ()) = self
+            .update(id, current, |rec| {
+                Self::require_open(rec)?;
+                if let Some(study) = &rec.study_instance_uid
+                    && *study != dicom.study_instance_uid
+                    && !rec.allow_multiple_studies
+                {
+                    return Err(Error::StudyMismatch {
+                        expected: study.to_string(),
+                        actual: dicom.study_instance_uid.to_string(),
+                    });
+                }
+                if rec.files.values().any(|f| {
+                    f.id != file_id
+                        && matches!(&f.state, FileState::Valid { dicom: d }
+                            if d.sop_instance_uid == dicom.sop_instance_uid)
+                }) {
+                    return Err(Error::conflict(
+                        "RELAY_DUPLICATE_INSTANCE",
+                        format!(
+                            "SOP Instance UID {} is already in this session",
+                            dicom.sop_instance_uid
+                        ),
+                    ));
+                }
+                if rec.study_instance_uid.is_none() {
+                    rec.study_instance_uid = Some(dicom.study_instance_uid.clone());
+                }
+                let f = rec
+                    .files
+                    .get_mut(&file_id)
+                    .ok_or(Error::NotFound { what: "file" })?;
+                f.sha256 = Some(digest);
+                f.data_set_sha256 = Some(data_set_sha256);
+                f.state = FileState::Valid {
+                    dicom: dicom.clone(),
+                };
+                Ok(())
+            })
+            .await?;
+        Ok(rec)
     }
 
     /// Claim the file's SOP Instance UID in the index of accepted
