@@ -3,7 +3,15 @@
 //! [`Pipeline`] is the one entry point an embedding application (or the
 //! reference server) calls. It owns no I/O of its own: bytes go to the
 //! [`ChunkStore`], state to the [`SessionStore`], instances to the
-//! [`PacsSink`] and events to the [`AuditSink`].
+//! [`PacsSink`] and events to the [`AuditSink`]. The stores are reached
+//! only through it (there is no accessor to them), so every caller gets
+//! the same locks, owner checks and audit.
+//!
+//! The methods are grouped by phase: `sessions` (open, declare files,
+//! complete into the outbox), `chunks` (one chunk, or a whole stream with
+//! [`Pipeline::ingest_stream`]), `completion` (read-back, validation, the
+//! index of accepted instances), `lifecycle` (queries, removal, abort,
+//! expiry); delivery is in [`crate::outbox`].
 //!
 //! # Concurrency
 //! Each session has a gate: requests that work on a session hold it shared,
