@@ -8,19 +8,31 @@
 //! by C-FIND where the PACS offers no retrieval); [`FanOutSink`] delivers
 //! to several at once. [`DicomWebReports`]
 //! finds reports by QIDO-RS and fetches them by WADO-RS.
+//!
+//! Features (both default): `stow-rs` (the DICOMweb sink and report source,
+//! reqwest) and `c-store` (the DIMSE sink, dicom-ul). The local archive and
+//! the fan-out are always built.
 
+#[cfg(feature = "c-store")]
 mod cstore;
+#[cfg(feature = "stow-rs")]
 mod dicomweb;
+#[cfg(feature = "stow-rs")]
 mod dicomweb_reports;
 mod fanout;
 mod local_archive;
+#[cfg(feature = "stow-rs")]
 mod stow;
 
+#[cfg(feature = "c-store")]
 pub use cstore::{CStoreConfig, CStoreSink};
+#[cfg(feature = "stow-rs")]
 pub use dicomweb::{DicomWebAuth, DicomWebConfig};
+#[cfg(feature = "stow-rs")]
 pub use dicomweb_reports::DicomWebReports;
 pub use fanout::FanOutSink;
 pub use local_archive::LocalArchiveSink;
+#[cfg(feature = "stow-rs")]
 pub use stow::StowSink;
 
 /// The pure parsers of what a PACS sends, public for fuzzing and for

@@ -5,8 +5,9 @@
 //!   files in a data folder, the embedded defaults (crash-safe: every
 //!   acknowledged write is fsync'd, every replacement is an atomic rename
 //!   followed by a directory fsync).
-//! - [`ObjectStoreChunkStore`] (feature `object-store`): chunks in any
-//!   `object_store` backend (S3 and compatibles, local, in-memory).
+//! - `ObjectStoreChunkStore` (feature `object-store`, off by default):
+//!   chunks in any `object_store` backend (in-memory, local; S3 and
+//!   compatibles with feature `aws`).
 
 pub mod fs;
 mod local_audit;
@@ -20,3 +21,8 @@ pub use local_chunks::LocalChunkStore;
 pub use local_sessions::FileSessionStore;
 #[cfg(feature = "object-store")]
 pub use object_store_chunks::ObjectStoreChunkStore;
+/// The `object_store` crate the chunk store is built on (feature
+/// `object-store`; its S3 client `object_store::aws` with feature `aws`),
+/// so an embedder builds its backend against the same version.
+#[cfg(feature = "object-store")]
+pub use object_store;
