@@ -41,6 +41,7 @@ pub use stow::StowSink;
 pub mod parse {
     /// DIMSE command sets (C-STORE-RSP, C-FIND-RSP, C-GET-RSP, and the
     /// C-STORE-RQ sub-operations of a C-GET) and C-FIND/C-GET identifiers.
+    #[cfg(feature = "c-store")]
     pub mod dimse {
         pub use crate::cstore::dimse::{
             DimseError, MAX_IDENTIFIER_DEPTH, Response, SubOperations, identifier_sop_instance_uid,
@@ -49,6 +50,7 @@ pub mod parse {
     }
     /// The `multipart/related` framing of WADO-RS answers, read
     /// incrementally as the bytes arrive.
+    #[cfg(feature = "stow-rs")]
     pub mod multipart {
         pub use crate::dicomweb::{
             FramingError, FramingLimits, MultipartReader, PartEvent, multipart_boundary,
@@ -56,6 +58,7 @@ pub mod parse {
     }
     /// DICOM JSON answers: the STOW-RS Store Instances Response and the
     /// QIDO-RS search results.
+    #[cfg(feature = "stow-rs")]
     pub mod dicom_json {
         pub use crate::dicomweb::{
             DicomJsonError, DicomJsonLimits, items_of, number_of, parse_dicom_json,
