@@ -5,19 +5,13 @@
 
 mod common;
 
-use std::fmt;
-use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use common::*;
 use futures::StreamExt;
-use relaypacs_core::{
-    AuditAction, AuditOutcome, ByteStream, ChunkPlacement, ChunkRecord, ChunkStore, Error, FileKey,
-    Result as CoreResult, SessionId,
-};
+use relaypacs_core::testing::faults::{Fault, FaultPlan, FaultyChunkStore, Op};
+use relaypacs_core::{AuditAction, AuditOutcome, SessionId};
 use relaypacs_http::auth::Role;
 use reqwest::Method;
 
@@ -92,65 +86,16 @@ async fn finding_01_generated_secret_is_random_and_private() {
 
 // ---------------------------------------------------------------- #2 and #5
 
-/// A chunk store whose writes fail while `fault` is set (1 = EIO, 2 = ENOSPC).
-#[derive(Debug)]
-struct Faulty(Arc<dyn ChunkStore>, Arc<AtomicU8>);
-
-impl fmt::Display for Faulty {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "faulty({})", self.0)
-    }
-}
-
-#[async_trait]
-impl ChunkStore for Faulty {
-    async fn create_file(&self, key: FileKey, size: u64) -> CoreResult<()> {
-        self.0.create_file(key, size).await
-    }
-    async fn put_chunk(
-        &self,
-        key: FileKey,
-        placement: ChunkPlacement,
-        body: ByteStream,
-    ) -> CoreResult<String> {
-        match self.1.load(Ordering::SeqCst) {
-            1 => {
-                // Consume part of the body first, as a real failing disk would.
-                let mut b = body;
-                let _ = b.next().await;
-                Err(Error::io(
-                    "write chunk",
-                    std::io::Error::from_raw_os_error(5),
-                ))
-            }
-            2 => Err(Error::io(
-                "write chunk",
-                std::io::Error::from_raw_os_error(28),
-            )),
-            _ => self.0.put_chunk(key, placement, body).await,
-        }
-    }
-    async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> CoreResult<()> {
-        self.0.seal_file(key, size, chunks).await
-    }
-    async fn read(&self, key: FileKey, range: Range<u64>) -> CoreResult<ByteStream> {
-        self.0.read(key, range).await
-    }
-    async fn delete_file(&self, key: FileKey) -> CoreResult<()> {
-        self.0.delete_file(key).await
-    }
-    async fn delete_session(&self, session: SessionId) -> CoreResult<()> {
-        self.0.delete_session(session).await
-    }
-}
-
-async fn faulty_server() -> (TestServer, Arc<AtomicU8>) {
-    let fault = Arc::new(AtomicU8::new(0));
+/// A server whose chunk store fails every `put_chunk` while the returned
+/// plan says so (`Fault::Io`: EIO after taking part of the body, as a real
+/// failing disk would; `Fault::Full`: ENOSPC).
+async fn faulty_server() -> (TestServer, Arc<FaultPlan>) {
+    let fault = FaultPlan::watching([Op::PutChunk]);
     let f2 = fault.clone();
     let t = TestServer::start_adapted(
         |_| {},
         move |mut a| {
-            a.chunks = Arc::new(Faulty(a.chunks, f2));
+            a.chunks = Arc::new(FaultyChunkStore::new(a.chunks, f2));
             a
         },
     )
@@ -169,10 +114,10 @@ async fn finding_02_failed_write_never_records_a_chunk() {
         .create_upload(&u, &study, data.len() as u64, Some(&data))
         .await;
     for (code, status, err) in [
-        (1u8, 503u16, "RELAY_STORAGE_ERROR"),
-        (2, 507, "RELAY_STORAGE_FULL"),
+        (Fault::Io, 503u16, "RELAY_STORAGE_ERROR"),
+        (Fault::Full, 507, "RELAY_STORAGE_FULL"),
     ] {
-        fault.store(code, Ordering::SeqCst);
+        fault.fail_always(code);
         for checksum in [Some(sha256_header(&data)), None] {
             let r = t.patch(&u, &up, 0, data.clone(), checksum).await;
             expect_error(r, status, err).await;
@@ -210,7 +155,7 @@ async fn finding_02_failed_write_never_records_a_chunk() {
             .any(|e| e.action == AuditAction::ChunkStored && e.outcome == AuditOutcome::Success)
     );
     // Once the fault is gone the same upload completes byte-exact.
-    fault.store(0, Ordering::SeqCst);
+    fault.heal();
     let r = t
         .patch(&u, &up, 0, data.clone(), Some(sha256_header(&data)))
         .await;
@@ -230,7 +175,7 @@ async fn finding_05_failures_surface_typed_and_audited() {
     // Storage fault: 503 with a generic message (no paths, no OS text).
     let data = dicom(None, 200);
     let up = t.create_upload(&u, &study, data.len() as u64, None).await;
-    fault.store(1, Ordering::SeqCst);
+    fault.fail_always(Fault::Io);
     let v = expect_error(
         t.patch(&u, &up, 0, data.clone(), None).await,
         503,
@@ -242,7 +187,7 @@ async fn finding_05_failures_surface_typed_and_audited() {
         !msg.contains('/') && !msg.contains("os error"),
         "internals leaked: {msg}"
     );
-    fault.store(0, Ordering::SeqCst);
+    fault.heal();
     // Wrong checksum: 460, not 500.
     expect_error(
         t.patch(&u, &up, 0, data.clone(), Some(sha256_header(b"other")))
