@@ -168,7 +168,7 @@ pub(crate) struct Inner {
     pub(crate) chunks: Arc<dyn ChunkStore>,
     pub(crate) sessions: Arc<dyn SessionStore>,
     pub(crate) sink: Arc<dyn PacsSink>,
-    pub(crate) audit: Arc<dyn AuditSink>,
+    audit: Arc<dyn AuditSink>,
     config: PipelineConfig,
     gates: Mutex<HashMap<SessionId, Arc<Gate>>>,
     /// Where reports are looked for after delivery (set once).
