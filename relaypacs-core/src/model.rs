@@ -147,7 +147,11 @@ pub enum FileState {
 }
 
 /// The identifying attributes found in a validated DICOM file.
+///
+/// Outside this crate, build one with [`DicomSummary::new`] (fields may be
+/// added).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DicomSummary {
     /// (0008,0016) SOP Class UID.
     pub sop_class_uid: Uid,
@@ -168,6 +172,46 @@ pub struct DicomSummary {
     /// attribute absent, an image without Pixel Data). No patient data.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+}
+
+impl DicomSummary {
+    /// The summary of an instance, with no modality and no warnings (see
+    /// [`with_modality`](Self::with_modality),
+    /// [`with_warnings`](Self::with_warnings)).
+    pub fn new(
+        sop_class_uid: Uid,
+        sop_instance_uid: Uid,
+        study_instance_uid: Uid,
+        series_instance_uid: Uid,
+        patient_id: impl Into<String>,
+        transfer_syntax: Uid,
+    ) -> Self {
+        Self {
+            sop_class_uid,
+            sop_instance_uid,
+            study_instance_uid,
+            series_instance_uid,
+            patient_id: patient_id.into(),
+            transfer_syntax,
+            modality: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// The same summary with (0008,0060) Modality.
+    #[must_use]
+    pub fn with_modality(mut self, modality: Option<String>) -> Self {
+        self.modality = modality;
+        self
+    }
+
+    /// The same summary with what validation accepted but a reader should
+    /// know.
+    #[must_use]
+    pub fn with_warnings(mut self, warnings: Vec<String>) -> Self {
+        self.warnings = warnings;
+        self
+    }
 }
 
 /// One file of an upload session.
@@ -226,7 +270,11 @@ impl SessionRecord {
 
 /// One acknowledged chunk: bytes `[offset, offset + length)` of a file,
 /// durable in the chunk store and verified against `sha256`.
+///
+/// Outside this crate, build one with [`ChunkRecord::new`] (fields may be
+/// added).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ChunkRecord {
     /// Byte offset in the file.
     pub offset: u64,
@@ -239,6 +287,17 @@ pub struct ChunkRecord {
 }
 
 impl ChunkRecord {
+    /// The record of `length` bytes at `offset`, their SHA-256 and the
+    /// store's receipt for them.
+    pub fn new(offset: u64, length: u64, sha256: Sha256Digest, receipt: impl Into<String>) -> Self {
+        Self {
+            offset,
+            length,
+            sha256,
+            receipt: receipt.into(),
+        }
+    }
+
     /// End offset (exclusive).
     pub fn end(&self) -> u64 {
         self.offset + self.length

@@ -12,7 +12,11 @@ use crate::ids::Uid;
 use crate::model::DicomSummary;
 
 /// One validated DICOM instance ready for delivery.
+///
+/// Outside this crate, build one with [`Instance::new`] or
+/// [`Instance::of_bytes`] (fields may be added).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Instance {
     /// Where its bytes are in the chunk store.
     pub key: FileKey,
@@ -29,6 +33,26 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// An instance from its parts: where its bytes are, their size and
+    /// verified SHA-256, the SHA-256 of its data set after the file meta
+    /// group (`None` only for files accepted before it was recorded), and
+    /// its identifying attributes.
+    pub fn new(
+        key: FileKey,
+        size: u64,
+        sha256: Sha256Digest,
+        data_set_sha256: Option<Sha256Digest>,
+        dicom: DicomSummary,
+    ) -> Self {
+        Self {
+            key,
+            size,
+            sha256,
+            data_set_sha256,
+            dicom,
+        }
+    }
+
     /// The instance of a whole Part-10 file held in memory (tests, tools):
     /// both digests computed from `bytes`.
     pub fn of_bytes(key: FileKey, bytes: &[u8], dicom: DicomSummary) -> Self {
@@ -86,7 +110,11 @@ impl InstanceOutcome {
 }
 
 /// Per-instance outcomes of one delivery, in input order.
+///
+/// Outside this crate, build one with [`DeliveryReport::new`] (and
+/// [`DeliveryReport::with_retry_after`]) or `Default` (fields may be added).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DeliveryReport {
     /// `(SOP Instance UID, outcome)` for every instance handed over.
     pub outcomes: Vec<(Uid, InstanceOutcome)>,
@@ -97,6 +125,23 @@ pub struct DeliveryReport {
 }
 
 impl DeliveryReport {
+    /// The report of `outcomes`, `(SOP Instance UID, outcome)` in input
+    /// order, with no retry delay asked.
+    pub fn new(outcomes: Vec<(Uid, InstanceOutcome)>) -> Self {
+        Self {
+            outcomes,
+            retry_after: None,
+        }
+    }
+
+    /// The same report with how long the destination asked to wait
+    /// before a retry of its transient failures (`None`: it did not say).
+    #[must_use]
+    pub fn with_retry_after(mut self, retry_after: Option<std::time::Duration>) -> Self {
+        self.retry_after = retry_after;
+        self
+    }
+
     /// Whether every instance is held by the PACS.
     pub fn all_delivered(&self) -> bool {
         self.outcomes.iter().all(|(_, o)| o.is_delivered())

@@ -44,7 +44,11 @@ impl ReportKind {
 }
 
 /// A report found in a study at the PACS.
+///
+/// Outside this crate, build one with [`ReportRef::new`] (fields may be
+/// added).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ReportRef {
     /// Study Instance UID.
     pub study_instance_uid: Uid,
@@ -56,6 +60,26 @@ pub struct ReportRef {
     pub sop_class_uid: Uid,
     /// SR or PDF.
     pub kind: ReportKind,
+}
+
+impl ReportRef {
+    /// The report `sop_instance_uid` of class `sop_class_uid` in the
+    /// series and study named.
+    pub fn new(
+        study_instance_uid: Uid,
+        series_instance_uid: Uid,
+        sop_instance_uid: Uid,
+        sop_class_uid: Uid,
+        kind: ReportKind,
+    ) -> Self {
+        Self {
+            study_instance_uid,
+            series_instance_uid,
+            sop_instance_uid,
+            sop_class_uid,
+            kind,
+        }
+    }
 }
 
 /// Finds and fetches reports at a PACS.

@@ -52,13 +52,13 @@ impl ReportSource for DicomWebReports {
             .filter_map(|v| {
                 let class = string_of(v, "00080016")?;
                 let kind = ReportKind::of_sop_class(&class)?;
-                Some(ReportRef {
-                    study_instance_uid: study.clone(),
-                    series_instance_uid: Uid::parse(&string_of(v, "0020000E")?).ok()?,
-                    sop_instance_uid: Uid::parse(&string_of(v, "00080018")?).ok()?,
-                    sop_class_uid: Uid::parse(&class).ok()?,
+                Some(ReportRef::new(
+                    study.clone(),
+                    Uid::parse(&string_of(v, "0020000E")?).ok()?,
+                    Uid::parse(&string_of(v, "00080018")?).ok()?,
+                    Uid::parse(&class).ok()?,
                     kind,
-                })
+                ))
             })
             .collect())
     }

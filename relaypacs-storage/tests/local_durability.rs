@@ -20,12 +20,7 @@ async fn sessions_and_chunks_survive_reopen_and_torn_tail_is_cut() {
     let root = dir.path().join("sessions");
     let s = sample_session();
     let file = *s.files.keys().next().unwrap();
-    let rec = ChunkRecord {
-        offset: 0,
-        length: 10,
-        sha256: Sha256Digest::of(b"0123456789"),
-        receipt: String::new(),
-    };
+    let rec = ChunkRecord::new(0, 10, Sha256Digest::of(b"0123456789"), String::new());
     {
         let store = FileSessionStore::open(&root).unwrap();
         store.create_session(&s).await.unwrap();
@@ -50,12 +45,7 @@ async fn sessions_and_chunks_survive_reopen_and_torn_tail_is_cut() {
     let v = store.load_session(s.id).await.unwrap();
     assert_eq!(v.value, s);
     assert_eq!(store.chunks(s.id, file).await.unwrap(), vec![rec.clone()]);
-    let rec2 = ChunkRecord {
-        offset: 10,
-        length: 5,
-        sha256: Sha256Digest::of(b"abcde"),
-        receipt: String::new(),
-    };
+    let rec2 = ChunkRecord::new(10, 5, Sha256Digest::of(b"abcde"), String::new());
     store.record_chunk(s.id, file, &rec2).await.unwrap();
     drop(store);
     let store = FileSessionStore::open(&root).unwrap();

@@ -88,12 +88,7 @@ async fn s3_large_chunk_goes_multipart_and_round_trips() {
         )
         .await
         .unwrap();
-    let rec = ChunkRecord {
-        offset: 0,
-        length: len,
-        sha256: Sha256Digest::of(&data),
-        receipt,
-    };
+    let rec = ChunkRecord::new(0, len, Sha256Digest::of(&data), receipt);
     store.seal_file(k, len, &[rec]).await.unwrap();
     let back = collect(store.read(k, 0..len).await.unwrap()).await.unwrap();
     assert!(back == data, "multipart round trip differs");

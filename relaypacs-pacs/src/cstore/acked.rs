@@ -128,11 +128,9 @@ mod tests {
         };
         assert_eq!(a.holding(&insts[0]), presence);
         // The same UID with other content.
-        let other = Instance {
-            sha256: Sha256Digest::of(b"other"),
-            data_set_sha256: Some(Sha256Digest::of(b"other data set")),
-            ..insts[0].clone()
-        };
+        let mut other = insts[0].clone();
+        other.sha256 = Sha256Digest::of(b"other");
+        other.data_set_sha256 = Some(Sha256Digest::of(b"other data set"));
         let Holding::Different { reason } = a.holding(&other) else {
             panic!("other content called the same")
         };

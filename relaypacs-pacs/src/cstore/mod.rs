@@ -581,10 +581,7 @@ impl PacsSink for CStoreSink {
         instances: &[Instance],
         source: &dyn InstanceSource,
     ) -> Result<DeliveryReport> {
-        let mut report = DeliveryReport {
-            outcomes: Vec::with_capacity(instances.len()),
-            ..DeliveryReport::default()
-        };
+        let mut report = DeliveryReport::new(Vec::with_capacity(instances.len()));
         // One association per group, all at once in this task (the source
         // is borrowed). Every group runs to its end even when another one
         // fails, so what it stored is confirmed by the caller's `verify`
@@ -900,9 +897,10 @@ mod tests {
         let (_, insts) = relaypacs_core::testing::pacs_sink::study(1).unwrap();
         sizes
             .iter()
-            .map(|&size| Instance {
-                size,
-                ..insts[0].clone()
+            .map(|&size| {
+                let mut i = insts[0].clone();
+                i.size = size;
+                i
             })
             .collect()
     }
