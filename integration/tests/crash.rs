@@ -4,7 +4,6 @@
 //! completes the file byte-exact.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-use relaypacs_core::{ChunkStore as _, SessionStore as _};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use relaypacs_core::testing::collect;
+use relaypacs_core::{ChunkStore as _, SessionStore as _};
 use relaypacs_core::{FileKey, PipelineConfig, Sha256Digest};
 use relaypacs_integration::Embedded;
 

@@ -4,10 +4,10 @@
 //! one worker at a time (leases), and a crashed attempt taken over.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-use relaypacs_core::SessionStore as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use relaypacs_core::SessionStore as _;
 use relaypacs_core::testing::faults::{FaultyPacsSink, Refusal};
 use relaypacs_core::{
     Actor, AuditAction, AuditOutcome, AuditSink, Next, OutboxConfig, PipelineConfig, SessionId,

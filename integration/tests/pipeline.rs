@@ -3,7 +3,6 @@
 //! anything stored.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-use relaypacs_core::{ChunkStore as _, SessionStore as _};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -12,6 +11,7 @@ use relaypacs_core::{
     Actor, AuditAction, AuditOutcome, AuditSink, Error, FileState, IntegrityError, NewFile,
     PipelineConfig, PutChunk, PutOutcome, SessionState, Sha256Digest,
 };
+use relaypacs_core::{ChunkStore as _, SessionStore as _};
 use relaypacs_integration::{Embedded, dicom, new_study, open_session, put, upload_file};
 
 fn setup() -> (Embedded, tempfile::TempDir) {

@@ -4,10 +4,10 @@
 //! truncated chunk is rejected, and nothing rejected changes stored state.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-use relaypacs_core::SessionStore as _;
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
+use relaypacs_core::SessionStore as _;
 use relaypacs_core::testing::{collect, pieces};
 use relaypacs_core::{
     Actor, Error, FileId, Limits, NewFile, PipelineConfig, PutChunk, PutOutcome, SessionId,
