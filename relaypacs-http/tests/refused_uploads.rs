@@ -7,16 +7,12 @@
 
 mod common;
 
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use common::*;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
-use relaypacs_core::{
-    DeliveryReport, Holding, Instance, InstanceSource, PacsSink, Result, Verification,
-};
+use relaypacs_core::testing::faults::FaultyPacsSink;
 use relaypacs_http::auth::Role;
 use reqwest::Method;
 use serde_json::Value;
@@ -272,43 +268,6 @@ async fn study_view_shows_warnings_and_content_verification() {
     t.stop().await;
 }
 
-/// A sink whose destination can report presence only (it delegates
-/// delivery, and answers every held instance as presence-only).
-#[derive(Debug)]
-struct PresenceOnly(Arc<dyn PacsSink>);
-
-impl fmt::Display for PresenceOnly {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "presence-only:{}", self.0)
-    }
-}
-
-#[async_trait]
-impl PacsSink for PresenceOnly {
-    async fn deliver(
-        &self,
-        instances: &[Instance],
-        source: &dyn InstanceSource,
-    ) -> Result<DeliveryReport> {
-        self.0.deliver(instances, source).await
-    }
-
-    async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
-        Ok(self
-            .0
-            .verify(instances)
-            .await?
-            .into_iter()
-            .map(|h| match h {
-                Holding::Same { .. } => Holding::Same {
-                    verification: Verification::PresenceOnly,
-                },
-                other => other,
-            })
-            .collect())
-    }
-}
-
 /// Delivered with presence-only verification: the notification does not
 /// read as a plain "delivered", and the study shows it per instance.
 #[tokio::test]
@@ -316,7 +275,11 @@ async fn presence_only_delivery_is_shown_as_such() {
     let t = TestServer::start_adapted(
         |_| {},
         |mut a| {
-            a.sink = Arc::new(PresenceOnly(a.sink));
+            // A destination that can report presence only: delivery is
+            // delegated, every held instance is answered presence-only.
+            let sink = FaultyPacsSink::counting(a.sink);
+            sink.verify_presence_only(true);
+            a.sink = Arc::new(sink);
             a
         },
     )
