@@ -165,9 +165,21 @@ impl AuditEvent {
 /// - [`events`](Self::events) returns every recorded event in order (used by
 ///   audit review and tests; an implementation that ships events elsewhere
 ///   returns what it still holds).
+/// - Events are stored as given, every field intact (free text included:
+///   quotes, newlines and control characters must round-trip).
+/// - `record` is safe to call from many tasks at once; no event is lost.
+///
+/// # Errors
+/// A trail that cannot be written or read is
+/// [`Error::Storage`](crate::Error::Storage) (`Full` when out of space).
+/// Never answer `Ok` for an event that is not durable: the pipeline turns a
+/// failed `record` into [`Error::Audit`](crate::Error::Audit) and refuses
+/// the action, which is the only safe answer.
 ///
 /// # Cancellation
-/// A dropped `record` future may or may not have recorded the event.
+/// A dropped `record` future may or may not have recorded the event; it
+/// must never leave a torn record that breaks reading the trail. Dropping
+/// `events` is harmless.
 #[async_trait]
 pub trait AuditSink: Debug + Display + Send + Sync + 'static {
     /// Append one event durably.

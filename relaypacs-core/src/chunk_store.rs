@@ -53,8 +53,9 @@ pub struct ChunkPlacement {
 /// - Deleting something that does not exist is not an error.
 ///
 /// # Errors
-/// Storage failures are [`Error::Storage`](crate::Error::Storage) (with
-/// `Full` for ENOSPC); a missing file is [`Error::NotFound`](crate::Error::NotFound).
+/// Storage failures are [`Error::Storage`] (with `Full` for ENOSPC, `Io`
+/// for what a retry may fix); a missing file is [`Error::NotFound`]. A
+/// failing `body` makes `put_chunk` fail with that error passed through.
 ///
 /// # Cancellation
 /// Dropping a `put_chunk` future before it completes leaves the chunk

@@ -71,6 +71,23 @@ impl Instance {
 
 /// Opens the bytes of instances for a sink (implemented by the pipeline
 /// over its [`ChunkStore`](crate::ChunkStore)).
+///
+/// # Contract
+/// - [`open`](Self::open) may be called any number of times per instance
+///   (a retry, a verification); each call streams the whole Part-10 file
+///   from its first byte.
+/// - The stream ends without error only if every byte is what was
+///   verified at upload: the pipeline's source re-checks the SHA-256 and
+///   fails the stream at its end otherwise.
+///
+/// # Errors
+/// [`Error::NotFound`](crate::Error::NotFound) when the instance's bytes
+/// are gone; storage failures as [`Error::Storage`](crate::Error::Storage);
+/// a mismatch as [`Error::Integrity`](crate::Error::Integrity), possibly as
+/// the last item of the stream.
+///
+/// # Cancellation
+/// Dropping the future or the stream only stops reading.
 #[async_trait]
 pub trait InstanceSource: Debug + Send + Sync {
     /// The whole Part-10 file of `instance`, streamed. The stream may fail

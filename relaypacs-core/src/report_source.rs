@@ -90,10 +90,18 @@ impl ReportRef {
 ///   yields an empty list, not an error.
 /// - `fetch_report` streams the report as a Part-10 file.
 ///
+/// - Both calls only read: nothing at the PACS changes.
+///
 /// # Errors
 /// [`Error::Pacs`](crate::Error::Pacs) (transient or not) when the PACS
 /// cannot be asked; [`Error::NotFound`](crate::Error::NotFound) when the
-/// report is gone.
+/// report is gone. An error in the middle of the stream of `fetch_report`
+/// is an item of the stream; the caller discards what it received.
+///
+/// # Cancellation
+/// Dropping either future, or the stream of `fetch_report`, stops the
+/// query or the retrieval; as nothing was changed, it is harmless and the
+/// call can be made again.
 #[async_trait]
 pub trait ReportSource: Debug + Display + Send + Sync + 'static {
     /// The reports in `study`.

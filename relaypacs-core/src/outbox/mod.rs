@@ -97,6 +97,25 @@ pub enum OutboxEvent {
 }
 
 /// Receives [`OutboxEvent`]s (to notify users, count metrics).
+///
+/// # Contract
+/// - [`on_event`](Self::on_event) is called once per event, after the
+///   state change it reports is durable, from the outbox worker (several
+///   entries may be worked at once, so calls may overlap).
+/// - The worker waits for it: keep it short, hand slow work (mail, push)
+///   to a task or a queue of your own.
+///
+/// # Errors
+/// None reach the caller: the state change has already happened, so a
+/// listener handles its own failures (logs them, retries them itself). An
+/// event lost by a listener is not sent again; the durable session record
+/// remains the source of truth.
+///
+/// # Cancellation
+/// [`Outbox::run`] stops at its `shutdown` future between steps, never
+/// inside `on_event`. A call is dropped midway only when the task running
+/// the worker is aborted or its runtime shuts down; the event may then be
+/// half-handled, and it is not repeated.
 #[async_trait]
 pub trait OutboxListener: Send + Sync + 'static {
     /// Called once per event, after the state change is durable.

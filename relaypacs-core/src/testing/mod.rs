@@ -9,7 +9,7 @@
 //! module, so several suites (or the same suite twice) fit in one module.
 //! The macros name everything through `$crate`: the calling crate needs
 //! `relaypacs-core` with the `testing` feature, and neither `tokio` nor
-//! `async-trait` of its own (this module re-exports [`async_trait`] and
+//! `async-trait` of its own (this module re-exports [`macro@async_trait`] and
 //! [`tempfile`] for probes and factories).
 //!
 //! ```text
