@@ -188,3 +188,23 @@ pub trait AuditSink: Debug + Display + Send + Sync + 'static {
     /// Every recorded event, oldest first.
     async fn events(&self) -> Result<Vec<AuditEvent>>;
 }
+
+// `Arc<S>` and `Box<S>` of an implementation (`dyn AuditSink` included)
+// implement `AuditSink` too, forwarding every call: a shared or boxed
+// adapter goes into code generic over `AuditSink` (a decorator, a builder).
+macro_rules! forward_audit_sink {
+    ($($ptr:ident)::+) => {
+        #[async_trait]
+        impl<S: AuditSink + ?Sized> AuditSink for $($ptr)::+<S> {
+            async fn record(&self, event: &AuditEvent) -> Result<()> {
+                (**self).record(event).await
+            }
+
+            async fn events(&self) -> Result<Vec<AuditEvent>> {
+                (**self).events().await
+            }
+        }
+    };
+}
+forward_audit_sink!(std::sync::Arc);
+forward_audit_sink!(Box);

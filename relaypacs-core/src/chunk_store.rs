@@ -108,3 +108,44 @@ pub fn check_tiling(size: u64, chunks: &[ChunkRecord]) -> Result<()> {
     }
     Ok(())
 }
+
+// `Arc<S>` and `Box<S>` of an implementation (`dyn ChunkStore` included)
+// implement `ChunkStore` too, forwarding every call: a shared or boxed
+// adapter goes into code generic over `ChunkStore` (a decorator, a builder).
+macro_rules! forward_chunk_store {
+    ($($ptr:ident)::+) => {
+        #[async_trait]
+        impl<S: ChunkStore + ?Sized> ChunkStore for $($ptr)::+<S> {
+            async fn create_file(&self, key: FileKey, size: u64) -> Result<()> {
+                (**self).create_file(key, size).await
+            }
+
+            async fn put_chunk(
+                &self,
+                key: FileKey,
+                placement: ChunkPlacement,
+                body: ByteStream,
+            ) -> Result<String> {
+                (**self).put_chunk(key, placement, body).await
+            }
+
+            async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()> {
+                (**self).seal_file(key, size, chunks).await
+            }
+
+            async fn read(&self, key: FileKey, range: Range<u64>) -> Result<ByteStream> {
+                (**self).read(key, range).await
+            }
+
+            async fn delete_file(&self, key: FileKey) -> Result<()> {
+                (**self).delete_file(key).await
+            }
+
+            async fn delete_session(&self, session: SessionId) -> Result<()> {
+                (**self).delete_session(session).await
+            }
+        }
+    };
+}
+forward_chunk_store!(std::sync::Arc);
+forward_chunk_store!(Box);

@@ -316,3 +316,85 @@ pub trait PacsSink: Debug + Display + Send + Sync + 'static {
     /// asked; nothing is inferred from a failed query.
     async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>>;
 }
+
+// `Arc<S>` and `Box<S>` of an implementation (`dyn PacsSink` included)
+// implement `PacsSink` too, forwarding every call: a shared or boxed
+// adapter goes into code generic over `PacsSink` (a decorator, a builder).
+macro_rules! forward_pacs_sink {
+    ($($ptr:ident)::+) => {
+        #[async_trait]
+        impl<S: PacsSink + ?Sized> PacsSink for $($ptr)::+<S> {
+            async fn deliver(
+                &self,
+                instances: &[Instance],
+                source: &dyn InstanceSource,
+            ) -> Result<DeliveryReport> {
+                (**self).deliver(instances, source).await
+            }
+
+            async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
+                (**self).verify(instances).await
+            }
+        }
+    };
+}
+forward_pacs_sink!(std::sync::Arc);
+forward_pacs_sink!(Box);
+
+#[cfg(test)]
+mod forwarding_tests {
+    #![allow(clippy::unwrap_used)] // tests: a failure must panic
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[derive(Debug, Default)]
+    struct Counting(AtomicUsize);
+
+    impl Display for Counting {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("counting")
+        }
+    }
+
+    #[async_trait]
+    impl PacsSink for Counting {
+        async fn deliver(
+            &self,
+            instances: &[Instance],
+            _source: &dyn InstanceSource,
+        ) -> Result<DeliveryReport> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(DeliveryReport::new(
+                instances
+                    .iter()
+                    .map(|i| (i.dicom.sop_instance_uid.clone(), InstanceOutcome::Stored))
+                    .collect(),
+            ))
+        }
+
+        async fn verify(&self, instances: &[Instance]) -> Result<Vec<Holding>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![Holding::Absent; instances.len()])
+        }
+    }
+
+    async fn verify_through<S: PacsSink>(sink: &S) -> usize {
+        sink.verify(&[]).await.unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn arc_and_box_of_a_sink_forward_every_call() {
+        let mine = Arc::new(Counting::default());
+        let shared: Arc<dyn PacsSink> = Arc::new(Arc::clone(&mine));
+        let boxed: Box<dyn PacsSink> = Box::new(Arc::clone(&mine));
+        verify_through(&mine).await;
+        verify_through(&shared).await;
+        verify_through(&boxed).await;
+        verify_through(&Box::new(Arc::clone(&shared))).await;
+        assert_eq!(mine.0.load(Ordering::SeqCst), 4);
+        assert_eq!(shared.to_string(), "counting");
+        assert_eq!(format!("{boxed}"), "counting");
+    }
+}

@@ -110,3 +110,23 @@ pub trait ReportSource: Debug + Display + Send + Sync + 'static {
     /// The report's Part-10 bytes, streamed.
     async fn fetch_report(&self, report: &ReportRef) -> Result<ByteStream>;
 }
+
+// `Arc<S>` and `Box<S>` of an implementation (`dyn ReportSource` included)
+// implement `ReportSource` too, forwarding every call: a shared or boxed
+// adapter goes into code generic over `ReportSource` (a decorator, a builder).
+macro_rules! forward_report_source {
+    ($($ptr:ident)::+) => {
+        #[async_trait]
+        impl<S: ReportSource + ?Sized> ReportSource for $($ptr)::+<S> {
+            async fn find_reports(&self, study: &Uid) -> Result<Vec<ReportRef>> {
+                (**self).find_reports(study).await
+            }
+
+            async fn fetch_report(&self, report: &ReportRef) -> Result<ByteStream> {
+                (**self).fetch_report(report).await
+            }
+        }
+    };
+}
+forward_report_source!(std::sync::Arc);
+forward_report_source!(Box);

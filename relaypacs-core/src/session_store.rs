@@ -141,3 +141,69 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         file: FileId,
     ) -> Result<()>;
 }
+
+// `Arc<S>` and `Box<S>` of an implementation (`dyn SessionStore` included)
+// implement `SessionStore` too, forwarding every call: a shared or boxed
+// adapter goes into code generic over `SessionStore` (a decorator, a builder).
+macro_rules! forward_session_store {
+    ($($ptr:ident)::+) => {
+        #[async_trait]
+        impl<S: SessionStore + ?Sized> SessionStore for $($ptr)::+<S> {
+            async fn create_session(&self, session: &SessionRecord) -> Result<Versioned<SessionRecord>> {
+                (**self).create_session(session).await
+            }
+
+            async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>> {
+                (**self).load_session(id).await
+            }
+
+            async fn update_session(&self, session: &SessionRecord, expected: u64) -> Result<u64> {
+                (**self).update_session(session, expected).await
+            }
+
+            async fn delete_session(&self, id: SessionId, expected: u64) -> Result<()> {
+                (**self).delete_session(id, expected).await
+            }
+
+            async fn list_sessions(&self) -> Result<Vec<SessionId>> {
+                (**self).list_sessions().await
+            }
+
+            async fn record_chunk(
+                &self,
+                id: SessionId,
+                file: FileId,
+                chunk: &ChunkRecord,
+            ) -> Result<ChunkInsert> {
+                (**self).record_chunk(id, file, chunk).await
+            }
+
+            async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>> {
+                (**self).chunks(id, file).await
+            }
+
+            async fn delete_chunks(&self, id: SessionId, file: FileId) -> Result<()> {
+                (**self).delete_chunks(id, file).await
+            }
+
+            async fn claim_instance(&self, claim: &InstanceClaim) -> Result<InstanceClaim> {
+                (**self).claim_instance(claim).await
+            }
+
+            async fn instance_claim(&self, sop_instance_uid: &Uid) -> Result<Option<InstanceClaim>> {
+                (**self).instance_claim(sop_instance_uid).await
+            }
+
+            async fn release_instance(
+                &self,
+                sop_instance_uid: &Uid,
+                session: SessionId,
+                file: FileId,
+            ) -> Result<()> {
+                (**self).release_instance(sop_instance_uid, session, file).await
+            }
+        }
+    };
+}
+forward_session_store!(std::sync::Arc);
+forward_session_store!(Box);
