@@ -604,6 +604,9 @@ pub struct MultipartReader {
     buf: Vec<u8>,
     /// Bytes of preamble or padding seen in this stage.
     head: usize,
+    /// Bytes at the front of `buf` that were assumed, not received (the
+    /// CRLF before the first boundary): not counted as preamble.
+    assumed: usize,
     /// How far `buf` has been searched for the end of a header block.
     scanned: usize,
     parts: usize,
@@ -624,6 +627,7 @@ impl MultipartReader {
             // it: with one assumed, every delimiter looks the same.
             buf: b"\r\n".to_vec(),
             head: 0,
+            assumed: 2,
             scanned: 0,
             parts: 0,
             part_bytes: 0,
@@ -680,19 +684,25 @@ impl MultipartReader {
         let dlen = self.delimiter.len();
         match self.stage {
             Stage::Preamble => {
+                // The preamble is counted whether or not the first
+                // boundary arrived in the same bytes: the limit does not
+                // depend on how the body is cut.
                 if let Some(i) = find(&self.buf, &self.delimiter) {
+                    self.count_preamble(i)?;
                     self.buf.drain(..i + dlen);
                     self.enter(Stage::AfterBoundary);
                     return Ok(true);
                 }
                 let drop = self.buf.len().saturating_sub(dlen - 1);
                 self.buf.drain(..drop);
-                self.count_head(drop)?;
+                self.count_preamble(drop)?;
                 Ok(false)
             }
             Stage::AfterBoundary => match self.buf.first() {
                 None => Ok(false),
-                Some(b'-') => match self.buf.get(1) {
+                // "--" closes the body right after a boundary, never after
+                // transport padding (`head` counts the padding read).
+                Some(b'-') if self.head == 0 => match self.buf.get(1) {
                     None => Ok(false),
                     Some(b'-') => {
                         self.buf = Vec::new();
@@ -778,6 +788,14 @@ impl MultipartReader {
         self.stage = stage;
         self.head = 0;
         self.scanned = 0;
+    }
+
+    /// Count `n` bytes leaving the front of the buffer as preamble, less
+    /// the assumed CRLF.
+    fn count_preamble(&mut self, n: usize) -> std::result::Result<(), FramingError> {
+        let assumed = n.min(self.assumed);
+        self.assumed -= assumed;
+        self.count_head(n - assumed)
     }
 
     fn count_head(&mut self, n: usize) -> std::result::Result<(), FramingError> {
@@ -1069,6 +1087,62 @@ mod tests {
             parse(&long_header, 100, LIMITS),
             Err(FramingError::HeadTooLarge { limit: 1024 })
         );
+    }
+
+    /// Found by the `wado_multipart` fuzz target: a preamble over the limit
+    /// was refused when it arrived in pieces, and accepted when the first
+    /// boundary came in the same bytes. Now it is refused however the
+    /// body is cut, at exactly the limit (the CRLF before the first
+    /// boundary belongs to it, not to the preamble).
+    #[test]
+    fn the_preamble_limit_does_not_depend_on_the_pieces() {
+        let with_preamble = |n: usize| [vec![b'x'; n], b"\r\n".to_vec(), body(&[b"x"])].concat();
+        for piece in [1, 3, 7, 100, 5000] {
+            let ok = parse(&with_preamble(1024), piece, LIMITS).unwrap();
+            assert_eq!(ok, vec![(Some("application/dicom".into()), b"x".to_vec())]);
+            assert_eq!(
+                parse(&with_preamble(1025), piece, LIMITS),
+                Err(FramingError::HeadTooLarge { limit: 1024 }),
+                "pieces of {piece}"
+            );
+        }
+        // The fuzzer's input: the first "--boundary" lacks its CRLF, so the
+        // preamble runs on to the next delimiter, over the limit of 64.
+        let body = b"ry--b0undary\r\nContent-Type: application/dicom\r\n\r\nDICM-one\r\n--bm\r\n\r\none\r\n--b0undary\r\nContent-Type: application/dicom\r\n\r\n\r\n--b0undar\r\r0undary--\r\n";
+        let small = FramingLimits {
+            max_parts: 3,
+            max_part_bytes: 1 << 15,
+            max_head_bytes: 64,
+        };
+        for piece in [7, body.len()] {
+            assert_eq!(
+                parse(body, piece, small),
+                Err(FramingError::HeadTooLarge { limit: 64 })
+            );
+        }
+    }
+
+    /// Found by the `wado_multipart` fuzz target: "--" after transport
+    /// padding closed the body when the padding arrived in an earlier
+    /// piece, and was refused when it came in the same piece. It is not a
+    /// close delimiter (RFC 2046: `delimiter "--"`), however the body is cut.
+    #[test]
+    fn dashes_after_padding_do_not_close_the_body() {
+        let b = b"\r\n\r\n--b0undary --b0uundary-- epilogue";
+        for piece in 1..b.len() {
+            assert_eq!(
+                parse(b, piece, LIMITS),
+                Err(FramingError::Malformed(
+                    "a boundary is not followed by CRLF"
+                )),
+                "pieces of {piece}"
+            );
+        }
+        // Padding before the CRLF of a part stays framing.
+        let padded = b"--b0undary \t \r\n\r\nabc\r\n--b0undary--";
+        for piece in 1..padded.len() {
+            assert_eq!(parse(padded, piece, LIMITS).unwrap().len(), 1);
+        }
     }
 
     /// A part whose content never ends is refused once over the limit,
