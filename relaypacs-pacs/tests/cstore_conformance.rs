@@ -66,8 +66,9 @@ mod orthanc_without_get {
 /// what it acknowledged to this sink.
 mod storescp {
     use relaypacs_core::testing::pacs_sink::{
-        delivers_byte_exact, outcomes_cover_every_instance, redelivery_is_idempotent,
-        source_failure_leaves_nothing, verify_detects_other_content, verify_reports_what_is_held,
+        delivers_byte_exact, kept_or_replaced_version_is_reported_as_held,
+        outcomes_cover_every_instance, redelivery_is_idempotent, source_failure_leaves_nothing,
+        verify_detects_other_content, verify_reports_what_is_held,
     };
 
     use super::*;
@@ -119,6 +120,12 @@ mod storescp {
     async fn storescp_verify_detects_other_content() {
         let (sink, probe) = storescp();
         verify_detects_other_content(&sink, &probe).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn storescp_kept_or_replaced_version_is_reported_as_held() {
+        let (sink, probe) = storescp();
+        kept_or_replaced_version_is_reported_as_held(&sink, &probe).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
