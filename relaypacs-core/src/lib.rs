@@ -40,6 +40,9 @@ pub mod session_store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+/// The attribute the traits are declared with, re-exported so an adapter
+/// crate implements them without its own `async-trait` dependency.
+pub use async_trait::async_trait;
 pub use audit::{AuditAction, AuditEvent, AuditOutcome, AuditSink};
 pub use chunk_store::{ChunkPlacement, ChunkStore, FileKey};
 pub use digest::{ByteStream, Sha256Digest, VerifyingStream, bytes_stream};
