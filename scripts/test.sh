@@ -19,3 +19,38 @@ if [[ $status -ne 0 ]]; then
 fi
 passed=$(grep -E '^test result: ' target/test-output.txt | awk '{p+=$4; f+=$6} END {print p" passed, "f" failed"}')
 echo "workspace: $passed"
+
+# Fuzzing (after the tests): every cargo-fuzz target of fuzz/ runs
+# RELAYPACS_FUZZ_SECS seconds (default 30; 0 skips) from a corpus seeded by
+# the generators (examples' fuzz-seeds), on the pinned stable toolchain
+# with RUSTC_BOOTSTRAP=1 (see fuzz/README.md). A crash, timeout or memory
+# blow-up of any target fails the run; the input is in fuzz/artifacts/.
+fuzz_secs=${RELAYPACS_FUZZ_SECS:-30}
+if [[ "$fuzz_secs" != 0 ]]; then
+  tools="${RELAYPACS_TOOLS:-$HOME/.cache/relaypacs/tools}"
+  if ! command -v cargo-fuzz >/dev/null; then
+    cargo install cargo-fuzz --locked --root "$tools"
+  fi
+  cargo run -q -p relaypacs-examples --bin fuzz-seeds -- fuzz/corpus
+  export RUSTC_BOOTSTRAP=1
+  # One build of every target (the runs below reuse it).
+  (cd fuzz && cargo fuzz build)
+  failed=()
+  for t in $(cd fuzz && cargo fuzz list); do
+    log="target/fuzz-$t.log"
+    if (cd fuzz && cargo fuzz run "$t" -- -max_total_time="$fuzz_secs" \
+          -rss_limit_mb=1024 -timeout=10 -print_final_stats=1) >"$log" 2>&1; then
+      runs=$(grep -oE '^Done [0-9]+ runs' "$log" | awk '{print $2}')
+      cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -1 | awk '{print $2}')
+      echo "fuzz $t: ${runs:-?} runs in ${fuzz_secs} s, cov ${cov:-?}, no crash"
+    else
+      echo "fuzz $t: FAILED (see $log and fuzz/artifacts/$t/)" >&2
+      tail -40 "$log" >&2
+      failed+=("$t")
+    fi
+  done
+  if [[ ${#failed[@]} -ne 0 ]]; then
+    echo "test.sh: fuzz targets failed: ${failed[*]}" >&2
+    exit 1
+  fi
+fi
