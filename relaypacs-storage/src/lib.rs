@@ -19,10 +19,10 @@ mod object_store_chunks;
 pub use local_audit::{ChainError, ChainHead, JsonlAuditSink, verify_chain, verify_chain_against};
 pub use local_chunks::LocalChunkStore;
 pub use local_sessions::FileSessionStore;
-#[cfg(feature = "object-store")]
-pub use object_store_chunks::ObjectStoreChunkStore;
 /// The `object_store` crate the chunk store is built on (feature
 /// `object-store`; its S3 client `object_store::aws` with feature `aws`),
 /// so an embedder builds its backend against the same version.
 #[cfg(feature = "object-store")]
 pub use object_store;
+#[cfg(feature = "object-store")]
+pub use object_store_chunks::ObjectStoreChunkStore;
