@@ -11,9 +11,11 @@
 // Test peers: a peer that cannot start must stop the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeSet;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A random UID under the `2.25` root (UUID-derived, PS3.5 B.2).
@@ -72,12 +74,22 @@ pub fn tool(name: &str) -> PathBuf {
     })
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, never one this process handed out
+/// before: the kernel may give the same ephemeral port to two `bind(0)`
+/// calls once the first listener is closed, and two peers started side by
+/// side on one port would answer each other's clients.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a loopback port")
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind a loopback port");
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Wait until something listens on `127.0.0.1:port`.
@@ -220,9 +232,30 @@ impl Orthanc {
             dir,
             allow_get,
         };
-        o.configure(&options);
-        o.start_again();
-        o
+        // A port can still be taken between `free_port` and Orthanc's bind
+        // (by another process); then whatever answers is not this Orthanc.
+        // Try fresh ports a few times rather than test against a stranger.
+        for _ in 0..5 {
+            o.configure(&options);
+            o.spawn_and_wait();
+            if o.is_ours() {
+                return o;
+            }
+            o.stop();
+            o.http_port = free_port();
+            o.dicom_port = free_port();
+        }
+        panic!("Orthanc did not start on its own ports:\n{}", o.log());
+    }
+
+    /// Whether the process started is alive and is the one answering: it
+    /// has not exited and accepts this instance's random credentials.
+    fn is_ours(&mut self) -> bool {
+        let alive = match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        };
+        alive && self.rest("GET", "/system", None).0 == 200
     }
 
     fn configure(&self, options: &OrthancOptions) {
@@ -280,8 +313,20 @@ impl Orthanc {
     }
 
     /// Start (again) on the same ports and storage; waits until both ports
-    /// answer.
+    /// answer and checks that this Orthanc is the one answering.
     pub fn start_again(&mut self) {
+        self.spawn_and_wait();
+        assert!(
+            self.is_ours(),
+            "Orthanc did not come back on ports {} and {}:\n{}",
+            self.http_port,
+            self.dicom_port,
+            self.log()
+        );
+    }
+
+    /// Spawn Orthanc and wait until both its ports answer or it exits.
+    fn spawn_and_wait(&mut self) {
         assert!(self.child.is_none(), "orthanc is already running");
         let bin = tool("Orthanc");
         let root = self.dir.path();
@@ -294,8 +339,24 @@ impl Orthanc {
             .spawn()
             .expect("start Orthanc");
         self.child = Some(child);
-        wait_for_port(self.dicom_port, Duration::from_secs(20));
-        wait_for_port(self.http_port, Duration::from_secs(20));
+        let start = Instant::now();
+        for port in [self.dicom_port, self.http_port] {
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                let exited = self
+                    .child
+                    .as_mut()
+                    .is_none_or(|c| !matches!(c.try_wait(), Ok(None)));
+                if exited {
+                    return;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "Orthanc does not listen on port {port} after 20 s:\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 
     /// Kill it (SIGKILL, like a crash or power cut). Its storage stays.
