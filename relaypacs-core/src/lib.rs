@@ -59,7 +59,7 @@ pub use pacs_sink::{
 };
 pub use pipeline::{
     DuplicatePolicy, FileStatus, INGEST_CHUNK_SIZE, NewFile, NewSession, Pipeline, PipelineConfig,
-    PutChunk, PutOutcome, contiguous_end,
+    PutChunk, PutOutcome, RangeWrite, contiguous_end, plan_segments,
 };
 pub use report_source::{ReportKind, ReportRef, ReportSource};
 pub use session_store::{ChunkInsert, InstanceClaim, SessionStore};

@@ -1,5 +1,7 @@
 //! Chunks: putting one chunk of a file (range reservation, verification while it
-//! streams, durable record), and a whole file put through the same rules.
+//! streams, durable record), a client's streamed range cut into durable
+//! segments under one reservation, and a whole file put through the same
+//! rules.
 
 use super::*;
 
@@ -26,6 +28,153 @@ impl PutOutcome {
             Self::Stored { chunk } | Self::AlreadyStored { chunk } => chunk,
         }
     }
+}
+
+/// Describes a client's streamed range for [`Pipeline::put_range`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeWrite {
+    /// Byte offset of the range in the file.
+    pub offset: u64,
+    /// Exact length of the body.
+    pub length: u64,
+    /// Length of the durable segments the range is cut into (see
+    /// [`plan_segments`]); a value of `length` or more stores the range as
+    /// one chunk.
+    pub segment_size: u64,
+    /// Declared SHA-256 of the whole range; with one, the range is stored
+    /// as one chunk, verified whole.
+    #[serde(default)]
+    pub sha256: Option<Sha256Digest>,
+}
+
+impl RangeWrite {
+    /// A range of `length` bytes at `offset` cut into segments of
+    /// `segment_size`, with no declared digest.
+    pub fn new(offset: u64, length: u64, segment_size: u64) -> Self {
+        Self {
+            offset,
+            length,
+            segment_size,
+            sha256: None,
+        }
+    }
+}
+
+/// Cut `length` bytes at `offset` into `(offset, length)` segments of
+/// `segment` bytes (a `segment` of 0 counts as 1); a tail shorter than
+/// `min` joins the previous segment, so only a range's last segment is
+/// ever shorter than `segment`, and never shorter than `min` unless it is
+/// the only one. Pure: the plan [`Pipeline::put_range`] follows.
+pub fn plan_segments(offset: u64, length: u64, segment: u64, min: u64) -> Vec<(u64, u64)> {
+    let segment = segment.max(1);
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = offset;
+    let end = offset.saturating_add(length);
+    while at < end {
+        let n = segment.min(end - at);
+        out.push((at, n));
+        at += n;
+    }
+    if out.len() > 1
+        && let Some(&(_, last)) = out.last()
+        && last < min
+    {
+        out.pop();
+        if let Some(prev) = out.last_mut() {
+            prev.1 += last;
+        }
+    }
+    out
+}
+
+/// Who holds the range reservation of a chunk being put.
+#[derive(Clone, Copy, Debug)]
+enum Reserve {
+    /// Take one for the chunk's range.
+    Range,
+    /// The caller holds one covering it.
+    Held,
+}
+
+/// A range's body, read by its segments in turn.
+struct RangeSource {
+    stream: ByteStream,
+    leftover: bytes::Bytes,
+}
+
+impl RangeSource {
+    /// At most `max` bytes (the next piece of the body, split when longer);
+    /// `None` at the end of the body.
+    async fn next(&mut self, max: u64) -> Option<Result<bytes::Bytes>> {
+        let mut piece = if self.leftover.is_empty() {
+            match self.stream.next().await? {
+                Ok(b) => b,
+                Err(e) => return Some(Err(e)),
+            }
+        } else {
+            std::mem::take(&mut self.leftover)
+        };
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        if piece.len() > max {
+            self.leftover = piece.split_off(max);
+        }
+        Some(Ok(piece))
+    }
+
+    /// The body must end here: `Ok` at its end, the body's own error as it
+    /// is, a byte past `end` as a length mismatch.
+    async fn expect_end(&mut self, end: u64) -> Result<()> {
+        loop {
+            match self.next(u64::MAX).await {
+                None => return Ok(()),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(b)) if b.is_empty() => {}
+                Some(Ok(b)) => {
+                    return Err(IntegrityError::ChunkLength {
+                        offset: end,
+                        expected: 0,
+                        actual: b.len() as u64,
+                    }
+                    .into());
+                }
+            }
+        }
+    }
+}
+
+/// The next `length` bytes of `src` as one segment's body, streamed (never
+/// gathered). With `end` (the last segment), the segment also checks that
+/// the body ends with it, so an error or extra byte after the range fails
+/// this segment before it is durable. A body that ends early ends the
+/// segment short, which the chunk verification reports as a length
+/// mismatch.
+fn segment_body(
+    src: Arc<tokio::sync::Mutex<RangeSource>>,
+    length: u64,
+    end: Option<u64>,
+) -> ByteStream {
+    Box::pin(futures::stream::unfold(Some(length), move |left| {
+        let src = src.clone();
+        async move {
+            let left = left?;
+            let mut s = src.lock().await;
+            if left == 0 {
+                let end = end?;
+                return match s.expect_end(end).await {
+                    Ok(()) => None,
+                    Err(e) => Some((Err(e), None)),
+                };
+            }
+            match s.next(left).await {
+                None => None,
+                Some(Err(e)) => Some((Err(e), None)),
+                Some(Ok(b)) => {
+                    let rest = left - b.len() as u64;
+                    Some((Ok(b), Some(rest)))
+                }
+            }
+        }
+    }))
 }
 
 /// Default chunk size of [`Pipeline::ingest_stream`] (8 MiB).
@@ -167,6 +316,23 @@ impl Pipeline {
         chunk: PutChunk,
         body: ByteStream,
     ) -> Result<PutOutcome> {
+        self.put_chunk_audited(actor, id, file, chunk, body, Reserve::Range)
+            .await
+    }
+
+    /// [`put_chunk`](Self::put_chunk) with the range reservation taken here
+    /// ([`Reserve::Range`]) or already held by the caller
+    /// ([`Reserve::Held`], as [`put_range`](Self::put_range) does for its
+    /// whole range).
+    async fn put_chunk_audited(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+        chunk: PutChunk,
+        body: ByteStream,
+        reserve: Reserve,
+    ) -> Result<PutOutcome> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
         let current = self.load_owned(actor, id).await?;
@@ -179,7 +345,14 @@ impl Pipeline {
         ev.file = Some(file);
         ev.detail = format!("offset={} length={}", chunk.offset, chunk.length);
         match self
-            .put_chunk_inner(&gate, id, file, current, chunk, body)
+            .put_chunk_inner(
+                matches!(reserve, Reserve::Range).then_some(&gate),
+                id,
+                file,
+                current,
+                chunk,
+                body,
+            )
             .await
         {
             Ok(out) => {
@@ -194,7 +367,7 @@ impl Pipeline {
 
     async fn put_chunk_inner(
         &self,
-        gate: &Arc<Gate>,
+        reserve_in: Option<&Arc<Gate>>,
         id: SessionId,
         file_id: FileId,
         current: Versioned<SessionRecord>,
@@ -212,7 +385,12 @@ impl Pipeline {
             return self.retry_of(existing.clone(), chunk, body).await;
         }
         check_no_overlap(&recorded, &range)?;
-        let _reservation = Reservation::take(gate, file_id, range)?;
+        // Without a gate here the caller holds a reservation covering this
+        // range (put_range).
+        let _reservation = match reserve_in {
+            Some(gate) => Some(Reservation::take(gate, file_id, range)?),
+            None => None,
+        };
         let key = FileKey {
             session: id,
             file: file_id,
@@ -373,6 +551,134 @@ impl Pipeline {
                 ),
             ))
         }
+    }
+
+    /// Store a client's streamed range of a file: `range.length` bytes of
+    /// `body` at `range.offset`, under **one** reservation of the whole
+    /// range (so a second writer of an overlapping range of the same file
+    /// is refused while this one runs), cut into durable segments by
+    /// [`plan_segments`] (of `range.segment_size`; a tail shorter than the
+    /// session's smallest chunk joins the previous segment; with a declared
+    /// `range.sha256` the whole range is one chunk). Each segment streams
+    /// from `body` (nothing is gathered in memory) through the same
+    /// verification, durable record and audit as
+    /// [`put_chunk`](Self::put_chunk), and `progress` is called with the
+    /// new end after each durable segment. A segment already stored with
+    /// the same bytes is a no-op. Returns the end of the range.
+    ///
+    /// The body must hold exactly `range.length` bytes: the last segment
+    /// reads to the body's end, so an error the body yields after its last
+    /// byte (a trailing checksum that does not match, say) fails that
+    /// segment and leaves it unstored.
+    ///
+    /// # Errors
+    /// [`Error::Busy`] when another request is writing an overlapping range
+    /// of the file; `RELAY_BAD_RANGE` for an empty range or one past the
+    /// file's declared size; the session and file rules and errors of
+    /// [`put_chunk`](Self::put_chunk) for each segment; a body shorter or
+    /// longer than `range.length` fails with `RELAY_CHUNK_LENGTH_MISMATCH`;
+    /// an error of the body itself is returned as it is. On any error the
+    /// segments before the failing one stay durable and recorded (their
+    /// `progress` calls were made); the failing one is not recorded.
+    ///
+    /// # Cancellation
+    /// Dropping the future drops the reservation and the body. Segments
+    /// already recorded stay; the segment in flight is not recorded (the
+    /// chunk store's contract leaves no partial chunk visible), so a retry
+    /// resumes at the last `progress` value.
+    pub async fn put_range(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: FileId,
+        range: RangeWrite,
+        body: ByteStream,
+        mut progress: impl FnMut(u64) + Send,
+    ) -> Result<u64> {
+        let mut ev = Self::event(
+            actor,
+            AuditAction::ChunkStored,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        ev.file = Some(file);
+        ev.detail = format!("offset={} length={}", range.offset, range.length);
+        let current = self.load_owned(actor, id).await?;
+        let gate = self.gate(id);
+        let plan = match Self::plan_range(&current.value, file, &range) {
+            Ok(p) => p,
+            Err(e) => return self.refuse(ev, e).await,
+        };
+        let end = range.offset + range.length;
+        let _reservation = match Reservation::take(&gate, file, range.offset..end) {
+            Ok(r) => r,
+            Err(e) => return self.refuse(ev, e).await,
+        };
+        let src = Arc::new(tokio::sync::Mutex::new(RangeSource {
+            stream: body,
+            leftover: bytes::Bytes::new(),
+        }));
+        let segments = plan.len();
+        for (i, (offset, length)) in plan.into_iter().enumerate() {
+            let last = (i + 1 == segments).then_some(end);
+            let chunk = PutChunk {
+                offset,
+                length,
+                sha256: range.sha256,
+            };
+            let body = segment_body(src.clone(), length, last);
+            self.put_chunk_audited(actor, id, file, chunk, body, Reserve::Held)
+                .await?;
+            progress(offset + length);
+        }
+        Ok(end)
+    }
+
+    /// The rules of a range that need no I/O (the session is open, the
+    /// file uploading, the range non-empty and inside the file) and its
+    /// segments; each segment then meets the chunk rules.
+    fn plan_range(
+        rec: &SessionRecord,
+        file_id: FileId,
+        range: &RangeWrite,
+    ) -> Result<Vec<(u64, u64)>> {
+        Self::require_open(rec)?;
+        let file = rec
+            .files
+            .get(&file_id)
+            .ok_or(Error::NotFound { what: "file" })?;
+        if !matches!(file.state, FileState::Uploading) {
+            return Err(Error::conflict(
+                "RELAY_FILE_COMPLETE",
+                "the file is already complete",
+            ));
+        }
+        if range.length == 0 {
+            return Err(Error::invalid(
+                "RELAY_BAD_RANGE",
+                "range length must be at least 1",
+            ));
+        }
+        range
+            .offset
+            .checked_add(range.length)
+            .filter(|e| *e <= file.size)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "RELAY_BAD_RANGE",
+                    format!("range exceeds the declared file size {}", file.size),
+                )
+            })?;
+        Ok(if range.sha256.is_some() {
+            vec![(range.offset, range.length)]
+        } else {
+            plan_segments(
+                range.offset,
+                range.length,
+                range.segment_size,
+                rec.limits.min_chunk_size,
+            )
+        })
     }
 
     /// Put a whole declared file through the chunk rules and complete it:

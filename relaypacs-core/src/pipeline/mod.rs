@@ -50,7 +50,7 @@ mod completion;
 mod lifecycle;
 mod sessions;
 
-pub use chunks::{INGEST_CHUNK_SIZE, PutOutcome};
+pub use chunks::{INGEST_CHUNK_SIZE, PutOutcome, RangeWrite, plan_segments};
 
 /// Pipeline settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
