@@ -64,8 +64,6 @@ pub struct AppState {
 /// Per-upload and per-user admission state.
 #[derive(Debug, Default)]
 pub struct Admission {
-    /// Uploads with a PATCH in progress.
-    pub writing: Mutex<std::collections::HashSet<String>>,
     /// Per-user PATCH permits.
     pub patches: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Per-user open event streams.

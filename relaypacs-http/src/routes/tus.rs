@@ -17,10 +17,9 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use futures::StreamExt;
 use relaypacs_core::{
-    ByteStream, Error, FileId, FileState, IntegrityError, NewFile, PutChunk, SessionId,
+    ByteStream, Error, FileId, FileState, IntegrityError, NewFile, RangeWrite, SessionId,
     Sha256Digest,
 };
 use sha1::Digest as _;
@@ -81,32 +80,6 @@ pub async fn options(State(state): State<AppState>) -> Response {
     r
 }
 
-/// Removes an upload from the "being written" set when dropped.
-struct WriteGuard {
-    state: AppState,
-    id: String,
-}
-
-impl Drop for WriteGuard {
-    fn drop(&mut self) {
-        relaypacs_storage::fs::lock(&self.state.admission.writing).remove(&self.id);
-    }
-}
-
-fn enter_write(state: &AppState, id: &str) -> Result<WriteGuard, ApiError> {
-    if !relaypacs_storage::fs::lock(&state.admission.writing).insert(id.to_string()) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "RELAY_UPLOAD_BUSY",
-            "another request is writing this upload; retry after it ends",
-        ));
-    }
-    Ok(WriteGuard {
-        state: state.clone(),
-        id: id.to_string(),
-    })
-}
-
 fn user_permit(
     state: &AppState,
     user: &str,
@@ -128,55 +101,31 @@ fn user_permit(
     })
 }
 
-/// The request body as a shared source that segments read from in turn.
-struct Source {
-    stream: axum::body::BodyDataStream,
-    leftover: Option<Bytes>,
-}
-
 const BODY_INTERRUPTED: &str = "RELAY_BODY_INTERRUPTED";
 
-impl Source {
-    async fn next(&mut self, max: u64) -> Option<relaypacs_core::Result<Bytes>> {
-        let mut piece = match self.leftover.take() {
-            Some(b) => b,
-            None => match self.stream.next().await? {
-                Ok(b) => b,
+/// The request body as the pipeline's byte stream: a transport error is
+/// `RELAY_BODY_INTERRUPTED`; with a SHA-1 (`Upload-Checksum: sha1`), the
+/// stream yields a checksum error after the last byte when the digest
+/// differs, so the pipeline stores nothing of the range (it reads each
+/// range to the body's end before its last chunk is durable).
+fn body_stream(body: Body, offset: u64, sha1: Option<[u8; 20]>) -> ByteStream {
+    let mut data = body.into_data_stream();
+    Box::pin(async_stream::stream! {
+        let mut h = sha1::Sha1::new();
+        while let Some(item) = data.next().await {
+            match item {
+                Ok(b) => {
+                    if sha1.is_some() {
+                        h.update(&b);
+                    }
+                    yield Ok(b);
+                }
                 Err(e) => {
-                    return Some(Err(Error::Invalid {
+                    yield Err(Error::Invalid {
                         code: BODY_INTERRUPTED,
                         message: format!("the request body was interrupted or too slow: {e}"),
-                    }));
-                }
-            },
-        };
-        let max = usize::try_from(max).unwrap_or(usize::MAX);
-        if piece.len() > max {
-            self.leftover = Some(piece.split_off(max));
-        }
-        Some(Ok(piece))
-    }
-}
-
-/// `length` bytes from `src` as a stream; with a SHA-1 to check at the end.
-fn segment(
-    src: Arc<tokio::sync::Mutex<Source>>,
-    length: u64,
-    offset: u64,
-    sha1: Option<[u8; 20]>,
-) -> ByteStream {
-    Box::pin(async_stream::stream! {
-        let mut left = length;
-        let mut h = sha1::Sha1::new();
-        while left > 0 {
-            let next = src.lock().await.next(left).await;
-            match next {
-                None => return, // short body: the core reports the length mismatch
-                Some(Err(e)) => { yield Err(e); return; }
-                Some(Ok(b)) => {
-                    left -= b.len() as u64;
-                    if sha1.is_some() { h.update(&b); }
-                    yield Ok(b);
+                    });
+                    return;
                 }
             }
         }
@@ -197,6 +146,13 @@ fn segment(
 fn map_write_error(state: &AppState, e: Error) -> ApiError {
     if e.code() == BODY_INTERRUPTED {
         return ApiError::new(StatusCode::REQUEST_TIMEOUT, BODY_INTERRUPTED, e.to_string());
+    }
+    if matches!(e, Error::Busy { .. }) {
+        return ApiError::new(
+            StatusCode::CONFLICT,
+            "RELAY_UPLOAD_BUSY",
+            "another request is writing this upload; retry after it ends",
+        );
     }
     if matches!(
         e,
@@ -226,7 +182,6 @@ async fn write_body(
         )
     })?;
     let checksum = checksum(headers)?;
-    let _write = enter_write(state, &id)?;
     let _permit = user_permit(state, &user.id)?;
     let actor = user.actor();
     // The session's state, the chunk ranges and sizes are the core's rules
@@ -258,7 +213,6 @@ async fn write_body(
         let done = finish_if_complete(state, user, ids, offset, size, &status.file.state).await?;
         return Ok((done, status.expires_at));
     }
-    let limits = &state.config.limits;
     match state.watermark.admit(0) {
         Ok(Ok(free)) if free >= length => {}
         Ok(_) => {
@@ -270,12 +224,10 @@ async fn write_body(
         }
         Err(e) => return Err(ApiError::internal("disk space", &e)),
     }
-    let src = Arc::new(tokio::sync::Mutex::new(Source {
-        stream: body.into_data_stream(),
-        leftover: None,
-    }));
-    let mut at = offset;
-    let pieces: Vec<(u64, u64)> = if checksum.is_some() {
+    // A checksummed PATCH is verified whole and stored as one chunk; any
+    // other is cut into durable segments. The pipeline reserves the whole
+    // range: a concurrent PATCH of this upload is refused as busy.
+    let segment_size = if checksum.is_some() {
         if length > state.config.http.max_checksummed_patch {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -286,76 +238,50 @@ async fn write_body(
                 ),
             ));
         }
-        vec![(offset, length)]
+        length
     } else {
-        plan_segments(
-            offset,
-            length,
-            state.config.http.patch_segment_size,
-            limits.min_chunk_size,
-        )
+        state.config.http.patch_segment_size
     };
-    for (seg_offset, seg_len) in pieces {
-        let (sha256, sha1) = match &checksum {
-            Some(Checksum::Sha256(d)) => (Some(*d), None),
-            Some(Checksum::Sha1(d)) => (None, Some(*d)),
-            None => (None, None),
-        };
-        let body = segment(src.clone(), seg_len, seg_offset, sha1);
-        state
-            .pipeline
-            .put_chunk(
-                &actor,
-                sid,
-                fid,
-                PutChunk {
-                    offset: seg_offset,
-                    length: seg_len,
-                    sha256,
-                },
-                body,
-            )
-            .await
-            .map_err(|e| map_write_error(state, e))?;
-        at = seg_offset + seg_len;
-        state.metrics.upload_bytes.inc_by(seg_len);
-        state.hub.publish(
-            &user.id,
-            Event::UploadProgress {
-                study: sid.to_string(),
-                upload: id.clone(),
-                offset: at,
-                length: size,
+    let (sha256, sha1) = match &checksum {
+        Some(Checksum::Sha256(d)) => (Some(*d), None),
+        Some(Checksum::Sha1(d)) => (None, Some(*d)),
+        None => (None, None),
+    };
+    let range = RangeWrite {
+        offset,
+        length,
+        segment_size,
+        sha256,
+    };
+    let mut durable = offset;
+    let at = state
+        .pipeline
+        .put_range(
+            &actor,
+            sid,
+            fid,
+            range,
+            body_stream(body, offset, sha1),
+            |end| {
+                state.metrics.upload_bytes.inc_by(end - durable);
+                durable = end;
+                state.hub.publish(
+                    &user.id,
+                    Event::UploadProgress {
+                        study: sid.to_string(),
+                        upload: id.clone(),
+                        offset: end,
+                        length: size,
+                    },
+                );
             },
-        );
-    }
+        )
+        .await
+        .map_err(|e| map_write_error(state, e))?;
     // The expiry read before the write is conservative: writes only push
     // it later.
     let done = finish_if_complete(state, user, ids, at, size, &status.file.state).await?;
     Ok((done, status.expires_at))
-}
-
-/// Cut `length` bytes at `offset` into segments of `segment` bytes; a tail
-/// shorter than `min` joins the previous segment.
-pub fn plan_segments(offset: u64, length: u64, segment: u64, min: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut at = offset;
-    let end = offset + length;
-    while at < end {
-        let n = segment.min(end - at);
-        out.push((at, n));
-        at += n;
-    }
-    if out.len() > 1
-        && let Some(&(_, last)) = out.last()
-        && last < min
-    {
-        out.pop();
-        if let Some(prev) = out.last_mut() {
-            prev.1 += last;
-        }
-    }
-    out
 }
 
 /// When every byte is in, verify and validate the file.
