@@ -187,6 +187,13 @@ pub trait AuditSink: Debug + Display + Send + Sync + 'static {
 
     /// Every recorded event, oldest first.
     async fn events(&self) -> Result<Vec<AuditEvent>>;
+
+    /// Called once at stop, after the last event: make whatever the trail
+    /// keeps outside itself final (e.g. anchor its chain head). Recording
+    /// after `close` remains allowed. The default does nothing.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 // `Arc<S>` and `Box<S>` of an implementation (`dyn AuditSink` included)
@@ -202,6 +209,10 @@ macro_rules! forward_audit_sink {
 
             async fn events(&self) -> Result<Vec<AuditEvent>> {
                 (**self).events().await
+            }
+
+            async fn close(&self) -> Result<()> {
+                (**self).close().await
             }
         }
     };

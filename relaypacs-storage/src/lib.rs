@@ -9,6 +9,8 @@
 //!   chunks in any `object_store` backend (in-memory, local; S3 and
 //!   compatibles with feature `aws`).
 
+pub mod audit_anchor;
+pub mod audit_export;
 pub mod fs;
 mod local_audit;
 mod local_chunks;
@@ -16,7 +18,10 @@ mod local_sessions;
 #[cfg(feature = "object-store")]
 mod object_store_chunks;
 
-pub use local_audit::{ChainError, ChainHead, JsonlAuditSink, verify_chain, verify_chain_against};
+pub use local_audit::{
+    AuditTrailOptions, ChainError, ChainErrorKind, ChainHead, JsonlAuditSink, read_verified_events,
+    verify_chain, verify_chain_against, verify_reader, verify_trail,
+};
 pub use local_chunks::LocalChunkStore;
 pub use local_sessions::FileSessionStore;
 /// The `object_store` crate the chunk store is built on (feature

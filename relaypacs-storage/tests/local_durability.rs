@@ -10,8 +10,10 @@ use relaypacs_core::testing::session_store::sample_session;
 use relaypacs_core::{
     AuditAction, AuditEvent, AuditOutcome, AuditSink, ChunkRecord, SessionStore, Sha256Digest,
 };
+use relaypacs_storage::audit_anchor::{default_anchor_path, read_anchor, write_anchor};
 use relaypacs_storage::{
-    FileSessionStore, JsonlAuditSink, LocalChunkStore, verify_chain, verify_chain_against,
+    AuditTrailOptions, ChainErrorKind, ChainHead, FileSessionStore, JsonlAuditSink,
+    LocalChunkStore, verify_chain, verify_chain_against, verify_trail,
 };
 
 #[tokio::test]
@@ -155,4 +157,185 @@ async fn audit_torn_tail_is_cut_and_chain_continues() {
     sink.record(&ev(3)).await.unwrap();
     assert_eq!(sink.events().await.unwrap().len(), 4);
     assert_eq!(verify_chain(&path).unwrap().count, 4);
+}
+
+/// Each kind of tampering names the record: position, line and the
+/// sequence number it carries, and what is wrong.
+#[tokio::test]
+async fn audit_chain_errors_name_the_record_line_and_defect() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let sink = JsonlAuditSink::open(&path).unwrap();
+    for i in 0..50 {
+        sink.record(&ev(i)).await.unwrap();
+    }
+    let anchor = sink.anchor().await.unwrap();
+    drop(sink);
+    let orig = lines(&path);
+    let copy = dir.path().join("copy.jsonl");
+
+    let mut l = orig.clone();
+    l[20] = l[20].replacen("n=20", "n=21", 1);
+    write_lines(&copy, &l);
+    let e = verify_trail(&copy, Some(anchor)).unwrap_err();
+    assert_eq!(
+        (e.index, e.line, e.seq, e.kind),
+        (20, 21, Some(20), ChainErrorKind::HashMismatch)
+    );
+    assert!(e.to_string().contains("record 20 (line 21, seq 20)"), "{e}");
+
+    let mut l = orig.clone();
+    l.remove(20);
+    write_lines(&copy, &l);
+    let e = verify_trail(&copy, Some(anchor)).unwrap_err();
+    assert_eq!(
+        (e.index, e.line, e.seq, e.kind),
+        (20, 21, Some(21), ChainErrorKind::OutOfSequence)
+    );
+    assert!(e.reason.contains("record 20 is missing"), "{e}");
+
+    let mut l = orig.clone();
+    l.swap(30, 31);
+    write_lines(&copy, &l);
+    let e = verify_trail(&copy, Some(anchor)).unwrap_err();
+    assert_eq!(
+        (e.index, e.seq, e.kind),
+        (30, Some(31), ChainErrorKind::OutOfSequence)
+    );
+
+    write_lines(&copy, &orig[..47]);
+    let e = verify_trail(&copy, Some(anchor)).unwrap_err();
+    assert_eq!(
+        (e.index, e.line, e.seq, e.kind),
+        (47, 48, None, ChainErrorKind::Truncated)
+    );
+    assert!(e.reason.contains("last 3 records were cut"), "{e}");
+
+    // A tail cut inside a record: the torn line is named.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(bytes.len() - 10);
+    std::fs::write(&copy, &bytes).unwrap();
+    let e = verify_trail(&copy, Some(anchor)).unwrap_err();
+    assert_eq!((e.index, e.kind), (49, ChainErrorKind::Torn));
+
+    // A chain rewritten consistently up to the anchor still differs from it.
+    let mut other = ChainHead {
+        count: 50,
+        hash: anchor.hash,
+    };
+    other.hash[0] ^= 1;
+    let e = verify_trail(&path, Some(other)).unwrap_err();
+    assert_eq!((e.index, e.kind), (49, ChainErrorKind::AnchorMismatch));
+
+    assert_eq!(verify_trail(&path, Some(anchor)).unwrap(), anchor);
+}
+
+/// The head is anchored outside the trail at open, at close, every N
+/// records and every T seconds; an anchor never runs ahead of the trail.
+#[tokio::test]
+async fn audit_anchor_is_written_at_open_close_every_n_records_and_periodically() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trail/audit.jsonl");
+    let anchor_path = dir.path().join("elsewhere/head.anchor");
+    let opts = AuditTrailOptions::default()
+        .anchor_path(&anchor_path)
+        .anchor_every_records(5)
+        .anchor_interval(None);
+    let sink = JsonlAuditSink::open_with(&path, opts.clone()).unwrap();
+    assert_eq!(sink.anchor_path(), anchor_path);
+    let anchored = || read_anchor(&anchor_path).unwrap().unwrap().head;
+    assert_eq!(anchored().count, 0, "anchored at open");
+    for i in 0..4 {
+        sink.record(&ev(i)).await.unwrap();
+    }
+    assert_eq!(anchored().count, 0);
+    sink.record(&ev(4)).await.unwrap();
+    assert_eq!(anchored(), sink.head().await, "anchored at the 5th record");
+    for i in 5..9 {
+        sink.record(&ev(i)).await.unwrap();
+    }
+    assert_eq!(anchored().count, 5);
+    sink.close().await.unwrap();
+    assert_eq!(anchored(), sink.head().await, "anchored at close");
+    assert_eq!(anchored().count, 9);
+    assert!(
+        !default_anchor_path(&path).exists(),
+        "only the configured anchor is written"
+    );
+    drop(sink);
+
+    // By time: a timer anchors an idle trail's head.
+    let opts = opts
+        .anchor_every_records(0)
+        .anchor_interval(Some(std::time::Duration::from_millis(50)));
+    let sink = JsonlAuditSink::open_with(&path, opts).unwrap();
+    sink.record(&ev(9)).await.unwrap();
+    sink.record(&ev(10)).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while anchored().count != 11 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the timer did not anchor the head"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(anchored(), sink.head().await);
+    assert_eq!(verify_trail(&path, Some(anchored())).unwrap().count, 11);
+}
+
+/// With its anchor, a cut tail, a deleted trail or a rewritten anchor
+/// refuses to open; temp files a crash left beside the anchor are swept.
+#[tokio::test]
+async fn audit_trail_cut_against_its_anchor_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let sink = JsonlAuditSink::open(&path).unwrap();
+    for i in 0..10 {
+        sink.record(&ev(i)).await.unwrap();
+    }
+    sink.close().await.unwrap();
+    let head = sink.head().await;
+    drop(sink);
+    let anchor_path = default_anchor_path(&path);
+    assert_eq!(read_anchor(&anchor_path).unwrap().unwrap().head, head);
+    let orig = lines(&path);
+
+    // Cut the last 3 records: the chain alone verifies, the anchor does not.
+    write_lines(&path, &orig[..7]);
+    assert!(verify_chain(&path).is_ok());
+    let err = JsonlAuditSink::open(&path).unwrap_err();
+    // The message is in the cause chain (not repeated at each level).
+    let mut err_chain = err.to_string();
+    let mut cause = std::error::Error::source(&err);
+    while let Some(c) = cause {
+        err_chain += &format!(": {c}");
+        cause = c.source();
+    }
+    let err = err_chain;
+    assert!(err.contains("record 7") && err.contains("cut"), "{err}");
+
+    // The whole trail deleted.
+    std::fs::remove_file(&path).unwrap();
+    assert!(JsonlAuditSink::open(&path).is_err());
+
+    // Restored, with an anchor rewritten to another head.
+    write_lines(&path, &orig);
+    let mut forged = head;
+    forged.hash[5] ^= 0x40;
+    write_anchor(&anchor_path, forged).unwrap();
+    assert!(JsonlAuditSink::open(&path).is_err());
+
+    // The true anchor back, plus a temp file left by a crash mid-anchor.
+    write_anchor(&anchor_path, head).unwrap();
+    let leftover = dir.path().join(".audit.jsonl.anchor.0123456789abcdef.tmp");
+    std::fs::write(&leftover, b"{\"count\":9").unwrap();
+    let sink = JsonlAuditSink::open(&path).unwrap();
+    assert!(
+        !leftover.exists(),
+        "leftover anchor temp files are swept at open"
+    );
+    assert_eq!(sink.head().await, head);
+    sink.record(&ev(10)).await.unwrap();
+    sink.close().await.unwrap();
+    assert_eq!(read_anchor(&anchor_path).unwrap().unwrap().head.count, 11);
 }
