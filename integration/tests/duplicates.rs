@@ -205,7 +205,14 @@ async fn other_content_under_a_known_uid_is_refused_until_the_earlier_upload_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sessions_racing_with_one_uid_exactly_one_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
-    let (e, _sink) = open(dir.path(), PipelineConfig::default());
+    let (e, _sink) = open(
+        dir.path(),
+        PipelineConfig {
+            // Every round leaves its sessions open: more than the default cap.
+            max_open_sessions_per_user: 1000,
+            ..PipelineConfig::default()
+        },
+    );
     let p = &e.pipeline;
     let (alice, bob) = (Actor::user("alice"), Actor::user("bob"));
     for round in 0..120 {
@@ -235,7 +242,14 @@ async fn two_sessions_racing_with_one_uid_exactly_one_is_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_completions_racing_with_one_uid_exactly_one_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
-    let (e, _sink) = open(dir.path(), PipelineConfig::default());
+    let (e, _sink) = open(
+        dir.path(),
+        PipelineConfig {
+            // Every round leaves its sessions open: more than the default cap.
+            max_open_sessions_per_user: 1000,
+            ..PipelineConfig::default()
+        },
+    );
     let p = e.pipeline.clone();
     let alice = Actor::user("alice");
     for round in 0..100 {

@@ -152,6 +152,26 @@ pub enum Error {
     /// Bytes failed an integrity check; nothing was recorded.
     #[error(transparent)]
     Integrity(#[from] IntegrityError),
+    /// A per-user cap on things held at once (open sessions, …) is
+    /// reached; retrying after one of them ends can succeed.
+    #[error("too many {what} (at most {limit})")]
+    TooMany {
+        /// Stable code such as `RELAY_TOO_MANY_SESSIONS`.
+        code: &'static str,
+        /// What is capped (e.g. "open sessions").
+        what: &'static str,
+        /// The cap.
+        limit: u64,
+    },
+    /// Not enough free storage to admit new work (the gateway's
+    /// watermark), refused before anything was written.
+    #[error("insufficient storage: {reason}")]
+    InsufficientStorage {
+        /// Bytes that were asked for (0: any new work).
+        needed: u64,
+        /// Explanation (free space, watermark).
+        reason: String,
+    },
     /// The request conflicts with what is stored.
     #[error("conflict: {reason}")]
     Conflict {
@@ -330,7 +350,8 @@ impl Error {
             Self::Invalid { .. } | Self::Dicom(_) | Self::StudyMismatch { .. } => {
                 ErrorKind::Invalid
             }
-            Self::LimitExceeded { .. } => ErrorKind::LimitExceeded,
+            Self::LimitExceeded { .. } | Self::TooMany { .. } => ErrorKind::LimitExceeded,
+            Self::InsufficientStorage { .. } => ErrorKind::InsufficientStorage,
             Self::Integrity(_) => ErrorKind::Integrity,
             Self::Conflict { .. } | Self::Precondition { .. } | Self::AlreadyExists { .. } => {
                 ErrorKind::Conflict
@@ -374,9 +395,11 @@ impl Error {
     /// A stable machine-readable code, e.g. `RELAY_CHUNK_HASH_MISMATCH`.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Invalid { code, .. } | Self::Conflict { code, .. } | Self::Auth { code, .. } => {
-                code
-            }
+            Self::Invalid { code, .. }
+            | Self::Conflict { code, .. }
+            | Self::Auth { code, .. }
+            | Self::TooMany { code, .. } => code,
+            Self::InsufficientStorage { .. } => "RELAY_INSUFFICIENT_STORAGE",
             Self::LimitExceeded { .. } => "RELAY_LIMIT_EXCEEDED",
             Self::Integrity(i) => match i {
                 IntegrityError::ChunkHash { .. } => "RELAY_CHUNK_HASH_MISMATCH",
@@ -424,5 +447,24 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Storage);
         assert!(e.is_retryable());
         assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn caps_and_storage_admission_have_stable_codes() {
+        let e = Error::TooMany {
+            code: "RELAY_TOO_MANY_SESSIONS",
+            what: "open sessions",
+            limit: 64,
+        };
+        assert_eq!(e.kind(), ErrorKind::LimitExceeded);
+        assert_eq!(e.code(), "RELAY_TOO_MANY_SESSIONS");
+        assert_eq!(e.to_string(), "too many open sessions (at most 64)");
+        let e = Error::InsufficientStorage {
+            needed: 0,
+            reason: "free space below the watermark".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::InsufficientStorage);
+        assert_eq!(e.code(), "RELAY_INSUFFICIENT_STORAGE");
+        assert!(!e.is_retryable());
     }
 }

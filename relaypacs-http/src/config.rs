@@ -572,6 +572,7 @@ impl Config {
                 ..Default::default()
             },
             duplicates: self.ingest.duplicates,
+            ..PipelineConfig::default()
         }
     }
 

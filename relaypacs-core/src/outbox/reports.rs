@@ -117,8 +117,13 @@ impl Pipeline {
         );
         ev.detail = format!("report {sop_instance_uid}");
         // A refused look at someone else's report is recorded too.
-        let rec = match self.load_owned(actor, id).await {
+        let rec = match self
+            .load_owned_as(actor, id, crate::pipeline::Access::session("read_report"))
+            .await
+        {
             Ok(v) => v.value,
+            // Another user's session is recorded, aggregated, by load_owned_as.
+            Err(e @ Error::NotFound { .. }) => return Err(e),
             Err(e) => return self.refuse(ev, e).await,
         };
         ev.study = rec.study_instance_uid.clone();

@@ -77,7 +77,9 @@ impl Pipeline {
     ) -> Result<FileRecord> {
         let gate = self.gate(id);
         let guard = gate.rw.read().await;
-        let current = self.load_owned(actor, id).await?;
+        let current = self
+            .load_owned_as(actor, id, Access::file("complete_file", file))
+            .await?;
         let mut ev = Self::event(
             actor,
             AuditAction::FileCompleted,

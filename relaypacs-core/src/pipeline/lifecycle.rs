@@ -6,7 +6,9 @@ use super::*;
 impl Pipeline {
     /// The session as its owner (or an admin) sees it. Audited as data access.
     pub async fn session(&self, actor: &Actor, id: SessionId) -> Result<SessionRecord> {
-        let v = self.load_owned(actor, id).await?;
+        let v = self
+            .load_owned_as(actor, id, Access::session("read_session"))
+            .await?;
         let mut ev = Self::event(
             actor,
             AuditAction::DataAccessed,
@@ -26,7 +28,9 @@ impl Pipeline {
         id: SessionId,
         file: FileId,
     ) -> Result<FileStatus> {
-        let v = self.load_owned(actor, id).await?;
+        let v = self
+            .load_owned_as(actor, id, Access::file("file_status", file))
+            .await?;
         let f = v
             .value
             .files
@@ -53,7 +57,9 @@ impl Pipeline {
         id: SessionId,
         file: FileId,
     ) -> Result<Vec<ChunkRecord>> {
-        let v = self.load_owned(actor, id).await?;
+        let v = self
+            .load_owned_as(actor, id, Access::file("file_chunks", file))
+            .await?;
         if !v.value.files.contains_key(&file) {
             return Err(Error::NotFound { what: "file" });
         }
@@ -67,7 +73,9 @@ impl Pipeline {
         id: SessionId,
         file: FileId,
     ) -> Result<ByteStream> {
-        let v = self.load_owned(actor, id).await?;
+        let v = self
+            .load_owned_as(actor, id, Access::file("read_file", file))
+            .await?;
         let f = v
             .value
             .files
@@ -142,7 +150,9 @@ impl Pipeline {
     /// Remove a file from an open session (its bytes, chunk records and
     /// index claim).
     pub async fn remove_file(&self, actor: &Actor, id: SessionId, file: FileId) -> Result<()> {
-        let rec = self.load_owned(actor, id).await?;
+        let rec = self
+            .load_owned_as(actor, id, Access::file("remove_file", file))
+            .await?;
         let mut ev = Self::event(
             actor,
             AuditAction::FileRemoved,
@@ -161,7 +171,9 @@ impl Pipeline {
     pub async fn abort_session(&self, actor: &Actor, id: SessionId) -> Result<()> {
         let gate = self.gate(id);
         let _g = gate.rw.write().await;
-        let current = self.load_owned(actor, id).await?;
+        let current = self
+            .load_owned_as(actor, id, Access::session("abort_session"))
+            .await?;
         let ev = Self::event(
             actor,
             AuditAction::SessionAborted,
@@ -173,6 +185,7 @@ impl Pipeline {
                 .sessions
                 .delete_session(id, current.version)
                 .await?;
+            self.inner.index.remove(id);
             self.inner.chunks.delete_session(id).await?;
             // An acknowledged study keeps its claims: the gateway accepted
             // those instances whatever happens to the session record.
@@ -225,6 +238,7 @@ impl Pipeline {
                 Err(Error::Precondition { .. }) | Err(Error::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             }
+            self.inner.index.remove(id);
             self.inner.chunks.delete_session(id).await?;
             self.release_claims(rec, None).await?;
             let mut ev = Self::event(
@@ -265,6 +279,78 @@ impl Pipeline {
         Ok(out)
     }
 
+    /// One page of the sessions `actor` may see (its own, or every one for
+    /// an admin), oldest first (creation time, then id). At most
+    /// `max_page_size` items; `next` resumes after the last one and stays
+    /// valid whatever is created or removed meanwhile, so walking the pages
+    /// returns every session that lived throughout exactly once. Not
+    /// audited, as [`list_sessions`](Self::list_sessions).
+    ///
+    /// Cost: one id listing of the store (to see sessions created or
+    /// removed by another process), a load of each id not seen before, and
+    /// a load of each session on the page. Only the first use in a process
+    /// (listing or creation) loads every session once, to build the index.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] (`RELAY_BAD_CURSOR`) for a cursor this pipeline
+    /// did not hand out; the store's errors.
+    pub async fn list_sessions_page(
+        &self,
+        actor: &Actor,
+        req: PageRequest,
+    ) -> Result<Page<SessionRecord>> {
+        let after = match &req.after {
+            Some(c) => Some(c.position()?),
+            None => None,
+        };
+        let cfg = &self.inner.config;
+        let max = cfg.max_page_size.max(1);
+        let limit = match req.limit {
+            0 => cfg.default_page_size.clamp(1, max),
+            n => n.min(max),
+        } as usize;
+        self.ensure_index().await?;
+        let ids = self.inner.sessions.list_sessions().await?;
+        let new = self.inner.index.reconcile(&ids);
+        self.load_into_index(&new).await?;
+        let owner = (!actor.admin).then_some(actor.user.as_str());
+        let mut items = Vec::with_capacity(limit);
+        let mut cursor = after;
+        let mut last = None;
+        loop {
+            let batch = self
+                .inner
+                .index
+                .after(owner, cursor, limit + 1 - items.len());
+            if batch.is_empty() {
+                return Ok(Page { items, next: None });
+            }
+            for pos in batch {
+                if items.len() == limit {
+                    // At least one more candidate follows the page.
+                    return Ok(Page {
+                        items,
+                        next: last.map(PageCursor::of),
+                    });
+                }
+                cursor = Some(pos);
+                match self.inner.sessions.load_session(pos.1).await {
+                    Ok(v) if Self::check_owner(actor, &v.value).is_ok() => {
+                        last = Some(pos);
+                        items.push(v.value);
+                    }
+                    Ok(_) => {}
+                    Err(Error::NotFound { .. }) => self.inner.index.remove(pos.1),
+                    Err(e) if !e.is_retryable() => {
+                        // One unreadable record does not hide the others.
+                        tracing::warn!(session = %pos.1, error = %e, "session left out of a page");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
     /// For each file of a session, the end of its contiguous run of stored
     /// bytes from offset 0 (a valid file: its size), for a study view. Not
     /// audited: it reveals sizes and offsets only.
@@ -273,7 +359,9 @@ impl Pipeline {
         actor: &Actor,
         id: SessionId,
     ) -> Result<std::collections::BTreeMap<FileId, u64>> {
-        let v = self.load_owned(actor, id).await?;
+        let v = self
+            .load_owned_as(actor, id, Access::session("file_offsets"))
+            .await?;
         let mut out = std::collections::BTreeMap::new();
         for f in v.value.files.values() {
             let offset = match f.state {

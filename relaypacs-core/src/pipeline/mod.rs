@@ -47,13 +47,17 @@ use crate::session_store::{ChunkInsert, InstanceClaim, SessionStore};
 
 mod chunks;
 mod completion;
+pub mod denials;
+mod index;
 mod lifecycle;
 mod sessions;
 
 pub use chunks::{INGEST_CHUNK_SIZE, PutOutcome, RangeWrite, plan_segments};
+pub use denials::DenialAudit;
+pub use index::{Page, PageCursor, PageRequest};
 
 /// Pipeline settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PipelineConfig {
     /// Limits for new sessions (and the ceiling for per-session limits).
@@ -64,6 +68,83 @@ pub struct PipelineConfig {
     /// What to do with a SOP Instance UID the gateway accepted before
     /// with other content.
     pub duplicates: DuplicatePolicy,
+    /// Open sessions (not yet completed, aborted or expired) one user may
+    /// hold at once; the next [`Pipeline::create_session`] is refused with
+    /// [`Error::TooMany`] (`RELAY_TOO_MANY_SESSIONS`).
+    pub max_open_sessions_per_user: u32,
+    /// Free bytes (above the [`StorageGauge`]'s watermark) a new session
+    /// must find; 0 asks only that the watermark is not crossed.
+    pub session_admission_bytes: u64,
+    /// Items in a page of a listing when the request names no limit.
+    pub default_page_size: u32,
+    /// Most items in a page of a listing, whatever the request asks.
+    pub max_page_size: u32,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            dicom: DicomLimits::default(),
+            duplicates: DuplicatePolicy::default(),
+            max_open_sessions_per_user: 64,
+            session_admission_bytes: 0,
+            default_page_size: 100,
+            max_page_size: 1000,
+        }
+    }
+}
+
+/// Answers whether the storage behind the pipeline has room for new work
+/// (the server plugs its disk watermark in with
+/// [`Pipeline::set_storage_gauge`]); the core cannot see disks itself.
+pub trait StorageGauge: fmt::Debug + Send + Sync + 'static {
+    /// `Ok` when `bytes` more bytes fit above the watermark.
+    ///
+    /// # Errors
+    /// [`Error::InsufficientStorage`] when they do not; any other error
+    /// (the volume cannot be measured) refuses the work too.
+    fn admit(&self, bytes: u64) -> Result<()>;
+}
+
+/// A [`StorageGauge`] from a closure.
+pub struct GaugeFn<F>(pub F);
+
+impl<F> fmt::Debug for GaugeFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GaugeFn")
+    }
+}
+
+impl<F> StorageGauge for GaugeFn<F>
+where
+    F: Fn(u64) -> Result<()> + Send + Sync + 'static,
+{
+    fn admit(&self, bytes: u64) -> Result<()> {
+        (self.0)(bytes)
+    }
+}
+
+/// What a caller tried to do on a session, for the audit of a denial.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Access {
+    /// Short name of the attempt (`"read_file"`).
+    pub(crate) what: &'static str,
+    /// The file targeted, if any.
+    pub(crate) file: Option<FileId>,
+}
+
+impl Access {
+    pub(crate) fn session(what: &'static str) -> Self {
+        Self { what, file: None }
+    }
+
+    pub(crate) fn file(what: &'static str, file: FileId) -> Self {
+        Self {
+            what,
+            file: Some(file),
+        }
+    }
 }
 
 /// What happens to an upload whose SOP Instance UID the gateway accepted
@@ -177,6 +258,12 @@ pub(crate) struct Inner {
     pub(crate) queued: Mutex<Vec<SessionId>>,
     /// Wakes the delivery worker.
     pub(crate) kick: tokio::sync::Notify,
+    /// Aggregated audit of denied and refused requests.
+    pub(crate) denials: DenialAudit,
+    /// Sessions by owner and creation time (cap, pages).
+    pub(crate) index: index::SessionIndex,
+    /// Free-space check before new sessions (set once).
+    pub(crate) gauge: std::sync::OnceLock<Arc<dyn StorageGauge>>,
 }
 
 impl fmt::Debug for Pipeline {
@@ -221,8 +308,11 @@ impl Pipeline {
                 chunks,
                 sessions,
                 sink,
+                denials: DenialAudit::new(audit.clone()),
                 audit,
                 config,
+                index: index::SessionIndex::default(),
+                gauge: std::sync::OnceLock::new(),
                 gates: Mutex::new(HashMap::new()),
                 reports: std::sync::OnceLock::new(),
                 queued: Mutex::new(Vec::new()),
@@ -234,6 +324,25 @@ impl Pipeline {
     /// The configuration in force.
     pub fn config(&self) -> &PipelineConfig {
         &self.inner.config
+    }
+
+    /// The aggregated audit of denied requests this pipeline writes to its
+    /// trail; the HTTP layer records its own denials (forged tokens, admin
+    /// routes) there too, and calls [`DenialAudit::flush`] periodically
+    /// and at stop.
+    pub fn denials(&self) -> &DenialAudit {
+        &self.inner.denials
+    }
+
+    /// Set the free-space check made before a session is opened (once).
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] when one was set already.
+    pub fn set_storage_gauge(&self, gauge: Arc<dyn StorageGauge>) -> Result<()> {
+        self.inner
+            .gauge
+            .set(gauge)
+            .map_err(|_| Error::conflict("RELAY_GAUGE_SET", "a storage gauge is already set"))
     }
 
     pub(crate) fn gate(&self, id: SessionId) -> Arc<Gate> {
@@ -292,14 +401,55 @@ impl Pipeline {
         }
     }
 
+    /// Load a session the actor may see. Another user's session answers
+    /// `NotFound`, exactly as a missing one, and the attempt is recorded as
+    /// a Security Alert, aggregated per actor, attempt, object and minute
+    /// (see [`DenialAudit`]). An id that exists for nobody is not recorded:
+    /// its objects would be unbounded.
     pub(crate) async fn load_owned(
         &self,
         actor: &Actor,
         id: SessionId,
     ) -> Result<Versioned<SessionRecord>> {
+        self.load_owned_as(actor, id, Access::session("access"))
+            .await
+    }
+
+    /// [`load_owned`](Self::load_owned), naming the attempt for the audit.
+    pub(crate) async fn load_owned_as(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        access: Access,
+    ) -> Result<Versioned<SessionRecord>> {
         let v = self.inner.sessions.load_session(id).await?;
-        Self::check_owner(actor, &v.value)?;
+        if let Err(e) = Self::check_owner(actor, &v.value) {
+            self.deny(actor, id, access, &e).await;
+            return Err(e);
+        }
         Ok(v)
+    }
+
+    /// Record a cross-user attempt (aggregated). The caller's answer stays
+    /// `NotFound` even when the trail fails: a different answer would tell
+    /// the session exists. The failure is logged here, and the next action
+    /// that must be audited fails closed.
+    async fn deny(&self, actor: &Actor, id: SessionId, access: Access, err: &Error) {
+        let mut ev = Self::event(
+            actor,
+            AuditAction::SecurityAlert,
+            AuditOutcome::MinorFailure,
+            Some(id),
+        );
+        ev.file = access.file;
+        ev.detail = format!("{}: another user's session", err.code());
+        let object = match access.file {
+            Some(f) => format!("session {id} file {f}"),
+            None => format!("session {id}"),
+        };
+        if let Err(e) = self.inner.denials.record(ev, access.what, &object).await {
+            tracing::error!(error = %e, session = %id, "denied access not recorded in the audit trail");
+        }
     }
 
     fn require_open(rec: &SessionRecord) -> Result<()> {

@@ -4,7 +4,61 @@ use super::*;
 
 impl Pipeline {
     /// Open a new upload session owned by `actor`.
+    ///
+    /// # Errors
+    /// - [`Error::InsufficientStorage`] when the [`StorageGauge`] (if set)
+    ///   finds less than `session_admission_bytes` above its watermark.
+    /// - [`Error::TooMany`] (`RELAY_TOO_MANY_SESSIONS`) when the actor
+    ///   already holds `max_open_sessions_per_user` open sessions. The cap
+    ///   is atomic within this pipeline: the count and the creation happen
+    ///   under one per-user lock, so a burst of concurrent creations leaves
+    ///   exactly the cap open. Several gateway processes sharing one
+    ///   session store each enforce it on their own view (a user could then
+    ///   hold up to the cap times the number of processes).
+    ///
+    /// Both refusals are audited through [`DenialAudit`] (aggregated per
+    /// user and minute), so a burst cannot flood the trail.
     pub async fn create_session(&self, actor: &Actor, req: NewSession) -> Result<SessionRecord> {
+        self.ensure_index().await?;
+        let refused = |actor: &Actor, err: &Error| {
+            let mut ev = Self::event(
+                actor,
+                AuditAction::SessionCreated,
+                AuditOutcome::MinorFailure,
+                None,
+            );
+            if err.kind() == ErrorKind::InsufficientStorage {
+                ev.outcome = AuditOutcome::SeriousFailure;
+            }
+            ev.detail = format!("{}: {}", err.code(), err);
+            ev
+        };
+        if let Some(gauge) = self.inner.gauge.get()
+            && let Err(e) = gauge.admit(self.inner.config.session_admission_bytes)
+        {
+            let ev = refused(actor, &e);
+            self.inner
+                .denials
+                .record(ev, "create_session", "storage")
+                .await?;
+            return Err(e);
+        }
+        let creator = self.inner.index.creator(&actor.user);
+        let _one_at_a_time = creator.lock().await;
+        let cap = self.inner.config.max_open_sessions_per_user;
+        if !self.below_cap(&actor.user, cap).await? {
+            let e = Error::TooMany {
+                code: "RELAY_TOO_MANY_SESSIONS",
+                what: "open sessions",
+                limit: u64::from(cap),
+            };
+            let ev = refused(actor, &e);
+            self.inner
+                .denials
+                .record(ev, "create_session", "open sessions")
+                .await?;
+            return Err(e);
+        }
         let now = OffsetDateTime::now_utc();
         let rec = SessionRecord {
             id: SessionId::random(),
@@ -27,15 +81,68 @@ impl Pipeline {
         if let Err(e) = self.inner.sessions.create_session(&rec).await {
             return self.refuse(ev, e).await;
         }
+        self.inner.index.insert(&rec);
         self.audit(ev).await?;
         Ok(rec)
+    }
+
+    /// Whether `owner` holds fewer than `cap` open sessions. Called under
+    /// the owner's creation lock. The index's count is trusted below the
+    /// cap; at the cap, each session it believes open is re-read from the
+    /// store first (a session completed or removed by another process, or
+    /// by a path that did not tell the index, must not lock the user out).
+    async fn below_cap(&self, owner: &str, cap: u32) -> Result<bool> {
+        let open = self.inner.index.open_of(owner);
+        if (open.len() as u64) < u64::from(cap) {
+            return Ok(true);
+        }
+        for id in open {
+            match self.inner.sessions.load_session(id).await {
+                Ok(v) => self.inner.index.insert(&v.value),
+                Err(Error::NotFound { .. }) => self.inner.index.remove(id),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((self.inner.index.open_of(owner).len() as u64) < u64::from(cap))
+    }
+
+    /// Build the session index by one full scan, on first use.
+    pub(crate) async fn ensure_index(&self) -> Result<()> {
+        self.inner
+            .index
+            .loaded
+            .get_or_try_init(|| async {
+                let ids = self.inner.sessions.list_sessions().await?;
+                self.load_into_index(&ids).await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Load `ids` into the index; one that vanished meanwhile is skipped,
+    /// one unreadable is left out with a warning (it does not hide the
+    /// others, and is tried again on the next listing).
+    pub(crate) async fn load_into_index(&self, ids: &[SessionId]) -> Result<()> {
+        for &id in ids {
+            match self.inner.sessions.load_session(id).await {
+                Ok(v) => self.inner.index.insert(&v.value),
+                Err(Error::NotFound { .. }) => {}
+                Err(e) if e.kind() == ErrorKind::Storage && !e.is_retryable() => {
+                    tracing::warn!(session = %id, error = %e, "session left out of the index");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Declare a file of `size` bytes in a session.
     pub async fn add_file(&self, actor: &Actor, id: SessionId, req: NewFile) -> Result<FileRecord> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
-        let current = self.load_owned(actor, id).await?;
+        let current = self
+            .load_owned_as(actor, id, Access::session("add_file"))
+            .await?;
         let mut ev = Self::event(
             actor,
             AuditAction::FileAdded,
@@ -132,7 +239,9 @@ impl Pipeline {
     pub async fn complete_session(&self, actor: &Actor, id: SessionId) -> Result<SessionRecord> {
         let gate = self.gate(id);
         let guard = gate.rw.read().await;
-        let current = self.load_owned(actor, id).await?;
+        let current = self
+            .load_owned_as(actor, id, Access::session("complete_session"))
+            .await?;
         if current.value.state == SessionState::Forwarding {
             return Ok(current.value);
         }
@@ -196,6 +305,7 @@ impl Pipeline {
             Ok(v) => v,
             Err(e) => return self.refuse(ev, e).await,
         };
+        self.inner.index.closed(id);
         ev.detail = format!("queued instances={}", rec.files.len());
         self.audit(ev).await?;
         self.wake_outbox(id);
@@ -224,6 +334,7 @@ impl Pipeline {
             .sessions
             .delete_session(id, current.version)
             .await?;
+        self.inner.index.remove(id);
         self.inner.chunks.delete_session(id).await?;
         ev.detail = "completed with no valid file: session ended".into();
         self.audit(ev).await?;
