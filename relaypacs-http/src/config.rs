@@ -158,6 +158,11 @@ pub struct AuthConfig {
     pub argon2_memory_kib: u32,
     /// Argon2id iterations (OWASP minimum 2 at 19 MiB).
     pub argon2_iterations: u32,
+    /// Memory for all concurrent password hashes together (MiB): a fixed
+    /// pool of `budget / argon2_memory_kib` buffers, reused; must hold one.
+    pub hash_memory_budget_mib: u32,
+    /// Longest wait of a login for a hashing buffer before 429 (ms).
+    pub hash_wait_ms: u64,
 }
 
 /// One PACS sink.
@@ -365,6 +370,8 @@ impl Default for AuthConfig {
             max_lockout_secs: 900,
             argon2_memory_kib: 19456,
             argon2_iterations: 2,
+            hash_memory_budget_mib: 64,
+            hash_wait_ms: 2000,
         }
     }
 }
@@ -548,6 +555,15 @@ impl Config {
                 "auth.argon2_memory_kib",
                 "argon2id below the OWASP minimum (19456 KiB, 2 iterations)",
             );
+        }
+        if u64::from(a.hash_memory_budget_mib) * 1024 < u64::from(a.argon2_memory_kib) {
+            return inv(
+                "auth.hash_memory_budget_mib",
+                "must hold at least one hash (auth.argon2_memory_kib)",
+            );
+        }
+        if a.hash_wait_ms > 60_000 {
+            return inv("auth.hash_wait_ms", "must be at most 60000");
         }
         if a.issuer.is_empty() || a.audience.is_empty() {
             return inv("auth.issuer", "issuer and audience must be set");

@@ -5,6 +5,9 @@
 //!   `./relaypacs-data`, with a random secret created on first start.
 //! - `relaypacs user add NAME --role admin`: create an account (the
 //!   password is read from standard input). There is no built-in account.
+//! - `relaypacs audit verify` / `relaypacs audit export`: check the audit
+//!   trail's hash chain against its anchor; write it as DICOM PS3.15 audit
+//!   messages or JSON lines.
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -38,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Verify or export the audit trail (read-only; the server may run).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,6 +60,45 @@ enum UserCommand {
     },
     /// List accounts.
     List,
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Verify the hash chain and its anchor; exit 0 when intact, 1 naming
+    /// the first broken record otherwise.
+    Verify {
+        /// The trail (default `<data_dir>/audit/audit.jsonl`).
+        #[arg(long)]
+        trail: Option<PathBuf>,
+        /// The anchor holding the chain head (default: `<trail>.anchor`).
+        #[arg(long, conflicts_with = "no_anchor")]
+        anchor: Option<PathBuf>,
+        /// Check the chain alone (a cut tail then goes unnoticed).
+        #[arg(long)]
+        no_anchor: bool,
+    },
+    /// Write the events of a verified trail as DICOM PS3.15 A.5 audit
+    /// messages or JSON lines.
+    Export {
+        /// dicom-xml or jsonl.
+        #[arg(long)]
+        format: relaypacs_storage::audit_export::ExportFormat,
+        /// Earliest event time (RFC 3339, inclusive).
+        #[arg(long, value_parser = parse_rfc3339)]
+        from: Option<time::OffsetDateTime>,
+        /// Events from this time on are left out (RFC 3339, exclusive).
+        #[arg(long, value_parser = parse_rfc3339)]
+        to: Option<time::OffsetDateTime>,
+        /// Output file, replaced atomically (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The trail (default `<data_dir>/audit/audit.jsonl`).
+        #[arg(long)]
+        trail: Option<PathBuf>,
+        /// AuditSourceID of the DICOM messages.
+        #[arg(long, default_value = "relaypacs")]
+        source_id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +121,13 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config),
         Command::User { command } => match user(config, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("relaypacs: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Audit { command } => match audit(&config, command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("relaypacs: {e}");
@@ -168,6 +222,89 @@ fn user(config: Config, command: UserCommand) -> Result<(), String> {
             rt.block_on(store.create(rec)).map_err(|e| e.to_string())?;
             println!("created {username} ({role:?}) with id {id}");
             Ok(())
+        }
+    }
+}
+
+fn parse_rfc3339(s: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time ({e})"))
+}
+
+fn audit(config: &Config, command: AuditCommand) -> Result<(), String> {
+    use relaypacs_storage::audit_anchor::{default_anchor_path, read_anchor};
+    use relaypacs_storage::audit_export::{TimeRange, export_events};
+    let default_trail = || config.data_dir.join("audit").join("audit.jsonl");
+    match command {
+        AuditCommand::Verify {
+            trail,
+            anchor,
+            no_anchor,
+        } => {
+            let trail = trail.unwrap_or_else(default_trail);
+            // The anchor is read before the trail: it never runs ahead of the
+            // trail, so a server appending meanwhile cannot cause a false alarm.
+            let anchor = if no_anchor {
+                None
+            } else {
+                let path = anchor.unwrap_or_else(|| default_anchor_path(&trail));
+                let a = read_anchor(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                Some(a.ok_or_else(|| {
+                    format!(
+                        "no anchor at {}: cannot tell whether the trail's tail was cut \
+                         (--no-anchor checks the chain alone)",
+                        path.display()
+                    )
+                })?)
+            };
+            let head = relaypacs_storage::verify_trail(&trail, anchor.map(|a| a.head))
+                .map_err(|e| format!("{}: {e}", trail.display()))?;
+            println!(
+                "{}: {} records verified; head sha256 {}",
+                trail.display(),
+                head.count,
+                hex::encode(head.hash)
+            );
+            if let Some(a) = anchor {
+                let when = a
+                    .time
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_else(|_| a.time.to_string());
+                println!("anchor: {} records, anchored {when}, matches", a.head.count);
+            }
+            Ok(())
+        }
+        AuditCommand::Export {
+            format,
+            from,
+            to,
+            out,
+            trail,
+            source_id,
+        } => {
+            if let (Some(f), Some(t)) = (from, to)
+                && f >= t
+            {
+                return Err("--from must be before --to".into());
+            }
+            let trail = trail.unwrap_or_else(default_trail);
+            // Only a trail whose chain verifies is exported.
+            let (_, events) = relaypacs_storage::read_verified_events(&trail, None)
+                .map_err(|e| format!("{}: {e}", trail.display()))?;
+            let bytes = export_events(&events, TimeRange { from, to }, format, &source_id)
+                .map_err(|e| e.to_string())?;
+            match out {
+                // Crash-safe: temp file + fsync + rename + fsync dir.
+                Some(path) => relaypacs_storage::fs::write_atomic(&path, &bytes)
+                    .map_err(|e| format!("{}: {e}", path.display())),
+                None => {
+                    use std::io::Write;
+                    std::io::stdout()
+                        .lock()
+                        .write_all(&bytes)
+                        .map_err(|e| format!("standard output: {e}"))
+                }
+            }
         }
     }
 }

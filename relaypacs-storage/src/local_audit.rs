@@ -278,8 +278,7 @@ pub fn verify_trail(
     path: &Path,
     anchor: Option<ChainHead>,
 ) -> std::result::Result<ChainHead, ChainError> {
-    let f = File::open(path)
-        .map_err(|e| ChainError::file(format!("cannot open {}: {e}", path.display())))?;
+    let f = File::open(path).map_err(|e| ChainError::file(format!("cannot open: {e}")))?;
     verify_reader(BufReader::new(f), anchor, |_, _| {})
 }
 
@@ -289,8 +288,7 @@ pub fn read_verified_events(
     path: &Path,
     anchor: Option<ChainHead>,
 ) -> std::result::Result<(ChainHead, Vec<AuditEvent>), ChainError> {
-    let f = File::open(path)
-        .map_err(|e| ChainError::file(format!("cannot open {}: {e}", path.display())))?;
+    let f = File::open(path).map_err(|e| ChainError::file(format!("cannot open: {e}")))?;
     let mut events = Vec::new();
     let head = verify_reader(BufReader::new(f), anchor, |_, e| events.push(e))?;
     Ok((head, events))

@@ -7,7 +7,7 @@ pub mod totp;
 pub mod users;
 
 pub use limiter::{LimiterConfig, LoginLimiter, RetryAfter};
-pub use password::{Hasher, PolicyError, check_policy};
+pub use password::{HashBudget, HashBusy, Hasher, PolicyError, check_policy};
 pub use tokens::{Claims, RefreshError, TokenPair, TokenSettings, Tokens};
 pub use totp::TotpBox;
 pub use users::{FileUserStore, Role, UserRecord, UserStore};

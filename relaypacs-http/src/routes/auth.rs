@@ -67,11 +67,12 @@ pub async fn login(
     let user = state.users.by_name(&req.username).await?;
     let (ok, rehash) = state
         .hasher
-        .verify(
+        .verify_bounded(
             req.password.clone(),
             user.as_ref().map(|u| u.password_hash.clone()),
         )
-        .await;
+        .await
+        .map_err(|b| ApiError::too_many("RELAY_LOGIN_BUSY", b.to_string(), b.retry_after_secs))?;
     let mut failure = None;
     let mut totp_step = None;
     match &user {
