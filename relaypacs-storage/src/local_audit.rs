@@ -324,7 +324,7 @@ pub struct AuditTrailOptions {
     pub anchor_every_records: u64,
     /// Anchor when the head is older than this: checked at each append and,
     /// when the trail is opened inside a tokio runtime, by a timer task
-    /// (`None`: not by time).
+    /// (`None`: not by time; zero: at every append).
     pub anchor_interval: Option<Duration>,
 }
 
@@ -494,8 +494,10 @@ impl JsonlAuditSink {
             every_records: options.anchor_every_records,
             interval: options.anchor_interval,
         }));
+        // A zero interval anchors at every append; only a positive one
+        // needs the timer (`tokio::time::interval` refuses zero).
         if let (Some(every), Ok(rt)) = (
-            options.anchor_interval,
+            options.anchor_interval.filter(|d| !d.is_zero()),
             tokio::runtime::Handle::try_current(),
         ) {
             rt.spawn(anchor_timer(Arc::downgrade(&state), every));

@@ -267,10 +267,15 @@ async fn audit_anchor_is_written_at_open_close_every_n_records_and_periodically(
     // By time: a timer anchors an idle trail's head.
     let opts = opts
         .anchor_every_records(0)
-        .anchor_interval(Some(std::time::Duration::from_millis(50)));
+        .anchor_interval(Some(std::time::Duration::from_millis(700)));
+    let opened = std::time::Instant::now();
     let sink = JsonlAuditSink::open_with(&path, opts).unwrap();
     sink.record(&ev(9)).await.unwrap();
     sink.record(&ev(10)).await.unwrap();
+    if opened.elapsed() < std::time::Duration::from_millis(600) {
+        // Neither the appends nor the timer were due yet: what follows is the timer's.
+        assert_eq!(anchored().count, 9);
+    }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while anchored().count != 11 {
         assert!(
@@ -281,6 +286,18 @@ async fn audit_anchor_is_written_at_open_close_every_n_records_and_periodically(
     }
     assert_eq!(anchored(), sink.head().await);
     assert_eq!(verify_trail(&path, Some(anchored())).unwrap().count, 11);
+    drop(sink);
+
+    // A zero interval anchors at every append (and starts no timer).
+    let opts = AuditTrailOptions::default()
+        .anchor_path(&anchor_path)
+        .anchor_every_records(0)
+        .anchor_interval(Some(std::time::Duration::ZERO));
+    let sink = JsonlAuditSink::open_with(&path, opts).unwrap();
+    for i in 11..14 {
+        sink.record(&ev(i)).await.unwrap();
+        assert_eq!(anchored(), sink.head().await);
+    }
 }
 
 /// With its anchor, a cut tail, a deleted trail or a rewritten anchor
