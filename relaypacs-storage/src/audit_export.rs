@@ -202,10 +202,10 @@ fn event_id_meaning(id: u32) -> Option<&'static str> {
 /// EventActionCode (C, R, U, D, E) of an Event ID, as PS3.15 A.5.3 uses it.
 fn action_code(id: u32) -> &'static str {
     match id {
-        110107 => "C",                            // Import: created here
-        110105 => "D",                            // Study Deleted
+        110107 => "C",          // Import: created here
+        110105 => "D",          // Study Deleted
         110101..=110104 => "R", // Audit Log Used, transfers out, accesses: read
-        _ => "E",                                 // Execute
+        _ => "E",               // Execute
     }
 }
 
