@@ -54,11 +54,11 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
     if let Some(n) = declared {
         let path = req.uri().path();
         let limit = if path.starts_with("/files") {
-            state.config.http.max_upload_size
+            state.config().http.max_upload_size
         } else if path.starts_with("/dicomweb/") {
-            state.config.limits.max_session_size
+            state.config().limits.max_session_size
         } else {
-            state.config.http.max_json_body as u64
+            state.config().http.max_json_body as u64
         };
         if n > limit {
             return ApiError::new(
@@ -145,9 +145,9 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         method: method.clone(),
         status: status.as_u16(),
     };
-    state.metrics.requests.get_or_create(&label).inc();
+    state.metrics().requests.get_or_create(&label).inc();
     state
-        .metrics
+        .metrics()
         .latency
         .get_or_create(&label)
         .observe(elapsed.as_secs_f64());
@@ -165,7 +165,7 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
 
 /// The router with every edge layer.
 pub fn app(state: AppState) -> Router {
-    let cfg = state.config.http.clone();
+    let cfg = state.config().http.clone();
     let mut router = crate::routes::router(state.clone())
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard));

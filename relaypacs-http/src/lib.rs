@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod disk;
@@ -24,6 +25,7 @@ pub mod routes;
 pub mod state;
 pub mod stow_headers;
 pub mod tus_headers;
+pub mod upload_id;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -35,6 +37,7 @@ use tokio::task::JoinHandle;
 pub use config::Config;
 pub use error::ApiError;
 pub use state::{Adapters, AppState, StartError};
+pub use upload_id::UploadId;
 
 /// A running server.
 #[derive(Debug)]
@@ -90,7 +93,7 @@ impl Server {
             })?;
         let (stop, rx) = oneshot::channel::<()>();
         let app = edges::app(state.clone());
-        let cfg = state.config.http.clone();
+        let cfg = state.config().http.clone();
         let task = tokio::spawn(async move {
             edges::serve(listener, app, &cfg, async {
                 let _ = rx.await;
@@ -100,9 +103,12 @@ impl Server {
         let sweeper = tokio::spawn(sweep(state.clone()));
         let (stop_outbox, outbox_stopped) = oneshot::channel::<()>();
         let outbox = relaypacs_core::Outbox::new(
-            state.pipeline.clone(),
-            state.config.outbox.clone(),
-            std::sync::Arc::new(notify::DeliveryNotifier(state.clone())),
+            state.pipeline().clone(),
+            state.config().outbox.clone(),
+            std::sync::Arc::new(notify::DeliveryNotifier::new(
+                state.hub().clone(),
+                state.metrics().clone(),
+            )),
         );
         let outbox = tokio::spawn(outbox.run(async {
             let _ = outbox_stopped.await;
@@ -167,18 +173,19 @@ impl Server {
 
 /// Expire idle sessions periodically.
 async fn sweep(state: AppState) {
-    let every = Duration::from_secs(state.config.http.sweep_interval_secs.max(1));
+    let every = Duration::from_secs(state.config().http.sweep_interval_secs.max(1));
     loop {
         tokio::time::sleep(every).await;
         match state
-            .pipeline
+            .pipeline()
             .expire_sessions(time::OffsetDateTime::now_utc())
             .await
         {
             Ok(gone) => {
                 if !gone.is_empty() {
-                    let prefixes: Vec<String> = gone.iter().map(|s| s.to_string()).collect();
-                    state.forget_uploads(|u| prefixes.iter().any(|p| u.starts_with(p)));
+                    for s in &gone {
+                        state.admission().forget_session(*s);
+                    }
                     tracing::info!(count = gone.len(), "expired idle study sessions");
                 }
             }

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
+use crate::metrics::Metrics;
+use crate::upload_id::UploadId;
+
 /// One live event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -19,7 +22,7 @@ pub enum Event {
         /// Study session id.
         study: String,
         /// tus upload id.
-        upload: String,
+        upload: UploadId,
         /// Durable offset.
         offset: u64,
         /// Declared length.
@@ -30,7 +33,7 @@ pub enum Event {
         /// Study session id.
         study: String,
         /// tus upload id.
-        upload: String,
+        upload: UploadId,
         /// Whether it validated.
         ok: bool,
         /// Error code when it did not.
@@ -221,7 +224,17 @@ pub fn delivered_message(instances: usize, verified: Verification) -> String {
 /// Turns the delivery worker's events into the uploader's notifications
 /// (written durably, then pushed to open event streams) and metrics.
 #[derive(Debug, Clone)]
-pub struct DeliveryNotifier(pub crate::state::AppState);
+pub struct DeliveryNotifier {
+    hub: Hub,
+    metrics: Arc<Metrics>,
+}
+
+impl DeliveryNotifier {
+    /// Notifications go to `hub`, counts to `metrics`.
+    pub fn new(hub: Hub, metrics: Arc<Metrics>) -> Self {
+        Self { hub, metrics }
+    }
+}
 
 #[async_trait::async_trait]
 impl relaypacs_core::OutboxListener for DeliveryNotifier {
@@ -263,13 +276,12 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
                 None,
             ),
             E::Retrying { .. } => {
-                self.0.metrics.forward("retrying");
+                self.metrics.forward("retrying");
                 return;
             }
         };
-        self.0.metrics.forward(outcome);
+        self.metrics.forward(outcome);
         if let Err(e) = self
-            .0
             .hub
             .notify_verified(owner, kind, &session.to_string(), &message, verified)
             .await

@@ -1,8 +1,10 @@
 //! The server's shared state, wired from a [`Config`].
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::FromRef;
 
 use crate::config::SinkConfig;
 use relaypacs_core::{
@@ -11,8 +13,8 @@ use relaypacs_core::{
 };
 use relaypacs_pacs::{CStoreSink, DicomWebReports, FanOutSink, LocalArchiveSink, StowSink};
 use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
-use tokio::sync::Semaphore;
 
+use crate::admission::Admission;
 use crate::auth::{
     FileUserStore, Hasher, LimiterConfig, LoginLimiter, TokenSettings, Tokens, TotpBox, UserStore,
 };
@@ -20,6 +22,7 @@ use crate::config::{Config, ConfigError};
 use crate::disk::Watermark;
 use crate::metrics::Metrics;
 use crate::notify::Hub;
+use crate::upload_id::UploadId;
 
 /// Why the server could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -55,52 +58,31 @@ pub struct Adapters {
     pub audit: Arc<dyn AuditSink>,
 }
 
-/// Everything handlers share. Cheap to clone.
+/// Everything handlers share. Cheap to clone. Its parts are reached
+/// through methods, and handlers take the parts they use as
+/// `State<Pipeline>`, `State<Hub>`, … (each implements
+/// [`FromRef<AppState>`](axum::extract::FromRef)).
 #[derive(Clone, Debug)]
 pub struct AppState {
     inner: Arc<Inner>,
 }
 
-/// Per-upload and per-user admission state.
-#[derive(Debug, Default)]
-pub struct Admission {
-    /// Per-user PATCH permits.
-    pub patches: Mutex<HashMap<String, Arc<Semaphore>>>,
-    /// Per-user open event streams.
-    pub streams: Mutex<HashMap<String, usize>>,
-    /// Per-user unfinished uploads (upload ids).
-    pub open_uploads: Mutex<HashMap<String, std::collections::HashSet<String>>>,
-}
-
-/// The shared state's fields.
+/// The shared state's parts (private: see the accessors).
 #[derive(Debug)]
-pub struct Inner {
-    /// Configuration.
-    pub config: Config,
-    /// The pipeline.
-    pub pipeline: Pipeline,
-    /// The audit sink (also reachable through the pipeline).
-    pub audit: Arc<dyn AuditSink>,
-    /// Accounts.
-    pub users: Arc<dyn UserStore>,
-    /// Password hashing.
-    pub hasher: Hasher,
-    /// Tokens.
-    pub tokens: Tokens,
-    /// TOTP.
-    pub totp: TotpBox,
-    /// Login throttling.
-    pub limiter: LoginLimiter,
-    /// Events and notifications.
-    pub hub: Hub,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Disk watermark.
-    pub watermark: Watermark,
-    /// Admission control.
-    pub admission: Admission,
-    /// Spool folder for STOW-RS parts.
-    pub spool: PathBuf,
+struct Inner {
+    config: Arc<Config>,
+    pipeline: Pipeline,
+    audit: Arc<dyn AuditSink>,
+    users: Arc<dyn UserStore>,
+    hasher: Hasher,
+    tokens: Arc<Tokens>,
+    totp: TotpBox,
+    limiter: LoginLimiter,
+    hub: Hub,
+    metrics: Arc<Metrics>,
+    watermark: Watermark,
+    admission: Admission,
+    spool: PathBuf,
     _lock: std::fs::File,
 }
 
@@ -131,8 +113,6 @@ fn open_sinks(config: &Config) -> Result<Arc<dyn PacsSink>, StartError> {
 fn store(what: &'static str) -> impl FnOnce(relaypacs_core::Error) -> StartError {
     move |source| StartError::Store { what, source }
 }
-
-use relaypacs_storage::fs::lock;
 
 impl AppState {
     /// Open every store under the configured data folder.
@@ -211,14 +191,14 @@ impl AppState {
                 audit,
                 users: Arc::new(users),
                 hasher,
-                tokens,
+                tokens: Arc::new(tokens),
                 limiter,
                 hub,
-                metrics: Metrics::default(),
+                metrics: Arc::new(Metrics::default()),
                 watermark,
                 admission: Admission::default(),
                 spool,
-                config,
+                config: Arc::new(config),
                 _lock: server_lock,
             }),
         };
@@ -231,8 +211,8 @@ impl AppState {
 
     /// Rebuild the per-user count of unfinished uploads from the sessions.
     async fn count_open_uploads(&self) -> relaypacs_core::Result<()> {
-        let mut map: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
-        for rec in self.pipeline.list_sessions(&Actor::system()).await? {
+        let mut map: HashMap<String, HashSet<UploadId>> = HashMap::new();
+        for rec in self.pipeline().list_sessions(&Actor::system()).await? {
             if rec.state != SessionState::Open {
                 continue;
             }
@@ -240,25 +220,83 @@ impl AppState {
                 if f.state == FileState::Uploading {
                     map.entry(rec.owner.clone())
                         .or_default()
-                        .insert(crate::routes::tus::upload_id(rec.id, f.id));
+                        .insert(UploadId::new(rec.id, f.id));
                 }
             }
         }
-        *lock(&self.admission.open_uploads) = map;
+        self.admission().set_open_uploads(map);
         Ok(())
     }
 
-    /// Stop counting the unfinished uploads whose id matches `gone`
-    /// (finished, terminated, aborted or expired).
-    pub fn forget_uploads(&self, gone: impl Fn(&str) -> bool) {
-        for set in lock(&self.admission.open_uploads).values_mut() {
-            set.retain(|u| !gone(u));
-        }
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The pipeline (the one door to sessions, chunks and delivery).
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.inner.pipeline
+    }
+
+    /// The audit sink (also reachable through the pipeline).
+    pub fn audit(&self) -> &Arc<dyn AuditSink> {
+        &self.inner.audit
+    }
+
+    /// Accounts.
+    pub fn users(&self) -> &Arc<dyn UserStore> {
+        &self.inner.users
+    }
+
+    /// Password hashing.
+    pub fn hasher(&self) -> &Hasher {
+        &self.inner.hasher
+    }
+
+    /// Access and refresh tokens, stream tickets.
+    pub fn tokens(&self) -> &Tokens {
+        &self.inner.tokens
+    }
+
+    /// TOTP secrets.
+    pub fn totp(&self) -> &TotpBox {
+        &self.inner.totp
+    }
+
+    /// Login throttling.
+    pub fn limiter(&self) -> &LoginLimiter {
+        &self.inner.limiter
+    }
+
+    /// Live events and durable notifications.
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The disk watermark.
+    pub fn watermark(&self) -> &Watermark {
+        &self.inner.watermark
+    }
+
+    /// Per-user admission counters.
+    pub fn admission(&self) -> &Admission {
+        &self.inner.admission
+    }
+
+    /// The spool folder for STOW-RS parts.
+    pub fn spool(&self) -> &Path {
+        &self.inner.spool
     }
 
     /// Record an audit event; failures are returned (fail closed).
     pub async fn audit_event(&self, ev: AuditEvent) -> relaypacs_core::Result<()> {
-        self.audit
+        self.inner
+            .audit
             .record(&ev)
             .await
             .map_err(|e| relaypacs_core::Error::Audit {
@@ -279,9 +317,33 @@ impl AppState {
     }
 }
 
-impl std::ops::Deref for AppState {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.inner
+macro_rules! from_ref {
+    ($($ty:ty => $get:ident),* $(,)?) => {$(
+        impl FromRef<AppState> for $ty {
+            fn from_ref(state: &AppState) -> Self {
+                state.$get().clone()
+            }
+        }
+    )*};
+}
+
+from_ref! {
+    Pipeline => pipeline,
+    Hub => hub,
+    Arc<Metrics> => metrics,
+    Watermark => watermark,
+    Admission => admission,
+    Arc<dyn AuditSink> => audit,
+}
+
+impl FromRef<AppState> for Arc<Tokens> {
+    fn from_ref(state: &AppState) -> Self {
+        state.inner.tokens.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<Config> {
+    fn from_ref(state: &AppState) -> Self {
+        state.inner.config.clone()
     }
 }

@@ -133,7 +133,7 @@ async fn finding_02_failed_write_never_records_a_chunk() {
             let chunks = t
                 .server()
                 .state()
-                .pipeline
+                .pipeline()
                 .file_chunks(&relaypacs_core::Actor::system(), sid, fid)
                 .await
                 .unwrap();

@@ -281,8 +281,8 @@ impl Ours {
         config.http.min_free_bytes = Some(0);
         let server = relaypacs_http::Server::start(config).await?;
         let st = server.state();
-        let hash = st.hasher.hash(PASSWORD.into()).await?;
-        st.users
+        let hash = st.hasher().hash(PASSWORD.into()).await?;
+        st.users()
             .create(relaypacs_http::routes::auth::new_record(
                 "bench",
                 relaypacs_http::auth::Role::Uploader,
@@ -301,7 +301,7 @@ impl Ours {
 
     /// A token with at least half its lifetime left.
     async fn token(&mut self, client: &Client) -> Res<String> {
-        let ttl = self.server.state().config.auth.access_ttl_secs;
+        let ttl = self.server.state().config().auth.access_ttl_secs;
         if self.token_at.elapsed() > Duration::from_secs(ttl / 2) {
             self.token = login(client, &self.base).await?;
             self.token_at = Instant::now();

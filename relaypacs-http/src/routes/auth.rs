@@ -30,7 +30,7 @@ impl std::fmt::Debug for LoginRequest {
 
 /// Count an attempt from `address` against the per-address limit.
 fn throttle(state: &AppState, address: &str) -> ApiResult<()> {
-    state.limiter.attempt_from(address).map_err(|r| {
+    state.limiter().attempt_from(address).map_err(|r| {
         ApiError::too_many(
             "RELAY_RATE_LIMITED",
             "too many attempts from this address",
@@ -57,16 +57,16 @@ pub async fn login(
     }
     throttle(&state, &addr)?;
     let account = req.username.to_lowercase();
-    if let Err(r) = state.limiter.check_account(&account) {
+    if let Err(r) = state.limiter().check_account(&account) {
         return Err(ApiError::too_many(
             "RELAY_ACCOUNT_LOCKED",
             "too many failed attempts; try again later",
             r.0,
         ));
     }
-    let user = state.users.by_name(&req.username).await?;
+    let user = state.users().by_name(&req.username).await?;
     let (ok, rehash) = state
-        .hasher
+        .hasher()
         .verify_bounded(
             req.password.clone(),
             user.as_ref().map(|u| u.password_hash.clone()),
@@ -81,7 +81,7 @@ pub async fn login(
                 match req
                     .totp
                     .as_deref()
-                    .and_then(|c| state.totp.check(sealed, &u.username, c, u.totp_last_step))
+                    .and_then(|c| state.totp().check(sealed, &u.username, c, u.totp_last_step))
                 {
                     Some(step) => totp_step = Some(step),
                     None => failure = Some("second factor missing, wrong or reused"),
@@ -95,7 +95,7 @@ pub async fn login(
         .as_ref()
         .map_or_else(|| "anonymous".to_string(), |u| u.id.clone());
     if let Some(reason) = failure {
-        let locked = state.limiter.failed(&account);
+        let locked = state.limiter().failed(&account);
         let mut ev = AppState::event(&who, &addr, AuditAction::Login, AuditOutcome::MinorFailure);
         ev.detail = reason.to_string();
         state.audit_event(ev).await?;
@@ -114,11 +114,11 @@ pub async fn login(
     let Some(mut u) = user else {
         return Err(invalid_credentials());
     };
-    state.limiter.succeeded(&account);
+    state.limiter().succeeded(&account);
     if rehash || totp_step.is_some() {
         if rehash {
             u.password_hash = state
-                .hasher
+                .hasher()
                 .hash(req.password)
                 .await
                 .map_err(|e| ApiError::internal("rehash", &e))?;
@@ -126,9 +126,9 @@ pub async fn login(
         if let Some(s) = totp_step {
             u.totp_last_step = s;
         }
-        state.users.update(u.clone()).await?;
+        state.users().update(u.clone()).await?;
     }
-    let pair = state.tokens.login(&u.id, u.role)?;
+    let pair = state.tokens().login(&u.id, u.role)?;
     let ev = AppState::event(&u.id, &addr, AuditAction::Login, AuditOutcome::Success);
     state.audit_event(ev).await?;
     Ok(no_store(axum::Json(pair)))
@@ -164,14 +164,14 @@ pub async fn refresh(
     Json(req): Json<RefreshRequest>,
 ) -> ApiResult<Response> {
     throttle(&state, &addr)?;
-    let users: Vec<UserRecord> = state.users.list().await?;
+    let users: Vec<UserRecord> = state.users().list().await?;
     let role_of = |id: &str| {
         users
             .iter()
             .find(|u| u.id == id && !u.disabled)
             .map(|u| u.role)
     };
-    match state.tokens.refresh(&req.refresh_token, role_of) {
+    match state.tokens().refresh(&req.refresh_token, role_of) {
         Ok((pair, user)) => {
             let ev = AppState::event(
                 &user,
@@ -216,7 +216,7 @@ pub async fn refresh(
 /// `POST /api/v1/auth/logout`: revoke this login (refresh family and its
 /// access tokens).
 pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<StatusCode> {
-    state.tokens.revoke(&user.family)?;
+    state.tokens().revoke(&user.family)?;
     let ev = AppState::event(
         &user.id,
         &user.address,
@@ -252,7 +252,7 @@ impl From<&UserRecord> for UserView {
 /// `GET /api/v1/auth/me`.
 pub async fn me(State(state): State<AppState>, user: AuthUser) -> ApiResult<axum::Json<UserView>> {
     let u = state
-        .users
+        .users()
         .by_id(&user.id)
         .await?
         .ok_or_else(|| ApiError::not_found("user"))?;
@@ -281,28 +281,28 @@ pub async fn change_password(
     Json(req): Json<PasswordChange>,
 ) -> ApiResult<StatusCode> {
     let mut u = state
-        .users
+        .users()
         .by_id(&user.id)
         .await?
         .ok_or_else(|| ApiError::not_found("user"))?;
     let (ok, _) = state
-        .hasher
+        .hasher()
         .verify(req.current, Some(u.password_hash.clone()))
         .await;
     if !ok {
-        state.limiter.failed(&u.username.to_lowercase());
+        state.limiter().failed(&u.username.to_lowercase());
         return Err(invalid_credentials());
     }
     check_policy(&req.new, &u.username)
         .map_err(|e| ApiError::bad_request("RELAY_WEAK_PASSWORD", e.to_string()))?;
     u.password_hash = state
-        .hasher
+        .hasher()
         .hash(req.new)
         .await
         .map_err(|e| ApiError::internal("hash", &e))?;
     u.tokens_valid_after = OffsetDateTime::now_utc();
-    state.users.update(u).await?;
-    state.tokens.revoke_user(&user.id)?;
+    state.users().update(u).await?;
+    state.tokens().revoke_user(&user.id)?;
     let mut ev = AppState::event(
         &user.id,
         &user.address,
@@ -324,7 +324,7 @@ pub struct TotpEnrolment {
 /// `POST /api/v1/auth/totp`: start TOTP enrolment.
 pub async fn totp_enroll(State(state): State<AppState>, user: AuthUser) -> ApiResult<Response> {
     let mut u = state
-        .users
+        .users()
         .by_id(&user.id)
         .await?
         .ok_or_else(|| ApiError::not_found("user"))?;
@@ -336,11 +336,11 @@ pub async fn totp_enroll(State(state): State<AppState>, user: AuthUser) -> ApiRe
         ));
     }
     let (sealed, secret, url) = state
-        .totp
+        .totp()
         .enroll(&u.username)
         .ok_or_else(|| ApiError::internal("totp enrol", &"secret generation failed"))?;
     u.totp_pending = Some(sealed);
-    state.users.update(u).await?;
+    state.users().update(u).await?;
     Ok(no_store(axum::Json(TotpEnrolment {
         secret,
         otpauth_url: url,
@@ -361,7 +361,7 @@ pub async fn totp_confirm(
     Json(req): Json<TotpConfirm>,
 ) -> ApiResult<StatusCode> {
     let mut u = state
-        .users
+        .users()
         .by_id(&user.id)
         .await?
         .ok_or_else(|| ApiError::not_found("user"))?;
@@ -373,13 +373,13 @@ pub async fn totp_confirm(
         )
     })?;
     let step = state
-        .totp
+        .totp()
         .check(&sealed, &u.username, &req.code, u.totp_last_step)
         .ok_or_else(|| ApiError::bad_request("RELAY_TOTP_INVALID", "wrong code"))?;
     u.totp = Some(sealed);
     u.totp_pending = None;
     u.totp_last_step = step;
-    state.users.update(u).await?;
+    state.users().update(u).await?;
     let mut ev = AppState::event(
         &user.id,
         &user.address,
@@ -459,12 +459,12 @@ pub async fn create_user(
     check_policy(&req.password, &req.username)
         .map_err(|e| ApiError::bad_request("RELAY_WEAK_PASSWORD", e.to_string()))?;
     let hash = state
-        .hasher
+        .hasher()
         .hash(req.password)
         .await
         .map_err(|e| ApiError::internal("hash", &e))?;
     let rec = new_record(&req.username, req.role, hash);
-    state.users.create(rec.clone()).await?;
+    state.users().create(rec.clone()).await?;
     let mut ev = AppState::event(
         &user.id,
         &user.address,
@@ -490,7 +490,7 @@ pub async fn list_users(
     }
     Ok(axum::Json(
         state
-            .users
+            .users()
             .list()
             .await?
             .iter()

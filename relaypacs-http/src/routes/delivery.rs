@@ -5,14 +5,13 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use relaypacs_core::{ReportKind, SessionRecord, SessionState, Verification};
+use relaypacs_core::{Pipeline, ReportKind, SessionRecord, SessionState, Verification};
 use serde::Serialize;
 
 use super::AuthUser;
 use super::studies::{parse_id, presence_only, verified_of};
 use crate::auth::Role;
 use crate::error::{ApiError, ApiResult};
-use crate::state::AppState;
 
 /// One outbox or dead-letter entry.
 #[derive(Debug, Serialize)]
@@ -70,33 +69,33 @@ fn admin_only(user: &AuthUser) -> ApiResult<()> {
 
 /// `GET /api/v1/admin/outbox`: entries waiting for (re)delivery.
 pub async fn outbox(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
     user: AuthUser,
 ) -> ApiResult<axum::Json<Vec<EntryView>>> {
     admin_only(&user)?;
-    let list = state.pipeline.outbox_entries(&user.actor(), false).await?;
+    let list = pipeline.outbox_entries(&user.actor(), false).await?;
     Ok(axum::Json(list.into_iter().map(entry).collect()))
 }
 
 /// `GET /api/v1/admin/dead-letters`: deliveries given up, with the reason.
 pub async fn dead_letters(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
     user: AuthUser,
 ) -> ApiResult<axum::Json<Vec<EntryView>>> {
     admin_only(&user)?;
-    let list = state.pipeline.outbox_entries(&user.actor(), true).await?;
+    let list = pipeline.outbox_entries(&user.actor(), true).await?;
     Ok(axum::Json(list.into_iter().map(entry).collect()))
 }
 
 /// `POST /api/v1/admin/dead-letters/{id}/replay`: re-check every file's
 /// SHA-256 and put the entry back in the outbox (202).
 pub async fn replay(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, axum::Json<EntryView>)> {
     admin_only(&user)?;
-    let rec = state.pipeline.replay(&user.actor(), parse_id(&id)?).await?;
+    let rec = pipeline.replay(&user.actor(), parse_id(&id)?).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(entry(rec))))
 }
 
@@ -112,12 +111,12 @@ pub struct ReportView {
 
 /// `GET /api/v1/studies/{id}/reports`: the reports found so far.
 pub async fn reports(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Vec<ReportView>>> {
     let sid = parse_id(&id)?;
-    let rec = state.pipeline.session(&user.actor(), sid).await?;
+    let rec = pipeline.session(&user.actor(), sid).await?;
     Ok(axum::Json(
         rec.delivery
             .reports
@@ -137,15 +136,12 @@ pub async fn reports(
 /// (`application/dicom`), streamed from the PACS (WADO-RS). Owner or admin
 /// only; audited.
 pub async fn report(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
     user: AuthUser,
     Path((id, sop)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let sid = parse_id(&id)?;
-    let (_, stream) = state
-        .pipeline
-        .fetch_report(&user.actor(), sid, &sop)
-        .await?;
+    let (_, stream) = pipeline.fetch_report(&user.actor(), sid, &sop).await?;
     Ok((
         [
             (header::CONTENT_TYPE, "application/dicom".to_owned()),

@@ -5,6 +5,7 @@
 //! `EventSource`, which cannot set headers): never with a token in the URL.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Query, State};
@@ -15,8 +16,9 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 
 use super::{AuthUser, ClientAddr, Path, authenticate, bearer};
+use crate::auth::Tokens;
 use crate::error::{ApiError, ApiResult};
-use crate::notify::Notification;
+use crate::notify::{Hub, Notification};
 use crate::state::AppState;
 
 /// Ticket answer.
@@ -27,9 +29,9 @@ pub struct Ticket {
 }
 
 /// `POST /api/v1/events/ticket`: a single-use ticket to open one stream.
-pub async fn ticket(State(state): State<AppState>, user: AuthUser) -> Response {
+pub async fn ticket(State(tokens): State<Arc<Tokens>>, user: AuthUser) -> Response {
     let mut r = axum::Json(Ticket {
-        ticket: state.tokens.ticket(&user.token),
+        ticket: tokens.ticket(&user.token),
         expires_in: 30,
     })
     .into_response();
@@ -48,24 +50,6 @@ pub struct StreamQuery {
     ticket: Option<String>,
 }
 
-/// Releases a user's stream slot when the stream is dropped.
-struct Slot {
-    state: AppState,
-    user: String,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut m = relaypacs_storage::fs::lock(&self.state.admission.streams);
-        if let Some(n) = m.get_mut(&self.user) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.user);
-            }
-        }
-    }
-}
-
 /// `GET /api/v1/events`: the caller's live events.
 pub async fn stream(
     State(state): State<AppState>,
@@ -80,7 +64,7 @@ pub async fn stream(
     let user = match (bearer(&parts), q.ticket) {
         (Some(token), None) => authenticate(&state, token, addr).await?,
         (None, Some(t)) => {
-            let token = state.tokens.redeem(&t).ok_or_else(|| {
+            let token = state.tokens().redeem(&t).ok_or_else(|| {
                 ApiError::unauthorized("RELAY_BAD_TICKET", "unknown, used or expired ticket")
             })?;
             authenticate(&state, &token, addr).await?
@@ -92,23 +76,13 @@ pub async fn stream(
             ));
         }
     };
-    {
-        let mut m = relaypacs_storage::fs::lock(&state.admission.streams);
-        let n = m.entry(user.id.clone()).or_default();
-        if *n >= state.config.http.max_event_streams_per_user {
-            return Err(ApiError::too_many(
-                "RELAY_TOO_MANY_STREAMS",
-                "too many open event streams",
-                5,
-            ));
-        }
-        *n += 1;
-    }
-    let slot = Slot {
-        state: state.clone(),
-        user: user.id.clone(),
-    };
-    let mut rx = state.hub.subscribe(&user.id);
+    let slot = state
+        .admission()
+        .open_stream(&user.id, state.config().http.max_event_streams_per_user)
+        .ok_or_else(|| {
+            ApiError::too_many("RELAY_TOO_MANY_STREAMS", "too many open event streams", 5)
+        })?;
+    let mut rx = state.hub().subscribe(&user.id);
     let s = async_stream::stream! {
         let _slot = slot;
         loop {
@@ -129,17 +103,17 @@ pub async fn stream(
 
 /// `GET /api/v1/notifications`: the caller's notifications.
 pub async fn notifications(
-    State(state): State<AppState>,
+    State(hub): State<Hub>,
     user: AuthUser,
 ) -> ApiResult<axum::Json<Vec<Notification>>> {
-    Ok(axum::Json(state.hub.list(&user.id).await?))
+    Ok(axum::Json(hub.list(&user.id).await?))
 }
 
 /// `POST /api/v1/notifications/{id}/read`: only the owner's (404 otherwise).
 pub async fn mark_read(
-    State(state): State<AppState>,
+    State(hub): State<Hub>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Notification>> {
-    Ok(axum::Json(state.hub.mark_read(&user.id, &id).await?))
+    Ok(axum::Json(hub.mark_read(&user.id, &id).await?))
 }

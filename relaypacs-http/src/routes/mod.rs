@@ -77,9 +77,9 @@ pub async fn authenticate(
             "missing, invalid or expired access token",
         )
     };
-    let claims = state.tokens.verify(token).ok_or_else(bad)?;
+    let claims = state.tokens().verify(token).ok_or_else(bad)?;
     let user = state
-        .users
+        .users()
         .by_id(&claims.sub)
         .await
         .map_err(ApiError::from)?
@@ -159,45 +159,81 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
     }
 }
 
+/// `m` with its request bodies limited to `limit` bytes: a route layer for
+/// the small JSON routes (a larger body answers 413
+/// `RELAY_BODY_TOO_LARGE` through the [`Json`] extractor). The upload
+/// routes (tus, STOW-RS) stream their bodies and are bounded by their own
+/// declared lengths instead.
+fn small_body<S: Clone + Send + Sync + 'static>(
+    m: axum::routing::MethodRouter<S>,
+    limit: usize,
+) -> axum::routing::MethodRouter<S> {
+    m.layer(axum::extract::DefaultBodyLimit::max(limit))
+}
+
 /// The router with every route of the API.
 pub fn router(state: AppState) -> axum::Router {
     use axum::routing::{get, post};
-    let json_limit = state.config.http.max_json_body;
+    let json = state.config().http.max_json_body;
     axum::Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
-        .route("/api/v1/auth/login", post(auth::login))
-        .route("/api/v1/auth/refresh", post(auth::refresh))
-        .route("/api/v1/auth/logout", post(auth::logout))
+        .route("/api/v1/auth/login", small_body(post(auth::login), json))
+        .route(
+            "/api/v1/auth/refresh",
+            small_body(post(auth::refresh), json),
+        )
+        .route("/api/v1/auth/logout", small_body(post(auth::logout), json))
         .route("/api/v1/auth/me", get(auth::me))
-        .route("/api/v1/auth/password", post(auth::change_password))
-        .route("/api/v1/auth/totp", post(auth::totp_enroll))
-        .route("/api/v1/auth/totp/confirm", post(auth::totp_confirm))
+        .route(
+            "/api/v1/auth/password",
+            small_body(post(auth::change_password), json),
+        )
+        .route(
+            "/api/v1/auth/totp",
+            small_body(post(auth::totp_enroll), json),
+        )
+        .route(
+            "/api/v1/auth/totp/confirm",
+            small_body(post(auth::totp_confirm), json),
+        )
         .route(
             "/api/v1/users",
-            post(auth::create_user).get(auth::list_users),
+            small_body(post(auth::create_user), json).get(auth::list_users),
         )
-        .route("/api/v1/studies", post(studies::create).get(studies::list))
+        .route(
+            "/api/v1/studies",
+            small_body(post(studies::create), json).get(studies::list),
+        )
         .route(
             "/api/v1/studies/{id}",
             get(studies::show).delete(studies::abort),
         )
-        .route("/api/v1/studies/{id}/complete", post(studies::complete))
+        .route(
+            "/api/v1/studies/{id}/complete",
+            small_body(post(studies::complete), json),
+        )
         .route("/api/v1/studies/{id}/reports", get(delivery::reports))
         .route("/api/v1/studies/{id}/reports/{sop}", get(delivery::report))
         .route("/api/v1/admin/outbox", get(delivery::outbox))
         .route("/api/v1/admin/dead-letters", get(delivery::dead_letters))
         .route(
             "/api/v1/admin/dead-letters/{id}/replay",
-            post(delivery::replay),
+            small_body(post(delivery::replay), json),
         )
         .route("/api/v1/audit", get(ops::audit))
         .route("/api/v1/events", get(events::stream))
-        .route("/api/v1/events/ticket", post(events::ticket))
+        .route(
+            "/api/v1/events/ticket",
+            small_body(post(events::ticket), json),
+        )
         .route("/api/v1/notifications", get(events::notifications))
-        .route("/api/v1/notifications/{id}/read", post(events::mark_read))
+        .route(
+            "/api/v1/notifications/{id}/read",
+            small_body(post(events::mark_read), json),
+        )
         .route("/files", post(tus::create).options(tus::options))
         .route(
             "/files/{id}",
@@ -210,6 +246,5 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/dicomweb/studies/{study}", post(stow::store_in_study))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(json_limit))
         .with_state(state)
 }

@@ -4,10 +4,11 @@
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use relaypacs_core::{AuditAction, AuditEvent, AuditOutcome};
+use relaypacs_core::{AuditAction, AuditEvent, AuditOutcome, Pipeline};
 
 use super::AuthUser;
 use crate::auth::Role;
+use crate::disk::Watermark;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
@@ -20,8 +21,11 @@ pub async fn healthz() -> Response {
 }
 
 /// `GET /readyz`: the data volume has room and the stores answer.
-pub async fn readyz(State(state): State<AppState>) -> ApiResult<Response> {
-    match state.watermark.admit(0) {
+pub async fn readyz(
+    State(watermark): State<Watermark>,
+    State(pipeline): State<Pipeline>,
+) -> ApiResult<Response> {
+    match watermark.admit(0) {
         Ok(Ok(_)) => {}
         Ok(Err(_)) => {
             return Err(ApiError::new(
@@ -32,13 +36,13 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Response> {
         }
         Err(e) => return Err(ApiError::internal("readyz disk", &e)),
     }
-    state.pipeline.check_ready().await?;
+    pipeline.check_ready().await?;
     Ok(axum::Json(serde_json::json!({ "status": "ready" })).into_response())
 }
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let mut r = state.metrics.render().into_response();
+    let mut r = state.metrics().render().into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
@@ -76,7 +80,7 @@ pub async fn audit(
             AuditOutcome::Success,
         ))
         .await?;
-    Ok(axum::Json(state.audit.events().await?))
+    Ok(axum::Json(state.audit().events().await?))
 }
 
 /// Unknown route.

@@ -207,13 +207,13 @@ async fn spool_part(
     field: &mut multer::Field<'static>,
 ) -> Result<(Spool, u64, Sha256Digest), ApiError> {
     let name = format!(".stow-{}.tmp", FileId::random());
-    let spool = Spool(state.spool.join(name));
+    let spool = Spool(state.spool().join(name));
     let mut f = tokio::fs::File::create(&spool.0)
         .await
         .map_err(|e| ApiError::from(Error::io("spool", e)))?;
     let mut h = Sha256::new();
     let mut n: u64 = 0;
-    let max = state.config.http.max_upload_size;
+    let max = state.config().http.max_upload_size;
     while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
         n += chunk.len() as u64;
         if n > max {
@@ -269,7 +269,7 @@ async fn ingest(
 ) -> Result<(FileId, DicomSummary), (Option<FileId>, Error)> {
     let actor = user.actor();
     let file = state
-        .pipeline
+        .pipeline()
         .add_file(
             &actor,
             sid,
@@ -290,12 +290,12 @@ async fn ingest(
             .map(|r| r.map_err(|e| Error::io("read spool", e))),
     );
     let rec = state
-        .pipeline
+        .pipeline()
         .ingest_stream_chunked(
             &actor,
             sid,
             file.id,
-            state.config.http.patch_segment_size,
+            state.config().http.patch_segment_size,
             bytes,
         )
         .await
@@ -344,7 +344,7 @@ async fn run(
     study: Option<Uid>,
 ) -> ApiResult<Response> {
     let boundary = boundary(&headers)?;
-    if let Ok(Err(_)) = state.watermark.admit(0) {
+    if let Ok(Err(_)) = state.watermark().admit(0) {
         return Err(ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
             "RELAY_STORAGE_FULL",
@@ -353,7 +353,7 @@ async fn run(
     }
     let actor = user.actor();
     let session = state
-        .pipeline
+        .pipeline()
         .create_session(
             &actor,
             NewSession {
@@ -364,8 +364,8 @@ async fn run(
     let sid = session.id;
     let constraints = multer::Constraints::new().size_limit(
         multer::SizeLimit::new()
-            .per_field(state.config.http.max_upload_size)
-            .whole_stream(state.config.limits.max_session_size),
+            .per_field(state.config().http.max_upload_size)
+            .whole_stream(state.config().limits.max_session_size),
     );
     let mut mp =
         multer::Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
@@ -377,7 +377,7 @@ async fn run(
             let next = mp.next_field().await.map_err(multipart_error)?;
             let Some(mut field) = next else { break };
             index += 1;
-            if index > usize::try_from(state.config.limits.max_files).unwrap_or(usize::MAX) {
+            if index > usize::try_from(state.config().limits.max_files).unwrap_or(usize::MAX) {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "RELAY_TOO_MANY_PARTS",
@@ -407,8 +407,8 @@ async fn run(
                         && &summary.study_instance_uid != want
                     {
                         // Valid, but not of the study the URL names.
-                        state.pipeline.remove_file(&actor, sid, fid).await?;
-                        state.metrics.files_refused.inc();
+                        state.pipeline().remove_file(&actor, sid, fid).await?;
+                        state.metrics().files_refused.inc();
                         failed.push(Failed {
                             sop_class: Some(summary.sop_class_uid.as_str().to_string()),
                             sop_instance: Some(summary.sop_instance_uid.as_str().to_string()),
@@ -427,7 +427,7 @@ async fn run(
                     if e.kind() == ErrorKind::Audit || e.kind() == ErrorKind::Storage {
                         return Err(e.into());
                     }
-                    state.metrics.files_refused.inc();
+                    state.metrics().files_refused.inc();
                     // A file refused for its content has already left the
                     // session (the pipeline removes it); one that failed
                     // otherwise (e.g. storage full while its chunks were
@@ -435,7 +435,7 @@ async fn run(
                     if let Some(fid) = fid
                         && !matches!(e, Error::FileRefused { .. })
                     {
-                        match state.pipeline.remove_file(&actor, sid, fid).await {
+                        match state.pipeline().remove_file(&actor, sid, fid).await {
                             Ok(()) | Err(Error::NotFound { .. }) => {}
                             Err(other) => return Err(other.into()),
                         }
@@ -449,25 +449,25 @@ async fn run(
     .await;
     if let Err(e) = outcome {
         // Nothing of a malformed or failed request is kept.
-        if let Err(abort) = state.pipeline.abort_session(&actor, sid).await {
+        if let Err(abort) = state.pipeline().abort_session(&actor, sid).await {
             tracing::error!(error = %abort, "could not remove the session of a failed STOW-RS request");
         }
         return Err(e);
     }
     if index == 0 {
-        state.pipeline.abort_session(&actor, sid).await?;
+        state.pipeline().abort_session(&actor, sid).await?;
         return Err(ApiError::bad_request(
             "RELAY_BAD_MULTIPART",
             "the request has no parts",
         ));
     }
     if stored.is_empty() {
-        state.pipeline.abort_session(&actor, sid).await?;
+        state.pipeline().abort_session(&actor, sid).await?;
     } else {
         // Stored, verified and in the outbox: the gateway answers for these
         // instances now (store and forward); delivery to the PACS follows.
-        state.pipeline.complete_session(&actor, sid).await?;
-        state.metrics.forward("queued");
+        state.pipeline().complete_session(&actor, sid).await?;
+        state.metrics().forward("queued");
     }
     let warned = stored.iter().any(|s| s.warning_reason().is_some());
     let status = if stored.is_empty() {

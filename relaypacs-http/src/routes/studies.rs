@@ -2,18 +2,22 @@
 //! the PACS sink), abort. Only the owner or an admin sees a session; for
 //! anyone else it does not exist (404).
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use relaypacs_core::{
-    Actor, DicomSummary, FileState, NewSession, SessionId, SessionRecord, SessionState,
+    Actor, DicomSummary, FileState, NewSession, Pipeline, SessionId, SessionRecord, SessionState,
     Verification,
 };
 use serde::{Deserialize, Serialize};
 
 use super::{AuthUser, Path};
+use crate::admission::Admission;
 use crate::error::{ApiError, ApiResult};
-use crate::routes::tus::{refusal, upload_id};
-use crate::state::AppState;
+use crate::metrics::Metrics;
+use crate::routes::tus::refusal;
+use crate::upload_id::UploadId;
 
 /// Request to open a study session.
 #[derive(Debug, Default, Deserialize)]
@@ -99,8 +103,8 @@ pub(crate) fn presence_only(rec: &SessionRecord) -> usize {
         .count()
 }
 
-async fn view(state: &AppState, actor: &Actor, rec: SessionRecord) -> ApiResult<StudyView> {
-    let offsets = state.pipeline.file_offsets(actor, rec.id).await?;
+async fn view(pipeline: &Pipeline, actor: &Actor, rec: SessionRecord) -> ApiResult<StudyView> {
+    let offsets = pipeline.file_offsets(actor, rec.id).await?;
     let mut files = Vec::with_capacity(rec.files.len());
     for f in rec.files.values() {
         let (offset, st, dicom) = match &f.state {
@@ -120,7 +124,7 @@ async fn view(state: &AppState, actor: &Actor, rec: SessionRecord) -> ApiResult<
         });
         files.push(FileView {
             id: f.id.to_string(),
-            upload_url: format!("/files/{}", upload_id(rec.id, f.id)),
+            upload_url: format!("/files/{}", UploadId::new(rec.id, f.id)),
             name: f.name.clone(),
             size: f.size,
             offset,
@@ -165,7 +169,7 @@ pub(crate) fn parse_id(id: &str) -> ApiResult<SessionId> {
 
 /// `POST /api/v1/studies`.
 pub async fn create(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
     user: AuthUser,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, axum::Json<StudyView>)> {
@@ -180,8 +184,7 @@ pub async fn create(
         serde_json::from_value(v).map_err(|e| bad(e.to_string()))?
     };
     let actor = user.actor();
-    let rec = state
-        .pipeline
+    let rec = pipeline
         .create_session(
             &actor,
             NewSession {
@@ -191,19 +194,19 @@ pub async fn create(
         .await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(view(&state, &actor, rec).await?),
+        axum::Json(view(&pipeline, &actor, rec).await?),
     ))
 }
 
 /// `GET /api/v1/studies`: the caller's sessions (an admin sees all).
 pub async fn list(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
     user: AuthUser,
 ) -> ApiResult<axum::Json<Vec<StudyView>>> {
     let actor = user.actor();
     let mut out = Vec::new();
-    for rec in state.pipeline.list_sessions(&actor).await? {
-        match view(&state, &actor, rec).await {
+    for rec in pipeline.list_sessions(&actor).await? {
+        match view(&pipeline, &actor, rec).await {
             Ok(v) => out.push(v),
             // Removed (aborted, expired) since the list was read.
             Err(e) if e.status == StatusCode::NOT_FOUND => {}
@@ -215,13 +218,13 @@ pub async fn list(
 
 /// `GET /api/v1/studies/{id}` (audited as data access).
 pub async fn show(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<StudyView>> {
     let actor = user.actor();
-    let rec = state.pipeline.session(&actor, parse_id(&id)?).await?;
-    Ok(axum::Json(view(&state, &actor, rec).await?))
+    let rec = pipeline.session(&actor, parse_id(&id)?).await?;
+    Ok(axum::Json(view(&pipeline, &actor, rec).await?))
 }
 
 /// `POST /api/v1/studies/{id}/complete`: verify and validate any fully
@@ -234,16 +237,18 @@ pub async fn show(
 /// which stays open; a study with no file answers 422
 /// `RELAY_SESSION_EMPTY` and is ended (a later GET answers 404).
 pub async fn complete(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
+    State(metrics): State<Arc<Metrics>>,
+    State(admission): State<Admission>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, axum::Json<StudyView>)> {
     let sid = parse_id(&id)?;
     let actor = user.actor();
-    let rec = state.pipeline.session(&actor, sid).await?;
+    let rec = pipeline.session(&actor, sid).await?;
     for f in rec.files.values() {
         if f.state == FileState::Uploading {
-            let s = state.pipeline.file_status(&actor, sid, f.id).await?;
+            let s = pipeline.file_status(&actor, sid, f.id).await?;
             if s.offset != f.size {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
@@ -251,13 +256,12 @@ pub async fn complete(
                     format!("file {} has {} of {} bytes", f.id, s.offset, f.size),
                 ));
             }
-            if let Err(e) = state.pipeline.complete_file(&actor, sid, f.id).await {
+            if let Err(e) = pipeline.complete_file(&actor, sid, f.id).await {
                 // A file refused now has left the study (with its bytes);
                 // the study stays open and the caller learns why.
                 if matches!(e, relaypacs_core::Error::FileRefused { .. }) {
-                    state.metrics.files_refused.inc();
-                    let id = upload_id(sid, f.id);
-                    state.forget_uploads(|u| u == id);
+                    metrics.files_refused.inc();
+                    admission.forget_upload(UploadId::new(sid, f.id));
                 }
                 return Err(refusal(e));
             }
@@ -265,32 +269,31 @@ pub async fn complete(
     }
     // With no file left (every one refused, or none sent) this answers
     // 422 RELAY_SESSION_EMPTY and the pipeline ends the session.
-    let rec = match state.pipeline.complete_session(&actor, sid).await {
+    let rec = match pipeline.complete_session(&actor, sid).await {
         Ok(rec) => rec,
         Err(e) => {
             if e.code() == "RELAY_SESSION_EMPTY" {
-                let prefix = sid.to_string();
-                state.forget_uploads(|u| u.starts_with(&prefix));
+                admission.forget_session(sid);
             }
             return Err(e.into());
         }
     };
-    state.metrics.forward("queued");
+    metrics.forward("queued");
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(view(&state, &actor, rec).await?),
+        axum::Json(view(&pipeline, &actor, rec).await?),
     ))
 }
 
 /// `DELETE /api/v1/studies/{id}`: abort and remove the session.
 pub async fn abort(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
+    State(admission): State<Admission>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let sid = parse_id(&id)?;
-    state.pipeline.abort_session(&user.actor(), sid).await?;
-    let prefix = sid.to_string();
-    state.forget_uploads(|u| u.starts_with(&prefix));
+    pipeline.abort_session(&user.actor(), sid).await?;
+    admission.forget_session(sid);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,14 +1,18 @@
 //! tus 1.0.0 uploads: core protocol, creation, creation-with-upload,
 //! termination, checksum (sha256, sha1) and expiration.
 //!
-//! An upload is one file of a study session; its id is the session id
-//! followed by the file id (64 hex digits, 256 random bits).
+//! An upload is one file of a study session; its id is an
+//! [`UploadId`] (the session id followed by the file id, 64 hex digits,
+//! 256 random bits).
 //!
 //! A PATCH with `Upload-Checksum` is verified whole and stored as one
 //! chunk: on mismatch the answer is 460 and nothing is kept. A PATCH
 //! without a checksum is stored in durable segments of
 //! `http.patch_segment_size` bytes, so a dropped connection keeps every
-//! complete segment and the next HEAD reports exactly those bytes.
+//! complete segment and the next HEAD reports exactly those bytes. The
+//! segmenting and the range reservation are the pipeline's
+//! ([`Pipeline::put_range`]): a second PATCH of an upload being written
+//! answers 409 `RELAY_UPLOAD_BUSY`.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -19,36 +23,30 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use relaypacs_core::{
-    ByteStream, Error, FileId, FileState, IntegrityError, NewFile, RangeWrite, SessionId,
+    ByteStream, Error, FileState, IntegrityError, NewFile, Pipeline, RangeWrite, SessionId,
     Sha256Digest,
 };
 use sha1::Digest as _;
 
 use super::{AuthUser, Path};
+use crate::admission::Admission;
+use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::Metrics;
 use crate::notify::Event;
 use crate::state::AppState;
 use crate::tus_headers::{
     Checksum, MetadataLimits, check_resumable, checksum, header_u64, metadata,
 };
+use crate::upload_id::UploadId;
 
 pub use crate::tus_headers::TUS_VERSION;
 /// Extensions we implement.
 pub const TUS_EXTENSIONS: &str = "creation,creation-with-upload,termination,checksum,expiration";
 
-/// The upload id of a file.
-pub fn upload_id(session: SessionId, file: FileId) -> String {
-    format!("{session}{file}")
-}
-
-fn parse_upload_id(id: &str) -> Result<(SessionId, FileId), ApiError> {
-    if id.len() != 64 || !id.is_ascii() {
-        return Err(ApiError::not_found("upload"));
-    }
-    match (SessionId::parse(&id[..32]), FileId::parse(&id[32..])) {
-        (Ok(s), Ok(f)) => Ok((s, f)),
-        _ => Err(ApiError::not_found("upload")),
-    }
+/// The upload a path names; anything but an upload id is not found.
+fn parse_upload_id(id: &str) -> Result<UploadId, ApiError> {
+    UploadId::parse(id).map_err(|_| ApiError::not_found("upload"))
 }
 
 fn expires(at: time::OffsetDateTime) -> HeaderValue {
@@ -64,7 +62,7 @@ fn tus_response(status: StatusCode) -> Response {
 }
 
 /// `OPTIONS /files`: discovery (no authentication, as tus requires).
-pub async fn options(State(state): State<AppState>) -> Response {
+pub async fn options(State(config): State<Arc<Config>>) -> Response {
     let mut r = tus_response(StatusCode::NO_CONTENT);
     let h = r.headers_mut();
     h.insert("tus-version", HeaderValue::from_static(TUS_VERSION));
@@ -75,7 +73,7 @@ pub async fn options(State(state): State<AppState>) -> Response {
     );
     h.insert(
         "tus-max-size",
-        HeaderValue::from(state.config.http.max_upload_size),
+        HeaderValue::from(config.http.max_upload_size),
     );
     r
 }
@@ -84,15 +82,8 @@ fn user_permit(
     state: &AppState,
     user: &str,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    let sem = relaypacs_storage::fs::lock(&state.admission.patches)
-        .entry(user.to_string())
-        .or_insert_with(|| {
-            Arc::new(tokio::sync::Semaphore::new(
-                state.config.http.max_parallel_patches_per_user,
-            ))
-        })
-        .clone();
-    sem.try_acquire_owned().map_err(|_| {
+    let max = state.config().http.max_parallel_patches_per_user;
+    state.admission().patch_permit(user, max).ok_or_else(|| {
         ApiError::too_many(
             "RELAY_TOO_MANY_PARALLEL_UPLOADS",
             "too many uploads in progress for this user",
@@ -143,7 +134,7 @@ fn body_stream(body: Body, offset: u64, sha1: Option<[u8; 20]>) -> ByteStream {
     })
 }
 
-fn map_write_error(state: &AppState, e: Error) -> ApiError {
+fn map_write_error(metrics: &Metrics, e: Error) -> ApiError {
     if e.code() == BODY_INTERRUPTED {
         return ApiError::new(StatusCode::REQUEST_TIMEOUT, BODY_INTERRUPTED, e.to_string());
     }
@@ -158,7 +149,7 @@ fn map_write_error(state: &AppState, e: Error) -> ApiError {
         e,
         Error::Integrity(IntegrityError::ChunkHash { .. } | IntegrityError::ChunkChecksum { .. })
     ) {
-        state.metrics.chunk_verifications_failed.inc();
+        metrics.chunk_verifications_failed.inc();
     }
     ApiError::from(e)
 }
@@ -167,13 +158,12 @@ fn map_write_error(state: &AppState, e: Error) -> ApiError {
 async fn write_body(
     state: &AppState,
     user: &AuthUser,
-    ids: (SessionId, FileId),
+    id: UploadId,
     offset: u64,
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult<(u64, time::OffsetDateTime)> {
-    let (sid, fid) = ids;
-    let id = upload_id(sid, fid);
+    let (sid, fid) = (id.session(), id.file());
     let length = header_u64(headers, "content-length")?.ok_or_else(|| {
         ApiError::new(
             StatusCode::LENGTH_REQUIRED,
@@ -187,7 +177,7 @@ async fn write_body(
     // The session's state, the chunk ranges and sizes are the core's rules
     // (put_chunk answers RELAY_SESSION_NOT_OPEN, RELAY_CHUNK_TOO_SMALL, …);
     // the offset is tus's: a PATCH continues exactly where the upload is.
-    let status = state.pipeline.file_status(&actor, sid, fid).await?;
+    let status = state.pipeline().file_status(&actor, sid, fid).await?;
     if offset != status.offset {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -210,10 +200,10 @@ async fn write_body(
             )
         })?;
     if length == 0 {
-        let done = finish_if_complete(state, user, ids, offset, size, &status.file.state).await?;
+        let done = finish_if_complete(state, user, id, offset, size, &status.file.state).await?;
         return Ok((done, status.expires_at));
     }
-    match state.watermark.admit(0) {
+    match state.watermark().admit(0) {
         Ok(Ok(free)) if free >= length => {}
         Ok(_) => {
             return Err(ApiError::new(
@@ -228,19 +218,19 @@ async fn write_body(
     // other is cut into durable segments. The pipeline reserves the whole
     // range: a concurrent PATCH of this upload is refused as busy.
     let segment_size = if checksum.is_some() {
-        if length > state.config.http.max_checksummed_patch {
+        if length > state.config().http.max_checksummed_patch {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RELAY_PATCH_TOO_LARGE",
                 format!(
                     "a checksummed PATCH may carry at most {} bytes",
-                    state.config.http.max_checksummed_patch
+                    state.config().http.max_checksummed_patch
                 ),
             ));
         }
         length
     } else {
-        state.config.http.patch_segment_size
+        state.config().http.patch_segment_size
     };
     let (sha256, sha1) = match &checksum {
         Some(Checksum::Sha256(d)) => (Some(*d), None),
@@ -255,7 +245,7 @@ async fn write_body(
     };
     let mut durable = offset;
     let at = state
-        .pipeline
+        .pipeline()
         .put_range(
             &actor,
             sid,
@@ -263,13 +253,13 @@ async fn write_body(
             range,
             body_stream(body, offset, sha1),
             |end| {
-                state.metrics.upload_bytes.inc_by(end - durable);
+                state.metrics().upload_bytes.inc_by(end - durable);
                 durable = end;
-                state.hub.publish(
+                state.hub().publish(
                     &user.id,
                     Event::UploadProgress {
                         study: sid.to_string(),
-                        upload: id.clone(),
+                        upload: id,
                         offset: end,
                         length: size,
                     },
@@ -277,10 +267,10 @@ async fn write_body(
             },
         )
         .await
-        .map_err(|e| map_write_error(state, e))?;
+        .map_err(|e| map_write_error(state.metrics(), e))?;
     // The expiry read before the write is conservative: writes only push
     // it later.
-    let done = finish_if_complete(state, user, ids, at, size, &status.file.state).await?;
+    let done = finish_if_complete(state, user, id, at, size, &status.file.state).await?;
     Ok((done, status.expires_at))
 }
 
@@ -288,7 +278,7 @@ async fn write_body(
 async fn finish_if_complete(
     state: &AppState,
     user: &AuthUser,
-    ids: (SessionId, FileId),
+    id: UploadId,
     offset: u64,
     size: u64,
     file_state: &FileState,
@@ -296,12 +286,15 @@ async fn finish_if_complete(
     if offset != size || matches!(file_state, FileState::Valid { .. }) {
         return Ok(offset);
     }
-    let (sid, fid) = ids;
-    let id = upload_id(sid, fid);
-    match state.pipeline.complete_file(&user.actor(), sid, fid).await {
+    let (sid, fid) = (id.session(), id.file());
+    match state
+        .pipeline()
+        .complete_file(&user.actor(), sid, fid)
+        .await
+    {
         Ok(_) => {
-            state.forget_uploads(|u| u == id);
-            state.hub.publish(
+            state.admission().forget_upload(id);
+            state.hub().publish(
                 &user.id,
                 Event::FileCompleted {
                     study: sid.to_string(),
@@ -313,15 +306,15 @@ async fn finish_if_complete(
             Ok(offset)
         }
         Err(e) => {
-            state.metrics.files_refused.inc();
+            state.metrics().files_refused.inc();
             // Refused for its content: the pipeline removed the file with
             // its bytes, so the upload no longer exists (HEAD answers 404)
             // and no longer counts as unfinished; the study stays open for
             // its other files.
             if matches!(e, Error::FileRefused { .. }) {
-                state.forget_uploads(|u| u == id);
+                state.admission().forget_upload(id);
             }
-            state.hub.publish(
+            state.hub().publish(
                 &user.id,
                 Event::FileCompleted {
                     study: sid.to_string(),
@@ -378,19 +371,19 @@ pub async fn create(
     }
     let length = header_u64(&headers, "upload-length")?
         .ok_or_else(|| ApiError::bad_request("RELAY_BAD_HEADER", "Upload-Length is required"))?;
-    if length > state.config.http.max_upload_size {
+    if length > state.config().http.max_upload_size {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RELAY_UPLOAD_TOO_LARGE",
             format!(
                 "Upload-Length exceeds Tus-Max-Size ({})",
-                state.config.http.max_upload_size
+                state.config().http.max_upload_size
             ),
         ));
     }
     let meta = metadata(
         &headers,
-        &MetadataLimits::within_header_bytes(state.config.http.max_header_bytes),
+        &MetadataLimits::within_header_bytes(state.config().http.max_header_bytes),
     )?;
     let session = meta.session.ok_or_else(|| {
         ApiError::bad_request(
@@ -415,18 +408,14 @@ pub async fn create(
         })?),
         None => None,
     };
-    {
-        let open = relaypacs_storage::fs::lock(&state.admission.open_uploads);
-        if open.get(&user.id).map_or(0, |s| s.len()) >= state.config.http.max_open_uploads_per_user
-        {
-            return Err(ApiError::too_many(
-                "RELAY_TOO_MANY_OPEN_UPLOADS",
-                "too many unfinished uploads; finish or delete some",
-                60,
-            ));
-        }
+    if state.admission().open_uploads(&user.id) >= state.config().http.max_open_uploads_per_user {
+        return Err(ApiError::too_many(
+            "RELAY_TOO_MANY_OPEN_UPLOADS",
+            "too many unfinished uploads; finish or delete some",
+            60,
+        ));
     }
-    match state.watermark.admit(length) {
+    match state.watermark().admit(length) {
         Ok(Ok(_)) => {}
         Ok(Err((free, min))) => {
             tracing::warn!(
@@ -453,7 +442,7 @@ pub async fn create(
     }
     let actor = user.actor();
     let file = state
-        .pipeline
+        .pipeline()
         .add_file(
             &actor,
             sid,
@@ -464,24 +453,19 @@ pub async fn create(
             },
         )
         .await?;
-    let id = upload_id(sid, file.id);
-    relaypacs_storage::fs::lock(&state.admission.open_uploads)
-        .entry(user.id.clone())
-        .or_default()
-        .insert(id.clone());
-    state.metrics.uploads_created.inc();
+    let id = UploadId::new(sid, file.id);
+    state.admission().track_upload(&user.id, id);
+    state.metrics().uploads_created.inc();
     let with_body = headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes() == b"application/offset+octet-stream")
         && header_u64(&headers, "content-length")?.unwrap_or(0) > 0;
     let offset = if with_body {
-        write_body(&state, &user, (sid, file.id), 0, &headers, body)
-            .await?
-            .0
+        write_body(&state, &user, id, 0, &headers, body).await?.0
     } else {
         0
     };
-    let status = state.pipeline.file_status(&actor, sid, file.id).await?;
+    let status = state.pipeline().file_status(&actor, sid, file.id).await?;
     let mut r = tus_response(StatusCode::CREATED);
     let h = r.headers_mut();
     h.insert(
@@ -498,14 +482,16 @@ pub async fn create(
 
 /// `HEAD /files/{id}`: the durable offset.
 pub async fn head(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
     user: AuthUser,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     check_resumable(&headers)?;
-    let (sid, fid) = parse_upload_id(&id)?;
-    let s = state.pipeline.file_status(&user.actor(), sid, fid).await?;
+    let id = parse_upload_id(&id)?;
+    let s = pipeline
+        .file_status(&user.actor(), id.session(), id.file())
+        .await?;
     let mut r = tus_response(StatusCode::OK);
     let h = r.headers_mut();
     h.insert("upload-offset", HeaderValue::from(s.offset));
@@ -535,9 +521,8 @@ pub async fn patch(
     }
     let offset = header_u64(&headers, "upload-offset")?
         .ok_or_else(|| ApiError::bad_request("RELAY_BAD_HEADER", "Upload-Offset is required"))?;
-    let (sid, fid) = parse_upload_id(&id)?;
-    let (new_offset, expires_at) =
-        write_body(&state, &user, (sid, fid), offset, &headers, body).await?;
+    let id = parse_upload_id(&id)?;
+    let (new_offset, expires_at) = write_body(&state, &user, id, offset, &headers, body).await?;
     let mut r = tus_response(StatusCode::NO_CONTENT);
     let h = r.headers_mut();
     h.insert("upload-offset", HeaderValue::from(new_offset));
@@ -547,14 +532,17 @@ pub async fn patch(
 
 /// `DELETE /files/{id}`: termination.
 pub async fn terminate(
-    State(state): State<AppState>,
+    State(pipeline): State<Pipeline>,
+    State(admission): State<Admission>,
     user: AuthUser,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     check_resumable(&headers)?;
-    let (sid, fid) = parse_upload_id(&id)?;
-    state.pipeline.remove_file(&user.actor(), sid, fid).await?;
-    state.forget_uploads(|u| u == id);
+    let id = parse_upload_id(&id)?;
+    pipeline
+        .remove_file(&user.actor(), id.session(), id.file())
+        .await?;
+    admission.forget_upload(id);
     Ok(tus_response(StatusCode::NO_CONTENT))
 }

@@ -87,10 +87,10 @@ impl TestServer {
 
     pub async fn add_user(&self, name: &str, role: Role) -> String {
         let st = self.server().state();
-        let hash = st.hasher.hash(PASSWORD.to_string()).await.unwrap();
+        let hash = st.hasher().hash(PASSWORD.to_string()).await.unwrap();
         let rec = new_record(name, role, hash);
         let id = rec.id.clone();
-        st.users.create(rec).await.unwrap();
+        st.users().create(rec).await.unwrap();
         id
     }
 
@@ -247,7 +247,7 @@ impl TestServer {
     }
 
     pub async fn audit(&self) -> Vec<relaypacs_core::AuditEvent> {
-        self.server().state().audit.events().await.unwrap()
+        self.server().state().audit().events().await.unwrap()
     }
 
     /// Stop the server and start it again on the same data folder (and a
