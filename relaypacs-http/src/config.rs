@@ -73,6 +73,71 @@ pub struct Config {
     pub reports: Option<DicomWebSinkConfig>,
     /// Retries, dead letters and the report watch.
     pub outbox: OutboxConfig,
+    /// Who may read `/metrics`, and where (`[metrics]`).
+    pub metrics: MetricsConfig,
+    /// STOW-RS multipart limits (`[stow]`).
+    pub stow: StowConfig,
+}
+
+/// Exposure of `/metrics` (`[metrics]`). By default it is on the main
+/// port and needs `Authorization: Bearer <token>`, the token being the
+/// content of `token_file` (created with a random value, mode 0600, on
+/// first start, like the signing secret); the comparison takes the same
+/// time whatever the guess.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` only on this separate address (the main port then
+    /// answers 404 there). It must be a loopback address unless
+    /// `require_token` stays on. Default: none (the main port).
+    pub listen: Option<SocketAddr>,
+    /// The bearer token's file. Default `<data_dir>/metrics-token`.
+    pub token_file: Option<PathBuf>,
+    /// Require the token (default `true`). May be turned off only together
+    /// with a loopback `listen` address.
+    pub require_token: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            token_file: None,
+            require_token: true,
+        }
+    }
+}
+
+/// STOW-RS multipart limits (`[stow]`), enforced on the body stream
+/// before `multer` parses it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StowConfig {
+    /// Most bytes of one part's header block (and of the preamble); 400
+    /// `RELAY_PART_HEADER_TOO_LARGE` beyond. Default 16384, 1024..=1 MiB.
+    pub max_part_header_bytes: usize,
+    /// Most header lines of one part; 400 `RELAY_PART_HEADERS_TOO_MANY`
+    /// beyond. Default 32, 1..=32 (`multer` reads at most 32).
+    pub max_part_headers: usize,
+}
+
+impl Default for StowConfig {
+    fn default() -> Self {
+        Self {
+            max_part_header_bytes: 16 << 10,
+            max_part_headers: 32,
+        }
+    }
+}
+
+impl StowConfig {
+    /// The guard's limits.
+    pub fn part_header_limits(&self) -> crate::stow_headers::PartHeaderLimits {
+        crate::stow_headers::PartHeaderLimits {
+            max_header_bytes: self.max_part_header_bytes,
+            max_headers: self.max_part_headers,
+        }
+    }
 }
 
 /// What the gateway accepts (`[ingest]`).
@@ -329,6 +394,8 @@ impl Default for Config {
             sinks: vec![SinkConfig::Archive { path: None }],
             reports: None,
             outbox: OutboxConfig::default(),
+            metrics: MetricsConfig::default(),
+            stow: StowConfig::default(),
         }
     }
 }
@@ -568,7 +635,42 @@ impl Config {
         if a.issuer.is_empty() || a.audience.is_empty() {
             return inv("auth.issuer", "issuer and audience must be set");
         }
+        let st = &self.stow;
+        if !(1024..=1 << 20).contains(&st.max_part_header_bytes) {
+            return inv("stow.max_part_header_bytes", "must be 1024..=1048576");
+        }
+        if !(1..=32).contains(&st.max_part_headers) {
+            return inv("stow.max_part_headers", "must be 1..=32");
+        }
+        let m = &self.metrics;
+        if !m.require_token && !m.listen.is_some_and(|l| l.ip().is_loopback()) {
+            return inv(
+                "metrics.require_token",
+                "may be false only with a loopback metrics.listen address",
+            );
+        }
+        if m.listen.is_some_and(|l| l == self.listen && l.port() != 0) {
+            return inv("metrics.listen", "must differ from listen");
+        }
         Ok(())
+    }
+
+    /// The metrics token's file.
+    pub fn metrics_token_path(&self) -> PathBuf {
+        self.metrics
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("metrics-token"))
+    }
+
+    /// The metrics bearer token: the content of its file, or a new random
+    /// one written there (mode 0600, crash-safe as the secret) on first
+    /// start. `None` when no token is required.
+    pub fn resolve_metrics_token(&self) -> Result<Option<SecretString>, ConfigError> {
+        if !self.metrics.require_token {
+            return Ok(None);
+        }
+        read_or_create_secret_file(&self.metrics_token_path(), "metrics.token_file").map(Some)
     }
 
     /// The secret file's path.
@@ -672,5 +774,68 @@ impl Config {
             }
             Err(e) => Err(io(e)),
         }
+    }
+}
+
+/// The token in `path` (checked like a secret: mode 0600, 32+ bytes, not
+/// a placeholder), or a new random one written there on first start.
+/// Crash-safe as the signing secret: a temp file created with mode 0600,
+/// fsync'd, renamed into place, then the folder fsync'd; a crash leaves
+/// either no file or a complete one.
+fn read_or_create_secret_file(
+    path: &Path,
+    field: &'static str,
+) -> Result<SecretString, ConfigError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |source| ConfigError::SecretFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(s) => {
+            let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: format!(
+                        "{} is readable by other users (mode {:o}); chmod 600 it",
+                        path.display(),
+                        mode & 0o777
+                    ),
+                });
+            }
+            let s = s.trim().to_string();
+            check_secret(field, &s)?;
+            Ok(SecretString::from(s))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut raw = [0u8; 32];
+            rand::rng().fill_bytes(&mut raw);
+            let value = hex::encode(raw);
+            if let Some(dir) = path.parent() {
+                relaypacs_storage::fs::create_dir_durable(dir)
+                    .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            }
+            // Crash-safe write: temp file (0600) + fsync + rename + fsync dir.
+            let tmp = relaypacs_storage::fs::temp_path(path);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?;
+            f.write_all(value.as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            drop(f);
+            std::fs::rename(&tmp, path).map_err(io)?;
+            if let Some(dir) = path.parent() {
+                relaypacs_storage::fs::fsync_dir(dir)
+                    .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            }
+            tracing::info!(path = %path.display(), field, "generated a new random token (first start)");
+            Ok(SecretString::from(value))
+        }
+        Err(e) => Err(io(e)),
     }
 }

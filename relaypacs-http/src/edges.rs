@@ -14,6 +14,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
@@ -102,8 +104,8 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
-    let method = req.method().to_string();
+        .map(|m| m.as_str().to_owned());
+    let method = req.method().clone();
     let request_id = req
         .headers()
         .get(REQUEST_ID)
@@ -116,7 +118,8 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         v.as_bytes().starts_with(b"application/json")
             || v.as_bytes().starts_with(b"application/dicom+json")
     });
-    if (status.is_client_error() || status.is_server_error()) && !is_json && method != "HEAD" {
+    if (status.is_client_error() || status.is_server_error()) && !is_json && method != Method::HEAD
+    {
         let code = match status {
             StatusCode::PAYLOAD_TOO_LARGE => "RELAY_BODY_TOO_LARGE",
             StatusCode::REQUEST_TIMEOUT => "RELAY_TIMEOUT",
@@ -140,22 +143,16 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         );
     }
     let elapsed = started.elapsed();
-    let label = crate::metrics::RouteLabel {
-        route: route.clone(),
-        method: method.clone(),
-        status: status.as_u16(),
-    };
-    state.metrics().requests.get_or_create(&label).inc();
     state
         .metrics()
-        .latency
-        .get_or_create(&label)
-        .observe(elapsed.as_secs_f64());
-    // Route templates only: no concrete ids, no query strings, no patient data.
+        .request(route.as_deref(), &method, status, elapsed.as_secs_f64());
+    // Route templates only: no concrete ids, no query strings, no patient
+    // data; the method as its metrics label (a client's own method text is
+    // neither kept nor logged).
     tracing::info!(
         request_id,
-        method,
-        route,
+        method = crate::metrics::method_label(&method),
+        route = route.as_deref().unwrap_or(crate::metrics::UNMATCHED_ROUTE),
         status = status.as_u16(),
         ms = elapsed.as_millis() as u64,
         "request"
@@ -163,10 +160,173 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     res
 }
 
+/// Who may read `/metrics` on one listener (see `[metrics]` in
+/// [`crate::config::MetricsConfig`]).
+#[derive(Clone, Debug)]
+enum MetricsAccess {
+    /// Served on another listener: 404 here.
+    Elsewhere,
+    /// Anyone who reaches the listener (only a loopback metrics listener
+    /// configured with `require_token = false`).
+    Open,
+    /// `Authorization: Bearer <token>`; the SHA-256 of the token.
+    Token([u8; 32]),
+    /// The token could not be read or created: nobody (fail closed).
+    Unavailable,
+}
+
+impl MetricsAccess {
+    /// The access on a listener that serves `/metrics`.
+    fn serving(state: &AppState) -> Self {
+        match state.config().resolve_metrics_token() {
+            Ok(Some(t)) => Self::Token(Sha256::digest(t.expose_secret().as_bytes()).into()),
+            Ok(None) => Self::Open,
+            Err(e) => {
+                tracing::error!(error = %e, "metrics token unavailable; /metrics refuses every request");
+                Self::Unavailable
+            }
+        }
+    }
+
+    /// The access on the main listener.
+    fn main(state: &AppState) -> Self {
+        if state.config().metrics.listen.is_some() {
+            Self::Elsewhere
+        } else {
+            Self::serving(state)
+        }
+    }
+}
+
+/// Equality of two digests in time independent of where they differ (the
+/// token is hashed first, so neither its length nor its bytes leak).
+fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// Applies [`MetricsAccess`] to `/metrics`; other paths pass.
+async fn metrics_gate(
+    State(access): State<Arc<MetricsAccess>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if req.uri().path() != "/metrics" {
+        return next.run(req).await;
+    }
+    match &*access {
+        MetricsAccess::Open => next.run(req).await,
+        MetricsAccess::Elsewhere => {
+            ApiError::new(StatusCode::NOT_FOUND, "RELAY_NOT_FOUND", "no such route").into_response()
+        }
+        MetricsAccess::Unavailable => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "RELAY_METRICS_UNAVAILABLE",
+            "the metrics token could not be read",
+        )
+        .into_response(),
+        MetricsAccess::Token(want) => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, t)| Sha256::digest(t.trim().as_bytes()));
+            match given {
+                Some(d) if same_digest(&d.into(), want) => next.run(req).await,
+                _ => ApiError::unauthorized(
+                    "RELAY_UNAUTHENTICATED",
+                    "/metrics needs Authorization: Bearer <metrics token>",
+                )
+                .into_response(),
+            }
+        }
+    }
+}
+
+/// `GET /metrics` on the separate metrics listener.
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let mut r = state.metrics().render().into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+/// The router of the separate metrics listener (`[metrics] listen`):
+/// `/metrics` only, behind the token unless `require_token = false`.
+pub fn metrics_app(state: AppState) -> Router {
+    let access = Arc::new(MetricsAccess::serving(&state));
+    Router::new()
+        .route("/metrics", axum::routing::get(metrics_text))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "RELAY_NOT_FOUND", "no such route")
+        })
+        .layer(axum::middleware::from_fn_with_state(access, metrics_gate))
+        .with_state(state)
+}
+
+/// Prepare `/metrics`: resolve its token (creating the token file on
+/// first start) and, when `[metrics] listen` is set, bind that address.
+/// `Some` is the separate listener and its router, for
+/// [`serve_with_metrics`].
+pub async fn bind_metrics(
+    state: &AppState,
+) -> Result<Option<(TcpListener, Router)>, crate::StartError> {
+    state.config().resolve_metrics_token()?;
+    let Some(addr) = state.config().metrics.listen else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        crate::StartError::Other(format!("cannot listen on {addr} for metrics: {e}"))
+    })?;
+    if let Ok(a) = listener.local_addr() {
+        tracing::info!(addr = %a, "metrics listening");
+    }
+    Ok(Some((listener, metrics_app(state.clone()))))
+}
+
+/// [`serve`] `app` on `listener`, and the metrics router on its own
+/// listener when there is one; both stop when `shutdown` resolves.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    app: Router,
+    metrics: Option<(TcpListener, Router)>,
+    cfg: &HttpConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let Some((metrics_listener, metrics_router)) = metrics else {
+        return serve(listener, app, cfg, shutdown).await;
+    };
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    // A scraper needs few connections; the API keeps its own cap.
+    let metrics_cfg = HttpConfig {
+        max_connections: 16,
+        ..cfg.clone()
+    };
+    let main = async {
+        let r = serve(listener, app, cfg, shutdown).await;
+        let _ = stop.send(true);
+        r
+    };
+    let side = serve(metrics_listener, metrics_router, &metrics_cfg, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    });
+    let (r, side) = tokio::join!(main, side);
+    if let Err(e) = side {
+        tracing::error!(error = %e, "metrics listener ended with an error");
+    }
+    r
+}
+
 /// The router with every edge layer.
 pub fn app(state: AppState) -> Router {
     let cfg = state.config().http.clone();
+    let access = Arc::new(MetricsAccess::main(&state));
     let mut router = crate::routes::router(state.clone())
+        .layer(axum::middleware::from_fn_with_state(access, metrics_gate))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     if !cfg.cors_origins.is_empty() {

@@ -78,6 +78,7 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|e| StartError::Other(e.to_string()))?;
+        let metrics = edges::bind_metrics(&state).await?;
         let mut ev = relaypacs_core::AuditEvent::new(
             "system",
             AuditAction::ApplicationStart,
@@ -95,7 +96,7 @@ impl Server {
         let app = edges::app(state.clone());
         let cfg = state.config().http.clone();
         let task = tokio::spawn(async move {
-            edges::serve(listener, app, &cfg, async {
+            edges::serve_with_metrics(listener, app, metrics, &cfg, async {
                 let _ = rx.await;
             })
             .await

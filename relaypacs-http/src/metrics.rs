@@ -1,5 +1,8 @@
-//! Prometheus metrics (no patient data, no user names in labels).
+//! Prometheus metrics (no patient data, no user names in labels). Every
+//! label value comes from a closed set, never from a client's text, so
+//! the exposition stays bounded in size whatever clients send.
 
+use axum::http::{Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -9,19 +12,57 @@ use prometheus_client::registry::Registry;
 /// Label: outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
-    /// e.g. "delivered", "failed".
-    pub outcome: String,
+    /// e.g. "delivered", "failed" (a literal of ours, never input).
+    pub outcome: &'static str,
 }
 
-/// Label: route template and status class.
+/// The methods that get their own label value; any other is `other`.
+pub const KNOWN_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+];
+
+/// Label value of the route when no route matched.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// The label value of a request method: one of [`KNOWN_METHODS`] or
+/// `other` (never the client's text).
+pub fn method_label(method: &Method) -> &'static str {
+    KNOWN_METHODS
+        .iter()
+        .find(|m| **m == method.as_str())
+        .copied()
+        .unwrap_or("other")
+}
+
+/// The label value of a status: its class, `1xx` to `5xx`.
+pub fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Labels of the request counter: every value from a closed set (route
+/// templates of the router, [`KNOWN_METHODS`] or `other`, status classes),
+/// so the number of series is bounded whatever clients send.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
-    /// Matched route template (never the concrete path).
+    /// Matched route template (never the concrete path), or `unmatched`.
     pub route: String,
-    /// HTTP method.
-    pub method: String,
-    /// Status code.
-    pub status: u16,
+    /// [`method_label`].
+    pub method: &'static str,
+    /// [`status_label`].
+    pub status: &'static str,
+}
+
+/// Label of the latency histogram: the route template only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabel {
+    /// Matched route template, or `unmatched`.
+    pub route: String,
 }
 
 /// The server's metrics.
@@ -41,7 +82,7 @@ pub struct Metrics {
     /// Requests by route, method and status.
     pub requests: Family<RouteLabel, Counter>,
     /// Request latency (seconds) by route.
-    pub latency: Family<RouteLabel, Histogram>,
+    pub latency: Family<LatencyLabel, Histogram>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -94,12 +135,23 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Count a delivery step (`queued`, `retrying`, `delivered`, …).
-    pub fn forward(&self, outcome: &str) {
-        self.forwards
-            .get_or_create(&Outcome {
-                outcome: outcome.into(),
+    pub fn forward(&self, outcome: &'static str) {
+        self.forwards.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// Count one answered request and its latency.
+    pub fn request(&self, route: Option<&str>, method: &Method, status: StatusCode, secs: f64) {
+        let route = route.unwrap_or(UNMATCHED_ROUTE).to_owned();
+        self.requests
+            .get_or_create(&RouteLabel {
+                route: route.clone(),
+                method: method_label(method),
+                status: status_label(status),
             })
             .inc();
+        self.latency
+            .get_or_create(&LatencyLabel { route })
+            .observe(secs);
     }
 
     /// The text exposition.

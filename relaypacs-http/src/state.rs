@@ -334,6 +334,7 @@ from_ref! {
     Watermark => watermark,
     Admission => admission,
     Arc<dyn AuditSink> => audit,
+    Arc<dyn UserStore> => users,
 }
 
 impl FromRef<AppState> for Arc<Tokens> {

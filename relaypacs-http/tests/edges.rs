@@ -214,6 +214,7 @@ async fn metrics_count_uploads_and_requests() {
     let m = t
         .http
         .get(format!("{}/metrics", t.url))
+        .bearer_auth(std::fs::read_to_string(t.data().join("metrics-token")).unwrap())
         .send()
         .await
         .unwrap()

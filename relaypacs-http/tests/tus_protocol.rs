@@ -153,6 +153,7 @@ async fn checksum_mismatch_is_460_and_keeps_nothing() {
     let m = t
         .http
         .get(format!("{}/metrics", t.url))
+        .bearer_auth(std::fs::read_to_string(t.data().join("metrics-token")).unwrap())
         .send()
         .await
         .unwrap()

@@ -1,5 +1,7 @@
 //! Login, token refresh and logout, TOTP enrolment, user management.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -8,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::{AuthUser, ClientAddr, Json};
-use crate::auth::{RefreshError, Role, UserRecord, check_policy};
+use crate::auth::{RefreshError, Role, UserRecord, UserStore, check_policy};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
@@ -250,9 +252,11 @@ impl From<&UserRecord> for UserView {
 }
 
 /// `GET /api/v1/auth/me`.
-pub async fn me(State(state): State<AppState>, user: AuthUser) -> ApiResult<axum::Json<UserView>> {
-    let u = state
-        .users()
+pub async fn me(
+    State(users): State<Arc<dyn UserStore>>,
+    user: AuthUser,
+) -> ApiResult<axum::Json<UserView>> {
+    let u = users
         .by_id(&user.id)
         .await?
         .ok_or_else(|| ApiError::not_found("user"))?;
@@ -478,7 +482,7 @@ pub async fn create_user(
 
 /// `GET /api/v1/users` (admin).
 pub async fn list_users(
-    State(state): State<AppState>,
+    State(users): State<Arc<dyn UserStore>>,
     user: AuthUser,
 ) -> ApiResult<axum::Json<Vec<UserView>>> {
     if user.role != Role::Admin {
@@ -489,12 +493,6 @@ pub async fn list_users(
         ));
     }
     Ok(axum::Json(
-        state
-            .users()
-            .list()
-            .await?
-            .iter()
-            .map(UserView::from)
-            .collect(),
+        users.list().await?.iter().map(UserView::from).collect(),
     ))
 }

@@ -235,6 +235,9 @@ async fn spool_part(
 }
 
 fn multipart_error(e: multer::Error) -> ApiError {
+    if let Some(refused) = crate::stow_headers::guard_refusal(&e) {
+        return refused;
+    }
     match e {
         multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
             ApiError::new(
@@ -367,8 +370,13 @@ async fn run(
             .per_field(state.config().http.max_upload_size)
             .whole_stream(state.config().limits.max_session_size),
     );
-    let mut mp =
-        multer::Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
+    // Part headers bounded in linear time before multer buffers them.
+    let guarded = crate::stow_headers::guard_stream(
+        body.into_data_stream(),
+        &boundary,
+        state.config().stow.part_header_limits(),
+    );
+    let mut mp = multer::Multipart::with_constraints(guarded, boundary, constraints);
     let mut stored: Vec<Stored> = Vec::new();
     let mut failed: Vec<Failed> = Vec::new();
     let mut index = 0usize;
