@@ -643,7 +643,9 @@ impl Client {
 
     async fn tus_study(&mut self) {
         let study_uid = new_uid();
-        let files: Vec<(Sent, Vec<u8>)> = (0..FILES_PER_STUDY).map(|_| make(&study_uid)).collect();
+        let files: Vec<(Sent, Vec<u8>)> = (0..FILES_PER_STUDY)
+            .map(|i| make(&study_uid, i == 0))
+            .collect();
         let sid = self.create_study().await;
         let mut known = Vec::new();
         for (_, data) in &files {
@@ -682,7 +684,9 @@ impl Client {
 
     async fn stow_study(&mut self) {
         let study_uid = new_uid();
-        let files: Vec<(Sent, Vec<u8>)> = (0..FILES_PER_STUDY).map(|_| make(&study_uid)).collect();
+        let files: Vec<(Sent, Vec<u8>)> = (0..FILES_PER_STUDY)
+            .map(|i| make(&study_uid, i == 0))
+            .collect();
         let boundary = format!("soak{}", rand::random::<u64>());
         let mut body = Vec::new();
         for (_, data) in &files {
@@ -762,6 +766,10 @@ impl Client {
                 self.tus_study().await;
             }
             k += 1;
+            // A clinic does not send back to back: a short pause keeps
+            // the campaign's data (and the final check) bounded.
+            let pause = rand::rng().random_range(0..400);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
         self.doing("stopped");
     }
@@ -771,14 +779,20 @@ fn instances_sops(v: &[Sent]) -> Vec<String> {
     v.iter().map(|s| s.sop.clone()).collect()
 }
 
-/// One generated instance of `study_uid` (~130 KiB to 520 KiB).
-fn make(study_uid: &str) -> (Sent, Vec<u8>) {
+/// One generated instance of `study_uid`: `big` ones (~130 KiB to 520 KiB)
+/// take several PATCHes, the others (~8 KiB to 48 KiB) one.
+fn make(study_uid: &str, big: bool) -> (Sent, Vec<u8>) {
     let mut rng = rand::rng();
+    let rows = if big {
+        rng.random_range(256..512)
+    } else {
+        rng.random_range(32..192)
+    };
     let spec = DicomSpec {
         study_uid: study_uid.to_owned(),
         sop_instance_uid: new_uid(),
-        rows: rng.random_range(256..512),
-        cols: 256,
+        rows,
+        cols: if big { 256 } else { 128 },
         seed: rng.random(),
         ..DicomSpec::default()
     };
@@ -807,6 +821,31 @@ fn audit_verify(gw: &Gateway, ledger: &Mutex<Ledger>) -> bool {
         ));
     }
     out.status.success()
+}
+
+/// Every instance Orthanc holds: SOP Instance UID → Orthanc id, in one
+/// `/tools/find` request.
+async fn orthanc_index(http: &reqwest::Client, o: &Orthanc) -> BTreeMap<String, String> {
+    let v: Value = http
+        .post(format!("{}/tools/find", o.url()))
+        .basic_auth(&o.user, Some(&o.password))
+        .json(&json!({"Level": "Instance", "Expand": true, "Query": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            Some((
+                i["MainDicomTags"]["SOPInstanceUID"].as_str()?.to_owned(),
+                i["ID"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
 }
 
 async fn wait_http(url: &str) {
@@ -921,7 +960,7 @@ max_delay = 1.0
     }
     let mut audit_checks = 0u64;
     for kill in 1..=a.kills {
-        let wait = rand::rng().random_range(150..1500);
+        let wait = rand::rng().random_range(100..900);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         gw.kill();
         if let Some(p) = &power {
@@ -1024,12 +1063,12 @@ max_delay = 1.0
     let expected: usize = completed.iter().map(|c| c.instances.len()).sum();
     let abandoned = ledger.lock().unwrap().abandoned.clone();
     let mut instances_checked = 0usize;
+    let mut index = orthanc_index(&http, &orthanc).await;
     loop {
-        let o = &orthanc;
         let missing: Vec<&Sent> = completed
             .iter()
             .flat_map(|c| c.instances.iter())
-            .filter(|s| o.instance_id(&s.sop).is_none())
+            .filter(|s| !index.contains_key(&s.sop))
             .collect();
         if missing.is_empty() || Instant::now() > wait_orthanc {
             for s in missing {
@@ -1041,26 +1080,37 @@ max_delay = 1.0
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+        index = orthanc_index(&http, &orthanc).await;
     }
     for s in completed.iter().flat_map(|c| c.instances.iter()) {
-        if let Some(file) = orthanc.instance_file(&s.sop) {
-            instances_checked += 1;
-            if hex_sha256(&file) != s.sha256 {
-                let mut l = ledger.lock().unwrap();
-                l.lost += 1;
-                l.violations
-                    .push(format!("Orthanc holds other bytes for {}", s.sop));
-            }
+        let Some(id) = index.get(&s.sop) else {
+            continue;
+        };
+        let file = http
+            .get(format!("{}/instances/{id}/file", orthanc.url()))
+            .basic_auth(&orthanc.user, Some(&orthanc.password))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        instances_checked += 1;
+        if hex_sha256(&file) != s.sha256 {
+            let mut l = ledger.lock().unwrap();
+            l.lost += 1;
+            l.violations
+                .push(format!("Orthanc holds other bytes for {}", s.sop));
         }
     }
     // Orthanc holds the completed instances, plus at most the abandoned
     // STOW-RS ones whose last answer was lost; never anything else.
-    let held = orthanc.instance_count();
+    let held = index.len();
     let stray = held.saturating_sub(expected);
     if stray > 0 {
         let abandoned_held = abandoned
             .iter()
-            .filter(|sop| orthanc.instance_id(sop).is_some())
+            .filter(|sop| index.contains_key(*sop))
             .count();
         if stray > abandoned_held {
             ledger.lock().unwrap().violations.push(format!(
