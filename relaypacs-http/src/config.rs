@@ -193,6 +193,27 @@ pub struct HttpConfig {
     pub hsts: bool,
     /// Most concurrent connections (excess ones wait in the listen queue).
     pub max_connections: usize,
+    /// Most concurrent connections from one client address (the TCP peer;
+    /// IPv6 by /64); beyond it a new connection is closed at once. Raise it
+    /// behind a reverse proxy, whose connections all share its address.
+    pub max_connections_per_address: usize,
+    /// Minimum average request-body rate after `body_rate_grace_secs`
+    /// (bytes/s; far below a 256 kbit/s clinic link); slower: 408.
+    pub body_min_rate_bytes_per_sec: u64,
+    /// Time before `body_min_rate_bytes_per_sec` applies.
+    pub body_rate_grace_secs: u64,
+    /// Overall deadline of an authenticated request body (0: none); tus
+    /// PATCH (resumable) has only the rate.
+    pub body_deadline_secs: u64,
+    /// Whole-body deadline of a body read before authentication (login,
+    /// refresh, any request without `Authorization`).
+    pub unauthenticated_body_deadline_secs: u64,
+    /// Largest body read before authentication (and never more than
+    /// `max_json_body`).
+    pub unauthenticated_max_body: usize,
+    /// Most bodies read before authentication at once (below
+    /// `max_connections`); beyond it 503 with `Retry-After`.
+    pub max_unauthenticated_bodies: usize,
     /// How often the expiry sweeper runs.
     pub sweep_interval_secs: u64,
 }
@@ -418,6 +439,13 @@ impl Default for HttpConfig {
             cors_origins: Vec::new(),
             hsts: false,
             max_connections: 1024,
+            max_connections_per_address: 64,
+            body_min_rate_bytes_per_sec: 2048,
+            body_rate_grace_secs: 10,
+            body_deadline_secs: 6 * 3600,
+            unauthenticated_body_deadline_secs: 5,
+            unauthenticated_max_body: 16 << 10,
+            max_unauthenticated_bodies: 128,
             sweep_interval_secs: 60,
         }
     }
@@ -595,6 +623,33 @@ impl Config {
                 "http.max_upload_size",
                 "must not exceed limits.max_file_size",
             );
+        }
+        if h.max_connections == 0
+            || h.max_connections_per_address == 0
+            || h.max_connections_per_address > h.max_connections
+        {
+            return inv(
+                "http.max_connections_per_address",
+                "must be 1..=http.max_connections",
+            );
+        }
+        if h.max_unauthenticated_bodies == 0 || h.max_unauthenticated_bodies >= h.max_connections {
+            return inv(
+                "http.max_unauthenticated_bodies",
+                "must be at least 1 and below http.max_connections",
+            );
+        }
+        if h.body_min_rate_bytes_per_sec == 0 || h.body_min_rate_bytes_per_sec > 1 << 20 {
+            return inv("http.body_min_rate_bytes_per_sec", "must be 1..=1 MiB");
+        }
+        if h.body_rate_grace_secs == 0 || h.body_rate_grace_secs > 600 {
+            return inv("http.body_rate_grace_secs", "must be 1..=600");
+        }
+        if h.unauthenticated_body_deadline_secs == 0 || h.unauthenticated_body_deadline_secs > 60 {
+            return inv("http.unauthenticated_body_deadline_secs", "must be 1..=60");
+        }
+        if h.unauthenticated_max_body < 1024 {
+            return inv("http.unauthenticated_max_body", "must be at least 1 KiB");
         }
         if h.max_parallel_patches_per_user == 0 || h.max_event_streams_per_user == 0 {
             return inv("http", "per-user limits must be at least 1");

@@ -304,6 +304,7 @@ pub async fn serve_with_metrics(
     // A scraper needs few connections; the API keeps its own cap.
     let metrics_cfg = HttpConfig {
         max_connections: 16,
+        max_connections_per_address: 16,
         ..cfg.clone()
     };
     let main = async {
@@ -325,8 +326,14 @@ pub async fn serve_with_metrics(
 pub fn app(state: AppState) -> Router {
     let cfg = state.config().http.clone();
     let access = Arc::new(MetricsAccess::main(&state));
+    // Innermost, so `observe` counts and logs its 408/413/503 answers.
+    let bodies = Arc::new(crate::body_guard::BodyGuard::new(&cfg));
     let mut router = crate::routes::router(state.clone())
         .layer(axum::middleware::from_fn_with_state(access, metrics_gate))
+        .layer(axum::middleware::from_fn_with_state(
+            bodies,
+            crate::body_guard::BodyGuard::middleware,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     if !cfg.cors_origins.is_empty() {
@@ -404,9 +411,96 @@ pub fn app(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
+/// Open connections per client address, capped.
+///
+/// Keyed on the TCP peer (never on `Forwarded`/`X-Forwarded-For`): the
+/// socket's IPv4 address, or the /64 of an IPv6 one (one host usually
+/// holds a whole /64). Only admitted connections are counted, so the map
+/// never has more than `max_connections` entries.
+#[derive(Debug)]
+pub struct AddressSlots {
+    cap: usize,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One admitted connection of an address; released on drop.
+#[derive(Debug)]
+pub struct AddressSlot {
+    slots: Arc<AddressSlots>,
+    key: std::net::IpAddr,
+}
+
+impl AddressSlots {
+    /// At most `cap` connections per address.
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cap,
+            open: Default::default(),
+        })
+    }
+
+    /// The counting key of `ip`.
+    fn key(ip: std::net::IpAddr) -> std::net::IpAddr {
+        match ip {
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.into(),
+                None => std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)).into(),
+            },
+            v4 => v4,
+        }
+    }
+
+    /// A slot for a new connection from `ip`, or `None` at the cap.
+    pub fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let key = Self::key(ip);
+        // A poisoned lock only means a panic elsewhere while counting; the
+        // counts themselves stay consistent (each update is one step).
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            slots: self.clone(),
+            key,
+        })
+    }
+
+    /// Connections open from `ip` now.
+    pub fn open(&self, ip: std::net::IpAddr) -> usize {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(&Self::key(ip)).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The answer to a connection over its address's cap, written without
+/// reading the request (the connection is closed right after).
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 5\r\nconnection: close\r\ncontent-length: 98\r\n\r\n{\"error\":{\"code\":\"RELAY_TOO_MANY_CONNECTIONS\",\"message\":\"too many connections from this address\"}}";
+
 /// Serve `app` on `listener` until `shutdown` resolves: HTTP/1.1 with the
-/// header-read timeout, header limits, a per-read body idle timeout and a
-/// connection cap. In-flight requests finish before this returns.
+/// header-read timeout, header limits, a per-read body idle timeout, a
+/// connection cap and a per-address connection cap (the body deadlines and
+/// rates are a route layer, [`crate::body_guard`]). In-flight requests
+/// finish before this returns.
+///
+/// A connection over its address's cap is answered 429 at once (without
+/// reading it) and closed, so it never waits for a slot in front of other
+/// clients; together with the unauthenticated body budget this keeps
+/// `/healthz` and authenticated clients served under a slow-body flood
+/// (see [`crate::body_guard`]).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -414,6 +508,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
+    let per_address = AddressSlots::new(cfg.max_connections_per_address);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -444,6 +539,13 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Admission by the TCP peer address, before anything else (a TLS
+        // handshake included) is spent on the connection.
+        let Some(slot) = per_address.admit(peer.ip()) else {
+            let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let svc = tower::ServiceBuilder::new()
             .layer(RequestBodyTimeoutLayer::new(body_idle))
@@ -458,6 +560,7 @@ pub async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
             drop(permit);
         });
     }
@@ -468,4 +571,43 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_slots_cap_each_address_and_release_on_drop() {
+        let slots = AddressSlots::new(2);
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let s1 = slots.admit(a).unwrap();
+        let _s2 = slots.admit(a).unwrap();
+        assert!(slots.admit(a).is_none());
+        let _t = slots.admit(b).unwrap();
+        drop(s1);
+        assert_eq!(slots.open(a), 1);
+        let _s3 = slots.admit(a).unwrap();
+        assert!(slots.admit(a).is_none());
+        // One IPv6 /64 is one address; the v4-mapped form is the v4 one.
+        let v6 = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let _u = slots.admit(v6("2001:db8::1")).unwrap();
+        let _v = slots.admit(v6("2001:db8::ffff:2")).unwrap();
+        assert!(slots.admit(v6("2001:db8::3")).is_none());
+        assert!(slots.admit(v6("2001:db8:0:1::3")).is_some());
+        assert!(slots.admit(v6("::ffff:10.0.0.1")).is_none());
+        drop(_t);
+        assert_eq!(slots.open(b), 0);
+        assert!(slots.open.lock().unwrap().get(&b).is_none());
+    }
+
+    #[test]
+    fn the_refusal_is_a_whole_http_answer() {
+        let text = std::str::from_utf8(TOO_MANY_CONNECTIONS).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "RELAY_TOO_MANY_CONNECTIONS");
+    }
 }

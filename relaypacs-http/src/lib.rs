@@ -14,6 +14,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod body_guard;
 pub mod config;
 pub mod disk;
 pub mod edges;
