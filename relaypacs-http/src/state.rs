@@ -16,7 +16,8 @@ use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
 
 use crate::admission::Admission;
 use crate::auth::{
-    FileUserStore, Hasher, LimiterConfig, LoginLimiter, TokenSettings, Tokens, TotpBox, UserStore,
+    FileUserStore, HashBudget, Hasher, LimiterConfig, LoginLimiter, TokenSettings, Tokens, TotpBox,
+    UserStore,
 };
 use crate::config::{Config, ConfigError};
 use crate::disk::Watermark;
@@ -167,8 +168,16 @@ impl AppState {
         )
         .map_err(store("refresh tokens"))?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let hasher = Hasher::new(a.argon2_memory_kib, a.argon2_iterations, 2 * cores)
-            .map_err(StartError::Other)?;
+        let hasher = Hasher::with_budget(
+            a.argon2_memory_kib,
+            a.argon2_iterations,
+            HashBudget {
+                memory_mib: a.hash_memory_budget_mib,
+                max_parallel: 2 * cores,
+                wait: std::time::Duration::from_millis(a.hash_wait_ms),
+            },
+        )
+        .map_err(StartError::Other)?;
         let limiter = LoginLimiter::new(LimiterConfig {
             per_address_per_minute: a.login_per_address_per_minute,
             lockout_after: a.lockout_after_failures,
