@@ -77,6 +77,35 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// STOW-RS multipart limits (`[stow]`).
     pub stow: StowConfig,
+    /// Terminate TLS here (`[tls]`); without it the server speaks plain
+    /// HTTP (behind a TLS proxy).
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS served by the gateway itself (`[tls]`), with rustls. The files are
+/// read at start and again on SIGHUP: new connections get the new
+/// certificate, open ones keep theirs; an unreadable or invalid new pair
+/// keeps the old one (and logs an error). A separate `[metrics] listen`
+/// stays plain HTTP (meant for loopback).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (PEM).
+    pub cert_file: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// Time allowed for the TLS handshake of a new connection.
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            handshake_timeout_secs: 10,
+        }
+    }
 }
 
 /// Exposure of `/metrics` (`[metrics]`). By default it is on the main
@@ -191,6 +220,12 @@ pub struct HttpConfig {
     pub cors_origins: Vec<String>,
     /// Send HSTS (only behind TLS).
     pub hsts: bool,
+    /// Proxies (CIDRs, e.g. `["10.0.0.0/8", "127.0.0.1/32"]`) whose
+    /// `Forwarded` / `X-Forwarded-For` headers are believed. Empty (the
+    /// default): those headers are ignored and the client address used for
+    /// rate limits, login caps and audit is the socket peer. See
+    /// [`crate::client_addr::client_address`].
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Most concurrent connections (excess ones wait in the listen queue).
     pub max_connections: usize,
     /// Most concurrent connections from one client address (the TCP peer;
@@ -281,8 +316,10 @@ pub struct DicomWebSinkConfig {
     /// A bearer token (instead of user and password).
     #[serde(skip_serializing)]
     pub token: Option<SecretString>,
-    /// Extra PEM root certificates (a hospital CA). Certificates are
-    /// always validated.
+    /// Extra PEM root certificates (a hospital CA), trusted in addition
+    /// to the system roots; without it only the system roots are. The
+    /// PACS certificate is always validated (never skipped); one that is
+    /// not trusted fails delivery permanently, naming TLS.
     pub ca_file: Option<PathBuf>,
     /// Connect timeout.
     pub connect_timeout_secs: u64,
@@ -417,6 +454,7 @@ impl Default for Config {
             outbox: OutboxConfig::default(),
             metrics: MetricsConfig::default(),
             stow: StowConfig::default(),
+            tls: None,
         }
     }
 }
@@ -438,6 +476,7 @@ impl Default for HttpConfig {
             min_free_bytes: None,
             cors_origins: Vec::new(),
             hsts: false,
+            trusted_proxies: Vec::new(),
             max_connections: 1024,
             max_connections_per_address: 64,
             body_min_rate_bytes_per_sec: 2048,
@@ -564,6 +603,14 @@ impl Config {
         }
         if self.sinks.is_empty() {
             return inv("sinks", "configure at least one sink");
+        }
+        if let Some(t) = &self.tls {
+            if t.cert_file.as_os_str().is_empty() || t.key_file.as_os_str().is_empty() {
+                return inv("tls", "set both cert_file and key_file");
+            }
+            if t.handshake_timeout_secs == 0 {
+                return inv("tls.handshake_timeout_secs", "must be at least 1");
+            }
         }
         for s in &self.sinks {
             match s {

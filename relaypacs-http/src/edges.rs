@@ -288,17 +288,19 @@ pub async fn bind_metrics(
     Ok(Some((listener, metrics_app(state.clone()))))
 }
 
-/// [`serve`] `app` on `listener`, and the metrics router on its own
-/// listener when there is one; both stop when `shutdown` resolves.
+/// [`serve`] `app` on `listener` (over `tls` when set), and the metrics
+/// router on its own listener (plain HTTP) when there is one; both stop
+/// when `shutdown` resolves.
 pub async fn serve_with_metrics(
     listener: TcpListener,
     app: Router,
     metrics: Option<(TcpListener, Router)>,
     cfg: &HttpConfig,
+    tls: Option<crate::tls::Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let Some((metrics_listener, metrics_router)) = metrics else {
-        return serve(listener, app, cfg, shutdown).await;
+        return serve(listener, app, cfg, tls, shutdown).await;
     };
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     // A scraper needs few connections; the API keeps its own cap.
@@ -308,13 +310,19 @@ pub async fn serve_with_metrics(
         ..cfg.clone()
     };
     let main = async {
-        let r = serve(listener, app, cfg, shutdown).await;
+        let r = serve(listener, app, cfg, tls, shutdown).await;
         let _ = stop.send(true);
         r
     };
-    let side = serve(metrics_listener, metrics_router, &metrics_cfg, async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    });
+    let side = serve(
+        metrics_listener,
+        metrics_router,
+        &metrics_cfg,
+        None,
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    );
     let (r, side) = tokio::join!(main, side);
     if let Err(e) = side {
         tracing::error!(error = %e, "metrics listener ended with an error");
@@ -505,6 +513,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     cfg: &HttpConfig,
+    tls: Option<crate::tls::Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
@@ -554,7 +563,10 @@ pub async fn serve(
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
                 req
             });
-        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+        // TLS (when configured): the handshake runs, under its deadline, on
+        // hyper's first read, in the connection's own task.
+        let io = crate::tls::MaybeTls::new(tls.as_ref(), stream);
+        let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

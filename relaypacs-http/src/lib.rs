@@ -15,6 +15,7 @@
 pub mod admission;
 pub mod auth;
 pub mod body_guard;
+pub mod client_addr;
 pub mod config;
 pub mod disk;
 pub mod edges;
@@ -25,6 +26,7 @@ pub mod notify;
 pub mod routes;
 pub mod state;
 pub mod stow_headers;
+pub mod tls;
 pub mod tus_headers;
 pub mod upload_id;
 
@@ -50,6 +52,8 @@ pub struct Server {
     sweeper: JoinHandle<()>,
     outbox: JoinHandle<()>,
     stop_outbox: oneshot::Sender<()>,
+    /// `[tls]`, and its SIGHUP reload task.
+    tls: Option<(tls::Tls, JoinHandle<()>)>,
 }
 
 impl Server {
@@ -80,6 +84,16 @@ impl Server {
             .local_addr()
             .map_err(|e| StartError::Other(e.to_string()))?;
         let metrics = edges::bind_metrics(&state).await?;
+        let tls = match &state.config().tls {
+            Some(c) => {
+                let t = tls::Tls::load(c).map_err(|e| StartError::Other(error_chain(&e)))?;
+                let hup = t.reload_on_sighup().map_err(|e| {
+                    StartError::Other(format!("cannot watch SIGHUP for TLS reload: {e}"))
+                })?;
+                Some((t, hup))
+            }
+            None => None,
+        };
         let mut ev = relaypacs_core::AuditEvent::new(
             "system",
             AuditAction::ApplicationStart,
@@ -96,8 +110,9 @@ impl Server {
         let (stop, rx) = oneshot::channel::<()>();
         let app = edges::app(state.clone());
         let cfg = state.config().http.clone();
+        let served_tls = tls.as_ref().map(|(t, _)| t.clone());
         let task = tokio::spawn(async move {
-            edges::serve_with_metrics(listener, app, metrics, &cfg, async {
+            edges::serve_with_metrics(listener, app, metrics, &cfg, served_tls, async {
                 let _ = rx.await;
             })
             .await
@@ -124,7 +139,26 @@ impl Server {
             sweeper,
             outbox,
             stop_outbox,
+            tls,
         })
+    }
+
+    /// Whether the server terminates TLS (`[tls]`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Reload the TLS certificate and key now, as SIGHUP does: new
+    /// connections get the new pair; on error the old one stays.
+    ///
+    /// # Errors
+    /// [`tls::TlsError`] for an unreadable or invalid pair; `Ok` without
+    /// `[tls]`.
+    pub fn reload_tls(&self) -> Result<(), tls::TlsError> {
+        match &self.tls {
+            Some((t, _)) => t.reload(),
+            None => Ok(()),
+        }
     }
 
     /// The bound address.
@@ -149,6 +183,9 @@ impl Server {
     pub async fn shutdown(self) {
         let _ = self.stop.send(());
         self.sweeper.abort();
+        if let Some((_, hup)) = &self.tls {
+            hup.abort();
+        }
         // The worker finishes the attempt in progress (its state is durable
         // either way) and stops.
         let _ = self.stop_outbox.send(());
@@ -171,6 +208,18 @@ impl Server {
             tracing::error!(error = %e, "could not record the application stop");
         }
     }
+}
+
+/// An error and its causes, `: `-separated (for a start error's text).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Expire idle sessions periodically.

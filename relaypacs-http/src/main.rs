@@ -156,7 +156,8 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        eprintln!("relaypacs: listening on http://{}", server.addr());
+        let scheme = if server.is_tls() { "https" } else { "http" };
+        eprintln!("relaypacs: listening on {scheme}://{}", server.addr());
         let stop = async {
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -53,8 +53,12 @@ pub struct DicomWebConfig {
     pub connect_timeout: Duration,
     /// Whole-request timeout (a STOW-RS batch must fit in it).
     pub request_timeout: Duration,
-    /// Extra PEM root certificates to trust (a hospital CA); the system
-    /// roots are always trusted and certificates are always validated.
+    /// Extra PEM root certificates to trust (a hospital CA), in addition
+    /// to the system roots (so a PACS moving to a publicly trusted
+    /// certificate keeps working). Without it only the system roots are
+    /// trusted. Certificates and host names are always validated; a PACS
+    /// whose certificate is not trusted is refused with a permanent error
+    /// naming TLS.
     pub ca_file: Option<PathBuf>,
     /// Most bytes of instances in one STOW-RS request.
     pub batch_bytes: u64,
@@ -140,9 +144,14 @@ impl DicomWebClient {
                     format!("PACS CA file {}: {e}", path.display()),
                 )
             })?;
-            for c in certs {
-                b = b.add_root_certificate(c);
+            if certs.is_empty() {
+                return Err(Error::invalid(
+                    "RELAY_PACS_CA",
+                    format!("PACS CA file {} holds no certificate", path.display()),
+                ));
             }
+            // Merged with the system roots (see `DicomWebConfig::ca_file`).
+            b = b.tls_certs_merge(certs);
         }
         let http = b.build().map_err(|e| {
             Error::invalid(
@@ -382,8 +391,24 @@ pub fn items_of<'a>(obj: &'a Value, tag: &str) -> &'a [Value] {
         .map_or(&[], Vec::as_slice)
 }
 
-/// A failure to talk to the PACS at all: always worth a retry.
+/// A failure to talk to the PACS. Worth a retry (transient), except when
+/// TLS refused the PACS (an untrusted, expired or misnamed certificate, no
+/// common protocol): that needs an operator (trust its CA with `ca_file`,
+/// fix its certificate or the URL), so it is permanent and says "TLS".
 pub(crate) fn transport(what: &str, e: reqwest::Error) -> Error {
+    if let Some(tls) = tls_cause(&e) {
+        let why = match tls {
+            rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+                "the PACS certificate is not trusted (configure its CA with ca_file, or fix \
+                 the certificate or the URL's host name)"
+            }
+            _ => "no secure connection could be agreed with the PACS",
+        };
+        return Error::pacs_permanent(
+            format!("{what}: TLS handshake refused: {why}"),
+            Some(Box::new(e)),
+        );
+    }
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -392,6 +417,27 @@ pub(crate) fn transport(what: &str, e: reqwest::Error) -> Error {
         "transfer failed"
     };
     Error::pacs_transient(format!("{what}: {kind}"), Some(Box::new(e)))
+}
+
+/// The TLS error somewhere in `e`'s chain of causes, if TLS failed.
+fn tls_cause(e: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        // tokio-rustls reports a handshake failure as an `io::Error` whose
+        // inner error is the `rustls::Error`, possibly wrapped in another
+        // `io::Error`; `io::Error::source` skips the inner error itself.
+        cur = match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    None
 }
 
 /// Whether an HTTP status from the PACS is worth a retry: timeouts, rate

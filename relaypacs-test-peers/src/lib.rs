@@ -18,6 +18,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod test_ca;
+pub use test_ca::{TestCa, TestCert};
+
 /// A random UID under the `2.25` root (UUID-derived, PS3.5 B.2).
 fn random_uid() -> String {
     format!("2.25.{}", rand::random::<u128>())
@@ -170,6 +173,38 @@ impl Drop for S3Server {
     }
 }
 
+/// Debian 12's Orthanc serves HTTPS through civetweb 1.15, which loads
+/// `libssl.so` with `dlopen` and looks up `SSL_get_peer_certificate` by
+/// name; OpenSSL 3 only has it as a macro, so civetweb calls a null
+/// pointer and Orthanc dies on the first HTTPS request. This builds, in
+/// `dir`, a `libssl.so` that depends on the real `libssl.so.3` (which
+/// serves every other symbol) and adds that one function, forwarding to
+/// `SSL_get1_peer_certificate`; Orthanc finds it through
+/// `LD_LIBRARY_PATH`. Orthanc's TLS itself is untouched.
+fn build_civetweb_ssl_shim(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("shim dir");
+    let src = dir.join("shim.c");
+    std::fs::write(
+        &src,
+        "typedef struct ssl_st SSL;\ntypedef struct x509_st X509;\n\
+         X509 *SSL_get1_peer_certificate(const SSL *s);\n\
+         X509 *SSL_get_peer_certificate(const SSL *s) { return SSL_get1_peer_certificate(s); }\n",
+    )
+    .expect("write shim");
+    let out = Command::new(tool("cc"))
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(dir.join("libssl.so"))
+        .arg(&src)
+        .arg("-l:libssl.so.3")
+        .output()
+        .expect("run cc");
+    assert!(
+        out.status.success(),
+        "building the civetweb libssl shim failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Options for a test [`Orthanc`].
 #[derive(Clone, Debug, Default)]
 pub struct OrthancOptions {
@@ -199,6 +234,8 @@ pub struct Orthanc {
     dir: tempfile::TempDir,
     /// `DicomAlwaysAllowGet`: any calling AE may retrieve by C-GET.
     allow_get: bool,
+    /// HTTPS with this certificate (curl trusts its CA).
+    tls: Option<TestCert>,
 }
 
 impl Orthanc {
@@ -209,7 +246,14 @@ impl Orthanc {
 
     /// Start a fresh Orthanc with options.
     pub fn start_with(options: OrthancOptions) -> Self {
-        Self::start_configured(options, false)
+        Self::start_configured(options, false, None)
+    }
+
+    /// Start a fresh Orthanc that serves HTTPS only (`SslEnabled`) with
+    /// `cert`: [`url`](Self::url) and [`dicomweb`](Self::dicomweb) are
+    /// `https://` URLs and its own checks (curl) trust `cert.ca_file`.
+    pub fn start_tls(options: OrthancOptions, cert: TestCert) -> Self {
+        Self::start_configured(options, false, Some(cert))
     }
 
     /// Start a fresh Orthanc with options that also lets any calling AE
@@ -217,10 +261,10 @@ impl Orthanc {
     /// it has registered. Without it, Orthanc accepts the C-GET context
     /// and aborts the association on the request.
     pub fn start_with_get(options: OrthancOptions) -> Self {
-        Self::start_configured(options, true)
+        Self::start_configured(options, true, None)
     }
 
-    fn start_configured(options: OrthancOptions, allow_get: bool) -> Self {
+    fn start_configured(options: OrthancOptions, allow_get: bool, tls: Option<TestCert>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut o = Self {
             http_port: free_port(),
@@ -231,6 +275,7 @@ impl Orthanc {
             child: None,
             dir,
             allow_get,
+            tls,
         };
         // A port can still be taken between `free_port` and Orthanc's bind
         // (by another process); then whatever answers is not this Orthanc.
@@ -269,6 +314,16 @@ impl Orthanc {
             None => "[]".into(),
         };
         let plugin = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so";
+        let ssl = match &self.tls {
+            Some(t) => {
+                build_civetweb_ssl_shim(&root.join("ssl-shim"));
+                format!(
+                    "\"SslEnabled\": true, \"SslCertificate\": {:?},",
+                    t.combined_file.display().to_string()
+                )
+            }
+            None => "\"SslEnabled\": false,".into(),
+        };
         let config = format!(
             r#"{{
   "Name": "relaypacs-test",
@@ -280,6 +335,7 @@ impl Orthanc {
   "ConcurrentJobs": 2,
   "HttpServerEnabled": true,
   "HttpPort": {http},
+  {ssl}
   "RemoteAccessAllowed": false,
   "AuthenticationEnabled": true,
   "RegisteredUsers": {{ {user:?}: {password:?} }},
@@ -299,7 +355,7 @@ impl Orthanc {
   "DicomAlwaysAllowGet": {allow_get},
   "UnknownSopClassAccepted": false,
   "DicomWeb": {{ "Enable": true, "Root": "/dicom-web/", "EnableWado": true,
-                 "WadoRoot": "/wado", "Host": "127.0.0.1:{http}", "Ssl": false }}
+                 "WadoRoot": "/wado", "Host": "127.0.0.1:{http}", "Ssl": {https} }}
 }}"#,
             db = root.join("db").display().to_string(),
             http = self.http_port,
@@ -308,6 +364,7 @@ impl Orthanc {
             password = self.password,
             aet = self.aet,
             allow_get = self.allow_get,
+            https = self.tls.is_some(),
         );
         std::fs::write(root.join("orthanc.json"), config).expect("write orthanc.json");
     }
@@ -330,7 +387,12 @@ impl Orthanc {
         assert!(self.child.is_none(), "orthanc is already running");
         let bin = tool("Orthanc");
         let root = self.dir.path();
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if self.tls.is_some() {
+            // See `build_civetweb_ssl_shim`.
+            cmd.env("LD_LIBRARY_PATH", root.join("ssl-shim"));
+        }
+        let child = cmd
             .arg(format!("--logfile={}", root.join("orthanc.log").display()))
             .arg(root.join("orthanc.json"))
             .stdin(Stdio::null())
@@ -372,12 +434,13 @@ impl Orthanc {
         self.configure(options);
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` when started with TLS).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.http_port)
     }
 
-    /// The DICOMweb root, `http://127.0.0.1:<port>/dicom-web`.
+    /// The DICOMweb root, `<url>/dicom-web`.
     pub fn dicomweb(&self) -> String {
         format!("{}/dicom-web", self.url())
     }
@@ -392,6 +455,9 @@ impl Orthanc {
             .arg(&out)
             .args(["-w", "%{http_code}", "-H", "Expect:", "-u"])
             .arg(format!("{}:{}", self.user, self.password));
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert").arg(&t.ca_file);
+        }
         if let Some(b) = body {
             let inp = dir.path().join("in");
             std::fs::write(&inp, b).expect("write body");

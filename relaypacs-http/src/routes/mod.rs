@@ -20,18 +20,32 @@ use crate::auth::Role;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// The client's address (socket peer), for audit records and throttling.
+/// The client's address, for audit records and throttling: the socket
+/// peer, or what trusted proxies report (`http.trusted_proxies`, see
+/// [`crate::client_addr::client_address`]).
 #[derive(Debug, Clone)]
 pub struct ClientAddr(pub String);
 
-impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+impl<S> FromRequestParts<S> for ClientAddr
+where
+    S: Send + Sync,
+    std::sync::Arc<crate::Config>: axum::extract::FromRef<S>,
+{
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let config = <std::sync::Arc<crate::Config> as axum::extract::FromRef<S>>::from_ref(state);
         Ok(Self(
             parts
                 .extensions
                 .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip().to_string())
+                .map(|c| {
+                    crate::client_addr::client_address(
+                        c.0.ip(),
+                        &parts.headers,
+                        &config.http.trusted_proxies,
+                    )
+                    .to_string()
+                })
                 .unwrap_or_else(|| "unknown".into()),
         ))
     }
