@@ -211,6 +211,8 @@ pub struct HttpConfig {
     pub max_parallel_patches_per_user: usize,
     /// Unfinished uploads per user.
     pub max_open_uploads_per_user: usize,
+    /// Open study sessions per user (the pipeline's cap; beyond: 429).
+    pub max_open_sessions_per_user: u32,
     /// Open event streams per user.
     pub max_event_streams_per_user: usize,
     /// Free bytes that must remain on the data volume after a new upload is
@@ -472,6 +474,7 @@ impl Default for HttpConfig {
             max_upload_size: 2 << 30,
             max_parallel_patches_per_user: 4,
             max_open_uploads_per_user: 64,
+            max_open_sessions_per_user: 64,
             max_event_streams_per_user: 5,
             min_free_bytes: None,
             cors_origins: Vec::new(),
@@ -792,6 +795,7 @@ impl Config {
                 ..Default::default()
             },
             duplicates: self.ingest.duplicates,
+            max_open_sessions_per_user: self.http.max_open_sessions_per_user,
             ..PipelineConfig::default()
         }
     }

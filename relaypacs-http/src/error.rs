@@ -114,6 +114,11 @@ pub fn status_of(e: &Error) -> StatusCode {
             } => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::BAD_REQUEST,
         },
+        // A per-user cap (open sessions): retry once one of them ends.
+        ErrorKind::LimitExceeded if matches!(root, Error::TooMany { .. }) => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
+        // A size limit of the payload.
         ErrorKind::LimitExceeded => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::Integrity => match root {
             Error::Integrity(IntegrityError::ChunkLength { .. }) => StatusCode::BAD_REQUEST,
@@ -151,7 +156,10 @@ impl From<Error> for ApiError {
             _ => e.to_string(),
         };
         let mut out = ApiError::new(status, e.code(), message);
-        if e.is_retryable() || status == StatusCode::SERVICE_UNAVAILABLE {
+        if e.is_retryable()
+            || status == StatusCode::SERVICE_UNAVAILABLE
+            || status == StatusCode::TOO_MANY_REQUESTS
+        {
             out.retry_after = Some(5);
         }
         out

@@ -207,6 +207,10 @@ impl Server {
         if let Err(e) = self.state.audit_event(ev).await {
             tracing::error!(error = %e, "could not record the application stop");
         }
+        // Anchor the trail's head at stop (a cut tail is then detected).
+        if let Err(e) = self.state.audit().close().await {
+            tracing::error!(error = %e, "could not close the audit trail");
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use relaypacs_core::{
     Actor, AuditAction, AuditEvent, AuditOutcome, AuditSink, ChunkStore, FileState, PacsSink,
     Pipeline, SessionState, SessionStore,
 };
+use relaypacs_core::pipeline::GaugeFn;
 use relaypacs_pacs::{CStoreSink, DicomWebReports, FanOutSink, LocalArchiveSink, StowSink};
 use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
 
@@ -146,6 +147,23 @@ impl AppState {
         });
         let audit = a.audit.clone();
         let pipeline = Pipeline::new(a.chunks, a.sessions, a.sink, a.audit, config.pipeline());
+        let watermark = Watermark {
+            path: root.clone(),
+            configured: config.http.min_free_bytes,
+            max_upload: config.http.max_upload_size,
+        };
+        // New study sessions are refused (507) below the disk watermark.
+        let gauge = watermark.clone();
+        pipeline
+            .set_storage_gauge(Arc::new(GaugeFn(move |n| match gauge.admit(n) {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((free, min))) => Err(relaypacs_core::Error::InsufficientStorage {
+                    needed: n,
+                    reason: format!("{free} bytes free, {min} must stay free"),
+                }),
+                Err(e) => Err(relaypacs_core::Error::io("measuring free disk space", e)),
+            })))
+            .map_err(store("storage gauge"))?;
         if let Some(r) = config.reports_source() {
             let src = DicomWebReports::new(&r.to_dicomweb()?).map_err(store("report source"))?;
             pipeline
@@ -188,11 +206,6 @@ impl AppState {
         let spool = root.join("spool");
         relaypacs_storage::fs::create_dir_durable(&spool).map_err(store("spool"))?;
         relaypacs_storage::fs::sweep_temp(&spool).map_err(store("spool"))?;
-        let watermark = Watermark {
-            path: root.clone(),
-            configured: config.http.min_free_bytes,
-            max_upload: config.http.max_upload_size,
-        };
         let state = Self {
             inner: Arc::new(Inner {
                 totp: TotpBox::new(&secret),
