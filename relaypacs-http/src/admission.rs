@@ -24,7 +24,55 @@ struct Counters {
     /// Per-user open event streams.
     streams: Mutex<HashMap<String, usize>>,
     /// Per-user unfinished uploads.
-    open_uploads: Mutex<HashMap<String, HashSet<UploadId>>>,
+    /// Per user: the unfinished uploads, and the slots reserved by
+    /// creations in progress (one lock: check and reserve are one step).
+    open_uploads: Mutex<HashMap<String, UserUploads>>,
+}
+
+#[derive(Debug, Default)]
+struct UserUploads {
+    ids: HashSet<UploadId>,
+    reserved: usize,
+}
+
+impl UserUploads {
+    fn count(&self) -> usize {
+        self.ids.len() + self.reserved
+    }
+}
+
+/// A slot for one new upload of a user, taken before the upload exists so
+/// that concurrent creations cannot pass the cap together. [`commit`]
+/// turns it into the upload; dropping it without releases the slot.
+///
+/// [`commit`]: UploadSlot::commit
+#[derive(Debug)]
+pub struct UploadSlot {
+    admission: Admission,
+    user: String,
+    held: bool,
+}
+
+impl UploadSlot {
+    /// The upload now exists: count it instead of the reservation.
+    pub fn commit(mut self, upload: UploadId) {
+        let mut m = lock(&self.admission.inner.open_uploads);
+        let u = m.entry(self.user.clone()).or_default();
+        u.reserved = u.reserved.saturating_sub(1);
+        u.ids.insert(upload);
+        self.held = false;
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        if self.held {
+            let mut m = lock(&self.admission.inner.open_uploads);
+            if let Some(u) = m.get_mut(&self.user) {
+                u.reserved = u.reserved.saturating_sub(1);
+            }
+        }
+    }
 }
 
 /// One open event stream of a user; the slot is freed when dropped.
@@ -76,7 +124,7 @@ impl Admission {
     pub fn open_uploads(&self, user: &str) -> usize {
         lock(&self.inner.open_uploads)
             .get(user)
-            .map_or(0, HashSet::len)
+            .map_or(0, UserUploads::count)
     }
 
     /// Count `upload` as one of `user`'s unfinished uploads.
@@ -84,26 +132,46 @@ impl Admission {
         lock(&self.inner.open_uploads)
             .entry(user.to_string())
             .or_default()
+            .ids
             .insert(upload);
+    }
+
+    /// Reserve a slot for a new upload of `user` when fewer than `max`
+    /// are open or reserved; checked and taken under one lock.
+    pub fn reserve_upload(&self, user: &str, max: usize) -> Option<UploadSlot> {
+        let mut m = lock(&self.inner.open_uploads);
+        let u = m.entry(user.to_string()).or_default();
+        if u.count() >= max {
+            return None;
+        }
+        u.reserved += 1;
+        Some(UploadSlot {
+            admission: self.clone(),
+            user: user.to_string(),
+            held: true,
+        })
     }
 
     /// Replace every count of unfinished uploads (at start-up).
     pub fn set_open_uploads(&self, uploads: HashMap<String, HashSet<UploadId>>) {
-        *lock(&self.inner.open_uploads) = uploads;
+        let mut m = lock(&self.inner.open_uploads);
+        for (user, ids) in uploads {
+            m.entry(user).or_default().ids = ids;
+        }
     }
 
     /// Stop counting `upload` (finished, refused or terminated).
     pub fn forget_upload(&self, upload: UploadId) {
-        for set in lock(&self.inner.open_uploads).values_mut() {
-            set.remove(&upload);
+        for u in lock(&self.inner.open_uploads).values_mut() {
+            u.ids.remove(&upload);
         }
     }
 
     /// Stop counting every upload of `session` (completed, aborted or
     /// expired).
     pub fn forget_session(&self, session: SessionId) {
-        for set in lock(&self.inner.open_uploads).values_mut() {
-            set.retain(|u| u.session() != session);
+        for u in lock(&self.inner.open_uploads).values_mut() {
+            u.ids.retain(|u| u.session() != session);
         }
     }
 }
@@ -135,6 +203,21 @@ mod tests {
         assert!(a.patch_permit("ann", 1).is_none());
         drop(p1);
         assert!(a.patch_permit("ann", 1).is_some());
+
+        // Reservations count against the cap; a dropped one is released,
+        // a committed one becomes the upload.
+        let r1 = a.reserve_upload("cy", 2).unwrap();
+        let r2 = a.reserve_upload("cy", 2).unwrap();
+        assert!(a.reserve_upload("cy", 2).is_none());
+        drop(r1);
+        assert_eq!(a.open_uploads("cy"), 1);
+        r2.commit(u3);
+        assert_eq!(a.open_uploads("cy"), 1);
+        let r3 = a.reserve_upload("cy", 2).unwrap();
+        assert!(a.reserve_upload("cy", 2).is_none());
+        drop(r3);
+        a.forget_upload(u3);
+        assert_eq!(a.open_uploads("cy"), 0);
 
         let s = a.open_stream("ann", 1).unwrap();
         assert!(a.open_stream("ann", 1).is_none());

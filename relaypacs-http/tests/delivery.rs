@@ -484,12 +484,24 @@ async fn reports_notify_the_uploader_and_only_they_can_fetch_them() {
                 && e.detail.contains(&sop)
                 && e.outcome == relaypacs_core::AuditOutcome::Success)
     );
+    // The refused fetch is audited once (aggregated denials: a Security
+    // Alert naming the actor, the attempt and the object), as a failure.
+    let denied: Vec<_> = audit
+        .iter()
+        .filter(|e| {
+            e.action == relaypacs_core::AuditAction::SecurityAlert
+                && e.user == other.id
+                && e.outcome != relaypacs_core::AuditOutcome::Success
+                && e.detail.contains("denied read_report")
+                && e.detail.contains(&format!("session {sid}"))
+        })
+        .collect();
+    assert_eq!(denied.len(), 1, "{audit:#?}");
     assert!(
-        audit
-            .iter()
-            .any(|e| e.action == relaypacs_core::AuditAction::DataAccessed
-                && e.user != u.id
-                && e.outcome != relaypacs_core::AuditOutcome::Success)
+        !audit.iter().any(|e| e.user == other.id
+            && e.outcome == relaypacs_core::AuditOutcome::Success
+            && e.action == relaypacs_core::AuditAction::DataAccessed),
+        "the other user accessed nothing"
     );
     t.stop().await;
 }

@@ -408,13 +408,19 @@ pub async fn create(
         })?),
         None => None,
     };
-    if state.admission().open_uploads(&user.id) >= state.config().http.max_open_uploads_per_user {
+    // Check and reserve in one step, before any await: a burst of
+    // creations cannot pass the cap together. The slot is released when
+    // the creation fails (dropped), kept as the upload when it succeeds.
+    let Some(slot) = state
+        .admission()
+        .reserve_upload(&user.id, state.config().http.max_open_uploads_per_user)
+    else {
         return Err(ApiError::too_many(
             "RELAY_TOO_MANY_OPEN_UPLOADS",
             "too many unfinished uploads; finish or delete some",
             60,
         ));
-    }
+    };
     match state.watermark().admit(length) {
         Ok(Ok(_)) => {}
         Ok(Err((free, min))) => {
@@ -454,7 +460,7 @@ pub async fn create(
         )
         .await?;
     let id = UploadId::new(sid, file.id);
-    state.admission().track_upload(&user.id, id);
+    slot.commit(id);
     state.metrics().uploads_created.inc();
     let with_body = headers
         .get(header::CONTENT_TYPE)
