@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real peers the tests talk to, idempotently:
 #   dcmtk (DICOM tools), orthanc + orthanc-dicomweb (PACS), redis-server,
+#   rsyslog + rsyslog-gnutls (syslog collector over TLS, RFC 5425),
 #   s3s-fs 0.14.1 (S3-compatible server that checks signatures and checksums),
 #   the tus clients tuspy (PyPI, in a venv) and tus-js-client + @tus/server
 #   (npm, clients/node/node_modules), pinned by clients/.
@@ -22,6 +23,8 @@ if [[ "$what" == all || "$what" == apt ]]; then
   command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
   [[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need_apt+=(orthanc-dicomweb)
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+  command -v rsyslogd >/dev/null 2>&1 || need_apt+=(rsyslog)
+  [[ -n "$(find /usr/lib -name lmnsd_gtls.so -print -quit 2>/dev/null)" ]] || need_apt+=(rsyslog-gnutls)
   if (( ${#need_apt[@]} )); then
     echo "install-peers: apt-get install ${need_apt[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -80,6 +80,138 @@ pub struct Config {
     /// Terminate TLS here (`[tls]`); without it the server speaks plain
     /// HTTP (behind a TLS proxy).
     pub tls: Option<TlsConfig>,
+    /// The audit trail (`[audit]`): forwarding to a syslog collector.
+    pub audit: AuditConfig,
+}
+
+/// The audit trail (`[audit]`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Forward every audit event to a syslog collector over TLS
+    /// (`[audit.syslog]`); off when absent.
+    pub syslog: Option<SyslogConfig>,
+}
+
+/// Forwarding of the audit trail to a syslog collector over TLS
+/// (`[audit.syslog]`; RFC 5424 messages, RFC 5425 transport, DICOM
+/// PS3.15 A.6). The local trail stays the record: forwards wait in a
+/// bounded queue while the collector is away, and are dropped (counted,
+/// logged once per outage) beyond it; recording never waits for it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogConfig {
+    /// The collector, `host:port`.
+    pub address: String,
+    /// The name its certificate must carry (DNS name or IP address).
+    pub server_name: String,
+    /// PEM file of the CA(s) trusted for the collector (the only ones).
+    pub ca_file: PathBuf,
+    /// Client certificate chain (PEM) for mutual TLS, with `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// Forwards held while the collector is away (default 10,000).
+    #[serde(default = "default_syslog_queue")]
+    pub queue: usize,
+    /// Syslog facility, 0–23 (default 10, security/authorization).
+    #[serde(default = "default_syslog_facility")]
+    pub facility: u8,
+    /// MSG content: `dicom-xml` (PS3.15 A.5 audit message, the default) or
+    /// `json` (the event as recorded).
+    #[serde(default)]
+    pub format: SyslogMessageFormat,
+    /// Send the trail's chain head this often when it moved (default 60);
+    /// 0: only at stop.
+    #[serde(default = "default_syslog_anchor_secs")]
+    pub anchor_interval_secs: u64,
+}
+
+/// MSG content of forwarded audit events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyslogMessageFormat {
+    /// DICOM PS3.15 A.5 audit message (XML).
+    #[default]
+    DicomXml,
+    /// The audit event as JSON.
+    Json,
+}
+
+fn default_syslog_queue() -> usize {
+    10_000
+}
+
+fn default_syslog_facility() -> u8 {
+    10
+}
+
+fn default_syslog_anchor_secs() -> u64 {
+    60
+}
+
+impl SyslogConfig {
+    /// The forwarding settings of `relaypacs-storage`.
+    pub fn to_forwarding(&self) -> relaypacs_storage::SyslogConfig {
+        let mut c = relaypacs_storage::SyslogConfig::new(
+            self.address.clone(),
+            self.server_name.clone(),
+            self.ca_file.clone(),
+        );
+        c.client_cert_file = self.client_cert_file.clone();
+        c.client_key_file = self.client_key_file.clone();
+        c.queue = self.queue;
+        c.facility = self.facility;
+        c.format = match self.format {
+            SyslogMessageFormat::DicomXml => {
+                relaypacs_storage::syslog_audit::SyslogFormat::DicomXml
+            }
+            SyslogMessageFormat::Json => relaypacs_storage::syslog_audit::SyslogFormat::Json,
+        };
+        c.anchor_interval = (self.anchor_interval_secs > 0)
+            .then(|| std::time::Duration::from_secs(self.anchor_interval_secs));
+        c
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let inv = |field: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if self
+            .address
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return inv("audit.syslog.address", "must be host:port");
+        }
+        if self.server_name.is_empty() {
+            return inv(
+                "audit.syslog.server_name",
+                "must name the collector's certificate",
+            );
+        }
+        if self.ca_file.as_os_str().is_empty() {
+            return inv("audit.syslog.ca_file", "must name a PEM file");
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            return inv(
+                "audit.syslog.client_cert_file",
+                "set both client_cert_file and client_key_file, or neither",
+            );
+        }
+        if self.queue == 0 || self.queue > 1_000_000 {
+            return inv("audit.syslog.queue", "must be 1..=1000000");
+        }
+        if self.facility > 23 {
+            return inv("audit.syslog.facility", "must be 0..=23");
+        }
+        Ok(())
+    }
 }
 
 /// TLS served by the gateway itself (`[tls]`), with rustls. The files are
@@ -457,6 +589,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             stow: StowConfig::default(),
             tls: None,
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -606,6 +739,9 @@ impl Config {
         }
         if self.sinks.is_empty() {
             return inv("sinks", "configure at least one sink");
+        }
+        if let Some(s) = &self.audit.syslog {
+            s.validate()?;
         }
         if let Some(t) = &self.tls {
             if t.cert_file.as_os_str().is_empty() || t.key_file.as_os_str().is_empty() {
@@ -943,5 +1079,61 @@ fn read_or_create_secret_file(
             Ok(SecretString::from(value))
         }
         Err(e) => Err(io(e)),
+    }
+}
+
+#[cfg(test)]
+mod syslog_config_tests {
+    use super::*;
+
+    fn load(toml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("relaypacs.toml");
+        std::fs::write(&f, toml).unwrap();
+        Config::load(Some(&f))
+    }
+
+    #[test]
+    fn audit_syslog_section_parses_with_defaults() {
+        let c = load(
+            "[audit.syslog]\naddress = \"logs.example.org:6514\"\nserver_name = \"logs.example.org\"\nca_file = \"/etc/relaypacs/syslog-ca.pem\"\n",
+        )
+        .unwrap();
+        let s = c.audit.syslog.unwrap();
+        assert_eq!(
+            (s.queue, s.facility, s.anchor_interval_secs),
+            (10_000, 10, 60)
+        );
+        assert_eq!(s.format, SyslogMessageFormat::DicomXml);
+        let f = s.to_forwarding();
+        assert_eq!(f.address, "logs.example.org:6514");
+        assert_eq!(f.anchor_interval, Some(std::time::Duration::from_secs(60)));
+        assert!(Config::default().audit.syslog.is_none());
+    }
+
+    #[test]
+    fn audit_syslog_section_is_validated() {
+        let base = "[audit.syslog]\nserver_name = \"l\"\nca_file = \"/ca.pem\"\n";
+        for (extra, field) in [
+            ("address = \"no-port\"\n", "audit.syslog.address"),
+            ("address = \"h:1\"\nqueue = 0\n", "audit.syslog.queue"),
+            (
+                "address = \"h:1\"\nfacility = 24\n",
+                "audit.syslog.facility",
+            ),
+            (
+                "address = \"h:1\"\nclient_cert_file = \"/c.pem\"\n",
+                "audit.syslog.client_cert_file",
+            ),
+        ] {
+            match load(&format!("{base}{extra}")) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            load(&format!("{base}address = \"h:1\"\nformat = \"xml\"\n")),
+            Err(ConfigError::Parse(_))
+        ));
     }
 }

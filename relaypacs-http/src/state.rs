@@ -138,12 +138,26 @@ impl AppState {
             FileSessionStore::open(root.join("sessions")).map_err(store("session store"))?;
         let audit = JsonlAuditSink::open(root.join("audit").join("audit.jsonl"))
             .map_err(store("audit trail"))?;
+        // Optional forwarding of the trail to a syslog collector over TLS
+        // (`[audit.syslog]`); the local trail stays the record.
+        let audit: Arc<dyn AuditSink> = match &config.audit.syslog {
+            Some(s) => Arc::new(
+                relaypacs_storage::SyslogForwardingSink::with_chain(audit, s.to_forwarding())
+                    .map_err(|e| {
+                        let cause = std::error::Error::source(&e)
+                            .map(|c| format!(": {c}"))
+                            .unwrap_or_default();
+                        StartError::Other(format!("audit.syslog: {e}{cause}"))
+                    })?,
+            ),
+            None => Arc::new(audit),
+        };
         let sink = open_sinks(&config)?;
         let a = adapt(Adapters {
             chunks: Arc::new(chunks),
             sessions: Arc::new(sessions),
             sink,
-            audit: Arc::new(audit),
+            audit,
         });
         let audit = a.audit.clone();
         let pipeline = Pipeline::new(a.chunks, a.sessions, a.sink, a.audit, config.pipeline());

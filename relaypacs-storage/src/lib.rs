@@ -8,6 +8,8 @@
 //! - `ObjectStoreChunkStore` (feature `object-store`, off by default):
 //!   chunks in any `object_store` backend (in-memory, local; S3 and
 //!   compatibles with feature `aws`).
+//! - [`SyslogForwardingSink`] (feature `syslog`, on by default): an audit
+//!   sink decorator forwarding the trail to a syslog collector over TLS.
 
 pub mod audit_anchor;
 pub mod audit_export;
@@ -17,6 +19,8 @@ mod local_chunks;
 mod local_sessions;
 #[cfg(feature = "object-store")]
 mod object_store_chunks;
+#[cfg(feature = "syslog")]
+pub mod syslog_audit;
 
 pub use local_audit::{
     AuditTrailOptions, ChainError, ChainErrorKind, ChainHead, JsonlAuditSink, read_verified_events,
@@ -31,3 +35,5 @@ pub use local_sessions::FileSessionStore;
 pub use object_store;
 #[cfg(feature = "object-store")]
 pub use object_store_chunks::ObjectStoreChunkStore;
+#[cfg(feature = "syslog")]
+pub use syslog_audit::{SyslogConfig, SyslogForwardingSink};

@@ -582,3 +582,199 @@ impl Drop for StoreScp {
         let _ = self.child.wait();
     }
 }
+
+/// rsyslogd as a syslog collector over TLS (RFC 5425: `imtcp` with the
+/// GnuTLS stream driver, octet-counted framing) on a free loopback port,
+/// presenting a [`TestCert`], accepting any client (`AuthMode="anon"`) or
+/// only those with a certificate from the same CA ([`start_mutual`](Self::start_mutual)).
+/// Every message is written to a file, one JSON object per line, with the
+/// fields rsyslog's RFC 5424 parser found. [`stop`](Self::stop) kills it;
+/// [`start_again`](Self::start_again) brings it back on the same port.
+/// Killed on drop.
+#[derive(Debug)]
+pub struct Rsyslog {
+    /// Its TLS port on 127.0.0.1.
+    pub port: u16,
+    cert: TestCert,
+    /// `StreamDriver.AuthMode`: `anon`, or `x509/certvalid` (clients must
+    /// present a certificate from the same CA).
+    auth_mode: &'static str,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+/// One message as rsyslog received and parsed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyslogLine {
+    /// PRI (facility × 8 + severity).
+    pub pri: u8,
+    /// HOSTNAME.
+    pub hostname: String,
+    /// APP-NAME.
+    pub app_name: String,
+    /// PROCID.
+    pub procid: String,
+    /// MSGID.
+    pub msgid: String,
+    /// STRUCTURED-DATA as sent (`-` when none).
+    pub structured_data: String,
+    /// MSG (a leading UTF-8 BOM removed).
+    pub msg: String,
+    /// The whole SYSLOG-MSG as received.
+    pub raw: String,
+}
+
+impl Rsyslog {
+    /// Start one presenting `cert` (its key and chain), accepting any client.
+    pub fn start(cert: TestCert) -> Self {
+        Self::start_auth(cert, "anon")
+    }
+
+    /// Start one presenting `cert` that accepts only clients presenting a
+    /// certificate issued by `cert`'s CA (mutual TLS, `x509/certvalid`).
+    pub fn start_mutual(cert: TestCert) -> Self {
+        Self::start_auth(cert, "x509/certvalid")
+    }
+
+    fn start_auth(cert: TestCert, auth_mode: &'static str) -> Self {
+        let mut r = Self {
+            port: free_port(),
+            cert,
+            auth_mode,
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        r.configure();
+        r.start_again();
+        r
+    }
+
+    fn out_file(&self) -> PathBuf {
+        self.dir.path().join("received.jsonl")
+    }
+
+    fn configure(&self) {
+        let d = self.dir.path();
+        std::fs::create_dir_all(d.join("work")).expect("work dir");
+        let q = |p: &Path| p.display().to_string();
+        // `:::json` escapes each property for a JSON string (newlines
+        // included); control characters are kept on receive so the MSG
+        // arrives as sent.
+        let conf = format!(
+            r#"global(workDirectory="{work}" maxMessageSize="64k"
+  parser.escapeControlCharactersOnReceive="off"
+  DefaultNetstreamDriver="gtls"
+  DefaultNetstreamDriverCAFile="{ca}"
+  DefaultNetstreamDriverCertFile="{cert}"
+  DefaultNetstreamDriverKeyFile="{key}")
+module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="{auth}")
+template(name="fields" type="string"
+  string="{{\"pri\":\"%pri:::json%\",\"hostname\":\"%hostname:::json%\",\"app_name\":\"%app-name:::json%\",\"procid\":\"%procid:::json%\",\"msgid\":\"%msgid:::json%\",\"sd\":\"%structured-data:::json%\",\"msg\":\"%msg:::json%\",\"raw\":\"%rawmsg:::json%\"}}\n")
+ruleset(name="collect") {{
+  action(type="omfile" file="{out}" template="fields" flushOnTXEnd="on" asyncWriting="off")
+}}
+input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="collect")
+"#,
+            work = q(&d.join("work")),
+            ca = q(&self.cert.ca_file),
+            cert = q(&self.cert.cert_file),
+            key = q(&self.cert.key_file),
+            out = q(&self.out_file()),
+            port = self.port,
+            auth = self.auth_mode,
+        );
+        std::fs::write(d.join("rsyslog.conf"), conf).expect("write rsyslog.conf");
+    }
+
+    /// Start (again) on the same port; waits until it listens.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "rsyslogd already running");
+        let d = self.dir.path();
+        let log = std::fs::File::create(d.join("rsyslogd.log")).expect("log file");
+        let child = Command::new(tool("rsyslogd"))
+            .arg("-n")
+            .arg("-f")
+            .arg(d.join("rsyslog.conf"))
+            .arg("-i")
+            .arg(d.join("rsyslogd.pid"))
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("start rsyslogd");
+        self.child = Some(child);
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("rsyslogd exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "rsyslogd does not listen on {}:\n{}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kill it (its connections close).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Its own diagnostics (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("rsyslogd.log")).unwrap_or_default()
+    }
+
+    /// Every message received so far, in order.
+    pub fn received(&self) -> Vec<SyslogLine> {
+        let text = std::fs::read_to_string(self.out_file()).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.ends_with('}')) // a line being written is not complete yet
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("rsyslog output line {l:?}: {e}"));
+                let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+                SyslogLine {
+                    pri: s("pri").parse().expect("pri"),
+                    hostname: s("hostname"),
+                    app_name: s("app_name"),
+                    procid: s("procid"),
+                    msgid: s("msgid"),
+                    structured_data: s("sd"),
+                    msg: s("msg").trim_start_matches(['\u{feff}', ' ']).to_owned(),
+                    raw: s("raw"),
+                }
+            })
+            .collect()
+    }
+
+    /// Wait until at least `n` messages arrived (panics after `timeout`
+    /// with what did); returns them all.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<SyslogLine> {
+        let start = Instant::now();
+        loop {
+            let got = self.received();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "rsyslog received {} of {n} messages after {timeout:?}:\n{}",
+                got.len(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
