@@ -85,12 +85,47 @@ pub struct Config {
 }
 
 /// The audit trail (`[audit]`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
     /// Forward every audit event to a syslog collector over TLS
     /// (`[audit.syslog]`); off when absent.
     pub syslog: Option<SyslogConfig>,
+    /// Anchor the chain head (count + hash) outside the trail after this
+    /// many records (default 1000); it is also anchored at start and stop.
+    pub anchor_every_records: u64,
+    /// Anchor the head this often when it moved, in seconds (default 10);
+    /// 0: only by count, at start and at stop.
+    pub anchor_interval_secs: u64,
+    /// The anchor file; default `<data_dir>/audit/audit.jsonl.anchor`.
+    pub anchor_path: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            syslog: None,
+            anchor_every_records: 1000,
+            anchor_interval_secs: 10,
+            anchor_path: None,
+        }
+    }
+}
+
+impl AuditConfig {
+    /// The trail's anchoring options.
+    pub fn trail_options(&self) -> relaypacs_storage::AuditTrailOptions {
+        let o = relaypacs_storage::AuditTrailOptions::default()
+            .anchor_every_records(self.anchor_every_records)
+            .anchor_interval(
+                (self.anchor_interval_secs > 0)
+                    .then(|| std::time::Duration::from_secs(self.anchor_interval_secs)),
+            );
+        match &self.anchor_path {
+            Some(p) => o.anchor_path(p.clone()),
+            None => o,
+        }
+    }
 }
 
 /// Forwarding of the audit trail to a syslog collector over TLS
@@ -1135,5 +1170,35 @@ mod syslog_config_tests {
             load(&format!("{base}address = \"h:1\"\nformat = \"xml\"\n")),
             Err(ConfigError::Parse(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod audit_anchor_config_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn audit_anchor_settings_parse_with_defaults() {
+        let d = Config::default().audit;
+        assert_eq!((d.anchor_every_records, d.anchor_interval_secs), (1000, 10));
+        let o = d.trail_options();
+        assert_eq!(o.anchor_every_records, 1000);
+        assert_eq!(o.anchor_interval, Some(std::time::Duration::from_secs(10)));
+        assert!(o.anchor_path.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("relaypacs.toml");
+        std::fs::write(
+            &f,
+            "[audit]\nanchor_every_records = 5\nanchor_interval_secs = 0\nanchor_path = \"/var/lib/relaypacs-anchor/head\"\n",
+        )
+        .unwrap();
+        let o = Config::load(Some(&f)).unwrap().audit.trail_options();
+        assert_eq!(o.anchor_every_records, 5);
+        assert_eq!(o.anchor_interval, None);
+        assert_eq!(
+            o.anchor_path.as_deref(),
+            Some(std::path::Path::new("/var/lib/relaypacs-anchor/head"))
+        );
     }
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use axum::extract::FromRef;
 
 use crate::config::SinkConfig;
+use relaypacs_core::pipeline::GaugeFn;
 use relaypacs_core::{
     Actor, AuditAction, AuditEvent, AuditOutcome, AuditSink, ChunkStore, FileState, PacsSink,
     Pipeline, SessionState, SessionStore,
 };
-use relaypacs_core::pipeline::GaugeFn;
 use relaypacs_pacs::{CStoreSink, DicomWebReports, FanOutSink, LocalArchiveSink, StowSink};
 use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
 
@@ -136,8 +136,11 @@ impl AppState {
         let chunks = LocalChunkStore::open(root.join("chunks")).map_err(store("chunk store"))?;
         let sessions =
             FileSessionStore::open(root.join("sessions")).map_err(store("session store"))?;
-        let audit = JsonlAuditSink::open(root.join("audit").join("audit.jsonl"))
-            .map_err(store("audit trail"))?;
+        let audit = JsonlAuditSink::open_with(
+            root.join("audit").join("audit.jsonl"),
+            config.audit.trail_options(),
+        )
+        .map_err(store("audit trail"))?;
         // Optional forwarding of the trail to a syslog collector over TLS
         // (`[audit.syslog]`); the local trail stays the record.
         let audit: Arc<dyn AuditSink> = match &config.audit.syslog {
