@@ -207,6 +207,10 @@ impl Server {
         if let Err(e) = self.state.audit_event(ev).await {
             tracing::error!(error = %e, "could not record the application stop");
         }
+        // The counts of denials still in memory, before the trail closes.
+        if let Err(e) = self.state.pipeline().denials().flush().await {
+            tracing::error!(error = %e, "could not record the denied-access summaries");
+        }
         // Anchor the trail's head at stop (a cut tail is then detected).
         if let Err(e) = self.state.audit().close().await {
             tracing::error!(error = %e, "could not close the audit trail");
@@ -245,6 +249,10 @@ async fn sweep(state: AppState) {
                 }
             }
             Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+        }
+        // Close the denied-access windows of past minutes (their summaries).
+        if let Err(e) = state.pipeline().denials().flush().await {
+            tracing::error!(error = %e, "could not record the denied-access summaries");
         }
     }
 }

@@ -452,11 +452,13 @@ pub async fn create_user(
     Json(req): Json<NewUser>,
 ) -> ApiResult<(StatusCode, axum::Json<UserView>)> {
     if user.role != Role::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "RELAY_FORBIDDEN",
+        return Err(super::forbidden(
+            state.pipeline(),
+            &user,
+            "POST /api/v1/users",
             "only admins manage users",
-        ));
+        )
+        .await);
     }
     throttle(&state, &user.address)?;
     check_username(&req.username)?;
@@ -483,14 +485,17 @@ pub async fn create_user(
 /// `GET /api/v1/users` (admin).
 pub async fn list_users(
     State(users): State<Arc<dyn UserStore>>,
+    State(pipeline): State<relaypacs_core::Pipeline>,
     user: AuthUser,
 ) -> ApiResult<axum::Json<Vec<UserView>>> {
     if user.role != Role::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "RELAY_FORBIDDEN",
+        return Err(super::forbidden(
+            &pipeline,
+            &user,
+            "GET /api/v1/users",
             "only admins manage users",
-        ));
+        )
+        .await);
     }
     Ok(axum::Json(
         users.list().await?.iter().map(UserView::from).collect(),

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::AuthUser;
 use super::studies::{parse_id, presence_only, verified_of};
 use crate::auth::Role;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 
 /// One outbox or dead-letter entry.
 #[derive(Debug, Serialize)]
@@ -55,15 +55,12 @@ fn entry(r: SessionRecord) -> EntryView {
     }
 }
 
-fn admin_only(user: &AuthUser) -> ApiResult<()> {
+/// Admins only; a refusal is audited (see [`super::forbidden`]).
+async fn admin_only(pipeline: &Pipeline, user: &AuthUser, route: &str) -> ApiResult<()> {
     if user.role == Role::Admin {
         Ok(())
     } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "RELAY_FORBIDDEN",
-            "the outbox is for administrators",
-        ))
+        Err(super::forbidden(pipeline, user, route, "the outbox is for administrators").await)
     }
 }
 
@@ -72,7 +69,7 @@ pub async fn outbox(
     State(pipeline): State<Pipeline>,
     user: AuthUser,
 ) -> ApiResult<axum::Json<Vec<EntryView>>> {
-    admin_only(&user)?;
+    admin_only(&pipeline, &user, "GET /api/v1/admin/outbox").await?;
     let list = pipeline.outbox_entries(&user.actor(), false).await?;
     Ok(axum::Json(list.into_iter().map(entry).collect()))
 }
@@ -82,7 +79,7 @@ pub async fn dead_letters(
     State(pipeline): State<Pipeline>,
     user: AuthUser,
 ) -> ApiResult<axum::Json<Vec<EntryView>>> {
-    admin_only(&user)?;
+    admin_only(&pipeline, &user, "GET /api/v1/admin/dead-letters").await?;
     let list = pipeline.outbox_entries(&user.actor(), true).await?;
     Ok(axum::Json(list.into_iter().map(entry).collect()))
 }
@@ -94,7 +91,12 @@ pub async fn replay(
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, axum::Json<EntryView>)> {
-    admin_only(&user)?;
+    admin_only(
+        &pipeline,
+        &user,
+        "POST /api/v1/admin/dead-letters/{id}/replay",
+    )
+    .await?;
     let rec = pipeline.replay(&user.actor(), parse_id(&id)?).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(entry(rec))))
 }

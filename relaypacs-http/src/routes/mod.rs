@@ -79,7 +79,9 @@ impl AuthUser {
     }
 }
 
-/// Checks an access token and the account behind it.
+/// Checks an access token and the account behind it. A refused token
+/// (forged, expired, revoked, of a disabled or unknown account) is audited
+/// as a User Authentication failure, aggregated (see [`deny_token`]).
 pub async fn authenticate(
     state: &AppState,
     token: &str,
@@ -91,14 +93,21 @@ pub async fn authenticate(
             "missing, invalid or expired access token",
         )
     };
-    let claims = state.tokens().verify(token).ok_or_else(bad)?;
-    let user = state
+    let Some(claims) = state.tokens().verify(token) else {
+        deny_token(state, token, &address, "invalid, forged or expired token").await;
+        return Err(bad());
+    };
+    let Some(user) = state
         .users()
         .by_id(&claims.sub)
         .await
         .map_err(ApiError::from)?
-        .ok_or_else(bad)?;
+    else {
+        deny_token(state, token, &address, "token of an unknown account").await;
+        return Err(bad());
+    };
     if user.disabled || claims.iat < user.tokens_valid_after.unix_timestamp() {
+        deny_token(state, token, &address, "token revoked or account disabled").await;
         return Err(bad());
     }
     Ok(AuthUser {
@@ -109,6 +118,80 @@ pub async fn authenticate(
         address,
         token: token.to_string(),
     })
+}
+
+/// The subject a token claims (its payload's `sub`, signature not
+/// checked): a pure parse of outside input, at most `max_len` bytes of
+/// token and 128 of subject.
+pub fn claimed_subject(token: &str, max_len: usize) -> Option<String> {
+    use base64::Engine;
+    if token.len() > max_len {
+        return None;
+    }
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let sub = v.get("sub")?.as_str()?;
+    (!sub.is_empty() && sub.len() <= 128).then(|| sub.to_string())
+}
+
+/// Audit a refused access token (PS3.15 User Authentication, failure),
+/// aggregated per actor, address and minute by the pipeline's
+/// [`DenialAudit`](relaypacs_core::pipeline::DenialAudit). The actor is
+/// the subject the token claims when that account exists (so forged
+/// subjects cannot create actors), else `anonymous`; the object is the
+/// client address. A failure to record is logged; the answer stays 401.
+pub async fn deny_token(state: &AppState, token: &str, address: &str, why: &str) {
+    let user = match claimed_subject(token, 8192) {
+        Some(sub) => match state.users().by_id(&sub).await {
+            Ok(Some(_)) => sub,
+            _ => "anonymous".to_string(),
+        },
+        None => "anonymous".to_string(),
+    };
+    let mut ev = AppState::event(
+        &user,
+        address,
+        relaypacs_core::AuditAction::Login,
+        relaypacs_core::AuditOutcome::MinorFailure,
+    );
+    ev.detail = format!("bearer token refused: {why}");
+    if let Err(e) = state
+        .pipeline()
+        .denials()
+        .record(ev, "bearer_token", &format!("address {address}"))
+        .await
+    {
+        tracing::error!(error = %e, "refused token not recorded in the audit trail");
+    }
+}
+
+/// 403 for a caller who is not an administrator on an admin route,
+/// audited as a Security Alert (actor; object: method and route template,
+/// e.g. `GET /api/v1/users`), aggregated.
+pub async fn forbidden(
+    pipeline: &relaypacs_core::Pipeline,
+    user: &AuthUser,
+    route: &str,
+    message: &'static str,
+) -> ApiError {
+    let mut ev = relaypacs_core::AuditEvent::new(
+        &user.id,
+        relaypacs_core::AuditAction::SecurityAlert,
+        relaypacs_core::AuditOutcome::MinorFailure,
+    );
+    ev.address = Some(user.address.clone());
+    ev.detail = "RELAY_FORBIDDEN: not an administrator".into();
+    if let Err(e) = pipeline
+        .denials()
+        .record(ev, "admin_route", &format!("route {route}"))
+        .await
+    {
+        tracing::error!(error = %e, "refused admin access not recorded in the audit trail");
+    }
+    ApiError::new(StatusCode::FORBIDDEN, "RELAY_FORBIDDEN", message)
 }
 
 /// The bearer token of a request, if any.

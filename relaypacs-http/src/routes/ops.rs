@@ -66,11 +66,13 @@ pub async fn audit(
     user: AuthUser,
 ) -> ApiResult<axum::Json<Vec<AuditEvent>>> {
     if user.role != Role::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "RELAY_FORBIDDEN",
+        return Err(super::forbidden(
+            state.pipeline(),
+            &user,
+            "GET /api/v1/audit",
             "only admins read the audit trail",
-        ));
+        )
+        .await);
     }
     state
         .audit_event(AppState::event(
