@@ -149,7 +149,7 @@ max_delay = 0.5
             .unwrap();
     assert_eq!(held.unwrap(), file, "byte-identical at the PACS");
     assert_eq!(count, 1, "delivered once");
-    let notes: Vec<Value> = http
+    let page: Value = http
         .get(format!("{url}/api/v1/notifications"))
         .bearer_auth(&access)
         .send()
@@ -158,5 +158,6 @@ max_delay = 0.5
         .json()
         .await
         .unwrap();
+    let notes = page["items"].as_array().unwrap();
     assert_eq!(notes.iter().filter(|n| n["kind"] == "delivered").count(), 1);
 }

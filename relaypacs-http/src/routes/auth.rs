@@ -487,7 +487,8 @@ pub async fn list_users(
     State(users): State<Arc<dyn UserStore>>,
     State(pipeline): State<relaypacs_core::Pipeline>,
     user: AuthUser,
-) -> ApiResult<axum::Json<Vec<UserView>>> {
+    super::Query(q): super::Query<super::PageQuery>,
+) -> ApiResult<axum::Json<super::PageOut<UserView>>> {
     if user.role != Role::Admin {
         return Err(super::forbidden(
             &pipeline,
@@ -497,7 +498,10 @@ pub async fn list_users(
         )
         .await);
     }
-    Ok(axum::Json(
-        users.list().await?.iter().map(UserView::from).collect(),
-    ))
+    let list = users.list().await?.iter().map(UserView::from).collect();
+    Ok(axum::Json(super::page_by_key(
+        list,
+        |u: &UserView| u.username.clone(),
+        &q,
+    )?))
 }

@@ -68,20 +68,24 @@ async fn admin_only(pipeline: &Pipeline, user: &AuthUser, route: &str) -> ApiRes
 pub async fn outbox(
     State(pipeline): State<Pipeline>,
     user: AuthUser,
-) -> ApiResult<axum::Json<Vec<EntryView>>> {
+    super::Query(q): super::Query<super::PageQuery>,
+) -> ApiResult<axum::Json<super::PageOut<EntryView>>> {
     admin_only(&pipeline, &user, "GET /api/v1/admin/outbox").await?;
     let list = pipeline.outbox_entries(&user.actor(), false).await?;
-    Ok(axum::Json(list.into_iter().map(entry).collect()))
+    let list = list.into_iter().map(entry).collect();
+    Ok(axum::Json(super::page_by_key(list, |e| e.id.clone(), &q)?))
 }
 
 /// `GET /api/v1/admin/dead-letters`: deliveries given up, with the reason.
 pub async fn dead_letters(
     State(pipeline): State<Pipeline>,
     user: AuthUser,
-) -> ApiResult<axum::Json<Vec<EntryView>>> {
+    super::Query(q): super::Query<super::PageQuery>,
+) -> ApiResult<axum::Json<super::PageOut<EntryView>>> {
     admin_only(&pipeline, &user, "GET /api/v1/admin/dead-letters").await?;
     let list = pipeline.outbox_entries(&user.actor(), true).await?;
-    Ok(axum::Json(list.into_iter().map(entry).collect()))
+    let list = list.into_iter().map(entry).collect();
+    Ok(axum::Json(super::page_by_key(list, |e| e.id.clone(), &q)?))
 }
 
 /// `POST /api/v1/admin/dead-letters/{id}/replay`: re-check every file's

@@ -101,12 +101,25 @@ pub async fn stream(
     Ok(Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// `GET /api/v1/notifications`: the caller's notifications.
+/// `GET /api/v1/notifications`: the caller's notifications, oldest first,
+/// one page (`limit`, `cursor`).
 pub async fn notifications(
     State(hub): State<Hub>,
     user: AuthUser,
-) -> ApiResult<axum::Json<Vec<Notification>>> {
-    Ok(axum::Json(hub.list(&user.id).await?))
+    super::Query(q): super::Query<super::PageQuery>,
+) -> ApiResult<axum::Json<super::PageOut<Notification>>> {
+    let list = hub.list(&user.id).await?;
+    Ok(axum::Json(super::page_by_key(
+        list,
+        |n| {
+            format!(
+                "{:040}.{}",
+                n.created_at.unix_timestamp_nanos().max(0),
+                n.id
+            )
+        },
+        &q,
+    )?))
 }
 
 /// `POST /api/v1/notifications/{id}/read`: only the owner's (404 otherwise).

@@ -215,6 +215,112 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
+/// Items per page when the client names no `limit`.
+pub const DEFAULT_PAGE: u32 = 100;
+/// Most items per page of any listing (a larger `limit` is cut to it).
+pub const MAX_PAGE: u32 = 1000;
+/// Longest `cursor` accepted.
+const MAX_CURSOR: usize = 512;
+
+/// `?limit=&cursor=` of a listing.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// Items wanted (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
+    pub limit: Option<u32>,
+    /// The `next` of the previous page (opaque).
+    pub cursor: Option<String>,
+}
+
+impl PageQuery {
+    /// The page size: the default for none or 0, at most [`MAX_PAGE`].
+    pub fn limit(&self) -> u32 {
+        match self.limit {
+            None | Some(0) => DEFAULT_PAGE,
+            Some(n) => n.min(MAX_PAGE),
+        }
+    }
+}
+
+/// One page of a listing: `{"items": [...], "next": "<cursor>" | null}`.
+#[derive(Debug, serde::Serialize)]
+pub struct PageOut<T> {
+    /// The items, in the listing's stable order.
+    pub items: Vec<T>,
+    /// Where the next page starts; `null` on the last page.
+    pub next: Option<String>,
+}
+
+fn bad_cursor() -> ApiError {
+    ApiError::bad_request("RELAY_BAD_CURSOR", "the page cursor is not valid")
+}
+
+/// The key a handler-made cursor carries (pure; at most `max_len` bytes of
+/// cursor).
+pub fn cursor_key(cursor: &str, max_len: usize) -> Option<String> {
+    use base64::Engine;
+    if cursor.len() > max_len {
+        return None;
+    }
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()?;
+    String::from_utf8(b).ok()
+}
+
+/// One page of `items` in the stable order of `key` (unique per item),
+/// for listings the pipeline does not page itself: the items after the
+/// cursor's key, at most [`PageQuery::limit`]; the cursor is the last
+/// key, base64url-encoded.
+///
+/// # Errors
+/// 400 `RELAY_BAD_CURSOR` for a cursor this server did not make.
+pub fn page_by_key<T>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> String,
+    q: &PageQuery,
+) -> Result<PageOut<T>, ApiError> {
+    use base64::Engine;
+    let after = match &q.cursor {
+        Some(c) => Some(cursor_key(c, MAX_CURSOR).ok_or_else(bad_cursor)?),
+        None => None,
+    };
+    let mut keyed: Vec<(String, T)> = items
+        .into_iter()
+        .map(|t| (key(&t), t))
+        .filter(|(k, _)| after.as_ref().is_none_or(|a| k > a))
+        .collect();
+    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    let limit = q.limit() as usize;
+    let more = keyed.len() > limit;
+    keyed.truncate(limit);
+    let next = if more {
+        keyed
+            .last()
+            .map(|(k, _)| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(k))
+    } else {
+        None
+    };
+    Ok(PageOut {
+        items: keyed.into_iter().map(|(_, t)| t).collect(),
+        next,
+    })
+}
+
+/// Query-string extractor whose rejections are JSON errors (400).
+#[derive(Debug)]
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Self(v))
+            .map_err(|r| ApiError::bad_request("RELAY_BAD_QUERY", r.body_text()))
+    }
+}
+
 /// JSON body extractor whose rejections are JSON errors.
 #[derive(Debug)]
 pub struct Json<T>(pub T);

@@ -64,7 +64,8 @@ pub async fn openapi() -> Response {
 pub async fn audit(
     State(state): State<AppState>,
     user: AuthUser,
-) -> ApiResult<axum::Json<Vec<AuditEvent>>> {
+    super::Query(q): super::Query<super::PageQuery>,
+) -> ApiResult<axum::Json<super::PageOut<AuditEvent>>> {
     if user.role != Role::Admin {
         return Err(super::forbidden(
             state.pipeline(),
@@ -82,7 +83,19 @@ pub async fn audit(
             AuditOutcome::Success,
         ))
         .await?;
-    Ok(axum::Json(state.audit().events().await?))
+    // The trail is append-only: a record's position is a stable key.
+    let events: Vec<(usize, AuditEvent)> = state
+        .audit()
+        .events()
+        .await?
+        .into_iter()
+        .enumerate()
+        .collect();
+    let page = super::page_by_key(events, |(i, _)| format!("{i:020}"), &q)?;
+    Ok(axum::Json(super::PageOut {
+        items: page.items.into_iter().map(|(_, e)| e).collect(),
+        next: page.next,
+    }))
 }
 
 /// Unknown route.

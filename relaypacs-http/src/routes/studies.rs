@@ -202,10 +202,24 @@ pub async fn create(
 pub async fn list(
     State(pipeline): State<Pipeline>,
     user: AuthUser,
-) -> ApiResult<axum::Json<Vec<StudyView>>> {
+    super::Query(q): super::Query<super::PageQuery>,
+) -> ApiResult<axum::Json<super::PageOut<StudyView>>> {
     let actor = user.actor();
+    let after = match &q.cursor {
+        Some(c) => Some(relaypacs_core::pipeline::PageCursor::parse(c)?),
+        None => None,
+    };
+    let page = pipeline
+        .list_sessions_page(
+            &actor,
+            relaypacs_core::pipeline::PageRequest {
+                limit: q.limit(),
+                after,
+            },
+        )
+        .await?;
     let mut out = Vec::new();
-    for rec in pipeline.list_sessions(&actor).await? {
+    for rec in page.items {
         match view(&pipeline, &actor, rec).await {
             Ok(v) => out.push(v),
             // Removed (aborted, expired) since the list was read.
@@ -213,7 +227,10 @@ pub async fn list(
             Err(e) => return Err(e),
         }
     }
-    Ok(axum::Json(out))
+    Ok(axum::Json(super::PageOut {
+        items: out,
+        next: page.next.map(|c| c.to_string()),
+    }))
 }
 
 /// `GET /api/v1/studies/{id}` (audited as data access).

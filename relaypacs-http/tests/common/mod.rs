@@ -226,7 +226,8 @@ impl TestServer {
     pub async fn wait_notifications(&self, user: &User, n: usize) -> Vec<Value> {
         let start = std::time::Instant::now();
         loop {
-            let list: Vec<Value> = self
+            // One page (`items`) is enough: tests wait for a few.
+            let page: Value = self
                 .req(Method::GET, "/api/v1/notifications", user)
                 .send()
                 .await
@@ -234,6 +235,7 @@ impl TestServer {
                 .json()
                 .await
                 .unwrap();
+            let list: Vec<Value> = serde_json::from_value(page["items"].clone()).unwrap();
             if list.len() >= n {
                 return list;
             }
