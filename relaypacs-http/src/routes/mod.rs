@@ -255,6 +255,13 @@ fn bad_cursor() -> ApiError {
     ApiError::bad_request("RELAY_BAD_CURSOR", "the page cursor is not valid")
 }
 
+/// The cursor of a key (base64url, no padding): the inverse of
+/// [`cursor_key`].
+pub fn cursor_of(key: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
+}
+
 /// The key a handler-made cursor carries (pure; at most `max_len` bytes of
 /// cursor).
 pub fn cursor_key(cursor: &str, max_len: usize) -> Option<String> {
@@ -280,7 +287,6 @@ pub fn page_by_key<T>(
     key: impl Fn(&T) -> String,
     q: &PageQuery,
 ) -> Result<PageOut<T>, ApiError> {
-    use base64::Engine;
     let after = match &q.cursor {
         Some(c) => Some(cursor_key(c, MAX_CURSOR).ok_or_else(bad_cursor)?),
         None => None,
@@ -295,9 +301,7 @@ pub fn page_by_key<T>(
     let more = keyed.len() > limit;
     keyed.truncate(limit);
     let next = if more {
-        keyed
-            .last()
-            .map(|(k, _)| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(k))
+        keyed.last().map(|(k, _)| cursor_of(k))
     } else {
         None
     };
@@ -450,4 +454,62 @@ pub fn router(state: AppState) -> axum::Router {
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .with_state(state)
+}
+
+#[cfg(test)]
+mod listing_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn claimed_subject_reads_sub_within_bounds() {
+        use base64::Engine;
+        let enc = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let tok = |p: &str| format!("{}.{}.sig", enc("{}"), enc(p));
+        assert_eq!(
+            claimed_subject(&tok(r#"{"sub":"ab12"}"#), 8192).as_deref(),
+            Some("ab12")
+        );
+        for bad in [
+            tok(r#"{"sub":""}"#),
+            tok(r#"{"sub":7}"#),
+            tok(&format!(r#"{{"sub":"{}"}}"#, "a".repeat(129))),
+            "garbage".into(),
+            "a.%%%.b".into(),
+        ] {
+            assert_eq!(claimed_subject(&bad, 8192), None, "{bad}");
+        }
+        assert_eq!(claimed_subject(&tok(r#"{"sub":"ab12"}"#), 10), None);
+    }
+
+    #[test]
+    fn pages_walk_every_item_once_in_key_order() {
+        let items: Vec<u32> = (0..7).rev().collect();
+        let mut q = PageQuery {
+            limit: Some(3),
+            cursor: None,
+        };
+        let mut seen = Vec::new();
+        loop {
+            let p = page_by_key(items.clone(), |i| format!("{i:03}"), &q).unwrap();
+            seen.extend(p.items);
+            match p.next {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, (0..7).collect::<Vec<_>>());
+        q.cursor = Some("!".into());
+        assert_eq!(
+            page_by_key(items, |i| i.to_string(), &q).unwrap_err().code,
+            "RELAY_BAD_CURSOR"
+        );
+        assert_eq!(PageQuery::default().limit(), DEFAULT_PAGE);
+        let big = PageQuery {
+            limit: Some(u32::MAX),
+            cursor: None,
+        };
+        assert_eq!(big.limit(), MAX_PAGE);
+        assert_eq!(cursor_key(&cursor_of("k 1"), 512).as_deref(), Some("k 1"));
+    }
 }
