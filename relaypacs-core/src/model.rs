@@ -259,6 +259,12 @@ pub struct SessionRecord {
     /// Outbox bookkeeping (empty until completion).
     #[serde(default)]
     pub delivery: Delivery,
+    /// Opened by one request that completes or ends it itself (a STOW-RS
+    /// POST): no client knows its id, so one still open when the gateway
+    /// starts again can never complete and is ended by
+    /// [`Pipeline::end_orphaned_request_sessions`](crate::Pipeline::end_orphaned_request_sessions).
+    #[serde(default)]
+    pub request_scoped: bool,
 }
 
 impl SessionRecord {

@@ -157,6 +157,7 @@ async fn run(folder: Option<PathBuf>, data: PathBuf) -> Result<(), Error> {
             &actor,
             NewSession {
                 allow_multiple_studies: true,
+                request_scoped: false,
             },
         )
         .await?

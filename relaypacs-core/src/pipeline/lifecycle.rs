@@ -204,6 +204,65 @@ impl Pipeline {
         }
     }
 
+    /// End the request-scoped sessions (a STOW-RS request's) left open by
+    /// an earlier run of the gateway: the request that owned each died
+    /// with that run, no client knows the id, and an open session counts
+    /// against its owner's cap until it expires. Each is removed with its
+    /// bytes and instance claims, audited as aborted by the system.
+    ///
+    /// Call once at start, before requests are served: a request-scoped
+    /// session opened by this run would be ended under its request. The
+    /// embedded stores allow one gateway process per store; with a store
+    /// shared by several gateways, call it only when no other one runs.
+    ///
+    /// # Errors
+    /// Storage errors of listing, loading or removing a session.
+    pub async fn end_orphaned_request_sessions(&self) -> Result<Vec<SessionId>> {
+        let mut ended = Vec::new();
+        for id in self.inner.sessions.list_sessions().await? {
+            let gate = self.gate(id);
+            let _g = gate.rw.write().await;
+            let current = match self.inner.sessions.load_session(id).await {
+                Ok(v) => v,
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let rec = &current.value;
+            if !rec.request_scoped || rec.state != SessionState::Open {
+                continue;
+            }
+            match self
+                .inner
+                .sessions
+                .delete_session(id, current.version)
+                .await
+            {
+                Ok(()) => {}
+                Err(Error::Precondition { .. }) | Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+            self.inner.index.remove(id);
+            self.inner.chunks.delete_session(id).await?;
+            self.release_claims(rec, None).await?;
+            let mut ev = Self::event(
+                &Actor::system(),
+                AuditAction::SessionAborted,
+                AuditOutcome::Success,
+                Some(id),
+            );
+            ev.study = rec.study_instance_uid.clone();
+            ev.detail = format!(
+                "request-scoped session of {} left open by an earlier run",
+                rec.owner
+            );
+            self.audit(ev).await?;
+            ended.push(id);
+            drop(_g);
+            self.forget_gate(id);
+        }
+        Ok(ended)
+    }
+
     /// Remove sessions inactive for longer than their TTL at `now`. A session
     /// with a request in flight is skipped (its gate is busy), and the
     /// inactivity is re-checked under the exclusive gate, so an upload that

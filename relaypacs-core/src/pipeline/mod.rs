@@ -167,6 +167,11 @@ pub enum DuplicatePolicy {
 pub struct NewSession {
     /// Allow files of several studies in one session.
     pub allow_multiple_studies: bool,
+    /// The session belongs to the request that opens it (see
+    /// [`SessionRecord::request_scoped`]). Set by the server, never read
+    /// from a client's JSON.
+    #[serde(skip)]
+    pub request_scoped: bool,
 }
 
 /// Request to declare a file in a session.

@@ -71,6 +71,7 @@ impl Pipeline {
             files: Default::default(),
             state: SessionState::Open,
             delivery: Default::default(),
+            request_scoped: req.request_scoped,
         };
         let ev = Self::event(
             actor,

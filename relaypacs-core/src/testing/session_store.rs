@@ -36,6 +36,7 @@ pub fn sample_session() -> SessionRecord {
         files: [(file.id, file)].into_iter().collect(),
         state: SessionState::Open,
         delivery: Default::default(),
+        request_scoped: false,
     }
 }
 

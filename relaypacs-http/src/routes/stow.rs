@@ -361,6 +361,9 @@ async fn run(
             &actor,
             NewSession {
                 allow_multiple_studies: study.is_none(),
+                // Only this request knows the session: one left open by a
+                // dead run is ended at the next start.
+                request_scoped: true,
             },
         )
         .await?;

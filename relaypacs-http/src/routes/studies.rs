@@ -189,6 +189,7 @@ pub async fn create(
             &actor,
             NewSession {
                 allow_multiple_studies: req.allow_multiple_studies,
+                request_scoped: false,
             },
         )
         .await?;
