@@ -223,17 +223,19 @@ fn failed_item<'a>(v: &'a Value, sop: &str) -> Option<&'a Value> {
         .find(|i| i["00081155"]["Value"][0] == sop)
 }
 
+/// Every study of `u`, page after page.
 async fn studies(t: &TestServer, u: &User) -> Vec<Value> {
-    let r = t
-        .req(Method::GET, "/api/v1/studies", u)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    v.as_array()
-        .cloned()
-        .unwrap_or_else(|| v["studies"].as_array().cloned().unwrap_or_default())
+    let (mut all, mut path) = (Vec::new(), "/api/v1/studies".to_string());
+    loop {
+        let r = t.req(Method::GET, &path, u).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        all.extend(v["items"].as_array().cloned().unwrap());
+        match v["next"].as_str() {
+            Some(c) => path = format!("/api/v1/studies?cursor={c}"),
+            None => return all,
+        }
+    }
 }
 
 fn sops_of_study(v: &Value) -> Vec<String> {

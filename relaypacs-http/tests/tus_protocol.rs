@@ -419,11 +419,22 @@ async fn per_user_upload_caps() {
 /// alert in the audit trail); readiness reports it.
 #[tokio::test]
 async fn disk_watermark_answers_507() {
-    let t = TestServer::start_with(|c| c.http.min_free_bytes = Some(u64::MAX / 4)).await;
+    // The study is opened while there is room; then the volume is "full".
+    let mut t = TestServer::start().await;
     let u = t.user("ray", Role::Uploader).await;
     let study = t.new_study(&u).await;
+    t.restart(|c| c.http.min_free_bytes = Some(u64::MAX / 4))
+        .await;
     let r = t.create_upload_raw(&u, &study, 1000, None).await;
     expect_error(r, 507, "RELAY_STORAGE_FULL").await;
+    // Below the watermark no new study is opened either (the pipeline's
+    // storage gauge).
+    let r = t
+        .req(Method::POST, "/api/v1/studies", &u)
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 507, "RELAY_INSUFFICIENT_STORAGE").await;
     let r = t
         .http
         .get(format!("{}/readyz", t.url))
