@@ -549,11 +549,22 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         // Admission by the TCP peer address, before anything else (a TLS
-        // handshake included) is spent on the connection.
-        let Some(slot) = per_address.admit(peer.ip()) else {
-            let _ = stream.try_write(TOO_MANY_CONNECTIONS);
-            drop(stream);
-            continue;
+        // handshake included) is spent on the connection. A trusted proxy
+        // carries many clients on its own address: it is bounded by
+        // `max_connections` only, and its clients by the limits keyed on
+        // the forwarded address.
+        let trusted = cfg.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
+        let slot = if trusted {
+            None
+        } else {
+            match per_address.admit(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+                    drop(stream);
+                    continue;
+                }
+            }
         };
         let _ = stream.set_nodelay(true);
         let svc = tower::ServiceBuilder::new()

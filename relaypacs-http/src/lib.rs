@@ -107,6 +107,22 @@ impl Server {
                 what: "audit trail",
                 source,
             })?;
+        // Before any request is served: a STOW-RS request's session left
+        // open by an earlier run can never complete (no client knows it).
+        let ended = state
+            .pipeline()
+            .end_orphaned_request_sessions()
+            .await
+            .map_err(|source| StartError::Store {
+                what: "sessions",
+                source,
+            })?;
+        if !ended.is_empty() {
+            tracing::info!(
+                count = ended.len(),
+                "ended request-scoped sessions left open by an earlier run"
+            );
+        }
         let (stop, rx) = oneshot::channel::<()>();
         let app = edges::app(state.clone());
         let cfg = state.config().http.clone();
