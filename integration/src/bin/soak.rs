@@ -399,8 +399,17 @@ impl Client {
                         return id.to_owned();
                     }
                 }
-                Ok(r) if r.status() == 429 || r.status() == 507 => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(r) if r.status() == 429 || r.status() == 507 || r.status() == 413 => {
+                    let body = r.text().await.unwrap_or_default();
+                    if body.contains("RELAY_TOO_MANY_SESSIONS") {
+                        // Creations whose answer was lost left open, empty
+                        // studies this client never heard of: at the cap,
+                        // a client ends its own open studies (it has none
+                        // in progress while it creates one).
+                        self.end_orphan_studies().await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
                 }
                 Ok(r) => {
                     let s = r.status();
@@ -410,6 +419,49 @@ impl Client {
                 }
                 Err(Down) => self.wait_up().await,
             }
+        }
+    }
+
+    /// End every open study of this user (see `create_study`).
+    async fn end_orphan_studies(&mut self) {
+        let mut cursor: Option<String> = None;
+        let mut open = Vec::new();
+        loop {
+            let c = cursor.clone();
+            let Ok(r) = self
+                .send(move |h, u| {
+                    let q = c
+                        .as_ref()
+                        .map(|c| format!("?limit=1000&cursor={c}"))
+                        .unwrap_or_else(|| "?limit=1000".into());
+                    h.get(format!("{u}/api/v1/studies{q}"))
+                })
+                .await
+            else {
+                return;
+            };
+            let v: Value = r.json().await.unwrap_or_default();
+            // `{items, next}` pages, or one bare array from older servers.
+            let items = if v.is_array() { &v } else { &v["items"] };
+            for s in items.as_array().into_iter().flatten() {
+                if s["state"]["state"] == "open"
+                    && let Some(id) = s["id"].as_str()
+                {
+                    open.push(id.to_owned());
+                }
+            }
+            match v["next"].as_str() {
+                Some(n) => cursor = Some(n.to_owned()),
+                None => break,
+            }
+        }
+        for id in open {
+            let _ = self
+                .send(move |h, u| h.delete(format!("{u}/api/v1/studies/{id}")))
+                .await;
+            self.counters
+                .orphans_removed
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -1154,7 +1206,7 @@ max_delay = 1.0
         "stow_requests": counters.stow_requests.load(Ordering::Relaxed),
         "acknowledged_bytes": counters.acked_bytes.load(Ordering::Relaxed),
         "interruptions_seen_by_clients": counters.interrupted.load(Ordering::Relaxed),
-        "orphan_uploads_terminated": counters.orphans_removed.load(Ordering::Relaxed),
+        "orphan_uploads_and_studies_ended": counters.orphans_removed.load(Ordering::Relaxed),
         "head_checks_after_restart": counters.head_checks.load(Ordering::Relaxed),
         "acknowledged_bytes_checked_after_restart": counters.bytes_checked.load(Ordering::Relaxed),
         "studies_completed": completed.len(),
