@@ -85,6 +85,10 @@ pub struct Hub {
     dir: PathBuf,
     channels: Arc<Mutex<HashMap<String, broadcast::Sender<Event>>>>,
     files: Arc<tokio::sync::Mutex<()>>,
+    /// Notification id → the file (its owner's) that holds it, so another
+    /// user's notification can be told from an unknown id and the denied
+    /// access audited. At most 1,000 ids per user, as the files keep.
+    owners: Arc<Mutex<HashMap<String, PathBuf>>>,
 }
 
 use relaypacs_storage::fs::lock;
@@ -93,11 +97,32 @@ impl Hub {
     /// Notifications kept under `dir`.
     pub fn open(dir: PathBuf) -> Result<Self> {
         relaypacs_storage::fs::create_dir_durable(&dir)?;
+        let mut owners = HashMap::new();
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("list notifications", e))?;
+        for entry in entries {
+            let path = entry
+                .map_err(|e| Error::io("list notifications", e))?
+                .path();
+            if path.extension().is_some_and(|x| x == "json") {
+                let list: Vec<Notification> = crate::json_file::read(&path, "read notifications")?;
+                for n in list {
+                    owners.insert(n.id, path.clone());
+                }
+            }
+        }
         Ok(Self {
             dir,
             channels: Arc::new(Mutex::new(HashMap::new())),
             files: Arc::new(tokio::sync::Mutex::new(())),
+            owners: Arc::new(Mutex::new(owners)),
         })
+    }
+
+    /// Whether notification `id` exists and belongs to someone other than
+    /// `user`.
+    pub fn held_by_another(&self, user: &str, id: &str) -> bool {
+        let mine = self.path(user);
+        lock(&self.owners).get(id).is_some_and(|p| *p != mine)
     }
 
     /// Subscribe to `user`'s events.
@@ -175,11 +200,20 @@ impl Hub {
         let _g = self.files.lock().await;
         let mut list = self.load(user).await?;
         list.push(n.clone());
-        if list.len() > 1000 {
+        let dropped: Vec<String> = if list.len() > 1000 {
             let cut = list.len() - 1000;
-            list.drain(..cut);
-        }
+            list.drain(..cut).map(|d| d.id).collect()
+        } else {
+            Vec::new()
+        };
         self.store(user, list).await?;
+        {
+            let mut owners = lock(&self.owners);
+            for id in dropped {
+                owners.remove(&id);
+            }
+            owners.insert(n.id.clone(), self.path(user));
+        }
         drop(_g);
         self.publish(user, Event::Notification(n.clone()));
         Ok(n)

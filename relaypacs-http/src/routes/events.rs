@@ -123,10 +123,36 @@ pub async fn notifications(
 }
 
 /// `POST /api/v1/notifications/{id}/read`: only the owner's (404 otherwise).
+/// Another user's notification answers 404 like an unknown one, and is
+/// audited as a Security Alert (actor; object: the notification),
+/// aggregated like every denied access.
 pub async fn mark_read(
     State(hub): State<Hub>,
+    State(pipeline): State<relaypacs_core::Pipeline>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Notification>> {
-    Ok(axum::Json(hub.mark_read(&user.id, &id).await?))
+    match hub.mark_read(&user.id, &id).await {
+        Ok(n) => Ok(axum::Json(n)),
+        Err(e @ relaypacs_core::Error::NotFound { .. }) => {
+            if hub.held_by_another(&user.id, &id) {
+                let mut ev = relaypacs_core::AuditEvent::new(
+                    &user.id,
+                    relaypacs_core::AuditAction::SecurityAlert,
+                    relaypacs_core::AuditOutcome::MinorFailure,
+                );
+                ev.address = Some(user.address.clone());
+                ev.detail = "RELAY_NOT_FOUND: another user's notification".into();
+                if let Err(a) = pipeline
+                    .denials()
+                    .record(ev, "mark_read", &format!("notification {id}"))
+                    .await
+                {
+                    tracing::error!(error = %a, "refused notification access not recorded in the audit trail");
+                }
+            }
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
