@@ -204,6 +204,39 @@ impl Pipeline {
         }
     }
 
+    /// Remove an open session the system ends (expired, orphaned): its
+    /// record, bytes and instance claims, audited as `action` by the
+    /// system with `detail`. `Ok(false)` when the record changed or went
+    /// meanwhile (then it is left alone). The caller holds its gate
+    /// exclusively.
+    async fn end_by_system(
+        &self,
+        id: SessionId,
+        current: Versioned<SessionRecord>,
+        action: AuditAction,
+        detail: String,
+    ) -> Result<bool> {
+        match self
+            .inner
+            .sessions
+            .delete_session(id, current.version)
+            .await
+        {
+            Ok(()) => {}
+            Err(Error::Precondition { .. }) | Err(Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let rec = &current.value;
+        self.inner.index.remove(id);
+        self.inner.chunks.delete_session(id).await?;
+        self.release_claims(rec, None).await?;
+        let mut ev = Self::event(&Actor::system(), action, AuditOutcome::Success, Some(id));
+        ev.study = rec.study_instance_uid.clone();
+        ev.detail = detail;
+        self.audit(ev).await?;
+        Ok(true)
+    }
+
     /// End the request-scoped sessions (a STOW-RS request's) left open by
     /// an earlier run of the gateway: the request that owned each died
     /// with that run, no client knows the id, and an open session counts
@@ -231,31 +264,16 @@ impl Pipeline {
             if !rec.request_scoped || rec.state != SessionState::Open {
                 continue;
             }
-            match self
-                .inner
-                .sessions
-                .delete_session(id, current.version)
-                .await
-            {
-                Ok(()) => {}
-                Err(Error::Precondition { .. }) | Err(Error::NotFound { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-            self.inner.index.remove(id);
-            self.inner.chunks.delete_session(id).await?;
-            self.release_claims(rec, None).await?;
-            let mut ev = Self::event(
-                &Actor::system(),
-                AuditAction::SessionAborted,
-                AuditOutcome::Success,
-                Some(id),
-            );
-            ev.study = rec.study_instance_uid.clone();
-            ev.detail = format!(
+            let detail = format!(
                 "request-scoped session of {} left open by an earlier run",
                 rec.owner
             );
-            self.audit(ev).await?;
+            if !self
+                .end_by_system(id, current, AuditAction::SessionAborted, detail)
+                .await?
+            {
+                continue;
+            }
             ended.push(id);
             drop(_g);
             self.forget_gate(id);
@@ -287,28 +305,13 @@ impl Pipeline {
             if !expired || rec.state != SessionState::Open {
                 continue;
             }
-            match self
-                .inner
-                .sessions
-                .delete_session(id, current.version)
-                .await
+            let detail = format!("idle_secs={idle}");
+            if !self
+                .end_by_system(id, current, AuditAction::SessionExpired, detail)
+                .await?
             {
-                Ok(()) => {}
-                Err(Error::Precondition { .. }) | Err(Error::NotFound { .. }) => continue,
-                Err(e) => return Err(e),
+                continue;
             }
-            self.inner.index.remove(id);
-            self.inner.chunks.delete_session(id).await?;
-            self.release_claims(rec, None).await?;
-            let mut ev = Self::event(
-                &Actor::system(),
-                AuditAction::SessionExpired,
-                AuditOutcome::Success,
-                Some(id),
-            );
-            ev.study = rec.study_instance_uid.clone();
-            ev.detail = format!("idle_secs={idle}");
-            self.audit(ev).await?;
             removed.push(id);
             drop(_g);
             self.forget_gate(id);

@@ -136,20 +136,14 @@ pub async fn mark_read(
         Ok(n) => Ok(axum::Json(n)),
         Err(e @ relaypacs_core::Error::NotFound { .. }) => {
             if hub.held_by_another(&user.id, &id) {
-                let mut ev = relaypacs_core::AuditEvent::new(
-                    &user.id,
-                    relaypacs_core::AuditAction::SecurityAlert,
-                    relaypacs_core::AuditOutcome::MinorFailure,
-                );
-                ev.address = Some(user.address.clone());
-                ev.detail = "RELAY_NOT_FOUND: another user's notification".into();
-                if let Err(a) = pipeline
-                    .denials()
-                    .record(ev, "mark_read", &format!("notification {id}"))
-                    .await
-                {
-                    tracing::error!(error = %a, "refused notification access not recorded in the audit trail");
-                }
+                super::security_alert(
+                    &pipeline,
+                    &user,
+                    "mark_read",
+                    &format!("notification {id}"),
+                    "RELAY_NOT_FOUND: another user's notification",
+                )
+                .await;
             }
             Err(e.into())
         }

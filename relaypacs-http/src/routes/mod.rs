@@ -177,21 +177,37 @@ pub async fn forbidden(
     route: &str,
     message: &'static str,
 ) -> ApiError {
+    security_alert(
+        pipeline,
+        user,
+        "admin_route",
+        &format!("route {route}"),
+        "RELAY_FORBIDDEN: not an administrator",
+    )
+    .await;
+    ApiError::new(StatusCode::FORBIDDEN, "RELAY_FORBIDDEN", message)
+}
+
+/// Record a denied access of `user` to `object` as a Security Alert
+/// (PS3.15 DCM 110113), aggregated by the pipeline's denial audit; a
+/// failure to record is logged (the caller's answer stays what it is).
+pub async fn security_alert(
+    pipeline: &relaypacs_core::Pipeline,
+    user: &AuthUser,
+    attempted: &str,
+    object: &str,
+    detail: &str,
+) {
     let mut ev = relaypacs_core::AuditEvent::new(
         &user.id,
         relaypacs_core::AuditAction::SecurityAlert,
         relaypacs_core::AuditOutcome::MinorFailure,
     );
     ev.address = Some(user.address.clone());
-    ev.detail = "RELAY_FORBIDDEN: not an administrator".into();
-    if let Err(e) = pipeline
-        .denials()
-        .record(ev, "admin_route", &format!("route {route}"))
-        .await
-    {
-        tracing::error!(error = %e, "refused admin access not recorded in the audit trail");
+    ev.detail = detail.to_owned();
+    if let Err(e) = pipeline.denials().record(ev, attempted, object).await {
+        tracing::error!(error = %e, attempted, "denied access not recorded in the audit trail");
     }
-    ApiError::new(StatusCode::FORBIDDEN, "RELAY_FORBIDDEN", message)
 }
 
 /// The bearer token of a request, if any.
