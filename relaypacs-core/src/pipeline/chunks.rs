@@ -419,11 +419,8 @@ impl Pipeline {
         Ok(PutOutcome::Stored { chunk: record })
     }
 
-    /// The chunk rules that need no I/O: the session is open, the file is
-    /// uploading, the range lies in the file and its length is within the
-    /// session's limits (only the last chunk may be shorter than the
-    /// minimum). Returns the chunk's byte range.
-    fn check_chunk(rec: &SessionRecord, file_id: FileId, chunk: &PutChunk) -> Result<Range<u64>> {
+    /// The file of an open session that still takes bytes.
+    fn uploading_file(rec: &SessionRecord, file_id: FileId) -> Result<&FileRecord> {
         Self::require_open(rec)?;
         let file = rec
             .files
@@ -435,6 +432,15 @@ impl Pipeline {
                 "the file is already complete",
             ));
         }
+        Ok(file)
+    }
+
+    /// The chunk rules that need no I/O: the session is open, the file is
+    /// uploading, the range lies in the file and its length is within the
+    /// session's limits (only the last chunk may be shorter than the
+    /// minimum). Returns the chunk's byte range.
+    fn check_chunk(rec: &SessionRecord, file_id: FileId, chunk: &PutChunk) -> Result<Range<u64>> {
+        let file = Self::uploading_file(rec, file_id)?;
         let limits = &rec.limits;
         let end = chunk
             .offset
@@ -642,17 +648,7 @@ impl Pipeline {
         file_id: FileId,
         range: &RangeWrite,
     ) -> Result<Vec<(u64, u64)>> {
-        Self::require_open(rec)?;
-        let file = rec
-            .files
-            .get(&file_id)
-            .ok_or(Error::NotFound { what: "file" })?;
-        if !matches!(file.state, FileState::Uploading) {
-            return Err(Error::conflict(
-                "RELAY_FILE_COMPLETE",
-                "the file is already complete",
-            ));
-        }
+        let file = Self::uploading_file(rec, file_id)?;
         if range.length == 0 {
             return Err(Error::invalid(
                 "RELAY_BAD_RANGE",
