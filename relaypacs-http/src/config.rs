@@ -946,7 +946,7 @@ impl Config {
         if !self.metrics.require_token {
             return Ok(None);
         }
-        read_or_create_secret_file(&self.metrics_token_path(), "metrics.token_file").map(Some)
+        read_or_create_secret_file(&self.metrics_token_path(), "metrics.token_file", 32).map(Some)
     }
 
     /// The secret file's path.
@@ -994,74 +994,21 @@ impl Config {
         if let Some(s) = &self.secret {
             return Ok(s.clone());
         }
-        let path = self.secret_path();
-        let io = |source| ConfigError::SecretFile {
-            path: path.clone(),
-            source,
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(s) => {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(&path).map_err(io)?.permissions().mode();
-                if mode & 0o077 != 0 {
-                    return Err(ConfigError::Invalid {
-                        field: "secret_file",
-                        reason: format!(
-                            "{} is readable by other users (mode {:o}); chmod 600 it",
-                            path.display(),
-                            mode & 0o777
-                        ),
-                    });
-                }
-                let s = s.trim().to_string();
-                check_secret("secret_file", &s)?;
-                Ok(SecretString::from(s))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut raw = [0u8; 48];
-                rand::rng().fill_bytes(&mut raw);
-                let value = hex::encode(raw);
-                if let Some(dir) = path.parent() {
-                    relaypacs_storage::fs::create_dir_durable(dir)
-                        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-                }
-                use std::os::unix::fs::OpenOptionsExt;
-                // Crash-safe: write a temp file created with mode 0600 (never
-                // readable by others, even for a moment), fsync it, rename it
-                // into place, fsync the folder. A crash leaves either no
-                // secret file or a complete one.
-                let tmp = relaypacs_storage::fs::temp_path(&path);
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(io)?;
-                f.write_all(value.as_bytes()).map_err(io)?;
-                f.sync_all().map_err(io)?;
-                drop(f);
-                std::fs::rename(&tmp, &path).map_err(io)?;
-                if let Some(dir) = path.parent() {
-                    relaypacs_storage::fs::fsync_dir(dir)
-                        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-                }
-                tracing::info!(path = %path.display(), "generated a new random secret (first start)");
-                Ok(SecretString::from(value))
-            }
-            Err(e) => Err(io(e)),
-        }
+        // 384 random bits; checked on read like any secret file.
+        read_or_create_secret_file(&self.secret_path(), "secret_file", 48)
     }
 }
 
-/// The token in `path` (checked like a secret: mode 0600, 32+ bytes, not
-/// a placeholder), or a new random one written there on first start.
+/// The secret in `path` (checked: mode 0600, 32+ bytes, not a
+/// placeholder), or a new one of `random_bytes` random bytes (hex) written
+/// there on first start.
 /// Crash-safe as the signing secret: a temp file created with mode 0600,
 /// fsync'd, renamed into place, then the folder fsync'd; a crash leaves
 /// either no file or a complete one.
 fn read_or_create_secret_file(
     path: &Path,
     field: &'static str,
+    random_bytes: usize,
 ) -> Result<SecretString, ConfigError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |source| ConfigError::SecretFile {
@@ -1086,7 +1033,7 @@ fn read_or_create_secret_file(
             Ok(SecretString::from(s))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut raw = [0u8; 32];
+            let mut raw = vec![0u8; random_bytes];
             rand::rng().fill_bytes(&mut raw);
             let value = hex::encode(raw);
             if let Some(dir) = path.parent() {
@@ -1110,7 +1057,7 @@ fn read_or_create_secret_file(
                 relaypacs_storage::fs::fsync_dir(dir)
                     .map_err(|e| io(std::io::Error::other(e.to_string())))?;
             }
-            tracing::info!(path = %path.display(), field, "generated a new random token (first start)");
+            tracing::info!(path = %path.display(), field, "generated a new random secret (first start)");
             Ok(SecretString::from(value))
         }
         Err(e) => Err(io(e)),
