@@ -181,3 +181,18 @@ fn a_thousand_hostile_files_get_typed_results() {
         worst.1
     );
 }
+
+/// Files the fuzzer found, kept as regressions. `fl-length-3`: a Float
+/// (FL) element of 3 bytes made dicom-object read no value, count 3 bytes
+/// and then take pixel bytes for an element length (a 1.4 GB allocation).
+#[test]
+fn fuzzer_findings_are_refused_before_dicom_object() {
+    let bytes = include_bytes!("data/fuzz-validate-fl-length-3.bin");
+    let before = peak_rss();
+    let e = validate_dicom(bytes, bytes.len() as u64, &DicomLimits::default()).unwrap_err();
+    assert!(
+        e.to_string().contains("not a multiple of 4"),
+        "refused for the wrong reason: {e}"
+    );
+    assert!(peak_rss() - before < 64 << 20, "memory grew while refusing");
+}

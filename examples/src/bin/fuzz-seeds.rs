@@ -36,11 +36,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// The files the fuzzer once found, kept in the corpus so every run starts
+/// from them (also regression tests in relaypacs-core's hostile_corpus).
+fn with_findings(mut seeds: Seeds) -> Seeds {
+    seeds.push((
+        "finding-fl-length-3".into(),
+        include_bytes!("../../../relaypacs-core/tests/data/fuzz-validate-fl-length-3.bin").to_vec(),
+    ));
+    seeds
+}
+
 fn write_all(out: &Path) -> std::io::Result<usize> {
     let mut n = 0;
     for (target, seeds) in [
         ("prescan", dicom()?),
-        ("validate", dicom()?),
+        ("validate", with_findings(dicom()?)),
         ("content", content()?),
         ("tus_headers", tus_headers()),
         ("tus_metadata_roundtrip", tus_roundtrip()),

@@ -330,6 +330,30 @@ fn known_vr(vr: [u8; 2]) -> bool {
     )
 }
 
+/// The VR an Implicit VR reader gives an element, as dicom-object does:
+/// OW for Pixel Data and Overlay Data, else the dictionary's (its first
+/// choice where it names several), else UN.
+fn implicit_vr(g: u16, e: u16) -> [u8; 2] {
+    if (g, e) == (0x7FE0, 0x0010) || (g >> 8 == 0x60 && e == 0x3000) {
+        return *b"OW";
+    }
+    StandardDataDictionary
+        .by_tag(Tag(g, e))
+        .map(|entry| entry.vr().relaxed().to_bytes())
+        .unwrap_or(*b"UN")
+}
+
+/// The size in bytes of one value of a binary VR (PS3.5 table 6.2-1);
+/// None for VRs whose values are bytes or text.
+fn binary_value_size(vr: [u8; 2]) -> Option<u64> {
+    match &vr {
+        b"US" | b"SS" | b"OW" => Some(2),
+        b"UL" | b"SL" | b"FL" | b"OF" | b"OL" | b"AT" => Some(4),
+        b"FD" | b"OD" | b"SV" | b"UV" | b"OV" => Some(8),
+        _ => None,
+    }
+}
+
 fn dictionary_says_sequence(g: u16, e: u16) -> bool {
     StandardDataDictionary
         .by_tag(Tag(g, e))
@@ -789,6 +813,25 @@ fn walk(
             // every parser agrees where the next element starts.
             note_odd_length(report, g, e);
         }
+        // A binary value holds whole values of a fixed size (PS3.5 6.2). One
+        // that does not is refused here: dicom-object reads `len / size`
+        // values but counts `len` bytes, so it would lose its place in the
+        // stream and read garbage as the next element's length.
+        if !is_sq {
+            let effective = vr.unwrap_or_else(|| implicit_vr(g, e));
+            if let Some(size) = binary_value_size(effective)
+                && len % size != 0
+            {
+                return Err(DicomError::Malformed {
+                    offset: pos,
+                    reason: format!(
+                        "value length {len} of {} ({}) is not a multiple of {size}, the size of one value",
+                        tag_str(g, e),
+                        String::from_utf8_lossy(&effective),
+                    ),
+                });
+            }
+        }
         if is_sq {
             depth += 1;
             report.max_depth_seen = report.max_depth_seen.max(depth);
@@ -1098,6 +1141,30 @@ mod tests {
         f[n - 4..].copy_from_slice(&[0xFF; 4]);
         let e = prescan(&f, f.len() as u64, &l).unwrap_err();
         assert!(matches!(e, DicomError::Malformed { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn binary_values_must_be_whole() {
+        // FL of 3 bytes: dicom-object would read no float, count 3 bytes and
+        // lose its place (the fuzzer's 1.4 GB allocation). Refused first.
+        let mut f = meta(EXPLICIT_LE);
+        el(&mut f, 0x0008, 0x0018, b"UI", b"1.2.3.4\0");
+        el(&mut f, 0x0008, 0x1030, b"FL", b"CHE");
+        let e = prescan(&f, f.len() as u64, &PrescanLimits::default()).unwrap_err();
+        assert!(
+            matches!(&e, DicomError::Malformed { reason, .. } if reason.contains("(0008,1030) (FL) is not a multiple of 4")),
+            "{e:?}"
+        );
+        // Implicit VR: the dictionary's VR (Rows is US) decides.
+        let mut f = meta(IMPLICIT_LE);
+        f.extend_from_slice(&[0x28, 0, 0x10, 0, 3, 0, 0, 0, 1, 2, 3]);
+        let e = prescan(&f, f.len() as u64, &PrescanLimits::default()).unwrap_err();
+        assert!(format!("{e:?}").contains("not a multiple of 2"), "{e:?}");
+        // Whole values pass, at any depth.
+        let mut f = meta(EXPLICIT_LE);
+        el(&mut f, 0x0008, 0x0018, b"UI", b"1.2.3.4\0");
+        el(&mut f, 0x0018, 0x9087, b"FD", &[0; 16]);
+        prescan(&f, f.len() as u64, &PrescanLimits::default()).unwrap();
     }
 
     #[test]
