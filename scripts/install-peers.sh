@@ -2,6 +2,7 @@
 # Installs the real peers the tests talk to, idempotently:
 #   dcmtk (DICOM tools), orthanc + orthanc-dicomweb (PACS), redis-server,
 #   rsyslog + rsyslog-gnutls (syslog collector over TLS, RFC 5425),
+#   postgresql-15 (test clusters started by relaypacs-test-peers),
 #   s3s-fs 0.14.1 (S3-compatible server that checks signatures and checksums),
 #   the tus clients tuspy (PyPI, in a venv) and tus-js-client + @tus/server
 #   (npm, clients/node/node_modules), pinned by clients/.
@@ -25,11 +26,20 @@ if [[ "$what" == all || "$what" == apt ]]; then
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
   command -v rsyslogd >/dev/null 2>&1 || need_apt+=(rsyslog)
   [[ -n "$(find /usr/lib -name lmnsd_gtls.so -print -quit 2>/dev/null)" ]] || need_apt+=(rsyslog-gnutls)
+  # PostgreSQL 15 (server and psql): tests start their own clusters with
+  # initdb/pg_ctl from here, on free ports, as the postgres user.
+  [[ -x /usr/lib/postgresql/15/bin/initdb ]] || need_apt+=(postgresql-15)
   if (( ${#need_apt[@]} )); then
     echo "install-peers: apt-get install ${need_apt[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2
     apt-get install -y -qq "${need_apt[@]}" >&2
+    # Debian's package creates a system cluster (15/main, port 5432) and
+    # may start it. No test uses it (their ports come from the ephemeral
+    # range); stop it so it holds no memory. Harmless if it never started.
+    if [[ " ${need_apt[*]} " == *" postgresql-15 "* ]] && command -v pg_ctlcluster >/dev/null 2>&1; then
+      pg_ctlcluster 15 main stop >/dev/null 2>&1 || true
+    fi
   fi
 fi
 

@@ -18,6 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod postgres;
+pub use postgres::{Postgres, PostgresOptions, postgres_bin};
 mod test_ca;
 pub use test_ca::{TestCa, TestCert};
 
