@@ -82,6 +82,45 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// The audit trail (`[audit]`): forwarding to a syslog collector.
     pub audit: AuditConfig,
+    /// Where sessions and the other state live (`[state]`).
+    pub state: StateConfig,
+}
+
+/// The state database (`[state]`): SQLite embedded (the default, a file
+/// under the data folder) or PostgreSQL, shared by several gateways.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// `sqlite://PATH` or `postgres://USER@HOST:PORT/DB`; default
+    /// `sqlite://<data_dir>/state.db`. Put no password here: use
+    /// `password_file` or `RELAYPACS_STATE__PASSWORD`.
+    pub url: Option<String>,
+    /// The database password (prefer `password_file` or the
+    /// `RELAYPACS_STATE__PASSWORD` variable); never logged.
+    #[serde(skip_serializing)]
+    pub password: Option<SecretString>,
+    /// A file holding the database password (first line).
+    pub password_file: Option<PathBuf>,
+    /// Connections in the pool (default 8).
+    pub max_connections: u32,
+    /// How long one statement may run, in seconds (default 30; SQLite: the
+    /// wait for another writer's lock).
+    pub statement_timeout_secs: u64,
+    /// How long a request waits for a free connection, in seconds (default 30).
+    pub acquire_timeout_secs: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            password: None,
+            password_file: None,
+            max_connections: 8,
+            statement_timeout_secs: 30,
+            acquire_timeout_secs: 30,
+        }
+    }
 }
 
 /// The audit trail (`[audit]`).
@@ -625,6 +664,7 @@ impl Default for Config {
             stow: StowConfig::default(),
             tls: None,
             audit: AuditConfig::default(),
+            state: StateConfig::default(),
         }
     }
 }
@@ -774,6 +814,19 @@ impl Config {
         }
         if self.sinks.is_empty() {
             return inv("sinks", "configure at least one sink");
+        }
+        if let Some(u) = &self.state.url
+            && !(u.starts_with("sqlite:")
+                || u.starts_with("postgres:")
+                || u.starts_with("postgresql:"))
+        {
+            return inv("state.url", "must start with sqlite: or postgres:");
+        }
+        if self.state.max_connections == 0 {
+            return inv("state.max_connections", "must be at least 1");
+        }
+        if self.state.statement_timeout_secs == 0 || self.state.acquire_timeout_secs == 0 {
+            return inv("state", "timeouts must be at least 1 second");
         }
         if let Some(s) = &self.audit.syslog {
             s.validate()?;
@@ -969,6 +1022,46 @@ impl Config {
             max_open_sessions_per_user: self.http.max_open_sessions_per_user,
             ..PipelineConfig::default()
         }
+    }
+
+    /// The state database URL: `[state] url`, else SQLite in the data folder.
+    pub fn state_url(&self) -> String {
+        self.state
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("state.db").display()))
+    }
+
+    /// The state database password: `[state] password`, else the first
+    /// line of `password_file`, else none (the URL's, if any).
+    pub fn state_password(&self) -> Result<Option<SecretString>, ConfigError> {
+        if let Some(p) = &self.state.password {
+            return Ok(Some(p.clone()));
+        }
+        let Some(path) = &self.state.password_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+            path: path.clone(),
+            source,
+        })?;
+        let line = text.lines().next().unwrap_or("").trim();
+        if line.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "state.password_file",
+                reason: "the file is empty".into(),
+            });
+        }
+        Ok(Some(SecretString::from(line.to_owned())))
+    }
+
+    /// Pool size and timeouts of the state database.
+    pub fn state_options(&self) -> relaypacs_storage::SqlOptions {
+        let mut o = relaypacs_storage::SqlOptions::default();
+        o.max_connections = self.state.max_connections;
+        o.statement_timeout = std::time::Duration::from_secs(self.state.statement_timeout_secs);
+        o.acquire_timeout = std::time::Duration::from_secs(self.state.acquire_timeout_secs);
+        o
     }
 
     /// A local archive's folder.

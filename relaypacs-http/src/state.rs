@@ -13,7 +13,8 @@ use relaypacs_core::{
     Pipeline, SessionState, SessionStore,
 };
 use relaypacs_pacs::{CStoreSink, DicomWebReports, FanOutSink, LocalArchiveSink, StowSink};
-use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
+use relaypacs_storage::{JsonlAuditSink, LocalChunkStore, SqlSessionStore, SqlState};
+use secrecy::ExposeSecret;
 
 use crate::admission::Admission;
 use crate::auth::{
@@ -134,8 +135,15 @@ impl AppState {
         let server_lock =
             relaypacs_storage::fs::lock_root(&root.join("server")).map_err(store("server lock"))?;
         let chunks = LocalChunkStore::open(root.join("chunks")).map_err(store("chunk store"))?;
-        let sessions =
-            FileSessionStore::open(root.join("sessions")).map_err(store("session store"))?;
+        let password = config.state_password()?;
+        let db = SqlState::connect(
+            &config.state_url(),
+            password.as_ref().map(|p| p.expose_secret()),
+            &config.state_options(),
+        )
+        .await
+        .map_err(store("state database"))?;
+        let sessions = SqlSessionStore::new(db);
         let audit = JsonlAuditSink::open_with(
             root.join("audit").join("audit.jsonl"),
             config.audit.trail_options(),

@@ -623,7 +623,7 @@ async fn malformed_requests_get_4xx_json_and_change_nothing() {
         .status(),
         204
     );
-    let before = snapshot(&t.data());
+    let before = stored_snapshot(&t.data()).await;
     let all = cases(&study, &up, first as u64);
     assert!(all.len() >= 200, "only {} cases", all.len());
     let mut failures = Vec::new();
@@ -675,7 +675,7 @@ async fn malformed_requests_get_4xx_json_and_change_nothing() {
         all.len(),
         failures.join("\n")
     );
-    let after = snapshot(&t.data());
+    let after = stored_snapshot(&t.data()).await;
     let changed: Vec<_> = before
         .iter()
         .filter(|(k, v)| after.get(*k) != Some(v))

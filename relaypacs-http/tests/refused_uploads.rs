@@ -52,22 +52,37 @@ async fn head_status(t: &TestServer, u: &User, upload: &str) -> u16 {
         .as_u16()
 }
 
-/// Where the chunk store and the session store keep an upload's bytes and
-/// chunk records.
-fn stored_paths(t: &TestServer, upload: &str) -> (PathBuf, PathBuf) {
+/// Where the chunk store keeps an upload's bytes.
+fn stored_path(t: &TestServer, upload: &str) -> PathBuf {
     let id = upload.trim_start_matches("/files/");
     let (session, file) = id.split_at(32);
-    (
-        t.data()
-            .join("chunks")
-            .join(session)
-            .join(format!("{file}.data")),
-        t.data()
-            .join("sessions")
-            .join(session)
-            .join("chunks")
-            .join(format!("{file}.jsonl")),
-    )
+    t.data()
+        .join("chunks")
+        .join(session)
+        .join(format!("{file}.data"))
+}
+
+/// How many chunk records the state database (the server's SQLite file,
+/// opened beside it) holds for an upload.
+async fn chunk_records(t: &TestServer, upload: &str) -> usize {
+    use relaypacs_core::{FileId, SessionId, SessionStore};
+    let id = upload.trim_start_matches("/files/");
+    let (session, file) = id.split_at(32);
+    let url = format!("sqlite://{}", t.data().join("state.db").display());
+    let db = relaypacs_storage::SqlState::connect(&url, None, &Default::default())
+        .await
+        .unwrap();
+    let store = relaypacs_storage::SqlSessionStore::new(db.clone());
+    let n = store
+        .chunks(
+            SessionId::parse(session).unwrap(),
+            FileId::parse(file).unwrap(),
+        )
+        .await
+        .unwrap()
+        .len();
+    db.close().await;
+    n
 }
 
 /// A file refused at its last PATCH leaves the study with its bytes and
@@ -86,9 +101,9 @@ async fn tus_refused_file_leaves_the_study_with_its_bytes() {
     let first = 65_536;
     let r = t.patch(&u, &up, 0, junk[..first].to_vec(), None).await;
     assert_eq!(r.status(), 204);
-    let (data, records) = stored_paths(&t, &up);
+    let data = stored_path(&t, &up);
     assert!(data.exists(), "{}", data.display());
-    assert!(records.exists(), "{}", records.display());
+    assert_eq!(chunk_records(&t, &up).await, 1);
     let r = t
         .patch(&u, &up, first as u64, junk[first..].to_vec(), None)
         .await;
@@ -98,11 +113,7 @@ async fn tus_refused_file_leaves_the_study_with_its_bytes() {
     // Gone: the upload, its bytes and its chunk records.
     assert_eq!(head_status(&t, &u, &up).await, 404);
     assert!(!data.exists(), "refused bytes kept at {}", data.display());
-    assert!(
-        !records.exists(),
-        "chunk records kept at {}",
-        records.display()
-    );
+    assert_eq!(chunk_records(&t, &up).await, 0, "chunk records kept");
     // The study stays open with its valid file, and takes another.
     let r = study_json(&t, &u, &sid).await;
     assert_eq!(r.status(), 200);

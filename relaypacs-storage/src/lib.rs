@@ -8,6 +8,9 @@
 //! - `ObjectStoreChunkStore` (feature `object-store`, off by default):
 //!   chunks in any `object_store` backend (in-memory, local; S3 and
 //!   compatibles with feature `aws`).
+//! - [`SqlState`] and the stores on it ([`SqlSessionStore`]; features
+//!   `sqlite` and `postgres`, both on by default): state in SQLite (one
+//!   file, embedded) or PostgreSQL (several gateways), through sqlx.
 //! - [`SyslogForwardingSink`] (feature `syslog`, on by default): an audit
 //!   sink decorator forwarding the trail to a syslog collector over TLS.
 
@@ -19,6 +22,10 @@ mod local_chunks;
 mod local_sessions;
 #[cfg(feature = "object-store")]
 mod object_store_chunks;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql_sessions;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql_state;
 #[cfg(feature = "syslog")]
 pub mod syslog_audit;
 
@@ -35,5 +42,9 @@ pub use local_sessions::FileSessionStore;
 pub use object_store;
 #[cfg(feature = "object-store")]
 pub use object_store_chunks::ObjectStoreChunkStore;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sql_sessions::SqlSessionStore;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sql_state::{Engine, SqlOptions, SqlState};
 #[cfg(feature = "syslog")]
 pub use syslog_audit::{SyslogConfig, SyslogForwardingSink};

@@ -301,7 +301,9 @@ pub fn dicom(study: Option<&str>, rows: u16) -> Vec<u8> {
 }
 
 /// SHA-256 of every file under `dir` except the audit trail (which grows
-/// with every request), by relative path.
+/// with every request) and the state database's files (SQLite's WAL and
+/// shared-memory index change with reads: see [`stored_snapshot`]), by
+/// relative path.
 pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, String> {
     let mut out = std::collections::BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -310,7 +312,7 @@ pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, String> {
             let e = e.unwrap();
             let p = e.path();
             let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
-            if rel.starts_with("audit") || rel.ends_with(".lock") {
+            if rel.starts_with("audit") || rel.ends_with(".lock") || rel.starts_with("state.db") {
                 continue;
             }
             if p.is_dir() {
@@ -320,6 +322,48 @@ pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, String> {
             }
         }
     }
+    out
+}
+
+/// Everything a server stored under its data folder `dir`: the files (as
+/// [`snapshot`]) and every row of the state database's tables, by table
+/// and key.
+pub async fn stored_snapshot(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    use sqlx::Row;
+    let mut out = snapshot(dir);
+    let url = format!("sqlite://{}", dir.join("state.db").display());
+    let db = relaypacs_storage::SqlState::connect(&url, None, &Default::default())
+        .await
+        .unwrap();
+    for (table, cols) in [
+        (
+            "sessions",
+            "id, CAST(version AS TEXT), owner, state, updated_at, head",
+        ),
+        ("session_files", "session_id || '/' || file_id, body"),
+        (
+            "chunks",
+            "session_id || '/' || file_id || '@' || CAST(chunk_offset AS TEXT), \
+             CAST(length AS TEXT) || ' ' || sha256 || ' ' || receipt",
+        ),
+        (
+            "instance_claims",
+            "sop_instance_uid, data_set_sha256 || ' ' || study_instance_uid || ' ' || \
+             session_id || ' ' || file_id || ' ' || claimed_at",
+        ),
+    ] {
+        let rows = sqlx::query(&format!("SELECT {cols} FROM {table}"))
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+        for r in rows {
+            let n = r.len();
+            let key: String = r.get(0);
+            let value: Vec<String> = (1..n).map(|i| r.get::<String, _>(i)).collect();
+            out.insert(format!("db:{table}:{key}"), value.join("|"));
+        }
+    }
+    db.close().await;
     out
 }
 

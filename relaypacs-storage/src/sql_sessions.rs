@@ -1,0 +1,506 @@
+//! [`SqlSessionStore`]: sessions, files, chunk records and the index of
+//! accepted instances in SQL tables (SQLite or PostgreSQL).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use async_trait::async_trait;
+use relaypacs_core::{
+    ChunkInsert, ChunkRecord, Error, FileId, FileRecord, InstanceClaim, Result, SessionId,
+    SessionRecord, SessionState, SessionStore, Sha256Digest, Uid, Versioned,
+};
+use sqlx::Row;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::sql_state::{SqlState, corrupt, db_err};
+
+/// A [`SessionStore`] on a [`SqlState`] database.
+///
+/// A session is one row of `sessions` (its record without files, as JSON,
+/// with the version and the owner and state as indexed columns) and one row
+/// per file in `session_files`; chunk records and instance claims have
+/// their own tables, keyed so that inserts are atomic insert-if-absent
+/// (`ON CONFLICT DO NOTHING`). Every call is one transaction: durable when
+/// it returns (see [`SqlState`]), atomic across every process sharing the
+/// database, and rolled back if its future is dropped.
+///
+/// An update writes only the files whose record changed, after reading the
+/// stored ones: its cost grows with the number of files of the session.
+#[derive(Clone, Debug)]
+pub struct SqlSessionStore {
+    db: SqlState,
+}
+
+impl fmt::Display for SqlSessionStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sql sessions ({})", self.db)
+    }
+}
+
+fn state_name(s: &SessionState) -> &'static str {
+    match s {
+        SessionState::Open => "open",
+        SessionState::Forwarding => "forwarding",
+        SessionState::Delivered { .. } => "delivered",
+        SessionState::DeadLetter { .. } => "dead_letter",
+    }
+}
+
+fn now_text() -> String {
+    // Formatting the current UTC time as RFC 3339 cannot fail (a year in
+    // 0..=9999); the fallback keeps the column filled regardless.
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+fn to_json<T: serde::Serialize>(op: &'static str, v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| corrupt(op, e))
+}
+
+/// The record without its files, for the `head` column.
+fn head_json(rec: &SessionRecord) -> Result<String> {
+    let mut v = serde_json::to_value(rec).map_err(|e| corrupt("encode session", e))?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("files");
+    }
+    to_json("encode session", &v)
+}
+
+/// Offsets and lengths are u64 in the model and BIGINT in SQL: a value
+/// beyond i64 cannot be a real byte count.
+fn to_i64(v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::invalid("RELAY_RANGE", "offset beyond 2^63"))
+}
+
+impl SqlSessionStore {
+    /// A session store on `db` (already migrated by [`SqlState::connect`]).
+    pub fn new(db: SqlState) -> Self {
+        Self { db }
+    }
+
+    /// Does session `id` exist (inside `tx`)?
+    async fn exists(conn: &mut sqlx::AnyConnection, id: SessionId) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM sessions WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(conn)
+            .await
+            .map_err(|e| db_err("load session", e))?;
+        Ok(row.is_some())
+    }
+
+    async fn stored_files(
+        conn: &mut sqlx::AnyConnection,
+        id: SessionId,
+    ) -> Result<BTreeMap<String, String>> {
+        let rows = sqlx::query("SELECT file_id, body FROM session_files WHERE session_id = $1")
+            .bind(id.to_string())
+            .fetch_all(conn)
+            .await
+            .map_err(|e| db_err("load session files", e))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>(0)
+                        .map_err(|e| db_err("load session files", e))?,
+                    r.try_get::<String, _>(1)
+                        .map_err(|e| db_err("load session files", e))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Write the files of `rec` that differ from what is stored, and drop
+    /// the stored ones it no longer has.
+    async fn write_files(conn: &mut sqlx::AnyConnection, rec: &SessionRecord) -> Result<()> {
+        let mut stored = Self::stored_files(&mut *conn, rec.id).await?;
+        let sid = rec.id.to_string();
+        for (fid, file) in &rec.files {
+            let key = fid.to_string();
+            let body = to_json("encode file", file)?;
+            if stored.remove(&key).as_deref() == Some(body.as_str()) {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO session_files (session_id, file_id, body) VALUES ($1, $2, $3) \
+                 ON CONFLICT (session_id, file_id) DO UPDATE SET body = excluded.body",
+            )
+            .bind(&sid)
+            .bind(&key)
+            .bind(body)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| db_err("store file", e))?;
+        }
+        for gone in stored.keys() {
+            sqlx::query("DELETE FROM session_files WHERE session_id = $1 AND file_id = $2")
+                .bind(&sid)
+                .bind(gone)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| db_err("remove file", e))?;
+        }
+        Ok(())
+    }
+}
+
+fn claim_from_row(row: &sqlx::any::AnyRow) -> Result<InstanceClaim> {
+    let get = |i: usize| -> Result<String> {
+        row.try_get::<String, _>(i)
+            .map_err(|e| db_err("load instance claim", e))
+    };
+    let at = OffsetDateTime::parse(&get(5)?, &Rfc3339).map_err(|e| corrupt("claim time", e))?;
+    let mut claim = InstanceClaim::new(
+        Uid::parse(&get(0)?).map_err(|e| corrupt("claim uid", e))?,
+        Sha256Digest::from_hex(&get(1)?).map_err(|e| corrupt("claim digest", e))?,
+        Uid::parse(&get(2)?).map_err(|e| corrupt("claim study", e))?,
+        SessionId::parse(&get(3)?).map_err(|e| corrupt("claim session", e))?,
+        FileId::parse(&get(4)?).map_err(|e| corrupt("claim file", e))?,
+    );
+    claim.at = at;
+    Ok(claim)
+}
+
+const CLAIM_COLUMNS: &str =
+    "sop_instance_uid, data_set_sha256, study_instance_uid, session_id, file_id, claimed_at";
+
+#[async_trait]
+impl SessionStore for SqlSessionStore {
+    async fn create_session(&self, session: &SessionRecord) -> Result<Versioned<SessionRecord>> {
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| db_err("create session", e))?;
+        let inserted = sqlx::query(
+            "INSERT INTO sessions (id, owner, version, state, updated_at, head) \
+             VALUES ($1, $2, 1, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(session.id.to_string())
+        .bind(&session.owner)
+        .bind(state_name(&session.state))
+        .bind(now_text())
+        .bind(head_json(session)?)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err("create session", e))?;
+        if inserted.rows_affected() == 0 {
+            return Err(Error::AlreadyExists { what: "session" });
+        }
+        Self::write_files(&mut tx, session).await?;
+        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit).
+        tx.commit().await.map_err(|e| db_err("create session", e))?;
+        Ok(Versioned {
+            value: session.clone(),
+            version: 1,
+        })
+    }
+
+    async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>> {
+        // One read transaction: the head and the files of one version.
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| db_err("load session", e))?;
+        let row = sqlx::query("SELECT version, head FROM sessions WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| db_err("load session", e))?
+            .ok_or(Error::NotFound { what: "session" })?;
+        let version: i64 = row.try_get(0).map_err(|e| db_err("load session", e))?;
+        let head: String = row.try_get(1).map_err(|e| db_err("load session", e))?;
+        let mut value: serde_json::Value =
+            serde_json::from_str(&head).map_err(|e| corrupt("decode session", e))?;
+        let files = Self::stored_files(&mut tx, id).await?;
+        tx.commit().await.map_err(|e| db_err("load session", e))?;
+        let mut map = serde_json::Map::new();
+        for (k, body) in files {
+            let v: serde_json::Value =
+                serde_json::from_str(&body).map_err(|e| corrupt("decode file", e))?;
+            map.insert(k, v);
+        }
+        if let Some(o) = value.as_object_mut() {
+            o.insert("files".into(), serde_json::Value::Object(map));
+        }
+        let value: SessionRecord =
+            serde_json::from_value(value).map_err(|e| corrupt("decode session", e))?;
+        // Files are keyed by id: check each body belongs under its key.
+        if value
+            .files
+            .iter()
+            .any(|(k, f): (&FileId, &FileRecord)| *k != f.id)
+        {
+            return Err(corrupt("decode session", "a file row holds another file"));
+        }
+        Ok(Versioned {
+            value,
+            version: u64::try_from(version).map_err(|e| corrupt("session version", e))?,
+        })
+    }
+
+    async fn update_session(&self, session: &SessionRecord, expected: u64) -> Result<u64> {
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| db_err("update session", e))?;
+        // The conditional UPDATE comes first: it takes the row's write lock
+        // (SQLite: the database's) before anything is read.
+        let updated = sqlx::query(
+            "UPDATE sessions SET version = version + 1, owner = $1, state = $2, \
+             updated_at = $3, head = $4 WHERE id = $5 AND version = $6",
+        )
+        .bind(&session.owner)
+        .bind(state_name(&session.state))
+        .bind(now_text())
+        .bind(head_json(session)?)
+        .bind(session.id.to_string())
+        .bind(to_i64(expected)?)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err("update session", e))?;
+        if updated.rows_affected() == 0 {
+            let row = sqlx::query("SELECT version FROM sessions WHERE id = $1")
+                .bind(session.id.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| db_err("update session", e))?;
+            return Err(match row {
+                None => Error::NotFound { what: "session" },
+                Some(r) => {
+                    let v: i64 = r.try_get(0).map_err(|e| db_err("update session", e))?;
+                    Error::Precondition {
+                        what: format!("session version {v} (expected {expected})"),
+                    }
+                }
+            });
+        }
+        Self::write_files(&mut tx, session).await?;
+        // Crash-safe point: the commit.
+        tx.commit().await.map_err(|e| db_err("update session", e))?;
+        Ok(expected + 1)
+    }
+
+    async fn delete_session(&self, id: SessionId, expected: u64) -> Result<()> {
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| db_err("delete session", e))?;
+        let sid = id.to_string();
+        let deleted = sqlx::query("DELETE FROM sessions WHERE id = $1 AND version = $2")
+            .bind(&sid)
+            .bind(to_i64(expected)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err("delete session", e))?;
+        if deleted.rows_affected() == 0 {
+            return Err(if Self::exists(&mut tx, id).await? {
+                Error::Precondition {
+                    what: format!("session version (expected {expected})"),
+                }
+            } else {
+                Error::NotFound { what: "session" }
+            });
+        }
+        for table in ["session_files", "chunks"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE session_id = $1"))
+                .bind(&sid)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_err("delete session", e))?;
+        }
+        tx.commit().await.map_err(|e| db_err("delete session", e))
+    }
+
+    async fn list_sessions(&self) -> Result<Vec<SessionId>> {
+        let rows = sqlx::query("SELECT id FROM sessions ORDER BY id")
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(|e| db_err("list sessions", e))?;
+        rows.iter()
+            .map(|r| {
+                let s: String = r.try_get(0).map_err(|e| db_err("list sessions", e))?;
+                SessionId::parse(&s).map_err(|e| corrupt("session id", e))
+            })
+            .collect()
+    }
+
+    async fn record_chunk(
+        &self,
+        id: SessionId,
+        file: FileId,
+        chunk: &ChunkRecord,
+    ) -> Result<ChunkInsert> {
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| db_err("record chunk", e))?;
+        let inserted = sqlx::query(
+            "INSERT INTO chunks (session_id, file_id, chunk_offset, length, sha256, receipt) \
+             SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $1) \
+             ON CONFLICT (session_id, file_id, chunk_offset) DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(file.to_string())
+        .bind(to_i64(chunk.offset)?)
+        .bind(to_i64(chunk.length)?)
+        .bind(chunk.sha256.to_hex())
+        .bind(&chunk.receipt)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err("record chunk", e))?;
+        if inserted.rows_affected() == 1 {
+            // Crash-safe point: the commit.
+            tx.commit().await.map_err(|e| db_err("record chunk", e))?;
+            return Ok(ChunkInsert::Inserted);
+        }
+        let row = sqlx::query(
+            "SELECT chunk_offset, length, sha256, receipt FROM chunks \
+             WHERE session_id = $1 AND file_id = $2 AND chunk_offset = $3",
+        )
+        .bind(id.to_string())
+        .bind(file.to_string())
+        .bind(to_i64(chunk.offset)?)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| db_err("record chunk", e))?;
+        let Some(row) = row else {
+            return Err(Error::NotFound { what: "session" });
+        };
+        let existing = chunk_from_row(&row)?;
+        tx.commit().await.map_err(|e| db_err("record chunk", e))?;
+        Ok(ChunkInsert::Existing(existing))
+    }
+
+    async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>> {
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| db_err("load chunks", e))?;
+        if !Self::exists(&mut tx, id).await? {
+            return Err(Error::NotFound { what: "session" });
+        }
+        let rows = sqlx::query(
+            "SELECT chunk_offset, length, sha256, receipt FROM chunks \
+             WHERE session_id = $1 AND file_id = $2 ORDER BY chunk_offset",
+        )
+        .bind(id.to_string())
+        .bind(file.to_string())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| db_err("load chunks", e))?;
+        tx.commit().await.map_err(|e| db_err("load chunks", e))?;
+        rows.iter().map(chunk_from_row).collect()
+    }
+
+    async fn delete_chunks(&self, id: SessionId, file: FileId) -> Result<()> {
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| db_err("delete chunks", e))?;
+        sqlx::query("DELETE FROM chunks WHERE session_id = $1 AND file_id = $2")
+            .bind(id.to_string())
+            .bind(file.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err("delete chunks", e))?;
+        if !Self::exists(&mut tx, id).await? {
+            return Err(Error::NotFound { what: "session" });
+        }
+        tx.commit().await.map_err(|e| db_err("delete chunks", e))
+    }
+
+    async fn claim_instance(&self, claim: &InstanceClaim) -> Result<InstanceClaim> {
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| db_err("claim instance", e))?;
+        let at = claim
+            .at
+            .format(&Rfc3339)
+            .map_err(|e| corrupt("claim time", e))?;
+        sqlx::query(&format!(
+            "INSERT INTO instance_claims ({CLAIM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (sop_instance_uid) DO NOTHING"
+        ))
+        .bind(claim.sop_instance_uid.as_str())
+        .bind(claim.data_set_sha256.to_hex())
+        .bind(claim.study_instance_uid.as_str())
+        .bind(claim.session.to_string())
+        .bind(claim.file.to_string())
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err("claim instance", e))?;
+        let row = sqlx::query(&format!(
+            "SELECT {CLAIM_COLUMNS} FROM instance_claims WHERE sop_instance_uid = $1"
+        ))
+        .bind(claim.sop_instance_uid.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| db_err("claim instance", e))?;
+        let held = claim_from_row(&row)?;
+        // Crash-safe point: the commit.
+        tx.commit().await.map_err(|e| db_err("claim instance", e))?;
+        Ok(held)
+    }
+
+    async fn instance_claim(&self, sop_instance_uid: &Uid) -> Result<Option<InstanceClaim>> {
+        let row = sqlx::query(&format!(
+            "SELECT {CLAIM_COLUMNS} FROM instance_claims WHERE sop_instance_uid = $1"
+        ))
+        .bind(sop_instance_uid.as_str())
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(|e| db_err("load instance claim", e))?;
+        row.as_ref().map(claim_from_row).transpose()
+    }
+
+    async fn release_instance(
+        &self,
+        sop_instance_uid: &Uid,
+        session: SessionId,
+        file: FileId,
+    ) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM instance_claims \
+             WHERE sop_instance_uid = $1 AND session_id = $2 AND file_id = $3",
+        )
+        .bind(sop_instance_uid.as_str())
+        .bind(session.to_string())
+        .bind(file.to_string())
+        .execute(self.db.pool())
+        .await
+        .map_err(|e| db_err("release instance claim", e))?;
+        Ok(())
+    }
+}
+
+fn chunk_from_row(row: &sqlx::any::AnyRow) -> Result<ChunkRecord> {
+    let offset: i64 = row.try_get(0).map_err(|e| db_err("load chunk", e))?;
+    let length: i64 = row.try_get(1).map_err(|e| db_err("load chunk", e))?;
+    let sha: String = row.try_get(2).map_err(|e| db_err("load chunk", e))?;
+    let receipt: String = row.try_get(3).map_err(|e| db_err("load chunk", e))?;
+    Ok(ChunkRecord::new(
+        u64::try_from(offset).map_err(|e| corrupt("chunk offset", e))?,
+        u64::try_from(length).map_err(|e| corrupt("chunk length", e))?,
+        Sha256Digest::from_hex(&sha).map_err(|e| corrupt("chunk digest", e))?,
+        receipt,
+    ))
+}

@@ -1,0 +1,215 @@
+//! [`SqlState`]: one connection pool to the gateway's SQL database, SQLite
+//! (embedded, a file under the data folder) or PostgreSQL (shared by
+//! several gateways), with the schema migrated at start.
+//!
+//! The stores built on it ([`SqlSessionStore`](crate::SqlSessionStore), …)
+//! write the same SQL for both engines through sqlx's `Any` driver; where
+//! the dialects differ, [`Engine`] tells which to speak. Every write is one
+//! transaction, durable when it commits: SQLite runs in WAL mode with
+//! `synchronous=FULL` (the commit fsyncs the log), PostgreSQL with its
+//! default `synchronous_commit=on`.
+
+use std::fmt;
+use std::time::Duration;
+
+use relaypacs_core::{Error, StorageErrorKind};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, ConnectOptions, Executor};
+
+/// Which SQL engine a [`SqlState`] talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// SQLite, embedded in the process (one gateway per file).
+    Sqlite,
+    /// PostgreSQL, shared by several gateways.
+    Postgres,
+}
+
+/// How to connect: pool size and timeouts.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SqlOptions {
+    /// Connections in the pool.
+    pub max_connections: u32,
+    /// How long a request waits for a free connection.
+    pub acquire_timeout: Duration,
+    /// How long one statement may run (PostgreSQL `statement_timeout`;
+    /// SQLite's `busy_timeout`, the wait for another writer's lock).
+    pub statement_timeout: Duration,
+}
+
+impl Default for SqlOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(30),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A migrated SQL database and its connection pool; cheap to clone.
+#[derive(Clone)]
+pub struct SqlState {
+    pool: AnyPool,
+    engine: Engine,
+    /// The URL without credentials, for logs and `Display`.
+    shown: String,
+}
+
+impl fmt::Debug for SqlState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlState")
+            .field("engine", &self.engine)
+            .field("url", &self.shown)
+            .finish()
+    }
+}
+
+impl fmt::Display for SqlState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+/// A sqlx error as a storage error: lost connections and pool timeouts may
+/// pass with a retry, everything else is an I/O error of the database.
+pub(crate) fn db_err(op: &'static str, e: sqlx::Error) -> Error {
+    let kind = match &e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            StorageErrorKind::Unavailable
+        }
+        sqlx::Error::Database(d) if d.message().contains("full") => StorageErrorKind::Full,
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StorageErrorKind::Corrupt,
+        _ => StorageErrorKind::Io,
+    };
+    Error::storage(kind, op, e)
+}
+
+/// A stored value that does not parse: the database holds something this
+/// gateway did not write.
+pub(crate) fn corrupt(op: &'static str, what: impl fmt::Display) -> Error {
+    Error::storage(StorageErrorKind::Corrupt, op, what.to_string())
+}
+
+/// The URL with any password replaced by `***`.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            // Setting a password only fails on URLs without a host, which
+            // cannot carry one: the unredacted form then has none to show.
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl SqlState {
+    /// Connect to `url` (`sqlite://PATH` or `postgres://…`), creating a
+    /// SQLite file if missing, and migrate the schema. `password`, when
+    /// given, replaces the URL's (so it can come from a file or the
+    /// environment and never appear in a configuration file or a log).
+    ///
+    /// Migrations are embedded in the binary and run under a lock:
+    /// PostgreSQL's advisory lock (several gateways starting at once run
+    /// them once), SQLite's write lock.
+    pub async fn connect(
+        url: &str,
+        password: Option<&str>,
+        options: &SqlOptions,
+    ) -> Result<Self, Error> {
+        sqlx::any::install_default_drivers();
+        let engine = if url.starts_with("sqlite:") {
+            Engine::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Engine::Postgres
+        } else {
+            return Err(Error::invalid(
+                "RELAY_STATE_URL",
+                "the state URL must start with sqlite: or postgres:",
+            ));
+        };
+        let mut parsed = url::Url::parse(url)
+            .map_err(|e| Error::invalid("RELAY_STATE_URL", format!("state URL: {e}")))?;
+        if let Some(p) = password {
+            parsed
+                .set_password(Some(p))
+                .map_err(|()| Error::invalid("RELAY_STATE_URL", "this URL takes no password"))?;
+        }
+        if engine == Engine::Sqlite && !parsed.query_pairs().any(|(k, _)| k == "mode") {
+            parsed.query_pairs_mut().append_pair("mode", "rwc");
+        }
+        let shown = redact(url);
+        let connect = AnyConnectOptions::from_url(&parsed)
+            .map_err(|e| Error::invalid("RELAY_STATE_URL", format!("state URL: {e}")))?
+            .disable_statement_logging();
+        let timeout_ms = options.statement_timeout.as_millis();
+        let pool = AnyPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    match engine {
+                        // WAL: readers never block the writer; FULL: a
+                        // commit is on disk when it returns (crash-safe
+                        // point of every SQLite store).
+                        Engine::Sqlite => {
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute("PRAGMA synchronous = FULL").await?;
+                            conn.execute(&*format!("PRAGMA busy_timeout = {timeout_ms}"))
+                                .await?;
+                        }
+                        Engine::Postgres => {
+                            conn.execute(&*format!("SET statement_timeout = {timeout_ms}"))
+                                .await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(connect)
+            .await
+            .map_err(|e| db_err("connect to the state database", e))?;
+        let state = Self {
+            pool,
+            engine,
+            shown,
+        };
+        state.migrate().await?;
+        Ok(state)
+    }
+
+    async fn migrate(&self) -> Result<(), Error> {
+        let result = match self.engine {
+            Engine::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&self.pool).await,
+            Engine::Postgres => {
+                sqlx::migrate!("./migrations/postgres")
+                    .run(&self.pool)
+                    .await
+            }
+        };
+        result.map_err(|e| {
+            Error::storage(
+                StorageErrorKind::Io,
+                "migrate the state database",
+                e.to_string(),
+            )
+        })
+    }
+
+    /// The pool, for stores built on this database.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Which engine this is.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// Close every connection (at shutdown).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
