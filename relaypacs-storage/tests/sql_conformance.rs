@@ -15,3 +15,18 @@ async fn sqlite_sessions() -> (SqlSessionStore, TempDir) {
 }
 
 relaypacs_core::session_store_conformance!(sqlite_session_store, sqlite_sessions);
+
+/// A fresh PostgreSQL cluster per case (durable settings, as deployed),
+/// kept alive by the returned guard.
+async fn postgres_sessions() -> (SqlSessionStore, relaypacs_test_peers::Postgres) {
+    let pg = tokio::task::spawn_blocking(relaypacs_test_peers::Postgres::start)
+        .await
+        .expect("start postgres");
+    let url = pg.create_database("relay");
+    let db = SqlState::connect(&url, None, &SqlOptions::default())
+        .await
+        .expect("connect");
+    (SqlSessionStore::new(db), pg)
+}
+
+relaypacs_core::session_store_conformance!(postgres_session_store, postgres_sessions);
