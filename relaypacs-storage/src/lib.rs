@@ -8,7 +8,8 @@
 //! - `ObjectStoreChunkStore` (feature `object-store`, off by default):
 //!   chunks in any `object_store` backend (in-memory, local; S3 and
 //!   compatibles with feature `aws`).
-//! - [`SqlState`] and the stores on it ([`SqlSessionStore`]; features
+//! - [`SqlState`] and the stores on it ([`SqlSessionStore`],
+//!   [`SqlAuditSink`]; features
 //!   `sqlite` and `postgres`, both on by default): state in SQLite (one
 //!   file, embedded) or PostgreSQL (several gateways), through sqlx.
 //! - [`SyslogForwardingSink`] (feature `syslog`, on by default): an audit
@@ -22,6 +23,8 @@ mod local_chunks;
 mod local_sessions;
 #[cfg(feature = "object-store")]
 mod object_store_chunks;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql_audit;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod sql_sessions;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -42,6 +45,8 @@ pub use local_sessions::FileSessionStore;
 pub use object_store;
 #[cfg(feature = "object-store")]
 pub use object_store_chunks::ObjectStoreChunkStore;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sql_audit::{SqlAuditSink, verify_sql_chain, verify_sql_chain_against};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql_sessions::SqlSessionStore;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]

@@ -86,7 +86,12 @@ pub struct ChainError {
 }
 
 impl ChainError {
-    fn at(index: u64, seq: Option<u64>, kind: ChainErrorKind, reason: impl Into<String>) -> Self {
+    pub(crate) fn at(
+        index: u64,
+        seq: Option<u64>,
+        kind: ChainErrorKind,
+        reason: impl Into<String>,
+    ) -> Self {
         Self {
             index,
             line: index + 1,
@@ -96,7 +101,7 @@ impl ChainError {
         }
     }
 
-    fn file(reason: impl Into<String>) -> Self {
+    pub(crate) fn file(reason: impl Into<String>) -> Self {
         Self {
             index: 0,
             line: 0,
@@ -149,7 +154,7 @@ struct SeqOnly {
     seq: u64,
 }
 
-fn link_hash(prev: &[u8; 32], seq: u64, event_json: &str) -> [u8; 32] {
+pub(crate) fn link_hash(prev: &[u8; 32], seq: u64, event_json: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev);
     h.update(seq.to_le_bytes());

@@ -1,0 +1,299 @@
+//! `SqlAuditSink`: the audit sink conformance suite on SQLite and
+//! PostgreSQL, one unbroken chain from two gateways appending at once, the
+//! append-only triggers, and the verifier naming each kind of tampering.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
+
+use std::collections::BTreeSet;
+
+use relaypacs_core::{AuditAction, AuditEvent, AuditOutcome, AuditSink};
+use relaypacs_storage::{
+    ChainErrorKind, ChainHead, SqlAuditSink, SqlOptions, SqlState, verify_sql_chain,
+    verify_sql_chain_against,
+};
+use relaypacs_test_peers::Postgres;
+use sqlx::Row;
+use tempfile::TempDir;
+
+async fn sqlite_db(dir: &TempDir) -> SqlState {
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    SqlState::connect(&url, None, &SqlOptions::default())
+        .await
+        .expect("connect sqlite")
+}
+
+async fn sqlite_audit() -> (SqlAuditSink, TempDir) {
+    let dir = TempDir::new().expect("tempdir");
+    (SqlAuditSink::new(sqlite_db(&dir).await), dir)
+}
+
+relaypacs_core::audit_sink_conformance!(sqlite_audit_sink, sqlite_audit);
+
+async fn start_postgres() -> Postgres {
+    tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .expect("start postgres")
+}
+
+async fn connect(url: &str) -> SqlState {
+    SqlState::connect(url, None, &SqlOptions::default())
+        .await
+        .expect("connect postgres")
+}
+
+/// A fresh PostgreSQL cluster per case (durable settings, as deployed).
+async fn postgres_audit() -> (SqlAuditSink, Postgres) {
+    let pg = start_postgres().await;
+    let url = pg.create_database("relay");
+    (SqlAuditSink::new(connect(&url).await), pg)
+}
+
+relaypacs_core::audit_sink_conformance!(postgres_audit_sink, postgres_audit);
+
+fn event(gateway: usize, i: usize) -> AuditEvent {
+    let mut e = AuditEvent::new(
+        format!("user-{gateway}"),
+        AuditAction::ChunkStored,
+        AuditOutcome::Success,
+    );
+    e.detail = format!("gateway {gateway} event {i}");
+    e
+}
+
+async fn record_n(sink: &SqlAuditSink, n: usize) {
+    for i in 0..n {
+        sink.record(&event(0, i)).await.expect("record");
+    }
+}
+
+/// Two gateways (two pools on one database), each with 4 tasks appending
+/// 50 records: one chain of 400 records, distinct seqs 0..400, each
+/// task's records in the order it made them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_append_one_unbroken_chain() {
+    let pg = start_postgres().await;
+    let url = pg.create_database("relay");
+    let gateways = [connect(&url).await, connect(&url).await];
+    let mut tasks = Vec::new();
+    for (g, db) in gateways.iter().enumerate() {
+        for t in 0..4 {
+            let sink = SqlAuditSink::new(db.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..50 {
+                    sink.record(&event(g * 10 + t, i)).await.expect("record");
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("append task");
+    }
+
+    let head = verify_sql_chain(&gateways[0])
+        .await
+        .expect("one unbroken chain");
+    assert_eq!(head.count, 400);
+    let sink = SqlAuditSink::new(gateways[1].clone());
+    assert_eq!(sink.head().await.expect("head"), head);
+
+    let seqs: BTreeSet<i64> = sqlx::query("SELECT seq FROM audit_events")
+        .fetch_all(gateways[1].pool())
+        .await
+        .expect("seqs")
+        .iter()
+        .map(|r| r.try_get::<i64, _>(0).expect("seq"))
+        .collect();
+    assert_eq!(seqs, (0..400).collect::<BTreeSet<i64>>());
+
+    let events = sink.events().await.expect("events");
+    assert_eq!(events.len(), 400);
+    for g in 0..2 {
+        for t in 0..4 {
+            let user = format!("user-{}", g * 10 + t);
+            let mine: Vec<_> = events.iter().filter(|e| e.user == user).collect();
+            let expected: Vec<_> = (0..50).map(|i| event(g * 10 + t, i)).collect();
+            assert_eq!(mine.len(), 50, "{user}");
+            for (got, want) in mine.iter().zip(&expected) {
+                assert_eq!(got.detail, want.detail, "{user}: order kept");
+            }
+        }
+    }
+}
+
+/// The error message of a refused statement.
+async fn refused(db: &SqlState, sql: &str) -> String {
+    let err = sqlx::query(sql)
+        .execute(db.pool())
+        .await
+        .expect_err(&format!("{sql} must be refused"));
+    err.to_string()
+}
+
+#[tokio::test]
+async fn postgres_refuses_update_delete_truncate_even_to_the_owner() {
+    let pg = start_postgres().await;
+    let url = pg.create_database("relay");
+    let db = connect(&url).await;
+    let sink = SqlAuditSink::new(db.clone());
+    record_n(&sink, 3).await;
+    for sql in [
+        "UPDATE audit_events SET event = event WHERE seq = 1",
+        "DELETE FROM audit_events WHERE seq = 2",
+        "TRUNCATE audit_events",
+    ] {
+        let msg = refused(&db, sql).await;
+        assert!(msg.contains("append-only"), "{sql}: {msg}");
+    }
+    assert_eq!(verify_sql_chain(&db).await.expect("intact").count, 3);
+    assert_eq!(sink.events().await.expect("events").len(), 3);
+}
+
+#[tokio::test]
+async fn sqlite_refuses_update_and_delete() {
+    let (sink, dir) = sqlite_audit().await;
+    record_n(&sink, 3).await;
+    let db = sqlite_db(&dir).await;
+    for sql in [
+        "UPDATE audit_events SET event = event WHERE seq = 1",
+        "DELETE FROM audit_events WHERE seq = 2",
+        "DELETE FROM audit_events",
+    ] {
+        let msg = refused(&db, sql).await;
+        assert!(msg.contains("append-only"), "{sql}: {msg}");
+    }
+    assert_eq!(verify_sql_chain(&db).await.expect("intact").count, 3);
+}
+
+/// A database of 10 records with the append-only trigger dropped (as
+/// the superuser), as an attacker with the owner's rights could.
+async fn tamperable(pg: &Postgres, name: &str) -> SqlState {
+    let url = pg.create_database(name);
+    let db = connect(&url).await;
+    record_n(&SqlAuditSink::new(db.clone()), 10).await;
+    assert_eq!(verify_sql_chain(&db).await.expect("intact").count, 10);
+    pg.psql(
+        &url,
+        "DROP TRIGGER audit_events_append_only ON audit_events",
+    );
+    db
+}
+
+async fn exec(db: &SqlState, sql: &str) {
+    sqlx::query(sql).execute(db.pool()).await.expect(sql);
+}
+
+#[tokio::test]
+async fn verifier_names_each_tampering_on_postgres() {
+    let pg = start_postgres().await;
+
+    // A flipped byte in one event.
+    let db = tamperable(&pg, "modified").await;
+    exec(
+        &db,
+        "UPDATE audit_events SET event = replace(event, 'event 3', 'event 8') WHERE seq = 3",
+    )
+    .await;
+    let err = verify_sql_chain(&db).await.expect_err("modified event");
+    assert_eq!(
+        (err.kind, err.index, err.seq),
+        (ChainErrorKind::HashMismatch, 3, Some(3)),
+        "{err}"
+    );
+
+    // A removed row: a gap in seq.
+    let db = tamperable(&pg, "deleted").await;
+    exec(&db, "DELETE FROM audit_events WHERE seq = 4").await;
+    let err = verify_sql_chain(&db).await.expect_err("deleted row");
+    assert_eq!(
+        (err.kind, err.index, err.seq),
+        (ChainErrorKind::OutOfSequence, 4, Some(5)),
+        "{err}"
+    );
+
+    // Two rows swapped (each moved to the other's seq).
+    let db = tamperable(&pg, "swapped").await;
+    exec(&db, "UPDATE audit_events SET seq = 1000 WHERE seq = 5").await;
+    exec(&db, "UPDATE audit_events SET seq = 5 WHERE seq = 6").await;
+    exec(&db, "UPDATE audit_events SET seq = 6 WHERE seq = 1000").await;
+    let err = verify_sql_chain(&db).await.expect_err("swapped rows");
+    assert_eq!(
+        (err.kind, err.index, err.seq),
+        (ChainErrorKind::Unlinked, 5, Some(5)),
+        "{err}"
+    );
+
+    // The same swap, with the events only: each fails its own hash.
+    let db = tamperable(&pg, "swapped_events").await;
+    exec(
+        &db,
+        "UPDATE audit_events AS a SET event = b.event FROM audit_events AS b \
+         WHERE (a.seq, b.seq) IN ((5, 6), (6, 5))",
+    )
+    .await;
+    let err = verify_sql_chain(&db).await.expect_err("swapped events");
+    assert_eq!(
+        (err.kind, err.index),
+        (ChainErrorKind::HashMismatch, 5),
+        "{err}"
+    );
+
+    // A cut tail: seen against audit_head while it is left as it was...
+    let db = tamperable(&pg, "cut").await;
+    let anchor: ChainHead = SqlAuditSink::new(db.clone()).head().await.expect("head");
+    exec(&db, "DELETE FROM audit_events WHERE seq >= 8").await;
+    let err = verify_sql_chain(&db).await.expect_err("cut tail");
+    assert_eq!(
+        (err.kind, err.index),
+        (ChainErrorKind::Truncated, 8),
+        "{err}"
+    );
+    // ...not once the head row is rewritten with it (undetectable without
+    // an anchor kept elsewhere), but always against such an anchor.
+    let last_hash: String = sqlx::query("SELECT hash FROM audit_events WHERE seq = 7")
+        .fetch_one(db.pool())
+        .await
+        .expect("row 7")
+        .get(0);
+    sqlx::query("UPDATE audit_head SET records = 8, last_hash = $1")
+        .bind(last_hash)
+        .execute(db.pool())
+        .await
+        .expect("rewrite head");
+    assert_eq!(verify_sql_chain(&db).await.expect("cut unseen").count, 8);
+    let err = verify_sql_chain_against(&db, anchor)
+        .await
+        .expect_err("cut tail against the anchor");
+    assert_eq!(
+        (err.kind, err.index),
+        (ChainErrorKind::Truncated, 8),
+        "{err}"
+    );
+    let err = verify_sql_chain_against(
+        &db,
+        ChainHead {
+            count: 5,
+            hash: [7; 32],
+        },
+    )
+    .await
+    .expect_err("a different chain than anchored");
+    assert_eq!(
+        (err.kind, err.index),
+        (ChainErrorKind::AnchorMismatch, 4),
+        "{err}"
+    );
+}
+
+/// Appends after a verification go on from the head: the chain stays
+/// whole across reconnects (a gateway restart).
+#[tokio::test]
+async fn chain_continues_across_reconnects_on_sqlite() {
+    let (sink, dir) = sqlite_audit().await;
+    record_n(&sink, 5).await;
+    let again = SqlAuditSink::new(sqlite_db(&dir).await);
+    record_n(&again, 5).await;
+    let head = verify_sql_chain(&sqlite_db(&dir).await)
+        .await
+        .expect("one chain");
+    assert_eq!(head.count, 10);
+    assert_eq!(again.head().await.expect("head"), head);
+}
