@@ -8,6 +8,8 @@
 //! - `ObjectStoreChunkStore` (feature `object-store`, off by default):
 //!   chunks in any `object_store` backend (in-memory, local; S3 and
 //!   compatibles with feature `aws`).
+//! - `MultipartChunkStore` (feature `object-store`; S3 with `aws`): each
+//!   file is one multipart upload, sealed without copying its bytes.
 //! - [`SqlState`] and the stores on it ([`SqlSessionStore`],
 //!   [`SqlAuditSink`]; features
 //!   `sqlite` and `postgres`, both on by default): state in SQLite (one
@@ -23,6 +25,8 @@ mod local_chunks;
 mod local_sessions;
 #[cfg(feature = "object-store")]
 mod object_store_chunks;
+#[cfg(feature = "object-store")]
+pub mod s3_multipart_chunks;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod sql_audit;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -45,6 +49,8 @@ pub use local_sessions::FileSessionStore;
 pub use object_store;
 #[cfg(feature = "object-store")]
 pub use object_store_chunks::ObjectStoreChunkStore;
+#[cfg(feature = "object-store")]
+pub use s3_multipart_chunks::MultipartChunkStore;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql_audit::{SqlAuditSink, verify_sql_chain, verify_sql_chain_against};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]

@@ -32,6 +32,11 @@ const MAX_PARTS_IN_FLIGHT: usize = 2;
 /// multipart upload that is completed only after every byte arrived and
 /// verified, and aborted otherwise: an unverified chunk never becomes
 /// visible. Works on backends without the `MultipartStore` API.
+///
+/// Sealing copies every byte of the file (read back, written again): on
+/// S3 and other stores with the multipart API, prefer
+/// [`MultipartChunkStore`](crate::MultipartChunkStore), whose seal is one
+/// `CompleteMultipartUpload` and copies nothing.
 #[derive(Clone)]
 pub struct ObjectStoreChunkStore {
     store: Arc<dyn ObjectStore>,
