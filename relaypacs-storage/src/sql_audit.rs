@@ -8,12 +8,13 @@
 
 use std::fmt;
 use std::io::{self, BufRead, Read};
+use std::sync::{Arc, PoisonError};
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use relaypacs_core::{AuditEvent, AuditSink, Error, Result, StorageErrorKind};
 use sqlx::Row;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::local_audit::{ChainError, ChainErrorKind, ChainHead, link_hash, verify_reader};
 use crate::sql_state::{SqlState, corrupt, db_err};
@@ -32,8 +33,10 @@ use crate::sql_state::{SqlState, corrupt, db_err};
 ///
 /// # Durability
 /// `record` returns once its transaction committed: durable (see
-/// [`SqlState`]). The transaction runs in a task of its own, so a caller
-/// that gives up mid-way leaves either the whole record or nothing.
+/// [`SqlState`]). Group commit: records asked for while a transaction
+/// runs share the next one (up to 256), in the order they were asked for.
+/// Transactions run in a task of their own, so a caller that gives up
+/// mid-way leaves either the whole batch or nothing.
 ///
 /// # Append-only
 /// The migration installs triggers refusing UPDATE and DELETE (and
@@ -41,9 +44,18 @@ use crate::sql_state::{SqlState, corrupt, db_err};
 /// PostgreSQL, run the gateways as a role granted only `SELECT, INSERT` on
 /// `audit_events` and `SELECT, UPDATE` on `audit_head` (see
 /// `migrations/postgres/0002_audit.sql`).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SqlAuditSink {
     db: SqlState,
+    queue: Arc<Queue>,
+}
+
+impl fmt::Debug for SqlAuditSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlAuditSink")
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
 }
 
 impl fmt::Display for SqlAuditSink {
@@ -77,35 +89,41 @@ async fn read_head(db: &SqlState) -> Result<ChainHead> {
     })
 }
 
-/// Append `event` (its JSON) as the next record, in one transaction.
-async fn append(db: SqlState, event: String) -> Result<()> {
+/// Append `events` (their JSON) as the next records, in one transaction.
+async fn append(db: &SqlState, events: &[String]) -> Result<()> {
     const OP: &str = "append audit record";
+    let n = i64::try_from(events.len()).map_err(|_| corrupt(OP, "batch beyond 2^63"))?;
     let mut tx = db.pool().begin().await.map_err(|e| db_err(OP, e))?;
     // The first statement is a write: it takes the head's row lock
     // (PostgreSQL) or the write lock (SQLite; a deferred transaction that
     // read first could not upgrade once another gateway wrote), held to
     // the commit. Every other appender waits here.
     let row = sqlx::query(
-        "UPDATE audit_head SET records = records + 1 WHERE id = 1 RETURNING records, last_hash",
+        "UPDATE audit_head SET records = records + $1 WHERE id = 1 RETURNING records, last_hash",
     )
+    .bind(n)
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| db_err(OP, e))?;
     let records: i64 = row.try_get(0).map_err(|e| db_err(OP, e))?;
-    let prev_hex: String = row.try_get(1).map_err(|e| db_err(OP, e))?;
-    let seq = to_u64(OP, records - 1)?;
-    let prev = parse_hash(OP, &prev_hex)?;
-    let hash = hex::encode(link_hash(&prev, seq, &event));
-    sqlx::query("INSERT INTO audit_events (seq, prev, hash, event) VALUES ($1, $2, $3, $4)")
-        .bind(records - 1)
-        .bind(&prev_hex)
-        .bind(&hash)
-        .bind(&event)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_err(OP, e))?;
+    let mut prev_hex: String = row.try_get(1).map_err(|e| db_err(OP, e))?;
+    let mut prev = parse_hash(OP, &prev_hex)?;
+    let first = records - n;
+    for (seq, event) in (first..records).zip(events) {
+        let hash = link_hash(&prev, to_u64(OP, seq)?, event);
+        let hash_hex = hex::encode(hash);
+        sqlx::query("INSERT INTO audit_events (seq, prev, hash, event) VALUES ($1, $2, $3, $4)")
+            .bind(seq)
+            .bind(&prev_hex)
+            .bind(&hash_hex)
+            .bind(event)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+        (prev, prev_hex) = (hash, hash_hex);
+    }
     sqlx::query("UPDATE audit_head SET last_hash = $1 WHERE id = 1")
-        .bind(&hash)
+        .bind(&prev_hex)
         .execute(&mut *tx)
         .await
         .map_err(|e| db_err(OP, e))?;
@@ -114,10 +132,80 @@ async fn append(db: SqlState, event: String) -> Result<()> {
     tx.commit().await.map_err(|e| db_err(OP, e))
 }
 
+/// Most records one transaction appends.
+const MAX_BATCH: usize = 256;
+
+/// An event waiting for the next transaction, and who to tell.
+type Pending = (String, oneshot::Sender<Result<()>>);
+
+/// Group commit: events queue here; the writer that holds `writer` takes
+/// every queued event (up to [`MAX_BATCH`]) into one transaction.
+#[derive(Default)]
+struct Queue {
+    pending: std::sync::Mutex<Vec<Pending>>,
+    writer: tokio::sync::Mutex<()>,
+}
+
+impl Queue {
+    fn push(&self, item: Pending) {
+        // Poisoning cannot leave the Vec half-changed (push and drain do
+        // not panic midway): carry on with it.
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(item);
+    }
+
+    fn take(&self) -> Vec<Pending> {
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = p.len().min(MAX_BATCH);
+        p.drain(..n).collect()
+    }
+}
+
+/// One batch failure, for each of its waiters (the last gets the original).
+fn copy_err(e: &Error) -> Error {
+    match e {
+        Error::Storage { kind, op, source } => {
+            Error::storage(*kind, op.clone(), source.to_string())
+        }
+        other => Error::storage(
+            StorageErrorKind::Io,
+            "append audit record",
+            other.to_string(),
+        ),
+    }
+}
+
+/// Write what is queued (run once per queued event: each event is taken
+/// by its own run or an earlier one).
+async fn write_queued(db: SqlState, queue: Arc<Queue>) {
+    let _writer = queue.writer.lock().await;
+    let batch = queue.take();
+    let Some(last) = batch.len().checked_sub(1) else {
+        return; // an earlier run took them
+    };
+    let (events, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let mut res = Some(append(&db, &events).await);
+    for (i, waiter) in waiters.into_iter().enumerate() {
+        let answer = match &res {
+            Some(Err(e)) if i < last => Err(copy_err(e)),
+            _ if i == last => res.take().unwrap_or(Ok(())),
+            _ => Ok(()),
+        };
+        // A waiter that gave up is not told; its record stands or not
+        // with the others'.
+        let _ = waiter.send(answer);
+    }
+}
+
 impl SqlAuditSink {
     /// An audit sink on `db` (already migrated by [`SqlState::connect`]).
     pub fn new(db: SqlState) -> Self {
-        Self { db }
+        Self {
+            db,
+            queue: Arc::default(),
+        }
     }
 
     /// The chain head as the database records it (`audit_head`), to keep
@@ -132,12 +220,19 @@ impl AuditSink for SqlAuditSink {
     async fn record(&self, event: &AuditEvent) -> Result<()> {
         let json = serde_json::to_string(event)
             .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
-        // In a task of its own: a dropped caller does not cut the
-        // transaction between its statements (it would roll back, but
-        // the connection would be returned mid-exchange).
-        tokio::spawn(append(self.db.clone(), json))
-            .await
-            .map_err(|e| Error::storage(StorageErrorKind::Io, "audit append task", e.to_string()))?
+        // Queued, then written by a task of its own with whatever else is
+        // queued (group commit: one transaction, one fsync for all): a
+        // caller that gives up leaves the whole batch or nothing.
+        let (tx, rx) = oneshot::channel();
+        self.queue.push((json, tx));
+        tokio::spawn(write_queued(self.db.clone(), self.queue.clone()));
+        rx.await.map_err(|_| {
+            Error::storage(
+                StorageErrorKind::Io,
+                "audit append task",
+                "the writer task ended without an answer",
+            )
+        })?
     }
 
     async fn events(&self) -> Result<Vec<AuditEvent>> {

@@ -65,8 +65,8 @@ async fn record_n(sink: &SqlAuditSink, n: usize) {
     }
 }
 
-/// Two gateways (two pools on one database), each with 4 tasks appending
-/// 50 records: one chain of 400 records, distinct seqs 0..400, each
+/// Two gateways (two pools on one database), each with one sink and 4
+/// tasks appending 50 records: one chain of 400 records, distinct seqs 0..400, each
 /// task's records in the order it made them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_append_one_unbroken_chain() {
@@ -75,8 +75,11 @@ async fn two_gateways_append_one_unbroken_chain() {
     let gateways = [connect(&url).await, connect(&url).await];
     let mut tasks = Vec::new();
     for (g, db) in gateways.iter().enumerate() {
+        // One sink per gateway, shared by its tasks (their records are
+        // group-committed), as a server does.
+        let gateway_sink = SqlAuditSink::new(db.clone());
         for t in 0..4 {
-            let sink = SqlAuditSink::new(db.clone());
+            let sink = gateway_sink.clone();
             tasks.push(tokio::spawn(async move {
                 for i in 0..50 {
                     sink.record(&event(g * 10 + t, i)).await.expect("record");
@@ -296,4 +299,80 @@ async fn chain_continues_across_reconnects_on_sqlite() {
         .expect("one chain");
     assert_eq!(head.count, 10);
     assert_eq!(again.head().await.expect("head"), head);
+}
+
+/// The grants documented in `migrations/postgres/0002_audit.sql`: a
+/// gateway connected as a role holding only them records and verifies,
+/// and can neither change nor remove a record nor lift the trigger.
+#[tokio::test]
+async fn gateway_role_with_the_documented_grants_only_appends() {
+    let pg = start_postgres().await;
+    let owner_url = pg.create_database("relay");
+    let owner = connect(&owner_url).await; // migrates, as the owner
+    record_n(&SqlAuditSink::new(owner.clone()), 2).await;
+    pg.psql(
+        &owner_url,
+        "CREATE ROLE relaypacs LOGIN; \
+         GRANT SELECT, INSERT ON audit_events TO relaypacs; \
+         REVOKE UPDATE, DELETE, TRUNCATE ON audit_events FROM relaypacs; \
+         GRANT SELECT, UPDATE ON audit_head TO relaypacs; \
+         GRANT SELECT ON _sqlx_migrations TO relaypacs; \
+         GRANT CREATE ON SCHEMA public TO relaypacs",
+    );
+    let gateway_url = owner_url.replacen("postgres@", "relaypacs@", 1);
+    let gateway = connect(&gateway_url).await;
+    let sink = SqlAuditSink::new(gateway.clone());
+    record_n(&sink, 3).await;
+    assert_eq!(verify_sql_chain(&gateway).await.expect("chain").count, 5);
+    for sql in [
+        "UPDATE audit_events SET event = event WHERE seq = 1",
+        "DELETE FROM audit_events WHERE seq = 2",
+        "TRUNCATE audit_events",
+        "DROP TRIGGER audit_events_append_only ON audit_events",
+    ] {
+        let msg = refused(&gateway, sql).await;
+        assert!(
+            msg.contains("permission denied") || msg.contains("must be owner"),
+            "{sql}: {msg}"
+        );
+    }
+    assert_eq!(verify_sql_chain(&owner).await.expect("chain").count, 5);
+}
+
+/// With the database down, every record of a group-committed batch fails
+/// (none is acknowledged); once it is back, appends go on and the chain
+/// holds exactly the records acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_fail_while_the_database_is_down_and_resume() {
+    let mut pg = start_postgres().await;
+    let url = pg.create_database("relay");
+    let mut options = SqlOptions::default();
+    options.acquire_timeout = std::time::Duration::from_secs(2);
+    let db = SqlState::connect(&url, None, &options)
+        .await
+        .expect("connect");
+    let sink = SqlAuditSink::new(db.clone());
+    record_n(&sink, 3).await;
+    pg.stop();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let sink = sink.clone();
+            tokio::spawn(async move { sink.record(&event(1, i)).await })
+        })
+        .collect();
+    for t in tasks {
+        let res = t.await.expect("task");
+        assert!(res.is_err(), "a record acknowledged with the database down");
+    }
+    pg.start_again();
+    let mut acked = 3;
+    // The pool may hand out dead connections once more before it notices.
+    for i in 0..20 {
+        if sink.record(&event(2, i)).await.is_ok() {
+            acked += 1;
+        }
+    }
+    assert!(acked >= 3 + 10, "appends resume: {acked}");
+    let head = verify_sql_chain(&db).await.expect("chain");
+    assert_eq!(head.count, acked);
 }

@@ -39,11 +39,15 @@ CREATE TRIGGER audit_events_append_only
     FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
 
 -- Deployment: run the gateways as a dedicated role that does not own the
--- tables, so it cannot drop the trigger either. As the owner:
+-- tables, so it cannot drop the trigger either. As the owner, once these
+-- migrations ran:
 --   CREATE ROLE relaypacs LOGIN;
 --   GRANT SELECT, INSERT ON audit_events TO relaypacs;
 --   REVOKE UPDATE, DELETE, TRUNCATE ON audit_events FROM relaypacs;
 --   GRANT SELECT, UPDATE ON audit_head TO relaypacs;
--- (plus its rights on the other state tables). The head row is the only
--- audit row the role may change: rewriting it can hide a cut tail from
--- the verifier, never a changed, removed or reordered record.
+-- plus its rights on the other state tables, and, while every start runs
+-- the migrator, SELECT on _sqlx_migrations and CREATE on the schema (its
+-- CREATE TABLE IF NOT EXISTS checks that right even when the table
+-- exists). The head row is the only audit row the role may change:
+-- rewriting it can hide a cut tail from the verifier, never a changed,
+-- removed or reordered record.
