@@ -66,6 +66,40 @@ pub enum ChunkInsert {
     Existing(ChunkRecord),
 }
 
+/// One file of a session and the session around it: what an operation on
+/// a single file needs, loaded at a cost that does not grow with the
+/// session's other files (see [`SessionStore::load_file_scope`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileScope {
+    /// The session at its current version; its `files` hold only the
+    /// requested file (none when the session has no such file, or none was
+    /// asked for).
+    pub session: Versioned<SessionRecord>,
+    /// How many files the session has.
+    pub file_count: u64,
+    /// The sum of the declared sizes of the session's files.
+    pub declared_bytes: u64,
+}
+
+impl FileScope {
+    /// The scope of `file` cut from a whole session record.
+    pub fn of(whole: Versioned<SessionRecord>, file: Option<FileId>) -> Self {
+        let file_count = whole.value.files.len() as u64;
+        let declared_bytes = whole.value.declared_bytes();
+        let mut session = whole;
+        session
+            .value
+            .files
+            .retain(|id, _| file.is_some_and(|f| f == *id));
+        Self {
+            session,
+            file_count,
+            declared_bytes,
+        }
+    }
+}
+
 /// Durable storage for upload sessions and their chunk records.
 ///
 /// # Contract
@@ -82,6 +116,10 @@ pub enum ChunkInsert {
 ///   keyed by SOP Instance UID, across every session (and every process
 ///   sharing the store): of concurrent claims of one UID exactly one is
 ///   recorded and every caller gets that one back.
+/// - [`update_file_scope`](Self::update_file_scope) is the same
+///   compare-and-set on the session's version, writing the session and
+///   only the files it carries (inserted or replaced); the stored files it
+///   does not carry stay as they are.
 /// - Operations on a session that does not exist return
 ///   [`Error::NotFound`](crate::Error::NotFound).
 ///
@@ -106,6 +144,71 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
 
     /// All session ids (for expiry sweeps).
     async fn list_sessions(&self) -> Result<Vec<SessionId>>;
+
+    /// Load a session with only `file` among its files, and the session's
+    /// file count and declared bytes. A store whose cost per call grows
+    /// with the number of files should override this; the default loads
+    /// the whole session.
+    async fn load_file_scope(&self, id: SessionId, file: Option<FileId>) -> Result<FileScope> {
+        Ok(FileScope::of(self.load_session(id).await?, file))
+    }
+
+    /// Replace the session (all but its files) and insert or replace the
+    /// files `session` carries, if its stored version is `expected`; the
+    /// files it does not carry are kept. Returns the new version. The
+    /// default loads the whole session, merges, and calls
+    /// [`update_session`](Self::update_session).
+    async fn update_file_scope(&self, session: &SessionRecord, expected: u64) -> Result<u64> {
+        let stored = self.load_session(session.id).await?;
+        if stored.version != expected {
+            return Err(crate::Error::Precondition {
+                what: format!("session version {} (expected {expected})", stored.version),
+            });
+        }
+        let mut merged = session.clone();
+        merged.files = stored.value.files;
+        merged
+            .files
+            .extend(session.files.iter().map(|(k, f)| (*k, f.clone())));
+        self.update_session(&merged, expected).await
+    }
+
+    /// Up to `limit` files of session `id` in file id order, after `after`
+    /// (from the first when `None`): a page of a study view. The default
+    /// loads the whole session.
+    async fn list_files(
+        &self,
+        id: SessionId,
+        after: Option<FileId>,
+        limit: usize,
+    ) -> Result<Vec<crate::model::FileRecord>> {
+        let rec = self.load_session(id).await?.value;
+        Ok(rec
+            .files
+            .into_values()
+            .filter(|f| after.is_none_or(|a| f.id > a))
+            .take(limit)
+            .collect())
+    }
+
+    /// The validated files of session `id` whose SOP Instance UID is
+    /// `sop_instance_uid`. The default loads the whole session.
+    async fn files_with_instance(
+        &self,
+        id: SessionId,
+        sop_instance_uid: &Uid,
+    ) -> Result<Vec<FileId>> {
+        let rec = self.load_session(id).await?.value;
+        Ok(rec
+            .files
+            .values()
+            .filter(|f| {
+                matches!(&f.state, crate::model::FileState::Valid { dicom }
+                    if dicom.sop_instance_uid == *sop_instance_uid)
+            })
+            .map(|f| f.id)
+            .collect())
+    }
 
     /// Record an acknowledged chunk (insert-if-absent by offset).
     async fn record_chunk(
@@ -167,6 +270,31 @@ macro_rules! forward_session_store {
 
             async fn list_sessions(&self) -> Result<Vec<SessionId>> {
                 (**self).list_sessions().await
+            }
+
+            async fn load_file_scope(&self, id: SessionId, file: Option<FileId>) -> Result<FileScope> {
+                (**self).load_file_scope(id, file).await
+            }
+
+            async fn update_file_scope(&self, session: &SessionRecord, expected: u64) -> Result<u64> {
+                (**self).update_file_scope(session, expected).await
+            }
+
+            async fn files_with_instance(
+                &self,
+                id: SessionId,
+                sop_instance_uid: &Uid,
+            ) -> Result<Vec<FileId>> {
+                (**self).files_with_instance(id, sop_instance_uid).await
+            }
+
+            async fn list_files(
+                &self,
+                id: SessionId,
+                after: Option<FileId>,
+                limit: usize,
+            ) -> Result<Vec<crate::model::FileRecord>> {
+                (**self).list_files(id, after, limit).await
             }
 
             async fn record_chunk(

@@ -6,8 +6,8 @@ use std::fmt;
 
 use async_trait::async_trait;
 use relaypacs_core::{
-    ChunkInsert, ChunkRecord, Error, FileId, FileRecord, InstanceClaim, Result, SessionId,
-    SessionRecord, SessionState, SessionStore, Sha256Digest, Uid, Versioned,
+    ChunkInsert, ChunkRecord, Error, FileId, FileRecord, FileScope, FileState, InstanceClaim,
+    Result, SessionId, SessionRecord, SessionState, SessionStore, Sha256Digest, Uid, Versioned,
 };
 use sqlx::Row;
 use time::OffsetDateTime;
@@ -111,8 +111,35 @@ impl SqlSessionStore {
             .collect()
     }
 
-    /// Write the files of `rec` that differ from what is stored, and drop
-    /// the stored ones it no longer has.
+    /// Insert or replace one file's row.
+    async fn put_file(
+        conn: &mut sqlx::AnyConnection,
+        sid: &str,
+        file: &FileRecord,
+        body: String,
+    ) -> Result<()> {
+        let sop = match &file.state {
+            FileState::Valid { dicom } => Some(dicom.sop_instance_uid.as_str().to_owned()),
+            FileState::Uploading => None,
+        };
+        sqlx::query(
+            "INSERT INTO session_files (session_id, file_id, body, size, sop_instance_uid) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id, file_id) DO UPDATE SET \
+             body = excluded.body, size = excluded.size, sop_instance_uid = excluded.sop_instance_uid",
+        )
+        .bind(sid)
+        .bind(file.id.to_string())
+        .bind(body)
+        .bind(to_i64(file.size)?)
+        .bind(sop)
+        .execute(conn)
+        .await
+        .map_err(|e| db_err("store file", e))?;
+        Ok(())
+    }
+
+    /// Write the files of `rec` that differ from what is stored, drop the
+    /// stored ones it no longer has, and set the session's file totals.
     async fn write_files(conn: &mut sqlx::AnyConnection, rec: &SessionRecord) -> Result<()> {
         let mut stored = Self::stored_files(&mut *conn, rec.id).await?;
         let sid = rec.id.to_string();
@@ -122,16 +149,7 @@ impl SqlSessionStore {
             if stored.remove(&key).as_deref() == Some(body.as_str()) {
                 continue;
             }
-            sqlx::query(
-                "INSERT INTO session_files (session_id, file_id, body) VALUES ($1, $2, $3) \
-                 ON CONFLICT (session_id, file_id) DO UPDATE SET body = excluded.body",
-            )
-            .bind(&sid)
-            .bind(&key)
-            .bind(body)
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| db_err("store file", e))?;
+            Self::put_file(&mut *conn, &sid, file, body).await?;
         }
         for gone in stored.keys() {
             sqlx::query("DELETE FROM session_files WHERE session_id = $1 AND file_id = $2")
@@ -141,8 +159,101 @@ impl SqlSessionStore {
                 .await
                 .map_err(|e| db_err("remove file", e))?;
         }
+        sqlx::query("UPDATE sessions SET file_count = $1, declared_bytes = $2 WHERE id = $3")
+            .bind(to_i64(rec.files.len() as u64)?)
+            .bind(to_i64(rec.declared_bytes())?)
+            .bind(&sid)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| db_err("store file totals", e))?;
         Ok(())
     }
+
+    /// The conditional UPDATE of a session's row (all but its files): the
+    /// first statement of every update, so the row's write lock (SQLite:
+    /// the database's) is taken before anything is read. `NotFound` or
+    /// `Precondition` when it matches no row.
+    async fn update_head(
+        conn: &mut sqlx::AnyConnection,
+        session: &SessionRecord,
+        expected: u64,
+    ) -> Result<()> {
+        let updated = sqlx::query(
+            "UPDATE sessions SET version = version + 1, owner = $1, state = $2, \
+             updated_at = $3, head = $4 WHERE id = $5 AND version = $6",
+        )
+        .bind(&session.owner)
+        .bind(state_name(&session.state))
+        .bind(now_text())
+        .bind(head_json(session)?)
+        .bind(session.id.to_string())
+        .bind(to_i64(expected)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| db_err("update session", e))?;
+        if updated.rows_affected() == 1 {
+            return Ok(());
+        }
+        let row = sqlx::query("SELECT version FROM sessions WHERE id = $1")
+            .bind(session.id.to_string())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| db_err("update session", e))?;
+        Err(match row {
+            None => Error::NotFound { what: "session" },
+            Some(r) => {
+                let v: i64 = r.try_get(0).map_err(|e| db_err("update session", e))?;
+                Error::Precondition {
+                    what: format!("session version {v} (expected {expected})"),
+                }
+            }
+        })
+    }
+
+    /// The session row at its version, as a record without files.
+    async fn load_head(
+        conn: &mut sqlx::AnyConnection,
+        id: SessionId,
+    ) -> Result<(serde_json::Value, u64, u64, u64)> {
+        let row = sqlx::query(
+            "SELECT version, head, file_count, declared_bytes FROM sessions WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(conn)
+        .await
+        .map_err(|e| db_err("load session", e))?
+        .ok_or(Error::NotFound { what: "session" })?;
+        let num = |i: usize| -> Result<u64> {
+            let v: i64 = row.try_get(i).map_err(|e| db_err("load session", e))?;
+            u64::try_from(v).map_err(|e| corrupt("load session", e))
+        };
+        let head: String = row.try_get(1).map_err(|e| db_err("load session", e))?;
+        let value = serde_json::from_str(&head).map_err(|e| corrupt("decode session", e))?;
+        Ok((value, num(0)?, num(2)?, num(3)?))
+    }
+}
+
+/// A session record from its head and file bodies (JSON).
+fn assemble(
+    mut head: serde_json::Value,
+    files: impl IntoIterator<Item = (String, String)>,
+) -> Result<SessionRecord> {
+    let mut map = serde_json::Map::new();
+    for (k, body) in files {
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| corrupt("decode file", e))?;
+        map.insert(k, v);
+    }
+    if let Some(o) = head.as_object_mut() {
+        o.insert("files".into(), serde_json::Value::Object(map));
+    }
+    let value: SessionRecord =
+        serde_json::from_value(head).map_err(|e| corrupt("decode session", e))?;
+    // Files are keyed by id: check each body belongs under its key.
+    if value.files.iter().any(|(k, f)| *k != f.id) {
+        return Err(corrupt("decode session", "a file row holds another file"));
+    }
+    Ok(value)
 }
 
 fn claim_from_row(row: &sqlx::any::AnyRow) -> Result<InstanceClaim> {
@@ -206,40 +317,12 @@ impl SessionStore for SqlSessionStore {
             .begin()
             .await
             .map_err(|e| db_err("load session", e))?;
-        let row = sqlx::query("SELECT version, head FROM sessions WHERE id = $1")
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| db_err("load session", e))?
-            .ok_or(Error::NotFound { what: "session" })?;
-        let version: i64 = row.try_get(0).map_err(|e| db_err("load session", e))?;
-        let head: String = row.try_get(1).map_err(|e| db_err("load session", e))?;
-        let mut value: serde_json::Value =
-            serde_json::from_str(&head).map_err(|e| corrupt("decode session", e))?;
+        let (head, version, _, _) = Self::load_head(&mut tx, id).await?;
         let files = Self::stored_files(&mut tx, id).await?;
         tx.commit().await.map_err(|e| db_err("load session", e))?;
-        let mut map = serde_json::Map::new();
-        for (k, body) in files {
-            let v: serde_json::Value =
-                serde_json::from_str(&body).map_err(|e| corrupt("decode file", e))?;
-            map.insert(k, v);
-        }
-        if let Some(o) = value.as_object_mut() {
-            o.insert("files".into(), serde_json::Value::Object(map));
-        }
-        let value: SessionRecord =
-            serde_json::from_value(value).map_err(|e| corrupt("decode session", e))?;
-        // Files are keyed by id: check each body belongs under its key.
-        if value
-            .files
-            .iter()
-            .any(|(k, f): (&FileId, &FileRecord)| *k != f.id)
-        {
-            return Err(corrupt("decode session", "a file row holds another file"));
-        }
         Ok(Versioned {
-            value,
-            version: u64::try_from(version).map_err(|e| corrupt("session version", e))?,
+            value: assemble(head, files)?,
+            version,
         })
     }
 
@@ -250,37 +333,7 @@ impl SessionStore for SqlSessionStore {
             .begin()
             .await
             .map_err(|e| db_err("update session", e))?;
-        // The conditional UPDATE comes first: it takes the row's write lock
-        // (SQLite: the database's) before anything is read.
-        let updated = sqlx::query(
-            "UPDATE sessions SET version = version + 1, owner = $1, state = $2, \
-             updated_at = $3, head = $4 WHERE id = $5 AND version = $6",
-        )
-        .bind(&session.owner)
-        .bind(state_name(&session.state))
-        .bind(now_text())
-        .bind(head_json(session)?)
-        .bind(session.id.to_string())
-        .bind(to_i64(expected)?)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_err("update session", e))?;
-        if updated.rows_affected() == 0 {
-            let row = sqlx::query("SELECT version FROM sessions WHERE id = $1")
-                .bind(session.id.to_string())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| db_err("update session", e))?;
-            return Err(match row {
-                None => Error::NotFound { what: "session" },
-                Some(r) => {
-                    let v: i64 = r.try_get(0).map_err(|e| db_err("update session", e))?;
-                    Error::Precondition {
-                        what: format!("session version {v} (expected {expected})"),
-                    }
-                }
-            });
-        }
+        Self::update_head(&mut tx, session, expected).await?;
         Self::write_files(&mut tx, session).await?;
         // Crash-safe point: the commit.
         tx.commit().await.map_err(|e| db_err("update session", e))?;
@@ -329,6 +382,144 @@ impl SessionStore for SqlSessionStore {
             .map(|r| {
                 let s: String = r.try_get(0).map_err(|e| db_err("list sessions", e))?;
                 SessionId::parse(&s).map_err(|e| corrupt("session id", e))
+            })
+            .collect()
+    }
+
+    async fn load_file_scope(&self, id: SessionId, file: Option<FileId>) -> Result<FileScope> {
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| db_err("load session", e))?;
+        let (head, version, file_count, declared_bytes) = Self::load_head(&mut tx, id).await?;
+        let mut files = Vec::new();
+        if let Some(f) = file {
+            let row = sqlx::query(
+                "SELECT body FROM session_files WHERE session_id = $1 AND file_id = $2",
+            )
+            .bind(id.to_string())
+            .bind(f.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| db_err("load file", e))?;
+            if let Some(r) = row {
+                files.push((
+                    f.to_string(),
+                    r.try_get::<String, _>(0)
+                        .map_err(|e| db_err("load file", e))?,
+                ));
+            }
+        }
+        tx.commit().await.map_err(|e| db_err("load session", e))?;
+        let mut scope = FileScope::of(
+            Versioned {
+                value: assemble(head, files)?,
+                version,
+            },
+            file,
+        );
+        scope.file_count = file_count;
+        scope.declared_bytes = declared_bytes;
+        Ok(scope)
+    }
+
+    async fn update_file_scope(&self, session: &SessionRecord, expected: u64) -> Result<u64> {
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| db_err("update session", e))?;
+        Self::update_head(&mut tx, session, expected).await?;
+        let sid = session.id.to_string();
+        let (mut count, mut bytes) = (0i64, 0i64);
+        for (fid, file) in &session.files {
+            let row = sqlx::query(
+                "SELECT body, size FROM session_files WHERE session_id = $1 AND file_id = $2",
+            )
+            .bind(&sid)
+            .bind(fid.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| db_err("load file", e))?;
+            let body = to_json("encode file", file)?;
+            let size = to_i64(file.size)?;
+            match row {
+                None => {
+                    count += 1;
+                    bytes += size;
+                }
+                Some(r) => {
+                    let old: String = r.try_get(0).map_err(|e| db_err("load file", e))?;
+                    if old == body {
+                        continue;
+                    }
+                    let old_size: i64 = r.try_get(1).map_err(|e| db_err("load file", e))?;
+                    bytes += size - old_size;
+                }
+            }
+            Self::put_file(&mut tx, &sid, file, body).await?;
+        }
+        if count != 0 || bytes != 0 {
+            sqlx::query(
+                "UPDATE sessions SET file_count = file_count + $1, \
+                 declared_bytes = declared_bytes + $2 WHERE id = $3",
+            )
+            .bind(count)
+            .bind(bytes)
+            .bind(&sid)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err("store file totals", e))?;
+        }
+        // Crash-safe point: the commit.
+        tx.commit().await.map_err(|e| db_err("update session", e))?;
+        Ok(expected + 1)
+    }
+
+    async fn files_with_instance(
+        &self,
+        id: SessionId,
+        sop_instance_uid: &Uid,
+    ) -> Result<Vec<FileId>> {
+        let rows = sqlx::query(
+            "SELECT file_id FROM session_files WHERE session_id = $1 AND sop_instance_uid = $2",
+        )
+        .bind(id.to_string())
+        .bind(sop_instance_uid.as_str())
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(|e| db_err("find instance", e))?;
+        rows.iter()
+            .map(|r| {
+                let s: String = r.try_get(0).map_err(|e| db_err("find instance", e))?;
+                FileId::parse(&s).map_err(|e| corrupt("file id", e))
+            })
+            .collect()
+    }
+
+    async fn list_files(
+        &self,
+        id: SessionId,
+        after: Option<FileId>,
+        limit: usize,
+    ) -> Result<Vec<FileRecord>> {
+        let rows = sqlx::query(
+            "SELECT body FROM session_files WHERE session_id = $1 AND file_id > $2 \
+             ORDER BY file_id LIMIT $3",
+        )
+        .bind(id.to_string())
+        .bind(after.map(|a| a.to_string()).unwrap_or_default())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(|e| db_err("list files", e))?;
+        rows.iter()
+            .map(|r| {
+                let body: String = r.try_get(0).map_err(|e| db_err("list files", e))?;
+                serde_json::from_str(&body).map_err(|e| corrupt("decode file", e))
             })
             .collect()
     }

@@ -335,7 +335,9 @@ impl Pipeline {
     ) -> Result<PutOutcome> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
-        let current = self.load_owned(actor, id).await?;
+        let current = self
+            .load_scope_owned_as(actor, id, Some(file), Access::session("access"))
+            .await?;
         let mut ev = Self::event(
             actor,
             AuditAction::ChunkStored,
@@ -370,11 +372,11 @@ impl Pipeline {
         reserve_in: Option<&Arc<Gate>>,
         id: SessionId,
         file_id: FileId,
-        current: Versioned<SessionRecord>,
+        current: FileScope,
         chunk: PutChunk,
         body: ByteStream,
     ) -> Result<PutOutcome> {
-        let range = Self::check_chunk(&current.value, file_id, &chunk)?;
+        let range = Self::check_chunk(&current.session.value, file_id, &chunk)?;
         // Already recorded? Then this is a retry (no-op) or a conflict; the
         // stored range is never written again either way.
         let recorded = self.inner.sessions.chunks(id, file_id).await?;
@@ -415,7 +417,7 @@ impl Pipeline {
                 ));
             }
         }
-        self.keep_alive(id, current).await?;
+        self.keep_alive(id, file_id, current).await?;
         Ok(PutOutcome::Stored { chunk: record })
     }
 
@@ -518,11 +520,13 @@ impl Pipeline {
     /// minute (one extra durable write per minute of upload), and at least
     /// four times per TTL, so a short TTL never expires a session that
     /// receives chunks.
-    async fn keep_alive(&self, id: SessionId, current: Versioned<SessionRecord>) -> Result<()> {
-        let every = (current.value.limits.session_ttl_secs / 4).min(60);
-        let idle = (OffsetDateTime::now_utc() - current.value.updated_at).whole_seconds();
+    async fn keep_alive(&self, id: SessionId, file: FileId, current: FileScope) -> Result<()> {
+        let rec = &current.session.value;
+        let every = (rec.limits.session_ttl_secs / 4).min(60);
+        let idle = (OffsetDateTime::now_utc() - rec.updated_at).whole_seconds();
         if idle >= 0 && idle as u64 >= every {
-            self.update(id, current, |_| Ok(())).await?;
+            self.update_scoped(id, Some(file), current, |_, _| Ok(()))
+                .await?;
         }
         Ok(())
     }
@@ -609,9 +613,11 @@ impl Pipeline {
         );
         ev.file = Some(file);
         ev.detail = format!("offset={} length={}", range.offset, range.length);
-        let current = self.load_owned(actor, id).await?;
+        let current = self
+            .load_scope_owned_as(actor, id, Some(file), Access::session("access"))
+            .await?;
         let gate = self.gate(id);
-        let plan = match Self::plan_range(&current.value, file, &range) {
+        let plan = match Self::plan_range(&current.session.value, file, &range) {
             Ok(p) => p,
             Err(e) => return self.refuse(ev, e).await,
         };
@@ -719,14 +725,17 @@ impl Pipeline {
         chunk_size: u64,
         bytes: ByteStream,
     ) -> Result<FileRecord> {
-        let current = self.load_owned(actor, id).await?;
+        let current = self
+            .load_scope_owned_as(actor, id, Some(file), Access::session("access"))
+            .await?
+            .session
+            .value;
         let size = current
-            .value
             .files
             .get(&file)
             .ok_or(Error::NotFound { what: "file" })?
             .size;
-        let chunk_size = chunk_size.min(current.value.limits.max_chunk_size).max(1);
+        let chunk_size = chunk_size.min(current.limits.max_chunk_size).max(1);
         let mut reader = ChunkReader {
             stream: bytes,
             leftover: bytes::Bytes::new(),

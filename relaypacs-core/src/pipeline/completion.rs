@@ -78,7 +78,7 @@ impl Pipeline {
         let gate = self.gate(id);
         let guard = gate.rw.read().await;
         let current = self
-            .load_owned_as(actor, id, Access::file("complete_file", file))
+            .load_scope_owned_as(actor, id, Some(file), Access::file("complete_file", file))
             .await?;
         let mut ev = Self::event(
             actor,
@@ -131,11 +131,12 @@ impl Pipeline {
         &self,
         id: SessionId,
         file_id: FileId,
-        current: Versioned<SessionRecord>,
+        current: FileScope,
     ) -> std::result::Result<FileRecord, (Error, Identified)> {
         let plain = |e: Error| (e, Identified::default());
-        Self::require_open(&current.value).map_err(plain)?;
+        Self::require_open(&current.session.value).map_err(plain)?;
         let file = current
+            .session
             .value
             .files
             .get(&file_id)
@@ -253,49 +254,94 @@ impl Pipeline {
         &self,
         id: SessionId,
         file_id: FileId,
-        current: Versioned<SessionRecord>,
+        mut current: FileScope,
         dicom: &DicomSummary,
         (digest, data_set_sha256): (Sha256Digest, Sha256Digest),
     ) -> Result<SessionRecord> {
-        let (rec, ()) = self
-            .update(id, current, |rec| {
-                Self::require_open(rec)?;
-                if let Some(study) = &rec.study_instance_uid
-                    && *study != dicom.study_instance_uid
-                    && !rec.allow_multiple_studies
-                {
-                    return Err(Error::StudyMismatch {
-                        expected: study.to_string(),
-                        actual: dicom.study_instance_uid.to_string(),
-                    });
+        // The session's other files with this SOP Instance UID, read at the
+        // version the write below is conditional on: a file validated in
+        // between changes the version, so the write fails and both are
+        // read again.
+        for _ in 0..64 {
+            let version = current.session.version;
+            let others = self
+                .inner
+                .sessions
+                .files_with_instance(id, &dicom.sop_instance_uid)
+                .await?;
+            let reread = self
+                .inner
+                .sessions
+                .load_file_scope(id, Some(file_id))
+                .await?;
+            if reread.session.version != version {
+                current = reread;
+                continue;
+            }
+            if others.iter().any(|f| *f != file_id) {
+                return Err(Error::conflict(
+                    "RELAY_DUPLICATE_INSTANCE",
+                    format!(
+                        "SOP Instance UID {} is already in this session",
+                        dicom.sop_instance_uid
+                    ),
+                ));
+            }
+            match self
+                .record_valid_at(file_id, current, dicom, (digest, data_set_sha256))
+                .await
+            {
+                Err(Error::Precondition { .. }) => {
+                    current = self
+                        .inner
+                        .sessions
+                        .load_file_scope(id, Some(file_id))
+                        .await?;
                 }
-                if rec.files.values().any(|f| {
-                    f.id != file_id
-                        && matches!(&f.state, FileState::Valid { dicom: d }
-                            if d.sop_instance_uid == dicom.sop_instance_uid)
-                }) {
-                    return Err(Error::conflict(
-                        "RELAY_DUPLICATE_INSTANCE",
-                        format!(
-                            "SOP Instance UID {} is already in this session",
-                            dicom.sop_instance_uid
-                        ),
-                    ));
-                }
-                if rec.study_instance_uid.is_none() {
-                    rec.study_instance_uid = Some(dicom.study_instance_uid.clone());
-                }
-                let f = rec
-                    .files
-                    .get_mut(&file_id)
-                    .ok_or(Error::NotFound { what: "file" })?;
-                f.sha256 = Some(digest);
-                f.data_set_sha256 = Some(data_set_sha256);
-                f.state = FileState::Valid {
-                    dicom: dicom.clone(),
-                };
-                Ok(())
-            })
+                other => return other,
+            }
+        }
+        Err(Error::Busy {
+            what: "session is being updated concurrently".into(),
+        })
+    }
+
+    /// One conditional write of the file's new state at `current`'s
+    /// version; `Precondition` when the session moved on.
+    async fn record_valid_at(
+        &self,
+        file_id: FileId,
+        current: FileScope,
+        dicom: &DicomSummary,
+        (digest, data_set_sha256): (Sha256Digest, Sha256Digest),
+    ) -> Result<SessionRecord> {
+        let mut rec = current.session.value;
+        Self::require_open(&rec)?;
+        if let Some(study) = &rec.study_instance_uid
+            && *study != dicom.study_instance_uid
+            && !rec.allow_multiple_studies
+        {
+            return Err(Error::StudyMismatch {
+                expected: study.to_string(),
+                actual: dicom.study_instance_uid.to_string(),
+            });
+        }
+        if rec.study_instance_uid.is_none() {
+            rec.study_instance_uid = Some(dicom.study_instance_uid.clone());
+        }
+        let f = rec
+            .files
+            .get_mut(&file_id)
+            .ok_or(Error::NotFound { what: "file" })?;
+        f.sha256 = Some(digest);
+        f.data_set_sha256 = Some(data_set_sha256);
+        f.state = FileState::Valid {
+            dicom: dicom.clone(),
+        };
+        rec.updated_at = OffsetDateTime::now_utc();
+        self.inner
+            .sessions
+            .update_file_scope(&rec, current.session.version)
             .await?;
         Ok(rec)
     }
@@ -369,8 +415,13 @@ impl Pipeline {
 
     /// Whether a claim's file no longer exists (removed, session gone).
     async fn claim_is_stale(&self, claim: &InstanceClaim) -> Result<bool> {
-        match self.inner.sessions.load_session(claim.session).await {
-            Ok(v) => Ok(!v.value.files.contains_key(&claim.file)),
+        match self
+            .inner
+            .sessions
+            .load_file_scope(claim.session, Some(claim.file))
+            .await
+        {
+            Ok(v) => Ok(!v.session.value.files.contains_key(&claim.file)),
             Err(Error::NotFound { .. }) => Ok(true),
             Err(e) => Err(e),
         }

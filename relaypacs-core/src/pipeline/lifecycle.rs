@@ -29,9 +29,10 @@ impl Pipeline {
         file: FileId,
     ) -> Result<FileStatus> {
         let v = self
-            .load_owned_as(actor, id, Access::file("file_status", file))
+            .load_scope_owned_as(actor, id, Some(file), Access::file("file_status", file))
             .await?;
         let f = v
+            .session
             .value
             .files
             .get(&file)
@@ -39,14 +40,14 @@ impl Pipeline {
             .ok_or(Error::NotFound { what: "file" })?;
         let chunks = self.inner.sessions.chunks(id, file).await?;
         let ttl = time::Duration::seconds(
-            i64::try_from(v.value.limits.session_ttl_secs).unwrap_or(i64::MAX),
+            i64::try_from(v.session.value.limits.session_ttl_secs).unwrap_or(i64::MAX),
         );
         Ok(FileStatus {
             offset: contiguous_end(&chunks),
             file: f,
             chunks,
-            expires_at: v.value.updated_at.saturating_add(ttl),
-            session_state: v.value.state,
+            expires_at: v.session.value.updated_at.saturating_add(ttl),
+            session_state: v.session.value.state,
         })
     }
 
@@ -58,9 +59,9 @@ impl Pipeline {
         file: FileId,
     ) -> Result<Vec<ChunkRecord>> {
         let v = self
-            .load_owned_as(actor, id, Access::file("file_chunks", file))
+            .load_scope_owned_as(actor, id, Some(file), Access::file("file_chunks", file))
             .await?;
-        if !v.value.files.contains_key(&file) {
+        if !v.session.value.files.contains_key(&file) {
             return Err(Error::NotFound { what: "file" });
         }
         self.inner.sessions.chunks(id, file).await
@@ -74,9 +75,10 @@ impl Pipeline {
         file: FileId,
     ) -> Result<ByteStream> {
         let v = self
-            .load_owned_as(actor, id, Access::file("read_file", file))
+            .load_scope_owned_as(actor, id, Some(file), Access::file("read_file", file))
             .await?;
         let f = v
+            .session
             .value
             .files
             .get(&file)
@@ -94,7 +96,7 @@ impl Pipeline {
             Some(id),
         );
         ev.file = Some(file);
-        ev.study = v.value.study_instance_uid.clone();
+        ev.study = v.session.value.study_instance_uid.clone();
         self.audit(ev).await?;
         self.inner
             .chunks
@@ -411,6 +413,61 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// A page of a session as its owner (or an admin) sees it: the session
+    /// with up to `limit` of its files (in file id order, after `after`),
+    /// the offsets of the page's files (as
+    /// [`file_offsets`](Self::file_offsets)), the session's file count, and
+    /// where the next page starts. Its cost grows with `limit`, not with
+    /// the session. Audited as data access, like [`session`](Self::session).
+    pub async fn session_page(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        after: Option<FileId>,
+        limit: usize,
+    ) -> Result<SessionPage> {
+        let scope = self
+            .load_scope_owned_as(actor, id, None, Access::session("read_session"))
+            .await?;
+        let mut files = self
+            .inner
+            .sessions
+            .list_files(id, after, limit.saturating_add(1))
+            .await?;
+        let next = if files.len() > limit {
+            files.truncate(limit);
+            files.last().map(|f| f.id)
+        } else {
+            None
+        };
+        let mut offsets = std::collections::BTreeMap::new();
+        for f in &files {
+            let offset = match f.state {
+                FileState::Valid { .. } => f.size,
+                FileState::Uploading => {
+                    contiguous_end(&self.inner.sessions.chunks(id, f.id).await?)
+                }
+            };
+            offsets.insert(f.id, offset);
+        }
+        let mut session = scope.session.value;
+        session.files = files.into_iter().map(|f| (f.id, f)).collect();
+        let mut ev = Self::event(
+            actor,
+            AuditAction::DataAccessed,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        ev.study = session.study_instance_uid.clone();
+        self.audit(ev).await?;
+        Ok(SessionPage {
+            session,
+            offsets,
+            file_count: scope.file_count,
+            next,
+        })
     }
 
     /// For each file of a session, the end of its contiguous run of stored

@@ -43,7 +43,7 @@ use crate::model::{
     Versioned,
 };
 use crate::pacs_sink::{Instance, InstanceSource, PacsSink};
-use crate::session_store::{ChunkInsert, InstanceClaim, SessionStore};
+use crate::session_store::{ChunkInsert, FileScope, InstanceClaim, SessionStore};
 
 mod chunks;
 mod completion;
@@ -435,6 +435,58 @@ impl Pipeline {
         Ok(v)
     }
 
+    /// [`load_owned_as`](Self::load_owned_as) for one file: the session
+    /// with only `file` among its files, and its file totals, at a cost
+    /// that does not grow with the session's other files.
+    pub(crate) async fn load_scope_owned_as(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        file: Option<FileId>,
+        access: Access,
+    ) -> Result<FileScope> {
+        let scope = self.inner.sessions.load_file_scope(id, file).await?;
+        if let Err(e) = Self::check_owner(actor, &scope.session.value) {
+            self.deny(actor, id, access, &e).await;
+            return Err(e);
+        }
+        Ok(scope)
+    }
+
+    /// [`update`](Self::update) on a file scope: `change` sees the session
+    /// with only the scope's file (and the session's file totals) and may
+    /// change the session and insert or change files, never remove one;
+    /// only what it carries is written. Reloads the scope and re-applies on
+    /// a concurrent update.
+    pub(crate) async fn update_scoped<T>(
+        &self,
+        id: SessionId,
+        file: Option<FileId>,
+        mut current: FileScope,
+        mut change: impl FnMut(&mut SessionRecord, &FileScope) -> Result<T>,
+    ) -> Result<(SessionRecord, T)> {
+        for _ in 0..64 {
+            let mut rec = current.session.value.clone();
+            let out = change(&mut rec, &current)?;
+            rec.updated_at = OffsetDateTime::now_utc();
+            match self
+                .inner
+                .sessions
+                .update_file_scope(&rec, current.session.version)
+                .await
+            {
+                Ok(_) => return Ok((rec, out)),
+                Err(Error::Precondition { .. }) => {
+                    current = self.inner.sessions.load_file_scope(id, file).await?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Busy {
+            what: "session is being updated concurrently".into(),
+        })
+    }
+
     /// Record a cross-user attempt (aggregated). The caller's answer stays
     /// `NotFound` even when the trail fails: a different answer would tell
     /// the session exists. The failure is logged here, and the next action
@@ -522,4 +574,19 @@ impl Pipeline {
             })
             .collect()
     }
+}
+
+/// A page of a session (see [`Pipeline::session_page`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionPage {
+    /// The session; its `files` hold the page's files only.
+    pub session: SessionRecord,
+    /// For each file of the page, the end of its contiguous stored bytes
+    /// from offset 0 (a valid file: its size).
+    pub offsets: std::collections::BTreeMap<FileId, u64>,
+    /// How many files the session has.
+    pub file_count: u64,
+    /// The last file of this page when more follow: pass it as `after`.
+    pub next: Option<FileId>,
 }

@@ -142,7 +142,7 @@ impl Pipeline {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
         let current = self
-            .load_owned_as(actor, id, Access::session("add_file"))
+            .load_scope_owned_as(actor, id, None, Access::session("add_file"))
             .await?;
         let mut ev = Self::event(
             actor,
@@ -164,11 +164,11 @@ impl Pipeline {
     async fn add_file_inner(
         &self,
         id: SessionId,
-        current: Versioned<SessionRecord>,
+        current: FileScope,
         req: NewFile,
     ) -> Result<FileRecord> {
-        let limits = current.value.limits.clone();
-        Self::require_open(&current.value)?;
+        let limits = current.session.value.limits.clone();
+        Self::require_open(&current.session.value)?;
         if req.size == 0 {
             return Err(Error::invalid(
                 "RELAY_EMPTY_FILE",
@@ -207,16 +207,18 @@ impl Pipeline {
             )
             .await?;
         let f2 = file.clone();
-        self.update(id, current, move |rec| {
+        // Only the new file is written; the limits are checked against the
+        // session's totals at the version the write is conditional on.
+        self.update_scoped(id, None, current, move |rec, scope| {
             Self::require_open(rec)?;
-            if rec.files.len() as u64 >= u64::from(rec.limits.max_files) {
+            if scope.file_count >= u64::from(rec.limits.max_files) {
                 return Err(Error::LimitExceeded {
                     what: "files per session",
                     limit: u64::from(rec.limits.max_files),
-                    actual: rec.files.len() as u64 + 1,
+                    actual: scope.file_count + 1,
                 });
             }
-            let total = rec.declared_bytes().saturating_add(f2.size);
+            let total = scope.declared_bytes.saturating_add(f2.size);
             if total > rec.limits.max_session_size {
                 return Err(Error::LimitExceeded {
                     what: "session size",

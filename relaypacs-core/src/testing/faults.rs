@@ -38,7 +38,7 @@ use crate::model::{ChunkRecord, SessionRecord, Versioned};
 use crate::pacs_sink::{
     DeliveryReport, Holding, Instance, InstanceOutcome, InstanceSource, PacsSink, Verification,
 };
-use crate::session_store::{ChunkInsert, InstanceClaim, SessionStore};
+use crate::session_store::{ChunkInsert, FileScope, InstanceClaim, SessionStore};
 
 /// One operation of a core trait, as a [`FaultPlan`] names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -454,6 +454,38 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
     async fn list_sessions(&self) -> Result<Vec<SessionId>> {
         self.plan.check(Op::ListSessions)?;
         self.inner.list_sessions().await
+    }
+
+    // A file-scoped load or update is a load or update of the session for
+    // the fault plan: the same failure points, whichever way the pipeline
+    // reads or writes.
+    async fn load_file_scope(&self, id: SessionId, file: Option<FileId>) -> Result<FileScope> {
+        self.plan.check(Op::LoadSession)?;
+        self.inner.load_file_scope(id, file).await
+    }
+
+    async fn update_file_scope(&self, session: &SessionRecord, expected: u64) -> Result<u64> {
+        self.plan.check(Op::UpdateSession)?;
+        self.inner.update_file_scope(session, expected).await
+    }
+
+    async fn files_with_instance(
+        &self,
+        id: SessionId,
+        sop_instance_uid: &Uid,
+    ) -> Result<Vec<FileId>> {
+        self.plan.check(Op::LoadSession)?;
+        self.inner.files_with_instance(id, sop_instance_uid).await
+    }
+
+    async fn list_files(
+        &self,
+        id: SessionId,
+        after: Option<FileId>,
+        limit: usize,
+    ) -> Result<Vec<crate::model::FileRecord>> {
+        self.plan.check(Op::LoadSession)?;
+        self.inner.list_files(id, after, limit).await
     }
 
     async fn record_chunk(

@@ -10,7 +10,7 @@ use crate::digest::Sha256Digest;
 use crate::error::Error;
 use crate::ids::{FileId, SessionId, Uid};
 use crate::model::{ChunkRecord, FileRecord, FileState, Limits, SessionRecord, SessionState};
-use crate::session_store::{ChunkInsert, InstanceClaim, SessionStore};
+use crate::session_store::{ChunkInsert, FileScope, InstanceClaim, SessionStore};
 
 /// A fresh session record with one file.
 pub fn sample_session() -> SessionRecord {
@@ -66,6 +66,121 @@ pub async fn create_load(store: &dyn SessionStore) {
         Err(Error::NotFound { .. })
     ));
     assert!(store.list_sessions().await.expect("list").contains(&s.id));
+}
+
+/// File scopes: a scope holds only its file and the session's totals; a
+/// scoped update writes the session and the files it carries, keeps the
+/// others, keeps the totals right, and is a compare-and-set like
+/// `update_session`; `files_with_instance` finds validated files by SOP
+/// Instance UID.
+pub async fn file_scopes(store: &dyn SessionStore) {
+    let s = sample_session();
+    let first = *s.files.keys().next().expect("one file");
+    let v1 = store.create_session(&s).await.expect("create").version;
+    let scope: FileScope = store
+        .load_file_scope(s.id, Some(first))
+        .await
+        .expect("scope");
+    assert_eq!(scope.session.version, v1);
+    assert_eq!(scope.session.value, s);
+    assert_eq!((scope.file_count, scope.declared_bytes), (1, 4 << 20));
+    let none = store.load_file_scope(s.id, None).await.expect("scope");
+    assert!(none.session.value.files.is_empty());
+    assert_eq!(none.file_count, 1);
+    // Add a file through a scope that does not hold the first one.
+    let mut added = none.session.value.clone();
+    let second = FileRecord {
+        id: FileId::random(),
+        name: "ct-002.dcm".into(),
+        size: 1000,
+        sha256: None,
+        data_set_sha256: None,
+        state: FileState::Uploading,
+    };
+    added.files.insert(second.id, second.clone());
+    added.study_instance_uid = Some(Uid::parse("1.2.3").expect("uid"));
+    let v2 = store
+        .update_file_scope(&added, v1)
+        .await
+        .expect("scoped update");
+    assert!(v2 > v1);
+    let whole = store.load_session(s.id).await.expect("load");
+    assert_eq!(whole.version, v2);
+    assert_eq!(whole.value.files.len(), 2, "the first file was kept");
+    assert_eq!(whole.value.files[&first], s.files[&first]);
+    assert_eq!(whole.value.files[&second.id], second);
+    assert_eq!(whole.value.study_instance_uid, added.study_instance_uid);
+    let scope = store
+        .load_file_scope(s.id, Some(second.id))
+        .await
+        .expect("scope");
+    assert_eq!(
+        (scope.file_count, scope.declared_bytes),
+        (2, (4 << 20) + 1000)
+    );
+    assert_eq!(scope.session.value.files.len(), 1);
+    // A stale scoped update fails and changes nothing.
+    assert!(matches!(
+        store.update_file_scope(&added, v1).await,
+        Err(Error::Precondition { .. })
+    ));
+    // Validate the second file; then it is found by its SOP Instance UID.
+    let uid = Uid::parse("1.2.840.99.1").expect("uid");
+    let mut valid = scope.session.value.clone();
+    let f = valid.files.get_mut(&second.id).expect("second");
+    f.state = FileState::Valid {
+        dicom: crate::model::DicomSummary::new(
+            Uid::parse("1.2.840.10008.5.1.4.1.1.7").expect("uid"),
+            uid.clone(),
+            Uid::parse("1.2.3").expect("uid"),
+            Uid::parse("1.2.3.4").expect("uid"),
+            "P1",
+            Uid::parse("1.2.840.10008.1.2.1").expect("uid"),
+        ),
+    };
+    let v3 = store.update_file_scope(&valid, v2).await.expect("validate");
+    assert_eq!(
+        store.files_with_instance(s.id, &uid).await.expect("find"),
+        vec![second.id]
+    );
+    assert!(
+        store
+            .files_with_instance(s.id, &Uid::parse("1.2.840.99.2").expect("uid"))
+            .await
+            .expect("find")
+            .is_empty()
+    );
+    // Pages of files, in file id order.
+    let mut ids = vec![first, second.id];
+    ids.sort();
+    let page = store.list_files(s.id, None, 1).await.expect("page");
+    assert_eq!(page.iter().map(|f| f.id).collect::<Vec<_>>(), vec![ids[0]]);
+    let page = store
+        .list_files(s.id, Some(ids[0]), 10)
+        .await
+        .expect("page");
+    assert_eq!(page.iter().map(|f| f.id).collect::<Vec<_>>(), vec![ids[1]]);
+    assert!(
+        store
+            .list_files(s.id, Some(ids[1]), 10)
+            .await
+            .expect("page")
+            .is_empty()
+    );
+    // A whole-record update that drops a file keeps the totals right.
+    let mut whole = store.load_session(s.id).await.expect("load");
+    assert_eq!(whole.version, v3);
+    whole.value.files.remove(&first);
+    store
+        .update_session(&whole.value, v3)
+        .await
+        .expect("update");
+    let scope = store.load_file_scope(s.id, None).await.expect("scope");
+    assert_eq!((scope.file_count, scope.declared_bytes), (1, 1000));
+    assert!(matches!(
+        store.load_file_scope(SessionId::random(), None).await,
+        Err(Error::NotFound { .. })
+    ));
 }
 
 /// Compare-and-set: the right version wins, a stale one fails and changes nothing.
@@ -320,7 +435,7 @@ macro_rules! session_store_conformance {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, chunk_records, delete_session, instance_claims);
+            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, chunk_records, delete_session, instance_claims);
             $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner);
         }
     };

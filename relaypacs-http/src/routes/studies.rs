@@ -63,7 +63,13 @@ pub struct StudyView {
     study_instance_uid: Option<String>,
     state: SessionState,
     delivery: DeliveryView,
+    /// How many files the study has.
+    file_count: u64,
+    /// The files of this view: all of them, or (`GET
+    /// /api/v1/studies/{id}`) one page of them, in file id order.
     files: Vec<FileView>,
+    /// Where the next page of files starts (`?files_cursor=`), if more follow.
+    files_next: Option<String>,
     limits: relaypacs_core::Limits,
 }
 
@@ -105,6 +111,17 @@ pub(crate) fn presence_only(rec: &SessionRecord) -> usize {
 
 async fn view(pipeline: &Pipeline, actor: &Actor, rec: SessionRecord) -> ApiResult<StudyView> {
     let offsets = pipeline.file_offsets(actor, rec.id).await?;
+    let count = rec.files.len() as u64;
+    Ok(build_view(rec, &offsets, count, None))
+}
+
+/// The view of `rec` with the files it carries.
+fn build_view(
+    rec: SessionRecord,
+    offsets: &std::collections::BTreeMap<relaypacs_core::FileId, u64>,
+    file_count: u64,
+    files_next: Option<String>,
+) -> StudyView {
     let mut files = Vec::with_capacity(rec.files.len());
     for f in rec.files.values() {
         let (offset, st, dicom) = match &f.state {
@@ -137,7 +154,7 @@ async fn view(pipeline: &Pipeline, actor: &Actor, rec: SessionRecord) -> ApiResu
     }
     let ttl =
         time::Duration::seconds(i64::try_from(rec.limits.session_ttl_secs).unwrap_or(i64::MAX));
-    Ok(StudyView {
+    StudyView {
         id: rec.id.to_string(),
         owner: rec.owner.clone(),
         created_at: rec.created_at,
@@ -158,9 +175,21 @@ async fn view(pipeline: &Pipeline, actor: &Actor, rec: SessionRecord) -> ApiResu
             verified: verified_of(&rec),
             reports: rec.delivery.reports.len(),
         },
+        file_count,
         files,
+        files_next,
         limits: rec.limits.clone(),
-    })
+    }
+}
+
+/// `?files_limit=&files_cursor=` of a study view.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesQuery {
+    /// Files wanted (default 100, at most 1000).
+    pub files_limit: Option<u32>,
+    /// The `files_next` of the previous page.
+    pub files_cursor: Option<String>,
 }
 
 pub(crate) fn parse_id(id: &str) -> ApiResult<SessionId> {
@@ -239,10 +268,28 @@ pub async fn show(
     State(pipeline): State<Pipeline>,
     user: AuthUser,
     Path(id): Path<String>,
+    super::Query(q): super::Query<FilesQuery>,
 ) -> ApiResult<axum::Json<StudyView>> {
     let actor = user.actor();
-    let rec = pipeline.session(&actor, parse_id(&id)?).await?;
-    Ok(axum::Json(view(&pipeline, &actor, rec).await?))
+    let limit = match q.files_limit {
+        None | Some(0) => super::DEFAULT_PAGE,
+        Some(n) => n.min(super::MAX_PAGE),
+    };
+    let after = match &q.files_cursor {
+        Some(c) => Some(relaypacs_core::FileId::parse(c).map_err(|_| {
+            ApiError::bad_request("RELAY_BAD_QUERY", "files_cursor is not a file id")
+        })?),
+        None => None,
+    };
+    let page = pipeline
+        .session_page(&actor, parse_id(&id)?, after, limit as usize)
+        .await?;
+    Ok(axum::Json(build_view(
+        page.session,
+        &page.offsets,
+        page.file_count,
+        page.next.map(|f| f.to_string()),
+    )))
 }
 
 /// `POST /api/v1/studies/{id}/complete`: verify and validate any fully
