@@ -18,7 +18,9 @@ fn bench(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let e = Embedded::open(dir.path(), PipelineConfig::default()).expect("open");
+    let e = rt
+        .block_on(Embedded::open(dir.path(), PipelineConfig::default()))
+        .expect("open");
     let p = e.pipeline.clone();
     let actor = Actor::user("bench");
     let mut g = c.benchmark_group("pipeline");

@@ -1,5 +1,6 @@
 //! Shared harness for the end-to-end tests: a [`Pipeline`] on the embedded
-//! adapters in one data folder, and helpers to upload files in chunks.
+//! adapters in one data folder (state in SQLite there, or in a PostgreSQL
+//! database), and helpers to upload files in chunks.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +11,47 @@ use relaypacs_core::{
     PutOutcome, Result, SessionId, Sha256Digest,
 };
 use relaypacs_pacs::LocalArchiveSink;
-use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
+use relaypacs_storage::{JsonlAuditSink, LocalChunkStore, SqlOptions, SqlSessionStore, SqlState};
+
+/// Where an [`Embedded`] keeps its state (sessions, files, chunk records,
+/// accepted instances).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateDb {
+    /// SQLite in `<root>/state.db` (the embedded default, as the server's).
+    Sqlite,
+    /// The PostgreSQL database at this URL (`postgres://…`), e.g. from
+    /// `relaypacs_test_peers::Postgres::create_database`.
+    Postgres(String),
+}
+
+impl StateDb {
+    /// The connection URL for a data folder `root`.
+    pub fn url(&self, root: &Path) -> Result<String> {
+        match self {
+            StateDb::Sqlite => {
+                // An absolute path: `sqlite://relative/x` would read
+                // `relative` as a host.
+                let path = std::path::absolute(root.join("state.db")).map_err(|e| {
+                    relaypacs_core::Error::storage(
+                        relaypacs_core::StorageErrorKind::Io,
+                        "resolve the state database path",
+                        e,
+                    )
+                })?;
+                Ok(format!("sqlite://{}", path.display()))
+            }
+            StateDb::Postgres(url) => Ok(url.clone()),
+        }
+    }
+
+    /// A short name for logs and test output (`sqlite` or `postgres`).
+    pub fn engine_name(&self) -> &'static str {
+        match self {
+            StateDb::Sqlite => "sqlite",
+            StateDb::Postgres(_) => "postgres",
+        }
+    }
+}
 
 /// A pipeline over the local adapters rooted at one folder.
 #[derive(Debug, Clone)]
@@ -25,27 +66,44 @@ pub struct Embedded {
     pub audit: JsonlAuditSink,
     /// The session store the pipeline was built with (for assertions on
     /// what is recorded; the pipeline itself is the only door for work).
-    pub sessions: FileSessionStore,
+    pub sessions: SqlSessionStore,
+    /// The state database under [`sessions`](Self::sessions).
+    pub state: SqlState,
     /// The chunk store the pipeline was built with (for assertions on what
     /// is stored).
     pub chunks: LocalChunkStore,
 }
 
 impl Embedded {
-    /// Open the embedded adapters under `root` (creating it).
-    pub fn open(root: &Path, config: PipelineConfig) -> Result<Self> {
-        Self::open_wrapped(root, config, |a| Arc::new(a))
+    /// Open the embedded adapters under `root` (creating it), state in
+    /// SQLite at `root/state.db`.
+    pub async fn open(root: &Path, config: PipelineConfig) -> Result<Self> {
+        Self::open_on(root, config, &StateDb::Sqlite).await
     }
 
-    /// Like [`open`](Self::open), with the archive sink wrapped by `wrap`
-    /// (fault injection in tests).
-    pub fn open_wrapped(
+    /// Like [`open`](Self::open), with the state in `db`.
+    pub async fn open_on(root: &Path, config: PipelineConfig, db: &StateDb) -> Result<Self> {
+        Self::open_wrapped(root, config, db, |a| Arc::new(a)).await
+    }
+
+    /// Like [`open_on`](Self::open_on), with the archive sink wrapped by
+    /// `wrap` (fault injection in tests).
+    pub async fn open_wrapped(
         root: &Path,
         config: PipelineConfig,
+        db: &StateDb,
         wrap: impl FnOnce(LocalArchiveSink) -> Arc<dyn PacsSink>,
     ) -> Result<Self> {
+        std::fs::create_dir_all(root).map_err(|e| {
+            relaypacs_core::Error::storage(
+                relaypacs_core::StorageErrorKind::Io,
+                "create the data folder",
+                e,
+            )
+        })?;
         let chunks = LocalChunkStore::open(root.join("chunks"))?;
-        let sessions = FileSessionStore::open(root.join("sessions"))?;
+        let state = SqlState::connect(&db.url(root)?, None, &SqlOptions::default()).await?;
+        let sessions = SqlSessionStore::new(state.clone());
         let archive = LocalArchiveSink::open(root.join("archive"))?;
         let audit = JsonlAuditSink::open(root.join("audit").join("audit.jsonl"))?;
         let pipeline = Pipeline::new(
@@ -61,8 +119,43 @@ impl Embedded {
             archive,
             audit,
             sessions,
+            state,
             chunks,
         })
+    }
+
+    /// Close the state database's connections (the pipeline can no longer
+    /// use it). Dropping without closing is fine too; closing first ends a
+    /// PostgreSQL database's sessions before the test drops it or its
+    /// cluster.
+    pub async fn close(&self) {
+        self.state.close().await;
+    }
+}
+
+/// A throwaway PostgreSQL cluster for one test (stopped and removed when
+/// dropped), handing out a fresh database per [`Embedded`].
+#[derive(Debug)]
+pub struct PgCluster {
+    /// The cluster (to crash it with `kill9` and bring it back).
+    pub pg: relaypacs_test_peers::Postgres,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl PgCluster {
+    /// Start a cluster with PostgreSQL's durable settings (`fsync`,
+    /// `synchronous_commit` on).
+    pub fn start() -> Self {
+        Self {
+            pg: relaypacs_test_peers::Postgres::start(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// A new, empty database on this cluster (`state_<n>`).
+    pub fn fresh_db(&self) -> StateDb {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StateDb::Postgres(self.pg.create_database(&format!("state_{n}")))
     }
 }
 

@@ -36,7 +36,9 @@ async fn events(e: &Embedded) -> Vec<AuditEvent> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_400_creations_leaves_exactly_the_cap_open() {
     let dir = tempfile::tempdir().unwrap();
-    let e = Embedded::open(dir.path(), PipelineConfig::default()).unwrap();
+    let e = Embedded::open(dir.path(), PipelineConfig::default())
+        .await
+        .unwrap();
     let cap = e.pipeline.config().max_open_sessions_per_user;
     assert_eq!(cap, 64);
     let t = a_minute();
@@ -116,7 +118,7 @@ async fn the_cap_counts_open_sessions_only_and_survives_a_restart() {
     };
     let alice = Actor::user("alice");
     let ids = {
-        let e = Embedded::open(dir.path(), config.clone()).unwrap();
+        let e = Embedded::open(dir.path(), config.clone()).await.unwrap();
         let p = &e.pipeline;
         let mut ids = Vec::new();
         for _ in 0..3 {
@@ -157,7 +159,7 @@ async fn the_cap_counts_open_sessions_only_and_survives_a_restart() {
         ids
     };
     // A new process sees the same three open sessions (one full scan).
-    let e = Embedded::open(dir.path(), config).unwrap();
+    let e = Embedded::open(dir.path(), config).await.unwrap();
     assert!(matches!(
         open_session(&e.pipeline, &alice).await,
         Err(Error::TooMany { .. })
@@ -173,7 +175,7 @@ async fn a_session_is_refused_below_the_storage_watermark() {
         session_admission_bytes: 4096,
         ..PipelineConfig::default()
     };
-    let e = Embedded::open(dir.path(), config).unwrap();
+    let e = Embedded::open(dir.path(), config).await.unwrap();
     let free = Arc::new(std::sync::atomic::AtomicU64::new(1000));
     let f = free.clone();
     e.pipeline
@@ -239,7 +241,7 @@ async fn pages_walk_every_own_session_exactly_once() {
         max_page_size: 7,
         ..PipelineConfig::default()
     };
-    let e = Embedded::open(dir.path(), config.clone()).unwrap();
+    let e = Embedded::open(dir.path(), config.clone()).await.unwrap();
     let p = &e.pipeline;
     let (alice, bob) = (Actor::user("alice"), Actor::user("bob"));
     let mut mine = Vec::new();
@@ -350,7 +352,9 @@ async fn pages_walk_every_own_session_exactly_once() {
 #[tokio::test]
 async fn every_cross_user_attempt_is_one_aggregated_security_alert() {
     let dir = tempfile::tempdir().unwrap();
-    let e = Embedded::open(dir.path(), PipelineConfig::default()).unwrap();
+    let e = Embedded::open(dir.path(), PipelineConfig::default())
+        .await
+        .unwrap();
     let p = &e.pipeline;
     let t = a_minute();
     p.denials().set_clock(fixed(t));

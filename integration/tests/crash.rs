@@ -1,7 +1,9 @@
 //! Crash test: a process writing chunks is SIGKILLed at random points, at
-//! least 50 times. After each kill, every acknowledged chunk must be
-//! recorded and its stored bytes must hash to the source; resuming
-//! completes the file byte-exact.
+//! least 50 times (state in SQLite) or 24 times (state in PostgreSQL, which
+//! is itself SIGKILLed with the writer every third round and recovers from
+//! its WAL). After each kill, every acknowledged chunk must be recorded and
+//! its stored bytes must hash to the source; resuming completes the file
+//! byte-exact.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use std::io::{BufRead, BufReader};
@@ -14,9 +16,17 @@ use rand::{Rng, SeedableRng};
 use relaypacs_core::testing::collect;
 use relaypacs_core::{ChunkStore as _, SessionStore as _};
 use relaypacs_core::{FileKey, PipelineConfig, Sha256Digest};
-use relaypacs_integration::Embedded;
+use relaypacs_integration::{Embedded, PgCluster, StateDb};
 
-const KILLS: usize = 60;
+/// Writer kills with the state in SQLite.
+const KILLS_SQLITE: usize = 60;
+/// Writer kills with the state in PostgreSQL (each round also starts a
+/// connection pool, and every third restarts the cluster).
+const KILLS_POSTGRES: usize = 24;
+/// On PostgreSQL, every this many rounds the cluster is SIGKILLed right
+/// after the writer: a commit the writer acknowledged must be in the WAL,
+/// not only in the server's memory.
+const PG_CRASH_EVERY: usize = 3;
 const CHUNK: usize = 256 << 10;
 
 #[derive(serde::Deserialize)]
@@ -25,7 +35,7 @@ struct WriterState {
     file: relaypacs_core::FileId,
 }
 
-fn check_acknowledged(data: &Path, source: &[u8], acked: &[u64]) {
+fn check_acknowledged(data: &Path, db: &StateDb, source: &[u8], acked: &[u64]) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let Ok(b) = std::fs::read(data.join("writer-state.json")) else {
@@ -33,8 +43,9 @@ fn check_acknowledged(data: &Path, source: &[u8], acked: &[u64]) {
             return;
         };
         let st: WriterState = serde_json::from_slice(&b).unwrap();
-        let e =
-            Embedded::open(data, PipelineConfig::default()).expect("stores reopen after SIGKILL");
+        let e = Embedded::open_on(data, PipelineConfig::default(), db)
+            .await
+            .expect("stores reopen after SIGKILL");
         let chunks = e.sessions.chunks(st.session, st.file).await.unwrap();
         for off in acked {
             let c = chunks
@@ -62,16 +73,49 @@ fn check_acknowledged(data: &Path, source: &[u8], acked: &[u64]) {
         }
         // The audit trail reopens (torn tail cut) and verifies.
         relaypacs_storage::verify_chain(e.audit.path()).unwrap();
+        e.close().await;
     });
 }
 
 #[test]
-fn sigkill_loop_loses_no_acknowledged_chunk() {
+fn sigkill_loop_loses_no_acknowledged_chunk_on_sqlite() {
+    sigkill_loop(&StateDb::Sqlite, None, KILLS_SQLITE);
+}
+
+#[test]
+fn sigkill_loop_loses_no_acknowledged_chunk_on_postgres() {
+    let mut cluster = PgCluster::start();
+    let db = cluster.fresh_db();
+    sigkill_loop(&db, Some(&mut cluster.pg), KILLS_POSTGRES);
+}
+
+/// The writer with the state in `db` (its URL passed to a PostgreSQL one).
+fn writer(db: &StateDb) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_crash_writer"));
+    match db {
+        StateDb::Postgres(url) => cmd.env("CRASH_WRITER_STATE_URL", url),
+        StateDb::Sqlite => cmd.env_remove("CRASH_WRITER_STATE_URL"),
+    };
+    cmd
+}
+
+/// `kills_wanted` rounds of: start the writer, let it run 20–400 ms, SIGKILL it
+/// (and, on PostgreSQL every [`PG_CRASH_EVERY`] rounds, the cluster too),
+/// check every acknowledged chunk. Then resume to the end, byte-exact.
+fn sigkill_loop(
+    db: &StateDb,
+    mut pg: Option<&mut relaypacs_test_peers::Postgres>,
+    kills_wanted: usize,
+) {
+    let started = Instant::now();
     let seed: u64 = std::env::var("CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
-    eprintln!("crash test seed {seed} (set CRASH_SEED to replay)");
+    eprintln!(
+        "crash test on {} seed {seed} (set CRASH_SEED to replay)",
+        db.engine_name()
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -79,14 +123,14 @@ fn sigkill_loop_loses_no_acknowledged_chunk() {
     let source =
         relaypacs_integration::dicom_of_size(&relaypacs_integration::new_study(), 24 << 20);
     std::fs::write(&src_path, &source).unwrap();
-    let exe = env!("CARGO_BIN_EXE_crash_writer");
     let mut acked: Vec<u64> = Vec::new();
     let mut kills = 0;
     let mut checked = 0usize;
     let mut kills_mid_upload = 0usize;
     let mut finished = false;
-    while kills < KILLS {
-        let mut child = Command::new(exe)
+    let mut db_crashes = 0usize;
+    while kills < kills_wanted {
+        let mut child = writer(db)
             .args([
                 data.to_str().unwrap(),
                 src_path.to_str().unwrap(),
@@ -119,6 +163,14 @@ fn sigkill_loop_loses_no_acknowledged_chunk() {
         // SIGKILL: no destructor, no flush, exactly like a crash.
         let _ = child.kill();
         let status = child.wait().unwrap();
+        // The database server dies right after: what it acknowledged must
+        // be in its WAL, not in its memory.
+        let crash_db = !done && (kills + 1) % PG_CRASH_EVERY == 0;
+        if let Some(pg) = pg.as_deref_mut().filter(|_| crash_db) {
+            pg.kill9();
+            pg.start_again();
+            db_crashes += 1;
+        }
         reader.join().unwrap();
         // Lines already printed were acknowledged before the kill.
         acked.extend(
@@ -129,7 +181,7 @@ fn sigkill_loop_loses_no_acknowledged_chunk() {
         if done {
             finished = true;
             // Start over with a fresh upload so every round has chunks to kill.
-            check_acknowledged(&data, &source, &acked);
+            check_acknowledged(&data, db, &source, &acked);
             std::fs::remove_dir_all(&data).unwrap();
             acked.clear();
             continue;
@@ -143,10 +195,10 @@ fn sigkill_loop_loses_no_acknowledged_chunk() {
             kills_mid_upload += 1;
         }
         checked += acked.len();
-        check_acknowledged(&data, &source, &acked);
+        check_acknowledged(&data, db, &source, &acked);
     }
     // Resume to the end and complete: byte-exact.
-    let out = Command::new(exe)
+    let out = writer(db)
         .args([
             data.to_str().unwrap(),
             src_path.to_str().unwrap(),
@@ -174,10 +226,18 @@ fn sigkill_loop_loses_no_acknowledged_chunk() {
     .unwrap();
     assert!(stored == source, "stored file is not byte-identical");
     eprintln!(
-        "{kills} kills ({kills_mid_upload} with chunks acknowledged), {checked} acknowledged-chunk checks, a full upload finished in between: {finished}"
+        "{}: {kills} kills ({kills_mid_upload} with chunks acknowledged, {db_crashes} with the database server), {checked} acknowledged-chunk checks, a full upload finished in between: {finished}, {:.1} s",
+        db.engine_name(),
+        started.elapsed().as_secs_f64()
     );
+    if pg.is_some() {
+        assert!(
+            db_crashes >= kills_wanted / PG_CRASH_EVERY / 2,
+            "too few database crashes ({db_crashes})"
+        );
+    }
     assert!(
-        kills_mid_upload >= KILLS / 2,
+        kills_mid_upload >= kills_wanted / 2,
         "too few kills landed mid-upload ({kills_mid_upload}); the test would prove little"
     );
 }

@@ -15,7 +15,7 @@ use relaypacs_core::{
     Actor, DuplicatePolicy, Error, FileState, OutboxConfig, PipelineConfig, SessionState,
     Verification,
 };
-use relaypacs_integration::{Embedded, open_session, upload_file};
+use relaypacs_integration::{Embedded, StateDb, open_session, upload_file};
 use relaypacs_pacs::LocalArchiveSink;
 
 /// A small file of `study` with the given SOP Instance UID; `seed` picks
@@ -43,14 +43,15 @@ fn warnings(rec: &relaypacs_core::FileRecord) -> Vec<String> {
 /// Counts what the pipeline hands the archive.
 type Counting = FaultyPacsSink<LocalArchiveSink>;
 
-fn open(dir: &std::path::Path, config: PipelineConfig) -> (Embedded, Arc<Counting>) {
+async fn open(dir: &std::path::Path, config: PipelineConfig) -> (Embedded, Arc<Counting>) {
     let slot = Arc::new(std::sync::Mutex::new(None));
     let s2 = slot.clone();
-    let e = Embedded::open_wrapped(dir, config, move |a| {
+    let e = Embedded::open_wrapped(dir, config, &StateDb::Sqlite, move |a| {
         let c = Arc::new(Counting::counting(Arc::new(a)));
         *s2.lock().unwrap() = Some(c.clone());
         c
     })
+    .await
     .unwrap();
     let c = slot.lock().unwrap().clone().unwrap();
     (e, c)
@@ -67,7 +68,7 @@ fn fast() -> OutboxConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_content_again_is_an_idempotent_success_pointing_at_the_earlier_study() {
     let dir = tempfile::tempdir().unwrap();
-    let (e, sink) = open(dir.path(), PipelineConfig::default());
+    let (e, sink) = open(dir.path(), PipelineConfig::default()).await;
     let p = &e.pipeline;
     let (alice, bob) = (Actor::user("alice"), Actor::user("bob"));
     let study = new_uid();
@@ -133,7 +134,7 @@ async fn the_same_content_again_is_an_idempotent_success_pointing_at_the_earlier
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_content_under_a_known_uid_is_refused_until_the_earlier_upload_is_gone() {
     let dir = tempfile::tempdir().unwrap();
-    let (e, _sink) = open(dir.path(), PipelineConfig::default());
+    let (e, _sink) = open(dir.path(), PipelineConfig::default()).await;
     let p = &e.pipeline;
     let alice = Actor::user("alice");
     let (study, sop) = (new_uid(), new_uid());
@@ -212,7 +213,8 @@ async fn two_sessions_racing_with_one_uid_exactly_one_is_accepted() {
             max_open_sessions_per_user: 1000,
             ..PipelineConfig::default()
         },
-    );
+    )
+    .await;
     let p = &e.pipeline;
     let (alice, bob) = (Actor::user("alice"), Actor::user("bob"));
     for round in 0..120 {
@@ -249,7 +251,8 @@ async fn two_completions_racing_with_one_uid_exactly_one_is_accepted() {
             max_open_sessions_per_user: 1000,
             ..PipelineConfig::default()
         },
-    );
+    )
+    .await;
     let p = e.pipeline.clone();
     let alice = Actor::user("alice");
     for round in 0..100 {
@@ -297,7 +300,7 @@ async fn two_completions_racing_with_one_uid_exactly_one_is_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pacs_holding_another_object_under_the_uid_is_a_conflict_before_sending() {
     let dir = tempfile::tempdir().unwrap();
-    let (e, sink) = open(dir.path(), PipelineConfig::default());
+    let (e, sink) = open(dir.path(), PipelineConfig::default()).await;
     let p = &e.pipeline;
     let alice = Actor::user("alice");
     let (study, sop) = (new_uid(), new_uid());
@@ -350,7 +353,7 @@ async fn the_accept_policy_lets_other_content_in_but_never_calls_it_delivered() 
         duplicates: DuplicatePolicy::Accept,
         ..PipelineConfig::default()
     };
-    let (e, sink) = open(dir.path(), config);
+    let (e, sink) = open(dir.path(), config).await;
     let p = &e.pipeline;
     let alice = Actor::user("alice");
     let (study, sop) = (new_uid(), new_uid());

@@ -14,7 +14,9 @@ use relaypacs_integration::{Embedded, open_session, peak_rss_bytes};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_files_are_refused_with_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let e = Embedded::open(dir.path(), PipelineConfig::default()).unwrap();
+    let e = Embedded::open(dir.path(), PipelineConfig::default())
+        .await
+        .unwrap();
     let p = &e.pipeline;
     let a = Actor::user("mallory");
     let s = open_session(p, &a).await.unwrap();

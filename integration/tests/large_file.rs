@@ -42,7 +42,9 @@ async fn file_over_100_mib_round_trips_with_bounded_memory() {
     assert!(size > 100 << 20);
     let digest = file_sha(&src);
 
-    let e = Embedded::open(&dir.path().join("data"), PipelineConfig::default()).unwrap();
+    let e = Embedded::open(&dir.path().join("data"), PipelineConfig::default())
+        .await
+        .unwrap();
     let p = &e.pipeline;
     let a = Actor::user("alice");
     let rss0 = peak_rss_bytes().unwrap();

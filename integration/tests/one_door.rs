@@ -10,10 +10,12 @@ use relaypacs_core::{
 };
 use relaypacs_integration::{Embedded, dicom, new_study, open_session, put};
 
-fn setup() -> (Embedded, tempfile::TempDir) {
+async fn setup() -> (Embedded, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     (
-        Embedded::open(dir.path(), PipelineConfig::default()).unwrap(),
+        Embedded::open(dir.path(), PipelineConfig::default())
+            .await
+            .unwrap(),
         dir,
     )
 }
@@ -28,7 +30,7 @@ fn declared(name: &str, data: &[u8]) -> NewFile {
 
 #[tokio::test]
 async fn ingest_stream_cuts_declares_digests_and_completes() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = &e.pipeline;
     let a = Actor::user("alice");
     let s = open_session(p, &a).await.unwrap();
@@ -66,7 +68,7 @@ async fn ingest_stream_cuts_declares_digests_and_completes() {
 
 #[tokio::test]
 async fn ingest_stream_resumes_over_stored_chunks() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = &e.pipeline;
     let a = Actor::user("alice");
     let s = open_session(p, &a).await.unwrap();
@@ -83,7 +85,7 @@ async fn ingest_stream_resumes_over_stored_chunks() {
 
 #[tokio::test]
 async fn ingest_stream_refuses_a_stream_of_the_wrong_length() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = &e.pipeline;
     let a = Actor::user("alice");
     let data = dicom(&new_study(), 4);
@@ -131,7 +133,7 @@ async fn ingest_stream_refuses_a_stream_of_the_wrong_length() {
 
 #[tokio::test]
 async fn ingest_stream_follows_the_chunk_and_owner_rules() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = &e.pipeline;
     let a = Actor::user("alice");
     let s = open_session(p, &a).await.unwrap();
@@ -153,7 +155,7 @@ async fn ingest_stream_follows_the_chunk_and_owner_rules() {
 
 #[tokio::test]
 async fn list_sessions_and_file_offsets_follow_ownership() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = &e.pipeline;
     let (alice, bob) = (Actor::user("alice"), Actor::user("bob"));
     let sa = open_session(p, &alice).await.unwrap();

@@ -13,7 +13,7 @@ use relaypacs_core::{
     Actor, AuditAction, AuditOutcome, AuditSink, Next, OutboxConfig, PipelineConfig, SessionId,
     SessionState, Uid,
 };
-use relaypacs_integration::{Embedded, dicom, new_study, open_session, upload_file};
+use relaypacs_integration::{Embedded, StateDb, dicom, new_study, open_session, upload_file};
 use relaypacs_pacs::LocalArchiveSink;
 
 /// The real archive, refusing chosen instances (once, or always) and
@@ -35,14 +35,20 @@ async fn setup(n: usize, refuse: &[usize], transient: bool, once: bool, stall: b
     let dir = tempfile::tempdir().unwrap();
     let slot: Arc<Mutex<Option<Arc<Faulty>>>> = Arc::default();
     let s2 = slot.clone();
-    let e = Embedded::open_wrapped(dir.path(), PipelineConfig::default(), move |a| {
-        let f = Arc::new(FaultyPacsSink::counting(Arc::new(a)));
-        if stall {
-            f.stall_next_deliver();
-        }
-        *s2.lock().unwrap() = Some(f.clone());
-        f
-    })
+    let e = Embedded::open_wrapped(
+        dir.path(),
+        PipelineConfig::default(),
+        &StateDb::Sqlite,
+        move |a| {
+            let f = Arc::new(FaultyPacsSink::counting(Arc::new(a)));
+            if stall {
+                f.stall_next_deliver();
+            }
+            *s2.lock().unwrap() = Some(f.clone());
+            f
+        },
+    )
+    .await
     .unwrap();
     let sink = slot.lock().unwrap().clone().unwrap();
     let actor = Actor::user("alice");

@@ -14,10 +14,12 @@ use relaypacs_core::{
 use relaypacs_core::{ChunkStore as _, SessionStore as _};
 use relaypacs_integration::{Embedded, dicom, new_study, open_session, put, upload_file};
 
-fn setup() -> (Embedded, tempfile::TempDir) {
+async fn setup() -> (Embedded, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     (
-        Embedded::open(dir.path(), PipelineConfig::default()).unwrap(),
+        Embedded::open(dir.path(), PipelineConfig::default())
+            .await
+            .unwrap(),
         dir,
     )
 }
@@ -28,7 +30,7 @@ fn alice() -> Actor {
 
 #[tokio::test]
 async fn study_flows_to_archive_byte_exact_and_is_audited() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = &e.pipeline;
     let study = new_study();
     let s = open_session(p, &alice()).await.unwrap();
@@ -123,7 +125,7 @@ async fn snapshot(
 
 #[tokio::test]
 async fn bad_input_gives_typed_errors_and_changes_nothing() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = &e.pipeline;
     let a = alice();
     let study = new_study();
@@ -343,7 +345,7 @@ async fn bad_input_gives_typed_errors_and_changes_nothing() {
 
 #[tokio::test]
 async fn corruption_after_acknowledgement_is_caught_and_never_forwarded() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = &e.pipeline;
     let a = alice();
     let data = dicom(&new_study(), 5);
@@ -392,7 +394,7 @@ async fn corruption_after_acknowledgement_is_caught_and_never_forwarded() {
 
 #[tokio::test]
 async fn other_users_see_nothing() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = &e.pipeline;
     let data = dicom(&new_study(), 6);
     let s = open_session(p, &alice()).await.unwrap();
@@ -436,7 +438,7 @@ async fn other_users_see_nothing() {
 
 #[tokio::test]
 async fn concurrent_writes_of_one_range_never_interleave() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = e.pipeline.clone();
     let a = alice();
     let data = dicom(&new_study(), 7);
@@ -496,7 +498,7 @@ async fn concurrent_writes_of_one_range_never_interleave() {
 /// session with a chunk in flight is never expired, and once idle it is.
 #[tokio::test]
 async fn expiry_never_removes_a_session_with_a_request_in_flight() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = e.pipeline.clone();
     let a = alice();
     let data = dicom(&new_study(), 8);
@@ -566,7 +568,9 @@ async fn expiry_never_removes_a_session_with_a_request_in_flight() {
 #[tokio::test]
 async fn audit_failure_refuses_the_action() {
     let dir = tempfile::tempdir().unwrap();
-    let e = Embedded::open(dir.path(), PipelineConfig::default()).unwrap();
+    let e = Embedded::open(dir.path(), PipelineConfig::default())
+        .await
+        .unwrap();
     // Every audit record fails with EIO.
     use relaypacs_core::testing::faults::{Fault, FaultPlan, FaultyAuditSink, Op};
     let broken = FaultPlan::watching([Op::Record]);

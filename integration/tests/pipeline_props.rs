@@ -2,6 +2,8 @@
 //! orders, duplicates, corruptions, truncations and two interleaved sessions.
 //! Every completed file is byte-identical to its source, every corrupted or
 //! truncated chunk is rejected, and nothing rejected changes stored state.
+//! On both state engines: SQLite and PostgreSQL (each case on a fresh
+//! database of one cluster), 24 cases each.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use std::collections::BTreeSet;
@@ -13,9 +15,11 @@ use relaypacs_core::{
     Actor, Error, FileId, Limits, NewFile, PipelineConfig, PutChunk, PutOutcome, SessionId,
     Sha256Digest,
 };
-use relaypacs_integration::{Embedded, dicom_sized, new_study};
+use relaypacs_integration::{Embedded, PgCluster, StateDb, dicom_sized, new_study};
 
 const CHUNK: usize = 4096;
+/// Cases per engine.
+const CASES: u32 = 24;
 
 #[derive(Clone, Debug)]
 enum Damage {
@@ -77,19 +81,21 @@ async fn stored_state(e: &Embedded, files: &[FileModel]) -> Vec<Vec<relaypacs_co
     out
 }
 
-async fn run(ops: Vec<Op>) {
+async fn run(ops: Vec<Op>, db: &StateDb) {
     let dir = tempfile::tempdir().unwrap();
     let limits = Limits {
         min_chunk_size: CHUNK as u64,
         ..Limits::default()
     };
-    let e = Embedded::open(
+    let e = Embedded::open_on(
         dir.path(),
         PipelineConfig {
             limits,
             ..Default::default()
         },
+        db,
     )
+    .await
     .unwrap();
     let p = &e.pipeline;
     let users = [Actor::user("alice"), Actor::user("bob")];
@@ -224,13 +230,53 @@ async fn run(ops: Vec<Op>) {
             .unwrap();
         assert!(got == f.data, "completed file {k} differs from its source");
     }
+    e.close().await;
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    proptest::collection::vec(op(), 1..60)
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: CASES, max_shrink_iters: 64, ..ProptestConfig::default() })]
     #[test]
-    fn pipeline_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(run(ops));
+    fn pipeline_matches_model_on_sqlite(ops in ops()) {
+        runtime().block_on(run(ops, &StateDb::Sqlite));
     }
+}
+
+/// The same property with the state in PostgreSQL: one cluster for the
+/// test, a fresh database per case (and per shrinking step).
+#[test]
+fn pipeline_matches_model_on_postgres() {
+    let cluster = PgCluster::start();
+    let rt = runtime();
+    let started = std::time::Instant::now();
+    let config = ProptestConfig {
+        cases: CASES,
+        max_shrink_iters: 64,
+        // A failure prints its shrunk ops (above): enough to replay it.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let result = runner.run(&ops(), |ops| {
+        rt.block_on(run(ops, &cluster.fresh_db()));
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}\n{runner}");
+    }
+    eprintln!(
+        "postgres: {CASES} cases in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }

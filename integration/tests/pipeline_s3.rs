@@ -27,7 +27,9 @@ async fn study_through_s3_chunk_store() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let local = Embedded::open(dir.path(), PipelineConfig::default()).unwrap();
+    let local = Embedded::open(dir.path(), PipelineConfig::default())
+        .await
+        .unwrap();
     let p = Pipeline::new(
         Arc::new(ObjectStoreChunkStore::new(Arc::new(s3), "gateway")),
         Arc::new(local.sessions.clone()),

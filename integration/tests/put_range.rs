@@ -17,10 +17,12 @@ use relaypacs_integration::{Embedded, dicom, new_study, open_session};
 
 const MIN: u64 = 64 << 10;
 
-fn setup() -> (Embedded, tempfile::TempDir) {
+async fn setup() -> (Embedded, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     (
-        Embedded::open(dir.path(), PipelineConfig::default()).unwrap(),
+        Embedded::open(dir.path(), PipelineConfig::default())
+            .await
+            .unwrap(),
         dir,
     )
 }
@@ -81,7 +83,7 @@ fn plan_cuts_segments_and_joins_a_short_tail() {
 
 #[tokio::test]
 async fn put_range_stores_segments_reports_progress_and_completes() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = &e.pipeline;
     let a = Actor::user("alice");
     let s = open_session(p, &a).await.unwrap();
@@ -152,7 +154,7 @@ async fn put_range_stores_segments_reports_progress_and_completes() {
 
 #[tokio::test]
 async fn a_second_writer_of_the_range_is_busy_until_the_first_ends() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = e.pipeline.clone();
     let a = Actor::user("alice");
     let s = open_session(&p, &a).await.unwrap();
@@ -211,7 +213,7 @@ async fn a_second_writer_of_the_range_is_busy_until_the_first_ends() {
 
 #[tokio::test]
 async fn a_dropped_body_keeps_complete_segments_and_a_retry_resumes() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = e.pipeline.clone();
     let a = Actor::user("alice");
     let s = open_session(&p, &a).await.unwrap();
@@ -292,7 +294,7 @@ async fn a_dropped_body_keeps_complete_segments_and_a_retry_resumes() {
 
 #[tokio::test]
 async fn an_error_or_extra_byte_after_the_range_stores_nothing_of_its_last_segment() {
-    let (e, _d) = setup();
+    let (e, _d) = setup().await;
     let p = &e.pipeline;
     let a = Actor::user("alice");
     let s = open_session(p, &a).await.unwrap();

@@ -17,7 +17,9 @@ async fn a_request_scoped_session_left_open_by_a_dead_run_is_ended_at_start() {
     let actor = Actor::user("lena");
     let sop = new_uid();
     let (orphan, kept, completed) = {
-        let e = Embedded::open(dir.path(), PipelineConfig::default()).unwrap();
+        let e = Embedded::open(dir.path(), PipelineConfig::default())
+            .await
+            .unwrap();
         let p = &e.pipeline;
         let scoped = NewSession {
             request_scoped: true,
@@ -58,7 +60,9 @@ async fn a_request_scoped_session_left_open_by_a_dead_run_is_ended_at_start() {
     };
 
     // The next run.
-    let e = Embedded::open(dir.path(), PipelineConfig::default()).unwrap();
+    let e = Embedded::open(dir.path(), PipelineConfig::default())
+        .await
+        .unwrap();
     let ended = e.pipeline.end_orphaned_request_sessions().await.unwrap();
     assert_eq!(ended, vec![orphan]);
     assert!(matches!(

@@ -14,7 +14,7 @@ use relaypacs_core::{
     Actor, DeliveryReport, Holding, Instance, InstanceSource, OutboxConfig, PacsSink,
     PipelineConfig, Result, SessionState,
 };
-use relaypacs_integration::{Embedded, dicom, new_study, open_session, upload_file};
+use relaypacs_integration::{Embedded, StateDb, dicom, new_study, open_session, upload_file};
 use relaypacs_pacs::LocalArchiveSink;
 
 /// A vendor's sink: the local archive, counting the instances it delivers.
@@ -58,14 +58,20 @@ fn for_pipeline<S: PacsSink>(sink: S) -> Arc<dyn PacsSink> {
 async fn deliver_through(wrap: impl FnOnce(Arc<MySink>) -> Arc<dyn PacsSink>) {
     let dir = tempfile::tempdir().unwrap();
     let mut mine = None;
-    let e = Embedded::open_wrapped(dir.path(), PipelineConfig::default(), |archive| {
-        let sink = Arc::new(MySink {
-            archive,
-            delivered: AtomicUsize::new(0),
-        });
-        mine = Some(Arc::clone(&sink));
-        wrap(sink)
-    })
+    let e = Embedded::open_wrapped(
+        dir.path(),
+        PipelineConfig::default(),
+        &StateDb::Sqlite,
+        |archive| {
+            let sink = Arc::new(MySink {
+                archive,
+                delivered: AtomicUsize::new(0),
+            });
+            mine = Some(Arc::clone(&sink));
+            wrap(sink)
+        },
+    )
+    .await
     .unwrap();
     let mine = mine.unwrap();
     let actor = Actor::user("alice");

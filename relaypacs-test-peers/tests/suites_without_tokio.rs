@@ -10,16 +10,22 @@ mod suites {
     use relaypacs_core::testing::tempfile::TempDir;
     use relaypacs_core::{Instance, Result};
     use relaypacs_pacs::LocalArchiveSink;
-    use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore};
+    use relaypacs_storage::{
+        JsonlAuditSink, LocalChunkStore, SqlOptions, SqlSessionStore, SqlState,
+    };
 
     async fn chunks() -> (LocalChunkStore, TempDir) {
         let dir = TempDir::new().unwrap();
         (LocalChunkStore::open(dir.path().join("c")).unwrap(), dir)
     }
 
-    async fn sessions() -> (FileSessionStore, TempDir) {
+    async fn sessions() -> (SqlSessionStore, TempDir) {
         let dir = TempDir::new().unwrap();
-        (FileSessionStore::open(dir.path().join("s")).unwrap(), dir)
+        let url = format!("sqlite://{}", dir.path().join("state.db").display());
+        let db = SqlState::connect(&url, None, &SqlOptions::default())
+            .await
+            .unwrap();
+        (SqlSessionStore::new(db), dir)
     }
 
     async fn audit() -> (JsonlAuditSink, TempDir) {
@@ -49,7 +55,7 @@ mod suites {
     }
 
     relaypacs_core::chunk_store_conformance!(local_chunks, chunks);
-    relaypacs_core::session_store_conformance!(file_sessions, sessions);
+    relaypacs_core::session_store_conformance!(sql_sessions, sessions);
     relaypacs_core::audit_sink_conformance!(jsonl_audit, audit);
     relaypacs_core::pacs_sink_conformance!(local_archive, archive);
     // The same suite twice in one module, under two names.

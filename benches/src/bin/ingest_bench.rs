@@ -103,6 +103,7 @@ async fn main() {
 
     let rss_before = peak_rss_bytes().unwrap_or(0);
     let e = Embedded::open(&work.path().join("data"), PipelineConfig::default())
+        .await
         .unwrap_or_else(|e| die(e));
     let p = &e.pipeline;
     let actor = Actor::user("bench");

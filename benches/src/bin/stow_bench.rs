@@ -223,7 +223,7 @@ async fn main() -> Res<()> {
     let work = tempfile::Builder::new()
         .prefix("stow_bench.")
         .tempdir_in(&data)?;
-    let embedded = Embedded::open(&work.path().join("data"), PipelineConfig::default())?;
+    let embedded = Embedded::open(&work.path().join("data"), PipelineConfig::default()).await?;
     let local = &embedded.pipeline;
     let pipeline = Pipeline::new(
         Arc::new(embedded.chunks.clone()),

@@ -6,8 +6,9 @@
 //! ```
 //! With no folder, a demo study (CT, MR and Secondary Capture instances)
 //! is generated first. Data lives under `--data` (default `./.relaypacs`):
-//! `chunks/`, `sessions/`, `archive/<study>/<series>/<sop>.dcm`, and the
-//! hash-chained audit trail `audit/audit.jsonl`.
+//! `chunks/`, the state database `state.db` (SQLite: sessions, files, chunk
+//! records), `archive/<study>/<series>/<sop>.dcm`, and the hash-chained
+//! audit trail `audit/audit.jsonl`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +20,9 @@ use relaypacs_core::{
     SessionState, Sha256Digest,
 };
 use relaypacs_pacs::LocalArchiveSink;
-use relaypacs_storage::{FileSessionStore, JsonlAuditSink, LocalChunkStore, verify_chain};
+use relaypacs_storage::{
+    JsonlAuditSink, LocalChunkStore, SqlOptions, SqlSessionStore, SqlState, verify_chain,
+};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
@@ -144,9 +147,19 @@ async fn run(folder: Option<PathBuf>, data: PathBuf) -> Result<(), Error> {
     };
     let audit = JsonlAuditSink::open(data.join("audit").join("audit.jsonl"))?;
     let archive = LocalArchiveSink::open(data.join("archive"))?;
+    // SQLite under the data folder, as the server's default; an absolute
+    // path, since `sqlite://relative/x` would read `relative` as a host.
+    let db_path =
+        std::path::absolute(data.join("state.db")).map_err(|e| Error::io("data folder", e))?;
+    let state = SqlState::connect(
+        &format!("sqlite://{}", db_path.display()),
+        None,
+        &SqlOptions::default(),
+    )
+    .await?;
     let p = Pipeline::new(
         Arc::new(LocalChunkStore::open(data.join("chunks"))?),
-        Arc::new(FileSessionStore::open(data.join("sessions"))?),
+        Arc::new(SqlSessionStore::new(state.clone())),
         Arc::new(archive.clone()),
         Arc::new(audit.clone()),
         PipelineConfig::default(),
@@ -212,5 +225,6 @@ async fn run(folder: Option<PathBuf>, data: PathBuf) -> Result<(), Error> {
         audit.path().display(),
         head.count
     );
+    state.close().await;
     Ok(())
 }

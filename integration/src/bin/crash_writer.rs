@@ -4,6 +4,10 @@
 //! resumes the same upload (ids kept in `<data>/writer-state.json`).
 //!
 //! Usage: `crash_writer <data-dir> <source-file> <chunk-size> <seed> [complete]`
+//!
+//! State is in SQLite at `<data-dir>/state.db`, or in the PostgreSQL
+//! database named by the environment variable `CRASH_WRITER_STATE_URL`
+//! (`postgres://…`) when it is set.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,7 +15,7 @@ use std::path::PathBuf;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use relaypacs_core::{Actor, FileId, NewFile, PipelineConfig, SessionId, Sha256Digest};
-use relaypacs_integration::{Embedded, open_session, put};
+use relaypacs_integration::{Embedded, StateDb, open_session, put};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]
@@ -36,7 +40,13 @@ async fn main() {
     let chunk: usize = args[3].parse().unwrap_or_else(|e| fail(e));
     let seed: u64 = args[4].parse().unwrap_or_else(|e| fail(e));
     let complete = args.get(5).is_some_and(|a| a == "complete");
-    let e = Embedded::open(&data, PipelineConfig::default()).unwrap_or_else(|e| fail(e));
+    let db = match std::env::var("CRASH_WRITER_STATE_URL") {
+        Ok(url) => StateDb::Postgres(url),
+        Err(_) => StateDb::Sqlite,
+    };
+    let e = Embedded::open_on(&data, PipelineConfig::default(), &db)
+        .await
+        .unwrap_or_else(|e| fail(e));
     let p = &e.pipeline;
     let actor = Actor::user("crash");
     let state_path = data.join("writer-state.json");
