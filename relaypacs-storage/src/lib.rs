@@ -52,7 +52,9 @@ pub use object_store_chunks::ObjectStoreChunkStore;
 #[cfg(feature = "object-store")]
 pub use s3_multipart_chunks::MultipartChunkStore;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use sql_audit::{SqlAuditSink, verify_sql_chain, verify_sql_chain_against};
+pub use sql_audit::{
+    SqlAuditSink, read_verified_sql_events, verify_sql_chain, verify_sql_chain_against,
+};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql_sessions::SqlSessionStore;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]

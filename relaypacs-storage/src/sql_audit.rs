@@ -271,7 +271,18 @@ pub async fn verify_sql_chain(db: &SqlState) -> std::result::Result<ChainHead, C
     let recorded = read_head(db)
         .await
         .map_err(|e| ChainError::file(e.to_string()))?;
-    verify_rows(db, Some(recorded)).await
+    Ok(verify_rows(db, Some(recorded), false).await?.0)
+}
+
+/// [`verify_sql_chain`], returning the events too, oldest first: what an
+/// export reads (only a chain that verifies is returned).
+pub async fn read_verified_sql_events(
+    db: &SqlState,
+) -> std::result::Result<(ChainHead, Vec<AuditEvent>), ChainError> {
+    let recorded = read_head(db)
+        .await
+        .map_err(|e| ChainError::file(e.to_string()))?;
+    verify_rows(db, Some(recorded), true).await
 }
 
 /// [`verify_sql_chain`], and that the chain still holds `anchor`, a head
@@ -284,7 +295,7 @@ pub async fn verify_sql_chain_against(
     let recorded = read_head(db)
         .await
         .map_err(|e| ChainError::file(e.to_string()))?;
-    let head = verify_rows(db, Some(anchor)).await?;
+    let (head, _) = verify_rows(db, Some(anchor), false).await?;
     // The head row was read before the rows: the chain holds at least it.
     if head.count < recorded.count {
         return Err(ChainError::at(
@@ -304,14 +315,23 @@ pub async fn verify_sql_chain_against(
 const ROWS_IN_FLIGHT: usize = 64;
 
 /// Stream the rows in seq order, as chain lines, into [`verify_reader`]
-/// (run on a blocking thread, reading from a bounded channel).
+/// (run on a blocking thread, reading from a bounded channel); with
+/// `collect`, return the verified events.
 async fn verify_rows(
     db: &SqlState,
     anchor: Option<ChainHead>,
-) -> std::result::Result<ChainHead, ChainError> {
+    collect: bool,
+) -> std::result::Result<(ChainHead, Vec<AuditEvent>), ChainError> {
     let (tx, rx) = mpsc::channel::<io::Result<Vec<u8>>>(ROWS_IN_FLIGHT);
-    let verifier =
-        tokio::task::spawn_blocking(move || verify_reader(RowReader::new(rx), anchor, |_, _| {}));
+    let verifier = tokio::task::spawn_blocking(move || {
+        let mut events = Vec::new();
+        let head = verify_reader(RowReader::new(rx), anchor, |_, e| {
+            if collect {
+                events.push(e);
+            }
+        })?;
+        Ok((head, events))
+    });
     let feed = async move {
         let mut rows = sqlx::query("SELECT seq, prev, hash, event FROM audit_events ORDER BY seq")
             .fetch(db.pool());

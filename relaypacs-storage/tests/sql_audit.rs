@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 
 use relaypacs_core::{AuditAction, AuditEvent, AuditOutcome, AuditSink};
 use relaypacs_storage::{
-    ChainErrorKind, ChainHead, SqlAuditSink, SqlOptions, SqlState, verify_sql_chain,
-    verify_sql_chain_against,
+    ChainErrorKind, ChainHead, SqlAuditSink, SqlOptions, SqlState, read_verified_sql_events,
+    verify_sql_chain, verify_sql_chain_against,
 };
 use relaypacs_test_peers::Postgres;
 use sqlx::Row;
@@ -201,6 +201,10 @@ async fn verifier_names_each_tampering_on_postgres() {
         (ChainErrorKind::HashMismatch, 3, Some(3)),
         "{err}"
     );
+    let err = read_verified_sql_events(&db)
+        .await
+        .expect_err("no events from a broken chain");
+    assert_eq!((err.kind, err.index), (ChainErrorKind::HashMismatch, 3));
 
     // A removed row: a gap in seq.
     let db = tamperable(&pg, "deleted").await;
@@ -299,6 +303,12 @@ async fn chain_continues_across_reconnects_on_sqlite() {
         .expect("one chain");
     assert_eq!(head.count, 10);
     assert_eq!(again.head().await.expect("head"), head);
+    let (verified_head, verified) = read_verified_sql_events(&sqlite_db(&dir).await)
+        .await
+        .expect("verified events");
+    assert_eq!(verified_head, head);
+    assert_eq!(verified, again.events().await.expect("events"));
+    assert_eq!(verified.len(), 10);
 }
 
 /// The grants documented in `migrations/postgres/0002_audit.sql`: a
