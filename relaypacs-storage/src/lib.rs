@@ -1,7 +1,7 @@
 //! # relaypacs-storage
 //!
 //! Storage adapters for the RelayPACS core traits:
-//! - [`LocalChunkStore`], [`FileSessionStore`], [`JsonlAuditSink`]: plain
+//! - [`LocalChunkStore`], [`JsonlAuditSink`]: plain
 //!   files in a data folder, the embedded defaults (crash-safe: every
 //!   acknowledged write is fsync'd, every replacement is an atomic rename
 //!   followed by a directory fsync).
@@ -22,7 +22,6 @@ pub mod audit_export;
 pub mod fs;
 mod local_audit;
 mod local_chunks;
-mod local_sessions;
 #[cfg(feature = "object-store")]
 mod object_store_chunks;
 #[cfg(feature = "object-store")]
@@ -41,7 +40,6 @@ pub use local_audit::{
     verify_chain, verify_chain_against, verify_reader, verify_trail,
 };
 pub use local_chunks::LocalChunkStore;
-pub use local_sessions::FileSessionStore;
 /// The `object_store` crate the chunk store is built on (feature
 /// `object-store`; its S3 client `object_store::aws` with feature `aws`),
 /// so an embedder builds its backend against the same version.

@@ -1,4 +1,4 @@
-//! Durability and tamper-evidence of the local adapters beyond the
+//! Durability and tamper-evidence of the embedded adapters beyond the
 //! conformance suites: state survives reopening, torn tails from crashes are
 //! cut, a second process cannot open the same folder, and every kind of
 //! tampering with the audit chain is detected at the first bad record.
@@ -12,45 +12,40 @@ use relaypacs_core::{
 };
 use relaypacs_storage::audit_anchor::{default_anchor_path, read_anchor, write_anchor};
 use relaypacs_storage::{
-    AuditTrailOptions, ChainErrorKind, ChainHead, FileSessionStore, JsonlAuditSink,
-    LocalChunkStore, verify_chain, verify_chain_against, verify_trail,
+    AuditTrailOptions, ChainErrorKind, ChainHead, JsonlAuditSink, LocalChunkStore, SqlOptions,
+    SqlSessionStore, SqlState, verify_chain, verify_chain_against, verify_trail,
 };
 
 #[tokio::test]
-async fn sessions_and_chunks_survive_reopen_and_torn_tail_is_cut() {
+async fn sql_sessions_and_chunks_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("sessions");
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
     let s = sample_session();
     let file = *s.files.keys().next().unwrap();
     let rec = ChunkRecord::new(0, 10, Sha256Digest::of(b"0123456789"), String::new());
     {
-        let store = FileSessionStore::open(&root).unwrap();
+        let db = SqlState::connect(&url, None, &SqlOptions::default())
+            .await
+            .unwrap();
+        let store = SqlSessionStore::new(db.clone());
         store.create_session(&s).await.unwrap();
         store.record_chunk(s.id, file, &rec).await.unwrap();
-        assert!(
-            FileSessionStore::open(&root).is_err(),
-            "a second open of the same folder must be refused"
-        );
+        db.close().await;
     }
-    // A crash in the middle of an append leaves a torn line.
-    let log = root
-        .join(s.id.to_string())
-        .join("chunks")
-        .join(format!("{file}.jsonl"));
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&log)
-        .unwrap()
-        .write_all(b"{\"offset\":10,\"len")
+    let db = SqlState::connect(&url, None, &SqlOptions::default())
+        .await
         .unwrap();
-    let store = FileSessionStore::open(&root).unwrap();
+    let store = SqlSessionStore::new(db.clone());
     let v = store.load_session(s.id).await.unwrap();
     assert_eq!(v.value, s);
     assert_eq!(store.chunks(s.id, file).await.unwrap(), vec![rec.clone()]);
     let rec2 = ChunkRecord::new(10, 5, Sha256Digest::of(b"abcde"), String::new());
     store.record_chunk(s.id, file, &rec2).await.unwrap();
-    drop(store);
-    let store = FileSessionStore::open(&root).unwrap();
+    db.close().await;
+    let db = SqlState::connect(&url, None, &SqlOptions::default())
+        .await
+        .unwrap();
+    let store = SqlSessionStore::new(db);
     assert_eq!(store.chunks(s.id, file).await.unwrap(), vec![rec, rec2]);
 }
 

@@ -151,7 +151,7 @@ pub async fn file_scopes(store: &dyn SessionStore) {
             .is_empty()
     );
     // Pages of files, in file id order.
-    let mut ids = vec![first, second.id];
+    let mut ids = [first, second.id];
     ids.sort();
     let page = store.list_files(s.id, None, 1).await.expect("page");
     assert_eq!(page.iter().map(|f| f.id).collect::<Vec<_>>(), vec![ids[0]]);
