@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use relaypacs_http::auth::{FileUserStore, Hasher, Role, UserStore, check_policy};
+use relaypacs_http::auth::{Hasher, Role, SqlUserStore, UserStore, check_policy};
 use relaypacs_http::routes::auth::{check_username, new_record};
 use relaypacs_http::{Config, Server};
 
@@ -187,11 +187,19 @@ fn user(config: Config, command: UserCommand) -> Result<(), String> {
     // The server keeps accounts in memory: refuse to edit them under it.
     let _lock = relaypacs_storage::fs::lock_root(&config.data_dir.join("server"))
         .map_err(|e| format!("{e} (stop the server, or create users with POST /api/v1/users)"))?;
-    let store = FileUserStore::open_in(&config.data_dir).map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let password = config.state_password().map_err(|e| e.to_string())?;
+    let db = rt
+        .block_on(relaypacs_storage::SqlState::connect(
+            &config.state_url(),
+            password.as_ref().map(secrecy::ExposeSecret::expose_secret),
+            &config.state_options(),
+        ))
+        .map_err(|e| e.to_string())?;
+    let store = SqlUserStore::new(db);
     match command {
         UserCommand::List => {
             for u in rt.block_on(store.list()).map_err(|e| e.to_string())? {

@@ -18,7 +18,7 @@ use secrecy::ExposeSecret;
 
 use crate::admission::Admission;
 use crate::auth::{
-    FileUserStore, HashBudget, Hasher, LimiterConfig, LoginLimiter, TokenSettings, Tokens, TotpBox,
+    HashBudget, Hasher, LimiterConfig, LoginLimiter, SqlUserStore, TokenSettings, Tokens, TotpBox,
     UserStore,
 };
 use crate::config::{Config, ConfigError};
@@ -143,7 +143,7 @@ impl AppState {
         )
         .await
         .map_err(store("state database"))?;
-        let sessions = SqlSessionStore::new(db);
+        let sessions = SqlSessionStore::new(db.clone());
         let audit = JsonlAuditSink::open_with(
             root.join("audit").join("audit.jsonl"),
             config.audit.trail_options(),
@@ -195,8 +195,7 @@ impl AppState {
                 .set_report_source(Arc::new(src))
                 .map_err(store("report source"))?;
         }
-        let auth_dir = crate::auth::users::auth_dir(&root).map_err(store("auth folder"))?;
-        let users = FileUserStore::open(auth_dir.join("users.json")).map_err(store("users"))?;
+        let users = SqlUserStore::new(db.clone());
         let a = &config.auth;
         let tokens = Tokens::new(
             &secret,
@@ -207,7 +206,7 @@ impl AppState {
                 issuer: a.issuer.clone(),
                 audience: a.audience.clone(),
             },
-            auth_dir.join("refresh.json"),
+            db.clone(),
         )
         .map_err(store("refresh tokens"))?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

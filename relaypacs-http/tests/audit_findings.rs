@@ -752,13 +752,12 @@ async fn finding_09_weak_passwords_are_refused_and_hashes_are_strong() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let users: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(t.data().join("auth/users.json")).unwrap()).unwrap();
-    let hashes: Vec<&str> = users
-        .iter()
-        .filter(|u| u["username"] == "gil" || u["username"] == "hal")
-        .map(|u| u["password_hash"].as_str().unwrap())
-        .collect();
+    let users = common::state_rows(
+        &t.data(),
+        "SELECT password_hash FROM users WHERE username IN ('gil', 'hal')",
+    )
+    .await;
+    let hashes: Vec<&str> = users.iter().map(|u| u[0].as_str()).collect();
     assert_eq!(hashes.len(), 2);
     assert_ne!(hashes[0], hashes[1], "same password, same hash: no salt");
     for h in hashes {

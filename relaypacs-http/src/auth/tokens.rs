@@ -1,9 +1,16 @@
 //! Access tokens (JWT, HS256 pinned, `iss`/`aud`/`exp`/`nbf` checked,
 //! `typ: at+jwt`), opaque refresh tokens rotated in families with reuse
 //! detection, and single-use event-stream tickets.
+//!
+//! Refresh families live in the state database (`refresh_families`, and
+//! `refresh_rotated` for rotated-out token digests), so a rotation, a
+//! reuse and a revocation hold on every gateway sharing it. [`Tokens`]
+//! speaks SQL on [`SqlState`] directly rather than through a store trait:
+//! the atomicity it needs (rotate only if the presented token is still
+//! current; revoke once) is the conditional UPDATE itself, and the SQL
+//! database is the one place families are kept.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,6 +24,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+use relaypacs_storage::SqlState;
+use sqlx::Row;
+
+use super::sql_users::db_err;
 use super::users::Role;
 
 /// Claims of an access token.
@@ -54,20 +65,6 @@ pub enum RefreshError {
     },
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Family {
-    user: String,
-    #[serde(with = "time::serde::rfc3339")]
-    created: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    last_used: OffsetDateTime,
-    /// SHA-256 (hex) of the current refresh token.
-    current: String,
-    /// SHA-256 (hex) of rotated-out tokens of this family.
-    previous: Vec<String>,
-    revoked: bool,
-}
-
 /// Issues and checks tokens.
 pub struct Tokens {
     enc: EncodingKey,
@@ -78,8 +75,7 @@ pub struct Tokens {
     access_ttl: u64,
     refresh_idle: u64,
     refresh_absolute: u64,
-    path: PathBuf,
-    families: Mutex<BTreeMap<String, Family>>,
+    db: SqlState,
     tickets: Mutex<HashMap<String, (String, Instant)>>,
 }
 
@@ -133,9 +129,14 @@ pub struct TokenSettings {
     pub audience: String,
 }
 
+/// Seconds as a signed duration, saturating (settings are u64).
+fn secs(s: u64) -> i64 {
+    i64::try_from(s).unwrap_or(i64::MAX)
+}
+
 impl Tokens {
-    /// Keys derived from the server secret; families kept in `path`.
-    pub fn new(secret: &SecretString, settings: TokenSettings, path: PathBuf) -> Result<Self> {
+    /// Keys derived from the server secret; families kept in `db`.
+    pub fn new(secret: &SecretString, settings: TokenSettings, db: SqlState) -> Result<Self> {
         // Domain-separated key: the secret also keys TOTP encryption.
         let key = Sha256::new()
             .chain_update(b"relaypacs/jwt/v1\0")
@@ -149,7 +150,6 @@ impl Tokens {
         validation.set_issuer(&[settings.issuer.as_str()]);
         validation.set_audience(&[settings.audience.as_str()]);
         validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
-        let families = crate::json_file::read(&path, "read refresh tokens")?;
         Ok(Self {
             enc: EncodingKey::from_secret(&key),
             dec: DecodingKey::from_secret(&key),
@@ -159,14 +159,9 @@ impl Tokens {
             access_ttl: settings.access_ttl_secs,
             refresh_idle: settings.refresh_idle_secs,
             refresh_absolute: settings.refresh_absolute_secs,
-            path,
-            families: Mutex::new(families),
+            db,
             tickets: Mutex::new(HashMap::new()),
         })
-    }
-
-    fn persist(&self, f: &BTreeMap<String, Family>) -> Result<()> {
-        crate::json_file::write(&self.path, f, "write refresh tokens")
     }
 
     fn access(&self, user: &str, role: Role, family: &str) -> Result<String> {
@@ -190,30 +185,41 @@ impl Tokens {
         })
     }
 
-    /// A new login: a new family with its first refresh token.
-    pub fn login(&self, user: &str, role: Role) -> Result<TokenPair> {
+    /// A new login: a new family with its first refresh token, durable
+    /// when this returns. Families past their absolute lifetime are
+    /// dropped in the same transaction (they can no longer be used).
+    pub async fn login(&self, user: &str, role: Role) -> Result<TokenPair> {
+        const OP: &str = "store refresh family";
         let family = random_token("");
         let refresh = random_token("rt_");
-        let now = OffsetDateTime::now_utc();
-        let mut g = lock(&self.families);
-        let mut next = g.clone();
-        // Drop families that can no longer be used, to keep the file small.
-        let abs = time::Duration::seconds(i64::try_from(self.refresh_absolute).unwrap_or(i64::MAX));
-        next.retain(|_, f| f.created + abs > now);
-        next.insert(
-            family.clone(),
-            Family {
-                user: user.to_string(),
-                created: now,
-                last_used: now,
-                current: digest(&refresh),
-                previous: Vec::new(),
-                revoked: false,
-            },
-        );
-        self.persist(&next)?;
-        *g = next;
-        drop(g);
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let cut = now.saturating_sub(secs(self.refresh_absolute));
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        sqlx::query(
+            "INSERT INTO refresh_families (id, user_id, current_hash, created_at, last_used, \
+             revoked) VALUES ($1, $2, $3, $4, $4, 0)",
+        )
+        .bind(&family)
+        .bind(user)
+        .bind(digest(&refresh))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        sqlx::query(
+            "DELETE FROM refresh_rotated WHERE family_id IN \
+             (SELECT id FROM refresh_families WHERE created_at < $1)",
+        )
+        .bind(cut)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        sqlx::query("DELETE FROM refresh_families WHERE created_at < $1")
+            .bind(cut)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
         Ok(TokenPair {
             access_token: self.access(user, role, &family)?,
             refresh_token: refresh,
@@ -223,112 +229,189 @@ impl Tokens {
     }
 
     /// Rotate `refresh`: the old token stops working, a reused old token
-    /// revokes the whole family. `role` is looked up by the caller from
-    /// the user id returned through `user_of`.
-    pub fn refresh(
+    /// revokes the whole family. `role_of` gives the role of the family's
+    /// user (`None`: unknown or disabled, the refresh fails).
+    ///
+    /// Atomic across gateways: the new token replaces the old only if the
+    /// old is still the family's current one and the family is not revoked
+    /// (a conditional UPDATE); of two rotations of one token, one succeeds
+    /// and the other finds a rotated-out token, which revokes the family,
+    /// as a second use does on one gateway. A database failure is
+    /// [`RefreshError::Invalid`] (fail closed) and is logged here.
+    pub async fn refresh(
         &self,
         refresh: &str,
         role_of: impl FnOnce(&str) -> Option<Role>,
     ) -> std::result::Result<(TokenPair, String), RefreshError> {
-        let h = digest(refresh);
-        let now = OffsetDateTime::now_utc();
-        let mut g = lock(&self.families);
-        let Some((id, fam)) = g
-            .iter()
-            .find(|(_, f)| f.current == h || f.previous.contains(&h))
-            .map(|(k, f)| (k.clone(), f.clone()))
-        else {
-            return Err(RefreshError::Invalid);
-        };
-        if fam.revoked {
-            return Err(RefreshError::Invalid);
-        }
-        let mut next = g.clone();
-        if fam.current != h {
-            if let Some(f) = next.get_mut(&id) {
-                f.revoked = true;
+        match self.try_refresh(refresh, role_of).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "refresh token check failed");
+                Err(RefreshError::Invalid)
             }
-            self.persist(&next).map_err(|_| RefreshError::Invalid)?;
-            *g = next;
-            return Err(RefreshError::Reused { user: fam.user });
         }
-        let idle = time::Duration::seconds(i64::try_from(self.refresh_idle).unwrap_or(i64::MAX));
-        let abs = time::Duration::seconds(i64::try_from(self.refresh_absolute).unwrap_or(i64::MAX));
-        if fam.last_used + idle < now || fam.created + abs < now {
-            return Err(RefreshError::Invalid);
-        }
-        let Some(role) = role_of(&fam.user) else {
-            return Err(RefreshError::Invalid);
-        };
-        let new_refresh = random_token("rt_");
-        if let Some(f) = next.get_mut(&id) {
-            f.previous.push(h);
-            f.current = digest(&new_refresh);
-            f.last_used = now;
-        }
-        self.persist(&next).map_err(|_| RefreshError::Invalid)?;
-        *g = next;
-        drop(g);
-        let access = self
-            .access(&fam.user, role, &id)
-            .map_err(|_| RefreshError::Invalid)?;
-        Ok((
-            TokenPair {
-                access_token: access,
-                refresh_token: new_refresh,
-                token_type: "Bearer",
-                expires_in: self.access_ttl,
-            },
-            fam.user,
-        ))
     }
 
-    /// Revoke one family (logout).
-    pub fn revoke(&self, family: &str) -> Result<()> {
-        let mut g = lock(&self.families);
-        let mut next = g.clone();
-        if let Some(f) = next.get_mut(family) {
-            f.revoked = true;
+    async fn try_refresh(
+        &self,
+        refresh: &str,
+        role_of: impl FnOnce(&str) -> Option<Role>,
+    ) -> Result<std::result::Result<(TokenPair, String), RefreshError>> {
+        const OP: &str = "rotate refresh token";
+        let h = digest(refresh);
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let row = sqlx::query(
+            "SELECT id, user_id, created_at, last_used, revoked FROM refresh_families \
+             WHERE current_hash = $1",
+        )
+        .bind(&h)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        if let Some(row) = row {
+            let get = |e| db_err(OP, e);
+            let id: String = row.try_get(0).map_err(get)?;
+            let user: String = row.try_get(1).map_err(get)?;
+            let created: i64 = row.try_get(2).map_err(get)?;
+            let last_used: i64 = row.try_get(3).map_err(get)?;
+            let revoked: i64 = row.try_get(4).map_err(get)?;
+            if revoked != 0
+                || last_used.saturating_add(secs(self.refresh_idle)) < now
+                || created.saturating_add(secs(self.refresh_absolute)) < now
+            {
+                return Ok(Err(RefreshError::Invalid));
+            }
+            let Some(role) = role_of(&user) else {
+                return Ok(Err(RefreshError::Invalid));
+            };
+            let new_refresh = random_token("rt_");
+            // The UPDATE comes first in the transaction: it takes the write
+            // lock at once (SQLite) or the row lock (PostgreSQL), so the
+            // check "still current, not revoked" and the swap are one step.
+            let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+            let done = sqlx::query(
+                "UPDATE refresh_families SET current_hash = $1, last_used = $2 \
+                 WHERE id = $3 AND current_hash = $4 AND revoked = 0",
+            )
+            .bind(digest(&new_refresh))
+            .bind(now)
+            .bind(&id)
+            .bind(&h)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+            if done.rows_affected() == 1 {
+                sqlx::query("INSERT INTO refresh_rotated (token_hash, family_id) VALUES ($1, $2)")
+                    .bind(&h)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_err(OP, e))?;
+                tx.commit().await.map_err(|e| db_err(OP, e))?;
+                let access = self.access(&user, role, &id)?;
+                return Ok(Ok((
+                    TokenPair {
+                        access_token: access,
+                        refresh_token: new_refresh,
+                        token_type: "Bearer",
+                        expires_in: self.access_ttl,
+                    },
+                    user,
+                )));
+            }
+            // Rotated or revoked by someone else meanwhile: nothing to
+            // write here; look at what the token is now.
+            tx.rollback().await.map_err(|e| db_err(OP, e))?;
         }
-        self.persist(&next)?;
-        *g = next;
+        self.reused(&h).await
+    }
+
+    /// `h` is not (or no longer) a current token: if it is a rotated-out
+    /// one of a live family, revoke that family (once) and say so.
+    async fn reused(
+        &self,
+        h: &str,
+    ) -> Result<std::result::Result<(TokenPair, String), RefreshError>> {
+        const OP: &str = "revoke reused refresh family";
+        let row = sqlx::query(
+            "SELECT f.id, f.user_id FROM refresh_rotated r \
+             JOIN refresh_families f ON f.id = r.family_id WHERE r.token_hash = $1",
+        )
+        .bind(h)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        let Some(row) = row else {
+            return Ok(Err(RefreshError::Invalid));
+        };
+        let id: String = row.try_get(0).map_err(|e| db_err(OP, e))?;
+        let user: String = row.try_get(1).map_err(|e| db_err(OP, e))?;
+        let done =
+            sqlx::query("UPDATE refresh_families SET revoked = 1 WHERE id = $1 AND revoked = 0")
+                .bind(&id)
+                .execute(self.db.pool())
+                .await
+                .map_err(|e| db_err(OP, e))?;
+        Ok(Err(if done.rows_affected() == 1 {
+            RefreshError::Reused { user }
+        } else {
+            RefreshError::Invalid
+        }))
+    }
+
+    /// Revoke one family (logout), durable when this returns.
+    pub async fn revoke(&self, family: &str) -> Result<()> {
+        sqlx::query("UPDATE refresh_families SET revoked = 1 WHERE id = $1")
+            .bind(family)
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| db_err("revoke refresh family", e))?;
         Ok(())
     }
 
-    /// Revoke every family of `user` (password change, disable).
-    pub fn revoke_user(&self, user: &str) -> Result<()> {
-        let mut g = lock(&self.families);
-        let mut next = g.clone();
-        for f in next.values_mut().filter(|f| f.user == user) {
-            f.revoked = true;
-        }
-        self.persist(&next)?;
-        *g = next;
+    /// Revoke every family of `user` (password change, disable), durable
+    /// when this returns.
+    pub async fn revoke_user(&self, user: &str) -> Result<()> {
+        sqlx::query("UPDATE refresh_families SET revoked = 1 WHERE user_id = $1")
+            .bind(user)
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| db_err("revoke refresh families", e))?;
         Ok(())
     }
 
     /// Verify an access token: signature with HS256 only, `typ: at+jwt`,
-    /// `iss`, `aud`, `exp`, `nbf`, and its family not revoked.
-    pub fn verify(&self, token: &str) -> Option<Claims> {
+    /// `iss`, `aud`, `exp`, `nbf`, and its family not revoked (read from
+    /// the database, so a logout on one gateway holds on all). `Ok(None)`:
+    /// refused; `Err`: the database could not be asked.
+    pub async fn verify(&self, token: &str) -> Result<Option<Claims>> {
         if token.len() > 4096 {
-            return None;
+            return Ok(None);
         }
-        let header = jsonwebtoken::decode_header(token).ok()?;
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return Ok(None);
+        };
         if header.alg != Algorithm::HS256
             || header.typ.as_deref() != Some("at+jwt")
             || header.jku.is_some()
             || header.jwk.is_some()
             || header.x5u.is_some()
         {
-            return None;
+            return Ok(None);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.dec, &self.validation).ok()?;
+        let Ok(data) = jsonwebtoken::decode::<Claims>(token, &self.dec, &self.validation) else {
+            return Ok(None);
+        };
         let c = data.claims;
-        let g = lock(&self.families);
-        match g.get(&c.sid) {
-            Some(f) if !f.revoked && f.user == c.sub => Some(c),
-            _ => None,
-        }
+        let live = sqlx::query(
+            "SELECT 1 FROM refresh_families WHERE id = $1 AND user_id = $2 AND revoked = 0",
+        )
+        .bind(&c.sid)
+        .bind(&c.sub)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(|e| db_err("check refresh family", e))?;
+        Ok(live.map(|_| c))
     }
 
     /// A single-use ticket for opening an event stream, valid for 30 s.

@@ -1,12 +1,10 @@
-//! Users: the [`UserStore`] trait and its file-backed default.
+//! Users: the [`UserStore`] trait (its implementation on the state
+//! database is [`SqlUserStore`](super::SqlUserStore)).
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use async_trait::async_trait;
-use relaypacs_core::{Error, Result};
+use relaypacs_core::Result;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -71,9 +69,14 @@ pub struct UserRecord {
 /// Durable user accounts.
 ///
 /// # Contract
-/// `create` fails with [`Error::AlreadyExists`] for a taken username
-/// (case-insensitive); `update` replaces a record by id; both are durable
-/// when they return `Ok`.
+/// `create` fails with [`Error::AlreadyExists`](relaypacs_core::Error::AlreadyExists)
+/// for a taken username (case-insensitive), atomically: of two creations of
+/// one name, even on two gateways sharing the store, exactly one succeeds.
+/// `update` replaces a record by id ([`Error::NotFound`](relaypacs_core::Error::NotFound)
+/// if there is none), except that `totp_last_step` never goes down.
+/// `accept_totp_step` raises `totp_last_step` only if the stored step is
+/// lower, and `rehash_password` replaces the hash only if unchanged, each
+/// atomically. Every change is durable when it returns `Ok`.
 #[async_trait]
 pub trait UserStore: Debug + Send + Sync + 'static {
     /// Add a user.
@@ -82,109 +85,18 @@ pub trait UserStore: Debug + Send + Sync + 'static {
     async fn by_name(&self, username: &str) -> Result<Option<UserRecord>>;
     /// Find by id.
     async fn by_id(&self, id: &str) -> Result<Option<UserRecord>>;
-    /// Replace a user's record.
+    /// Replace a user's record (keeping a newer stored `totp_last_step`).
     async fn update(&self, user: UserRecord) -> Result<()>;
+    /// Record TOTP time step `step` as used by user `id`: `true` if it is
+    /// newer than the last one accepted (and is now the last), `false` if
+    /// it was used already or the user does not exist. A code is usable
+    /// once across every gateway sharing the store.
+    async fn accept_totp_step(&self, id: &str, step: u64) -> Result<bool>;
+    /// Replace user `id`'s password hash by `new` if it is still `old`
+    /// (the rehash at login when the hashing parameters changed): `true` if
+    /// replaced. Nothing else of the record is written, so a change made
+    /// meanwhile (by any gateway) is kept.
+    async fn rehash_password(&self, id: &str, old: &str, new: &str) -> Result<bool>;
     /// Every user.
     async fn list(&self) -> Result<Vec<UserRecord>>;
-}
-
-/// The private folder for account data under `data_dir` (created, mode 0700).
-pub fn auth_dir(data_dir: &Path) -> Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = data_dir.join("auth");
-    relaypacs_storage::fs::create_dir_durable(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::io("chmod auth folder", e))?;
-    Ok(dir)
-}
-
-/// Users in one JSON file, replaced atomically on every change.
-#[derive(Debug)]
-pub struct FileUserStore {
-    path: PathBuf,
-    users: Mutex<BTreeMap<String, UserRecord>>,
-}
-
-use relaypacs_storage::fs::lock;
-
-impl FileUserStore {
-    /// Open (or start) the store at `path`.
-    pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
-        let path = path.into();
-        let list: Vec<UserRecord> = crate::json_file::read(&path, "read users")?;
-        let users = list.into_iter().map(|u| (u.id.clone(), u)).collect();
-        Ok(Self {
-            path,
-            users: Mutex::new(users),
-        })
-    }
-
-    /// Open the store in `data_dir/auth/users.json`, creating the folder
-    /// with mode 0700 (it also holds the refresh-token digests).
-    pub fn open_in(data_dir: &Path) -> Result<Self> {
-        let dir = auth_dir(data_dir)?;
-        Self::open(dir.join("users.json"))
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn persist(&self, users: &BTreeMap<String, UserRecord>) -> Result<()> {
-        let list: Vec<&UserRecord> = users.values().collect();
-        crate::json_file::write(&self.path, &list, "write users")
-    }
-
-    fn change(
-        &self,
-        f: impl FnOnce(&mut BTreeMap<String, UserRecord>) -> Result<()>,
-    ) -> Result<()> {
-        let mut g = lock(&self.users);
-        let mut next = g.clone();
-        f(&mut next)?;
-        self.persist(&next)?;
-        *g = next;
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl UserStore for FileUserStore {
-    async fn create(&self, user: UserRecord) -> Result<()> {
-        self.change(|m| {
-            let name = user.username.to_lowercase();
-            if m.values().any(|u| u.username.to_lowercase() == name) || m.contains_key(&user.id) {
-                return Err(Error::AlreadyExists { what: "user" });
-            }
-            m.insert(user.id.clone(), user);
-            Ok(())
-        })
-    }
-
-    async fn by_name(&self, username: &str) -> Result<Option<UserRecord>> {
-        let name = username.to_lowercase();
-        Ok(lock(&self.users)
-            .values()
-            .find(|u| u.username.to_lowercase() == name)
-            .cloned())
-    }
-
-    async fn by_id(&self, id: &str) -> Result<Option<UserRecord>> {
-        Ok(lock(&self.users).get(id).cloned())
-    }
-
-    async fn update(&self, user: UserRecord) -> Result<()> {
-        self.change(|m| {
-            if !m.contains_key(&user.id) {
-                return Err(Error::NotFound { what: "user" });
-            }
-            m.insert(user.id.clone(), user);
-            Ok(())
-        })
-    }
-
-    async fn list(&self) -> Result<Vec<UserRecord>> {
-        Ok(lock(&self.users).values().cloned().collect())
-    }
 }

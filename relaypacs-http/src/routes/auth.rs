@@ -80,13 +80,19 @@ pub async fn login(
     match &user {
         Some(u) if ok && !u.disabled => {
             if let Some(sealed) = &u.totp {
-                match req
+                let step = req
                     .totp
                     .as_deref()
-                    .and_then(|c| state.totp().check(sealed, &u.username, c, u.totp_last_step))
-                {
-                    Some(step) => totp_step = Some(step),
-                    None => failure = Some("second factor missing, wrong or reused"),
+                    .and_then(|c| state.totp().check(sealed, &u.username, c, u.totp_last_step));
+                // The step is taken in the store, atomically: of two logins
+                // with one code, on any gateways, one gets it.
+                let taken = match step {
+                    Some(s) => state.users().accept_totp_step(&u.id, s).await?,
+                    None => false,
+                };
+                match step {
+                    Some(s) if taken => totp_step = Some(s),
+                    _ => failure = Some("second factor missing, wrong or reused"),
                 }
             }
         }
@@ -117,20 +123,27 @@ pub async fn login(
         return Err(invalid_credentials());
     };
     state.limiter().succeeded(&account);
-    if rehash || totp_step.is_some() {
-        if rehash {
-            u.password_hash = state
-                .hasher()
-                .hash(req.password)
-                .await
-                .map_err(|e| ApiError::internal("rehash", &e))?;
-        }
-        if let Some(s) = totp_step {
-            u.totp_last_step = s;
-        }
-        state.users().update(u.clone()).await?;
+    if let Some(s) = totp_step {
+        // Already stored by accept_totp_step.
+        u.totp_last_step = s;
     }
-    let pair = state.tokens().login(&u.id, u.role)?;
+    if rehash {
+        let new = state
+            .hasher()
+            .hash(req.password)
+            .await
+            .map_err(|e| ApiError::internal("rehash", &e))?;
+        // Only the hash, and only if unchanged: a stale copy of the record
+        // must not undo a change made meanwhile (disable, role, TOTP).
+        if state
+            .users()
+            .rehash_password(&u.id, &u.password_hash, &new)
+            .await?
+        {
+            u.password_hash = new;
+        }
+    }
+    let pair = state.tokens().login(&u.id, u.role).await?;
     let ev = AppState::event(&u.id, &addr, AuditAction::Login, AuditOutcome::Success);
     state.audit_event(ev).await?;
     Ok(no_store(axum::Json(pair)))
@@ -173,7 +186,7 @@ pub async fn refresh(
             .find(|u| u.id == id && !u.disabled)
             .map(|u| u.role)
     };
-    match state.tokens().refresh(&req.refresh_token, role_of) {
+    match state.tokens().refresh(&req.refresh_token, role_of).await {
         Ok((pair, user)) => {
             let ev = AppState::event(
                 &user,
@@ -218,7 +231,7 @@ pub async fn refresh(
 /// `POST /api/v1/auth/logout`: revoke this login (refresh family and its
 /// access tokens).
 pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<StatusCode> {
-    state.tokens().revoke(&user.family)?;
+    state.tokens().revoke(&user.family).await?;
     let ev = AppState::event(
         &user.id,
         &user.address,
@@ -306,7 +319,7 @@ pub async fn change_password(
         .map_err(|e| ApiError::internal("hash", &e))?;
     u.tokens_valid_after = OffsetDateTime::now_utc();
     state.users().update(u).await?;
-    state.tokens().revoke_user(&user.id)?;
+    state.tokens().revoke_user(&user.id).await?;
     let mut ev = AppState::event(
         &user.id,
         &user.address,
@@ -380,6 +393,10 @@ pub async fn totp_confirm(
         .totp()
         .check(&sealed, &u.username, &req.code, u.totp_last_step)
         .ok_or_else(|| ApiError::bad_request("RELAY_TOTP_INVALID", "wrong code"))?;
+    // Taken atomically in the store: a code is usable once on any gateway.
+    if !state.users().accept_totp_step(&u.id, step).await? {
+        return Err(ApiError::bad_request("RELAY_TOTP_INVALID", "wrong code"));
+    }
     u.totp = Some(sealed);
     u.totp_pending = None;
     u.totp_last_step = step;

@@ -93,7 +93,7 @@ pub async fn authenticate(
             "missing, invalid or expired access token",
         )
     };
-    let Some(claims) = state.tokens().verify(token) else {
+    let Some(claims) = state.tokens().verify(token).await.map_err(ApiError::from)? else {
         deny_token(state, token, &address, "invalid, forged or expired token").await;
         return Err(bad());
     };

@@ -351,6 +351,19 @@ pub async fn stored_snapshot(dir: &Path) -> std::collections::BTreeMap<String, S
             "sop_instance_uid, data_set_sha256 || ' ' || study_instance_uid || ' ' || \
              session_id || ' ' || file_id || ' ' || claimed_at",
         ),
+        (
+            "users",
+            "id, username || ' ' || role || ' ' || password_hash || ' ' || \
+             COALESCE(totp, '-') || ' ' || COALESCE(totp_pending, '-') || ' ' || \
+             CAST(totp_last_step AS TEXT) || ' ' || CAST(disabled AS TEXT) || ' ' || \
+             tokens_valid_after",
+        ),
+        (
+            "refresh_families",
+            "id, user_id || ' ' || current_hash || ' ' || CAST(last_used AS TEXT) || ' ' || \
+             CAST(revoked AS TEXT)",
+        ),
+        ("refresh_rotated", "token_hash, family_id"),
     ] {
         let rows = sqlx::query(&format!("SELECT {cols} FROM {table}"))
             .fetch_all(db.pool())
@@ -363,6 +376,23 @@ pub async fn stored_snapshot(dir: &Path) -> std::collections::BTreeMap<String, S
             out.insert(format!("db:{table}:{key}"), value.join("|"));
         }
     }
+    db.close().await;
+    out
+}
+
+/// The rows `sql` selects from the state database of the data folder
+/// `dir`, every column read as text.
+pub async fn state_rows(dir: &Path, sql: &str) -> Vec<Vec<String>> {
+    use sqlx::Row;
+    let url = format!("sqlite://{}", dir.join("state.db").display());
+    let db = relaypacs_storage::SqlState::connect(&url, None, &Default::default())
+        .await
+        .unwrap();
+    let rows = sqlx::query(sql).fetch_all(db.pool()).await.unwrap();
+    let out = rows
+        .iter()
+        .map(|r| (0..r.len()).map(|i| r.get::<String, _>(i)).collect())
+        .collect();
     db.close().await;
     out
 }
