@@ -84,6 +84,118 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Where sessions and the other state live (`[state]`).
     pub state: StateConfig,
+    /// Where uploaded bytes live (`[chunks]`): local files (default) or S3.
+    pub chunks: ChunksConfig,
+}
+
+/// Where uploaded bytes live (`[chunks]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ChunksConfig {
+    /// Files under a local folder (default `<data_dir>/chunks`).
+    Local {
+        /// Folder; default `<data_dir>/chunks`.
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+    /// An S3 bucket (AWS or compatible): each file is one multipart
+    /// upload, completed without copying its bytes.
+    S3(S3ChunksConfig),
+}
+
+impl Default for ChunksConfig {
+    fn default() -> Self {
+        Self::Local { path: None }
+    }
+}
+
+/// An S3 bucket for chunks. Credentials come from the standard `AWS_*`
+/// environment variables unless set here; the secret key is never logged
+/// (prefer `secret_access_key_file` or `AWS_SECRET_ACCESS_KEY`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3ChunksConfig {
+    /// The endpoint for an S3-compatible server, e.g.
+    /// `http://127.0.0.1:9000`; none for AWS.
+    pub endpoint: Option<String>,
+    /// The bucket (must exist).
+    pub bucket: String,
+    /// The region (default `AWS_REGION`, else `us-east-1`).
+    pub region: Option<String>,
+    /// The key prefix of every object (default `relaypacs`).
+    pub prefix: String,
+    /// The access key id (default `AWS_ACCESS_KEY_ID`).
+    pub access_key_id: Option<String>,
+    /// The secret access key (default `AWS_SECRET_ACCESS_KEY`).
+    #[serde(skip_serializing)]
+    pub secret_access_key: Option<SecretString>,
+    /// A file holding the secret access key (first line).
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Allow a plain-HTTP endpoint (a server on loopback); default false.
+    pub allow_http: bool,
+    /// Virtual-hosted-style requests (`bucket.host`); default false (path style).
+    pub virtual_hosted_style: bool,
+    /// The multipart grid in MiB (default 8; at least 5, S3's minimum part).
+    pub part_size_mib: u64,
+}
+
+impl Default for S3ChunksConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            bucket: String::new(),
+            region: None,
+            prefix: "relaypacs".into(),
+            access_key_id: None,
+            secret_access_key: None,
+            secret_access_key_file: None,
+            allow_http: false,
+            virtual_hosted_style: false,
+            part_size_mib: 8,
+        }
+    }
+}
+
+impl S3ChunksConfig {
+    /// The S3 client these settings describe (the `AWS_*` environment
+    /// first, then what is set here).
+    pub fn client(&self) -> Result<relaypacs_storage::object_store::aws::AmazonS3, ConfigError> {
+        use relaypacs_storage::object_store::aws::AmazonS3Builder;
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&self.bucket)
+            .with_allow_http(self.allow_http)
+            .with_virtual_hosted_style_request(self.virtual_hosted_style);
+        if let Some(e) = &self.endpoint {
+            b = b.with_endpoint(e);
+        }
+        match &self.region {
+            Some(r) => b = b.with_region(r),
+            None if std::env::var_os("AWS_REGION").is_none() => b = b.with_region("us-east-1"),
+            None => {}
+        }
+        if let Some(k) = &self.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        let secret = match (&self.secret_access_key, &self.secret_access_key_file) {
+            (Some(s), _) => Some(s.expose_secret().to_owned()),
+            (None, Some(path)) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Some(text.lines().next().unwrap_or("").trim().to_owned())
+            }
+            (None, None) => None,
+        };
+        if let Some(s) = secret {
+            b = b.with_secret_access_key(s);
+        }
+        b.build().map_err(|e| ConfigError::Invalid {
+            field: "chunks",
+            reason: format!("S3 client: {e}"),
+        })
+    }
 }
 
 /// The state database (`[state]`): SQLite embedded (the default, a file
@@ -665,6 +777,7 @@ impl Default for Config {
             tls: None,
             audit: AuditConfig::default(),
             state: StateConfig::default(),
+            chunks: ChunksConfig::default(),
         }
     }
 }
@@ -821,6 +934,14 @@ impl Config {
                 || u.starts_with("postgresql:"))
         {
             return inv("state.url", "must start with sqlite: or postgres:");
+        }
+        if let ChunksConfig::S3(c) = &self.chunks {
+            if c.bucket.is_empty() {
+                return inv("chunks.bucket", "an s3 chunk store needs its bucket");
+            }
+            if c.part_size_mib < 5 {
+                return inv("chunks.part_size_mib", "S3 parts are at least 5 MiB");
+            }
         }
         if self.state.max_connections == 0 {
             return inv("state.max_connections", "must be at least 1");

@@ -249,6 +249,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Expire idle sessions periodically.
 async fn sweep(state: AppState) {
     let every = Duration::from_secs(state.config().http.sweep_interval_secs.max(1));
+    // The first cleanup runs an hour after start.
+    let mut last_s3_cleanup = std::time::Instant::now();
     loop {
         tokio::time::sleep(every).await;
         match state
@@ -265,6 +267,25 @@ async fn sweep(state: AppState) {
                 }
             }
             Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+        }
+        // S3 uploads neither sealed nor deleted (a crash between creating a
+        // file's upload and recording the file), at most once an hour and
+        // only when older than twice the session TTL: every session that
+        // could still use them has expired by then. Safe on every instance
+        // at once (see `abort_abandoned`).
+        if let Some(s3) = state.s3_chunks()
+            && last_s3_cleanup.elapsed() >= Duration::from_secs(3600)
+        {
+            last_s3_cleanup = std::time::Instant::now();
+            let ttl = state.config().limits.session_ttl_secs;
+            match s3
+                .abort_abandoned(Duration::from_secs(ttl.saturating_mul(2)))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "aborted abandoned S3 uploads"),
+                Err(e) => tracing::error!(error = %e, "S3 upload cleanup failed"),
+            }
         }
         // Close the denied-access windows of past minutes (their summaries).
         if let Err(e) = state.pipeline().denials().flush().await {

@@ -86,8 +86,14 @@ struct Inner {
     watermark: Watermark,
     admission: Admission,
     spool: PathBuf,
+    /// The S3 chunk store, for the periodic cleanup of abandoned uploads.
+    s3_chunks: Option<Arc<S3Chunks>>,
     _lock: std::fs::File,
 }
+
+/// The S3 chunk store of `[chunks] kind = "s3"`.
+pub type S3Chunks =
+    relaypacs_storage::MultipartChunkStore<relaypacs_storage::object_store::aws::AmazonS3>;
 
 /// The configured sinks: one as is, several behind a fan-out (every one
 /// must hold an instance; no fallback).
@@ -134,7 +140,22 @@ impl AppState {
         relaypacs_storage::fs::create_dir_durable(&root).map_err(store("data folder"))?;
         let server_lock =
             relaypacs_storage::fs::lock_root(&root.join("server")).map_err(store("server lock"))?;
-        let chunks = LocalChunkStore::open(root.join("chunks")).map_err(store("chunk store"))?;
+        let mut s3_chunks = None;
+        let chunks: Arc<dyn ChunkStore> = match &config.chunks {
+            crate::config::ChunksConfig::Local { path } => Arc::new(
+                LocalChunkStore::open(path.clone().unwrap_or_else(|| root.join("chunks")))
+                    .map_err(store("chunk store"))?,
+            ),
+            crate::config::ChunksConfig::S3(c) => {
+                let s3 = Arc::new(
+                    S3Chunks::new(Arc::new(c.client()?), c.prefix.as_str())
+                        .with_part_size(c.part_size_mib << 20)
+                        .map_err(store("chunk store"))?,
+                );
+                s3_chunks = Some(s3.clone());
+                s3
+            }
+        };
         let password = config.state_password()?;
         let db = SqlState::connect(
             &config.state_url(),
@@ -165,7 +186,7 @@ impl AppState {
         };
         let sink = open_sinks(&config)?;
         let a = adapt(Adapters {
-            chunks: Arc::new(chunks),
+            chunks,
             sessions: Arc::new(sessions),
             sink,
             audit,
@@ -245,6 +266,7 @@ impl AppState {
                 admission: Admission::default(),
                 spool,
                 config: Arc::new(config),
+                s3_chunks,
                 _lock: server_lock,
             }),
         };
@@ -277,6 +299,11 @@ impl AppState {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The S3 chunk store, when chunks are on S3 (`[chunks] kind = "s3"`).
+    pub fn s3_chunks(&self) -> Option<&Arc<S3Chunks>> {
+        self.inner.s3_chunks.as_ref()
     }
 
     /// The pipeline (the one door to sessions, chunks and delivery).

@@ -196,6 +196,11 @@ async fn the_study_view_pages_its_files() {
         .await
         .unwrap();
     let e = expect_error(r, 400, "RELAY_BAD_QUERY").await;
-    assert!(e["error"]["message"].as_str().unwrap().contains("files_cursor"));
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("files_cursor")
+    );
     t.stop().await;
 }

@@ -87,8 +87,10 @@ impl Outbox {
     async fn scan(&self, schedule: &mut HashMap<SessionId, OffsetDateTime>) -> Result<()> {
         let now = OffsetDateTime::now_utc();
         for id in self.pipeline.inner.sessions.list_sessions().await? {
-            let rec = match self.pipeline.inner.sessions.load_session(id).await {
-                Ok(v) => v.value,
+            // The schedule needs the state and the delivery record, not the
+            // files: a scan costs one small read per session.
+            let rec = match self.pipeline.inner.sessions.load_file_scope(id, None).await {
+                Ok(v) => v.session.value,
                 Err(Error::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             };

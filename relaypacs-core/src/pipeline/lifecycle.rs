@@ -296,6 +296,18 @@ impl Pipeline {
             let Ok(_g) = gate.rw.try_write() else {
                 continue;
             };
+            // The session without its files first: most are not expired,
+            // and the check must not cost a read of every file.
+            let head = match self.inner.sessions.load_file_scope(id, None).await {
+                Ok(v) => v.session.value,
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let idle = (now - head.updated_at).whole_seconds();
+            let expired = idle >= 0 && idle as u64 > head.limits.session_ttl_secs;
+            if !expired || head.state != SessionState::Open {
+                continue;
+            }
             let current = match self.inner.sessions.load_session(id).await {
                 Ok(v) => v,
                 Err(Error::NotFound { .. }) => continue,
