@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use relaypacs_core::testing::pieces;
 use relaypacs_core::{
-    Actor, FileId, FileRecord, NewFile, NewSession, PacsSink, Pipeline, PipelineConfig, PutChunk,
-    PutOutcome, Result, SessionId, Sha256Digest,
+    Actor, ChunkStore, FileId, FileRecord, NewFile, NewSession, PacsSink, Pipeline, PipelineConfig,
+    PutChunk, PutOutcome, Result, SessionId, Sha256Digest,
 };
 use relaypacs_pacs::LocalArchiveSink;
-use relaypacs_storage::{JsonlAuditSink, LocalChunkStore, SqlOptions, SqlSessionStore, SqlState};
+use relaypacs_storage::{
+    JsonlAuditSink, LocalChunkStore, SqlAuditSink, SqlOptions, SqlSessionStore, SqlState,
+};
 
 /// Where an [`Embedded`] keeps its state (sessions, files, chunk records,
 /// accepted instances).
@@ -159,6 +161,56 @@ impl PgCluster {
     }
 }
 
+/// One gateway of several sharing a service: a [`Pipeline`] with its own
+/// connection pool to a shared state database (sessions, index, outbox and
+/// audit chain all in it), on a chunk store and a sink the caller shares
+/// between gateways.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// The pipeline.
+    pub pipeline: Pipeline,
+    /// This gateway's connection pool.
+    pub state: SqlState,
+    /// The session store on [`state`](Self::state) (for assertions).
+    pub sessions: SqlSessionStore,
+    /// The audit sink appending to the database's one chain.
+    pub audit: SqlAuditSink,
+}
+
+impl Gateway {
+    /// Open a gateway on the state database at `url` (its own pool;
+    /// migrations run under the database's lock), with `chunks` and `sink`
+    /// as given (shared with the other gateways, or not).
+    pub async fn open_shared(
+        url: &str,
+        chunks: Arc<dyn ChunkStore>,
+        sink: Arc<dyn PacsSink>,
+        config: PipelineConfig,
+    ) -> Result<Self> {
+        let state = SqlState::connect(url, None, &SqlOptions::default()).await?;
+        let sessions = SqlSessionStore::new(state.clone());
+        let audit = SqlAuditSink::new(state.clone());
+        let pipeline = Pipeline::new(
+            chunks,
+            Arc::new(sessions.clone()),
+            sink,
+            Arc::new(audit.clone()),
+            config,
+        );
+        Ok(Self {
+            pipeline,
+            state,
+            sessions,
+            audit,
+        })
+    }
+
+    /// Close this gateway's connections.
+    pub async fn close(&self) {
+        self.state.close().await;
+    }
+}
+
 /// Upload `data` as a new file of `session` in chunks of `chunk` bytes (in
 /// order, each with its digest declared) and complete it, through
 /// [`Pipeline::ingest_stream_chunked`].
@@ -239,6 +291,27 @@ pub fn dicom_sized(study: &str, seed: u64, side: u16) -> Vec<u8> {
         Ok(b) => b,
         // Generation of a fixed, valid spec cannot fail short of a bug in
         // the generator; tests want to stop right there.
+        Err(e) => panic!("test DICOM generation failed: {e}"),
+    }
+}
+
+/// A valid Part-10 file of `study`, `side` x `side` pixels from `seed`,
+/// with the given SOP Instance UID (two files with one UID and other
+/// bytes, for the index of accepted instances).
+pub fn dicom_with_sop(study: &str, sop_instance_uid: &str, seed: u64, side: u16) -> Vec<u8> {
+    use relaypacs_core::testing::dicom_gen::{DicomSpec, generate};
+    let spec = DicomSpec {
+        study_uid: study.to_owned(),
+        series_uid: format!("{study}.1"),
+        sop_instance_uid: sop_instance_uid.to_owned(),
+        seed,
+        rows: side,
+        cols: side,
+        ..DicomSpec::default()
+    };
+    match generate(&spec) {
+        Ok(b) => b,
+        // As in `dicom_sized`: a fixed, valid spec.
         Err(e) => panic!("test DICOM generation failed: {e}"),
     }
 }

@@ -397,30 +397,64 @@ impl Pipeline {
         if current.value.state != SessionState::Forwarding {
             return Ok(Lease::NotNow(self.due(&current.value, config, now)));
         }
-        if let Some(t) = d.next_attempt_at.filter(|t| *t > now) {
-            return Ok(Lease::NotNow(Next::At(t)));
+        if let Some(next) = Self::not_now(d, worker, config, now) {
+            return Ok(Lease::NotNow(next));
         }
-        if let (Some(until), Some(owner)) = (d.lease_until, &d.lease_owner) {
-            let stale = config.exclusive && owner != worker;
-            if until > now && !stale && owner != worker {
-                return Ok(Lease::NotNow(Next::At(until)));
-            }
-        }
-        let (rec, attempts) = self
+        // The checks run again on every retry of the compare-and-set: a
+        // worker that lost it to another (another gateway on the same
+        // store) reloads the entry and must then see that worker's lease,
+        // not take the entry over and send the study a second time at once.
+        let mut later = None;
+        let taken = self
             .update(id, current, |r| {
                 if r.state != SessionState::Forwarding {
                     return Err(Error::conflict("RELAY_OUTBOX_MOVED", "entry changed"));
+                }
+                if let Some(next) = Self::not_now(&r.delivery, worker, config, now) {
+                    later = Some(next);
+                    return Err(Error::conflict("RELAY_OUTBOX_LEASED", "entry taken"));
                 }
                 r.delivery.attempts += 1;
                 r.delivery.lease_until = Some(plus(now, config.lease));
                 r.delivery.lease_owner = Some(worker.to_owned());
                 Ok(r.delivery.attempts)
             })
-            .await?;
-        Ok(Lease::Taken {
-            rec: Box::new(rec),
-            attempts,
-        })
+            .await;
+        match (taken, later) {
+            (Ok((rec, attempts)), _) => Ok(Lease::Taken {
+                rec: Box::new(rec),
+                attempts,
+            }),
+            (
+                Err(Error::Conflict {
+                    code: "RELAY_OUTBOX_LEASED",
+                    ..
+                }),
+                Some(next),
+            ) => Ok(Lease::NotNow(next)),
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// When to look again if `d` is not for `worker` to attempt now: not
+    /// due yet, or leased by another live worker (a lease of another
+    /// worker counts as stale on an `exclusive` store).
+    fn not_now(
+        d: &Delivery,
+        worker: &str,
+        config: &OutboxConfig,
+        now: OffsetDateTime,
+    ) -> Option<Next> {
+        if let Some(t) = d.next_attempt_at.filter(|t| *t > now) {
+            return Some(Next::At(t));
+        }
+        if let (Some(until), Some(owner)) = (d.lease_until, &d.lease_owner) {
+            let stale = config.exclusive && owner != worker;
+            if until > now && !stale && owner != worker {
+                return Some(Next::At(until));
+            }
+        }
+        None
     }
 
     /// Check before sending (an identical copy at the PACS needs no resend,

@@ -260,11 +260,15 @@ impl Pipeline {
         );
         ev.study = current.value.study_instance_uid.clone();
         let now = OffsetDateTime::now_utc();
-        let (rec, ()) = match self
+        // Whether this call put the session in the outbox: a call that
+        // lost the compare-and-set to another (another gateway completing
+        // the same session) reloads and finds it queued already, and is
+        // then the documented no-op: no second "queued" record, no wake.
+        let (rec, queued) = match self
             .update(id, current, |rec| {
                 match &rec.state {
                     SessionState::Open => {}
-                    SessionState::Forwarding => return Ok(()),
+                    SessionState::Forwarding => return Ok(false),
                     SessionState::Delivered { .. } => {
                         return Err(Error::conflict(
                             "RELAY_SESSION_DELIVERED",
@@ -301,7 +305,7 @@ impl Pipeline {
                     next_attempt_at: Some(now),
                     ..Default::default()
                 };
-                Ok(())
+                Ok(true)
             })
             .await
         {
@@ -309,6 +313,9 @@ impl Pipeline {
             Err(e) => return self.refuse(ev, e).await,
         };
         self.inner.index.closed(id);
+        if !queued {
+            return Ok(rec);
+        }
         ev.detail = format!("queued instances={}", rec.files.len());
         self.audit(ev).await?;
         self.wake_outbox(id);
