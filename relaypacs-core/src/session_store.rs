@@ -210,6 +210,30 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
             .collect())
     }
 
+    /// Reserve bytes `range` of a file for `holder` until `until` (a
+    /// lease the holder renews by reserving the same range again), unless
+    /// an unexpired reservation of another holder overlaps it: then
+    /// [`Error::Busy`](crate::Error::Busy). Atomic across every process
+    /// sharing the store: this is how two gateways never write one byte
+    /// range at once. `NotFound` for a session that does not exist.
+    async fn reserve_range(
+        &self,
+        id: SessionId,
+        file: FileId,
+        range: std::ops::Range<u64>,
+        holder: &str,
+        until: OffsetDateTime,
+    ) -> Result<()>;
+
+    /// Drop `holder`'s reservation of `range` (none: nothing happens).
+    async fn release_range(
+        &self,
+        id: SessionId,
+        file: FileId,
+        range: std::ops::Range<u64>,
+        holder: &str,
+    ) -> Result<()>;
+
     /// Record an acknowledged chunk (insert-if-absent by offset).
     async fn record_chunk(
         &self,
@@ -295,6 +319,27 @@ macro_rules! forward_session_store {
                 limit: usize,
             ) -> Result<Vec<crate::model::FileRecord>> {
                 (**self).list_files(id, after, limit).await
+            }
+
+            async fn reserve_range(
+                &self,
+                id: SessionId,
+                file: FileId,
+                range: std::ops::Range<u64>,
+                holder: &str,
+                until: OffsetDateTime,
+            ) -> Result<()> {
+                (**self).reserve_range(id, file, range, holder, until).await
+            }
+
+            async fn release_range(
+                &self,
+                id: SessionId,
+                file: FileId,
+                range: std::ops::Range<u64>,
+                holder: &str,
+            ) -> Result<()> {
+                (**self).release_range(id, file, range, holder).await
             }
 
             async fn record_chunk(

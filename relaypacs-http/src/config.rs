@@ -1153,6 +1153,12 @@ impl Config {
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("state.db").display()))
     }
 
+    /// Whether the state database belongs to this process alone: the
+    /// default SQLite file in the data folder (which the server locks).
+    pub fn state_is_private(&self) -> bool {
+        self.state.url.is_none()
+    }
+
     /// The state database password: `[state] password`, else the first
     /// line of `password_file`, else none (the URL's, if any).
     pub fn state_password(&self) -> Result<Option<SecretString>, ConfigError> {

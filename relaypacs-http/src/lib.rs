@@ -135,9 +135,16 @@ impl Server {
         });
         let sweeper = tokio::spawn(sweep(state.clone()));
         let (stop_outbox, outbox_stopped) = oneshot::channel::<()>();
+        // The worker may take over leases at once only when it is the one
+        // process on its state: SQLite in the data folder this process
+        // holds locked. On a shared database (PostgreSQL, or a SQLite file
+        // outside the folder) another gateway's lease is respected until it
+        // runs out.
+        let mut outbox_config = state.config().outbox.clone();
+        outbox_config.exclusive &= state.config().state_is_private();
         let outbox = relaypacs_core::Outbox::new(
             state.pipeline().clone(),
-            state.config().outbox.clone(),
+            outbox_config,
             std::sync::Arc::new(notify::DeliveryNotifier::new(
                 state.hub().clone(),
                 state.metrics().clone(),

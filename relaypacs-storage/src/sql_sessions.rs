@@ -9,11 +9,11 @@ use relaypacs_core::{
     ChunkInsert, ChunkRecord, Error, FileId, FileRecord, FileScope, FileState, InstanceClaim,
     Result, SessionId, SessionRecord, SessionState, SessionStore, Sha256Digest, Uid, Versioned,
 };
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::sql_state::{SqlState, corrupt, db_err};
+use crate::sql_state::{Engine, SqlState, corrupt, db_err};
 
 /// A [`SessionStore`] on a [`SqlState`] database.
 ///
@@ -68,6 +68,11 @@ fn head_json(rec: &SessionRecord) -> Result<String> {
     to_json("encode session", &v)
 }
 
+/// Milliseconds since the Unix epoch (saturating).
+fn unix_millis(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
 /// Offsets and lengths are u64 in the model and BIGINT in SQL: a value
 /// beyond i64 cannot be a real byte count.
 fn to_i64(v: u64) -> Result<i64> {
@@ -78,6 +83,11 @@ impl SqlSessionStore {
     /// A session store on `db` (already migrated by [`SqlState::connect`]).
     pub fn new(db: SqlState) -> Self {
         Self { db }
+    }
+
+    /// A pooled connection.
+    async fn conn(&self, op: &'static str) -> Result<sqlx::pool::PoolConnection<sqlx::Any>> {
+        self.db.pool().acquire().await.map_err(|e| db_err(op, e))
     }
 
     /// Does session `id` exist (inside `tx`)?
@@ -363,7 +373,7 @@ impl SessionStore for SqlSessionStore {
                 Error::NotFound { what: "session" }
             });
         }
-        for table in ["session_files", "chunks"] {
+        for table in ["session_files", "chunks", "range_reservations"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE session_id = $1"))
                 .bind(&sid)
                 .execute(&mut *tx)
@@ -522,6 +532,78 @@ impl SessionStore for SqlSessionStore {
                 serde_json::from_str(&body).map_err(|e| corrupt("decode file", e))
             })
             .collect()
+    }
+
+    async fn reserve_range(
+        &self,
+        id: SessionId,
+        file: FileId,
+        range: std::ops::Range<u64>,
+        holder: &str,
+        until: OffsetDateTime,
+    ) -> Result<()> {
+        match self.db.engine() {
+            Engine::Sqlite => {
+                if !Self::exists(&mut *self.conn("reserve a byte range").await?, id).await? {
+                    return Err(Error::NotFound { what: "session" });
+                }
+                reserve_local(&self.db, id, file, range, holder, until)
+            }
+            Engine::Postgres => {
+                let op = "reserve a byte range";
+                let mut conn = self.conn(op).await?;
+                reserve_on(
+                    &mut conn,
+                    self.db.instance().key,
+                    id,
+                    file,
+                    range,
+                    holder,
+                    until,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn release_range(
+        &self,
+        id: SessionId,
+        file: FileId,
+        range: std::ops::Range<u64>,
+        holder: &str,
+    ) -> Result<()> {
+        if self.db.engine() == Engine::Sqlite {
+            let mut leases = lock(&self.db.instance().local_leases);
+            if let Some(v) = leases.get_mut(&(id, file)) {
+                v.retain(|(r, h, _)| !(*r == range && h == holder));
+                if v.is_empty() {
+                    leases.remove(&(id, file));
+                }
+            }
+            return Ok(());
+        }
+        let op = "release a byte range";
+        let mut conn = self.conn(op).await?;
+        let mut tx = conn.begin().await.map_err(|e| db_err(op, e))?;
+        // A lease, not acknowledged data: no wait for the WAL flush.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(op, e))?;
+        sqlx::query(
+            "DELETE FROM range_reservations WHERE session_id = $1 AND file_id = $2 \
+             AND range_start = $3 AND range_end = $4 AND holder = $5",
+        )
+        .bind(id.to_string())
+        .bind(file.to_string())
+        .bind(to_i64(range.start)?)
+        .bind(to_i64(range.end)?)
+        .bind(holder)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err(op, e))?;
+        tx.commit().await.map_err(|e| db_err(op, e))
     }
 
     async fn record_chunk(
@@ -694,4 +776,147 @@ fn chunk_from_row(row: &sqlx::any::AnyRow) -> Result<ChunkRecord> {
         Sha256Digest::from_hex(&sha).map_err(|e| corrupt("chunk digest", e))?,
         receipt,
     ))
+}
+
+/// A byte-range reservation on PostgreSQL, in one transaction on `conn`
+/// (see [`SessionStore::reserve_range`]): the session's row is locked, so
+/// reservations of one session are decided one at a time. A conflicting
+/// reservation whose holder process is gone (its instance advisory lock is
+/// free) is removed at once rather than waited out.
+async fn reserve_on(
+    conn: &mut sqlx::AnyConnection,
+    instance: i64,
+    id: SessionId,
+    file: FileId,
+    range: std::ops::Range<u64>,
+    holder: &str,
+    until: OffsetDateTime,
+) -> Result<()> {
+    let op = "reserve a byte range";
+    let mut tx = conn.begin().await.map_err(|e| db_err(op, e))?;
+    // A lease, not acknowledged data: no wait for the WAL flush.
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err(op, e))?;
+    let sid = id.to_string();
+    let fid = file.to_string();
+    if sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
+        .bind(&sid)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| db_err(op, e))?
+        .is_none()
+    {
+        return Err(Error::NotFound { what: "session" });
+    }
+    let now = unix_millis(OffsetDateTime::now_utc());
+    sqlx::query(
+        "DELETE FROM range_reservations \
+         WHERE session_id = $1 AND file_id = $2 AND expires_at < $3",
+    )
+    .bind(&sid)
+    .bind(&fid)
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| db_err(op, e))?;
+    let (start, end) = (to_i64(range.start)?, to_i64(range.end)?);
+    let rows = sqlx::query(
+        "SELECT DISTINCT instance FROM range_reservations \
+         WHERE session_id = $1 AND file_id = $2 AND range_start < $4 AND $3 < range_end \
+         AND NOT (holder = $5 AND range_start = $3 AND range_end = $4)",
+    )
+    .bind(&sid)
+    .bind(&fid)
+    .bind(start)
+    .bind(end)
+    .bind(holder)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(|e| db_err(op, e))?;
+    for row in rows {
+        let other: i64 = row.try_get(0).map_err(|e| db_err(op, e))?;
+        let gone = other != instance && {
+            let r = sqlx::query("SELECT pg_try_advisory_lock($1)")
+                .bind(other)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| db_err(op, e))?;
+            r.try_get::<bool, _>(0).map_err(|e| db_err(op, e))?
+        };
+        if !gone {
+            return Err(Error::Busy {
+                what: format!(
+                    "range {}..{} is being written by another request",
+                    range.start, range.end
+                ),
+            });
+        }
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(other)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(op, e))?;
+        sqlx::query("DELETE FROM range_reservations WHERE instance = $1")
+            .bind(other)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(op, e))?;
+    }
+    sqlx::query(
+        "INSERT INTO range_reservations \
+         (session_id, file_id, range_start, range_end, holder, instance, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (session_id, file_id, range_start, holder) \
+         DO UPDATE SET range_end = excluded.range_end, expires_at = excluded.expires_at",
+    )
+    .bind(&sid)
+    .bind(&fid)
+    .bind(start)
+    .bind(end)
+    .bind(holder)
+    .bind(instance)
+    .bind(unix_millis(until))
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| db_err(op, e))?;
+    tx.commit().await.map_err(|e| db_err(op, e))
+}
+
+/// A byte-range reservation on SQLite: kept in this process, the one
+/// gateway on its SQLite file (the server holds its data folder locked).
+fn reserve_local(
+    db: &SqlState,
+    id: SessionId,
+    file: FileId,
+    range: std::ops::Range<u64>,
+    holder: &str,
+    until: OffsetDateTime,
+) -> Result<()> {
+    let now = OffsetDateTime::now_utc();
+    let mut leases = lock(&db.instance().local_leases);
+    let held = leases.entry((id, file)).or_default();
+    held.retain(|(_, _, u)| *u >= now);
+    let overlaps = |r: &std::ops::Range<u64>| r.start < range.end && range.start < r.end;
+    if held
+        .iter()
+        .any(|(r, h, _)| overlaps(r) && !(h == holder && *r == range))
+    {
+        return Err(Error::Busy {
+            what: format!(
+                "range {}..{} is being written by another request",
+                range.start, range.end
+            ),
+        });
+    }
+    held.retain(|(r, h, _)| !(h == holder && *r == range));
+    held.push((range, holder.to_owned(), until));
+    Ok(())
+}
+
+/// A std mutex's guard; a poisoned lock only means a panic elsewhere, and
+/// the map it guards stays consistent (every change is one call).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -10,6 +10,7 @@
 //! default `synchronous_commit=on`.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use relaypacs_core::{Error, StorageErrorKind};
@@ -55,7 +56,28 @@ pub struct SqlState {
     engine: Engine,
     /// The URL without credentials, for logs and `Display`.
     shown: String,
+    /// This process's instance: a random key, and (PostgreSQL) the
+    /// connection holding the session-level advisory lock on it for as
+    /// long as the process lives, so other gateways can tell its leases
+    /// from those of a dead one (see `SqlSessionStore::reserve_range`).
+    instance: Arc<Instance>,
 }
+
+/// See [`SqlState`]'s `instance`.
+pub(crate) struct Instance {
+    pub(crate) key: i64,
+    _lock: tokio::sync::Mutex<Option<sqlx::AnyConnection>>,
+    /// SQLite: the range reservations of this process (one gateway per
+    /// SQLite file), by session and file.
+    pub(crate) local_leases: std::sync::Mutex<LocalLeases>,
+}
+
+/// SQLite's in-process range reservations: by session and file, each
+/// range with its holder and the end of its lease.
+pub(crate) type LocalLeases = std::collections::HashMap<
+    (relaypacs_core::SessionId, relaypacs_core::FileId),
+    Vec<(std::ops::Range<u64>, String, time::OffsetDateTime)>,
+>;
 
 impl fmt::Debug for SqlState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -171,10 +193,34 @@ impl SqlState {
             .connect_with(connect)
             .await
             .map_err(|e| db_err("connect to the state database", e))?;
+        let key = i64::from_le_bytes(rand::random::<[u8; 8]>());
+        let lock = match engine {
+            // Held on a connection of its own, outside the pool, until the
+            // process ends (PostgreSQL then releases it at once).
+            Engine::Postgres => {
+                let mut conn = pool
+                    .acquire()
+                    .await
+                    .map_err(|e| db_err("connect to the state database", e))?
+                    .detach();
+                sqlx::query("SELECT pg_advisory_lock($1)")
+                    .bind(key)
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| db_err("take the instance lock", e))?;
+                Some(conn)
+            }
+            Engine::Sqlite => None,
+        };
         let state = Self {
             pool,
             engine,
             shown,
+            instance: Arc::new(Instance {
+                key,
+                _lock: tokio::sync::Mutex::new(lock),
+                local_leases: std::sync::Mutex::new(Default::default()),
+            }),
         };
         state.migrate().await?;
         Ok(state)
@@ -201,6 +247,11 @@ impl SqlState {
     /// The pool, for stores built on this database.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// This process's instance (leases, liveness).
+    pub(crate) fn instance(&self) -> &Instance {
+        &self.instance
     }
 
     /// Which engine this is.

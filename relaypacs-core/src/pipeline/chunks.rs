@@ -278,6 +278,111 @@ impl Reservation {
     }
 }
 
+/// How long a range reservation in the session store lasts unless
+/// renewed, and how often the holder renews it while writing.
+const SHARED_LEASE: time::Duration = time::Duration::seconds(30);
+const SHARED_RENEW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A byte-range reservation in the session store, which every process
+/// sharing the store sees (two gateways never write one range at once):
+/// renewed while held, released when dropped. If the holder dies, the
+/// lease runs out after [`SHARED_LEASE`].
+struct SharedReservation {
+    sessions: Arc<dyn SessionStore>,
+    session: SessionId,
+    file: FileId,
+    range: Range<u64>,
+    holder: String,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl SharedReservation {
+    async fn take(
+        sessions: &Arc<dyn SessionStore>,
+        session: SessionId,
+        file: FileId,
+        range: Range<u64>,
+    ) -> Result<Self> {
+        let holder = crate::ids::FileId::random().to_string();
+        sessions
+            .reserve_range(
+                session,
+                file,
+                range.clone(),
+                &holder,
+                OffsetDateTime::now_utc() + SHARED_LEASE,
+            )
+            .await?;
+        let renew = {
+            let (sessions, range, holder) = (sessions.clone(), range.clone(), holder.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(SHARED_RENEW).await;
+                    let until = OffsetDateTime::now_utc() + SHARED_LEASE;
+                    if let Err(e) = sessions
+                        .reserve_range(session, file, range.clone(), &holder, until)
+                        .await
+                    {
+                        // The write goes on: every chunk is verified against
+                        // its digest when recorded and at completion, so a
+                        // second writer after a lost lease cannot make a
+                        // wrong byte count as stored.
+                        tracing::warn!(error = %e, session = %session, "range reservation not renewed");
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            sessions: sessions.clone(),
+            session,
+            file,
+            range,
+            holder,
+            renew,
+        })
+    }
+}
+
+impl SharedReservation {
+    /// Stop renewing and release now (waiting for the store).
+    async fn release(mut self) {
+        self.renew.abort();
+        let holder = std::mem::take(&mut self.holder);
+        if let Err(e) = self
+            .sessions
+            .release_range(self.session, self.file, self.range.clone(), &holder)
+            .await
+        {
+            tracing::debug!(error = %e, "range reservation not released; it expires");
+        }
+    }
+}
+
+impl Drop for SharedReservation {
+    fn drop(&mut self) {
+        self.renew.abort();
+        // Released in the background (Drop cannot wait); a release that
+        // fails or never runs ends with the lease.
+        if self.holder.is_empty() {
+            return; // released already
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (sessions, session, file, range, holder) = (
+                self.sessions.clone(),
+                self.session,
+                self.file,
+                self.range.clone(),
+                std::mem::take(&mut self.holder),
+            );
+            rt.spawn(async move {
+                if let Err(e) = sessions.release_range(session, file, range, &holder).await {
+                    tracing::debug!(error = %e, "range reservation not released; it expires");
+                }
+            });
+        }
+    }
+}
+
 fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
     a.start < b.end && b.start < a.end
 }
@@ -389,10 +494,34 @@ impl Pipeline {
         check_no_overlap(&recorded, &range)?;
         // Without a gate here the caller holds a reservation covering this
         // range (put_range).
-        let _reservation = match reserve_in {
-            Some(gate) => Some(Reservation::take(gate, file_id, range)?),
+        let reservation = match reserve_in {
+            Some(gate) => Some((
+                Reservation::take(gate, file_id, range.clone())?,
+                SharedReservation::take(&self.inner.sessions, id, file_id, range).await?,
+            )),
             None => None,
         };
+        let out = self
+            .store_and_record(id, file_id, current, chunk, body)
+            .await;
+        // Released now, whatever the outcome, so a retry of the range right
+        // after finds it free (a dropped future releases in the background).
+        if let Some((local, shared)) = reservation {
+            drop(local);
+            shared.release().await;
+        }
+        out
+    }
+
+    /// Store a reserved chunk, record it and keep the session alive.
+    async fn store_and_record(
+        &self,
+        id: SessionId,
+        file_id: FileId,
+        current: FileScope,
+        chunk: PutChunk,
+        body: ByteStream,
+    ) -> Result<PutOutcome> {
         let key = FileKey {
             session: id,
             file: file_id,
@@ -626,11 +755,23 @@ impl Pipeline {
             Ok(r) => r,
             Err(e) => return self.refuse(ev, e).await,
         };
+        let shared = match SharedReservation::take(
+            &self.inner.sessions,
+            id,
+            file,
+            range.offset..end,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => return self.refuse(ev, e).await,
+        };
         let src = Arc::new(tokio::sync::Mutex::new(RangeSource {
             stream: body,
             leftover: bytes::Bytes::new(),
         }));
         let segments = plan.len();
+        let mut written = Ok(end);
         for (i, (offset, length)) in plan.into_iter().enumerate() {
             let last = (i + 1 == segments).then_some(end);
             let chunk = PutChunk {
@@ -639,11 +780,19 @@ impl Pipeline {
                 sha256: range.sha256,
             };
             let body = segment_body(src.clone(), length, last);
-            self.put_chunk_audited(actor, id, file, chunk, body, Reserve::Held)
-                .await?;
+            if let Err(e) = self
+                .put_chunk_audited(actor, id, file, chunk, body, Reserve::Held)
+                .await
+            {
+                written = Err(e);
+                break;
+            }
             progress(offset + length);
         }
-        Ok(end)
+        // Released now, whatever the outcome, so a retry right after finds
+        // the range free (a dropped future releases in the background).
+        shared.release().await;
+        written
     }
 
     /// The rules of a range that need no I/O (the session is open, the

@@ -488,6 +488,31 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
         self.inner.list_files(id, after, limit).await
     }
 
+    // Reservations are not a failure point of their own: a reservation
+    // that fails answers busy before any byte is written.
+    async fn reserve_range(
+        &self,
+        id: SessionId,
+        file: FileId,
+        range: Range<u64>,
+        holder: &str,
+        until: time::OffsetDateTime,
+    ) -> Result<()> {
+        self.inner
+            .reserve_range(id, file, range, holder, until)
+            .await
+    }
+
+    async fn release_range(
+        &self,
+        id: SessionId,
+        file: FileId,
+        range: Range<u64>,
+        holder: &str,
+    ) -> Result<()> {
+        self.inner.release_range(id, file, range, holder).await
+    }
+
     async fn record_chunk(
         &self,
         id: SessionId,

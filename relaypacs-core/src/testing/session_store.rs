@@ -183,6 +183,95 @@ pub async fn file_scopes(store: &dyn SessionStore) {
     ));
 }
 
+/// Range reservations: overlapping ranges of two holders exclude each
+/// other until released or expired; the same holder renews its own;
+/// disjoint ranges and other files are independent.
+pub async fn range_reservations(store: &dyn SessionStore) {
+    let s = sample_session();
+    let f = *s.files.keys().next().expect("one file");
+    let other_file = FileId::random();
+    store.create_session(&s).await.expect("create");
+    let soon = OffsetDateTime::now_utc() + time::Duration::seconds(60);
+    store
+        .reserve_range(s.id, f, 0..100, "a", soon)
+        .await
+        .expect("first reservation");
+    assert!(matches!(
+        store.reserve_range(s.id, f, 50..150, "b", soon).await,
+        Err(Error::Busy { .. })
+    ));
+    // Renewal by the holder, a disjoint range, another file: all fine.
+    store
+        .reserve_range(s.id, f, 0..100, "a", soon)
+        .await
+        .expect("renewal");
+    store
+        .reserve_range(s.id, f, 100..200, "b", soon)
+        .await
+        .expect("disjoint");
+    store
+        .reserve_range(s.id, other_file, 0..100, "b", soon)
+        .await
+        .expect("other file");
+    // Released: b may take it.
+    store
+        .release_range(s.id, f, 0..100, "a")
+        .await
+        .expect("release");
+    store
+        .reserve_range(s.id, f, 0..100, "b", soon)
+        .await
+        .expect("after release");
+    // An expired reservation does not hold.
+    let past = OffsetDateTime::now_utc() - time::Duration::seconds(1);
+    store
+        .reserve_range(s.id, f, 300..400, "a", past)
+        .await
+        .expect("expired at once");
+    store
+        .reserve_range(s.id, f, 350..450, "c", soon)
+        .await
+        .expect("over an expired one");
+    assert!(matches!(
+        store
+            .reserve_range(SessionId::random(), f, 0..1, "a", soon)
+            .await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+/// Concurrent reservations of one range by different holders: exactly one
+/// wins each round.
+pub async fn concurrent_reservations_have_one_winner(store: Arc<dyn SessionStore>) {
+    let s = sample_session();
+    let f = *s.files.keys().next().expect("one file");
+    store.create_session(&s).await.expect("create");
+    let soon = OffsetDateTime::now_utc() + time::Duration::seconds(60);
+    for round in 0..20u64 {
+        let range = round * 1000..round * 1000 + 500;
+        let tasks: Vec<_> = (0..4)
+            .map(|i| {
+                let store = store.clone();
+                let range = range.clone();
+                tokio::spawn(async move {
+                    store
+                        .reserve_range(s.id, f, range, &format!("h{i}"), soon)
+                        .await
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            match t.await.expect("join") {
+                Ok(()) => won += 1,
+                Err(Error::Busy { .. }) => {}
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert_eq!(won, 1, "round {round}");
+    }
+}
+
 /// Compare-and-set: the right version wins, a stale one fails and changes nothing.
 pub async fn compare_and_set(store: &dyn SessionStore) {
     let s = sample_session();
@@ -435,8 +524,8 @@ macro_rules! session_store_conformance {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, chunk_records, delete_session, instance_claims);
-            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner);
+            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, range_reservations, chunk_records, delete_session, instance_claims);
+            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner);
         }
     };
     (@ref $factory:path; $($case:ident),*) => {$(
