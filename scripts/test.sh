@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The one test command: installs the real peers (dcmtk, Orthanc, Redis,
-# s3s-fs) if missing, then runs formatting and lint checks and every test of
-# the workspace (unit, conformance against local files / in-memory / a real
-# S3 server on loopback, property, crash and hostile-DICOM tests, doc tests).
+# The one test command: installs the real peers (dcmtk, Orthanc, PostgreSQL
+# 15, Redis, rsyslog, s3s-fs, the tus clients) if missing, then runs
+# formatting and lint checks and every test of the workspace (unit,
+# conformance against local files, SQLite and throwaway PostgreSQL clusters,
+# in-memory and a real S3 server on loopback, property, crash, multi-gateway
+# and hostile-DICOM tests, doc tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${RELAYPACS_TOOLS:-$HOME/.cache/relaypacs/tools}/bin:$PATH"
