@@ -45,6 +45,13 @@ pub struct RangeWrite {
     /// as one chunk, verified whole.
     #[serde(default)]
     pub sha256: Option<Sha256Digest>,
+    /// The range must start exactly where the file's stored bytes end (a
+    /// tus PATCH continues the upload): checked once the range is
+    /// reserved, so of two writers racing from one offset, on any
+    /// gateways, the second fails with 409 `RELAY_OFFSET_MISMATCH` instead
+    /// of counting as a retry.
+    #[serde(default)]
+    pub continues: bool,
 }
 
 impl RangeWrite {
@@ -56,6 +63,7 @@ impl RangeWrite {
             length,
             segment_size,
             sha256: None,
+            continues: false,
         }
     }
 }
@@ -766,6 +774,28 @@ impl Pipeline {
             Ok(r) => r,
             Err(e) => return self.refuse(ev, e).await,
         };
+        if range.continues {
+            // Under the reservation: whoever held the range before us has
+            // recorded what it wrote.
+            let stored = match self.inner.sessions.chunks(id, file).await {
+                Ok(c) => contiguous_end(&c),
+                Err(e) => {
+                    shared.release().await;
+                    return self.refuse(ev, e).await;
+                }
+            };
+            if stored != range.offset {
+                shared.release().await;
+                let e = Error::conflict(
+                    "RELAY_OFFSET_MISMATCH",
+                    format!(
+                        "the range starts at {}, the upload's stored bytes end at {stored}",
+                        range.offset
+                    ),
+                );
+                return self.refuse(ev, e).await;
+            }
+        }
         let src = Arc::new(tokio::sync::Mutex::new(RangeSource {
             stream: body,
             leftover: bytes::Bytes::new(),

@@ -242,6 +242,10 @@ async fn write_body(
         length,
         segment_size,
         sha256,
+        // tus: the PATCH continues the upload where it is; re-checked
+        // under the range's reservation (two PATCHes racing from one
+        // offset, on one gateway or two: the second gets 409).
+        continues: true,
     };
     let mut durable = offset;
     let at = state
