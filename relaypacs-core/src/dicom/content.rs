@@ -91,7 +91,11 @@ impl Part10Hasher {
     }
 
     fn find_meta(&mut self, total: Option<u64>) {
-        match file_meta(&self.head, total) {
+        // Only the first `max_meta_bytes` count: a meta group ending past
+        // them is refused whether the bytes came in one piece or many (the
+        // answer must not depend on how much was buffered at the look).
+        let limit = self.head.len().min(self.max_meta_bytes);
+        match file_meta(&self.head[..limit], total) {
             Ok(Some((ts, offset))) => {
                 let at = usize::try_from(offset)
                     .unwrap_or(usize::MAX)
@@ -182,6 +186,23 @@ mod tests {
         assert_eq!(da.transfer_syntax.as_deref(), Some("1.2.840.10008.1.2.1"));
         assert_eq!(da.size, a.len() as u64);
         assert_eq!(digest(&a, 100_000), da);
+    }
+
+    /// A file the fuzzer found: its meta group ends past `max_meta_bytes`;
+    /// read whole it used to be accepted, read in pieces refused.
+    #[test]
+    fn a_meta_group_past_the_limit_is_refused_however_the_bytes_come() {
+        let data = include_bytes!("../../tests/data/fuzz-content-meta-past-limit.bin");
+        let (&cut, body) = data.split_first().unwrap();
+        let mut whole = Part10Hasher::new(4096);
+        whole.update(body);
+        let mut pieces = Part10Hasher::new(4096);
+        for p in body.chunks(usize::from(cut).max(1)) {
+            pieces.update(p);
+        }
+        let (w, p) = (whole.finish(), pieces.finish());
+        assert_eq!(w, p);
+        assert_eq!(w.data_set, None);
     }
 
     #[test]
