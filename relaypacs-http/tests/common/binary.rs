@@ -54,7 +54,10 @@ pub async fn new_study(http: &reqwest::Client, url: &str, token: &str) -> String
         .json()
         .await
         .unwrap();
-    v["id"].as_str().unwrap().to_owned()
+    match v["id"].as_str() {
+        Some(id) => id.to_owned(),
+        None => panic!("opening a study was refused: {v}"),
+    }
 }
 
 /// Upload `file` into study `sid` with a tus creation and one PATCH (204).
