@@ -20,7 +20,6 @@ pub mod config;
 pub mod disk;
 pub mod edges;
 pub mod error;
-mod json_file;
 pub mod metrics;
 pub mod notify;
 pub mod routes;

@@ -1,14 +1,26 @@
 //! Live events (per-user broadcast, for server-sent events) and durable
-//! notifications (per-user files, visible to their owner only).
+//! notifications (SQL rows, visible to their owner only).
+//!
+//! Several gateways on one PostgreSQL database share both: notifications
+//! are rows of the shared database, created once per study whichever
+//! gateway (or repair pass) gets there first, and every live event is also
+//! sent with `NOTIFY` on
+//! [`EVENTS_CHANNEL`](relaypacs_storage::sql_notifications::EVENTS_CHANNEL); each gateway `LISTEN`s and
+//! hands the events of other gateways to its own streams. On SQLite (one
+//! gateway) events stay in the process.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use relaypacs_core::{Error, Result, Verification};
+use relaypacs_core::{Error, Result, SessionState, Verification};
+use relaypacs_storage::SqlNotificationStore;
+use relaypacs_storage::sql_notifications::{
+    KIND_DELIVERED, KIND_FORWARD_FAILED, MAX_EVENT_PAYLOAD, NewNotification, StoredNotification,
+};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::metrics::Metrics;
 use crate::upload_id::UploadId;
@@ -79,62 +91,95 @@ pub struct Notification {
     pub verified: Option<Verification>,
 }
 
-/// Per-user event channels and notification files.
+/// How often the repair pass looks for deliveries without their
+/// notification (see [`Hub::repair`]); it also runs at start.
+pub const REPAIR_EVERY: Duration = Duration::from_secs(60);
+
+/// Studies the repair pass handles at most per run.
+const REPAIR_BATCH: i64 = 1_000;
+
+/// Live events waiting to be sent to the other gateways; beyond this, new
+/// ones are dropped (logged) rather than slowing uploads down.
+const OUTGOING_QUEUE: usize = 4_096;
+
+/// The text of a dead-letter notification.
+const FORWARD_FAILED_MESSAGE: &str =
+    "delivery to the PACS failed; an administrator has been alerted";
+
+impl NotificationKind {
+    /// The stored name (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => KIND_DELIVERED,
+            Self::ForwardFailed => KIND_FORWARD_FAILED,
+            Self::ReportReady => "report_ready",
+        }
+    }
+}
+
+/// One live event on `relaypacs_events`: from which gateway, for which
+/// user, and the event itself or (when it would not fit in a `NOTIFY`
+/// payload) the id of the notification to read.
+#[derive(Debug, Serialize, Deserialize)]
+struct Wire {
+    from: String,
+    user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    event: Option<Event>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    notification: Option<String>,
+}
+
+/// Per-user live event channels and the notification store.
 #[derive(Debug, Clone)]
 pub struct Hub {
-    dir: PathBuf,
-    channels: Arc<Mutex<HashMap<String, broadcast::Sender<Event>>>>,
-    files: Arc<tokio::sync::Mutex<()>>,
-    /// Notification id → the file (its owner's) that holds it, so another
-    /// user's notification can be told from an unknown id and the denied
-    /// access audited. At most 1,000 ids per user, as the files keep.
-    owners: Arc<Mutex<HashMap<String, PathBuf>>>,
+    shared: Arc<Shared>,
+    _tasks: Arc<Tasks>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    store: SqlNotificationStore,
+    channels: Mutex<HashMap<String, broadcast::Sender<Event>>>,
+    /// This gateway's random id: its own events come back from `LISTEN`
+    /// and are skipped (they were delivered locally at once).
+    instance: String,
+    /// PostgreSQL: live events to `NOTIFY` (a task sends them in order).
+    outgoing: Option<mpsc::Sender<String>>,
+}
+
+/// The hub's background tasks, aborted with the last clone of the hub.
+#[derive(Debug)]
+struct Tasks(Vec<tokio::task::AbortHandle>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Where a PostgreSQL gateway listens for other gateways' events: the
+/// state URL and its password (kept out of the URL and of logs).
+#[derive(Clone)]
+pub struct Listen {
+    /// `postgres://…`.
+    pub url: String,
+    /// The password, if not in the URL.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Listen(..)")
+    }
 }
 
 use relaypacs_storage::fs::lock;
 
-impl Hub {
-    /// Notifications kept under `dir`.
-    pub fn open(dir: PathBuf) -> Result<Self> {
-        relaypacs_storage::fs::create_dir_durable(&dir)?;
-        let mut owners = HashMap::new();
-        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("list notifications", e))?;
-        for entry in entries {
-            let path = entry
-                .map_err(|e| Error::io("list notifications", e))?
-                .path();
-            if path.extension().is_some_and(|x| x == "json") {
-                let list: Vec<Notification> = crate::json_file::read(&path, "read notifications")?;
-                for n in list {
-                    owners.insert(n.id, path.clone());
-                }
-            }
-        }
-        Ok(Self {
-            dir,
-            channels: Arc::new(Mutex::new(HashMap::new())),
-            files: Arc::new(tokio::sync::Mutex::new(())),
-            owners: Arc::new(Mutex::new(owners)),
-        })
-    }
-
-    /// Whether notification `id` exists and belongs to someone other than
-    /// `user`.
-    pub fn held_by_another(&self, user: &str, id: &str) -> bool {
-        let mine = self.path(user);
-        lock(&self.owners).get(id).is_some_and(|p| *p != mine)
-    }
-
-    /// Subscribe to `user`'s events.
-    pub fn subscribe(&self, user: &str) -> broadcast::Receiver<Event> {
-        lock(&self.channels)
-            .entry(user.to_string())
-            .or_insert_with(|| broadcast::channel(256).0)
-            .subscribe()
-    }
-
-    /// Send an event to `user`'s open streams (none open: dropped).
-    pub fn publish(&self, user: &str, event: Event) {
+impl Shared {
+    fn publish_local(&self, user: &str, event: Event) {
         let mut m = lock(&self.channels);
         if let Some(tx) = m.get(user)
             && tx.send(event).is_err()
@@ -143,32 +188,181 @@ impl Hub {
         }
     }
 
-    fn path(&self, user: &str) -> PathBuf {
-        // User ids are server-generated hex; hash anyway so no client value
-        // ever becomes a path.
-        self.dir.join(format!(
-            "{}.json",
-            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(user.as_bytes()))
-        ))
+    /// The `NOTIFY` payload of `event`, by reference when too large.
+    fn wire(&self, user: &str, event: &Event) -> Option<String> {
+        let mut w = Wire {
+            from: self.instance.clone(),
+            user: user.to_owned(),
+            event: Some(event.clone()),
+            notification: None,
+        };
+        let text = serde_json::to_string(&w).ok()?;
+        if text.len() <= MAX_EVENT_PAYLOAD {
+            return Some(text);
+        }
+        let Event::Notification(n) = event else {
+            // Progress and completion events are small (ids, numbers, an
+            // error code): never reached.
+            tracing::warn!("a live event too large for NOTIFY was not sent to other gateways");
+            return None;
+        };
+        w.event = None;
+        w.notification = Some(n.id.clone());
+        serde_json::to_string(&w).ok()
     }
 
-    async fn load(&self, user: &str) -> Result<Vec<Notification>> {
-        let path = self.path(user);
-        tokio::task::spawn_blocking(move || crate::json_file::read(&path, "read notifications"))
-            .await
-            .map_err(|e| Error::io("read notifications", std::io::Error::other(e)))?
+    /// A payload from `LISTEN`: another gateway's event for one of ours.
+    fn received(self: &Arc<Self>, payload: &str) {
+        let w: Wire = match serde_json::from_str(payload) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "live events: a payload this gateway did not send");
+                return;
+            }
+        };
+        if w.from == self.instance || !lock(&self.channels).contains_key(&w.user) {
+            return;
+        }
+        match (w.event, w.notification) {
+            (Some(ev), _) => self.publish_local(&w.user, ev),
+            (None, Some(id)) => {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    match me.store.get(&id).await {
+                        Ok(Some(s)) if s.owner == w.user => match decode(s) {
+                            Ok(n) => me.publish_local(&w.user, Event::Notification(n)),
+                            Err(e) => tracing::warn!(error = %e, "live events: notification"),
+                        },
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "live events: notification"),
+                    }
+                });
+            }
+            (None, None) => {}
+        }
     }
+}
 
-    async fn store(&self, user: &str, list: Vec<Notification>) -> Result<()> {
-        let path = self.path(user);
-        tokio::task::spawn_blocking(move || {
-            crate::json_file::write(&path, &list, "write notifications")
+/// A stored notification as the API shows it.
+fn decode(s: StoredNotification) -> Result<Notification> {
+    let mut n: Notification = serde_json::from_str(&s.body).map_err(|e| {
+        Error::storage(
+            relaypacs_core::StorageErrorKind::Corrupt,
+            "decode a notification",
+            e,
+        )
+    })?;
+    n.read = s.read;
+    Ok(n)
+}
+
+impl Hub {
+    /// Notifications in `store`; on PostgreSQL, with `listen`, live events
+    /// also cross gateways (a `LISTEN` connection and a sender task). Runs
+    /// the repair pass once (see [`repair`](Self::repair)), then every
+    /// [`REPAIR_EVERY`] in a task. Must be called inside a Tokio runtime.
+    pub async fn open(store: SqlNotificationStore, listen: Option<Listen>) -> Result<Self> {
+        let mut tasks = Vec::new();
+        let pg = store.engine() == relaypacs_storage::Engine::Postgres;
+        let outgoing = if pg {
+            let (tx, mut rx) = mpsc::channel::<String>(OUTGOING_QUEUE);
+            let s = store.clone();
+            tasks.push(
+                tokio::spawn(async move {
+                    while let Some(payload) = rx.recv().await {
+                        if let Err(e) = s.publish(&payload).await {
+                            // Lost for other gateways' streams only; the
+                            // state it reports is durable.
+                            tracing::warn!(error = %e, "could not send a live event to other gateways");
+                        }
+                    }
+                })
+                .abort_handle(),
+            );
+            Some(tx)
+        } else {
+            None
+        };
+        let shared = Arc::new(Shared {
+            store,
+            channels: Mutex::new(HashMap::new()),
+            instance: relaypacs_core::FileId::random().to_string(),
+            outgoing,
+        });
+        if pg && let Some(l) = listen {
+            let weak = Arc::downgrade(&shared);
+            tasks.push(
+                tokio::spawn(relaypacs_storage::sql_notifications::listen_events(
+                    l.url,
+                    l.password,
+                    move |payload| {
+                        if let (Some(p), Some(s)) = (payload, weak.upgrade()) {
+                            s.received(p);
+                        }
+                    },
+                ))
+                .abort_handle(),
+            );
+        }
+        let hub = Self {
+            shared,
+            _tasks: Arc::new(Tasks(Vec::new())),
+        };
+        if let Err(e) = hub.repair().await {
+            tracing::error!(error = %e, "notification repair failed");
+        }
+        let weak = Arc::downgrade(&hub.shared);
+        tasks.push(
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(REPAIR_EVERY).await;
+                    let Some(shared) = weak.upgrade() else { return };
+                    let h = Self {
+                        shared,
+                        _tasks: Arc::new(Tasks(Vec::new())),
+                    };
+                    if let Err(e) = h.repair().await {
+                        tracing::error!(error = %e, "notification repair failed");
+                    }
+                }
+            })
+            .abort_handle(),
+        );
+        Ok(Self {
+            shared: hub.shared,
+            _tasks: Arc::new(Tasks(tasks)),
         })
-        .await
-        .map_err(|e| Error::io("write notifications", std::io::Error::other(e)))?
+    }
+
+    /// Whether notification `id` exists and belongs to someone other than
+    /// `user`.
+    pub async fn held_by_another(&self, user: &str, id: &str) -> Result<bool> {
+        self.shared.store.held_by_another(user, id).await
+    }
+
+    /// Subscribe to `user`'s events (this gateway's and, on PostgreSQL,
+    /// every other gateway's).
+    pub fn subscribe(&self, user: &str) -> broadcast::Receiver<Event> {
+        lock(&self.shared.channels)
+            .entry(user.to_string())
+            .or_insert_with(|| broadcast::channel(256).0)
+            .subscribe()
+    }
+
+    /// Send an event to `user`'s open streams, on this gateway at once and
+    /// (PostgreSQL) on the others through `NOTIFY` (none open: dropped).
+    pub fn publish(&self, user: &str, event: Event) {
+        if let Some(tx) = &self.shared.outgoing
+            && let Some(payload) = self.shared.wire(user, &event)
+            && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(payload)
+        {
+            tracing::warn!("live events queue full: an event was not sent to other gateways");
+        }
+        self.shared.publish_local(user, event);
     }
 
     /// Durably add a notification for `user`, then push it live.
+    /// `AlreadyExists` if (`study`, `kind`) was notified before.
     pub async fn notify(
         &self,
         user: &str,
@@ -188,6 +382,26 @@ impl Hub {
         message: &str,
         verified: Option<Verification>,
     ) -> Result<Notification> {
+        self.notify_once(user, kind, study, "", message, verified)
+            .await?
+            .ok_or(Error::AlreadyExists {
+                what: "notification",
+            })
+    }
+
+    /// Durably add a notification for `user` unless one of `kind` for
+    /// (`study`, `subject`) was ever created (by any gateway), then push it
+    /// live; `None` when it was. `subject`: `""` for one per study, a
+    /// report's SOP Instance UID for one per report.
+    pub async fn notify_once(
+        &self,
+        user: &str,
+        kind: NotificationKind,
+        study: &str,
+        subject: &str,
+        message: &str,
+        verified: Option<Verification>,
+    ) -> Result<Option<Notification>> {
         let n = Notification {
             id: relaypacs_core::FileId::random().to_string(),
             kind,
@@ -197,47 +411,90 @@ impl Hub {
             read: false,
             verified,
         };
-        let _g = self.files.lock().await;
-        let mut list = self.load(user).await?;
-        list.push(n.clone());
-        let dropped: Vec<String> = if list.len() > 1000 {
-            let cut = list.len() - 1000;
-            list.drain(..cut).map(|d| d.id).collect()
-        } else {
-            Vec::new()
+        let body = serde_json::to_string(&n).map_err(|e| {
+            Error::storage(
+                relaypacs_core::StorageErrorKind::Corrupt,
+                "encode a notification",
+                e,
+            )
+        })?;
+        let created_at = n
+            .created_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_err(|e| Error::invalid("RELAY_TIME", e.to_string()))?;
+        let event = Event::Notification(n.clone());
+        let payload = match self.shared.outgoing {
+            Some(_) => self.shared.wire(user, &event),
+            None => None,
         };
-        self.store(user, list).await?;
-        {
-            let mut owners = lock(&self.owners);
-            for id in dropped {
-                owners.remove(&id);
-            }
-            owners.insert(n.id.clone(), self.path(user));
-        }
-        drop(_g);
-        self.publish(user, Event::Notification(n.clone()));
-        Ok(n)
+        let row = NewNotification {
+            id: &n.id,
+            owner: user,
+            kind: kind.as_str(),
+            study,
+            subject,
+            created_at: &created_at,
+            body: &body,
+        };
+        let Some(_) = self.shared.store.insert(&row, payload.as_deref()).await? else {
+            return Ok(None);
+        };
+        self.shared.publish_local(user, event);
+        Ok(Some(n))
     }
 
     /// `user`'s notifications, newest last.
     pub async fn list(&self, user: &str) -> Result<Vec<Notification>> {
-        self.load(user).await
+        self.shared
+            .store
+            .list(user)
+            .await?
+            .into_iter()
+            .map(decode)
+            .collect()
     }
 
     /// Mark one of `user`'s notifications read; `NotFound` if it is not theirs.
     pub async fn mark_read(&self, user: &str, id: &str) -> Result<Notification> {
-        let _g = self.files.lock().await;
-        let mut list = self.load(user).await?;
-        let n = list
-            .iter_mut()
-            .find(|n| n.id == id)
-            .ok_or(Error::NotFound {
+        match self.shared.store.mark_read(user, id).await? {
+            Some(s) => decode(s),
+            None => Err(Error::NotFound {
                 what: "notification",
-            })?;
-        n.read = true;
-        let out = n.clone();
-        self.store(user, list).await?;
-        Ok(out)
+            }),
+        }
+    }
+
+    /// Create the notifications of studies delivered or dead-lettered
+    /// whose notification was never written (the process died between the
+    /// state's commit and the notification's, on any gateway). Safe on
+    /// every gateway at once: each is created once (see
+    /// [`notify_once`](Self::notify_once)). Returns how many it created.
+    pub async fn repair(&self) -> Result<usize> {
+        let mut created = 0;
+        for m in self.shared.store.missed(REPAIR_BATCH).await? {
+            let (kind, message, verified) = match m.state {
+                SessionState::Delivered { verified, .. } => (
+                    NotificationKind::Delivered,
+                    delivered_message(m.instances, verified),
+                    Some(verified),
+                ),
+                SessionState::DeadLetter { .. } => (
+                    NotificationKind::ForwardFailed,
+                    FORWARD_FAILED_MESSAGE.to_owned(),
+                    None,
+                ),
+                SessionState::Open | SessionState::Forwarding => continue,
+            };
+            if self
+                .notify_once(&m.owner, kind, &m.session, "", &message, verified)
+                .await?
+                .is_some()
+            {
+                tracing::info!(session = %m.session, kind = kind.as_str(), "notification repaired");
+                created += 1;
+            }
+        }
+        Ok(created)
     }
 }
 
@@ -274,7 +531,7 @@ impl DeliveryNotifier {
 impl relaypacs_core::OutboxListener for DeliveryNotifier {
     async fn on_event(&self, event: &relaypacs_core::OutboxEvent) {
         use relaypacs_core::OutboxEvent as E;
-        let (owner, session, kind, message, outcome, verified) = match event {
+        let (owner, session, kind, subject, message, outcome, verified) = match event {
             E::Delivered {
                 owner,
                 session,
@@ -285,6 +542,7 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
                 owner,
                 session,
                 NotificationKind::Delivered,
+                "",
                 delivered_message(*instances, *verified),
                 "delivered",
                 Some(*verified),
@@ -293,7 +551,8 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
                 owner,
                 session,
                 NotificationKind::ForwardFailed,
-                "delivery to the PACS failed; an administrator has been alerted".to_owned(),
+                "",
+                FORWARD_FAILED_MESSAGE.to_owned(),
                 "dead_letter",
                 None,
             ),
@@ -305,6 +564,7 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
                 owner,
                 session,
                 NotificationKind::ReportReady,
+                report.sop_instance_uid.as_str(),
                 format!("a report is ready: {}", report.sop_instance_uid),
                 "report",
                 None,
@@ -315,14 +575,29 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
             }
         };
         self.metrics.forward(outcome);
-        if let Err(e) = self
+        match self
             .hub
-            .notify_verified(owner, kind, &session.to_string(), &message, verified)
+            .notify_once(
+                owner,
+                kind,
+                &session.to_string(),
+                subject,
+                &message,
+                verified,
+            )
             .await
         {
+            Ok(Some(_)) => {}
+            // Another gateway's worker or a repair pass created it first
+            // (one notification per study, or per report).
+            Ok(None) => tracing::debug!(session = %session, "already notified"),
             // The delivery itself is durable and visible in the study's
-            // state; only this message is lost. Logged once, here.
-            tracing::error!(session = %session, error = %e, "could not store a delivery notification");
+            // state; the repair pass creates a lost `delivered` or
+            // dead-letter notification later (see `Hub::repair`). Logged
+            // once, here.
+            Err(e) => {
+                tracing::error!(session = %session, error = %e, "could not store a delivery notification");
+            }
         }
     }
 }

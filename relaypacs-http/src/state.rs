@@ -247,7 +247,17 @@ impl AppState {
             max_failures_per_hour: a.max_failures_per_hour,
             max_lockout: std::time::Duration::from_secs(a.max_lockout_secs),
         });
-        let hub = Hub::open(root.join("notifications")).map_err(store("notifications"))?;
+        // Notifications in the state database; on PostgreSQL live events
+        // also cross gateways (LISTEN/NOTIFY).
+        let hub = Hub::open(
+            relaypacs_storage::SqlNotificationStore::new(db.clone()),
+            Some(crate::notify::Listen {
+                url: config.state_url(),
+                password: password.as_ref().map(|p| p.expose_secret().to_owned()),
+            }),
+        )
+        .await
+        .map_err(store("notifications"))?;
         let spool = root.join("spool");
         relaypacs_storage::fs::create_dir_durable(&spool).map_err(store("spool"))?;
         relaypacs_storage::fs::sweep_temp(&spool).map_err(store("spool"))?;

@@ -121,3 +121,128 @@ async fn two_patches_of_one_upload_on_two_gateways_one_succeeds() {
         );
     }
 }
+
+/// An event stream opened on `t`, read line by line: every `data:`
+/// payload, as JSON, in order.
+async fn events(t: &TestServer, u: &common::User) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+    use futures::StreamExt;
+    let r = t
+        .req(Method::GET, "/api/v1/events", u)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut body = r.bytes_stream();
+        let mut buf = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(i) = buf.find('\n') {
+                let line: String = buf.drain(..=i).collect();
+                if let Some(data) = line.trim_end().strip_prefix("data:") {
+                    if let Ok(v) = serde_json::from_str::<Value>(data.trim()) {
+                        let _ = tx.send(v);
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Issue 12, "events reach the user's SSE stream whichever instance
+/// handled the upload": a stream opened on gateway A shows the upload
+/// progress, the file's completion and the `delivered` notification of a
+/// study uploaded and completed through gateway B (LISTEN/NOTIFY); the
+/// notification list is the same on both; exactly one `delivered`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_a_study_on_gateway_b_reach_a_stream_on_gateway_a() {
+    let p = two_gateways().await;
+    let u = p.a.user("clinic", Role::Uploader).await;
+    let mut rx = events(&p.a, &u).await;
+    let sid = p.b.new_study(&u).await;
+    let data = dicom(None, 64);
+    let up = p.b.create_upload(&u, &sid, data.len() as u64, None).await;
+    let r =
+        p.b.patch(&u, &up, 0, data.clone(), Some(sha256_header(&data)))
+            .await;
+    assert_eq!(r.status(), 204, "{:?}", r.text().await);
+    let r =
+        p.b.req(Method::POST, &format!("/api/v1/studies/{sid}/complete"), &u)
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+
+    let mut seen = Vec::new();
+    let delivered = loop {
+        let v = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no delivered notification on A; saw {seen:#?}"))
+            .expect("stream ended");
+        seen.push(v.clone());
+        if v["type"] == "notification" && v["study"] == sid.as_str() {
+            break v;
+        }
+    };
+    assert_eq!(delivered["kind"], "delivered", "{delivered:#}");
+    assert_eq!(delivered["verified"], "content", "{delivered:#}");
+    let progress = seen
+        .iter()
+        .filter(|v| v["type"] == "upload_progress" && v["study"] == sid.as_str())
+        .map(|v| v["offset"].as_u64().unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        progress.last().copied(),
+        Some(data.len() as u64),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.iter().any(|v| v["type"] == "file_completed"
+            && v["study"] == sid.as_str()
+            && v["ok"] == true),
+        "{seen:#?}"
+    );
+
+    // The same list on both gateways, with one `delivered` for the study.
+    let la = p.a.wait_notifications(&u, 1).await;
+    let lb = p.b.wait_notifications(&u, 1).await;
+    assert_eq!(la, lb);
+    let ones = la
+        .iter()
+        .filter(|n| n["study"] == sid.as_str() && n["kind"] == "delivered")
+        .count();
+    assert_eq!(ones, 1, "{la:#?}");
+    assert_eq!(la.len(), 1, "{la:#?}");
+    assert_eq!(la[0]["id"], delivered["id"]);
+    // A repair pass on either gateway finds nothing missing.
+    assert_eq!(p.a.server().state().hub().repair().await.unwrap(), 0);
+    assert_eq!(p.b.server().state().hub().repair().await.unwrap(), 0);
+    assert_eq!(p.a.wait_notifications(&u, 1).await, la);
+    // Marked read on B, read on A.
+    let id = la[0]["id"].as_str().unwrap();
+    let r =
+        p.b.req(
+            Method::POST,
+            &format!("/api/v1/notifications/{id}/read"),
+            &u,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(p.a.wait_notifications(&u, 1).await[0]["read"], true);
+    // Another user's notification is 404 on either gateway.
+    let other = p.b.user("other", Role::Uploader).await;
+    let r =
+        p.a.req(
+            Method::POST,
+            &format!("/api/v1/notifications/{id}/read"),
+            &other,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}

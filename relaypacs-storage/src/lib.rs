@@ -11,7 +11,7 @@
 //! - `MultipartChunkStore` (feature `object-store`; S3 with `aws`): each
 //!   file is one multipart upload, sealed without copying its bytes.
 //! - [`SqlState`] and the stores on it ([`SqlSessionStore`],
-//!   [`SqlAuditSink`]; features
+//!   [`SqlAuditSink`], [`SqlNotificationStore`]; features
 //!   `sqlite` and `postgres`, both on by default): state in SQLite (one
 //!   file, embedded) or PostgreSQL (several gateways), through sqlx.
 //! - [`SyslogForwardingSink`] (feature `syslog`, on by default): an audit
@@ -28,6 +28,8 @@ mod object_store_chunks;
 pub mod s3_multipart_chunks;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod sql_audit;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod sql_notifications;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod sql_sessions;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -53,6 +55,8 @@ pub use s3_multipart_chunks::MultipartChunkStore;
 pub use sql_audit::{
     SqlAuditSink, read_verified_sql_events, verify_sql_chain, verify_sql_chain_against,
 };
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sql_notifications::SqlNotificationStore;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql_sessions::SqlSessionStore;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]

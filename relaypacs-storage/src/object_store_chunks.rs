@@ -58,7 +58,10 @@ impl fmt::Display for ObjectStoreChunkStore {
     }
 }
 
-fn map_err(op: &'static str, e: object_store::Error) -> Error {
+/// An `object_store` error as ours: a missing object is a missing file,
+/// a generic or join failure is the store being unavailable. Shared with
+/// [`MultipartChunkStore`](crate::MultipartChunkStore).
+pub(crate) fn map_err(op: &'static str, e: object_store::Error) -> Error {
     match e {
         object_store::Error::NotFound { .. } => Error::NotFound { what: "file" },
         other => {
@@ -71,6 +74,41 @@ fn map_err(op: &'static str, e: object_store::Error) -> Error {
             Error::storage(kind, op, other)
         }
     }
+}
+
+/// Bytes `range` of the object at `path`: an empty range still checks the
+/// object exists; a range past its end is the store's error. Shared with
+/// [`MultipartChunkStore`](crate::MultipartChunkStore).
+pub(crate) async fn read_range(
+    store: &dyn ObjectStore,
+    path: &Path,
+    range: Range<u64>,
+) -> Result<ByteStream> {
+    if range.start > range.end {
+        return Err(Error::invalid(
+            "RELAY_BAD_RANGE",
+            "range start after its end",
+        ));
+    }
+    if range.start == range.end {
+        store
+            .head(path)
+            .await
+            .map_err(|e| map_err("head object", e))?;
+        return Ok(Box::pin(futures::stream::empty()));
+    }
+    let opts = GetOptions {
+        range: Some(GetRange::Bounded(range)),
+        ..GetOptions::default()
+    };
+    let got = store
+        .get_opts(path, opts)
+        .await
+        .map_err(|e| map_err("get object", e))?;
+    Ok(got
+        .into_stream()
+        .map_err(|e| map_err("read object", e))
+        .boxed())
 }
 
 impl ObjectStoreChunkStore {
@@ -275,33 +313,7 @@ impl ChunkStore for ObjectStoreChunkStore {
     }
 
     async fn read(&self, key: FileKey, range: Range<u64>) -> Result<ByteStream> {
-        let path = self.data_path(key);
-        if range.start > range.end {
-            return Err(Error::invalid(
-                "RELAY_BAD_RANGE",
-                "range start after its end",
-            ));
-        }
-        if range.start == range.end {
-            self.store
-                .head(&path)
-                .await
-                .map_err(|e| map_err("head object", e))?;
-            return Ok(Box::pin(futures::stream::empty()));
-        }
-        let opts = GetOptions {
-            range: Some(GetRange::Bounded(range)),
-            ..GetOptions::default()
-        };
-        let got = self
-            .store
-            .get_opts(&path, opts)
-            .await
-            .map_err(|e| map_err("get object", e))?;
-        Ok(got
-            .into_stream()
-            .map_err(|e| map_err("read object", e))
-            .boxed())
+        read_range(self.store.as_ref(), &self.data_path(key), range).await
     }
 
     async fn delete_file(&self, key: FileKey) -> Result<()> {

@@ -22,6 +22,8 @@ use relaypacs_core::{
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
+use crate::object_store_chunks::map_err;
+
 /// The smallest part S3 accepts (every part but the last).
 pub const MIN_PART_SIZE: u64 = 5 << 20;
 /// The largest part S3 accepts.
@@ -198,21 +200,6 @@ impl<S: ObjectStore> fmt::Debug for MultipartChunkStore<S> {
 impl<S: ObjectStore> fmt::Display for MultipartChunkStore<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "multipart({})/{}", self.store, self.prefix)
-    }
-}
-
-fn map_err(op: &'static str, e: object_store::Error) -> Error {
-    match e {
-        object_store::Error::NotFound { .. } => Error::NotFound { what: "file" },
-        other => {
-            let kind = match &other {
-                object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => {
-                    StorageErrorKind::Unavailable
-                }
-                _ => StorageErrorKind::Io,
-            };
-            Error::storage(kind, op, other)
-        }
     }
 }
 
@@ -761,33 +748,8 @@ impl<S: ObjectStore + MultipartStore> ChunkStore for MultipartChunkStore<S> {
     }
 
     async fn read(&self, key: FileKey, range: Range<u64>) -> Result<ByteStream> {
-        let path = self.data_path(key);
-        if range.start > range.end {
-            return Err(Error::invalid(
-                "RELAY_BAD_RANGE",
-                "range start after its end",
-            ));
-        }
-        if range.start == range.end {
-            self.store
-                .head(&path)
-                .await
-                .map_err(|e| map_err("head object", e))?;
-            return Ok(Box::pin(futures::stream::empty()));
-        }
-        let opts = GetOptions {
-            range: Some(GetRange::Bounded(range)),
-            ..GetOptions::default()
-        };
-        let got = self
-            .store
-            .get_opts(&path, opts)
+        crate::object_store_chunks::read_range(self.store.as_ref(), &self.data_path(key), range)
             .await
-            .map_err(|e| map_err("get object", e))?;
-        Ok(got
-            .into_stream()
-            .map_err(|e| map_err("read object", e))
-            .boxed())
     }
 
     async fn delete_file(&self, key: FileKey) -> Result<()> {

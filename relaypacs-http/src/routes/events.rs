@@ -135,7 +135,7 @@ pub async fn mark_read(
     match hub.mark_read(&user.id, &id).await {
         Ok(n) => Ok(axum::Json(n)),
         Err(e @ relaypacs_core::Error::NotFound { .. }) => {
-            if hub.held_by_another(&user.id, &id) {
+            if hub.held_by_another(&user.id, &id).await? {
                 super::security_alert(
                     &pipeline,
                     &user,

@@ -1,0 +1,406 @@
+//! [`SqlNotificationStore`]: per-user notifications in SQL tables (SQLite
+//! or PostgreSQL), created once per study (or report) across gateways, and
+//! (PostgreSQL) the channel that carries live events between gateways.
+
+use std::fmt;
+
+use relaypacs_core::{Error, Result, SessionState};
+use sqlx::Row;
+
+use crate::sql_state::{Engine, SqlState, corrupt, db_err};
+
+/// The PostgreSQL `LISTEN`/`NOTIFY` channel of live events.
+pub const EVENTS_CHANNEL: &str = "relaypacs_events";
+
+/// The largest `NOTIFY` payload PostgreSQL takes is 8,000 bytes; a larger
+/// event is sent by reference (see [`SqlNotificationStore::publish`]).
+pub const MAX_EVENT_PAYLOAD: usize = 7_900;
+
+/// Notifications kept per user: inserting one more deletes the oldest.
+pub const MAX_PER_USER: i64 = 1_000;
+
+/// The `kind` of a delivery notification (the repair pass's, see
+/// [`SqlNotificationStore::missed`]).
+pub const KIND_DELIVERED: &str = "delivered";
+/// The `kind` of a dead-letter notification.
+pub const KIND_FORWARD_FAILED: &str = "forward_failed";
+
+/// A notification to insert. `body` is whatever the caller keeps (JSON);
+/// the other fields are indexed.
+#[derive(Clone, Debug)]
+pub struct NewNotification<'a> {
+    /// Unique id.
+    pub id: &'a str,
+    /// The user who sees it (no one else does).
+    pub owner: &'a str,
+    /// What happened (`delivered`, `forward_failed`, `report_ready`, …).
+    pub kind: &'a str,
+    /// Study session id.
+    pub study: &'a str,
+    /// What makes it unique within (study, kind): `""` for one per study,
+    /// a report's SOP Instance UID for one per report.
+    pub subject: &'a str,
+    /// RFC 3339.
+    pub created_at: &'a str,
+    /// The caller's encoding of the notification.
+    pub body: &'a str,
+}
+
+/// A stored notification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredNotification {
+    /// Its id.
+    pub id: String,
+    /// Its owner.
+    pub owner: String,
+    /// Whether the owner marked it read.
+    pub read: bool,
+    /// What the caller stored.
+    pub body: String,
+}
+
+/// A study delivered or dead-lettered whose notification was never
+/// written (a crash between the state's commit and the notification's).
+#[derive(Clone, Debug)]
+pub struct MissedNotification {
+    /// Study session id.
+    pub session: String,
+    /// Its owner.
+    pub owner: String,
+    /// Its state: `Delivered` or `DeadLetter`.
+    pub state: SessionState,
+    /// Instances the PACS was confirmed to hold.
+    pub instances: usize,
+}
+
+/// Notifications in a [`SqlState`] database.
+///
+/// # Contract
+/// - [`insert`](Self::insert) creates at most one notification per
+///   (study, kind, subject), ever: the key goes into `notification_keys`
+///   (`ON CONFLICT DO NOTHING`) in the same transaction as the row, so of
+///   two gateways (or a gateway and a repair pass) racing, one inserts and
+///   the other gets `None`; a notification deleted by the cap is not
+///   created again. Durable when it returns (the commit).
+/// - A user's list holds at most [`MAX_PER_USER`], oldest deleted first
+///   (on PostgreSQL under a per-user transaction lock, so two gateways
+///   inserting at once do not overshoot).
+/// - Every call is one transaction, rolled back if its future is dropped.
+#[derive(Clone, Debug)]
+pub struct SqlNotificationStore {
+    db: SqlState,
+}
+
+impl fmt::Display for SqlNotificationStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sql notifications ({})", self.db)
+    }
+}
+
+fn stored(r: &sqlx::any::AnyRow, op: &'static str) -> Result<StoredNotification> {
+    Ok(StoredNotification {
+        id: r.try_get(0).map_err(|e| db_err(op, e))?,
+        owner: r.try_get(1).map_err(|e| db_err(op, e))?,
+        read: r.try_get::<i64, _>(2).map_err(|e| db_err(op, e))? != 0,
+        body: r.try_get(3).map_err(|e| db_err(op, e))?,
+    })
+}
+
+const COLUMNS: &str = "id, owner, read, body";
+
+impl SqlNotificationStore {
+    /// A store on `db` (already migrated by [`SqlState::connect`]).
+    pub fn new(db: SqlState) -> Self {
+        Self { db }
+    }
+
+    /// Which engine the store is on (live events cross gateways only on
+    /// PostgreSQL).
+    pub fn engine(&self) -> Engine {
+        self.db.engine()
+    }
+
+    /// Insert `n` unless (study, kind, subject) was notified before, delete
+    /// the owner's oldest beyond [`MAX_PER_USER`], and (PostgreSQL) send
+    /// `event` on [`EVENTS_CHANNEL`] when it commits. `None`: already
+    /// notified, nothing written or sent.
+    pub async fn insert(
+        &self,
+        n: &NewNotification<'_>,
+        event: Option<&str>,
+    ) -> Result<Option<StoredNotification>> {
+        const OP: &str = "store a notification";
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        // First statement a write: SQLite takes its write lock here.
+        let fresh = sqlx::query(
+            "INSERT INTO notification_keys (study, kind, subject) VALUES ($1, $2, $3) \
+             ON CONFLICT (study, kind, subject) DO NOTHING",
+        )
+        .bind(n.study)
+        .bind(n.kind)
+        .bind(n.subject)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        if fresh.rows_affected() == 0 {
+            return Ok(None);
+        }
+        if self.db.engine() == Engine::Postgres {
+            // One inserter per user at a time, so the cap holds exactly.
+            sqlx::query("SELECT pg_advisory_xact_lock(1852796276, hashtext($1))")
+                .bind(n.owner)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_err(OP, e))?;
+        }
+        sqlx::query(
+            "INSERT INTO notifications (id, owner, kind, study, subject, created_at, read, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, $7)",
+        )
+        .bind(n.id)
+        .bind(n.owner)
+        .bind(n.kind)
+        .bind(n.study)
+        .bind(n.subject)
+        .bind(n.created_at)
+        .bind(n.body)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        sqlx::query(
+            "DELETE FROM notifications WHERE owner = $1 AND seq <= \
+             (SELECT seq FROM notifications WHERE owner = $1 ORDER BY seq DESC LIMIT 1 OFFSET $2)",
+        )
+        .bind(n.owner)
+        .bind(MAX_PER_USER)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        if let Some(payload) = event {
+            self.notify_in(&mut tx, payload).await?;
+        }
+        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit); a
+        // NOTIFY inside the transaction is sent only if it commits.
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
+        Ok(Some(StoredNotification {
+            id: n.id.to_owned(),
+            owner: n.owner.to_owned(),
+            read: false,
+            body: n.body.to_owned(),
+        }))
+    }
+
+    async fn notify_in(&self, conn: &mut sqlx::AnyConnection, payload: &str) -> Result<()> {
+        if self.db.engine() != Engine::Postgres {
+            return Ok(());
+        }
+        if payload.len() > MAX_EVENT_PAYLOAD {
+            return Err(Error::invalid(
+                "RELAY_EVENT_TOO_LARGE",
+                "an event payload beyond PostgreSQL's NOTIFY limit",
+            ));
+        }
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(EVENTS_CHANNEL)
+            .bind(payload)
+            .execute(conn)
+            .await
+            .map_err(|e| db_err("send a live event", e))?;
+        Ok(())
+    }
+
+    /// Send `payload` to every gateway listening on [`EVENTS_CHANNEL`]
+    /// (PostgreSQL; a no-op on SQLite, where one gateway is the only
+    /// listener). A payload over [`MAX_EVENT_PAYLOAD`] is refused
+    /// (`Invalid`): send a reference the listeners can read instead.
+    pub async fn publish(&self, payload: &str) -> Result<()> {
+        if self.db.engine() != Engine::Postgres {
+            return Ok(());
+        }
+        let mut conn = self
+            .db
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| db_err("send a live event", e))?;
+        self.notify_in(&mut conn, payload).await
+    }
+
+    /// `owner`'s notifications, oldest first.
+    pub async fn list(&self, owner: &str) -> Result<Vec<StoredNotification>> {
+        const OP: &str = "list notifications";
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM notifications WHERE owner = $1 ORDER BY seq"
+        ))
+        .bind(owner)
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        rows.iter().map(|r| stored(r, OP)).collect()
+    }
+
+    /// Notification `id`, whoever owns it (for a listener that got it by
+    /// reference; callers check the owner).
+    pub async fn get(&self, id: &str) -> Result<Option<StoredNotification>> {
+        const OP: &str = "load a notification";
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM notifications WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        row.map(|r| stored(&r, OP)).transpose()
+    }
+
+    /// Mark `owner`'s notification `id` read; `None` if `owner` has none
+    /// with that id.
+    pub async fn mark_read(&self, owner: &str, id: &str) -> Result<Option<StoredNotification>> {
+        const OP: &str = "mark a notification read";
+        let row = sqlx::query(&format!(
+            "UPDATE notifications SET read = 1 WHERE id = $1 AND owner = $2 RETURNING {COLUMNS}"
+        ))
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        row.map(|r| stored(&r, OP)).transpose()
+    }
+
+    /// Whether notification `id` exists and belongs to someone other than
+    /// `user` (a denied access to audit).
+    pub async fn held_by_another(&self, user: &str, id: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM notifications WHERE id = $1 AND owner <> $2")
+            .bind(id)
+            .bind(user)
+            .fetch_optional(self.db.pool())
+            .await
+            .map_err(|e| db_err("load a notification", e))?;
+        Ok(row.is_some())
+    }
+
+    /// Up to `limit` studies delivered (or dead-lettered) whose
+    /// notification was never written: the repair pass creates them, so a
+    /// crash between a delivery's commit and its notification's still
+    /// leaves exactly one. Keys are never pruned, so a study notified once
+    /// is never listed.
+    pub async fn missed(&self, limit: i64) -> Result<Vec<MissedNotification>> {
+        const OP: &str = "find missed notifications";
+        let rows = sqlx::query(
+            "SELECT s.id, s.owner, s.head FROM sessions s \
+             WHERE (s.state = 'delivered' AND NOT EXISTS (SELECT 1 FROM notification_keys k \
+                    WHERE k.study = s.id AND k.kind = $1 AND k.subject = '')) \
+                OR (s.state = 'dead_letter' AND NOT EXISTS (SELECT 1 FROM notification_keys k \
+                    WHERE k.study = s.id AND k.kind = $2 AND k.subject = '')) \
+             ORDER BY s.updated_at LIMIT $3",
+        )
+        .bind(KIND_DELIVERED)
+        .bind(KIND_FORWARD_FAILED)
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let session: String = r.try_get(0).map_err(|e| db_err(OP, e))?;
+            let owner: String = r.try_get(1).map_err(|e| db_err(OP, e))?;
+            let head: String = r.try_get(2).map_err(|e| db_err(OP, e))?;
+            let head: serde_json::Value =
+                serde_json::from_str(&head).map_err(|e| corrupt("decode session", e))?;
+            let state: SessionState = serde_json::from_value(head["state"].clone())
+                .map_err(|e| corrupt("decode session", e))?;
+            // `confirmed`: a map UID → verification (or, written by older
+            // versions, a list of UIDs).
+            let confirmed = &head["delivery"]["confirmed"];
+            let instances = confirmed
+                .as_object()
+                .map(|o| o.len())
+                .or_else(|| confirmed.as_array().map(Vec::len))
+                .unwrap_or(0);
+            out.push(MissedNotification {
+                session,
+                owner,
+                state,
+                instances,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// PostgreSQL: the payloads sent on [`EVENTS_CHANNEL`] by every gateway.
+///
+/// [`listen_events`] runs one `LISTEN` connection (outside the state pool)
+/// and hands each payload to `deliver`; when the connection is lost it
+/// reconnects (at most once a second) and calls `deliver(None)` once so
+/// the caller can tell its streams that events may have been missed.
+/// Runs until its task is aborted.
+#[cfg(feature = "postgres")]
+pub async fn listen_events(
+    url: String,
+    password: Option<String>,
+    deliver: impl Fn(Option<&str>) + Send + Sync + 'static,
+) {
+    use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+    use std::str::FromStr;
+    let options = match PgConnectOptions::from_str(&url) {
+        Ok(o) => match &password {
+            Some(p) => o.password(p),
+            None => o,
+        },
+        Err(e) => {
+            // The state pool connected with this URL: unreachable in
+            // practice; logged once, live events stay local.
+            tracing::error!(error = %e, "live events: the state URL does not parse");
+            return;
+        }
+    };
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(options);
+    let mut lost = false;
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                if !lost {
+                    tracing::warn!(error = %e, "live events: cannot listen; retrying");
+                    lost = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(EVENTS_CHANNEL).await {
+            if !lost {
+                tracing::warn!(error = %e, "live events: LISTEN failed; retrying");
+                lost = true;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            continue;
+        }
+        if lost {
+            tracing::info!("live events: listening again");
+            deliver(None);
+        }
+        // Left only by an error, which sets `lost` again.
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => deliver(Some(n.payload())),
+                // The connection was lost; the next call reconnects and
+                // listens again.
+                Ok(None) => {
+                    tracing::warn!("live events: connection lost; reconnecting");
+                    deliver(None);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "live events: reconnecting failed");
+                    lost = true;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! `SqlNotificationStore` on SQLite (a file) and PostgreSQL (a throwaway
+//! cluster): one notification per (study, kind, subject) however many
+//! gateways race, ever (a notification pruned by the cap is not created
+//! again); the per-user cap, newest last; owner-only read marks; the
+//! repair pass's query for deliveries whose notification was never
+//! written.
+#![cfg(all(feature = "sqlite", feature = "postgres"))]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
+
+use relaypacs_core::{SessionState, SessionStore, Verification};
+use relaypacs_storage::sql_notifications::{MAX_PER_USER, NewNotification};
+use relaypacs_storage::{SqlNotificationStore, SqlOptions, SqlSessionStore, SqlState};
+
+/// A database URL and what keeps it alive.
+enum Db {
+    Sqlite(tempfile::TempDir),
+    Postgres(#[allow(dead_code)] relaypacs_test_peers::Postgres, String),
+}
+
+impl Db {
+    async fn sqlite() -> Self {
+        Db::Sqlite(tempfile::TempDir::new().unwrap())
+    }
+    async fn postgres() -> Self {
+        let pg = tokio::task::spawn_blocking(relaypacs_test_peers::Postgres::start)
+            .await
+            .unwrap();
+        let url = pg.create_database("relay");
+        Db::Postgres(pg, url)
+    }
+    fn url(&self) -> String {
+        match self {
+            Db::Sqlite(d) => format!("sqlite://{}", d.path().join("state.db").display()),
+            Db::Postgres(_, u) => u.clone(),
+        }
+    }
+    /// A gateway's own pool on the database.
+    async fn gateway(&self) -> SqlState {
+        SqlState::connect(&self.url(), None, &SqlOptions::default())
+            .await
+            .unwrap()
+    }
+}
+
+fn new<'a>(id: &'a str, owner: &'a str, study: &'a str, subject: &'a str) -> NewNotification<'a> {
+    NewNotification {
+        id,
+        owner,
+        kind: "delivered",
+        study,
+        subject,
+        created_at: "2026-11-30T20:00:00Z",
+        body: id,
+    }
+}
+
+async fn racing_inserts_create_one(db: Db) {
+    let (a, b) = (
+        SqlNotificationStore::new(db.gateway().await),
+        SqlNotificationStore::new(db.gateway().await),
+    );
+    for round in 0..100 {
+        let study = format!("study-{round}");
+        let (ia, ib) = (format!("a{round}"), format!("b{round}"));
+        let (na, nb) = (new(&ia, "u", &study, ""), new(&ib, "u", &study, ""));
+        let (ra, rb) = tokio::join!(a.insert(&na, None), b.insert(&nb, None));
+        let created = [ra.unwrap(), rb.unwrap()].into_iter().flatten().count();
+        assert_eq!(created, 1, "round {round}");
+    }
+    let list = a.list("u").await.unwrap();
+    assert_eq!(list.len(), 100);
+    // The list is the same from either gateway.
+    assert_eq!(b.list("u").await.unwrap(), list);
+    // One per report: another subject of the same study is a new one.
+    assert!(
+        a.insert(&new("r1", "u", "study-0", "1.2.3"), None)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_racing_inserts_create_one() {
+    racing_inserts_create_one(Db::sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_racing_inserts_create_one() {
+    racing_inserts_create_one(Db::postgres().await).await;
+}
+
+async fn cap_order_and_owner(db: Db) {
+    let s = SqlNotificationStore::new(db.gateway().await);
+    let extra = 5;
+    let total = MAX_PER_USER as usize + extra;
+    for i in 0..total {
+        let id = format!("n{i:05}");
+        s.insert(&new(&id, "u", &format!("s{i}"), ""), None)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    s.insert(&new("v0", "v", "sv", ""), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let list = s.list("u").await.unwrap();
+    assert_eq!(list.len(), MAX_PER_USER as usize);
+    // Oldest deleted first; newest last.
+    assert_eq!(list[0].id, format!("n{extra:05}"));
+    assert_eq!(list.last().unwrap().id, format!("n{:05}", total - 1));
+    assert!(list.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(s.list("v").await.unwrap().len(), 1);
+    // A pruned notification is not created again.
+    assert!(
+        s.insert(&new("again", "u", "s0", ""), None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Owner only.
+    let id = &list[0].id;
+    assert!(s.mark_read("v", id).await.unwrap().is_none());
+    assert!(s.held_by_another("v", id).await.unwrap());
+    assert!(!s.held_by_another("u", id).await.unwrap());
+    assert!(!s.held_by_another("v", "unknown").await.unwrap());
+    assert!(!s.list("u").await.unwrap()[0].read);
+    let marked = s.mark_read("u", id).await.unwrap().unwrap();
+    assert!(marked.read);
+    assert!(s.get(id).await.unwrap().unwrap().read);
+    assert!(s.list("u").await.unwrap()[0].read);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_cap_order_and_owner() {
+    cap_order_and_owner(Db::sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_cap_order_and_owner() {
+    cap_order_and_owner(Db::postgres().await).await;
+}
+
+async fn missed_lists_deliveries_without_notification(db: Db) {
+    let state = db.gateway().await;
+    let sessions = SqlSessionStore::new(state.clone());
+    let s = SqlNotificationStore::new(state);
+    // A delivered study, as the outbox commits it, whose notification the
+    // process never wrote (it died in between).
+    let mut rec = relaypacs_core::testing::session_store::sample_session();
+    rec.state = SessionState::Delivered {
+        at: time::OffsetDateTime::now_utc(),
+        sink: "test".into(),
+        verified: Verification::Content,
+    };
+    rec.delivery.confirmed = [
+        ("1.2.3.1".to_owned(), Verification::Content),
+        ("1.2.3.2".to_owned(), Verification::Content),
+    ]
+    .into_iter()
+    .collect();
+    sessions.create_session(&rec).await.unwrap();
+    let mut open = relaypacs_core::testing::session_store::sample_session();
+    open.owner = "bob".into();
+    sessions.create_session(&open).await.unwrap();
+
+    let missed = s.missed(100).await.unwrap();
+    assert_eq!(missed.len(), 1, "{missed:?}");
+    assert_eq!(missed[0].session, rec.id.to_string());
+    assert_eq!(missed[0].owner, rec.owner);
+    assert_eq!(missed[0].instances, 2);
+    assert!(matches!(
+        missed[0].state,
+        SessionState::Delivered {
+            verified: Verification::Content,
+            ..
+        }
+    ));
+    let id = rec.id.to_string();
+    s.insert(&new("n1", &rec.owner, &id, ""), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.missed(100).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_missed_lists_deliveries_without_notification() {
+    missed_lists_deliveries_without_notification(Db::sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_missed_lists_deliveries_without_notification() {
+    missed_lists_deliveries_without_notification(Db::postgres().await).await;
+}
