@@ -12,9 +12,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
-use object_store::{
-    GetOptions, GetRange, MultipartId, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-};
+use object_store::{MultipartId, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use relaypacs_core::{
     ByteStream, ChunkPlacement, ChunkRecord, ChunkStore, Error, FileKey, IntegrityError, Result,
     SessionId, StorageErrorKind,
