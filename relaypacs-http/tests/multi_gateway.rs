@@ -140,10 +140,10 @@ async fn events(t: &TestServer, u: &common::User) -> tokio::sync::mpsc::Unbounde
             buf.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(i) = buf.find('\n') {
                 let line: String = buf.drain(..=i).collect();
-                if let Some(data) = line.trim_end().strip_prefix("data:") {
-                    if let Ok(v) = serde_json::from_str::<Value>(data.trim()) {
-                        let _ = tx.send(v);
-                    }
+                if let Some(data) = line.trim_end().strip_prefix("data:")
+                    && let Ok(v) = serde_json::from_str::<Value>(data.trim())
+                {
+                    let _ = tx.send(v);
                 }
             }
         }
