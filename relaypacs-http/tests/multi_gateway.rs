@@ -245,4 +245,39 @@ async fn events_of_a_study_on_gateway_b_reach_a_stream_on_gateway_a() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+
+    // Events published on B reach A in order; their latency, measured.
+    let id = relaypacs_http::upload_id::UploadId::parse(up.rsplit('/').next().unwrap()).unwrap();
+    let n = 200u64;
+    let mut latencies = Vec::new();
+    for i in 1..=n {
+        let sent = Instant::now();
+        p.b.server().state().hub().publish(
+            &u.id,
+            relaypacs_http::notify::Event::UploadProgress {
+                study: "latency".into(),
+                upload: id,
+                offset: i,
+                length: n,
+            },
+        );
+        let v = loop {
+            let v = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("event not relayed")
+                .expect("stream ended");
+            if v["study"] == "latency" {
+                break v;
+            }
+        };
+        latencies.push(sent.elapsed());
+        assert_eq!(v["offset"], i, "out of order");
+    }
+    latencies.sort();
+    eprintln!(
+        "B -> A event latency over {n} events: p50 {:?}, p99 {:?}, max {:?}",
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() * 99 / 100],
+        latencies[latencies.len() - 1]
+    );
 }
