@@ -133,6 +133,33 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
     /// Store a new session at version 1; `AlreadyExists` if the id is taken.
     async fn create_session(&self, session: &SessionRecord) -> Result<Versioned<SessionRecord>>;
 
+    /// Store a new session at version 1 unless its owner already holds
+    /// `cap` sessions in the [`Open`](crate::SessionState::Open) state:
+    /// `Ok(None)` then, and nothing is written. `AlreadyExists` if the id
+    /// is taken.
+    ///
+    /// # Contract
+    /// A store shared by several processes must make the count and the
+    /// insert one atomic step across all of them (a lock on the owner, or
+    /// a conditional insert under the engine's write lock), so that a
+    /// burst of concurrent creations by one owner, from any processes,
+    /// leaves exactly `cap` open sessions. The conformance case
+    /// `concurrent_capped_creations_stop_at_the_cap` checks it.
+    ///
+    /// The default does not count: it creates the session as
+    /// [`create_session`](Self::create_session) does, and the
+    /// [`Pipeline`](crate::Pipeline)'s own check under its per-owner lock
+    /// stays the only guard, atomic within one process (each process
+    /// sharing such a store then enforces the cap on its own).
+    async fn create_session_capped(
+        &self,
+        session: &SessionRecord,
+        cap: u32,
+    ) -> Result<Option<Versioned<SessionRecord>>> {
+        let _ = cap;
+        self.create_session(session).await.map(Some)
+    }
+
     /// Load a session and its current version.
     async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>>;
 
@@ -278,6 +305,14 @@ macro_rules! forward_session_store {
         impl<S: SessionStore + ?Sized> SessionStore for $($ptr)::+<S> {
             async fn create_session(&self, session: &SessionRecord) -> Result<Versioned<SessionRecord>> {
                 (**self).create_session(session).await
+            }
+
+            async fn create_session_capped(
+                &self,
+                session: &SessionRecord,
+                cap: u32,
+            ) -> Result<Option<Versioned<SessionRecord>>> {
+                (**self).create_session_capped(session, cap).await
             }
 
             async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>> {

@@ -241,12 +241,15 @@ impl AppState {
             },
         )
         .map_err(StartError::Other)?;
-        let limiter = LoginLimiter::new(LimiterConfig {
-            per_address_per_minute: a.login_per_address_per_minute,
-            lockout_after: a.lockout_after_failures,
-            max_failures_per_hour: a.max_failures_per_hour,
-            max_lockout: std::time::Duration::from_secs(a.max_lockout_secs),
-        });
+        let limiter = LoginLimiter::new(
+            LimiterConfig {
+                per_address_per_minute: a.login_per_address_per_minute,
+                lockout_after: a.lockout_after_failures,
+                max_failures_per_hour: a.max_failures_per_hour,
+                max_lockout: std::time::Duration::from_secs(a.max_lockout_secs),
+            },
+            db.clone(),
+        );
         // Notifications in the state database; on PostgreSQL live events
         // also cross gateways (LISTEN/NOTIFY).
         let hub = Hub::open(

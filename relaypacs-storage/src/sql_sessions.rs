@@ -68,6 +68,22 @@ fn head_json(rec: &SessionRecord) -> Result<String> {
     to_json("encode session", &v)
 }
 
+/// The PostgreSQL advisory lock key of an owner's session creations:
+/// (class, key) for `pg_advisory_xact_lock(int4, int4)`, whose key space
+/// is apart from the one-`bigint` keys of the instance locks. The key is
+/// the first 4 bytes of SHA-256("relaypacs/sessions/" + owner): two owners
+/// sharing a key only wait on each other, never count each other.
+fn owner_lock_key(owner: &str) -> (i32, i32) {
+    use sha2::Digest as _;
+    /// "RPSC": RelayPACS session creations.
+    const CLASS: i32 = 0x5250_5343;
+    let h = sha2::Sha256::new()
+        .chain_update(b"relaypacs/sessions/")
+        .chain_update(owner.as_bytes())
+        .finalize();
+    (CLASS, i32::from_be_bytes([h[0], h[1], h[2], h[3]]))
+}
+
 /// Milliseconds since the Unix epoch (saturating).
 fn unix_millis(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
@@ -317,6 +333,62 @@ impl SessionStore for SqlSessionStore {
             value: session.clone(),
             version: 1,
         })
+    }
+
+    /// Atomic across every gateway on the database. PostgreSQL: the
+    /// transaction first takes an advisory lock on the owner
+    /// ([`owner_lock_key`]), so creations of one owner run one at a time
+    /// and each counts the sessions the previous one committed (READ
+    /// COMMITTED: a new snapshot per statement). SQLite: the conditional
+    /// INSERT is the transaction's first statement, which takes the
+    /// database's write lock before it counts.
+    async fn create_session_capped(
+        &self,
+        session: &SessionRecord,
+        cap: u32,
+    ) -> Result<Option<Versioned<SessionRecord>>> {
+        const OP: &str = "create session";
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        if self.db.engine() == Engine::Postgres {
+            let (class, key) = owner_lock_key(&session.owner);
+            sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+                .bind(class)
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_err(OP, e))?;
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO sessions (id, owner, version, state, updated_at, head) \
+             SELECT $1, $2, 1, $3, $4, $5 WHERE (SELECT COUNT(*) FROM sessions \
+             WHERE owner = $2 AND state = 'open') < $6 ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(session.id.to_string())
+        .bind(&session.owner)
+        .bind(state_name(&session.state))
+        .bind(now_text())
+        .bind(head_json(session)?)
+        .bind(i64::from(cap))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        if inserted.rows_affected() == 0 {
+            let taken = Self::exists(&mut tx, session.id).await?;
+            tx.rollback().await.map_err(|e| db_err(OP, e))?;
+            return if taken {
+                Err(Error::AlreadyExists { what: "session" })
+            } else {
+                Ok(None)
+            };
+        }
+        Self::write_files(&mut tx, session).await?;
+        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit),
+        // which also releases the owner's advisory lock.
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
+        Ok(Some(Versioned {
+            value: session.clone(),
+            version: 1,
+        }))
     }
 
     async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>> {

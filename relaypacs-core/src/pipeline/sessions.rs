@@ -9,12 +9,14 @@ impl Pipeline {
     /// - [`Error::InsufficientStorage`] when the [`StorageGauge`] (if set)
     ///   finds less than `session_admission_bytes` above its watermark.
     /// - [`Error::TooMany`] (`RELAY_TOO_MANY_SESSIONS`) when the actor
-    ///   already holds `max_open_sessions_per_user` open sessions. The cap
-    ///   is atomic within this pipeline: the count and the creation happen
-    ///   under one per-user lock, so a burst of concurrent creations leaves
-    ///   exactly the cap open. Several gateway processes sharing one
-    ///   session store each enforce it on their own view (a user could then
-    ///   hold up to the cap times the number of processes).
+    ///   already holds `max_open_sessions_per_user` open sessions. Within
+    ///   this pipeline the count and the creation happen under one
+    ///   per-user lock; the creation itself is
+    ///   [`SessionStore::create_session_capped`], which a store shared by
+    ///   several gateway processes (the SQL store) makes atomic across
+    ///   them, so a burst of concurrent creations on any gateways leaves
+    ///   exactly the cap open. (A store keeping the trait's default makes
+    ///   each process enforce the cap on its own.)
     ///
     /// Both refusals are audited through [`DenialAudit`] (aggregated per
     /// user and minute), so a burst cannot flood the trail.
@@ -46,12 +48,15 @@ impl Pipeline {
         let creator = self.inner.index.creator(&actor.user);
         let _one_at_a_time = creator.lock().await;
         let cap = self.inner.config.max_open_sessions_per_user;
+        let too_many = || Error::TooMany {
+            code: "RELAY_TOO_MANY_SESSIONS",
+            what: "open sessions",
+            limit: u64::from(cap),
+        };
+        // This process's view first (no store round trip for most refusals);
+        // the store's capped creation below is the guard across processes.
         if !self.below_cap(&actor.user, cap).await? {
-            let e = Error::TooMany {
-                code: "RELAY_TOO_MANY_SESSIONS",
-                what: "open sessions",
-                limit: u64::from(cap),
-            };
+            let e = too_many();
             let ev = refused(actor, &e);
             self.inner
                 .denials
@@ -79,8 +84,20 @@ impl Pipeline {
             AuditOutcome::Success,
             Some(rec.id),
         );
-        if let Err(e) = self.inner.sessions.create_session(&rec).await {
-            return self.refuse(ev, e).await;
+        match self.inner.sessions.create_session_capped(&rec, cap).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                // Another gateway's sessions fill the cap: this process's
+                // index did not know them yet.
+                let e = too_many();
+                let ev = refused(actor, &e);
+                self.inner
+                    .denials
+                    .record(ev, "create_session", "open sessions")
+                    .await?;
+                return Err(e);
+            }
+            Err(e) => return self.refuse(ev, e).await,
         }
         self.inner.index.insert(&rec);
         self.audit(ev).await?;

@@ -436,6 +436,16 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
         self.inner.create_session(session).await
     }
 
+    // A capped creation is a creation for the fault plan.
+    async fn create_session_capped(
+        &self,
+        session: &SessionRecord,
+        cap: u32,
+    ) -> Result<Option<Versioned<SessionRecord>>> {
+        self.plan.check(Op::CreateSession)?;
+        self.inner.create_session_capped(session, cap).await
+    }
+
     async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>> {
         self.plan.check(Op::LoadSession)?;
         self.inner.load_session(id).await

@@ -272,6 +272,84 @@ pub async fn concurrent_reservations_have_one_winner(store: Arc<dyn SessionStore
     }
 }
 
+/// Capped creation: a burst of concurrent creations by one owner leaves
+/// exactly `cap` open sessions (20 rounds of 2 x cap + 2 creations); a
+/// session that is no longer open frees its place; other owners are not
+/// counted; a taken id is `AlreadyExists`, not a refusal.
+pub async fn concurrent_capped_creations_stop_at_the_cap(store: Arc<dyn SessionStore>) {
+    const CAP: u32 = 3;
+    for round in 0..20 {
+        let owner = format!("capped-{}", SessionId::random());
+        let tasks: Vec<_> = (0..2 * CAP + 2)
+            .map(|_| {
+                let store = store.clone();
+                let mut rec = sample_session();
+                rec.owner = owner.clone();
+                tokio::spawn(async move { store.create_session_capped(&rec, CAP).await })
+            })
+            .collect();
+        let mut created = Vec::new();
+        for t in tasks {
+            match t.await.expect("join") {
+                Ok(Some(v)) => {
+                    assert_eq!(v.version, 1, "round {round}");
+                    created.push(v.value);
+                }
+                Ok(None) => {}
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert_eq!(created.len(), CAP as usize, "round {round}");
+        if round > 0 {
+            continue;
+        }
+        for c in &created {
+            assert_eq!(store.load_session(c.id).await.expect("load").value, *c);
+        }
+        // Another owner has a cap of its own.
+        let mut other = sample_session();
+        other.owner = format!("{owner}-other");
+        assert!(
+            store
+                .create_session_capped(&other, CAP)
+                .await
+                .expect("other owner")
+                .is_some()
+        );
+        // A completed session no longer counts.
+        let mut done = created[0].clone();
+        done.state = SessionState::Forwarding;
+        store.update_session(&done, 1).await.expect("complete");
+        let mut next = sample_session();
+        next.owner = owner.clone();
+        assert!(
+            store
+                .create_session_capped(&next, CAP)
+                .await
+                .expect("below the cap again")
+                .is_some()
+        );
+        let mut more = sample_session();
+        more.owner = owner.clone();
+        assert!(
+            store
+                .create_session_capped(&more, CAP)
+                .await
+                .expect("at the cap")
+                .is_none()
+        );
+        assert!(matches!(
+            store.load_session(more.id).await,
+            Err(Error::NotFound { .. })
+        ));
+        // A taken id is AlreadyExists, below the cap or at it.
+        assert!(matches!(
+            store.create_session_capped(&next, CAP + 10).await,
+            Err(Error::AlreadyExists { .. })
+        ));
+    }
+}
+
 /// Compare-and-set: the right version wins, a stale one fails and changes nothing.
 pub async fn compare_and_set(store: &dyn SessionStore) {
     let s = sample_session();
@@ -525,7 +603,7 @@ macro_rules! session_store_conformance {
             #[allow(unused_imports)]
             use super::*;
             $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, range_reservations, chunk_records, delete_session, instance_claims);
-            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner);
+            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap);
         }
     };
     (@ref $factory:path; $($case:ident),*) => {$(

@@ -2,6 +2,9 @@
 //! `typ: at+jwt`), opaque refresh tokens rotated in families with reuse
 //! detection, and single-use event-stream tickets.
 //!
+//! Event-stream tickets are in the database too (`event_tickets`): issued
+//! on one gateway, redeemed once on any.
+//!
 //! Refresh families live in the state database (`refresh_families`, and
 //! `refresh_rotated` for rotated-out token digests), so a rotation, a
 //! reuse and a revocation hold on every gateway sharing it. [`Tokens`]
@@ -9,10 +12,6 @@
 //! the atomicity it needs (rotate only if the presented token is still
 //! current; revoke once) is the conditional UPDATE itself, and the SQL
 //! database is the one place families are kept.
-
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -76,7 +75,6 @@ pub struct Tokens {
     refresh_idle: u64,
     refresh_absolute: u64,
     db: SqlState,
-    tickets: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 /// One login's tokens.
@@ -101,8 +99,6 @@ impl std::fmt::Debug for Tokens {
             .finish_non_exhaustive()
     }
 }
-
-use relaypacs_storage::fs::lock;
 
 fn random_token(prefix: &str) -> String {
     let mut raw = [0u8; 32];
@@ -160,7 +156,6 @@ impl Tokens {
             refresh_idle: settings.refresh_idle_secs,
             refresh_absolute: settings.refresh_absolute_secs,
             db,
-            tickets: Mutex::new(HashMap::new()),
         })
     }
 
@@ -414,19 +409,72 @@ impl Tokens {
         Ok(live.map(|_| c))
     }
 
-    /// A single-use ticket for opening an event stream, valid for 30 s.
-    pub fn ticket(&self, token: &str) -> String {
+    /// A single-use ticket for opening an event stream, valid for
+    /// [`TICKET_TTL_MS`], for the access token `token` (already verified by
+    /// the caller). Stored in the state database, durable when this
+    /// returns, so any gateway sharing it can redeem it: its SHA-256 and
+    /// the token without its signature (`header.payload`, not a
+    /// credential). Expired tickets are deleted in the same transaction.
+    pub async fn ticket(&self, token: &str) -> Result<String> {
+        const OP: &str = "store an event-stream ticket";
+        let Some((unsigned, _signature)) = token.rsplit_once('.') else {
+            return Err(Error::invalid("RELAY_TOKEN", "not a signed token"));
+        };
         let t = random_token("tk_");
-        let now = Instant::now();
-        let mut g = lock(&self.tickets);
-        g.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(30));
-        g.insert(digest(&t), (token.to_string(), now));
-        t
+        let now = now_ms();
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        sqlx::query("DELETE FROM event_tickets WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+        sqlx::query("INSERT INTO event_tickets (digest, unsigned, expires_at) VALUES ($1, $2, $3)")
+            .bind(digest(&t))
+            .bind(unsigned)
+            .bind(now.saturating_add(TICKET_TTL_MS))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+        // Crash-safe point: the commit.
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
+        Ok(t)
     }
 
-    /// Redeem a ticket (once): the access token it was issued for.
-    pub fn redeem(&self, ticket: &str) -> Option<String> {
-        let (token, at) = lock(&self.tickets).remove(&digest(ticket))?;
-        (at.elapsed() < Duration::from_secs(30)).then_some(token)
+    /// Redeem a ticket, once on all gateways: the access token it was
+    /// issued for (signed again with the shared key), or `Ok(None)` for an
+    /// unknown, used or expired ticket. The ticket's row is taken by one
+    /// `DELETE ... RETURNING`: of two redemptions, on any gateways, one
+    /// gets it. `Err`: the database could not be asked.
+    pub async fn redeem(&self, ticket: &str) -> Result<Option<String>> {
+        const OP: &str = "redeem an event-stream ticket";
+        if ticket.len() > 128 {
+            return Ok(None);
+        }
+        let row = sqlx::query(
+            "DELETE FROM event_tickets WHERE digest = $1 RETURNING unsigned, expires_at",
+        )
+        .bind(digest(ticket))
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let unsigned: String = row.try_get(0).map_err(|e| db_err(OP, e))?;
+        let expires_at: i64 = row.try_get(1).map_err(|e| db_err(OP, e))?;
+        if expires_at <= now_ms() {
+            return Ok(None);
+        }
+        let signature =
+            jsonwebtoken::crypto::sign(unsigned.as_bytes(), &self.enc, Algorithm::HS256)
+                .map_err(|e| Error::invalid("RELAY_TOKEN", e.to_string()))?;
+        Ok(Some(format!("{unsigned}.{signature}")))
     }
+}
+
+/// How long an event-stream ticket is valid.
+pub const TICKET_TTL_MS: i64 = 30_000;
+
+fn now_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }

@@ -31,8 +31,8 @@ impl std::fmt::Debug for LoginRequest {
 }
 
 /// Count an attempt from `address` against the per-address limit.
-fn throttle(state: &AppState, address: &str) -> ApiResult<()> {
-    state.limiter().attempt_from(address).map_err(|r| {
+async fn throttle(state: &AppState, address: &str) -> ApiResult<()> {
+    state.limiter().attempt_from(address).await?.map_err(|r| {
         ApiError::too_many(
             "RELAY_RATE_LIMITED",
             "too many attempts from this address",
@@ -57,9 +57,9 @@ pub async fn login(
     if req.username.is_empty() || req.username.len() > 128 || req.password.len() > 4096 {
         return Err(invalid_credentials());
     }
-    throttle(&state, &addr)?;
+    throttle(&state, &addr).await?;
     let account = req.username.to_lowercase();
-    if let Err(r) = state.limiter().check_account(&account) {
+    if let Err(r) = state.limiter().check_account(&account).await? {
         return Err(ApiError::too_many(
             "RELAY_ACCOUNT_LOCKED",
             "too many failed attempts; try again later",
@@ -103,7 +103,7 @@ pub async fn login(
         .as_ref()
         .map_or_else(|| "anonymous".to_string(), |u| u.id.clone());
     if let Some(reason) = failure {
-        let locked = state.limiter().failed(&account);
+        let locked = state.limiter().failed(&account).await?;
         let mut ev = AppState::event(&who, &addr, AuditAction::Login, AuditOutcome::MinorFailure);
         ev.detail = reason.to_string();
         state.audit_event(ev).await?;
@@ -122,7 +122,7 @@ pub async fn login(
     let Some(mut u) = user else {
         return Err(invalid_credentials());
     };
-    state.limiter().succeeded(&account);
+    state.limiter().succeeded(&account).await?;
     if let Some(s) = totp_step {
         // Already stored by accept_totp_step.
         u.totp_last_step = s;
@@ -178,7 +178,7 @@ pub async fn refresh(
     ClientAddr(addr): ClientAddr,
     Json(req): Json<RefreshRequest>,
 ) -> ApiResult<Response> {
-    throttle(&state, &addr)?;
+    throttle(&state, &addr).await?;
     let users: Vec<UserRecord> = state.users().list().await?;
     let role_of = |id: &str| {
         users
@@ -307,7 +307,7 @@ pub async fn change_password(
         .verify(req.current, Some(u.password_hash.clone()))
         .await;
     if !ok {
-        state.limiter().failed(&u.username.to_lowercase());
+        state.limiter().failed(&u.username.to_lowercase()).await?;
         return Err(invalid_credentials());
     }
     check_policy(&req.new, &u.username)
@@ -477,7 +477,7 @@ pub async fn create_user(
         )
         .await);
     }
-    throttle(&state, &user.address)?;
+    throttle(&state, &user.address).await?;
     check_username(&req.username)?;
     check_policy(&req.password, &req.username)
         .map_err(|e| ApiError::bad_request("RELAY_WEAK_PASSWORD", e.to_string()))?;

@@ -29,9 +29,9 @@ pub struct Ticket {
 }
 
 /// `POST /api/v1/events/ticket`: a single-use ticket to open one stream.
-pub async fn ticket(State(tokens): State<Arc<Tokens>>, user: AuthUser) -> Response {
+pub async fn ticket(State(tokens): State<Arc<Tokens>>, user: AuthUser) -> ApiResult<Response> {
     let mut r = axum::Json(Ticket {
-        ticket: tokens.ticket(&user.token),
+        ticket: tokens.ticket(&user.token).await?,
         expires_in: 30,
     })
     .into_response();
@@ -39,7 +39,7 @@ pub async fn ticket(State(tokens): State<Arc<Tokens>>, user: AuthUser) -> Respon
         axum::http::header::CACHE_CONTROL,
         axum::http::HeaderValue::from_static("no-store"),
     );
-    r
+    Ok(r)
 }
 
 /// Query of the stream endpoint.
@@ -64,7 +64,7 @@ pub async fn stream(
     let user = match (bearer(&parts), q.ticket) {
         (Some(token), None) => authenticate(&state, token, addr).await?,
         (None, Some(t)) => {
-            let token = state.tokens().redeem(&t).ok_or_else(|| {
+            let token = state.tokens().redeem(&t).await?.ok_or_else(|| {
                 ApiError::unauthorized("RELAY_BAD_TICKET", "unknown, used or expired ticket")
             })?;
             authenticate(&state, &token, addr).await?
