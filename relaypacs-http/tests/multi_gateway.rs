@@ -19,6 +19,8 @@ use serde_json::Value;
 struct Pair {
     a: TestServer,
     b: TestServer,
+    /// The database URL both gateways share.
+    url: String,
     _s3: S3Server,
     _pg: Postgres,
 }
@@ -46,6 +48,7 @@ async fn two_gateways() -> Pair {
     Pair {
         a,
         b,
+        url,
         _s3: s3,
         _pg: pg,
     }
@@ -280,4 +283,91 @@ async fn events_of_a_study_on_gateway_b_reach_a_stream_on_gateway_a() {
         latencies[latencies.len() * 99 / 100],
         latencies[latencies.len() - 1]
     );
+}
+
+/// The next event on `rx` for `study`, within `secs`.
+async fn next_of(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>,
+    study: &str,
+    secs: u64,
+) -> Option<Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(v)) if v["study"] == study => return Some(v),
+            Ok(Some(_)) => {}
+            _ => return None,
+        }
+    }
+}
+
+/// A notification too large for a `NOTIFY` payload crosses by reference
+/// (the listener reads the row); when a gateway's `LISTEN` connection is
+/// killed, it reconnects and events from the other gateway flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_cross_by_reference_and_the_listener_reconnects() {
+    use relaypacs_http::notify::{Event, NotificationKind};
+    let p = two_gateways().await;
+    let u = p.a.user("clinic", Role::Uploader).await;
+    let mut rx = events(&p.a, &u).await;
+
+    let long = "x".repeat(10_000);
+    let n =
+        p.b.server()
+            .state()
+            .hub()
+            .notify(&u.id, NotificationKind::ReportReady, "big", &long)
+            .await
+            .unwrap();
+    let v = next_of(&mut rx, "big", 10)
+        .await
+        .expect("large notification");
+    assert_eq!(v["id"], n.id.as_str());
+    assert_eq!(v["message"].as_str().unwrap().len(), long.len());
+
+    // Kill every LISTEN connection on the server (both gateways').
+    let db = relaypacs_storage::SqlState::connect(&p.url, None, &Default::default())
+        .await
+        .unwrap();
+    let killed = sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE pid <> pg_backend_pid() AND query ILIKE '%LISTEN%relaypacs_events%'",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(killed.len(), 2, "one LISTEN connection per gateway");
+    // Events published on B reach A again once A reconnected.
+    let id = relaypacs_http::upload_id::UploadId::new(
+        relaypacs_core::SessionId::random(),
+        relaypacs_core::FileId::random(),
+    );
+    let start = Instant::now();
+    let mut offset = 0;
+    let again = loop {
+        offset += 1;
+        p.b.server().state().hub().publish(
+            &u.id,
+            Event::UploadProgress {
+                study: "after".into(),
+                upload: id,
+                offset,
+                length: 1_000_000,
+            },
+        );
+        if let Some(v) = next_of(&mut rx, "after", 1).await {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no event after the LISTEN connection was killed"
+        );
+    };
+    eprintln!(
+        "events flowed again {:?} after the LISTEN connections were killed (event {})",
+        start.elapsed(),
+        again["offset"]
+    );
+    db.close().await;
 }
