@@ -514,6 +514,11 @@ pub fn delivered_message(instances: usize, verified: Verification) -> String {
 
 /// Turns the delivery worker's events into the uploader's notifications
 /// (written durably, then pushed to open event streams) and metrics.
+///
+/// One notification per study and kind, one per report: a study
+/// dead-lettered again after an admin's replay is not notified a second
+/// time, and of several gateways' workers (or a worker and a repair pass)
+/// reporting one delivery, one creates the notification.
 #[derive(Debug, Clone)]
 pub struct DeliveryNotifier {
     hub: Hub,

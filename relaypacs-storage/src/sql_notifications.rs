@@ -306,10 +306,20 @@ impl SqlNotificationStore {
             let session: String = r.try_get(0).map_err(|e| db_err(OP, e))?;
             let owner: String = r.try_get(1).map_err(|e| db_err(OP, e))?;
             let head: String = r.try_get(2).map_err(|e| db_err(OP, e))?;
-            let head: serde_json::Value =
-                serde_json::from_str(&head).map_err(|e| corrupt("decode session", e))?;
-            let state: SessionState = serde_json::from_value(head["state"].clone())
-                .map_err(|e| corrupt("decode session", e))?;
+            let decoded = serde_json::from_str::<serde_json::Value>(&head).and_then(|head| {
+                serde_json::from_value::<SessionState>(head["state"].clone()).map(|s| (head, s))
+            });
+            let (head, state) = match decoded {
+                Ok(d) => d,
+                // One unreadable session must not stop the repair of the
+                // others; loading it reports the corruption where it is
+                // used.
+                Err(e) => {
+                    tracing::warn!(session = %session, error = %corrupt("decode session", e),
+                        "notification repair skips a session");
+                    continue;
+                }
+            };
             // `confirmed`: a map UID → verification (or, written by older
             // versions, a list of UIDs).
             let confirmed = &head["delivery"]["confirmed"];
