@@ -200,6 +200,32 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         self.update_session(&merged, expected).await
     }
 
+    /// [`update_file_scope`](Self::update_file_scope), unless it would
+    /// leave the session's owner with more than `cap` files in the
+    /// [`Uploading`](crate::FileState::Uploading) state across its
+    /// [`Open`](crate::SessionState::Open) sessions: `Ok(None)` then, and
+    /// nothing is written. Only files `session` carries in the Uploading
+    /// state that are not stored yet count as added; a write adding none
+    /// is never refused. This is how a per-user cap of unfinished uploads
+    /// holds across gateways.
+    ///
+    /// # Contract
+    /// As [`create_session_capped`](Self::create_session_capped): a store
+    /// shared by several processes makes the count and the write one
+    /// atomic step across all of them (conformance case
+    /// `concurrent_capped_file_additions_stop_at_the_cap`). The default
+    /// does not count and writes as `update_file_scope` does (the caller's
+    /// own per-process count is then the only guard).
+    async fn update_file_scope_capped(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        cap: u32,
+    ) -> Result<Option<u64>> {
+        let _ = cap;
+        self.update_file_scope(session, expected).await.map(Some)
+    }
+
     /// Up to `limit` files of session `id` in file id order, after `after`
     /// (from the first when `None`): a page of a study view. The default
     /// loads the whole session.
@@ -345,6 +371,15 @@ macro_rules! forward_session_store {
                 sop_instance_uid: &Uid,
             ) -> Result<Vec<FileId>> {
                 (**self).files_with_instance(id, sop_instance_uid).await
+            }
+
+            async fn update_file_scope_capped(
+                &self,
+                session: &SessionRecord,
+                expected: u64,
+                cap: u32,
+            ) -> Result<Option<u64>> {
+                (**self).update_file_scope_capped(session, expected, cap).await
             }
 
             async fn list_files(

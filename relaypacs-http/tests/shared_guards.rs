@@ -7,7 +7,9 @@
 //! - an event-stream ticket issued on one server opens a stream on the
 //!   other once, and is refused afterwards on both;
 //! - two `Tokens` on two pools redeeming one ticket at once: exactly one
-//!   gets the token back, 100 rounds, on PostgreSQL and SQLite.
+//!   gets the token back, 100 rounds, on PostgreSQL and SQLite;
+//! - tus creations fired at both servers at once stop at the user's cap of
+//!   unfinished uploads.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 mod common;
@@ -165,6 +167,40 @@ async fn a_ticket_from_one_server_is_redeemed_once_on_the_other() {
         .unwrap();
     assert_eq!(left, 0, "a redeemed ticket's row is gone");
     db.close().await;
+    p.a.stop().await;
+    p.b.stop().await;
+}
+
+/// The per-user cap of unfinished uploads counts the user's uploads on
+/// both servers: 20 rounds, each a fresh user firing 2 x cap tus creations
+/// at once, half on each server: exactly cap are created, the others get
+/// 429 `RELAY_TOO_MANY_OPEN_UPLOADS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_uploads_cap_spans_both_servers() {
+    const CAP: usize = 3;
+    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    let p = two_servers(&pg, "open_uploads", |c| {
+        c.http.max_open_uploads_per_user = CAP;
+        c.auth.login_per_address_per_minute = 1000;
+    })
+    .await;
+    for round in 0..20 {
+        let u = p.a.user(&format!("gina{round}"), Role::Uploader).await;
+        let sid = p.b.new_study(&u).await;
+        let burst = (0..2 * CAP).map(|i| {
+            let t = if i % 2 == 0 { &p.a } else { &p.b };
+            t.create_upload_raw(&u, &sid, 1000, None)
+        });
+        let mut created = 0;
+        for r in futures::future::join_all(burst).await {
+            if r.status() == 201 {
+                created += 1;
+            } else {
+                expect_error(r, 429, "RELAY_TOO_MANY_OPEN_UPLOADS").await;
+            }
+        }
+        assert_eq!(created, CAP, "round {round}");
+    }
     p.a.stop().await;
     p.b.stop().await;
 }

@@ -68,7 +68,8 @@ fn head_json(rec: &SessionRecord) -> Result<String> {
     to_json("encode session", &v)
 }
 
-/// The PostgreSQL advisory lock key of an owner's session creations:
+/// The PostgreSQL advisory lock key of an owner's session creations (the
+/// key, with [`UPLOADS_LOCK_CLASS`], also serves its upload creations):
 /// (class, key) for `pg_advisory_xact_lock(int4, int4)`, whose key space
 /// is apart from the one-`bigint` keys of the instance locks. The key is
 /// the first 4 bytes of SHA-256("relaypacs/sessions/" + owner): two owners
@@ -83,6 +84,11 @@ fn owner_lock_key(owner: &str) -> (i32, i32) {
         .finalize();
     (CLASS, i32::from_be_bytes([h[0], h[1], h[2], h[3]]))
 }
+
+/// The advisory lock class of an owner's upload creations
+/// ([`SessionStore::update_file_scope_capped`]), with the key of
+/// [`owner_lock_key`]: "RPUP".
+const UPLOADS_LOCK_CLASS: i32 = 0x5250_5550;
 
 /// Milliseconds since the Unix epoch (saturating).
 fn unix_millis(t: OffsetDateTime) -> i64 {
@@ -135,6 +141,59 @@ impl SqlSessionStore {
                 ))
             })
             .collect()
+    }
+
+    /// The writes of [`update_file_scope`](SessionStore::update_file_scope)
+    /// inside the caller's transaction: the head (compare-and-set on
+    /// `expected`), the files `session` carries, the session's totals.
+    async fn write_scope(
+        tx: &mut sqlx::AnyConnection,
+        session: &SessionRecord,
+        expected: u64,
+    ) -> Result<()> {
+        Self::update_head(&mut *tx, session, expected).await?;
+        let sid = session.id.to_string();
+        let (mut count, mut bytes) = (0i64, 0i64);
+        for (fid, file) in &session.files {
+            let row = sqlx::query(
+                "SELECT body, size FROM session_files WHERE session_id = $1 AND file_id = $2",
+            )
+            .bind(&sid)
+            .bind(fid.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| db_err("load file", e))?;
+            let body = to_json("encode file", file)?;
+            let size = to_i64(file.size)?;
+            match row {
+                None => {
+                    count += 1;
+                    bytes += size;
+                }
+                Some(r) => {
+                    let old: String = r.try_get(0).map_err(|e| db_err("load file", e))?;
+                    if old == body {
+                        continue;
+                    }
+                    let old_size: i64 = r.try_get(1).map_err(|e| db_err("load file", e))?;
+                    bytes += size - old_size;
+                }
+            }
+            Self::put_file(&mut *tx, &sid, file, body).await?;
+        }
+        if count != 0 || bytes != 0 {
+            sqlx::query(
+                "UPDATE sessions SET file_count = file_count + $1, \
+                 declared_bytes = declared_bytes + $2 WHERE id = $3",
+            )
+            .bind(count)
+            .bind(bytes)
+            .bind(&sid)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err("store file totals", e))?;
+        }
+        Ok(())
     }
 
     /// Insert or replace one file's row.
@@ -337,7 +396,7 @@ impl SessionStore for SqlSessionStore {
 
     /// Atomic across every gateway on the database. PostgreSQL: the
     /// transaction first takes an advisory lock on the owner
-    /// ([`owner_lock_key`]), so creations of one owner run one at a time
+    /// (a hash of the owner), so creations of one owner run one at a time
     /// and each counts the sessions the previous one committed (READ
     /// COMMITTED: a new snapshot per statement). SQLite: the conditional
     /// INSERT is the transaction's first statement, which takes the
@@ -514,51 +573,80 @@ impl SessionStore for SqlSessionStore {
             .begin()
             .await
             .map_err(|e| db_err("update session", e))?;
-        Self::update_head(&mut tx, session, expected).await?;
-        let sid = session.id.to_string();
-        let (mut count, mut bytes) = (0i64, 0i64);
-        for (fid, file) in &session.files {
-            let row = sqlx::query(
-                "SELECT body, size FROM session_files WHERE session_id = $1 AND file_id = $2",
-            )
-            .bind(&sid)
-            .bind(fid.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| db_err("load file", e))?;
-            let body = to_json("encode file", file)?;
-            let size = to_i64(file.size)?;
-            match row {
-                None => {
-                    count += 1;
-                    bytes += size;
-                }
-                Some(r) => {
-                    let old: String = r.try_get(0).map_err(|e| db_err("load file", e))?;
-                    if old == body {
-                        continue;
-                    }
-                    let old_size: i64 = r.try_get(1).map_err(|e| db_err("load file", e))?;
-                    bytes += size - old_size;
-                }
-            }
-            Self::put_file(&mut tx, &sid, file, body).await?;
-        }
-        if count != 0 || bytes != 0 {
-            sqlx::query(
-                "UPDATE sessions SET file_count = file_count + $1, \
-                 declared_bytes = declared_bytes + $2 WHERE id = $3",
-            )
-            .bind(count)
-            .bind(bytes)
-            .bind(&sid)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_err("store file totals", e))?;
-        }
+        Self::write_scope(&mut tx, session, expected).await?;
         // Crash-safe point: the commit.
         tx.commit().await.map_err(|e| db_err("update session", e))?;
         Ok(expected + 1)
+    }
+
+    /// Atomic across every gateway on the database, as
+    /// [`create_session_capped`](SessionStore::create_session_capped):
+    /// PostgreSQL takes an advisory lock on the owner's uploads first;
+    /// SQLite's first statement is a write (it takes the write lock), so
+    /// the count and the write are one step.
+    async fn update_file_scope_capped(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        cap: u32,
+    ) -> Result<Option<u64>> {
+        const OP: &str = "update session";
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        match self.db.engine() {
+            Engine::Postgres => {
+                let (_, key) = owner_lock_key(&session.owner);
+                sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+                    .bind(UPLOADS_LOCK_CLASS)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_err(OP, e))?;
+            }
+            Engine::Sqlite => {
+                // A write that changes nothing, to hold the write lock
+                // from here to the commit.
+                sqlx::query("UPDATE sessions SET version = version WHERE id = $1")
+                    .bind(session.id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_err(OP, e))?;
+            }
+        }
+        let uploading: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM session_files f JOIN sessions s ON s.id = f.session_id \
+             WHERE s.owner = $1 AND s.state = 'open' AND f.sop_instance_uid IS NULL",
+        )
+        .bind(&session.owner)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| db_err(OP, e))?
+        .try_get(0)
+        .map_err(|e| db_err(OP, e))?;
+        let sid = session.id.to_string();
+        let mut added = 0i64;
+        for (fid, file) in &session.files {
+            if file.state != FileState::Uploading {
+                continue;
+            }
+            let stored =
+                sqlx::query("SELECT 1 FROM session_files WHERE session_id = $1 AND file_id = $2")
+                    .bind(&sid)
+                    .bind(fid.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|e| db_err(OP, e))?;
+            if stored.is_none() {
+                added += 1;
+            }
+        }
+        if added > 0 && uploading + added > i64::from(cap) {
+            tx.rollback().await.map_err(|e| db_err(OP, e))?;
+            return Ok(None);
+        }
+        Self::write_scope(&mut tx, session, expected).await?;
+        // Crash-safe point: the commit, which also releases the lock.
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
+        Ok(Some(expected + 1))
     }
 
     async fn files_with_instance(

@@ -156,6 +156,33 @@ impl Pipeline {
 
     /// Declare a file of `size` bytes in a session.
     pub async fn add_file(&self, actor: &Actor, id: SessionId, req: NewFile) -> Result<FileRecord> {
+        self.add_file_with(actor, id, req, None).await
+    }
+
+    /// [`add_file`](Self::add_file) unless the session's owner already has
+    /// `max_uploading` files still uploading in its open sessions:
+    /// [`Error::TooMany`] (`RELAY_TOO_MANY_OPEN_UPLOADS`) then. The count
+    /// and the write are one step of the session store
+    /// ([`SessionStore::update_file_scope_capped`]), atomic across the
+    /// gateways sharing a SQL store.
+    pub async fn add_file_capped(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        req: NewFile,
+        max_uploading: u32,
+    ) -> Result<FileRecord> {
+        self.add_file_with(actor, id, req, Some(max_uploading))
+            .await
+    }
+
+    async fn add_file_with(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        req: NewFile,
+        cap: Option<u32>,
+    ) -> Result<FileRecord> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
         let current = self
@@ -167,7 +194,7 @@ impl Pipeline {
             AuditOutcome::Success,
             Some(id),
         );
-        match self.add_file_inner(id, current, req).await {
+        match self.add_file_inner(id, current, req, cap).await {
             Ok(f) => {
                 ev.file = Some(f.id);
                 ev.detail = format!("size={}", f.size);
@@ -183,6 +210,7 @@ impl Pipeline {
         id: SessionId,
         current: FileScope,
         req: NewFile,
+        cap: Option<u32>,
     ) -> Result<FileRecord> {
         let limits = current.session.value.limits.clone();
         Self::require_open(&current.session.value)?;
@@ -226,28 +254,73 @@ impl Pipeline {
         let f2 = file.clone();
         // Only the new file is written; the limits are checked against the
         // session's totals at the version the write is conditional on.
-        self.update_scoped(id, None, current, move |rec, scope| {
-            Self::require_open(rec)?;
-            if scope.file_count >= u64::from(rec.limits.max_files) {
-                return Err(Error::LimitExceeded {
-                    what: "files per session",
-                    limit: u64::from(rec.limits.max_files),
-                    actual: scope.file_count + 1,
-                });
+        let Some(cap) = cap else {
+            self.update_scoped(id, None, current, move |rec, scope| {
+                Self::admit_file(rec, scope, &f2)
+            })
+            .await?;
+            return Ok(file);
+        };
+        let mut current = current;
+        for _ in 0..64 {
+            let mut rec = current.session.value.clone();
+            Self::admit_file(&mut rec, &current, &file)?;
+            rec.updated_at = OffsetDateTime::now_utc();
+            match self
+                .inner
+                .sessions
+                .update_file_scope_capped(&rec, current.session.version, cap)
+                .await
+            {
+                Ok(Some(_)) => return Ok(file),
+                Ok(None) => {
+                    let key = FileKey {
+                        session: id,
+                        file: file.id,
+                    };
+                    // The refused file's empty chunk area; were this to
+                    // fail, the orphan sweep removes it later.
+                    if let Err(e) = self.inner.chunks.delete_file(key).await {
+                        tracing::warn!(session = %id, error = %e, "refused file's chunks left for the sweep");
+                    }
+                    return Err(Error::TooMany {
+                        code: "RELAY_TOO_MANY_OPEN_UPLOADS",
+                        what: "open uploads",
+                        limit: u64::from(cap),
+                    });
+                }
+                Err(Error::Precondition { .. }) => {
+                    current = self.inner.sessions.load_file_scope(id, None).await?;
+                }
+                Err(e) => return Err(e),
             }
-            let total = scope.declared_bytes.saturating_add(f2.size);
-            if total > rec.limits.max_session_size {
-                return Err(Error::LimitExceeded {
-                    what: "session size",
-                    limit: rec.limits.max_session_size,
-                    actual: total,
-                });
-            }
-            rec.files.insert(f2.id, f2.clone());
-            Ok(())
+        }
+        Err(Error::Busy {
+            what: "session is being updated concurrently".into(),
         })
-        .await?;
-        Ok(file)
+    }
+
+    /// Add `file` to `rec` if the session is open and its limits allow
+    /// (checked against the totals of `scope`).
+    fn admit_file(rec: &mut SessionRecord, scope: &FileScope, file: &FileRecord) -> Result<()> {
+        Self::require_open(rec)?;
+        if scope.file_count >= u64::from(rec.limits.max_files) {
+            return Err(Error::LimitExceeded {
+                what: "files per session",
+                limit: u64::from(rec.limits.max_files),
+                actual: scope.file_count + 1,
+            });
+        }
+        let total = scope.declared_bytes.saturating_add(file.size);
+        if total > rec.limits.max_session_size {
+            return Err(Error::LimitExceeded {
+                what: "session size",
+                limit: rec.limits.max_session_size,
+                actual: total,
+            });
+        }
+        rec.files.insert(file.id, file.clone());
+        Ok(())
     }
 
     /// Put the session in the outbox: every file must be validated. The

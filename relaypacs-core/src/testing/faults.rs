@@ -479,6 +479,18 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
         self.inner.update_file_scope(session, expected).await
     }
 
+    async fn update_file_scope_capped(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        cap: u32,
+    ) -> Result<Option<u64>> {
+        self.plan.check(Op::UpdateSession)?;
+        self.inner
+            .update_file_scope_capped(session, expected, cap)
+            .await
+    }
+
     async fn files_with_instance(
         &self,
         id: SessionId,

@@ -350,6 +350,102 @@ pub async fn concurrent_capped_creations_stop_at_the_cap(store: Arc<dyn SessionS
     }
 }
 
+/// Capped file additions: an owner's empty sessions each get one new
+/// uploading file at once; exactly `cap` writes pass (20 rounds), the
+/// refused ones write nothing; a write adding no file passes at the cap;
+/// the files of a session no longer open do not count.
+pub async fn concurrent_capped_file_additions_stop_at_the_cap(store: Arc<dyn SessionStore>) {
+    const CAP: u32 = 3;
+    for round in 0..20 {
+        let owner = format!("uploader-{}", SessionId::random());
+        let mut sessions = Vec::new();
+        for _ in 0..2 * CAP + 2 {
+            let mut s = sample_session();
+            s.owner = owner.clone();
+            s.files.clear();
+            store.create_session(&s).await.expect("create");
+            sessions.push(s);
+        }
+        let tasks: Vec<_> = sessions
+            .iter()
+            .map(|s| {
+                let store = store.clone();
+                let mut rec = s.clone();
+                let f = sample_session()
+                    .files
+                    .into_values()
+                    .next()
+                    .expect("one file");
+                rec.files.insert(f.id, f);
+                tokio::spawn(async move {
+                    let r = store.update_file_scope_capped(&rec, 1, CAP).await;
+                    (rec, r)
+                })
+            })
+            .collect();
+        let mut passed = Vec::new();
+        for t in tasks {
+            let (rec, r) = t.await.expect("join");
+            match r {
+                Ok(Some(v)) => {
+                    assert_eq!(v, 2, "round {round}");
+                    passed.push(rec);
+                }
+                Ok(None) => {
+                    let stored = store.load_session(rec.id).await.expect("load");
+                    assert_eq!(stored.version, 1, "round {round}: refused, unchanged");
+                    assert!(stored.value.files.is_empty(), "round {round}");
+                }
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert_eq!(passed.len(), CAP as usize, "round {round}");
+        if round > 0 {
+            continue;
+        }
+        // At the cap, a write that adds no file passes.
+        let mut same = passed[0].clone();
+        same.allow_multiple_studies = true;
+        assert_eq!(
+            store
+                .update_file_scope_capped(&same, 2, CAP)
+                .await
+                .expect("no new file"),
+            Some(3)
+        );
+        // A new file is refused; once a session with a file is no longer
+        // open, it passes.
+        let mut more = sessions[sessions.len() - 1].clone();
+        if passed.iter().any(|p| p.id == more.id) {
+            more = sessions[0].clone();
+        }
+        let mut more = store.load_session(more.id).await.expect("load").value;
+        let f = sample_session()
+            .files
+            .into_values()
+            .next()
+            .expect("one file");
+        more.files.insert(f.id, f);
+        assert!(
+            store
+                .update_file_scope_capped(&more, 1, CAP)
+                .await
+                .expect("at the cap")
+                .is_none()
+        );
+        let mut done = passed[1].clone();
+        done.state = SessionState::Forwarding;
+        store.update_session(&done, 2).await.expect("complete");
+        assert_eq!(
+            store
+                .update_file_scope_capped(&more, 1, CAP)
+                .await
+                .expect("below the cap again"),
+            Some(2)
+        );
+    }
+}
+
 /// Compare-and-set: the right version wins, a stale one fails and changes nothing.
 pub async fn compare_and_set(store: &dyn SessionStore) {
     let s = sample_session();
@@ -603,7 +699,7 @@ macro_rules! session_store_conformance {
             #[allow(unused_imports)]
             use super::*;
             $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, range_reservations, chunk_records, delete_session, instance_claims);
-            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap);
+            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap, concurrent_capped_file_additions_stop_at_the_cap);
         }
     };
     (@ref $factory:path; $($case:ident),*) => {$(

@@ -451,9 +451,12 @@ pub async fn create(
         Err(e) => return Err(ApiError::internal("disk space", &e)),
     }
     let actor = user.actor();
+    // The slot above counts this gateway's creations; the pipeline's
+    // capped creation counts the user's uploads on every gateway.
+    let max_open = u32::try_from(state.config().http.max_open_uploads_per_user).unwrap_or(u32::MAX);
     let file = state
         .pipeline()
-        .add_file(
+        .add_file_capped(
             &actor,
             sid,
             NewFile {
@@ -461,6 +464,7 @@ pub async fn create(
                 size: length,
                 sha256,
             },
+            max_open,
         )
         .await?;
     let id = UploadId::new(sid, file.id);
