@@ -358,4 +358,41 @@ mod tests {
         assert!(l.check_account("eve").await.unwrap().is_err());
         assert!(l.attempt_from("10.0.0.1").await.unwrap().is_err());
     }
+
+    /// Rows past their window are swept; those inside are kept.
+    #[tokio::test]
+    async fn sweep_deletes_expired_rows() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let l = limiter(&dir).await;
+        let now = now_ms();
+        let old = now - 2 * ACCOUNT_KEPT_MS;
+        for sql in [
+            "INSERT INTO login_addresses (address, last_at) VALUES ('old', $1)",
+            "INSERT INTO login_attempts (address, at) VALUES ('old', $1)",
+            "INSERT INTO login_failures (account, at) VALUES ('old', $1)",
+            "INSERT INTO login_accounts (account, consecutive, locked_until, last_failure) \
+             VALUES ('old', 9, 0, $1)",
+        ] {
+            sqlx::query(sql)
+                .bind(old)
+                .execute(l.db.pool())
+                .await
+                .unwrap();
+        }
+        l.attempt_from("new").await.unwrap().unwrap();
+        l.failed("new").await.unwrap();
+        l.sweep().await.unwrap();
+        for table in [
+            "login_addresses",
+            "login_attempts",
+            "login_failures",
+            "login_accounts",
+        ] {
+            let rows = sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
+                .fetch_one(l.db.pool())
+                .await
+                .unwrap();
+            assert_eq!(rows.try_get::<i64, _>(0).unwrap(), 1, "{table}");
+        }
+    }
 }
