@@ -220,6 +220,11 @@ pub struct StateConfig {
     pub statement_timeout_secs: u64,
     /// How long a request waits for a free connection, in seconds (default 30).
     pub acquire_timeout_secs: u64,
+    /// Run the embedded migrations at start (default `true`). `false`, for
+    /// a PostgreSQL role that may not change the schema: the server only
+    /// checks that the schema is at its version and refuses to start if
+    /// not; the owner runs `relaypacs migrate` first.
+    pub migrate: bool,
 }
 
 impl Default for StateConfig {
@@ -231,25 +236,38 @@ impl Default for StateConfig {
             max_connections: 8,
             statement_timeout_secs: 30,
             acquire_timeout_secs: 30,
+            migrate: true,
         }
     }
 }
 
-/// The audit trail (`[audit]`).
+/// The audit trail (`[audit]`): a hash chain in the state database's
+/// `audit_events` table (one chain for every gateway on it), its head
+/// anchored in a file outside the database; optionally also a JSON-lines
+/// trail and forwarding to a syslog collector.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
     /// Forward every audit event to a syslog collector over TLS
     /// (`[audit.syslog]`); off when absent.
     pub syslog: Option<SyslogConfig>,
-    /// Anchor the chain head (count + hash) outside the trail after this
-    /// many records (default 1000); it is also anchored at start and stop.
+    /// Anchor the chain head (count + hash) outside the database after
+    /// this many records (default 1000); it is also anchored at start and
+    /// stop. The JSON-lines trail, when on, is anchored the same way.
     pub anchor_every_records: u64,
     /// Anchor the head this often when it moved, in seconds (default 10);
     /// 0: only by count, at start and at stop.
     pub anchor_interval_secs: u64,
-    /// The anchor file; default `<data_dir>/audit/audit.jsonl.anchor`.
+    /// The anchor file of the database's chain; default
+    /// `<data_dir>/audit/sql-chain.anchor` (each gateway its own).
     pub anchor_path: Option<PathBuf>,
+    /// Also write every record to a hash-chained JSON-lines file (e.g. to
+    /// ship to a SIEM), a second trail: a record is acknowledged only once
+    /// both hold it durably. Default `false`.
+    pub jsonl: bool,
+    /// The JSON-lines trail (with `jsonl = true`); default
+    /// `<data_dir>/audit/audit.jsonl`, anchored beside it (`<file>.anchor`).
+    pub jsonl_path: Option<PathBuf>,
 }
 
 impl Default for AuditConfig {
@@ -259,6 +277,8 @@ impl Default for AuditConfig {
             anchor_every_records: 1000,
             anchor_interval_secs: 10,
             anchor_path: None,
+            jsonl: false,
+            jsonl_path: None,
         }
     }
 }
@@ -952,6 +972,12 @@ impl Config {
         if let Some(s) = &self.audit.syslog {
             s.validate()?;
         }
+        if self.audit.jsonl_path.is_some() && !self.audit.jsonl {
+            return inv(
+                "audit.jsonl_path",
+                "set audit.jsonl = true to write the JSON-lines trail (or remove jsonl_path)",
+            );
+        }
         if let Some(t) = &self.tls {
             if t.cert_file.as_os_str().is_empty() || t.key_file.as_os_str().is_empty() {
                 return inv("tls", "set both cert_file and key_file");
@@ -1188,7 +1214,28 @@ impl Config {
         o.max_connections = self.state.max_connections;
         o.statement_timeout = std::time::Duration::from_secs(self.state.statement_timeout_secs);
         o.acquire_timeout = std::time::Duration::from_secs(self.state.acquire_timeout_secs);
+        o.migrate = self.state.migrate;
         o
+    }
+
+    /// The anchor file of the database's audit chain: `[audit]
+    /// anchor_path`, else `<data_dir>/audit/sql-chain.anchor`.
+    pub fn audit_anchor_path(&self) -> PathBuf {
+        self.audit
+            .anchor_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit").join("sql-chain.anchor"))
+    }
+
+    /// The JSON-lines audit trail, when on (`[audit] jsonl = true`):
+    /// `jsonl_path`, else `<data_dir>/audit/audit.jsonl`.
+    pub fn audit_jsonl_path(&self) -> Option<PathBuf> {
+        self.audit.jsonl.then(|| {
+            self.audit
+                .jsonl_path
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("audit").join("audit.jsonl"))
+        })
     }
 
     /// A local archive's folder.
@@ -1367,5 +1414,31 @@ mod audit_anchor_config_tests {
             o.anchor_path.as_deref(),
             Some(std::path::Path::new("/var/lib/relaypacs-anchor/head"))
         );
+    }
+    #[test]
+    fn audit_jsonl_and_state_migrate_settings() {
+        let d = Config::default();
+        assert!(!d.audit.jsonl && d.audit_jsonl_path().is_none());
+        assert_eq!(
+            d.audit_anchor_path(),
+            d.data_dir.join("audit").join("sql-chain.anchor")
+        );
+        assert!(d.state.migrate && d.state_options().migrate);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("relaypacs.toml");
+        std::fs::write(
+            &f,
+            "data_dir = \"/srv/r\"\n[state]\nmigrate = false\n[audit]\njsonl = true\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&f)).unwrap();
+        assert!(!c.state_options().migrate);
+        assert_eq!(
+            c.audit_jsonl_path().unwrap(),
+            std::path::Path::new("/srv/r/audit/audit.jsonl")
+        );
+        std::fs::write(&f, "[audit]\njsonl_path = \"/srv/trail.jsonl\"\n").unwrap();
+        let e = Config::load(Some(&f)).unwrap_err();
+        assert!(e.to_string().contains("audit.jsonl_path"), "{e}");
     }
 }

@@ -6,8 +6,12 @@
 //! - `relaypacs user add NAME --role admin`: create an account (the
 //!   password is read from standard input). There is no built-in account.
 //! - `relaypacs audit verify` / `relaypacs audit export`: check the audit
-//!   trail's hash chain against its anchor; write it as DICOM PS3.15 audit
-//!   messages or JSON lines.
+//!   chain in the state database (`[state]`; or a JSON-lines trail with
+//!   `--trail`) against its anchor; write it as DICOM PS3.15 audit
+//!   messages or JSON lines. Both read only and may run beside the server.
+//! - `relaypacs migrate`: bring the state database's schema to this
+//!   build's version (as the owner role, when the gateways run with
+//!   `[state] migrate = false`).
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -46,6 +50,9 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Run the state database's migrations (as a role allowed to change
+    /// the schema) and print the schema version.
+    Migrate,
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,14 +72,19 @@ enum UserCommand {
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
     /// Verify the hash chain and its anchor; exit 0 when intact, 1 naming
-    /// the first broken record otherwise.
+    /// the first broken record otherwise. Default: the chain in the state
+    /// database of `[state]`.
     Verify {
-        /// The trail (default `<data_dir>/audit/audit.jsonl`).
+        /// A JSON-lines trail to verify instead of the database's chain
+        /// (e.g. `<data_dir>/audit/audit.jsonl`).
         #[arg(long)]
         trail: Option<PathBuf>,
-        /// The anchor holding the chain head (default: `<trail>.anchor`).
+        /// An anchor holding a chain head; for the database's chain,
+        /// repeat it to check every gateway's (default `[audit]
+        /// anchor_path`, `<data_dir>/audit/sql-chain.anchor`); for a
+        /// `--trail`, one (default `<trail>.anchor`).
         #[arg(long, conflicts_with = "no_anchor")]
-        anchor: Option<PathBuf>,
+        anchor: Vec<PathBuf>,
         /// Check the chain alone (a cut tail then goes unnoticed).
         #[arg(long)]
         no_anchor: bool,
@@ -92,7 +104,7 @@ enum AuditCommand {
         /// Output file, replaced atomically (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// The trail (default `<data_dir>/audit/audit.jsonl`).
+        /// A JSON-lines trail to export instead of the database's chain.
         #[arg(long)]
         trail: Option<PathBuf>,
         /// AuditSourceID of the DICOM messages.
@@ -134,7 +146,68 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Migrate => match migrate(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("relaypacs: {e}");
+                ExitCode::from(1)
+            }
+        },
     }
+}
+
+/// `relaypacs migrate`: the embedded migrations, whatever `[state] migrate` says.
+fn migrate(config: &Config) -> Result<(), String> {
+    let rt = current_thread()?;
+    let password = config.state_password().map_err(|e| e.to_string())?;
+    let mut options = config.state_options();
+    options.migrate = true;
+    rt.block_on(async {
+        let db = relaypacs_storage::SqlState::connect(
+            &config.state_url(),
+            password.as_ref().map(secrecy::ExposeSecret::expose_secret),
+            &options,
+        )
+        .await
+        .map_err(|e| error_chain(&e))?;
+        let version = db.check_schema().await.map_err(|e| error_chain(&e))?;
+        println!("{db}: schema at version {version}");
+        db.close().await;
+        Ok(())
+    })
+}
+
+fn current_thread() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// The state database for reading the audit chain: never migrated here
+/// (the schema must be the server's), never created.
+async fn open_state_for_audit(config: &Config) -> Result<relaypacs_storage::SqlState, String> {
+    if config.state_is_private() {
+        let file = config.data_dir.join("state.db");
+        if !file.is_file() {
+            return Err(format!(
+                "no state database at {} (has the server run with this data folder? \
+                 --trail FILE reads a JSON-lines trail)",
+                file.display()
+            ));
+        }
+    }
+    let password = config.state_password().map_err(|e| e.to_string())?;
+    let mut options = config.state_options();
+    options.migrate = false;
+    options.max_connections = 2;
+    relaypacs_storage::SqlState::connect(
+        &config.state_url(),
+        password.as_ref().map(secrecy::ExposeSecret::expose_secret),
+        &options,
+    )
+    .await
+    .map_err(|e| format!("state database: {}", error_chain(&e)))
 }
 
 fn serve(config: Config) -> ExitCode {
@@ -152,7 +225,7 @@ fn serve(config: Config) -> ExitCode {
         let mut server = match Server::start(config).await {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("relaypacs: {e}");
+                eprintln!("relaypacs: {}", error_chain(&e));
                 return ExitCode::from(2);
             }
         };
@@ -235,36 +308,49 @@ fn user(config: Config, command: UserCommand) -> Result<(), String> {
     }
 }
 
+/// An error and its causes, `: `-separated (a storage error keeps its
+/// cause, e.g. which anchor a chain lost, in `source()`).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 fn parse_rfc3339(s: &str) -> Result<time::OffsetDateTime, String> {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map_err(|e| format!("not an RFC 3339 time ({e})"))
 }
 
 fn audit(config: &Config, command: AuditCommand) -> Result<(), String> {
-    use relaypacs_storage::audit_anchor::{default_anchor_path, read_anchor};
+    use relaypacs_storage::audit_anchor::default_anchor_path;
     use relaypacs_storage::audit_export::{TimeRange, export_events};
-    let default_trail = || config.data_dir.join("audit").join("audit.jsonl");
     match command {
         AuditCommand::Verify {
-            trail,
+            trail: Some(trail),
             anchor,
             no_anchor,
         } => {
-            let trail = trail.unwrap_or_else(default_trail);
+            if anchor.len() > 1 {
+                return Err("a JSON-lines trail takes one --anchor".into());
+            }
             // The anchor is read before the trail: it never runs ahead of the
             // trail, so a server appending meanwhile cannot cause a false alarm.
             let anchor = if no_anchor {
                 None
             } else {
-                let path = anchor.unwrap_or_else(|| default_anchor_path(&trail));
-                let a = read_anchor(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                Some(a.ok_or_else(|| {
-                    format!(
-                        "no anchor at {}: cannot tell whether the trail's tail was cut \
-                         (--no-anchor checks the chain alone)",
-                        path.display()
-                    )
-                })?)
+                let path = anchor
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| default_anchor_path(&trail));
+                Some(read_required_anchor(&path)?)
             };
             let head = relaypacs_storage::verify_trail(&trail, anchor.map(|a| a.head))
                 .map_err(|e| format!("{}: {e}", trail.display()))?;
@@ -275,13 +361,56 @@ fn audit(config: &Config, command: AuditCommand) -> Result<(), String> {
                 hex::encode(head.hash)
             );
             if let Some(a) = anchor {
-                let when = a
-                    .time
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_else(|_| a.time.to_string());
-                println!("anchor: {} records, anchored {when}, matches", a.head.count);
+                println!(
+                    "anchor: {} records, anchored {}, matches",
+                    a.head.count,
+                    rfc3339(a.time)
+                );
             }
             Ok(())
+        }
+        AuditCommand::Verify {
+            trail: None,
+            anchor,
+            no_anchor,
+        } => {
+            // Anchors first (see above), then the chain: one pass over the
+            // table, which the server may append to meanwhile (SQLite WAL
+            // and PostgreSQL let readers run beside the writer).
+            let anchors = if no_anchor {
+                Vec::new()
+            } else {
+                let paths = if anchor.is_empty() {
+                    vec![config.audit_anchor_path()]
+                } else {
+                    anchor
+                };
+                paths
+                    .into_iter()
+                    .map(|p| read_required_anchor(&p).map(|a| (p, a)))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            let heads: Vec<_> = anchors.iter().map(|(_, a)| a.head).collect();
+            current_thread()?.block_on(async {
+                let db = open_state_for_audit(config).await?;
+                let res = relaypacs_storage::verify_sql_chain_against_all(&db, &heads).await;
+                db.close().await;
+                let head = res.map_err(|e| format!("audit chain in {db}: {e}"))?;
+                println!(
+                    "audit chain in {db}: {} records verified; head sha256 {}",
+                    head.count,
+                    hex::encode(head.hash)
+                );
+                for (path, a) in &anchors {
+                    println!(
+                        "anchor {}: {} records, anchored {}, matches",
+                        path.display(),
+                        a.head.count,
+                        rfc3339(a.time)
+                    );
+                }
+                Ok(())
+            })
         }
         AuditCommand::Export {
             format,
@@ -296,10 +425,21 @@ fn audit(config: &Config, command: AuditCommand) -> Result<(), String> {
             {
                 return Err("--from must be before --to".into());
             }
-            let trail = trail.unwrap_or_else(default_trail);
-            // Only a trail whose chain verifies is exported.
-            let (_, events) = relaypacs_storage::read_verified_events(&trail, None)
-                .map_err(|e| format!("{}: {e}", trail.display()))?;
+            // Only a chain that verifies is exported.
+            let events = match trail {
+                Some(trail) => {
+                    relaypacs_storage::read_verified_events(&trail, None)
+                        .map_err(|e| format!("{}: {e}", trail.display()))?
+                        .1
+                }
+                None => current_thread()?.block_on(async {
+                    let db = open_state_for_audit(config).await?;
+                    let res = relaypacs_storage::read_verified_sql_events(&db).await;
+                    db.close().await;
+                    res.map(|(_, events)| events)
+                        .map_err(|e| format!("audit chain in {db}: {e}"))
+                })?,
+            };
             let bytes = export_events(&events, TimeRange { from, to }, format, &source_id)
                 .map_err(|e| e.to_string())?;
             match out {
@@ -316,4 +456,24 @@ fn audit(config: &Config, command: AuditCommand) -> Result<(), String> {
             }
         }
     }
+}
+
+/// The anchor at `path`; its absence is an error naming `--no-anchor`.
+fn read_required_anchor(
+    path: &std::path::Path,
+) -> Result<relaypacs_storage::audit_anchor::Anchor, String> {
+    let a = relaypacs_storage::audit_anchor::read_anchor(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    a.ok_or_else(|| {
+        format!(
+            "no anchor at {}: cannot tell whether the chain's tail was cut \
+             (--no-anchor checks the chain alone)",
+            path.display()
+        )
+    })
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
 }

@@ -13,7 +13,9 @@ use relaypacs_core::{
     Pipeline, SessionState, SessionStore,
 };
 use relaypacs_pacs::{CStoreSink, DicomWebReports, FanOutSink, LocalArchiveSink, StowSink};
-use relaypacs_storage::{JsonlAuditSink, LocalChunkStore, SqlSessionStore, SqlState};
+use relaypacs_storage::{
+    AuditFanOut, JsonlAuditSink, LocalChunkStore, SqlAuditSink, SqlSessionStore, SqlState,
+};
 use secrecy::ExposeSecret;
 
 use crate::admission::Admission;
@@ -165,13 +167,30 @@ impl AppState {
         .await
         .map_err(store("state database"))?;
         let sessions = SqlSessionStore::new(db.clone());
-        let audit = JsonlAuditSink::open_with(
-            root.join("audit").join("audit.jsonl"),
-            config.audit.trail_options(),
+        // The audit trail: the hash chain in the state database (one chain
+        // for every gateway on it), its head anchored in a file of this
+        // gateway's; optionally a JSON-lines trail too (`[audit] jsonl`),
+        // every record acknowledged only once both hold it.
+        let trail = config.audit.trail_options();
+        let sql_audit = SqlAuditSink::open_anchored(
+            db.clone(),
+            config.audit_anchor_path(),
+            trail.anchor_every_records,
+            trail.anchor_interval,
         )
+        .await
         .map_err(store("audit trail"))?;
+        let mut mirrors: Vec<Arc<dyn AuditSink>> = Vec::new();
+        if let Some(path) = config.audit_jsonl_path() {
+            let mut o = trail.clone();
+            o.anchor_path = None; // beside the JSON-lines file
+            mirrors.push(Arc::new(
+                JsonlAuditSink::open_with(path, o).map_err(store("JSON-lines audit trail"))?,
+            ));
+        }
+        let audit = AuditFanOut::new(sql_audit, mirrors);
         // Optional forwarding of the trail to a syslog collector over TLS
-        // (`[audit.syslog]`); the local trail stays the record.
+        // (`[audit.syslog]`); the local trails stay the record.
         let audit: Arc<dyn AuditSink> = match &config.audit.syslog {
             Some(s) => Arc::new(
                 relaypacs_storage::SyslogForwardingSink::with_chain(audit, s.to_forwarding())

@@ -19,6 +19,7 @@
 
 pub mod audit_anchor;
 pub mod audit_export;
+mod audit_fanout;
 pub mod fs;
 mod local_audit;
 mod local_chunks;
@@ -37,6 +38,7 @@ mod sql_state;
 #[cfg(feature = "syslog")]
 pub mod syslog_audit;
 
+pub use audit_fanout::AuditFanOut;
 pub use local_audit::{
     AuditTrailOptions, ChainError, ChainErrorKind, ChainHead, JsonlAuditSink, read_verified_events,
     verify_chain, verify_chain_against, verify_reader, verify_trail,
@@ -54,6 +56,7 @@ pub use s3_multipart_chunks::MultipartChunkStore;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql_audit::{
     SqlAuditSink, read_verified_sql_events, verify_sql_chain, verify_sql_chain_against,
+    verify_sql_chain_against_all,
 };
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql_notifications::SqlNotificationStore;

@@ -5,10 +5,19 @@
 //! trail ([`JsonlAuditSink`](crate::JsonlAuditSink)), the same fields and
 //! the same hash; [`verify_sql_chain`] feeds the rows, as those lines, to
 //! the same verifier ([`verify_reader`]).
+//!
+//! The chain head can be anchored outside the database
+//! ([`SqlAuditSink::open_anchored`]): a file under the gateway's data
+//! folder, replaced crash-safely ([`write_anchor`]) at start, every N
+//! records, periodically and at close, which [`verify_sql_chain_against_all`]
+//! checks the table against, so a table cut or rewritten by whoever can
+//! lift the triggers (the owner, a superuser) is caught.
 
 use std::fmt;
 use std::io::{self, BufRead, Read};
-use std::sync::{Arc, PoisonError};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -16,6 +25,7 @@ use relaypacs_core::{AuditEvent, AuditSink, Error, Result, StorageErrorKind};
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::audit_anchor::{read_anchor, sweep_anchor_temps, write_anchor};
 use crate::local_audit::{ChainError, ChainErrorKind, ChainHead, link_hash, verify_reader};
 use crate::sql_state::{SqlState, corrupt, db_err};
 
@@ -44,10 +54,86 @@ use crate::sql_state::{SqlState, corrupt, db_err};
 /// PostgreSQL, run the gateways as a role granted only `SELECT, INSERT` on
 /// `audit_events` and `SELECT, UPDATE` on `audit_head` (see
 /// `migrations/postgres/0002_audit.sql`).
+///
+/// # Anchor
+/// Opened with [`open_anchored`](Self::open_anchored), the sink keeps the
+/// chain head in a file outside the database (see
+/// [`crate::audit_anchor`]); each gateway of a shared chain keeps its own.
 #[derive(Clone)]
 pub struct SqlAuditSink {
     db: SqlState,
     queue: Arc<Queue>,
+    shared: Arc<Shared>,
+}
+
+/// What the writer task, the anchor timer and the sink share.
+#[derive(Default)]
+struct Shared {
+    /// The head after the last batch this sink committed (or as read at
+    /// open): the head naming this sink's last record.
+    last: std::sync::Mutex<Option<ChainHead>>,
+    /// The anchor file and when it is written, if anchored.
+    anchor: Option<tokio::sync::Mutex<AnchorState>>,
+}
+
+impl Shared {
+    fn last(&self) -> Option<ChainHead> {
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Remember `head` if it is past the one known (batches of one sink
+    /// commit in order; a read at open may race a first append).
+    fn advance(&self, head: ChainHead) {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_none_or(|l| l.count < head.count) {
+            *last = Some(head);
+        }
+    }
+
+    /// Write `head` to the anchor file when it is past the anchored one
+    /// (`force`) or when a periodic anchor is due. Anchors never go
+    /// backwards: one writer at a time, under the lock.
+    async fn anchor(&self, head: ChainHead, force: bool) -> Result<()> {
+        let Some(anchor) = &self.anchor else {
+            return Ok(());
+        };
+        let mut st = anchor.lock().await;
+        if head.count <= st.anchored.count || !(force || st.due(head.count)) {
+            return Ok(());
+        }
+        let path = st.path.clone();
+        // Crash-safe: temp file + fsync + rename + fsync dir (write_anchor).
+        let res = tokio::task::spawn_blocking(move || write_anchor(&path, head))
+            .await
+            .map_err(|e| {
+                Error::storage(StorageErrorKind::Io, "audit anchor task", e.to_string())
+            })?;
+        st.anchored_at = Instant::now();
+        res?;
+        st.anchored = head;
+        Ok(())
+    }
+}
+
+/// An anchored sink's anchor: where, what was last written, and when the
+/// next is due.
+struct AnchorState {
+    path: PathBuf,
+    anchored: ChainHead,
+    anchored_at: Instant,
+    every_records: u64,
+    interval: Option<Duration>,
+}
+
+impl AnchorState {
+    fn due(&self, count: u64) -> bool {
+        let by_count = self.every_records > 0
+            && count.saturating_sub(self.anchored.count) >= self.every_records;
+        let by_time = self
+            .interval
+            .is_some_and(|t| self.anchored_at.elapsed() >= t);
+        by_count || by_time
+    }
 }
 
 impl fmt::Debug for SqlAuditSink {
@@ -89,8 +175,9 @@ async fn read_head(db: &SqlState) -> Result<ChainHead> {
     })
 }
 
-/// Append `events` (their JSON) as the next records, in one transaction.
-async fn append(db: &SqlState, events: &[String]) -> Result<()> {
+/// Append `events` (their JSON) as the next records, in one transaction;
+/// returns the head after them.
+async fn append(db: &SqlState, events: &[String]) -> Result<ChainHead> {
     const OP: &str = "append audit record";
     let n = i64::try_from(events.len()).map_err(|_| corrupt(OP, "batch beyond 2^63"))?;
     let mut tx = db.pool().begin().await.map_err(|e| db_err(OP, e))?;
@@ -129,7 +216,11 @@ async fn append(db: &SqlState, events: &[String]) -> Result<()> {
         .map_err(|e| db_err(OP, e))?;
     // Durable point: the commit (WAL fsync on SQLite, synchronous_commit
     // on PostgreSQL).
-    tx.commit().await.map_err(|e| db_err(OP, e))
+    tx.commit().await.map_err(|e| db_err(OP, e))?;
+    Ok(ChainHead {
+        count: to_u64(OP, records)?,
+        hash: prev,
+    })
 }
 
 /// Most records one transaction appends.
@@ -179,14 +270,21 @@ fn copy_err(e: &Error) -> Error {
 
 /// Write what is queued (run once per queued event: each event is taken
 /// by its own run or an earlier one).
-async fn write_queued(db: SqlState, queue: Arc<Queue>) {
+async fn write_queued(db: SqlState, queue: Arc<Queue>, shared: Arc<Shared>) {
     let _writer = queue.writer.lock().await;
     let batch = queue.take();
     let Some(last) = batch.len().checked_sub(1) else {
         return; // an earlier run took them
     };
     let (events, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-    let mut res = Some(append(&db, &events).await);
+    let appended = append(&db, &events).await;
+    // Known before any waiter hears back: a caller reading the head
+    // after its `record` (the syslog decorator) gets its batch's.
+    let head = appended.as_ref().ok().copied();
+    if let Some(h) = head {
+        shared.advance(h);
+    }
+    let mut res = Some(appended.map(|_| ()));
     for (i, waiter) in waiters.into_iter().enumerate() {
         let answer = match &res {
             Some(Err(e)) if i < last => Err(copy_err(e)),
@@ -197,6 +295,15 @@ async fn write_queued(db: SqlState, queue: Arc<Queue>) {
         // with the others'.
         let _ = waiter.send(answer);
     }
+    // The periodic anchor, once the records it counts are committed
+    // (still under the writer lock: anchors follow commits in order).
+    if let Some(h) = head
+        && let Err(e) = shared.anchor(h, false).await
+    {
+        // The records are durable and acknowledged; the anchor is retried
+        // at the next period. Logged here, the only place it is seen.
+        tracing::error!(error = %e, "could not anchor the SQL audit chain");
+    }
 }
 
 impl SqlAuditSink {
@@ -205,13 +312,174 @@ impl SqlAuditSink {
         Self {
             db,
             queue: Arc::default(),
+            shared: Arc::default(),
         }
+    }
+
+    /// An audit sink on `db` whose chain head is anchored in the file
+    /// `anchor` (kept outside the database: one per gateway).
+    ///
+    /// At open, the chain must still hold the anchored head (the record at
+    /// its position carries its hash), else opening fails
+    /// ([`StorageErrorKind::Corrupt`]): the table was cut or rewritten
+    /// since. The head is then anchored, and again once `every_records`
+    /// records were appended by this sink since the last anchor (0: not by
+    /// count), every `interval` when the chain moved (by a timer task;
+    /// `None`: not by time) and at [`close`](AuditSink::close). An anchor
+    /// is written only once the records it counts are committed, so it
+    /// never runs ahead of the chain; it never goes backwards.
+    pub async fn open_anchored(
+        db: SqlState,
+        anchor: impl Into<PathBuf>,
+        every_records: u64,
+        interval: Option<Duration>,
+    ) -> Result<Self> {
+        const OP: &str = "check the SQL audit chain against its anchor";
+        let path = anchor.into();
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let (p, d) = (path.clone(), dir.clone());
+        let anchored = tokio::task::spawn_blocking(move || {
+            crate::fs::create_dir_durable(&d)?;
+            sweep_anchor_temps(&p)?;
+            read_anchor(&p).map_err(|e| Error::storage(StorageErrorKind::Corrupt, OP, e))
+        })
+        .await
+        .map_err(|e| Error::storage(StorageErrorKind::Io, OP, e.to_string()))??;
+        if let Some(a) = anchored {
+            check_holds(&db, a.head, &path).await?;
+        }
+        let head = read_head(&db).await?;
+        let shared = Arc::new(Shared {
+            last: std::sync::Mutex::new(Some(head)),
+            anchor: Some(tokio::sync::Mutex::new(AnchorState {
+                path: path.clone(),
+                anchored: anchored.map_or(
+                    ChainHead {
+                        count: 0,
+                        hash: [0; 32],
+                    },
+                    |a| a.head,
+                ),
+                anchored_at: Instant::now(),
+                every_records,
+                interval,
+            })),
+        });
+        if anchored.is_none_or(|a| a.head != head) {
+            // The first anchor of a new file, even of an empty chain.
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || write_anchor(&p, head))
+                .await
+                .map_err(|e| Error::storage(StorageErrorKind::Io, OP, e.to_string()))??;
+            if let Some(a) = &shared.anchor {
+                a.lock().await.anchored = head;
+            }
+        }
+        if let Some(every) = interval.filter(|d| !d.is_zero()) {
+            tokio::spawn(anchor_timer(Arc::downgrade(&shared), db.clone(), every));
+        }
+        Ok(Self {
+            db,
+            queue: Arc::default(),
+            shared,
+        })
+    }
+
+    /// The anchor file, when anchored.
+    pub async fn anchor_path(&self) -> Option<PathBuf> {
+        match &self.shared.anchor {
+            Some(a) => Some(a.lock().await.path.clone()),
+            None => None,
+        }
+    }
+
+    /// Write the chain head as the database records it now to the anchor
+    /// file (crash-safe), when it moved; returns it. Without an anchor,
+    /// only returns it.
+    pub async fn anchor(&self) -> Result<ChainHead> {
+        let head = read_head(&self.db).await?;
+        self.shared.advance(head);
+        self.shared.anchor(head, true).await?;
+        Ok(head)
+    }
+
+    /// The head after this sink's last committed record (or the
+    /// database's head as read at open or by [`head`](Self::head)), to
+    /// name the chain position of a record just recorded; `None` before
+    /// any is known.
+    pub fn last_head(&self) -> Option<ChainHead> {
+        self.shared.last()
     }
 
     /// The chain head as the database records it (`audit_head`), to keep
     /// as an anchor outside the database (see [`verify_sql_chain_against`]).
     pub async fn head(&self) -> Result<ChainHead> {
-        read_head(&self.db).await
+        let head = read_head(&self.db).await?;
+        self.shared.advance(head);
+        Ok(head)
+    }
+}
+
+/// Check that the chain holds `anchor` (read from `path`): the record at
+/// its position exists and carries its hash. One indexed read, not a
+/// verification of the chain.
+async fn check_holds(db: &SqlState, anchor: ChainHead, path: &Path) -> Result<()> {
+    const OP: &str = "check the SQL audit chain against its anchor";
+    let Some(last) = anchor.count.checked_sub(1) else {
+        return Ok(());
+    };
+    let seq = i64::try_from(last).map_err(|_| corrupt(OP, "anchor beyond 2^63 records"))?;
+    let row = sqlx::query("SELECT hash FROM audit_events WHERE seq = $1")
+        .bind(seq)
+        .fetch_optional(db.pool())
+        .await
+        .map_err(|e| db_err(OP, e))?;
+    let why = match row {
+        None => "the chain no longer holds the anchored record: its tail was cut",
+        Some(r) => {
+            let hash: String = r.try_get(0).map_err(|e| db_err(OP, e))?;
+            if hash == hex::encode(anchor.hash) {
+                return Ok(());
+            }
+            "the record at the anchored position is not the anchored one: the chain was rewritten"
+        }
+    };
+    Err(corrupt(
+        OP,
+        format!(
+            "{why} (anchor {}: {} records, last hash {}); run `relaypacs audit verify`",
+            path.display(),
+            anchor.count,
+            hex::encode(anchor.hash)
+        ),
+    ))
+}
+
+/// Anchor the database's head every `every` when it moved, while the sink
+/// lives and its pool is open.
+async fn anchor_timer(shared: Weak<Shared>, db: SqlState, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate; the chain was just anchored
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if db.pool().is_closed() {
+            return;
+        }
+        let res = match read_head(&db).await {
+            Ok(head) => shared.anchor(head, true).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            // Nobody awaits this task: this is the one place the failure is seen.
+            tracing::error!(error = %e, "could not anchor the SQL audit chain");
+        }
     }
 }
 
@@ -225,7 +493,11 @@ impl AuditSink for SqlAuditSink {
         // caller that gives up leaves the whole batch or nothing.
         let (tx, rx) = oneshot::channel();
         self.queue.push((json, tx));
-        tokio::spawn(write_queued(self.db.clone(), self.queue.clone()));
+        tokio::spawn(write_queued(
+            self.db.clone(),
+            self.queue.clone(),
+            self.shared.clone(),
+        ));
         rx.await.map_err(|_| {
             Error::storage(
                 StorageErrorKind::Io,
@@ -247,6 +519,39 @@ impl AuditSink for SqlAuditSink {
                 serde_json::from_str(&text).map_err(|e| corrupt("parse audit event", e))
             })
             .collect()
+    }
+
+    /// Anchor the database's head (crash-safe) when anchored, so that
+    /// nothing committed before the stop can be cut unnoticed.
+    async fn close(&self) -> Result<()> {
+        if self.shared.anchor.is_some() {
+            self.anchor().await?;
+        }
+        Ok(())
+    }
+}
+
+/// The head naming this sink's last record, for the syslog decorator
+/// (exact while every record of this sink goes through it: it serializes
+/// record and head read). Before any record, the database's head; if that
+/// cannot be read, the empty head (logged).
+#[cfg(feature = "syslog")]
+#[async_trait]
+impl crate::syslog_audit::ChainHeadSource for SqlAuditSink {
+    async fn chain_head(&self) -> ChainHead {
+        if let Some(h) = self.shared.last() {
+            return h;
+        }
+        match self.head().await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the SQL audit chain head");
+                ChainHead {
+                    count: 0,
+                    hash: [0; 32],
+                }
+            }
+        }
     }
 }
 
@@ -292,10 +597,26 @@ pub async fn verify_sql_chain_against(
     db: &SqlState,
     anchor: ChainHead,
 ) -> std::result::Result<ChainHead, ChainError> {
+    verify_sql_chain_against_all(db, &[anchor]).await
+}
+
+/// [`verify_sql_chain_against`] for several anchors at once (one per
+/// gateway appending to the chain), in one pass over the table: the chain
+/// must hold every one of them (at least its count of records, the record
+/// at its position carrying its hash). Read the anchors before calling:
+/// an anchor never runs ahead of the chain, so appends meanwhile cause no
+/// false alarm. With no anchor, as [`verify_sql_chain`].
+pub async fn verify_sql_chain_against_all(
+    db: &SqlState,
+    anchors: &[ChainHead],
+) -> std::result::Result<ChainHead, ChainError> {
     let recorded = read_head(db)
         .await
         .map_err(|e| ChainError::file(e.to_string()))?;
-    let (head, _) = verify_rows(db, Some(anchor), false).await?;
+    // The longest anchor goes to the verifier (cut tail, mismatch at its
+    // position); the others are checked as their rows stream by.
+    let longest = anchors.iter().copied().max_by_key(|a| a.count);
+    let (head, _) = verify_rows_with(db, longest, anchors, false).await?;
     // The head row was read before the rows: the chain holds at least it.
     if head.count < recorded.count {
         return Err(ChainError::at(
@@ -322,6 +643,18 @@ async fn verify_rows(
     anchor: Option<ChainHead>,
     collect: bool,
 ) -> std::result::Result<(ChainHead, Vec<AuditEvent>), ChainError> {
+    verify_rows_with(db, anchor, &[], collect).await
+}
+
+/// [`verify_rows`], also checking that each row at the position of one of
+/// `more` anchors carries its hash (reported once the chain verified, so
+/// a defect before it is named first).
+async fn verify_rows_with(
+    db: &SqlState,
+    anchor: Option<ChainHead>,
+    more: &[ChainHead],
+    collect: bool,
+) -> std::result::Result<(ChainHead, Vec<AuditEvent>), ChainError> {
     let (tx, rx) = mpsc::channel::<io::Result<Vec<u8>>>(ROWS_IN_FLIGHT);
     let verifier = tokio::task::spawn_blocking(move || {
         let mut events = Vec::new();
@@ -333,23 +666,54 @@ async fn verify_rows(
         Ok((head, events))
     });
     let feed = async move {
+        let mut mismatch: Option<ChainError> = None;
         let mut rows = sqlx::query("SELECT seq, prev, hash, event FROM audit_events ORDER BY seq")
             .fetch(db.pool());
         loop {
             let item = match rows.try_next().await {
-                Ok(Some(row)) => chain_line(&row),
-                Ok(None) => return,
+                Ok(Some(row)) => {
+                    if mismatch.is_none() {
+                        mismatch = anchor_mismatch(&row, more);
+                    }
+                    chain_line(&row)
+                }
+                Ok(None) => return mismatch,
                 Err(e) => Err(io::Error::other(e)),
             };
             let failed = item.is_err();
             // A closed channel: the verifier stopped at a bad record.
             if tx.send(item).await.is_err() || failed {
-                return;
+                return mismatch;
             }
         }
     };
-    let ((), verified) = tokio::join!(feed, verifier);
-    verified.map_err(|e| ChainError::file(format!("verifier task: {e}")))?
+    let (mismatch, verified) = tokio::join!(feed, verifier);
+    let verified = verified.map_err(|e| ChainError::file(format!("verifier task: {e}")))??;
+    match mismatch {
+        Some(e) => Err(e),
+        None => Ok(verified),
+    }
+}
+
+/// Whether `row` sits at the position of one of `anchors` without its
+/// hash: the chain was rewritten after that anchor was written.
+fn anchor_mismatch(row: &sqlx::any::AnyRow, anchors: &[ChainHead]) -> Option<ChainError> {
+    let seq: i64 = row.try_get(0).ok()?;
+    let hash: String = row.try_get(2).ok()?;
+    let seq = u64::try_from(seq).ok()?;
+    let a = anchors
+        .iter()
+        .find(|a| a.count == seq + 1 && hex::encode(a.hash) != hash)?;
+    Some(ChainError::at(
+        seq,
+        Some(seq),
+        ChainErrorKind::AnchorMismatch,
+        format!(
+            "differs from an anchored head ({} records, last hash {}): the chain was rewritten",
+            a.count,
+            hex::encode(a.hash)
+        ),
+    ))
 }
 
 /// One row as the line the JSON-lines trail holds for it. The strings are

@@ -37,6 +37,11 @@ pub struct SqlOptions {
     /// How long one statement may run (PostgreSQL `statement_timeout`;
     /// SQLite's `busy_timeout`, the wait for another writer's lock).
     pub statement_timeout: Duration,
+    /// Run the embedded migrations at connect (default). `false`: only
+    /// check that the schema is at this build's version (every embedded
+    /// migration applied, none unknown), for a role that may not change the
+    /// schema; the owner migrates with [`SqlState::migrate`].
+    pub migrate: bool,
 }
 
 impl Default for SqlOptions {
@@ -45,6 +50,7 @@ impl Default for SqlOptions {
             max_connections: 8,
             acquire_timeout: Duration::from_secs(30),
             statement_timeout: Duration::from_secs(30),
+            migrate: true,
         }
     }
 }
@@ -222,26 +228,94 @@ impl SqlState {
                 local_leases: std::sync::Mutex::new(Default::default()),
             }),
         };
-        state.migrate().await?;
+        if options.migrate {
+            state.migrate().await?;
+        } else {
+            state.check_schema().await?;
+        }
         Ok(state)
     }
 
-    async fn migrate(&self) -> Result<(), Error> {
-        let result = match self.engine {
-            Engine::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&self.pool).await,
-            Engine::Postgres => {
-                sqlx::migrate!("./migrations/postgres")
-                    .run(&self.pool)
-                    .await
-            }
-        };
+    /// This engine's embedded migrations.
+    fn migrator(&self) -> sqlx::migrate::Migrator {
+        match self.engine {
+            Engine::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+            Engine::Postgres => sqlx::migrate!("./migrations/postgres"),
+        }
+    }
+
+    /// Run the embedded migrations not yet applied (under the engine's
+    /// lock); what [`connect`](Self::connect) does unless
+    /// [`SqlOptions::migrate`] is off. Returns the schema version.
+    pub async fn migrate(&self) -> Result<i64, Error> {
+        let migrator = self.migrator();
+        let result = migrator.run(&self.pool).await;
         result.map_err(|e| {
             Error::storage(
                 StorageErrorKind::Io,
                 "migrate the state database",
                 e.to_string(),
             )
-        })
+        })?;
+        Ok(Self::latest(&migrator))
+    }
+
+    fn latest(migrator: &sqlx::migrate::Migrator) -> i64 {
+        migrator.iter().map(|m| m.version).max().unwrap_or(0)
+    }
+
+    /// Check, without changing anything, that the schema is this build's:
+    /// every embedded migration applied (same checksum) and none unknown.
+    /// Returns the version; the error names what differs and what to run.
+    pub async fn check_schema(&self) -> Result<i64, Error> {
+        const OP: &str = "check the state database schema";
+        let migrator = self.migrator();
+        let expected = Self::latest(&migrator);
+        let refuse = |why: String| {
+            Error::storage(
+                StorageErrorKind::Corrupt,
+                OP,
+                format!(
+                    "{why}; this relaypacs expects schema version {expected}: run                      `relaypacs migrate` as the database owner (or set [state] migrate = true)"
+                ),
+            )
+        };
+        let rows = sqlx::query(
+            "SELECT version, checksum FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| refuse(format!("the migrations table cannot be read ({e})")))?;
+        let mut applied = std::collections::BTreeMap::new();
+        for row in &rows {
+            use sqlx::Row;
+            let version: i64 = row.try_get(0).map_err(|e| db_err(OP, e))?;
+            let checksum: Vec<u8> = row.try_get(1).map_err(|e| db_err(OP, e))?;
+            applied.insert(version, checksum);
+        }
+        for m in migrator.iter() {
+            match applied.remove(&m.version) {
+                None => {
+                    return Err(refuse(format!(
+                        "migration {} ({}) is not applied",
+                        m.version, m.description
+                    )));
+                }
+                Some(sum) if sum != *m.checksum => {
+                    return Err(refuse(format!(
+                        "migration {} ({}) was applied with other content",
+                        m.version, m.description
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some((v, _)) = applied.pop_last() {
+            return Err(refuse(format!(
+                "the database holds migration {v}, unknown to this build (a newer relaypacs                  migrated it)"
+            )));
+        }
+        Ok(expected)
     }
 
     /// The pool, for stores built on this database.

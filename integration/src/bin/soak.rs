@@ -1173,8 +1173,14 @@ max_delay = 1.0
     }
     eprintln!("soak: Orthanc checked after {:?}", started.elapsed());
     // Delivered once: one successful forward record per session.
-    let trail =
-        std::fs::read_to_string(data_dir.join("audit").join("audit.jsonl")).unwrap_or_default();
+    // The trail is the state database's chain: read it as the CLI exports it.
+    let exported = Command::new(&gw.bin)
+        .arg("--config")
+        .arg(&gw.config)
+        .args(["audit", "export", "--format", "jsonl"])
+        .output()
+        .expect("run relaypacs audit export");
+    let trail = String::from_utf8_lossy(&exported.stdout).into_owned();
     let mut forwards: BTreeMap<String, u32> = BTreeMap::new();
     for line in trail.lines() {
         if let Ok(v) = serde_json::from_str::<Value>(line) {
