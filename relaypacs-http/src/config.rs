@@ -95,7 +95,10 @@ pub enum ChunksConfig {
     /// Files under a local folder (default `<data_dir>/chunks`).
     Local {
         /// Folder; default `<data_dir>/chunks`.
-        #[serde(default)]
+        // Unset, it is not serialized: `Config::load` merges the file's
+        // `[chunks]` over the serialized defaults, and a `path` left there
+        // is an unknown field of `kind = "s3"`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         path: Option<PathBuf>,
     },
     /// An S3 bucket (AWS or compatible): each file is one multipart
