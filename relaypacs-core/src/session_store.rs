@@ -119,7 +119,17 @@ impl FileScope {
 /// - [`update_file_scope`](Self::update_file_scope) is the same
 ///   compare-and-set on the session's version, writing the session and
 ///   only the files it carries (inserted or replaced); the stored files it
-///   does not carry stay as they are.
+///   does not carry stay as they are. With no file it writes the session
+///   head only, at a cost that does not grow with the session's files
+///   (how the pipeline records a state, a delivery lease or an outcome).
+/// - No write leaves two [`Valid`](crate::FileState::Valid) files of one
+///   session with one SOP Instance UID:
+///   [`update_file_scope`](Self::update_file_scope) (and
+///   [`update_session`](Self::update_session)) refuse it atomically with
+///   the compare-and-set, as
+///   [`Error::Conflict`](crate::Error::Conflict) `RELAY_DUPLICATE_INSTANCE`,
+///   and write nothing (conformance case `one_instance_per_session`). The
+///   pipeline relies on it and checks nothing before its write.
 /// - Operations on a session that does not exist return
 ///   [`Error::NotFound`](crate::Error::NotFound).
 ///
@@ -197,6 +207,22 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         merged
             .files
             .extend(session.files.iter().map(|(k, f)| (*k, f.clone())));
+        // One valid file per SOP Instance UID: checked on the merged record,
+        // which the compare-and-set below writes only if nothing changed.
+        let mut seen = std::collections::BTreeSet::new();
+        for f in merged.files.values() {
+            if let crate::model::FileState::Valid { dicom } = &f.state
+                && !seen.insert(&dicom.sop_instance_uid)
+            {
+                return Err(crate::Error::conflict(
+                    "RELAY_DUPLICATE_INSTANCE",
+                    format!(
+                        "SOP Instance UID {} is already in this session",
+                        dicom.sop_instance_uid
+                    ),
+                ));
+            }
+        }
         self.update_session(&merged, expected).await
     }
 

@@ -25,8 +25,16 @@ use crate::sql_state::{Engine, SqlState, corrupt, db_err};
 /// it returns (see [`SqlState`]), atomic across every process sharing the
 /// database, and rolled back if its future is dropped.
 ///
-/// An update writes only the files whose record changed, after reading the
-/// stored ones: its cost grows with the number of files of the session.
+/// A whole-record update ([`update_session`](SessionStore::update_session))
+/// writes only the files whose record changed, after reading the stored
+/// ones: its cost grows with the number of files of the session. A scoped
+/// update ([`update_file_scope`](SessionStore::update_file_scope)) reads
+/// and writes only the files it carries; with none, only the session's
+/// row (the delivery worker's lease and outcome, a completion).
+///
+/// Two valid files of one session never share a SOP Instance UID: a
+/// partial unique index (migration 0009) refuses the write inside its own
+/// transaction, answered as `Conflict` `RELAY_DUPLICATE_INSTANCE`.
 #[derive(Clone, Debug)]
 pub struct SqlSessionStore {
     db: SqlState,
@@ -207,6 +215,7 @@ impl SqlSessionStore {
             FileState::Valid { dicom } => Some(dicom.sop_instance_uid.as_str().to_owned()),
             FileState::Uploading => None,
         };
+        let duplicate = sop.clone();
         sqlx::query(
             "INSERT INTO session_files (session_id, file_id, body, size, sop_instance_uid) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id, file_id) DO UPDATE SET \
@@ -219,7 +228,20 @@ impl SqlSessionStore {
         .bind(sop)
         .execute(conn)
         .await
-        .map_err(|e| db_err("store file", e))?;
+        .map_err(|e| match (&e, duplicate) {
+            // The upsert's own key (session, file) cannot conflict: the one
+            // other unique index of the table is session_files_one_instance
+            // (migration 0009), another valid file of this session with
+            // this SOP Instance UID. The caller's transaction is dropped,
+            // so nothing of the write stays.
+            (sqlx::Error::Database(d), Some(uid)) if d.is_unique_violation() => {
+                Error::conflict(
+                    "RELAY_DUPLICATE_INSTANCE",
+                    format!("SOP Instance UID {uid} is already in this session"),
+                )
+            }
+            _ => db_err("store file", e),
+        })?;
         Ok(())
     }
 
@@ -228,6 +250,20 @@ impl SqlSessionStore {
     async fn write_files(conn: &mut sqlx::AnyConnection, rec: &SessionRecord) -> Result<()> {
         let mut stored = Self::stored_files(&mut *conn, rec.id).await?;
         let sid = rec.id.to_string();
+        // Removed files go first: a file that takes over the SOP Instance
+        // UID of a removed one in the same write must not meet it in the
+        // unique index.
+        for gone in stored
+            .keys()
+            .filter(|k| !FileId::parse(k).is_ok_and(|id| rec.files.contains_key(&id)))
+        {
+            sqlx::query("DELETE FROM session_files WHERE session_id = $1 AND file_id = $2")
+                .bind(&sid)
+                .bind(gone)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| db_err("remove file", e))?;
+        }
         for (fid, file) in &rec.files {
             let key = fid.to_string();
             let body = to_json("encode file", file)?;
@@ -235,14 +271,6 @@ impl SqlSessionStore {
                 continue;
             }
             Self::put_file(&mut *conn, &sid, file, body).await?;
-        }
-        for gone in stored.keys() {
-            sqlx::query("DELETE FROM session_files WHERE session_id = $1 AND file_id = $2")
-                .bind(&sid)
-                .bind(gone)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| db_err("remove file", e))?;
         }
         sqlx::query("UPDATE sessions SET file_count = $1, declared_bytes = $2 WHERE id = $3")
             .bind(to_i64(rec.files.len() as u64)?)

@@ -387,8 +387,10 @@ impl Pipeline {
         worker: &str,
         config: &OutboxConfig,
     ) -> Result<Lease> {
-        let current = match self.inner.sessions.load_session(id).await {
-            Ok(v) => v,
+        // The head only: deciding and taking the lease never reads the
+        // session's files; the attempt reads them once, under the lease.
+        let current = match self.inner.sessions.load_file_scope(id, None).await {
+            Ok(v) => v.session,
             Err(Error::NotFound { .. }) => return Ok(Lease::NotNow(Next::Done)),
             Err(e) => return Err(e),
         };
@@ -406,7 +408,7 @@ impl Pipeline {
         // not take the entry over and send the study a second time at once.
         let mut later = None;
         let taken = self
-            .update(id, current, |r| {
+            .update_head(id, current, false, |r| {
                 if r.state != SessionState::Forwarding {
                     return Err(Error::conflict("RELAY_OUTBOX_MOVED", "entry changed"));
                 }
@@ -421,10 +423,15 @@ impl Pipeline {
             })
             .await;
         match (taken, later) {
-            (Ok((rec, attempts)), _) => Ok(Lease::Taken {
-                rec: Box::new(rec),
-                attempts,
-            }),
+            (Ok((_, attempts)), _) => {
+                // Under the lease the session is Forwarding: its files no
+                // longer change, and its head only by this worker.
+                let rec = self.inner.sessions.load_session(id).await?.value;
+                Ok(Lease::Taken {
+                    rec: Box::new(rec),
+                    attempts,
+                })
+            }
             (
                 Err(Error::Conflict {
                     code: "RELAY_OUTBOX_LEASED",
@@ -538,8 +545,8 @@ impl Pipeline {
             OutboxEvent::Retrying { next, .. } => Some(*next),
             _ => None,
         };
-        let current = self.inner.sessions.load_session(id).await?;
-        self.update(id, current, |r| {
+        let current = self.inner.sessions.load_file_scope(id, None).await?.session;
+        self.update_head(id, current, false, |r| {
             if r.delivery.lease_owner.as_deref() != Some(worker) {
                 return Err(Error::conflict(
                     "RELAY_OUTBOX_LEASE_LOST",

@@ -212,7 +212,7 @@ impl Pipeline {
         }
         let now = OffsetDateTime::now_utc();
         let (rec, ()) = self
-            .update(id, current, |r| {
+            .update_head(id, current, true, |r| {
                 if !matches!(r.state, SessionState::DeadLetter { .. }) {
                     return Err(Error::conflict(
                         "RELAY_NOT_DEAD_LETTER",

@@ -78,7 +78,7 @@ impl Pipeline {
             .collect();
         let owner = rec.owner.clone();
         let (_, ()) = self
-            .update(id, current, |r| {
+            .update_head(id, current, false, |r| {
                 r.delivery.reports.extend(new.iter().cloned());
                 r.delivery.reports_checked_at = Some(now);
                 Ok(())

@@ -181,6 +181,12 @@ impl Pipeline {
                         .await
                     {
                         tracing::warn!(error = %r, "could not release an instance claim");
+                    } else if matches!(&e, Error::Conflict { code, .. } if *code == "RELAY_DUPLICATE_INSTANCE")
+                    {
+                        // The file of this UID the session accepted claimed
+                        // after this one and was told "accepted before":
+                        // the index passes to it rather than to nobody.
+                        self.reclaim_for_session(id, &dicom.sop_instance_uid).await;
                     }
                 }
                 return Err(refused(e, &dicom));
@@ -258,35 +264,11 @@ impl Pipeline {
         dicom: &DicomSummary,
         (digest, data_set_sha256): (Sha256Digest, Sha256Digest),
     ) -> Result<SessionRecord> {
-        // The session's other files with this SOP Instance UID, read at the
-        // version the write below is conditional on: a file validated in
-        // between changes the version, so the write fails and both are
-        // read again.
+        // A second file of this SOP Instance UID in the session is refused
+        // by the store inside the write itself (Conflict
+        // RELAY_DUPLICATE_INSTANCE, see SessionStore::update_file_scope):
+        // no read before the compare-and-set, one transaction per attempt.
         for _ in 0..64 {
-            let version = current.session.version;
-            let others = self
-                .inner
-                .sessions
-                .files_with_instance(id, &dicom.sop_instance_uid)
-                .await?;
-            let reread = self
-                .inner
-                .sessions
-                .load_file_scope(id, Some(file_id))
-                .await?;
-            if reread.session.version != version {
-                current = reread;
-                continue;
-            }
-            if others.iter().any(|f| *f != file_id) {
-                return Err(Error::conflict(
-                    "RELAY_DUPLICATE_INSTANCE",
-                    format!(
-                        "SOP Instance UID {} is already in this session",
-                        dicom.sop_instance_uid
-                    ),
-                ));
-            }
             match self
                 .record_valid_at(file_id, current, dicom, (digest, data_set_sha256))
                 .await
@@ -411,6 +393,37 @@ impl Pipeline {
         Err(Error::Busy {
             what: format!("the index entry of SOP Instance UID {sop}"),
         })
+    }
+
+    /// Claim `sop` in the index for the valid file of session `id` that
+    /// holds it (after another file of the session, refused as its
+    /// duplicate, gave its claim up). Best effort, logged: a claim made
+    /// meanwhile by another session stands.
+    async fn reclaim_for_session(&self, id: SessionId, sop: &Uid) {
+        let result: Result<()> = async {
+            for f in self.inner.sessions.files_with_instance(id, sop).await? {
+                let scope = self.inner.sessions.load_file_scope(id, Some(f)).await?;
+                let Some(file) = scope.session.value.files.get(&f) else {
+                    continue;
+                };
+                if let (FileState::Valid { dicom }, Some(ds)) = (&file.state, file.data_set_sha256)
+                {
+                    let claim = InstanceClaim::new(
+                        sop.clone(),
+                        ds,
+                        dicom.study_instance_uid.clone(),
+                        id,
+                        f,
+                    );
+                    self.inner.sessions.claim_instance(&claim).await?;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, session = %id, "could not pass an instance claim on");
+        }
     }
 
     /// Whether a claim's file no longer exists (removed, session gone).

@@ -549,6 +549,55 @@ impl Pipeline {
         })
     }
 
+    /// [`update`](Self::update) of the session head only (state, delivery,
+    /// lease, study): `change` may read the files `current` holds but must
+    /// not change them, and only the head is written
+    /// ([`SessionStore::update_file_scope`] with no file), so the write
+    /// costs the same for a session of one file or of 10,000. On a
+    /// concurrent update it reloads the whole session when `files` is
+    /// true (a `change` that decides on the files), else the head only.
+    /// The record returned holds the files `current` held.
+    pub(crate) async fn update_head<T>(
+        &self,
+        id: SessionId,
+        mut current: Versioned<SessionRecord>,
+        files: bool,
+        mut change: impl FnMut(&mut SessionRecord) -> Result<T>,
+    ) -> Result<(SessionRecord, T)> {
+        for _ in 0..64 {
+            let mut rec = current.value.clone();
+            let out = change(&mut rec)?;
+            debug_assert!(
+                rec.files == current.value.files,
+                "update_head changed files"
+            );
+            rec.updated_at = OffsetDateTime::now_utc();
+            let kept = std::mem::take(&mut rec.files);
+            match self
+                .inner
+                .sessions
+                .update_file_scope(&rec, current.version)
+                .await
+            {
+                Ok(_) => {
+                    rec.files = kept;
+                    return Ok((rec, out));
+                }
+                Err(Error::Precondition { .. }) => {
+                    current = if files {
+                        self.inner.sessions.load_session(id).await?
+                    } else {
+                        self.inner.sessions.load_file_scope(id, None).await?.session
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Busy {
+            what: "session is being updated concurrently".into(),
+        })
+    }
+
     /// Tell the delivery worker that `id` has work.
     pub(crate) fn wake_outbox(&self, id: SessionId) {
         lock(&self.inner.queued).push(id);

@@ -355,7 +355,7 @@ impl Pipeline {
         // the same session) reloads and finds it queued already, and is
         // then the documented no-op: no second "queued" record, no wake.
         let (rec, queued) = match self
-            .update(id, current, |rec| {
+            .update_head(id, current, true, |rec| {
                 match &rec.state {
                     SessionState::Open => {}
                     SessionState::Forwarding => return Ok(false),

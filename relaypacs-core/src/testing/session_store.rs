@@ -473,6 +473,156 @@ pub async fn compare_and_set(store: &dyn SessionStore) {
     ));
 }
 
+/// A scoped update with no file writes the session head only: every
+/// stored file and the totals stay as they are, and it is the same
+/// compare-and-set (the delivery worker's lease and outcome go this way).
+pub async fn head_only_updates(store: &dyn SessionStore) {
+    let mut s = sample_session();
+    for i in 0..3u64 {
+        let f = FileRecord {
+            id: FileId::random(),
+            name: format!("ct-{i}.dcm"),
+            size: 100 + i,
+            sha256: None,
+            data_set_sha256: None,
+            state: FileState::Uploading,
+        };
+        s.files.insert(f.id, f);
+    }
+    let v1 = store.create_session(&s).await.expect("create").version;
+    let mut head = store
+        .load_file_scope(s.id, None)
+        .await
+        .expect("head")
+        .session
+        .value;
+    assert!(head.files.is_empty());
+    head.state = SessionState::Forwarding;
+    head.delivery.attempts = 1;
+    head.delivery.lease_owner = Some("worker-a".into());
+    let v2 = store
+        .update_file_scope(&head, v1)
+        .await
+        .expect("head update");
+    assert!(v2 > v1);
+    let whole = store.load_session(s.id).await.expect("load");
+    assert_eq!(whole.version, v2);
+    assert_eq!(whole.value.files, s.files, "every file kept as it was");
+    assert_eq!(whole.value.state, SessionState::Forwarding);
+    assert_eq!(
+        whole.value.delivery.lease_owner.as_deref(),
+        Some("worker-a")
+    );
+    let scope = store.load_file_scope(s.id, None).await.expect("scope");
+    assert_eq!(
+        (scope.file_count, scope.declared_bytes),
+        (4, s.declared_bytes())
+    );
+    // Stale: refused, nothing written.
+    head.delivery.lease_owner = Some("worker-b".into());
+    assert!(matches!(
+        store.update_file_scope(&head, v1).await,
+        Err(Error::Precondition { .. })
+    ));
+    let after = store.load_session(s.id).await.expect("load");
+    assert_eq!(after.version, v2);
+    assert_eq!(
+        after.value.delivery.lease_owner.as_deref(),
+        Some("worker-a")
+    );
+}
+
+fn valid_as(f: &mut FileRecord, sop: &Uid) {
+    f.state = FileState::Valid {
+        dicom: crate::model::DicomSummary::new(
+            Uid::parse("1.2.840.10008.5.1.4.1.1.7").expect("uid"),
+            sop.clone(),
+            Uid::parse("1.2.3").expect("uid"),
+            Uid::parse("1.2.3.4").expect("uid"),
+            "P1",
+            Uid::parse("1.2.840.10008.1.2.1").expect("uid"),
+        ),
+    };
+}
+
+/// Two valid files of one session never share a SOP Instance UID: the
+/// write that would make them is refused with `Conflict`
+/// `RELAY_DUPLICATE_INSTANCE` and writes nothing (version, files and head
+/// unchanged), by a scoped or a whole-record update; another session may
+/// hold the UID (the index of accepted instances rules across sessions);
+/// once the first file is removed the UID may be taken again.
+pub async fn one_instance_per_session(store: &dyn SessionStore) {
+    let mut s = sample_session();
+    let second = FileRecord {
+        id: FileId::random(),
+        name: "ct-002.dcm".into(),
+        size: 1000,
+        sha256: None,
+        data_set_sha256: None,
+        state: FileState::Uploading,
+    };
+    s.files.insert(second.id, second.clone());
+    let mut ids = s.files.keys().copied();
+    let (a, b) = (ids.next().expect("a"), ids.next().expect("b"));
+    let v1 = store.create_session(&s).await.expect("create").version;
+    let sop = fresh_uid();
+    let scope = store.load_file_scope(s.id, Some(a)).await.expect("scope");
+    let mut rec = scope.session.value;
+    valid_as(rec.files.get_mut(&a).expect("a"), &sop);
+    let v2 = store.update_file_scope(&rec, v1).await.expect("a valid");
+    let is_duplicate = |r: crate::error::Result<u64>| {
+        matches!(
+            r,
+            Err(Error::Conflict {
+                code: "RELAY_DUPLICATE_INSTANCE",
+                ..
+            })
+        )
+    };
+    // File b with a's UID: refused, scoped or whole.
+    let scope = store.load_file_scope(s.id, Some(b)).await.expect("scope");
+    let mut rec = scope.session.value;
+    rec.study_instance_uid = Some(Uid::parse("1.2.3").expect("uid"));
+    valid_as(rec.files.get_mut(&b).expect("b"), &sop);
+    assert!(is_duplicate(store.update_file_scope(&rec, v2).await));
+    let mut whole = store.load_session(s.id).await.expect("load");
+    assert_eq!(whole.version, v2, "nothing written");
+    assert_eq!(whole.value.files[&b], second);
+    assert_eq!(whole.value.study_instance_uid, None);
+    valid_as(whole.value.files.get_mut(&b).expect("b"), &sop);
+    assert!(is_duplicate(store.update_session(&whole.value, v2).await));
+    let after = store.load_session(s.id).await.expect("load");
+    assert_eq!(after.version, v2, "nothing written");
+    assert_eq!(after.value.files[&b], second);
+    // Another session holds the same UID without a conflict.
+    let mut other = sample_session();
+    let o = *other.files.keys().next().expect("file");
+    valid_as(other.files.get_mut(&o).expect("o"), &sop);
+    store.create_session(&other).await.expect("another session");
+    // Rewriting file a itself with its own UID is no duplicate.
+    let mut again = store
+        .load_file_scope(s.id, Some(a))
+        .await
+        .expect("scope")
+        .session
+        .value;
+    again.files.get_mut(&a).expect("a").name = "renamed.dcm".into();
+    let v3 = store.update_file_scope(&again, v2).await.expect("a again");
+    // File a removed and b validated with its UID in one whole write.
+    let mut whole = store.load_session(s.id).await.expect("load");
+    assert_eq!(whole.version, v3);
+    whole.value.files.remove(&a);
+    valid_as(whole.value.files.get_mut(&b).expect("b"), &sop);
+    store
+        .update_session(&whole.value, v3)
+        .await
+        .expect("a removed, b takes its UID");
+    assert_eq!(
+        store.files_with_instance(s.id, &sop).await.expect("find"),
+        vec![b]
+    );
+}
+
 /// Of many concurrent updates from one version, exactly one succeeds.
 pub async fn concurrent_cas_has_one_winner(store: Arc<dyn SessionStore>) {
     let s = sample_session();
@@ -698,7 +848,7 @@ macro_rules! session_store_conformance {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, range_reservations, chunk_records, delete_session, instance_claims);
+            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, head_only_updates, one_instance_per_session, range_reservations, chunk_records, delete_session, instance_claims);
             $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap, concurrent_capped_file_additions_stop_at_the_cap);
         }
     };
