@@ -23,7 +23,9 @@ use super::users::{Role, UserRecord, UserStore};
 /// `totp_last_step` only ever rises: [`update`](UserStore::update) keeps the
 /// stored step when it is newer, and
 /// [`accept_totp_step`](UserStore::accept_totp_step) is a conditional
-/// update, so a TOTP code accepted by one gateway is refused by all.
+/// update, so a TOTP code accepted by one gateway is refused by all. The
+/// API's account changes (password, TOTP enrolment) are conditional
+/// UPDATEs of their own columns, so changes on two gateways both hold.
 #[derive(Clone, Debug)]
 pub struct SqlUserStore {
     db: SqlState,
@@ -205,6 +207,50 @@ impl UserStore for SqlUserStore {
                 .execute(self.db.pool())
                 .await
                 .map_err(|e| db_err("rehash password", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn change_password(
+        &self,
+        id: &str,
+        old: &str,
+        new: &str,
+        tokens_valid_after: OffsetDateTime,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE users SET password_hash = $3, tokens_valid_after = $4 \
+             WHERE id = $1 AND password_hash = $2",
+        )
+        .bind(id)
+        .bind(old)
+        .bind(new)
+        .bind(time_text(tokens_valid_after)?)
+        .execute(self.db.pool())
+        .await
+        .map_err(|e| db_err("change password", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn begin_totp(&self, id: &str, sealed: &str) -> Result<bool> {
+        let done = sqlx::query("UPDATE users SET totp_pending = $2 WHERE id = $1 AND totp IS NULL")
+            .bind(id)
+            .bind(sealed)
+            .execute(self.db.pool())
+            .await
+            .map_err(|e| db_err("begin TOTP enrolment", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn confirm_totp(&self, id: &str, sealed: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE users SET totp = $2, totp_pending = NULL \
+             WHERE id = $1 AND totp_pending = $2",
+        )
+        .bind(id)
+        .bind(sealed)
+        .execute(self.db.pool())
+        .await
+        .map_err(|e| db_err("confirm TOTP enrolment", e))?;
         Ok(done.rows_affected() == 1)
     }
 

@@ -76,7 +76,12 @@ pub struct UserRecord {
 /// if there is none), except that `totp_last_step` never goes down.
 /// `accept_totp_step` raises `totp_last_step` only if the stored step is
 /// lower, and `rehash_password` replaces the hash only if unchanged, each
-/// atomically. Every change is durable when it returns `Ok`.
+/// atomically. The account changes of the API (`change_password`,
+/// `begin_totp`, `confirm_totp`) are conditional updates of the columns
+/// they change, each one atomic step: two gateways changing one account
+/// at once never lose a change (`update` writes the whole record and is
+/// for a caller that holds the account alone, e.g. the command line).
+/// Every change is durable when it returns `Ok`.
 #[async_trait]
 pub trait UserStore: Debug + Send + Sync + 'static {
     /// Add a user.
@@ -99,4 +104,24 @@ pub trait UserStore: Debug + Send + Sync + 'static {
     async fn rehash_password(&self, id: &str, old: &str, new: &str) -> Result<bool>;
     /// Every user.
     async fn list(&self) -> Result<Vec<UserRecord>>;
+    /// Replace user `id`'s password hash `old` by `new` and refuse the
+    /// tokens issued before `tokens_valid_after`, if the stored hash is
+    /// still `old` (the one the caller's current password was checked
+    /// against): `true` if changed. Nothing else of the record is written.
+    /// Of two changes from one hash, on any gateways, one wins.
+    async fn change_password(
+        &self,
+        id: &str,
+        old: &str,
+        new: &str,
+        tokens_valid_after: OffsetDateTime,
+    ) -> Result<bool>;
+    /// Set user `id`'s pending TOTP secret to `sealed` if no second factor
+    /// is enrolled: `true` if set, `false` if one is (or no such user).
+    async fn begin_totp(&self, id: &str, sealed: &str) -> Result<bool>;
+    /// Make user `id`'s pending TOTP secret `sealed` the enrolled one if it
+    /// is still the pending one (a new enrolment meanwhile replaced it):
+    /// `true` if done. The step of the confirming code is recorded apart,
+    /// by [`accept_totp_step`](Self::accept_totp_step).
+    async fn confirm_totp(&self, id: &str, sealed: &str) -> Result<bool>;
 }

@@ -297,7 +297,7 @@ pub async fn change_password(
     user: AuthUser,
     Json(req): Json<PasswordChange>,
 ) -> ApiResult<StatusCode> {
-    let mut u = state
+    let u = state
         .users()
         .by_id(&user.id)
         .await?
@@ -312,13 +312,24 @@ pub async fn change_password(
     }
     check_policy(&req.new, &u.username)
         .map_err(|e| ApiError::bad_request("RELAY_WEAK_PASSWORD", e.to_string()))?;
-    u.password_hash = state
+    let new = state
         .hasher()
         .hash(req.new)
         .await
         .map_err(|e| ApiError::internal("hash", &e))?;
-    u.tokens_valid_after = OffsetDateTime::now_utc();
-    state.users().update(u).await?;
+    // Conditional on the hash the current password was checked against:
+    // a change made meanwhile (another gateway) is not overwritten.
+    if !state
+        .users()
+        .change_password(&u.id, &u.password_hash, &new, OffsetDateTime::now_utc())
+        .await?
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "RELAY_PASSWORD_CHANGED",
+            "the password was changed meanwhile; log in again",
+        ));
+    }
     state.tokens().revoke_user(&user.id).await?;
     let mut ev = AppState::event(
         &user.id,
@@ -340,7 +351,7 @@ pub struct TotpEnrolment {
 
 /// `POST /api/v1/auth/totp`: start TOTP enrolment.
 pub async fn totp_enroll(State(state): State<AppState>, user: AuthUser) -> ApiResult<Response> {
-    let mut u = state
+    let u = state
         .users()
         .by_id(&user.id)
         .await?
@@ -356,8 +367,14 @@ pub async fn totp_enroll(State(state): State<AppState>, user: AuthUser) -> ApiRe
         .totp()
         .enroll(&u.username)
         .ok_or_else(|| ApiError::internal("totp enrol", &"secret generation failed"))?;
-    u.totp_pending = Some(sealed);
-    state.users().update(u).await?;
+    // Only the pending secret, and only while none is enrolled.
+    if !state.users().begin_totp(&u.id, &sealed).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "RELAY_TOTP_ENROLLED",
+            "a second factor is already enrolled",
+        ));
+    }
     Ok(no_store(axum::Json(TotpEnrolment {
         secret,
         otpauth_url: url,
@@ -377,7 +394,7 @@ pub async fn totp_confirm(
     user: AuthUser,
     Json(req): Json<TotpConfirm>,
 ) -> ApiResult<StatusCode> {
-    let mut u = state
+    let u = state
         .users()
         .by_id(&user.id)
         .await?
@@ -397,10 +414,14 @@ pub async fn totp_confirm(
     if !state.users().accept_totp_step(&u.id, step).await? {
         return Err(ApiError::bad_request("RELAY_TOTP_INVALID", "wrong code"));
     }
-    u.totp = Some(sealed);
-    u.totp_pending = None;
-    u.totp_last_step = step;
-    state.users().update(u).await?;
+    // Only the secret, and only if still the pending one.
+    if !state.users().confirm_totp(&u.id, &sealed).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "RELAY_TOTP_NOT_PENDING",
+            "the enrolment changed meanwhile; start it again",
+        ));
+    }
     let mut ev = AppState::event(
         &user.id,
         &user.address,
