@@ -39,7 +39,7 @@ fn cpu_secs(pid: u32, ticks: f64) -> Option<f64> {
 }
 
 /// The Orthanc process this bench started (our child named `Orthanc`).
-fn orthanc_pid() -> Option<u32> {
+pub fn orthanc_pid() -> Option<u32> {
     let me = std::process::id().to_string();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;

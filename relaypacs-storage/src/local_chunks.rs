@@ -32,7 +32,9 @@ const READ_BUF: usize = 1 << 20;
 ///
 /// Each file of an upload is one preallocated (sparse) file,
 /// `<root>/<session>/<file>.data`; a chunk is written at its offset and
-/// `fdatasync`ed before `put_chunk` returns, so sealing needs no copy.
+/// `fdatasync`ed before `put_chunk` returns, so sealing needs no copy and
+/// no sync (a file of one chunk in a new session costs four syncs: the
+/// root and session folder, the new file, the chunk's `fdatasync`).
 /// Ranges that were never acknowledged have unspecified content; the
 /// pipeline only reads acknowledged ranges.
 ///
@@ -152,6 +154,10 @@ impl ChunkStore for LocalChunkStore {
             create_dir_durable(&dir)?;
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(f) => {
+                    // Durable before the file is recorded (a tus client may
+                    // PATCH it after a crash): the file with its size, then
+                    // its name (create_dir_durable above made the session
+                    // folder's name durable in the root).
                     f.set_len(size)
                         .map_err(|e| Error::io("size data file", e))?;
                     f.sync_all().map_err(|e| Error::io("fsync data file", e))?;
@@ -301,17 +307,13 @@ impl ChunkStore for LocalChunkStore {
         relaypacs_core::chunk_store::check_tiling(size, chunks)?;
         let path = self.data_path(key);
         blocking("seal file", move || {
-            let f = match File::open(&path) {
-                Ok(f) => f,
+            let len = match std::fs::metadata(&path) {
+                Ok(m) => m.len(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(Error::NotFound { what: "file" });
                 }
-                Err(e) => return Err(Error::io("open data file", e)),
+                Err(e) => return Err(Error::io("stat data file", e)),
             };
-            let len = f
-                .metadata()
-                .map_err(|e| Error::io("stat data file", e))?
-                .len();
             if len != size {
                 return Err(Error::Integrity(
                     relaypacs_core::IntegrityError::StoredSize {
@@ -320,7 +322,12 @@ impl ChunkStore for LocalChunkStore {
                     },
                 ));
             }
-            f.sync_all().map_err(|e| Error::io("fsync data file", e))
+            // No sync: the file is durable already. Its name and size were
+            // made durable by create_file (fsync of the file, its session
+            // folder and the root), and each chunk tiling it by the
+            // fdatasync put_chunk made before acknowledging it; data is
+            // written in place, so there is nothing to copy or rename.
+            Ok(())
         })
         .await
     }

@@ -1,41 +1,63 @@
 //! STOW-RS ingest into the gateway beside STOW-RS ingest into Orthanc, as a
-//! user sees it: the same files, one instance per POST, sequential requests
-//! on one keep-alive connection, alternating runs in one process.
+//! user sees it: the same kind of files, one instance per POST, sequential
+//! requests on one keep-alive connection per server, alternating runs in
+//! one process, ratios taken within each round.
 //!
-//! Starts our server in this process on its embedded defaults (SQLite
-//! state, local chunks, JSONL audit trail, local archive sink, in a temp
-//! data folder on a real disk) and a fresh Orthanc with its DICOMweb plugin
-//! on loopback. Each run generates `--count` (default 200) new Secondary
-//! Capture instances of 512x512 16-bit (about 0.5 MiB each; new UIDs every
-//! run, so no run meets an instance the gateway already holds) outside the
-//! timing, then POSTs them one by one to `/dicomweb/studies` (ours, bearer
-//! token) or Orthanc's `{dicomweb}/studies` (basic auth). Every answer must
-//! be 200 and reference its instance. Orthanc's study is deleted and the
-//! page cache written back (`sync`) after each run, untimed.
+//! Three servers on loopback:
+//! - ours, on its embedded defaults (SQLite state, local chunks, the audit
+//!   trail, the local archive as the PACS), in a temp data folder on a real
+//!   disk, on its own multi-thread runtime as `relaypacs serve` builds it;
+//! - a fresh Orthanc with its DICOMweb plugin (its own process);
+//! - a discard server (same runtime as ours) that reads each request body
+//!   and answers a fixed Store Instances Response: the **client's own
+//!   ceiling**, so a figure near it is the client's limit, not the server's.
 //!
-//! With `--strace`, one more run of ours happens under `strace -f -c` of
-//! this process (the server's threads; the client does no file I/O) and
-//! the fsync, fdatasync, rename and open calls per ingested instance are
-//! printed.
+//! The client runs on its own single-thread runtime. Each round generates
+//! `--count` (default 200) new Secondary Capture instances of 512x512
+//! 16-bit (525,074 B, new UIDs every run, so no run meets an instance a
+//! server already holds) outside the timing, and POSTs them one by one to
+//! each server, the order rotating from round to round. Every answer must
+//! be 200 and reference its instance. After our run, untimed, the bench
+//! waits until the local archive holds every instance of the run and every
+//! session is delivered (so our delivery never runs into the next timed
+//! run), and reports that time too ("ours, delivered": from the first POST
+//! until the archive holds the last instance). Orthanc's study is deleted
+//! and the page cache written back (`sync`) between runs, untimed.
+//!
+//! CPU: our process's CPU seconds over a run of ours (server + client)
+//! minus those over Orthanc's run (client only) is our server's CPU per
+//! instance; Orthanc's own is read from /proc.
+//!
+//! With `--strace`, one more run of each happens under `strace -f -c -w`
+//! (attached to this process for ours, to Orthanc's process for Orthanc;
+//! our run is counted until every instance is delivered to the local
+//! archive, as the issue counted it), and the fsync, fdatasync, rename*
+//! and open* calls per ingested instance are printed, with the wall time
+//! spent inside fsync and fdatasync (summed over threads). The client does no
+//! file I/O, so the counts of this process are the server's.
 //!
 //! Run: `cargo run --release -p relaypacs-benches --bin stow_ingest_bench`
-//! (options: `--count N`, `--rounds N` (default 3), `--strace`,
-//! `--dir DIR` for the data folder, default the system temp dir).
+//! (options: `--count N`, `--rounds N` (default 5), `--strace`,
+//! `--dir DIR` for our data folder, default the system temp dir).
 
-use std::path::Path;
-use std::time::Instant;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use relaypacs_benches::{Res, clear_study, median};
+use relaypacs_benches::{Res, clear_study, median, orthanc_pid};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, generate, new_uid};
+use relaypacs_core::{Actor, SessionState};
 use relaypacs_test_peers::Orthanc;
 use reqwest::{Client, StatusCode};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::runtime::Runtime;
 
 const PASSWORD: &str = "bench password long enough 123";
 const BOUNDARY: &str = "relaypacs-bench-boundary";
 
-/// `count` new instances of one new study.
-fn instances(count: usize) -> Res<(String, Vec<Bytes>)> {
+/// `count` new instances of one new study and series.
+fn instances(count: usize) -> Res<(String, String, Vec<Bytes>)> {
     let study = new_uid();
     let series = new_uid();
     let mut out = Vec::with_capacity(count);
@@ -51,7 +73,7 @@ fn instances(count: usize) -> Res<(String, Vec<Bytes>)> {
             ..DicomSpec::default()
         })?));
     }
-    Ok((study, out))
+    Ok((study, series, out))
 }
 
 fn multipart(file: &[u8]) -> Bytes {
@@ -64,17 +86,35 @@ fn multipart(file: &[u8]) -> Bytes {
     Bytes::from(body)
 }
 
-/// POST every file alone; returns instances per second.
-async fn post_all(
-    client: &Client,
-    url: &str,
-    auth: &dyn Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
-    files: &[Bytes],
-) -> Res<f64> {
+/// A server the client posts to.
+struct Target {
+    url: String,
+    auth: Auth,
+}
+
+enum Auth {
+    Bearer(String),
+    Basic(String, String),
+    None,
+}
+
+impl Target {
+    fn authorize(&self, b: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
+            Auth::Bearer(t) => b.bearer_auth(t),
+            Auth::Basic(u, p) => b.basic_auth(u, Some(p)),
+            Auth::None => b,
+        }
+    }
+}
+
+/// POST every file alone, in order; returns the seconds taken.
+async fn post_all(client: &Client, target: &Target, files: &[Bytes]) -> Res<f64> {
     let bodies: Vec<Bytes> = files.iter().map(|f| multipart(f)).collect();
     let t0 = Instant::now();
     for body in bodies {
-        let r = auth(client.post(url))
+        let r = target
+            .authorize(client.post(&target.url))
             .header(
                 "Content-Type",
                 format!("multipart/related; type=\"application/dicom\"; boundary={BOUNDARY}"),
@@ -87,7 +127,8 @@ async fn post_all(
         let answer = r.bytes().await?;
         if status != StatusCode::OK {
             return Err(format!(
-                "POST {url}: HTTP {status}: {}",
+                "POST {}: HTTP {status}: {}",
+                target.url,
                 String::from_utf8_lossy(&answer)
             )
             .into());
@@ -98,44 +139,120 @@ async fn post_all(
             v => v.clone(),
         };
         if obj["00081199"]["Value"].as_array().map(Vec::len) != Some(1) {
-            return Err(format!("POST {url}: instance not referenced: {obj}").into());
+            return Err(format!("POST {}: instance not referenced: {obj}", target.url).into());
         }
     }
-    Ok(files.len() as f64 / t0.elapsed().as_secs_f64())
+    Ok(t0.elapsed().as_secs_f64())
 }
 
-async fn start_ours(dir: &Path, client: &Client) -> Res<(relaypacs_http::Server, String, String)> {
+/// Our server on `rt`, with one uploader; returns it and its bearer token.
+fn start_ours(
+    rt: &Runtime,
+    dir: &Path,
+    client_rt: &Runtime,
+    client: &Client,
+) -> Res<(relaypacs_http::Server, Target)> {
     let mut config = relaypacs_http::Config {
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: dir.to_path_buf(),
         secret: Some(secrecy::SecretString::from(hex_secret())),
         ..relaypacs_http::Config::default()
     };
+    // The bench's temp volume may be fuller than the default watermark.
     config.http.min_free_bytes = Some(0);
-    let server = relaypacs_http::Server::start(config).await?;
-    let st = server.state();
-    let hash = st.hasher().hash(PASSWORD.into()).await?;
-    st.users()
-        .create(relaypacs_http::routes::auth::new_record(
-            "bench",
-            relaypacs_http::auth::Role::Uploader,
-            hash,
-        ))
-        .await?;
+    let server = rt.block_on(async {
+        let server = relaypacs_http::Server::start(config).await?;
+        let st = server.state();
+        let hash = st.hasher().hash(PASSWORD.into()).await?;
+        st.users()
+            .create(relaypacs_http::routes::auth::new_record(
+                "bench",
+                relaypacs_http::auth::Role::Uploader,
+                hash,
+            ))
+            .await?;
+        Ok::<_, Box<dyn std::error::Error>>(server)
+    })?;
     let base = format!("http://{}", server.addr());
-    let body = serde_json::json!({ "username": "bench", "password": PASSWORD });
-    let r = client
-        .post(format!("{base}/api/v1/auth/login"))
-        .header("Content-Type", "application/json")
-        .body(serde_json::to_vec(&body)?)
-        .send()
-        .await?;
-    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
-    let token = v["access_token"]
-        .as_str()
-        .ok_or("login: no access_token")?
-        .to_owned();
-    Ok((server, base, token))
+    let token = client_rt.block_on(async {
+        let body = serde_json::json!({ "username": "bench", "password": PASSWORD });
+        let r = client
+            .post(format!("{base}/api/v1/auth/login"))
+            .header("Content-Type", "application/json")
+            .body(serde_json::to_vec(&body)?)
+            .send()
+            .await?;
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
+        Ok::<_, Box<dyn std::error::Error>>(
+            v["access_token"]
+                .as_str()
+                .ok_or("login: no access_token")?
+                .to_owned(),
+        )
+    })?;
+    Ok((
+        server,
+        Target {
+            url: format!("{base}/dicomweb/studies"),
+            auth: Auth::Bearer(token),
+        },
+    ))
+}
+
+/// A server that reads each request's body and answers a fixed Store
+/// Instances Response with one referenced instance: the client's ceiling.
+fn start_discard(rt: &Runtime) -> Res<Target> {
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    rt.spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Err(e) = discard_conn(sock).await {
+                    eprintln!("discard server: {e}");
+                }
+            });
+        }
+    });
+    Ok(Target {
+        url: format!("http://{addr}/studies"),
+        auth: Auth::None,
+    })
+}
+
+async fn discard_conn(sock: tokio::net::TcpStream) -> std::io::Result<()> {
+    sock.set_nodelay(true)?;
+    let (r, mut w) = sock.into_split();
+    let mut r = tokio::io::BufReader::with_capacity(256 << 10, r);
+    let body = r#"{"00081199":{"vr":"SQ","Value":[{}]}}"#;
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/dicom+json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut line = String::new();
+    loop {
+        let mut length = None;
+        loop {
+            line.clear();
+            if r.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse::<u64>().ok();
+            }
+        }
+        let n = length.ok_or_else(|| std::io::Error::other("no content-length"))?;
+        let copied = tokio::io::copy(&mut (&mut r).take(n), &mut tokio::io::sink()).await?;
+        if copied != n {
+            return Err(std::io::Error::other("short body"));
+        }
+        w.write_all(answer.as_bytes()).await?;
+    }
 }
 
 fn hex_secret() -> String {
@@ -153,9 +270,80 @@ fn sync() -> Res<()> {
     Ok(())
 }
 
+/// How many `.dcm` files the local archive holds for a study and series.
+fn archived(archive: &Path, study: &str, series: &str) -> usize {
+    std::fs::read_dir(archive.join(study).join(series))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".dcm"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Wait until the archive holds `count` instances of the run (returns the
+/// seconds since `t0` when it did), then until no session is left in the
+/// outbox (untimed). A dead-lettered session fails the bench.
+fn wait_delivered(
+    rt: &Runtime,
+    server: &relaypacs_http::Server,
+    archive: &Path,
+    (study, series, count): (&str, &str, usize),
+    t0: Instant,
+) -> Res<f64> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while archived(archive, study, series) < count {
+        if Instant::now() > deadline {
+            return Err("delivery to the local archive did not finish in 300 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let delivered = t0.elapsed().as_secs_f64();
+    loop {
+        let sessions = rt.block_on(server.state().pipeline().list_sessions(&Actor::system()))?;
+        if let Some(s) = sessions
+            .iter()
+            .find(|s| matches!(s.state, SessionState::DeadLetter { .. }))
+        {
+            return Err(format!("session {} dead-lettered", s.id).into());
+        }
+        if !sessions
+            .iter()
+            .any(|s| matches!(s.state, SessionState::Open | SessionState::Forwarding))
+        {
+            return Ok(delivered);
+        }
+        if Instant::now() > deadline {
+            return Err("sessions still in the outbox after 300 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// CPU seconds (user + system) of process `pid` so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let ticks = 100.0; // CLK_TCK on Linux x86-64
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = stat.get(stat.rfind(')')? + 2..)?.to_owned();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .map_or(f64::NAN, |t| t / ticks)
+}
+
+/// What `strace -c` reported: calls of fsync, fdatasync, rename* and
+/// open*, and the seconds spent in fsync and fdatasync.
+struct Counts {
+    calls: [(&'static str, u64); 4],
+    sync_secs: f64,
+}
+
 /// Counts of fsync, fdatasync, rename* and open* calls in `strace -c` output.
-fn syscall_counts(summary: &str) -> [(&'static str, u64); 4] {
+fn syscall_counts(summary: &str) -> Counts {
     let mut out = [("fsync", 0), ("fdatasync", 0), ("rename", 0), ("open", 0)];
+    let mut sync_secs = 0.0;
     for line in summary.lines() {
         let cols: Vec<&str> = line.split_whitespace().collect();
         // % time, seconds, usecs/call, calls, [errors], syscall
@@ -165,6 +353,12 @@ fn syscall_counts(summary: &str) -> [(&'static str, u64); 4] {
         let Ok(calls) = calls.parse::<u64>() else {
             continue;
         };
+        if matches!(*name, "fsync" | "fdatasync") {
+            sync_secs += cols
+                .get(1)
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
         for (key, n) in &mut out {
             let hit = match *key {
                 "rename" => name.starts_with("rename"),
@@ -176,12 +370,73 @@ fn syscall_counts(summary: &str) -> [(&'static str, u64); 4] {
             }
         }
     }
-    out
+    Counts {
+        calls: out,
+        sync_secs,
+    }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Res<()> {
-    let (mut count, mut rounds, mut strace) = (200usize, 3usize, false);
+/// `strace -f -c -w` attached to every thread of `pid`.
+struct Strace {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Strace {
+    fn attach(pid: u32) -> Res<Self> {
+        let out = std::env::temp_dir().join(format!("stow-ingest-strace-{pid}-{}.txt", new_uid()));
+        let child = std::process::Command::new("strace")
+            .args(["-f", "-c", "-w", "-o"])
+            .arg(&out)
+            .args(["-p", &pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        // Wait until every thread of `pid` is traced.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let traced = std::fs::read_dir(format!("/proc/{pid}/task"))?
+                .flatten()
+                .all(|t| {
+                    std::fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
+                        s.lines()
+                            .find_map(|l| l.strip_prefix("TracerPid:"))
+                            .is_some_and(|v| v.trim() != "0")
+                    })
+                });
+            if traced {
+                return Ok(Self { child, out });
+            }
+            if Instant::now() > deadline {
+                return Err("strace did not attach in 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Detach (SIGINT makes strace write its summary); the counts.
+    fn finish(mut self) -> Res<Counts> {
+        std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()?;
+        self.child.wait()?;
+        let summary = std::fs::read_to_string(&self.out)?;
+        let _ = std::fs::remove_file(&self.out);
+        Ok(syscall_counts(&summary))
+    }
+}
+
+/// One timed run of each server, in `order`.
+struct Round {
+    ours: f64,
+    ours_delivered: f64,
+    orthanc: f64,
+    discard: f64,
+    ours_cpu_ms: f64,
+    orthanc_cpu_ms: f64,
+}
+
+fn main() -> Res<()> {
+    let (mut count, mut rounds, mut strace) = (200usize, 5usize, false);
     let mut dir = std::env::temp_dir();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -193,74 +448,158 @@ async fn main() -> Res<()> {
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
+    // Ours as `relaypacs serve` runs it: a multi-thread runtime with the
+    // default number of workers (one per core).
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let data = tempfile::Builder::new()
         .prefix("stow-ingest-")
         .tempdir_in(&dir)?;
-    let orthanc = tokio::task::spawn_blocking(Orthanc::start).await?;
+    let archive = data.path().join("archive");
+    let orthanc = Orthanc::start();
+    let o_pid = orthanc_pid().ok_or("cannot find the Orthanc process")?;
+    let me = std::process::id();
     let client = Client::builder().pool_max_idle_per_host(1).build()?;
-    let (server, base, token) = start_ours(data.path(), &client).await?;
-    let ours_url = format!("{base}/dicomweb/studies");
-    let theirs_url = format!("{}/studies", orthanc.dicomweb());
-    let bearer = |b: reqwest::RequestBuilder| b.bearer_auth(&token);
-    let basic = |b: reqwest::RequestBuilder| b.basic_auth("orthanc", Some("orthanc"));
-    // Warm-up, untimed: connections, Orthanc's first study.
-    let (study, files) = instances(4)?;
-    post_all(&client, &ours_url, &bearer, &files).await?;
-    post_all(&client, &theirs_url, &basic, &files).await?;
+    let (server, ours) = start_ours(&server_rt, data.path(), &client_rt, &client)?;
+    let discard = start_discard(&server_rt)?;
+    let theirs = Target {
+        url: format!("{}/studies", orthanc.dicomweb()),
+        auth: Auth::Basic(orthanc.user.clone(), orthanc.password.clone()),
+    };
+    let post = |t: &Target, files: &[Bytes]| client_rt.block_on(post_all(&client, t, files));
+    // Warm-up, untimed: connections, Orthanc's first study, our first session.
+    let (study, series, files) = instances(4)?;
+    post(&ours, &files)?;
+    wait_delivered(
+        &server_rt,
+        &server,
+        &archive,
+        (&study, &series, 4),
+        Instant::now(),
+    )?;
+    post(&theirs, &files)?;
+    post(&discard, &files)?;
     clear_study(&orthanc, &study)?;
-    let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    println!("run  ours inst/s  orthanc inst/s  ratio");
+
+    println!(
+        "{count} instances of {} B per run, one POST each, one connection per server",
+        instances(1)?.2[0].len()
+    );
+    println!(
+        "round  ours inst/s  ours delivered  orthanc inst/s  ratio  client ceiling  ours CPU ms/inst  orthanc CPU ms/inst"
+    );
+    let mut all: Vec<Round> = Vec::new();
     for round in 0..rounds {
-        let (study_a, a) = instances(count)?;
-        let (study_b, b) = instances(count)?;
-        sync()?;
-        let (o, t) = if round % 2 == 0 {
-            let o = post_all(&client, &ours_url, &bearer, &a).await?;
-            sync()?;
-            let t = post_all(&client, &theirs_url, &basic, &b).await?;
-            (o, t)
-        } else {
-            let t = post_all(&client, &theirs_url, &basic, &b).await?;
-            sync()?;
-            let o = post_all(&client, &ours_url, &bearer, &a).await?;
-            (o, t)
+        let (study_a, series_a, a) = instances(count)?;
+        let (study_b, _, b) = instances(count)?;
+        let mut r = Round {
+            ours: 0.0,
+            ours_delivered: 0.0,
+            orthanc: 0.0,
+            discard: 0.0,
+            ours_cpu_ms: 0.0,
+            orthanc_cpu_ms: 0.0,
         };
-        clear_study(&orthanc, &study_b)?;
-        let _ = study_a;
-        println!("{round:>3}  {o:>11.1}  {t:>14.1}  {:.2}", o / t);
-        ours.push(o);
-        theirs.push(t);
-        ratios.push(o / t);
+        let mut client_cpu = 0.0;
+        let mut ours_cpu = 0.0;
+        for step in 0..3 {
+            sync()?;
+            match (round + step) % 3 {
+                0 => {
+                    let (c0, t0) = (cpu_secs(me), Instant::now());
+                    let secs = post(&ours, &a)?;
+                    ours_cpu = cpu_secs(me) - c0;
+                    r.ours = count as f64 / secs;
+                    let d = wait_delivered(
+                        &server_rt,
+                        &server,
+                        &archive,
+                        (&study_a, &series_a, count),
+                        t0,
+                    )?;
+                    r.ours_delivered = count as f64 / d;
+                }
+                1 => {
+                    let (c0, o0) = (cpu_secs(me), cpu_secs(o_pid));
+                    let secs = post(&theirs, &b)?;
+                    client_cpu = cpu_secs(me) - c0;
+                    r.orthanc_cpu_ms = 1e3 * (cpu_secs(o_pid) - o0) / count as f64;
+                    r.orthanc = count as f64 / secs;
+                    clear_study(&orthanc, &study_b)?;
+                }
+                _ => {
+                    let secs = post(&discard, &a)?;
+                    r.discard = count as f64 / secs;
+                }
+            }
+        }
+        // Our process ran server and client; during Orthanc's run, the client alone.
+        r.ours_cpu_ms = 1e3 * (ours_cpu - client_cpu) / count as f64;
+        println!(
+            "{round:>5}  {:>11.1}  {:>14.1}  {:>14.1}  {:>5.2}  {:>14.1}  {:>16.2}  {:>19.2}",
+            r.ours,
+            r.ours_delivered,
+            r.orthanc,
+            r.ours / r.orthanc,
+            r.discard,
+            r.ours_cpu_ms,
+            r.orthanc_cpu_ms
+        );
+        all.push(r);
     }
-    let (mo, mt, mr) = (median(&ours), median(&theirs), median(&ratios));
-    println!("median  ours {mo:.1} inst/s  orthanc {mt:.1} inst/s  ratio {mr:.2}");
+    let col = |f: fn(&Round) -> f64| all.iter().map(f).collect::<Vec<f64>>();
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), x| {
+                (l.min(*x), h.max(*x))
+            });
+        format!("median {:.2} (range {lo:.2}-{hi:.2})", median(v))
+    };
+    let ratios = col(|r| r.ours / r.orthanc);
+    println!("ours inst/s            {}", spread(&col(|r| r.ours)));
+    println!(
+        "ours delivered inst/s  {}",
+        spread(&col(|r| r.ours_delivered))
+    );
+    println!("orthanc inst/s         {}", spread(&col(|r| r.orthanc)));
+    println!("ratio ours/orthanc     {}", spread(&ratios));
+    println!("client ceiling inst/s  {}", spread(&col(|r| r.discard)));
     let mut per_instance = serde_json::Map::new();
     if strace {
-        let (_, files) = instances(count)?;
-        sync()?;
-        let out =
-            std::env::temp_dir().join(format!("stow-ingest-strace-{}.txt", std::process::id()));
-        let mut child = std::process::Command::new("strace")
-            .args(["-f", "-c", "-o"])
-            .arg(&out)
-            .args(["-p", &std::process::id().to_string()])
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        // strace needs a moment to attach to every thread.
-        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-        post_all(&client, &ours_url, &bearer, &files).await?;
-        // SIGINT makes strace detach and write its summary.
-        std::process::Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()?;
-        child.wait()?;
-        let summary = std::fs::read_to_string(&out)?;
-        let _ = std::fs::remove_file(&out);
-        println!("syscalls per ingested instance (strace -f -c, {count} POSTs):");
-        for (name, n) in syscall_counts(&summary) {
-            let per = n as f64 / count as f64;
-            println!("  {name:<10} {per:.2}");
-            per_instance.insert(name.into(), serde_json::json!(per));
+        for who in ["ours", "orthanc"] {
+            let (study, series, files) = instances(count)?;
+            sync()?;
+            let counts = if who == "ours" {
+                let t = Strace::attach(me)?;
+                let t0 = Instant::now();
+                post(&ours, &files)?;
+                wait_delivered(&server_rt, &server, &archive, (&study, &series, count), t0)?;
+                t.finish()?
+            } else {
+                let t = Strace::attach(o_pid)?;
+                post(&theirs, &files)?;
+                let c = t.finish()?;
+                clear_study(&orthanc, &study)?;
+                c
+            };
+            println!("{who}: syscalls per ingested instance (strace -f -c -w, {count} POSTs):");
+            let mut m = serde_json::Map::new();
+            for (name, n) in counts.calls {
+                let per = n as f64 / count as f64;
+                println!("  {name:<10} {per:.2}");
+                m.insert(name.into(), serde_json::json!(per));
+            }
+            // Wall time inside the calls (strace -c -w), summed over all
+            // threads: syncs of concurrent work (delivery) overlap.
+            let ms = 1e3 * counts.sync_secs / count as f64;
+            println!("  ms in fsync+fdatasync (wall, summed over threads) {ms:.2}");
+            m.insert("sync_ms".into(), serde_json::json!(ms));
+            per_instance.insert(who.into(), serde_json::Value::Object(m));
         }
     }
     println!(
@@ -268,12 +607,17 @@ async fn main() -> Res<()> {
         serde_json::json!({
             "bench": "stow_ingest",
             "count": count,
-            "ours_inst_per_s": ours,
-            "orthanc_inst_per_s": theirs,
-            "median_ratio": mr,
+            "ours_inst_per_s": col(|r| r.ours),
+            "ours_delivered_inst_per_s": col(|r| r.ours_delivered),
+            "orthanc_inst_per_s": col(|r| r.orthanc),
+            "client_ceiling_inst_per_s": col(|r| r.discard),
+            "ratios": ratios,
+            "median_ratio": median(&ratios),
+            "ours_server_cpu_ms_per_inst": col(|r| r.ours_cpu_ms),
+            "orthanc_cpu_ms_per_inst": col(|r| r.orthanc_cpu_ms),
             "syscalls_per_instance": per_instance,
         })
     );
-    server.shutdown().await;
+    server_rt.block_on(server.shutdown());
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! STOW-RS ingest (DICOM PS3.18 §10.5): `multipart/related;
-//! type="application/dicom"`, parsed as a stream. Each part is spooled to
-//! disk (bounded by the file-size limit, hashed on the way), then goes
+//! type="application/dicom"`, parsed as a stream. Each part is held in
+//! memory up to 1 MiB, spooled to disk beyond (bounded by the file-size
+//! limit, hashed on the way), then goes
 //! through the same pipeline as a tus upload: chunks, whole-file SHA-256,
 //! DICOM validation, the index of accepted instances. The answer is the
 //! DICOM JSON Store Instances Response (PS3.18 Annex I):
@@ -201,19 +202,33 @@ impl Drop for Spool {
     }
 }
 
-/// Spool one part to disk: (file, size, digest).
+/// Parts up to this size are held in memory while they are ingested (one
+/// part at a time per request, so a request holds at most this much);
+/// larger ones are spooled to disk. A typical instance (a CT or MR slice
+/// of 0.1-1 MiB) then costs no spool file: no create, write, read back
+/// and unlink beside the chunk store's own write.
+const SPOOL_IN_MEMORY: usize = 1 << 20;
+
+/// One received part, before it enters the pipeline.
+enum Spooled {
+    /// A small part, whole.
+    Memory(bytes::Bytes),
+    /// A larger part, in a spool file (deleted when dropped).
+    File(Spool),
+}
+
+/// Receive one part: (its bytes, size, digest). Nothing of it needs to be
+/// durable: the pipeline makes its chunks durable before the answer.
 async fn spool_part(
     state: &AppState,
     field: &mut multer::Field<'static>,
-) -> Result<(Spool, u64, Sha256Digest), ApiError> {
-    let name = format!(".stow-{}.tmp", FileId::random());
-    let spool = Spool(state.spool().join(name));
-    let mut f = tokio::fs::File::create(&spool.0)
-        .await
-        .map_err(|e| ApiError::from(Error::io("spool", e)))?;
+) -> Result<(Spooled, u64, Sha256Digest), ApiError> {
+    let spool_err = |e| ApiError::from(Error::io("spool", e));
     let mut h = Sha256::new();
     let mut n: u64 = 0;
     let max = state.config().http.max_upload_size;
+    let mut held = bytes::BytesMut::new();
+    let mut file: Option<(Spool, tokio::fs::File)> = None;
     while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
         n += chunk.len() as u64;
         if n > max {
@@ -224,14 +239,31 @@ async fn spool_part(
             ));
         }
         h.update(&chunk);
-        f.write_all(&chunk)
-            .await
-            .map_err(|e| ApiError::from(Error::io("spool", e)))?;
+        if file.is_none() && held.len() + chunk.len() <= SPOOL_IN_MEMORY {
+            held.extend_from_slice(&chunk);
+            continue;
+        }
+        let (_, f) = match &mut file {
+            Some(open) => open,
+            None => {
+                let name = format!(".stow-{}.tmp", FileId::random());
+                let spool = Spool(state.spool().join(name));
+                let mut f = tokio::fs::File::create(&spool.0).await.map_err(spool_err)?;
+                f.write_all(&held).await.map_err(spool_err)?;
+                held = bytes::BytesMut::new();
+                file.insert((spool, f))
+            }
+        };
+        f.write_all(&chunk).await.map_err(spool_err)?;
     }
-    f.flush()
-        .await
-        .map_err(|e| ApiError::from(Error::io("spool", e)))?;
-    Ok((spool, n, Sha256Digest(h.finalize().into())))
+    let digest = Sha256Digest(h.finalize().into());
+    match file {
+        Some((spool, mut f)) => {
+            f.flush().await.map_err(spool_err)?;
+            Ok((Spooled::File(spool), n, digest))
+        }
+        None => Ok((Spooled::Memory(held.freeze()), n, digest)),
+    }
 }
 
 fn multipart_error(e: multer::Error) -> ApiError {
@@ -266,7 +298,7 @@ async fn ingest(
     user: &AuthUser,
     sid: SessionId,
     index: usize,
-    spool: &Spool,
+    spool: &Spooled,
     size: u64,
     digest: Sha256Digest,
 ) -> Result<(FileId, DicomSummary), (Option<FileId>, Error)> {
@@ -285,13 +317,18 @@ async fn ingest(
         .await
         .map_err(|e| (None, e))?;
     let fail = |e: Error| (Some(file.id), e);
-    let f = tokio::fs::File::open(&spool.0)
-        .await
-        .map_err(|e| fail(Error::io("read spool", e)))?;
-    let bytes: ByteStream = Box::pin(
-        tokio_util::io::ReaderStream::with_capacity(f, 256 << 10)
-            .map(|r| r.map_err(|e| Error::io("read spool", e))),
-    );
+    let bytes: ByteStream = match spool {
+        Spooled::Memory(b) => relaypacs_core::bytes_stream(b.clone()),
+        Spooled::File(spool) => {
+            let f = tokio::fs::File::open(&spool.0)
+                .await
+                .map_err(|e| fail(Error::io("read spool", e)))?;
+            Box::pin(
+                tokio_util::io::ReaderStream::with_capacity(f, 256 << 10)
+                    .map(|r| r.map_err(|e| Error::io("read spool", e))),
+            )
+        }
+    };
     let rec = state
         .pipeline()
         .ingest_stream_chunked(
