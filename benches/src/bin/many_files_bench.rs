@@ -14,7 +14,22 @@
 //!
 //! Run: `cargo run --release -p relaypacs-benches --bin many_files_bench`
 //! (options: `--files N`, `--window N`, `--engine sqlite|postgres`,
-//! `--dir DIR` for the data folder, default the system temp dir).
+//! `--dir DIR` for the data folder, default the system temp dir,
+//! `--state-dir DIR` for the SQLite file alone, e.g. `/dev/shm`).
+//!
+//! `--latency N`: instead, the database's share of request time. Three
+//! phases of N files each, one request at a time: (A) tus creation-with-
+//! upload POSTs, (B) creation POSTs without a body, (C) one PATCH per file
+//! created in B carrying the whole file. For each phase: the client's total
+//! request time, per request. On PostgreSQL (`--engine postgres`, started
+//! with `pg_stat_statements` and `track_wal_io_timing`), the statistics are
+//! reset before each phase and read after it: the executor time of every
+//! statement of the gateway's database (`total_exec_time` + planning, which
+//! leaves out the commit's WAL flush, the round trips and the driver) plus
+//! the cluster's WAL write and sync time (`pg_stat_wal`, where the commits'
+//! flushes are counted). On SQLite, run once with the file on disk and once
+//! with `--state-dir /dev/shm` (chunks and archive stay on disk): the
+//! difference is what the state database's durable writes cost.
 
 use std::time::Instant;
 
@@ -39,6 +54,8 @@ async fn main() -> Res<()> {
     let (mut files, mut window) = (10_000usize, 1_000usize);
     let mut engine = "sqlite".to_owned();
     let mut dir = std::env::temp_dir();
+    let mut state_dir: Option<std::path::PathBuf> = None;
+    let mut latency = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -46,6 +63,8 @@ async fn main() -> Res<()> {
             "--window" => window = args.next().ok_or("--window N")?.parse()?,
             "--engine" => engine = args.next().ok_or("--engine sqlite|postgres")?,
             "--dir" => dir = args.next().ok_or("--dir DIR")?.into(),
+            "--state-dir" => state_dir = Some(args.next().ok_or("--state-dir DIR")?.into()),
+            "--latency" => latency = args.next().ok_or("--latency N")?.parse()?,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -60,16 +79,45 @@ async fn main() -> Res<()> {
         ..relaypacs_http::Config::default()
     };
     config.http.min_free_bytes = Some(0);
-    config.limits.max_files = u32::try_from(files.max(1))?;
-    let _pg = match engine.as_str() {
+    config.limits.max_files = u32::try_from(files.max(3 * latency).max(1))?;
+    config.http.max_open_uploads_per_user = latency + 64;
+    let state_tmp = match &state_dir {
+        Some(d) => {
+            let t = tempfile::Builder::new()
+                .prefix("many-files-state-")
+                .tempdir_in(d)?;
+            config.state.url = Some(format!("sqlite://{}", t.path().join("state.db").display()));
+            Some(t)
+        }
+        None => None,
+    };
+    let pg = match engine.as_str() {
         "sqlite" => None,
         "postgres" => {
-            let pg = tokio::task::spawn_blocking(relaypacs_test_peers::Postgres::start).await?;
-            config.state.url = Some(pg.create_database("relay"));
+            let mut options = relaypacs_test_peers::PostgresOptions::default();
+            if latency > 0 {
+                for (k, v) in [
+                    ("shared_preload_libraries", "pg_stat_statements"),
+                    ("pg_stat_statements.track_planning", "on"),
+                    ("track_wal_io_timing", "on"),
+                ] {
+                    options.settings.push((k.into(), v.into()));
+                }
+            }
+            let pg = tokio::task::spawn_blocking(move || {
+                relaypacs_test_peers::Postgres::start_with(options)
+            })
+            .await?;
+            let url = pg.create_database("relay");
+            if latency > 0 {
+                pg.psql(&url, "create extension pg_stat_statements");
+            }
+            config.state.url = Some(url);
             Some(pg)
         }
         other => return Err(format!("unknown engine {other}").into()),
     };
+    let db_url = config.state.url.clone().unwrap_or_default();
     let server = relaypacs_http::Server::start(config).await?;
     let st = server.state();
     let hash = st.hasher().hash(PASSWORD.into()).await?;
@@ -107,6 +155,28 @@ async fn main() -> Res<()> {
     let study_id = v["id"].as_str().ok_or("no study id")?.to_owned();
     let study_uid = new_uid();
     let series_uid = new_uid();
+    if latency > 0 {
+        let on_disk = if state_dir.is_some() {
+            "state on --state-dir"
+        } else {
+            "state in the data folder"
+        };
+        let ctx = Latency {
+            client: &client,
+            base: &base,
+            token: &token,
+            study: &study_id,
+            pg: pg.as_ref().map(|p| (p, db_url.clone())),
+        };
+        let phases = ctx.run(latency, &study_uid, &series_uid).await?;
+        println!(
+            "{}",
+            serde_json::json!({ "bench": "many_files_latency", "engine": engine, "state": on_disk, "files": latency, "phases": phases })
+        );
+        server.shutdown().await;
+        drop(state_tmp);
+        return Ok(());
+    }
     let mut rates = Vec::new();
     let mut t_window = Instant::now();
     let mut size = 0;
@@ -217,4 +287,184 @@ async fn main() -> Res<()> {
     );
     server.shutdown().await;
     Ok(())
+}
+
+/// The latency mode's shared context (see the module's documentation).
+struct Latency<'a> {
+    client: &'a Client,
+    base: &'a str,
+    token: &'a str,
+    study: &'a str,
+    /// The throwaway cluster and the gateway's database URL on it.
+    pg: Option<(&'a relaypacs_test_peers::Postgres, String)>,
+}
+
+impl Latency<'_> {
+    fn files(&self, n: usize, study_uid: &str, series_uid: &str) -> Res<Vec<Vec<u8>>> {
+        (0..n)
+            .map(|i| {
+                Ok(generate(&DicomSpec {
+                    study_uid: study_uid.to_owned(),
+                    series_uid: series_uid.to_owned(),
+                    sop_instance_uid: new_uid(),
+                    rows: 8,
+                    cols: 8,
+                    seed: i as u64,
+                    ..DicomSpec::default()
+                })?)
+            })
+            .collect()
+    }
+
+    /// Statistics reset (PostgreSQL only).
+    fn reset(&self) {
+        if let Some((pg, url)) = &self.pg {
+            pg.psql(
+                url,
+                "select pg_stat_statements_reset(); select pg_stat_reset_shared('wal')",
+            );
+        }
+    }
+
+    /// Milliseconds since the reset: statements' execution + planning of
+    /// the gateway's database, their calls, WAL write and sync (PostgreSQL only).
+    fn read(&self) -> Option<serde_json::Value> {
+        let (pg, url) = self.pg.as_ref()?;
+        let out = pg.psql(
+            url,
+            "select coalesce(sum(total_exec_time), 0), coalesce(sum(total_plan_time), 0), coalesce(sum(calls), 0) \
+             from pg_stat_statements where dbid = (select oid from pg_database where datname = 'relay'); \
+             select wal_write_time, wal_sync_time, wal_sync from pg_stat_wal",
+        );
+        let v: Vec<f64> = out
+            .split(['|', '\n'])
+            .filter_map(|x| x.trim().parse().ok())
+            .collect();
+        match v.as_slice() {
+            [exec, plan, calls, write, sync, syncs] => Some(serde_json::json!({
+                "exec_ms": exec, "plan_ms": plan, "statements": calls,
+                "wal_write_ms": write, "wal_sync_ms": sync, "wal_syncs": syncs,
+            })),
+            _ => None,
+        }
+    }
+
+    fn meta(&self, i: usize) -> String {
+        format!(
+            "filename {},session {}",
+            STANDARD.encode(format!("l{i:05}.dcm")),
+            STANDARD.encode(self.study)
+        )
+    }
+
+    /// One timed request; its status must be `want`. Returns the seconds
+    /// and the response's Location.
+    async fn timed(&self, req: reqwest::RequestBuilder, want: StatusCode) -> Res<(f64, String)> {
+        let t = Instant::now();
+        let r = req
+            .bearer_auth(self.token)
+            .header("Tus-Resumable", "1.0.0")
+            .send()
+            .await?;
+        let status = r.status();
+        let location = r
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = r.bytes().await?;
+        let secs = t.elapsed().as_secs_f64();
+        if status != want {
+            return Err(format!("{status}: {}", String::from_utf8_lossy(&body)).into());
+        }
+        Ok((secs, location))
+    }
+
+    /// One phase's summary: client time and what the database reports.
+    fn summary(&self, phase: &str, n: usize, secs: f64) -> serde_json::Value {
+        let db = self.read();
+        let ms_per = 1000.0 * secs / n as f64;
+        let mut line = format!("{phase}: {n} requests, client {ms_per:.2} ms each");
+        if let Some(d) = &db {
+            let f = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
+            let sql = f("exec_ms") + f("plan_ms");
+            let wal = f("wal_write_ms") + f("wal_sync_ms");
+            line += &format!(
+                "; PostgreSQL: {:.1} statements, executor+planner {:.3} ms, WAL write+sync {:.3} ms ({:.1} syncs) per request = {:.0}% + {:.0}% of the client's time",
+                f("statements") / n as f64,
+                sql / n as f64,
+                wal / n as f64,
+                f("wal_syncs") / n as f64,
+                100.0 * sql / (1000.0 * secs),
+                100.0 * wal / (1000.0 * secs),
+            );
+        }
+        println!("{line}");
+        serde_json::json!({ "phase": phase, "requests": n, "client_ms_per_request": ms_per, "postgres": db })
+    }
+
+    async fn run(
+        &self,
+        n: usize,
+        study_uid: &str,
+        series_uid: &str,
+    ) -> Res<Vec<serde_json::Value>> {
+        let url = format!("{}/files", self.base);
+        let mut out = Vec::new();
+
+        let files = self.files(n, study_uid, series_uid)?;
+        self.reset();
+        let mut secs = 0.0;
+        for (i, f) in files.into_iter().enumerate() {
+            let sum = STANDARD.encode(Sha256::digest(&f));
+            let req = self
+                .client
+                .post(&url)
+                .header("Upload-Length", f.len().to_string())
+                .header("Upload-Metadata", self.meta(i))
+                .header("Upload-Checksum", format!("sha256 {sum}"))
+                .header("Content-Type", "application/offset+octet-stream")
+                .body(f);
+            secs += self.timed(req, StatusCode::CREATED).await?.0;
+        }
+        out.push(self.summary("A creation-with-upload", n, secs));
+
+        let files = self.files(n, study_uid, series_uid)?;
+        self.reset();
+        let mut secs = 0.0;
+        let mut locations = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            let req = self
+                .client
+                .post(&url)
+                .header("Upload-Length", f.len().to_string())
+                .header("Upload-Metadata", self.meta(n + i));
+            let (s, loc) = self.timed(req, StatusCode::CREATED).await?;
+            secs += s;
+            locations.push(loc);
+        }
+        out.push(self.summary("B creation without body", n, secs));
+
+        self.reset();
+        let mut secs = 0.0;
+        for (f, loc) in files.into_iter().zip(locations) {
+            let sum = STANDARD.encode(Sha256::digest(&f));
+            let target = if loc.starts_with("http") {
+                loc
+            } else {
+                format!("{}{loc}", self.base)
+            };
+            let req = self
+                .client
+                .patch(target)
+                .header("Upload-Offset", "0")
+                .header("Upload-Checksum", format!("sha256 {sum}"))
+                .header("Content-Type", "application/offset+octet-stream")
+                .body(f);
+            secs += self.timed(req, StatusCode::NO_CONTENT).await?.0;
+        }
+        out.push(self.summary("C PATCH (whole file)", n, secs));
+        Ok(out)
+    }
 }
