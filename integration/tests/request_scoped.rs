@@ -9,7 +9,7 @@ use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
 use relaypacs_core::{
     Actor, AuditAction, AuditSink as _, Error, NewSession, PipelineConfig, SessionState,
 };
-use relaypacs_integration::{Embedded, dicom, new_study, upload_file};
+use relaypacs_integration::{Embedded, PgCluster, dicom, new_study, upload_file};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_scoped_session_left_open_by_a_dead_run_is_ended_at_start() {
@@ -113,6 +113,86 @@ async fn a_request_scoped_session_left_open_by_a_dead_run_is_ended_at_start() {
             .unwrap()
             .is_empty()
     );
+}
+
+/// Several gateways on one PostgreSQL: a gateway starting leaves alone the
+/// request-scoped session of a STOW-RS request another, running gateway
+/// is serving, and ends it once that gateway is gone (its process, hence
+/// its instance lock, ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_shared_database_only_a_dead_gateways_request_sessions_are_ended() {
+    let cluster = tokio::task::spawn_blocking(PgCluster::start).await.unwrap();
+    let db = cluster.fresh_db();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let actor = Actor::user("lena");
+    let a = Embedded::open_on(dir_a.path(), PipelineConfig::default(), &db)
+        .await
+        .unwrap();
+    let scoped = NewSession {
+        request_scoped: true,
+        ..NewSession::default()
+    };
+    let live = a.pipeline.create_session(&actor, scoped).await.unwrap().id;
+    upload_file(
+        &a.pipeline,
+        &actor,
+        live,
+        "a.dcm",
+        &dicom(&new_study(), 1),
+        64 << 10,
+    )
+    .await
+    .unwrap();
+    // B starts while A serves the request.
+    let b = Embedded::open_on(dir_b.path(), PipelineConfig::default(), &db)
+        .await
+        .unwrap();
+    assert!(
+        b.pipeline
+            .end_orphaned_request_sessions()
+            .await
+            .unwrap()
+            .is_empty(),
+        "a running gateway's request was ended"
+    );
+    // A's request goes on and completes.
+    assert_eq!(
+        a.pipeline.session(&actor, live).await.unwrap().state,
+        SessionState::Open
+    );
+    let second = a
+        .pipeline
+        .create_session(
+            &actor,
+            NewSession {
+                request_scoped: true,
+                ..NewSession::default()
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    upload_file(
+        &a.pipeline,
+        &actor,
+        second,
+        "b.dcm",
+        &dicom(&new_study(), 2),
+        64 << 10,
+    )
+    .await
+    .unwrap();
+    a.pipeline.complete_session(&actor, live).await.unwrap();
+    // A dies with `second` open: the next start ends it, and only it.
+    a.close().await;
+    drop(a);
+    let ended = b.pipeline.end_orphaned_request_sessions().await.unwrap();
+    assert_eq!(ended, vec![second]);
+    assert_ne!(
+        b.pipeline.session(&actor, live).await.unwrap().state,
+        SessionState::Open
+    );
+    b.close().await;
 }
 
 #[tokio::test]

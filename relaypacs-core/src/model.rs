@@ -265,6 +265,13 @@ pub struct SessionRecord {
     /// [`Pipeline::end_orphaned_request_sessions`](crate::Pipeline::end_orphaned_request_sessions).
     #[serde(default)]
     pub request_scoped: bool,
+    /// For a request-scoped session: the key of the gateway process whose
+    /// request serves it, when the store tells the processes sharing it
+    /// apart ([`SessionStore::instance_key`](crate::SessionStore::instance_key)),
+    /// so a gateway starting on a shared store leaves a live request of
+    /// another gateway alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_instance: Option<i64>,
 }
 
 impl SessionRecord {

@@ -346,6 +346,21 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         session: SessionId,
         file: FileId,
     ) -> Result<()>;
+
+    /// This gateway process's key among the processes sharing the store,
+    /// for a store that tells them apart (`None`, the default: the store
+    /// serves one process). Recorded in a request-scoped session
+    /// ([`SessionRecord::request_instance`]).
+    fn instance_key(&self) -> Option<i64> {
+        None
+    }
+
+    /// Whether the gateway process with `key` (from [`instance_key`](Self::instance_key))
+    /// still runs. The default, for a store serving one process, answers
+    /// `false` for every key: a key not this process's is an earlier run's.
+    async fn instance_alive(&self, key: i64) -> Result<bool> {
+        Ok(Some(key) == self.instance_key())
+    }
 }
 
 // `Arc<S>` and `Box<S>` of an implementation (`dyn SessionStore` included)
@@ -415,6 +430,14 @@ macro_rules! forward_session_store {
                 limit: usize,
             ) -> Result<Vec<crate::model::FileRecord>> {
                 (**self).list_files(id, after, limit).await
+            }
+
+            fn instance_key(&self) -> Option<i64> {
+                (**self).instance_key()
+            }
+
+            async fn instance_alive(&self, key: i64) -> Result<bool> {
+                (**self).instance_alive(key).await
             }
 
             async fn reserve_range(

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use common::binary;
+use futures::StreamExt;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
 use relaypacs_test_peers::{
     Orthanc, OrthancOptions, Postgres, PostgresOptions, S3Server, free_port, wait_for_port,
@@ -1029,4 +1030,156 @@ async fn three_gateways_share_one_service_through_a_kill9_and_a_replacement() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     drop(gateways);
+}
+
+/// Starting a gateway on a shared database must not end a STOW-RS request
+/// that another, live gateway is serving: the session of a request in
+/// flight is not "left open by an earlier run". Gateway A takes a STOW-RS
+/// request whose body stops after its first part; gateway B starts on the
+/// same PostgreSQL meanwhile; then the rest of the body comes. The request
+/// must store both instances (200) and the study be delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_starting_leaves_a_stow_request_on_another_alone() {
+    let pg = tokio::task::spawn_blocking(|| {
+        Postgres::start_with(PostgresOptions {
+            durable: false,
+            ..PostgresOptions::default()
+        })
+    })
+    .await
+    .unwrap();
+    let db = pg.create_database("relay");
+    let mut dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    if std::env::var_os("THREE_GATEWAYS_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    // Chunks and the archive (the default sink) stay local to each
+    // gateway: only A takes the request and delivers it.
+    let configs: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let path = dir.path().join(format!("{name}.toml"));
+            std::fs::write(
+                &path,
+                format!(
+                    "data_dir = {data:?}\nsecret = {secret:?}\n\n[http]\nmin_free_bytes = 0\n\n\
+                     [state]\nurl = {db:?}\n",
+                    data = dir.path().join(name).display().to_string(),
+                ),
+            )
+            .unwrap();
+            path
+        })
+        .collect();
+    binary::add_user(
+        &[OsStr::new("--config"), configs[0].as_os_str()],
+        &[],
+        "alice",
+        "uploader",
+        PASSWORD,
+    );
+    let port_a = free_port();
+    let _a = start_gateway(&configs[0], port_a, dir.path().join("a.log"));
+    let url = format!("http://127.0.0.1:{port_a}");
+    let http = reqwest::Client::new();
+    let token = binary::login(&http, &url, "alice", PASSWORD).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let uid = new_uid();
+    let files: Vec<Vec<u8>> = (0..2)
+        .map(|k| {
+            generate(&DicomSpec {
+                study_uid: uid.clone(),
+                rows: 128,
+                cols: 128,
+                seed: k,
+                ..DicomSpec::default()
+            })
+            .unwrap()
+        })
+        .collect();
+    let head = |f: &[u8]| {
+        let mut p = b"--b0undary-3gw\r\nContent-Type: application/dicom\r\n\r\n".to_vec();
+        p.extend_from_slice(f);
+        p.extend_from_slice(b"\r\n");
+        p
+    };
+    let first = head(&files[0]);
+    let mut rest = head(&files[1]);
+    rest.extend_from_slice(b"--b0undary-3gw--\r\n");
+    let go_on = Arc::new(tokio::sync::Notify::new());
+    let gate = go_on.clone();
+    let body = futures::stream::iter([(0, first), (1, rest)]).then(move |(k, p)| {
+        let gate = gate.clone();
+        async move {
+            // The second part waits until gateway B has started.
+            if k == 1 {
+                gate.notified().await;
+            }
+            Ok::<_, std::io::Error>(p)
+        }
+    });
+    let req = http
+        .post(format!("{url}/dicomweb/studies"))
+        .bearer_auth(&token)
+        .header(
+            "content-type",
+            "multipart/related; type=\"application/dicom\"; boundary=b0undary-3gw",
+        )
+        .header("accept", "application/dicom+json")
+        .body(reqwest::Body::wrap_stream(body));
+    let stow = tokio::spawn(req.send());
+    // The request's session is open on A (the first part is in).
+    let t0 = Instant::now();
+    let sid = loop {
+        let list: Value = http
+            .get(format!("{url}/api/v1/studies"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(s) = list["items"].as_array().unwrap().first() {
+            break s["id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no STOW-RS session: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let port_b = free_port();
+    let _b = start_gateway(&configs[1], port_b, dir.path().join("b.log"));
+    go_on.notify_one();
+    let r = stow.await.unwrap().unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert_eq!(
+        status,
+        200,
+        "the STOW-RS request on A after B started: {text}\n--- A's log:\n{}",
+        tail(&dir.path().join("a.log"))
+    );
+    let t1 = Instant::now();
+    loop {
+        let r = http
+            .get(format!("{url}/api/v1/studies/{sid}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        if v["state"]["state"] == "delivered" {
+            assert_eq!(v["file_count"], 2, "{v:#}");
+            break;
+        }
+        assert!(t1.elapsed() < Duration::from_secs(30), "{v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

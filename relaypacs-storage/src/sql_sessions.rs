@@ -754,6 +754,42 @@ impl SessionStore for SqlSessionStore {
         }
     }
 
+    fn instance_key(&self) -> Option<i64> {
+        Some(self.db.instance().key)
+    }
+
+    /// PostgreSQL: a live gateway holds the session-level advisory lock on
+    /// its key for as long as it runs ([`SqlState`]), so a lock taken here
+    /// means its process is gone (the lock is released again at once).
+    /// SQLite: one gateway process per database file (the data folder's
+    /// server lock), so any key but this process's is an earlier run's.
+    async fn instance_alive(&self, key: i64) -> Result<bool> {
+        if key == self.db.instance().key {
+            return Ok(true);
+        }
+        if self.db.engine() == Engine::Sqlite {
+            return Ok(false);
+        }
+        let op = "check a gateway's liveness";
+        // One connection for the lock and its release: advisory locks
+        // belong to the session that took them.
+        let mut conn = self.conn(op).await?;
+        let taken: bool = sqlx::query("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| db_err(op, e))?;
+        if taken {
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(key)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| db_err(op, e))?;
+        }
+        Ok(!taken)
+    }
+
     async fn release_range(
         &self,
         id: SessionId,

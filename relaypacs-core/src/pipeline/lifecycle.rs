@@ -246,9 +246,11 @@ impl Pipeline {
     /// bytes and instance claims, audited as aborted by the system.
     ///
     /// Call once at start, before requests are served: a request-scoped
-    /// session opened by this run would be ended under its request. The
-    /// embedded stores allow one gateway process per store; with a store
-    /// shared by several gateways, call it only when no other one runs.
+    /// session opened by this run would be ended under its request. On a
+    /// store shared by several gateways that tells them apart
+    /// ([`SessionStore::instance_alive`]), a session whose gateway still
+    /// runs is left to its request; with a store that cannot tell, call it
+    /// only when no other gateway runs.
     ///
     /// # Errors
     /// Storage errors of listing, loading or removing a session.
@@ -264,6 +266,12 @@ impl Pipeline {
             };
             let rec = &current.value;
             if !rec.request_scoped || rec.state != SessionState::Open {
+                continue;
+            }
+            // Another gateway's request, still being served.
+            if let Some(key) = rec.request_instance
+                && self.inner.sessions.instance_alive(key).await?
+            {
                 continue;
             }
             let detail = format!(

@@ -77,6 +77,11 @@ impl Pipeline {
             state: SessionState::Open,
             delivery: Default::default(),
             request_scoped: req.request_scoped,
+            request_instance: if req.request_scoped {
+                self.inner.sessions.instance_key()
+            } else {
+                None
+            },
         };
         let ev = Self::event(
             actor,

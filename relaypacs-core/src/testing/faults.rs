@@ -535,6 +535,14 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
         self.inner.release_range(id, file, range, holder).await
     }
 
+    fn instance_key(&self) -> Option<i64> {
+        self.inner.instance_key()
+    }
+
+    async fn instance_alive(&self, key: i64) -> Result<bool> {
+        self.inner.instance_alive(key).await
+    }
+
     async fn record_chunk(
         &self,
         id: SessionId,

@@ -37,6 +37,7 @@ pub fn sample_session() -> SessionRecord {
         state: SessionState::Open,
         delivery: Default::default(),
         request_scoped: false,
+        request_instance: None,
     }
 }
 
@@ -415,10 +416,12 @@ pub async fn concurrent_capped_file_additions_stop_at_the_cap(store: Arc<dyn Ses
         );
         // A new file is refused; once a session with a file is no longer
         // open, it passes.
-        let mut more = sessions[sessions.len() - 1].clone();
-        if passed.iter().any(|p| p.id == more.id) {
-            more = sessions[0].clone();
-        }
+        // A session whose file was refused (the last and the first may
+        // both have passed).
+        let more = sessions
+            .iter()
+            .find(|s| !passed.iter().any(|p| p.id == s.id))
+            .expect("a refused session");
         let mut more = store.load_session(more.id).await.expect("load").value;
         let f = sample_session()
             .files
@@ -561,9 +564,11 @@ pub async fn one_instance_per_session(store: &dyn SessionStore) {
         data_set_sha256: None,
         state: FileState::Uploading,
     };
+    // `a` is the sample's file, `b` the one added here (ids are random, so
+    // their order in the map is not theirs).
+    let a = *s.files.keys().next().expect("a");
+    let b = second.id;
     s.files.insert(second.id, second.clone());
-    let mut ids = s.files.keys().copied();
-    let (a, b) = (ids.next().expect("a"), ids.next().expect("b"));
     let v1 = store.create_session(&s).await.expect("create").version;
     let sop = fresh_uid();
     let scope = store.load_file_scope(s.id, Some(a)).await.expect("scope");
