@@ -10,7 +10,7 @@ use futures::StreamExt;
 use relaypacs_core::dicom::{ContentDigest, Part10Hasher};
 use relaypacs_core::{
     DeliveryReport, Error, Holding, Instance, InstanceOutcome, InstanceSource, IntegrityError,
-    PacsSink, Result, Sha256Digest, StorageErrorKind, Uid, compare_content,
+    PacsSink, Result, Sha256Digest, StorageErrorKind, Uid, Verification, compare_content,
 };
 use sha2::{Digest, Sha256};
 
@@ -20,7 +20,8 @@ use sha2::{Digest, Sha256};
 ///
 /// Paths are built only from [`Uid`]s, which are digits and dots, so no
 /// value can escape the root. Each instance is streamed into a temp file
-/// (hashed on the way and checked against the verified digest), fsync'd,
+/// (from an [`InstanceSource`], whose stream fails unless its bytes are the
+/// verified ones), fsync'd,
 /// linked into place without replacing anything (`link` fails if the name
 /// exists), and the directory is fsync'd: crash-safe, never partial. An
 /// instance already archived with identical bytes is `AlreadyPresent`;
@@ -90,14 +91,35 @@ fn file_content(path: &Path) -> Result<ContentDigest> {
 /// Largest file meta group looked for when comparing content.
 const META_CAP: usize = 1 << 20;
 
+/// The SHA-256 of an archived file alone (one pass; the data set digest
+/// is only needed when the whole file differs).
 fn file_digest(path: &Path) -> Result<Sha256Digest> {
-    file_content(path)?.whole.ok_or_else(|| {
-        Error::storage(
-            StorageErrorKind::Io,
-            "hash archived instance",
-            "no whole-file digest",
-        )
-    })
+    let mut f = File::open(path).map_err(io("open archived instance"))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io("read archived instance"))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Sha256Digest(h.finalize().into()))
+}
+
+/// What the archive holds for `inst`, compared by content: the file is
+/// read back and hashed whole (the archive writes instances byte for
+/// byte, so that one pass settles the usual case); only a file that
+/// differs is read again for its data set digest and transfer syntax
+/// ([`compare_content`] accepts the same data set under another meta
+/// group, and names a transcoded copy).
+fn held_content(path: &Path, inst: &Instance) -> Result<Holding> {
+    if file_digest(path)? == inst.sha256 {
+        return Ok(Holding::Same {
+            verification: Verification::Content,
+        });
+    }
+    Ok(compare_content(inst, &file_content(path)?))
 }
 
 impl LocalArchiveSink {
@@ -172,12 +194,16 @@ impl LocalArchiveSink {
         .await
         .map_err(join_err)??;
         let res: Result<InstanceOutcome> = async {
+            // Not hashed again here: by the `InstanceSource` contract the
+            // stream ends without error only if its bytes are the verified
+            // ones (the pipeline's source hashes them on the way and fails
+            // at the end otherwise), and nothing is linked into place
+            // before the stream has ended cleanly. What reached the disk is
+            // then proven by `verify`, which reads the archived file back.
             let mut stream = source.open(inst).await?;
-            let mut h = Sha256::new();
             let mut n = 0u64;
             while let Some(item) = stream.next().await {
                 let b = item?;
-                h.update(&b);
                 n += b.len() as u64;
                 let (f, r) = tokio::task::spawn_blocking(move || {
                     let r = file.write_all(&b);
@@ -188,11 +214,10 @@ impl LocalArchiveSink {
                 file = f;
                 r.map_err(io("write archive temp file"))?;
             }
-            let got = Sha256Digest(h.finalize().into());
-            if n != inst.size || got != expected {
-                return Err(IntegrityError::FileHash {
-                    expected: expected.to_hex(),
-                    actual: got.to_hex(),
+            if n != inst.size {
+                return Err(IntegrityError::StoredSize {
+                    expected: inst.size,
+                    actual: n,
                 }
                 .into());
             }
@@ -279,7 +304,7 @@ impl PacsSink for LocalArchiveSink {
                     if !p.is_file() {
                         return Ok(Holding::Absent);
                     }
-                    Ok(compare_content(inst, &file_content(p)?))
+                    held_content(p, inst)
                 })
                 .collect()
         })

@@ -618,6 +618,12 @@ impl Pipeline {
 
     /// Stream the body into the chunk store, verified against the declared
     /// length and digest on the way; the record of the durable chunk.
+    ///
+    /// This is the one SHA-256 pass over a chunk's bytes before they are
+    /// stored, and it is needed: its digest is what the chunk is recorded
+    /// and acknowledged with, and it checks a declared digest. It proves
+    /// the bytes received, not the bytes stored; `complete_file` reads the
+    /// stored bytes back and proves them against it.
     async fn store_chunk(
         &self,
         key: FileKey,
@@ -865,9 +871,9 @@ impl Pipeline {
     /// Put a whole declared file through the chunk rules and complete it:
     /// `bytes` (exactly the file's declared size) is cut into chunks of
     /// [`INGEST_CHUNK_SIZE`] (at most the session's largest chunk), each
-    /// put with its SHA-256 computed and declared, as
-    /// [`put_chunk`](Self::put_chunk) does for a client's chunk (range
-    /// reservation, verification, durable record, audit); then
+    /// put as [`put_chunk`](Self::put_chunk) does for a client's chunk
+    /// (range reservation, SHA-256 computed on the way and recorded,
+    /// durable record, audit); then
     /// [`complete_file`](Self::complete_file) verifies and validates the
     /// file. A chunk already stored with the same bytes is a no-op, so a
     /// repeated call resumes where an earlier one stopped.
@@ -923,10 +929,15 @@ impl Pipeline {
         while offset < size {
             let length = chunk_size.min(size - offset);
             let data = reader.take(offset, length).await?;
+            // No digest is computed here: `put_chunk`'s verifying stream
+            // hashes the bytes once on their way to the store and records
+            // that digest (a digest computed here first would be a second
+            // pass over the same bytes, checked against itself). A declared
+            // whole-file digest is checked by `complete_file`, as before.
             let spec = PutChunk {
                 offset,
                 length,
-                sha256: Some(Sha256Digest::of(&data)),
+                sha256: None,
             };
             self.put_chunk(actor, id, file, spec, crate::digest::bytes_stream(data))
                 .await?;

@@ -293,6 +293,9 @@ impl InstanceSource for StoreSource {
     /// The stored bytes, checked on the way against the verified length
     /// and SHA-256: a file changed at rest fails at its end, so a sink
     /// never commits it (and the delivery is dead-lettered, not retried).
+    /// The one SHA-256 pass of a delivery over the stored bytes, needed
+    /// because they may have changed at rest since `complete_file` proved
+    /// them; sinks rely on it and do not hash the stream again.
     async fn open(&self, instance: &Instance) -> Result<ByteStream> {
         let raw = self.chunks.read(instance.key, 0..instance.size).await?;
         let (verified, _) = VerifyingStream::new(raw, 0, instance.size, Some(instance.sha256));

@@ -217,14 +217,24 @@ enum Spooled {
     File(Spool),
 }
 
-/// Receive one part: (its bytes, size, digest). Nothing of it needs to be
-/// durable: the pipeline makes its chunks durable before the answer.
+/// Receive one part: (its bytes, size, digest of a spooled part). Nothing
+/// of it needs to be durable: the pipeline makes its chunks durable before
+/// the answer.
+///
+/// Only a part spilled to a spool file is hashed here (from the bytes as
+/// received, before they reach the disk), and its digest is declared for
+/// the file: reading the spool back is a trip through the disk, and the
+/// pipeline then proves that what it stored is what was received. A part
+/// held in memory is not hashed here: the bytes the pipeline reads are
+/// the very buffer received, and the pipeline hashes them on their way to
+/// the chunk store (a digest here would be a second pass over the same
+/// memory).
 async fn spool_part(
     state: &AppState,
     field: &mut multer::Field<'static>,
-) -> Result<(Spooled, u64, Sha256Digest), ApiError> {
+) -> Result<(Spooled, u64, Option<Sha256Digest>), ApiError> {
     let spool_err = |e| ApiError::from(Error::io("spool", e));
-    let mut h = Sha256::new();
+    let mut h: Option<Sha256> = None;
     let mut n: u64 = 0;
     let max = state.config().http.max_upload_size;
     let mut held = bytes::BytesMut::new();
@@ -238,7 +248,6 @@ async fn spool_part(
                 format!("a part exceeds {max} bytes"),
             ));
         }
-        h.update(&chunk);
         if file.is_none() && held.len() + chunk.len() <= SPOOL_IN_MEMORY {
             held.extend_from_slice(&chunk);
             continue;
@@ -249,14 +258,18 @@ async fn spool_part(
                 let name = format!(".stow-{}.tmp", FileId::random());
                 let spool = Spool(state.spool().join(name));
                 let mut f = tokio::fs::File::create(&spool.0).await.map_err(spool_err)?;
+                h.get_or_insert_with(Sha256::new).update(&held);
                 f.write_all(&held).await.map_err(spool_err)?;
                 held = bytes::BytesMut::new();
                 file.insert((spool, f))
             }
         };
+        if let Some(h) = h.as_mut() {
+            h.update(&chunk);
+        }
         f.write_all(&chunk).await.map_err(spool_err)?;
     }
-    let digest = Sha256Digest(h.finalize().into());
+    let digest = h.map(|h| Sha256Digest(h.finalize().into()));
     match file {
         Some((spool, mut f)) => {
             f.flush().await.map_err(spool_err)?;
@@ -300,7 +313,7 @@ async fn ingest(
     index: usize,
     spool: &Spooled,
     size: u64,
-    digest: Sha256Digest,
+    digest: Option<Sha256Digest>,
 ) -> Result<(FileId, DicomSummary), (Option<FileId>, Error)> {
     let actor = user.actor();
     let file = state
@@ -311,7 +324,7 @@ async fn ingest(
             NewFile {
                 name: format!("stow-part-{index}.dcm"),
                 size,
-                sha256: Some(digest),
+                sha256: digest,
             },
         )
         .await
