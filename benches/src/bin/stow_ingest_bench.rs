@@ -463,7 +463,14 @@ fn main() -> Res<()> {
     let orthanc = Orthanc::start();
     let o_pid = orthanc_pid().ok_or("cannot find the Orthanc process")?;
     let me = std::process::id();
-    let client = Client::builder().pool_max_idle_per_host(1).build()?;
+    // Idle connections are dropped after 500 ms: Orthanc closes an idle
+    // keep-alive connection on its own, and a request sent on it as it
+    // closes fails (hyper IncompleteMessage) after the untimed waits
+    // between runs. A timed run reuses its one connection throughout.
+    let client = Client::builder()
+        .pool_max_idle_per_host(1)
+        .pool_idle_timeout(std::time::Duration::from_millis(500))
+        .build()?;
     let (server, ours) = start_ours(&server_rt, data.path(), &client_rt, &client)?;
     let discard = start_discard(&server_rt)?;
     let theirs = Target {
