@@ -46,12 +46,27 @@ fn with_findings(mut seeds: Seeds) -> Seeds {
     seeds
 }
 
+/// The `content` target's findings (cut-dependent meta group judgements;
+/// also unit tests of `Part10Hasher`).
+fn with_content_findings(mut seeds: Seeds) -> Seeds {
+    seeds.push((
+        "finding-meta-past-limit".into(),
+        include_bytes!("../../../relaypacs-core/tests/data/fuzz-content-meta-past-limit.bin")
+            .to_vec(),
+    ));
+    seeds.push((
+        "finding-second-group-length".into(),
+        include_bytes!("../../../relaypacs-core/tests/data/fuzz-content-meta-cut.bin").to_vec(),
+    ));
+    seeds
+}
+
 fn write_all(out: &Path) -> std::io::Result<usize> {
     let mut n = 0;
     for (target, seeds) in [
         ("prescan", dicom()?),
         ("validate", with_findings(dicom()?)),
-        ("content", content()?),
+        ("content", with_content_findings(content()?)),
         ("tus_headers", tus_headers()),
         ("tus_metadata_roundtrip", tus_roundtrip()),
         ("wado_multipart", wado_multipart()),

@@ -205,6 +205,27 @@ mod tests {
         assert_eq!(w.data_set, None);
     }
 
+    /// A file the fuzzer found: a meta group whose length points past the
+    /// bytes held; read whole it was accepted, read in 33-byte pieces
+    /// refused (a look at a short prefix decided for good).
+    #[test]
+    fn a_meta_group_is_judged_the_same_however_the_bytes_are_cut() {
+        let data = include_bytes!("../../tests/data/fuzz-content-meta-cut.bin");
+        let (&cut, body) = data.split_first().unwrap();
+        let digest = |piece: usize| {
+            let mut h = Part10Hasher::new(4096);
+            for p in body.chunks(piece) {
+                h.update(p);
+            }
+            h.finish()
+        };
+        let whole = digest(body.len());
+        assert_eq!(whole, digest(usize::from(cut)));
+        for piece in [1, 2, 7, 64, 100, 255, 256, 257, 300, 512, 700] {
+            assert_eq!(whole, digest(piece), "pieces of {piece}");
+        }
+    }
+
     #[test]
     fn not_part10_has_no_data_set_digest() {
         let mut h = Part10Hasher::data_set_only(1024);

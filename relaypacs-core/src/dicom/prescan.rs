@@ -575,6 +575,17 @@ fn scan_meta(view: &Bytes<'_>) -> Result<(String, u64), DicomError> {
         let value = view.need(vpos, len)?;
         match e {
             0x0000 => {
+                // PS3.10 7.1: the group length is the meta group's first
+                // element, once. A second one would move the group's end
+                // after the first was checked against the file's size, so
+                // a look at a prefix (size unknown) and one at the whole
+                // file could disagree (found by fuzz target `content`).
+                if pos != 132 {
+                    return Err(DicomError::Malformed {
+                        offset: pos,
+                        reason: "group length (0002,0000) is not the first meta element".into(),
+                    });
+                }
                 if len != 4 {
                     return Err(DicomError::Malformed {
                         offset: pos,
