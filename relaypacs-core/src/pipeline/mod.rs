@@ -465,20 +465,50 @@ impl Pipeline {
         &self,
         id: SessionId,
         file: Option<FileId>,
-        mut current: FileScope,
-        mut change: impl FnMut(&mut SessionRecord, &FileScope) -> Result<T>,
+        current: FileScope,
+        change: impl FnMut(&mut SessionRecord, &FileScope) -> Result<T>,
     ) -> Result<(SessionRecord, T)> {
+        self.update_scoped_capped(id, file, current, None, change)
+            .await?
+            // Without a cap the store never refuses a write for it.
+            .ok_or_else(|| Error::Busy {
+                what: "session write refused without a cap".into(),
+            })
+    }
+
+    /// [`update_scoped`](Self::update_scoped), written with
+    /// [`SessionStore::update_file_scope_capped`] when `cap` is set:
+    /// `Ok(None)` when the owner's unfinished uploads fill it.
+    pub(crate) async fn update_scoped_capped<T>(
+        &self,
+        id: SessionId,
+        file: Option<FileId>,
+        mut current: FileScope,
+        cap: Option<u32>,
+        mut change: impl FnMut(&mut SessionRecord, &FileScope) -> Result<T>,
+    ) -> Result<Option<(SessionRecord, T)>> {
         for _ in 0..64 {
             let mut rec = current.session.value.clone();
             let out = change(&mut rec, &current)?;
             rec.updated_at = OffsetDateTime::now_utc();
-            match self
-                .inner
-                .sessions
-                .update_file_scope(&rec, current.session.version)
-                .await
-            {
-                Ok(_) => return Ok((rec, out)),
+            let version = current.session.version;
+            let written = match cap {
+                None => self
+                    .inner
+                    .sessions
+                    .update_file_scope(&rec, version)
+                    .await
+                    .map(Some),
+                Some(cap) => {
+                    self.inner
+                        .sessions
+                        .update_file_scope_capped(&rec, version, cap)
+                        .await
+                }
+            };
+            match written {
+                Ok(Some(_)) => return Ok(Some((rec, out))),
+                Ok(None) => return Ok(None),
                 Err(Error::Precondition { .. }) => {
                     current = self.inner.sessions.load_file_scope(id, file).await?
                 }

@@ -259,50 +259,29 @@ impl Pipeline {
         let f2 = file.clone();
         // Only the new file is written; the limits are checked against the
         // session's totals at the version the write is conditional on.
-        let Some(cap) = cap else {
-            self.update_scoped(id, None, current, move |rec, scope| {
+        let written = self
+            .update_scoped_capped(id, None, current, cap, move |rec, scope| {
                 Self::admit_file(rec, scope, &f2)
             })
             .await?;
-            return Ok(file);
-        };
-        let mut current = current;
-        for _ in 0..64 {
-            let mut rec = current.session.value.clone();
-            Self::admit_file(&mut rec, &current, &file)?;
-            rec.updated_at = OffsetDateTime::now_utc();
-            match self
-                .inner
-                .sessions
-                .update_file_scope_capped(&rec, current.session.version, cap)
-                .await
-            {
-                Ok(Some(_)) => return Ok(file),
-                Ok(None) => {
-                    let key = FileKey {
-                        session: id,
-                        file: file.id,
-                    };
-                    // The refused file's empty chunk area; were this to
-                    // fail, the orphan sweep removes it later.
-                    if let Err(e) = self.inner.chunks.delete_file(key).await {
-                        tracing::warn!(session = %id, error = %e, "refused file's chunks left for the sweep");
-                    }
-                    return Err(Error::TooMany {
-                        code: "RELAY_TOO_MANY_OPEN_UPLOADS",
-                        what: "open uploads",
-                        limit: u64::from(cap),
-                    });
-                }
-                Err(Error::Precondition { .. }) => {
-                    current = self.inner.sessions.load_file_scope(id, None).await?;
-                }
-                Err(e) => return Err(e),
+        // Only a cap refuses a write with `None`.
+        if let (None, Some(cap)) = (&written, cap) {
+            let key = FileKey {
+                session: id,
+                file: file.id,
+            };
+            // The refused file's empty chunk area; were this to fail, the
+            // orphan sweep removes it later.
+            if let Err(e) = self.inner.chunks.delete_file(key).await {
+                tracing::warn!(session = %id, error = %e, "refused file's chunks left for the sweep");
             }
+            return Err(Error::TooMany {
+                code: "RELAY_TOO_MANY_OPEN_UPLOADS",
+                what: "open uploads",
+                limit: u64::from(cap),
+            });
         }
-        Err(Error::Busy {
-            what: "session is being updated concurrently".into(),
-        })
+        Ok(file)
     }
 
     /// Add `file` to `rec` if the session is open and its limits allow
