@@ -76,27 +76,39 @@ fn head_json(rec: &SessionRecord) -> Result<String> {
     to_json("encode session", &v)
 }
 
-/// The PostgreSQL advisory lock key of an owner's session creations (the
-/// key, with [`UPLOADS_LOCK_CLASS`], also serves its upload creations):
-/// (class, key) for `pg_advisory_xact_lock(int4, int4)`, whose key space
-/// is apart from the one-`bigint` keys of the instance locks. The key is
-/// the first 4 bytes of SHA-256("relaypacs/sessions/" + owner): two owners
-/// sharing a key only wait on each other, never count each other.
-fn owner_lock_key(owner: &str) -> (i32, i32) {
+/// Advisory lock class of an owner's session creations
+/// ([`SessionStore::create_session_capped`]): "RPSC".
+const SESSIONS_LOCK_CLASS: i32 = 0x5250_5343;
+
+/// Advisory lock class of an owner's upload creations
+/// ([`SessionStore::update_file_scope_capped`]): "RPUP".
+const UPLOADS_LOCK_CLASS: i32 = 0x5250_5550;
+
+/// PostgreSQL: hold `pg_advisory_xact_lock(class, key)` on `owner` until
+/// the transaction ends, so the owner's capped writes of that class run
+/// one at a time. The two-`int4` key space is apart from the one-`bigint`
+/// keys of the instance locks; the key is the first 4 bytes of
+/// SHA-256("relaypacs/sessions/" + owner): two owners sharing a key only
+/// wait on each other, never count each other.
+async fn lock_owner(
+    tx: &mut sqlx::AnyConnection,
+    class: i32,
+    owner: &str,
+    op: &'static str,
+) -> Result<()> {
     use sha2::Digest as _;
-    /// "RPSC": RelayPACS session creations.
-    const CLASS: i32 = 0x5250_5343;
     let h = sha2::Sha256::new()
         .chain_update(b"relaypacs/sessions/")
         .chain_update(owner.as_bytes())
         .finalize();
-    (CLASS, i32::from_be_bytes([h[0], h[1], h[2], h[3]]))
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(class)
+        .bind(i32::from_be_bytes([h[0], h[1], h[2], h[3]]))
+        .execute(tx)
+        .await
+        .map_err(|e| db_err(op, e))?;
+    Ok(())
 }
-
-/// The advisory lock class of an owner's upload creations
-/// ([`SessionStore::update_file_scope_capped`]), with the key of
-/// [`owner_lock_key`]: "RPUP".
-const UPLOADS_LOCK_CLASS: i32 = 0x5250_5550;
 
 /// Milliseconds since the Unix epoch (saturating).
 fn unix_millis(t: OffsetDateTime) -> i64 {
@@ -437,13 +449,7 @@ impl SessionStore for SqlSessionStore {
         const OP: &str = "create session";
         let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
         if self.db.engine() == Engine::Postgres {
-            let (class, key) = owner_lock_key(&session.owner);
-            sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-                .bind(class)
-                .bind(key)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| db_err(OP, e))?;
+            lock_owner(&mut tx, SESSIONS_LOCK_CLASS, &session.owner, OP).await?;
         }
         let inserted = sqlx::query(
             "INSERT INTO sessions (id, owner, version, state, updated_at, head) \
@@ -622,13 +628,7 @@ impl SessionStore for SqlSessionStore {
         let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
         match self.db.engine() {
             Engine::Postgres => {
-                let (_, key) = owner_lock_key(&session.owner);
-                sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-                    .bind(UPLOADS_LOCK_CLASS)
-                    .bind(key)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| db_err(OP, e))?;
+                lock_owner(&mut tx, UPLOADS_LOCK_CLASS, &session.owner, OP).await?;
             }
             Engine::Sqlite => {
                 // A write that changes nothing, to hold the write lock
