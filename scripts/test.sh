@@ -41,9 +41,10 @@ if [[ "$fuzz_secs" != 0 ]]; then
   export RUSTC_BOOTSTRAP=1
   # One build of every target (the runs below reuse it).
   (cd fuzz && cargo fuzz build)
-  failed=()
-  for t in $(cd fuzz && cargo fuzz list); do
-    log="target/fuzz-$t.log"
+  # Two targets at a time: the tests are done, so each gets one of the two
+  # cores for its full time and the fuzz phase takes half the wall time.
+  fuzz_one() {
+    local t=$1 log="target/fuzz-$1.log"
     if (cd fuzz && cargo fuzz run "$t" -- -max_total_time="$fuzz_secs" \
           -rss_limit_mb=1024 -timeout=10 -print_final_stats=1) >"$log" 2>&1; then
       runs=$(grep -oE '^Done [0-9]+ runs' "$log" | awk '{print $2}')
@@ -52,8 +53,18 @@ if [[ "$fuzz_secs" != 0 ]]; then
     else
       echo "fuzz $t: FAILED (see $log and fuzz/artifacts/$t/)" >&2
       tail -40 "$log" >&2
-      failed+=("$t")
+      touch "target/fuzz-$t.failed"
     fi
+  }
+  export -f fuzz_one
+  export fuzz_secs
+  rm -f target/fuzz-*.failed
+  (cd fuzz && cargo fuzz list) | xargs -P 2 -I{} bash -c 'fuzz_one "$1"' _ {}
+  failed=()
+  for f in target/fuzz-*.failed; do
+    [[ -e "$f" ]] || continue
+    t=${f#target/fuzz-}
+    failed+=("${t%.failed}")
   done
   if [[ ${#failed[@]} -ne 0 ]]; then
     echo "test.sh: fuzz targets failed: ${failed[*]}" >&2
