@@ -25,6 +25,7 @@
 //! # Ok::<(), relaypacs_core::Error>(())
 //! ```
 
+pub mod analytics;
 pub mod audit;
 pub mod chunk_store;
 pub mod dicom;

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::analytics::{AnalyticsFilter, FactCount, GroupDurations, Grouping, UploadFact};
 use crate::digest::Sha256Digest;
 use crate::error::Result;
 use crate::ids::{FileId, SessionId, Uid};
@@ -347,6 +348,34 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         file: FileId,
     ) -> Result<()>;
 
+    /// Record an upload outcome for the analytics, unless a fact with the
+    /// same key (`session`, `file`, `kind`, `occurrence`) is stored: then
+    /// nothing changes (insert-if-absent, as a retried step records the
+    /// same fact again). Facts outlive their session: deleting a session
+    /// keeps them.
+    async fn record_upload_fact(&self, fact: &UploadFact) -> Result<()>;
+
+    /// The facts passing `filter`, counted per group of `group`, kind and
+    /// cause (equal to [`FactCount::of`] over every stored fact, in any
+    /// order).
+    async fn count_upload_facts(
+        &self,
+        filter: &AnalyticsFilter,
+        group: Grouping,
+    ) -> Result<Vec<FactCount>>;
+
+    /// The times from first byte to delivered (milliseconds) of the
+    /// delivered facts passing `filter`, per group, each list ascending
+    /// (equal to [`durations_of`](crate::analytics::durations_of)). At most
+    /// `limit` durations in all: [`Error::LimitExceeded`](crate::Error::LimitExceeded)
+    /// beyond, so the caller's filter bounds the memory.
+    async fn delivery_durations(
+        &self,
+        filter: &AnalyticsFilter,
+        group: Grouping,
+        limit: usize,
+    ) -> Result<GroupDurations>;
+
     /// This gateway process's key among the processes sharing the store,
     /// for a store that tells them apart (`None`, the default: the store
     /// serves one process). Recorded in a request-scoped session
@@ -430,6 +459,27 @@ macro_rules! forward_session_store {
                 limit: usize,
             ) -> Result<Vec<crate::model::FileRecord>> {
                 (**self).list_files(id, after, limit).await
+            }
+
+            async fn record_upload_fact(&self, fact: &UploadFact) -> Result<()> {
+                (**self).record_upload_fact(fact).await
+            }
+
+            async fn count_upload_facts(
+                &self,
+                filter: &AnalyticsFilter,
+                group: Grouping,
+            ) -> Result<Vec<FactCount>> {
+                (**self).count_upload_facts(filter, group).await
+            }
+
+            async fn delivery_durations(
+                &self,
+                filter: &AnalyticsFilter,
+                group: Grouping,
+                limit: usize,
+            ) -> Result<GroupDurations> {
+                (**self).delivery_durations(filter, group, limit).await
             }
 
             fn instance_key(&self) -> Option<i64> {

@@ -28,6 +28,8 @@ mod object_store_chunks;
 #[cfg(feature = "object-store")]
 pub mod s3_multipart_chunks;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql_analytics;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod sql_audit;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod sql_notifications;

@@ -37,7 +37,7 @@ use crate::sql_state::{Engine, SqlState, corrupt, db_err};
 /// transaction, answered as `Conflict` `RELAY_DUPLICATE_INSTANCE`.
 #[derive(Clone, Debug)]
 pub struct SqlSessionStore {
-    db: SqlState,
+    pub(crate) db: SqlState,
 }
 
 impl fmt::Display for SqlSessionStore {
@@ -403,6 +403,27 @@ const CLAIM_COLUMNS: &str =
 
 #[async_trait]
 impl SessionStore for SqlSessionStore {
+    async fn record_upload_fact(&self, fact: &relaypacs_core::analytics::UploadFact) -> Result<()> {
+        self.record_fact(fact).await
+    }
+
+    async fn count_upload_facts(
+        &self,
+        filter: &relaypacs_core::analytics::AnalyticsFilter,
+        group: relaypacs_core::analytics::Grouping,
+    ) -> Result<Vec<relaypacs_core::analytics::FactCount>> {
+        self.count_facts(filter, group).await
+    }
+
+    async fn delivery_durations(
+        &self,
+        filter: &relaypacs_core::analytics::AnalyticsFilter,
+        group: relaypacs_core::analytics::Grouping,
+        limit: usize,
+    ) -> Result<relaypacs_core::analytics::GroupDurations> {
+        self.fact_durations(filter, group, limit).await
+    }
+
     async fn create_session(&self, session: &SessionRecord) -> Result<Versioned<SessionRecord>> {
         let mut tx = self
             .db

@@ -3,6 +3,7 @@
 //! dead letter), record and audit.
 
 use super::*;
+use crate::analytics::FactKind;
 use crate::pacs_sink::DeliveryReport;
 
 /// Whether one attempt holds the entry, or when to look again.
@@ -147,6 +148,23 @@ impl Settled {
             ));
         }
         reasons.join("; ")
+    }
+
+    /// The reason class of a dead letter, for the analytics: the PACS holds
+    /// other content (`RELAY_PACS_CONFLICT`), refused for good
+    /// (`RELAY_PACS_REJECTED`), kept failing until the attempts or the age
+    /// ran out (`RELAY_PACS_GAVE_UP`), or does not hold what it accepted
+    /// (`RELAY_PACS_MISSING`).
+    fn class(&self) -> &'static str {
+        if !self.conflicts.is_empty() {
+            "RELAY_PACS_CONFLICT"
+        } else if self.permanent() {
+            "RELAY_PACS_REJECTED"
+        } else if self.failure.is_some() || !self.refused.is_empty() {
+            "RELAY_PACS_GAVE_UP"
+        } else {
+            "RELAY_PACS_MISSING"
+        }
     }
 
     /// Whether retrying unchanged cannot help. A PACS holding other content
@@ -335,6 +353,15 @@ impl Pipeline {
         );
         self.record_attempt(id, worker, &state, &confirmed, &event)
             .await?;
+        let outcome = match &event {
+            OutboxEvent::Delivered { .. } => Some((FactKind::Delivered, "")),
+            OutboxEvent::DeadLettered { .. } => Some((FactKind::DeadLettered, settled.class())),
+            _ => None,
+        };
+        if let Some((kind, cause)) = outcome {
+            self.note_fact(Self::study_fact(&rec, kind, cause, now))
+                .await;
+        }
 
         // One audit record for what the PACS holds and one for what it does
         // not, never one record with mixed outcomes (PS3.15 A.5.2).

@@ -87,6 +87,10 @@ impl Pipeline {
             Some(id),
         );
         ev.file = Some(file);
+        let (owner, size) = (
+            current.session.value.owner.clone(),
+            current.session.value.files.get(&file).map_or(0, |f| f.size),
+        );
         let (err, known) = match self.complete_file_inner(id, file, current).await {
             Ok(f) => {
                 if let FileState::Valid { dicom } = &f.state {
@@ -117,11 +121,14 @@ impl Pipeline {
         ev.study = uid(&known.study_instance_uid);
         ev.patient_id = known.patient_id.clone();
         let err = match self.drop_file(id, file, true).await {
-            Ok(()) => Error::FileRefused {
-                sop_class_uid: uid(&known.sop_class_uid),
-                sop_instance_uid: uid(&known.sop_instance_uid),
-                source: Box::new(err),
-            },
+            Ok(()) => {
+                self.note_refused(id, &owner, file, size, &err).await;
+                Error::FileRefused {
+                    sop_class_uid: uid(&known.sop_class_uid),
+                    sop_instance_uid: uid(&known.sop_instance_uid),
+                    source: Box::new(err),
+                }
+            }
             Err(e) => e,
         };
         self.refuse(ev, err).await

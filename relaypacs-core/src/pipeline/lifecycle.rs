@@ -200,6 +200,8 @@ impl Pipeline {
         match res {
             Ok(()) => {
                 self.forget_gate(id);
+                self.note_ended(&current.value, crate::analytics::FactKind::Aborted)
+                    .await;
                 self.audit(ev).await
             }
             Err(e) => self.refuse(ev, e).await,
@@ -232,6 +234,11 @@ impl Pipeline {
         self.inner.index.remove(id);
         self.inner.chunks.delete_session(id).await?;
         self.release_claims(rec, None).await?;
+        let kind = match action {
+            AuditAction::SessionExpired => crate::analytics::FactKind::Expired,
+            _ => crate::analytics::FactKind::Aborted,
+        };
+        self.note_ended(rec, kind).await;
         let mut ev = Self::event(&Actor::system(), action, AuditOutcome::Success, Some(id));
         ev.study = rec.study_instance_uid.clone();
         ev.detail = detail;

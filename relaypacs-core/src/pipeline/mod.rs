@@ -45,6 +45,7 @@ use crate::model::{
 use crate::pacs_sink::{Instance, InstanceSource, PacsSink};
 use crate::session_store::{ChunkInsert, FileScope, InstanceClaim, SessionStore};
 
+mod analytics;
 mod chunks;
 mod completion;
 pub mod denials;
@@ -52,6 +53,7 @@ mod index;
 mod lifecycle;
 mod sessions;
 
+pub use analytics::AnalyticsLimits;
 pub use chunks::{INGEST_CHUNK_SIZE, PutOutcome, RangeWrite, plan_segments};
 pub use denials::DenialAudit;
 pub use index::{Page, PageCursor, PageRequest};

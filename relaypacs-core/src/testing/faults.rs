@@ -535,6 +535,28 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
         self.inner.release_range(id, file, range, holder).await
     }
 
+    // Analytics facts are not among the plan's failure points: forwarded.
+    async fn record_upload_fact(&self, fact: &crate::analytics::UploadFact) -> Result<()> {
+        self.inner.record_upload_fact(fact).await
+    }
+
+    async fn count_upload_facts(
+        &self,
+        filter: &crate::analytics::AnalyticsFilter,
+        group: crate::analytics::Grouping,
+    ) -> Result<Vec<crate::analytics::FactCount>> {
+        self.inner.count_upload_facts(filter, group).await
+    }
+
+    async fn delivery_durations(
+        &self,
+        filter: &crate::analytics::AnalyticsFilter,
+        group: crate::analytics::Grouping,
+        limit: usize,
+    ) -> Result<crate::analytics::GroupDurations> {
+        self.inner.delivery_durations(filter, group, limit).await
+    }
+
     fn instance_key(&self) -> Option<i64> {
         self.inner.instance_key()
     }

@@ -840,6 +840,171 @@ pub async fn delete_session(store: &dyn SessionStore) {
         .expect("delete");
 }
 
+/// Upload facts: recorded once per key (a second record with the key
+/// changes nothing), kept after their session is deleted, counted and
+/// timed per grouping and filter exactly as in memory
+/// ([`FactCount::of`], [`durations_of`]), durations bounded by the limit.
+pub async fn upload_facts(store: &dyn SessionStore) {
+    use crate::analytics::{
+        AnalyticsFilter, FactCount, FactKind, Grouping, UploadFact, durations_of,
+    };
+    // A day of its own (a store shared with other cases never has facts
+    // there) and owners of its own.
+    let base = time::Date::from_calendar_date(2090, time::Month::January, 1).expect("a valid date")
+        + time::Duration::days(i64::from(rand::random::<u16>() % 3000));
+    let at = |day: i64, secs: i64| {
+        (base + time::Duration::days(day))
+            .with_time(time::Time::MIDNIGHT)
+            .assume_utc()
+            + time::Duration::seconds(secs)
+    };
+    let tag = SessionId::random().to_string();
+    let (u1, u2) = (format!("u1-{tag}"), format!("u2-{tag}"));
+    let s = sample_session();
+    let v = store.create_session(&s).await.expect("create");
+    let mut facts = Vec::new();
+    let mk =
+        |session: SessionId, kind: FactKind, owner: &str, modality: &str, at: OffsetDateTime| {
+            let mut f = UploadFact::new(session, kind, owner, at);
+            f.modality = modality.into();
+            f.files = 3;
+            f.bytes = 3000;
+            f
+        };
+    let mut d = mk(s.id, FactKind::Delivered, &u1, "CT", at(0, 100));
+    d.started_at = Some(at(0, 40));
+    facts.push(d);
+    let mut d = mk(
+        SessionId::random(),
+        FactKind::Delivered,
+        &u1,
+        "MR",
+        at(0, 86_399),
+    );
+    d.started_at = Some(at(0, 86_000));
+    facts.push(d);
+    let mut d = mk(
+        SessionId::random(),
+        FactKind::Delivered,
+        &u2,
+        "CT",
+        at(1, 5),
+    );
+    d.started_at = Some(at(0, 5));
+    facts.push(d);
+    let mut r = mk(s.id, FactKind::Refused, &u1, "", at(0, 50));
+    r.file = s.files.keys().next().copied();
+    r.cause = "RELAY_DICOM_NOT_DICOM".into();
+    r.files = 1;
+    facts.push(r);
+    let mut dl = mk(
+        SessionId::random(),
+        FactKind::DeadLettered,
+        &u2,
+        "CT",
+        at(1, 9),
+    );
+    dl.cause = "RELAY_PACS_REJECTED".into();
+    let mut again = dl.clone();
+    again.kind = FactKind::Delivered;
+    again.occurrence = 1;
+    again.started_at = Some(at(1, 1));
+    facts.push(dl);
+    facts.push(again);
+    facts.push(mk(
+        SessionId::random(),
+        FactKind::Expired,
+        &u2,
+        "",
+        at(2, 0),
+    ));
+    facts.push(mk(
+        SessionId::random(),
+        FactKind::Aborted,
+        &u1,
+        "CT",
+        at(3, 0),
+    ));
+    for f in &facts {
+        store.record_upload_fact(f).await.expect("record fact");
+    }
+    // The same key again, other values: the first stays.
+    let mut dup = facts[0].clone();
+    dup.files = 99;
+    dup.owner = u2.clone();
+    store
+        .record_upload_fact(&dup)
+        .await
+        .expect("record the same fact again");
+    store
+        .delete_session(s.id, v.version)
+        .await
+        .expect("delete session");
+
+    let sorted = |mut v: Vec<FactCount>| {
+        v.sort_by(|a, b| (&a.key, a.kind, &a.cause).cmp(&(&b.key, b.kind, &b.cause)));
+        v
+    };
+    let whole = crate::analytics::AnalyticsFilter::days(base, base + time::Duration::days(3));
+    let mut filters = vec![whole.clone()];
+    let mut one = whole.clone();
+    one.user = Some(u1.clone());
+    filters.push(one.clone());
+    one.modality = Some("CT".into());
+    filters.push(one);
+    let mut ct = whole.clone();
+    ct.modality = Some("CT".into());
+    filters.push(ct);
+    filters.push(AnalyticsFilter::days(base, base));
+    filters.push(AnalyticsFilter::days(
+        base + time::Duration::days(1),
+        base + time::Duration::days(2),
+    ));
+    for filter in &filters {
+        for group in Grouping::ALL {
+            let got = store
+                .count_upload_facts(filter, group)
+                .await
+                .expect("count facts");
+            assert_eq!(
+                sorted(got),
+                sorted(FactCount::of(&facts, filter, group)),
+                "counts by {group:?} for {filter:?}"
+            );
+            let got = store
+                .delivery_durations(filter, group, 100)
+                .await
+                .expect("durations");
+            assert_eq!(
+                got,
+                durations_of(&facts, filter, group),
+                "durations by {group:?}"
+            );
+        }
+    }
+    let all = store
+        .count_upload_facts(&whole, Grouping::Summary)
+        .await
+        .expect("count");
+    assert_eq!(
+        all.iter().map(|c| c.facts).sum::<u64>(),
+        facts.len() as u64,
+        "one fact per key, kept after the session was deleted"
+    );
+    assert!(matches!(
+        store.delivery_durations(&whole, Grouping::Day, 3).await,
+        Err(Error::LimitExceeded { .. })
+    ));
+    assert_eq!(
+        store
+            .delivery_durations(&whole, Grouping::Summary, 4)
+            .await
+            .expect("durations at the limit")[""],
+        vec![8_000, 60_000, 399_000, 86_400_000],
+        "first byte to delivered, ascending"
+    );
+}
+
 /// Generates a module `$name` with one `#[test]` per [`SessionStore`]
 /// conformance case. `$factory` is an `async fn() -> (impl SessionStore,
 /// impl Sized)`; the calling crate needs no tokio of its own.
@@ -853,7 +1018,7 @@ macro_rules! session_store_conformance {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, head_only_updates, one_instance_per_session, range_reservations, chunk_records, delete_session, instance_claims);
+            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, head_only_updates, one_instance_per_session, range_reservations, chunk_records, delete_session, instance_claims, upload_facts);
             $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap, concurrent_capped_file_additions_stop_at_the_cap);
         }
     };
