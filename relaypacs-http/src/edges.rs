@@ -406,7 +406,19 @@ pub fn app(state: AppState) -> Router {
         // (overrides the event stream's "no-cache").
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
+            // The web app's static files revalidate with their ETag
+            // instead (they carry no patient data or token).
+            |res: &Response| {
+                if res
+                    .extensions()
+                    .get::<crate::routes::web::OwnCacheControl>()
+                    .is_some()
+                {
+                    res.headers().get(header::CACHE_CONTROL).cloned()
+                } else {
+                    Some(HeaderValue::from_static("no-store"))
+                }
+            },
         ));
     if cfg.hsts {
         router = router.layer(SetResponseHeaderLayer::overriding(

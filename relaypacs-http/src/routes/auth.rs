@@ -22,6 +22,10 @@ pub struct LoginRequest {
     password: String,
     #[serde(default)]
     totp: Option<String>,
+    /// Browser login: the refresh token goes into an `HttpOnly` cookie
+    /// (see [`cookie`]) instead of the JSON body.
+    #[serde(default)]
+    cookie: bool,
 }
 
 impl std::fmt::Debug for LoginRequest {
@@ -146,6 +150,9 @@ pub async fn login(
     let pair = state.tokens().login(&u.id, u.role).await?;
     let ev = AppState::event(&u.id, &addr, AuditAction::Login, AuditOutcome::Success);
     state.audit_event(ev).await?;
+    if req.cookie {
+        return cookie::answer(&state, pair);
+    }
     Ok(no_store(axum::Json(pair)))
 }
 
@@ -163,7 +170,9 @@ fn no_store<T: IntoResponse>(body: T) -> Response {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
-    refresh_token: String,
+    /// The JSON flow's token; absent in the cookie flow (`{}`).
+    #[serde(default)]
+    refresh_token: Option<String>,
 }
 
 impl std::fmt::Debug for RefreshRequest {
@@ -172,13 +181,35 @@ impl std::fmt::Debug for RefreshRequest {
     }
 }
 
-/// `POST /api/v1/auth/refresh`: rotate the refresh token.
+/// `POST /api/v1/auth/refresh`: rotate the refresh token. The JSON flow
+/// takes `{"refresh_token": …}`; the cookie flow (`{}`) takes the
+/// `HttpOnly` refresh cookie, a CSRF token header bound to it and a
+/// same-origin request (see [`cookie`]), and answers like a cookie login.
 pub async fn refresh(
     State(state): State<AppState>,
     ClientAddr(addr): ClientAddr,
+    headers: axum::http::HeaderMap,
     Json(req): Json<RefreshRequest>,
 ) -> ApiResult<Response> {
-    throttle(&state, &addr).await?;
+    let (token, by_cookie) = match req.refresh_token {
+        Some(t) => (t, false),
+        None => match cookie::check(&state, &headers) {
+            Ok(t) => (t, true),
+            Err(e) => return Ok(cookie::cleared(e)),
+        },
+    };
+    match rotate(&state, &addr, &token).await {
+        Ok(pair) if by_cookie => cookie::answer(&state, pair),
+        Ok(pair) => Ok(no_store(axum::Json(pair))),
+        Err(e) if by_cookie => Ok(cookie::cleared(e)),
+        Err(e) => Err(e),
+    }
+}
+
+/// The one rotation of both flows: rotate `token`, with reuse detection
+/// (a rotated-out token revokes its family) and the audit records.
+async fn rotate(state: &AppState, addr: &str, token: &str) -> ApiResult<crate::auth::TokenPair> {
+    throttle(state, addr).await?;
     let users: Vec<UserRecord> = state.users().list().await?;
     let role_of = |id: &str| {
         users
@@ -186,21 +217,21 @@ pub async fn refresh(
             .find(|u| u.id == id && !u.disabled)
             .map(|u| u.role)
     };
-    match state.tokens().refresh(&req.refresh_token, role_of).await {
+    match state.tokens().refresh(token, role_of).await {
         Ok((pair, user)) => {
             let ev = AppState::event(
                 &user,
-                &addr,
+                addr,
                 AuditAction::TokenRefreshed,
                 AuditOutcome::Success,
             );
             state.audit_event(ev).await?;
-            Ok(no_store(axum::Json(pair)))
+            Ok(pair)
         }
         Err(RefreshError::Reused { user }) => {
             let mut ev = AppState::event(
                 &user,
-                &addr,
+                addr,
                 AuditAction::SecurityAlert,
                 AuditOutcome::MinorFailure,
             );
@@ -214,7 +245,7 @@ pub async fn refresh(
         Err(RefreshError::Invalid) => {
             let mut ev = AppState::event(
                 "anonymous",
-                &addr,
+                addr,
                 AuditAction::TokenRefreshed,
                 AuditOutcome::MinorFailure,
             );
@@ -229,8 +260,8 @@ pub async fn refresh(
 }
 
 /// `POST /api/v1/auth/logout`: revoke this login (refresh family and its
-/// access tokens).
-pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<StatusCode> {
+/// access tokens); the refresh and CSRF cookies, if any, are cleared.
+pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<Response> {
     state.tokens().revoke(&user.family).await?;
     let ev = AppState::event(
         &user.id,
@@ -239,7 +270,9 @@ pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<
         AuditOutcome::Success,
     );
     state.audit_event(ev).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    cookie::clear(r.headers_mut());
+    Ok(r)
 }
 
 /// Public view of a user.
@@ -542,4 +575,263 @@ pub async fn list_users(
         |u: &UserView| u.username.clone(),
         &q,
     )?))
+}
+
+/// The browser's refresh flow: the refresh token in an `HttpOnly` cookie
+/// scoped to the refresh route, protected against cross-site requests.
+///
+/// - `relaypacs_refresh`: the refresh token; `HttpOnly; Secure;
+///   SameSite=Strict; Path=/api/v1/auth/refresh` (scripts never see it).
+/// - `relaypacs_csrf`: the CSRF token, readable by the page (`Secure;
+///   SameSite=Strict; Path=/`) so that a reloaded page can still refresh;
+///   also in the JSON answer as `csrf_token`.
+///
+/// The CSRF token is an HMAC-SHA256 (keyed by the server secret) of the
+/// current refresh token, so it is bound to that token and thus to its
+/// refresh family, changes at every rotation, and needs no storage. A
+/// cookie refresh needs the `X-CSRF-Token` header equal to it
+/// (double submit, checked against the server's own HMAC) and a
+/// same-origin request (`Sec-Fetch-Site: same-origin`, and an `Origin`
+/// whose host is the request's `Host`); otherwise 403. Rotation and
+/// reuse detection are the JSON flow's ([`rotate`]).
+pub mod cookie {
+    use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+    use axum::response::{IntoResponse, Response};
+    use hmac::{Hmac, Mac};
+    use secrecy::ExposeSecret;
+    use serde::Serialize;
+    use sha2::Sha256;
+
+    use crate::auth::TokenPair;
+    use crate::error::{ApiError, ApiResult};
+    use crate::state::AppState;
+
+    /// Name of the refresh cookie.
+    pub const REFRESH: &str = "relaypacs_refresh";
+    /// Name of the CSRF cookie (readable by the page).
+    pub const CSRF: &str = "relaypacs_csrf";
+    /// The header carrying the CSRF token.
+    pub const CSRF_HEADER: &str = "x-csrf-token";
+    /// Path of the refresh cookie: the refresh route only.
+    pub const REFRESH_PATH: &str = "/api/v1/auth/refresh";
+    /// Longest cookie header read.
+    const MAX_COOKIE_HEADER: usize = 8192;
+
+    /// A cookie login or refresh answer: the access token and the CSRF
+    /// token (the refresh token is in the cookie only).
+    #[derive(Debug, Serialize)]
+    struct CookieTokens {
+        access_token: String,
+        token_type: &'static str,
+        expires_in: u64,
+        csrf_token: String,
+    }
+
+    fn forbidden(code: &'static str, message: &'static str) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    /// The CSRF token of `refresh` under `secret` (base64url, no padding).
+    pub fn csrf_token(secret: &[u8], refresh: &str) -> String {
+        use base64::Engine;
+        // new_from_slice accepts keys of any length for HMAC.
+        let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
+            Ok(m) => m,
+            Err(_) => return String::new(),
+        };
+        mac.update(b"relaypacs/csrf/v1\0");
+        mac.update(refresh.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    }
+
+    /// Equality in time independent of where the inputs differ.
+    fn same(a: &[u8], b: &[u8]) -> bool {
+        if a.len() != b.len() {
+            return false;
+        }
+        let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+        std::hint::black_box(diff) == 0
+    }
+
+    /// The value of cookie `name` in a `Cookie` header (pure; at most
+    /// `max_len` bytes of header).
+    pub fn cookie_value<'a>(cookie_header: &'a str, name: &str, max_len: usize) -> Option<&'a str> {
+        if cookie_header.len() > max_len {
+            return None;
+        }
+        cookie_header.split(';').find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name && !v.is_empty()).then_some(v)
+        })
+    }
+
+    /// Whether the request comes from this origin: `Sec-Fetch-Site`, when
+    /// sent, is `same-origin`; `Origin`, when sent, names the `Host`; at
+    /// least one of them is sent (every browser sends them on a POST).
+    /// Pure over the headers.
+    pub fn same_origin(headers: &HeaderMap) -> bool {
+        let site = headers
+            .get("sec-fetch-site")
+            .map(|v| v.as_bytes() == b"same-origin");
+        let origin = headers.get(header::ORIGIN).map(|o| {
+            let host = headers.get(header::HOST).map(HeaderValue::as_bytes);
+            let o = o.as_bytes();
+            let rest = o
+                .strip_prefix(b"https://")
+                .or_else(|| o.strip_prefix(b"http://"));
+            matches!((rest, host), (Some(r), Some(h)) if r.eq_ignore_ascii_case(h))
+        });
+        match (site, origin) {
+            (None, None) => false,
+            (s, o) => s.unwrap_or(true) && o.unwrap_or(true),
+        }
+    }
+
+    fn secret(state: &AppState) -> ApiResult<Vec<u8>> {
+        let s = state
+            .config()
+            .resolve_secret()
+            .map_err(|e| ApiError::internal("read the server secret", &e))?;
+        Ok(s.expose_secret().as_bytes().to_vec())
+    }
+
+    /// Check a cookie refresh: same origin, the refresh cookie, and the
+    /// CSRF header bound to it. Returns the refresh token.
+    ///
+    /// # Errors
+    /// 401 `RELAY_REFRESH_INVALID` (no cookie and no `refresh_token`),
+    /// 403 `RELAY_CROSS_ORIGIN`, 403 `RELAY_CSRF`.
+    pub fn check(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
+        let token = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| cookie_value(v, REFRESH, MAX_COOKIE_HEADER))
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "RELAY_REFRESH_INVALID",
+                    "send refresh_token in the body, or the refresh cookie of a browser login",
+                )
+            })?;
+        if !same_origin(headers) {
+            return Err(forbidden(
+                "RELAY_CROSS_ORIGIN",
+                "a cookie refresh must come from this site's own pages",
+            ));
+        }
+        let given = headers
+            .get(CSRF_HEADER)
+            .map(HeaderValue::as_bytes)
+            .ok_or_else(|| {
+                forbidden(
+                    "RELAY_CSRF",
+                    "a cookie refresh needs the X-CSRF-Token header",
+                )
+            })?;
+        let want = csrf_token(&secret(state)?, &token);
+        if want.is_empty() || !same(given, want.as_bytes()) {
+            return Err(forbidden(
+                "RELAY_CSRF",
+                "the X-CSRF-Token header does not match the refresh cookie",
+            ));
+        }
+        Ok(token)
+    }
+
+    fn set(headers: &mut HeaderMap, value: String) {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.append(header::SET_COOKIE, v);
+        }
+    }
+
+    /// Clear both cookies.
+    pub fn clear(headers: &mut HeaderMap) {
+        set(
+            headers,
+            format!(
+                "{REFRESH}=; HttpOnly; Secure; SameSite=Strict; Path={REFRESH_PATH}; Max-Age=0"
+            ),
+        );
+        set(
+            headers,
+            format!("{CSRF}=; Secure; SameSite=Strict; Path=/; Max-Age=0"),
+        );
+    }
+
+    /// The answer of a refused cookie refresh: `e`, with both cookies
+    /// cleared.
+    pub fn cleared(e: ApiError) -> Response {
+        let mut r = e.into_response();
+        clear(r.headers_mut());
+        r
+    }
+
+    /// The cookie answer of a login or refresh: access and CSRF tokens in
+    /// JSON, the refresh token and the CSRF token in cookies.
+    pub fn answer(state: &AppState, pair: TokenPair) -> ApiResult<Response> {
+        let csrf = csrf_token(&secret(state)?, &pair.refresh_token);
+        let age = state.config().auth.refresh_absolute_secs;
+        let mut r = axum::Json(CookieTokens {
+            access_token: pair.access_token,
+            token_type: pair.token_type,
+            expires_in: pair.expires_in,
+            csrf_token: csrf.clone(),
+        })
+        .into_response();
+        let h = r.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        set(
+            h,
+            format!(
+                "{REFRESH}={}; HttpOnly; Secure; SameSite=Strict; Path={REFRESH_PATH}; Max-Age={age}",
+                pair.refresh_token
+            ),
+        );
+        set(
+            h,
+            format!("{CSRF}={csrf}; Secure; SameSite=Strict; Path=/; Max-Age={age}"),
+        );
+        Ok(r)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn cookie_values_and_origins() {
+            let h = "a=1; relaypacs_refresh=rt_x; b=";
+            assert_eq!(cookie_value(h, REFRESH, 100), Some("rt_x"));
+            assert_eq!(cookie_value(h, "b", 100), None);
+            assert_eq!(cookie_value(h, REFRESH, 5), None);
+            let mk = |pairs: &[(&'static str, &'static str)]| {
+                let mut m = HeaderMap::new();
+                for (k, v) in pairs {
+                    m.insert(*k, HeaderValue::from_static(v));
+                }
+                m
+            };
+            assert!(!same_origin(&mk(&[("host", "a:1")])));
+            assert!(same_origin(&mk(&[
+                ("host", "a:1"),
+                ("origin", "http://a:1")
+            ])));
+            assert!(same_origin(&mk(&[("sec-fetch-site", "same-origin")])));
+            assert!(!same_origin(&mk(&[
+                ("host", "a:1"),
+                ("origin", "http://b:1")
+            ])));
+            assert!(!same_origin(&mk(&[
+                ("host", "a:1"),
+                ("origin", "http://a:1"),
+                ("sec-fetch-site", "cross-site")
+            ])));
+            assert!(!same_origin(&mk(&[("host", "a:1"), ("origin", "null")])));
+            let t = csrf_token(b"k", "rt_1");
+            assert_eq!(t, csrf_token(b"k", "rt_1"));
+            assert_ne!(t, csrf_token(b"k", "rt_2"));
+            assert_ne!(t, csrf_token(b"j", "rt_1"));
+        }
+    }
 }

@@ -7,6 +7,7 @@ pub mod ops;
 pub mod stow;
 pub mod studies;
 pub mod tus;
+pub mod web;
 
 use std::net::SocketAddr;
 
@@ -467,6 +468,8 @@ pub fn router(state: AppState) -> axum::Router {
         )
         .route("/dicomweb/studies", post(stow::store))
         .route("/dicomweb/studies/{study}", post(stow::store_in_study))
+        // The web app: `/` and the embedded files only (GET/HEAD).
+        .merge(web::routes())
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .with_state(state)
