@@ -15,6 +15,8 @@
 pub mod admission;
 pub mod auth;
 pub mod body_guard;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod client_addr;
 pub mod config;
 pub mod disk;

@@ -12,6 +12,8 @@
 //! - `relaypacs migrate`: bring the state database's schema to this
 //!   build's version (as the owner role, when the gateways run with
 //!   `[state] migrate = false`).
+//! - `relaypacs upload PATH… --server URL` (feature `client`): send DICOM
+//!   files to a gateway (see [`relaypacs_http::client`]).
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -53,6 +55,11 @@ enum Command {
     /// Run the state database's migrations (as a role allowed to change
     /// the schema) and print the schema version.
     Migrate,
+    /// Send DICOM files and folders to a gateway: checked locally, grouped
+    /// by study, resumable tus uploads; resumes after being killed.
+    #[cfg(feature = "client")]
+    #[command(after_help = relaypacs_http::client::EXIT_CODES)]
+    Upload(Box<relaypacs_http::client::cli::UploadArgs>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,6 +122,11 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A client: no server configuration, no server logs.
+    #[cfg(feature = "client")]
+    if let Some(Command::Upload(args)) = cli.command {
+        return relaypacs_http::client::cli::run(*args);
+    }
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(
@@ -146,6 +158,8 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        #[cfg(feature = "client")]
+        Command::Upload(_) => ExitCode::from(2), // run above, before the configuration
         Command::Migrate => match migrate(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,0 +1,509 @@
+//! `relaypacs upload` against the real server binary (local archive as the
+//! PACS): resume after SIGKILL of the client, retry across a SIGKILL and
+//! restart of the server, `--json` output, local refusal of non-DICOM and
+//! hostile files.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
+
+mod common;
+
+use std::ffi::OsStr;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::binary;
+use relaypacs_core::testing::dicom_gen::{
+    DicomSpec, generate, huge_declared_length, new_uid, truncations, write_large_file,
+};
+use relaypacs_test_peers::{free_port, wait_for_port};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const PASSWORD: &str = "Velvet-Quarry-Lantern-5521";
+const USER: &str = "rad";
+const BIN: &str = env!("CARGO_BIN_EXE_relaypacs");
+
+/// A gateway process, killed when dropped.
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A server's folder, configuration and port, with user `rad`.
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    port: u16,
+    url: String,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let port = free_port();
+        let config = dir.path().join("relaypacs.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n\n[http]\nmin_free_bytes = 0\n",
+                dir.path().join("data").display().to_string()
+            ),
+        )
+        .unwrap();
+        binary::add_user(
+            &[OsStr::new("--config"), config.as_os_str()],
+            &[],
+            USER,
+            "uploader",
+            PASSWORD,
+        );
+        Self {
+            dir,
+            config,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    fn start(&self) -> Gateway {
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_port(self.port, Duration::from_secs(30));
+        Gateway(child)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.dir.path().join("client-state.json")
+    }
+
+    /// `relaypacs upload --json` on `paths`, password from the environment.
+    fn upload_cmd(&self, paths: &[&Path], extra: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("upload")
+            .args(paths)
+            .arg("--server")
+            .arg(&self.url)
+            .arg("--user")
+            .arg(USER)
+            .arg("--state")
+            .arg(self.state_file())
+            .arg("--json")
+            .args(extra)
+            .env("RELAYPACS_PASSWORD", PASSWORD)
+            .env_remove("RELAYPACS_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    fn upload(&self, paths: &[&Path], extra: &[&str]) -> (Output, Vec<Value>) {
+        let out = self.upload_cmd(paths, extra).output().unwrap();
+        let events = json_lines(&out.stdout);
+        (out, events)
+    }
+
+    async fn token(&self, http: &reqwest::Client) -> String {
+        let t = binary::login(http, &self.url, USER, PASSWORD).await;
+        t["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// The user's studies.
+    async fn studies(&self, http: &reqwest::Client, token: &str) -> Vec<Value> {
+        let v: Value = http
+            .get(format!("{}/api/v1/studies", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The offset the server reports for `upload` (a `/files/…` path).
+    async fn head_offset(&self, http: &reqwest::Client, token: &str, upload: &str) -> u64 {
+        let r = http
+            .head(format!("{}{upload}", self.url))
+            .bearer_auth(token)
+            .header("tus-resumable", "1.0.0")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.headers()["upload-offset"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+/// Every line is one JSON object with an `event`.
+fn json_lines(stdout: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8(stdout.to_vec()).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
+            assert!(v["event"].is_string(), "no event: {l}");
+            v
+        })
+        .collect()
+}
+
+fn events<'a>(all: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    all.iter().filter(|e| e["event"] == kind).collect()
+}
+
+fn summary(all: &[Value]) -> &Value {
+    let last = all.last().expect("no output");
+    assert_eq!(last["event"], "summary", "the summary comes last: {last}");
+    assert_eq!(events(all, "summary").len(), 1);
+    last
+}
+
+fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// SHA-256 of every archived file.
+fn archived(data: &Path) -> Vec<(PathBuf, u64, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![data.join("archive")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let size = p.metadata().unwrap().len();
+                let sum = sha256_file(&p);
+                out.push((p, size, sum));
+            }
+        }
+    }
+    out
+}
+
+fn assert_archived(data: &Path, source: &Path) {
+    let want = sha256_file(source);
+    let all = archived(data);
+    assert!(
+        all.iter().any(|(_, _, s)| *s == want),
+        "{} is not in the archive byte for byte: {all:?}",
+        source.display()
+    );
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A 300 MiB file; the CLI is SIGKILLed once the server holds ~45 % of
+/// it; the rerun sends only the rest (< 60 % of the file, as its summary
+/// and the server's offset before the rerun both say), the study is
+/// delivered and the archived file is the source byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_upload_resumes_and_sends_only_the_rest() {
+    let s = Setup::new();
+    let _gw = s.start();
+    let src = s.dir.path().join("big");
+    std::fs::create_dir(&src).unwrap();
+    let file = src.join("ct-300mib.dcm");
+    let spec = DicomSpec {
+        study_uid: new_uid(),
+        ..DicomSpec::default()
+    };
+    write_large_file(&file, &spec, 300 << 20).unwrap();
+    let size = file.metadata().unwrap().len();
+    let http = reqwest::Client::new();
+    let token = s.token(&http).await;
+
+    let started = Instant::now();
+    let mut child = s
+        .upload_cmd(&[&file], &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill on observed progress: the server's offset past 45 %.
+    let upload = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no progress to 45 %"
+        );
+        if let Some(st) = s.studies(&http, &token).await.first()
+            && let Some(f) = st["files"].as_array().and_then(|f| f.first())
+            && f["offset"].as_u64().unwrap_or(0) * 100 >= size * 45
+        {
+            break f["upload_url"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the CLI ended before it was killed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // The server's offset once it settles (a PATCH it had whole may still
+    // be committing).
+    let mut before = s.head_offset(&http, &token, &upload).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = s.head_offset(&http, &token, &upload).await;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    assert!(
+        before * 100 >= size * 40 && before < size,
+        "offset {before} of {size}"
+    );
+
+    let (out, ev) = s.upload(&[&file], &["--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let sum = summary(&ev);
+    let sent = sum["bytes_sent"].as_u64().unwrap();
+    assert!(sent * 100 < size * 60, "second run sent {sent} of {size}");
+    assert!(
+        sent >= size - before,
+        "sent {sent}, {} were missing",
+        size - before
+    );
+    assert_eq!(sum["bytes_resumed"].as_u64(), Some(before), "{sum}");
+    assert_eq!(sum["files_done"], 1);
+    assert_eq!(sum["studies_delivered"], 1);
+    let done = events(&ev, "file_done");
+    assert_eq!(done[0]["resumed_from"].as_u64(), Some(before));
+    assert_eq!(done[0]["sha256"].as_str().unwrap(), sha256_file(&file));
+    let delivered = events(&ev, "study_delivered");
+    assert_eq!(delivered[0]["verified"], "content");
+    assert_archived(&s.data(), &file);
+    // The state file no longer holds the completed study.
+    let st: Value = serde_json::from_slice(&std::fs::read(s.state_file()).unwrap()).unwrap();
+    assert_eq!(st["files"].as_object().unwrap().len(), 0, "{st}");
+    assert_eq!(st["studies"].as_object().unwrap().len(), 0, "{st}");
+}
+
+/// The server is SIGKILLed with an upload in flight and started again on
+/// the same folder and port: the CLI retries (reported as `retry`
+/// events), resumes from the server's offset and completes with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_and_restarted_the_cli_retries_and_completes() {
+    let s = Setup::new();
+    let mut gw = s.start();
+    let file = s.dir.path().join("mr-96mib.dcm");
+    let spec = DicomSpec {
+        study_uid: new_uid(),
+        ..DicomSpec::default()
+    };
+    write_large_file(&file, &spec, 96 << 20).unwrap();
+    let size = file.metadata().unwrap().len();
+    let http = reqwest::Client::new();
+    let token = s.token(&http).await;
+
+    let cli = s
+        .upload_cmd(&[&file], &["--wait", "--chunk-mib", "4"])
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no progress to 20 %"
+        );
+        if let Some(st) = s.studies(&http, &token).await.first()
+            && let Some(f) = st["files"].as_array().and_then(|f| f.first())
+            && f["offset"].as_u64().unwrap_or(0) * 100 >= size * 20
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.0.kill().unwrap(); // SIGKILL
+    gw.0.wait().unwrap();
+    drop(gw);
+    // Down long enough for the CLI to see it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _gw = s.start();
+
+    let out = tokio::task::spawn_blocking(move || cli.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let ev = json_lines(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}\n{ev:?}", stderr(&out));
+    assert!(
+        !events(&ev, "retry").is_empty(),
+        "the outage was not seen: {ev:?}"
+    );
+    let sum = summary(&ev);
+    assert_eq!(sum["files_done"], 1);
+    assert_eq!(sum["studies_completed"], 1);
+    assert_eq!(sum["studies_delivered"], 1);
+    // Retries resent at most the chunks in flight, not the file.
+    let sent = sum["bytes_sent"].as_u64().unwrap();
+    assert!(sent < size + (12 << 20), "sent {sent} for {size}");
+    assert_archived(&s.data(), &file);
+}
+
+/// `--json`: every line parses, and the summary counts what happened: two
+/// studies of two files each, a non-DICOM file, a hostile one, a DICOMDIR
+/// and a second copy of a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_output_parses_and_counts() {
+    let s = Setup::new();
+    let _gw = s.start();
+    let src = s.dir.path().join("mixed");
+    std::fs::create_dir_all(src.join("a/b")).unwrap();
+    let mut valid = Vec::new();
+    for (i, study) in [new_uid(), new_uid()].iter().enumerate() {
+        for j in 0..2 {
+            let bytes = generate(&DicomSpec {
+                study_uid: study.clone(),
+                rows: 64,
+                cols: 64,
+                ..DicomSpec::default()
+            })
+            .unwrap();
+            let p = src
+                .join(if i == 0 { "a" } else { "a/b" })
+                .join(format!("im{j}.dcm"));
+            std::fs::write(&p, &bytes).unwrap();
+            valid.push(p);
+        }
+    }
+    std::fs::copy(&valid[0], src.join("copy-of-im0.dcm")).unwrap();
+    std::fs::write(src.join("README.txt"), b"not an image\n").unwrap();
+    std::fs::write(src.join("hostile.dcm"), huge_declared_length()).unwrap();
+    std::fs::write(src.join("DICOMDIR"), b"index").unwrap();
+
+    let (out, ev) = s.upload(&[&src], &["--wait"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "refused files make exit 1: {}",
+        stderr(&out)
+    );
+    let sum = summary(&ev);
+    assert_eq!(sum["files_found"], 8, "{sum}");
+    assert_eq!(sum["files_valid"], 4, "{sum}");
+    assert_eq!(sum["files_done"], 4, "{sum}");
+    assert_eq!(sum["files_refused_local"], 2, "{sum}");
+    assert_eq!(sum["files_refused_server"], 0, "{sum}");
+    assert_eq!(sum["files_skipped"], 2, "{sum}");
+    assert_eq!(sum["studies"], 2, "{sum}");
+    assert_eq!(sum["studies_completed"], 2, "{sum}");
+    assert_eq!(sum["studies_delivered"], 2, "{sum}");
+    let bytes: u64 = valid.iter().map(|p| p.metadata().unwrap().len()).sum();
+    assert_eq!(sum["bytes_total"].as_u64(), Some(bytes));
+    assert_eq!(sum["bytes_sent"].as_u64(), Some(bytes));
+    assert_eq!(sum["exit_code"], 1);
+    assert_eq!(events(&ev, "file_done").len(), 4);
+    assert_eq!(events(&ev, "study_completed").len(), 2);
+    assert_eq!(events(&ev, "study_delivered").len(), 2);
+    assert!(events(&ev, "file_progress").is_empty());
+    let refused = events(&ev, "file_refused");
+    assert_eq!(refused.len(), 2);
+    for r in &refused {
+        assert_eq!(r["by"], "local");
+        assert!(
+            r["code"].as_str().unwrap().starts_with("RELAY_DICOM_"),
+            "{r}"
+        );
+        assert!(!r["reason"].as_str().unwrap().is_empty());
+    }
+    for p in &valid {
+        assert_archived(&s.data(), p);
+    }
+}
+
+/// A non-DICOM file and hostile files (an absurd declared length, a
+/// truncated file) are refused locally and never reach the server: no
+/// login, no session, no upload, nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_dicom_and_hostile_files_are_refused_locally() {
+    let s = Setup::new();
+    let _gw = s.start();
+    let src = s.dir.path().join("bad");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("report.pdf"), b"%PDF-1.4\n%%EOF\n").unwrap();
+    std::fs::write(src.join("length-overrun.dcm"), huge_declared_length()).unwrap();
+    let valid = generate(&DicomSpec::default()).unwrap();
+    let cut = truncations(&valid)
+        .into_iter()
+        .max_by_key(Vec::len)
+        .unwrap();
+    std::fs::write(src.join("truncated.dcm"), cut).unwrap();
+
+    let (out, ev) = s.upload(&[&src], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let refused = events(&ev, "file_refused");
+    assert_eq!(refused.len(), 3, "{ev:?}");
+    let code = |name: &str| {
+        refused
+            .iter()
+            .find(|r| r["path"].as_str().unwrap().ends_with(name))
+            .map(|r| r["code"].as_str().unwrap().to_owned())
+            .unwrap()
+    };
+    assert_eq!(code("report.pdf"), "RELAY_DICOM_NOT_DICOM");
+    assert_eq!(code("length-overrun.dcm"), "RELAY_DICOM_LENGTH_OVERRUN");
+    assert!(code("truncated.dcm").starts_with("RELAY_DICOM_"));
+    assert!(refused.iter().all(|r| r["by"] == "local"));
+    let sum = summary(&ev);
+    assert_eq!(sum["files_refused_local"], 3);
+    assert_eq!(sum["bytes_sent"], 0);
+    assert_eq!(sum["studies"], 0);
+
+    // Nothing reached the server: no session, file or chunk, no login.
+    let http = reqwest::Client::new();
+    let token = s.token(&http).await;
+    assert!(s.studies(&http, &token).await.is_empty());
+    for table in ["sessions", "session_files", "chunks"] {
+        let n = common::state_rows(
+            &s.data(),
+            &format!("SELECT CAST(count(*) AS TEXT) FROM {table}"),
+        )
+        .await;
+        assert_eq!(n[0][0], "0", "{table}");
+    }
+    let logins = common::state_rows(
+        &s.data(),
+        r#"SELECT CAST(count(*) AS TEXT) FROM audit_events WHERE event LIKE '%"action":"login"%'"#,
+    )
+    .await;
+    // Only the test's own login above.
+    assert_eq!(logins[0][0], "1", "{logins:?}");
+}
