@@ -185,6 +185,18 @@ pub trait AuditSink: Debug + Display + Send + Sync + 'static {
     /// Append one event durably.
     async fn record(&self, event: &AuditEvent) -> Result<()>;
 
+    /// Append several events durably, in their order: `Ok` only once every
+    /// one is durable, as if `record` had been called for each in turn (an
+    /// error may leave some of them recorded). A trail that commits
+    /// records together (one transaction, one sync) should override this;
+    /// the default calls [`record`](Self::record) for each.
+    async fn record_all(&self, events: &[AuditEvent]) -> Result<()> {
+        for event in events {
+            self.record(event).await?;
+        }
+        Ok(())
+    }
+
     /// Every recorded event, oldest first.
     async fn events(&self) -> Result<Vec<AuditEvent>>;
 
@@ -205,6 +217,10 @@ macro_rules! forward_audit_sink {
         impl<S: AuditSink + ?Sized> AuditSink for $($ptr)::+<S> {
             async fn record(&self, event: &AuditEvent) -> Result<()> {
                 (**self).record(event).await
+            }
+
+            async fn record_all(&self, events: &[AuditEvent]) -> Result<()> {
+                (**self).record_all(events).await
             }
 
             async fn events(&self) -> Result<Vec<AuditEvent>> {

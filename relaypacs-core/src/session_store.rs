@@ -253,6 +253,47 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         self.update_file_scope(session, expected).await.map(Some)
     }
 
+    /// [`update_file_scope`](Self::update_file_scope) and
+    /// [`record_chunk`](Self::record_chunk) of each of `chunks` (a file
+    /// `session` carries, and one of its chunks) as one step: how a file
+    /// stored and proven whole enters its session with its chunk records
+    /// (one transaction, one sync). A chunk already recorded at its offset
+    /// with the same length and digest is kept; one recorded with other
+    /// content fails the call with [`Error::Conflict`](crate::Error::Conflict)
+    /// `RELAY_CHUNK_CONFLICT`, and the session is not written. Returns the
+    /// new version, as `update_file_scope` does, with its errors
+    /// (`Precondition`, `NotFound`, `RELAY_DUPLICATE_INSTANCE`).
+    ///
+    /// # Contract
+    /// Atomic when overridden (the SQL store: one transaction): on any
+    /// error nothing is written. The default records the chunks first, then
+    /// writes the session with `update_file_scope`: on an error after the
+    /// chunks, they stay recorded for a file the session does not hold
+    /// (records of durable bytes, removed with the session or the file,
+    /// and accepted again as the same chunk by a retry), never the other
+    /// way round, so a file is never written without its chunk records.
+    async fn update_file_scope_with_chunks(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        chunks: &[(FileId, ChunkRecord)],
+    ) -> Result<u64> {
+        for (file, chunk) in chunks {
+            match self.record_chunk(session.id, *file, chunk).await? {
+                ChunkInsert::Inserted => {}
+                ChunkInsert::Existing(c)
+                    if c.length == chunk.length && c.sha256 == chunk.sha256 => {}
+                ChunkInsert::Existing(_) => {
+                    return Err(crate::Error::conflict(
+                        "RELAY_CHUNK_CONFLICT",
+                        "another chunk was recorded at this offset",
+                    ));
+                }
+            }
+        }
+        self.update_file_scope(session, expected).await
+    }
+
     /// Up to `limit` files of session `id` in file id order, after `after`
     /// (from the first when `None`): a page of a study view. The default
     /// loads the whole session.
@@ -433,6 +474,15 @@ macro_rules! forward_session_store {
 
             async fn update_file_scope(&self, session: &SessionRecord, expected: u64) -> Result<u64> {
                 (**self).update_file_scope(session, expected).await
+            }
+
+            async fn update_file_scope_with_chunks(
+                &self,
+                session: &SessionRecord,
+                expected: u64,
+                chunks: &[(FileId, ChunkRecord)],
+            ) -> Result<u64> {
+                (**self).update_file_scope_with_chunks(session, expected, chunks).await
             }
 
             async fn files_with_instance(

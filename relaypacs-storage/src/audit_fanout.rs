@@ -82,6 +82,17 @@ impl<P: AuditSink> AuditSink for AuditFanOut<P> {
         first_error(std::iter::once(primary).chain(mirrors))
     }
 
+    async fn record_all(&self, events: &[AuditEvent]) -> Result<()> {
+        if self.mirrors.is_empty() {
+            return self.primary.record_all(events).await;
+        }
+        let (primary, mirrors) = futures::join!(
+            self.primary.record_all(events),
+            futures::future::join_all(self.mirrors.iter().map(|m| m.record_all(events)))
+        );
+        first_error(std::iter::once(primary).chain(mirrors))
+    }
+
     async fn events(&self) -> Result<Vec<AuditEvent>> {
         self.primary.events().await
     }

@@ -247,6 +247,14 @@ impl Queue {
             .push(item);
     }
 
+    /// Queue several events at once, next to each other.
+    fn push_all(&self, items: Vec<Pending>) {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(items);
+    }
+
     fn take(&self) -> Vec<Pending> {
         let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         let n = p.len().min(MAX_BATCH);
@@ -505,6 +513,40 @@ impl AuditSink for SqlAuditSink {
                 "the writer task ended without an answer",
             )
         })?
+    }
+
+    /// The events queued together, so one transaction (one fsync) takes
+    /// them all unless more than [`MAX_BATCH`] are waiting; `Ok` once each
+    /// one's transaction committed.
+    async fn record_all(&self, events: &[AuditEvent]) -> Result<()> {
+        let mut items = Vec::with_capacity(events.len());
+        let mut answers = Vec::with_capacity(events.len());
+        for event in events {
+            let json = serde_json::to_string(event)
+                .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
+            let (tx, rx) = oneshot::channel();
+            items.push((json, tx));
+            answers.push(rx);
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.queue.push_all(items);
+        tokio::spawn(write_queued(
+            self.db.clone(),
+            self.queue.clone(),
+            self.shared.clone(),
+        ));
+        for rx in answers {
+            rx.await.map_err(|_| {
+                Error::storage(
+                    StorageErrorKind::Io,
+                    "audit append task",
+                    "the writer task ended without an answer",
+                )
+            })??;
+        }
+        Ok(())
     }
 
     async fn events(&self) -> Result<Vec<AuditEvent>> {

@@ -698,6 +698,62 @@ impl SessionStore for SqlSessionStore {
         Ok(Some(expected + 1))
     }
 
+    /// One transaction: the scoped write first (its conditional UPDATE of
+    /// the session's row takes the write lock, SQLite's or the row's, before
+    /// anything is read), then each chunk insert-if-absent; a different
+    /// chunk at an offset drops the transaction, so nothing is written.
+    async fn update_file_scope_with_chunks(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        chunks: &[(FileId, ChunkRecord)],
+    ) -> Result<u64> {
+        const OP: &str = "record file";
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        Self::write_scope(&mut tx, session, expected).await?;
+        let sid = session.id.to_string();
+        for (file, chunk) in chunks {
+            let inserted = sqlx::query(
+                "INSERT INTO chunks (session_id, file_id, chunk_offset, length, sha256, receipt) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (session_id, file_id, chunk_offset) DO NOTHING",
+            )
+            .bind(&sid)
+            .bind(file.to_string())
+            .bind(to_i64(chunk.offset)?)
+            .bind(to_i64(chunk.length)?)
+            .bind(chunk.sha256.to_hex())
+            .bind(&chunk.receipt)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+            if inserted.rows_affected() == 1 {
+                continue;
+            }
+            let row = sqlx::query(
+                "SELECT chunk_offset, length, sha256, receipt FROM chunks \
+                 WHERE session_id = $1 AND file_id = $2 AND chunk_offset = $3",
+            )
+            .bind(&sid)
+            .bind(file.to_string())
+            .bind(to_i64(chunk.offset)?)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+            let existing = chunk_from_row(&row)?;
+            if existing.length != chunk.length || existing.sha256 != chunk.sha256 {
+                // The transaction is dropped: nothing of this call stays.
+                return Err(Error::conflict(
+                    "RELAY_CHUNK_CONFLICT",
+                    "another chunk was recorded at this offset",
+                ));
+            }
+        }
+        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit).
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
+        Ok(expected + 1)
+    }
+
     async fn files_with_instance(
         &self,
         id: SessionId,

@@ -946,4 +946,181 @@ impl Pipeline {
         reader.expect_end(size).await?;
         self.complete_file(actor, id, file).await
     }
+
+    /// Declare, store, verify and validate a whole file of one chunk (at
+    /// most the session's largest chunk) in one step: what
+    /// [`add_file`](Self::add_file), [`ingest_stream`](Self::ingest_stream)
+    /// and [`complete_file`](Self::complete_file) do, under the same rules
+    /// (limits, verification, the index of accepted instances, one file
+    /// per SOP Instance UID and study per session), with one write of the
+    /// session state instead of three and the file's three audit records
+    /// (added, chunk stored, completed) appended together.
+    ///
+    /// The file enters the session only once it is proven and valid: its
+    /// bytes are made durable first (a new chunk area, nobody else can
+    /// know its id), then the file, its chunk record and its valid state
+    /// are one write ([`SessionStore::update_file_scope_with_chunks`]);
+    /// its audit records are durable before this returns. A crash before
+    /// that write leaves an unrecorded chunk area, removed by the orphan
+    /// sweep or with its session.
+    ///
+    /// # Errors
+    /// Those of the three calls it stands for. On any error the file is
+    /// not in the session (its bytes are removed), so there is nothing to
+    /// remove; a file refused for its content is [`Error::FileRefused`].
+    pub async fn ingest_file(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        req: NewFile,
+        bytes: ByteStream,
+    ) -> Result<FileRecord> {
+        let gate = self.gate(id);
+        let _g = gate.rw.read().await;
+        let current = self
+            .load_scope_owned_as(actor, id, None, Access::session("add_file"))
+            .await?;
+        let mut added = Self::event(
+            actor,
+            AuditAction::FileAdded,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        let file = match Self::new_file_record(&current.session.value, req).and_then(|f| {
+            let max = current.session.value.limits.max_chunk_size;
+            if f.size > max {
+                return Err(Error::LimitExceeded {
+                    what: "chunk size",
+                    limit: max,
+                    actual: f.size,
+                });
+            }
+            // The session's totals, checked again by the write.
+            Self::admit_file(&mut current.session.value.clone(), &current, &f)?;
+            Ok(f)
+        }) {
+            Ok(f) => f,
+            Err(e) => return self.refuse(added, e).await,
+        };
+        added.file = Some(file.id);
+        added.detail = format!("size={}", file.size);
+        let mut stored = Self::event(
+            actor,
+            AuditAction::ChunkStored,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        stored.file = Some(file.id);
+        stored.detail = format!("offset=0 length={}", file.size);
+        let key = FileKey {
+            session: id,
+            file: file.id,
+        };
+        let spec = PutChunk {
+            offset: 0,
+            length: file.size,
+            sha256: None,
+        };
+        // Durable before the file is written: create_file (the area, its
+        // name) and put_chunk (the bytes, fdatasync'd).
+        let chunk = match self.inner.chunks.create_file(key, file.size).await {
+            Ok(()) => self.store_chunk(key, spec, bytes).await,
+            Err(e) => Err(e),
+        };
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                self.discard_area(key).await;
+                Self::failed(&mut stored, &e);
+                self.audit_all(&[added, stored]).await?;
+                return Err(e);
+            }
+        };
+        let mut done = Self::event(
+            actor,
+            AuditAction::FileCompleted,
+            AuditOutcome::Success,
+            Some(id),
+        );
+        done.file = Some(file.id);
+        match self
+            .prove_and_record(id, &file, std::slice::from_ref(&chunk), current, true)
+            .await
+        {
+            Ok(f) => {
+                Self::describe_valid(&mut done, &f);
+                self.audit_all(&[added, stored, done]).await?;
+                Ok(f)
+            }
+            Err((err, known)) => {
+                self.discard_area(key).await;
+                let uid = |v: &Option<String>| v.as_deref().and_then(|v| Uid::parse(v).ok());
+                let err = if super::completion::refuses_content(&err) {
+                    done.study = uid(&known.study_instance_uid);
+                    done.patient_id = known.patient_id.clone();
+                    Error::FileRefused {
+                        sop_class_uid: uid(&known.sop_class_uid),
+                        sop_instance_uid: uid(&known.sop_instance_uid),
+                        source: Box::new(err),
+                    }
+                } else {
+                    err
+                };
+                Self::failed(&mut done, &err);
+                self.audit_all(&[added, stored, done]).await?;
+                Err(err)
+            }
+        }
+    }
+
+    /// The chunk area of a file that never entered its session; were this
+    /// to fail, the orphan sweep removes it later.
+    async fn discard_area(&self, key: FileKey) {
+        if let Err(e) = self.inner.chunks.delete_file(key).await {
+            tracing::warn!(session = %key.session, error = %e, "an unrecorded file's chunks left for the sweep");
+        }
+    }
+
+    /// What the audit record of a completed file names (as
+    /// [`complete_file`](Self::complete_file) records it).
+    fn describe_valid(event: &mut AuditEvent, f: &FileRecord) {
+        if let FileState::Valid { dicom } = &f.state {
+            event.study = Some(dicom.study_instance_uid.clone());
+            event.patient_id = Some(dicom.patient_id.clone());
+            event.detail = format!(
+                "sop_instance_uid={} sha256={}",
+                dicom.sop_instance_uid,
+                f.sha256.map(|d| d.to_hex()).unwrap_or_default()
+            );
+            if !dicom.warnings.is_empty() {
+                event
+                    .detail
+                    .push_str(&format!(" warnings={}", dicom.warnings.join("; ")));
+            }
+        }
+    }
+
+    /// Mark `event` as the failure `err` (as [`refuse`](Self::refuse) does).
+    fn failed(event: &mut AuditEvent, err: &Error) {
+        event.outcome = match err.kind() {
+            ErrorKind::Storage
+            | ErrorKind::InsufficientStorage
+            | ErrorKind::Pacs
+            | ErrorKind::Audit => AuditOutcome::SeriousFailure,
+            _ => AuditOutcome::MinorFailure,
+        };
+        event.detail = format!("{}: {}", err.code(), err);
+    }
+
+    /// Record several audit events together (one commit where the trail
+    /// groups them); a failure refuses the action (fail closed).
+    async fn audit_all(&self, events: &[AuditEvent]) -> Result<()> {
+        self.inner
+            .audit
+            .record_all(events)
+            .await
+            .map_err(|e| Error::Audit {
+                source: Box::new(e),
+            })
+    }
 }

@@ -6,7 +6,7 @@ use super::*;
 
 /// Whether `err` refuses a file for its content, so that it is removed
 /// from its session (see [`Pipeline::complete_file`]).
-fn refuses_content(err: &Error) -> bool {
+pub(super) fn refuses_content(err: &Error) -> bool {
     match err {
         Error::Dicom(_) | Error::StudyMismatch { .. } => true,
         Error::Integrity(IntegrityError::FileHash { .. }) => true,
@@ -152,7 +152,32 @@ impl Pipeline {
         if matches!(file.state, FileState::Valid { .. }) {
             return Ok(file);
         }
-        let back = self.verify_stored(id, &file).await.map_err(plain)?;
+        let chunks = self
+            .inner
+            .sessions
+            .chunks(id, file.id)
+            .await
+            .map_err(plain)?;
+        self.prove_and_record(id, &file, &chunks, current, false)
+            .await
+    }
+
+    /// Prove `file`'s stored bytes (`chunks`, sorted by offset), validate
+    /// them, claim the instance and record the file as valid at `current`.
+    /// With `new`, the file is not in the session yet: it is admitted under
+    /// the session's limits and written with its chunk records in one step
+    /// ([`SessionStore::update_file_scope_with_chunks`]).
+    pub(super) async fn prove_and_record(
+        &self,
+        id: SessionId,
+        file: &FileRecord,
+        chunks: &[ChunkRecord],
+        current: FileScope,
+        new: bool,
+    ) -> std::result::Result<FileRecord, (Error, Identified)> {
+        let plain = |e: Error| (e, Identified::default());
+        let file_id = file.id;
+        let back = self.verify_stored(id, file, chunks).await.map_err(plain)?;
         let mut dicom = self.validate(back.prefix, file.size).await?;
         let refused = |e: Error, d: &DicomSummary| (e, Identified::from(d));
         let data_set_sha256 = back.data_set_sha256.ok_or_else(|| {
@@ -172,8 +197,9 @@ impl Pipeline {
             Err(e) => return Err(refused(e, &dicom)),
         };
         let digests = (back.sha256, data_set_sha256);
+        let added = new.then_some((file, chunks));
         let rec = match self
-            .record_valid(id, file_id, current, &dicom, digests)
+            .record_valid(id, file_id, current, &dicom, digests, added)
             .await
         {
             Ok(rec) => rec,
@@ -209,16 +235,20 @@ impl Pipeline {
     /// one still hashes to what was acknowledged, and the whole file
     /// matches its declared SHA-256 (when one was declared). The store
     /// seals the file first.
-    async fn verify_stored(&self, id: SessionId, file: &FileRecord) -> Result<ReadBack> {
-        let chunks = self.inner.sessions.chunks(id, file.id).await?;
-        check_tiled(&chunks, file.size)?;
+    async fn verify_stored(
+        &self,
+        id: SessionId,
+        file: &FileRecord,
+        chunks: &[ChunkRecord],
+    ) -> Result<ReadBack> {
+        check_tiled(chunks, file.size)?;
         let key = FileKey {
             session: id,
             file: file.id,
         };
-        self.inner.chunks.seal_file(key, file.size, &chunks).await?;
+        self.inner.chunks.seal_file(key, file.size, chunks).await?;
         let header_cap = self.inner.config.dicom.max_header_bytes.min(file.size);
-        let back = self.read_back(key, file.size, &chunks, header_cap).await?;
+        let back = self.read_back(key, file.size, chunks, header_cap).await?;
         if let Some(expected) = file.sha256
             && expected != back.sha256
         {
@@ -263,6 +293,8 @@ impl Pipeline {
     /// Record the file as valid (with its digests) in its session: the
     /// session must still be open, of the file's study (unless several
     /// are allowed), and hold no other file of the same SOP Instance UID.
+    /// With `added`, the file (and its chunks) enters the session in the
+    /// same write, admitted under the session's limits.
     async fn record_valid(
         &self,
         id: SessionId,
@@ -270,6 +302,7 @@ impl Pipeline {
         mut current: FileScope,
         dicom: &DicomSummary,
         (digest, data_set_sha256): (Sha256Digest, Sha256Digest),
+        added: Option<(&FileRecord, &[ChunkRecord])>,
     ) -> Result<SessionRecord> {
         // A second file of this SOP Instance UID in the session is refused
         // by the store inside the write itself (Conflict
@@ -277,7 +310,7 @@ impl Pipeline {
         // no read before the compare-and-set, one transaction per attempt.
         for _ in 0..64 {
             match self
-                .record_valid_at(file_id, current, dicom, (digest, data_set_sha256))
+                .record_valid_at(file_id, current, dicom, (digest, data_set_sha256), added)
                 .await
             {
                 Err(Error::Precondition { .. }) => {
@@ -303,9 +336,13 @@ impl Pipeline {
         current: FileScope,
         dicom: &DicomSummary,
         (digest, data_set_sha256): (Sha256Digest, Sha256Digest),
+        added: Option<(&FileRecord, &[ChunkRecord])>,
     ) -> Result<SessionRecord> {
-        let mut rec = current.session.value;
+        let mut rec = current.session.value.clone();
         Self::require_open(&rec)?;
+        if let Some((file, _)) = added {
+            Self::admit_file(&mut rec, &current, file)?;
+        }
         if let Some(study) = &rec.study_instance_uid
             && *study != dicom.study_instance_uid
             && !rec.allow_multiple_studies
@@ -328,10 +365,20 @@ impl Pipeline {
             dicom: dicom.clone(),
         };
         rec.updated_at = OffsetDateTime::now_utc();
-        self.inner
-            .sessions
-            .update_file_scope(&rec, current.session.version)
-            .await?;
+        let version = current.session.version;
+        match added {
+            None => self.inner.sessions.update_file_scope(&rec, version).await?,
+            Some((_, chunks)) => {
+                let chunks: Vec<(FileId, ChunkRecord)> =
+                    chunks.iter().map(|c| (file_id, c.clone())).collect();
+                // One write: the file, its chunk records, its valid state
+                // and the session's study (one transaction, one sync).
+                self.inner
+                    .sessions
+                    .update_file_scope_with_chunks(&rec, version, &chunks)
+                    .await?
+            }
+        };
         Ok(rec)
     }
 

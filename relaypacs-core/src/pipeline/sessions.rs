@@ -217,8 +217,26 @@ impl Pipeline {
         req: NewFile,
         cap: Option<u32>,
     ) -> Result<FileRecord> {
-        let limits = current.session.value.limits.clone();
-        Self::require_open(&current.session.value)?;
+        let file = Self::new_file_record(&current.session.value, req)?;
+        self.inner
+            .chunks
+            .create_file(
+                FileKey {
+                    session: id,
+                    file: file.id,
+                },
+                file.size,
+            )
+            .await?;
+        self.admit_new_file(id, current, cap, file).await
+    }
+
+    /// The record of a file `req` declares in the open session `rec`
+    /// (checked against the session's limits on one file; its totals are
+    /// checked when the file is written, see [`admit_file`](Self::admit_file)).
+    pub(super) fn new_file_record(rec: &SessionRecord, req: NewFile) -> Result<FileRecord> {
+        let limits = &rec.limits;
+        Self::require_open(rec)?;
         if req.size == 0 {
             return Err(Error::invalid(
                 "RELAY_EMPTY_FILE",
@@ -238,24 +256,24 @@ impl Pipeline {
                 "file name must be at most 255 bytes with no control characters",
             ));
         }
-        let file = FileRecord {
+        Ok(FileRecord {
             id: FileId::random(),
             name: req.name,
             size: req.size,
             sha256: req.sha256,
             data_set_sha256: None,
             state: FileState::Uploading,
-        };
-        self.inner
-            .chunks
-            .create_file(
-                FileKey {
-                    session: id,
-                    file: file.id,
-                },
-                file.size,
-            )
-            .await?;
+        })
+    }
+
+    /// Write the new `file` (its chunk area created) into the session.
+    async fn admit_new_file(
+        &self,
+        id: SessionId,
+        current: FileScope,
+        cap: Option<u32>,
+        file: FileRecord,
+    ) -> Result<FileRecord> {
         let f2 = file.clone();
         // Only the new file is written; the limits are checked against the
         // session's totals at the version the write is conditional on.
@@ -286,7 +304,11 @@ impl Pipeline {
 
     /// Add `file` to `rec` if the session is open and its limits allow
     /// (checked against the totals of `scope`).
-    fn admit_file(rec: &mut SessionRecord, scope: &FileScope, file: &FileRecord) -> Result<()> {
+    pub(super) fn admit_file(
+        rec: &mut SessionRecord,
+        scope: &FileScope,
+        file: &FileRecord,
+    ) -> Result<()> {
         Self::require_open(rec)?;
         if scope.file_count >= u64::from(rec.limits.max_files) {
             return Err(Error::LimitExceeded {

@@ -781,6 +781,102 @@ pub async fn chunk_records(store: &dyn SessionStore) {
     ));
 }
 
+/// A file enters its session with its chunk records in one call: both
+/// are there after it; a different chunk already recorded at an offset
+/// refuses the call and the file is not written; a stale version is a
+/// `Precondition` and the file is not written either.
+pub async fn file_with_chunks(store: &dyn SessionStore) {
+    let s = sample_session();
+    let v = store.create_session(&s).await.expect("create").version;
+    let mut rec = s.clone();
+    let mut file = rec
+        .files
+        .values()
+        .next()
+        .expect("sample has a file")
+        .clone();
+    file.id = FileId::random();
+    file.name = "ct-002.dcm".into();
+    rec.files = [(file.id, file.clone())].into_iter().collect();
+    let one = [(file.id, chunk(0, b"a"))];
+    let v2 = store
+        .update_file_scope_with_chunks(&rec, v, &one)
+        .await
+        .expect("file with its chunk");
+    assert_eq!(v2, v + 1);
+    let loaded = store.load_session(s.id).await.expect("load");
+    assert_eq!(loaded.version, v2);
+    assert_eq!(loaded.value.files.get(&file.id), Some(&file));
+    assert_eq!(loaded.value.files.len(), 2, "the other file is kept");
+    assert_eq!(
+        store.chunks(s.id, file.id).await.expect("chunks"),
+        vec![chunk(0, b"a")]
+    );
+    // The same chunk again is kept (a retry), the file rewritten.
+    let v3 = store
+        .update_file_scope_with_chunks(&rec, v2, &one)
+        .await
+        .expect("same chunk again");
+    assert_eq!(v3, v2 + 1);
+    // Another file whose offset 0 holds another chunk already.
+    let mut other = file.clone();
+    other.id = FileId::random();
+    assert_eq!(
+        store
+            .record_chunk(s.id, other.id, &chunk(0, b"x"))
+            .await
+            .expect("record"),
+        ChunkInsert::Inserted
+    );
+    let mut rec2 = rec.clone();
+    rec2.files = [(other.id, other.clone())].into_iter().collect();
+    let refused = store
+        .update_file_scope_with_chunks(&rec2, v3, &[(other.id, chunk(0, b"y"))])
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::Conflict {
+                code: "RELAY_CHUNK_CONFLICT",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let after = store.load_session(s.id).await.expect("load");
+    assert_eq!(after.version, v3, "a refused call writes nothing");
+    assert!(!after.value.files.contains_key(&other.id));
+    assert_eq!(
+        store.chunks(s.id, other.id).await.expect("chunks"),
+        vec![chunk(0, b"x")],
+        "the recorded chunk is not replaced"
+    );
+    // A stale version.
+    let mut third = file.clone();
+    third.id = FileId::random();
+    let mut rec3 = rec.clone();
+    rec3.files = [(third.id, third.clone())].into_iter().collect();
+    assert!(matches!(
+        store
+            .update_file_scope_with_chunks(&rec3, v2, &[(third.id, chunk(0, b"z"))])
+            .await,
+        Err(Error::Precondition { .. })
+    ));
+    let after = store.load_session(s.id).await.expect("load");
+    assert_eq!(after.version, v3);
+    assert!(!after.value.files.contains_key(&third.id));
+    let missing = SessionRecord {
+        id: SessionId::random(),
+        ..rec3.clone()
+    };
+    assert!(matches!(
+        store
+            .update_file_scope_with_chunks(&missing, 1, &[(third.id, chunk(0, b"z"))])
+            .await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
 /// Of many concurrent inserts at one offset, exactly one is `Inserted`.
 pub async fn concurrent_chunk_insert(store: Arc<dyn SessionStore>) {
     let s = sample_session();
@@ -1018,7 +1114,7 @@ macro_rules! session_store_conformance {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, head_only_updates, one_instance_per_session, range_reservations, chunk_records, delete_session, instance_claims, upload_facts);
+            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, head_only_updates, one_instance_per_session, range_reservations, chunk_records, delete_session, instance_claims, upload_facts, file_with_chunks);
             $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap, concurrent_capped_file_additions_stop_at_the_cap);
         }
     };

@@ -316,17 +316,37 @@ async fn ingest(
     digest: Option<Sha256Digest>,
 ) -> Result<(FileId, DicomSummary), (Option<FileId>, Error)> {
     let actor = user.actor();
+    let req = NewFile {
+        name: format!("stow-part-{index}.dcm"),
+        size,
+        sha256: digest,
+    };
+    let segment = state.config().http.patch_segment_size;
+    if let Spooled::Memory(b) = spool
+        && size <= segment.min(state.pipeline().config().limits.max_chunk_size)
+    {
+        // A part of one chunk (a typical instance): declared, stored and
+        // completed in one step, one write of the session state; on error
+        // it is not in the session.
+        let rec = state
+            .pipeline()
+            .ingest_file(&actor, sid, req, relaypacs_core::bytes_stream(b.clone()))
+            .await
+            .map_err(|e| (None, e))?;
+        return match rec.state {
+            relaypacs_core::FileState::Valid { dicom } => Ok((rec.id, dicom)),
+            _ => Err((
+                Some(rec.id),
+                Error::Invalid {
+                    code: "RELAY_NOT_VALIDATED",
+                    message: "the file was not validated".into(),
+                },
+            )),
+        };
+    }
     let file = state
         .pipeline()
-        .add_file(
-            &actor,
-            sid,
-            NewFile {
-                name: format!("stow-part-{index}.dcm"),
-                size,
-                sha256: digest,
-            },
-        )
+        .add_file(&actor, sid, req)
         .await
         .map_err(|e| (None, e))?;
     let fail = |e: Error| (Some(file.id), e);

@@ -1,0 +1,340 @@
+//! `Pipeline::ingest_file`: a whole file of one chunk declared, stored,
+//! proven, validated and recorded in one step (the STOW-RS path). The same
+//! rules as add_file + ingest_stream + complete_file, one write of the
+//! session state, and on any failure the file is not in its session and
+//! its bytes are gone. On both state engines where the store matters.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
+
+use std::sync::Arc;
+
+use relaypacs_core::testing::faults::{Fault, FaultPlan, FaultyChunkStore, FaultySessionStore, Op};
+use relaypacs_core::{
+    Actor, AuditAction, AuditOutcome, AuditSink, Error, ErrorKind, FileState, Limits, NewFile,
+    Pipeline, PipelineConfig, SessionId, SessionStore, Sha256Digest, bytes_stream,
+};
+use relaypacs_integration::{
+    Embedded, PgCluster, StateDb, dicom_of_size, dicom_with_sop, new_study, open_session,
+};
+
+fn new_file(data: &[u8], declared: bool) -> NewFile {
+    NewFile {
+        name: "part.dcm".into(),
+        size: data.len() as u64,
+        sha256: declared.then(|| Sha256Digest::of(data)),
+    }
+}
+
+async fn ingest(
+    p: &Pipeline,
+    a: &Actor,
+    s: SessionId,
+    data: &[u8],
+) -> Result<relaypacs_core::FileRecord, Error> {
+    p.ingest_file(
+        a,
+        s,
+        new_file(data, false),
+        bytes_stream(bytes::Bytes::copy_from_slice(data)),
+    )
+    .await
+}
+
+/// Files of the chunk area of session `s` (data files on disk).
+fn stored_files(e: &Embedded, s: SessionId) -> usize {
+    match std::fs::read_dir(e.root.join("chunks").join(s.to_string())) {
+        Ok(d) => d.count(),
+        Err(_) => 0,
+    }
+}
+
+async fn valid_file_with_its_chunk_and_three_audit_records(db: StateDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Embedded::open_on(dir.path(), PipelineConfig::default(), &db)
+        .await
+        .unwrap();
+    let p = &e.pipeline;
+    let a = Actor::user("alice");
+    let s = open_session(p, &a).await.unwrap();
+    let data = dicom_of_size(&new_study(), 300 << 10);
+    let f = ingest(p, &a, s, &data).await.unwrap();
+    let FileState::Valid { dicom } = &f.state else {
+        panic!("not valid: {:?}", f.state)
+    };
+    assert_eq!(f.sha256, Some(Sha256Digest::of(&data)));
+    // In the session, with its chunk record and the instance claimed.
+    let status = p.file_status(&a, s, f.id).await.unwrap();
+    assert_eq!(status.file, f);
+    assert_eq!(status.offset, data.len() as u64);
+    assert_eq!(status.chunks.len(), 1);
+    assert_eq!(status.chunks[0].sha256, Sha256Digest::of(&data));
+    let claim = e
+        .sessions
+        .instance_claim(&dicom.sop_instance_uid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(claim.held_by(s, f.id));
+    // The three records of the step, in order, each naming the file.
+    let kinds: Vec<(AuditAction, AuditOutcome)> = e
+        .audit
+        .events()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|ev| ev.file == Some(f.id))
+        .map(|ev| (ev.action, ev.outcome))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (AuditAction::FileAdded, AuditOutcome::Success),
+            (AuditAction::ChunkStored, AuditOutcome::Success),
+            (AuditAction::FileCompleted, AuditOutcome::Success),
+        ]
+    );
+    // The session completes into the outbox and is read back whole.
+    p.complete_session(&a, s).await.unwrap();
+    let got = relaypacs_core::testing::collect(p.read_file(&a, s, f.id).await.unwrap())
+        .await
+        .unwrap();
+    assert!(got == data);
+    e.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_file_is_recorded_with_its_chunk_claim_and_audit_on_sqlite() {
+    valid_file_with_its_chunk_and_three_audit_records(StateDb::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_file_is_recorded_with_its_chunk_claim_and_audit_on_postgres() {
+    let cluster = PgCluster::start();
+    valid_file_with_its_chunk_and_three_audit_records(cluster.fresh_db()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_content_leaves_no_file_and_no_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Embedded::open(dir.path(), PipelineConfig::default())
+        .await
+        .unwrap();
+    let p = &e.pipeline;
+    let a = Actor::user("alice");
+    let s = open_session(p, &a).await.unwrap();
+    // Not DICOM.
+    let junk = vec![7u8; 4000];
+    let err = ingest(p, &a, s, &junk).await.unwrap_err();
+    assert!(matches!(err, Error::FileRefused { .. }), "{err:?}");
+    // A declared whole-file digest that does not match.
+    let data = dicom_of_size(&new_study(), 50 << 10);
+    let mut req = new_file(&data, true);
+    req.sha256 = Some(Sha256Digest::of(b"other"));
+    let err = p
+        .ingest_file(
+            &a,
+            s,
+            req,
+            bytes_stream(bytes::Bytes::copy_from_slice(&data)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::FileRefused { .. }), "{err:?}");
+    // A body shorter than declared: not content, still nothing kept.
+    let mut short = new_file(&data, false);
+    short.size += 10;
+    let err = p
+        .ingest_file(
+            &a,
+            s,
+            short,
+            bytes_stream(bytes::Bytes::copy_from_slice(&data)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Integrity, "{err:?}");
+    let scope = e.sessions.load_session(s).await.unwrap();
+    assert!(scope.value.files.is_empty(), "a refused file stayed");
+    assert_eq!(stored_files(&e, s), 0, "a refused file's bytes stayed");
+    // Each refusal is audited as a failed completion or chunk.
+    let failed = e
+        .audit
+        .events()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|ev| ev.outcome != AuditOutcome::Success)
+        .count();
+    assert_eq!(failed, 3);
+    // The session still takes a good file.
+    ingest(p, &a, s, &data).await.unwrap();
+    e.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_rules_hold_duplicates_study_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = PipelineConfig {
+        limits: Limits {
+            max_files: 2,
+            ..Limits::default()
+        },
+        ..PipelineConfig::default()
+    };
+    let e = Embedded::open(dir.path(), config).await.unwrap();
+    let p = &e.pipeline;
+    let a = Actor::user("alice");
+    let s = open_session(p, &a).await.unwrap();
+    let study = new_study();
+    let sop = relaypacs_core::testing::dicom_gen::new_uid();
+    let one = dicom_with_sop(&study, &sop, 1, 64);
+    let first = ingest(p, &a, s, &one).await.unwrap();
+    // The same instance again in the same session: refused, the first kept.
+    let err = ingest(p, &a, s, &one).await.unwrap_err();
+    assert!(matches!(err, Error::FileRefused { .. }), "{err:?}");
+    let claim = e
+        .sessions
+        .instance_claim(&relaypacs_core::Uid::parse(&sop).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(claim.held_by(s, first.id), "the claim left the first file");
+    // Another study in a session of one study.
+    let other = dicom_of_size(&new_study(), 20 << 10);
+    let err = ingest(p, &a, s, &other).await.unwrap_err();
+    assert!(matches!(err, Error::FileRefused { .. }), "{err:?}");
+    // The file cap.
+    ingest(
+        p,
+        &a,
+        s,
+        &dicom_with_sop(
+            &study,
+            &relaypacs_core::testing::dicom_gen::new_uid(),
+            2,
+            64,
+        ),
+    )
+    .await
+    .unwrap();
+    let err = ingest(
+        p,
+        &a,
+        s,
+        &dicom_with_sop(
+            &study,
+            &relaypacs_core::testing::dicom_gen::new_uid(),
+            3,
+            64,
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::LimitExceeded { .. }), "{err:?}");
+    let rec = e.sessions.load_session(s).await.unwrap().value;
+    assert_eq!(rec.files.len(), 2);
+    assert_eq!(
+        stored_files(&e, s),
+        2,
+        "only the recorded files' bytes stay"
+    );
+    // Someone else's session is not found.
+    let err = ingest(p, &Actor::user("bob"), s, &one).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+    e.close().await;
+}
+
+/// Every storage call of the step fails in turn (I/O error, disk full):
+/// the call fails with a storage error, the session holds no file, nothing
+/// unrecorded keeps bytes, the failure is audited, and once healed the same
+/// file goes in.
+async fn every_failpoint(db: impl Fn() -> StateDb) {
+    let data = dicom_of_size(&new_study(), 100 << 10);
+    let watched = [
+        Op::CreateFile,
+        Op::PutChunk,
+        Op::SealFile,
+        Op::ReadFile,
+        Op::UpdateSession,
+        Op::RecordChunk,
+        Op::ClaimInstance,
+    ];
+    let mut k = 1u64;
+    loop {
+        let mut failed_any = false;
+        for fault in [Fault::Io, Fault::Full] {
+            let dir = tempfile::tempdir().unwrap();
+            let e = Embedded::open_on(dir.path(), PipelineConfig::default(), &db())
+                .await
+                .unwrap();
+            let plan = FaultPlan::watching(watched);
+            let p = Pipeline::new(
+                Arc::new(FaultyChunkStore::new(
+                    Arc::new(e.chunks.clone()),
+                    plan.clone(),
+                )),
+                Arc::new(FaultySessionStore::new(
+                    Arc::new(e.sessions.clone()),
+                    plan.clone(),
+                )),
+                Arc::new(e.archive.clone()),
+                Arc::new(e.audit.clone()),
+                PipelineConfig::default(),
+            );
+            let a = Actor::user("alice");
+            let s = open_session(&p, &a).await.unwrap();
+            plan.fail_nth(k, fault);
+            match ingest(&p, &a, s, &data).await {
+                Ok(_) => {
+                    assert!(plan.calls() < k, "k={k}: the fault was not reported");
+                }
+                Err(err) => {
+                    failed_any = true;
+                    let want = match fault {
+                        Fault::Full => ErrorKind::InsufficientStorage,
+                        _ => ErrorKind::Storage,
+                    };
+                    assert_eq!(err.kind(), want, "k={k} {fault:?}: {err:?}");
+                    let rec = e.sessions.load_session(s).await.unwrap().value;
+                    assert!(
+                        rec.files.is_empty(),
+                        "k={k}: a failed file is in the session"
+                    );
+                    assert_eq!(
+                        stored_files(&e, s),
+                        0,
+                        "k={k}: a failed file's bytes stayed"
+                    );
+                    assert!(
+                        e.audit
+                            .events()
+                            .await
+                            .unwrap()
+                            .iter()
+                            .any(|ev| ev.outcome == AuditOutcome::SeriousFailure),
+                        "k={k}: failure not audited"
+                    );
+                    plan.heal();
+                    let f = ingest(&p, &a, s, &data).await.unwrap();
+                    assert!(matches!(f.state, FileState::Valid { .. }));
+                }
+            }
+            e.close().await;
+        }
+        if !failed_any {
+            break;
+        }
+        k += 1;
+    }
+    assert!(k > 5, "the step makes {} watched storage calls", k - 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_storage_failpoint_leaves_no_file_on_sqlite() {
+    every_failpoint(|| StateDb::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_storage_failpoint_leaves_no_file_on_postgres() {
+    let cluster = PgCluster::start();
+    every_failpoint(|| cluster.fresh_db()).await;
+}
