@@ -1,5 +1,6 @@
 //! HTTP routes: thin adapters from requests to the pipeline.
 
+pub mod analytics;
 pub mod auth;
 pub mod delivery;
 pub mod events;
@@ -468,6 +469,7 @@ pub fn router(state: AppState) -> axum::Router {
         )
         .route("/dicomweb/studies", post(stow::store))
         .route("/dicomweb/studies/{study}", post(stow::store_in_study))
+        .merge(analytics::routes())
         // The web app: `/` and the embedded files only (GET/HEAD).
         .merge(web::routes())
         .fallback(ops::not_found)
