@@ -21,6 +21,8 @@ need_apt=()
 if [[ "$what" == all || "$what" == apt ]]; then
   command -v curl >/dev/null 2>&1 || need_apt+=(curl)
   command -v dcmdump >/dev/null 2>&1 || need_apt+=(dcmtk)
+  # pdftotext: the report tests read the PDFs the server renders.
+  command -v pdftotext >/dev/null 2>&1 || need_apt+=(poppler-utils)
   command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
   [[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need_apt+=(orthanc-dicomweb)
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)

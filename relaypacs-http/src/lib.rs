@@ -24,6 +24,7 @@ pub mod edges;
 pub mod error;
 pub mod metrics;
 pub mod notify;
+pub mod report_render;
 pub mod routes;
 pub mod state;
 pub mod stow_headers;

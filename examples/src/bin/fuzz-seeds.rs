@@ -73,6 +73,8 @@ fn write_all(out: &Path) -> std::io::Result<usize> {
         ("dimse_response", dimse()),
         ("dicom_json", dicom_json()),
         ("stow_boundary", stow_boundary()),
+        ("sr_tree", reports()?),
+        ("encapsulated_pdf", reports()?),
     ] {
         let dir = out.join(target);
         std::fs::create_dir_all(&dir)?;
@@ -320,4 +322,26 @@ fn stow_boundary() -> Seeds {
         ("mixed", b"multipart/mixed; boundary=x".to_vec()),
         ("bare", b"multipart/related".to_vec()),
     ])
+}
+
+/// Reports (`sr_tree`, `encapsulated_pdf`): a Basic Text SR and an
+/// Encapsulated PDF of the generators, their truncations, and deep nesting.
+fn reports() -> std::io::Result<Seeds> {
+    use relaypacs_core::testing::dicom_gen::{SopClass, pdf_report};
+    let sr = generate(&DicomSpec {
+        sop_class: SopClass::BasicTextSr,
+        ..DicomSpec::default()
+    })?;
+    let (_, pdf) = pdf_report("1.2.3", "P1", b"%PDF-1.4\n% seed\n%%EOF\n");
+    let mut out = named([("sr", sr.clone()), ("pdf", pdf.clone())]);
+    for (name, f) in [("sr", &sr), ("pdf", &pdf)] {
+        out.extend(
+            truncations(f)
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| (format!("{name}-truncated-{i}"), t)),
+        );
+    }
+    out.push(("sq-depth-64".into(), nested_sequences(64, true)));
+    Ok(out)
 }

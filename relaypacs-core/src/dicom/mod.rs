@@ -9,6 +9,7 @@
 
 mod content;
 pub(crate) mod prescan;
+pub mod sr;
 mod validate;
 
 pub use content::{ContentDigest, Part10Hasher};

@@ -178,7 +178,7 @@ pub fn validate_dicom(
 
 /// Rewrite the Transfer Syntax UID value in a meta group from Deflated
 /// Explicit VR LE to Explicit VR LE, in place (same length, NUL-padded).
-fn relabel_deflated(meta: &mut [u8]) -> Result<(), DicomError> {
+pub(super) fn relabel_deflated(meta: &mut [u8]) -> Result<(), DicomError> {
     const FROM: &[u8] = b"1.2.840.10008.1.2.1.99";
     const TO: &[u8] = b"1.2.840.10008.1.2.1\0\0\0";
     let at = meta

@@ -51,11 +51,13 @@ mod completion;
 pub mod denials;
 mod index;
 mod lifecycle;
+mod reports;
 mod sessions;
 
 pub use analytics::AnalyticsLimits;
 pub use chunks::{INGEST_CHUNK_SIZE, PutOutcome, RangeWrite, plan_segments};
 pub use denials::DenialAudit;
+pub use reports::{ReadReport, ReportContent};
 pub use index::{Page, PageCursor, PageRequest};
 
 /// Pipeline settings.

@@ -254,6 +254,40 @@ impl UserStore for SqlUserStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn set_disabled(
+        &self,
+        id: &str,
+        disabled: bool,
+        tokens_valid_after: OffsetDateTime,
+    ) -> Result<bool> {
+        // Disabling moves tokens_valid_after; enabling leaves it.
+        let done = sqlx::query(
+            "UPDATE users SET disabled = $2, \
+             tokens_valid_after = CASE WHEN $2 = 1 THEN $3 ELSE tokens_valid_after END \
+             WHERE id = $1 AND disabled <> $2",
+        )
+        .bind(id)
+        .bind(i64::from(disabled))
+        .bind(time_text(tokens_valid_after)?)
+        .execute(self.db.pool())
+        .await
+        .map_err(|e| db_err("disable or enable user", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn reset_totp(&self, id: &str, tokens_valid_after: OffsetDateTime) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE users SET totp = NULL, totp_pending = NULL, tokens_valid_after = $2 \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(time_text(tokens_valid_after)?)
+        .execute(self.db.pool())
+        .await
+        .map_err(|e| db_err("reset TOTP", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn list(&self) -> Result<Vec<UserRecord>> {
         let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM users ORDER BY id"))
             .fetch_all(self.db.pool())

@@ -124,4 +124,18 @@ pub trait UserStore: Debug + Send + Sync + 'static {
     /// `true` if done. The step of the confirming code is recorded apart,
     /// by [`accept_totp_step`](Self::accept_totp_step).
     async fn confirm_totp(&self, id: &str, sealed: &str) -> Result<bool>;
+    /// Disable (`true`) or enable user `id`, if it is not that already;
+    /// disabling also refuses the tokens issued before
+    /// `tokens_valid_after`. `true` if changed, `false` if it was already
+    /// so (or no such user). Nothing else of the record is written.
+    async fn set_disabled(
+        &self,
+        id: &str,
+        disabled: bool,
+        tokens_valid_after: OffsetDateTime,
+    ) -> Result<bool>;
+    /// Remove user `id`'s second factor (enrolled and pending) and refuse
+    /// the tokens issued before `tokens_valid_after`: `true` if the user
+    /// exists. The next login needs no code; the user enrols again.
+    async fn reset_totp(&self, id: &str, tokens_valid_after: OffsetDateTime) -> Result<bool>;
 }

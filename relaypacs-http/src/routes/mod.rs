@@ -5,9 +5,11 @@ pub mod auth;
 pub mod delivery;
 pub mod events;
 pub mod ops;
+pub mod reports;
 pub mod stow;
 pub mod studies;
 pub mod tus;
+pub mod users;
 pub mod web;
 
 use std::net::SocketAddr;
@@ -429,6 +431,18 @@ pub fn router(state: AppState) -> axum::Router {
             small_body(post(auth::create_user), json).get(auth::list_users),
         )
         .route(
+            "/api/v1/users/{id}/disable",
+            small_body(post(users::disable), json),
+        )
+        .route(
+            "/api/v1/users/{id}/enable",
+            small_body(post(users::enable), json),
+        )
+        .route(
+            "/api/v1/users/{id}/reset-totp",
+            small_body(post(users::reset_totp), json),
+        )
+        .route(
             "/api/v1/studies",
             small_body(post(studies::create), json).get(studies::list),
         )
@@ -442,6 +456,11 @@ pub fn router(state: AppState) -> axum::Router {
         )
         .route("/api/v1/studies/{id}/reports", get(delivery::reports))
         .route("/api/v1/studies/{id}/reports/{sop}", get(delivery::report))
+        .route(
+            "/api/v1/studies/{id}/reports/{sop}/view",
+            get(reports::view),
+        )
+        .route("/api/v1/studies/{id}/reports/{sop}/pdf", get(reports::pdf))
         .route("/api/v1/admin/outbox", get(delivery::outbox))
         .route("/api/v1/admin/dead-letters", get(delivery::dead_letters))
         .route(

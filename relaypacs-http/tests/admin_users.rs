@@ -1,0 +1,199 @@
+//! Account administration through the server: an admin disables an
+//! account (its tokens and logins stop working at once), enables it again,
+//! resets a lost second factor; an admin cannot disable themselves; a
+//! non-admin is refused and the attempt audited; every change audited.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
+
+mod common;
+
+use common::{PASSWORD, TestServer, User, expect_error};
+use relaypacs_core::{AuditAction, AuditOutcome};
+use relaypacs_http::auth::Role;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+async fn post(t: &TestServer, who: &User, path: &str) -> reqwest::Response {
+    t.req(Method::POST, path, who).send().await.unwrap()
+}
+
+async fn login(t: &TestServer, name: &str, totp: Option<String>) -> reqwest::Response {
+    let mut body = json!({"username": name, "password": PASSWORD});
+    if let Some(c) = totp {
+        body["totp"] = json!(c);
+    }
+    t.http
+        .post(format!("{}/api/v1/auth/login", t.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn refresh(t: &TestServer, token: &str) -> reqwest::Response {
+    t.http
+        .post(format!("{}/api/v1/auth/refresh", t.url))
+        .json(&json!({"refresh_token": token}))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn me(t: &TestServer, who: &User) -> u16 {
+    t.req(Method::GET, "/api/v1/auth/me", who)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn an_admin_disables_and_enables_an_account() {
+    let t = TestServer::start().await;
+    let admin = t.user("boss", Role::Admin).await;
+    let u = t.user("clinic", Role::Uploader).await;
+    // A second login of the same account (another device).
+    let second = login(&t, "clinic", None)
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(me(&t, &u).await, 200);
+
+    // A non-admin is refused, audited as a Security Alert.
+    let other = t.user("nosy", Role::Uploader).await;
+    let r = post(&t, &other, &format!("/api/v1/users/{}/disable", u.id)).await;
+    expect_error(r, 403, "RELAY_FORBIDDEN").await;
+    assert_eq!(me(&t, &u).await, 200, "nothing changed");
+
+    // An admin cannot disable themselves.
+    let r = post(&t, &admin, &format!("/api/v1/users/{}/disable", admin.id)).await;
+    expect_error(r, 409, "RELAY_SELF_DISABLE").await;
+    assert_eq!(me(&t, &admin).await, 200);
+    // An unknown account: 404.
+    let r = post(&t, &admin, "/api/v1/users/nobody/disable").await;
+    expect_error(r, 404, "RELAY_NOT_FOUND").await;
+
+    let r = post(&t, &admin, &format!("/api/v1/users/{}/disable", u.id)).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["id"].as_str(), v["disabled"].as_bool()),
+        (Some(u.id.as_str()), Some(true))
+    );
+    // At once: the access token, both logins' refresh tokens, a new login.
+    assert_eq!(me(&t, &u).await, 401);
+    assert_eq!(refresh(&t, &u.refresh).await.status(), 401);
+    assert_eq!(
+        refresh(&t, second["refresh_token"].as_str().unwrap())
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(login(&t, "clinic", None).await.status(), 401);
+    // Disabling again changes nothing and is not an error.
+    let r = post(&t, &admin, &format!("/api/v1/users/{}/disable", u.id)).await;
+    assert_eq!(r.status(), 200);
+
+    let r = post(&t, &admin, &format!("/api/v1/users/{}/enable", u.id)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["disabled"], false);
+    assert_eq!(login(&t, "clinic", None).await.status(), 200);
+    // The logins revoked at disabling stay revoked.
+    assert_eq!(refresh(&t, &u.refresh).await.status(), 401);
+
+    let audit = t.audit().await;
+    let changed = |what: &str| {
+        audit
+            .iter()
+            .filter(|e| {
+                e.action == AuditAction::UserChanged
+                    && e.user == admin.id
+                    && e.outcome == AuditOutcome::Success
+                    && e.detail.contains(&format!("user {} {what}", u.id))
+            })
+            .count()
+    };
+    assert_eq!(changed("disabled"), 1, "{audit:#?}");
+    assert_eq!(changed("enabled"), 1, "{audit:#?}");
+    assert!(
+        audit.iter().any(|e| e.action == AuditAction::SecurityAlert
+            && e.user == other.id
+            && e.detail.contains("POST /api/v1/users/{id}/disable")),
+        "{audit:#?}"
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_resets_a_lost_second_factor() {
+    let t = TestServer::start().await;
+    let admin = t.user("boss", Role::Admin).await;
+    let u = t.user("wen", Role::Radiologist).await;
+    let e: Value = post(&t, &u, "/api/v1/auth/totp")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let secret = totp_rs::Secret::Encoded(e["secret"].as_str().unwrap().into())
+        .to_bytes()
+        .unwrap();
+    let totp = totp_rs::TOTP::new(
+        totp_rs::Algorithm::SHA1,
+        6,
+        1,
+        30,
+        secret,
+        Some("RelayPACS".into()),
+        "wen".into(),
+    )
+    .unwrap();
+    let r = t
+        .req(Method::POST, "/api/v1/auth/totp/confirm", &u)
+        .json(&json!({"code": totp.generate_current().unwrap()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        login(&t, "wen", None).await.status(),
+        401,
+        "a code is needed"
+    );
+
+    // Refused for a non-admin (the user themselves included).
+    let r = post(&t, &u, &format!("/api/v1/users/{}/reset-totp", u.id)).await;
+    expect_error(r, 403, "RELAY_FORBIDDEN").await;
+
+    // Tokens are compared by the second they were issued in.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let r = post(&t, &admin, &format!("/api/v1/users/{}/reset-totp", u.id)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["totp"], false);
+    assert_eq!(me(&t, &u).await, 401, "the old logins are revoked");
+    assert_eq!(refresh(&t, &u.refresh).await.status(), 401);
+    let r = login(&t, "wen", None).await;
+    assert_eq!(
+        r.status(),
+        200,
+        "no code needed until the user enrols again"
+    );
+    let tok: Value = r.json().await.unwrap();
+    let again = User {
+        id: u.id.clone(),
+        token: tok["access_token"].as_str().unwrap().into(),
+        refresh: tok["refresh_token"].as_str().unwrap().into(),
+    };
+    // The user can enrol a new second factor.
+    assert_eq!(post(&t, &again, "/api/v1/auth/totp").await.status(), 200);
+
+    let audit = t.audit().await;
+    assert!(
+        audit.iter().any(|e| e.action == AuditAction::UserChanged
+            && e.user == admin.id
+            && e.detail
+                .contains(&format!("second factor of user {} reset", u.id))),
+        "{audit:#?}"
+    );
+    t.stop().await;
+}
