@@ -44,14 +44,21 @@ struct Setup {
 
 impl Setup {
     fn new() -> Self {
+        Self::with("http", |_| String::new())
+    }
+
+    /// With more configuration (TOML appended, given the folder) and the
+    /// URL's scheme.
+    fn with(scheme: &str, more: impl FnOnce(&Path) -> String) -> Self {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let port = free_port();
         let config = dir.path().join("relaypacs.toml");
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n\n[http]\nmin_free_bytes = 0\n",
-                dir.path().join("data").display().to_string()
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n\n[http]\nmin_free_bytes = 0\n\n{}",
+                dir.path().join("data").display().to_string(),
+                more(dir.path())
             ),
         )
         .unwrap();
@@ -66,7 +73,7 @@ impl Setup {
             dir,
             config,
             port,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
         }
     }
 
@@ -92,18 +99,26 @@ impl Setup {
 
     /// `relaypacs upload --json` on `paths`, password from the environment.
     fn upload_cmd(&self, paths: &[&Path], extra: &[&str]) -> Command {
+        let mut cmd = self.upload_cmd_as(paths, extra);
+        cmd.arg("--user")
+            .arg(USER)
+            .env("RELAYPACS_PASSWORD", PASSWORD);
+        cmd
+    }
+
+    /// `relaypacs upload --json` on `paths`, credentials in `extra`.
+    fn upload_cmd_as(&self, paths: &[&Path], extra: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.arg("upload")
             .args(paths)
             .arg("--server")
             .arg(&self.url)
-            .arg("--user")
-            .arg(USER)
             .arg("--state")
             .arg(self.state_file())
             .arg("--json")
             .args(extra)
-            .env("RELAYPACS_PASSWORD", PASSWORD)
+            .env_remove("RELAYPACS_PASSWORD")
+            .env_remove("RELAYPACS_USER")
             .env_remove("RELAYPACS_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -506,4 +521,133 @@ async fn non_dicom_and_hostile_files_are_refused_locally() {
     .await;
     // Only the test's own login above.
     assert_eq!(logins[0][0], "1", "{logins:?}");
+}
+
+/// Mini study of `n` files of about `mib` MiB each, in a new folder.
+fn study_files(dir: &Path, n: usize, mib: u64) -> PathBuf {
+    let src = dir.join(format!("study-{}", new_uid()));
+    std::fs::create_dir(&src).unwrap();
+    let study = new_uid();
+    for i in 0..n {
+        let spec = DicomSpec {
+            study_uid: study.clone(),
+            sop_instance_uid: new_uid(),
+            seed: i as u64,
+            ..DicomSpec::default()
+        };
+        write_large_file(&src.join(format!("im{i}.dcm")), &spec, mib << 20).unwrap();
+    }
+    src
+}
+
+async fn refresh(http: &reqwest::Client, url: &str, token: &str) -> reqwest::StatusCode {
+    http.post(format!("{url}/api/v1/auth/refresh"))
+        .json(&serde_json::json!({ "refresh_token": token }))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// `--token-file` with a refresh token, access tokens living one second:
+/// the CLI renews the access token while 3 files go up in parallel, one
+/// refresh at a time (a refresh token used twice would revoke the login),
+/// and writes each rotated refresh token back to the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_file_refresh_tokens_rotate_while_uploading() {
+    let s = Setup::with("http", |_| "[auth]\naccess_ttl_secs = 1\n".into());
+    let _gw = s.start();
+    let src = study_files(s.dir.path(), 3, 24);
+    let http = reqwest::Client::new();
+    let first = binary::login(&http, &s.url, USER, PASSWORD).await["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token_file = s.dir.path().join("token");
+    std::fs::write(&token_file, format!("{first}\n")).unwrap();
+
+    let out = s
+        .upload_cmd_as(
+            &[&src],
+            &[
+                "--token-file",
+                token_file.to_str().unwrap(),
+                "--chunk-mib",
+                "1",
+                "--wait",
+            ],
+        )
+        .output()
+        .unwrap();
+    let ev = json_lines(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}\n{ev:?}", stderr(&out));
+    let sum = summary(&ev);
+    assert_eq!(sum["files_done"], 3);
+    assert_eq!(sum["studies_delivered"], 1);
+    // Long enough that the one-second tokens had to be renewed (--wait
+    // polls once a second until delivered).
+    assert!(sum["elapsed_secs"].as_f64().unwrap() > 1.0, "{sum}");
+    let now = std::fs::read_to_string(&token_file).unwrap();
+    let now = now.trim();
+    assert_ne!(now, first, "the rotated token was not written back");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = token_file.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let audit = common::state_rows(&s.data(), "SELECT event FROM audit_events").await;
+    let refreshed = audit
+        .iter()
+        .filter(|r| r[0].contains(r#""action":"token_refreshed""#))
+        .count();
+    assert!(refreshed >= 1, "{refreshed} refreshes");
+    assert!(
+        !audit.iter().any(|r| r[0].contains("reused")),
+        "a refresh token was used twice"
+    );
+    // The file holds the live token; the first one is spent.
+    assert_eq!(refresh(&http, &s.url, now).await, 200);
+    assert_eq!(refresh(&http, &s.url, &first).await, 401);
+}
+
+/// An https:// gateway with a private CA: refused at once without
+/// `--ca-file` (exit 2, no retries), sent with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_private_ca_needs_ca_file() {
+    let ca = relaypacs_test_peers::TestCa::new("relaypacs cli test CA");
+    let cert = ca.issue("gateway");
+    let s = Setup::with("https", |_| {
+        format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert.cert_file.display().to_string(),
+            cert.key_file.display().to_string()
+        )
+    });
+    let _gw = s.start();
+    let src = study_files(s.dir.path(), 1, 1);
+
+    let t0 = Instant::now();
+    let (out, ev) = s.upload(&[&src], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "retried a TLS failure"
+    );
+    let sum = summary(&ev);
+    assert!(sum["error"].as_str().unwrap().contains("TLS"), "{sum}");
+    assert!(events(&ev, "retry").is_empty());
+
+    let (out, ev) = s.upload(
+        &[&src],
+        &["--ca-file", cert.ca_file.to_str().unwrap(), "--wait"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}\n{ev:?}", stderr(&out));
+    assert_eq!(summary(&ev)["studies_delivered"], 1);
+    let file = std::fs::read_dir(&src)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_archived(&s.data(), &file);
 }

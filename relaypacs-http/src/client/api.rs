@@ -118,6 +118,8 @@ pub enum Failure {
     },
     /// Authentication failed for good.
     Auth(String),
+    /// The server's TLS certificate is not trusted (not retried).
+    Tls(String),
 }
 
 impl std::fmt::Display for Failure {
@@ -137,6 +139,7 @@ impl std::fmt::Display for Failure {
                 }
             }
             Self::Auth(e) => write!(f, "authentication: {e}"),
+            Self::Tls(e) => write!(f, "TLS: {e}"),
         }
     }
 }
@@ -153,7 +156,7 @@ impl Failure {
                     || matches!(status.as_u16(), 408 | 423 | 429)
                     || code == "RELAY_UPLOAD_BUSY"
             }
-            Self::Auth(_) => false,
+            Self::Auth(_) | Self::Tls(_) => false,
         }
     }
 
@@ -171,6 +174,7 @@ impl Failure {
             Self::Http { code, .. } => code,
             Self::Network(_) => "RELAY_CLIENT_UNREACHABLE",
             Self::Auth(_) => "RELAY_CLIENT_AUTH",
+            Self::Tls(_) => "RELAY_CLIENT_TLS",
         }
     }
 
@@ -187,6 +191,9 @@ impl Failure {
         match self {
             Self::Network(e) => ClientError::Unreachable(format!("{what}: {e}")),
             Self::Auth(e) => ClientError::Auth(e),
+            Self::Tls(e) => {
+                ClientError::Config(format!("{what}: TLS: {e} (a private CA: --ca-file FILE)"))
+            }
             Self::Http { status, .. } if status == StatusCode::UNAUTHORIZED => {
                 ClientError::Auth(format!("{what}: {self}"))
             }
@@ -206,6 +213,11 @@ fn network(e: &reqwest::Error) -> Failure {
             s.push_str(&t);
         }
         cur = c.source();
+    }
+    // A certificate the client does not trust will not become trusted by
+    // trying again.
+    if s.contains("certificate") || s.contains("Certificate") {
+        return Failure::Tls(s);
     }
     Failure::Network(s)
 }
@@ -271,7 +283,12 @@ impl Api {
     /// # Errors
     /// [`ClientError::Config`] for a URL that is not http(s) or a client
     /// that cannot be built.
-    pub fn new(base: &str, creds: Credentials, retry: RetryPolicy) -> Result<Self, ClientError> {
+    pub fn new(
+        base: &str,
+        creds: Credentials,
+        retry: RetryPolicy,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
         let mut base = Url::parse(base.trim_end_matches('/'))
             .map_err(|e| ClientError::Config(format!("--server {base}: {e}")))?;
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
@@ -288,7 +305,23 @@ impl Api {
             let p = format!("{}/", base.path());
             base.set_path(&p);
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| ClientError::Config(format!("--ca-file {}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| ClientError::Config(format!("--ca-file {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(ClientError::Config(format!(
+                    "--ca-file {}: no certificate in it",
+                    path.display()
+                )));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder
             .connect_timeout(Duration::from_secs(10))
             // A stalled connection is a network error (retried), not a hang.
             .read_timeout(Duration::from_secs(120))
@@ -465,7 +498,7 @@ impl Api {
         let ttl = v["expires_in"].as_u64().unwrap_or(300);
         t.access = Some(SecretString::from(access.to_owned()));
         // Renew at 80 % of the lifetime: never send a token about to lapse.
-        t.renew_at = Some(Instant::now() + Duration::from_secs(ttl.saturating_mul(4) / 5));
+        t.renew_at = Some(Instant::now() + Duration::from_secs(ttl).mul_f64(0.8));
         t.generation += 1;
         if let Some(r) = v["refresh_token"].as_str() {
             t.refresh = Some(SecretString::from(r.to_owned()));

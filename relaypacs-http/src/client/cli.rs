@@ -49,6 +49,10 @@ pub struct UploadArgs {
     /// Seconds --wait waits in all.
     #[arg(long, default_value_t = 3600, value_name = "SECS")]
     pub wait_timeout: u64,
+    /// Extra trusted root certificates (PEM) for an https:// server, e.g.
+    /// the hospital's own CA; certificates are always checked.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Tries per request before the server counts as unreachable.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub retries: u32,
@@ -134,6 +138,7 @@ pub fn run(args: UploadArgs) -> ExitCode {
     config.chunk_size = u64::from(args.chunk_mib) << 20;
     config.state_file = args.state.clone();
     config.wait = args.wait;
+    config.ca_file = args.ca_file.clone();
     config.wait_timeout = Duration::from_secs(args.wait_timeout);
     config.retry = RetryPolicy {
         attempts: args.retries,

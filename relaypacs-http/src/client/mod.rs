@@ -108,6 +108,9 @@ pub struct UploadConfig {
     pub retry: RetryPolicy,
     /// The validator's limits (default: the server's defaults).
     pub dicom: DicomLimits,
+    /// Extra trusted root certificates (PEM), e.g. a hospital's own CA;
+    /// the system's roots are trusted too and certificates always checked.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl UploadConfig {
@@ -124,6 +127,7 @@ impl UploadConfig {
             poll_interval: Duration::from_secs(1),
             retry: RetryPolicy::default(),
             dicom: DicomLimits::default(),
+            ca_file: None,
         }
     }
 }
@@ -285,6 +289,7 @@ impl Uploader {
             &config.server,
             config.credentials.clone(),
             config.retry.clone(),
+            config.ca_file.as_deref(),
         )?;
         Ok(Self { config, api })
     }
@@ -641,7 +646,7 @@ impl Uploader {
                         break;
                     }
                 }
-                Err(f) if f.retryable() || matches!(f, Failure::Auth(_)) => {
+                Err(f) if f.retryable() || !matches!(f, Failure::Http { .. }) => {
                     run.fail(f.into_client_error("complete the study"));
                     return None;
                 }
@@ -824,7 +829,7 @@ impl Uploader {
             attempt += 1;
             let mismatch = failure.code() == "RELAY_OFFSET_MISMATCH";
             if !(failure.retryable() || mismatch) || attempt >= self.config.retry.attempts {
-                if failure.retryable() || matches!(failure, Failure::Auth(_)) {
+                if failure.retryable() || !matches!(failure, Failure::Http { .. }) {
                     return give_up(run, failure);
                 }
                 // Refused: the server removed the upload (or never will
