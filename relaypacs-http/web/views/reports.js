@@ -32,7 +32,9 @@ async function errorText(res) {
 /** The server's report page with its <style> swapped for our stylesheet
  * and anything active removed (there is none; the frame runs no script). */
 function framePage(html) {
-  const doc = new DOMParser().parseFromString(html, 'text/html');
+  // Removed before parsing: even an inert parsed document reports its
+  // inline <style> to the page CSP.
+  const doc = new DOMParser().parseFromString(html.replace(/<style[\s\S]*?<\/style>/gi, ''), 'text/html');
   for (const el of doc.querySelectorAll('style, script, link, base, meta[http-equiv]')) el.remove();
   const link = doc.createElement('link');
   link.rel = 'stylesheet';
