@@ -74,6 +74,23 @@ pub trait ChunkStore: Debug + Display + Send + Sync + 'static {
         body: ByteStream,
     ) -> Result<String>;
 
+    /// Create a new file of `size` bytes and store `body` as its one chunk
+    /// (`0..size`), as [`create_file`](Self::create_file) then
+    /// [`put_chunk`](Self::put_chunk) do: when `Ok` returns, the file's
+    /// name, size and bytes are durable; the receipt is the chunk's. For a
+    /// file stored whole at once (a STOW-RS part), with fewer syncs where
+    /// the store can make the three durable together. On error nothing of
+    /// it is readable as stored data (a left-over file is removed with
+    /// [`delete_file`](Self::delete_file)). The default calls the two.
+    async fn put_file(&self, key: FileKey, size: u64, body: ByteStream) -> Result<String> {
+        self.create_file(key, size).await?;
+        let placement = ChunkPlacement {
+            offset: 0,
+            length: size,
+        };
+        self.put_chunk(key, placement, body).await
+    }
+
     /// Make the complete file durable and readable as one object.
     async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()>;
 
@@ -127,6 +144,10 @@ macro_rules! forward_chunk_store {
                 body: ByteStream,
             ) -> Result<String> {
                 (**self).put_chunk(key, placement, body).await
+            }
+
+            async fn put_file(&self, key: FileKey, size: u64, body: ByteStream) -> Result<String> {
+                (**self).put_file(key, size, body).await
             }
 
             async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()> {

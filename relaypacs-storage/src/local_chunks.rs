@@ -303,6 +303,41 @@ impl ChunkStore for LocalChunkStore {
         }
     }
 
+    /// Three syncs instead of `create_file` + `put_chunk`'s four: the new
+    /// file is not fsync'd empty, since the chunk's `fdatasync` makes its
+    /// bytes and its size durable together (a size change is metadata
+    /// `fdatasync` flushes), and its name is made durable after (fsync of
+    /// the session folder, whose own name `create_dir_durable` made
+    /// durable in the root). Until this returns, nothing records the file,
+    /// so a crash in between leaves at most an unrecorded file for the
+    /// orphan sweep.
+    async fn put_file(&self, key: FileKey, size: u64, body: ByteStream) -> Result<String> {
+        let dir = self.session_dir(key.session);
+        let path = self.data_path(key);
+        blocking("create file", move || {
+            create_dir_durable(&dir)?;
+            let f = match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(Error::AlreadyExists { what: "file" });
+                }
+                Err(e) => return Err(Error::io("create data file", e)),
+            };
+            f.set_len(size).map_err(|e| Error::io("size data file", e))
+        })
+        .await?;
+        let placement = ChunkPlacement {
+            offset: 0,
+            length: size,
+        };
+        // Durable: the bytes and the size (put_chunk's fdatasync).
+        let receipt = self.put_chunk(key, placement, body).await?;
+        // Durable: the name.
+        let dir = self.session_dir(key.session);
+        blocking("fsync session folder", move || fsync_dir(&dir)).await?;
+        Ok(receipt)
+    }
+
     async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()> {
         relaypacs_core::chunk_store::check_tiling(size, chunks)?;
         let path = self.data_path(key);

@@ -630,17 +630,36 @@ impl Pipeline {
         chunk: PutChunk,
         body: ByteStream,
     ) -> Result<ChunkRecord> {
+        self.store_verified(key, chunk, body, false).await
+    }
+
+    /// [`store_chunk`](Self::store_chunk); with `new_file`, the chunk is a
+    /// whole new file (`0..size`), created and stored by one
+    /// [`ChunkStore::put_file`].
+    async fn store_verified(
+        &self,
+        key: FileKey,
+        chunk: PutChunk,
+        body: ByteStream,
+        new_file: bool,
+    ) -> Result<ChunkRecord> {
         let (verifying, slot) =
             VerifyingStream::new(body, chunk.offset, chunk.length, chunk.sha256);
         let placement = ChunkPlacement {
             offset: chunk.offset,
             length: chunk.length,
         };
-        let receipt = self
-            .inner
-            .chunks
-            .put_chunk(key, placement, Box::pin(verifying))
-            .await?;
+        let receipt = if new_file {
+            self.inner
+                .chunks
+                .put_file(key, chunk.length, Box::pin(verifying))
+                .await?
+        } else {
+            self.inner
+                .chunks
+                .put_chunk(key, placement, Box::pin(verifying))
+                .await?
+        };
         let sha256 = slot.get().ok_or_else(|| {
             Error::storage(
                 crate::error::StorageErrorKind::Io,
@@ -1021,13 +1040,9 @@ impl Pipeline {
             length: file.size,
             sha256: None,
         };
-        // Durable before the file is written: create_file (the area, its
-        // name) and put_chunk (the bytes, fdatasync'd).
-        let chunk = match self.inner.chunks.create_file(key, file.size).await {
-            Ok(()) => self.store_chunk(key, spec, bytes).await,
-            Err(e) => Err(e),
-        };
-        let chunk = match chunk {
+        // Durable before the file is written: put_file (the new file's
+        // name, size and bytes).
+        let chunk = match self.store_verified(key, spec, bytes, true).await {
             Ok(c) => c,
             Err(e) => {
                 self.discard_area(key).await;

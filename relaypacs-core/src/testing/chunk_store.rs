@@ -114,6 +114,59 @@ pub async fn failed_body_is_not_stored(store: &dyn ChunkStore) {
     );
 }
 
+/// A file stored whole by `put_file` reads back and seals as one chunk;
+/// a failing body is an error, and once the left-over is deleted the same
+/// file can be stored again.
+pub async fn whole_file_put(store: &dyn ChunkStore) {
+    let k = key();
+    let data = pattern(7, 700_000);
+    let size = data.len() as u64;
+    let receipt = store
+        .put_file(k, size, pieces(&data, 64 << 10))
+        .await
+        .expect("put_file");
+    let rec = ChunkRecord {
+        offset: 0,
+        length: size,
+        sha256: Sha256Digest::of(&data),
+        receipt,
+    };
+    store.seal_file(k, size, &[rec]).await.expect("seal");
+    assert_eq!(
+        collect(store.read(k, 0..size).await.expect("read"))
+            .await
+            .expect("stream"),
+        data
+    );
+    let k2 = key();
+    let err = store
+        .put_file(k2, size, failing(&data[..1000]))
+        .await
+        .expect_err("a failing body must fail the put");
+    assert!(
+        matches!(err.kind(), ErrorKind::Storage),
+        "error passed through: {err:?}"
+    );
+    store.delete_file(k2).await.expect("delete the left-over");
+    let receipt = store
+        .put_file(k2, size, pieces(&data, 64 << 10))
+        .await
+        .expect("put_file after the failure");
+    let rec = ChunkRecord {
+        offset: 0,
+        length: size,
+        sha256: Sha256Digest::of(&data),
+        receipt,
+    };
+    store.seal_file(k2, size, &[rec]).await.expect("seal");
+    assert_eq!(
+        collect(store.read(k2, 0..size).await.expect("read"))
+            .await
+            .expect("stream"),
+        data
+    );
+}
+
 /// A body shorter or longer than its placement is refused.
 pub async fn wrong_length_is_refused(store: &dyn ChunkStore) {
     let k = key();
@@ -238,7 +291,7 @@ macro_rules! chunk_store_conformance {
     ($name:ident, $factory:path $(,)?) => {
         $crate::chunk_store_conformance!(@cases $name, $factory;
             out_of_order_roundtrip, failed_body_is_not_stored, wrong_length_is_refused,
-            parallel_chunks, delete_semantics, seal_requires_recorded_chunks);
+            parallel_chunks, delete_semantics, seal_requires_recorded_chunks, whole_file_put);
     };
     (@cases $name:ident, $factory:path; $($case:ident),*) => {
         mod $name {
