@@ -651,3 +651,119 @@ async fn https_with_a_private_ca_needs_ca_file() {
         .path();
     assert_archived(&s.data(), &file);
 }
+
+/// SIGKILL the CLI uploading `file` once the server holds `percent` % of
+/// it; returns the study session id.
+async fn kill_at(s: &Setup, file: &Path, percent: u64, extra: &[&str]) -> String {
+    let size = file.metadata().unwrap().len();
+    let http = reqwest::Client::new();
+    let token = s.token(&http).await;
+    let mut child = s
+        .upload_cmd(&[file], extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let sid = loop {
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        if let Some(st) = s.studies(&http, &token).await.first()
+            && let Some(f) = st["files"].as_array().and_then(|f| f.first())
+            && f["offset"].as_u64().unwrap_or(0) * 100 >= size * percent
+        {
+            break st["id"].as_str().unwrap().to_owned();
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the CLI ended early");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    sid
+}
+
+/// A rerun whose session is gone (aborted here, as an expired one would
+/// be) starts again cleanly in a new session; a rerun whose study an
+/// earlier run completed (killed before it could record so) sends
+/// nothing and reports it completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerun_after_the_session_is_gone_or_completed() {
+    let s = Setup::new();
+    let _gw = s.start();
+    let file = s.dir.path().join("cr-48mib.dcm");
+    let spec = DicomSpec {
+        study_uid: new_uid(),
+        ..DicomSpec::default()
+    };
+    write_large_file(&file, &spec, 48 << 20).unwrap();
+    let size = file.metadata().unwrap().len();
+    let http = reqwest::Client::new();
+    let token = s.token(&http).await;
+
+    let old = kill_at(&s, &file, 20, &["--chunk-mib", "1"]).await;
+    let r = http
+        .delete(format!("{}/api/v1/studies/{old}", s.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (out, ev) = s.upload(&[&file], &["--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{ev:?}", stderr(&out));
+    let sum = summary(&ev);
+    assert_eq!(sum["bytes_resumed"], 0, "{sum}");
+    assert_eq!(sum["bytes_sent"].as_u64(), Some(size), "{sum}");
+    let started = events(&ev, "study_started");
+    assert_eq!(started[0]["resumed"], false);
+    let new = started[0]["session"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert_archived(&s.data(), &file);
+
+    // As if the run that completed `new` had been killed before writing
+    // its state: the state still names the session.
+    let state = serde_json::json!({
+        "version": 1,
+        "studies": { format!("{}|{}", s.url, spec.study_uid): { "session": new } },
+        "files": {},
+    });
+    std::fs::write(s.state_file(), serde_json::to_vec(&state).unwrap()).unwrap();
+    let (out, ev) = s.upload(&[&file], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{ev:?}", stderr(&out));
+    let sum = summary(&ev);
+    assert_eq!(sum["bytes_sent"], 0, "{sum}");
+    assert_eq!(sum["studies_completed"], 1, "{sum}");
+    assert_eq!(events(&ev, "study_completed")[0]["session"], new.as_str());
+    assert_eq!(s.studies(&http, &token).await.len(), 1, "no new session");
+}
+
+/// Without `--json` and without a terminal: plain lines on standard
+/// error, nothing on standard output, the same exit codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_lines_without_a_terminal() {
+    let s = Setup::new();
+    let _gw = s.start();
+    let src = study_files(s.dir.path(), 2, 1);
+    std::fs::write(src.join("notes.txt"), b"not DICOM").unwrap();
+    let cmd = s.upload_cmd(&[&src], &[]);
+    // upload_cmd asks for --json; this run must not.
+    let args: Vec<_> = cmd
+        .get_args()
+        .filter(|a| *a != "--json")
+        .map(|a| a.to_owned())
+        .collect();
+    let mut plain = Command::new(BIN);
+    plain
+        .args(args)
+        .env("RELAYPACS_PASSWORD", PASSWORD)
+        .stdin(Stdio::null());
+    let out = plain.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    let err = stderr(&out);
+    assert!(
+        err.contains("notes.txt: not sent: not a DICOM Part-10 file"),
+        "{err}"
+    );
+    assert!(err.contains("im0.dcm: sent"), "{err}");
+    assert!(err.contains("completed (2 file(s)"), "{err}");
+    assert!(err.contains("2 of 3 file(s) sent"), "{err}");
+}
