@@ -73,6 +73,7 @@ fn write_all(out: &Path) -> std::io::Result<usize> {
         ("dimse_response", dimse()),
         ("dicom_json", dicom_json()),
         ("stow_boundary", stow_boundary()),
+        ("analytics_query", analytics_query()),
         ("sr_tree", reports()?),
         ("encapsulated_pdf", reports()?),
     ] {
@@ -344,4 +345,25 @@ fn reports() -> std::io::Result<Seeds> {
     }
     out.push(("sq-depth-64".into(), nested_sequences(64, true)));
     Ok(out)
+}
+
+/// Analytics query strings (`analytics_query`): every parameter, percent
+/// and `+` encoding, and the refusals (bad dates, a range too long,
+/// unknown and repeated parameters).
+fn analytics_query() -> Seeds {
+    named([
+        ("empty", b"".to_vec()),
+        (
+            "full",
+            b"from=2026-01-01&to=2026-01-31&modality=CT&user=clinic&format=csv".to_vec(),
+        ),
+        ("encoded", b"user=%3D2%2B5&modality=MR&format=json".to_vec()),
+        ("plus", b"user=dr+who".to_vec()),
+        ("only-to", b"to=2026-02-28".to_vec()),
+        ("bad-day", b"from=2026-02-30".to_vec()),
+        ("too-long", b"from=2020-01-01&to=2026-01-01".to_vec()),
+        ("repeated", b"user=a&user=b".to_vec()),
+        ("unknown", b"sort=desc".to_vec()),
+        ("bad-percent", b"user=%zz%".to_vec()),
+    ])
 }
