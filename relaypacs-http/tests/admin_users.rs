@@ -197,3 +197,84 @@ async fn an_admin_resets_a_lost_second_factor() {
     );
     t.stop().await;
 }
+
+/// The store's conditional updates, on SQLite and PostgreSQL, from two
+/// pools (two gateways) at once: of two disablings exactly one changes the
+/// account; enabling leaves the token cut-off; a reset clears both TOTP
+/// secrets.
+async fn store_changes(url: &str) {
+    use relaypacs_http::auth::{SqlUserStore, UserStore};
+    use relaypacs_storage::{SqlOptions, SqlState};
+    let options = SqlOptions::default();
+    let a = SqlUserStore::new(SqlState::connect(url, None, &options).await.unwrap());
+    let b = SqlUserStore::new(SqlState::connect(url, None, &options).await.unwrap());
+    for i in 0..20 {
+        let mut rec = relaypacs_http::routes::auth::new_record(
+            &format!("acct{i}"),
+            Role::Uploader,
+            "$argon2id$v=19$m=19456,t=2,p=1$x$y".into(),
+        );
+        rec.totp = Some("sealed-secret".into());
+        rec.totp_pending = Some("sealed-pending".into());
+        let id = rec.id.clone();
+        let before = rec.tokens_valid_after;
+        a.create(rec).await.unwrap();
+        let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(5);
+        let (x, y) = tokio::join!(a.set_disabled(&id, true, at), b.set_disabled(&id, true, at));
+        assert_eq!(
+            [x.unwrap(), y.unwrap()].iter().filter(|c| **c).count(),
+            1,
+            "exactly one disabling changes the account"
+        );
+        let got = b.by_id(&id).await.unwrap().unwrap();
+        assert!(got.disabled);
+        assert_eq!(got.tokens_valid_after.unix_timestamp(), at.unix_timestamp());
+        assert_ne!(got.tokens_valid_after, before);
+        let later = at + time::Duration::seconds(60);
+        assert!(b.set_disabled(&id, false, later).await.unwrap());
+        assert!(!a.set_disabled(&id, false, later).await.unwrap());
+        let got = a.by_id(&id).await.unwrap().unwrap();
+        assert!(!got.disabled);
+        assert_eq!(
+            got.tokens_valid_after.unix_timestamp(),
+            at.unix_timestamp(),
+            "enabling keeps the cut-off"
+        );
+        assert!(a.reset_totp(&id, later).await.unwrap());
+        let got = b.by_id(&id).await.unwrap().unwrap();
+        assert_eq!((got.totp, got.totp_pending), (None, None));
+        assert_eq!(
+            got.tokens_valid_after.unix_timestamp(),
+            later.unix_timestamp()
+        );
+    }
+    assert!(
+        !a.reset_totp("nobody", time::OffsetDateTime::now_utc())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !a.set_disabled("nobody", true, time::OffsetDateTime::now_utc())
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_changes_are_conditional_on_sqlite() {
+    let dir = tempfile::TempDir::new().unwrap();
+    store_changes(&format!(
+        "sqlite://{}",
+        dir.path().join("state.db").display()
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_changes_are_conditional_on_postgresql() {
+    let pg = tokio::task::spawn_blocking(relaypacs_test_peers::Postgres::start)
+        .await
+        .unwrap();
+    store_changes(&pg.create_database("relay")).await;
+    drop(pg);
+}
