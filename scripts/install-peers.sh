@@ -5,7 +5,8 @@
 #   postgresql-15 (test clusters started by relaypacs-test-peers),
 #   s3s-fs 0.14.1 (S3-compatible server that checks signatures and checksums),
 #   the tus clients tuspy (PyPI, in a venv) and tus-js-client + @tus/server
-#   (npm, clients/node/node_modules), pinned by clients/.
+#   (npm, clients/node/node_modules), pinned by clients/; chromium +
+#   chromium-driver and playwright-core (clients/browser) for the web app.
 # Usage: scripts/install-peers.sh [all|apt|s3s-fs|clients]
 # Tools land in $RELAYPACS_TOOLS (default ~/.cache/relaypacs/tools).
 set -euo pipefail
@@ -24,6 +25,10 @@ if [[ "$what" == all || "$what" == apt ]]; then
   # pdftotext: the report tests read the PDFs the server renders.
   command -v pdftotext >/dev/null 2>&1 || need_apt+=(poppler-utils)
   command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
+  # Debian's Chromium for the web app's browser test (driven by
+  # playwright-core from clients/browser, which downloads no browser).
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
   [[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need_apt+=(orthanc-dicomweb)
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
   command -v rsyslogd >/dev/null 2>&1 || need_apt+=(rsyslog)
@@ -66,5 +71,10 @@ if [[ "$what" == all || "$what" == clients ]]; then
   if [[ ! -e "$lock" || "$root/clients/node/package-lock.json" -nt "$lock" ]]; then
     echo "install-peers: npm ci (tus-js-client, @tus/server)" >&2
     npm ci --silent --prefix "$root/clients/node" >&2
+  fi
+  lock="$root/clients/browser/node_modules/.package-lock.json"
+  if [[ ! -e "$lock" || "$root/clients/browser/package-lock.json" -nt "$lock" ]]; then
+    echo "install-peers: npm ci (playwright-core, for Debian's chromium)" >&2
+    npm ci --silent --prefix "$root/clients/browser" >&2
   fi
 fi

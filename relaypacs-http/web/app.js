@@ -105,7 +105,7 @@ export async function api(path, init = {}) {
   let r = await go();
   if (r.status === 401 && (await refresh())) r = await go();
   if (r.status === 401) {
-    const body = await r.clone().json().catch(() => ({}));
+    const body = errorOf(await r.clone().json().catch(() => null));
     if (body.code === 'RELAY_UNAUTHENTICATED') showLogin('Your session ended; please log in again.');
   }
   return r;
@@ -116,15 +116,22 @@ export async function apiJson(path, init = {}) {
   const r = await api(path, init);
   const body = r.status === 204 ? null : await r.json().catch(() => null);
   if (!r.ok) {
-    const e = new Error((body && body.message) || `${r.status} ${r.statusText}`);
+    const err = errorOf(body);
+    const e = new Error(err.message || `${r.status} ${r.statusText}`);
     e.status = r.status;
-    e.code = body && body.code;
+    e.code = err.code;
     throw e;
   }
   return body;
 }
 
 export { refresh as refreshToken };
+
+/** {code, message} of an error answer ({"error": {code, message}}). */
+export function errorOf(body) {
+  if (body && body.error && typeof body.error === 'object') return body.error;
+  return body && typeof body === 'object' ? body : {};
+}
 
 // ---- live events ----------------------------------------------------------
 
@@ -359,7 +366,9 @@ async function login(ev) {
   const j = await r.json().catch(() => ({}));
   if (!r.ok) {
     err.textContent =
-      r.status === 401 ? 'Wrong user name, password or authenticator code.' : j.message || `Login failed (${r.status}).`;
+      r.status === 401
+        ? 'Wrong user name, password or authenticator code.'
+        : errorOf(j).message || `Login failed (${r.status}).`;
     return;
   }
   f.password.value = '';

@@ -5,8 +5,19 @@
 // is not there).
 
 const REASONS = {
-  RELAY_NOT_DICOM: 'this file is not a DICOM image',
   RELAY_DICOM_INVALID: 'the DICOM file is damaged or incomplete',
+  RELAY_DICOM_BAD_ATTRIBUTE: 'a value in the DICOM header is not valid',
+  RELAY_DICOM_MISSING_ATTRIBUTE: 'the DICOM header lacks a required value',
+  RELAY_DICOM_TRUNCATED: 'the DICOM file is cut short',
+  RELAY_DICOM_UNSUPPORTED_TRANSFER_SYNTAX: 'the image encoding is not supported',
+  RELAY_DICOM_NOT_DICOM: 'this file is not a DICOM image',
+  RELAY_DICOM_MALFORMED: 'the DICOM file is damaged',
+  RELAY_DICOM_LENGTH_OVERRUN: 'the DICOM file is damaged (a length runs past its end)',
+  RELAY_DICOM_STRAY_DELIMITER: 'the DICOM file is damaged',
+  RELAY_DICOM_TOO_DEEP: 'the DICOM file is nested too deeply to be safe',
+  RELAY_DICOM_TOO_MANY_ELEMENTS: 'the DICOM file has too many elements to be safe',
+  RELAY_DICOM_HEADER_TOO_LARGE: 'the DICOM header is too large',
+  RELAY_DICOM_INFLATE_LIMIT: 'the compressed DICOM data expands too much to be safe',
   RELAY_STUDY_MISMATCH: 'this file belongs to another study',
   RELAY_FILE_HASH_MISMATCH: 'the file changed or was damaged on the way (its checksum does not match)',
   RELAY_CHUNK_HASH_MISMATCH: 'part of the file was damaged on the way',

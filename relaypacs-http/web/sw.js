@@ -35,7 +35,18 @@ self.addEventListener('install', (event) => {
     (async () => {
       const cache = await caches.open(CACHE);
       await cache.addAll(SHELL);
-      await Promise.all(OPTIONAL.map((p) => cache.add(p).catch(() => {})));
+      // One at a time, and the body of a refusal read to its end: an
+      // unread body keeps its keep-alive connection busy, and a few of them
+      // exhaust the browser's connections to this origin.
+      for (const p of OPTIONAL) {
+        try {
+          const res = await fetch(p, { cache: 'no-cache' });
+          if (res.ok) await cache.put(p, res);
+          else await res.arrayBuffer();
+        } catch {
+          /* offline at install: the next visit fills it */
+        }
+      }
       await self.skipWaiting();
     })(),
   );

@@ -6,7 +6,7 @@
 // themselves kept in IndexedDB so that a reload (or a browser restart)
 // resumes where the server says; offline pauses, online resumes.
 
-import { h, toast, api, apiJson, accessToken, refreshToken, onEvent } from './app.js';
+import { h, toast, api, apiJson, accessToken, refreshToken, onEvent, errorOf } from './app.js';
 import { plainReason, stateBadge } from './studies.js';
 
 const CHUNK = 8 * 1024 * 1024;
@@ -289,7 +289,7 @@ async function ensureSession(study) {
 function refusedBody(err) {
   try {
     const body = err.originalResponse && err.originalResponse.getBody();
-    return body ? JSON.parse(body) : null;
+    return body ? errorOf(JSON.parse(body)) : null;
   } catch {
     return null;
   }
@@ -329,6 +329,7 @@ function tusUpload(job) {
         if (t) req.setHeader('Authorization', `Bearer ${t}`);
         if (req.getMethod() === 'PATCH') {
           const start = Number(req.getHeader('Upload-Offset'));
+          if (job.runFrom === undefined) job.runFrom = start;
           const end = Math.min(file.size, start + CHUNK);
           req.setHeader('Upload-Checksum', await chunkChecksum(file, start, end));
         }
@@ -365,7 +366,15 @@ async function runJob(job) {
   job.aborted = false;
   draw();
   try {
-    if (!job.study.sessionId) await ensureSession(job.study);
+    if (!job.study.sessionId) {
+      // One session per study, however many of its files start at once.
+      job.study.sessionPromise = job.study.sessionPromise || ensureSession(job.study);
+      try {
+        await job.study.sessionPromise;
+      } finally {
+        job.study.sessionPromise = null;
+      }
+    }
     if (!job.rec.sha256) {
       job.rec.sha256 = await sha256Of(job.file, (n) => {
         job.hashed = n;
@@ -375,12 +384,14 @@ async function runJob(job) {
     }
     if (job.aborted) throw new Error('paused');
     job.state = 'uploading';
+    job.runFrom = undefined;
     job.meter = new Meter();
     draw();
     await tusUpload(job);
     job.state = 'done';
     job.sent = job.size;
     job.rec.state = 'done';
+    job.rec.file = null; // sent: the bytes need not be kept any more
     await saveRec(job);
   } catch (err) {
     if (job.aborted || !navigator.onLine || engine.paused) {
@@ -389,10 +400,12 @@ async function runJob(job) {
       const body = refusedBody(err);
       const status = err.originalResponse ? err.originalResponse.getStatus() : 0;
       if (body && status >= 400 && status < 500) {
+        console.info(`refused: ${status} ${JSON.stringify(body)}`);
         job.state = 'refused';
         job.reason = plainReason(body.code, body.message);
         job.rec.state = 'refused';
         job.rec.reason = job.reason;
+        job.rec.file = null;
         await saveRec(job);
       } else {
         job.state = 'error';
@@ -458,7 +471,68 @@ async function afterJob(study) {
   } finally {
     study.completing = false;
   }
-  for (const j of study.jobs) await idb.del('files', j.rec.fp).catch(() => {});
+  await rememberStudy(study);
+  watchStudy(study);
+  draw();
+}
+
+/** Keep what the app knows of a study (for a reload). */
+async function rememberStudy(study) {
+  const k = `${engine.owner}|${study.uid}`;
+  await idb
+    .put('sessions', {
+      k,
+      sessionId: study.sessionId,
+      owner: engine.owner,
+      study: study.uid,
+      completed: !!study.completed,
+      phase: study.phase,
+      reason: study.reason || null,
+      at: Date.now(),
+    })
+    .catch(() => {});
+}
+
+/** The server's state of a completed study, until it is final (events
+ *  may be missed while offline or across a reload). */
+async function watchStudy(study) {
+  if (study.watching || !study.completed || !study.sessionId) return;
+  study.watching = true;
+  try {
+    while (engine.studies.get(study.uid) === study && !['delivered', 'failed', 'report ready', 'refused'].includes(study.phase)) {
+      if (navigator.onLine) {
+        try {
+          const s = await apiJson(`/api/v1/studies/${study.sessionId}?files_limit=1`);
+          const st = s.state && s.state.state;
+          if (st === 'delivered') {
+            study.phase = s.delivery && s.delivery.reports > 0 ? 'report ready' : 'delivered';
+            study.verified = s.delivery && s.delivery.verified;
+          } else if (st === 'dead_letter') {
+            study.phase = 'failed';
+            study.reason = plainReason('RELAY_PACS_REJECTED', s.state.reason);
+          }
+          draw();
+        } catch (e) {
+          if (e.status === 404) break;
+        }
+      }
+      await new Promise((r) => setTimeout(r, 3000));
+    }
+  } finally {
+    study.watching = false;
+  }
+  rememberStudy(study);
+}
+
+/** Forget the studies that are completed (their state stays on the server). */
+async function clearFinished() {
+  for (const [uid, s] of [...engine.studies]) {
+    if (!s.completed) continue;
+    for (const j of s.jobs) await idb.del('files', j.rec.fp).catch(() => {});
+    await idb.del('sessions', `${engine.owner}|${uid}`).catch(() => {});
+    engine.jobs = engine.jobs.filter((j) => j.study !== s);
+    engine.studies.delete(uid);
+  }
   draw();
 }
 
@@ -488,6 +562,7 @@ function newStudy(info) {
   return {
     uid: info.study,
     patient: info.patient,
+    patientId: info.patientId,
     date: info.date,
     modality: new Set(info.modality ? [info.modality] : []),
     description: info.description,
@@ -500,9 +575,10 @@ function newStudy(info) {
 }
 
 function addJob(study, rec, file) {
-  const job = { rec, file, study, size: file.size, sent: 0, state: 'queued', meter: new Meter() };
+  const size = file ? file.size : rec.size || 0;
+  const job = { rec, file, study, size, sent: 0, state: 'queued', meter: new Meter() };
   study.jobs.push(job);
-  study.size += file.size;
+  study.size += size;
   engine.jobs.push(job);
   return job;
 }
@@ -523,10 +599,15 @@ async function restorePending() {
       study = newStudy(rec.info);
       engine.studies.set(study.uid, study);
       const kept = await idb.get('sessions', `${engine.owner}|${study.uid}`).catch(() => null);
-      if (kept) study.sessionId = kept.sessionId;
+      if (kept) {
+        study.sessionId = kept.sessionId;
+        study.completed = !!kept.completed;
+        study.phase = kept.completed ? kept.phase : null;
+        study.reason = kept.reason || null;
+      }
     }
     if (rec.info.modality) study.modality.add(rec.info.modality);
-    if (!rec.file) {
+    if (!rec.file && rec.state !== 'done' && rec.state !== 'refused') {
       study.missing = (study.missing || 0) + 1;
       continue;
     }
@@ -592,7 +673,13 @@ function draw() {
       const jr = j.meter ? j.meter.rate() : 0;
       return h(
         'li',
-        { class: `file ${j.state}`, 'data-test': 'file-progress', 'data-state': j.state, 'data-name': j.rec.rel },
+        {
+          class: `file ${j.state}`,
+          'data-test': 'file-progress',
+          'data-state': j.state,
+          'data-name': j.rec.rel,
+          'data-run-from': j.runFrom === undefined ? '' : String(j.runFrom),
+        },
         h('span', { class: 'name' }, j.rec.rel),
         progress(j.state === 'hashing' ? j.hashed || 0 : j.state === 'done' ? j.size : j.sent, j.size, `Upload of ${j.rec.rel}`),
         h(
@@ -611,7 +698,7 @@ function draw() {
         h(
           'h3',
           {},
-          `${s.patient} · ${dicomDate(s.date)} · ${[...s.modality].join('/') || '—'}`,
+          `${s.patient}${s.patientId ? ` (${s.patientId})` : ''} · ${dicomDate(s.date)} · ${[...s.modality].join('/') || '—'}`,
           ' ',
           stateBadge(phase, s.verified),
         ),
@@ -621,6 +708,7 @@ function draw() {
           'p',
           { class: 'meta' },
           `${bytes(sent)} of ${bytes(s.size)} · ${s.jobs.filter((j) => j.state === 'done').length}/${s.jobs.length} files`,
+          s.jobs.some((j) => j.state === 'refused') ? ` · ${s.jobs.filter((j) => j.state === 'refused').length} refused` : '',
           phase === 'uploading' && rate > 0 ? ` · ${bytes(rate)}/s · ${duration(left)} left` : '',
           s.reason ? ` — ${s.reason}` : '',
         ),
@@ -658,7 +746,7 @@ function renderScan(scan) {
         h(
           'tr',
           { 'data-test': 'study-group', 'data-study-uid': g.uid, 'data-files': g.items.length },
-          h('td', {}, g.patient),
+          h('td', {}, g.patient, g.patientId ? h('div', { class: 'muted' }, g.patientId) : null),
           h('td', {}, dicomDate(g.date)),
           h('td', {}, [...g.modality].join('/') || '—'),
           h('td', {}, g.description || '—'),
@@ -745,7 +833,7 @@ async function startScan(scan) {
       const kept = await idb.get('files', fp).catch(() => null);
       const rec = kept
         ? { ...kept, file: it.file }
-        : { fp, owner: engine.owner, rel: it.rel, name: it.file.name, info: it.info, file: it.file, state: 'queued' };
+        : { fp, owner: engine.owner, rel: it.rel, name: it.file.name, size: it.file.size, info: it.info, file: it.file, state: 'queued' };
       const job = addJob(study, rec, it.file);
       if (rec.state === 'done') {
         job.state = 'done';
@@ -863,9 +951,14 @@ export const uploadView = {
         'Resume',
       ),
     );
+    const clear = h(
+      'button',
+      { type: 'button', 'data-test': 'upload-clear', onclick: () => clearFinished() },
+      'Clear finished studies',
+    );
     container.replaceChildren(
       h('section', { class: 'card' }, h('h2', {}, 'Send a study'), drop, h('div', { id: 'scan', 'aria-live': 'polite' })),
-      h('section', { 'aria-label': 'Uploads' }, controls, h('div', { id: 'upload-progress', 'data-test': 'uploads' })),
+      h('section', { 'aria-label': 'Uploads' }, controls, h('div', { id: 'upload-progress', 'data-test': 'uploads' }), clear),
     );
     if (!engine.listening) {
       engine.listening = true;
@@ -881,10 +974,13 @@ export const uploadView = {
       });
     }
     const restored = await restorePending();
-    if (restored) toast(`Resuming ${restored} file(s) from before the reload.`);
+    if (restored) toast(`${restored} file(s) from before the reload: resuming where the server says.`);
     draw();
     pump();
-    for (const s of engine.studies.values()) afterJob(s);
+    for (const s of engine.studies.values()) {
+      afterJob(s);
+      watchStudy(s);
+    }
   },
 };
 

@@ -1,0 +1,280 @@
+// The web app's end-to-end test in Debian's Chromium, driven by
+// playwright-core (no browser download). Started by
+// relaypacs-http/tests/browser.rs, which runs the real server and Orthanc,
+// generates the folder and checks the PACS byte for byte afterwards.
+//
+// Env: RELAYPACS_URL, CHROMIUM, USER1/PASSWORD1/TOTP1 (base32 secret),
+// USER2/PASSWORD2, FOLDER, EXPECT (JSON: groups, skipped, refused, files,
+// report_study), ARTIFACTS (screenshots). Protocol with the Rust side:
+// this script prints "STEP delivered" when every study shows delivered and
+// waits for the line "reports added" on stdin.
+// Exit status 0 only if every check passed.
+
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import readline from 'node:readline';
+import { chromium } from 'playwright-core';
+
+const env = process.env;
+const BASE = env.RELAYPACS_URL;
+const EXPECT = JSON.parse(env.EXPECT);
+const ART = env.ARTIFACTS;
+const T0 = Date.now();
+const DEADLINE_MS = 200_000;
+
+setTimeout(() => {
+  console.error(`deadline: the test took more than ${DEADLINE_MS / 1000} s`);
+  process.exit(3);
+}, DEADLINE_MS).unref();
+
+function log(msg) {
+  console.log(`[${((Date.now() - T0) / 1000).toFixed(1)} s] ${msg}`);
+}
+
+function check(cond, msg) {
+  if (!cond) throw new Error(`check failed: ${msg}`);
+}
+
+/** RFC 6238 (SHA-1, 6 digits, 30 s) of the current step. */
+function totp(b32, at = Date.now()) {
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
+  let bits = '';
+  for (const c of b32.replace(/=+$/, '').toUpperCase()) bits += alphabet.indexOf(c).toString(2).padStart(5, '0');
+  const key = Buffer.from(bits.match(/.{8}/g).map((b) => parseInt(b, 2)));
+  const msg = Buffer.alloc(8);
+  msg.writeBigUInt64BE(BigInt(Math.floor(at / 1000 / 30)));
+  const mac = crypto.createHmac('sha1', key).update(msg).digest();
+  const o = mac[mac.length - 1] & 0xf;
+  const n = (mac.readUInt32BE(o) & 0x7fffffff) % 1_000_000;
+  return String(n).padStart(6, '0');
+}
+
+const input = readline.createInterface({ input: process.stdin });
+const lines = [];
+let lineWaiter = null;
+input.on('line', (l) => {
+  lines.push(l);
+  if (lineWaiter) lineWaiter();
+});
+async function waitLine(want, ms) {
+  const end = Date.now() + ms;
+  while (!lines.includes(want)) {
+    check(Date.now() < end, `no "${want}" from the test harness`);
+    await new Promise((r) => {
+      lineWaiter = r;
+      setTimeout(r, 500);
+    });
+  }
+}
+
+let shotN = 0;
+async function shot(page, name) {
+  const file = path.join(ART, `${String(++shotN).padStart(2, '0')}-${name}.png`);
+  await page.screenshot({ path: file, fullPage: true });
+  log(`screenshot ${path.basename(file)}`);
+}
+
+const sel = (t) => `[data-test="${t}"]`;
+
+async function login(page, user, password, code) {
+  await page.getByLabel('User name').fill(user);
+  await page.getByLabel('Password').fill(password);
+  if (code) await page.getByLabel(/Authenticator code/).fill(code);
+  await page.locator(sel('login-submit')).click();
+  await page.locator(sel('tab-upload')).waitFor({ timeout: 15000 });
+}
+
+async function main() {
+  fs.mkdirSync(ART, { recursive: true });
+  const browser = await chromium.launch({
+    executablePath: env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+  // A phone-sized screen: the layout the clinicians use.
+  const context = await browser.newContext({ viewport: { width: 412, height: 915 }, acceptDownloads: true });
+  const page = await context.newPage();
+  const problems = [];
+  page.on('console', (m) => {
+    const t = m.text();
+    if (/Content Security Policy|Refused to (load|execute|apply|connect|frame)/i.test(t)) problems.push(t);
+    if (m.type() !== 'log' && m.type() !== 'debug') log(`console ${m.type()}: ${t}`);
+  });
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+
+  // 1. Login with TOTP; the refresh token lands in an HttpOnly Secure cookie.
+  await page.goto(BASE);
+  await page.locator(sel('login-form')).waitFor();
+  await shot(page, 'login');
+  await login(page, env.USER1, env.PASSWORD1, totp(env.TOTP1));
+  const cookies = await context.cookies(`${BASE}/api/v1/auth/refresh`);
+  const rc = cookies.find((c) => c.name === 'relaypacs_refresh');
+  check(rc, `Chromium kept the refresh cookie on ${BASE}: ${JSON.stringify(cookies)}`);
+  check(rc.httpOnly && rc.secure && rc.sameSite === 'Strict' && rc.path === '/api/v1/auth/refresh', `cookie attributes ${JSON.stringify(rc)}`);
+  check(!(await page.evaluate(() => document.cookie)).includes('relaypacs_refresh'), 'the page cannot read the refresh cookie');
+  log('logged in with TOTP; refresh cookie HttpOnly, Secure, SameSite=Strict, scoped to the refresh route');
+  try {
+    await page.waitForFunction(() => navigator.serviceWorker && navigator.serviceWorker.controller, null, { timeout: 15000 });
+  } catch (e) {
+    const reg = await page.evaluate(async () => {
+      const r = await navigator.serviceWorker.getRegistration();
+      return r ? { active: r.active && r.active.state, installing: !!r.installing, waiting: !!r.waiting } : null;
+    });
+    throw new Error(`no service worker controls the page: ${JSON.stringify(reg)}; ${e.message}`);
+  }
+  log('service worker controls the page');
+
+  // 2. Choose the folder; the headers are read in the browser and grouped.
+  await page.locator(sel('folder-input')).setInputFiles(env.FOLDER);
+  await page.locator(sel('study-group')).nth(EXPECT.groups.length - 1).waitFor({ timeout: 30000 });
+  const groups = await page.$$eval(sel('study-group'), (rows) => rows.map((r) => ({ uid: r.dataset.studyUid, files: Number(r.dataset.files) })));
+  check(groups.length === EXPECT.groups.length, `${groups.length} study groups, expected ${EXPECT.groups.length}`);
+  for (const g of EXPECT.groups) {
+    const got = groups.find((x) => x.uid === g.uid);
+    check(got && got.files === g.files, `study ${g.uid}: ${JSON.stringify(got)}, expected ${g.files} files`);
+  }
+  const skipped = await page.$$eval(sel('skipped-file'), (li) => li.map((l) => ({ name: l.dataset.name, text: l.textContent })));
+  check(skipped.length === EXPECT.skipped.length, `skipped ${JSON.stringify(skipped)}`);
+  for (const name of EXPECT.skipped) {
+    const s = skipped.find((x) => x.name.endsWith(`/${name}`));
+    check(s && s.text.length > name.length + 10, `${name} listed as skipped with a reason: ${JSON.stringify(skipped)}`);
+  }
+  log(`grouping: ${groups.length} studies; skipped: ${skipped.map((s) => s.text).join(' | ')}`);
+  await shot(page, 'grouping');
+
+  // 3. Upload; go offline mid-upload; reload; online again.
+  await page.locator(sel('upload-start')).click();
+  await page.waitForFunction(
+    () =>
+      [...document.querySelectorAll('[data-test="file-progress"]')].some(
+        (li) => li.dataset.state === 'uploading' && li.querySelector('progress').value > 8 * 1024 * 1024,
+      ),
+    null,
+    { timeout: 60000, polling: 50 },
+  );
+  await context.setOffline(true);
+  const mid = await page.$$eval(sel('file-progress'), (li) => li.map((l) => l.dataset.state));
+  log(`offline; file states: ${mid.join(',')}`);
+  check(mid.some((s) => s !== 'done' && s !== 'refused'), 'offline while files were still uploading');
+  await page.locator(sel('offline-banner')).waitFor({ state: 'visible' });
+  await page.waitForFunction(
+    () => [...document.querySelectorAll('[data-test="file-progress"]')].every((li) => ['done', 'refused', 'paused', 'queued'].includes(li.dataset.state)),
+    null,
+    { timeout: 15000 },
+  );
+  await shot(page, 'offline-paused');
+  await page.reload({ waitUntil: 'domcontentloaded' });
+  await page.locator(sel('offline-banner')).waitFor({ state: 'visible' });
+  await shot(page, 'reloaded-offline');
+  log('reloaded while offline: the app shell came from the service worker');
+  await context.setOffline(false);
+  await page.locator(sel('tab-upload')).waitFor({ timeout: 20000 });
+  log('online again: logged back in through the refresh cookie');
+  await page.waitForFunction(
+    (n) => {
+      const li = [...document.querySelectorAll('[data-test="file-progress"]')];
+      return li.length === n && li.every((l) => l.dataset.state === 'done' || l.dataset.state === 'refused');
+    },
+    EXPECT.files,
+    { timeout: 120000, polling: 250 },
+  );
+  const states = await page.$$eval(sel('file-progress'), (li) =>
+    li.map((l) => ({ name: l.dataset.name, state: l.dataset.state, text: l.textContent, runFrom: l.dataset.runFrom })),
+  );
+  // The file cut by going offline resumed where the server said, after the reload.
+  const big = states.find((s) => s.name.endsWith(EXPECT.large));
+  check(big && Number(big.runFrom) > 0, `the large file resumed after the reload: ${JSON.stringify(big)}`);
+  log(`large file resumed at byte ${big.runFrom} after the reload`);
+  const refused = states.filter((s) => s.state === 'refused');
+  check(refused.length === 1 && refused[0].name.endsWith(EXPECT.refused), `refused: ${JSON.stringify(refused)}`);
+  check(/refused — .{20,}/.test(refused[0].text), `the refusal says why: ${refused[0].text}`);
+  log(`refused by the server: ${refused[0].text}`);
+  check(states.filter((s) => s.state === 'done').length === EXPECT.files - 1, 'every other file uploaded');
+  await shot(page, 'uploaded');
+
+  // 4. Delivered (with the verification mode), then report ready.
+  await page.waitForFunction(
+    (n) => document.querySelectorAll('[data-test="notification"][data-kind="delivered"]').length >= n,
+    EXPECT.groups.length,
+    { timeout: 90000, polling: 250 },
+  );
+  const delivered = await page.$$eval('[data-test="notification"][data-kind="delivered"]', (li) => li.map((l) => l.textContent));
+  check(delivered.every((t) => /compared|confirmed/.test(t)), `verification mode shown: ${delivered.join(' | ')}`);
+  await page.waitForFunction(
+    () => [...document.querySelectorAll('[data-test="study-progress"]')].every((s) => s.dataset.phase === 'delivered'),
+    null,
+    { timeout: 30000 },
+  );
+  log(`delivered: ${delivered[0]}`);
+  await shot(page, 'delivered');
+  console.log('STEP delivered');
+  await waitLine('reports added', 60000);
+  await page.locator('[data-test="notification"][data-kind="report_ready"]').first().waitFor({ timeout: 60000 });
+  await shot(page, 'report-ready');
+  log('report ready notification shown');
+
+  // 5. Open the report.
+  await page.locator('[data-test="notification"][data-kind="report_ready"] [data-test="open-reports"]').first().click();
+  await page.locator(sel('report-item')).nth(1).waitFor({ timeout: 30000 });
+  const kinds = await page.$$eval(sel('report-item'), (d) => d.map((x) => x.dataset.kind));
+  log(`reports listed: ${kinds.join(', ')}`);
+  const hasReportsView = await page.evaluate(async () => {
+    try {
+      await import('/views/reports.js');
+      return true;
+    } catch {
+      return false;
+    }
+  });
+  if (hasReportsView) {
+    await page.locator(sel('report-frame')).first().waitFor({ timeout: 30000 });
+    await page.locator(sel('report-pdf-link')).first().waitFor({ timeout: 30000 });
+    log('report opened by views/reports.js');
+  } else {
+    // No reports view in this build: the download of each report (DICOM).
+    for (const b of await page.locator(sel('report-download')).all()) {
+      const [dl] = await Promise.all([page.waitForEvent('download'), b.click()]);
+      const buf = fs.readFileSync(await dl.path());
+      check(buf.length > 132 && buf.subarray(128, 132).toString() === 'DICM', 'report downloaded as DICOM');
+    }
+    log('reports downloaded as DICOM (views/reports.js is not in this build)');
+  }
+  await shot(page, 'report');
+
+  check(problems.length === 0, `CSP violations or page errors: ${problems.join(' | ')}`);
+
+  // 6. A second user sees none of it.
+  await page.locator(sel('logout')).click();
+  await page.locator(sel('login-form')).waitFor();
+  check((await context.cookies(`${BASE}/api/v1/auth/refresh`)).every((c) => c.name !== "relaypacs_refresh"), "logout cleared the refresh cookie");
+  await login(page, env.USER2, env.PASSWORD2);
+  check((await page.locator(sel('study-progress')).count()) === 0, 'no upload of the first user shown');
+  await page.locator(sel('tab-studies')).click();
+  await page.locator(sel('studies-table')).waitFor();
+  await page.waitForTimeout(500);
+  check((await page.locator(sel('study-row')).count()) === 0, 'the second user has no study');
+  check((await page.locator(sel('notification')).count()) === 0, 'the second user has no notification');
+  await shot(page, 'second-user');
+  log('second user: no study, no notification, no upload');
+  check(problems.length === 0, `CSP violations or page errors: ${problems.join(' | ')}`);
+  await browser.close();
+}
+
+main()
+  .then(() => {
+    log('PASS');
+    process.exit(0);
+  })
+  .catch((e) => {
+    console.log(`FAIL: ${e.stack || e}`);
+    process.exit(1);
+  });
