@@ -117,6 +117,20 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     let up = t.create_upload(&clinic, &a, 1000, None).await;
     let r = t.patch(&clinic, &up, 0, junk, None).await;
     expect_error(r, 422, "RELAY_DICOM_NOT_DICOM").await;
+    // The same instance again in the study: refused as a duplicate.
+    let up = t
+        .create_upload(&clinic, &a, first.len() as u64, Some(&first))
+        .await;
+    let r = t
+        .patch(
+            &clinic,
+            &up,
+            0,
+            first.clone(),
+            Some(common::sha256_header(&first)),
+        )
+        .await;
+    expect_error(r, 409, "RELAY_DUPLICATE_INSTANCE").await;
     complete(&t, &clinic, &a).await;
     // clinic, study D: one file, aborted (its session is deleted).
     let d = t.new_study(&clinic).await;
@@ -149,6 +163,18 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     t.upload(&clinic, &b, &b_file).await;
     complete(&t, &clinic, &b).await;
     wait_state(&t, &clinic, &b, "dead_letter").await;
+    // clinic, study E: left open, expired by the sweep two days later (the
+    // session is deleted; its fact stays).
+    let e = t.new_study(&clinic).await;
+    t.upload(&clinic, &e, &ct(None)).await;
+    let expired = t
+        .server()
+        .state()
+        .pipeline()
+        .expire_sessions(time::OffsetDateTime::now_utc() + time::Duration::days(2))
+        .await
+        .unwrap();
+    assert!(expired.iter().any(|id| id.to_string() == e), "{expired:?}");
 
     // The uploader's summary: its own outcomes only.
     let v = json(&t, &clinic, "/api/v1/analytics/summary").await;
@@ -156,14 +182,16 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     assert_eq!(rows.len(), 1, "{v:#}");
     let s = &rows[0];
     assert_eq!(
-        s["uploads"], 3,
-        "A delivered, D aborted, B dead-lettered: {v:#}"
+        s["uploads"], 4,
+        "A delivered, D aborted, B dead-lettered, E expired: {v:#}"
     );
     assert_eq!(s["delivered"], 1);
     assert_eq!(s["aborted"], 1);
     assert_eq!(s["dead_lettered"], 1);
     assert_eq!(s["refused"], 1);
-    assert_eq!(s["files"], 2 + 1 + 1 + 1, "{v:#}");
+    assert_eq!(s["duplicate"], 1);
+    assert_eq!(s["expired"], 1);
+    assert_eq!(s["files"], 2 + 1 + 1 + 1 + 1 + 1, "{v:#}");
     let bytes = first.len() + second.len() + 1000 + b_file.len();
     assert!(s["bytes"].as_u64().unwrap() > bytes as u64, "{v:#}");
     assert_eq!(s["failures"]["refused:RELAY_DICOM_NOT_DICOM"], 1, "{v:#}");
@@ -172,6 +200,8 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
         "{v:#}"
     );
     assert_eq!(s["failures"]["aborted"], 1);
+    assert_eq!(s["failures"]["duplicate"], 1);
+    assert_eq!(s["failures"]["expired"], 1);
     let median = s["median_ms"].as_u64().expect("a delivery was timed");
     assert!(median > 0 && median < 120_000, "{median}");
     assert_eq!(s["p95_ms"].as_u64(), Some(median), "one delivery");
@@ -186,7 +216,7 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{v:#}");
     let of = |name: &str| rows.iter().find(|r| r["username"] == name).unwrap().clone();
-    assert_eq!(of("clinic")["uploads"], 3);
+    assert_eq!(of("clinic")["uploads"], 4);
     assert_eq!(of("=2+5")["uploads"], 1);
     assert_eq!(of("=2+5")["delivered"], 1);
     let v = json(&t, &formula, "/api/v1/analytics/summary").await;
@@ -195,7 +225,7 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
 
     // Naming another user: the admin may, the uploader is refused (audited).
     let v = json(&t, &admin, "/api/v1/analytics/summary?user=clinic").await;
-    assert_eq!(v["rows"][0]["uploads"], 3, "{v:#}");
+    assert_eq!(v["rows"][0]["uploads"], 4, "{v:#}");
     let r = get(&t, &clinic, "/api/v1/analytics/summary?user=%3D2%2B5").await;
     expect_error(r, 403, "RELAY_FORBIDDEN").await;
     let denied = t.audit().await.into_iter().any(|e| {
@@ -231,7 +261,7 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{v:#}");
     assert_eq!(rows[0]["key"], today);
-    assert_eq!(rows[0]["uploads"], 4);
+    assert_eq!(rows[0]["uploads"], 5);
     let v = json(
         &t,
         &admin,
@@ -266,7 +296,7 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     assert_eq!(eq_row[uploads], "1");
     let clinic_row = rows.iter().find(|r| r[0] == clinic.id).unwrap();
     assert_eq!(clinic_row[label], "clinic");
-    assert_eq!(clinic_row[uploads], "3");
+    assert_eq!(clinic_row[uploads], "4");
     assert!(
         clinic_row[failures].contains("refused:RELAY_DICOM_NOT_DICOM=1"),
         "{clinic_row:?}"
