@@ -715,23 +715,44 @@ impl Api {
     }
 
     /// `PATCH` one chunk at `offset` with its SHA-256 in
-    /// `Upload-Checksum`; the server's new offset.
+    /// `Upload-Checksum`; the server's new offset. `sent` counts the bytes
+    /// of this chunk handed to the connection so far.
     pub async fn patch(
         &self,
         upload: &Url,
         offset: u64,
         chunk: bytes::Bytes,
+        sent: &std::sync::Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<u64, Failure> {
+        use futures::StreamExt;
         use sha2::Digest;
+        use std::sync::atomic::Ordering;
+        /// Bytes handed to the connection at a time (progress granularity).
+        const PIECE: usize = 256 << 10;
         let sum = format!("sha256 {}", B64.encode(sha2::Sha256::digest(&chunk)));
+        let len = chunk.len();
         let r = self
             .send(|c| {
+                // The body in pieces, counted as the connection takes them,
+                // so that progress moves within a chunk on a slow link.
+                sent.store(0, Ordering::Relaxed);
+                let counter = std::sync::Arc::clone(sent);
+                let pieces: Vec<bytes::Bytes> = (0..len)
+                    .step_by(PIECE)
+                    .map(|at| chunk.slice(at..(at + PIECE).min(len)))
+                    .collect();
+                let body = futures::stream::iter(pieces).map(move |b| {
+                    counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    Ok::<_, std::io::Error>(b)
+                });
                 c.patch(upload.clone())
                     .header("tus-resumable", "1.0.0")
                     .header("upload-offset", offset.to_string())
                     .header("upload-checksum", sum.clone())
                     .header("content-type", "application/offset+octet-stream")
-                    .body(chunk.clone())
+                    // Set, not chunked: the server needs the length up front.
+                    .header("content-length", len.to_string())
+                    .body(reqwest::Body::wrap_stream(body))
             })
             .await?;
         r.headers()

@@ -811,7 +811,22 @@ impl Uploader {
             };
             sent += n;
             run.count(|s| s.bytes_sent += n);
-            let failure = match self.api.patch(&url, offset, chunk).await {
+            let in_flight = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let patch = self.api.patch(&url, offset, chunk, &in_flight);
+            tokio::pin!(patch);
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let result = loop {
+                tokio::select! {
+                    r = &mut patch => break r,
+                    _ = tick.tick() => sink.event(&Event::FileSending {
+                        path: path.clone(),
+                        session: session.to_owned(),
+                        position: offset + in_flight.load(Ordering::Relaxed),
+                    }),
+                }
+            };
+            let failure = match result {
                 Ok(new) => {
                     let delta = new.saturating_sub(offset);
                     offset = new;

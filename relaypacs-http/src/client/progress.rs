@@ -83,6 +83,16 @@ pub enum Event {
         /// Bytes newly acknowledged.
         delta: u64,
     },
+    /// Bytes of a chunk handed to the connection, not yet acknowledged
+    /// (not in `--json` output; for progress bars).
+    FileSending {
+        /// The file.
+        path: String,
+        /// Study session.
+        session: String,
+        /// The acknowledged offset plus the bytes of the chunk in flight.
+        position: u64,
+    },
     /// A request failed in a way worth retrying; the next try follows.
     Retry {
         /// What was being done.
@@ -171,13 +181,16 @@ impl ProgressSink for Silent {
 }
 
 /// One JSON object per line on standard output (`--json`), every event
-/// but [`Event::FileProgress`].
+/// but [`Event::FileProgress`] and [`Event::FileSending`].
 #[derive(Debug, Default)]
 pub struct JsonLines;
 
 impl ProgressSink for JsonLines {
     fn event(&self, event: &Event) {
-        if matches!(event, Event::FileProgress { .. }) {
+        if matches!(
+            event,
+            Event::FileProgress { .. } | Event::FileSending { .. }
+        ) {
             return;
         }
         if let Ok(line) = serde_json::to_string(event) {
@@ -242,7 +255,9 @@ pub fn describe(event: &Event) -> Option<String> {
             if *resumed { "resuming" } else { "opened" },
             mib(*bytes)
         ),
-        Event::FileStarted { .. } | Event::FileProgress { .. } => return None,
+        Event::FileStarted { .. } | Event::FileProgress { .. } | Event::FileSending { .. } => {
+            return None;
+        }
         Event::Retry {
             what,
             attempt,
@@ -307,16 +322,19 @@ pub fn describe(event: &Event) -> Option<String> {
 }
 
 /// `indicatif` bars on standard error: the total, one per study being
-/// sent, one per file being sent (MB/s and time left on each).
+/// sent, one per file being sent (MB/s and time left on each). Bytes in
+/// flight move the bars; a chunk that failed moves them back to the
+/// server's offset.
 #[derive(Debug)]
 pub struct Bars {
     multi: MultiProgress,
     total: ProgressBar,
     studies: Mutex<HashMap<String, ProgressBar>>,
-    files: Mutex<HashMap<String, ProgressBar>>,
+    /// Each file's bar and the position it shows.
+    files: Mutex<HashMap<String, (ProgressBar, u64)>>,
 }
 
-const BAR: &str = "{prefix:>12.bold} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta} {wide_msg}";
+const BAR: &str = "{prefix:>6.bold} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta} {wide_msg}";
 
 impl Default for Bars {
     fn default() -> Self {
@@ -348,6 +366,43 @@ impl Bars {
         b.set_message(msg);
         b
     }
+
+    /// Show `position` for the file, moving its study's bar and the total
+    /// by the difference (back, too).
+    fn show(&self, path: &str, session: &str, position: u64) {
+        let mut files = relaypacs_storage::fs::lock(&self.files);
+        let Some((bar, shown)) = files.get_mut(path) else {
+            return;
+        };
+        let old = *shown;
+        *shown = position;
+        bar.set_position(position);
+        drop(files);
+        let studies = relaypacs_storage::fs::lock(&self.studies);
+        let mut bars = vec![&self.total];
+        bars.extend(studies.get(session));
+        for b in bars {
+            if position >= old {
+                b.inc(position - old);
+            } else {
+                b.set_position(b.position().saturating_sub(old - position));
+            }
+        }
+    }
+
+    fn remove_file(&self, path: &str) {
+        if let Some((b, _)) = relaypacs_storage::fs::lock(&self.files).remove(path) {
+            b.finish_and_clear();
+            self.multi.remove(&b);
+        }
+    }
+
+    fn println(&self, event: &Event) {
+        if let Some(line) = describe(event) {
+            // Drawing problems are not the upload's.
+            let _ = self.multi.println(line);
+        }
+    }
 }
 
 fn style() -> ProgressStyle {
@@ -368,9 +423,11 @@ fn short(s: &str) -> String {
 
 impl ProgressSink for Bars {
     fn event(&self, event: &Event) {
-        let lock = relaypacs_storage::fs::lock;
         match event {
-            Event::Scanned { bytes, .. } => self.total.set_length(*bytes),
+            Event::Scanned { bytes, .. } => {
+                self.total.set_length(*bytes);
+                self.println(event);
+            }
             Event::StudyStarted {
                 study_instance_uid,
                 session,
@@ -378,7 +435,7 @@ impl ProgressSink for Bars {
                 ..
             } => {
                 let b = self.bar(*bytes, "study", short(study_instance_uid));
-                lock(&self.studies).insert(session.clone(), b);
+                relaypacs_storage::fs::lock(&self.studies).insert(session.clone(), b);
             }
             Event::FileStarted {
                 path,
@@ -387,67 +444,43 @@ impl ProgressSink for Bars {
                 offset,
             } => {
                 let b = self.bar(*size, "file", short(path));
-                b.set_position(*offset);
+                relaypacs_storage::fs::lock(&self.files).insert(path.clone(), (b.clone(), 0));
+                self.show(path, session, *offset);
+                // Bytes the server already held are not this run's speed.
                 b.reset_eta();
-                lock(&self.files).insert(path.clone(), b);
-                if let Some(s) = lock(&self.studies).get(session) {
-                    s.inc(*offset);
-                }
-                self.total.inc(*offset);
             }
             Event::FileProgress {
                 path,
                 session,
                 offset,
-                delta,
-            } => {
-                if let Some(b) = lock(&self.files).get(path) {
-                    b.set_position(*offset);
-                }
-                if let Some(s) = lock(&self.studies).get(session) {
-                    s.inc(*delta);
-                }
-                self.total.inc(*delta);
-            }
-            Event::FileDone { path, .. } => {
-                if let Some(b) = lock(&self.files).remove(path) {
-                    b.finish_and_clear();
-                    self.multi.remove(&b);
-                }
-            }
+                ..
+            } => self.show(path, session, *offset),
+            Event::FileSending {
+                path,
+                session,
+                position,
+            } => self.show(path, session, *position),
+            Event::FileDone { path, .. } => self.remove_file(path),
             Event::FileRefused { path, .. } => {
-                if let Some(b) = lock(&self.files).remove(path) {
-                    b.finish_and_clear();
-                    self.multi.remove(&b);
-                }
-                if let Some(line) = describe(event) {
-                    let _ = self.multi.println(line);
-                }
+                self.remove_file(path);
+                self.println(event);
             }
             Event::StudyCompleted { session, .. }
             | Event::StudyFailed {
                 session: Some(session),
                 ..
             } => {
-                if let Some(b) = lock(&self.studies).remove(session) {
+                if let Some(b) = relaypacs_storage::fs::lock(&self.studies).remove(session) {
                     b.finish_and_clear();
                     self.multi.remove(&b);
                 }
-                if let Some(line) = describe(event) {
-                    let _ = self.multi.println(line);
-                }
+                self.println(event);
             }
             Event::Summary(_) => {
                 self.total.finish_and_clear();
-                if let Some(line) = describe(event) {
-                    let _ = self.multi.println(line);
-                }
+                self.println(event);
             }
-            other => {
-                if let Some(line) = describe(other) {
-                    let _ = self.multi.println(line);
-                }
-            }
+            other => self.println(other),
         }
     }
 }
