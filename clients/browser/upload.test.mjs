@@ -85,6 +85,54 @@ async function login(page, user, password, code) {
   await page.locator(sel('tab-upload')).waitFor({ timeout: 15000 });
 }
 
+/** RFC 4180 parse (quoted cells, CRLF). */
+function parseCsv(text) {
+  const rows = [];
+  let row = [];
+  let cell = '';
+  let q = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (q) {
+      if (c === '"' && text[i + 1] === '"') {
+        cell += '"';
+        i++;
+      } else if (c === '"') q = false;
+      else cell += c;
+    } else if (c === '"') q = true;
+    else if (c === ',') {
+      row.push(cell);
+      cell = '';
+    } else if (c === '\r' && text[i + 1] === '\n') {
+      row.push(cell);
+      rows.push(row);
+      row = [];
+      cell = '';
+      i++;
+    } else cell += c;
+  }
+  if (cell || row.length) rows.push([...row, cell]);
+  return rows;
+}
+
+/** Open the analytics tab, export the CSV, parse it; sums of its counts. */
+async function exportCsv(page) {
+  await page.locator(sel('tab-analytics')).click();
+  await page.locator(sel('analytics-table')).waitFor({ timeout: 15000 });
+  const [dl] = await Promise.all([page.waitForEvent('download'), page.locator(sel('analytics-export-csv')).click()]);
+  const text = fs.readFileSync(await dl.path(), 'utf8');
+  const rows = parseCsv(text);
+  check(rows.length >= 1, `CSV has a header row: ${text.slice(0, 200)}`);
+  const [head, ...data] = rows;
+  for (const col of ['uploads', 'delivered', 'files', 'bytes', 'refused']) check(head.includes(col), `CSV column ${col} in ${head}`);
+  const total = {};
+  for (const col of ['uploads', 'delivered', 'files', 'bytes', 'refused']) {
+    const i = head.indexOf(col);
+    total[col] = data.reduce((a, r) => a + Number(r[i] || 0), 0);
+  }
+  return { head, data, total, text };
+}
+
 async function main() {
   fs.mkdirSync(ART, { recursive: true });
   const browser = await chromium.launch({
@@ -223,6 +271,14 @@ async function main() {
   log('report ready notification shown');
 
   // 5. Open the report.
+  // What the report views answer (the frames show Blob URLs made of them).
+  const views = [];
+  page.on('response', async (r) => {
+    if (/\/reports\/[^/]+\/view$/.test(new URL(r.url()).pathname)) {
+      const body = await r.body().catch(() => Buffer.alloc(0));
+      views.push({ url: r.url(), status: r.status(), type: r.headers()['content-type'] || '', head: body.subarray(0, 5).toString() });
+    }
+  });
   await page.locator('[data-test="notification"][data-kind="report_ready"] [data-test="open-reports"]').first().click();
   await page.locator(sel('report-item')).nth(1).waitFor({ timeout: 30000 });
   const kinds = await page.$$eval(sel('report-item'), (d) => d.map((x) => x.dataset.kind));
@@ -236,9 +292,28 @@ async function main() {
     }
   });
   if (hasReportsView) {
-    await page.locator(sel('report-frame')).first().waitFor({ timeout: 30000 });
-    await page.locator(sel('report-pdf-link')).first().waitFor({ timeout: 30000 });
-    log('report opened by views/reports.js');
+    // The SR as a readable page (rendered by the server, shown from a Blob
+    // URL in a sandboxed frame), the PDF as the PDF itself, and the SR's
+    // PDF download.
+    const srFrame = page.locator('[data-test="report-frame"][data-kind="structured_report"]');
+    const pdfFrame = page.locator('[data-test="report-frame"][data-kind="encapsulated_pdf"]');
+    await srFrame.waitFor({ timeout: 30000 });
+    await pdfFrame.waitFor({ timeout: 30000 });
+    check((await srFrame.getAttribute('sandbox')) === '', 'the SR frame is sandboxed');
+    check((await srFrame.getAttribute('src')).startsWith('blob:'), 'the SR comes from a Blob URL');
+    const srText = await srFrame.contentFrame().locator('body').innerText({ timeout: 10000 });
+    check(srText.includes(EXPECT.sr_text), `the SR reads as text: ${srText.slice(0, 300)}`);
+    check((await pdfFrame.getAttribute('src')).startsWith('blob:'), 'the PDF comes from a Blob URL');
+    const pdfView = views.find((v) => v.type.startsWith('application/pdf'));
+    const srView = views.find((v) => v.type.startsWith('text/html'));
+    check(pdfView && pdfView.head === '%PDF-', `the Encapsulated PDF is served as the PDF itself: ${JSON.stringify(views)}`);
+    check(srView, `the SR is served as HTML: ${JSON.stringify(views)}`);
+    const pdfButtons = page.locator('[data-test="report-item"][data-kind="structured_report"] [data-test="report-pdf-link"]');
+    const [dl] = await Promise.all([page.waitForEvent('download'), pdfButtons.first().click()]);
+    const pdf = fs.readFileSync(await dl.path());
+    check(pdf.subarray(0, 5).toString() === '%PDF-', 'the SR downloads as a PDF');
+    fs.copyFileSync(await dl.path(), path.join(ART, 'sr-report.pdf'));
+    log(`report opened: SR as a page ("${EXPECT.sr_text}"), PDF as the PDF, SR as a ${pdf.length}-byte PDF download`);
   } else {
     // No reports view in this build: the download of each report (DICOM).
     for (const b of await page.locator(sel('report-download')).all()) {
@@ -249,6 +324,17 @@ async function main() {
     log('reports downloaded as DICOM (views/reports.js is not in this build)');
   }
   await shot(page, 'report');
+
+  // 6. The CSV export of the analytics view: today's uploads of this user.
+  const csv = await exportCsv(page);
+  log(`CSV: ${JSON.stringify(csv.total)}`);
+  check(csv.total.uploads === EXPECT.groups.length, `CSV uploads ${csv.total.uploads}`);
+  check(csv.total.delivered === EXPECT.groups.length, `CSV delivered ${csv.total.delivered}`);
+  // Files and bytes of the delivered studies and of the refused file.
+  check(csv.total.files === EXPECT.files, `CSV files ${csv.total.files}, expected ${EXPECT.files}`);
+  check(csv.total.refused === 1, `CSV refused ${csv.total.refused}`);
+  check(csv.total.bytes === EXPECT.bytes, `CSV bytes ${csv.total.bytes}, expected ${EXPECT.bytes}`);
+  await shot(page, 'analytics');
 
   check(problems.length === 0, `CSP violations or page errors: ${problems.join(' | ')}`);
 
@@ -264,7 +350,10 @@ async function main() {
   check((await page.locator(sel('study-row')).count()) === 0, 'the second user has no study');
   check((await page.locator(sel('notification')).count()) === 0, 'the second user has no notification');
   await shot(page, 'second-user');
-  log('second user: no study, no notification, no upload');
+  const csv2 = await exportCsv(page);
+  check(csv2.total.uploads === 0 && csv2.total.files === 0 && csv2.total.bytes === 0, `second user's CSV: ${JSON.stringify(csv2.total)}`);
+  await shot(page, 'second-user-analytics');
+  log('second user: no study, no notification, no upload, nothing in the analytics');
   check(problems.length === 0, `CSP violations or page errors: ${problems.join(' | ')}`);
   await browser.close();
 }

@@ -61,6 +61,8 @@ struct Folder {
     skipped: Vec<String>,
     /// The file the server must refuse (its UID is not a UID).
     refused: String,
+    /// Its size.
+    refused_bytes: usize,
 }
 
 fn spec(study: &str, patient: &str, seed: u64) -> DicomSpec {
@@ -109,7 +111,8 @@ fn make_folder(dir: &Path) -> Folder {
     let (study_a, patient_a, _, sub_a) = &uids[0];
     let mut bad = spec(study_a, patient_a, 7);
     bad.sop_instance_uid = "../../etc/passwd".into();
-    std::fs::write(sub_a.join("IM_BADUID.dcm"), generate(&bad).unwrap()).unwrap();
+    let bad = generate(&bad).unwrap();
+    std::fs::write(sub_a.join("IM_BADUID.dcm"), &bad).unwrap();
     std::fs::write(
         root.join("README.txt"),
         "Exported by the clinic workstation.
@@ -134,6 +137,7 @@ fn make_folder(dir: &Path) -> Folder {
         patient_a: patient_a.to_string(),
         skipped: vec!["README.txt".into(), "corrupt.dcm".into()],
         refused: "IM_BADUID.dcm".into(),
+        refused_bytes: bad.len(),
     }
 }
 
@@ -254,6 +258,9 @@ report_poll_interval = 0.3
         "skipped": folder.skipped,
         "refused": folder.refused,
         "large": "IM_LARGE.dcm",
+        // Analytics count delivered and refused files (and their bytes).
+        "bytes": folder.delivered.iter().map(|(_, b)| b.len()).sum::<usize>() + folder.refused_bytes,
+        "sr_text": "No acute findings.",
         "files": folder.delivered.len() + 1,
         "report_study": folder.study_a,
         "patient_a": folder.patient_a,
