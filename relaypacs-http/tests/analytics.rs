@@ -148,6 +148,27 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     complete(&t, &formula, &c).await;
     wait_state(&t, &clinic, &a, "delivered").await;
     wait_state(&t, &formula, &c, "delivered").await;
+    // "=2+5", STOW-RS: one instance stored (delivered), one part refused.
+    let mut body = Vec::new();
+    for part in [dicom(None, 16), vec![0u8; 500]] {
+        body.extend_from_slice(b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n");
+        body.extend_from_slice(&part);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--XyZ--\r\n");
+    let r = t
+        .req(Method::POST, "/dicomweb/studies", &formula)
+        .header(
+            "content-type",
+            "multipart/related; type=\"application/dicom\"; boundary=XyZ",
+        )
+        .header("accept", "application/dicom+json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "one part stored, one refused");
+    t.wait_notifications(&formula, 2).await;
 
     // The PACS refuses the credentials: study B is dead-lettered.
     let wrong = SinkConfig::StowRs(DicomWebSinkConfig {
@@ -217,11 +238,13 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     assert_eq!(rows.len(), 2, "{v:#}");
     let of = |name: &str| rows.iter().find(|r| r["username"] == name).unwrap().clone();
     assert_eq!(of("clinic")["uploads"], 4);
-    assert_eq!(of("=2+5")["uploads"], 1);
-    assert_eq!(of("=2+5")["delivered"], 1);
+    assert_eq!(of("=2+5")["uploads"], 2, "{v:#}");
+    assert_eq!(of("=2+5")["delivered"], 2);
+    assert_eq!(of("=2+5")["refused"], 1, "the STOW-RS part: {v:#}");
     let v = json(&t, &formula, "/api/v1/analytics/summary").await;
-    assert_eq!(v["rows"][0]["uploads"], 1, "{v:#}");
-    assert_eq!(v["rows"][0]["refused"], 0);
+    assert_eq!(v["rows"][0]["uploads"], 2, "{v:#}");
+    assert_eq!(v["rows"][0]["refused"], 1);
+    assert_eq!(v["rows"][0]["duplicate"], 0);
 
     // Naming another user: the admin may, the uploader is refused (audited).
     let v = json(&t, &admin, "/api/v1/analytics/summary?user=clinic").await;
@@ -250,9 +273,9 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     assert_eq!(ct_row["delivered"], 1, "{v:#}");
     assert_eq!(ct_row["dead_lettered"], 1, "{v:#}");
     let ot_row = rows.iter().find(|r| r["key"] == "OT").expect("an OT row");
-    assert_eq!(ot_row["delivered"], 1, "{v:#}");
+    assert_eq!(ot_row["delivered"], 2, "{v:#}");
     let v = json(&t, &admin, "/api/v1/analytics/summary?modality=OT").await;
-    assert_eq!(v["rows"][0]["delivered"], 1, "{v:#}");
+    assert_eq!(v["rows"][0]["delivered"], 2, "{v:#}");
     assert_eq!(v["rows"][0]["dead_lettered"], 0, "{v:#}");
 
     // By day: today, in the default range; an earlier range is empty.
@@ -261,7 +284,7 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{v:#}");
     assert_eq!(rows[0]["key"], today);
-    assert_eq!(rows[0]["uploads"], 5);
+    assert_eq!(rows[0]["uploads"], 6);
     let v = json(
         &t,
         &admin,
@@ -293,7 +316,7 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     let failures = column(&rows, "failures");
     let eq_row = rows.iter().find(|r| r[0] == formula.id).unwrap();
     assert_eq!(eq_row[label], "'=2+5", "the formula is neutralised");
-    assert_eq!(eq_row[uploads], "1");
+    assert_eq!(eq_row[uploads], "2");
     let clinic_row = rows.iter().find(|r| r[0] == clinic.id).unwrap();
     assert_eq!(clinic_row[label], "clinic");
     assert_eq!(clinic_row[uploads], "4");

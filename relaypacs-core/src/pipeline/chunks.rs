@@ -1058,6 +1058,7 @@ impl Pipeline {
             Some(id),
         );
         done.file = Some(file.id);
+        let owner = current.session.value.owner.clone();
         match self
             .prove_and_record(id, &file, std::slice::from_ref(&chunk), current, true)
             .await
@@ -1071,6 +1072,8 @@ impl Pipeline {
                 self.discard_area(key).await;
                 let uid = |v: &Option<String>| v.as_deref().and_then(|v| Uid::parse(v).ok());
                 let err = if super::completion::refuses_content(&err) {
+                    self.note_refused(id, &owner, file.id, file.size, &err)
+                        .await;
                     done.study = uid(&known.study_instance_uid);
                     done.patient_id = known.patient_id.clone();
                     Error::FileRefused {
