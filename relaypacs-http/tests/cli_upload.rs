@@ -767,3 +767,81 @@ async fn plain_lines_without_a_terminal() {
     assert!(err.contains("completed (2 file(s)"), "{err}");
     assert!(err.contains("2 of 3 file(s) sent"), "{err}");
 }
+
+/// A study killed after some files are complete: the state holds only the
+/// upload in progress, and the rerun sends neither the complete files
+/// (the session's list says they are valid) nor the acknowledged part of
+/// the one in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_files_skips_the_complete_ones() {
+    let s = Setup::new();
+    let _gw = s.start();
+    let src = study_files(s.dir.path(), 3, 16);
+    let total: u64 = std::fs::read_dir(&src)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    let http = reqwest::Client::new();
+    let token = s.token(&http).await;
+    let mut child = s
+        .upload_cmd(&[&src], &["--parallel", "1", "--chunk-mib", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    // One file valid, the next one under way.
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        if let Some(st) = s.studies(&http, &token).await.first() {
+            let files = st["files"].as_array().unwrap();
+            let valid = files.iter().filter(|f| f["state"] == "valid").count();
+            let partial = files
+                .iter()
+                .any(|f| f["state"] == "uploading" && f["offset"].as_u64().unwrap_or(0) > 0);
+            if valid >= 1 && partial {
+                break;
+            }
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the CLI ended early");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let st: Value = serde_json::from_slice(&std::fs::read(s.state_file()).unwrap()).unwrap();
+    assert!(
+        st["files"].as_object().unwrap().len() <= 1,
+        "only the upload in progress is kept: {st}"
+    );
+    // What the server holds once it settles.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let view = s.studies(&http, &token).await;
+    let held: u64 = view[0]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["offset"].as_u64().unwrap())
+        .sum();
+
+    let (out, ev) = s.upload(&[&src], &["--parallel", "1", "--chunk-mib", "1", "--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{ev:?}", stderr(&out));
+    let sum = summary(&ev);
+    assert_eq!(sum["files_done"], 3, "{sum}");
+    assert_eq!(sum["studies_delivered"], 1, "{sum}");
+    let sent = sum["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent <= total - held,
+        "sent {sent}, {held} of {total} were held"
+    );
+    assert!(sent >= total - held - (1 << 20), "sent {sent}");
+    let done = events(&ev, "file_done");
+    assert!(
+        done.iter()
+            .any(|d| d["bytes_sent"] == 0 && d["resumed_from"] == d["size"]),
+        "{done:?}"
+    );
+    assert_eq!(s.studies(&http, &token).await.len(), 1, "one session");
+    for e in std::fs::read_dir(&src).unwrap() {
+        assert_archived(&s.data(), &e.unwrap().path());
+    }
+}

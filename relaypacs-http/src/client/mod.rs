@@ -478,9 +478,19 @@ impl Uploader {
         let known = run.state.lock().await.data.studies.get(&skey).cloned();
         let mut session = None;
         let mut resumed = false;
+        // The resumed session's files as the server has them, by SHA-256:
+        // upload URL and whether it is complete and valid.
+        let mut held: HashMap<String, (String, bool)> = HashMap::new();
         if let Some(e) = known {
             match self.api.study_files(&e.session, sink).await {
-                Ok(Some((view, _))) if view["state"]["state"] == "open" => {
+                Ok(Some((view, list))) if view["state"]["state"] == "open" => {
+                    for f in &list {
+                        if let (Some(sha), Some(url)) =
+                            (f["sha256"].as_str(), f["upload_url"].as_str())
+                        {
+                            held.insert(sha.to_owned(), (url.to_owned(), f["state"] == "valid"));
+                        }
+                    }
                     session = Some(e.session);
                     resumed = true;
                 }
@@ -556,8 +566,8 @@ impl Uploader {
         });
         let outcomes: Vec<(usize, FileOutcome)> = futures::stream::iter(files.iter().enumerate())
             .map(|(i, f)| {
-                let session = &session;
-                async move { (i, self.send_file(run, session, f).await) }
+                let (session, held) = (&session, &held);
+                async move { (i, self.send_file(run, session, held, f).await) }
             })
             .buffer_unordered(self.config.parallel)
             .collect()
@@ -702,7 +712,13 @@ impl Uploader {
     }
 
     /// One file: resume or create its upload, then PATCH it to the end.
-    async fn send_file(&self, run: &Run<'_>, session: &str, f: &LocalFile) -> FileOutcome {
+    async fn send_file(
+        &self,
+        run: &Run<'_>,
+        session: &str,
+        held: &HashMap<String, (String, bool)>,
+        f: &LocalFile,
+    ) -> FileOutcome {
         let Ok(_permit) = run.permits.acquire().await else {
             return FileOutcome::Stopped;
         };
@@ -718,11 +734,47 @@ impl Uploader {
             run.fail(e.into_client_error(&what));
             FileOutcome::Stopped
         };
-        // Resume an upload an earlier run created in this session.
-        let known = run.state.lock().await.data.files.get(&key).cloned();
+        // Already complete and valid in the resumed session: nothing to send.
+        if let Some((u, true)) = held.get(&hex)
+            && let Ok(url) = self.api.url(u)
+        {
+            run.count(|s| {
+                s.bytes_resumed += f.size;
+                s.files_done += 1;
+            });
+            run.update_state(|d| {
+                d.files.remove(&key);
+            })
+            .await;
+            sink.event(&Event::FileDone {
+                path,
+                session: session.to_owned(),
+                sha256: hex,
+                size: f.size,
+                bytes_sent: 0,
+                resumed_from: f.size,
+            });
+            return FileOutcome::Done {
+                sop: f.dicom.sop_instance_uid.as_str().to_owned(),
+                upload: url.to_string(),
+            };
+        }
+        // Resume an upload an earlier run created in this session (from
+        // the state, else from the session's own list: a run killed
+        // between creating the upload and recording it).
+        let known = run
+            .state
+            .lock()
+            .await
+            .data
+            .files
+            .get(&key)
+            .filter(|e| e.session == session)
+            .map(|e| e.upload_url.clone())
+            .or_else(|| held.get(&hex).map(|(u, _)| u.clone()));
         let mut upload: Option<(Url, u64)> = None;
-        if let Some(e) = known.filter(|e| e.session == session)
-            && let Ok(url) = self.api.url(&e.upload_url)
+        if let Some(u) = known
+            && let Ok(url) = self.api.url(&u)
         {
             match self.head_retrying(run, &url, &what).await {
                 Ok(Some(st)) if st.length == f.size => upload = Some((url, st.offset)),
@@ -889,6 +941,12 @@ impl Uploader {
             }
         }
         run.count(|s| s.files_done += 1);
+        // Done: a rerun learns it from the session's list, so the state
+        // keeps only the uploads in progress (small, whatever the study).
+        run.update_state(|d| {
+            d.files.remove(&key);
+        })
+        .await;
         sink.event(&Event::FileDone {
             path,
             session: session.to_owned(),
