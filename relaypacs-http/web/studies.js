@@ -91,7 +91,11 @@ export async function showReport(ctx, studyId, container) {
     ctx.toast(`Reports unavailable: ${e.message}`, 'error');
     return;
   }
-  const panel = h('section', { class: 'card report', 'data-test': 'report-panel', 'aria-label': 'Report' });
+  const panel = h(
+    'section',
+    { class: 'card report', 'data-test': 'report-panel', 'aria-label': 'Report', tabindex: '-1' },
+    h('button', { type: 'button', class: 'close', 'data-test': 'report-close', onclick: () => panel.remove() }, 'Close report'),
+  );
   box.prepend(panel);
   if (!reports.length) {
     panel.append(h('p', {}, 'No report yet.'));
@@ -134,6 +138,7 @@ export async function showReport(ctx, studyId, container) {
     );
   }
   panel.scrollIntoView({ block: 'nearest' });
+  panel.focus();
 }
 
 export const studiesView = {

@@ -880,12 +880,16 @@ export const uploadView = {
       engine.owner = owner;
     }
     engine.container = container;
+    // The inputs stay out of sight and out of the tab order; the buttons
+    // (keyboard-reachable, labelled) open them.
     const folder = h('input', {
       type: 'file',
       id: 'pick-folder',
       webkitdirectory: true,
       multiple: true,
       class: 'visually-hidden',
+      tabindex: '-1',
+      'aria-hidden': 'true',
       'data-test': 'folder-input',
       onchange: (e) => scanItems(fromInput(e.target)),
     });
@@ -894,19 +898,21 @@ export const uploadView = {
       id: 'pick-files',
       multiple: true,
       class: 'visually-hidden',
+      tabindex: '-1',
+      'aria-hidden': 'true',
       'data-test': 'files-input',
       onchange: (e) => scanItems(fromInput(e.target)),
     });
     const drop = h(
       'div',
-      { class: 'drop', tabindex: '0', role: 'group', 'aria-label': 'Drop files or folders here', 'data-test': 'drop-zone' },
+      { class: 'drop', role: 'group', 'aria-label': 'Drop files or folders here', 'data-test': 'drop-zone' },
       h('p', {}, 'Drop a study folder or files here, or'),
       h(
         'p',
         { class: 'pickers' },
-        h('label', { for: 'pick-folder', class: 'button' }, 'Choose a folder'),
+        h('button', { type: 'button', 'data-test': 'pick-folder', onclick: () => folder.click() }, 'Choose a folder'),
         folder,
-        h('label', { for: 'pick-files', class: 'button' }, 'Choose files'),
+        h('button', { type: 'button', 'data-test': 'pick-files', onclick: () => files.click() }, 'Choose files'),
         files,
       ),
     );
