@@ -69,7 +69,40 @@ async function waitLine(want, ms) {
 }
 
 let shotN = 0;
+/** A screenshot of the step, after checking the phone-sized layout (no
+ *  sideways scrolling) and that every control of the shell's own views
+ *  that a user can reach has an accessible name. */
 async function shot(page, name) {
+  const width = await page.evaluate(() => [document.documentElement.scrollWidth, window.innerWidth]);
+  check(width[0] <= width[1], `${name}: the page scrolls sideways on a phone (${width[0]} > ${width[1]} px)`);
+  const unnamed = await page.evaluate(() => {
+    const roots = ['header', '#login', '#view-upload', '#view-studies', '#notifications', '#offline']
+      .map((q) => document.querySelector(q))
+      .filter(Boolean);
+    const out = [];
+    for (const root of roots) {
+      for (const el of root.querySelectorAll('button, input, select, textarea, a[href], [tabindex]:not([tabindex="-1"])')) {
+        if (el.closest('[hidden]') || el.getAttribute('aria-hidden') === 'true' || el.tabIndex < 0) continue;
+        const byFor = el.id && document.querySelector(`label[for="${el.id}"]`);
+        const byIds = (el.getAttribute('aria-labelledby') || '')
+          .split(/\s+/)
+          .map((i) => document.getElementById(i))
+          .filter(Boolean);
+        const name = (
+          el.getAttribute('aria-label') ||
+          byIds.map((x) => x.textContent).join(' ') ||
+          (byFor && byFor.textContent) ||
+          (el.closest('label') && el.closest('label').textContent) ||
+          (['BUTTON', 'A'].includes(el.tagName) && el.textContent) ||
+          el.getAttribute('title') ||
+          ''
+        ).trim();
+        if (!name) out.push(el.outerHTML.slice(0, 120));
+      }
+    }
+    return out;
+  });
+  check(unnamed.length === 0, `${name}: controls without an accessible name: ${unnamed.join(' | ')}`);
   const file = path.join(ART, `${String(++shotN).padStart(2, '0')}-${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
   log(`screenshot ${path.basename(file)}`);
@@ -163,7 +196,15 @@ async function main() {
   await page.goto(BASE);
   await page.locator(sel('login-form')).waitFor();
   await shot(page, 'login');
-  await login(page, env.USER1, env.PASSWORD1, totp(env.TOTP1));
+  // Keyboard only: the user name has the focus, Tab walks the form, Enter submits.
+  check((await page.evaluate(() => document.activeElement && document.activeElement.id)) === 'login-username', 'focus starts on the user name');
+  await page.keyboard.type(env.USER1);
+  await page.keyboard.press('Tab');
+  await page.keyboard.type(env.PASSWORD1);
+  await page.keyboard.press('Tab');
+  await page.keyboard.type(totp(env.TOTP1));
+  await page.keyboard.press('Enter');
+  await page.locator(sel('tab-upload')).waitFor({ timeout: 15000 });
   const cookies = await context.cookies(`${BASE}/api/v1/auth/refresh`);
   const rc = cookies.find((c) => c.name === 'relaypacs_refresh');
   check(rc, `Chromium kept the refresh cookie on ${BASE}: ${JSON.stringify(cookies)}`);
