@@ -845,3 +845,59 @@ async fn killed_between_files_skips_the_complete_ones() {
         assert_archived(&s.data(), &e.unwrap().path());
     }
 }
+
+/// The documented exit codes for what stops a run: 2 usage (no such path,
+/// no credentials), 3 a refused login, 4 no server after the retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_for_usage_auth_and_unreachable() {
+    let s = Setup::new();
+    let _gw = s.start();
+    let src = study_files(s.dir.path(), 1, 1);
+
+    let (out, ev) = s.upload(&[&s.dir.path().join("no-such-folder")], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        summary(&ev)["error"]
+            .as_str()
+            .unwrap()
+            .contains("no such file")
+    );
+
+    let out = s.upload_cmd_as(&[&src], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no credentials"), "{}", stderr(&out));
+
+    let out = s
+        .upload_cmd_as(&[&src], &["--user", USER])
+        .env("RELAYPACS_PASSWORD", "not-the-password-at-all")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(summary(&json_lines(&out.stdout))["exit_code"], 3);
+
+    let mut down = s.upload_cmd(&[&src], &["--retries", "2"]);
+    let args: Vec<_> = down.get_args().map(|a| a.to_owned()).collect();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let args: Vec<_> = args
+        .into_iter()
+        .map(|a| {
+            if a == s.url.as_str() {
+                url.clone().into()
+            } else {
+                a
+            }
+        })
+        .collect();
+    down = Command::new(BIN);
+    let out = down
+        .args(args)
+        .env("RELAYPACS_PASSWORD", PASSWORD)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let ev = json_lines(&out.stdout);
+    assert_eq!(events(&ev, "retry").len(), 1, "{ev:?}");
+    assert_eq!(summary(&ev)["exit_code"], 4);
+}

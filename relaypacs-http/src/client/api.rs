@@ -389,7 +389,8 @@ impl Api {
     }
 
     /// Refresh (rotating the refresh token), else log in again with the
-    /// password, else fail. Network errors are retried here.
+    /// password, else fail. One try each: the request that needed the
+    /// token is retried by its caller.
     async fn renew(&self, t: &mut Tokens) -> Result<(), Failure> {
         if t.refresh.is_none()
             && let Credentials::TokenFile(path) = &self.creds
@@ -464,30 +465,16 @@ impl Api {
         }
     }
 
-    /// POST a token request, retrying network errors and 5xx/429.
+    /// POST a token request (one try: the caller's request is retried).
     async fn token_request(&self, path: &str, body: &Value) -> Result<Value, Failure> {
         let url = self.url(path)?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let res = match self.http.post(url.clone()).json(body).send().await {
-                Ok(r) if r.status().is_success() => {
-                    return r
-                        .json::<Value>()
-                        .await
-                        .map_err(|e| Failure::Network(format!("token answer: {e}")));
-                }
-                Ok(r) => failure_of(r).await,
-                Err(e) => network(&e),
-            };
-            if !res.retryable() || attempt >= self.retry.attempts {
-                return Err(res);
-            }
-            let ra = match &res {
-                Failure::Http { retry_after, .. } => *retry_after,
-                _ => None,
-            };
-            tokio::time::sleep(self.retry.delay(attempt, ra)).await;
+        match self.http.post(url).json(body).send().await {
+            Ok(r) if r.status().is_success() => r
+                .json::<Value>()
+                .await
+                .map_err(|e| Failure::Network(format!("token answer: {e}"))),
+            Ok(r) => Err(failure_of(r).await),
+            Err(e) => Err(network(&e)),
         }
     }
 
@@ -516,12 +503,22 @@ impl Api {
     }
 
     /// Log in (or refresh) now, so that bad credentials fail before any
-    /// work.
+    /// work; retried (and reported to `sink`) while the server is away.
     ///
     /// # Errors
     /// The failure.
-    pub async fn authenticate(&self) -> Result<(), Failure> {
-        self.token().await.map(|_| ())
+    pub async fn authenticate(&self, sink: &dyn ProgressSink) -> Result<(), Failure> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.token().await {
+                Ok(_) => return Ok(()),
+                Err(f) if f.retryable() && attempt < self.retry.attempts => {
+                    self.backoff("log in", attempt, &f, sink).await;
+                }
+                Err(f) => return Err(f),
+            }
+        }
     }
 
     /// One authenticated request (a 401 renews the token and tries once

@@ -437,7 +437,7 @@ impl Uploader {
             return finish(run);
         }
         // 2. Credentials, before any study is opened.
-        if let Err(f) = self.api.authenticate().await {
+        if let Err(f) = self.api.authenticate(sink).await {
             run.fail(f.into_client_error("log in"));
             return finish(run);
         }
