@@ -901,3 +901,45 @@ async fn exit_codes_for_usage_auth_and_unreachable() {
     assert_eq!(events(&ev, "retry").len(), 1, "{ev:?}");
     assert_eq!(summary(&ev)["exit_code"], 4);
 }
+
+/// A file the local check passes but this server refuses (it requires
+/// Patient ID; the client checks with the default limits, which accept
+/// its absence with a warning): reported `by: server` with the server's
+/// code, and the rest of the study is completed without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_the_server_refuses_leaves_the_rest_of_the_study() {
+    let s = Setup::with("http", |_| "[ingest]\nrequire_patient_id = true\n".into());
+    let _gw = s.start();
+    let src = s.dir.path().join("mixed");
+    std::fs::create_dir(&src).unwrap();
+    let study = new_uid();
+    for (name, omit) in [("a.dcm", false), ("b-no-patient-id.dcm", true)] {
+        let bytes = generate(&DicomSpec {
+            study_uid: study.clone(),
+            omit_patient_id: omit,
+            ..DicomSpec::default()
+        })
+        .unwrap();
+        std::fs::write(src.join(name), bytes).unwrap();
+    }
+    let (out, ev) = s.upload(&[&src], &["--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{}\n{ev:?}", stderr(&out));
+    let refused = events(&ev, "file_refused");
+    assert_eq!(refused.len(), 1, "{ev:?}");
+    assert_eq!(refused[0]["by"], "server");
+    assert!(
+        refused[0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("b-no-patient-id.dcm")
+    );
+    assert_eq!(
+        refused[0]["code"], "RELAY_DICOM_MISSING_ATTRIBUTE",
+        "{ev:?}"
+    );
+    let sum = summary(&ev);
+    assert_eq!(sum["files_done"], 1, "{sum}");
+    assert_eq!(sum["files_refused_server"], 1, "{sum}");
+    assert_eq!(sum["studies_delivered"], 1, "{sum}");
+    assert_archived(&s.data(), &src.join("a.dcm"));
+}
