@@ -263,9 +263,17 @@ async function main() {
   await shot(page, 'offline-paused');
   await page.reload({ waitUntil: 'domcontentloaded' });
   await page.locator(sel('offline-banner')).waitFor({ state: 'visible' });
+  // The reloaded page, still offline, shows the unfinished work as paused.
+  await page.waitForFunction(
+    () => [...document.querySelectorAll('[data-test="study-progress"]')].some((s) => s.dataset.phase === 'paused'),
+    null,
+    { timeout: 15000 },
+  );
   await shot(page, 'reloaded-offline');
-  log('reloaded while offline: the app shell came from the service worker');
+  log('reloaded while offline: the app shell came from the service worker and shows the paused uploads');
+  const refreshed = page.waitForResponse((r) => r.url().endsWith('/api/v1/auth/refresh') && r.status() === 200, { timeout: 20000 });
   await context.setOffline(false);
+  await refreshed;
   await page.locator(sel('tab-upload')).waitFor({ timeout: 20000 });
   log('online again: logged back in through the refresh cookie');
   await page.waitForFunction(

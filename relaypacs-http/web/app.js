@@ -95,6 +95,24 @@ export function accessToken() {
   return state.token;
 }
 
+/** Seconds until the access token expires (its `exp`; -1 without one). */
+function tokenLeft() {
+  try {
+    const payload = state.token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    return JSON.parse(atob(payload)).exp - Date.now() / 1000;
+  } catch {
+    return -1;
+  }
+}
+
+/** An access token good for at least a minute, refreshed through the
+ *  cookie if needed (tus requests: a 401 on a HEAD would make the client
+ *  drop the upload URL and start the file again). */
+export async function freshToken() {
+  if (!state.token || tokenLeft() < 60) await refresh();
+  return state.token;
+}
+
 /** fetch with the bearer token; refreshes once on 401. */
 export async function api(path, init = {}) {
   const go = () => {
@@ -272,9 +290,12 @@ async function loadOptionalView(path) {
   }
 }
 
-async function showApp() {
-  const me = await apiJson('/api/v1/auth/me');
+async function showApp(offlineUser) {
+  const me = offlineUser || (await apiJson('/api/v1/auth/me'));
   state.user = me;
+  // Who was logged in, for a reload without a connection (not a secret:
+  // the id, name and role; the tokens stay in memory and the cookie).
+  sessionStorage.setItem('relaypacs_user', JSON.stringify({ id: me.id, username: me.username, role: me.role }));
   document.getElementById('login').hidden = true;
   document.getElementById('app').hidden = false;
   document.getElementById('who').hidden = false;
@@ -287,6 +308,7 @@ async function showApp() {
   }
   renderTabs();
   await selectView(views[0].id);
+  if (offlineUser) return;
   openEvents();
   loadNotifications();
 }
@@ -385,6 +407,7 @@ async function logout() {
     /* offline: the cookie stays until it expires; the token is dropped */
   }
   state.csrf = null;
+  sessionStorage.removeItem('relaypacs_user');
   rendered.clear();
   emit({ type: 'logout' });
   showLogin('You are logged out.');
@@ -400,8 +423,13 @@ async function start() {
   document.getElementById('logout').addEventListener('click', logout);
   window.addEventListener('online', async () => {
     online();
-    if (!state.user && (await refresh())) await showApp();
-    else if (state.user) {
+    if (!state.user || !state.token) {
+      // Back from an offline start: log in again through the cookie.
+      if (await refresh()) {
+        rendered.clear();
+        await showApp();
+      } else showLogin('Please log in again.');
+    } else {
       openEvents();
       loadNotifications();
     }
@@ -426,6 +454,13 @@ async function start() {
   // be there. Offline, wait for the connection.
   if (csrfFromCookie()) {
     if (!navigator.onLine) {
+      // Offline after a reload: show the paused work of the last user of
+      // this tab; the login through the cookie happens when back online.
+      const last = JSON.parse(sessionStorage.getItem('relaypacs_user') || 'null');
+      if (last) {
+        await showApp(last);
+        return;
+      }
       showLogin('');
       document.getElementById('login-error').textContent =
         'Offline: you will be logged back in when the connection returns.';

@@ -190,13 +190,13 @@ export const studiesView = {
           return h(
             'tr',
             { 'data-test': 'study-row', 'data-study': s.id, 'data-state': phase },
-            h('td', {}, new Date(s.created_at).toLocaleString()),
-            h('td', { class: 'uid' }, s.study_instance_uid || '—'),
-            h('td', { class: 'num' }, String(s.file_count)),
-            h('td', {}, stateBadge(phase, s.delivery && s.delivery.verified), reason ? h('div', { class: 'muted' }, reason) : null),
+            h('td', { 'data-label': 'Created' }, new Date(s.created_at).toLocaleString()),
+            h('td', { class: 'uid', 'data-label': 'Study' }, s.study_instance_uid || '—'),
+            h('td', { class: 'num', 'data-label': 'Files' }, String(s.file_count)),
+            h('td', { 'data-label': 'State' }, stateBadge(phase, s.delivery && s.delivery.verified), reason ? h('div', { class: 'muted' }, reason) : null),
             h(
               'td',
-              {},
+              { 'data-label': 'Reports' },
               s.delivery && s.delivery.reports > 0
                 ? h(
                     'button',

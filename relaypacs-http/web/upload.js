@@ -6,7 +6,7 @@
 // themselves kept in IndexedDB so that a reload (or a browser restart)
 // resumes where the server says; offline pauses, online resumes.
 
-import { h, toast, api, apiJson, accessToken, refreshToken, onEvent, errorOf } from './app.js';
+import { h, toast, api, apiJson, freshToken, refreshToken, onEvent, errorOf } from './app.js';
 import { plainReason, stateBadge } from './studies.js';
 
 const CHUNK = 8 * 1024 * 1024;
@@ -325,7 +325,7 @@ function tusUpload(job) {
       storeFingerprintForResuming: true,
       removeFingerprintOnSuccess: true,
       onBeforeRequest: async (req) => {
-        const t = accessToken();
+        const t = await freshToken();
         if (t) req.setHeader('Authorization', `Bearer ${t}`);
         if (req.getMethod() === 'PATCH') {
           const start = Number(req.getHeader('Upload-Offset'));
@@ -618,6 +618,8 @@ async function restorePending() {
     } else if (rec.state === 'refused') {
       job.state = 'refused';
       job.reason = rec.reason;
+    } else if (!navigator.onLine) {
+      job.state = 'paused'; // resumed by the 'online' event
     }
     n++;
   }
@@ -746,12 +748,12 @@ function renderScan(scan) {
         h(
           'tr',
           { 'data-test': 'study-group', 'data-study-uid': g.uid, 'data-files': g.items.length },
-          h('td', {}, g.patient, g.patientId ? h('div', { class: 'muted' }, g.patientId) : null),
-          h('td', {}, dicomDate(g.date)),
-          h('td', {}, [...g.modality].join('/') || '—'),
-          h('td', {}, g.description || '—'),
-          h('td', { class: 'num' }, String(g.items.length)),
-          h('td', { class: 'num' }, bytes(g.size)),
+          h('td', { 'data-label': 'Patient' }, g.patient, g.patientId ? h('span', { class: 'muted' }, ` (${g.patientId})`) : null),
+          h('td', { 'data-label': 'Date' }, dicomDate(g.date)),
+          h('td', { 'data-label': 'Modality' }, [...g.modality].join('/') || '—'),
+          h('td', { 'data-label': 'Description' }, g.description || '—'),
+          h('td', { class: 'num', 'data-label': 'Files' }, String(g.items.length)),
+          h('td', { class: 'num', 'data-label': 'Size' }, bytes(g.size)),
         ),
       ),
     ),
