@@ -668,14 +668,19 @@ pub mod cookie {
     /// Whether the request comes from this origin: `Sec-Fetch-Site`, when
     /// sent, is `same-origin`; `Origin`, when sent, names the `Host`; at
     /// least one of them is sent (every browser sends them on a POST).
-    /// Pure over the headers.
     pub fn same_origin(headers: &HeaderMap) -> bool {
-        let site = headers
-            .get("sec-fetch-site")
-            .map(|v| v.as_bytes() == b"same-origin");
-        let origin = headers.get(header::ORIGIN).map(|o| {
-            let host = headers.get(header::HOST).map(HeaderValue::as_bytes);
-            let o = o.as_bytes();
+        same_origin_of(
+            headers.get(header::HOST).map(HeaderValue::as_bytes),
+            headers.get(header::ORIGIN).map(HeaderValue::as_bytes),
+            headers.get("sec-fetch-site").map(HeaderValue::as_bytes),
+        )
+    }
+
+    /// [`same_origin`] over the raw values of `Host`, `Origin` and
+    /// `Sec-Fetch-Site` (pure; outside input).
+    pub fn same_origin_of(host: Option<&[u8]>, origin: Option<&[u8]>, site: Option<&[u8]>) -> bool {
+        let site = site.map(|v| v == b"same-origin");
+        let origin = origin.map(|o| {
             let rest = o
                 .strip_prefix(b"https://")
                 .or_else(|| o.strip_prefix(b"http://"));
