@@ -365,5 +365,11 @@ fn analytics_query() -> Seeds {
         ("repeated", b"user=a&user=b".to_vec()),
         ("unknown", b"sort=desc".to_vec()),
         ("bad-percent", b"user=%zz%".to_vec()),
+        // The fuzzer's finding: a parameter without a name (an error that
+        // named no parameter).
+        (
+            "finding-empty-name",
+            b"from=2026-01-01&=%zz%to=2026-01mat=csv".to_vec(),
+        ),
     ])
 }

@@ -171,6 +171,9 @@ pub fn parse_analytics_query(
         }
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let k = decode(k, "query", 32)?;
+        if k.is_empty() {
+            return Err(qerr("query", "a parameter without a name"));
+        }
         let known = ["from", "to", "modality", "user", "format"];
         if !known.contains(&k.as_str()) {
             return Err(qerr(&k, "unknown parameter"));
@@ -479,6 +482,10 @@ mod tests {
             ("user=a&user=b", "user"),
             ("user=%zz", "user"),
             ("user=%ff", "user"),
+            // Found by the fuzz target: a nameless parameter was reported
+            // with an empty name.
+            ("from=2026-01-01&=%zz%to=2026-01mat=csv", "query"),
+            ("=1", "query"),
         ] {
             assert_eq!(parse(q).expect_err(q).parameter, p, "{q}");
         }
