@@ -167,6 +167,17 @@ async fn cookie_refresh_needs_csrf_and_same_origin_and_rotates() {
         .await
         .unwrap();
     expect_error(r, 403, "RELAY_CROSS_ORIGIN").await;
+    // Each refusal is a security alert in the audit trail.
+    let alerts = t
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| {
+            e.action == relaypacs_core::AuditAction::SecurityAlert
+                && e.detail.starts_with("cookie refresh refused")
+        })
+        .count();
+    assert_eq!(alerts, 5, "CSRF and cross-origin refusals audited");
     // No cookie and no token in the body: 401.
     let r = t
         .http

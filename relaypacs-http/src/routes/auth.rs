@@ -195,7 +195,22 @@ pub async fn refresh(
         Some(t) => (t, false),
         None => match cookie::check(&state, &headers) {
             Ok(t) => (t, true),
-            Err(e) => return Ok(cookie::cleared(e)),
+            Err(e) => {
+                // Counted against the address like a failed refresh; a
+                // cross-site or tokenless attempt is a security alert.
+                throttle(&state, &addr).await?;
+                if e.status == StatusCode::FORBIDDEN {
+                    let mut ev = AppState::event(
+                        "anonymous",
+                        &addr,
+                        AuditAction::SecurityAlert,
+                        AuditOutcome::MinorFailure,
+                    );
+                    ev.detail = format!("cookie refresh refused: {}", e.code);
+                    state.audit_event(ev).await?;
+                }
+                return Ok(cookie::cleared(e));
+            }
         },
     };
     match rotate(&state, &addr, &token).await {
