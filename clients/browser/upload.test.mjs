@@ -4,14 +4,16 @@
 // generates the folder and checks the PACS byte for byte afterwards.
 //
 // Env: RELAYPACS_URL, CHROMIUM, USER1/PASSWORD1/TOTP1 (base32 secret),
-// USER2/PASSWORD2, FOLDER, EXPECT (JSON: groups, skipped, refused, files,
-// report_study), ARTIFACTS (screenshots). Protocol with the Rust side:
+// USER2/PASSWORD2, FOLDER (three studies), FOLDER2 (one study, for the
+// browser restart), EXPECT (JSON: groups, skipped, refused, files, bytes,
+// large, restart, sr_text), ARTIFACTS (screenshots). Protocol with the Rust side:
 // this script prints "STEP delivered" when every study shows delivered and
 // waits for the line "reports added" on stdin.
 // Exit status 0 only if every check passed.
 
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
 import { chromium } from 'playwright-core';
@@ -168,29 +170,37 @@ async function exportCsv(page) {
 
 async function main() {
   fs.mkdirSync(ART, { recursive: true });
-  const browser = await chromium.launch({
-    executablePath: env.CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: [
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-  });
-  // A phone-sized screen: the layout the clinicians use.
-  const context = await browser.newContext({ viewport: { width: 412, height: 915 }, acceptDownloads: true });
-  const page = await context.newPage();
+  // A persistent profile, so that the browser can be closed and started
+  // again on the same cookies, IndexedDB and service worker.
+  const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'relaypacs-chromium-'));
   const problems = [];
-  page.on('console', (m) => {
-    const t = m.text();
-    if (/Content Security Policy|Refused to (load|execute|apply|connect|frame)/i.test(t)) problems.push(t);
-    if (m.type() !== 'log' && m.type() !== 'debug') log(`console ${m.type()}: ${t}`);
-  });
-  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  const open = async () => {
+    const context = await chromium.launchPersistentContext(profile, {
+      executablePath: env.CHROMIUM || '/usr/bin/chromium',
+      headless: true,
+      args: [
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--no-first-run',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+      ],
+      // A phone-sized screen: the layout the clinicians use.
+      viewport: { width: 412, height: 915 },
+      acceptDownloads: true,
+    });
+    const page = context.pages()[0] || (await context.newPage());
+    page.on('console', (m) => {
+      const t = m.text();
+      if (/Content Security Policy|Refused to (load|execute|apply|connect|frame)/i.test(t)) problems.push(t);
+      if (m.type() !== 'log' && m.type() !== 'debug') log(`console ${m.type()}: ${t}`);
+    });
+    page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+    return { context, page };
+  };
+  let { context, page } = await open();
 
   // 1. Login with TOTP; the refresh token lands in an HttpOnly Secure cookie.
   await page.goto(BASE);
@@ -387,7 +397,49 @@ async function main() {
 
   check(problems.length === 0, `CSP violations or page errors: ${problems.join(' | ')}`);
 
-  // 6. A second user sees none of it.
+  // 7. The browser closed mid-upload and started again: the upload
+  // resumes where the server says (IndexedDB, the refresh cookie).
+  await page.locator(sel('tab-upload')).click();
+  await page.locator(sel('folder-input')).setInputFiles(env.FOLDER2);
+  await page.locator(`[data-test="study-group"][data-study-uid="${EXPECT.restart.uid}"]`).waitFor({ timeout: 30000 });
+  await page.locator(sel('upload-start')).click();
+  await page.waitForFunction(
+    (name) =>
+      [...document.querySelectorAll('[data-test="file-progress"]')].some(
+        (li) => li.dataset.name.endsWith(name) && li.dataset.state === 'uploading' && li.querySelector('progress').value > 8 * 1024 * 1024,
+      ),
+    EXPECT.restart.file,
+    { timeout: 60000, polling: 50 },
+  );
+  await shot(page, 'before-browser-restart');
+  await context.close();
+  log('browser closed mid-upload');
+  ({ context, page } = await open());
+  await page.goto(BASE);
+  await page.locator(sel('tab-upload')).waitFor({ timeout: 20000 });
+  log('browser started again: logged in through the refresh cookie');
+  await page.waitForFunction(
+    (name) =>
+      [...document.querySelectorAll('[data-test="file-progress"]')].some(
+        (li) => li.dataset.name.endsWith(name) && li.dataset.state === 'done',
+      ),
+    EXPECT.restart.file,
+    { timeout: 60000, polling: 250 },
+  );
+  const restarted = await page.$eval(
+    `[data-test="file-progress"][data-name$="${EXPECT.restart.file}"]`,
+    (li) => li.dataset.runFrom,
+  );
+  check(Number(restarted) > 0, `after the browser restart the file resumed, from byte ${restarted}`);
+  log(`after the browser restart the file resumed at byte ${restarted}`);
+  await page.waitForFunction(
+    (n) => document.querySelectorAll('[data-test="notification"][data-kind="delivered"]').length >= n,
+    EXPECT.groups.length + 1,
+    { timeout: 60000, polling: 250 },
+  );
+  await shot(page, 'after-browser-restart');
+
+  // 8. A second user sees none of it.
   await page.locator(sel('logout')).click();
   await page.locator(sel('login-form')).waitFor();
   check((await context.cookies(`${BASE}/api/v1/auth/refresh`)).every((c) => c.name !== "relaypacs_refresh"), "logout cleared the refresh cookie");
@@ -404,7 +456,8 @@ async function main() {
   await shot(page, 'second-user-analytics');
   log('second user: no study, no notification, no upload, nothing in the analytics');
   check(problems.length === 0, `CSP violations or page errors: ${problems.join(' | ')}`);
-  await browser.close();
+  await context.close();
+  fs.rmSync(profile, { recursive: true, force: true });
 }
 
 main()

@@ -5,7 +5,8 @@
 //! (`clients/browser/upload.test.mjs`): login with TOTP, folder picker,
 //! grouping, upload, offline mid-upload, reload, online again, every file
 //! delivered, `delivered` and `report ready` notifications, the report, the
-//! CSV export, and a second user who sees none of it. Afterwards every
+//! CSV export, a second upload cut by closing the browser and resumed after
+//! it starts again, and a second user who sees none of it. Afterwards every
 //! uploaded instance is fetched back from Orthanc and compared byte for
 //! byte. Screenshots land in `target/browser-artifacts/`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
@@ -205,6 +206,16 @@ async fn web_app_in_chromium_uploads_resumes_offline_and_delivers() {
     let o = std::sync::Arc::new(tokio::task::spawn_blocking(Orthanc::start).await.unwrap());
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let folder = make_folder(dir.path());
+    // A second visit: one study with a 120 MiB file, for the browser restart.
+    let second = dir.path().join("second-visit");
+    std::fs::create_dir_all(&second).unwrap();
+    let restart_study = new_uid();
+    let restart = spec(&restart_study, "PAT-D", 77);
+    write_large_file(&second.join("IM_RESTART.dcm"), &restart, 120 << 20).unwrap();
+    let restart_file = (
+        restart.sop_instance_uid.clone(),
+        std::fs::read(second.join("IM_RESTART.dcm")).unwrap(),
+    );
     let port = free_port();
     let config = dir.path().join("relaypacs.toml");
     std::fs::write(
@@ -263,6 +274,7 @@ report_poll_interval = 0.3
         "sr_text": "No acute findings.",
         "files": folder.delivered.len() + 1,
         "report_study": folder.study_a,
+        "restart": {"uid": restart_study, "file": "IM_RESTART.dcm"},
         "patient_a": folder.patient_a,
     });
     let mut node = Command::new("node")
@@ -276,6 +288,7 @@ report_poll_interval = 0.3
         .env("USER2", "dr-omar")
         .env("PASSWORD2", PASSWORD_2)
         .env("FOLDER", &folder.root)
+        .env("FOLDER2", &second)
         .env("EXPECT", expect.to_string())
         .env("ARTIFACTS", &artifacts)
         .stdin(Stdio::piped())
@@ -330,7 +343,8 @@ report_poll_interval = 0.3
     );
     // Every file the browser sent is in the PACS, byte for byte.
     let o2 = o.clone();
-    let delivered = folder.delivered.clone();
+    let mut delivered = folder.delivered.clone();
+    delivered.push(restart_file);
     tokio::task::spawn_blocking(move || {
         for (sop, bytes) in &delivered {
             let got = o2.instance_file(sop).unwrap_or_else(|| {
