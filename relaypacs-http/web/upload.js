@@ -487,6 +487,7 @@ async function rememberStudy(study) {
       study: study.uid,
       completed: !!study.completed,
       phase: study.phase,
+      verified: study.verified || null,
       reason: study.reason || null,
       at: Date.now(),
     })
@@ -499,7 +500,14 @@ async function watchStudy(study) {
   if (study.watching || !study.completed || !study.sessionId) return;
   study.watching = true;
   try {
-    while (engine.studies.get(study.uid) === study && !['delivered', 'failed', 'report ready', 'refused'].includes(study.phase)) {
+    // At least once (a report may have come while this page was closed),
+    // then until the state is final.
+    let first = true;
+    while (
+      engine.studies.get(study.uid) === study &&
+      (first || !['delivered', 'failed', 'report ready', 'refused'].includes(study.phase))
+    ) {
+      first = false;
       if (navigator.onLine) {
         try {
           const s = await apiJson(`/api/v1/studies/${study.sessionId}?files_limit=1`);
@@ -583,7 +591,9 @@ function addJob(study, rec, file) {
   return job;
 }
 
-/** Pending files of this user kept from before a reload: queued again. */
+/** This user's files kept from before a reload or a browser restart:
+ *  the unfinished ones queued again (their count is returned), the
+ *  finished ones shown with their study. */
 async function restorePending() {
   let rows = [];
   try {
@@ -603,6 +613,7 @@ async function restorePending() {
         study.sessionId = kept.sessionId;
         study.completed = !!kept.completed;
         study.phase = kept.completed ? kept.phase : null;
+        study.verified = kept.verified || null;
         study.reason = kept.reason || null;
       }
     }
@@ -618,10 +629,10 @@ async function restorePending() {
     } else if (rec.state === 'refused') {
       job.state = 'refused';
       job.reason = rec.reason;
-    } else if (!navigator.onLine) {
-      job.state = 'paused'; // resumed by the 'online' event
+    } else {
+      if (!navigator.onLine) job.state = 'paused'; // resumed by the 'online' event
+      n++;
     }
-    n++;
   }
   return n;
 }
@@ -668,9 +679,11 @@ function draw() {
   for (const s of engine.studies.values()) {
     if (!s.jobs.length && !s.missing) continue;
     const sent = studySent(s);
+    // Refused files leave the study: they are not part of what is sent.
+    const total = s.jobs.reduce((a, j) => a + (j.state === 'refused' ? 0 : j.size), 0);
     const rate = s.meter.rate();
     const phase = studyPhase(s);
-    const left = rate > 0 ? (s.size - sent) / rate : Infinity;
+    const left = rate > 0 ? (total - sent) / rate : Infinity;
     const files = s.jobs.map((j) => {
       const jr = j.meter ? j.meter.rate() : 0;
       return h(
@@ -705,11 +718,11 @@ function draw() {
           stateBadge(phase, s.verified),
         ),
         s.description ? h('p', { class: 'muted' }, s.description) : null,
-        progress(sent, s.size, `Study ${s.patient} ${s.description || ''}`, 'study-bar'),
+        progress(sent, total, `Study ${s.patient} ${s.description || ''}`, 'study-bar'),
         h(
           'p',
           { class: 'meta' },
-          `${bytes(sent)} of ${bytes(s.size)} · ${s.jobs.filter((j) => j.state === 'done').length}/${s.jobs.length} files`,
+          `${bytes(sent)} of ${bytes(total)} · ${s.jobs.filter((j) => j.state === 'done').length}/${s.jobs.length} files`,
           s.jobs.some((j) => j.state === 'refused') ? ` · ${s.jobs.filter((j) => j.state === 'refused').length} refused` : '',
           phase === 'uploading' && rate > 0 ? ` · ${bytes(rate)}/s · ${duration(left)} left` : '',
           s.reason ? ` — ${s.reason}` : '',
@@ -982,7 +995,7 @@ export const uploadView = {
       });
     }
     const restored = await restorePending();
-    if (restored) toast(`${restored} file(s) from before the reload: resuming where the server says.`);
+    if (restored) toast(`${restored} unfinished file(s) from before: resuming where the server says.`);
     draw();
     pump();
     for (const s of engine.studies.values()) {
