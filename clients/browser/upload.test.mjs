@@ -439,6 +439,14 @@ async function main() {
   );
   await shot(page, 'after-browser-restart');
 
+  // The studies view lists them with their state from the server.
+  await page.locator(sel('tab-studies')).click();
+  await page.locator(sel('study-row')).nth(EXPECT.groups.length).waitFor({ timeout: 15000 });
+  const rows = await page.$$eval(sel('study-row'), (r) => r.map((x) => x.dataset.state));
+  check(rows.length === EXPECT.groups.length + 1, `studies listed: ${rows}`);
+  check(rows.filter((x) => x === 'report ready').length === 1 && rows.every((x) => x === 'delivered' || x === 'report ready'), `study states: ${rows}`);
+  await shot(page, 'studies');
+
   // 8. A second user sees none of it.
   await page.locator(sel('logout')).click();
   await page.locator(sel('login-form')).waitFor();
