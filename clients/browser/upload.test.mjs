@@ -411,9 +411,8 @@ async function main() {
     EXPECT.restart.file,
     { timeout: 60000, polling: 50 },
   );
-  await shot(page, 'before-browser-restart');
   await context.close();
-  log('browser closed mid-upload');
+  log('browser closed mid-upload (no screenshot first: it would give the upload time to finish)');
   ({ context, page } = await open());
   await page.goto(BASE);
   await page.locator(sel('tab-upload')).waitFor({ timeout: 20000 });
