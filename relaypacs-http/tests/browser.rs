@@ -263,6 +263,8 @@ report_poll_interval = 0.3
     let secret = enrol_totp(&http, &url, "dr-ines", PASSWORD_1).await;
 
     let artifacts = workspace().join("target/browser-artifacts");
+    // Only this run's screenshots.
+    let _ = std::fs::remove_dir_all(&artifacts);
     std::fs::create_dir_all(&artifacts).unwrap();
     let expect = json!({
         "groups": folder.groups.iter().map(|(u, n)| json!({"uid": u, "files": n})).collect::<Vec<_>>(),
