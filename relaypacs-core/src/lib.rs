@@ -63,4 +63,4 @@ pub use pipeline::{
     PutChunk, PutOutcome, RangeWrite, contiguous_end, plan_segments,
 };
 pub use report_source::{ReportKind, ReportRef, ReportSource};
-pub use session_store::{ChunkInsert, FileScope, InstanceClaim, SessionStore};
+pub use session_store::{ChunkInsert, ClaimedWrite, FileScope, InstanceClaim, SessionStore};

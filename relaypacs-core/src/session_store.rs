@@ -67,6 +67,16 @@ pub enum ChunkInsert {
     Existing(ChunkRecord),
 }
 
+/// What [`SessionStore::update_file_scope_claiming`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimedWrite {
+    /// Written, and the claim is the file's: the session's new version.
+    Written(u64),
+    /// The SOP Instance UID is claimed by another file: nothing was
+    /// written; here is the claim in force.
+    Held(InstanceClaim),
+}
+
 /// One file of a session and the session around it: what an operation on
 /// a single file needs, loaded at a cost that does not grow with the
 /// session's other files (see [`SessionStore::load_file_scope`]).
@@ -294,6 +304,36 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         self.update_file_scope(session, expected).await
     }
 
+    /// [`claim_instance`](Self::claim_instance) of `claim` and, when the
+    /// claim is then `claim`'s file's, [`update_file_scope_with_chunks`](Self::update_file_scope_with_chunks)
+    /// as one step: how a new valid file, its chunk records and its place
+    /// in the index of accepted instances are written together (one
+    /// transaction, one sync). When another file holds the SOP Instance
+    /// UID, nothing is written and that claim is returned
+    /// ([`ClaimedWrite::Held`]); the caller decides what it means.
+    ///
+    /// # Contract
+    /// Atomic when overridden (the SQL store: one transaction): on any
+    /// error, and on `Held`, nothing is written. The default claims first,
+    /// then writes: after an error there the claim stays for a file the
+    /// session does not hold, which the pipeline recognises as stale at
+    /// the next claim of the UID (as after a crash between its two steps).
+    async fn update_file_scope_claiming(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        chunks: &[(FileId, ChunkRecord)],
+        claim: &InstanceClaim,
+    ) -> Result<ClaimedWrite> {
+        let held = self.claim_instance(claim).await?;
+        if !held.held_by(claim.session, claim.file) {
+            return Ok(ClaimedWrite::Held(held));
+        }
+        self.update_file_scope_with_chunks(session, expected, chunks)
+            .await
+            .map(ClaimedWrite::Written)
+    }
+
     /// Up to `limit` files of session `id` in file id order, after `after`
     /// (from the first when `None`): a page of a study view. The default
     /// loads the whole session.
@@ -483,6 +523,16 @@ macro_rules! forward_session_store {
                 chunks: &[(FileId, ChunkRecord)],
             ) -> Result<u64> {
                 (**self).update_file_scope_with_chunks(session, expected, chunks).await
+            }
+
+            async fn update_file_scope_claiming(
+                &self,
+                session: &SessionRecord,
+                expected: u64,
+                chunks: &[(FileId, ChunkRecord)],
+                claim: &InstanceClaim,
+            ) -> Result<ClaimedWrite> {
+                (**self).update_file_scope_claiming(session, expected, chunks, claim).await
             }
 
             async fn files_with_instance(

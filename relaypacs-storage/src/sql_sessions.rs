@@ -6,8 +6,9 @@ use std::fmt;
 
 use async_trait::async_trait;
 use relaypacs_core::{
-    ChunkInsert, ChunkRecord, Error, FileId, FileRecord, FileScope, FileState, InstanceClaim,
-    Result, SessionId, SessionRecord, SessionState, SessionStore, Sha256Digest, Uid, Versioned,
+    ChunkInsert, ChunkRecord, ClaimedWrite, Error, FileId, FileRecord, FileScope, FileState,
+    InstanceClaim, Result, SessionId, SessionRecord, SessionState, SessionStore, Sha256Digest, Uid,
+    Versioned,
 };
 use sqlx::{Connection, Row};
 use time::OffsetDateTime;
@@ -355,6 +356,90 @@ impl SqlSessionStore {
         let head: String = row.try_get(1).map_err(|e| db_err("load session", e))?;
         let value = serde_json::from_str(&head).map_err(|e| corrupt("decode session", e))?;
         Ok((value, num(0)?, num(2)?, num(3)?))
+    }
+
+    /// The writes of [`update_file_scope_with_chunks`](SessionStore::update_file_scope_with_chunks)
+    /// inside the caller's transaction.
+    async fn write_file_with_chunks(
+        tx: &mut sqlx::AnyConnection,
+        session: &SessionRecord,
+        expected: u64,
+        chunks: &[(FileId, ChunkRecord)],
+    ) -> Result<()> {
+        const OP: &str = "record file";
+        Self::write_scope(&mut *tx, session, expected).await?;
+        let sid = session.id.to_string();
+        for (file, chunk) in chunks {
+            let inserted = sqlx::query(
+                "INSERT INTO chunks (session_id, file_id, chunk_offset, length, sha256, receipt) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (session_id, file_id, chunk_offset) DO NOTHING",
+            )
+            .bind(&sid)
+            .bind(file.to_string())
+            .bind(to_i64(chunk.offset)?)
+            .bind(to_i64(chunk.length)?)
+            .bind(chunk.sha256.to_hex())
+            .bind(&chunk.receipt)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+            if inserted.rows_affected() == 1 {
+                continue;
+            }
+            let row = sqlx::query(
+                "SELECT chunk_offset, length, sha256, receipt FROM chunks \
+                 WHERE session_id = $1 AND file_id = $2 AND chunk_offset = $3",
+            )
+            .bind(&sid)
+            .bind(file.to_string())
+            .bind(to_i64(chunk.offset)?)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+            let existing = chunk_from_row(&row)?;
+            if existing.length != chunk.length || existing.sha256 != chunk.sha256 {
+                // The transaction is dropped: nothing of this call stays.
+                return Err(Error::conflict(
+                    "RELAY_CHUNK_CONFLICT",
+                    "another chunk was recorded at this offset",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Claim `claim`'s SOP Instance UID unless claimed (inside the
+    /// caller's transaction); the claim in force.
+    async fn claim_in(
+        tx: &mut sqlx::AnyConnection,
+        claim: &InstanceClaim,
+    ) -> Result<InstanceClaim> {
+        let at = claim
+            .at
+            .format(&Rfc3339)
+            .map_err(|e| corrupt("claim time", e))?;
+        sqlx::query(&format!(
+            "INSERT INTO instance_claims ({CLAIM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (sop_instance_uid) DO NOTHING"
+        ))
+        .bind(claim.sop_instance_uid.as_str())
+        .bind(claim.data_set_sha256.to_hex())
+        .bind(claim.study_instance_uid.as_str())
+        .bind(claim.session.to_string())
+        .bind(claim.file.to_string())
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err("claim instance", e))?;
+        let row = sqlx::query(&format!(
+            "SELECT {CLAIM_COLUMNS} FROM instance_claims WHERE sop_instance_uid = $1"
+        ))
+        .bind(claim.sop_instance_uid.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| db_err("claim instance", e))?;
+        claim_from_row(&row)
     }
 }
 
@@ -710,48 +795,36 @@ impl SessionStore for SqlSessionStore {
     ) -> Result<u64> {
         const OP: &str = "record file";
         let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
-        Self::write_scope(&mut tx, session, expected).await?;
-        let sid = session.id.to_string();
-        for (file, chunk) in chunks {
-            let inserted = sqlx::query(
-                "INSERT INTO chunks (session_id, file_id, chunk_offset, length, sha256, receipt) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (session_id, file_id, chunk_offset) DO NOTHING",
-            )
-            .bind(&sid)
-            .bind(file.to_string())
-            .bind(to_i64(chunk.offset)?)
-            .bind(to_i64(chunk.length)?)
-            .bind(chunk.sha256.to_hex())
-            .bind(&chunk.receipt)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_err(OP, e))?;
-            if inserted.rows_affected() == 1 {
-                continue;
-            }
-            let row = sqlx::query(
-                "SELECT chunk_offset, length, sha256, receipt FROM chunks \
-                 WHERE session_id = $1 AND file_id = $2 AND chunk_offset = $3",
-            )
-            .bind(&sid)
-            .bind(file.to_string())
-            .bind(to_i64(chunk.offset)?)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| db_err(OP, e))?;
-            let existing = chunk_from_row(&row)?;
-            if existing.length != chunk.length || existing.sha256 != chunk.sha256 {
-                // The transaction is dropped: nothing of this call stays.
-                return Err(Error::conflict(
-                    "RELAY_CHUNK_CONFLICT",
-                    "another chunk was recorded at this offset",
-                ));
-            }
-        }
+        Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
         // Crash-safe point: the commit (WAL fsync / PostgreSQL commit).
         tx.commit().await.map_err(|e| db_err(OP, e))?;
         Ok(expected + 1)
+    }
+
+    /// One transaction: the writes of
+    /// [`update_file_scope_with_chunks`](SessionStore::update_file_scope_with_chunks),
+    /// then the claim (insert-if-absent, as
+    /// [`claim_instance`](SessionStore::claim_instance)); when the claim in
+    /// force is another file's, the transaction is dropped (nothing
+    /// written) and that claim returned.
+    async fn update_file_scope_claiming(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        chunks: &[(FileId, ChunkRecord)],
+        claim: &InstanceClaim,
+    ) -> Result<ClaimedWrite> {
+        const OP: &str = "record file";
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
+        let held = Self::claim_in(&mut tx, claim).await?;
+        if !held.held_by(claim.session, claim.file) {
+            tx.rollback().await.map_err(|e| db_err(OP, e))?;
+            return Ok(ClaimedWrite::Held(held));
+        }
+        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit).
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
+        Ok(ClaimedWrite::Written(expected + 1))
     }
 
     async fn files_with_instance(
@@ -1005,31 +1078,7 @@ impl SessionStore for SqlSessionStore {
             .begin()
             .await
             .map_err(|e| db_err("claim instance", e))?;
-        let at = claim
-            .at
-            .format(&Rfc3339)
-            .map_err(|e| corrupt("claim time", e))?;
-        sqlx::query(&format!(
-            "INSERT INTO instance_claims ({CLAIM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (sop_instance_uid) DO NOTHING"
-        ))
-        .bind(claim.sop_instance_uid.as_str())
-        .bind(claim.data_set_sha256.to_hex())
-        .bind(claim.study_instance_uid.as_str())
-        .bind(claim.session.to_string())
-        .bind(claim.file.to_string())
-        .bind(at)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_err("claim instance", e))?;
-        let row = sqlx::query(&format!(
-            "SELECT {CLAIM_COLUMNS} FROM instance_claims WHERE sop_instance_uid = $1"
-        ))
-        .bind(claim.sop_instance_uid.as_str())
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| db_err("claim instance", e))?;
-        let held = claim_from_row(&row)?;
+        let held = Self::claim_in(&mut tx, claim).await?;
         // Crash-safe point: the commit.
         tx.commit().await.map_err(|e| db_err("claim instance", e))?;
         Ok(held)

@@ -3,6 +3,7 @@
 //! instances.
 
 use super::*;
+use crate::session_store::ClaimedWrite;
 
 /// Whether `err` refuses a file for its content, so that it is removed
 /// from its session (see [`Pipeline::complete_file`]).
@@ -18,6 +19,16 @@ pub(super) fn refuses_content(err: &Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// A file entering its session with its valid state (see
+/// [`Pipeline::prove_and_record`]).
+#[derive(Clone, Copy)]
+struct Added<'a> {
+    file: &'a FileRecord,
+    chunks: &'a [ChunkRecord],
+    /// Claimed in the same write, when set.
+    claim: Option<&'a InstanceClaim>,
 }
 
 /// Result of a full read-back of a stored file.
@@ -189,6 +200,44 @@ impl Pipeline {
                 &dicom,
             )
         })?;
+        let digests = (back.sha256, data_set_sha256);
+        if new {
+            // A new file claims its instance in its own write (one
+            // transaction): the common case, a UID nobody holds. Only when
+            // another file holds it does the file go the long way below
+            // (same content, a stale claim, the duplicate policy).
+            let mine = InstanceClaim::new(
+                dicom.sop_instance_uid.clone(),
+                data_set_sha256,
+                dicom.study_instance_uid.clone(),
+                id,
+                file_id,
+            );
+            let added = Added {
+                file,
+                chunks,
+                claim: Some(&mine),
+            };
+            match self
+                .record_valid(id, file_id, current.clone(), &dicom, digests, Some(added))
+                .await
+            {
+                Ok(Some(rec)) => {
+                    return rec
+                        .files
+                        .get(&file_id)
+                        .cloned()
+                        .ok_or_else(|| plain(Error::NotFound { what: "file" }));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Nothing written by an atomic store; a store keeping
+                    // the trait's default may have claimed already.
+                    self.release_claim_after(id, file_id, &dicom, &e).await;
+                    return Err(refused(e, &dicom));
+                }
+            }
+        }
         let claimed = match self.claim(id, file_id, &dicom, data_set_sha256).await {
             Ok((claimed, warning)) => {
                 dicom.warnings.extend(warning);
@@ -196,31 +245,25 @@ impl Pipeline {
             }
             Err(e) => return Err(refused(e, &dicom)),
         };
-        let digests = (back.sha256, data_set_sha256);
-        let added = new.then_some((file, chunks));
+        let added = new.then_some(Added {
+            file,
+            chunks,
+            claim: None,
+        });
         let rec = match self
             .record_valid(id, file_id, current, &dicom, digests, added)
             .await
         {
-            Ok(rec) => rec,
+            Ok(Some(rec)) => rec,
+            Ok(None) => {
+                // Only a write that claims answers `None`.
+                return Err(plain(Error::Busy {
+                    what: "the instance claim changed during the write".into(),
+                }));
+            }
             Err(e) => {
                 if claimed {
-                    // Best effort; a claim left behind by a file that is
-                    // gone is recognised as stale by the next claimant.
-                    if let Err(r) = self
-                        .inner
-                        .sessions
-                        .release_instance(&dicom.sop_instance_uid, id, file_id)
-                        .await
-                    {
-                        tracing::warn!(error = %r, "could not release an instance claim");
-                    } else if matches!(&e, Error::Conflict { code, .. } if *code == "RELAY_DUPLICATE_INSTANCE")
-                    {
-                        // The file of this UID the session accepted claimed
-                        // after this one and was told "accepted before":
-                        // the index passes to it rather than to nobody.
-                        self.reclaim_for_session(id, &dicom.sop_instance_uid).await;
-                    }
+                    self.release_claim_after(id, file_id, &dicom, &e).await;
                 }
                 return Err(refused(e, &dicom));
             }
@@ -229,6 +272,31 @@ impl Pipeline {
             .get(&file_id)
             .cloned()
             .ok_or_else(|| plain(Error::NotFound { what: "file" }))
+    }
+
+    /// Release the claim `file_id` may hold after its write failed with
+    /// `e`. Best effort; a claim left behind by a file that is gone is
+    /// recognised as stale by the next claimant.
+    async fn release_claim_after(
+        &self,
+        id: SessionId,
+        file_id: FileId,
+        dicom: &DicomSummary,
+        e: &Error,
+    ) {
+        if let Err(r) = self
+            .inner
+            .sessions
+            .release_instance(&dicom.sop_instance_uid, id, file_id)
+            .await
+        {
+            tracing::warn!(error = %r, "could not release an instance claim");
+        } else if matches!(e, Error::Conflict { code, .. } if *code == "RELAY_DUPLICATE_INSTANCE") {
+            // The file of this UID the session accepted claimed after this
+            // one and was told "accepted before": the index passes to it
+            // rather than to nobody.
+            self.reclaim_for_session(id, &dicom.sop_instance_uid).await;
+        }
     }
 
     /// The file's stored bytes, proven: its chunks tile the file, every
@@ -302,8 +370,8 @@ impl Pipeline {
         mut current: FileScope,
         dicom: &DicomSummary,
         (digest, data_set_sha256): (Sha256Digest, Sha256Digest),
-        added: Option<(&FileRecord, &[ChunkRecord])>,
-    ) -> Result<SessionRecord> {
+        added: Option<Added<'_>>,
+    ) -> Result<Option<SessionRecord>> {
         // A second file of this SOP Instance UID in the session is refused
         // by the store inside the write itself (Conflict
         // RELAY_DUPLICATE_INSTANCE, see SessionStore::update_file_scope):
@@ -336,12 +404,12 @@ impl Pipeline {
         current: FileScope,
         dicom: &DicomSummary,
         (digest, data_set_sha256): (Sha256Digest, Sha256Digest),
-        added: Option<(&FileRecord, &[ChunkRecord])>,
-    ) -> Result<SessionRecord> {
+        added: Option<Added<'_>>,
+    ) -> Result<Option<SessionRecord>> {
         let mut rec = current.session.value.clone();
         Self::require_open(&rec)?;
-        if let Some((file, _)) = added {
-            Self::admit_file(&mut rec, &current, file)?;
+        if let Some(a) = &added {
+            Self::admit_file(&mut rec, &current, a.file)?;
         }
         if let Some(study) = &rec.study_instance_uid
             && *study != dicom.study_instance_uid
@@ -366,20 +434,33 @@ impl Pipeline {
         };
         rec.updated_at = OffsetDateTime::now_utc();
         let version = current.session.version;
-        match added {
-            None => self.inner.sessions.update_file_scope(&rec, version).await?,
-            Some((_, chunks)) => {
-                let chunks: Vec<(FileId, ChunkRecord)> =
-                    chunks.iter().map(|c| (file_id, c.clone())).collect();
-                // One write: the file, its chunk records, its valid state
-                // and the session's study (one transaction, one sync).
-                self.inner
-                    .sessions
-                    .update_file_scope_with_chunks(&rec, version, &chunks)
-                    .await?
-            }
+        let Some(a) = added else {
+            self.inner.sessions.update_file_scope(&rec, version).await?;
+            return Ok(Some(rec));
         };
-        Ok(rec)
+        let chunks: Vec<(FileId, ChunkRecord)> =
+            a.chunks.iter().map(|c| (file_id, c.clone())).collect();
+        // One write: the file, its chunk records, its valid state, the
+        // session's study and, with a claim, the instance's place in the
+        // index (one transaction, one sync).
+        let sessions = &self.inner.sessions;
+        match a.claim {
+            None => {
+                sessions
+                    .update_file_scope_with_chunks(&rec, version, &chunks)
+                    .await?;
+            }
+            Some(claim) => {
+                match sessions
+                    .update_file_scope_claiming(&rec, version, &chunks, claim)
+                    .await?
+                {
+                    ClaimedWrite::Written(_) => {}
+                    ClaimedWrite::Held(_) => return Ok(None),
+                }
+            }
+        }
+        Ok(Some(rec))
     }
 
     /// Claim the file's SOP Instance UID in the index of accepted

@@ -10,7 +10,7 @@ use crate::digest::Sha256Digest;
 use crate::error::Error;
 use crate::ids::{FileId, SessionId, Uid};
 use crate::model::{ChunkRecord, FileRecord, FileState, Limits, SessionRecord, SessionState};
-use crate::session_store::{ChunkInsert, FileScope, InstanceClaim, SessionStore};
+use crate::session_store::{ChunkInsert, ClaimedWrite, FileScope, InstanceClaim, SessionStore};
 
 /// A fresh session record with one file.
 pub fn sample_session() -> SessionRecord {
@@ -877,6 +877,78 @@ pub async fn file_with_chunks(store: &dyn SessionStore) {
     ));
 }
 
+/// A file, its chunk and its instance claim in one call: written when the
+/// UID is free (or already the file's), nothing written and the claim in
+/// force returned when another file holds it.
+pub async fn file_with_claim(store: &dyn SessionStore) {
+    let s = sample_session();
+    let v = store.create_session(&s).await.expect("create").version;
+    let mut rec = s.clone();
+    let mut file = rec
+        .files
+        .values()
+        .next()
+        .expect("sample has a file")
+        .clone();
+    file.id = FileId::random();
+    rec.files = [(file.id, file.clone())].into_iter().collect();
+    let sop = fresh_uid();
+    let mut mine = claim_of(&sop, b"content");
+    mine.session = s.id;
+    mine.file = file.id;
+    let one = [(file.id, chunk(0, b"a"))];
+    let written = store
+        .update_file_scope_claiming(&rec, v, &one, &mine)
+        .await
+        .expect("free UID");
+    assert_eq!(written, ClaimedWrite::Written(v + 1));
+    let loaded = store.load_session(s.id).await.expect("load");
+    assert_eq!(loaded.value.files.get(&file.id), Some(&file));
+    assert_eq!(
+        store.chunks(s.id, file.id).await.expect("chunks"),
+        vec![chunk(0, b"a")]
+    );
+    let held = store
+        .instance_claim(&sop)
+        .await
+        .expect("claim")
+        .expect("claimed");
+    assert!(held.held_by(s.id, file.id));
+    // The same file again: its own claim, written again.
+    assert_eq!(
+        store
+            .update_file_scope_claiming(&rec, v + 1, &one, &mine)
+            .await
+            .expect("again"),
+        ClaimedWrite::Written(v + 2)
+    );
+    // Another file of the same UID: the first one's claim, nothing written.
+    let mut other = file.clone();
+    other.id = FileId::random();
+    let mut rec2 = rec.clone();
+    rec2.files = [(other.id, other.clone())].into_iter().collect();
+    let mut theirs = mine.clone();
+    theirs.file = other.id;
+    match store
+        .update_file_scope_claiming(&rec2, v + 2, &[(other.id, chunk(0, b"b"))], &theirs)
+        .await
+        .expect("held")
+    {
+        ClaimedWrite::Held(c) => assert!(c.held_by(s.id, file.id), "{c:?}"),
+        w => panic!("written although the UID is held: {w:?}"),
+    }
+    let after = store.load_session(s.id).await.expect("load");
+    assert_eq!(after.version, v + 2, "nothing written");
+    assert!(!after.value.files.contains_key(&other.id));
+    assert!(
+        store
+            .chunks(s.id, other.id)
+            .await
+            .expect("chunks")
+            .is_empty()
+    );
+}
+
 /// Of many concurrent inserts at one offset, exactly one is `Inserted`.
 pub async fn concurrent_chunk_insert(store: Arc<dyn SessionStore>) {
     let s = sample_session();
@@ -1114,7 +1186,7 @@ macro_rules! session_store_conformance {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, head_only_updates, one_instance_per_session, range_reservations, chunk_records, delete_session, instance_claims, upload_facts, file_with_chunks);
+            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, head_only_updates, one_instance_per_session, range_reservations, chunk_records, delete_session, instance_claims, upload_facts, file_with_chunks, file_with_claim);
             $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap, concurrent_capped_file_additions_stop_at_the_cap);
         }
     };
