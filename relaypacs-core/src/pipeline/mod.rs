@@ -57,8 +57,8 @@ mod sessions;
 pub use analytics::AnalyticsLimits;
 pub use chunks::{INGEST_CHUNK_SIZE, PutOutcome, RangeWrite, plan_segments};
 pub use denials::DenialAudit;
-pub use reports::{ReadReport, ReportContent};
 pub use index::{Page, PageCursor, PageRequest};
+pub use reports::{ReadReport, ReportContent};
 
 /// Pipeline settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
