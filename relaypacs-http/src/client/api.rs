@@ -660,12 +660,11 @@ impl Api {
         sink: &dyn ProgressSink,
     ) -> Result<Url, Failure> {
         let url = self.url("files")?;
-        let meta = format!(
-            "session {},filename {},sha256 {}",
-            B64.encode(session),
-            B64.encode(name),
-            B64.encode(sha256_hex)
-        );
+        let meta = crate::tus_headers::encode_metadata([
+            ("session", session.as_bytes()),
+            ("filename", name.as_bytes()),
+            ("sha256", sha256_hex.as_bytes()),
+        ]);
         let r = self
             .send_retrying(&format!("create the upload of {name}"), sink, |c| {
                 c.post(url.clone())
