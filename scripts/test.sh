@@ -8,6 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${RELAYPACS_TOOLS:-$HOME/.cache/relaypacs/tools}/bin:$PATH"
+# A test run builds once: incremental caches would only add gigabytes to
+# target/ (a clean run must fit a small CI disk).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 scripts/install-peers.sh all
 

@@ -4,7 +4,7 @@
 //! non-admin is refused and the attempt audited; every change audited.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use common::{PASSWORD, TestServer, User, expect_error};
 use relaypacs_core::{AuditAction, AuditOutcome};

@@ -8,7 +8,7 @@
 //! writer.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

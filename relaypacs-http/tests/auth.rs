@@ -2,7 +2,7 @@
 //! detection, TOTP, logout and password change.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};

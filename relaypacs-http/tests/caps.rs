@@ -4,7 +4,7 @@
 //! sessions; every other answer is 429 with `Retry-After`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

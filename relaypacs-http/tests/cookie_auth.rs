@@ -3,7 +3,7 @@
 //! rotation and reuse detection as in the JSON flow.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use relaypacs_http::auth::Role;

@@ -5,7 +5,7 @@
 //! keeping another object under a UID dead-letters the study naming it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

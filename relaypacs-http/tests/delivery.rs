@@ -3,7 +3,7 @@
 //! restarts, dead letters and replay, and reports (FWD-1..3).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@
 //! adds none, and closing the minute adds one summary with `count=2`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

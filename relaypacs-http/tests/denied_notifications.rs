@@ -5,7 +5,7 @@
 //! recorded (its objects would be unbounded).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use common::TestServer;
 use relaypacs_core::AuditAction;

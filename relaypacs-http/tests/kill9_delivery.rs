@@ -4,7 +4,7 @@
 //! user action.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::process::{Child, Command, Stdio};

@@ -5,7 +5,7 @@
 //! upload sent at once to the two gateways: exactly one 204, every round.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! cursor the server did not make answers 400.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{TestServer, User, expect_error};
 use relaypacs_http::auth::Role;

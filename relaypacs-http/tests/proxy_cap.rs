@@ -4,7 +4,7 @@
 //! bounded by `max_connections` only; any other address by its cap.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;

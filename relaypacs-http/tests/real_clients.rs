@@ -3,7 +3,7 @@
 //! the archived files are byte-identical to the sources.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

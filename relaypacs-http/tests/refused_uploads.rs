@@ -5,7 +5,7 @@
 //! the study view and the notification say about verification.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

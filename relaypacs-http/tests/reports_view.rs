@@ -7,7 +7,7 @@
 //! user sees nothing, and the attempt is audited.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -7,7 +7,7 @@
 //! pipeline's reservation.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! in the local chunk folder. A misconfigured bucket refuses to start.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -12,7 +12,7 @@
 //!   unfinished uploads.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use common::*;
 use relaypacs_http::auth::{Role, TokenSettings, Tokens};

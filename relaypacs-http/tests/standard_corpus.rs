@@ -13,7 +13,7 @@
 //!   upload (accepted by the gateway before), with the UID named.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! STOW-RS ingest (PS3.18 §10.5): statuses and the DICOM JSON response.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};

@@ -5,7 +5,7 @@
 //! file is left behind.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use relaypacs_core::testing::dicom_gen::new_uid;

@@ -1,7 +1,7 @@
 //! tus 1.0.0 behaviour (UP-* requirements that touch HTTP).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
