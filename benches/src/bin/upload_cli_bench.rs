@@ -13,7 +13,13 @@
 //! - **client ceiling**: the uploader's own per-byte work without a
 //!   network: the local check and whole-file SHA-256 of every file, plus
 //!   the SHA-256 of every chunk (its `Upload-Checksum`). A figure of ours
-//!   near it is the client's limit, not the server's.
+//!   near it is the client's limit, not the server's;
+//! - **browser → ours** (the large file only): the web app in Debian's
+//!   headless Chromium, driven by `clients/browser/bench.mjs` (Playwright):
+//!   the file chosen in the page, sent, timed until the app has completed
+//!   the study and until it shows it delivered; beside it the page's own
+//!   ceiling (hash-wasm SHA-256 of the whole file and of each 8 MiB slice,
+//!   as the app does it, without a network).
 //!
 //! Two data sets: one large file (`--big-mib`, default 1024) and one study
 //! of `--files` (default 500) Secondary Capture instances of 512x512
@@ -28,8 +34,10 @@
 //!
 //! Run: `cargo run --release -p relaypacs-benches --bin upload_cli_bench`
 //! (options: `--big-mib N`, `--files N`, `--rounds N` (default 3), `--dir
-//! DIR` for the data, default the system temp dir). Smoke run on a tiny
-//! input: `--big-mib 2 --files 3 --rounds 1`.
+//! DIR` for the data, default the system temp dir, `--no-browser` to leave
+//! Chromium out). Smoke run on a tiny input: `--big-mib 2 --files 3
+//! --rounds 1`. The browser needs `scripts/install-peers.sh clients`
+//! (run by the bench when `clients/browser/node_modules` is missing).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -314,6 +322,68 @@ fn ceiling(set: &Set) -> Res<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
+/// The browser part's folder (`clients/browser`), its npm packages
+/// installed; Chromium's path.
+fn browser_setup() -> Res<(PathBuf, PathBuf)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/browser");
+    if !dir.join("node_modules/playwright-core/package.json").exists() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-peers.sh");
+        let st = std::process::Command::new("bash")
+            .arg(script)
+            .arg("clients")
+            .status()?;
+        if !st.success() {
+            return Err("scripts/install-peers.sh clients failed".into());
+        }
+    }
+    Ok((dir, tool("chromium")))
+}
+
+/// Timings of one browser upload, from `clients/browser/bench.mjs`.
+#[derive(Debug)]
+struct BrowserRun {
+    ceiling_secs: f64,
+    completed_secs: f64,
+    delivered_secs: f64,
+}
+
+/// The web app in headless Chromium uploads `set`'s one file to `base`.
+async fn browser(
+    (dir, chromium): &(PathBuf, PathBuf),
+    base: &str,
+    set: &Set,
+) -> Res<BrowserRun> {
+    let [file] = set.files.as_slice() else {
+        return Err("the browser run takes one file".into());
+    };
+    let out = tokio::process::Command::new("node")
+        .arg("bench.mjs")
+        .current_dir(dir)
+        .env("RELAYPACS_URL", base)
+        .env("CHROMIUM", chromium)
+        .env("BENCH_USER", "bench")
+        .env("BENCH_PASSWORD", PASSWORD)
+        .env("BENCH_FILE", file)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Err(format!("bench.mjs failed: {}", out.status).into());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().ok_or("bench.mjs printed nothing")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let secs = |k: &str| {
+        v[k].as_f64()
+            .ok_or_else(|| format!("bench.mjs: no {k} in {line}"))
+    };
+    Ok(BrowserRun {
+        ceiling_secs: secs("ceiling_secs")?,
+        completed_secs: secs("completed_secs")?,
+        delivered_secs: secs("delivered_secs")?,
+    })
+}
+
 /// Wait until our server has no study left open or forwarding.
 fn settle(rt: &Runtime, server: &relaypacs_http::Server) -> Res<()> {
     use relaypacs_core::{Actor, SessionState};
@@ -341,6 +411,7 @@ fn settle(rt: &Runtime, server: &relaypacs_http::Server) -> Res<()> {
 
 fn main() -> Res<()> {
     let (mut big_mib, mut count, mut rounds) = (1024u64, 500usize, 3usize);
+    let mut with_browser = true;
     let mut dir = std::env::temp_dir();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -349,9 +420,15 @@ fn main() -> Res<()> {
             "--files" => count = args.next().ok_or("--files N")?.parse()?,
             "--rounds" => rounds = args.next().ok_or("--rounds N")?.parse()?,
             "--dir" => dir = args.next().ok_or("--dir DIR")?.into(),
+            "--no-browser" => with_browser = false,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
+    let browser_env = if with_browser {
+        Some(browser_setup()?)
+    } else {
+        None
+    };
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -371,8 +448,9 @@ fn main() -> Res<()> {
         "ours at {base} (local archive), Orthanc DICOM port {}; large file {big_mib} MiB, study of {count} files; {rounds} round(s)",
         orthanc.dicom_port
     );
-    // name → (tus completed, tus delivered, storescu, stow, ceiling) in MB/s
-    let mut figures: Vec<(&str, [Vec<f64>; 5])> = vec![
+    // name → (tus completed, tus delivered, storescu, stow, ceiling,
+    // browser completed, browser delivered, browser ceiling) in MB/s
+    let mut figures: Vec<(&str, [Vec<f64>; 8])> = vec![
         ("large file", Default::default()),
         ("study", Default::default()),
     ];
@@ -380,8 +458,14 @@ fn main() -> Res<()> {
         for (k, make) in [0usize, 1].iter().enumerate() {
             let files_dir = work.path().join(format!("files-{round}-{k}"));
             std::fs::create_dir_all(&files_dir)?;
-            // Three sets of the same shape, new UIDs each: one per sender.
-            let sets: Vec<Set> = (0..3)
+            // Sets of the same shape, new UIDs each: one per sender (the
+            // browser sends the large file only).
+            let senders = if *make == 0 && browser_env.is_some() {
+                4
+            } else {
+                3
+            };
+            let sets: Vec<Set> = (0..senders)
                 .map(|_| match make {
                     0 => big_set(&files_dir, big_mib),
                     _ => study_set(&files_dir, count),
@@ -392,8 +476,8 @@ fn main() -> Res<()> {
             let f = &mut figures[k].1;
             let secs = ceiling(&sets[0])?;
             f[4].push(mbps(bytes, secs));
-            for turn in 0..3 {
-                match (turn + round) % 3 {
+            for turn in 0..senders {
+                match (turn + round) % senders {
                     0 => {
                         let state = work.path().join(format!("state-{round}-{k}.json"));
                         let (done, delivered) =
@@ -413,6 +497,21 @@ fn main() -> Res<()> {
                             mbps(bytes, secs)
                         );
                         clear_study(&orthanc, &sets[1].study)?;
+                    }
+                    3 => {
+                        let env = browser_env.as_ref().ok_or("no browser")?;
+                        let run = client_rt.block_on(browser(env, &base, &sets[3]))?;
+                        f[5].push(mbps(bytes, run.completed_secs));
+                        f[6].push(mbps(bytes, run.delivered_secs));
+                        f[7].push(mbps(bytes, run.ceiling_secs));
+                        println!(
+                            "round {round} {name}: browser        completed {:8.3} s {:8.1} MB/s, delivered {:8.3} s; page ceiling {:8.1} MB/s",
+                            run.completed_secs,
+                            mbps(bytes, run.completed_secs),
+                            run.delivered_secs,
+                            mbps(bytes, run.ceiling_secs)
+                        );
+                        settle(&server_rt, &server)?;
                     }
                     _ => {
                         let secs = client_rt.block_on(stow(&client, &base, &sets[2]))?;
@@ -462,6 +561,21 @@ fn main() -> Res<()> {
                 "client_ceiling_mbps": m[4],
             }),
         );
+        if !m[5].is_nan() {
+            println!(
+                "{:<12} browser completed {:.1}, delivered {:.1}, page ceiling {:.1}; CLI/browser {:.2}",
+                "",
+                m[5],
+                m[6],
+                m[7],
+                m[0] / m[5]
+            );
+            if let Some(serde_json::Value::Object(o)) = json.get_mut(*name) {
+                o.insert("browser_completed_mbps".into(), m[5].into());
+                o.insert("browser_delivered_mbps".into(), m[6].into());
+                o.insert("browser_ceiling_mbps".into(), m[7].into());
+            }
+        }
     }
     json.insert("bench".into(), "upload_cli".into());
     json.insert("big_mib".into(), big_mib.into());
