@@ -143,6 +143,13 @@ impl FileScope {
 ///   pipeline relies on it and checks nothing before its write.
 /// - Operations on a session that does not exist return
 ///   [`Error::NotFound`](crate::Error::NotFound).
+/// - An outcome and its analytics facts are one write:
+///   [`update_session_with_facts`](Self::update_session_with_facts),
+///   [`update_file_scope_with_facts`](Self::update_file_scope_with_facts)
+///   and [`delete_session_with_facts`](Self::delete_session_with_facts)
+///   (atomic in the SQL store; facts first in the defaults). Facts are
+///   insert-if-absent by key, so a retried write never counts one twice
+///   (conformance case `writes_with_facts`).
 ///
 /// # Errors
 /// Backend failures are [`Error::Storage`](crate::Error::Storage).
@@ -334,6 +341,89 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
             .map(ClaimedWrite::Written)
     }
 
+    /// [`update_session`](Self::update_session) and
+    /// [`record_upload_fact`](Self::record_upload_fact) of each of `facts`
+    /// as one step: how an outcome and its analytics facts become durable
+    /// together (a file refused and removed from its session). Returns the
+    /// new version, with `update_session`'s errors.
+    ///
+    /// # Contract
+    /// Atomic when overridden (the SQL store: one transaction): on any
+    /// error neither the write nor a fact is stored, and after `Ok` both
+    /// are. The default, with facts to record, first checks the stored
+    /// version (`Precondition` before anything is written, as the
+    /// pipeline's retry loops expect), then records the facts, then
+    /// writes: an error of the write after the facts (or a concurrent
+    /// writer between the check and the write) leaves the facts of an
+    /// outcome that was not written. The caller retries such a write with
+    /// the same facts (same keys: insert-if-absent, never counted twice);
+    /// a fact is never missing for a written outcome. Conformance case
+    /// `writes_with_facts`.
+    async fn update_session_with_facts(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        facts: &[UploadFact],
+    ) -> Result<u64> {
+        if !facts.is_empty() {
+            check_version(self, session.id, expected).await?;
+            for fact in facts {
+                self.record_upload_fact(fact).await?;
+            }
+        }
+        self.update_session(session, expected).await
+    }
+
+    /// [`update_file_scope`](Self::update_file_scope) and
+    /// [`record_upload_fact`](Self::record_upload_fact) of each of `facts`
+    /// as one step: how a delivery's outcome (delivered, dead-lettered)
+    /// and its fact become durable together. Returns the new version, with
+    /// `update_file_scope`'s errors.
+    ///
+    /// # Contract
+    /// As [`update_session_with_facts`](Self::update_session_with_facts):
+    /// atomic when overridden; the default checks the version, records the
+    /// facts, then writes.
+    async fn update_file_scope_with_facts(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        facts: &[UploadFact],
+    ) -> Result<u64> {
+        if !facts.is_empty() {
+            check_version(self, session.id, expected).await?;
+            for fact in facts {
+                self.record_upload_fact(fact).await?;
+            }
+        }
+        self.update_file_scope(session, expected).await
+    }
+
+    /// [`delete_session`](Self::delete_session) and
+    /// [`record_upload_fact`](Self::record_upload_fact) of each of `facts`
+    /// as one step: how a study that ends while open (aborted, expired,
+    /// ended by the system) and its fact become durable together (the
+    /// facts outlive the session).
+    ///
+    /// # Contract
+    /// As [`update_session_with_facts`](Self::update_session_with_facts):
+    /// atomic when overridden; the default checks the version, records the
+    /// facts, then deletes.
+    async fn delete_session_with_facts(
+        &self,
+        id: SessionId,
+        expected: u64,
+        facts: &[UploadFact],
+    ) -> Result<()> {
+        if !facts.is_empty() {
+            check_version(self, id, expected).await?;
+            for fact in facts {
+                self.record_upload_fact(fact).await?;
+            }
+        }
+        self.delete_session(id, expected).await
+    }
+
     /// Up to `limit` files of session `id` in file id order, after `after`
     /// (from the first when `None`): a page of a study view. The default
     /// loads the whole session.
@@ -433,7 +523,10 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
     /// same key (`session`, `file`, `kind`, `occurrence`) is stored: then
     /// nothing changes (insert-if-absent, as a retried step records the
     /// same fact again). Facts outlive their session: deleting a session
-    /// keeps them.
+    /// keeps them. An outcome that writes the session records its facts
+    /// with that write (the `…_with_facts` methods); this alone is for an
+    /// outcome with no other write (a file refused before it entered its
+    /// session).
     async fn record_upload_fact(&self, fact: &UploadFact) -> Result<()>;
 
     /// The facts passing `filter`, counted per group of `group`, kind and
@@ -471,6 +564,23 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
     async fn instance_alive(&self, key: i64) -> Result<bool> {
         Ok(Some(key) == self.instance_key())
     }
+}
+
+/// `Precondition` unless session `id` is stored at version `expected`
+/// (`NotFound` when it is not stored): the check the defaults of the
+/// `…_with_facts` methods make before recording their facts.
+async fn check_version<S: SessionStore + ?Sized>(
+    store: &S,
+    id: SessionId,
+    expected: u64,
+) -> Result<()> {
+    let stored = store.load_file_scope(id, None).await?.session.version;
+    if stored != expected {
+        return Err(crate::Error::Precondition {
+            what: format!("session version {stored} (expected {expected})"),
+        });
+    }
+    Ok(())
 }
 
 // `Arc<S>` and `Box<S>` of an implementation (`dyn SessionStore` included)
@@ -533,6 +643,33 @@ macro_rules! forward_session_store {
                 claim: &InstanceClaim,
             ) -> Result<ClaimedWrite> {
                 (**self).update_file_scope_claiming(session, expected, chunks, claim).await
+            }
+
+            async fn update_session_with_facts(
+                &self,
+                session: &SessionRecord,
+                expected: u64,
+                facts: &[UploadFact],
+            ) -> Result<u64> {
+                (**self).update_session_with_facts(session, expected, facts).await
+            }
+
+            async fn update_file_scope_with_facts(
+                &self,
+                session: &SessionRecord,
+                expected: u64,
+                facts: &[UploadFact],
+            ) -> Result<u64> {
+                (**self).update_file_scope_with_facts(session, expected, facts).await
+            }
+
+            async fn delete_session_with_facts(
+                &self,
+                id: SessionId,
+                expected: u64,
+                facts: &[UploadFact],
+            ) -> Result<()> {
+                (**self).delete_session_with_facts(id, expected, facts).await
             }
 
             async fn files_with_instance(

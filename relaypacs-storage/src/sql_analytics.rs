@@ -52,9 +52,26 @@ impl SqlSessionStore {
     /// [`SessionStore::record_upload_fact`](relaypacs_core::SessionStore::record_upload_fact):
     /// one `INSERT … ON CONFLICT DO NOTHING` on the fact's key.
     pub(crate) async fn record_fact(&self, fact: &UploadFact) -> Result<()> {
-        const OP: &str = "record upload fact";
+        let mut conn = self
+            .db
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| db_err("record upload fact", e))?;
         // Crash-safe point: the statement commits on its own (autocommit),
         // durable when it returns (see SqlState).
+        Self::insert_fact(&mut conn, fact).await
+    }
+
+    /// Insert `fact` unless its key (session, file, kind, occurrence) is
+    /// stored, on `conn`: alone (autocommit) or inside the caller's
+    /// transaction, which then makes it durable with the outcome it
+    /// records (the `…_with_facts` writes of [`SqlSessionStore`]).
+    pub(crate) async fn insert_fact(
+        conn: &mut sqlx::AnyConnection,
+        fact: &UploadFact,
+    ) -> Result<()> {
+        const OP: &str = "record upload fact";
         sqlx::query(
             "INSERT INTO upload_facts (session_id, file_id, kind, occurrence, cause, owner, \
              modality, day, at_ms, files, bytes, started_ms) \
@@ -73,7 +90,7 @@ impl SqlSessionStore {
         .bind(to_i64(fact.files, "file count")?)
         .bind(to_i64(fact.bytes, "byte count")?)
         .bind(fact.started_at.map(unix_ms))
-        .execute(self.db.pool())
+        .execute(conn)
         .await
         .map_err(|e| db_err(OP, e))?;
         Ok(())

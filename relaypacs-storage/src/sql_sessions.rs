@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use async_trait::async_trait;
+use relaypacs_core::analytics::UploadFact;
 use relaypacs_core::{
     ChunkInsert, ChunkRecord, ClaimedWrite, Error, FileId, FileRecord, FileScope, FileState,
     InstanceClaim, Result, SessionId, SessionRecord, SessionState, SessionStore, Sha256Digest, Uid,
@@ -608,33 +609,52 @@ impl SessionStore for SqlSessionStore {
     }
 
     async fn update_session(&self, session: &SessionRecord, expected: u64) -> Result<u64> {
-        let mut tx = self
-            .db
-            .pool()
-            .begin()
-            .await
-            .map_err(|e| db_err("update session", e))?;
+        self.update_session_with_facts(session, expected, &[]).await
+    }
+
+    /// One transaction: the conditional UPDATE of the session's row (it
+    /// takes the write lock first), the files, then each fact
+    /// insert-if-absent.
+    async fn update_session_with_facts(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        facts: &[UploadFact],
+    ) -> Result<u64> {
+        const OP: &str = "update session";
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
         Self::update_head(&mut tx, session, expected).await?;
         Self::write_files(&mut tx, session).await?;
+        for fact in facts {
+            Self::insert_fact(&mut tx, fact).await?;
+        }
         // Crash-safe point: the commit.
-        tx.commit().await.map_err(|e| db_err("update session", e))?;
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
         Ok(expected + 1)
     }
 
     async fn delete_session(&self, id: SessionId, expected: u64) -> Result<()> {
-        let mut tx = self
-            .db
-            .pool()
-            .begin()
-            .await
-            .map_err(|e| db_err("delete session", e))?;
+        self.delete_session_with_facts(id, expected, &[]).await
+    }
+
+    /// One transaction: the conditional delete of the session's row (it
+    /// takes the write lock first), its files, chunk records and
+    /// reservations, then each fact insert-if-absent.
+    async fn delete_session_with_facts(
+        &self,
+        id: SessionId,
+        expected: u64,
+        facts: &[UploadFact],
+    ) -> Result<()> {
+        const OP: &str = "delete session";
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
         let sid = id.to_string();
         let deleted = sqlx::query("DELETE FROM sessions WHERE id = $1 AND version = $2")
             .bind(&sid)
             .bind(to_i64(expected)?)
             .execute(&mut *tx)
             .await
-            .map_err(|e| db_err("delete session", e))?;
+            .map_err(|e| db_err(OP, e))?;
         if deleted.rows_affected() == 0 {
             return Err(if Self::exists(&mut tx, id).await? {
                 Error::Precondition {
@@ -649,9 +669,13 @@ impl SessionStore for SqlSessionStore {
                 .bind(&sid)
                 .execute(&mut *tx)
                 .await
-                .map_err(|e| db_err("delete session", e))?;
+                .map_err(|e| db_err(OP, e))?;
         }
-        tx.commit().await.map_err(|e| db_err("delete session", e))
+        for fact in facts {
+            Self::insert_fact(&mut tx, fact).await?;
+        }
+        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit).
+        tx.commit().await.map_err(|e| db_err(OP, e))
     }
 
     async fn list_sessions(&self) -> Result<Vec<SessionId>> {
@@ -707,15 +731,27 @@ impl SessionStore for SqlSessionStore {
     }
 
     async fn update_file_scope(&self, session: &SessionRecord, expected: u64) -> Result<u64> {
-        let mut tx = self
-            .db
-            .pool()
-            .begin()
+        self.update_file_scope_with_facts(session, expected, &[])
             .await
-            .map_err(|e| db_err("update session", e))?;
+    }
+
+    /// One transaction: the scoped write (its conditional UPDATE of the
+    /// session's row takes the write lock first), then each fact
+    /// insert-if-absent.
+    async fn update_file_scope_with_facts(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        facts: &[UploadFact],
+    ) -> Result<u64> {
+        const OP: &str = "update session";
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
         Self::write_scope(&mut tx, session, expected).await?;
+        for fact in facts {
+            Self::insert_fact(&mut tx, fact).await?;
+        }
         // Crash-safe point: the commit.
-        tx.commit().await.map_err(|e| db_err("update session", e))?;
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
         Ok(expected + 1)
     }
 

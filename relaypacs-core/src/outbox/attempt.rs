@@ -351,17 +351,17 @@ impl Pipeline {
             config,
             now,
         );
-        self.record_attempt(id, worker, &state, &confirmed, &event)
-            .await?;
-        let outcome = match &event {
+        // The analytics fact of a final outcome is written with it.
+        let facts: Vec<_> = match &event {
             OutboxEvent::Delivered { .. } => Some((FactKind::Delivered, "")),
             OutboxEvent::DeadLettered { .. } => Some((FactKind::DeadLettered, settled.class())),
             _ => None,
-        };
-        if let Some((kind, cause)) = outcome {
-            self.note_fact(Self::study_fact(&rec, kind, cause, now))
-                .await;
         }
+        .map(|(kind, cause)| Self::study_fact(&rec, kind, cause, now))
+        .into_iter()
+        .collect();
+        self.record_attempt(id, worker, &state, &confirmed, &event, &facts)
+            .await?;
 
         // One audit record for what the PACS holds and one for what it does
         // not, never one record with mixed outcomes (PS3.15 A.5.2).
@@ -557,8 +557,9 @@ impl Pipeline {
         progress
     }
 
-    /// Record the attempt's outcome and release the lease (only while this
-    /// worker still holds it).
+    /// Record the attempt's outcome with its analytics `facts` (one
+    /// write) and release the lease (only while this worker still holds
+    /// it).
     async fn record_attempt(
         &self,
         id: SessionId,
@@ -566,6 +567,7 @@ impl Pipeline {
         state: &SessionState,
         confirmed: &BTreeMap<String, Verification>,
         event: &OutboxEvent,
+        facts: &[crate::analytics::UploadFact],
     ) -> Result<()> {
         let last_error = last_error_of(event).map(str::to_owned);
         let next_at = match event {
@@ -573,7 +575,7 @@ impl Pipeline {
             _ => None,
         };
         let current = self.inner.sessions.load_file_scope(id, None).await?.session;
-        self.update_head(id, current, false, |r| {
+        self.update_head_with_facts(id, current, facts, |r| {
             if r.delivery.lease_owner.as_deref() != Some(worker) {
                 return Err(Error::conflict(
                     "RELAY_OUTBOX_LEASE_LOST",

@@ -122,20 +122,6 @@ impl Pipeline {
         })
     }
 
-    /// Record an outcome for the analytics. A failure is logged and does
-    /// not undo or refuse the outcome: the session record and the audit
-    /// trail stay the sources of truth.
-    pub(crate) async fn note_fact(&self, fact: UploadFact) {
-        if let Err(e) = self.inner.sessions.record_upload_fact(&fact).await {
-            tracing::warn!(
-                session = %fact.session,
-                kind = %fact.kind,
-                error = %e,
-                "upload outcome not recorded for the analytics"
-            );
-        }
-    }
-
     /// The fact of a study's outcome `kind` at `at`, from its record.
     pub(crate) fn study_fact(
         rec: &SessionRecord,
@@ -153,30 +139,106 @@ impl Pipeline {
         f
     }
 
-    /// Record a file refused at completion for `err` (the root cause's
-    /// code is the reason class).
-    pub(crate) async fn note_refused(
-        &self,
+    /// The fact of a file refused for `err` (the root cause's code is the
+    /// reason class).
+    pub(crate) fn refused_fact(
         id: SessionId,
         owner: &str,
         file: FileId,
         size: u64,
         err: &Error,
-    ) {
+    ) -> UploadFact {
         let mut f = UploadFact::new(id, FactKind::Refused, owner, OffsetDateTime::now_utc());
         f.file = Some(file);
         f.cause = err.root().code().to_owned();
         f.files = 1;
         f.bytes = size;
-        self.note_fact(f).await;
+        f
     }
 
-    /// Record a study that ended while open (aborted by its owner, expired
-    /// or ended by the system).
-    pub(crate) async fn note_ended(&self, rec: &SessionRecord, kind: FactKind) {
-        if rec.state == SessionState::Open {
-            self.note_fact(Self::study_fact(rec, kind, "", OffsetDateTime::now_utc()))
-                .await;
+    /// The facts of a study that ends now as `kind` (aborted by its owner,
+    /// expired or ended by the system): one while it is open, none once
+    /// it was acknowledged (its outcome is its delivery's).
+    pub(crate) fn ended_facts(rec: &SessionRecord, kind: FactKind) -> Vec<UploadFact> {
+        if rec.state != SessionState::Open {
+            return Vec::new();
         }
+        vec![Self::study_fact(rec, kind, "", OffsetDateTime::now_utc())]
+    }
+
+    /// Apply `change` to the session with compare-and-set, reloading and
+    /// re-applying on a concurrent update; every write also records
+    /// `facts` ([`SessionStore::update_session_with_facts`], none: the
+    /// plain write), so an outcome and its analytics facts are durable
+    /// together, and a retry after a concurrent update records the same
+    /// facts again (same keys, counted once).
+    pub(crate) async fn update_with_facts<T>(
+        &self,
+        id: SessionId,
+        mut current: Versioned<SessionRecord>,
+        facts: &[UploadFact],
+        mut change: impl FnMut(&mut SessionRecord) -> Result<T>,
+    ) -> Result<(SessionRecord, T)> {
+        for _ in 0..64 {
+            let mut rec = current.value.clone();
+            let out = change(&mut rec)?;
+            rec.updated_at = OffsetDateTime::now_utc();
+            match self
+                .inner
+                .sessions
+                .update_session_with_facts(&rec, current.version, facts)
+                .await
+            {
+                Ok(_) => return Ok((rec, out)),
+                Err(Error::Precondition { .. }) => {
+                    current = self.inner.sessions.load_session(id).await?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Busy {
+            what: "session is being updated concurrently".into(),
+        })
+    }
+
+    /// [`update_head`](Self::update_head) (reloading the head only on a
+    /// concurrent update) whose every write also records `facts`
+    /// ([`SessionStore::update_file_scope_with_facts`]), as
+    /// [`update_with_facts`](Self::update_with_facts) does.
+    pub(crate) async fn update_head_with_facts<T>(
+        &self,
+        id: SessionId,
+        mut current: Versioned<SessionRecord>,
+        facts: &[UploadFact],
+        mut change: impl FnMut(&mut SessionRecord) -> Result<T>,
+    ) -> Result<(SessionRecord, T)> {
+        for _ in 0..64 {
+            let mut rec = current.value.clone();
+            let out = change(&mut rec)?;
+            debug_assert!(
+                rec.files == current.value.files,
+                "update_head_with_facts changed files"
+            );
+            rec.updated_at = OffsetDateTime::now_utc();
+            let kept = std::mem::take(&mut rec.files);
+            match self
+                .inner
+                .sessions
+                .update_file_scope_with_facts(&rec, current.version, facts)
+                .await
+            {
+                Ok(_) => {
+                    rec.files = kept;
+                    return Ok((rec, out));
+                }
+                Err(Error::Precondition { .. }) => {
+                    current = self.inner.sessions.load_file_scope(id, None).await?.session
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Busy {
+            what: "session is being updated concurrently".into(),
+        })
     }
 }

@@ -1072,14 +1072,23 @@ impl Pipeline {
                 self.discard_area(key).await;
                 let uid = |v: &Option<String>| v.as_deref().and_then(|v| Uid::parse(v).ok());
                 let err = if super::completion::refuses_content(&err) {
-                    self.note_refused(id, &owner, file.id, file.size, &err)
-                        .await;
-                    done.study = uid(&known.study_instance_uid);
-                    done.patient_id = known.patient_id.clone();
-                    Error::FileRefused {
-                        sop_class_uid: uid(&known.sop_class_uid),
-                        sop_instance_uid: uid(&known.sop_instance_uid),
-                        source: Box::new(err),
+                    // The file never entered its session: its analytics
+                    // fact is the refusal's one write, and the refusal is
+                    // reported only once the fact is durable (else the
+                    // store's error is, and the client's retry refuses
+                    // again).
+                    let fact = Self::refused_fact(id, &owner, file.id, file.size, &err);
+                    match self.inner.sessions.record_upload_fact(&fact).await {
+                        Ok(()) => {
+                            done.study = uid(&known.study_instance_uid);
+                            done.patient_id = known.patient_id.clone();
+                            Error::FileRefused {
+                                sop_class_uid: uid(&known.sop_class_uid),
+                                sop_instance_uid: uid(&known.sop_instance_uid),
+                                source: Box::new(err),
+                            }
+                        }
+                        Err(e) => e,
                     }
                 } else {
                     err

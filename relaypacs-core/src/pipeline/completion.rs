@@ -98,10 +98,6 @@ impl Pipeline {
             Some(id),
         );
         ev.file = Some(file);
-        let (owner, size) = (
-            current.session.value.owner.clone(),
-            current.session.value.files.get(&file).map_or(0, |f| f.size),
-        );
         let (err, known) = match self.complete_file_inner(id, file, current).await {
             Ok(f) => {
                 if let FileState::Valid { dicom } = &f.state {
@@ -131,15 +127,13 @@ impl Pipeline {
         let uid = |v: &Option<String>| v.as_deref().and_then(|v| Uid::parse(v).ok());
         ev.study = uid(&known.study_instance_uid);
         ev.patient_id = known.patient_id.clone();
-        let err = match self.drop_file(id, file, true).await {
-            Ok(()) => {
-                self.note_refused(id, &owner, file, size, &err).await;
-                Error::FileRefused {
-                    sop_class_uid: uid(&known.sop_class_uid),
-                    sop_instance_uid: uid(&known.sop_instance_uid),
-                    source: Box::new(err),
-                }
-            }
+        // The file's removal writes its analytics fact.
+        let err = match self.drop_file(id, file, Some(&err)).await {
+            Ok(()) => Error::FileRefused {
+                sop_class_uid: uid(&known.sop_class_uid),
+                sop_instance_uid: uid(&known.sop_instance_uid),
+                source: Box::new(err),
+            },
             Err(e) => e,
         };
         self.refuse(ev, err).await

@@ -105,28 +105,39 @@ impl Pipeline {
     }
 
     /// Remove a file of an open session: its record, chunk records, bytes
-    /// and index claim. With `refused`, only a file not (yet) valid is
-    /// removed (a concurrent completion may have validated it).
-    pub(super) async fn drop_file(&self, id: SessionId, file: FileId, refused: bool) -> Result<()> {
+    /// and index claim. With `refused` (the error its content was refused
+    /// for), only a file not (yet) valid is removed (a concurrent
+    /// completion may have validated it), and its analytics fact is
+    /// written with its removal (a file already gone or valid: neither).
+    pub(super) async fn drop_file(
+        &self,
+        id: SessionId,
+        file: FileId,
+        refused: Option<&Error>,
+    ) -> Result<()> {
         let gate = self.gate(id);
         let _g = gate.rw.write().await;
         let current = self.inner.sessions.load_session(id).await?;
         Self::require_open(&current.value)?;
         let Some(f) = current.value.files.get(&file) else {
-            return if refused {
+            return if refused.is_some() {
                 Ok(())
             } else {
                 Err(Error::NotFound { what: "file" })
             };
         };
-        if refused && matches!(f.state, FileState::Valid { .. }) {
+        if refused.is_some() && matches!(f.state, FileState::Valid { .. }) {
             return Ok(());
         }
         let sop: Option<Uid> = match &f.state {
             FileState::Valid { dicom } => Some(dicom.sop_instance_uid.clone()),
             FileState::Uploading => None,
         };
-        self.update(id, current, |rec| {
+        let facts: Vec<_> = refused
+            .map(|err| Self::refused_fact(id, &current.value.owner, file, f.size, err))
+            .into_iter()
+            .collect();
+        self.update_with_facts(id, current, &facts, |rec| {
             rec.files.remove(&file);
             if rec
                 .files
@@ -163,7 +174,7 @@ impl Pipeline {
         );
         ev.study = rec.value.study_instance_uid.clone();
         ev.file = Some(file);
-        match self.drop_file(id, file, false).await {
+        match self.drop_file(id, file, None).await {
             Ok(()) => self.audit(ev).await,
             Err(e) => self.refuse(ev, e).await,
         }
@@ -182,10 +193,12 @@ impl Pipeline {
             AuditOutcome::Success,
             Some(id),
         );
+        // The study's analytics fact is written with the deletion.
+        let facts = Self::ended_facts(&current.value, crate::analytics::FactKind::Aborted);
         let res = async {
             self.inner
                 .sessions
-                .delete_session(id, current.version)
+                .delete_session_with_facts(id, current.version, &facts)
                 .await?;
             self.inner.index.remove(id);
             self.inner.chunks.delete_session(id).await?;
@@ -200,8 +213,6 @@ impl Pipeline {
         match res {
             Ok(()) => {
                 self.forget_gate(id);
-                self.note_ended(&current.value, crate::analytics::FactKind::Aborted)
-                    .await;
                 self.audit(ev).await
             }
             Err(e) => self.refuse(ev, e).await,
@@ -220,25 +231,26 @@ impl Pipeline {
         action: AuditAction,
         detail: String,
     ) -> Result<bool> {
+        let rec = &current.value;
+        let kind = match action {
+            AuditAction::SessionExpired => crate::analytics::FactKind::Expired,
+            _ => crate::analytics::FactKind::Aborted,
+        };
+        // The study's analytics fact is written with the deletion.
+        let facts = Self::ended_facts(rec, kind);
         match self
             .inner
             .sessions
-            .delete_session(id, current.version)
+            .delete_session_with_facts(id, current.version, &facts)
             .await
         {
             Ok(()) => {}
             Err(Error::Precondition { .. }) | Err(Error::NotFound { .. }) => return Ok(false),
             Err(e) => return Err(e),
         }
-        let rec = &current.value;
         self.inner.index.remove(id);
         self.inner.chunks.delete_session(id).await?;
         self.release_claims(rec, None).await?;
-        let kind = match action {
-            AuditAction::SessionExpired => crate::analytics::FactKind::Expired,
-            _ => crate::analytics::FactKind::Aborted,
-        };
-        self.note_ended(rec, kind).await;
         let mut ev = Self::event(&Actor::system(), action, AuditOutcome::Success, Some(id));
         ev.study = rec.study_instance_uid.clone();
         ev.detail = detail;

@@ -556,37 +556,7 @@ impl Pipeline {
         }
     }
 
-    /// Apply `change` to the session with compare-and-set, reloading and
-    /// re-applying on a concurrent update.
-    pub(crate) async fn update<T>(
-        &self,
-        id: SessionId,
-        mut current: Versioned<SessionRecord>,
-        mut change: impl FnMut(&mut SessionRecord) -> Result<T>,
-    ) -> Result<(SessionRecord, T)> {
-        for _ in 0..64 {
-            let mut rec = current.value.clone();
-            let out = change(&mut rec)?;
-            rec.updated_at = OffsetDateTime::now_utc();
-            match self
-                .inner
-                .sessions
-                .update_session(&rec, current.version)
-                .await
-            {
-                Ok(_) => return Ok((rec, out)),
-                Err(Error::Precondition { .. }) => {
-                    current = self.inner.sessions.load_session(id).await?
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(Error::Busy {
-            what: "session is being updated concurrently".into(),
-        })
-    }
-
-    /// [`update`](Self::update) of the session head only (state, delivery,
+    /// [`update_with_facts`](Self::update_with_facts) of the session head only (state, delivery,
     /// lease, study): `change` may read the files `current` holds but must
     /// not change them, and only the head is written
     /// ([`SessionStore::update_file_scope`] with no file), so the write

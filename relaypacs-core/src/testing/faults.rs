@@ -536,6 +536,9 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
     }
 
     // Analytics facts are not among the plan's failure points: forwarded.
+    // The `…_with_facts` writes are not forwarded: the trait's defaults
+    // record the facts, then make the update or delete the plan can fail
+    // (conformance case `writes_with_facts` runs them this way).
     async fn record_upload_fact(&self, fact: &crate::analytics::UploadFact) -> Result<()> {
         self.inner.record_upload_fact(fact).await
     }

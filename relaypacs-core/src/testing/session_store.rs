@@ -1173,6 +1173,262 @@ pub async fn upload_facts(store: &dyn SessionStore) {
     );
 }
 
+/// The facts an owner has on `day`, per kind (every cause).
+async fn facts_by_kind(
+    store: &dyn SessionStore,
+    owner: &str,
+    day: time::Date,
+) -> std::collections::BTreeMap<crate::analytics::FactKind, u64> {
+    let mut filter = crate::analytics::AnalyticsFilter::days(day, day);
+    filter.user = Some(owner.to_owned());
+    let mut out = std::collections::BTreeMap::new();
+    for c in store
+        .count_upload_facts(&filter, crate::analytics::Grouping::Summary)
+        .await
+        .expect("count facts")
+    {
+        *out.entry(c.kind).or_default() += c.facts;
+    }
+    out
+}
+
+/// One run of [`writes_with_facts`] on `store` (the adapter, or the
+/// trait's defaults on top of it).
+async fn check_writes_with_facts(store: &dyn SessionStore) {
+    use crate::analytics::{FactKind, UploadFact};
+    // A day and an owner of its own: no other fact is counted here.
+    let day = time::Date::from_calendar_date(2095, time::Month::January, 1).expect("a valid date")
+        + time::Duration::days(i64::from(rand::random::<u16>() % 3000));
+    let at = day.with_time(time::Time::MIDNIGHT).assume_utc() + time::Duration::hours(12);
+    let owner = format!("facts-{}", SessionId::random());
+    let mut s = sample_session();
+    s.owner = owner.clone();
+    let file = *s.files.keys().next().expect("one file");
+    let v1 = store.create_session(&s).await.expect("create").version;
+    let o = owner.as_str();
+    let count = move |kind| async move {
+        facts_by_kind(store, o, day)
+            .await
+            .get(&kind)
+            .copied()
+            .unwrap_or(0)
+    };
+    let fact = |kind| {
+        let mut f = UploadFact::new(s.id, kind, owner.as_str(), at);
+        f.files = 1;
+        f.bytes = 4 << 20;
+        f
+    };
+
+    // A scoped (head) write with its fact: a wrong version writes nothing
+    // of the session; the retry at the right one writes both, and the
+    // fact is counted once whatever the failed call left.
+    let mut head = s.clone();
+    head.files.clear();
+    head.delivery.last_error = Some("first outcome".into());
+    let delivered = [fact(FactKind::Delivered)];
+    assert!(matches!(
+        store
+            .update_file_scope_with_facts(&head, v1 + 7, &delivered)
+            .await,
+        Err(Error::Precondition { .. })
+    ));
+    assert_eq!(store.load_session(s.id).await.expect("load").version, v1);
+    let v2 = store
+        .update_file_scope_with_facts(&head, v1, &delivered)
+        .await
+        .expect("scoped write with its fact");
+    let loaded = store.load_session(s.id).await.expect("load").value;
+    assert_eq!(loaded.delivery.last_error.as_deref(), Some("first outcome"));
+    assert!(
+        loaded.files.contains_key(&file),
+        "a scoped write keeps files"
+    );
+    assert_eq!(
+        count(FactKind::Delivered).await,
+        1,
+        "written with its outcome"
+    );
+    // The same fact with a later write: still one (insert-if-absent
+    // inside the write does not fail it).
+    let v3 = store
+        .update_file_scope_with_facts(&head, v2, &delivered)
+        .await
+        .expect("the same fact again");
+    assert_eq!(count(FactKind::Delivered).await, 1, "one fact per key");
+
+    // A fact the store cannot hold (or, if it can, one it holds): the
+    // write and its fact are stored both or neither.
+    let mut huge = fact(FactKind::DeadLettered);
+    huge.bytes = u64::MAX;
+    head.delivery.last_error = Some("huge".into());
+    match store.update_file_scope_with_facts(&head, v3, &[huge]).await {
+        Ok(v) => {
+            assert_eq!(v, v3 + 1);
+            assert_eq!(count(FactKind::DeadLettered).await, 1);
+        }
+        Err(_) => {
+            let now = store.load_session(s.id).await.expect("load");
+            assert_eq!(now.version, v3, "a failed fact leaves the write undone");
+            assert_eq!(
+                now.value.delivery.last_error.as_deref(),
+                Some("first outcome")
+            );
+            assert_eq!(count(FactKind::DeadLettered).await, 0);
+        }
+    }
+    let v4 = store.load_session(s.id).await.expect("load").version;
+
+    // A whole-record write with its fact (a file refused and removed).
+    let mut refused = fact(FactKind::Refused);
+    refused.file = Some(file);
+    refused.cause = "RELAY_DICOM_NOT_DICOM".into();
+    let mut whole = store.load_session(s.id).await.expect("load").value;
+    whole.files.remove(&file);
+    let refused = [refused];
+    assert!(matches!(
+        store
+            .update_session_with_facts(&whole, v4 + 7, &refused)
+            .await,
+        Err(Error::Precondition { .. })
+    ));
+    assert!(
+        store
+            .load_session(s.id)
+            .await
+            .expect("load")
+            .value
+            .files
+            .contains_key(&file),
+        "a wrong version removes nothing"
+    );
+    let v5 = store
+        .update_session_with_facts(&whole, v4, &refused)
+        .await
+        .expect("whole write with its fact");
+    assert!(
+        store
+            .load_session(s.id)
+            .await
+            .expect("load")
+            .value
+            .files
+            .is_empty()
+    );
+    assert_eq!(count(FactKind::Refused).await, 1);
+
+    // A deletion with its fact; the fact outlives the session.
+    let aborted = [fact(FactKind::Aborted)];
+    assert!(matches!(
+        store
+            .delete_session_with_facts(s.id, v5 + 7, &aborted)
+            .await,
+        Err(Error::Precondition { .. })
+    ));
+    assert_eq!(
+        store.load_session(s.id).await.expect("still there").version,
+        v5
+    );
+    store
+        .delete_session_with_facts(s.id, v5, &aborted)
+        .await
+        .expect("delete with its fact");
+    assert!(matches!(
+        store.load_session(s.id).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.delete_session_with_facts(s.id, v5, &aborted).await,
+        Err(Error::NotFound { .. })
+    ));
+    let counts = facts_by_kind(store, &owner, day).await;
+    assert_eq!(counts.get(&FactKind::Aborted), Some(&1), "{counts:?}");
+    assert_eq!(counts.get(&FactKind::Delivered), Some(&1), "{counts:?}");
+    assert_eq!(counts.get(&FactKind::Refused), Some(&1), "{counts:?}");
+
+    // With no facts, the methods are the plain writes.
+    let t = sample_session();
+    let w1 = store.create_session(&t).await.expect("create").version;
+    let mut th = t.clone();
+    th.files.clear();
+    let w2 = store
+        .update_file_scope_with_facts(&th, w1, &[])
+        .await
+        .expect("scoped write");
+    let w3 = store
+        .update_session_with_facts(&t, w2, &[])
+        .await
+        .expect("whole write");
+    store
+        .delete_session_with_facts(t.id, w3, &[])
+        .await
+        .expect("delete");
+}
+
+/// The `…_with_facts` writes: each writes its record change and its
+/// analytics facts; a `Precondition` writes nothing of the record, and
+/// after it a retry at the right version leaves each fact counted exactly
+/// once; a fact the store cannot hold leaves the write undone; facts
+/// outlive a deleted session. Run on the adapter, then on the trait's
+/// defaults over it (a decorator that does not forward them), once
+/// plainly and once with the write after the facts failing and retried.
+pub async fn writes_with_facts(store: Arc<dyn SessionStore>) {
+    use crate::analytics::{FactKind, UploadFact};
+    use crate::testing::faults::{Fault, FaultPlan, FaultySessionStore, Op};
+    check_writes_with_facts(&*store).await;
+    let defaults = FaultySessionStore::new(store.clone(), FaultPlan::counting());
+    check_writes_with_facts(&defaults).await;
+
+    // The defaults record the facts first: a write that then fails leaves
+    // them, and the caller's retry counts them once.
+    let plan = FaultPlan::watching([Op::UpdateSession, Op::DeleteSession]);
+    let faulty = FaultySessionStore::new(store.clone(), plan.clone());
+    let day = time::Date::from_calendar_date(2095, time::Month::January, 1).expect("a valid date")
+        + time::Duration::days(i64::from(rand::random::<u16>() % 3000));
+    let at = day.with_time(time::Time::MIDNIGHT).assume_utc() + time::Duration::hours(12);
+    let owner = format!("facts-{}", SessionId::random());
+    let mut s = sample_session();
+    s.owner = owner.clone();
+    let v1 = store.create_session(&s).await.expect("create").version;
+    let mut head = s.clone();
+    head.files.clear();
+    let delivered = [UploadFact::new(
+        s.id,
+        FactKind::Delivered,
+        owner.as_str(),
+        at,
+    )];
+    plan.fail_nth(1, Fault::Io);
+    assert!(
+        faulty
+            .update_file_scope_with_facts(&head, v1, &delivered)
+            .await
+            .is_err(),
+        "the injected failure"
+    );
+    assert_eq!(store.load_session(s.id).await.expect("load").version, v1);
+    let v2 = faulty
+        .update_file_scope_with_facts(&head, v1, &delivered)
+        .await
+        .expect("retry");
+    let aborted = [UploadFact::new(s.id, FactKind::Aborted, owner.as_str(), at)];
+    plan.fail_nth(plan.calls() + 1, Fault::Io);
+    assert!(
+        faulty
+            .delete_session_with_facts(s.id, v2, &aborted)
+            .await
+            .is_err(),
+        "the injected failure"
+    );
+    faulty
+        .delete_session_with_facts(s.id, v2, &aborted)
+        .await
+        .expect("retry");
+    let counts = facts_by_kind(&*store, &owner, day).await;
+    assert_eq!(counts.get(&FactKind::Delivered), Some(&1), "{counts:?}");
+    assert_eq!(counts.get(&FactKind::Aborted), Some(&1), "{counts:?}");
+}
+
 /// Generates a module `$name` with one `#[test]` per [`SessionStore`]
 /// conformance case. `$factory` is an `async fn() -> (impl SessionStore,
 /// impl Sized)`; the calling crate needs no tokio of its own.
@@ -1187,7 +1443,7 @@ macro_rules! session_store_conformance {
             #[allow(unused_imports)]
             use super::*;
             $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, head_only_updates, one_instance_per_session, range_reservations, chunk_records, delete_session, instance_claims, upload_facts, file_with_chunks, file_with_claim);
-            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap, concurrent_capped_file_additions_stop_at_the_cap);
+            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap, concurrent_capped_file_additions_stop_at_the_cap, writes_with_facts);
         }
     };
     (@ref $factory:path; $($case:ident),*) => {$(
