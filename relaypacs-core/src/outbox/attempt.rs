@@ -575,7 +575,7 @@ impl Pipeline {
             _ => None,
         };
         let current = self.inner.sessions.load_file_scope(id, None).await?.session;
-        self.update_head_with_facts(id, current, facts, |r| {
+        self.update_head_with_facts(id, current, false, facts, |r| {
             if r.delivery.lease_owner.as_deref() != Some(worker) {
                 return Err(Error::conflict(
                     "RELAY_OUTBOX_LEASE_LOST",

@@ -200,45 +200,4 @@ impl Pipeline {
             what: "session is being updated concurrently".into(),
         })
     }
-
-    /// [`update_head`](Self::update_head) (reloading the head only on a
-    /// concurrent update) whose every write also records `facts`
-    /// ([`SessionStore::update_file_scope_with_facts`]), as
-    /// [`update_with_facts`](Self::update_with_facts) does.
-    pub(crate) async fn update_head_with_facts<T>(
-        &self,
-        id: SessionId,
-        mut current: Versioned<SessionRecord>,
-        facts: &[UploadFact],
-        mut change: impl FnMut(&mut SessionRecord) -> Result<T>,
-    ) -> Result<(SessionRecord, T)> {
-        for _ in 0..64 {
-            let mut rec = current.value.clone();
-            let out = change(&mut rec)?;
-            debug_assert!(
-                rec.files == current.value.files,
-                "update_head_with_facts changed files"
-            );
-            rec.updated_at = OffsetDateTime::now_utc();
-            let kept = std::mem::take(&mut rec.files);
-            match self
-                .inner
-                .sessions
-                .update_file_scope_with_facts(&rec, current.version, facts)
-                .await
-            {
-                Ok(_) => {
-                    rec.files = kept;
-                    return Ok((rec, out));
-                }
-                Err(Error::Precondition { .. }) => {
-                    current = self.inner.sessions.load_file_scope(id, None).await?.session
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(Error::Busy {
-            what: "session is being updated concurrently".into(),
-        })
-    }
 }

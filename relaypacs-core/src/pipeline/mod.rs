@@ -567,8 +567,24 @@ impl Pipeline {
     pub(crate) async fn update_head<T>(
         &self,
         id: SessionId,
+        current: Versioned<SessionRecord>,
+        files: bool,
+        change: impl FnMut(&mut SessionRecord) -> Result<T>,
+    ) -> Result<(SessionRecord, T)> {
+        self.update_head_with_facts(id, current, files, &[], change)
+            .await
+    }
+
+    /// [`update_head`](Self::update_head) whose every write also records
+    /// the analytics `facts` in the same step
+    /// ([`SessionStore::update_file_scope_with_facts`]), as
+    /// [`update_with_facts`](Self::update_with_facts) does.
+    pub(crate) async fn update_head_with_facts<T>(
+        &self,
+        id: SessionId,
         mut current: Versioned<SessionRecord>,
         files: bool,
+        facts: &[crate::analytics::UploadFact],
         mut change: impl FnMut(&mut SessionRecord) -> Result<T>,
     ) -> Result<(SessionRecord, T)> {
         for _ in 0..64 {
@@ -583,7 +599,7 @@ impl Pipeline {
             match self
                 .inner
                 .sessions
-                .update_file_scope(&rec, current.version)
+                .update_file_scope_with_facts(&rec, current.version, facts)
                 .await
             {
                 Ok(_) => {
