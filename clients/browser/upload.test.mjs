@@ -70,15 +70,70 @@ async function waitLine(want, ms) {
   }
 }
 
+/** At most this many messages (toasts) at once. */
+const MAX_TOASTS = 3;
+
+/** The messages (toasts) cover no control: at every scroll position of the
+ *  page, no toast's box meets the box of a shown button, link, field, tab,
+ *  frame, study or notification; the region is a polite live region with at
+ *  most MAX_TOASTS, each with a named dismiss button. Returns the count. */
+async function checkToasts(page, name) {
+  const r = await page.evaluate(() => {
+    const region = document.getElementById('toasts');
+    const toasts = [...region.querySelectorAll('.toast')];
+    const named = toasts.every((t) => {
+      const b = t.querySelector('button');
+      return b && (b.getAttribute('aria-label') || b.textContent).trim().length > 0;
+    });
+    const controls = [
+      ...document.querySelectorAll(
+        'button, a[href], input:not([type=file]), select, textarea, summary, iframe, [role=tab], ' +
+          '[data-test="study-row"], [data-test="study-progress"], [data-test="notification"]',
+      ),
+    ].filter((el) => !el.closest('#toasts') && !el.closest('[hidden]') && el.getClientRects().length);
+    const over = new Set();
+    const y0 = window.scrollY;
+    const step = Math.max(100, Math.floor(window.innerHeight / 2));
+    for (let y = 0; toasts.length; y += step) {
+      window.scrollTo(0, y);
+      const boxes = toasts.map((t) => t.getBoundingClientRect());
+      for (const el of controls) {
+        const c = el.getBoundingClientRect();
+        if (c.width === 0 || c.height === 0 || c.bottom <= 0 || c.top >= window.innerHeight) continue;
+        for (const t of boxes) {
+          if (c.left < t.right && t.left < c.right && c.top < t.bottom && t.top < c.bottom) {
+            over.add(`${el.tagName.toLowerCase()}[${el.dataset.test || el.textContent.trim().slice(0, 30)}]`);
+          }
+        }
+      }
+      if (y + window.innerHeight >= document.documentElement.scrollHeight) break;
+    }
+    window.scrollTo(0, y0);
+    return {
+      role: region.getAttribute('role'),
+      live: region.getAttribute('aria-live'),
+      count: toasts.length,
+      named,
+      over: [...over],
+    };
+  });
+  check(r.role === 'status' && r.live === 'polite', `${name}: the messages are a polite live region: ${JSON.stringify(r)}`);
+  check(r.count <= MAX_TOASTS, `${name}: ${r.count} messages at once (at most ${MAX_TOASTS})`);
+  check(r.named, `${name}: every message has a dismiss button with an accessible name`);
+  check(r.over.length === 0, `${name}: messages cover controls: ${r.over.join(' | ')}`);
+  return r.count;
+}
+
 let shotN = 0;
 /** A screenshot of the step, after checking the phone-sized layout (no
- *  sideways scrolling) and that every control of the shell's own views
- *  that a user can reach has an accessible name. */
+ *  sideways scrolling), that every control of the shell's own views, of
+ *  the open report and of the messages that a user can reach has an
+ *  accessible name, and that no message covers a control. */
 async function shot(page, name) {
   const width = await page.evaluate(() => [document.documentElement.scrollWidth, window.innerWidth]);
   check(width[0] <= width[1], `${name}: the page scrolls sideways on a phone (${width[0]} > ${width[1]} px)`);
   const unnamed = await page.evaluate(() => {
-    const roots = ['header', '#login', '#view-upload', '#view-studies', '#notifications', '#offline']
+    const roots = ['header', '#login', '#view-upload', '#view-studies', '#notifications', '#offline', '#report-host', '#toasts']
       .map((q) => document.querySelector(q))
       .filter(Boolean);
     const out = [];
@@ -105,6 +160,7 @@ async function shot(page, name) {
     return out;
   });
   check(unnamed.length === 0, `${name}: controls without an accessible name: ${unnamed.join(' | ')}`);
+  await checkToasts(page, name);
   const file = path.join(ART, `${String(++shotN).padStart(2, '0')}-${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
   log(`screenshot ${path.basename(file)}`);
@@ -232,6 +288,40 @@ async function main() {
   }
   log('service worker controls the page');
 
+  // Messages (toasts): in the flow, never over a control, at most three
+  // (the oldest information goes first, an error stays), the same message
+  // counted instead of repeated, each dismissed by its own button.
+  await page.evaluate(async () => {
+    const { toast } = await import('/app.js');
+    toast('First message (test).');
+    toast('Second message (test).');
+    toast('Second message (test).');
+    toast('A failure (test).', 'error');
+    toast('Fourth message (test).');
+    toast('Fifth message (test).');
+    toast('Fifth message (test).');
+  });
+  const toastTexts = () => page.$$eval('#toasts .toast', (ts) => ts.map((t) => `${t.dataset.kind}: ${t.textContent}`));
+  let shownToasts = await toastTexts();
+  check(
+    JSON.stringify(shownToasts) ===
+      JSON.stringify(['error: A failure (test).✕', 'info: Fourth message (test).✕', 'info: Fifth message (test). (×2)✕']),
+    `three messages kept, the error among them, a repeat counted: ${JSON.stringify(shownToasts)}`,
+  );
+  check((await checkToasts(page, 'messages')) === 3, 'three messages shown');
+  // Dismissed by keyboard (the error) and by a tap (the others).
+  await page.locator('#toasts .toast.error [data-test="toast-dismiss"]').focus();
+  await page.keyboard.press('Enter');
+  const dismiss = page.locator('#toasts [data-test="toast-dismiss"]');
+  check((await dismiss.count()) === 2, 'the error went by its dismiss button (keyboard)');
+  while ((await dismiss.count()) > 0) {
+    check((await dismiss.first().getAttribute('aria-label')) === 'Dismiss message', 'the dismiss button is named');
+    await dismiss.first().click();
+  }
+  shownToasts = await toastTexts();
+  check(shownToasts.length === 0, `every message dismissed: ${JSON.stringify(shownToasts)}`);
+  log('messages: at most three, none over a control, each dismissed by its button');
+
   // 2. Choose the folder; the headers are read in the browser and grouped.
   await page.locator(sel('folder-input')).setInputFiles(env.FOLDER);
   await page.locator(sel('study-group')).nth(EXPECT.groups.length - 1).waitFor({ timeout: 30000 });
@@ -335,11 +425,16 @@ async function main() {
   page.on('response', async (r) => {
     if (/\/reports\/[^/]+\/view$/.test(new URL(r.url()).pathname)) {
       const body = await r.body().catch(() => Buffer.alloc(0));
-      views.push({ url: r.url(), status: r.status(), type: r.headers()['content-type'] || '', head: body.subarray(0, 5).toString() });
+      views.push({ url: r.url(), status: r.status(), type: r.headers()['content-type'] || '', head: body.subarray(0, 5).toString(), body });
     }
   });
-  await page.locator('[data-test="notification"][data-kind="report_ready"] [data-test="open-reports"]').first().click();
+  const openReports = page.locator('[data-test="notification"][data-kind="report_ready"] [data-test="open-reports"]').first();
+  await openReports.click();
   await page.locator(sel('report-item')).nth(1).waitFor({ timeout: 30000 });
+  const panel = page.locator(sel('report-panel'));
+  check((await panel.count()) === 1, 'one report panel');
+  const closeButton = panel.getByRole('button', { name: 'Close report' });
+  check(await closeButton.isVisible(), 'the report panel has a visible button named "Close report"');
   const kinds = await page.$$eval(sel('report-item'), (d) => d.map((x) => x.dataset.kind));
   log(`reports listed: ${kinds.join(', ')}`);
   const hasReportsView = await page.evaluate(async () => {
@@ -352,8 +447,8 @@ async function main() {
   });
   if (hasReportsView) {
     // The SR as a readable page (rendered by the server, shown from a Blob
-    // URL in a sandboxed frame), the PDF as the PDF itself, and the SR's
-    // PDF download.
+    // URL in a sandboxed frame), the PDF as the PDF itself behind a save
+    // and an open link (not framed), and the SR's PDF download.
     const srFrame = page.locator('[data-test="report-frame"][data-kind="structured_report"]');
     const pdfFrame = page.locator('[data-test="report-frame"][data-kind="encapsulated_pdf"]');
     await srFrame.waitFor({ timeout: 30000 });
@@ -362,17 +457,28 @@ async function main() {
     check((await srFrame.getAttribute('src')).startsWith('blob:'), 'the SR comes from a Blob URL');
     const srText = await srFrame.contentFrame().locator('body').innerText({ timeout: 10000 });
     check(srText.includes(EXPECT.sr_text), `the SR reads as text: ${srText.slice(0, 300)}`);
-    check((await pdfFrame.getAttribute('src')).startsWith('blob:'), 'the PDF comes from a Blob URL');
+    check((await pdfFrame.locator('iframe, embed, object').count()) === 0, 'the PDF is not framed (no dark box where there is no viewer)');
+    const pdfSave = pdfFrame.locator(sel('report-pdf-link'));
+    const pdfOpen = pdfFrame.locator(sel('report-pdf-open'));
+    check(await pdfSave.isVisible() && await pdfOpen.isVisible(), 'the PDF has a visible save and open link');
+    const pdfUrl = await pdfSave.getAttribute('href');
+    check(pdfUrl.startsWith('blob:'), 'the PDF comes from a Blob URL');
+    check((await pdfOpen.getAttribute('href')) === pdfUrl && (await pdfOpen.getAttribute('target')) === '_blank', 'the open link opens the same PDF in a new tab');
+    const pdfName = await pdfSave.getAttribute('download');
+    check(/^report-[0-9.]+\.pdf$/.test(pdfName), `the PDF is saved with its file name: ${pdfName}`);
     const pdfView = views.find((v) => v.type.startsWith('application/pdf'));
     const srView = views.find((v) => v.type.startsWith('text/html'));
-    check(pdfView && pdfView.head === '%PDF-', `the Encapsulated PDF is served as the PDF itself: ${JSON.stringify(views)}`);
-    check(srView, `the SR is served as HTML: ${JSON.stringify(views)}`);
+    check(pdfView && pdfView.head === '%PDF-', `the Encapsulated PDF is served as the PDF itself: ${JSON.stringify(views.map(({ body, ...v }) => v))}`);
+    check(srView, `the SR is served as HTML: ${JSON.stringify(views.map(({ body, ...v }) => v))}`);
+    const [pdfDl] = await Promise.all([page.waitForEvent('download'), pdfSave.click()]);
+    check(pdfDl.suggestedFilename() === pdfName, `the saved PDF is named ${pdfDl.suggestedFilename()}, expected ${pdfName}`);
+    check(fs.readFileSync(await pdfDl.path()).equals(pdfView.body), 'the saved PDF is the Encapsulated PDF byte for byte');
     const pdfButtons = page.locator('[data-test="report-item"][data-kind="structured_report"] [data-test="report-pdf-link"]');
     const [dl] = await Promise.all([page.waitForEvent('download'), pdfButtons.first().click()]);
     const pdf = fs.readFileSync(await dl.path());
     check(pdf.subarray(0, 5).toString() === '%PDF-', 'the SR downloads as a PDF');
     fs.copyFileSync(await dl.path(), path.join(ART, 'sr-report.pdf'));
-    log(`report opened: SR as a page ("${EXPECT.sr_text}"), PDF as the PDF, SR as a ${pdf.length}-byte PDF download`);
+    log(`report opened: SR as a page ("${EXPECT.sr_text}"), PDF saved as ${pdfName} from a link, SR as a ${pdf.length}-byte PDF download`);
   } else {
     // No reports view in this build: the download of each report (DICOM).
     for (const b of await page.locator(sel('report-download')).all()) {
@@ -383,6 +489,26 @@ async function main() {
     log('reports downloaded as DICOM (views/reports.js is not in this build)');
   }
   await shot(page, 'report');
+
+  // The report panel closes by Escape (the focus back on what opened it),
+  // by its Close button, and when another tab is chosen.
+  await closeButton.focus();
+  await page.keyboard.press('Escape');
+  await panel.waitFor({ state: 'detached', timeout: 5000 });
+  check(
+    (await page.evaluate(() => document.activeElement && document.activeElement.dataset.test)) === 'open-reports',
+    'after Escape the focus is back on the "Open report" button',
+  );
+  await openReports.click();
+  await page.locator(sel('report-item')).nth(1).waitFor({ timeout: 30000 });
+  await closeButton.click();
+  await panel.waitFor({ state: 'detached', timeout: 5000 });
+  await openReports.click();
+  await page.locator(sel('report-item')).nth(1).waitFor({ timeout: 30000 });
+  await page.locator(sel('tab-analytics')).click();
+  await page.locator(sel('analytics-table')).waitFor({ timeout: 15000 });
+  check((await panel.count()) === 0 && (await page.locator(sel('report-frame')).count()) === 0, 'choosing another tab closed the report');
+  log('report panel: closed by Escape (focus back on its opener), by its Close button, and by another tab');
 
   // 6. The CSV export of the analytics view: today's uploads of this user.
   const csv = await exportCsv(page);

@@ -6,7 +6,7 @@
 // ./views/admin.js (loaded if present), ./views/reports.js (openReport).
 
 import { uploadView } from './upload.js';
-import { studiesView, showReport } from './studies.js';
+import { studiesView, showReport, closeReport } from './studies.js';
 
 const state = {
   token: null,
@@ -35,11 +35,61 @@ export function h(tag, attrs, ...children) {
   return el;
 }
 
+/** At most this many messages at once: a new one drops the oldest. */
+const MAX_TOASTS = 3;
+/** How long an information message stays; an error stays until dismissed. */
+const INFO_MS = 8000;
+
+/** A short message in the #toasts live region (role=status): in the page's
+ *  flow under the header, so it never covers a control; at most MAX_TOASTS,
+ *  the same message again is counted instead of repeated; each has a
+ *  dismiss button; information goes by itself after INFO_MS. */
 export function toast(message, kind = 'info') {
   const box = document.getElementById('toasts');
-  const t = h('div', { class: `toast ${kind}`, 'data-test': `toast-${kind}` }, message);
+  const text = String(message);
+  const same = [...box.children].find((t) => t.dataset.message === text && t.dataset.kind === kind);
+  if (same) {
+    const n = Number(same.dataset.count || '1') + 1;
+    same.dataset.count = String(n);
+    same.querySelector('.toast-count').textContent = ` (×${n})`;
+    arm(same);
+    return;
+  }
+  while (box.children.length >= MAX_TOASTS) {
+    // The oldest information first; errors only when there is nothing else.
+    const old = [...box.children].find((t) => t.dataset.kind !== 'error') || box.firstElementChild;
+    clearTimeout(Number(old.dataset.timer));
+    old.remove();
+  }
+  const t = h(
+    'div',
+    { class: `toast ${kind}`, 'data-test': `toast-${kind}`, 'data-kind': kind },
+    h('span', { class: 'toast-text' }, text, h('span', { class: 'toast-count' })),
+    h(
+      'button',
+      {
+        type: 'button',
+        class: 'toast-close',
+        'data-test': 'toast-dismiss',
+        'aria-label': 'Dismiss message',
+        onclick: () => {
+          clearTimeout(Number(t.dataset.timer));
+          t.remove();
+        },
+      },
+      '✕',
+    ),
+  );
+  t.dataset.message = text;
   box.append(t);
-  setTimeout(() => t.remove(), kind === 'error' ? 10000 : 5000);
+  arm(t);
+}
+
+/** (Re)start the timer of an information message. */
+function arm(t) {
+  if (t.dataset.kind === 'error') return;
+  clearTimeout(Number(t.dataset.timer));
+  t.dataset.timer = String(setTimeout(() => t.remove(), INFO_MS));
 }
 
 export function download(blob, filename) {
@@ -269,6 +319,7 @@ function ctx() {
 
 function showLogin(message) {
   closeEvents();
+  closeReport();
   state.token = null;
   state.user = null;
   document.getElementById('app').hidden = true;
@@ -349,6 +400,9 @@ function renderTabs() {
 const rendered = new Set();
 
 async function selectView(id) {
+  // An open report belongs to the moment it was opened: another tab closes it.
+  const current = document.querySelector('#tabs [role=tab][aria-selected=true]');
+  if (!current || current.id !== `tab-${id}`) closeReport();
   for (const v of views) {
     const on = v.id === id;
     document.getElementById(`tab-${v.id}`).setAttribute('aria-selected', String(on));

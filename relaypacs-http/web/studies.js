@@ -80,10 +80,38 @@ function phaseOf(s) {
   return 'open';
 }
 
-/** Show the reports of a study: openReport of ./views/reports.js, or a download. */
-export async function showReport(ctx, studyId, container) {
+/** The open report panel (one at a time) and what to give the focus back to. */
+const shown = { panel: null, opener: null, study: null, onKey: null };
+
+/** Close the open report panel, if any: it leaves the page (its Blob URLs
+ *  are revoked by ./views/reports.js once it is gone). With `refocus`, the
+ *  focus returns to the control that opened it when that is still shown. */
+export function closeReport(refocus = false) {
+  const { panel, opener, study, onKey } = shown;
+  shown.panel = null;
+  shown.opener = null;
+  shown.study = null;
+  if (onKey) document.removeEventListener('keydown', onKey);
+  shown.onKey = null;
+  if (!panel) return;
+  panel.remove();
+  if (!refocus || !opener) return;
+  // The list that held the opener may have been drawn again meanwhile (a
+  // new notification): then the same study's "Open" button in it.
+  const again =
+    opener.isConnected || !study
+      ? opener
+      : document.querySelector(`[data-study="${CSS.escape(study)}"] [data-test="open-reports"]`);
+  if (again && again.isConnected && again.getClientRects().length) again.focus();
+}
+
+/** Show the reports of a study: openReport of ./views/reports.js, or a
+ *  download. The panel goes to #report-host above the tab panels (so it is
+ *  seen whichever tab is open), replaces an open one, and closes with its
+ *  Close button, with Escape, and when another tab is chosen (app.js). */
+export async function showReport(ctx, studyId) {
   const { h } = ctx;
-  const box = container || document.getElementById('report-box') || document.getElementById('views');
+  const opener = document.activeElement;
   let reports;
   try {
     reports = await ctx.apiJson(`/api/v1/studies/${studyId}/reports`);
@@ -91,12 +119,47 @@ export async function showReport(ctx, studyId, container) {
     ctx.toast(`Reports unavailable: ${e.message}`, 'error');
     return;
   }
+  closeReport();
+  const host = document.getElementById('report-host') || document.getElementById('views');
+  const titleId = `report-title-${Date.now()}`;
   const panel = h(
     'section',
-    { class: 'card report', 'data-test': 'report-panel', 'aria-label': 'Report', tabindex: '-1' },
-    h('button', { type: 'button', class: 'close', 'data-test': 'report-close', onclick: () => panel.remove() }, 'Close report'),
+    { class: 'card report', 'data-test': 'report-panel', 'aria-labelledby': titleId, tabindex: '-1' },
+    h(
+      'div',
+      { class: 'report-head' },
+      h('h2', { id: titleId }, reports.length === 1 ? 'Report' : `Reports (${reports.length})`),
+      h(
+        'button',
+        {
+          type: 'button',
+          class: 'close',
+          'data-test': 'report-close',
+          'aria-keyshortcuts': 'Escape',
+          onclick: () => closeReport(true),
+        },
+        h('span', { 'aria-hidden': 'true' }, '✕'),
+        ' Close report',
+      ),
+    ),
   );
-  box.prepend(panel);
+  host.prepend(panel);
+  shown.panel = panel;
+  shown.opener = opener;
+  // The row or notification it came from (see closeReport).
+  const row = opener instanceof Element ? opener.closest('[data-study]') : null;
+  shown.study = row ? row.dataset.study : null;
+  shown.onKey = (ev) => {
+    // Escape closes the report, except where it means something to the
+    // control that has the focus (a text field, a list box). The frames
+    // (sandboxed, another origin) do not pass their keys to this page.
+    if (ev.key !== 'Escape' || ev.defaultPrevented) return;
+    if (ev.target instanceof Element && ev.target.closest('input, select, textarea')) return;
+    ev.preventDefault();
+    closeReport(true);
+  };
+  document.addEventListener('keydown', shown.onKey);
+  panel.focus();
   if (!reports.length) {
     panel.append(h('p', {}, 'No report yet.'));
     return;
@@ -108,6 +171,8 @@ export async function showReport(ctx, studyId, container) {
     mod = null;
   }
   for (const r of reports) {
+    // Closed (or replaced) while the reports were loading: stop here.
+    if (shown.panel !== panel) return;
     const holder = h('div', { class: 'report-item', 'data-test': 'report-item', 'data-kind': r.kind || '' });
     panel.append(holder);
     if (mod && typeof mod.openReport === 'function') {
@@ -137,8 +202,6 @@ export async function showReport(ctx, studyId, container) {
       ),
     );
   }
-  panel.scrollIntoView({ block: 'nearest' });
-  panel.focus();
 }
 
 export const studiesView = {
@@ -160,7 +223,6 @@ export const studiesView = {
       ),
       list,
     );
-    const reportBox = h('div', { id: 'report-box' });
     container.replaceChildren(
       h(
         'section',
@@ -169,7 +231,6 @@ export const studiesView = {
         h('button', { type: 'button', 'data-test': 'studies-refresh', onclick: () => load() }, 'Refresh'),
         h('div', { class: 'scroll' }, table),
       ),
-      reportBox,
     );
     const load = async () => {
       let page;
@@ -200,7 +261,7 @@ export const studiesView = {
               s.delivery && s.delivery.reports > 0
                 ? h(
                     'button',
-                    { type: 'button', 'data-test': 'open-reports', onclick: () => showReport(ctx, s.id, reportBox) },
+                    { type: 'button', 'data-test': 'open-reports', onclick: () => showReport(ctx, s.id) },
                     `Open (${s.delivery.reports})`,
                   )
                 : '—',

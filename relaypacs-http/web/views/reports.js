@@ -1,15 +1,17 @@
 // Reports a clinician reads (not a tab): openReport(ctx, studyId, report,
-// container) fetches the report's /view with the bearer token and shows
-// it from a Blob URL in an <iframe data-test="report-frame">:
-//   - a Structured Report as the server renders it (HTML, no script), in a
-//     sandboxed frame (sandbox="": no script, an opaque origin); its inline
-//     <style> is replaced by ./report-frame.css, as the page CSP allows
-//     style sheets from this origin only;
-//   - an Encapsulated PDF as the PDF itself (browsers refuse to run their
-//     PDF viewer in a sandboxed frame, so this frame is not sandboxed; it
-//     holds the PDF only).
-// and a "Download PDF" button (data-test="report-pdf-link") that fetches
-// /pdf and saves it through ctx.download.
+// container) fetches the report's /view with the bearer token and shows it
+// in data-test="report-frame":
+//   - a Structured Report as the server renders it (HTML, no script), from
+//     a Blob URL in a sandboxed <iframe> (sandbox="": no script, an opaque
+//     origin); its inline <style> is replaced by ./report-frame.css, as the
+//     page CSP allows style sheets from this origin only; beside it a
+//     "Download PDF" button (data-test="report-pdf-link") that fetches /pdf
+//     and saves it through ctx.download;
+//   - an Encapsulated PDF as links to the PDF itself (a Blob URL): "Save
+//     PDF" (<a download> with the file name, data-test="report-pdf-link")
+//     and "Open PDF" (a new tab, the browser's own viewer). Not framed:
+//     phone browsers and headless Chromium draw a framed PDF as an empty
+//     or dark box, and every browser can save or open a link.
 
 /** Add a stylesheet once (CSP: style-src 'self', so <link>, never <style>). */
 function addStyle(href) {
@@ -48,6 +50,13 @@ function reportUrl(studyId, report) {
     || `/api/v1/studies/${encodeURIComponent(studyId)}/reports/${encodeURIComponent(report.sop_instance_uid)}`;
 }
 
+/** "1.4 kB" */
+function sizeText(n) {
+  if (n < 1000) return `${n} bytes`;
+  if (n < 1e6) return `${(n / 1e3).toFixed(1)} kB`;
+  return `${(n / 1e6).toFixed(1)} MB`;
+}
+
 function fileName(report) {
   const uid = String(report.sop_instance_uid || 'report').replace(/[^0-9.]/g, '');
   return `report-${uid}.pdf`;
@@ -66,7 +75,7 @@ export async function openReport(ctx, studyId, report, container) {
       type: 'button',
       class: 'primary',
       'data-test': 'report-pdf-link',
-      'aria-label': `Download the report as PDF (${fileName(report)})`,
+      'aria-label': `Download PDF (${fileName(report)})`,
       onclick: async (ev) => {
         const b = ev.currentTarget;
         b.disabled = true;
@@ -86,7 +95,7 @@ export async function openReport(ctx, studyId, report, container) {
   const box = h(
     'article',
     { class: 'report-view', 'aria-label': title },
-    h('div', { class: 'report-actions' }, pdfButton),
+    isPdf ? null : h('div', { class: 'report-actions' }, pdfButton),
     status,
   );
   container.append(box);
@@ -99,26 +108,68 @@ export async function openReport(ctx, studyId, report, container) {
     return box;
   }
   const type = res.headers.get('content-type') || '';
-  let blob;
-  const attrs = { class: 'report-frame', title, 'data-test': 'report-frame', 'data-kind': report.kind || '' };
+  let url;
   if (type.startsWith('text/html')) {
-    blob = new Blob([framePage(await res.text())], { type: 'text/html' });
-    attrs.sandbox = '';
+    const blob = new Blob([framePage(await res.text())], { type: 'text/html' });
+    url = URL.createObjectURL(blob);
+    const frame = h('iframe', {
+      class: 'report-frame',
+      title,
+      sandbox: '',
+      src: url,
+      'data-test': 'report-frame',
+      'data-kind': report.kind || '',
+    });
+    status.replaceWith(frame);
   } else if (type.startsWith('application/pdf')) {
-    blob = new Blob([await res.arrayBuffer()], { type: 'application/pdf' });
+    const blob = new Blob([await res.arrayBuffer()], { type: 'application/pdf' });
+    url = URL.createObjectURL(blob);
+    const name = fileName(report);
+    const holder = h(
+      'div',
+      { class: 'report-pdf', 'data-test': 'report-frame', 'data-kind': report.kind || '' },
+      h('p', {}, 'A PDF report ', h('span', { class: 'muted' }, `(${name}, ${sizeText(blob.size)})`), '.'),
+      h(
+        'div',
+        { class: 'report-actions' },
+        h(
+          'a',
+          {
+            class: 'button primary',
+            href: url,
+            download: name,
+            'data-test': 'report-pdf-link',
+            'aria-label': `Save PDF (${name})`,
+          },
+          'Save PDF',
+        ),
+        h(
+          'a',
+          {
+            class: 'button',
+            href: url,
+            target: '_blank',
+            rel: 'noopener',
+            'data-test': 'report-pdf-open',
+            'aria-label': 'Open PDF in a new tab',
+          },
+          'Open PDF',
+        ),
+      ),
+    );
+    status.replaceWith(holder);
   } else {
     status.textContent = `The report cannot be shown: unexpected content type ${type}`;
     status.className = 'error';
     return box;
   }
-  const url = URL.createObjectURL(blob);
-  attrs.src = url;
-  const frame = h('iframe', attrs);
-  status.replaceWith(frame);
-  if (isPdf) {
-    box.append(h('p', { class: 'muted' }, h('a', { href: url, target: '_blank', rel: 'noopener' }, 'Open the PDF in a new tab')));
+  // A frame keeps its document, an opened tab its PDF; the URL is dropped
+  // once the view is gone (the report panel closed, maybe already while
+  // the report was loading).
+  if (!box.isConnected) {
+    URL.revokeObjectURL(url);
+    return box;
   }
-  // The frame keeps its document; the URL is dropped once the view is gone.
   const drop = new MutationObserver(() => {
     if (!box.isConnected) {
       URL.revokeObjectURL(url);
