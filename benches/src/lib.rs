@@ -6,6 +6,9 @@
 //! Orthanc's direct ingest and dcmtk's `storescu`). This library holds what
 //! the binaries share.
 
+use std::net::SocketAddr;
+use std::path::Path;
+
 use relaypacs_test_peers::Orthanc;
 
 /// The error type of the bench binaries.
@@ -119,4 +122,75 @@ pub fn clear_study(orthanc: &Orthanc, study_uid: &str) -> Res<()> {
         return Err(format!("{left} instances left after delete").into());
     }
     Ok(())
+}
+
+/// The bench user's name on our server.
+pub const BENCH_USER: &str = "bench";
+
+/// The bench user's password (long enough for the server's policy).
+pub const PASSWORD: &str = "bench password long enough 123";
+
+/// A random 32-byte secret as 64 hex digits (our server's `secret`).
+pub fn hex_secret() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Our server's config for a bench: loopback on any free port, data in
+/// `dir`, a random secret, and no free-space watermark (the bench's temp
+/// volume may be fuller than the default watermark).
+pub fn ours_config(dir: &Path) -> relaypacs_http::Config {
+    let mut config = relaypacs_http::Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: dir.to_path_buf(),
+        secret: Some(secrecy::SecretString::from(hex_secret())),
+        ..relaypacs_http::Config::default()
+    };
+    config.http.min_free_bytes = Some(0);
+    config
+}
+
+/// Our server started in this process (on the current runtime) with
+/// `config`, with the uploader [`BENCH_USER`] / [`PASSWORD`] created; the
+/// server and its base URL.
+pub async fn start_ours(config: relaypacs_http::Config) -> Res<(relaypacs_http::Server, String)> {
+    let server = relaypacs_http::Server::start(config).await?;
+    let st = server.state();
+    let hash = st.hasher().hash(PASSWORD.into()).await?;
+    st.users()
+        .create(relaypacs_http::routes::auth::new_record(
+            BENCH_USER,
+            relaypacs_http::auth::Role::Uploader,
+            hash,
+        ))
+        .await?;
+    let base = format!("http://{}", server.addr());
+    Ok((server, base))
+}
+
+/// Log [`BENCH_USER`] in at our server's `base`: its access token.
+pub async fn login(client: &reqwest::Client, base: &str) -> Res<String> {
+    let body = serde_json::json!({ "username": BENCH_USER, "password": PASSWORD });
+    let r = client
+        .post(format!("{base}/api/v1/auth/login"))
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(&body)?)
+        .send()
+        .await?;
+    let status = r.status();
+    let bytes = r.bytes().await?;
+    if status != reqwest::StatusCode::OK {
+        return Err(format!(
+            "POST /api/v1/auth/login: HTTP {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        )
+        .into());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+    Ok(v["access_token"]
+        .as_str()
+        .ok_or("login: no access_token in the response")?
+        .to_owned())
 }

@@ -35,19 +35,10 @@ use std::time::Instant;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use relaypacs_benches::Res;
+use relaypacs_benches::{Res, login, ours_config, start_ours};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
 use reqwest::{Client, StatusCode};
 use sha2::{Digest, Sha256};
-
-const PASSWORD: &str = "bench password long enough 123";
-
-fn hex_secret() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 32];
-    rand::rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Res<()> {
@@ -72,13 +63,7 @@ async fn main() -> Res<()> {
     let data = tempfile::Builder::new()
         .prefix("many-files-")
         .tempdir_in(&dir)?;
-    let mut config = relaypacs_http::Config {
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: data.path().to_path_buf(),
-        secret: Some(secrecy::SecretString::from(hex_secret())),
-        ..relaypacs_http::Config::default()
-    };
-    config.http.min_free_bytes = Some(0);
+    let mut config = ours_config(data.path());
     config.limits.max_files = u32::try_from(files.max(3 * latency).max(1))?;
     config.http.max_open_uploads_per_user = latency + 64;
     let state_tmp = match &state_dir {
@@ -118,30 +103,9 @@ async fn main() -> Res<()> {
         other => return Err(format!("unknown engine {other}").into()),
     };
     let db_url = config.state.url.clone().unwrap_or_default();
-    let server = relaypacs_http::Server::start(config).await?;
-    let st = server.state();
-    let hash = st.hasher().hash(PASSWORD.into()).await?;
-    st.users()
-        .create(relaypacs_http::routes::auth::new_record(
-            "bench",
-            relaypacs_http::auth::Role::Uploader,
-            hash,
-        ))
-        .await?;
-    let base = format!("http://{}", server.addr());
+    let (server, base) = start_ours(config).await?;
     let client = Client::builder().pool_max_idle_per_host(1).build()?;
-    let login = serde_json::json!({ "username": "bench", "password": PASSWORD });
-    let r = client
-        .post(format!("{base}/api/v1/auth/login"))
-        .header("Content-Type", "application/json")
-        .body(serde_json::to_vec(&login)?)
-        .send()
-        .await?;
-    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
-    let mut token = v["access_token"]
-        .as_str()
-        .ok_or("login: no access_token")?
-        .to_owned();
+    let mut token = login(&client, &base).await?;
     let mut token_at = Instant::now();
     let r = client
         .post(format!("{base}/api/v1/studies"))
@@ -194,14 +158,7 @@ async fn main() -> Res<()> {
         })?;
         size = file.len();
         if token_at.elapsed().as_secs() > 120 {
-            let r = client
-                .post(format!("{base}/api/v1/auth/login"))
-                .header("Content-Type", "application/json")
-                .body(serde_json::to_vec(&login)?)
-                .send()
-                .await?;
-            let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
-            token = v["access_token"].as_str().ok_or("login")?.to_owned();
+            token = login(&client, &base).await?;
             token_at = Instant::now();
         }
         let meta = format!(

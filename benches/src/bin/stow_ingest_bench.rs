@@ -40,12 +40,11 @@
 //! (options: `--count N`, `--rounds N` (default 5), `--strace`,
 //! `--dir DIR` for our data folder, default the system temp dir).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use relaypacs_benches::{Res, clear_study, median, orthanc_pid};
+use relaypacs_benches::{Res, clear_study, login, median, orthanc_pid, ours_config};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, generate, new_uid};
 use relaypacs_core::{Actor, SessionState};
 use relaypacs_test_peers::Orthanc;
@@ -53,7 +52,6 @@ use reqwest::{Client, StatusCode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
-const PASSWORD: &str = "bench password long enough 123";
 const BOUNDARY: &str = "relaypacs-bench-boundary";
 
 /// `count` new instances of one new study and series.
@@ -152,44 +150,8 @@ fn start_ours(
     client_rt: &Runtime,
     client: &Client,
 ) -> Res<(relaypacs_http::Server, Target)> {
-    let mut config = relaypacs_http::Config {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.to_path_buf(),
-        secret: Some(secrecy::SecretString::from(hex_secret())),
-        ..relaypacs_http::Config::default()
-    };
-    // The bench's temp volume may be fuller than the default watermark.
-    config.http.min_free_bytes = Some(0);
-    let server = rt.block_on(async {
-        let server = relaypacs_http::Server::start(config).await?;
-        let st = server.state();
-        let hash = st.hasher().hash(PASSWORD.into()).await?;
-        st.users()
-            .create(relaypacs_http::routes::auth::new_record(
-                "bench",
-                relaypacs_http::auth::Role::Uploader,
-                hash,
-            ))
-            .await?;
-        Ok::<_, Box<dyn std::error::Error>>(server)
-    })?;
-    let base = format!("http://{}", server.addr());
-    let token = client_rt.block_on(async {
-        let body = serde_json::json!({ "username": "bench", "password": PASSWORD });
-        let r = client
-            .post(format!("{base}/api/v1/auth/login"))
-            .header("Content-Type", "application/json")
-            .body(serde_json::to_vec(&body)?)
-            .send()
-            .await?;
-        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
-        Ok::<_, Box<dyn std::error::Error>>(
-            v["access_token"]
-                .as_str()
-                .ok_or("login: no access_token")?
-                .to_owned(),
-        )
-    })?;
+    let (server, base) = rt.block_on(relaypacs_benches::start_ours(ours_config(dir)))?;
+    let token = client_rt.block_on(login(client, &base))?;
     Ok((
         server,
         Target {
@@ -253,13 +215,6 @@ async fn discard_conn(sock: tokio::net::TcpStream) -> std::io::Result<()> {
         }
         w.write_all(answer.as_bytes()).await?;
     }
-}
-
-fn hex_secret() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 32];
-    rand::rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn sync() -> Res<()> {

@@ -27,8 +27,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use rand::RngCore;
-use relaypacs_benches::{mbps, median};
+use relaypacs_benches::{login, mbps, median, ours_config, start_ours};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, new_uid, write_large_file};
 use reqwest::{Client, Response, StatusCode};
 use sha2::{Digest, Sha256};
@@ -37,7 +36,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 type BoxError = Box<dyn std::error::Error>;
 type Res<T> = Result<T, BoxError>;
 
-const PASSWORD: &str = "bench password long enough 123";
 const OURS: &str = "relaypacs tus (sha256 per PATCH + fsync)";
 const THEIRS: &str = "@tus/server (file-store, no checksum, no fsync)";
 
@@ -111,12 +109,6 @@ fn scratch_base(dir: Option<PathBuf>) -> Res<PathBuf> {
         Some((fstype, _)) if fstype != "tmpfs" && fstype != "ramfs" => Ok(tmp),
         _ => Ok(std::env::current_dir()?),
     }
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    rand::rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// An error naming the request, the status and the response body.
@@ -272,24 +264,7 @@ struct Ours {
 
 impl Ours {
     async fn start(dir: &Path, client: &Client) -> Res<Self> {
-        let mut config = relaypacs_http::Config {
-            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-            data_dir: dir.to_path_buf(),
-            secret: Some(secrecy::SecretString::from(random_hex(32))),
-            ..relaypacs_http::Config::default()
-        };
-        config.http.min_free_bytes = Some(0);
-        let server = relaypacs_http::Server::start(config).await?;
-        let st = server.state();
-        let hash = st.hasher().hash(PASSWORD.into()).await?;
-        st.users()
-            .create(relaypacs_http::routes::auth::new_record(
-                "bench",
-                relaypacs_http::auth::Role::Uploader,
-                hash,
-            ))
-            .await?;
-        let base = format!("http://{}", server.addr());
+        let (server, base) = start_ours(ours_config(dir)).await?;
         let token = login(client, &base).await?;
         Ok(Self {
             server,
@@ -357,24 +332,6 @@ impl Ours {
             _ => Err(format!("study {study}: unexpected files: {}", v["files"]).into()),
         }
     }
-}
-
-async fn login(client: &Client, base: &str) -> Res<String> {
-    let body = serde_json::json!({ "username": "bench", "password": PASSWORD });
-    let r = client
-        .post(format!("{base}/api/v1/auth/login"))
-        .header("Content-Type", "application/json")
-        .body(serde_json::to_vec(&body)?)
-        .send()
-        .await?;
-    if r.status() != StatusCode::OK {
-        return Err(http_error("POST /api/v1/auth/login", r).await);
-    }
-    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
-    Ok(v["access_token"]
-        .as_str()
-        .ok_or("login: no access_token in the response")?
-        .to_string())
 }
 
 /// The official tus Node server as a child process.

@@ -39,12 +39,11 @@
 //! --rounds 1`. The browser needs `scripts/install-peers.sh clients`
 //! (run by the bench when `clients/browser/node_modules` is missing).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use relaypacs_benches::{Res, clear_study, mbps, median};
+use relaypacs_benches::{PASSWORD, Res, clear_study, login, mbps, median, ours_config};
 use relaypacs_core::testing::dicom_gen::{
     DicomSpec, SopClass, generate, new_uid, write_large_file,
 };
@@ -54,7 +53,6 @@ use relaypacs_test_peers::{Orthanc, tool};
 use reqwest::Client;
 use tokio::runtime::Runtime;
 
-const PASSWORD: &str = "bench password long enough 123";
 const BOUNDARY: &str = "relaypacs-bench-boundary";
 
 /// One data set of one round: its files and their study.
@@ -141,35 +139,7 @@ impl ProgressSink for Watch {
 
 /// Our server on `rt` with the user `bench`; its base URL.
 fn start_ours(rt: &Runtime, dir: &Path) -> Res<(relaypacs_http::Server, String)> {
-    let mut config = relaypacs_http::Config {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.to_path_buf(),
-        secret: Some(secrecy::SecretString::from(hex_secret())),
-        ..relaypacs_http::Config::default()
-    };
-    config.http.min_free_bytes = Some(0);
-    let server = rt.block_on(async {
-        let server = relaypacs_http::Server::start(config).await?;
-        let st = server.state();
-        let hash = st.hasher().hash(PASSWORD.into()).await?;
-        st.users()
-            .create(relaypacs_http::routes::auth::new_record(
-                "bench",
-                relaypacs_http::auth::Role::Uploader,
-                hash,
-            ))
-            .await?;
-        Ok::<_, Box<dyn std::error::Error>>(server)
-    })?;
-    let base = format!("http://{}", server.addr());
-    Ok((server, base))
-}
-
-fn hex_secret() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 32];
-    rand::rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    rt.block_on(relaypacs_benches::start_ours(ours_config(dir)))
 }
 
 /// The uploader on `set`: seconds until completed, until delivered.
@@ -231,20 +201,7 @@ async fn storescu(orthanc: &Orthanc, set: &Set) -> Res<f64> {
 /// body streamed from the file): seconds.
 async fn stow(client: &Client, base: &str, set: &Set) -> Res<f64> {
     use futures::StreamExt;
-    let login: serde_json::Value = client
-        .post(format!("{base}/api/v1/auth/login"))
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(
-            &serde_json::json!({"username": "bench", "password": PASSWORD}),
-        )?)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token = login["access_token"]
-        .as_str()
-        .ok_or("login: no access_token")?
-        .to_owned();
+    let token = login(client, base).await?;
     let t0 = Instant::now();
     for f in &set.files {
         let len = tokio::fs::metadata(f).await?.len();
@@ -326,7 +283,10 @@ fn ceiling(set: &Set) -> Res<f64> {
 /// installed; Chromium's path.
 fn browser_setup() -> Res<(PathBuf, PathBuf)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/browser");
-    if !dir.join("node_modules/playwright-core/package.json").exists() {
+    if !dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-peers.sh");
         let st = std::process::Command::new("bash")
             .arg(script)
@@ -348,11 +308,7 @@ struct BrowserRun {
 }
 
 /// The web app in headless Chromium uploads `set`'s one file to `base`.
-async fn browser(
-    (dir, chromium): &(PathBuf, PathBuf),
-    base: &str,
-    set: &Set,
-) -> Res<BrowserRun> {
+async fn browser((dir, chromium): &(PathBuf, PathBuf), base: &str, set: &Set) -> Res<BrowserRun> {
     let [file] = set.files.as_slice() else {
         return Err("the browser run takes one file".into());
     };
