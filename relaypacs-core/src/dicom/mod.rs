@@ -10,6 +10,8 @@
 mod content;
 pub(crate) mod prescan;
 pub mod sr;
+#[cfg(test)]
+mod test_part10;
 mod validate;
 
 pub use content::{ContentDigest, Part10Hasher};

@@ -731,24 +731,8 @@ pub fn person_name(pn: &str) -> String {
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::dicom::test_part10::{self, Ids, el};
     use proptest::prelude::*;
-
-    fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
-        let mut v = v.to_vec();
-        if v.len() % 2 == 1 {
-            v.push(if vr == b"UI" || vr == b"OB" { 0 } else { b' ' });
-        }
-        out.extend_from_slice(&g.to_le_bytes());
-        out.extend_from_slice(&e.to_le_bytes());
-        out.extend_from_slice(vr);
-        if crate::dicom::prescan::long_vr(*vr) {
-            out.extend_from_slice(&[0, 0]);
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        } else {
-            out.extend_from_slice(&(v.len() as u16).to_le_bytes());
-        }
-        out.extend_from_slice(&v);
-    }
 
     /// A sequence of `items` (each an encoded data set), of undefined
     /// length with undefined-length items when `undefined`.
@@ -789,26 +773,17 @@ pub(crate) mod tests {
     /// A Part-10 file (Explicit VR Little Endian) of class `class` around
     /// the data set elements `rest` (after the UIDs, in tag order).
     pub(crate) fn part10(class: &str, rest: &[u8]) -> Vec<u8> {
-        let mut meta = Vec::new();
-        el(&mut meta, 0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1");
-        let mut f = vec![0u8; 128];
-        f.extend_from_slice(b"DICM");
-        el(
-            &mut f,
-            0x0002,
-            0x0000,
-            b"UL",
-            &(meta.len() as u32).to_le_bytes(),
-        );
-        f.extend_from_slice(&meta);
-        el(&mut f, 0x0008, 0x0016, b"UI", class.as_bytes());
-        el(&mut f, 0x0008, 0x0018, b"UI", b"1.2.3.4");
-        el(&mut f, 0x0010, 0x0010, b"PN", b"Doe^Jane");
-        el(&mut f, 0x0010, 0x0020, b"LO", b"P1");
-        el(&mut f, 0x0020, 0x000D, b"UI", b"1.2.3");
-        el(&mut f, 0x0020, 0x000E, b"UI", b"1.2.3.1");
-        f.extend_from_slice(rest);
-        f
+        let mut class = class.as_bytes().to_vec();
+        if class.len() % 2 == 1 {
+            class.push(0);
+        }
+        let ids = Ids {
+            class: &class,
+            instance: b"1.2.3.4\0",
+            patient_name: Some(b"Doe^Jane"),
+            patient_id: Some(b"P1"),
+        };
+        test_part10::part10(&ids, rest)
     }
 
     /// A content tree to encode.

@@ -195,51 +195,18 @@ pub(super) fn relabel_deflated(meta: &mut [u8]) -> Result<(), DicomError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dicom::prescan::long_vr;
-
-    fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
-        out.extend_from_slice(&g.to_le_bytes());
-        out.extend_from_slice(&e.to_le_bytes());
-        out.extend_from_slice(vr);
-        if long_vr(*vr) {
-            out.extend_from_slice(&[0, 0]);
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        } else {
-            out.extend_from_slice(&(v.len() as u16).to_le_bytes());
-        }
-        out.extend_from_slice(v);
-    }
+    use crate::dicom::test_part10::{Ids, el_raw as el, part10};
 
     /// A small Explicit VR Little Endian file: the four UIDs, then
     /// `patient_id` (absent when `None`), then `rest` (already encoded).
     fn file(sop_instance: &[u8], patient_id: Option<&[u8]>, rest: &[u8]) -> Vec<u8> {
-        let mut body = Vec::new();
-        el(&mut body, 0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1\0");
-        let mut f = vec![0u8; 128];
-        f.extend_from_slice(b"DICM");
-        el(
-            &mut f,
-            0x0002,
-            0x0000,
-            b"UL",
-            &(body.len() as u32).to_le_bytes(),
-        );
-        f.extend_from_slice(&body);
-        el(
-            &mut f,
-            0x0008,
-            0x0016,
-            b"UI",
-            b"1.2.840.10008.5.1.4.1.1.7\0",
-        );
-        el(&mut f, 0x0008, 0x0018, b"UI", sop_instance);
-        if let Some(p) = patient_id {
-            el(&mut f, 0x0010, 0x0020, b"LO", p);
-        }
-        el(&mut f, 0x0020, 0x000D, b"UI", b"1.2.3\0");
-        el(&mut f, 0x0020, 0x000E, b"UI", b"1.2.3.1\0");
-        f.extend_from_slice(rest);
-        f
+        let ids = Ids {
+            class: b"1.2.840.10008.5.1.4.1.1.7\0",
+            instance: sop_instance,
+            patient_name: None,
+            patient_id,
+        };
+        part10(&ids, rest)
     }
 
     fn image(pixels: bool) -> Vec<u8> {
