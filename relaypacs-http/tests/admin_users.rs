@@ -135,19 +135,7 @@ async fn an_admin_resets_a_lost_second_factor() {
         .json()
         .await
         .unwrap();
-    let secret = totp_rs::Secret::Encoded(e["secret"].as_str().unwrap().into())
-        .to_bytes()
-        .unwrap();
-    let totp = totp_rs::TOTP::new(
-        totp_rs::Algorithm::SHA1,
-        6,
-        1,
-        30,
-        secret,
-        Some("RelayPACS".into()),
-        "wen".into(),
-    )
-    .unwrap();
+    let totp = common::totp(e["secret"].as_str().unwrap(), "wen");
     let r = t
         .req(Method::POST, "/api/v1/auth/totp/confirm", &u)
         .json(&json!({"code": totp.generate_current().unwrap()}))

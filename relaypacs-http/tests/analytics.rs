@@ -12,7 +12,7 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, User, dicom, expect_error};
+use common::{TestServer, User, dicom, expect_error, stow_body};
 use proptest::prelude::*;
 use relaypacs_core::analytics::{neutralise_cell, write_csv};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, generate};
@@ -149,24 +149,8 @@ async fn analytics_count_outcomes_by_owner_as_json_and_csv() {
     wait_state(&t, &clinic, &a, "delivered").await;
     wait_state(&t, &formula, &c, "delivered").await;
     // "=2+5", STOW-RS: one instance stored (delivered), one part refused.
-    let mut body = Vec::new();
-    for part in [dicom(None, 16), vec![0u8; 500]] {
-        body.extend_from_slice(b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n");
-        body.extend_from_slice(&part);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(b"--XyZ--\r\n");
-    let r = t
-        .req(Method::POST, "/dicomweb/studies", &formula)
-        .header(
-            "content-type",
-            "multipart/related; type=\"application/dicom\"; boundary=XyZ",
-        )
-        .header("accept", "application/dicom+json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let body = stow_body(&[&dicom(None, 16), &[0u8; 500]]);
+    let r = t.stow(&formula, "/dicomweb/studies", body).await;
     assert_eq!(r.status(), 202, "one part stored, one refused");
     t.wait_notifications(&formula, 2).await;
 

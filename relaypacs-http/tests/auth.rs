@@ -48,16 +48,7 @@ async fn jwt_matrix_rejects_every_forgery() {
     // Sanity: a correctly forged token with the real key works, so the
     // rejections below are about the one thing each case changes.
     let good = sign(at(), claims(&|_| {}), &k);
-    assert_eq!(
-        t.http
-            .get(format!("{}/api/v1/auth/me", t.url))
-            .bearer_auth(&good)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(t.me(&good).await.status(), 200);
     let none = {
         use base64::Engine;
         let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -146,24 +137,12 @@ async fn jwt_matrix_rejects_every_forgery() {
         ("4 KiB token", "a".repeat(5000)),
     ];
     for (name, token) in cases {
-        let r = t
-            .http
-            .get(format!("{}/api/v1/auth/me", t.url))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let r = t.me(&token).await;
         assert!(r.headers().get("www-authenticate").is_some(), "{name}");
         expect_error(r, 401, "RELAY_UNAUTHENTICATED").await;
     }
     // A 100 KiB header never reaches the parser: the head limit answers.
-    let r = t
-        .http
-        .get(format!("{}/api/v1/auth/me", t.url))
-        .bearer_auth("a".repeat(100 << 10))
-        .send()
-        .await
-        .unwrap();
+    let r = t.me(&"a".repeat(100 << 10)).await;
     assert_eq!(r.status(), 431);
     t.stop().await;
 }
@@ -203,13 +182,7 @@ async fn refresh_rotation_and_reuse_detection() {
     // Reuse of R1: refused, and the family (R2, A2) dies with it.
     expect_error(refresh(&t, &r1).await, 401, "RELAY_REFRESH_REUSED").await;
     expect_error(refresh(&t, &r2).await, 401, "RELAY_REFRESH_INVALID").await;
-    let r = t
-        .http
-        .get(format!("{}/api/v1/auth/me", t.url))
-        .bearer_auth(&a2)
-        .send()
-        .await
-        .unwrap();
+    let r = t.me(&a2).await;
     assert_eq!(r.status(), 401);
     assert!(
         t.audit()
@@ -240,16 +213,7 @@ async fn refresh_rotation_and_reuse_detection() {
             .status(),
         204
     );
-    assert_eq!(
-        t.http
-            .get(format!("{}/api/v1/auth/me", t.url))
-            .bearer_auth(a)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
+    assert_eq!(t.me(a).await.status(), 401);
     assert_eq!(refresh(&t, rr).await.status(), 401);
     // Refresh tokens are stored hashed only (nowhere in the files or the
     // state database's rows).
@@ -286,19 +250,7 @@ async fn totp_second_factor_and_password_change() {
         .json()
         .await
         .unwrap();
-    let secret = totp_rs::Secret::Encoded(e["secret"].as_str().unwrap().into())
-        .to_bytes()
-        .unwrap();
-    let totp = totp_rs::TOTP::new(
-        totp_rs::Algorithm::SHA1,
-        6,
-        1,
-        30,
-        secret,
-        Some("RelayPACS".into()),
-        "wen".into(),
-    )
-    .unwrap();
+    let totp = common::totp(e["secret"].as_str().unwrap(), "wen");
     let code = totp.generate_current().unwrap();
     let r = t
         .req(Method::POST, "/api/v1/auth/totp/confirm", &u)
@@ -354,16 +306,7 @@ async fn totp_second_factor_and_password_change() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    assert_eq!(
-        t.http
-            .get(format!("{}/api/v1/auth/me", t.url))
-            .bearer_auth(a)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
+    assert_eq!(t.me(a).await.status(), 401);
     assert_eq!(
         t.req(Method::GET, "/api/v1/auth/me", &u)
             .send()

@@ -9,30 +9,20 @@ use crate::common;
 use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::binary;
+use common::binary::{self, Gateway};
 use relaypacs_core::testing::dicom_gen::{
     DicomSpec, generate, huge_declared_length, new_uid, truncations, write_large_file,
 };
-use relaypacs_test_peers::{free_port, wait_for_port};
+use relaypacs_test_peers::free_port;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 const PASSWORD: &str = "Velvet-Quarry-Lantern-5521";
 const USER: &str = "rad";
 const BIN: &str = env!("CARGO_BIN_EXE_relaypacs");
-
-/// A gateway process, killed when dropped.
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A server's folder, configuration and port, with user `rad`.
 struct Setup {
@@ -78,15 +68,12 @@ impl Setup {
     }
 
     fn start(&self) -> Gateway {
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for_port(self.port, Duration::from_secs(30));
-        Gateway(child)
+        Gateway::start_within(
+            &self.config,
+            self.port,
+            Stdio::null(),
+            Duration::from_secs(30),
+        )
     }
 
     fn data(&self) -> PathBuf {
@@ -133,8 +120,7 @@ impl Setup {
     }
 
     async fn token(&self, http: &reqwest::Client) -> String {
-        let t = binary::login(http, &self.url, USER, PASSWORD).await;
-        t["access_token"].as_str().unwrap().to_owned()
+        binary::access_token(http, &self.url, USER, PASSWORD).await
     }
 
     /// The user's studies.
@@ -153,19 +139,10 @@ impl Setup {
 
     /// The offset the server reports for `upload` (a `/files/…` path).
     async fn head_offset(&self, http: &reqwest::Client, token: &str, upload: &str) -> u64 {
-        let r = http
+        let req = http
             .head(format!("{}{upload}", self.url))
-            .bearer_auth(token)
-            .header("tus-resumable", "1.0.0")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.headers()["upload-offset"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap()
+            .bearer_auth(token);
+        common::tus_offset(req).await
     }
 }
 

@@ -198,13 +198,7 @@ async fn cookie_refresh_needs_csrf_and_same_origin_and_rotates() {
     assert_ne!(cc2, l.csrf);
     assert_eq!(body["csrf_token"].as_str().unwrap(), cc2);
     let a2 = body["access_token"].as_str().unwrap().to_string();
-    let me = t
-        .http
-        .get(format!("{}/api/v1/auth/me", t.url))
-        .bearer_auth(&a2)
-        .send()
-        .await
-        .unwrap();
+    let me = t.me(&a2).await;
     assert_eq!(me.status(), 200);
     // The new CSRF token does not open the old cookie, nor the old one the new.
     expect_error(

@@ -5,47 +5,18 @@
 
 use crate::common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{TestServer, User, dicom};
+use common::{TestServer, User, dicom, fast_outbox, stow_sink};
 use relaypacs_core::testing::dicom_gen::pdf_report;
-use relaypacs_http::Config;
 use relaypacs_http::auth::Role;
-use relaypacs_http::config::{CStoreSinkConfig, DicomWebSinkConfig, SinkConfig};
+use relaypacs_http::config::{CStoreSinkConfig, SinkConfig};
 use relaypacs_test_peers::{Orthanc, OrthancOptions};
 use reqwest::Method;
 use serde_json::Value;
 
 const REFUSE_ALL: &str =
     "function ReceivedInstanceFilter(dicom, origin, info)\n  return false\nend\n";
-
-fn stow(o: &Orthanc, password: &str) -> SinkConfig {
-    SinkConfig::StowRs(DicomWebSinkConfig {
-        url: o.dicomweb(),
-        user: Some(o.user.clone()),
-        password: Some(password.to_owned().into()),
-        ..DicomWebSinkConfig::default()
-    })
-}
-
-/// Fast retries and report polling for tests.
-fn fast(c: &mut Config, sink: SinkConfig) {
-    c.sinks = vec![sink];
-    c.outbox.base_delay = Duration::from_millis(200);
-    c.outbox.max_delay = Duration::from_millis(800);
-    c.outbox.report_poll_interval = Duration::from_millis(300);
-    c.outbox.rescan_interval = Duration::from_secs(2);
-}
-
-async fn study_json(t: &TestServer, u: &User, id: &str) -> Value {
-    let r = t
-        .req(Method::GET, &format!("/api/v1/studies/{id}"), u)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
-}
 
 /// Poll the study until `pred` holds (or fail with its last state).
 async fn wait_for(
@@ -55,18 +26,8 @@ async fn wait_for(
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let start = Instant::now();
-    loop {
-        let v = study_json(t, u, id).await;
-        if pred(&v) {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "waiting for {what}; study is {v:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let timing = (Duration::from_secs(60), Duration::from_millis(100));
+    t.wait_study(u, id, what, timing, pred).await
 }
 
 fn state_is(s: &'static str) -> impl Fn(&Value) -> bool {
@@ -142,8 +103,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fwd_stow_delivers_byte_identical_and_notifies_after_verification() {
     let o = std::sync::Arc::new(blocking(Orthanc::start).await);
-    let sink = stow(&o, &o.password);
-    let t = TestServer::start_with(|c| fast(c, sink)).await;
+    let sink = stow_sink(&o, &o.password);
+    let t = TestServer::start_with(|c| fast_outbox(c, sink)).await;
     let u = t.user("clinic", Role::Uploader).await;
     let (sid, _, files) = upload_and_complete(&t, &u, 3).await;
     let v = wait_for(&t, &u, &sid, "delivered", state_is("delivered")).await;
@@ -176,8 +137,8 @@ async fn fwd_stow_delivers_byte_identical_and_notifies_after_verification() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fwd_pacs_down_then_back_delivers_exactly_once() {
     let mut o = blocking(Orthanc::start).await;
-    let sink = stow(&o, &o.password);
-    let t = TestServer::start_with(|c| fast(c, sink)).await;
+    let sink = stow_sink(&o, &o.password);
+    let t = TestServer::start_with(|c| fast_outbox(c, sink)).await;
     let u = t.user("clinic", Role::Uploader).await;
     o.stop();
     let (sid, _, files) = upload_and_complete(&t, &u, 3).await;
@@ -225,8 +186,8 @@ async fn fwd_pacs_down_then_back_delivers_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fwd_gateway_restart_with_a_pending_entry_delivers() {
     let mut o = blocking(Orthanc::start).await;
-    let sink = stow(&o, &o.password);
-    let mut t = TestServer::start_with(|c| fast(c, sink)).await;
+    let sink = stow_sink(&o, &o.password);
+    let mut t = TestServer::start_with(|c| fast_outbox(c, sink)).await;
     let u = t.user("clinic", Role::Uploader).await;
     o.stop();
     let (sid, _, files) = upload_and_complete(&t, &u, 2).await;
@@ -258,8 +219,8 @@ async fn fwd_gateway_restart_with_a_pending_entry_delivers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fwd_permanent_rejection_dead_letters_at_once_and_replay_after_fix_delivers() {
     let o = blocking(Orthanc::start).await;
-    let sink = stow(&o, "a-wrong-password");
-    let mut t = TestServer::start_with(|c| fast(c, sink)).await;
+    let sink = stow_sink(&o, "a-wrong-password");
+    let mut t = TestServer::start_with(|c| fast_outbox(c, sink)).await;
     let u = t.user("clinic", Role::Uploader).await;
     let admin = t.user("admin", Role::Admin).await;
     let (sid, _, files) = upload_and_complete(&t, &u, 2).await;
@@ -296,7 +257,7 @@ async fn fwd_permanent_rejection_dead_letters_at_once_and_replay_after_fix_deliv
     );
 
     // The admin fixes the configuration and replays.
-    let good = stow(&o, &o.password);
+    let good = stow_sink(&o, &o.password);
     t.restart(|c| c.sinks = vec![good]).await;
     let admin = User {
         token: t.login("admin").await["access_token"]
@@ -341,9 +302,9 @@ async fn fwd_unverified_delivery_is_never_called_delivered() {
         })
     })
     .await;
-    let sink = stow(&o, &o.password);
+    let sink = stow_sink(&o, &o.password);
     let t = TestServer::start_with(|c| {
-        fast(c, sink);
+        fast_outbox(c, sink);
         c.outbox.max_attempts = 3;
     })
     .await;
@@ -379,8 +340,8 @@ async fn fwd_unverified_delivery_is_never_called_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fwd_replay_refuses_a_file_changed_at_rest() {
     let o = blocking(Orthanc::start).await;
-    let sink = stow(&o, "a-wrong-password");
-    let t = TestServer::start_with(|c| fast(c, sink)).await;
+    let sink = stow_sink(&o, "a-wrong-password");
+    let t = TestServer::start_with(|c| fast_outbox(c, sink)).await;
     let u = t.user("clinic", Role::Uploader).await;
     let admin = t.user("admin", Role::Admin).await;
     let (sid, _, _) = upload_and_complete(&t, &u, 1).await;
@@ -404,7 +365,7 @@ async fn fwd_replay_refuses_a_file_changed_at_rest() {
         body["error"]["code"].as_str().unwrap().contains("HASH"),
         "{body}"
     );
-    let v = study_json(&t, &u, &sid).await;
+    let v = t.study_json(&u, &sid).await;
     assert_eq!(v["state"]["state"], "dead_letter");
     assert_eq!(blocking(move || o.instance_count()).await, 0);
     t.stop().await;
@@ -426,8 +387,8 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_notify_the_uploader_and_only_they_can_fetch_them() {
     let o = std::sync::Arc::new(blocking(Orthanc::start).await);
-    let sink = stow(&o, &o.password);
-    let t = TestServer::start_with(|c| fast(c, sink)).await;
+    let sink = stow_sink(&o, &o.password);
+    let t = TestServer::start_with(|c| fast_outbox(c, sink)).await;
     let u = t.user("clinic", Role::Uploader).await;
     let other = t.user("elsewhere", Role::Uploader).await;
     let (sid, study_uid, _) = upload_and_complete(&t, &u, 1).await;
@@ -515,7 +476,7 @@ async fn fwd_cstore_delivers_byte_identical_data_sets() {
         calling_ae: "RELAYPACS".into(),
         ..CStoreSinkConfig::default()
     });
-    let t = TestServer::start_with(|c| fast(c, sink)).await;
+    let t = TestServer::start_with(|c| fast_outbox(c, sink)).await;
     let u = t.user("clinic", Role::Uploader).await;
     let (sid, _, files) = upload_and_complete(&t, &u, 3).await;
     let v = wait_for(&t, &u, &sid, "delivered", state_is("delivered")).await;

@@ -7,36 +7,15 @@
 use crate::common;
 
 use std::ffi::OsStr;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::binary;
+use common::binary::{self, Gateway};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
-use relaypacs_test_peers::{Orthanc, free_port, wait_for_port};
+use relaypacs_test_peers::{Orthanc, free_port};
 use serde_json::Value;
 
 const PASSWORD: &str = "Velvet-Quarry-Lantern-5521";
-
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(bin: &str, config: &std::path::Path, port: u16) -> Gateway {
-    let child = Command::new(bin)
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_port(port, Duration::from_secs(20));
-    Gateway(child)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fwd2_kill9_with_a_pending_delivery_then_restart_delivers_once() {
@@ -44,33 +23,9 @@ async fn fwd2_kill9_with_a_pending_delivery_then_restart_delivers_once() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let port = free_port();
     let config = dir.path().join("relaypacs.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"listen = "127.0.0.1:{port}"
-data_dir = {data:?}
-
-[http]
-min_free_bytes = 0
-
-[[sinks]]
-kind = "stow_rs"
-url = {url:?}
-user = {user:?}
-password = {password:?}
-
-[outbox]
-base_delay = 0.2
-max_delay = 0.5
-"#,
-            data = dir.path().join("data").display().to_string(),
-            url = o.dicomweb(),
-            user = o.user,
-            password = o.password,
-        ),
-    )
-    .unwrap();
-    let bin = env!("CARGO_BIN_EXE_relaypacs");
+    let outbox = "base_delay = 0.2\nmax_delay = 0.5\n";
+    let toml = o.gateway_config(port, &dir.path().join("data"), outbox);
+    std::fs::write(&config, toml).unwrap();
     binary::add_user(
         &[OsStr::new("--config"), config.as_os_str()],
         &[],
@@ -80,11 +35,10 @@ max_delay = 0.5
     );
 
     o.stop();
-    let mut gw = start(bin, &config, port);
+    let mut gw = Gateway::start(&config, port, Stdio::null());
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let tok = binary::login(&http, &url, "lena", PASSWORD).await;
-    let access = tok["access_token"].as_str().unwrap().to_string();
+    let access = binary::access_token(&http, &url, "lena", PASSWORD).await;
     let sid = binary::new_study(&http, &url, &access).await;
     let spec = DicomSpec {
         study_uid: new_uid(),
@@ -132,7 +86,7 @@ max_delay = 0.5
     })
     .await
     .unwrap();
-    let _gw = start(bin, &config, port);
+    let _gw = Gateway::start(&config, port, Stdio::null());
     let start_wait = Instant::now();
     loop {
         let v = state(http.clone(), url.clone(), access.clone(), sid.clone()).await;

@@ -12,14 +12,12 @@ use crate::common;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{TestServer, User, dicom, expect_error};
+use common::{TestServer, User, dicom, expect_error, fast_outbox, stow_sink};
 use relaypacs_core::testing::dicom_gen::new_uid;
 use relaypacs_core::{AuditAction, AuditOutcome};
-use relaypacs_http::Config;
 use relaypacs_http::auth::Role;
-use relaypacs_http::config::{DicomWebSinkConfig, SinkConfig};
 use relaypacs_test_peers::{Orthanc, tool};
 use reqwest::Method;
 use serde_json::Value;
@@ -28,42 +26,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.unwrap()
 }
 
-fn fast(c: &mut Config, o: &Orthanc) {
-    c.sinks = vec![SinkConfig::StowRs(DicomWebSinkConfig {
-        url: o.dicomweb(),
-        user: Some(o.user.clone()),
-        password: Some(o.password.clone().into()),
-        ..DicomWebSinkConfig::default()
-    })];
-    c.outbox.base_delay = Duration::from_millis(200);
-    c.outbox.max_delay = Duration::from_millis(800);
-    c.outbox.report_poll_interval = Duration::from_millis(300);
-    c.outbox.rescan_interval = Duration::from_secs(2);
-}
-
-async fn study_json(t: &TestServer, u: &User, id: &str) -> Value {
-    let r = t
-        .req(Method::GET, &format!("/api/v1/studies/{id}"), u)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
-}
-
 async fn wait_for(t: &TestServer, u: &User, id: &str, what: &str, pred: impl Fn(&Value) -> bool) {
-    let start = Instant::now();
-    loop {
-        let v = study_json(t, u, id).await;
-        if pred(&v) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "waiting for {what}; study is {v:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+    let timing = (Duration::from_secs(90), Duration::from_millis(150));
+    t.wait_study(u, id, what, timing, pred).await;
 }
 
 /// Run a dcmtk (or poppler) tool; panics with its output if it fails.
@@ -280,7 +245,7 @@ async fn get(t: &TestServer, u: &User, path: &str) -> reqwest::Response {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_read_like_dcmtk_reads_them_and_only_by_their_owner() {
     let o = Arc::new(blocking(Orthanc::start).await);
-    let t = TestServer::start_with(|c| fast(c, &o)).await;
+    let t = TestServer::start_with(|c| fast_outbox(c, stow_sink(&o, &o.password))).await;
     let u = t.user("clinic", Role::Uploader).await;
     let other = t.user("elsewhere", Role::Uploader).await;
     let admin = t.user("root", Role::Admin).await;

@@ -20,19 +20,6 @@ fn multipart(parts: &[(&str, Vec<u8>)], boundary: &str) -> Vec<u8> {
     out
 }
 
-async fn stow(t: &TestServer, u: &User, path: &str, body: Vec<u8>) -> reqwest::Response {
-    t.req(Method::POST, path, u)
-        .header(
-            "content-type",
-            "multipart/related; type=\"application/dicom\"; boundary=XyZ",
-        )
-        .header("accept", "application/dicom+json")
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-}
-
 fn seq_len(v: &Value, tag: &str) -> usize {
     v[tag]["Value"].as_array().map_or(0, Vec::len)
 }
@@ -45,19 +32,19 @@ async fn stow_statuses_and_response() {
     let a = dicom(Some(&study), 64);
     let b = dicom(Some(&study), 80);
     // All stored: 200 with ReferencedSOPSequence.
-    let r = stow(
-        &t,
-        &u,
-        "/dicomweb/studies",
-        multipart(
-            &[
-                ("application/dicom", a.clone()),
-                ("application/dicom", b.clone()),
-            ],
-            "XyZ",
-        ),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            multipart(
+                &[
+                    ("application/dicom", a.clone()),
+                    ("application/dicom", b.clone()),
+                ],
+                "XyZ",
+            ),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/dicom+json");
     let v: Value = r.json().await.unwrap();
@@ -69,59 +56,59 @@ async fn stow_statuses_and_response() {
     assert_eq!(archived.len(), 2, "both instances archived");
     // Some stored: 202 with FailedSOPSequence and a reason.
     let c = dicom(None, 64);
-    let r = stow(
-        &t,
-        &u,
-        "/dicomweb/studies",
-        multipart(
-            &[
-                ("application/dicom", c),
-                ("application/dicom", vec![0u8; 500]),
-            ],
-            "XyZ",
-        ),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            multipart(
+                &[
+                    ("application/dicom", c),
+                    ("application/dicom", vec![0u8; 500]),
+                ],
+                "XyZ",
+            ),
+        )
+        .await;
     assert_eq!(r.status(), 202);
     let v: Value = r.json().await.unwrap();
     assert_eq!(seq_len(&v, "00081199"), 1);
     assert_eq!(seq_len(&v, "00081198"), 1);
     assert_eq!(v["00081198"]["Value"][0]["00081197"]["Value"][0], 0xC000);
     // None stored: 409.
-    let r = stow(
-        &t,
-        &u,
-        "/dicomweb/studies",
-        multipart(&[("application/dicom", vec![1u8; 300])], "XyZ"),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            multipart(&[("application/dicom", vec![1u8; 300])], "XyZ"),
+        )
+        .await;
     assert_eq!(r.status(), 409);
     // Target study mismatch: A900 for that instance.
     let other = dicom(None, 64);
-    let r = stow(
-        &t,
-        &u,
-        &format!("/dicomweb/studies/{study}"),
-        multipart(&[("application/dicom", other)], "XyZ"),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            &format!("/dicomweb/studies/{study}"),
+            multipart(&[("application/dicom", other)], "XyZ"),
+        )
+        .await;
     assert_eq!(r.status(), 409);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["00081198"]["Value"][0]["00081197"]["Value"][0], 0xA900);
     // Duplicate SOP instance in one request: 0111 for the second.
-    let r = stow(
-        &t,
-        &u,
-        "/dicomweb/studies",
-        multipart(
-            &[
-                ("application/dicom", a.clone()),
-                ("application/dicom", a.clone()),
-            ],
-            "XyZ",
-        ),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            multipart(
+                &[
+                    ("application/dicom", a.clone()),
+                    ("application/dicom", a.clone()),
+                ],
+                "XyZ",
+            ),
+        )
+        .await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(seq_len(&v, "00081199"), 1, "{v}");
     // Wrong media type: 415.
@@ -225,22 +212,22 @@ async fn stow_failures_reference_uids_and_reasons() {
     odd_ts[at..at + 19].copy_from_slice(b"1.2.840.10008.1.2.9");
     // The same instance twice in one request, garbage, an unsupported
     // transfer syntax, and another valid instance.
-    let r = stow(
-        &t,
-        &u,
-        "/dicomweb/studies",
-        multipart(
-            &[
-                ("application/dicom", a.clone()),
-                ("application/dicom", a.clone()),
-                ("application/dicom", vec![0u8; 500]),
-                ("application/dicom", odd_ts),
-                ("application/dicom", b),
-            ],
-            "XyZ",
-        ),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            multipart(
+                &[
+                    ("application/dicom", a.clone()),
+                    ("application/dicom", a.clone()),
+                    ("application/dicom", vec![0u8; 500]),
+                    ("application/dicom", odd_ts),
+                    ("application/dicom", b),
+                ],
+                "XyZ",
+            ),
+        )
+        .await;
     assert_eq!(r.status(), 202);
     let headers = warnings(&r);
     let v: Value = r.json().await.unwrap();
@@ -295,13 +282,13 @@ async fn stow_failures_reference_uids_and_reasons() {
     // right study (the session holds that study).
     let other = new_uid();
     let (sop_d, sop_e) = (new_uid(), new_uid());
-    let r = stow(
-        &t,
-        &u,
-        &format!("/dicomweb/studies/{study}"),
-        multipart(&[("application/dicom", instance(&other, &sop_d, 4))], "XyZ"),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            &format!("/dicomweb/studies/{study}"),
+            multipart(&[("application/dicom", instance(&other, &sop_d, 4))], "XyZ"),
+        )
+        .await;
     assert_eq!(r.status(), 409);
     let v: Value = r.json().await.unwrap();
     let item = &v["00081198"]["Value"][0];
@@ -310,19 +297,19 @@ async fn stow_failures_reference_uids_and_reasons() {
     assert!(uid_of(item, "00081150").is_some(), "{item}");
     let c = comment_of(item);
     assert!(c.contains(&other) && c.contains(&study), "{c}");
-    let r = stow(
-        &t,
-        &u,
-        &format!("/dicomweb/studies/{study}"),
-        multipart(
-            &[
-                ("application/dicom", instance(&study, &new_uid(), 5)),
-                ("application/dicom", instance(&other, &sop_e, 6)),
-            ],
-            "XyZ",
-        ),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            &format!("/dicomweb/studies/{study}"),
+            multipart(
+                &[
+                    ("application/dicom", instance(&study, &new_uid(), 5)),
+                    ("application/dicom", instance(&other, &sop_e, 6)),
+                ],
+                "XyZ",
+            ),
+        )
+        .await;
     assert_eq!(r.status(), 202);
     let v: Value = r.json().await.unwrap();
     assert_eq!(seq_len(&v, "00081199"), 1, "{v}");
@@ -332,13 +319,13 @@ async fn stow_failures_reference_uids_and_reasons() {
     assert!(comment_of(item).contains("RELAY_STUDY_MISMATCH"), "{item}");
     // The refused instance left the gateway: it can be sent again to its
     // own study.
-    let r = stow(
-        &t,
-        &u,
-        &format!("/dicomweb/studies/{other}"),
-        multipart(&[("application/dicom", instance(&other, &sop_e, 6))], "XyZ"),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            &format!("/dicomweb/studies/{other}"),
+            multipart(&[("application/dicom", instance(&other, &sop_e, 6))], "XyZ"),
+        )
+        .await;
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
     t.stop().await;
 }
@@ -350,27 +337,27 @@ async fn stow_conflict_across_requests_names_uid_and_earlier_study() {
     let t = TestServer::start().await;
     let u = t.user("pim", Role::Uploader).await;
     let (first_study, second_study, sop) = (new_uid(), new_uid(), new_uid());
-    let r = stow(
-        &t,
-        &u,
-        "/dicomweb/studies",
-        multipart(
-            &[("application/dicom", instance(&first_study, &sop, 1))],
-            "XyZ",
-        ),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            multipart(
+                &[("application/dicom", instance(&first_study, &sop, 1))],
+                "XyZ",
+            ),
+        )
+        .await;
     assert_eq!(r.status(), 200);
-    let r = stow(
-        &t,
-        &u,
-        "/dicomweb/studies",
-        multipart(
-            &[("application/dicom", instance(&second_study, &sop, 2))],
-            "XyZ",
-        ),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            multipart(
+                &[("application/dicom", instance(&second_study, &sop, 2))],
+                "XyZ",
+            ),
+        )
+        .await;
     assert_eq!(r.status(), 409);
     let headers = warnings(&r);
     let v: Value = r.json().await.unwrap();
@@ -398,24 +385,24 @@ async fn stow_warnings_are_202_with_warning_reason() {
     let u = t.user("rue", Role::Uploader).await;
     let (study, sop) = (new_uid(), new_uid());
     let a = instance(&study, &sop, 1);
-    let r = stow(
-        &t,
-        &u,
-        "/dicomweb/studies",
-        multipart(&[("application/dicom", a.clone())], "XyZ"),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            multipart(&[("application/dicom", a.clone())], "XyZ"),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     assert!(warnings(&r).is_empty());
     // The same instance again, in a later request: an idempotent success
     // with a warning pointing at the earlier study (B006).
-    let r = stow(
-        &t,
-        &u,
-        "/dicomweb/studies",
-        multipart(&[("application/dicom", a)], "XyZ"),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            multipart(&[("application/dicom", a)], "XyZ"),
+        )
+        .await;
     assert_eq!(r.status(), 202);
     let headers = warnings(&r);
     let v: Value = r.json().await.unwrap();
@@ -440,13 +427,13 @@ async fn stow_warnings_are_202_with_warning_reason() {
         ..DicomSpec::default()
     })
     .unwrap();
-    let r = stow(
-        &t,
-        &u,
-        "/dicomweb/studies",
-        multipart(&[("application/dicom", no_pid)], "XyZ"),
-    )
-    .await;
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            multipart(&[("application/dicom", no_pid)], "XyZ"),
+        )
+        .await;
     assert_eq!(r.status(), 202);
     let v: Value = r.json().await.unwrap();
     let item = &v["00081199"]["Value"][0];

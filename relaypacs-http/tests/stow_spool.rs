@@ -10,7 +10,6 @@ use crate::common;
 use common::*;
 use relaypacs_core::testing::dicom_gen::new_uid;
 use relaypacs_http::auth::Role;
-use reqwest::Method;
 use serde_json::Value;
 
 #[tokio::test]
@@ -28,24 +27,8 @@ async fn small_parts_in_memory_and_large_ones_spooled_are_stored_whole() {
         "{} bytes",
         near.len()
     );
-    let mut body = Vec::new();
-    for part in [&small, &large, &near] {
-        body.extend_from_slice(b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n");
-        body.extend_from_slice(part);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(b"--XyZ--\r\n");
-    let r = t
-        .req(Method::POST, "/dicomweb/studies", &u)
-        .header(
-            "content-type",
-            "multipart/related; type=\"application/dicom\"; boundary=XyZ",
-        )
-        .header("accept", "application/dicom+json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let body = stow_body(&[&small, &large, &near]);
+    let r = t.stow(&u, "/dicomweb/studies", body).await;
     assert_eq!(r.status().as_u16(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(

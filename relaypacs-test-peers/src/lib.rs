@@ -447,6 +447,33 @@ impl Orthanc {
         format!("{}/dicom-web", self.url())
     }
 
+    /// A config file (TOML) for the real `relaypacs` binary delivering into
+    /// this Orthanc by STOW-RS: listening on loopback `port`, data in
+    /// `data_dir`, no free-space watermark, and `outbox` (lines such as
+    /// `base_delay = 0.2`) as the body of its `[outbox]` table.
+    pub fn gateway_config(&self, port: u16, data_dir: &Path, outbox: &str) -> String {
+        format!(
+            r#"listen = "127.0.0.1:{port}"
+data_dir = {data:?}
+
+[http]
+min_free_bytes = 0
+
+[[sinks]]
+kind = "stow_rs"
+url = {url:?}
+user = {user:?}
+password = {password:?}
+
+[outbox]
+{outbox}"#,
+            data = data_dir.display().to_string(),
+            url = self.dicomweb(),
+            user = self.user,
+            password = self.password,
+        )
+    }
+
     /// Call Orthanc's REST API with `curl` (blocking; tests only). Returns
     /// the HTTP status and body.
     pub fn rest(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {

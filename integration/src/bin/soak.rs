@@ -931,32 +931,8 @@ async fn main() {
     let orthanc = tokio::task::spawn_blocking(Orthanc::start).await.unwrap();
     let port = free_port();
     let config = a.work.join("relaypacs.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"listen = "127.0.0.1:{port}"
-data_dir = {data:?}
-
-[http]
-min_free_bytes = 0
-
-[[sinks]]
-kind = "stow_rs"
-url = {url:?}
-user = {user:?}
-password = {password:?}
-
-[outbox]
-base_delay = 0.2
-max_delay = 1.0
-"#,
-            data = data_dir.display().to_string(),
-            url = orthanc.dicomweb(),
-            user = orthanc.user,
-            password = orthanc.password,
-        ),
-    )
-    .unwrap();
+    let outbox = "base_delay = 0.2\nmax_delay = 1.0\n";
+    std::fs::write(&config, orthanc.gateway_config(port, &data_dir, outbox)).unwrap();
     let mut gw = Gateway {
         bin: std::fs::canonicalize(&a.gateway).expect("the relaypacs binary (build --release)"),
         config,

@@ -3,10 +3,45 @@
 
 use std::ffi::OsStr;
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{Value, json};
+
+/// The real `relaypacs` binary running as a child; killed (SIGKILL) and
+/// reaped when dropped.
+pub struct Gateway(pub Child);
+
+impl Gateway {
+    /// `relaypacs --config CONFIG` with stdout discarded and stderr to
+    /// `stderr`, once it listens on `port` (20 s at most).
+    pub fn start(config: &Path, port: u16, stderr: Stdio) -> Self {
+        Self::start_within(config, port, stderr, Duration::from_secs(20))
+    }
+
+    /// [`Gateway::start`], waiting up to `timeout` for the port.
+    pub fn start_within(config: &Path, port: u16, stderr: Stdio, timeout: Duration) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_relaypacs"))
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let gw = Self(child);
+        relaypacs_test_peers::wait_for_port(port, timeout);
+        gw
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// `relaypacs [ARGS] user add NAME --role ROLE` with the password on stdin
 /// and `envs` set; panics with its stderr if it fails.
@@ -41,6 +76,12 @@ pub async fn login(http: &reqwest::Client, url: &str, name: &str, password: &str
         .json()
         .await
         .unwrap()
+}
+
+/// Log in; returns the access token.
+pub async fn access_token(http: &reqwest::Client, url: &str, name: &str, password: &str) -> String {
+    let tok = login(http, url, name, password).await;
+    tok["access_token"].as_str().unwrap().to_owned()
 }
 
 /// Open a study; returns its id.

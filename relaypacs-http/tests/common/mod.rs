@@ -4,13 +4,16 @@
 pub mod binary;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
 use relaypacs_http::auth::Role;
+use relaypacs_http::config::{DicomWebSinkConfig, SinkConfig};
 use relaypacs_http::routes::auth::new_record;
 use relaypacs_http::{Config, Server};
+use relaypacs_test_peers::Orthanc;
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -117,6 +120,66 @@ impl TestServer {
         }
     }
 
+    /// `GET /api/v1/auth/me` with `token` as the bearer.
+    pub async fn me(&self, token: &str) -> Response {
+        self.http
+            .get(format!("{}/api/v1/auth/me", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `POST` a STOW-RS `body` (multipart/related, boundary `XyZ`) to
+    /// `path` as `user`, asking for the DICOM JSON response.
+    pub async fn stow(&self, user: &User, path: &str, body: Vec<u8>) -> Response {
+        self.req(Method::POST, path, user)
+            .header(
+                "content-type",
+                "multipart/related; type=\"application/dicom\"; boundary=XyZ",
+            )
+            .header("accept", "application/dicom+json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /api/v1/studies/{id}` as `user` (200); the study's JSON.
+    pub async fn study_json(&self, user: &User, id: &str) -> Value {
+        let r = self
+            .req(Method::GET, &format!("/api/v1/studies/{id}"), user)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// Poll the study every `poll` until `pred` holds; fails naming `what`
+    /// and the last state after `timeout`. Returns the study's JSON.
+    pub async fn wait_study(
+        &self,
+        user: &User,
+        id: &str,
+        what: &str,
+        (timeout, poll): (Duration, Duration),
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let start = Instant::now();
+        loop {
+            let v = self.study_json(user, id).await;
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "waiting for {what}; study is {v:#}"
+            );
+            tokio::time::sleep(poll).await;
+        }
+    }
+
     pub fn req(&self, method: Method, path: &str, user: &User) -> RequestBuilder {
         self.http
             .request(method, format!("{}{path}", self.url))
@@ -196,18 +259,7 @@ impl TestServer {
     }
 
     pub async fn head_offset(&self, user: &User, upload: &str) -> u64 {
-        let r = self
-            .req(Method::HEAD, upload, user)
-            .header("tus-resumable", "1.0.0")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.headers()["upload-offset"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap()
+        tus_offset(self.req(Method::HEAD, upload, user)).await
     }
 
     /// Upload `data` whole through tus (one PATCH) into `study`.
@@ -278,6 +330,69 @@ pub struct User {
     pub id: String,
     pub token: String,
     pub refresh: String,
+}
+
+/// The RFC 6238 generator (SHA-1, 6 digits, 30 s) for the base32 `secret`
+/// the server gave at enrolment, as an authenticator app holds it.
+pub fn totp(secret_b32: &str, account: &str) -> totp_rs::TOTP {
+    let secret = totp_rs::Secret::Encoded(secret_b32.to_owned())
+        .to_bytes()
+        .unwrap();
+    totp_rs::TOTP::new(
+        totp_rs::Algorithm::SHA1,
+        6,
+        1,
+        30,
+        secret,
+        Some("RelayPACS".into()),
+        account.into(),
+    )
+    .unwrap()
+}
+
+/// Send a tus `HEAD` (`req`, addressed and authenticated): 200, and the
+/// Upload-Offset it reports.
+pub async fn tus_offset(req: RequestBuilder) -> u64 {
+    let r = req.header("tus-resumable", "1.0.0").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.headers()["upload-offset"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A STOW-RS request body (boundary `XyZ`) of `parts`, each
+/// `application/dicom`.
+pub fn stow_body(parts: &[&[u8]]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for part in parts {
+        body.extend_from_slice(b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n");
+        body.extend_from_slice(part);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--XyZ--\r\n");
+    body
+}
+
+/// A STOW-RS sink into `o` with its user and `password`.
+pub fn stow_sink(o: &Orthanc, password: &str) -> SinkConfig {
+    SinkConfig::StowRs(DicomWebSinkConfig {
+        url: o.dicomweb(),
+        user: Some(o.user.clone()),
+        password: Some(password.to_owned().into()),
+        ..DicomWebSinkConfig::default()
+    })
+}
+
+/// Deliver to `sink` alone, with fast retries, report polling and rescans
+/// for tests.
+pub fn fast_outbox(c: &mut Config, sink: SinkConfig) {
+    c.sinks = vec![sink];
+    c.outbox.base_delay = Duration::from_millis(200);
+    c.outbox.max_delay = Duration::from_millis(800);
+    c.outbox.report_poll_interval = Duration::from_millis(300);
+    c.outbox.rescan_interval = Duration::from_secs(2);
 }
 
 pub fn sha256_header(data: &[u8]) -> String {
