@@ -15,14 +15,14 @@ mod common;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use common::binary;
 use relaypacs_core::testing::dicom_gen::{
     DicomSpec, SopClass, generate, huge_declared_length, new_uid, pdf_report, write_large_file,
 };
-use relaypacs_test_peers::{Orthanc, free_port, tool, wait_for_port};
+use relaypacs_test_peers::{Orthanc, free_port, tool};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -31,15 +31,6 @@ const PASSWORD_2: &str = "Copper-Thistle-Beacon-9082";
 
 /// A minimal one-page PDF, as a radiologist's system would attach.
 const REPORT_PDF: &[u8] = b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 200 100]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n";
-
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -144,27 +135,13 @@ fn make_folder(dir: &Path) -> Folder {
 
 /// RFC 6238 code of `step` (SHA-1, 6 digits), with the crate the server uses.
 fn totp_code(secret_b32: &str, step: u64) -> String {
-    let secret = totp_rs::Secret::Encoded(secret_b32.to_owned())
-        .to_bytes()
-        .unwrap();
-    let t = totp_rs::TOTP::new(
-        totp_rs::Algorithm::SHA1,
-        6,
-        1,
-        30,
-        secret,
-        Some("RelayPACS".into()),
-        "browser".into(),
-    )
-    .unwrap();
-    t.generate(step * 30)
+    common::totp(secret_b32, "browser").generate(step * 30)
 }
 
 /// Enrol TOTP for `user` (JSON login without a code, enrol, confirm with
 /// the previous step's code so that the browser can use the current one).
 async fn enrol_totp(http: &reqwest::Client, url: &str, user: &str, password: &str) -> String {
-    let tok = binary::login(http, url, user, password).await;
-    let access = tok["access_token"].as_str().unwrap().to_owned();
+    let access = binary::access_token(http, url, user, password).await;
     let e: Value = http
         .post(format!("{url}/api/v1/auth/totp"))
         .bearer_auth(&access)
@@ -218,46 +195,14 @@ async fn web_app_in_chromium_uploads_resumes_offline_and_delivers() {
     );
     let port = free_port();
     let config = dir.path().join("relaypacs.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"listen = "127.0.0.1:{port}"
-data_dir = {data:?}
-
-[http]
-min_free_bytes = 0
-
-[[sinks]]
-kind = "stow_rs"
-url = {url:?}
-user = {user:?}
-password = {password:?}
-
-[outbox]
-base_delay = 0.2
-max_delay = 0.5
-report_poll_interval = 0.3
-"#,
-            data = dir.path().join("data").display().to_string(),
-            url = o.dicomweb(),
-            user = o.user,
-            password = o.password,
-        ),
-    )
-    .unwrap();
+    let outbox = "base_delay = 0.2\nmax_delay = 0.5\nreport_poll_interval = 0.3\n";
+    let toml = o.gateway_config(port, &dir.path().join("data"), outbox);
+    std::fs::write(&config, toml).unwrap();
     let args = [OsStr::new("--config"), config.as_os_str()];
     binary::add_user(&args, &[], "dr-ines", "uploader", PASSWORD_1);
     binary::add_user(&args, &[], "dr-omar", "uploader", PASSWORD_2);
     let log = std::fs::File::create(dir.path().join("relaypacs.log")).unwrap();
-    let _gw = Gateway(
-        Command::new(env!("CARGO_BIN_EXE_relaypacs"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_port(port, Duration::from_secs(20));
+    let _gw = binary::Gateway::start(&config, port, log.into());
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let secret = enrol_totp(&http, &url, "dr-ines", PASSWORD_1).await;
