@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use relaypacs_test_peers::Orthanc;
 
@@ -193,4 +194,37 @@ pub async fn login(client: &reqwest::Client, base: &str) -> Res<String> {
         .as_str()
         .ok_or("login: no access_token in the response")?
         .to_owned())
+}
+
+/// Wait (polling every 50 ms) until our server has no session left open
+/// or forwarding. A dead-lettered session fails the bench, and so does any
+/// left `limit` after `since`.
+pub fn settle(
+    rt: &tokio::runtime::Runtime,
+    server: &relaypacs_http::Server,
+    since: Instant,
+    limit: Duration,
+) -> Res<()> {
+    use relaypacs_core::{Actor, SessionState};
+    let deadline = since + limit;
+    loop {
+        let sessions = rt.block_on(server.state().pipeline().list_sessions(&Actor::system()))?;
+        if let Some(s) = sessions
+            .iter()
+            .find(|s| matches!(s.state, SessionState::DeadLetter { .. }))
+        {
+            return Err(format!("session {} dead-lettered", s.id).into());
+        }
+        if !sessions
+            .iter()
+            .any(|s| matches!(s.state, SessionState::Open | SessionState::Forwarding))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let secs = limit.as_secs();
+            return Err(format!("sessions still in the outbox after {secs} s").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -46,7 +46,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use relaypacs_benches::{Res, clear_study, login, median, orthanc_pid, ours_config};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, generate, new_uid};
-use relaypacs_core::{Actor, SessionState};
 use relaypacs_test_peers::Orthanc;
 use reqwest::{Client, StatusCode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -246,7 +245,8 @@ fn wait_delivered(
     (study, series, count): (&str, &str, usize),
     t0: Instant,
 ) -> Res<f64> {
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let (start, limit) = (Instant::now(), Duration::from_secs(300));
+    let deadline = start + limit;
     while archived(archive, study, series) < count {
         if Instant::now() > deadline {
             return Err("delivery to the local archive did not finish in 300 s".into());
@@ -254,25 +254,8 @@ fn wait_delivered(
         std::thread::sleep(Duration::from_millis(5));
     }
     let delivered = t0.elapsed().as_secs_f64();
-    loop {
-        let sessions = rt.block_on(server.state().pipeline().list_sessions(&Actor::system()))?;
-        if let Some(s) = sessions
-            .iter()
-            .find(|s| matches!(s.state, SessionState::DeadLetter { .. }))
-        {
-            return Err(format!("session {} dead-lettered", s.id).into());
-        }
-        if !sessions
-            .iter()
-            .any(|s| matches!(s.state, SessionState::Open | SessionState::Forwarding))
-        {
-            return Ok(delivered);
-        }
-        if Instant::now() > deadline {
-            return Err("sessions still in the outbox after 300 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    relaypacs_benches::settle(rt, server, start, limit)?;
+    Ok(delivered)
 }
 
 /// CPU seconds (user + system) of process `pid` so far.

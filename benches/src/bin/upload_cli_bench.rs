@@ -342,27 +342,7 @@ async fn browser((dir, chromium): &(PathBuf, PathBuf), base: &str, set: &Set) ->
 
 /// Wait until our server has no study left open or forwarding.
 fn settle(rt: &Runtime, server: &relaypacs_http::Server) -> Res<()> {
-    use relaypacs_core::{Actor, SessionState};
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    loop {
-        let sessions = rt.block_on(server.state().pipeline().list_sessions(&Actor::system()))?;
-        if let Some(s) = sessions
-            .iter()
-            .find(|s| matches!(s.state, SessionState::DeadLetter { .. }))
-        {
-            return Err(format!("session {} dead-lettered", s.id).into());
-        }
-        if !sessions
-            .iter()
-            .any(|s| matches!(s.state, SessionState::Open | SessionState::Forwarding))
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err("studies still in the outbox after 1800 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    relaypacs_benches::settle(rt, server, Instant::now(), Duration::from_secs(1800))
 }
 
 fn main() -> Res<()> {
