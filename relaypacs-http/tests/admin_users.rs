@@ -6,7 +6,7 @@
 
 use crate::common;
 
-use common::{PASSWORD, TestServer, User, expect_error};
+use common::{TestServer, User, expect_error};
 use relaypacs_core::{AuditAction, AuditOutcome};
 use relaypacs_http::auth::Role;
 use reqwest::Method;
@@ -14,19 +14,6 @@ use serde_json::{Value, json};
 
 async fn post(t: &TestServer, who: &User, path: &str) -> reqwest::Response {
     t.req(Method::POST, path, who).send().await.unwrap()
-}
-
-async fn login(t: &TestServer, name: &str, totp: Option<String>) -> reqwest::Response {
-    let mut body = json!({"username": name, "password": PASSWORD});
-    if let Some(c) = totp {
-        body["totp"] = json!(c);
-    }
-    t.http
-        .post(format!("{}/api/v1/auth/login", t.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
 }
 
 async fn refresh(t: &TestServer, token: &str) -> reqwest::Response {
@@ -53,7 +40,8 @@ async fn an_admin_disables_and_enables_an_account() {
     let admin = t.user("boss", Role::Admin).await;
     let u = t.user("clinic", Role::Uploader).await;
     // A second login of the same account (another device).
-    let second = login(&t, "clinic", None)
+    let second = t
+        .login_response("clinic", None)
         .await
         .json::<Value>()
         .await
@@ -90,7 +78,7 @@ async fn an_admin_disables_and_enables_an_account() {
             .status(),
         401
     );
-    assert_eq!(login(&t, "clinic", None).await.status(), 401);
+    assert_eq!(t.login_response("clinic", None).await.status(), 401);
     // Disabling again changes nothing and is not an error.
     let r = post(&t, &admin, &format!("/api/v1/users/{}/disable", u.id)).await;
     assert_eq!(r.status(), 200);
@@ -98,7 +86,7 @@ async fn an_admin_disables_and_enables_an_account() {
     let r = post(&t, &admin, &format!("/api/v1/users/{}/enable", u.id)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["disabled"], false);
-    assert_eq!(login(&t, "clinic", None).await.status(), 200);
+    assert_eq!(t.login_response("clinic", None).await.status(), 200);
     // The logins revoked at disabling stay revoked.
     assert_eq!(refresh(&t, &u.refresh).await.status(), 401);
 
@@ -144,7 +132,7 @@ async fn an_admin_resets_a_lost_second_factor() {
         .unwrap();
     assert_eq!(r.status(), 204);
     assert_eq!(
-        login(&t, "wen", None).await.status(),
+        t.login_response("wen", None).await.status(),
         401,
         "a code is needed"
     );
@@ -160,7 +148,7 @@ async fn an_admin_resets_a_lost_second_factor() {
     assert_eq!(r.json::<Value>().await.unwrap()["totp"], false);
     assert_eq!(me(&t, &u).await, 401, "the old logins are revoked");
     assert_eq!(refresh(&t, &u.refresh).await.status(), 401);
-    let r = login(&t, "wen", None).await;
+    let r = t.login_response("wen", None).await;
     assert_eq!(
         r.status(),
         200,

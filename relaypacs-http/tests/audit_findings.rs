@@ -327,14 +327,7 @@ async fn finding_04_other_users_objects_do_not_exist() {
     assert_eq!(r.status(), 202);
     let list = t.wait_notifications(&a, 1).await;
     let nid = list[0]["id"].as_str().unwrap().to_string();
-    let b_page: serde_json::Value = t
-        .req(Method::GET, "/api/v1/notifications", &b)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let b_page = common::json_of(t.req(Method::GET, "/api/v1/notifications", &b)).await;
     assert!(b_page["items"].as_array().unwrap().is_empty());
     assert!(b_page["next"].is_null());
     let cross = [
@@ -510,14 +503,7 @@ async fn finding_07_no_credential_in_any_url() {
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     drop(r);
     // EventSource: a single-use ticket, which is not a token.
-    let tk: serde_json::Value = t
-        .req(Method::POST, "/api/v1/events/ticket", &u)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tk = common::json_of(t.req(Method::POST, "/api/v1/events/ticket", &u)).await;
     let ticket = tk["ticket"].as_str().unwrap();
     assert!(!ticket.starts_with("eyJ"));
     let r = t

@@ -242,14 +242,7 @@ async fn refresh_idle_timeout() {
 async fn totp_second_factor_and_password_change() {
     let t = TestServer::start().await;
     let u = t.user("wen", Role::Radiologist).await;
-    let e: serde_json::Value = t
-        .req(Method::POST, "/api/v1/auth/totp", &u)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let e = common::json_of(t.req(Method::POST, "/api/v1/auth/totp", &u)).await;
     let totp = common::totp(e["secret"].as_str().unwrap(), "wen");
     let code = totp.generate_current().unwrap();
     let r = t
@@ -271,27 +264,17 @@ async fn totp_second_factor_and_password_change() {
     // The secret is stored encrypted.
     let users = format!("{:?}", stored_snapshot(&t.data()).await);
     assert!(!users.contains(e["secret"].as_str().unwrap()));
-    let login = |code: Option<String>| {
-        let mut body = json!({"username": "wen", "password": PASSWORD});
-        if let Some(c) = code {
-            body["totp"] = json!(c);
-        }
-        t.http
-            .post(format!("{}/api/v1/auth/login", t.url))
-            .json(&body)
-            .send()
-    };
-    assert_eq!(login(None).await.unwrap().status(), 401);
+    assert_eq!(t.login_response("wen", None).await.status(), 401);
     // The confirmation used the current step: wait for the next one.
     let step = time::OffsetDateTime::now_utc().unix_timestamp() / 30;
     while time::OffsetDateTime::now_utc().unix_timestamp() / 30 == step {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     let code = totp.generate_current().unwrap();
-    let ok = login(Some(code.clone())).await.unwrap();
+    let ok = t.login_response("wen", Some(code.clone())).await;
     assert_eq!(ok.status(), 200);
     assert_eq!(
-        login(Some(code)).await.unwrap().status(),
+        t.login_response("wen", Some(code)).await.status(),
         401,
         "a TOTP code worked twice"
     );

@@ -23,7 +23,7 @@ use relaypacs_core::testing::dicom_gen::{
     DicomSpec, SopClass, generate, huge_declared_length, new_uid, pdf_report, write_large_file,
 };
 use relaypacs_test_peers::{Orthanc, free_port, tool};
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
 const PASSWORD_1: &str = "Harbor-Violet-Meadow-4417";
@@ -142,15 +142,11 @@ fn totp_code(secret_b32: &str, step: u64) -> String {
 /// the previous step's code so that the browser can use the current one).
 async fn enrol_totp(http: &reqwest::Client, url: &str, user: &str, password: &str) -> String {
     let access = binary::access_token(http, url, user, password).await;
-    let e: Value = http
-        .post(format!("{url}/api/v1/auth/totp"))
-        .bearer_auth(&access)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let e = common::json_of(
+        http.post(format!("{url}/api/v1/auth/totp"))
+            .bearer_auth(&access),
+    )
+    .await;
     let secret = e["secret"].as_str().unwrap().to_owned();
     let step = time::OffsetDateTime::now_utc().unix_timestamp() as u64 / 30 - 1;
     let r = http

@@ -125,15 +125,11 @@ impl Setup {
 
     /// The user's studies.
     async fn studies(&self, http: &reqwest::Client, token: &str) -> Vec<Value> {
-        let v: Value = http
-            .get(format!("{}/api/v1/studies", self.url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = common::json_of(
+            http.get(format!("{}/api/v1/studies", self.url))
+                .bearer_auth(token),
+        )
+        .await;
         v["items"].as_array().cloned().unwrap_or_default()
     }
 

@@ -52,14 +52,7 @@ async fn send(t: &TestServer, u: &User, files: &[Vec<u8>]) -> String {
 async fn settle(t: &TestServer, u: &User, sid: &str) -> Value {
     let start = Instant::now();
     loop {
-        let v: Value = t
-            .req(Method::GET, &format!("/api/v1/studies/{sid}"), u)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = common::json_of(t.req(Method::GET, &format!("/api/v1/studies/{sid}"), u)).await;
         if matches!(
             v["state"]["state"].as_str(),
             Some("delivered" | "dead_letter")

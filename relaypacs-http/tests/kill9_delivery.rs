@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use common::binary::{self, Gateway};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
 use relaypacs_test_peers::{Orthanc, free_port};
-use serde_json::Value;
 
 const PASSWORD: &str = "Velvet-Quarry-Lantern-5521";
 
@@ -54,16 +53,11 @@ async fn fwd2_kill9_with_a_pending_delivery_then_restart_delivers_once() {
         .unwrap();
     assert_eq!(r.status(), 202);
     let state = |http: reqwest::Client, url: String, access: String, sid: String| async move {
-        let v: Value = http
-            .get(format!("{url}/api/v1/studies/{sid}"))
-            .bearer_auth(&access)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v
+        common::json_of(
+            http.get(format!("{url}/api/v1/studies/{sid}"))
+                .bearer_auth(&access),
+        )
+        .await
     };
     // At least one failed attempt while the PACS is down, then SIGKILL.
     let start_wait = Instant::now();
@@ -103,15 +97,11 @@ async fn fwd2_kill9_with_a_pending_delivery_then_restart_delivers_once() {
             .unwrap();
     assert_eq!(held.unwrap(), file, "byte-identical at the PACS");
     assert_eq!(count, 1, "delivered once");
-    let page: Value = http
-        .get(format!("{url}/api/v1/notifications"))
-        .bearer_auth(&access)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = common::json_of(
+        http.get(format!("{url}/api/v1/notifications"))
+            .bearer_auth(&access),
+    )
+    .await;
     let notes = page["items"].as_array().unwrap();
     assert_eq!(notes.iter().filter(|n| n["kind"] == "delivered").count(), 1);
 }

@@ -32,19 +32,7 @@ async fn stow_statuses_and_response() {
     let a = dicom(Some(&study), 64);
     let b = dicom(Some(&study), 80);
     // All stored: 200 with ReferencedSOPSequence.
-    let r = t
-        .stow(
-            &u,
-            "/dicomweb/studies",
-            multipart(
-                &[
-                    ("application/dicom", a.clone()),
-                    ("application/dicom", b.clone()),
-                ],
-                "XyZ",
-            ),
-        )
-        .await;
+    let r = t.stow(&u, "/dicomweb/studies", stow_body(&[&a, &b])).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/dicom+json");
     let v: Value = r.json().await.unwrap();
@@ -57,17 +45,7 @@ async fn stow_statuses_and_response() {
     // Some stored: 202 with FailedSOPSequence and a reason.
     let c = dicom(None, 64);
     let r = t
-        .stow(
-            &u,
-            "/dicomweb/studies",
-            multipart(
-                &[
-                    ("application/dicom", c),
-                    ("application/dicom", vec![0u8; 500]),
-                ],
-                "XyZ",
-            ),
-        )
+        .stow(&u, "/dicomweb/studies", stow_body(&[&c, &[0u8; 500]]))
         .await;
     assert_eq!(r.status(), 202);
     let v: Value = r.json().await.unwrap();
@@ -76,11 +54,7 @@ async fn stow_statuses_and_response() {
     assert_eq!(v["00081198"]["Value"][0]["00081197"]["Value"][0], 0xC000);
     // None stored: 409.
     let r = t
-        .stow(
-            &u,
-            "/dicomweb/studies",
-            multipart(&[("application/dicom", vec![1u8; 300])], "XyZ"),
-        )
+        .stow(&u, "/dicomweb/studies", stow_body(&[&[1u8; 300]]))
         .await;
     assert_eq!(r.status(), 409);
     // Target study mismatch: A900 for that instance.
@@ -89,26 +63,14 @@ async fn stow_statuses_and_response() {
         .stow(
             &u,
             &format!("/dicomweb/studies/{study}"),
-            multipart(&[("application/dicom", other)], "XyZ"),
+            stow_body(&[&other]),
         )
         .await;
     assert_eq!(r.status(), 409);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["00081198"]["Value"][0]["00081197"]["Value"][0], 0xA900);
     // Duplicate SOP instance in one request: 0111 for the second.
-    let r = t
-        .stow(
-            &u,
-            "/dicomweb/studies",
-            multipart(
-                &[
-                    ("application/dicom", a.clone()),
-                    ("application/dicom", a.clone()),
-                ],
-                "XyZ",
-            ),
-        )
-        .await;
+    let r = t.stow(&u, "/dicomweb/studies", stow_body(&[&a, &a])).await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(seq_len(&v, "00081199"), 1, "{v}");
     // Wrong media type: 415.
@@ -216,16 +178,7 @@ async fn stow_failures_reference_uids_and_reasons() {
         .stow(
             &u,
             "/dicomweb/studies",
-            multipart(
-                &[
-                    ("application/dicom", a.clone()),
-                    ("application/dicom", a.clone()),
-                    ("application/dicom", vec![0u8; 500]),
-                    ("application/dicom", odd_ts),
-                    ("application/dicom", b),
-                ],
-                "XyZ",
-            ),
+            stow_body(&[&a, &a, &[0u8; 500], &odd_ts, &b]),
         )
         .await;
     assert_eq!(r.status(), 202);
@@ -286,7 +239,7 @@ async fn stow_failures_reference_uids_and_reasons() {
         .stow(
             &u,
             &format!("/dicomweb/studies/{study}"),
-            multipart(&[("application/dicom", instance(&other, &sop_d, 4))], "XyZ"),
+            stow_body(&[&instance(&other, &sop_d, 4)]),
         )
         .await;
     assert_eq!(r.status(), 409);
@@ -301,13 +254,10 @@ async fn stow_failures_reference_uids_and_reasons() {
         .stow(
             &u,
             &format!("/dicomweb/studies/{study}"),
-            multipart(
-                &[
-                    ("application/dicom", instance(&study, &new_uid(), 5)),
-                    ("application/dicom", instance(&other, &sop_e, 6)),
-                ],
-                "XyZ",
-            ),
+            stow_body(&[
+                &instance(&study, &new_uid(), 5),
+                &instance(&other, &sop_e, 6),
+            ]),
         )
         .await;
     assert_eq!(r.status(), 202);
@@ -323,7 +273,7 @@ async fn stow_failures_reference_uids_and_reasons() {
         .stow(
             &u,
             &format!("/dicomweb/studies/{other}"),
-            multipart(&[("application/dicom", instance(&other, &sop_e, 6))], "XyZ"),
+            stow_body(&[&instance(&other, &sop_e, 6)]),
         )
         .await;
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
@@ -341,10 +291,7 @@ async fn stow_conflict_across_requests_names_uid_and_earlier_study() {
         .stow(
             &u,
             "/dicomweb/studies",
-            multipart(
-                &[("application/dicom", instance(&first_study, &sop, 1))],
-                "XyZ",
-            ),
+            stow_body(&[&instance(&first_study, &sop, 1)]),
         )
         .await;
     assert_eq!(r.status(), 200);
@@ -352,10 +299,7 @@ async fn stow_conflict_across_requests_names_uid_and_earlier_study() {
         .stow(
             &u,
             "/dicomweb/studies",
-            multipart(
-                &[("application/dicom", instance(&second_study, &sop, 2))],
-                "XyZ",
-            ),
+            stow_body(&[&instance(&second_study, &sop, 2)]),
         )
         .await;
     assert_eq!(r.status(), 409);
@@ -385,24 +329,12 @@ async fn stow_warnings_are_202_with_warning_reason() {
     let u = t.user("rue", Role::Uploader).await;
     let (study, sop) = (new_uid(), new_uid());
     let a = instance(&study, &sop, 1);
-    let r = t
-        .stow(
-            &u,
-            "/dicomweb/studies",
-            multipart(&[("application/dicom", a.clone())], "XyZ"),
-        )
-        .await;
+    let r = t.stow(&u, "/dicomweb/studies", stow_body(&[&a])).await;
     assert_eq!(r.status(), 200);
     assert!(warnings(&r).is_empty());
     // The same instance again, in a later request: an idempotent success
     // with a warning pointing at the earlier study (B006).
-    let r = t
-        .stow(
-            &u,
-            "/dicomweb/studies",
-            multipart(&[("application/dicom", a)], "XyZ"),
-        )
-        .await;
+    let r = t.stow(&u, "/dicomweb/studies", stow_body(&[&a])).await;
     assert_eq!(r.status(), 202);
     let headers = warnings(&r);
     let v: Value = r.json().await.unwrap();
@@ -427,13 +359,7 @@ async fn stow_warnings_are_202_with_warning_reason() {
         ..DicomSpec::default()
     })
     .unwrap();
-    let r = t
-        .stow(
-            &u,
-            "/dicomweb/studies",
-            multipart(&[("application/dicom", no_pid)], "XyZ"),
-        )
-        .await;
+    let r = t.stow(&u, "/dicomweb/studies", stow_body(&[&no_pid])).await;
     assert_eq!(r.status(), 202);
     let v: Value = r.json().await.unwrap();
     let item = &v["00081199"]["Value"][0];

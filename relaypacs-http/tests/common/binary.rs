@@ -68,14 +68,10 @@ pub fn add_user(args: &[&OsStr], envs: &[(&str, &OsStr)], name: &str, role: &str
 
 /// Log in; returns the token answer.
 pub async fn login(http: &reqwest::Client, url: &str, name: &str, password: &str) -> Value {
-    http.post(format!("{url}/api/v1/auth/login"))
-        .json(&json!({"username": name, "password": password}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    let req = http
+        .post(format!("{url}/api/v1/auth/login"))
+        .json(&json!({"username": name, "password": password}));
+    super::json_of(req).await
 }
 
 /// Log in; returns the access token.
@@ -86,15 +82,11 @@ pub async fn access_token(http: &reqwest::Client, url: &str, name: &str, passwor
 
 /// Open a study; returns its id.
 pub async fn new_study(http: &reqwest::Client, url: &str, token: &str) -> String {
-    let v: Value = http
-        .post(format!("{url}/api/v1/studies"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = super::json_of(
+        http.post(format!("{url}/api/v1/studies"))
+            .bearer_auth(token),
+    )
+    .await;
     match v["id"].as_str() {
         Some(id) => id.to_owned(),
         None => panic!("opening a study was refused: {v}"),

@@ -98,15 +98,24 @@ impl TestServer {
     }
 
     pub async fn login(&self, name: &str) -> Value {
-        let r = self
-            .http
-            .post(format!("{}/api/v1/auth/login", self.url))
-            .json(&serde_json::json!({"username": name, "password": PASSWORD}))
-            .send()
-            .await
-            .unwrap();
+        let r = self.login_response(name, None).await;
         assert_eq!(r.status(), 200, "login of {name}");
         r.json().await.unwrap()
+    }
+
+    /// `POST /api/v1/auth/login` as `name` with [`PASSWORD`] and, when
+    /// given, the TOTP `code`; the response as it is.
+    pub async fn login_response(&self, name: &str, code: Option<String>) -> Response {
+        let mut body = serde_json::json!({"username": name, "password": PASSWORD});
+        if let Some(c) = code {
+            body["totp"] = serde_json::json!(c);
+        }
+        self.http
+            .post(format!("{}/api/v1/auth/login", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// A new user of `role` and their access token.
@@ -279,14 +288,7 @@ impl TestServer {
         let start = std::time::Instant::now();
         loop {
             // One page (`items`) is enough: tests wait for a few.
-            let page: Value = self
-                .req(Method::GET, "/api/v1/notifications", user)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let page = json_of(self.req(Method::GET, "/api/v1/notifications", user)).await;
             let list: Vec<Value> = serde_json::from_value(page["items"].clone()).unwrap();
             if list.len() >= n {
                 return list;
@@ -348,6 +350,11 @@ pub fn totp(secret_b32: &str, account: &str) -> totp_rs::TOTP {
         account.into(),
     )
     .unwrap()
+}
+
+/// Send `req` and read the answer's body as JSON.
+pub async fn json_of(req: RequestBuilder) -> Value {
+    req.send().await.unwrap().json().await.unwrap()
 }
 
 /// Send a tus `HEAD` (`req`, addressed and authenticated): 200, and the
