@@ -228,3 +228,19 @@ pub fn settle(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A new 512x512 Secondary Capture instance (new SOP Instance UID) of
+/// `study` and `series`, its pixels from `seed`.
+pub fn secondary_capture_512(study: &str, series: &str, seed: u64) -> Res<Vec<u8>> {
+    use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, generate, new_uid};
+    Ok(generate(&DicomSpec {
+        sop_class: SopClass::SecondaryCapture,
+        study_uid: study.to_owned(),
+        series_uid: series.to_owned(),
+        sop_instance_uid: new_uid(),
+        rows: 512,
+        cols: 512,
+        seed,
+        ..DicomSpec::default()
+    })?)
+}

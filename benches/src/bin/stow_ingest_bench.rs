@@ -44,8 +44,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use relaypacs_benches::{Res, clear_study, login, median, orthanc_pid, ours_config};
-use relaypacs_core::testing::dicom_gen::{DicomSpec, SopClass, generate, new_uid};
+use relaypacs_benches::{
+    Res, clear_study, login, median, orthanc_pid, ours_config, secondary_capture_512,
+};
+use relaypacs_core::testing::dicom_gen::new_uid;
 use relaypacs_test_peers::Orthanc;
 use reqwest::{Client, StatusCode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -59,16 +61,9 @@ fn instances(count: usize) -> Res<(String, String, Vec<Bytes>)> {
     let series = new_uid();
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
-        out.push(Bytes::from(generate(&DicomSpec {
-            sop_class: SopClass::SecondaryCapture,
-            study_uid: study.clone(),
-            series_uid: series.clone(),
-            sop_instance_uid: new_uid(),
-            rows: 512,
-            cols: 512,
-            seed: i as u64,
-            ..DicomSpec::default()
-        })?));
+        out.push(Bytes::from(secondary_capture_512(
+            &study, &series, i as u64,
+        )?));
     }
     Ok((study, series, out))
 }

@@ -43,10 +43,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use relaypacs_benches::{PASSWORD, Res, clear_study, login, mbps, median, ours_config};
-use relaypacs_core::testing::dicom_gen::{
-    DicomSpec, SopClass, generate, new_uid, write_large_file,
+use relaypacs_benches::{
+    PASSWORD, Res, clear_study, login, mbps, median, ours_config, secondary_capture_512,
 };
+use relaypacs_core::testing::dicom_gen::{DicomSpec, new_uid, write_large_file};
 use relaypacs_http::client::progress::Event;
 use relaypacs_http::client::{Credentials, ProgressSink, UploadConfig, Uploader};
 use relaypacs_test_peers::{Orthanc, tool};
@@ -91,16 +91,7 @@ fn study_set(dir: &Path, count: usize) -> Res<Set> {
     let mut files = Vec::with_capacity(count);
     let mut bytes = 0;
     for i in 0..count {
-        let data = generate(&DicomSpec {
-            sop_class: SopClass::SecondaryCapture,
-            study_uid: study.clone(),
-            series_uid: series.clone(),
-            sop_instance_uid: new_uid(),
-            rows: 512,
-            cols: 512,
-            seed: i as u64,
-            ..DicomSpec::default()
-        })?;
+        let data = secondary_capture_512(&study, &series, i as u64)?;
         let p = folder.join(format!("im{i:05}.dcm"));
         std::fs::write(&p, &data)?;
         bytes += data.len() as u64;
