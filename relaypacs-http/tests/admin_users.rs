@@ -16,15 +16,6 @@ async fn post(t: &TestServer, who: &User, path: &str) -> reqwest::Response {
     t.req(Method::POST, path, who).send().await.unwrap()
 }
 
-async fn refresh(t: &TestServer, token: &str) -> reqwest::Response {
-    t.http
-        .post(format!("{}/api/v1/auth/refresh", t.url))
-        .json(&json!({"refresh_token": token}))
-        .send()
-        .await
-        .unwrap()
-}
-
 async fn me(t: &TestServer, who: &User) -> u16 {
     t.req(Method::GET, "/api/v1/auth/me", who)
         .send()
@@ -71,9 +62,9 @@ async fn an_admin_disables_and_enables_an_account() {
     );
     // At once: the access token, both logins' refresh tokens, a new login.
     assert_eq!(me(&t, &u).await, 401);
-    assert_eq!(refresh(&t, &u.refresh).await.status(), 401);
+    assert_eq!(t.refresh(&u.refresh).await.status(), 401);
     assert_eq!(
-        refresh(&t, second["refresh_token"].as_str().unwrap())
+        t.refresh(second["refresh_token"].as_str().unwrap())
             .await
             .status(),
         401
@@ -88,7 +79,7 @@ async fn an_admin_disables_and_enables_an_account() {
     assert_eq!(r.json::<Value>().await.unwrap()["disabled"], false);
     assert_eq!(t.login_response("clinic", None).await.status(), 200);
     // The logins revoked at disabling stay revoked.
-    assert_eq!(refresh(&t, &u.refresh).await.status(), 401);
+    assert_eq!(t.refresh(&u.refresh).await.status(), 401);
 
     let audit = t.audit().await;
     let changed = |what: &str| {
@@ -147,7 +138,7 @@ async fn an_admin_resets_a_lost_second_factor() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["totp"], false);
     assert_eq!(me(&t, &u).await, 401, "the old logins are revoked");
-    assert_eq!(refresh(&t, &u.refresh).await.status(), 401);
+    assert_eq!(t.refresh(&u.refresh).await.status(), 401);
     let r = t.login_response("wen", None).await;
     assert_eq!(
         r.status(),

@@ -159,15 +159,6 @@ fn decode_sid(token: &str) -> String {
     v["sid"].as_str().unwrap().to_string()
 }
 
-async fn refresh(t: &TestServer, token: &str) -> reqwest::Response {
-    t.http
-        .post(format!("{}/api/v1/auth/refresh", t.url))
-        .json(&json!({"refresh_token": token}))
-        .send()
-        .await
-        .unwrap()
-}
-
 /// AUTH-3: rotation, reuse detection revoking the family (with a security
 /// alert), parallel refresh with one winner, logout.
 #[tokio::test]
@@ -175,13 +166,13 @@ async fn refresh_rotation_and_reuse_detection() {
     let t = TestServer::start().await;
     let u = t.user("uma", Role::Uploader).await;
     let r1 = u.refresh.clone();
-    let p2: serde_json::Value = refresh(&t, &r1).await.json().await.unwrap();
+    let p2: serde_json::Value = t.refresh(&r1).await.json().await.unwrap();
     let r2 = p2["refresh_token"].as_str().unwrap().to_string();
     let a2 = p2["access_token"].as_str().unwrap().to_string();
     assert_ne!(r1, r2);
     // Reuse of R1: refused, and the family (R2, A2) dies with it.
-    expect_error(refresh(&t, &r1).await, 401, "RELAY_REFRESH_REUSED").await;
-    expect_error(refresh(&t, &r2).await, 401, "RELAY_REFRESH_INVALID").await;
+    expect_error(t.refresh(&r1).await, 401, "RELAY_REFRESH_REUSED").await;
+    expect_error(t.refresh(&r2).await, 401, "RELAY_REFRESH_INVALID").await;
     let r = t.me(&a2).await;
     assert_eq!(r.status(), 401);
     assert!(
@@ -193,7 +184,7 @@ async fn refresh_rotation_and_reuse_detection() {
     // Parallel refresh of one token: exactly one success.
     let fresh: serde_json::Value = t.login("uma").await;
     let rt = fresh["refresh_token"].as_str().unwrap().to_string();
-    let (x, y) = tokio::join!(refresh(&t, &rt), refresh(&t, &rt));
+    let (x, y) = tokio::join!(t.refresh(&rt), t.refresh(&rt));
     let mut s = [x.status().as_u16(), y.status().as_u16()];
     s.sort_unstable();
     assert_eq!(s, [200, 401]);
@@ -214,7 +205,7 @@ async fn refresh_rotation_and_reuse_detection() {
         204
     );
     assert_eq!(t.me(a).await.status(), 401);
-    assert_eq!(refresh(&t, rr).await.status(), 401);
+    assert_eq!(t.refresh(rr).await.status(), 401);
     // Refresh tokens are stored hashed only (nowhere in the files or the
     // state database's rows).
     let stored = format!("{:?}", stored_snapshot(&t.data()).await);
@@ -232,7 +223,7 @@ async fn refresh_idle_timeout() {
     .await;
     let u = t.user("vic", Role::Uploader).await;
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
-    expect_error(refresh(&t, &u.refresh).await, 401, "RELAY_REFRESH_INVALID").await;
+    expect_error(t.refresh(&u.refresh).await, 401, "RELAY_REFRESH_INVALID").await;
     t.stop().await;
 }
 

@@ -103,6 +103,17 @@ impl TestServer {
         r.json().await.unwrap()
     }
 
+    /// `POST /api/v1/auth/refresh` with `token` in the JSON body; the
+    /// response as it is.
+    pub async fn refresh(&self, token: &str) -> Response {
+        self.http
+            .post(format!("{}/api/v1/auth/refresh", self.url))
+            .json(&serde_json::json!({"refresh_token": token}))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// `POST /api/v1/auth/login` as `name` with [`PASSWORD`] and, when
     /// given, the TOTP `code`; the response as it is.
     pub async fn login_response(&self, name: &str, code: Option<String>) -> Response {
