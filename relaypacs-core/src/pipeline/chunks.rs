@@ -95,13 +95,28 @@ pub fn plan_segments(offset: u64, length: u64, segment: u64, min: u64) -> Vec<(u
     out
 }
 
+/// What [`Pipeline::put_range`] read for its first segment while holding
+/// the session's gate (read) and the range's reservation: the segment
+/// uses them instead of reading the same scope and chunk list again.
+struct Prefetched<'g> {
+    gate: tokio::sync::RwLockReadGuard<'g, ()>,
+    known: Known,
+}
+
+/// A chunk's file scope, and the file's chunk records when they were read
+/// under the chunk's range reservation.
+struct Known {
+    scope: FileScope,
+    chunks: Option<Vec<ChunkRecord>>,
+}
+
 /// Who holds the range reservation of a chunk being put.
-#[derive(Clone, Copy, Debug)]
-enum Reserve {
+enum Reserve<'g> {
     /// Take one for the chunk's range.
     Range,
-    /// The caller holds one covering it.
-    Held,
+    /// The caller holds one covering it, and may have read the chunk's
+    /// scope under it (see [`Prefetched`]).
+    Held(Option<Box<Prefetched<'g>>>),
 }
 
 /// A range's body, read by its segments in turn.
@@ -436,7 +451,9 @@ impl Pipeline {
     /// [`put_chunk`](Self::put_chunk) with the range reservation taken here
     /// ([`Reserve::Range`]) or already held by the caller
     /// ([`Reserve::Held`], as [`put_range`](Self::put_range) does for its
-    /// whole range).
+    /// whole range). With [`Prefetched`], the caller holds the session's gate
+    /// and has read the scope (and chunk list) under it: they are used
+    /// instead of being read again.
     async fn put_chunk_audited(
         &self,
         actor: &Actor,
@@ -444,13 +461,31 @@ impl Pipeline {
         file: FileId,
         chunk: PutChunk,
         body: ByteStream,
-        reserve: Reserve,
+        reserve: Reserve<'_>,
     ) -> Result<PutOutcome> {
         let gate = self.gate(id);
-        let _g = gate.rw.read().await;
-        let current = self
-            .load_scope_owned_as(actor, id, Some(file), Access::session("access"))
-            .await?;
+        // The session's gate (read) is held for the whole chunk: by the
+        // caller's guard in `pre`, or taken here.
+        let take_range = matches!(reserve, Reserve::Range);
+        let (_held, _own, known);
+        match reserve {
+            Reserve::Held(Some(p)) => {
+                let Prefetched { gate: g, known: k } = *p;
+                _held = Some(g);
+                _own = None;
+                known = k;
+            }
+            Reserve::Held(None) | Reserve::Range => {
+                _held = None;
+                _own = Some(gate.rw.read().await);
+                known = Known {
+                    scope: self
+                        .load_scope_owned_as(actor, id, Some(file), Access::session("access"))
+                        .await?,
+                    chunks: None,
+                };
+            }
+        }
         let mut ev = Self::event(
             actor,
             AuditAction::ChunkStored,
@@ -460,14 +495,7 @@ impl Pipeline {
         ev.file = Some(file);
         ev.detail = format!("offset={} length={}", chunk.offset, chunk.length);
         match self
-            .put_chunk_inner(
-                matches!(reserve, Reserve::Range).then_some(&gate),
-                id,
-                file,
-                current,
-                chunk,
-                body,
-            )
+            .put_chunk_inner(take_range.then_some(&gate), id, file, known, chunk, body)
             .await
         {
             Ok(out) => {
@@ -485,14 +513,23 @@ impl Pipeline {
         reserve_in: Option<&Arc<Gate>>,
         id: SessionId,
         file_id: FileId,
-        current: FileScope,
+        known: Known,
         chunk: PutChunk,
         body: ByteStream,
     ) -> Result<PutOutcome> {
+        let Known {
+            scope: current,
+            chunks: recorded,
+        } = known;
         let range = Self::check_chunk(&current.session.value, file_id, &chunk)?;
         // Already recorded? Then this is a retry (no-op) or a conflict; the
-        // stored range is never written again either way.
-        let recorded = self.inner.sessions.chunks(id, file_id).await?;
+        // stored range is never written again either way. A list the caller
+        // read under this range's reservation is current for it: nobody else
+        // writes the range meanwhile, and other ranges cannot overlap it.
+        let recorded = match recorded {
+            Some(r) => r,
+            None => self.inner.sessions.chunks(id, file_id).await?,
+        };
         if let Some(existing) = recorded
             .iter()
             .find(|c| c.offset == chunk.offset && c.length == chunk.length)
@@ -775,10 +812,15 @@ impl Pipeline {
         );
         ev.file = Some(file);
         ev.detail = format!("offset={} length={}", range.offset, range.length);
+        let gate = self.gate(id);
+        // The gate (read) from before the scope is read until the first
+        // segment is recorded, so that segment can use this scope and chunk
+        // list instead of reading them again (a session-wide change such as
+        // completion or abort takes the gate to write and waits).
+        let guard = gate.rw.read().await;
         let current = self
             .load_scope_owned_as(actor, id, Some(file), Access::session("access"))
             .await?;
-        let gate = self.gate(id);
         let plan = match Self::plan_range(&current.session.value, file, &range) {
             Ok(p) => p,
             Err(e) => return self.refuse(ev, e).await,
@@ -799,11 +841,16 @@ impl Pipeline {
             Ok(r) => r,
             Err(e) => return self.refuse(ev, e).await,
         };
+        let mut chunks = None;
         if range.continues {
             // Under the reservation: whoever held the range before us has
             // recorded what it wrote.
             let stored = match self.inner.sessions.chunks(id, file).await {
-                Ok(c) => contiguous_end(&c),
+                Ok(c) => {
+                    let end = contiguous_end(&c);
+                    chunks = Some(c);
+                    end
+                }
                 Err(e) => {
                     shared.release().await;
                     return self.refuse(ev, e).await;
@@ -827,6 +874,13 @@ impl Pipeline {
         }));
         let segments = plan.len();
         let mut written = Ok(end);
+        let mut first = Some(Box::new(Prefetched {
+            gate: guard,
+            known: Known {
+                scope: current,
+                chunks,
+            },
+        }));
         for (i, (offset, length)) in plan.into_iter().enumerate() {
             let last = (i + 1 == segments).then_some(end);
             let chunk = PutChunk {
@@ -836,7 +890,7 @@ impl Pipeline {
             };
             let body = segment_body(src.clone(), length, last);
             if let Err(e) = self
-                .put_chunk_audited(actor, id, file, chunk, body, Reserve::Held)
+                .put_chunk_audited(actor, id, file, chunk, body, Reserve::Held(first.take()))
                 .await
             {
                 written = Err(e);
