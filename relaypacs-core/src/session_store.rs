@@ -365,12 +365,7 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         expected: u64,
         facts: &[UploadFact],
     ) -> Result<u64> {
-        if !facts.is_empty() {
-            check_version(self, session.id, expected).await?;
-            for fact in facts {
-                self.record_upload_fact(fact).await?;
-            }
-        }
+        facts_first(self, session.id, expected, facts).await?;
         self.update_session(session, expected).await
     }
 
@@ -390,12 +385,7 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         expected: u64,
         facts: &[UploadFact],
     ) -> Result<u64> {
-        if !facts.is_empty() {
-            check_version(self, session.id, expected).await?;
-            for fact in facts {
-                self.record_upload_fact(fact).await?;
-            }
-        }
+        facts_first(self, session.id, expected, facts).await?;
         self.update_file_scope(session, expected).await
     }
 
@@ -415,12 +405,7 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         expected: u64,
         facts: &[UploadFact],
     ) -> Result<()> {
-        if !facts.is_empty() {
-            check_version(self, id, expected).await?;
-            for fact in facts {
-                self.record_upload_fact(fact).await?;
-            }
-        }
+        facts_first(self, id, expected, facts).await?;
         self.delete_session(id, expected).await
     }
 
@@ -566,19 +551,27 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
     }
 }
 
-/// `Precondition` unless session `id` is stored at version `expected`
-/// (`NotFound` when it is not stored): the check the defaults of the
-/// `…_with_facts` methods make before recording their facts.
-async fn check_version<S: SessionStore + ?Sized>(
+/// What the defaults of the `…_with_facts` methods do before their write:
+/// with facts to record, `Precondition` unless session `id` is stored at
+/// version `expected` (`NotFound` when it is not stored), then each fact
+/// recorded (insert-if-absent). Nothing when `facts` is empty.
+async fn facts_first<S: SessionStore + ?Sized>(
     store: &S,
     id: SessionId,
     expected: u64,
+    facts: &[UploadFact],
 ) -> Result<()> {
+    if facts.is_empty() {
+        return Ok(());
+    }
     let stored = store.load_file_scope(id, None).await?.session.version;
     if stored != expected {
         return Err(crate::Error::Precondition {
             what: format!("session version {stored} (expected {expected})"),
         });
+    }
+    for fact in facts {
+        store.record_upload_fact(fact).await?;
     }
     Ok(())
 }
