@@ -40,7 +40,7 @@ impl Gateway {
         let mut gw = Self(Some(child));
         // Up, or exited (its stderr then says why).
         for _ in 0..400 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if relaypacs_test_peers::listening(port) {
                 return gw;
             }
             if let Some(status) = gw.0.as_mut().unwrap().try_wait().unwrap() {

@@ -97,16 +97,50 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Whether something listens on `127.0.0.1:port`. A connection whose
+/// local port is `port` itself is no listener but Linux's TCP self-connect
+/// (simultaneous open: the client drew `port` as its own ephemeral source
+/// port while nothing listened there); it is refused, or a peer still
+/// starting, or one that could not bind that port, looks up.
+pub fn listening(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port))
+        .and_then(|s| s.local_addr())
+        .is_ok_and(|local| local.port() != port)
+}
+
 /// Wait until something listens on `127.0.0.1:port`.
 pub fn wait_for_port(port: u16, timeout: Duration) {
     let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !listening(port) {
         assert!(
             start.elapsed() < timeout,
             "nothing listens on port {port} after {timeout:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Wait until `child` listens on `127.0.0.1:port`: `Ok` once it does,
+/// `Err` with its exit status if it exits first (e.g. it could not bind
+/// the port); panics after `timeout`.
+pub fn wait_for_child(
+    child: &mut Child,
+    port: u16,
+    timeout: Duration,
+) -> Result<(), std::process::ExitStatus> {
+    let start = Instant::now();
+    while !listening(port) {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(status);
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "pid {} does not listen on port {port} after {timeout:?}",
+            child.id()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// An `s3s-fs` server (S3-compatible, checks SigV4 signatures and
@@ -123,10 +157,14 @@ pub struct S3Server {
     pub bucket: String,
     child: Child,
     root: tempfile::TempDir,
+    /// Holds `s3s-fs.log` (its stdout and stderr).
+    log_dir: tempfile::TempDir,
 }
 
 impl S3Server {
-    /// Start a fresh server with random credentials and one bucket.
+    /// Start a fresh server with random credentials and one bucket. A
+    /// server that exits before it listens (its port was taken between
+    /// [`free_port`] and its bind) is started again on another port.
     pub fn start() -> Self {
         let bin = tool("s3s-fs");
         let root = tempfile::tempdir().expect("tempdir");
@@ -134,32 +172,53 @@ impl S3Server {
         std::fs::create_dir(root.path().join(&bucket)).expect("create bucket folder");
         let access_key = format!("AK{}", &random_uid()[5..21]);
         let secret_key = random_uid();
-        let port = free_port();
-        let child = Command::new(bin)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--access-key",
-                &access_key,
-                "--secret-key",
-                &secret_key,
-            ])
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start s3s-fs");
-        wait_for_port(port, Duration::from_secs(10));
-        Self {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            access_key,
-            secret_key,
-            bucket,
-            child,
-            root,
+        // Its log sits beside the data folder, not in it (a file there
+        // would be listed as an object store entry).
+        let log_dir = tempfile::tempdir().expect("tempdir");
+        let log_path = log_dir.path().join("s3s-fs.log");
+        for _ in 0..5 {
+            let port = free_port();
+            let log = std::fs::File::create(&log_path).expect("s3s-fs log");
+            let mut child = Command::new(&bin)
+                .args([
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--access-key",
+                    &access_key,
+                    "--secret-key",
+                    &secret_key,
+                ])
+                .arg(root.path())
+                // Errors only (its log goes to stdout), and any panic.
+                .env("RUST_LOG", "error")
+                .stdout(log.try_clone().expect("s3s-fs log"))
+                .stderr(log)
+                .spawn()
+                .expect("start s3s-fs");
+            match wait_for_child(&mut child, port, Duration::from_secs(30)) {
+                Ok(()) => {
+                    return Self {
+                        endpoint: format!("http://127.0.0.1:{port}"),
+                        access_key,
+                        secret_key,
+                        bucket,
+                        child,
+                        root,
+                        log_dir,
+                    };
+                }
+                Err(status) => eprintln!(
+                    "s3s-fs on port {port} exited ({status}), starting it again:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                ),
+            }
         }
+        panic!(
+            "s3s-fs exited five times before listening:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
     }
 
     /// The server's data folder.
@@ -170,6 +229,15 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
+        // A server that died under the test is the likely cause of its
+        // failure: say so, with what it logged, in the test's output.
+        if let Ok(Some(status)) = self.child.try_wait() {
+            eprintln!(
+                "s3s-fs ({}) exited during the test ({status}):\n{}",
+                self.endpoint,
+                std::fs::read_to_string(self.log_dir.path().join("s3s-fs.log")).unwrap_or_default()
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -405,7 +473,7 @@ impl Orthanc {
         self.child = Some(child);
         let start = Instant::now();
         for port in [self.dicom_port, self.http_port] {
-            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            while !listening(port) {
                 let exited = self
                     .child
                     .as_mut()
@@ -569,23 +637,29 @@ impl StoreScp {
     pub fn start() -> Self {
         let bin = tool("storescp");
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
         let aet = "STORESCP".to_owned();
-        let child = Command::new(bin)
-            .args(["--aetitle", &aet, "+xa", "-uf", "--output-directory"])
-            .arg(dir.path())
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start storescp");
-        wait_for_port(port, Duration::from_secs(10));
-        Self {
-            port,
-            aet,
-            child,
-            dir,
+        // One that exits before it listens (its port was taken between
+        // `free_port` and its bind) is started again on another port.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(&bin)
+                .args(["--aetitle", &aet, "+xa", "-uf", "--output-directory"])
+                .arg(dir.path())
+                .arg(port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start storescp");
+            if wait_for_child(&mut child, port, Duration::from_secs(30)).is_ok() {
+                return Self {
+                    port,
+                    aet,
+                    child,
+                    dir,
+                };
+            }
         }
+        panic!("storescp exited five times before listening");
     }
 
     /// The file it wrote for an instance, if any (dcmtk names it
@@ -732,7 +806,7 @@ input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="collect")
             .expect("start rsyslogd");
         self.child = Some(child);
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while !listening(self.port) {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("rsyslogd exited ({status}):\n{}", self.log());
             }

@@ -4,7 +4,6 @@
 //! memory behind.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::Instant;
 
@@ -19,7 +18,7 @@ fn alive(pid: u32) -> bool {
 }
 
 fn answers(port: u16) -> bool {
-    TcpStream::connect(("127.0.0.1", port)).is_ok()
+    relaypacs_test_peers::listening(port)
 }
 
 /// System V shared memory ids in use (`/proc/sysvipc/shm`, column 2).

@@ -176,7 +176,7 @@ impl Gateway {
             url: format!("http://127.0.0.1:{port}"),
         };
         for _ in 0..600 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if relaypacs_test_peers::listening(port) {
                 return Ok(gw);
             }
             if let Some(c) = gw.child.as_mut()
