@@ -348,41 +348,45 @@ async fn corruption_after_acknowledgement_is_caught_and_never_forwarded() {
     let (e, _d) = setup().await;
     let p = &e.pipeline;
     let a = alice();
-    let data = dicom(&new_study(), 5);
-    let s = open_session(p, &a).await.unwrap();
-    let f = p
-        .add_file(
-            &a,
-            s,
-            NewFile {
-                name: "x".into(),
-                size: data.len() as u64,
-                sha256: Some(Sha256Digest::of(&data)),
-            },
-        )
-        .await
-        .unwrap();
-    for (i, c) in data.chunks(65_536).enumerate() {
-        put(p, &a, s, f.id, (i * 65_536) as u64, c).await.unwrap();
-    }
-    // Flip one byte of chunk 3 on disk, behind the gateway's back.
-    let path = e
-        .root
-        .join("chunks")
-        .join(s.to_string())
-        .join(format!("{}.data", f.id));
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[3 * 65_536 + 7] ^= 0x40;
-    std::fs::write(&path, &bytes).unwrap();
-    let err = p.complete_file(&a, s, f.id).await.unwrap_err();
-    match err {
-        Error::Integrity(IntegrityError::StoredChunkCorrupt { offset, .. }) => {
-            assert_eq!(offset, 3 * 65_536)
+    // With a declared whole-file digest (completion compares the whole
+    // file, then looks for the chunk) and without (it checks each chunk).
+    for (n, declared) in [(5, true), (7, false)] {
+        let data = dicom(&new_study(), n);
+        let s = open_session(p, &a).await.unwrap();
+        let f = p
+            .add_file(
+                &a,
+                s,
+                NewFile {
+                    name: "x".into(),
+                    size: data.len() as u64,
+                    sha256: declared.then(|| Sha256Digest::of(&data)),
+                },
+            )
+            .await
+            .unwrap();
+        for (i, c) in data.chunks(65_536).enumerate() {
+            put(p, &a, s, f.id, (i * 65_536) as u64, c).await.unwrap();
         }
-        other => panic!("expected StoredChunkCorrupt, got {other:?}"),
+        // Flip one byte of chunk 3 on disk, behind the gateway's back.
+        let path = e
+            .root
+            .join("chunks")
+            .join(s.to_string())
+            .join(format!("{}.data", f.id));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[3 * 65_536 + 7] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = p.complete_file(&a, s, f.id).await.unwrap_err();
+        match err {
+            Error::Integrity(IntegrityError::StoredChunkCorrupt { offset, .. }) => {
+                assert_eq!(offset, 3 * 65_536, "declared: {declared}")
+            }
+            other => panic!("expected StoredChunkCorrupt (declared: {declared}), got {other:?}"),
+        }
+        let err = p.complete_session(&a, s).await.unwrap_err();
+        assert_eq!(err.code(), "RELAY_FILES_INCOMPLETE");
     }
-    let err = p.complete_session(&a, s).await.unwrap_err();
-    assert_eq!(err.code(), "RELAY_FILES_INCOMPLETE");
     assert!(
         std::fs::read_dir(e.root.join("archive"))
             .unwrap()

@@ -176,6 +176,12 @@ impl SqlState {
         let pool = AnyPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
+            // SQLite's connections are files of this process: a ping before
+            // each lease costs a round trip to the connection's worker
+            // thread per transaction (several per tus PATCH) and would find
+            // nothing the transaction itself does not. A PostgreSQL
+            // connection can die with the server or the network: pinged.
+            .test_before_acquire(engine == Engine::Postgres)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     match engine {

@@ -310,10 +310,26 @@ impl Pipeline {
         };
         self.inner.chunks.seal_file(key, file.size, chunks).await?;
         let header_cap = self.inner.config.dicom.max_header_bytes.min(file.size);
-        let back = self.read_back(key, file.size, chunks, header_cap).await?;
+        // With a declared whole-file digest, the stored bytes hashing to it
+        // prove every byte against the client's own file, which is more
+        // than the chunk digests (of what arrived) prove: the pass per chunk
+        // is then only the diagnosis of a mismatch, run below when one
+        // occurs, and completion hashes the file twice instead of three
+        // times (whole file and data set).
+        let per_chunk = file.sha256.is_none();
+        let back = self
+            .read_back(key, file.size, chunks, header_cap, per_chunk)
+            .await?;
         if let Some(expected) = file.sha256
             && expected != back.sha256
         {
+            if !per_chunk {
+                // Which chunk changed since it was acknowledged, if one
+                // did (StoredChunkCorrupt names it); else the chunks are
+                // what arrived and the client's declaration differs.
+                self.read_back(key, file.size, chunks, header_cap, true)
+                    .await?;
+            }
             return Err(IntegrityError::FileHash {
                 expected: expected.to_hex(),
                 actual: back.sha256.to_hex(),
@@ -590,24 +606,33 @@ impl Pipeline {
     }
 
     /// Stream a stored file back, checking every chunk against its recorded
-    /// digest and computing the whole-file digest, keeping the first
-    /// `header_cap` bytes.
+    /// digest (with `per_chunk`) and computing the whole-file digest,
+    /// keeping the first `header_cap` bytes.
     ///
-    /// The passes here are the proof of the stored bytes and stay: the
-    /// chunk digests were computed from the bytes before the store wrote
-    /// them, so only hashing what the store returns (after the chunks were
-    /// made durable and the file sealed) shows that it holds what was
-    /// acknowledged. Per chunk (always), the whole file (skipped for a
-    /// one-chunk file, where it is the chunk's verified digest), and the
-    /// data set after the meta group (another range of bytes, the
-    /// instance's content identity for the index and the PACS check).
+    /// The passes here are the proof of the stored bytes: the chunk digests
+    /// were computed from the bytes before the store wrote them, so only
+    /// hashing what the store returns (after the chunks were made durable
+    /// and the file sealed) shows that it holds what was acknowledged. Per
+    /// chunk (with `per_chunk`: when no whole-file digest was declared to
+    /// compare with, or to name the corrupt chunk after a mismatch), the
+    /// whole file (skipped for a one-chunk file, where it is the chunk's
+    /// verified digest), and the data set after the meta group (another
+    /// range of bytes, the instance's content identity for the index and
+    /// the PACS check).
     async fn read_back(
         &self,
         key: FileKey,
         size: u64,
         chunks: &[ChunkRecord],
         header_cap: u64,
+        per_chunk: bool,
     ) -> Result<ReadBack> {
+        // A one-chunk file is proven by its chunk's digest (see below).
+        let one_chunk = match chunks {
+            [only] if only.offset == 0 && only.length == size => Some(only.sha256),
+            _ => None,
+        };
+        let per_chunk = per_chunk || one_chunk.is_some();
         let mut stream = self.inner.chunks.read(key, 0..size).await?;
         // Two hashers on two blocking threads (one per core): one checks
         // each chunk against its recorded digest, the other computes the
@@ -620,6 +645,11 @@ impl Pipeline {
             .map(|c| (c.offset, c.end(), c.sha256))
             .collect();
         let parts = tokio::task::spawn_blocking(move || -> Result<()> {
+            if !per_chunk {
+                // Not asked for: drain (the sender then never blocks).
+                while rx_parts.blocking_recv().is_some() {}
+                return Ok(());
+            }
             let mut idx = 0usize;
             let mut part = Sha256::new();
             let mut pos = 0u64;
@@ -675,10 +705,6 @@ impl Pipeline {
         // matched the chunk's recorded digest that digest is the file's
         // (set below, only after the check passed). Several chunks need
         // the pass: SHA-256 digests of parts do not combine.
-        let one_chunk = match chunks {
-            [only] if only.offset == 0 && only.length == size => Some(only.sha256),
-            _ => None,
-        };
         let whole = tokio::task::spawn_blocking(move || -> ReadBack {
             let mut whole = one_chunk.is_none().then(Sha256::new);
             let mut prefix = Vec::with_capacity(usize::try_from(header_cap).unwrap_or(0));
