@@ -44,10 +44,12 @@ struct Args {
     patch_mib: u64,
     runs: usize,
     dir: Option<PathBuf>,
+    /// Declare the whole file's SHA-256 at creation (`sha256` in
+    /// Upload-Metadata), as the CLI and the web app do.
+    declare_sha256: bool,
 }
 
-const USAGE: &str =
-    "usage: tus_bench [--size-mib N (1024)] [--patch-mib N (8)] [--runs N (3)] [--dir DIR]";
+const USAGE: &str = "usage: tus_bench [--size-mib N (1024)] [--patch-mib N (8)] [--runs N (3)] [--dir DIR] [--declare-sha256]";
 
 fn parse_args() -> Res<Args> {
     let mut a = Args {
@@ -55,12 +57,17 @@ fn parse_args() -> Res<Args> {
         patch_mib: 8,
         runs: 3,
         dir: None,
+        declare_sha256: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             println!("{USAGE}");
             std::process::exit(0);
+        }
+        if flag == "--declare-sha256" {
+            a.declare_sha256 = true;
+            continue;
         }
         let value = it
             .next()
@@ -135,6 +142,8 @@ struct Source {
     patch: u64,
     /// Base64 SHA-256 of each PATCH body, computed before any timing.
     sums: Vec<String>,
+    /// The whole file's SHA-256 (hex), declared at creation if asked.
+    declared: Option<String>,
 }
 
 impl Source {
@@ -305,11 +314,14 @@ impl Ours {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let meta = format!(
+        let mut meta = format!(
             "filename {},session {}",
             STANDARD.encode(name),
             STANDARD.encode(&study)
         );
+        if let Some(d) = &src.declared {
+            meta.push_str(&format!(",sha256 {}", STANDARD.encode(d)));
+        }
         let (timing, _) = tus_upload(client, &self.base, src, Some(&token), &meta).await?;
         Ok((timing, study))
     }
@@ -438,11 +450,23 @@ async fn main() -> Res<()> {
         size,
         patch,
         sums: Vec::new(),
+        declared: None,
     };
     let mut reader = Reader::open(&src).await?;
+    let mut whole = Sha256::new();
     while reader.left > 0 {
         let piece = reader.next().await?;
+        whole.update(&piece);
         src.sums.push(STANDARD.encode(Sha256::digest(&piece)));
+    }
+    if args.declare_sha256 {
+        src.declared = Some(
+            whole
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        );
     }
     println!(
         "test file: valid DICOM, {size} bytes ({:.1} MiB), {} PATCHes of {} MiB; written and hashed in {:.1} s",
