@@ -1,7 +1,8 @@
 // The upload view: pick files or a folder (picker or drag and drop), read
 // the DICOM headers in the browser (dicom-parser), group by study, then per
 // study: one session, tus uploads (tus-js-client) with the whole-file
-// SHA-256 declared and Upload-Checksum on every PATCH (hash-wasm), at most
+// SHA-256 declared (hash-wasm) and Upload-Checksum on every PATCH (WebCrypto
+// in a secure context, else hash-wasm), at most
 // PARALLEL files at a time, retries with backoff, upload URLs and the files
 // themselves kept in IndexedDB so that a reload (or a browser restart)
 // resumes where the server says; offline pauses, online resumes.
@@ -250,10 +251,20 @@ function b64(u8) {
   return btoa(s);
 }
 
+// A chunk's Upload-Checksum. WebCrypto's SHA-256 is native (several
+// times hash-wasm's speed) but not incremental, which a chunk held in
+// memory does not need; it exists only in a secure context (HTTPS, or
+// http://localhost), so a page served over plain HTTP elsewhere falls back
+// to hash-wasm. The whole-file digest stays with hash-wasm: it must be
+// computed piece by piece.
 async function chunkChecksum(file, start, end) {
+  const buf = await file.slice(start, end).arrayBuffer();
+  if (window.crypto && window.crypto.subtle) {
+    return `sha256 ${b64(new Uint8Array(await window.crypto.subtle.digest('SHA-256', buf)))}`;
+  }
   const hasher = await window.hashwasm.createSHA256();
   hasher.init();
-  hasher.update(new Uint8Array(await file.slice(start, end).arrayBuffer()));
+  hasher.update(new Uint8Array(buf));
   return `sha256 ${b64(hasher.digest('binary'))}`;
 }
 
