@@ -188,8 +188,9 @@ impl Gateway {
         config: PipelineConfig,
     ) -> Result<Self> {
         let state = SqlState::connect(url, None, &SqlOptions::default()).await?;
-        let sessions = SqlSessionStore::new(state.clone());
         let audit = SqlAuditSink::new(state.clone());
+        // As the server: a chunk's audit record in the chunk's transaction.
+        let sessions = SqlSessionStore::new(state.clone()).with_audit(&audit);
         let pipeline = Pipeline::new(
             chunks,
             Arc::new(sessions.clone()),

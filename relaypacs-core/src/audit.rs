@@ -206,6 +206,18 @@ pub trait AuditSink: Debug + Display + Send + Sync + 'static {
     async fn close(&self) -> Result<()> {
         Ok(())
     }
+
+    /// The key of the database this trail lives in, when a session store
+    /// on the same database may append to it inside its own transactions
+    /// (see [`SessionStore::record_chunk_audited`](crate::SessionStore::record_chunk_audited)):
+    /// then a chunk's record and its audit record commit together, one
+    /// sync instead of two. `None` (the default): events reach the trail
+    /// only through [`record`](Self::record). A trail that also writes
+    /// elsewhere (mirrors, forwarding) answers `None`: the other
+    /// destinations would miss the events written beside it.
+    fn trail_key(&self) -> Option<i64> {
+        None
+    }
 }
 
 // `Arc<S>` and `Box<S>` of an implementation (`dyn AuditSink` included)
@@ -229,6 +241,10 @@ macro_rules! forward_audit_sink {
 
             async fn close(&self) -> Result<()> {
                 (**self).close().await
+            }
+
+            fn trail_key(&self) -> Option<i64> {
+                (**self).trail_key()
             }
         }
     };

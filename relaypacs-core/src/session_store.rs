@@ -478,6 +478,36 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         chunk: &ChunkRecord,
     ) -> Result<ChunkInsert>;
 
+    /// The key of the audit trail this store can append to inside its own
+    /// transactions: equal to that trail's
+    /// [`AuditSink::trail_key`](crate::AuditSink::trail_key) (both on one
+    /// database). `None` (the default): it cannot.
+    fn audit_trail_key(&self) -> Option<i64> {
+        None
+    }
+
+    /// [`record_chunk`](Self::record_chunk), and when the chunk is
+    /// inserted, `event` appended to the audit trail of
+    /// [`audit_trail_key`](Self::audit_trail_key) in the same transaction:
+    /// both durable at once, or neither. On `Existing` nothing is recorded,
+    /// the event neither. The pipeline calls this only when this store's
+    /// `audit_trail_key` is its audit sink's `trail_key`; the default, for
+    /// a store without a trail, refuses.
+    async fn record_chunk_audited(
+        &self,
+        id: SessionId,
+        file: FileId,
+        chunk: &ChunkRecord,
+        event: &crate::AuditEvent,
+    ) -> Result<ChunkInsert> {
+        let _ = (id, file, chunk, event);
+        Err(crate::Error::storage(
+            crate::error::StorageErrorKind::Io,
+            "record a chunk with its audit record",
+            "this session store has no audit trail",
+        ))
+    }
+
     /// The recorded chunks of a file, by ascending offset.
     async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>>;
 
@@ -748,6 +778,20 @@ macro_rules! forward_session_store {
                 chunk: &ChunkRecord,
             ) -> Result<ChunkInsert> {
                 (**self).record_chunk(id, file, chunk).await
+            }
+
+            fn audit_trail_key(&self) -> Option<i64> {
+                (**self).audit_trail_key()
+            }
+
+            async fn record_chunk_audited(
+                &self,
+                id: SessionId,
+                file: FileId,
+                chunk: &ChunkRecord,
+                event: &crate::AuditEvent,
+            ) -> Result<ChunkInsert> {
+                (**self).record_chunk_audited(id, file, chunk, event).await
             }
 
             async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>> {

@@ -166,7 +166,6 @@ impl AppState {
         )
         .await
         .map_err(store("state database"))?;
-        let sessions = SqlSessionStore::new(db.clone());
         // The audit trail: the hash chain in the state database (one chain
         // for every gateway on it), its head anchored in a file of this
         // gateway's; optionally a JSON-lines trail too (`[audit] jsonl`),
@@ -180,6 +179,11 @@ impl AppState {
         )
         .await
         .map_err(store("audit trail"))?;
+        // A chunk's audit record commits in the chunk record's transaction
+        // when the trail is this chain alone (no JSON-lines mirror, no
+        // syslog forwarding: the pipeline checks that its audit sink
+        // answers this database's trail key).
+        let sessions = SqlSessionStore::new(db.clone()).with_audit(&sql_audit);
         let mut mirrors: Vec<Arc<dyn AuditSink>> = Vec::new();
         if let Some(path) = config.audit_jsonl_path() {
             let mut o = trail.clone();

@@ -71,6 +71,17 @@ fn first_error(results: impl IntoIterator<Item = Result<()>>) -> Result<()> {
 
 #[async_trait]
 impl<P: AuditSink> AuditSink for AuditFanOut<P> {
+    /// The primary's, when there are no mirrors (else `None`: a record
+    /// written beside the primary inside another transaction would miss
+    /// the mirrors).
+    fn trail_key(&self) -> Option<i64> {
+        if self.mirrors.is_empty() {
+            self.primary.trail_key()
+        } else {
+            None
+        }
+    }
+
     async fn record(&self, event: &AuditEvent) -> Result<()> {
         if self.mirrors.is_empty() {
             return self.primary.record(event).await;

@@ -179,8 +179,23 @@ async fn read_head(db: &SqlState) -> Result<ChainHead> {
 /// returns the head after them.
 async fn append(db: &SqlState, events: &[String]) -> Result<ChainHead> {
     const OP: &str = "append audit record";
-    let n = i64::try_from(events.len()).map_err(|_| corrupt(OP, "batch beyond 2^63"))?;
     let mut tx = db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+    let head = append_in(&mut tx, events).await?;
+    // Durable point: the commit (WAL fsync on SQLite, synchronous_commit
+    // on PostgreSQL).
+    tx.commit().await.map_err(|e| db_err(OP, e))?;
+    Ok(head)
+}
+
+/// Append `events` (their JSON) as the next records inside `tx` (the
+/// caller's transaction, committed by the caller); returns the head after
+/// them once committed.
+pub(crate) async fn append_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    events: &[String],
+) -> Result<ChainHead> {
+    const OP: &str = "append audit record";
+    let n = i64::try_from(events.len()).map_err(|_| corrupt(OP, "batch beyond 2^63"))?;
     // The first statement is a write: it takes the head's row lock
     // (PostgreSQL) or the write lock (SQLite; a deferred transaction that
     // read first could not upgrade once another gateway wrote), held to
@@ -189,7 +204,7 @@ async fn append(db: &SqlState, events: &[String]) -> Result<ChainHead> {
         "UPDATE audit_head SET records = records + $1 WHERE id = 1 RETURNING records, last_hash",
     )
     .bind(n)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut **tx)
     .await
     .map_err(|e| db_err(OP, e))?;
     let records: i64 = row.try_get(0).map_err(|e| db_err(OP, e))?;
@@ -204,19 +219,16 @@ async fn append(db: &SqlState, events: &[String]) -> Result<ChainHead> {
             .bind(&prev_hex)
             .bind(&hash_hex)
             .bind(event)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .map_err(|e| db_err(OP, e))?;
         (prev, prev_hex) = (hash, hash_hex);
     }
     sqlx::query("UPDATE audit_head SET last_hash = $1 WHERE id = 1")
         .bind(&prev_hex)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await
         .map_err(|e| db_err(OP, e))?;
-    // Durable point: the commit (WAL fsync on SQLite, synchronous_commit
-    // on PostgreSQL).
-    tx.commit().await.map_err(|e| db_err(OP, e))?;
     Ok(ChainHead {
         count: to_u64(OP, records)?,
         hash: prev,
@@ -314,7 +326,49 @@ async fn write_queued(db: SqlState, queue: Arc<Queue>, shared: Arc<Shared>) {
     }
 }
 
+/// What a session store on the same database needs to append to this
+/// sink's chain inside its own transactions (see
+/// [`SqlSessionStore::with_audit`](crate::SqlSessionStore::with_audit)).
+#[derive(Clone)]
+pub(crate) struct SqlAuditTrail {
+    /// The database's key ([`SqlState`]'s instance key).
+    pub(crate) key: i64,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for SqlAuditTrail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlAuditTrail")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqlAuditTrail {
+    /// After the caller's transaction that appended up to `head`
+    /// committed: the sink's head moves on and a periodic anchor is written
+    /// when due, as after the sink's own batches.
+    pub(crate) async fn committed(&self, head: ChainHead) {
+        self.shared.advance(head);
+        if let Err(e) = self.shared.anchor(head, false).await {
+            // The records are durable and acknowledged; the anchor is
+            // retried at the next period. Logged here, the only place it
+            // is seen.
+            tracing::error!(error = %e, "could not anchor the SQL audit chain");
+        }
+    }
+}
+
 impl SqlAuditSink {
+    /// What a session store on this sink's database needs to append to its
+    /// chain in the store's own transactions.
+    pub(crate) fn trail(&self) -> SqlAuditTrail {
+        SqlAuditTrail {
+            key: self.db.instance().key,
+            shared: self.shared.clone(),
+        }
+    }
+
     /// An audit sink on `db` (already migrated by [`SqlState::connect`]).
     pub fn new(db: SqlState) -> Self {
         Self {
@@ -493,6 +547,13 @@ async fn anchor_timer(shared: Weak<Shared>, db: SqlState, every: Duration) {
 
 #[async_trait]
 impl AuditSink for SqlAuditSink {
+    /// The database's key: a [`SqlSessionStore`](crate::SqlSessionStore)
+    /// given this sink ([`with_audit`](crate::SqlSessionStore::with_audit))
+    /// appends a chunk's audit record in the chunk record's transaction.
+    fn trail_key(&self) -> Option<i64> {
+        Some(self.db.instance().key)
+    }
+
     async fn record(&self, event: &AuditEvent) -> Result<()> {
         let json = serde_json::to_string(event)
             .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;

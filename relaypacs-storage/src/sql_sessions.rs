@@ -8,13 +8,14 @@ use async_trait::async_trait;
 use relaypacs_core::analytics::UploadFact;
 use relaypacs_core::{
     ChunkInsert, ChunkRecord, ClaimedWrite, Error, FileId, FileRecord, FileScope, FileState,
-    InstanceClaim, Result, SessionId, SessionRecord, SessionState, SessionStore, Sha256Digest, Uid,
-    Versioned,
+    InstanceClaim, Result, SessionId, SessionRecord, SessionState, SessionStore, Sha256Digest,
+    StorageErrorKind, Uid, Versioned,
 };
 use sqlx::{Connection, Row};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::sql_audit::append_in;
 use crate::sql_state::{Engine, SqlState, corrupt, db_err};
 
 /// A [`SessionStore`] on a [`SqlState`] database.
@@ -40,6 +41,9 @@ use crate::sql_state::{Engine, SqlState, corrupt, db_err};
 #[derive(Clone, Debug)]
 pub struct SqlSessionStore {
     pub(crate) db: SqlState,
+    /// The audit chain on the same database, appended to in the chunk
+    /// record's transaction ([`with_audit`](Self::with_audit)).
+    trail: Option<crate::sql_audit::SqlAuditTrail>,
 }
 
 impl fmt::Display for SqlSessionStore {
@@ -126,7 +130,83 @@ fn to_i64(v: u64) -> Result<i64> {
 impl SqlSessionStore {
     /// A session store on `db` (already migrated by [`SqlState::connect`]).
     pub fn new(db: SqlState) -> Self {
-        Self { db }
+        Self { db, trail: None }
+    }
+
+    /// This store, appending a chunk's audit record to `audit`'s chain in
+    /// the chunk record's own transaction when the pipeline's audit sink is
+    /// `audit` itself (see [`SessionStore::record_chunk_audited`]): one
+    /// commit, one sync per chunk instead of two. A sink on another
+    /// database is not joined (the store stays as [`new`](Self::new) made
+    /// it).
+    pub fn with_audit(mut self, audit: &crate::SqlAuditSink) -> Self {
+        let trail = audit.trail();
+        if trail.key == self.db.instance().key {
+            self.trail = Some(trail);
+        }
+        self
+    }
+
+    /// Insert-if-absent of a chunk record; with `audit`, its audit record
+    /// (JSON) appended to that trail in the same transaction when the
+    /// chunk is inserted.
+    async fn record_chunk_with(
+        &self,
+        id: SessionId,
+        file: FileId,
+        chunk: &ChunkRecord,
+        audit: Option<(&crate::sql_audit::SqlAuditTrail, String)>,
+    ) -> Result<ChunkInsert> {
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| db_err("record chunk", e))?;
+        let inserted = sqlx::query(
+            "INSERT INTO chunks (session_id, file_id, chunk_offset, length, sha256, receipt) \
+             SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $1) \
+             ON CONFLICT (session_id, file_id, chunk_offset) DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(file.to_string())
+        .bind(to_i64(chunk.offset)?)
+        .bind(to_i64(chunk.length)?)
+        .bind(chunk.sha256.to_hex())
+        .bind(&chunk.receipt)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err("record chunk", e))?;
+        if inserted.rows_affected() == 1 {
+            // The audit record in the same transaction: both or neither.
+            let head = match &audit {
+                Some((_, json)) => Some(append_in(&mut tx, std::slice::from_ref(json)).await?),
+                None => None,
+            };
+            // Crash-safe point: the commit (the chunk record and, with
+            // `audit`, its audit record).
+            tx.commit().await.map_err(|e| db_err("record chunk", e))?;
+            if let (Some((trail, _)), Some(head)) = (&audit, head) {
+                trail.committed(head).await;
+            }
+            return Ok(ChunkInsert::Inserted);
+        }
+        let row = sqlx::query(
+            "SELECT chunk_offset, length, sha256, receipt FROM chunks \
+             WHERE session_id = $1 AND file_id = $2 AND chunk_offset = $3",
+        )
+        .bind(id.to_string())
+        .bind(file.to_string())
+        .bind(to_i64(chunk.offset)?)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| db_err("record chunk", e))?;
+        let Some(row) = row else {
+            return Err(Error::NotFound { what: "session" });
+        };
+        let existing = chunk_from_row(&row)?;
+        tx.commit().await.map_err(|e| db_err("record chunk", e))?;
+        Ok(ChunkInsert::Existing(existing))
     }
 
     /// A pooled connection.
@@ -1022,47 +1102,31 @@ impl SessionStore for SqlSessionStore {
         file: FileId,
         chunk: &ChunkRecord,
     ) -> Result<ChunkInsert> {
-        let mut tx = self
-            .db
-            .pool()
-            .begin()
-            .await
-            .map_err(|e| db_err("record chunk", e))?;
-        let inserted = sqlx::query(
-            "INSERT INTO chunks (session_id, file_id, chunk_offset, length, sha256, receipt) \
-             SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $1) \
-             ON CONFLICT (session_id, file_id, chunk_offset) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(file.to_string())
-        .bind(to_i64(chunk.offset)?)
-        .bind(to_i64(chunk.length)?)
-        .bind(chunk.sha256.to_hex())
-        .bind(&chunk.receipt)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_err("record chunk", e))?;
-        if inserted.rows_affected() == 1 {
-            // Crash-safe point: the commit.
-            tx.commit().await.map_err(|e| db_err("record chunk", e))?;
-            return Ok(ChunkInsert::Inserted);
-        }
-        let row = sqlx::query(
-            "SELECT chunk_offset, length, sha256, receipt FROM chunks \
-             WHERE session_id = $1 AND file_id = $2 AND chunk_offset = $3",
-        )
-        .bind(id.to_string())
-        .bind(file.to_string())
-        .bind(to_i64(chunk.offset)?)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| db_err("record chunk", e))?;
-        let Some(row) = row else {
-            return Err(Error::NotFound { what: "session" });
+        self.record_chunk_with(id, file, chunk, None).await
+    }
+
+    fn audit_trail_key(&self) -> Option<i64> {
+        self.trail.as_ref().map(|t| t.key)
+    }
+
+    async fn record_chunk_audited(
+        &self,
+        id: SessionId,
+        file: FileId,
+        chunk: &ChunkRecord,
+        event: &relaypacs_core::AuditEvent,
+    ) -> Result<ChunkInsert> {
+        let Some(trail) = &self.trail else {
+            return Err(Error::storage(
+                StorageErrorKind::Io,
+                "record a chunk with its audit record",
+                "this session store has no audit trail",
+            ));
         };
-        let existing = chunk_from_row(&row)?;
-        tx.commit().await.map_err(|e| db_err("record chunk", e))?;
-        Ok(ChunkInsert::Existing(existing))
+        let json = serde_json::to_string(event)
+            .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
+        self.record_chunk_with(id, file, chunk, Some((trail, json)))
+            .await
     }
 
     async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>> {

@@ -386,3 +386,77 @@ async fn records_fail_while_the_database_is_down_and_resume() {
     let head = verify_sql_chain(&db).await.expect("chain");
     assert_eq!(head.count, acked);
 }
+
+/// A session store given the sink (`with_audit`) records a chunk and its
+/// audit record in one transaction: both are there after an insert, the
+/// chain verifies, the sink's head moves; an insert that finds the chunk
+/// already recorded adds no audit record; a store without the sink, or
+/// given a sink on another database, has no trail to write to.
+async fn chunk_and_audit_record_commit_together(db: SqlState, other: SqlState) {
+    use relaypacs_core::testing::session_store::sample_session;
+    use relaypacs_core::{ChunkInsert, ChunkRecord, SessionStore, Sha256Digest};
+    use relaypacs_storage::SqlSessionStore;
+
+    let sink = SqlAuditSink::new(db.clone());
+    record_n(&sink, 3).await;
+    let store = SqlSessionStore::new(db.clone()).with_audit(&sink);
+    assert_eq!(store.audit_trail_key(), sink.trail_key());
+    assert!(store.audit_trail_key().is_some());
+    let s = sample_session();
+    let file = *s.files.keys().next().unwrap();
+    store.create_session(&s).await.unwrap();
+    let chunk = ChunkRecord::new(0, 1 << 20, Sha256Digest::of(b"chunk 0"), "r0");
+    let mut ev = event(0, 99);
+    ev.session = Some(s.id);
+    ev.file = Some(file);
+    assert_eq!(
+        store
+            .record_chunk_audited(s.id, file, &chunk, &ev)
+            .await
+            .unwrap(),
+        ChunkInsert::Inserted
+    );
+    assert_eq!(store.chunks(s.id, file).await.unwrap(), vec![chunk.clone()]);
+    let events = sink.events().await.unwrap();
+    assert_eq!(events.len(), 4);
+    assert_eq!(events[3], ev);
+    assert_eq!(sink.last_head().map(|h| h.count), Some(4));
+    assert_eq!(verify_sql_chain(&db).await.unwrap().count, 4);
+    // The same offset again: nothing new, not even the audit record.
+    assert!(matches!(
+        store
+            .record_chunk_audited(s.id, file, &chunk, &ev)
+            .await
+            .unwrap(),
+        ChunkInsert::Existing(c) if c == chunk
+    ));
+    // The sink's own appends continue the same chain.
+    record_n(&sink, 2).await;
+    assert_eq!(sink.events().await.unwrap().len(), 6);
+    assert_eq!(verify_sql_chain(&db).await.unwrap().count, 6);
+    // No sink, or one on another database: no trail.
+    let plain = SqlSessionStore::new(db.clone());
+    assert_eq!(plain.audit_trail_key(), None);
+    assert!(
+        plain
+            .record_chunk_audited(s.id, file, &chunk, &ev)
+            .await
+            .is_err()
+    );
+    let elsewhere = SqlSessionStore::new(db).with_audit(&SqlAuditSink::new(other));
+    assert_eq!(elsewhere.audit_trail_key(), None);
+}
+
+#[tokio::test]
+async fn chunk_and_audit_record_commit_together_on_sqlite() {
+    let (a, b) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    chunk_and_audit_record_commit_together(sqlite_db(&a).await, sqlite_db(&b).await).await;
+}
+
+#[tokio::test]
+async fn chunk_and_audit_record_commit_together_on_postgres() {
+    let pg = start_postgres().await;
+    let url = pg.create_database("relay");
+    let other = pg.create_database("other");
+    chunk_and_audit_record_commit_together(connect(&url).await, connect(&other).await).await;
+}

@@ -216,3 +216,47 @@ fn fan_clone(sql: &SqlAuditSink, jsonl: &JsonlAuditSink) -> AuditFanOut<SqlAudit
         vec![Arc::new(jsonl.clone()) as Arc<dyn AuditSink>],
     )
 }
+
+/// Records a session store appends in its chunk transactions
+/// (`SqlSessionStore::with_audit`) move the sink's head and its periodic
+/// anchor as the sink's own do; the fan-out offers the primary's trail to
+/// such a store only without mirrors (they would miss those records).
+#[tokio::test]
+async fn records_appended_with_chunks_move_the_head_and_the_anchor() {
+    use relaypacs_core::testing::session_store::sample_session;
+    use relaypacs_core::{ChunkRecord, SessionStore, Sha256Digest};
+    use relaypacs_storage::SqlSessionStore;
+
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("sql-chain.anchor");
+    let state = db(dir.path()).await;
+    let sink = Arc::new(
+        SqlAuditSink::open_anchored(state.clone(), &path, 2, None)
+            .await
+            .unwrap(),
+    );
+    let store = SqlSessionStore::new(state.clone()).with_audit(&sink);
+    let s = sample_session();
+    let file = *s.files.keys().next().unwrap();
+    store.create_session(&s).await.unwrap();
+    for i in 0..3u64 {
+        let chunk = ChunkRecord::new(i << 20, 1 << 20, Sha256Digest::of(&i.to_le_bytes()), "r");
+        store
+            .record_chunk_audited(s.id, file, &chunk, &event(i as usize))
+            .await
+            .unwrap();
+    }
+    assert_eq!(sink.last_head().map(|h| h.count), Some(3));
+    assert_eq!(sink.last_head(), Some(sink.head().await.unwrap()));
+    assert_eq!(anchored(&path).count, 2, "by count, after the commit");
+    sink.close().await.unwrap();
+    assert_eq!(anchored(&path).count, 3);
+    assert_eq!(verify_sql_chain(&state).await.unwrap().count, 3);
+
+    let alone = AuditFanOut::new(sink.clone(), Vec::new());
+    assert_eq!(alone.trail_key(), sink.trail_key());
+    let jsonl: Arc<dyn AuditSink> =
+        Arc::new(JsonlAuditSink::open(dir.path().join("audit.jsonl")).unwrap());
+    let mirrored = AuditFanOut::new(sink.clone(), vec![jsonl]);
+    assert_eq!(mirrored.trail_key(), None);
+}

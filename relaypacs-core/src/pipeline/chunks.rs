@@ -495,11 +495,19 @@ impl Pipeline {
         ev.file = Some(file);
         ev.detail = format!("offset={} length={}", chunk.offset, chunk.length);
         match self
-            .put_chunk_inner(take_range.then_some(&gate), id, file, known, chunk, body)
+            .put_chunk_inner(
+                take_range.then_some(&gate),
+                id,
+                file,
+                known,
+                chunk,
+                body,
+                &ev,
+            )
             .await
         {
-            Ok(out) => {
-                if matches!(out, PutOutcome::Stored { .. }) {
+            Ok((out, audited)) => {
+                if matches!(out, PutOutcome::Stored { .. }) && !audited {
                     self.audit(ev).await?;
                 }
                 Ok(out)
@@ -508,6 +516,9 @@ impl Pipeline {
         }
     }
 
+    /// The chunk stored and recorded; `true` beside the outcome when its
+    /// audit record (`ev`) was committed with the chunk record.
+    #[allow(clippy::too_many_arguments)] // one call site, all needed
     async fn put_chunk_inner(
         &self,
         reserve_in: Option<&Arc<Gate>>,
@@ -516,7 +527,8 @@ impl Pipeline {
         known: Known,
         chunk: PutChunk,
         body: ByteStream,
-    ) -> Result<PutOutcome> {
+        ev: &AuditEvent,
+    ) -> Result<(PutOutcome, bool)> {
         let Known {
             scope: current,
             chunks: recorded,
@@ -534,7 +546,7 @@ impl Pipeline {
             .iter()
             .find(|c| c.offset == chunk.offset && c.length == chunk.length)
         {
-            return self.retry_of(existing.clone(), chunk, body).await;
+            return Ok((self.retry_of(existing.clone(), chunk, body).await?, false));
         }
         check_no_overlap(&recorded, &range)?;
         // Without a gate here the caller holds a reservation covering this
@@ -547,7 +559,7 @@ impl Pipeline {
             None => None,
         };
         let out = self
-            .store_and_record(id, file_id, current, chunk, body)
+            .store_and_record(id, file_id, current, chunk, body, ev)
             .await;
         // Released now, whatever the outcome, so a retry of the range right
         // after finds it free (a dropped future releases in the background).
@@ -558,7 +570,11 @@ impl Pipeline {
         out
     }
 
-    /// Store a reserved chunk, record it and keep the session alive.
+    /// Store a reserved chunk, record it and keep the session alive. When
+    /// the session store appends to the audit sink's own trail (one
+    /// database, see [`SessionStore::record_chunk_audited`]), the chunk's
+    /// record and its audit record `ev` commit in one transaction and the
+    /// answer says `true`: one sync per chunk instead of two.
     async fn store_and_record(
         &self,
         id: SessionId,
@@ -566,23 +582,31 @@ impl Pipeline {
         current: FileScope,
         chunk: PutChunk,
         body: ByteStream,
-    ) -> Result<PutOutcome> {
+        ev: &AuditEvent,
+    ) -> Result<(PutOutcome, bool)> {
         let key = FileKey {
             session: id,
             file: file_id,
         };
         let record = self.store_chunk(key, chunk, body).await?;
-        match self
-            .inner
-            .sessions
-            .record_chunk(id, file_id, &record)
-            .await?
-        {
+        let sessions = &self.inner.sessions;
+        let joint = matches!(
+            (self.inner.audit.trail_key(), sessions.audit_trail_key()),
+            (Some(a), Some(b)) if a == b
+        );
+        let insert = if joint {
+            sessions
+                .record_chunk_audited(id, file_id, &record, ev)
+                .await?
+        } else {
+            sessions.record_chunk(id, file_id, &record).await?
+        };
+        match insert {
             ChunkInsert::Inserted => {}
             ChunkInsert::Existing(other)
                 if other.sha256 == record.sha256 && other.length == record.length =>
             {
-                return Ok(PutOutcome::AlreadyStored { chunk: other });
+                return Ok((PutOutcome::AlreadyStored { chunk: other }, false));
             }
             ChunkInsert::Existing(_) => {
                 return Err(Error::conflict(
@@ -591,8 +615,11 @@ impl Pipeline {
                 ));
             }
         }
+        // A failure here refuses the request (audited as such); the chunk
+        // stays recorded and, with `joint`, so does its success record:
+        // both are true, the chunk is durable and acknowledged on retry.
         self.keep_alive(id, file_id, current).await?;
-        Ok(PutOutcome::Stored { chunk: record })
+        Ok((PutOutcome::Stored { chunk: record }, joint))
     }
 
     /// The file of an open session that still takes bytes.
