@@ -635,59 +635,59 @@ impl Pipeline {
         let per_chunk = per_chunk || one_chunk.is_some();
         let mut stream = self.inner.chunks.read(key, 0..size).await?;
         // Two hashers on two blocking threads (one per core): one checks
-        // each chunk against its recorded digest, the other computes the
+        // each chunk against its recorded digest (only with `per_chunk`;
+        // else neither its thread nor its sends), the other computes the
         // whole-file digest. Buffers are shared (`Bytes` clones), and the
         // channels are small, so memory stays at a few buffers.
         let (tx_parts, mut rx_parts) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let tx_parts = per_chunk.then_some(tx_parts);
         let (tx_whole, mut rx_whole) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
         let bounds: Vec<(u64, u64, Sha256Digest)> = chunks
             .iter()
             .map(|c| (c.offset, c.end(), c.sha256))
             .collect();
-        let parts = tokio::task::spawn_blocking(move || -> Result<()> {
-            if !per_chunk {
-                // Not asked for: drain (the sender then never blocks).
-                while rx_parts.blocking_recv().is_some() {}
-                return Ok(());
-            }
-            let mut idx = 0usize;
-            let mut part = Sha256::new();
-            let mut pos = 0u64;
-            while let Some(mut buf) = rx_parts.blocking_recv() {
-                while !buf.is_empty() {
-                    let Some(&(start, end, expect)) = bounds.get(idx) else {
-                        return Err(IntegrityError::StoredSize {
-                            expected: size,
-                            actual: pos + buf.len() as u64,
-                        }
-                        .into());
-                    };
-                    let n = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
-                    part.update(&buf[..n]);
-                    pos += n as u64;
-                    buf = buf.slice(n..);
-                    if pos == end {
-                        let got = Sha256Digest(std::mem::take(&mut part).finalize().into());
-                        if got != expect {
-                            return Err(IntegrityError::StoredChunkCorrupt {
-                                offset: start,
-                                expected: expect.to_hex(),
-                                actual: got.to_hex(),
+        let parts = per_chunk.then(|| {
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let mut idx = 0usize;
+                let mut part = Sha256::new();
+                let mut pos = 0u64;
+                while let Some(mut buf) = rx_parts.blocking_recv() {
+                    while !buf.is_empty() {
+                        let Some(&(start, end, expect)) = bounds.get(idx) else {
+                            return Err(IntegrityError::StoredSize {
+                                expected: size,
+                                actual: pos + buf.len() as u64,
                             }
                             .into());
+                        };
+                        let n =
+                            usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
+                        part.update(&buf[..n]);
+                        pos += n as u64;
+                        buf = buf.slice(n..);
+                        if pos == end {
+                            let got = Sha256Digest(std::mem::take(&mut part).finalize().into());
+                            if got != expect {
+                                return Err(IntegrityError::StoredChunkCorrupt {
+                                    offset: start,
+                                    expected: expect.to_hex(),
+                                    actual: got.to_hex(),
+                                }
+                                .into());
+                            }
+                            idx += 1;
                         }
-                        idx += 1;
                     }
                 }
-            }
-            if pos != size {
-                return Err(IntegrityError::StoredSize {
-                    expected: size,
-                    actual: pos,
+                if pos != size {
+                    return Err(IntegrityError::StoredSize {
+                        expected: size,
+                        actual: pos,
+                    }
+                    .into());
                 }
-                .into());
-            }
-            Ok(())
+                Ok(())
+            })
         });
         // A third for the digest of the data set after the meta group (the
         // index of accepted instances and content verification compare it).
@@ -732,7 +732,11 @@ impl Pipeline {
                 Ok(b) => {
                     // A send fails only if the chunk checker stopped early
                     // with an error; that error is reported below.
-                    if tx_parts.send(b.clone()).await.is_err()
+                    let parts_gone = match &tx_parts {
+                        Some(tx) => tx.send(b.clone()).await.is_err(),
+                        None => false,
+                    };
+                    if parts_gone
                         || tx_set.send(b.clone()).await.is_err()
                         || tx_whole.send(b).await.is_err()
                     {
@@ -753,7 +757,10 @@ impl Pipeline {
                 e.to_string(),
             )
         };
-        let parts = parts.await.map_err(join)?;
+        let parts = match parts {
+            Some(p) => p.await.map_err(join)?,
+            None => Ok(()),
+        };
         let mut whole = whole.await.map_err(join)?;
         whole.data_set_sha256 = data_set.await.map_err(join)?;
         if let Some(e) = read_err {
