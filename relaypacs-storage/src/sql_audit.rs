@@ -175,6 +175,12 @@ async fn read_head(db: &SqlState) -> Result<ChainHead> {
     })
 }
 
+/// An event as the JSON the chain stores and hashes.
+pub(crate) fn event_json(event: &AuditEvent) -> Result<String> {
+    serde_json::to_string(event)
+        .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))
+}
+
 /// Append `events` (their JSON) as the next records, in one transaction;
 /// returns the head after them.
 async fn append(db: &SqlState, events: &[String]) -> Result<ChainHead> {
@@ -555,8 +561,7 @@ impl AuditSink for SqlAuditSink {
     }
 
     async fn record(&self, event: &AuditEvent) -> Result<()> {
-        let json = serde_json::to_string(event)
-            .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
+        let json = event_json(event)?;
         // Queued, then written by a task of its own with whatever else is
         // queued (group commit: one transaction, one fsync for all): a
         // caller that gives up leaves the whole batch or nothing.
@@ -583,8 +588,7 @@ impl AuditSink for SqlAuditSink {
         let mut items = Vec::with_capacity(events.len());
         let mut answers = Vec::with_capacity(events.len());
         for event in events {
-            let json = serde_json::to_string(event)
-                .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
+            let json = event_json(event)?;
             let (tx, rx) = oneshot::channel();
             items.push((json, tx));
             answers.push(rx);

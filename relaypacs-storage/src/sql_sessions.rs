@@ -15,7 +15,7 @@ use sqlx::{Connection, Row};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::sql_audit::append_in;
+use crate::sql_audit::{append_in, event_json};
 use crate::sql_state::{Engine, SqlState, corrupt, db_err};
 
 /// A [`SessionStore`] on a [`SqlState`] database.
@@ -1123,8 +1123,7 @@ impl SessionStore for SqlSessionStore {
                 "this session store has no audit trail",
             ));
         };
-        let json = serde_json::to_string(event)
-            .map_err(|e| Error::storage(StorageErrorKind::Io, "encode audit event", e))?;
+        let json = event_json(event)?;
         self.record_chunk_with(id, file, chunk, Some((trail, json)))
             .await
     }
