@@ -143,6 +143,26 @@ pub fn wait_for_child(
     Ok(())
 }
 
+/// Start a server with `spawn(port)` on a port from [`free_port`] until
+/// one listens: one that exits first (its port taken between `free_port`
+/// and its bind) is reported by `exited` and started again on another
+/// port, five times at most. Returns the child and its port.
+fn start_on_free_port(
+    what: &str,
+    mut spawn: impl FnMut(u16) -> Child,
+    mut exited: impl FnMut(u16, std::process::ExitStatus),
+) -> (Child, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = spawn(port);
+        match wait_for_child(&mut child, port, Duration::from_secs(30)) {
+            Ok(()) => return (child, port),
+            Err(status) => exited(port, status),
+        }
+    }
+    panic!("{what} exited five times before listening");
+}
+
 /// An `s3s-fs` server (S3-compatible, checks SigV4 signatures and
 /// checksums) on a loopback port with a temporary root; killed on drop.
 #[derive(Debug)]
@@ -176,49 +196,45 @@ impl S3Server {
         // would be listed as an object store entry).
         let log_dir = tempfile::tempdir().expect("tempdir");
         let log_path = log_dir.path().join("s3s-fs.log");
-        for _ in 0..5 {
-            let port = free_port();
-            let log = std::fs::File::create(&log_path).expect("s3s-fs log");
-            let mut child = Command::new(&bin)
-                .args([
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--access-key",
-                    &access_key,
-                    "--secret-key",
-                    &secret_key,
-                ])
-                .arg(root.path())
-                // Errors only (its log goes to stdout), and any panic.
-                .env("RUST_LOG", "error")
-                .stdout(log.try_clone().expect("s3s-fs log"))
-                .stderr(log)
-                .spawn()
-                .expect("start s3s-fs");
-            match wait_for_child(&mut child, port, Duration::from_secs(30)) {
-                Ok(()) => {
-                    return Self {
-                        endpoint: format!("http://127.0.0.1:{port}"),
-                        access_key,
-                        secret_key,
-                        bucket,
-                        child,
-                        root,
-                        log_dir,
-                    };
-                }
-                Err(status) => eprintln!(
-                    "s3s-fs on port {port} exited ({status}), starting it again:\n{}",
+        let (child, port) = start_on_free_port(
+            "s3s-fs",
+            |port| {
+                let log = std::fs::File::create(&log_path).expect("s3s-fs log");
+                Command::new(&bin)
+                    .args([
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        &port.to_string(),
+                        "--access-key",
+                        &access_key,
+                        "--secret-key",
+                        &secret_key,
+                    ])
+                    .arg(root.path())
+                    // Errors only (its log goes to stdout), and any panic.
+                    .env("RUST_LOG", "error")
+                    .stdout(log.try_clone().expect("s3s-fs log"))
+                    .stderr(log)
+                    .spawn()
+                    .expect("start s3s-fs")
+            },
+            |port, status| {
+                eprintln!(
+                    "s3s-fs on port {port} exited ({status}):\n{}",
                     std::fs::read_to_string(&log_path).unwrap_or_default()
-                ),
-            }
-        }
-        panic!(
-            "s3s-fs exited five times before listening:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
+                )
+            },
         );
+        Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            access_key,
+            secret_key,
+            bucket,
+            child,
+            root,
+            log_dir,
+        }
     }
 
     /// The server's data folder.
@@ -638,28 +654,26 @@ impl StoreScp {
         let bin = tool("storescp");
         let dir = tempfile::tempdir().expect("tempdir");
         let aet = "STORESCP".to_owned();
-        // One that exits before it listens (its port was taken between
-        // `free_port` and its bind) is started again on another port.
-        for _ in 0..5 {
-            let port = free_port();
-            let mut child = Command::new(&bin)
-                .args(["--aetitle", &aet, "+xa", "-uf", "--output-directory"])
-                .arg(dir.path())
-                .arg(port.to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start storescp");
-            if wait_for_child(&mut child, port, Duration::from_secs(30)).is_ok() {
-                return Self {
-                    port,
-                    aet,
-                    child,
-                    dir,
-                };
-            }
+        let (child, port) = start_on_free_port(
+            "storescp",
+            |port| {
+                Command::new(&bin)
+                    .args(["--aetitle", &aet, "+xa", "-uf", "--output-directory"])
+                    .arg(dir.path())
+                    .arg(port.to_string())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start storescp")
+            },
+            |port, status| eprintln!("storescp on port {port} exited ({status})"),
+        );
+        Self {
+            port,
+            aet,
+            child,
+            dir,
         }
-        panic!("storescp exited five times before listening");
     }
 
     /// The file it wrote for an instance, if any (dcmtk names it
