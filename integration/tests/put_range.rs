@@ -99,11 +99,11 @@ async fn put_range_stores_segments_reports_progress_and_completes() {
             f.id,
             RangeWrite::new(0, size, MIN),
             pieces(&data, 7_777),
-            |at| seen.push(at),
+            |at, _| seen.push(at),
         )
         .await
         .unwrap();
-    assert_eq!(end, size);
+    assert_eq!((end.end, end.size), (size, size));
     let plan = plan_segments(0, size, MIN, MIN);
     assert_eq!(
         seen,
@@ -127,11 +127,11 @@ async fn put_range_stores_segments_reports_progress_and_completes() {
             f.id,
             RangeWrite::new(0, size, MIN),
             pieces(&data, 50_000),
-            |_| {},
+            |_, _| {},
         )
         .await
         .unwrap();
-    assert_eq!(again, size);
+    assert_eq!(again.end, size);
     assert_eq!(e.sessions.chunks(s, f.id).await.unwrap().len(), plan.len());
     let rec = p.complete_file(&a, s, f.id).await.unwrap();
     assert!(matches!(rec.state, FileState::Valid { .. }), "{rec:?}");
@@ -145,9 +145,11 @@ async fn put_range_stores_segments_reports_progress_and_completes() {
         sha256: Some(Sha256Digest::of(&data2)),
         ..RangeWrite::new(0, data2.len() as u64, MIN)
     };
-    p.put_range(&a, s2, f2.id, range, pieces(&data2, 4096), |_| calls += 1)
-        .await
-        .unwrap();
+    p.put_range(&a, s2, f2.id, range, pieces(&data2, 4096), |_, _| {
+        calls += 1
+    })
+    .await
+    .unwrap();
     assert_eq!(calls, 1);
     assert_eq!(e.sessions.chunks(s2, f2.id).await.unwrap().len(), 1);
 }
@@ -165,7 +167,7 @@ async fn a_second_writer_of_the_range_is_busy_until_the_first_ends() {
     let first = tokio::spawn({
         let (p, a) = (p.clone(), a.clone());
         async move {
-            p.put_range(&a, s, f.id, RangeWrite::new(0, size, MIN), body, |_| {})
+            p.put_range(&a, s, f.id, RangeWrite::new(0, size, MIN), body, |_, _| {})
                 .await
         }
     });
@@ -182,7 +184,7 @@ async fn a_second_writer_of_the_range_is_busy_until_the_first_ends() {
                 f.id,
                 RangeWrite::new(offset, length, MIN),
                 pieces(&data[offset as usize..(offset + length) as usize], 4096),
-                |_| panic!("a busy range stores nothing"),
+                |_, _| panic!("a busy range stores nothing"),
             )
             .await
             .unwrap_err();
@@ -197,7 +199,7 @@ async fn a_second_writer_of_the_range_is_busy_until_the_first_ends() {
     tx.unbounded_send(Ok(Bytes::copy_from_slice(&data[1000..])))
         .unwrap();
     drop(tx);
-    assert_eq!(first.await.unwrap().unwrap(), size);
+    assert_eq!(first.await.unwrap().unwrap().end, size);
     assert_eq!(p.file_status(&a, s, f.id).await.unwrap().offset, size);
     // The refusals were audited.
     let busy = e
@@ -230,7 +232,7 @@ async fn a_dropped_body_keeps_complete_segments_and_a_retry_resumes() {
             f.id,
             RangeWrite::new(0, size, MIN),
             then_error(&data[..cut], 10_000),
-            |at| seen.push(at),
+            |at, _| seen.push(at),
         )
         .await
         .unwrap_err();
@@ -251,7 +253,7 @@ async fn a_dropped_body_keeps_complete_segments_and_a_retry_resumes() {
                 f.id,
                 RangeWrite::new(2 * MIN, size - 2 * MIN, MIN),
                 body,
-                |_| {},
+                |_, _| {},
             )
             .await
         }
@@ -283,11 +285,11 @@ async fn a_dropped_body_keeps_complete_segments_and_a_retry_resumes() {
             f.id,
             RangeWrite::new(at, size - at, MIN),
             pieces(&data[at as usize..], 30_000),
-            |_| {},
+            |_, _| {},
         )
         .await
         .unwrap();
-    assert_eq!(end, size);
+    assert_eq!(end.end, size);
     let rec = p.complete_file(&a, s, f.id).await.unwrap();
     assert!(matches!(rec.state, FileState::Valid { .. }), "{rec:?}");
 }
@@ -305,7 +307,7 @@ async fn an_error_or_extra_byte_after_the_range_stores_nothing_of_its_last_segme
     // checksum that does not match, say): nothing is stored.
     let range = RangeWrite::new(0, size, size);
     let err = p
-        .put_range(&a, s, f.id, range, then_error(&data, 8192), |_| {
+        .put_range(&a, s, f.id, range, then_error(&data, 8192), |_, _| {
             panic!("nothing is durable")
         })
         .await
@@ -316,14 +318,14 @@ async fn an_error_or_extra_byte_after_the_range_stores_nothing_of_its_last_segme
     let mut longer = data.clone();
     longer.push(0);
     let err = p
-        .put_range(&a, s, f.id, range, pieces(&longer, 8192), |_| {})
+        .put_range(&a, s, f.id, range, pieces(&longer, 8192), |_, _| {})
         .await
         .unwrap_err();
     assert_eq!(err.code(), "RELAY_CHUNK_LENGTH_MISMATCH", "{err:?}");
     assert!(e.sessions.chunks(s, f.id).await.unwrap().is_empty());
     // Shorter: the same.
     let err = p
-        .put_range(&a, s, f.id, range, pieces(&data[1..], 8192), |_| {})
+        .put_range(&a, s, f.id, range, pieces(&data[1..], 8192), |_, _| {})
         .await
         .unwrap_err();
     assert_eq!(err.code(), "RELAY_CHUNK_LENGTH_MISMATCH", "{err:?}");
@@ -337,12 +339,31 @@ async fn an_error_or_extra_byte_after_the_range_stores_nothing_of_its_last_segme
                 f.id,
                 RangeWrite::new(offset, length, MIN),
                 pieces(&data, 8192),
-                |_| {},
+                |_, _| {},
             )
             .await
             .unwrap_err();
         assert_eq!(err.code(), "RELAY_BAD_RANGE", "{err:?}");
     }
+    // A continuing range is checked for its offset first (tus answers a
+    // stale offset before a body too long), then for its fit.
+    for (offset, length, code) in [
+        (1, size, "RELAY_OFFSET_MISMATCH"),
+        (0, size + 1, "RELAY_BAD_RANGE"),
+    ] {
+        let range = RangeWrite {
+            continues: true,
+            ..RangeWrite::new(offset, length, MIN)
+        };
+        let err = p
+            .put_range(&a, s, f.id, range, pieces(&data, 8192), |_, _| {
+                panic!("nothing is stored")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+    }
+    assert!(e.sessions.chunks(s, f.id).await.unwrap().is_empty());
     // Another user's session is not found.
     let err = p
         .put_range(
@@ -351,7 +372,7 @@ async fn an_error_or_extra_byte_after_the_range_stores_nothing_of_its_last_segme
             f.id,
             RangeWrite::new(0, size, MIN),
             pieces(&data, 8192),
-            |_| {},
+            |_, _| {},
         )
         .await
         .unwrap_err();

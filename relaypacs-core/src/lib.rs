@@ -60,7 +60,7 @@ pub use pacs_sink::{
 };
 pub use pipeline::{
     DuplicatePolicy, FileStatus, INGEST_CHUNK_SIZE, NewFile, NewSession, Pipeline, PipelineConfig,
-    PutChunk, PutOutcome, RangeWrite, contiguous_end, plan_segments,
+    PutChunk, PutOutcome, RangeDone, RangeWrite, contiguous_end, plan_segments,
 };
 pub use report_source::{ReportKind, ReportRef, ReportSource};
 pub use session_store::{ChunkInsert, ClaimedWrite, FileScope, InstanceClaim, SessionStore};

@@ -508,6 +508,31 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         ))
     }
 
+    /// The write of a new file that completes it:
+    /// [`update_file_scope_claiming`](Self::update_file_scope_claiming)
+    /// with `claim`, [`update_file_scope_with_chunks`](Self::update_file_scope_with_chunks)
+    /// without, and `events` appended to the audit trail of
+    /// [`audit_trail_key`](Self::audit_trail_key) in the same transaction:
+    /// all durable at once, or nothing (on an error, and on `Held`, no
+    /// event is appended). The pipeline calls this only when this store's
+    /// `audit_trail_key` is its audit sink's `trail_key`; the default, for
+    /// a store without a trail, refuses.
+    async fn update_file_scope_audited(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        chunks: &[(FileId, ChunkRecord)],
+        claim: Option<&InstanceClaim>,
+        events: &[crate::AuditEvent],
+    ) -> Result<ClaimedWrite> {
+        let _ = (session, expected, chunks, claim, events);
+        Err(crate::Error::storage(
+            crate::error::StorageErrorKind::Io,
+            "record a file with its audit records",
+            "this session store has no audit trail",
+        ))
+    }
+
     /// The recorded chunks of a file, by ascending offset.
     async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>>;
 
@@ -792,6 +817,19 @@ macro_rules! forward_session_store {
                 event: &crate::AuditEvent,
             ) -> Result<ChunkInsert> {
                 (**self).record_chunk_audited(id, file, chunk, event).await
+            }
+
+            async fn update_file_scope_audited(
+                &self,
+                session: &SessionRecord,
+                expected: u64,
+                chunks: &[(FileId, ChunkRecord)],
+                claim: Option<&InstanceClaim>,
+                events: &[crate::AuditEvent],
+            ) -> Result<ClaimedWrite> {
+                (**self)
+                    .update_file_scope_audited(session, expected, chunks, claim, events)
+                    .await
             }
 
             async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>> {

@@ -183,10 +183,45 @@ async fn replay_across_gateways(a: G, b: G) {
         .unwrap()
         .unwrap()
         .sid;
+    // The server's one-read check (signature, then the account in its
+    // live login) agrees with `verify`, on both gateways.
+    let claims = a.tokens.decode(&other.access_token).unwrap();
+    assert_eq!(
+        (claims.sub.as_str(), claims.sid.as_str()),
+        (u.id.as_str(), sid.as_str())
+    );
+    for g in [&a, &b] {
+        let found = g.users.by_id_in_live_family(&u.id, &sid).await.unwrap();
+        assert_eq!(found.map(|r| r.id), Some(u.id.clone()));
+        // Another user's id with this family, or an unknown family: none.
+        assert!(
+            g.users
+                .by_id_in_live_family("someone-else", &sid)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            g.users
+                .by_id_in_live_family(&u.id, "no-such-family")
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
     b.tokens.revoke(&sid).await.unwrap();
     assert!(
         a.tokens
             .verify(&other.access_token)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The signature still checks out; the login is what is revoked.
+    assert!(a.tokens.decode(&other.access_token).is_some());
+    assert!(
+        a.users
+            .by_id_in_live_family(&u.id, &sid)
             .await
             .unwrap()
             .is_none()

@@ -80,6 +80,29 @@ async fn discovery_creation_head_patch_termination() {
         "RELAY_OFFSET_MISMATCH",
     )
     .await;
+    // A stale offset is tus's 409 even when the body would also run past
+    // Upload-Length (the offset is checked first), and an ahead offset too.
+    expect_error(
+        t.patch(&u, &up, 0, vec![0; data.len() + 1], None).await,
+        409,
+        "RELAY_OFFSET_MISMATCH",
+    )
+    .await;
+    expect_error(
+        t.patch(&u, &up, half as u64 + 1, vec![0; 10], None).await,
+        409,
+        "RELAY_OFFSET_MISMATCH",
+    )
+    .await;
+    // At the right offset, a body past Upload-Length is 413.
+    expect_error(
+        t.patch(&u, &up, half as u64, vec![0; data.len() - half + 1], None)
+            .await,
+        413,
+        "RELAY_UPLOAD_OVERFLOW",
+    )
+    .await;
+    assert_eq!(t.head_offset(&u, &up).await, half as u64);
     // Wrong content type: 415.
     let r = t
         .req(Method::PATCH, &up, &u)

@@ -1128,6 +1128,41 @@ impl SessionStore for SqlSessionStore {
             .await
     }
 
+    async fn update_file_scope_audited(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        chunks: &[(FileId, ChunkRecord)],
+        claim: Option<&InstanceClaim>,
+        events: &[relaypacs_core::AuditEvent],
+    ) -> Result<ClaimedWrite> {
+        const OP: &str = "record file";
+        let Some(trail) = &self.trail else {
+            return Err(Error::storage(
+                StorageErrorKind::Io,
+                "record a file with its audit records",
+                "this session store has no audit trail",
+            ));
+        };
+        let json = events.iter().map(event_json).collect::<Result<Vec<_>>>()?;
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
+        if let Some(claim) = claim {
+            let held = Self::claim_in(&mut tx, claim).await?;
+            if !held.held_by(claim.session, claim.file) {
+                tx.rollback().await.map_err(|e| db_err(OP, e))?;
+                return Ok(ClaimedWrite::Held(held));
+            }
+        }
+        // The audit records in the same transaction: all or nothing.
+        let head = append_in(&mut tx, &json).await?;
+        // Crash-safe point: the commit (the file, its chunks, its claim and
+        // its audit records; WAL fsync / PostgreSQL commit).
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
+        trail.committed(head).await;
+        Ok(ClaimedWrite::Written(expected + 1))
+    }
+
     async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>> {
         let mut tx = self
             .db

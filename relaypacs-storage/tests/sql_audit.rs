@@ -447,6 +447,137 @@ async fn chunk_and_audit_record_commit_together(db: SqlState, other: SqlState) {
     assert_eq!(elsewhere.audit_trail_key(), None);
 }
 
+/// A new file's write with its audit records (`update_file_scope_audited`,
+/// how a one-chunk STOW-RS part completes): the file, its chunk, its claim
+/// and the records in one transaction; when another file holds the UID,
+/// nothing is written and no record appended; without a claim the file
+/// and the records are written; a store without the sink refuses.
+async fn file_and_audit_records_commit_together(db: SqlState) {
+    use relaypacs_core::testing::session_store::sample_session;
+    use relaypacs_core::{
+        ChunkRecord, ClaimedWrite, FileId, InstanceClaim, SessionStore, Sha256Digest, Uid,
+    };
+    use relaypacs_storage::SqlSessionStore;
+
+    let sink = SqlAuditSink::new(db.clone());
+    record_n(&sink, 2).await;
+    let store = SqlSessionStore::new(db.clone()).with_audit(&sink);
+    let s = sample_session();
+    let v = store.create_session(&s).await.unwrap().version;
+    let mut rec = s.clone();
+    let mut file = rec.files.values().next().unwrap().clone();
+    file.id = FileId::random();
+    rec.files = [(file.id, file.clone())].into_iter().collect();
+    let sop = Uid::parse("2.25.4242").unwrap();
+    let claim = |f: FileId, content: &[u8]| {
+        InstanceClaim::new(
+            sop.clone(),
+            Sha256Digest::of(content),
+            Uid::parse("1.2.3.4").unwrap(),
+            s.id,
+            f,
+        )
+    };
+    let chunk = ChunkRecord::new(0, 1 << 20, Sha256Digest::of(b"part"), "r0");
+    let events: Vec<AuditEvent> = (0..3).map(|i| event(7, i)).collect();
+    let written = store
+        .update_file_scope_audited(
+            &rec,
+            v,
+            &[(file.id, chunk.clone())],
+            Some(&claim(file.id, b"a")),
+            &events,
+        )
+        .await
+        .unwrap();
+    assert_eq!(written, ClaimedWrite::Written(v + 1));
+    assert_eq!(
+        store.chunks(s.id, file.id).await.unwrap(),
+        vec![chunk.clone()]
+    );
+    assert!(
+        store
+            .instance_claim(&sop)
+            .await
+            .unwrap()
+            .unwrap()
+            .held_by(s.id, file.id)
+    );
+    let stored = sink.events().await.unwrap();
+    assert_eq!(stored.len(), 5);
+    assert_eq!(&stored[2..], &events[..]);
+    assert_eq!(sink.last_head().map(|h| h.count), Some(5));
+    // Another file of the same UID: held, nothing written, no record.
+    let mut other = file.clone();
+    other.id = FileId::random();
+    let mut rec2 = rec.clone();
+    rec2.files = [(other.id, other.clone())].into_iter().collect();
+    match store
+        .update_file_scope_audited(
+            &rec2,
+            v + 1,
+            &[(other.id, chunk.clone())],
+            Some(&claim(other.id, b"b")),
+            &events,
+        )
+        .await
+        .unwrap()
+    {
+        ClaimedWrite::Held(c) => assert!(c.held_by(s.id, file.id), "{c:?}"),
+        w => panic!("written although the UID is held: {w:?}"),
+    }
+    assert_eq!(store.load_session(s.id).await.unwrap().version, v + 1);
+    assert!(store.chunks(s.id, other.id).await.unwrap().is_empty());
+    assert_eq!(sink.events().await.unwrap().len(), 5);
+    // A stale version: refused, no record.
+    assert!(
+        store
+            .update_file_scope_audited(&rec2, v, &[(other.id, chunk.clone())], None, &events)
+            .await
+            .is_err()
+    );
+    assert_eq!(sink.events().await.unwrap().len(), 5);
+    // Without a claim: the file and its records.
+    assert_eq!(
+        store
+            .update_file_scope_audited(
+                &rec2,
+                v + 1,
+                &[(other.id, chunk.clone())],
+                None,
+                &events[..1],
+            )
+            .await
+            .unwrap(),
+        ClaimedWrite::Written(v + 2)
+    );
+    assert_eq!(sink.events().await.unwrap().len(), 6);
+    assert_eq!(verify_sql_chain(&db).await.unwrap().count, 6);
+    // The sink's own appends continue the chain; a store without the sink
+    // has no trail to write to.
+    record_n(&sink, 1).await;
+    assert_eq!(verify_sql_chain(&db).await.unwrap().count, 7);
+    assert!(
+        SqlSessionStore::new(db)
+            .update_file_scope_audited(&rec2, v + 2, &[], None, &events)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn file_and_audit_records_commit_together_on_sqlite() {
+    let d = TempDir::new().unwrap();
+    file_and_audit_records_commit_together(sqlite_db(&d).await).await;
+}
+
+#[tokio::test]
+async fn file_and_audit_records_commit_together_on_postgres() {
+    let pg = start_postgres().await;
+    let url = pg.create_database("relay");
+    file_and_audit_records_commit_together(connect(&url).await).await;
+}
+
 #[tokio::test]
 async fn chunk_and_audit_record_commit_together_on_sqlite() {
     let (a, b) = (TempDir::new().unwrap(), TempDir::new().unwrap());

@@ -3,6 +3,7 @@
 //! segments under one reservation, and a whole file put through the same
 //! rules.
 
+use super::completion::AuditPlan;
 use super::*;
 
 /// What [`Pipeline::put_chunk`] did.
@@ -52,6 +53,18 @@ pub struct RangeWrite {
     /// of counting as a retry.
     #[serde(default)]
     pub continues: bool,
+}
+
+/// What [`Pipeline::put_range`] reports when the range is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeDone {
+    /// The end of the range: the upload's new offset.
+    pub end: u64,
+    /// The file's declared size.
+    pub size: u64,
+    /// When the session expires if nothing else happens, as read before
+    /// the write (a write only pushes it later).
+    pub expires_at: OffsetDateTime,
 }
 
 impl RangeWrite {
@@ -590,10 +603,7 @@ impl Pipeline {
         };
         let record = self.store_chunk(key, chunk, body).await?;
         let sessions = &self.inner.sessions;
-        let joint = matches!(
-            (self.inner.audit.trail_key(), sessions.audit_trail_key()),
-            (Some(a), Some(b)) if a == b
-        );
+        let joint = self.audit_joins_state();
         let insert = if joint {
             sessions
                 .record_chunk_audited(id, file_id, &record, ev)
@@ -620,6 +630,16 @@ impl Pipeline {
         // both are true, the chunk is durable and acknowledged on retry.
         self.keep_alive(id, file_id, current).await?;
         Ok((PutOutcome::Stored { chunk: record }, joint))
+    }
+
+    /// Whether the session store appends to the audit sink's own trail
+    /// (one database): a step's state and its audit records then commit in
+    /// one transaction.
+    pub(super) fn audit_joins_state(&self) -> bool {
+        matches!(
+            (self.inner.audit.trail_key(), self.inner.sessions.audit_trail_key()),
+            (Some(a), Some(b)) if a == b
+        )
     }
 
     /// The file of an open session that still takes bytes.
@@ -799,8 +819,10 @@ impl Pipeline {
     /// from `body` (nothing is gathered in memory) through the same
     /// verification, durable record and audit as
     /// [`put_chunk`](Self::put_chunk), and `progress` is called with the
-    /// new end after each durable segment. A segment already stored with
-    /// the same bytes is a no-op. Returns the end of the range.
+    /// new end and the file's declared size after each durable segment. A segment already stored with
+    /// the same bytes is a no-op. Returns the end of the range and the
+    /// session's expiry as read before the write (writes only push it
+    /// later).
     ///
     /// The body must hold exactly `range.length` bytes: the last segment
     /// reads to the body's end, so an error the body yields after its last
@@ -810,7 +832,9 @@ impl Pipeline {
     /// # Errors
     /// [`Error::Busy`] when another request is writing an overlapping range
     /// of the file; `RELAY_BAD_RANGE` for an empty range or one past the
-    /// file's declared size; the session and file rules and errors of
+    /// file's declared size (with `range.continues`, checked after the
+    /// offset, so a PATCH from a stale offset gets tus's 409
+    /// `RELAY_OFFSET_MISMATCH` first); the session and file rules and errors of
     /// [`put_chunk`](Self::put_chunk) for each segment; a body shorter or
     /// longer than `range.length` fails with `RELAY_CHUNK_LENGTH_MISMATCH`;
     /// an error of the body itself is returned as it is. On any error the
@@ -829,8 +853,8 @@ impl Pipeline {
         file: FileId,
         range: RangeWrite,
         body: ByteStream,
-        mut progress: impl FnMut(u64) + Send,
-    ) -> Result<u64> {
+        mut progress: impl FnMut(u64, u64) + Send,
+    ) -> Result<RangeDone> {
         let mut ev = Self::event(
             actor,
             AuditAction::ChunkStored,
@@ -846,13 +870,17 @@ impl Pipeline {
         // completion or abort takes the gate to write and waits).
         let guard = gate.rw.read().await;
         let current = self
-            .load_scope_owned_as(actor, id, Some(file), Access::session("access"))
+            .load_scope_owned_as(actor, id, Some(file), Access::file("put_range", file))
             .await?;
-        let plan = match Self::plan_range(&current.session.value, file, &range) {
+        let expires_at = session_expiry(&current.session.value);
+        let size = current.session.value.files.get(&file).map_or(0, |f| f.size); // a missing file is refused by the plan below
+        // tus answers a stale offset before a body that would not fit: with
+        // `continues`, the fit is checked once the offset is known right.
+        let plan = match Self::plan_range(&current.session.value, file, &range, !range.continues) {
             Ok(p) => p,
             Err(e) => return self.refuse(ev, e).await,
         };
-        let end = range.offset + range.length;
+        let end = range.offset.saturating_add(range.length);
         let _reservation = match Reservation::take(&gate, file, range.offset..end) {
             Ok(r) => r,
             Err(e) => return self.refuse(ev, e).await,
@@ -894,6 +922,10 @@ impl Pipeline {
                 );
                 return self.refuse(ev, e).await;
             }
+            if let Err(e) = Self::range_fits(&current.session.value, file, &range) {
+                shared.release().await;
+                return self.refuse(ev, e).await;
+            }
         }
         let src = Arc::new(tokio::sync::Mutex::new(RangeSource {
             stream: body,
@@ -923,39 +955,40 @@ impl Pipeline {
                 written = Err(e);
                 break;
             }
-            progress(offset + length);
+            progress(offset + length, size);
         }
         // Released now, whatever the outcome, so a retry right after finds
         // the range free (a dropped future releases in the background).
         shared.release().await;
-        written
+        written.map(|end| RangeDone {
+            end,
+            size,
+            expires_at,
+        })
     }
 
     /// The rules of a range that need no I/O (the session is open, the
     /// file uploading, the range non-empty and inside the file) and its
     /// segments; each segment then meets the chunk rules.
+    /// With `check_fit`, also that the range lies inside the file;
+    /// without, [`range_fits`](Self::range_fits) must be called before a
+    /// byte is written.
     fn plan_range(
         rec: &SessionRecord,
         file_id: FileId,
         range: &RangeWrite,
+        check_fit: bool,
     ) -> Result<Vec<(u64, u64)>> {
-        let file = Self::uploading_file(rec, file_id)?;
+        Self::uploading_file(rec, file_id)?;
         if range.length == 0 {
             return Err(Error::invalid(
                 "RELAY_BAD_RANGE",
                 "range length must be at least 1",
             ));
         }
-        range
-            .offset
-            .checked_add(range.length)
-            .filter(|e| *e <= file.size)
-            .ok_or_else(|| {
-                Error::invalid(
-                    "RELAY_BAD_RANGE",
-                    format!("range exceeds the declared file size {}", file.size),
-                )
-            })?;
+        if check_fit {
+            Self::range_fits(rec, file_id, range)?;
+        }
         Ok(if range.sha256.is_some() {
             vec![(range.offset, range.length)]
         } else {
@@ -966,6 +999,23 @@ impl Pipeline {
                 rec.limits.min_chunk_size,
             )
         })
+    }
+
+    /// The range ends inside the file's declared size (`RELAY_BAD_RANGE`
+    /// otherwise).
+    fn range_fits(rec: &SessionRecord, file_id: FileId, range: &RangeWrite) -> Result<()> {
+        let file = Self::uploading_file(rec, file_id)?;
+        range
+            .offset
+            .checked_add(range.length)
+            .filter(|e| *e <= file.size)
+            .map(|_| ())
+            .ok_or_else(|| {
+                Error::invalid(
+                    "RELAY_BAD_RANGE",
+                    format!("range exceeds the declared file size {}", file.size),
+                )
+            })
     }
 
     /// Put a whole declared file through the chunk rules and complete it:
@@ -1140,13 +1190,23 @@ impl Pipeline {
         );
         done.file = Some(file.id);
         let owner = current.session.value.owner.clone();
+        // With the audit trail in the state database, the three records
+        // commit in the file's own write (one sync instead of two).
+        let before = [added.clone(), stored.clone()];
+        let joint = self.audit_joins_state();
+        let plan = joint.then_some(AuditPlan {
+            before: &before,
+            done: &done,
+        });
         match self
-            .prove_and_record(id, &file, std::slice::from_ref(&chunk), current, true)
+            .prove_and_record(id, &file, std::slice::from_ref(&chunk), current, true, plan)
             .await
         {
             Ok(f) => {
-                Self::describe_valid(&mut done, &f);
-                self.audit_all(&[added, stored, done]).await?;
+                if !joint {
+                    Self::describe_valid(&mut done, &f);
+                    self.audit_all(&[added, stored, done]).await?;
+                }
                 Ok(f)
             }
             Err((err, known)) => {
@@ -1191,7 +1251,7 @@ impl Pipeline {
 
     /// What the audit record of a completed file names (as
     /// [`complete_file`](Self::complete_file) records it).
-    fn describe_valid(event: &mut AuditEvent, f: &FileRecord) {
+    pub(super) fn describe_valid(event: &mut AuditEvent, f: &FileRecord) {
         if let FileState::Valid { dicom } = &f.state {
             event.study = Some(dicom.study_instance_uid.clone());
             event.patient_id = Some(dicom.patient_id.clone());

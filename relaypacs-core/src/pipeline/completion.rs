@@ -29,6 +29,17 @@ struct Added<'a> {
     chunks: &'a [ChunkRecord],
     /// Claimed in the same write, when set.
     claim: Option<&'a InstanceClaim>,
+    /// Audit records committed in the same write, when set (the store
+    /// appends to the audit sink's own trail).
+    audit: Option<AuditPlan<'a>>,
+}
+
+/// The audit records of a new file's completing write: `before` as they
+/// are, then `done` described from the file as written.
+#[derive(Clone, Copy)]
+pub(super) struct AuditPlan<'a> {
+    pub(super) before: &'a [AuditEvent],
+    pub(super) done: &'a AuditEvent,
 }
 
 /// Result of a full read-back of a stored file.
@@ -163,7 +174,7 @@ impl Pipeline {
             .chunks(id, file.id)
             .await
             .map_err(plain)?;
-        self.prove_and_record(id, &file, &chunks, current, false)
+        self.prove_and_record(id, &file, &chunks, current, false, None)
             .await
     }
 
@@ -172,6 +183,9 @@ impl Pipeline {
     /// With `new`, the file is not in the session yet: it is admitted under
     /// the session's limits and written with its chunk records in one step
     /// ([`SessionStore::update_file_scope_with_chunks`]).
+    ///
+    /// With `audit` (a new file only), its audit records commit in the
+    /// file's write: `Ok` means they are durable too.
     pub(super) async fn prove_and_record(
         &self,
         id: SessionId,
@@ -179,6 +193,7 @@ impl Pipeline {
         chunks: &[ChunkRecord],
         current: FileScope,
         new: bool,
+        audit: Option<AuditPlan<'_>>,
     ) -> std::result::Result<FileRecord, (Error, Identified)> {
         let plain = |e: Error| (e, Identified::default());
         let file_id = file.id;
@@ -211,6 +226,7 @@ impl Pipeline {
                 file,
                 chunks,
                 claim: Some(&mine),
+                audit,
             };
             match self
                 .record_valid(id, file_id, current.clone(), &dicom, digests, Some(added))
@@ -243,6 +259,7 @@ impl Pipeline {
             file,
             chunks,
             claim: None,
+            audit,
         });
         let rec = match self
             .record_valid(id, file_id, current, &dicom, digests, added)
@@ -450,6 +467,25 @@ impl Pipeline {
         };
         let chunks: Vec<(FileId, ChunkRecord)> =
             a.chunks.iter().map(|c| (file_id, c.clone())).collect();
+        if let Some(plan) = a.audit {
+            let mut events = plan.before.to_vec();
+            let mut done = plan.done.clone();
+            if let Some(f) = rec.files.get(&file_id) {
+                Self::describe_valid(&mut done, f);
+            }
+            events.push(done);
+            // One write: the file, its chunks, its claim and its audit
+            // records (one transaction, one sync).
+            return match self
+                .inner
+                .sessions
+                .update_file_scope_audited(&rec, version, &chunks, a.claim, &events)
+                .await?
+            {
+                ClaimedWrite::Written(_) => Ok(Some(rec)),
+                ClaimedWrite::Held(_) => Ok(None),
+            };
+        }
         // One write: the file, its chunk records, its valid state, the
         // session's study and, with a claim, the instance's place in the
         // index (one transaction, one sync).

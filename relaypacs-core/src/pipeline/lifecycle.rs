@@ -39,14 +39,11 @@ impl Pipeline {
             .cloned()
             .ok_or(Error::NotFound { what: "file" })?;
         let chunks = self.inner.sessions.chunks(id, file).await?;
-        let ttl = time::Duration::seconds(
-            i64::try_from(v.session.value.limits.session_ttl_secs).unwrap_or(i64::MAX),
-        );
         Ok(FileStatus {
             offset: contiguous_end(&chunks),
             file: f,
             chunks,
-            expires_at: v.session.value.updated_at.saturating_add(ttl),
+            expires_at: session_expiry(&v.session.value),
             session_state: v.session.value.state,
         })
     }

@@ -55,7 +55,7 @@ mod reports;
 mod sessions;
 
 pub use analytics::AnalyticsLimits;
-pub use chunks::{INGEST_CHUNK_SIZE, PutOutcome, RangeWrite, plan_segments};
+pub use chunks::{INGEST_CHUNK_SIZE, PutOutcome, RangeDone, RangeWrite, plan_segments};
 pub use denials::DenialAudit;
 pub use index::{Page, PageCursor, PageRequest};
 pub use reports::{ReadReport, ReportContent};
@@ -216,6 +216,14 @@ pub struct FileStatus {
     pub expires_at: OffsetDateTime,
     /// The session's state.
     pub session_state: SessionState,
+}
+
+/// When a session expires if nothing else happens: its last change plus
+/// its time to live.
+fn session_expiry(rec: &SessionRecord) -> OffsetDateTime {
+    let ttl =
+        time::Duration::seconds(i64::try_from(rec.limits.session_ttl_secs).unwrap_or(i64::MAX));
+    rec.updated_at.saturating_add(ttl)
 }
 
 /// End of the contiguous run of chunks starting at offset 0 (chunks need

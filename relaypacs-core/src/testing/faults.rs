@@ -578,6 +578,43 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
         self.inner.record_chunk(id, file, chunk).await
     }
 
+    // The writes that carry their audit records are the same failure
+    // points as the plain ones (a failure writes neither the state nor the
+    // records), so the joint path of a store with a trail is tested too.
+    fn audit_trail_key(&self) -> Option<i64> {
+        self.inner.audit_trail_key()
+    }
+
+    async fn record_chunk_audited(
+        &self,
+        id: SessionId,
+        file: FileId,
+        chunk: &ChunkRecord,
+        event: &crate::AuditEvent,
+    ) -> Result<ChunkInsert> {
+        self.plan.check(Op::RecordChunk)?;
+        self.inner
+            .record_chunk_audited(id, file, chunk, event)
+            .await
+    }
+
+    async fn update_file_scope_audited(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        chunks: &[(FileId, ChunkRecord)],
+        claim: Option<&InstanceClaim>,
+        events: &[crate::AuditEvent],
+    ) -> Result<crate::session_store::ClaimedWrite> {
+        if claim.is_some() {
+            self.plan.check(Op::ClaimInstance)?;
+        }
+        self.plan.check(Op::UpdateSession)?;
+        self.inner
+            .update_file_scope_audited(session, expected, chunks, claim, events)
+            .await
+    }
+
     async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>> {
         self.plan.check(Op::Chunks)?;
         self.inner.chunks(id, file).await

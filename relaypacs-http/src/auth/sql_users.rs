@@ -154,6 +154,21 @@ impl UserStore for SqlUserStore {
         self.one("id", id).await
     }
 
+    async fn by_id_in_live_family(&self, id: &str, family: &str) -> Result<Option<UserRecord>> {
+        // Every column is the user's: the family only filters.
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM users WHERE id = $1 AND EXISTS \
+             (SELECT 1 FROM refresh_families f WHERE f.id = $2 AND f.user_id = $1 \
+             AND f.revoked = 0)"
+        ))
+        .bind(id)
+        .bind(family)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(|e| db_err("load user", e))?;
+        row.as_ref().map(from_row).transpose()
+    }
+
     async fn update(&self, user: UserRecord) -> Result<()> {
         let done = sqlx::query(
             "UPDATE users SET username = $2, name_key = $3, role = $4, password_hash = $5, \

@@ -90,6 +90,12 @@ pub trait UserStore: Debug + Send + Sync + 'static {
     async fn by_name(&self, username: &str) -> Result<Option<UserRecord>>;
     /// Find by id.
     async fn by_id(&self, id: &str) -> Result<Option<UserRecord>>;
+    /// User `id`, if their login (refresh-token family) `family` is live,
+    /// i.e. not revoked on any gateway: an access token's check in one
+    /// read (the families are [`Tokens`](super::Tokens)' table in the same
+    /// state database). `None` for an unknown user or a revoked or unknown
+    /// family.
+    async fn by_id_in_live_family(&self, id: &str, family: &str) -> Result<Option<UserRecord>>;
     /// Replace a user's record (keeping a newer stored `totp_last_step`).
     async fn update(&self, user: UserRecord) -> Result<()>;
     /// Record TOTP time step `step` as used by user `id`: `true` if it is

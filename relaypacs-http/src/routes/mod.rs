@@ -97,17 +97,24 @@ pub async fn authenticate(
             "missing, invalid or expired access token",
         )
     };
-    let Some(claims) = state.tokens().verify(token).await.map_err(ApiError::from)? else {
+    let Some(claims) = state.tokens().decode(token) else {
         deny_token(state, token, &address, "invalid, forged or expired token").await;
         return Err(bad());
     };
+    // The account and the login's revocation in one read.
     let Some(user) = state
         .users()
-        .by_id(&claims.sub)
+        .by_id_in_live_family(&claims.sub, &claims.sid)
         .await
         .map_err(ApiError::from)?
     else {
-        deny_token(state, token, &address, "token of an unknown account").await;
+        deny_token(
+            state,
+            token,
+            &address,
+            "token of a revoked login or an unknown account",
+        )
+        .await;
         return Err(bad());
     };
     if user.disabled || claims.iat < user.tokens_valid_after.unix_timestamp() {

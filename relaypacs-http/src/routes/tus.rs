@@ -145,6 +145,15 @@ fn map_write_error(metrics: &Metrics, e: Error) -> ApiError {
             "another request is writing this upload; retry after it ends",
         );
     }
+    // A PATCH's range is never empty, so the core's RELAY_BAD_RANGE means
+    // a body past the declared Upload-Length (checked after the offset).
+    if e.code() == "RELAY_BAD_RANGE" {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RELAY_UPLOAD_OVERFLOW",
+            "the body would exceed Upload-Length",
+        );
+    }
     if matches!(
         e,
         Error::Integrity(IntegrityError::ChunkHash { .. } | IntegrityError::ChunkChecksum { .. })
@@ -174,33 +183,16 @@ async fn write_body(
     let checksum = checksum(headers)?;
     let _permit = user_permit(state, &user.id)?;
     let actor = user.actor();
-    // The session's state, the chunk ranges and sizes are the core's rules
-    // (put_chunk answers RELAY_SESSION_NOT_OPEN, RELAY_CHUNK_TOO_SMALL, …);
-    // the offset is tus's: a PATCH continues exactly where the upload is.
-    let status = state.pipeline().file_status(&actor, sid, fid).await?;
-    if offset != status.offset {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "RELAY_OFFSET_MISMATCH",
-            format!(
-                "Upload-Offset {offset} does not match the upload's offset {}",
-                status.offset
-            ),
-        ));
-    }
-    let size = status.file.size;
-    offset
-        .checked_add(length)
-        .filter(|&e| e <= size)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RELAY_UPLOAD_OVERFLOW",
-                "the body would exceed Upload-Length",
-            )
-        })?;
     if length == 0 {
-        let done = finish_if_complete(state, user, id, offset, size, &status.file.state).await?;
+        // An empty PATCH writes nothing; at the end of the upload it
+        // completes the file (a client that sent every byte and lost the
+        // answer of the last PATCH).
+        let status = state.pipeline().file_status(&actor, sid, fid).await?;
+        if offset != status.offset {
+            return Err(offset_mismatch(offset, status.offset));
+        }
+        let valid = matches!(status.file.state, FileState::Valid { .. });
+        let done = finish_if_complete(state, user, id, offset, status.file.size, valid).await?;
         return Ok((done, status.expires_at));
     }
     match state.watermark().admit(0) {
@@ -232,6 +224,11 @@ async fn write_body(
     } else {
         state.config().http.patch_segment_size
     };
+    // The session's state, the chunk ranges and sizes are the core's rules
+    // (RELAY_SESSION_NOT_OPEN, RELAY_CHUNK_TOO_SMALL, …), and so is tus's
+    // offset rule (`continues`: a PATCH continues exactly where the upload
+    // is, checked under the range's reservation, before the body's fit), so
+    // nothing is read here first.
     let (sha256, sha1) = match &checksum {
         Some(Checksum::Sha256(d)) => (Some(*d), None),
         Some(Checksum::Sha1(d)) => (None, Some(*d)),
@@ -248,7 +245,7 @@ async fn write_body(
         continues: true,
     };
     let mut durable = offset;
-    let at = state
+    let done = state
         .pipeline()
         .put_range(
             &actor,
@@ -256,7 +253,7 @@ async fn write_body(
             fid,
             range,
             body_stream(body, offset, sha1),
-            |end| {
+            |end, size| {
                 state.metrics().upload_bytes.inc_by(end - durable);
                 durable = end;
                 state.hub().publish(
@@ -272,10 +269,18 @@ async fn write_body(
         )
         .await
         .map_err(|e| map_write_error(state.metrics(), e))?;
-    // The expiry read before the write is conservative: writes only push
-    // it later.
-    let done = finish_if_complete(state, user, id, at, size, &status.file.state).await?;
-    Ok((done, status.expires_at))
+    // The range was written, so the file was uploading (not yet valid).
+    let at = finish_if_complete(state, user, id, done.end, done.size, false).await?;
+    Ok((at, done.expires_at))
+}
+
+/// tus's 409 for a PATCH that does not continue where the upload is.
+fn offset_mismatch(offset: u64, stored: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "RELAY_OFFSET_MISMATCH",
+        format!("Upload-Offset {offset} does not match the upload's offset {stored}"),
+    )
 }
 
 /// When every byte is in, verify and validate the file.
@@ -285,9 +290,9 @@ async fn finish_if_complete(
     id: UploadId,
     offset: u64,
     size: u64,
-    file_state: &FileState,
+    already_valid: bool,
 ) -> ApiResult<u64> {
-    if offset != size || matches!(file_state, FileState::Valid { .. }) {
+    if offset != size || already_valid {
         return Ok(offset);
     }
     let (sid, fid) = (id.session(), id.file());
