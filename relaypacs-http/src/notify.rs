@@ -91,9 +91,17 @@ pub struct Notification {
     pub verified: Option<Verification>,
 }
 
-/// How often the repair pass looks for deliveries without their
-/// notification (see [`Hub::repair`]); it also runs at start.
+/// How often the repair pass looks for recent deliveries without their
+/// notification (see [`Hub::repair_recent`]); a full pass
+/// ([`Hub::repair`]) runs at start.
 pub const REPAIR_EVERY: Duration = Duration::from_secs(60);
+
+/// How far back the periodic repair pass looks (by the session's last
+/// write). A delivery whose notification a crash lost is repaired by any
+/// gateway still running within [`REPAIR_EVERY`]; one lost while every
+/// gateway was down longer than this is found by the full pass each
+/// gateway makes at start.
+pub const REPAIR_WINDOW: Duration = Duration::from_secs(3600);
 
 /// Studies the repair pass handles at most per run.
 const REPAIR_BATCH: i64 = 1_000;
@@ -321,7 +329,7 @@ impl Hub {
                         shared,
                         _tasks: Arc::new(Tasks(Vec::new())),
                     };
-                    if let Err(e) = h.repair().await {
+                    if let Err(e) = h.repair_recent(REPAIR_WINDOW).await {
                         tracing::error!(error = %e, "notification repair failed");
                     }
                 }
@@ -469,9 +477,36 @@ impl Hub {
     /// state's commit and the notification's, on any gateway). Safe on
     /// every gateway at once: each is created once (see
     /// [`notify_once`](Self::notify_once)). Returns how many it created.
+    /// Reads every delivered and dead-lettered study: made at start;
+    /// periodically, [`repair_recent`](Self::repair_recent).
     pub async fn repair(&self) -> Result<usize> {
         let mut created = 0;
-        for m in self.shared.store.missed(REPAIR_BATCH).await? {
+        // Batch after batch while full batches still yield notifications
+        // (each one created leaves the list), bounded.
+        for _ in 0..1_000 {
+            let (listed, made) = self.repair_since(None).await?;
+            created += made;
+            if listed < usize::try_from(REPAIR_BATCH).unwrap_or(usize::MAX) || made == 0 {
+                break;
+            }
+        }
+        Ok(created)
+    }
+
+    /// [`repair`](Self::repair) of the studies whose session was last
+    /// written within `window` (one batch): what the periodic pass runs.
+    pub async fn repair_recent(&self, window: Duration) -> Result<usize> {
+        let since = time::OffsetDateTime::now_utc() - window;
+        Ok(self.repair_since(Some(since)).await?.1)
+    }
+
+    /// One batch of the repair: how many missed studies were listed, and
+    /// how many notifications this call created.
+    async fn repair_since(&self, since: Option<time::OffsetDateTime>) -> Result<(usize, usize)> {
+        let mut created = 0;
+        let missed = self.shared.store.missed(REPAIR_BATCH, since).await?;
+        let listed = missed.len();
+        for m in missed {
             let (kind, message, verified) = match m.state {
                 SessionState::Delivered { verified, .. } => (
                     NotificationKind::Delivered,
@@ -494,7 +529,7 @@ impl Hub {
                 created += 1;
             }
         }
-        Ok(created)
+        Ok((listed, created))
     }
 }
 

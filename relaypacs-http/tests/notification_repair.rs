@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use relaypacs_core::{OutboxEvent, OutboxListener, SessionState, SessionStore, Verification};
 use relaypacs_http::metrics::Metrics;
-use relaypacs_http::notify::{DeliveryNotifier, Hub, NotificationKind, delivered_message};
+use relaypacs_http::notify::{
+    DeliveryNotifier, Hub, NotificationKind, REPAIR_WINDOW, delivered_message,
+};
 use relaypacs_storage::{SqlNotificationStore, SqlOptions, SqlSessionStore, SqlState};
 
 async fn gateway(url: &str) -> SqlState {
@@ -105,6 +107,19 @@ async fn exactly_one_delivered_per_study(url: &str) {
     // Nothing left for a repair, and nora still has exactly one.
     assert_eq!(a.repair().await.unwrap(), 0);
     assert_eq!(a.list("nora").await.unwrap(), list);
+
+    // A delivery lost while the gateways run: the periodic pass, which
+    // reads only the recent window, repairs it, once across gateways.
+    let late = delivered("nora", 1);
+    sessions.create_session(&late).await.unwrap();
+    let (ra, rb) = tokio::join!(
+        a.repair_recent(REPAIR_WINDOW),
+        b.repair_recent(REPAIR_WINDOW)
+    );
+    assert_eq!(ra.unwrap() + rb.unwrap(), 1);
+    let now = a.list("nora").await.unwrap();
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now.iter().any(|n| n.study == late.id.to_string()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

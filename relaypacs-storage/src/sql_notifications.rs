@@ -284,20 +284,40 @@ impl SqlNotificationStore {
     /// notification was never written: the repair pass creates them, so a
     /// crash between a delivery's commit and its notification's still
     /// leaves exactly one. Keys are never pruned, so a study notified once
-    /// is never listed.
-    pub async fn missed(&self, limit: i64) -> Result<Vec<MissedNotification>> {
+    /// is never listed. With `since`, only sessions last written at or
+    /// after it are considered (read through the index on state and
+    /// time of last write): a periodic pass then costs what happened in
+    /// its window, not every study ever delivered.
+    pub async fn missed(
+        &self,
+        limit: i64,
+        since: Option<time::OffsetDateTime>,
+    ) -> Result<Vec<MissedNotification>> {
         const OP: &str = "find missed notifications";
+        // The column holds RFC 3339 UTC text written by the session store;
+        // such text orders as the times do (to the second, ample for a
+        // window of minutes); the empty string is before every time.
+        let since = match since {
+            Some(t) => t
+                .to_offset(time::UtcOffset::UTC)
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|e| corrupt(OP, e))?,
+            None => String::new(),
+        };
         let rows = sqlx::query(
             "SELECT s.id, s.owner, s.head FROM sessions s \
-             WHERE (s.state = 'delivered' AND NOT EXISTS (SELECT 1 FROM notification_keys k \
+             WHERE (s.state = 'delivered' AND s.updated_at >= $4 \
+                    AND NOT EXISTS (SELECT 1 FROM notification_keys k \
                     WHERE k.study = s.id AND k.kind = $1 AND k.subject = '')) \
-                OR (s.state = 'dead_letter' AND NOT EXISTS (SELECT 1 FROM notification_keys k \
+                OR (s.state = 'dead_letter' AND s.updated_at >= $4 \
+                    AND NOT EXISTS (SELECT 1 FROM notification_keys k \
                     WHERE k.study = s.id AND k.kind = $2 AND k.subject = '')) \
              ORDER BY s.updated_at LIMIT $3",
         )
         .bind(KIND_DELIVERED)
         .bind(KIND_FORWARD_FAILED)
         .bind(limit)
+        .bind(since)
         .fetch_all(self.db.pool())
         .await
         .map_err(|e| db_err(OP, e))?;

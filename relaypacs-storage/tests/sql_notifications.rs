@@ -165,7 +165,21 @@ async fn missed_lists_deliveries_without_notification(db: Db) {
     open.owner = "bob".into();
     sessions.create_session(&open).await.unwrap();
 
-    let missed = s.missed(100).await.unwrap();
+    // A window that starts after the delivery's write leaves it out; one
+    // that starts before lists it, as the full pass does.
+    let now = time::OffsetDateTime::now_utc();
+    let later = now + time::Duration::hours(1);
+    assert!(s.missed(100, Some(later)).await.unwrap().is_empty());
+    let recent = s
+        .missed(100, Some(now - time::Duration::hours(1)))
+        .await
+        .unwrap();
+    assert_eq!(recent.len(), 1, "{recent:?}");
+    let missed = s.missed(100, None).await.unwrap();
+    let ids = |v: &[relaypacs_storage::sql_notifications::MissedNotification]| {
+        v.iter().map(|m| m.session.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&missed), ids(&recent));
     assert_eq!(missed.len(), 1, "{missed:?}");
     assert_eq!(missed[0].session, rec.id.to_string());
     assert_eq!(missed[0].owner, rec.owner);
@@ -182,7 +196,7 @@ async fn missed_lists_deliveries_without_notification(db: Db) {
         .await
         .unwrap()
         .unwrap();
-    assert!(s.missed(100).await.unwrap().is_empty());
+    assert!(s.missed(100, None).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
