@@ -188,6 +188,27 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         self.create_session(session).await.map(Some)
     }
 
+    /// [`create_session_capped`](Self::create_session_capped), and when
+    /// the session is created, `event` appended to the audit trail of
+    /// [`audit_trail_key`](Self::audit_trail_key) in the same transaction:
+    /// both durable at once, or neither (at the cap, `Ok(None)` and no
+    /// event). The pipeline calls this only when this store's
+    /// `audit_trail_key` is its audit sink's `trail_key`; the default, for
+    /// a store without a trail, refuses.
+    async fn create_session_capped_audited(
+        &self,
+        session: &SessionRecord,
+        cap: u32,
+        event: &crate::AuditEvent,
+    ) -> Result<Option<Versioned<SessionRecord>>> {
+        let _ = (session, cap, event);
+        Err(crate::Error::storage(
+            crate::error::StorageErrorKind::Io,
+            "create a session with its audit record",
+            "this session store has no audit trail",
+        ))
+    }
+
     /// Load a session and its current version.
     async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>>;
 
@@ -387,6 +408,28 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
     ) -> Result<u64> {
         facts_first(self, session.id, expected, facts).await?;
         self.update_file_scope(session, expected).await
+    }
+
+    /// [`update_file_scope_with_facts`](Self::update_file_scope_with_facts),
+    /// and `events` appended to the audit trail of
+    /// [`audit_trail_key`](Self::audit_trail_key) in the same transaction:
+    /// all durable at once, or nothing (no event on an error). The pipeline
+    /// calls this only when this store's `audit_trail_key` is its audit
+    /// sink's `trail_key`; the default, for a store without a trail,
+    /// refuses.
+    async fn update_file_scope_with_facts_audited(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        facts: &[UploadFact],
+        events: &[crate::AuditEvent],
+    ) -> Result<u64> {
+        let _ = (session, expected, facts, events);
+        Err(crate::Error::storage(
+            crate::error::StorageErrorKind::Io,
+            "update a session with its audit records",
+            "this session store has no audit trail",
+        ))
     }
 
     /// [`delete_session`](Self::delete_session) and
@@ -650,6 +693,15 @@ macro_rules! forward_session_store {
                 (**self).create_session_capped(session, cap).await
             }
 
+            async fn create_session_capped_audited(
+                &self,
+                session: &SessionRecord,
+                cap: u32,
+                event: &crate::AuditEvent,
+            ) -> Result<Option<Versioned<SessionRecord>>> {
+                (**self).create_session_capped_audited(session, cap, event).await
+            }
+
             async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>> {
                 (**self).load_session(id).await
             }
@@ -709,6 +761,18 @@ macro_rules! forward_session_store {
                 facts: &[UploadFact],
             ) -> Result<u64> {
                 (**self).update_file_scope_with_facts(session, expected, facts).await
+            }
+
+            async fn update_file_scope_with_facts_audited(
+                &self,
+                session: &SessionRecord,
+                expected: u64,
+                facts: &[UploadFact],
+                events: &[crate::AuditEvent],
+            ) -> Result<u64> {
+                (**self)
+                    .update_file_scope_with_facts_audited(session, expected, facts, events)
+                    .await
             }
 
             async fn delete_session_with_facts(

@@ -209,6 +209,91 @@ impl SqlSessionStore {
         Ok(ChunkInsert::Existing(existing))
     }
 
+    /// [`SessionStore::create_session_capped`]; with `audit`, the new
+    /// session's audit record (JSON) appended to that trail in the same
+    /// transaction.
+    async fn create_capped_with(
+        &self,
+        session: &SessionRecord,
+        cap: u32,
+        audit: Option<(&crate::sql_audit::SqlAuditTrail, String)>,
+    ) -> Result<Option<Versioned<SessionRecord>>> {
+        const OP: &str = "create session";
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        if self.db.engine() == Engine::Postgres {
+            lock_owner(&mut tx, SESSIONS_LOCK_CLASS, &session.owner, OP).await?;
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO sessions (id, owner, version, state, updated_at, head) \
+             SELECT $1, $2, 1, $3, $4, $5 WHERE (SELECT COUNT(*) FROM sessions \
+             WHERE owner = $2 AND state = 'open') < $6 ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(session.id.to_string())
+        .bind(&session.owner)
+        .bind(state_name(&session.state))
+        .bind(now_text())
+        .bind(head_json(session)?)
+        .bind(i64::from(cap))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        if inserted.rows_affected() == 0 {
+            let taken = Self::exists(&mut tx, session.id).await?;
+            tx.rollback().await.map_err(|e| db_err(OP, e))?;
+            return if taken {
+                Err(Error::AlreadyExists { what: "session" })
+            } else {
+                Ok(None)
+            };
+        }
+        Self::write_files(&mut tx, session).await?;
+        // With `audit`, the creation's audit record in the same
+        // transaction: both or neither.
+        let head = match &audit {
+            Some((_, json)) => Some(append_in(&mut tx, std::slice::from_ref(json)).await?),
+            None => None,
+        };
+        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit),
+        // which also releases the owner's advisory lock.
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
+        if let (Some((trail, _)), Some(head)) = (&audit, head) {
+            trail.committed(head).await;
+        }
+        Ok(Some(Versioned {
+            value: session.clone(),
+            version: 1,
+        }))
+    }
+
+    /// [`SessionStore::update_file_scope_with_facts`]; with `audit`, the
+    /// audit records (JSON) appended to that trail in the same
+    /// transaction.
+    async fn scope_with_facts(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        facts: &[UploadFact],
+        audit: Option<(&crate::sql_audit::SqlAuditTrail, Vec<String>)>,
+    ) -> Result<u64> {
+        const OP: &str = "update session";
+        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        Self::write_scope(&mut tx, session, expected).await?;
+        for fact in facts {
+            Self::insert_fact(&mut tx, fact).await?;
+        }
+        let head = match &audit {
+            Some((_, json)) if !json.is_empty() => Some(append_in(&mut tx, json).await?),
+            _ => None,
+        };
+        // Crash-safe point: the commit (the session, its facts and, with
+        // `audit`, its audit records).
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
+        if let (Some((trail, _)), Some(head)) = (&audit, head) {
+            trail.committed(head).await;
+        }
+        Ok(expected + 1)
+    }
+
     /// A pooled connection.
     async fn conn(&self, op: &'static str) -> Result<sqlx::pool::PoolConnection<sqlx::Any>> {
         self.db.pool().acquire().await.map_err(|e| db_err(op, e))
@@ -633,42 +718,25 @@ impl SessionStore for SqlSessionStore {
         session: &SessionRecord,
         cap: u32,
     ) -> Result<Option<Versioned<SessionRecord>>> {
-        const OP: &str = "create session";
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
-        if self.db.engine() == Engine::Postgres {
-            lock_owner(&mut tx, SESSIONS_LOCK_CLASS, &session.owner, OP).await?;
-        }
-        let inserted = sqlx::query(
-            "INSERT INTO sessions (id, owner, version, state, updated_at, head) \
-             SELECT $1, $2, 1, $3, $4, $5 WHERE (SELECT COUNT(*) FROM sessions \
-             WHERE owner = $2 AND state = 'open') < $6 ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(session.id.to_string())
-        .bind(&session.owner)
-        .bind(state_name(&session.state))
-        .bind(now_text())
-        .bind(head_json(session)?)
-        .bind(i64::from(cap))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_err(OP, e))?;
-        if inserted.rows_affected() == 0 {
-            let taken = Self::exists(&mut tx, session.id).await?;
-            tx.rollback().await.map_err(|e| db_err(OP, e))?;
-            return if taken {
-                Err(Error::AlreadyExists { what: "session" })
-            } else {
-                Ok(None)
-            };
-        }
-        Self::write_files(&mut tx, session).await?;
-        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit),
-        // which also releases the owner's advisory lock.
-        tx.commit().await.map_err(|e| db_err(OP, e))?;
-        Ok(Some(Versioned {
-            value: session.clone(),
-            version: 1,
-        }))
+        self.create_capped_with(session, cap, None).await
+    }
+
+    async fn create_session_capped_audited(
+        &self,
+        session: &SessionRecord,
+        cap: u32,
+        event: &relaypacs_core::AuditEvent,
+    ) -> Result<Option<Versioned<SessionRecord>>> {
+        let Some(trail) = &self.trail else {
+            return Err(Error::storage(
+                StorageErrorKind::Io,
+                "create a session with its audit record",
+                "this session store has no audit trail",
+            ));
+        };
+        let json = event_json(event)?;
+        self.create_capped_with(session, cap, Some((trail, json)))
+            .await
     }
 
     async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>> {
@@ -824,15 +892,26 @@ impl SessionStore for SqlSessionStore {
         expected: u64,
         facts: &[UploadFact],
     ) -> Result<u64> {
-        const OP: &str = "update session";
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
-        Self::write_scope(&mut tx, session, expected).await?;
-        for fact in facts {
-            Self::insert_fact(&mut tx, fact).await?;
-        }
-        // Crash-safe point: the commit.
-        tx.commit().await.map_err(|e| db_err(OP, e))?;
-        Ok(expected + 1)
+        self.scope_with_facts(session, expected, facts, None).await
+    }
+
+    async fn update_file_scope_with_facts_audited(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        facts: &[UploadFact],
+        events: &[relaypacs_core::AuditEvent],
+    ) -> Result<u64> {
+        let Some(trail) = &self.trail else {
+            return Err(Error::storage(
+                StorageErrorKind::Io,
+                "update a session with its audit records",
+                "this session store has no audit trail",
+            ));
+        };
+        let json = events.iter().map(event_json).collect::<Result<Vec<_>>>()?;
+        self.scope_with_facts(session, expected, facts, Some((trail, json)))
+            .await
     }
 
     /// Atomic across every gateway on the database, as

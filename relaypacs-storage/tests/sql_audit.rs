@@ -565,6 +565,97 @@ async fn file_and_audit_records_commit_together(db: SqlState) {
     );
 }
 
+/// A session's creation and a later write of it with their audit records
+/// (`create_session_capped_audited`, `update_file_scope_with_facts_audited`):
+/// each record lands with its write; at the cap nothing is created and no
+/// record appended; a stale write appends none; a store without the sink
+/// refuses both.
+async fn session_writes_and_audit_records_commit_together(db: SqlState) {
+    use relaypacs_core::testing::session_store::sample_session;
+    use relaypacs_core::{SessionState, SessionStore};
+    use relaypacs_storage::SqlSessionStore;
+
+    let sink = SqlAuditSink::new(db.clone());
+    record_n(&sink, 1).await;
+    let store = SqlSessionStore::new(db.clone()).with_audit(&sink);
+    let s = sample_session();
+    let created = event(3, 1);
+    let v = store
+        .create_session_capped_audited(&s, 1, &created)
+        .await
+        .unwrap()
+        .expect("below the cap")
+        .version;
+    assert_eq!(store.load_session(s.id).await.unwrap().version, v);
+    assert_eq!(sink.events().await.unwrap()[1], created);
+    // The owner's one open session fills a cap of one: nothing, no record.
+    let mut second = sample_session();
+    second.owner = s.owner.clone();
+    assert!(
+        store
+            .create_session_capped_audited(&second, 1, &event(3, 2))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(store.load_session(second.id).await.is_err());
+    assert_eq!(sink.events().await.unwrap().len(), 2);
+    // A head write with two records; a stale one appends none.
+    let mut head = s.clone();
+    head.files.clear();
+    head.state = SessionState::Forwarding;
+    let queued = [event(3, 3), event(3, 4)];
+    assert_eq!(
+        store
+            .update_file_scope_with_facts_audited(&head, v, &[], &queued)
+            .await
+            .unwrap(),
+        v + 1
+    );
+    assert_eq!(
+        store.load_session(s.id).await.unwrap().value.state,
+        SessionState::Forwarding
+    );
+    assert!(
+        store
+            .update_file_scope_with_facts_audited(&head, v, &[], &queued)
+            .await
+            .is_err()
+    );
+    let stored = sink.events().await.unwrap();
+    assert_eq!(stored.len(), 4);
+    assert_eq!(&stored[2..], &queued[..]);
+    assert_eq!(sink.last_head().map(|h| h.count), Some(4));
+    record_n(&sink, 1).await;
+    assert_eq!(verify_sql_chain(&db).await.unwrap().count, 5);
+    let plain = SqlSessionStore::new(db);
+    assert!(
+        plain
+            .create_session_capped_audited(&sample_session(), 9, &created)
+            .await
+            .is_err()
+    );
+    assert!(
+        plain
+            .update_file_scope_with_facts_audited(&head, v + 1, &[], &queued)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn session_writes_and_audit_records_commit_together_on_sqlite() {
+    let d = TempDir::new().unwrap();
+    session_writes_and_audit_records_commit_together(sqlite_db(&d).await).await;
+}
+
+#[tokio::test]
+async fn session_writes_and_audit_records_commit_together_on_postgres() {
+    let pg = start_postgres().await;
+    let url = pg.create_database("relay");
+    session_writes_and_audit_records_commit_together(connect(&url).await).await;
+}
+
 #[tokio::test]
 async fn file_and_audit_records_commit_together_on_sqlite() {
     let d = TempDir::new().unwrap();

@@ -590,11 +590,32 @@ impl Pipeline {
     pub(crate) async fn update_head_with_facts<T>(
         &self,
         id: SessionId,
+        current: Versioned<SessionRecord>,
+        files: bool,
+        facts: &[crate::analytics::UploadFact],
+        change: impl FnMut(&mut SessionRecord) -> Result<T>,
+    ) -> Result<(SessionRecord, T)> {
+        self.update_head_audited(id, current, files, facts, change, |_, _| Vec::new())
+            .await
+            .map(|(rec, out, _)| (rec, out))
+    }
+
+    /// [`update_head_with_facts`](Self::update_head_with_facts) whose
+    /// write, when the session store appends to the audit sink's own trail
+    /// ([`audit_joins_state`](Self::audit_joins_state)), also commits the
+    /// audit records `events` makes of the changed record and `change`'s
+    /// answer (one transaction). The last value says whether they were
+    /// committed so: if not, the caller records them.
+    pub(crate) async fn update_head_audited<T>(
+        &self,
+        id: SessionId,
         mut current: Versioned<SessionRecord>,
         files: bool,
         facts: &[crate::analytics::UploadFact],
         mut change: impl FnMut(&mut SessionRecord) -> Result<T>,
-    ) -> Result<(SessionRecord, T)> {
+        events: impl Fn(&SessionRecord, &T) -> Vec<AuditEvent>,
+    ) -> Result<(SessionRecord, T, bool)> {
+        let joint = self.audit_joins_state();
         for _ in 0..64 {
             let mut rec = current.value.clone();
             let out = change(&mut rec)?;
@@ -603,16 +624,26 @@ impl Pipeline {
                 "update_head changed files"
             );
             rec.updated_at = OffsetDateTime::now_utc();
+            let audit = if joint {
+                events(&rec, &out)
+            } else {
+                Vec::new()
+            };
             let kept = std::mem::take(&mut rec.files);
-            match self
-                .inner
-                .sessions
-                .update_file_scope_with_facts(&rec, current.version, facts)
-                .await
-            {
+            let sessions = &self.inner.sessions;
+            let written = if audit.is_empty() {
+                sessions
+                    .update_file_scope_with_facts(&rec, current.version, facts)
+                    .await
+            } else {
+                sessions
+                    .update_file_scope_with_facts_audited(&rec, current.version, facts, &audit)
+                    .await
+            };
+            match written {
                 Ok(_) => {
                     rec.files = kept;
-                    return Ok((rec, out));
+                    return Ok((rec, out, !audit.is_empty()));
                 }
                 Err(Error::Precondition { .. }) => {
                     current = if files {

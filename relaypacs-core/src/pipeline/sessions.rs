@@ -89,7 +89,18 @@ impl Pipeline {
             AuditOutcome::Success,
             Some(rec.id),
         );
-        match self.inner.sessions.create_session_capped(&rec, cap).await {
+        // With the audit trail in the state database, the record commits
+        // with the session (one sync instead of two).
+        let joint = self.audit_joins_state();
+        let created = if joint {
+            self.inner
+                .sessions
+                .create_session_capped_audited(&rec, cap, &ev)
+                .await
+        } else {
+            self.inner.sessions.create_session_capped(&rec, cap).await
+        };
+        match created {
             Ok(Some(_)) => {}
             Ok(None) => {
                 // Another gateway's sessions fill the cap: this process's
@@ -105,7 +116,9 @@ impl Pipeline {
             Err(e) => return self.refuse(ev, e).await,
         }
         self.inner.index.insert(&rec);
-        self.audit(ev).await?;
+        if !joint {
+            self.audit(ev).await?;
+        }
         Ok(rec)
     }
 
@@ -360,49 +373,63 @@ impl Pipeline {
         // lost the compare-and-set to another (another gateway completing
         // the same session) reloads and finds it queued already, and is
         // then the documented no-op: no second "queued" record, no wake.
-        let (rec, queued) = match self
-            .update_head(id, current, true, |rec| {
-                match &rec.state {
-                    SessionState::Open => {}
-                    SessionState::Forwarding => return Ok(false),
-                    SessionState::Delivered { .. } => {
-                        return Err(Error::conflict(
-                            "RELAY_SESSION_DELIVERED",
-                            "the session was already delivered",
+        // The "queued" record, when this call queues the session: with the
+        // audit trail in the state database it commits with the state.
+        let queued_event = |rec: &SessionRecord, queued: &bool| {
+            let mut e = ev.clone();
+            e.detail = format!("queued instances={}", rec.files.len());
+            if *queued { vec![e] } else { Vec::new() }
+        };
+        let (rec, queued, audited) = match self
+            .update_head_audited(
+                id,
+                current,
+                true,
+                &[],
+                |rec| {
+                    match &rec.state {
+                        SessionState::Open => {}
+                        SessionState::Forwarding => return Ok(false),
+                        SessionState::Delivered { .. } => {
+                            return Err(Error::conflict(
+                                "RELAY_SESSION_DELIVERED",
+                                "the session was already delivered",
+                            ));
+                        }
+                        SessionState::DeadLetter { .. } => {
+                            return Err(Error::conflict(
+                                "RELAY_SESSION_DEAD_LETTER",
+                                "delivery failed permanently; an administrator must replay it",
+                            ));
+                        }
+                    }
+                    if rec.files.is_empty() {
+                        return Err(Error::invalid(
+                            "RELAY_SESSION_EMPTY",
+                            "the session has no files",
                         ));
                     }
-                    SessionState::DeadLetter { .. } => {
-                        return Err(Error::conflict(
-                            "RELAY_SESSION_DEAD_LETTER",
-                            "delivery failed permanently; an administrator must replay it",
+                    let pending = rec
+                        .files
+                        .values()
+                        .filter(|f| !matches!(f.state, FileState::Valid { .. }))
+                        .count();
+                    if pending > 0 {
+                        return Err(Error::invalid(
+                            "RELAY_FILES_INCOMPLETE",
+                            format!("{pending} file(s) are not complete"),
                         ));
                     }
-                }
-                if rec.files.is_empty() {
-                    return Err(Error::invalid(
-                        "RELAY_SESSION_EMPTY",
-                        "the session has no files",
-                    ));
-                }
-                let pending = rec
-                    .files
-                    .values()
-                    .filter(|f| !matches!(f.state, FileState::Valid { .. }))
-                    .count();
-                if pending > 0 {
-                    return Err(Error::invalid(
-                        "RELAY_FILES_INCOMPLETE",
-                        format!("{pending} file(s) are not complete"),
-                    ));
-                }
-                rec.state = SessionState::Forwarding;
-                rec.delivery = crate::model::Delivery {
-                    queued_at: Some(now),
-                    next_attempt_at: Some(now),
-                    ..Default::default()
-                };
-                Ok(true)
-            })
+                    rec.state = SessionState::Forwarding;
+                    rec.delivery = crate::model::Delivery {
+                        queued_at: Some(now),
+                        next_attempt_at: Some(now),
+                        ..Default::default()
+                    };
+                    Ok(true)
+                },
+                queued_event,
+            )
             .await
         {
             Ok(v) => v,
@@ -412,8 +439,10 @@ impl Pipeline {
         if !queued {
             return Ok(rec);
         }
-        ev.detail = format!("queued instances={}", rec.files.len());
-        self.audit(ev).await?;
+        if !audited {
+            ev.detail = format!("queued instances={}", rec.files.len());
+            self.audit(ev).await?;
+        }
         self.wake_outbox(id);
         Ok(rec)
     }

@@ -446,6 +446,18 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
         self.inner.create_session_capped(session, cap).await
     }
 
+    async fn create_session_capped_audited(
+        &self,
+        session: &SessionRecord,
+        cap: u32,
+        event: &crate::AuditEvent,
+    ) -> Result<Option<Versioned<SessionRecord>>> {
+        self.plan.check(Op::CreateSession)?;
+        self.inner
+            .create_session_capped_audited(session, cap, event)
+            .await
+    }
+
     async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>> {
         self.plan.check(Op::LoadSession)?;
         self.inner.load_session(id).await
@@ -612,6 +624,19 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
         self.plan.check(Op::UpdateSession)?;
         self.inner
             .update_file_scope_audited(session, expected, chunks, claim, events)
+            .await
+    }
+
+    async fn update_file_scope_with_facts_audited(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        facts: &[crate::analytics::UploadFact],
+        events: &[crate::AuditEvent],
+    ) -> Result<u64> {
+        self.plan.check(Op::UpdateSession)?;
+        self.inner
+            .update_file_scope_with_facts_audited(session, expected, facts, events)
             .await
     }
 
