@@ -360,9 +360,6 @@ impl Pipeline {
         .map(|(kind, cause)| Self::study_fact(&rec, kind, cause, now))
         .into_iter()
         .collect();
-        self.record_attempt(id, worker, &state, &confirmed, &event, &facts)
-            .await?;
-
         // One audit record for what the PACS holds and one for what it does
         // not, never one record with mixed outcomes (PS3.15 A.5.2).
         let mk = |outcome, detail: String| {
@@ -372,16 +369,16 @@ impl Pipeline {
             e.detail = detail;
             e
         };
+        let mut records = Vec::new();
         if !confirmed.is_empty() {
-            self.audit(mk(
+            records.push(mk(
                 AuditOutcome::Success,
                 format!(
                     "instances={} verified={} sink={sink}",
                     confirmed.len(),
                     settled.verified
                 ),
-            ))
-            .await?;
+            ));
         }
         if let Some(reason) = last_error_of(&event) {
             let outcome = if matches!(event, OutboxEvent::DeadLettered { .. }) {
@@ -389,11 +386,16 @@ impl Pipeline {
             } else {
                 AuditOutcome::MinorFailure
             };
-            self.audit(mk(
+            records.push(mk(
                 outcome,
                 format!("instances={} sink={sink}: {reason}", settled.missing),
-            ))
+            ));
+        }
+        let audited = self
+            .record_attempt(id, worker, &state, &confirmed, &event, &facts, &records)
             .await?;
+        if !audited && !records.is_empty() {
+            self.audit_all(&records).await?;
         }
         let next = match &event {
             OutboxEvent::Retrying { next, .. } => Next::At(*next),
@@ -559,7 +561,10 @@ impl Pipeline {
 
     /// Record the attempt's outcome with its analytics `facts` (one
     /// write) and release the lease (only while this worker still holds
-    /// it).
+    /// it). With the audit trail in the state database, the attempt's
+    /// audit `records` commit in the same write and the answer is `true`;
+    /// else the caller records them.
+    #[allow(clippy::too_many_arguments)] // one attempt's outcome, each part named
     async fn record_attempt(
         &self,
         id: SessionId,
@@ -568,14 +573,15 @@ impl Pipeline {
         confirmed: &BTreeMap<String, Verification>,
         event: &OutboxEvent,
         facts: &[crate::analytics::UploadFact],
-    ) -> Result<()> {
+        records: &[crate::AuditEvent],
+    ) -> Result<bool> {
         let last_error = last_error_of(event).map(str::to_owned);
         let next_at = match event {
             OutboxEvent::Retrying { next, .. } => Some(*next),
             _ => None,
         };
         let current = self.inner.sessions.load_file_scope(id, None).await?.session;
-        self.update_head_with_facts(id, current, false, facts, |r| {
+        let change = |r: &mut SessionRecord| {
             if r.delivery.lease_owner.as_deref() != Some(worker) {
                 return Err(Error::conflict(
                     "RELAY_OUTBOX_LEASE_LOST",
@@ -589,9 +595,11 @@ impl Pipeline {
             r.delivery.last_error = last_error.clone();
             r.delivery.next_attempt_at = next_at;
             Ok(())
-        })
-        .await?;
-        Ok(())
+        };
+        let (_, (), audited) = self
+            .update_head_audited(id, current, false, facts, change, |_, _| records.to_vec())
+            .await?;
+        Ok(audited)
     }
 
     /// When the worker next has something to do for `rec`: a delivery

@@ -1282,7 +1282,7 @@ impl Pipeline {
 
     /// Record several audit events together (one commit where the trail
     /// groups them); a failure refuses the action (fail closed).
-    async fn audit_all(&self, events: &[AuditEvent]) -> Result<()> {
+    pub(crate) async fn audit_all(&self, events: &[AuditEvent]) -> Result<()> {
         self.inner
             .audit
             .record_all(events)
