@@ -3,6 +3,7 @@
 //! dead letter), record and audit.
 
 use super::*;
+use crate::AuditEvent;
 use crate::analytics::FactKind;
 use crate::pacs_sink::DeliveryReport;
 
@@ -12,6 +13,8 @@ enum Lease {
     Taken {
         rec: Box<SessionRecord>,
         attempts: u32,
+        /// The attempt's `ForwardStarted` record committed with the lease.
+        audited: bool,
     },
     /// Nothing to do now.
     NotNow(Next),
@@ -314,23 +317,20 @@ impl Pipeline {
     ) -> Result<(Option<OutboxEvent>, Next)> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
-        let (rec, attempts) = match self.take_lease(id, worker, config).await? {
-            Lease::Taken { rec, attempts } => (*rec, attempts),
+        let (rec, attempts, audited) = match self.take_lease(id, worker, config).await? {
+            Lease::Taken {
+                rec,
+                attempts,
+                audited,
+            } => (*rec, attempts, audited),
             Lease::NotNow(next) => return Ok((None, next)),
         };
         let actor = worker_actor();
         let instances = Self::instances_of(&rec);
         let patients = patients_of(&instances);
-        let mut ev = Self::event(
-            &actor,
-            AuditAction::ForwardStarted,
-            AuditOutcome::Success,
-            Some(id),
-        );
-        ev.study = rec.study_instance_uid.clone();
-        ev.patient_id = Some(patients.clone());
-        ev.detail = format!("attempt={attempts} sink={}", self.inner.sink);
-        self.audit(ev).await?;
+        if !audited {
+            self.audit(self.forward_started(&rec, attempts)).await?;
+        }
 
         let mut confirmed: BTreeMap<String, Verification> = rec.delivery.confirmed.clone();
         let pending: Vec<_> = instances
@@ -407,17 +407,34 @@ impl Pipeline {
         Ok((Some(event), next))
     }
 
+    /// The audit record of an attempt starting (PS3.15 "begin
+    /// transferring"): the study, its patients, the attempt and the sink.
+    fn forward_started(&self, rec: &SessionRecord, attempts: u32) -> AuditEvent {
+        let mut ev = Self::event(
+            &worker_actor(),
+            AuditAction::ForwardStarted,
+            AuditOutcome::Success,
+            Some(rec.id),
+        );
+        ev.study = rec.study_instance_uid.clone();
+        ev.patient_id = Some(patients_of(&Self::instances_of(rec)));
+        ev.detail = format!("attempt={attempts} sink={}", self.inner.sink);
+        ev
+    }
+
     /// Take the entry's lease for one attempt (compare-and-set: one worker
     /// wins), or say when to look again: not in the outbox, not due yet,
-    /// or leased by another live worker.
+    /// or leased by another live worker. With the audit trail in the
+    /// state database, the attempt's `ForwardStarted` record commits with
+    /// the lease.
     async fn take_lease(
         &self,
         id: SessionId,
         worker: &str,
         config: &OutboxConfig,
     ) -> Result<Lease> {
-        // The head only: deciding and taking the lease never reads the
-        // session's files; the attempt reads them once, under the lease.
+        // The head only: deciding never reads the session's files; a due
+        // entry's are read once, for the lease's write and the attempt.
         let current = match self.inner.sessions.load_file_scope(id, None).await {
             Ok(v) => v.session,
             Err(Error::NotFound { .. }) => return Ok(Lease::NotNow(Next::Done)),
@@ -435,32 +452,44 @@ impl Pipeline {
         // worker that lost it to another (another gateway on the same
         // store) reloads the entry and must then see that worker's lease,
         // not take the entry over and send the study a second time at once.
+        // Forwarding: the files no longer change (only the head does).
+        let current = match self.inner.sessions.load_session(id).await {
+            Ok(v) => v,
+            Err(Error::NotFound { .. }) => return Ok(Lease::NotNow(Next::Done)),
+            Err(e) => return Err(e),
+        };
         let mut later = None;
+        let started = |r: &SessionRecord, attempts: &u32| vec![self.forward_started(r, *attempts)];
         let taken = self
-            .update_head(id, current, false, |r| {
-                if r.state != SessionState::Forwarding {
-                    return Err(Error::conflict("RELAY_OUTBOX_MOVED", "entry changed"));
-                }
-                if let Some(next) = Self::not_now(&r.delivery, worker, config, now) {
-                    later = Some(next);
-                    return Err(Error::conflict("RELAY_OUTBOX_LEASED", "entry taken"));
-                }
-                r.delivery.attempts += 1;
-                r.delivery.lease_until = Some(plus(now, config.lease));
-                r.delivery.lease_owner = Some(worker.to_owned());
-                Ok(r.delivery.attempts)
-            })
+            .update_head_audited(
+                id,
+                current,
+                true,
+                &[],
+                |r| {
+                    if r.state != SessionState::Forwarding {
+                        return Err(Error::conflict("RELAY_OUTBOX_MOVED", "entry changed"));
+                    }
+                    if let Some(next) = Self::not_now(&r.delivery, worker, config, now) {
+                        later = Some(next);
+                        return Err(Error::conflict("RELAY_OUTBOX_LEASED", "entry taken"));
+                    }
+                    r.delivery.attempts += 1;
+                    r.delivery.lease_until = Some(plus(now, config.lease));
+                    r.delivery.lease_owner = Some(worker.to_owned());
+                    Ok(r.delivery.attempts)
+                },
+                started,
+            )
             .await;
         match (taken, later) {
-            (Ok((_, attempts)), _) => {
-                // Under the lease the session is Forwarding: its files no
-                // longer change, and its head only by this worker.
-                let rec = self.inner.sessions.load_session(id).await?.value;
-                Ok(Lease::Taken {
-                    rec: Box::new(rec),
-                    attempts,
-                })
-            }
+            // Under the lease the session is Forwarding: its files no
+            // longer change, and its head only by this worker.
+            (Ok((rec, attempts, audited)), _) => Ok(Lease::Taken {
+                rec: Box::new(rec),
+                attempts,
+                audited,
+            }),
             (
                 Err(Error::Conflict {
                     code: "RELAY_OUTBOX_LEASED",
@@ -573,7 +602,7 @@ impl Pipeline {
         confirmed: &BTreeMap<String, Verification>,
         event: &OutboxEvent,
         facts: &[crate::analytics::UploadFact],
-        records: &[crate::AuditEvent],
+        records: &[AuditEvent],
     ) -> Result<bool> {
         let last_error = last_error_of(event).map(str::to_owned);
         let next_at = match event {
