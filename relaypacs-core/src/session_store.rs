@@ -111,6 +111,16 @@ impl FileScope {
     }
 }
 
+/// The refusal of a step that should commit with its audit records by a
+/// store without an audit trail (the `…_audited` defaults).
+fn no_trail(op: &'static str) -> crate::Error {
+    crate::Error::storage(
+        crate::error::StorageErrorKind::Io,
+        op,
+        "this session store has no audit trail",
+    )
+}
+
 /// Durable storage for upload sessions and their chunk records.
 ///
 /// # Contract
@@ -202,11 +212,7 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         event: &crate::AuditEvent,
     ) -> Result<Option<Versioned<SessionRecord>>> {
         let _ = (session, cap, event);
-        Err(crate::Error::storage(
-            crate::error::StorageErrorKind::Io,
-            "create a session with its audit record",
-            "this session store has no audit trail",
-        ))
+        Err(no_trail("create a session with its audit record"))
     }
 
     /// Load a session and its current version.
@@ -425,11 +431,7 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         events: &[crate::AuditEvent],
     ) -> Result<u64> {
         let _ = (session, expected, facts, events);
-        Err(crate::Error::storage(
-            crate::error::StorageErrorKind::Io,
-            "update a session with its audit records",
-            "this session store has no audit trail",
-        ))
+        Err(no_trail("update a session with its audit records"))
     }
 
     /// [`delete_session`](Self::delete_session) and
@@ -544,11 +546,7 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         event: &crate::AuditEvent,
     ) -> Result<ChunkInsert> {
         let _ = (id, file, chunk, event);
-        Err(crate::Error::storage(
-            crate::error::StorageErrorKind::Io,
-            "record a chunk with its audit record",
-            "this session store has no audit trail",
-        ))
+        Err(no_trail("record a chunk with its audit record"))
     }
 
     /// The write of a new file that completes it:
@@ -569,11 +567,7 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         events: &[crate::AuditEvent],
     ) -> Result<ClaimedWrite> {
         let _ = (session, expected, chunks, claim, events);
-        Err(crate::Error::storage(
-            crate::error::StorageErrorKind::Io,
-            "record a file with its audit records",
-            "this session store has no audit trail",
-        ))
+        Err(no_trail("record a file with its audit records"))
     }
 
     /// The recorded chunks of a file, by ascending offset.

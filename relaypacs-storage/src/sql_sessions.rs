@@ -294,6 +294,18 @@ impl SqlSessionStore {
         Ok(expected + 1)
     }
 
+    /// The audit trail this store appends to (see
+    /// [`with_audit`](Self::with_audit)), or the refusal of `op`.
+    fn trail(&self, op: &'static str) -> Result<&crate::sql_audit::SqlAuditTrail> {
+        self.trail.as_ref().ok_or_else(|| {
+            Error::storage(
+                StorageErrorKind::Io,
+                op,
+                "this session store has no audit trail",
+            )
+        })
+    }
+
     /// A pooled connection.
     async fn conn(&self, op: &'static str) -> Result<sqlx::pool::PoolConnection<sqlx::Any>> {
         self.db.pool().acquire().await.map_err(|e| db_err(op, e))
@@ -727,13 +739,7 @@ impl SessionStore for SqlSessionStore {
         cap: u32,
         event: &relaypacs_core::AuditEvent,
     ) -> Result<Option<Versioned<SessionRecord>>> {
-        let Some(trail) = &self.trail else {
-            return Err(Error::storage(
-                StorageErrorKind::Io,
-                "create a session with its audit record",
-                "this session store has no audit trail",
-            ));
-        };
+        let trail = self.trail("create a session with its audit record")?;
         let json = event_json(event)?;
         self.create_capped_with(session, cap, Some((trail, json)))
             .await
@@ -902,13 +908,7 @@ impl SessionStore for SqlSessionStore {
         facts: &[UploadFact],
         events: &[relaypacs_core::AuditEvent],
     ) -> Result<u64> {
-        let Some(trail) = &self.trail else {
-            return Err(Error::storage(
-                StorageErrorKind::Io,
-                "update a session with its audit records",
-                "this session store has no audit trail",
-            ));
-        };
+        let trail = self.trail("update a session with its audit records")?;
         let json = events.iter().map(event_json).collect::<Result<Vec<_>>>()?;
         self.scope_with_facts(session, expected, facts, Some((trail, json)))
             .await
@@ -1195,13 +1195,7 @@ impl SessionStore for SqlSessionStore {
         chunk: &ChunkRecord,
         event: &relaypacs_core::AuditEvent,
     ) -> Result<ChunkInsert> {
-        let Some(trail) = &self.trail else {
-            return Err(Error::storage(
-                StorageErrorKind::Io,
-                "record a chunk with its audit record",
-                "this session store has no audit trail",
-            ));
-        };
+        let trail = self.trail("record a chunk with its audit record")?;
         let json = event_json(event)?;
         self.record_chunk_with(id, file, chunk, Some((trail, json)))
             .await
@@ -1216,13 +1210,7 @@ impl SessionStore for SqlSessionStore {
         events: &[relaypacs_core::AuditEvent],
     ) -> Result<ClaimedWrite> {
         const OP: &str = "record file";
-        let Some(trail) = &self.trail else {
-            return Err(Error::storage(
-                StorageErrorKind::Io,
-                "record a file with its audit records",
-                "this session store has no audit trail",
-            ));
-        };
+        let trail = self.trail("record a file with its audit records")?;
         let json = events.iter().map(event_json).collect::<Result<Vec<_>>>()?;
         let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
         Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
