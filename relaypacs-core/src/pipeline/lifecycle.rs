@@ -160,8 +160,10 @@ impl Pipeline {
     /// Remove a file from an open session (its bytes, chunk records and
     /// index claim).
     pub async fn remove_file(&self, actor: &Actor, id: SessionId, file: FileId) -> Result<()> {
-        let rec = self
-            .load_owned_as(actor, id, Access::file("remove_file", file))
+        // The owner check and the study named in the record need the
+        // session's head only, not its other files.
+        let scope = self
+            .load_scope_owned_as(actor, id, Some(file), Access::file("remove_file", file))
             .await?;
         let mut ev = Self::event(
             actor,
@@ -169,7 +171,7 @@ impl Pipeline {
             AuditOutcome::Success,
             Some(id),
         );
-        ev.study = rec.value.study_instance_uid.clone();
+        ev.study = scope.session.value.study_instance_uid.clone();
         ev.file = Some(file);
         match self.drop_file(id, file, None).await {
             Ok(()) => self.audit(ev).await,
