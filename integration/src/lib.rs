@@ -189,8 +189,14 @@ impl Gateway {
     ) -> Result<Self> {
         let state = SqlState::connect(url, None, &SqlOptions::default()).await?;
         let audit = SqlAuditSink::new(state.clone());
-        // As the server: a chunk's audit record in the chunk's transaction.
-        let sessions = SqlSessionStore::new(state.clone()).with_audit(&audit);
+        // As the server: on SQLite a step's audit records in the step's
+        // transaction, on PostgreSQL through the sink's group commit.
+        let sessions = SqlSessionStore::new(state.clone());
+        let sessions = if state.engine() == relaypacs_storage::Engine::Sqlite {
+            sessions.with_audit(&audit)
+        } else {
+            sessions
+        };
         let pipeline = Pipeline::new(
             chunks,
             Arc::new(sessions.clone()),

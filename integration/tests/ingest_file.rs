@@ -15,6 +15,7 @@ use relaypacs_core::{
 use relaypacs_integration::{
     Embedded, PgCluster, StateDb, dicom_of_size, dicom_with_sop, new_study, open_session,
 };
+use relaypacs_storage::{SqlAuditSink, SqlSessionStore, verify_sql_chain};
 
 fn new_file(data: &[u8], declared: bool) -> NewFile {
     NewFile {
@@ -247,7 +248,11 @@ async fn session_rules_hold_duplicates_study_and_limits() {
 /// the call fails with a storage error, the session holds no file, nothing
 /// unrecorded keeps bytes, the failure is audited, and once healed the same
 /// file goes in.
-async fn every_failpoint(db: impl Fn() -> StateDb) {
+///
+/// With `joint`, the audit trail is the state database's own chain and the
+/// session store appends to it in the step's transaction (as the server on
+/// SQLite): a failed write then leaves none of the step's success records.
+async fn every_failpoint(db: impl Fn() -> StateDb, joint: bool) {
     let data = dicom_of_size(&new_study(), 100 << 10);
     let watched = [
         Op::CreateFile,
@@ -267,17 +272,29 @@ async fn every_failpoint(db: impl Fn() -> StateDb) {
                 .await
                 .unwrap();
             let plan = FaultPlan::watching(watched);
+            let sql_audit = SqlAuditSink::new(e.state.clone());
+            let (sessions, audit): (Arc<dyn SessionStore>, Arc<dyn AuditSink>) = if joint {
+                (
+                    Arc::new(SqlSessionStore::new(e.state.clone()).with_audit(&sql_audit)),
+                    Arc::new(sql_audit.clone()),
+                )
+            } else {
+                (Arc::new(e.sessions.clone()), Arc::new(e.audit.clone()))
+            };
+            // The joint path is the one under test (same trail on both).
+            assert_eq!(
+                joint,
+                sessions.audit_trail_key().is_some()
+                    && sessions.audit_trail_key() == audit.trail_key()
+            );
             let p = Pipeline::new(
                 Arc::new(FaultyChunkStore::new(
                     Arc::new(e.chunks.clone()),
                     plan.clone(),
                 )),
-                Arc::new(FaultySessionStore::new(
-                    Arc::new(e.sessions.clone()),
-                    plan.clone(),
-                )),
+                Arc::new(FaultySessionStore::new(sessions, plan.clone())),
                 Arc::new(e.archive.clone()),
-                Arc::new(e.audit.clone()),
+                audit.clone(),
                 PipelineConfig::default(),
             );
             let a = Actor::user("alice");
@@ -304,18 +321,31 @@ async fn every_failpoint(db: impl Fn() -> StateDb) {
                         0,
                         "k={k}: a failed file's bytes stayed"
                     );
+                    let events = audit.events().await.unwrap();
                     assert!(
-                        e.audit
-                            .events()
-                            .await
-                            .unwrap()
+                        events
                             .iter()
                             .any(|ev| ev.outcome == AuditOutcome::SeriousFailure),
                         "k={k}: failure not audited"
                     );
+                    // No record claims the failed file completed.
+                    assert!(
+                        !events
+                            .iter()
+                            .any(|ev| ev.action == AuditAction::FileCompleted
+                                && ev.outcome == AuditOutcome::Success),
+                        "k={k}: a failed file audited as completed"
+                    );
                     plan.heal();
                     let f = ingest(&p, &a, s, &data).await.unwrap();
                     assert!(matches!(f.state, FileState::Valid { .. }));
+                    if joint {
+                        assert_eq!(
+                            verify_sql_chain(&e.state).await.unwrap().count,
+                            audit.events().await.unwrap().len() as u64,
+                            "k={k}: the chain holds every record"
+                        );
+                    }
                 }
             }
             e.close().await;
@@ -330,11 +360,16 @@ async fn every_failpoint(db: impl Fn() -> StateDb) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_storage_failpoint_leaves_no_file_on_sqlite() {
-    every_failpoint(|| StateDb::Sqlite).await;
+    every_failpoint(|| StateDb::Sqlite, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_storage_failpoint_leaves_no_file_with_the_audit_in_the_write_on_sqlite() {
+    every_failpoint(|| StateDb::Sqlite, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_storage_failpoint_leaves_no_file_on_postgres() {
     let cluster = PgCluster::start();
-    every_failpoint(|| cluster.fresh_db()).await;
+    every_failpoint(|| cluster.fresh_db(), false).await;
 }

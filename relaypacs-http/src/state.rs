@@ -179,11 +179,21 @@ impl AppState {
         )
         .await
         .map_err(store("audit trail"))?;
-        // A chunk's audit record commits in the chunk record's transaction
-        // when the trail is this chain alone (no JSON-lines mirror, no
-        // syslog forwarding: the pipeline checks that its audit sink
-        // answers this database's trail key).
-        let sessions = SqlSessionStore::new(db.clone()).with_audit(&sql_audit);
+        // On SQLite, a step's audit records commit in the step's own
+        // transaction when the trail is this chain alone (no JSON-lines
+        // mirror, no syslog forwarding: the pipeline checks that its audit
+        // sink answers this database's trail key): every write takes the
+        // one database lock anyway, so this saves a sync per step. On
+        // PostgreSQL, where several gateways write at once, the records go
+        // through the sink's group commit instead: appending in every
+        // step's transaction would hold the chain head's row lock through
+        // each commit and serialize all gateways' steps on it.
+        let sessions = SqlSessionStore::new(db.clone());
+        let sessions = if db.engine() == relaypacs_storage::Engine::Sqlite {
+            sessions.with_audit(&sql_audit)
+        } else {
+            sessions
+        };
         let mut mirrors: Vec<Arc<dyn AuditSink>> = Vec::new();
         if let Some(path) = config.audit_jsonl_path() {
             let mut o = trail.clone();

@@ -133,12 +133,16 @@ impl SqlSessionStore {
         Self { db, trail: None }
     }
 
-    /// This store, appending a chunk's audit record to `audit`'s chain in
-    /// the chunk record's own transaction when the pipeline's audit sink is
-    /// `audit` itself (see [`SessionStore::record_chunk_audited`]): one
-    /// commit, one sync per chunk instead of two. A sink on another
-    /// database is not joined (the store stays as [`new`](Self::new) made
-    /// it).
+    /// This store, appending a step's audit records to `audit`'s chain in
+    /// the step's own transaction when the pipeline's audit sink is `audit`
+    /// itself (see [`SessionStore::record_chunk_audited`] and the other
+    /// `…_audited` writes): one commit, one sync per step instead of two.
+    /// A sink on another database is not joined (the store stays as
+    /// [`new`](Self::new) made it). Best on SQLite, where every write takes
+    /// the one database lock anyway; on PostgreSQL each such transaction
+    /// holds the chain head's row lock until it commits, so the steps of
+    /// all gateways sharing the chain run one commit at a time (the
+    /// server joins only on SQLite).
     pub fn with_audit(mut self, audit: &crate::SqlAuditSink) -> Self {
         let trail = audit.trail();
         if trail.key == self.db.instance().key {
