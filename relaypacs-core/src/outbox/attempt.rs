@@ -433,8 +433,10 @@ impl Pipeline {
         worker: &str,
         config: &OutboxConfig,
     ) -> Result<Lease> {
-        // The head only: deciding never reads the session's files; a due
-        // entry's are read once, for the lease's write and the attempt.
+        // The head only: deciding and taking the lease never read the
+        // session's files, except that, when the attempt's first audit
+        // record commits with the lease, a due entry's files are read for
+        // it (they are read once either way, for the attempt).
         let current = match self.inner.sessions.load_file_scope(id, None).await {
             Ok(v) => v.session,
             Err(Error::NotFound { .. }) => return Ok(Lease::NotNow(Next::Done)),
@@ -452,11 +454,20 @@ impl Pipeline {
         // worker that lost it to another (another gateway on the same
         // store) reloads the entry and must then see that worker's lease,
         // not take the entry over and send the study a second time at once.
-        // Forwarding: the files no longer change (only the head does).
-        let current = match self.inner.sessions.load_session(id).await {
-            Ok(v) => v,
-            Err(Error::NotFound { .. }) => return Ok(Lease::NotNow(Next::Done)),
-            Err(e) => return Err(e),
+        // When the ForwardStarted record joins the lease's write, it names
+        // the study's patients: the whole session is read now (its files no
+        // longer change while it is forwarding) and on a lost
+        // compare-and-set. Otherwise the head only, and the files once the
+        // lease is taken, as a loser needs none.
+        let joint = self.audit_joins_state();
+        let current = if joint {
+            match self.inner.sessions.load_session(id).await {
+                Ok(v) => v,
+                Err(Error::NotFound { .. }) => return Ok(Lease::NotNow(Next::Done)),
+                Err(e) => return Err(e),
+            }
+        } else {
+            current
         };
         let mut later = None;
         let started = |r: &SessionRecord, attempts: &u32| vec![self.forward_started(r, *attempts)];
@@ -464,7 +475,7 @@ impl Pipeline {
             .update_head_audited(
                 id,
                 current,
-                true,
+                joint,
                 &[],
                 |r| {
                     if r.state != SessionState::Forwarding {
@@ -485,11 +496,18 @@ impl Pipeline {
         match (taken, later) {
             // Under the lease the session is Forwarding: its files no
             // longer change, and its head only by this worker.
-            (Ok((rec, attempts, audited)), _) => Ok(Lease::Taken {
-                rec: Box::new(rec),
-                attempts,
-                audited,
-            }),
+            (Ok((rec, attempts, audited)), _) => {
+                let rec = if joint {
+                    rec
+                } else {
+                    self.inner.sessions.load_session(id).await?.value
+                };
+                Ok(Lease::Taken {
+                    rec: Box::new(rec),
+                    attempts,
+                    audited,
+                })
+            }
             (
                 Err(Error::Conflict {
                     code: "RELAY_OUTBOX_LEASED",
