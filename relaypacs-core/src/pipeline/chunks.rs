@@ -635,7 +635,7 @@ impl Pipeline {
     /// Whether the session store appends to the audit sink's own trail
     /// (one database): a step's state and its audit records then commit in
     /// one transaction.
-    pub(super) fn audit_joins_state(&self) -> bool {
+    pub(crate) fn audit_joins_state(&self) -> bool {
         matches!(
             (self.inner.audit.trail_key(), self.inner.sessions.audit_trail_key()),
             (Some(a), Some(b)) if a == b
@@ -819,10 +819,10 @@ impl Pipeline {
     /// from `body` (nothing is gathered in memory) through the same
     /// verification, durable record and audit as
     /// [`put_chunk`](Self::put_chunk), and `progress` is called with the
-    /// new end and the file's declared size after each durable segment. A segment already stored with
-    /// the same bytes is a no-op. Returns the end of the range and the
-    /// session's expiry as read before the write (writes only push it
-    /// later).
+    /// new end and the file's declared size after each durable segment. A
+    /// segment already stored with the same bytes is a no-op. Returns the
+    /// end of the range, the file's size and the session's expiry as read
+    /// before the write (writes only push it later).
     ///
     /// The body must hold exactly `range.length` bytes: the last segment
     /// reads to the body's end, so an error the body yields after its last
@@ -834,8 +834,8 @@ impl Pipeline {
     /// of the file; `RELAY_BAD_RANGE` for an empty range or one past the
     /// file's declared size (with `range.continues`, checked after the
     /// offset, so a PATCH from a stale offset gets tus's 409
-    /// `RELAY_OFFSET_MISMATCH` first); the session and file rules and errors of
-    /// [`put_chunk`](Self::put_chunk) for each segment; a body shorter or
+    /// `RELAY_OFFSET_MISMATCH` first); the session and file rules and
+    /// errors of [`put_chunk`](Self::put_chunk) for each segment; a body shorter or
     /// longer than `range.length` fails with `RELAY_CHUNK_LENGTH_MISMATCH`;
     /// an error of the body itself is returned as it is. On any error the
     /// segments before the failing one stay durable and recorded (their
@@ -873,13 +873,13 @@ impl Pipeline {
             .load_scope_owned_as(actor, id, Some(file), Access::file("put_range", file))
             .await?;
         let expires_at = session_expiry(&current.session.value);
-        let size = current.session.value.files.get(&file).map_or(0, |f| f.size); // a missing file is refused by the plan below
         // tus answers a stale offset before a body that would not fit: with
         // `continues`, the fit is checked once the offset is known right.
-        let plan = match Self::plan_range(&current.session.value, file, &range, !range.continues) {
-            Ok(p) => p,
-            Err(e) => return self.refuse(ev, e).await,
-        };
+        let (size, plan) =
+            match Self::plan_range(&current.session.value, file, &range, !range.continues) {
+                Ok(p) => p,
+                Err(e) => return self.refuse(ev, e).await,
+            };
         let end = range.offset.saturating_add(range.length);
         let _reservation = match Reservation::take(&gate, file, range.offset..end) {
             Ok(r) => r,
@@ -922,7 +922,7 @@ impl Pipeline {
                 );
                 return self.refuse(ev, e).await;
             }
-            if let Err(e) = Self::range_fits(&current.session.value, file, &range) {
+            if let Err(e) = Self::range_fits(&range, size) {
                 shared.release().await;
                 return self.refuse(ev, e).await;
             }
@@ -968,18 +968,18 @@ impl Pipeline {
     }
 
     /// The rules of a range that need no I/O (the session is open, the
-    /// file uploading, the range non-empty and inside the file) and its
-    /// segments; each segment then meets the chunk rules.
-    /// With `check_fit`, also that the range lies inside the file;
-    /// without, [`range_fits`](Self::range_fits) must be called before a
-    /// byte is written.
+    /// file uploading, the range non-empty and inside the file): the
+    /// file's declared size and the range's segments; each segment then
+    /// meets the chunk rules. With `check_fit`, also that the range lies
+    /// inside the file; without, [`range_fits`](Self::range_fits) must be
+    /// called before a byte is written.
     fn plan_range(
         rec: &SessionRecord,
         file_id: FileId,
         range: &RangeWrite,
         check_fit: bool,
-    ) -> Result<Vec<(u64, u64)>> {
-        Self::uploading_file(rec, file_id)?;
+    ) -> Result<(u64, Vec<(u64, u64)>)> {
+        let size = Self::uploading_file(rec, file_id)?.size;
         if range.length == 0 {
             return Err(Error::invalid(
                 "RELAY_BAD_RANGE",
@@ -987,9 +987,9 @@ impl Pipeline {
             ));
         }
         if check_fit {
-            Self::range_fits(rec, file_id, range)?;
+            Self::range_fits(range, size)?;
         }
-        Ok(if range.sha256.is_some() {
+        let segments = if range.sha256.is_some() {
             vec![(range.offset, range.length)]
         } else {
             plan_segments(
@@ -998,22 +998,22 @@ impl Pipeline {
                 range.segment_size,
                 rec.limits.min_chunk_size,
             )
-        })
+        };
+        Ok((size, segments))
     }
 
-    /// The range ends inside the file's declared size (`RELAY_BAD_RANGE`
+    /// The range ends inside a file of declared `size` (`RELAY_BAD_RANGE`
     /// otherwise).
-    fn range_fits(rec: &SessionRecord, file_id: FileId, range: &RangeWrite) -> Result<()> {
-        let file = Self::uploading_file(rec, file_id)?;
+    fn range_fits(range: &RangeWrite, size: u64) -> Result<()> {
         range
             .offset
             .checked_add(range.length)
-            .filter(|e| *e <= file.size)
+            .filter(|e| *e <= size)
             .map(|_| ())
             .ok_or_else(|| {
                 Error::invalid(
                     "RELAY_BAD_RANGE",
-                    format!("range exceeds the declared file size {}", file.size),
+                    format!("range exceeds the declared file size {size}"),
                 )
             })
     }
@@ -1192,8 +1192,12 @@ impl Pipeline {
         let owner = current.session.value.owner.clone();
         // With the audit trail in the state database, the three records
         // commit in the file's own write (one sync instead of two).
-        let before = [added.clone(), stored.clone()];
         let joint = self.audit_joins_state();
+        let before = if joint {
+            vec![added.clone(), stored.clone()]
+        } else {
+            Vec::new()
+        };
         let plan = joint.then_some(AuditPlan {
             before: &before,
             done: &done,
