@@ -127,6 +127,33 @@ fn to_i64(v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::invalid("RELAY_RANGE", "offset beyond 2^63"))
 }
 
+/// A step's audit records (their JSON) to commit in the step's own
+/// transaction, on the trail they extend.
+struct Audit<'a> {
+    trail: &'a crate::sql_audit::SqlAuditTrail,
+    json: Vec<String>,
+}
+
+/// Commit a step's transaction `tx`, with `audit`'s records appended
+/// first (all or nothing), then move the trail's head past them.
+async fn commit_with(
+    mut tx: sqlx::Transaction<'_, sqlx::Any>,
+    audit: Option<&Audit<'_>>,
+    op: &'static str,
+) -> Result<()> {
+    let head = match audit {
+        Some(a) if !a.json.is_empty() => Some(append_in(&mut tx, &a.json).await?),
+        _ => None,
+    };
+    // Crash-safe point: the commit (WAL fsync / PostgreSQL commit) of the
+    // step's writes and, with `audit`, its audit records.
+    tx.commit().await.map_err(|e| db_err(op, e))?;
+    if let (Some(a), Some(head)) = (audit, head) {
+        a.trail.committed(head).await;
+    }
+    Ok(())
+}
+
 impl SqlSessionStore {
     /// A session store on `db` (already migrated by [`SqlState::connect`]).
     pub fn new(db: SqlState) -> Self {
@@ -159,7 +186,7 @@ impl SqlSessionStore {
         id: SessionId,
         file: FileId,
         chunk: &ChunkRecord,
-        audit: Option<(&crate::sql_audit::SqlAuditTrail, String)>,
+        audit: Option<Audit<'_>>,
     ) -> Result<ChunkInsert> {
         let mut tx = self
             .db
@@ -182,17 +209,8 @@ impl SqlSessionStore {
         .await
         .map_err(|e| db_err("record chunk", e))?;
         if inserted.rows_affected() == 1 {
-            // The audit record in the same transaction: both or neither.
-            let head = match &audit {
-                Some((_, json)) => Some(append_in(&mut tx, std::slice::from_ref(json)).await?),
-                None => None,
-            };
-            // Crash-safe point: the commit (the chunk record and, with
-            // `audit`, its audit record).
-            tx.commit().await.map_err(|e| db_err("record chunk", e))?;
-            if let (Some((trail, _)), Some(head)) = (&audit, head) {
-                trail.committed(head).await;
-            }
+            // The chunk record and, with `audit`, its audit record.
+            commit_with(tx, audit.as_ref(), "record chunk").await?;
             return Ok(ChunkInsert::Inserted);
         }
         let row = sqlx::query(
@@ -220,7 +238,7 @@ impl SqlSessionStore {
         &self,
         session: &SessionRecord,
         cap: u32,
-        audit: Option<(&crate::sql_audit::SqlAuditTrail, String)>,
+        audit: Option<Audit<'_>>,
     ) -> Result<Option<Versioned<SessionRecord>>> {
         const OP: &str = "create session";
         let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
@@ -251,18 +269,9 @@ impl SqlSessionStore {
             };
         }
         Self::write_files(&mut tx, session).await?;
-        // With `audit`, the creation's audit record in the same
-        // transaction: both or neither.
-        let head = match &audit {
-            Some((_, json)) => Some(append_in(&mut tx, std::slice::from_ref(json)).await?),
-            None => None,
-        };
-        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit),
-        // which also releases the owner's advisory lock.
-        tx.commit().await.map_err(|e| db_err(OP, e))?;
-        if let (Some((trail, _)), Some(head)) = (&audit, head) {
-            trail.committed(head).await;
-        }
+        // The session and, with `audit`, its creation's audit record; the
+        // commit also releases the owner's advisory lock.
+        commit_with(tx, audit.as_ref(), OP).await?;
         Ok(Some(Versioned {
             value: session.clone(),
             version: 1,
@@ -277,7 +286,7 @@ impl SqlSessionStore {
         session: &SessionRecord,
         expected: u64,
         facts: &[UploadFact],
-        audit: Option<(&crate::sql_audit::SqlAuditTrail, Vec<String>)>,
+        audit: Option<Audit<'_>>,
     ) -> Result<u64> {
         const OP: &str = "update session";
         let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
@@ -285,29 +294,27 @@ impl SqlSessionStore {
         for fact in facts {
             Self::insert_fact(&mut tx, fact).await?;
         }
-        let head = match &audit {
-            Some((_, json)) if !json.is_empty() => Some(append_in(&mut tx, json).await?),
-            _ => None,
-        };
-        // Crash-safe point: the commit (the session, its facts and, with
-        // `audit`, its audit records).
-        tx.commit().await.map_err(|e| db_err(OP, e))?;
-        if let (Some((trail, _)), Some(head)) = (&audit, head) {
-            trail.committed(head).await;
-        }
+        // The session, its facts and, with `audit`, its audit records.
+        commit_with(tx, audit.as_ref(), OP).await?;
         Ok(expected + 1)
     }
 
-    /// The audit trail this store appends to (see
+    /// `events` as records of the audit trail this store appends to (see
     /// [`with_audit`](Self::with_audit)), or the refusal of `op`.
-    fn trail(&self, op: &'static str) -> Result<&crate::sql_audit::SqlAuditTrail> {
-        self.trail.as_ref().ok_or_else(|| {
+    fn audited(
+        &self,
+        op: &'static str,
+        events: &[relaypacs_core::AuditEvent],
+    ) -> Result<Audit<'_>> {
+        let trail = self.trail.as_ref().ok_or_else(|| {
             Error::storage(
                 StorageErrorKind::Io,
                 op,
                 "this session store has no audit trail",
             )
-        })
+        })?;
+        let json = events.iter().map(event_json).collect::<Result<Vec<_>>>()?;
+        Ok(Audit { trail, json })
     }
 
     /// A pooled connection.
@@ -743,10 +750,11 @@ impl SessionStore for SqlSessionStore {
         cap: u32,
         event: &relaypacs_core::AuditEvent,
     ) -> Result<Option<Versioned<SessionRecord>>> {
-        let trail = self.trail("create a session with its audit record")?;
-        let json = event_json(event)?;
-        self.create_capped_with(session, cap, Some((trail, json)))
-            .await
+        let audit = self.audited(
+            "create a session with its audit record",
+            std::slice::from_ref(event),
+        )?;
+        self.create_capped_with(session, cap, Some(audit)).await
     }
 
     async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>> {
@@ -912,9 +920,8 @@ impl SessionStore for SqlSessionStore {
         facts: &[UploadFact],
         events: &[relaypacs_core::AuditEvent],
     ) -> Result<u64> {
-        let trail = self.trail("update a session with its audit records")?;
-        let json = events.iter().map(event_json).collect::<Result<Vec<_>>>()?;
-        self.scope_with_facts(session, expected, facts, Some((trail, json)))
+        let audit = self.audited("update a session with its audit records", events)?;
+        self.scope_with_facts(session, expected, facts, Some(audit))
             .await
     }
 
@@ -1199,10 +1206,11 @@ impl SessionStore for SqlSessionStore {
         chunk: &ChunkRecord,
         event: &relaypacs_core::AuditEvent,
     ) -> Result<ChunkInsert> {
-        let trail = self.trail("record a chunk with its audit record")?;
-        let json = event_json(event)?;
-        self.record_chunk_with(id, file, chunk, Some((trail, json)))
-            .await
+        let audit = self.audited(
+            "record a chunk with its audit record",
+            std::slice::from_ref(event),
+        )?;
+        self.record_chunk_with(id, file, chunk, Some(audit)).await
     }
 
     async fn update_file_scope_audited(
@@ -1214,8 +1222,7 @@ impl SessionStore for SqlSessionStore {
         events: &[relaypacs_core::AuditEvent],
     ) -> Result<ClaimedWrite> {
         const OP: &str = "record file";
-        let trail = self.trail("record a file with its audit records")?;
-        let json = events.iter().map(event_json).collect::<Result<Vec<_>>>()?;
+        let audit = self.audited("record a file with its audit records", events)?;
         let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
         Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
         if let Some(claim) = claim {
@@ -1225,12 +1232,8 @@ impl SessionStore for SqlSessionStore {
                 return Ok(ClaimedWrite::Held(held));
             }
         }
-        // The audit records in the same transaction: all or nothing.
-        let head = append_in(&mut tx, &json).await?;
-        // Crash-safe point: the commit (the file, its chunks, its claim and
-        // its audit records; WAL fsync / PostgreSQL commit).
-        tx.commit().await.map_err(|e| db_err(OP, e))?;
-        trail.committed(head).await;
+        // The file, its chunks, its claim and its audit records.
+        commit_with(tx, Some(&audit), OP).await?;
         Ok(ClaimedWrite::Written(expected + 1))
     }
 
