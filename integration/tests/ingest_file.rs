@@ -40,6 +40,38 @@ async fn ingest(
     .await
 }
 
+/// `ingest_file_and_queue` of `data` in session `s`.
+async fn ingest_queued(
+    p: &Pipeline,
+    a: &Actor,
+    s: SessionId,
+    data: &[u8],
+) -> Result<(relaypacs_core::FileRecord, bool), Error> {
+    p.ingest_file_and_queue(
+        a,
+        s,
+        new_file(data, false),
+        bytes_stream(bytes::Bytes::copy_from_slice(data)),
+    )
+    .await
+}
+
+/// The "queued" records of session `s` (ForwardStarted, success).
+async fn queued_records(audit: &dyn AuditSink, s: SessionId) -> usize {
+    audit
+        .events()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|ev| {
+            ev.session == Some(s)
+                && ev.action == AuditAction::ForwardStarted
+                && ev.outcome == AuditOutcome::Success
+                && ev.detail.starts_with("queued")
+        })
+        .count()
+}
+
 /// Files of the chunk area of session `s` (data files on disk).
 fn stored_files(e: &Embedded, s: SessionId) -> usize {
     match std::fs::read_dir(e.root.join("chunks").join(s.to_string())) {
@@ -244,6 +276,82 @@ async fn session_rules_hold_duplicates_study_and_limits() {
     e.close().await;
 }
 
+/// A session's only file, ingested with `ingest_file_and_queue`, puts the
+/// session in the outbox in the same write (one "queued" record, the
+/// delivery follows); with another file in the session it does not, and
+/// `complete_session` does as before.
+async fn only_file_queues_its_session(db: StateDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Embedded::open_on(dir.path(), PipelineConfig::default(), &db)
+        .await
+        .unwrap();
+    let p = &e.pipeline;
+    let a = Actor::user("alice");
+    let study = new_study();
+    let s = open_session(p, &a).await.unwrap();
+    let data = dicom_of_size(&study, 40 << 10);
+    let (f, queued) = ingest_queued(p, &a, s, &data).await.unwrap();
+    assert!(queued, "the only file did not queue its session");
+    assert!(matches!(f.state, FileState::Valid { .. }));
+    let rec = e.sessions.load_session(s).await.unwrap().value;
+    assert_eq!(rec.state, relaypacs_core::SessionState::Forwarding);
+    assert!(rec.delivery.queued_at.is_some() && rec.delivery.next_attempt_at.is_some());
+    assert_eq!(
+        rec.study_instance_uid.as_ref().map(|u| u.as_str()),
+        Some(study.as_str())
+    );
+    assert_eq!(queued_records(&e.audit, s).await, 1);
+    // Completing it again is the documented no-op (no second record).
+    p.complete_session(&a, s).await.unwrap();
+    assert_eq!(queued_records(&e.audit, s).await, 1);
+    // Delivered from the outbox like any completed session.
+    p.attempt_delivery(s, "w", &relaypacs_core::OutboxConfig::default())
+        .await
+        .unwrap();
+    let rec = e.sessions.load_session(s).await.unwrap().value;
+    assert!(
+        matches!(rec.state, relaypacs_core::SessionState::Delivered { .. }),
+        "{:?}",
+        rec.state
+    );
+
+    // A session holding a file already: the second is only ingested.
+    let s2 = open_session(p, &a).await.unwrap();
+    let study2 = new_study();
+    ingest(p, &a, s2, &dicom_of_size(&study2, 10 << 10))
+        .await
+        .unwrap();
+    let (_, queued) = ingest_queued(p, &a, s2, &dicom_of_size(&study2, 12 << 10))
+        .await
+        .unwrap();
+    assert!(!queued, "a file beside another queued its session");
+    let rec = e.sessions.load_session(s2).await.unwrap().value;
+    assert_eq!(rec.state, relaypacs_core::SessionState::Open);
+    assert_eq!(queued_records(&e.audit, s2).await, 0);
+    p.complete_session(&a, s2).await.unwrap();
+    assert_eq!(queued_records(&e.audit, s2).await, 1);
+
+    // A refused only file queues nothing; the session stays open.
+    let s3 = open_session(p, &a).await.unwrap();
+    let err = ingest_queued(p, &a, s3, &[7u8; 3000]).await.unwrap_err();
+    assert!(matches!(err, Error::FileRefused { .. }), "{err:?}");
+    let rec = e.sessions.load_session(s3).await.unwrap().value;
+    assert_eq!(rec.state, relaypacs_core::SessionState::Open);
+    assert_eq!(queued_records(&e.audit, s3).await, 0);
+    e.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_file_queues_its_session_on_sqlite() {
+    only_file_queues_its_session(StateDb::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_file_queues_its_session_on_postgres() {
+    let cluster = PgCluster::start();
+    only_file_queues_its_session(cluster.fresh_db()).await;
+}
+
 /// Every storage call of the step fails in turn (I/O error, disk full):
 /// the call fails with a storage error, the session holds no file, nothing
 /// unrecorded keeps bytes, the failure is audited, and once healed the same
@@ -252,7 +360,11 @@ async fn session_rules_hold_duplicates_study_and_limits() {
 /// With `joint`, the audit trail is the state database's own chain and the
 /// session store appends to it in the step's transaction (as the server on
 /// SQLite): a failed write then leaves none of the step's success records.
-async fn every_failpoint(db: impl Fn() -> StateDb, joint: bool) {
+///
+/// With `queue`, the step is `ingest_file_and_queue` of the session's only
+/// file: a failure leaves the session open and unqueued (no "queued"
+/// record), and the healed step queues it.
+async fn every_failpoint(db: impl Fn() -> StateDb, joint: bool, queue: bool) {
     let data = dicom_of_size(&new_study(), 100 << 10);
     let watched = [
         Op::CreateFile,
@@ -300,7 +412,21 @@ async fn every_failpoint(db: impl Fn() -> StateDb, joint: bool) {
             let a = Actor::user("alice");
             let s = open_session(&p, &a).await.unwrap();
             plan.fail_nth(k, fault);
-            match ingest(&p, &a, s, &data).await {
+            let step = |p: &Pipeline| {
+                let p = p.clone();
+                let a = a.clone();
+                let data = data.clone();
+                async move {
+                    if queue {
+                        let (f, queued) = ingest_queued(&p, &a, s, &data).await?;
+                        assert!(queued, "the only file did not queue its session");
+                        Ok(f)
+                    } else {
+                        ingest(&p, &a, s, &data).await
+                    }
+                }
+            };
+            match step(&p).await {
                 Ok(_) => {
                     assert!(plan.calls() < k, "k={k}: the fault was not reported");
                 }
@@ -315,6 +441,16 @@ async fn every_failpoint(db: impl Fn() -> StateDb, joint: bool) {
                     assert!(
                         rec.files.is_empty(),
                         "k={k}: a failed file is in the session"
+                    );
+                    assert_eq!(
+                        rec.state,
+                        relaypacs_core::SessionState::Open,
+                        "k={k}: a failed step queued its session"
+                    );
+                    assert_eq!(
+                        queued_records(audit.as_ref(), s).await,
+                        0,
+                        "k={k}: a failed step recorded its session queued"
                     );
                     assert_eq!(
                         stored_files(&e, s),
@@ -337,8 +473,11 @@ async fn every_failpoint(db: impl Fn() -> StateDb, joint: bool) {
                         "k={k}: a failed file audited as completed"
                     );
                     plan.heal();
-                    let f = ingest(&p, &a, s, &data).await.unwrap();
+                    let f = step(&p).await.unwrap();
                     assert!(matches!(f.state, FileState::Valid { .. }));
+                    if queue {
+                        assert_eq!(queued_records(audit.as_ref(), s).await, 1, "k={k}");
+                    }
                     if joint {
                         assert_eq!(
                             verify_sql_chain(&e.state).await.unwrap().count,
@@ -360,16 +499,28 @@ async fn every_failpoint(db: impl Fn() -> StateDb, joint: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_storage_failpoint_leaves_no_file_on_sqlite() {
-    every_failpoint(|| StateDb::Sqlite, false).await;
+    every_failpoint(|| StateDb::Sqlite, false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_storage_failpoint_leaves_no_file_with_the_audit_in_the_write_on_sqlite() {
-    every_failpoint(|| StateDb::Sqlite, true).await;
+    every_failpoint(|| StateDb::Sqlite, true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_storage_failpoint_leaves_the_session_unqueued_with_the_audit_in_the_write_on_sqlite()
+{
+    every_failpoint(|| StateDb::Sqlite, true, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_storage_failpoint_leaves_no_file_on_postgres() {
     let cluster = PgCluster::start();
-    every_failpoint(|| cluster.fresh_db(), false).await;
+    every_failpoint(|| cluster.fresh_db(), false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_storage_failpoint_leaves_the_session_unqueued_on_postgres() {
+    let cluster = PgCluster::start();
+    every_failpoint(|| cluster.fresh_db(), false, true).await;
 }

@@ -369,3 +369,86 @@ async fn stow_warnings_are_202_with_warning_reason() {
     t.wait_notifications(&u, 3).await;
     t.stop().await;
 }
+
+/// A request of one instance (the common STOW-RS client: one POST per
+/// instance) is stored and queued by one write: its session enters the
+/// outbox with one "queued" record, after the part's own records, and is
+/// delivered. A request whose last part joins others, and one naming its
+/// study in the URL, still complete the session after their parts.
+#[tokio::test]
+async fn stow_one_instance_is_queued_with_its_part() {
+    use relaypacs_core::{AuditAction, AuditOutcome};
+    let t = TestServer::start().await;
+    let u = t.user("una", Role::Uploader).await;
+    let queued = |events: &[relaypacs_core::AuditEvent], study: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                e.action == AuditAction::ForwardStarted
+                    && e.outcome == AuditOutcome::Success
+                    && e.detail.starts_with("queued")
+                    && e.study.as_ref().map(|s| s.as_str()) == Some(study)
+            })
+            .count()
+    };
+    // One part.
+    let study = new_uid();
+    let one = dicom(Some(&study), 64);
+    let r = t.stow(&u, "/dicomweb/studies", stow_body(&[&one])).await;
+    assert_eq!(r.status(), 200);
+    t.wait_notifications(&u, 1).await;
+    assert_eq!(
+        snapshot(&t.data().join("archive").join(&study)).len(),
+        1,
+        "the instance was delivered"
+    );
+    let events = t.audit().await;
+    assert_eq!(queued(&events, &study), 1, "one queued record");
+    let completed = events
+        .iter()
+        .position(|e| e.action == AuditAction::FileCompleted)
+        .unwrap();
+    let queued_at = events
+        .iter()
+        .position(|e| e.action == AuditAction::ForwardStarted)
+        .unwrap();
+    assert!(completed < queued_at, "queued before its file completed");
+    // A refused part, then a good one: the good one is the session's only
+    // file and queues it.
+    let study2 = new_uid();
+    let two = dicom(Some(&study2), 64);
+    let r = t
+        .stow(&u, "/dicomweb/studies", stow_body(&[&[0u8; 400], &two]))
+        .await;
+    assert_eq!(r.status(), 202);
+    t.wait_notifications(&u, 2).await;
+    assert_eq!(queued(&t.audit().await, &study2), 1);
+    // Three parts: the last is not the only file; the session is
+    // completed after it, once.
+    let study3 = new_uid();
+    let parts: Vec<Vec<u8>> = (0..3).map(|_| dicom(Some(&study3), 64)).collect();
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            stow_body(&[&parts[0], &parts[1], &parts[2]]),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    t.wait_notifications(&u, 3).await;
+    assert_eq!(queued(&t.audit().await, &study3), 1);
+    assert_eq!(snapshot(&t.data().join("archive").join(&study3)).len(), 3);
+    // The study in the URL: completed after the part, once.
+    let study4 = new_uid();
+    let four = dicom(Some(&study4), 64);
+    let r = t
+        .stow(
+            &u,
+            &format!("/dicomweb/studies/{study4}"),
+            stow_body(&[&four]),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    t.wait_notifications(&u, 4).await;
+    assert_eq!(queued(&t.audit().await, &study4), 1);
+}

@@ -1125,6 +1125,41 @@ impl Pipeline {
         req: NewFile,
         bytes: ByteStream,
     ) -> Result<FileRecord> {
+        self.ingest_file_inner(actor, id, req, bytes, false)
+            .await
+            .map(|(f, _)| f)
+    }
+
+    /// [`ingest_file`](Self::ingest_file), and when the file is its
+    /// session's only one, the same write completes the session (as
+    /// [`complete_session`](Self::complete_session) would next: the
+    /// session enters the outbox, its "queued" audit record with the
+    /// file's). For a request that carries a whole study of one instance
+    /// (a one-part STOW-RS request): one write of the session state and
+    /// one sync instead of two each. Returns the file and whether the
+    /// session was queued; when it was not (the session holds other
+    /// files), complete it with `complete_session` once they are done.
+    ///
+    /// # Errors
+    /// Those of `ingest_file`; on an error the session is not queued.
+    pub async fn ingest_file_and_queue(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        req: NewFile,
+        bytes: ByteStream,
+    ) -> Result<(FileRecord, bool)> {
+        self.ingest_file_inner(actor, id, req, bytes, true).await
+    }
+
+    async fn ingest_file_inner(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        req: NewFile,
+        bytes: ByteStream,
+        queue: bool,
+    ) -> Result<(FileRecord, bool)> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
         let current = self
@@ -1202,16 +1237,40 @@ impl Pipeline {
             before: &before,
             done: &done,
         });
+        let queued_template = queue.then(|| {
+            Self::event(
+                actor,
+                AuditAction::ForwardStarted,
+                AuditOutcome::Success,
+                Some(id),
+            )
+        });
         match self
-            .prove_and_record(id, &file, std::slice::from_ref(&chunk), current, true, plan)
+            .prove_and_record(
+                id,
+                &file,
+                std::slice::from_ref(&chunk),
+                current,
+                true,
+                plan,
+                queued_template.as_ref(),
+            )
             .await
         {
-            Ok(f) => {
+            Ok(recorded) => {
+                let f = recorded.file;
                 if !joint {
                     Self::describe_valid(&mut done, &f);
-                    self.audit_all(&[added, stored, done]).await?;
+                    let mut events = vec![added, stored, done];
+                    events.extend(recorded.queued.clone());
+                    self.audit_all(&events).await?;
                 }
-                Ok(f)
+                let queued = recorded.queued.is_some();
+                if queued {
+                    self.inner.index.closed(id);
+                    self.wake_outbox(id);
+                }
+                Ok((f, queued))
             }
             Err((err, known)) => {
                 self.discard_area(key).await;

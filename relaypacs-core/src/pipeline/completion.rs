@@ -32,6 +32,21 @@ struct Added<'a> {
     /// Audit records committed in the same write, when set (the store
     /// appends to the audit sink's own trail).
     audit: Option<AuditPlan<'a>>,
+    /// When set, and the file is its session's only one, the same write
+    /// puts the session in the outbox (as
+    /// [`complete_session`](Pipeline::complete_session) does); this is the
+    /// template of that "queued" audit record.
+    queue: Option<&'a AuditEvent>,
+}
+
+/// What [`Pipeline::prove_and_record`] wrote.
+pub(super) struct Recorded {
+    /// The file, valid.
+    pub(super) file: FileRecord,
+    /// Its write also put the session in the outbox (see `Added::queue`),
+    /// with this "queued" audit record (already committed when the write
+    /// carried the file's audit records).
+    pub(super) queued: Option<AuditEvent>,
 }
 
 /// The audit records of a new file's completing write: `before` as they
@@ -174,8 +189,9 @@ impl Pipeline {
             .chunks(id, file.id)
             .await
             .map_err(plain)?;
-        self.prove_and_record(id, &file, &chunks, current, false, None)
+        self.prove_and_record(id, &file, &chunks, current, false, None, None)
             .await
+            .map(|r| r.file)
     }
 
     /// Prove `file`'s stored bytes (`chunks`, sorted by offset), validate
@@ -185,7 +201,10 @@ impl Pipeline {
     /// ([`SessionStore::update_file_scope_with_chunks`]).
     ///
     /// With `audit` (a new file only), its audit records commit in the
-    /// file's write: `Ok` means they are durable too.
+    /// file's write: `Ok` means they are durable too. With `queue` (a new
+    /// file only), the write also puts the session in the outbox when the
+    /// file is its only one (see [`Recorded::queued`]).
+    #[allow(clippy::too_many_arguments)] // private; each argument is one step's input
     pub(super) async fn prove_and_record(
         &self,
         id: SessionId,
@@ -194,7 +213,8 @@ impl Pipeline {
         current: FileScope,
         new: bool,
         audit: Option<AuditPlan<'_>>,
-    ) -> std::result::Result<FileRecord, (Error, Identified)> {
+        queue: Option<&AuditEvent>,
+    ) -> std::result::Result<Recorded, (Error, Identified)> {
         let plain = |e: Error| (e, Identified::default());
         let file_id = file.id;
         let back = self.verify_stored(id, file, chunks).await.map_err(plain)?;
@@ -227,18 +247,13 @@ impl Pipeline {
                 chunks,
                 claim: Some(&mine),
                 audit,
+                queue,
             };
             match self
                 .record_valid(id, file_id, current.clone(), &dicom, digests, Some(added))
                 .await
             {
-                Ok(Some(rec)) => {
-                    return rec
-                        .files
-                        .get(&file_id)
-                        .cloned()
-                        .ok_or_else(|| plain(Error::NotFound { what: "file" }));
-                }
+                Ok(Some(written)) => return Self::recorded(written, file_id).map_err(plain),
                 Ok(None) => {}
                 Err(e) => {
                     // Nothing written by an atomic store; a store keeping
@@ -260,12 +275,13 @@ impl Pipeline {
             chunks,
             claim: None,
             audit,
+            queue,
         });
-        let rec = match self
+        let written = match self
             .record_valid(id, file_id, current, &dicom, digests, added)
             .await
         {
-            Ok(Some(rec)) => rec,
+            Ok(Some(written)) => written,
             Ok(None) => {
                 // Only a write that claims answers `None`.
                 return Err(plain(Error::Busy {
@@ -279,10 +295,20 @@ impl Pipeline {
                 return Err(refused(e, &dicom));
             }
         };
-        rec.files
+        Self::recorded(written, file_id).map_err(plain)
+    }
+
+    /// The file `file_id` of a session as `record_valid` wrote it.
+    fn recorded(
+        (rec, queued): (SessionRecord, Option<AuditEvent>),
+        file_id: FileId,
+    ) -> Result<Recorded> {
+        let file = rec
+            .files
             .get(&file_id)
             .cloned()
-            .ok_or_else(|| plain(Error::NotFound { what: "file" }))
+            .ok_or(Error::NotFound { what: "file" })?;
+        Ok(Recorded { file, queued })
     }
 
     /// Release the claim `file_id` may hold after its write failed with
@@ -398,7 +424,7 @@ impl Pipeline {
         dicom: &DicomSummary,
         (digest, data_set_sha256): (Sha256Digest, Sha256Digest),
         added: Option<Added<'_>>,
-    ) -> Result<Option<SessionRecord>> {
+    ) -> Result<Option<(SessionRecord, Option<AuditEvent>)>> {
         // A second file of this SOP Instance UID in the session is refused
         // by the store inside the write itself (Conflict
         // RELAY_DUPLICATE_INSTANCE, see SessionStore::update_file_scope):
@@ -424,7 +450,8 @@ impl Pipeline {
     }
 
     /// One conditional write of the file's new state at `current`'s
-    /// version; `Precondition` when the session moved on.
+    /// version; `Precondition` when the session moved on. With the
+    /// session, the "queued" record when the write also queued it.
     async fn record_valid_at(
         &self,
         file_id: FileId,
@@ -432,7 +459,7 @@ impl Pipeline {
         dicom: &DicomSummary,
         (digest, data_set_sha256): (Sha256Digest, Sha256Digest),
         added: Option<Added<'_>>,
-    ) -> Result<Option<SessionRecord>> {
+    ) -> Result<Option<(SessionRecord, Option<AuditEvent>)>> {
         let mut rec = current.session.value.clone();
         Self::require_open(&rec)?;
         if let Some(a) = &added {
@@ -459,11 +486,30 @@ impl Pipeline {
         f.state = FileState::Valid {
             dicom: dicom.clone(),
         };
-        rec.updated_at = OffsetDateTime::now_utc();
+        let now = OffsetDateTime::now_utc();
+        rec.updated_at = now;
         let version = current.session.version;
         let Some(a) = added else {
             self.inner.sessions.update_file_scope(&rec, version).await?;
-            return Ok(Some(rec));
+            return Ok(Some((rec, None)));
+        };
+        // The session's only file (none other at this version, which the
+        // write is conditional on): every file of it is valid, so the same
+        // write can complete it, as complete_session would next.
+        let queued = match a.queue {
+            Some(template) if current.file_count == 0 => {
+                rec.state = SessionState::Forwarding;
+                rec.delivery = crate::model::Delivery {
+                    queued_at: Some(now),
+                    next_attempt_at: Some(now),
+                    ..Default::default()
+                };
+                let mut ev = template.clone();
+                ev.study = rec.study_instance_uid.clone();
+                ev.detail = format!("queued instances={}", rec.files.len());
+                Some(ev)
+            }
+            _ => None,
         };
         let chunks: Vec<(FileId, ChunkRecord)> =
             a.chunks.iter().map(|c| (file_id, c.clone())).collect();
@@ -474,15 +520,17 @@ impl Pipeline {
                 Self::describe_valid(&mut done, f);
             }
             events.push(done);
-            // One write: the file, its chunks, its claim and its audit
-            // records (one transaction, one sync).
+            events.extend(queued.clone());
+            // One write: the file, its chunks, its claim, the session's
+            // place in the outbox when it queues it, and its audit records
+            // (one transaction, one sync).
             return match self
                 .inner
                 .sessions
                 .update_file_scope_audited(&rec, version, &chunks, a.claim, &events)
                 .await?
             {
-                ClaimedWrite::Written(_) => Ok(Some(rec)),
+                ClaimedWrite::Written(_) => Ok(Some((rec, queued))),
                 ClaimedWrite::Held(_) => Ok(None),
             };
         }
@@ -506,7 +554,7 @@ impl Pipeline {
                 }
             }
         }
-        Ok(Some(rec))
+        Ok(Some((rec, queued)))
     }
 
     /// Claim the file's SOP Instance UID in the index of accepted

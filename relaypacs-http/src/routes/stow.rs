@@ -311,10 +311,15 @@ async fn ingest(
     user: &AuthUser,
     sid: SessionId,
     index: usize,
-    spool: &Spooled,
-    size: u64,
-    digest: Option<Sha256Digest>,
-) -> Result<(FileId, DicomSummary), (Option<FileId>, Error)> {
+    part: &Received,
+    queue: bool,
+) -> Result<(FileId, DicomSummary, bool), (Option<FileId>, Error)> {
+    let Received {
+        spool,
+        size,
+        digest,
+    } = part;
+    let (size, digest) = (*size, *digest);
     let actor = user.actor();
     let req = NewFile {
         name: format!("stow-part-{index}.dcm"),
@@ -326,15 +331,22 @@ async fn ingest(
         && size <= segment.min(state.pipeline().config().limits.max_chunk_size)
     {
         // A part of one chunk (a typical instance): declared, stored and
-        // completed in one step, one write of the session state; on error
-        // it is not in the session.
-        let rec = state
-            .pipeline()
-            .ingest_file(&actor, sid, req, relaypacs_core::bytes_stream(b.clone()))
-            .await
-            .map_err(|e| (None, e))?;
+        // completed in one step, one write of the session state (which
+        // with `queue` also completes a session of this one file); on
+        // error it is not in the session.
+        let body = relaypacs_core::bytes_stream(b.clone());
+        let pipeline = state.pipeline();
+        let (rec, queued) = if queue {
+            pipeline.ingest_file_and_queue(&actor, sid, req, body).await
+        } else {
+            pipeline
+                .ingest_file(&actor, sid, req, body)
+                .await
+                .map(|f| (f, false))
+        }
+        .map_err(|e| (None, e))?;
         return match rec.state {
-            relaypacs_core::FileState::Valid { dicom } => Ok((rec.id, dicom)),
+            relaypacs_core::FileState::Valid { dicom } => Ok((rec.id, dicom, queued)),
             _ => Err((
                 Some(rec.id),
                 Error::Invalid {
@@ -374,7 +386,7 @@ async fn ingest(
         .await
         .map_err(fail)?;
     match rec.state {
-        relaypacs_core::FileState::Valid { dicom } => Ok((file.id, dicom)),
+        relaypacs_core::FileState::Valid { dicom } => Ok((file.id, dicom, false)),
         _ => Err(fail(Error::Invalid {
             code: "RELAY_NOT_VALIDATED",
             message: "the file was not validated".into(),
@@ -409,6 +421,88 @@ pub async fn store_in_study(
     run(state, user, headers, body, Some(uid)).await
 }
 
+/// The parts of a request, read one at a time, with a look at whether
+/// another follows.
+struct Parts {
+    mp: multer::Multipart<'static>,
+    /// The next field once looked at (`Some(None)`: there is none).
+    peeked: Option<Option<multer::Field<'static>>>,
+    /// Parts read so far.
+    count: usize,
+    max: usize,
+}
+
+/// A DICOM part, received whole (see [`spool_part`]).
+struct Received {
+    spool: Spooled,
+    size: u64,
+    digest: Option<Sha256Digest>,
+}
+
+/// One part as read.
+enum Part {
+    /// A DICOM part; `last` when no part follows it.
+    Dicom { received: Received, last: bool },
+    /// A part that is not `application/dicom`, drained.
+    Refused(Failed),
+}
+
+impl Parts {
+    async fn next_field(&mut self) -> ApiResult<Option<multer::Field<'static>>> {
+        match self.peeked.take() {
+            Some(f) => Ok(f),
+            None => self.mp.next_field().await.map_err(multipart_error),
+        }
+    }
+
+    /// The next part, received; `None` after the last. Whether another
+    /// follows is known before this returns (its headers are read, not its
+    /// body): a last part can then complete its session in its own write.
+    async fn next(&mut self, state: &AppState) -> ApiResult<Option<Part>> {
+        let Some(mut field) = self.next_field().await? else {
+            return Ok(None);
+        };
+        self.count += 1;
+        let index = self.count;
+        if index > self.max {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RELAY_TOO_MANY_PARTS",
+                "too many parts",
+            ));
+        }
+        let ok_type = field
+            .content_type()
+            .is_none_or(|m| m.essence_str().eq_ignore_ascii_case("application/dicom"));
+        if !ok_type {
+            // Drain the part; it is reported as not understood.
+            while field.chunk().await.map_err(multipart_error)?.is_some() {}
+            return Ok(Some(Part::Refused(Failed {
+                sop_class: None,
+                sop_instance: None,
+                reason: reason::CANNOT_UNDERSTAND,
+                comment: format!(
+                    "RELAY_UNSUPPORTED_MEDIA_TYPE: part {index} is not application/dicom"
+                ),
+            })));
+        }
+        let (spool, size, digest) = spool_part(state, &mut field).await?;
+        // multer reads the next field only once this one is dropped.
+        drop(field);
+        let after = self.mp.next_field().await.map_err(multipart_error)?;
+        let last = after.is_none();
+        self.peeked = Some(after);
+        Ok(Some(Part::Dicom {
+            received: Received {
+                spool,
+                size,
+                digest,
+            },
+            last,
+        }))
+    }
+}
+
 async fn run(
     state: AppState,
     user: AuthUser,
@@ -425,19 +519,6 @@ async fn run(
         ));
     }
     let actor = user.actor();
-    let session = state
-        .pipeline()
-        .create_session(
-            &actor,
-            NewSession {
-                allow_multiple_studies: study.is_none(),
-                // Only this request knows the session: one left open by a
-                // dead run is ended at the next start.
-                request_scoped: true,
-            },
-        )
-        .await?;
-    let sid = session.id;
     let constraints = multer::Constraints::new().size_limit(
         multer::SizeLimit::new()
             .per_field(state.config().http.max_upload_size)
@@ -449,41 +530,53 @@ async fn run(
         &boundary,
         state.config().stow.part_header_limits(),
     );
-    let mut mp = multer::Multipart::with_constraints(guarded, boundary, constraints);
+    let mut parts = Parts {
+        mp: multer::Multipart::with_constraints(guarded, boundary, constraints),
+        peeked: None,
+        count: 0,
+        max: usize::try_from(state.config().limits.max_files).unwrap_or(usize::MAX),
+    };
+    // The session is created while the first part arrives (its commit and
+    // the body's transfer overlap). Nothing is ingested before the session
+    // exists; a part read for a session that could not be created is
+    // dropped (a spooled one with its file).
+    let (session, first) = tokio::join!(
+        state.pipeline().create_session(
+            &actor,
+            NewSession {
+                allow_multiple_studies: study.is_none(),
+                // Only this request knows the session: one left open by a
+                // dead run is ended at the next start.
+                request_scoped: true,
+            },
+        ),
+        parts.next(&state)
+    );
+    let sid = session?.id;
     let mut stored: Vec<Stored> = Vec::new();
     let mut failed: Vec<Failed> = Vec::new();
-    let mut index = 0usize;
+    // Whether the last part's write also completed the session.
+    let mut queued = false;
     let outcome: ApiResult<()> = async {
-        loop {
-            let next = mp.next_field().await.map_err(multipart_error)?;
-            let Some(mut field) = next else { break };
-            index += 1;
-            if index > usize::try_from(state.config().limits.max_files).unwrap_or(usize::MAX) {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "RELAY_TOO_MANY_PARTS",
-                    "too many parts",
-                ));
-            }
-            let ok_type = field
-                .content_type()
-                .is_none_or(|m| m.essence_str().eq_ignore_ascii_case("application/dicom"));
-            if !ok_type {
-                // Drain the part; it is reported as not understood.
-                while field.chunk().await.map_err(multipart_error)?.is_some() {}
-                failed.push(Failed {
-                    sop_class: None,
-                    sop_instance: None,
-                    reason: reason::CANNOT_UNDERSTAND,
-                    comment: format!(
-                        "RELAY_UNSUPPORTED_MEDIA_TYPE: part {index} is not application/dicom"
-                    ),
-                });
-                continue;
-            }
-            let (spool, size, digest) = spool_part(&state, &mut field).await?;
-            match ingest(&state, &user, sid, index, &spool, size, digest).await {
-                Ok((fid, summary)) => {
+        let mut next = first?;
+        while let Some(part) = next {
+            let index = parts.count;
+            let (received, last) = match part {
+                Part::Refused(f) => {
+                    failed.push(f);
+                    next = parts.next(&state).await?;
+                    continue;
+                }
+                Part::Dicom { received, last } => (received, last),
+            };
+            // The last part completes the session in its own write when it
+            // is the session's only file; not when the URL names a study
+            // (a valid instance of another study is removed below, which
+            // needs the session open).
+            let queue = last && study.is_none();
+            match ingest(&state, &user, sid, index, &received, queue).await {
+                Ok((fid, summary, was_queued)) => {
+                    queued |= was_queued;
                     if let Some(want) = &study
                         && &summary.study_instance_uid != want
                     {
@@ -500,9 +593,9 @@ async fn run(
                                 summary.study_instance_uid
                             ),
                         });
-                        continue;
+                    } else {
+                        stored.push(Stored { summary });
                     }
-                    stored.push(Stored { summary });
                 }
                 Err((fid, e)) => {
                     if e.kind() == ErrorKind::Audit || e.kind() == ErrorKind::Storage {
@@ -524,6 +617,9 @@ async fn run(
                     failed.push(Failed::of(&e));
                 }
             }
+            // The part's memory or spool file goes before the next is read.
+            drop(received);
+            next = parts.next(&state).await?;
         }
         Ok(())
     }
@@ -535,7 +631,7 @@ async fn run(
         }
         return Err(e);
     }
-    if index == 0 {
+    if parts.count == 0 {
         state.pipeline().abort_session(&actor, sid).await?;
         return Err(ApiError::bad_request(
             "RELAY_BAD_MULTIPART",
@@ -547,7 +643,9 @@ async fn run(
     } else {
         // Stored, verified and in the outbox: the gateway answers for these
         // instances now (store and forward); delivery to the PACS follows.
-        state.pipeline().complete_session(&actor, sid).await?;
+        if !queued {
+            state.pipeline().complete_session(&actor, sid).await?;
+        }
         state.metrics().forward("queued");
     }
     let warned = stored.iter().any(|s| s.warning_reason().is_some());
