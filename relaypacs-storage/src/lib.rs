@@ -65,6 +65,6 @@ pub use sql_notifications::SqlNotificationStore;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql_sessions::SqlSessionStore;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use sql_state::{Engine, SqlOptions, SqlState};
+pub use sql_state::{Engine, SqlOptions, SqlState, WriteTurn};
 #[cfg(feature = "syslog")]
 pub use syslog_audit::{SyslogConfig, SyslogForwardingSink};

@@ -185,7 +185,7 @@ pub(crate) fn event_json(event: &AuditEvent) -> Result<String> {
 /// returns the head after them.
 async fn append(db: &SqlState, events: &[String]) -> Result<ChainHead> {
     const OP: &str = "append audit record";
-    let mut tx = db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+    let (_turn, mut tx) = db.begin_write(OP).await?;
     let head = append_in(&mut tx, events).await?;
     // Durable point: the commit (WAL fsync on SQLite, synchronous_commit
     // on PostgreSQL).

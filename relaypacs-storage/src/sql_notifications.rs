@@ -130,7 +130,7 @@ impl SqlNotificationStore {
         event: Option<&str>,
     ) -> Result<Option<StoredNotification>> {
         const OP: &str = "store a notification";
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         // First statement a write: SQLite takes its write lock here.
         let fresh = sqlx::query(
             "INSERT INTO notification_keys (study, kind, subject) VALUES ($1, $2, $3) \

@@ -188,12 +188,7 @@ impl SqlSessionStore {
         chunk: &ChunkRecord,
         audit: Option<Audit<'_>>,
     ) -> Result<ChunkInsert> {
-        let mut tx = self
-            .db
-            .pool()
-            .begin()
-            .await
-            .map_err(|e| db_err("record chunk", e))?;
+        let (_turn, mut tx) = self.db.begin_write("record chunk").await?;
         let inserted = sqlx::query(
             "INSERT INTO chunks (session_id, file_id, chunk_offset, length, sha256, receipt) \
              SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $1) \
@@ -241,7 +236,7 @@ impl SqlSessionStore {
         audit: Option<Audit<'_>>,
     ) -> Result<Option<Versioned<SessionRecord>>> {
         const OP: &str = "create session";
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         if self.db.engine() == Engine::Postgres {
             lock_owner(&mut tx, SESSIONS_LOCK_CLASS, &session.owner, OP).await?;
         }
@@ -289,7 +284,7 @@ impl SqlSessionStore {
         audit: Option<Audit<'_>>,
     ) -> Result<u64> {
         const OP: &str = "update session";
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         Self::write_scope(&mut tx, session, expected).await?;
         for fact in facts {
             Self::insert_fact(&mut tx, fact).await?;
@@ -699,12 +694,7 @@ impl SessionStore for SqlSessionStore {
     }
 
     async fn create_session(&self, session: &SessionRecord) -> Result<Versioned<SessionRecord>> {
-        let mut tx = self
-            .db
-            .pool()
-            .begin()
-            .await
-            .map_err(|e| db_err("create session", e))?;
+        let (_turn, mut tx) = self.db.begin_write("create session").await?;
         let inserted = sqlx::query(
             "INSERT INTO sessions (id, owner, version, state, updated_at, head) \
              VALUES ($1, $2, 1, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
@@ -788,7 +778,7 @@ impl SessionStore for SqlSessionStore {
         facts: &[UploadFact],
     ) -> Result<u64> {
         const OP: &str = "update session";
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         Self::update_head(&mut tx, session, expected).await?;
         Self::write_files(&mut tx, session).await?;
         for fact in facts {
@@ -813,7 +803,7 @@ impl SessionStore for SqlSessionStore {
         facts: &[UploadFact],
     ) -> Result<()> {
         const OP: &str = "delete session";
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         let sid = id.to_string();
         let deleted = sqlx::query("DELETE FROM sessions WHERE id = $1 AND version = $2")
             .bind(&sid)
@@ -937,7 +927,7 @@ impl SessionStore for SqlSessionStore {
         cap: u32,
     ) -> Result<Option<u64>> {
         const OP: &str = "update session";
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         match self.db.engine() {
             Engine::Postgres => {
                 lock_owner(&mut tx, UPLOADS_LOCK_CLASS, &session.owner, OP).await?;
@@ -1000,7 +990,7 @@ impl SessionStore for SqlSessionStore {
         chunks: &[(FileId, ChunkRecord)],
     ) -> Result<u64> {
         const OP: &str = "record file";
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
         // Crash-safe point: the commit (WAL fsync / PostgreSQL commit).
         tx.commit().await.map_err(|e| db_err(OP, e))?;
@@ -1021,7 +1011,7 @@ impl SessionStore for SqlSessionStore {
         claim: &InstanceClaim,
     ) -> Result<ClaimedWrite> {
         const OP: &str = "record file";
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
         let held = Self::claim_in(&mut tx, claim).await?;
         if !held.held_by(claim.session, claim.file) {
@@ -1223,7 +1213,7 @@ impl SessionStore for SqlSessionStore {
     ) -> Result<ClaimedWrite> {
         const OP: &str = "record file";
         let audit = self.audited("record a file with its audit records", events)?;
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
         if let Some(claim) = claim {
             let held = Self::claim_in(&mut tx, claim).await?;
@@ -1268,12 +1258,7 @@ impl SessionStore for SqlSessionStore {
     }
 
     async fn delete_chunks(&self, id: SessionId, file: FileId) -> Result<()> {
-        let mut tx = self
-            .db
-            .pool()
-            .begin()
-            .await
-            .map_err(|e| db_err("delete chunks", e))?;
+        let (_turn, mut tx) = self.db.begin_write("delete chunks").await?;
         sqlx::query("DELETE FROM chunks WHERE session_id = $1 AND file_id = $2")
             .bind(id.to_string())
             .bind(file.to_string())
@@ -1287,12 +1272,7 @@ impl SessionStore for SqlSessionStore {
     }
 
     async fn claim_instance(&self, claim: &InstanceClaim) -> Result<InstanceClaim> {
-        let mut tx = self
-            .db
-            .pool()
-            .begin()
-            .await
-            .map_err(|e| db_err("claim instance", e))?;
+        let (_turn, mut tx) = self.db.begin_write("claim instance").await?;
         let held = Self::claim_in(&mut tx, claim).await?;
         // Crash-safe point: the commit.
         tx.commit().await.map_err(|e| db_err("claim instance", e))?;

@@ -69,10 +69,19 @@ pub struct SqlState {
     instance: Arc<Instance>,
 }
 
+/// This process's turn to write to a SQLite database (see
+/// [`SqlState::begin_write`]); ends when dropped.
+#[derive(Debug)]
+pub struct WriteTurn {
+    _held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
 /// See [`SqlState`]'s `instance`.
 pub(crate) struct Instance {
     pub(crate) key: i64,
     _lock: tokio::sync::Mutex<Option<sqlx::AnyConnection>>,
+    /// SQLite: whose turn it is to write (see [`SqlState::begin_write`]).
+    writer: Arc<tokio::sync::Mutex<()>>,
     /// SQLite: the range reservations of this process (one gateway per
     /// SQLite file), by session and file.
     pub(crate) local_leases: std::sync::Mutex<LocalLeases>,
@@ -231,6 +240,7 @@ impl SqlState {
             instance: Arc::new(Instance {
                 key,
                 _lock: tokio::sync::Mutex::new(lock),
+                writer: Arc::new(tokio::sync::Mutex::new(())),
                 local_leases: std::sync::Mutex::new(Default::default()),
             }),
         };
@@ -322,6 +332,36 @@ impl SqlState {
             )));
         }
         Ok(expected)
+    }
+
+    /// A transaction that will write, and on SQLite this process's turn
+    /// to write, held until both are dropped (after the commit).
+    ///
+    /// SQLite admits one writer at a time and makes the others wait in its
+    /// busy handler, which polls by sleeping 1, 2, 5, 10 ms and longer:
+    /// with ingest and delivery writing at once, each collision cost a
+    /// request at least a millisecond of sleep after the lock was free
+    /// again. Writers of this process (the only one on a SQLite file: the
+    /// data folder is locked) queue here instead, first come first
+    /// served, and each starts as soon as the previous one commits; the
+    /// busy handler stays the guard against other processes (a CLI
+    /// command) and for the few single-statement writes made outside a
+    /// transaction (a login's counters, a claim's release), which take no
+    /// turn. Hand-written: sqlx's pool has no writer queue. On
+    /// PostgreSQL (row locks, many writers) there is no turn to take.
+    ///
+    /// A holder must not start another write transaction before dropping
+    /// this one (the turn is not reentrant).
+    pub async fn begin_write(
+        &self,
+        op: &'static str,
+    ) -> Result<(WriteTurn, sqlx::Transaction<'static, sqlx::Any>), Error> {
+        let turn = match self.engine {
+            Engine::Sqlite => Some(self.instance.writer.clone().lock_owned().await),
+            Engine::Postgres => None,
+        };
+        let tx = self.pool.begin().await.map_err(|e| db_err(op, e))?;
+        Ok((WriteTurn { _held: turn }, tx))
     }
 
     /// The pool, for stores built on this database.

@@ -95,7 +95,7 @@ impl LoginLimiter {
         const OP: &str = "count a login attempt";
         let now = now_ms();
         self.maybe_sweep(now).await?;
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         if self.db.engine() == Engine::Postgres {
             // A throttling counter, not acknowledged data: no wait for the
             // WAL flush (a crash forgets at most a minute's window).
@@ -189,7 +189,7 @@ impl LoginLimiter {
     pub async fn failed(&self, account: &str) -> Result<bool> {
         const OP: &str = "count a login failure";
         let now = now_ms();
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         // One upsert increments the counter under the row lock (PostgreSQL)
         // or the write lock (SQLite): concurrent failures on any gateways
         // are all counted, and the lockout below is set under that lock.
@@ -256,7 +256,7 @@ impl LoginLimiter {
     pub async fn sweep(&self) -> Result<()> {
         const OP: &str = "sweep the login limiter";
         let now = now_ms();
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         for (sql, cut) in [
             ("DELETE FROM login_attempts WHERE at <= $1", now - MINUTE_MS),
             (

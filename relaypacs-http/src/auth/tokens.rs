@@ -189,7 +189,7 @@ impl Tokens {
         let refresh = random_token("rt_");
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let cut = now.saturating_sub(secs(self.refresh_absolute));
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         sqlx::query(
             "INSERT INTO refresh_families (id, user_id, current_hash, created_at, last_used, \
              revoked) VALUES ($1, $2, $3, $4, $4, 0)",
@@ -283,7 +283,7 @@ impl Tokens {
             // The UPDATE comes first in the transaction: it takes the write
             // lock at once (SQLite) or the row lock (PostgreSQL), so the
             // check "still current, not revoked" and the swap are one step.
-            let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+            let (_turn, mut tx) = self.db.begin_write(OP).await?;
             let done = sqlx::query(
                 "UPDATE refresh_families SET current_hash = $1, last_used = $2 \
                  WHERE id = $3 AND current_hash = $4 AND revoked = 0",
@@ -430,7 +430,7 @@ impl Tokens {
         };
         let t = random_token("tk_");
         let now = now_ms();
-        let mut tx = self.db.pool().begin().await.map_err(|e| db_err(OP, e))?;
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
         sqlx::query("DELETE FROM event_tickets WHERE expires_at <= $1")
             .bind(now)
             .execute(&mut *tx)
