@@ -120,7 +120,7 @@ impl NotificationKind {
         match self {
             Self::Delivered => KIND_DELIVERED,
             Self::ForwardFailed => KIND_FORWARD_FAILED,
-            Self::ReportReady => "report_ready",
+            Self::ReportReady => relaypacs_storage::sql_notifications::KIND_REPORT_READY,
         }
     }
 }
@@ -472,15 +472,16 @@ impl Hub {
         }
     }
 
-    /// Create the notifications of studies delivered or dead-lettered
-    /// whose notification was never written (the process died between the
-    /// state's commit and the notification's, on any gateway). Safe on
-    /// every gateway at once: each is created once (see
-    /// [`notify_once`](Self::notify_once)). Returns how many it created.
-    /// Reads every delivered and dead-lettered study: made at start;
-    /// periodically, [`repair_recent`](Self::repair_recent).
+    /// Create the notifications of studies delivered or dead-lettered, and
+    /// of reports found for delivered studies, whose notification was never
+    /// written (the process died between the state's commit and the
+    /// notification's, on any gateway). Safe on every gateway at once:
+    /// each is created once (see [`notify_once`](Self::notify_once)).
+    /// Returns how many it created. Reads every delivered and
+    /// dead-lettered study: made at start; periodically,
+    /// [`repair_recent`](Self::repair_recent).
     pub async fn repair(&self) -> Result<usize> {
-        let mut created = 0;
+        let mut created = self.repair_reports(None).await?;
         // Batch after batch while full batches still yield notifications
         // (each one created leaves the list), bounded.
         for _ in 0..1_000 {
@@ -497,7 +498,47 @@ impl Hub {
     /// written within `window` (one batch): what the periodic pass runs.
     pub async fn repair_recent(&self, window: Duration) -> Result<usize> {
         let since = time::OffsetDateTime::now_utc() - window;
-        Ok(self.repair_since(Some(since)).await?.1)
+        Ok(self.repair_since(Some(since)).await?.1 + self.repair_reports(Some(since)).await?)
+    }
+
+    /// The report part of the repair: every delivered study holding
+    /// reports, written at or after `since` (all when `None`), page after
+    /// page; each report without its notification gets it. Returns how
+    /// many this call created.
+    async fn repair_reports(&self, since: Option<time::OffsetDateTime>) -> Result<usize> {
+        let mut created = 0;
+        let mut cursor = None;
+        // Bounded: REPAIR_BATCH sessions a page.
+        for _ in 0..100_000 {
+            let (missed, next) = self
+                .shared
+                .store
+                .missed_reports(REPAIR_BATCH, since, cursor.as_ref())
+                .await?;
+            for m in missed {
+                let uid = m.report.sop_instance_uid.as_str();
+                if self
+                    .notify_once(
+                        &m.owner,
+                        NotificationKind::ReportReady,
+                        &m.session,
+                        uid,
+                        &report_message(uid),
+                        None,
+                    )
+                    .await?
+                    .is_some()
+                {
+                    tracing::info!(session = %m.session, report = uid, "report notification repaired");
+                    created += 1;
+                }
+            }
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        Ok(created)
     }
 
     /// One batch of the repair: how many missed studies were listed, and
@@ -531,6 +572,11 @@ impl Hub {
         }
         Ok((listed, created))
     }
+}
+
+/// The text of a `report_ready` notification.
+pub fn report_message(sop_instance_uid: &str) -> String {
+    format!("a report is ready: {sop_instance_uid}")
 }
 
 /// The text of a `delivered` notification: it says how delivery was
@@ -605,7 +651,7 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
                 session,
                 NotificationKind::ReportReady,
                 report.sop_instance_uid.as_str(),
-                format!("a report is ready: {}", report.sop_instance_uid),
+                report_message(report.sop_instance_uid.as_str()),
                 "report",
                 None,
             ),

@@ -3,7 +3,9 @@
 //! and the notification's insert: the repair pass (run at every start and
 //! every minute, by every gateway) creates the missing one, once however
 //! many gateways run it at the same time; two delivery notifiers racing on
-//! one event insert one row.
+//! one event insert one row. The same for each report found after
+//! delivery: one `report_ready` notification per report, repaired when the
+//! process died between recording the report and notifying it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use relaypacs_core::{OutboxEvent, OutboxListener, SessionState, SessionStore, Verification};
 use relaypacs_http::metrics::Metrics;
 use relaypacs_http::notify::{
-    DeliveryNotifier, Hub, NotificationKind, REPAIR_WINDOW, delivered_message,
+    DeliveryNotifier, Hub, NotificationKind, REPAIR_WINDOW, delivered_message, report_message,
 };
 use relaypacs_storage::{SqlNotificationStore, SqlOptions, SqlSessionStore, SqlState};
 
@@ -136,4 +138,90 @@ async fn postgres_exactly_one_delivered_per_study() {
         .unwrap();
     let url = pg.create_database("relay");
     exactly_one_delivered_per_study(&url).await;
+}
+
+fn report(uid: &str) -> relaypacs_core::ReportRef {
+    let u = |s: &str| relaypacs_core::Uid::parse(s).unwrap();
+    relaypacs_core::ReportRef::new(
+        u("1.2.3"),
+        u("1.2.3.9"),
+        u(uid),
+        u("1.2.840.10008.5.1.4.1.1.104.1"),
+        relaypacs_core::ReportKind::EncapsulatedPdf,
+    )
+}
+
+async fn exactly_one_report_ready_per_report(url: &str) {
+    let db = gateway(url).await;
+    let sessions = SqlSessionStore::new(db.clone());
+    // A delivered study whose report check recorded two reports; the
+    // process died before notifying them.
+    let mut rec = delivered("rita", 2);
+    rec.delivery.reports = vec![report("1.2.7.1"), report("1.2.7.2")];
+    sessions.create_session(&rec).await.unwrap();
+    let study = rec.id.to_string();
+    // Two gateways start at once; each repairs at start.
+    let (a, b) = tokio::join!(
+        async { Hub::open(SqlNotificationStore::new(gateway(url).await), None).await },
+        async { Hub::open(SqlNotificationStore::new(gateway(url).await), None).await },
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let list = a.list("rita").await.unwrap();
+    let reports: Vec<_> = list
+        .iter()
+        .filter(|n| n.kind == NotificationKind::ReportReady)
+        .collect();
+    assert_eq!(reports.len(), 2, "{list:?}");
+    assert!(reports.iter().all(|n| n.study == study));
+    let mut messages: Vec<_> = reports.iter().map(|n| n.message.clone()).collect();
+    messages.sort();
+    assert_eq!(
+        messages,
+        [report_message("1.2.7.1"), report_message("1.2.7.2")]
+    );
+    // With the study's own `delivered` notification, repaired too.
+    assert_eq!(list.len(), 3, "{list:?}");
+    // Later passes find nothing; the worker's own event arriving late adds
+    // nothing either.
+    assert_eq!(a.repair().await.unwrap() + b.repair().await.unwrap(), 0);
+    assert_eq!(b.repair_recent(REPAIR_WINDOW).await.unwrap(), 0);
+    DeliveryNotifier::new(b.clone(), Arc::new(Metrics::default()))
+        .on_event(&OutboxEvent::ReportReady {
+            session: rec.id,
+            owner: "rita".into(),
+            report: report("1.2.7.1"),
+        })
+        .await;
+    assert_eq!(a.list("rita").await.unwrap(), list);
+    // A third report found while the gateways run, its notification lost:
+    // the periodic pass (recent window) creates it, once across gateways.
+    let mut current = sessions.load_session(rec.id).await.unwrap();
+    current.value.delivery.reports.push(report("1.2.7.3"));
+    current.value.updated_at = time::OffsetDateTime::now_utc();
+    sessions
+        .update_session(&current.value, current.version)
+        .await
+        .unwrap();
+    let (ra, rb) = tokio::join!(
+        a.repair_recent(REPAIR_WINDOW),
+        b.repair_recent(REPAIR_WINDOW)
+    );
+    assert_eq!(ra.unwrap() + rb.unwrap(), 1);
+    assert_eq!(a.list("rita").await.unwrap().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_exactly_one_report_ready_per_report() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    exactly_one_report_ready_per_report(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_exactly_one_report_ready_per_report() {
+    let pg = tokio::task::spawn_blocking(relaypacs_test_peers::Postgres::start)
+        .await
+        .unwrap();
+    let url = pg.create_database("relay");
+    exactly_one_report_ready_per_report(&url).await;
 }

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use relaypacs_core::{Error, Result, SessionState};
+use relaypacs_core::{Error, ReportRef, Result, SessionState};
 use sqlx::Row;
 
 use crate::sql_state::{Engine, SqlState, corrupt, db_err};
@@ -24,6 +24,9 @@ pub const MAX_PER_USER: i64 = 1_000;
 pub const KIND_DELIVERED: &str = "delivered";
 /// The `kind` of a dead-letter notification.
 pub const KIND_FORWARD_FAILED: &str = "forward_failed";
+/// The `kind` of a report notification (one per report: its SOP Instance
+/// UID is the subject; see [`SqlNotificationStore::missed_reports`]).
+pub const KIND_REPORT_READY: &str = "report_ready";
 
 /// A notification to insert. `body` is whatever the caller keeps (JSON);
 /// the other fields are indexed.
@@ -71,6 +74,27 @@ pub struct MissedNotification {
     pub state: SessionState,
     /// Instances the PACS was confirmed to hold.
     pub instances: usize,
+}
+
+/// A report recorded for a delivered study whose notification was never
+/// written (a crash between the report check's commit and the
+/// notification's).
+#[derive(Clone, Debug)]
+pub struct MissedReport {
+    /// Study session id.
+    pub session: String,
+    /// Its owner.
+    pub owner: String,
+    /// The report.
+    pub report: ReportRef,
+}
+
+/// Where a listing of [`SqlNotificationStore::missed_reports`] goes on:
+/// after this session (by last write, then id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportCursor {
+    updated_at: String,
+    session: String,
 }
 
 /// Notifications in a [`SqlState`] database.
@@ -297,13 +321,7 @@ impl SqlNotificationStore {
         // The column holds RFC 3339 UTC text written by the session store;
         // such text orders as the times do (to the second, ample for a
         // window of minutes); the empty string is before every time.
-        let since = match since {
-            Some(t) => t
-                .to_offset(time::UtcOffset::UTC)
-                .format(&time::format_description::well_known::Rfc3339)
-                .map_err(|e| corrupt(OP, e))?,
-            None => String::new(),
-        };
+        let since = rfc3339_or_start(OP, since)?;
         let rows = sqlx::query(
             "SELECT s.id, s.owner, s.head FROM sessions s \
              WHERE (s.state = 'delivered' AND s.updated_at >= $4 \
@@ -356,6 +374,117 @@ impl SqlNotificationStore {
             });
         }
         Ok(out)
+    }
+
+    /// Reports of delivered studies that have no `report_ready`
+    /// notification: one page of at most `limit` delivered sessions that
+    /// hold reports, last written at or after `since` (all when `None`),
+    /// in order of last write, after `after`. Returns the page's missed
+    /// reports and where the next page starts (`None` after the last).
+    /// The reports live in the session's record (`delivery.reports`), so
+    /// unlike [`missed`](Self::missed) the listing cannot skip notified
+    /// sessions in SQL; the cursor moves past them instead.
+    pub async fn missed_reports(
+        &self,
+        limit: i64,
+        since: Option<time::OffsetDateTime>,
+        after: Option<&ReportCursor>,
+    ) -> Result<(Vec<MissedReport>, Option<ReportCursor>)> {
+        const OP: &str = "find missed report notifications";
+        let since = rfc3339_or_start(OP, since)?;
+        let (after_at, after_id) = after.map_or(("", ""), |c| (&c.updated_at, &c.session));
+        // Only sessions whose record holds a report: the JSON functions of
+        // each engine (the record is JSON text in both).
+        let has_reports = match self.db.engine() {
+            Engine::Sqlite => "json_array_length(head, '$.delivery.reports') > 0",
+            Engine::Postgres => "jsonb_array_length((head::jsonb)->'delivery'->'reports') > 0",
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT id, owner, head, updated_at FROM sessions \
+             WHERE state = 'delivered' AND updated_at >= $1 \
+               AND (updated_at > $2 OR (updated_at = $2 AND id > $3)) AND {has_reports} \
+             ORDER BY updated_at, id LIMIT $4"
+        ))
+        .bind(since)
+        .bind(after_at)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
+        let mut next = None;
+        let mut page = Vec::with_capacity(rows.len());
+        for r in rows {
+            let session: String = r.try_get(0).map_err(|e| db_err(OP, e))?;
+            let owner: String = r.try_get(1).map_err(|e| db_err(OP, e))?;
+            let head: String = r.try_get(2).map_err(|e| db_err(OP, e))?;
+            let updated_at: String = r.try_get(3).map_err(|e| db_err(OP, e))?;
+            next = Some(ReportCursor {
+                updated_at,
+                session: session.clone(),
+            });
+            let reports = serde_json::from_str::<serde_json::Value>(&head).and_then(|head| {
+                serde_json::from_value::<Vec<ReportRef>>(head["delivery"]["reports"].clone())
+            });
+            match reports {
+                Ok(r) => page.push((session, owner, r)),
+                // One unreadable session must not stop the repair of the
+                // others (as in `missed`).
+                Err(e) => {
+                    tracing::warn!(session = %session, error = %corrupt("decode session", e),
+                        "report notification repair skips a session");
+                }
+            }
+        }
+        // The page's report notifications, in one query.
+        let mut notified = std::collections::BTreeSet::new();
+        if !page.is_empty() {
+            let marks: Vec<String> = (0..page.len()).map(|i| format!("${}", i + 2)).collect();
+            let sql = format!(
+                "SELECT study, subject FROM notification_keys WHERE kind = $1 AND study IN ({})",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(KIND_REPORT_READY);
+            for (session, _, _) in &page {
+                q = q.bind(session.as_str());
+            }
+            for r in q
+                .fetch_all(self.db.pool())
+                .await
+                .map_err(|e| db_err(OP, e))?
+            {
+                let study: String = r.try_get(0).map_err(|e| db_err(OP, e))?;
+                let subject: String = r.try_get(1).map_err(|e| db_err(OP, e))?;
+                notified.insert((study, subject));
+            }
+        }
+        let mut out = Vec::new();
+        for (session, owner, reports) in page {
+            for report in reports {
+                let key = (session.clone(), report.sop_instance_uid.as_str().to_owned());
+                if !notified.contains(&key) {
+                    out.push(MissedReport {
+                        session: session.clone(),
+                        owner: owner.clone(),
+                        report,
+                    });
+                }
+            }
+        }
+        Ok((out, if full { next } else { None }))
+    }
+}
+
+/// `t` as the RFC 3339 UTC text the session store writes in `updated_at`
+/// (such text orders as the times do); before every time when `None`.
+fn rfc3339_or_start(op: &'static str, t: Option<time::OffsetDateTime>) -> Result<String> {
+    match t {
+        Some(t) => t
+            .to_offset(time::UtcOffset::UTC)
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_err(|e| corrupt(op, e)),
+        None => Ok(String::new()),
     }
 }
 

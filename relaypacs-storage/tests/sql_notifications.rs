@@ -208,3 +208,101 @@ async fn sqlite_missed_lists_deliveries_without_notification() {
 async fn postgres_missed_lists_deliveries_without_notification() {
     missed_lists_deliveries_without_notification(Db::postgres().await).await;
 }
+
+/// A report as the report check records it in a delivered study.
+fn report(uid: &str) -> relaypacs_core::ReportRef {
+    let u = |s: &str| relaypacs_core::Uid::parse(s).unwrap();
+    relaypacs_core::ReportRef::new(
+        u("1.2.3"),
+        u("1.2.3.9"),
+        u(uid),
+        u("1.2.840.10008.5.1.4.1.1.88.33"),
+        relaypacs_core::ReportKind::StructuredReport,
+    )
+}
+
+async fn missed_reports_lists_reports_without_notification(db: Db) {
+    use relaypacs_storage::sql_notifications::{KIND_REPORT_READY, MissedReport};
+    let state = db.gateway().await;
+    let sessions = SqlSessionStore::new(state.clone());
+    let s = SqlNotificationStore::new(state);
+    let delivered = |reports: &[&str]| {
+        let mut rec = relaypacs_core::testing::session_store::sample_session();
+        rec.state = SessionState::Delivered {
+            at: time::OffsetDateTime::now_utc(),
+            sink: "test".into(),
+            verified: Verification::Content,
+        };
+        rec.delivery.reports = reports.iter().map(|u| report(u)).collect();
+        rec
+    };
+    // Two delivered studies with reports, one without, and an open session
+    // whose record (oddly) holds a report: only delivered studies count.
+    let a = delivered(&["1.2.5.1", "1.2.5.2"]);
+    let b = delivered(&["1.2.5.3"]);
+    let none = delivered(&[]);
+    let mut open = delivered(&["1.2.5.4"]);
+    open.state = SessionState::Open;
+    for rec in [&a, &b, &none, &open] {
+        sessions.create_session(rec).await.unwrap();
+    }
+    let keys = |v: &[MissedReport]| {
+        let mut k: Vec<(String, String)> = v
+            .iter()
+            .map(|m| (m.session.clone(), m.report.sop_instance_uid.to_string()))
+            .collect();
+        k.sort();
+        k
+    };
+    let expect = |pairs: &[(&relaypacs_core::SessionRecord, &str)]| {
+        let mut k: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(r, u)| (r.id.to_string(), (*u).to_owned()))
+            .collect();
+        k.sort();
+        k
+    };
+    let (all, next) = s.missed_reports(100, None, None).await.unwrap();
+    assert!(next.is_none(), "a page that was not full has no next");
+    assert_eq!(
+        keys(&all),
+        expect(&[(&a, "1.2.5.1"), (&a, "1.2.5.2"), (&b, "1.2.5.3")])
+    );
+    assert!(all.iter().all(|m| m.owner == a.owner));
+    // One report notified: the others remain.
+    let id = a.id.to_string();
+    let mut n = new("r1", &a.owner, &id, "1.2.5.1");
+    n.kind = KIND_REPORT_READY;
+    s.insert(&n, None).await.unwrap().unwrap();
+    // Page by page, one session a page: the pages together are the rest.
+    let mut pages = Vec::new();
+    let mut cursor = None;
+    loop {
+        let (page, next) = s.missed_reports(1, None, cursor.as_ref()).await.unwrap();
+        pages.extend(page);
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(keys(&pages), expect(&[(&a, "1.2.5.2"), (&b, "1.2.5.3")]));
+    // A window starting after the last write lists nothing.
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    assert!(
+        s.missed_reports(100, Some(later), None)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_missed_reports_lists_reports_without_notification() {
+    missed_reports_lists_reports_without_notification(Db::sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_missed_reports_lists_reports_without_notification() {
+    missed_reports_lists_reports_without_notification(Db::postgres().await).await;
+}
