@@ -352,6 +352,58 @@ async fn the_only_file_queues_its_session_on_postgres() {
     only_file_queues_its_session(cluster.fresh_db()).await;
 }
 
+/// A request-scoped session's first file starts from the session as its
+/// creation wrote it, without reading it back; when the session moved on
+/// in between (written behind the pipeline's back here), the file's write
+/// finds the version changed, reloads and decides again: a file that is
+/// no longer the session's only one does not queue it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_session_moved_on_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Embedded::open(dir.path(), PipelineConfig::default())
+        .await
+        .unwrap();
+    let p = &e.pipeline;
+    let a = Actor::user("alice");
+    let scoped = relaypacs_core::NewSession {
+        allow_multiple_studies: true,
+        request_scoped: true,
+    };
+    // Moved on without a new file (a rewrite of the record): still the
+    // only file, queued.
+    let s = p.create_session(&a, scoped.clone()).await.unwrap().id;
+    let v = e.sessions.load_session(s).await.unwrap();
+    e.sessions
+        .update_session(&v.value, v.version)
+        .await
+        .unwrap();
+    let (_, queued) = ingest_queued(p, &a, s, &dicom_of_size(&new_study(), 8 << 10))
+        .await
+        .unwrap();
+    assert!(queued);
+    // Moved on with another file: not the only one, not queued.
+    let s = p.create_session(&a, scoped).await.unwrap().id;
+    let mut v = e.sessions.load_session(s).await.unwrap();
+    let other = relaypacs_core::testing::session_store::sample_session()
+        .files
+        .into_values()
+        .next()
+        .unwrap();
+    v.value.files.insert(other.id, other);
+    e.sessions
+        .update_session(&v.value, v.version)
+        .await
+        .unwrap();
+    let (_, queued) = ingest_queued(p, &a, s, &dicom_of_size(&new_study(), 8 << 10))
+        .await
+        .unwrap();
+    assert!(!queued, "queued beside a file it did not know of");
+    let rec = e.sessions.load_session(s).await.unwrap().value;
+    assert_eq!(rec.files.len(), 2);
+    assert_eq!(rec.state, relaypacs_core::SessionState::Open);
+    e.close().await;
+}
+
 /// Every storage call of the step fails in turn (I/O error, disk full):
 /// the call fails with a storage error, the session holds no file, nothing
 /// unrecorded keeps bytes, the failure is audited, and once healed the same

@@ -1162,9 +1162,17 @@ impl Pipeline {
     ) -> Result<(FileRecord, bool)> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
-        let current = self
-            .load_scope_owned_as(actor, id, None, Access::session("add_file"))
-            .await?;
+        // A request-scoped session this process just created starts from
+        // its record as written (one read fewer on a STOW-RS request's
+        // path); the file's write is conditional on its version, and
+        // reloads if it moved on.
+        let current = match self.take_fresh(id) {
+            Some(v) if Self::check_owner(actor, &v.value).is_ok() => FileScope::of(v, None),
+            _ => {
+                self.load_scope_owned_as(actor, id, None, Access::session("add_file"))
+                    .await?
+            }
+        };
         let mut added = Self::event(
             actor,
             AuditAction::FileAdded,

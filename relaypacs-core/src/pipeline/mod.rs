@@ -262,6 +262,10 @@ pub struct Pipeline {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// Request-scoped sessions kept as created (see `Inner::fresh`): more
+/// than the requests one process runs at once.
+const FRESH_KEPT: usize = 256;
+
 pub(crate) struct Inner {
     pub(crate) chunks: Arc<dyn ChunkStore>,
     pub(crate) sessions: Arc<dyn SessionStore>,
@@ -279,6 +283,10 @@ pub(crate) struct Inner {
     pub(crate) denials: DenialAudit,
     /// Sessions by owner and creation time (cap, pages).
     pub(crate) index: index::SessionIndex,
+    /// Request-scoped sessions this process just created, as written (at
+    /// most [`FRESH_KEPT`]): their first file's step starts from this
+    /// record instead of reading it back (see `take_fresh`).
+    pub(crate) fresh: Mutex<std::collections::VecDeque<Versioned<SessionRecord>>>,
     /// Free-space check before new sessions (set once).
     pub(crate) gauge: std::sync::OnceLock<Arc<dyn StorageGauge>>,
 }
@@ -334,6 +342,7 @@ impl Pipeline {
                 index: index::SessionIndex::default(),
                 gauge: std::sync::OnceLock::new(),
                 gates: Mutex::new(HashMap::new()),
+                fresh: Mutex::new(std::collections::VecDeque::new()),
                 reports: std::sync::OnceLock::new(),
                 queued: Mutex::new(Vec::new()),
                 kick: tokio::sync::Notify::new(),
@@ -371,6 +380,29 @@ impl Pipeline {
 
     fn forget_gate(&self, id: SessionId) {
         lock(&self.inner.gates).remove(&id);
+        lock(&self.inner.fresh).retain(|v| v.value.id != id);
+    }
+
+    /// Keep `created`, a request-scoped session this process just wrote,
+    /// for its first file (the oldest kept is dropped beyond
+    /// [`FRESH_KEPT`]).
+    pub(crate) fn keep_fresh(&self, created: Versioned<SessionRecord>) {
+        let mut fresh = lock(&self.inner.fresh);
+        if fresh.len() >= FRESH_KEPT {
+            fresh.pop_front();
+        }
+        fresh.push_back(created);
+    }
+
+    /// The session `id` as this process created it, if it was kept and
+    /// not taken yet. Only for a step that writes conditionally on the
+    /// version (a stale record fails that write, and the step reloads):
+    /// no other request knows a request-scoped session's id, so the record
+    /// is current unless something went wrong.
+    pub(crate) fn take_fresh(&self, id: SessionId) -> Option<Versioned<SessionRecord>> {
+        let mut fresh = lock(&self.inner.fresh);
+        let i = fresh.iter().position(|v| v.value.id == id)?;
+        fresh.remove(i)
     }
 
     pub(crate) fn event(

@@ -101,7 +101,11 @@ impl Pipeline {
             self.inner.sessions.create_session_capped(&rec, cap).await
         };
         match created {
-            Ok(Some(_)) => {}
+            Ok(Some(written)) => {
+                if rec.request_scoped {
+                    self.keep_fresh(written);
+                }
+            }
             Ok(None) => {
                 // Another gateway's sessions fill the cap: this process's
                 // index did not know them yet.
