@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use relaypacs_core::testing::report_source::sample_report as report;
 use relaypacs_core::{OutboxEvent, OutboxListener, SessionState, SessionStore, Verification};
 use relaypacs_http::metrics::Metrics;
 use relaypacs_http::notify::{
@@ -138,17 +139,6 @@ async fn postgres_exactly_one_delivered_per_study() {
         .unwrap();
     let url = pg.create_database("relay");
     exactly_one_delivered_per_study(&url).await;
-}
-
-fn report(uid: &str) -> relaypacs_core::ReportRef {
-    let u = |s: &str| relaypacs_core::Uid::parse(s).unwrap();
-    relaypacs_core::ReportRef::new(
-        u("1.2.3"),
-        u("1.2.3.9"),
-        u(uid),
-        u("1.2.840.10008.5.1.4.1.1.104.1"),
-        relaypacs_core::ReportKind::EncapsulatedPdf,
-    )
 }
 
 async fn exactly_one_report_ready_per_report(url: &str) {

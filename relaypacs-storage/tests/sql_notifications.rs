@@ -7,6 +7,7 @@
 #![cfg(all(feature = "sqlite", feature = "postgres"))]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
+use relaypacs_core::testing::report_source::sample_report as report;
 use relaypacs_core::{SessionState, SessionStore, Verification};
 use relaypacs_storage::sql_notifications::{MAX_PER_USER, NewNotification};
 use relaypacs_storage::{SqlNotificationStore, SqlOptions, SqlSessionStore, SqlState};
@@ -207,18 +208,6 @@ async fn sqlite_missed_lists_deliveries_without_notification() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_missed_lists_deliveries_without_notification() {
     missed_lists_deliveries_without_notification(Db::postgres().await).await;
-}
-
-/// A report as the report check records it in a delivered study.
-fn report(uid: &str) -> relaypacs_core::ReportRef {
-    let u = |s: &str| relaypacs_core::Uid::parse(s).unwrap();
-    relaypacs_core::ReportRef::new(
-        u("1.2.3"),
-        u("1.2.3.9"),
-        u(uid),
-        u("1.2.840.10008.5.1.4.1.1.88.33"),
-        relaypacs_core::ReportKind::StructuredReport,
-    )
 }
 
 async fn missed_reports_lists_reports_without_notification(db: Db) {

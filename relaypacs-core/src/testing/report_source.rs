@@ -22,6 +22,21 @@ fn uid(s: &str) -> Uid {
     Uid::parse(s).expect("generated UIDs are valid")
 }
 
+/// A report as a report check records it in a delivered study (an SR of
+/// a fixed study and series) with SOP Instance UID `sop_instance_uid`.
+///
+/// # Panics
+/// When `sop_instance_uid` is not a valid UID.
+pub fn sample_report(sop_instance_uid: &str) -> crate::ReportRef {
+    crate::ReportRef::new(
+        uid("1.2.3"),
+        uid("1.2.3.9"),
+        uid(sop_instance_uid),
+        uid("1.2.840.10008.5.1.4.1.1.88.33"),
+        ReportKind::StructuredReport,
+    )
+}
+
 fn data_set(bytes: &[u8]) -> &[u8] {
     let off = crate::dicom::data_set_offset(bytes).expect("a Part-10 file") as usize;
     &bytes[off..]
