@@ -5,13 +5,16 @@
 use super::*;
 use crate::AuditEvent;
 use crate::analytics::FactKind;
+use crate::model::Versioned;
 use crate::pacs_sink::DeliveryReport;
 
 /// Whether one attempt holds the entry, or when to look again.
 enum Lease {
-    /// This worker holds the lease; the record after taking it.
+    /// This worker holds the lease; the record after taking it, at the
+    /// version the lease's write made (the attempt's outcome is written
+    /// conditionally on it, without reading it again).
     Taken {
-        rec: Box<SessionRecord>,
+        rec: Box<Versioned<SessionRecord>>,
         attempts: u32,
         /// The attempt's `ForwardStarted` record committed with the lease.
         audited: bool,
@@ -325,6 +328,8 @@ impl Pipeline {
             } => (*rec, attempts, audited),
             Lease::NotNow(next) => return Ok((None, next)),
         };
+        let leased = rec.clone();
+        let rec = rec.value;
         let actor = worker_actor();
         let instances = Self::instances_of(&rec);
         let patients = patients_of(&instances);
@@ -392,7 +397,9 @@ impl Pipeline {
             ));
         }
         let audited = self
-            .record_attempt(id, worker, &state, &confirmed, &event, &facts, &records)
+            .record_attempt(
+                id, leased, worker, &state, &confirmed, &event, &facts, &records,
+            )
             .await?;
         if !audited && !records.is_empty() {
             self.audit_all(&records).await?;
@@ -437,8 +444,23 @@ impl Pipeline {
         // session's files, except that, when the attempt's first audit
         // record commits with the lease, a due entry's files are read for
         // it (they are read once either way, for the attempt).
-        let current = match self.inner.sessions.load_file_scope(id, None).await {
-            Ok(v) => v.session,
+        // When the ForwardStarted record joins the lease's write, it names
+        // the study's patients: the whole session is read (its files no
+        // longer change while it is forwarding), once. Otherwise the head
+        // only, and the files once the lease is taken, as a loser needs
+        // none.
+        let joint = self.audit_joins_state();
+        let loaded = if joint {
+            self.inner.sessions.load_session(id).await
+        } else {
+            self.inner
+                .sessions
+                .load_file_scope(id, None)
+                .await
+                .map(|v| v.session)
+        };
+        let current = match loaded {
+            Ok(v) => v,
             Err(Error::NotFound { .. }) => return Ok(Lease::NotNow(Next::Done)),
             Err(e) => return Err(e),
         };
@@ -452,23 +474,9 @@ impl Pipeline {
         }
         // The checks run again on every retry of the compare-and-set: a
         // worker that lost it to another (another gateway on the same
-        // store) reloads the entry and must then see that worker's lease,
-        // not take the entry over and send the study a second time at once.
-        // When the ForwardStarted record joins the lease's write, it names
-        // the study's patients: the whole session is read now (its files no
-        // longer change while it is forwarding) and on a lost
-        // compare-and-set. Otherwise the head only, and the files once the
-        // lease is taken, as a loser needs none.
-        let joint = self.audit_joins_state();
-        let current = if joint {
-            match self.inner.sessions.load_session(id).await {
-                Ok(v) => v,
-                Err(Error::NotFound { .. }) => return Ok(Lease::NotNow(Next::Done)),
-                Err(e) => return Err(e),
-            }
-        } else {
-            current
-        };
+        // store) reloads the entry (whole when joint) and must then see
+        // that worker's lease, not take the entry over and send the study
+        // a second time at once.
         let mut later = None;
         let started = |r: &SessionRecord, attempts: &u32| vec![self.forward_started(r, *attempts)];
         let taken = self
@@ -500,7 +508,7 @@ impl Pipeline {
                 let rec = if joint {
                     rec
                 } else {
-                    self.inner.sessions.load_session(id).await?.value
+                    self.inner.sessions.load_session(id).await?
                 };
                 Ok(Lease::Taken {
                     rec: Box::new(rec),
@@ -612,9 +620,11 @@ impl Pipeline {
     /// audit `records` commit in the same write and the answer is `true`;
     /// else the caller records them.
     #[allow(clippy::too_many_arguments)] // one attempt's outcome, each part named
+    #[allow(clippy::too_many_arguments)] // private; the attempt's outcome, piece by piece
     async fn record_attempt(
         &self,
         id: SessionId,
+        leased: Versioned<SessionRecord>,
         worker: &str,
         state: &SessionState,
         confirmed: &BTreeMap<String, Verification>,
@@ -627,7 +637,10 @@ impl Pipeline {
             OutboxEvent::Retrying { next, .. } => Some(*next),
             _ => None,
         };
-        let current = self.inner.sessions.load_file_scope(id, None).await?.session;
+        // The record as the lease wrote it: while this worker holds the
+        // lease nothing else writes the entry, and if something did, the
+        // conditional write below fails, reloads and checks the lease.
+        let current = leased;
         let change = |r: &mut SessionRecord| {
             if r.delivery.lease_owner.as_deref() != Some(worker) {
                 return Err(Error::conflict(

@@ -629,15 +629,17 @@ impl Pipeline {
     ) -> Result<(SessionRecord, T)> {
         self.update_head_audited(id, current, files, facts, change, |_, _| Vec::new())
             .await
-            .map(|(rec, out, _)| (rec, out))
+            .map(|(rec, out, _)| (rec.value, out))
     }
 
     /// [`update_head_with_facts`](Self::update_head_with_facts) whose
     /// write, when the session store appends to the audit sink's own trail
     /// ([`audit_joins_state`](Self::audit_joins_state)), also commits the
     /// audit records `events` makes of the changed record and `change`'s
-    /// answer (one transaction). The last value says whether they were
-    /// committed so: if not, the caller records them.
+    /// answer (one transaction). Returns the record as written, at its new
+    /// version (a later conditional write can start from it without a
+    /// read), `change`'s answer, and whether the records were committed
+    /// so: if not, the caller records them.
     pub(crate) async fn update_head_audited<T>(
         &self,
         id: SessionId,
@@ -646,7 +648,7 @@ impl Pipeline {
         facts: &[crate::analytics::UploadFact],
         mut change: impl FnMut(&mut SessionRecord) -> Result<T>,
         events: impl Fn(&SessionRecord, &T) -> Vec<AuditEvent>,
-    ) -> Result<(SessionRecord, T, bool)> {
+    ) -> Result<(Versioned<SessionRecord>, T, bool)> {
         let joint = self.audit_joins_state();
         for _ in 0..64 {
             let mut rec = current.value.clone();
@@ -673,8 +675,12 @@ impl Pipeline {
                     .await
             };
             match written {
-                Ok(_) => {
+                Ok(version) => {
                     rec.files = kept;
+                    let rec = Versioned {
+                        value: rec,
+                        version,
+                    };
                     return Ok((rec, out, !audit.is_empty()));
                 }
                 Err(Error::Precondition { .. }) => {

@@ -436,7 +436,7 @@ impl Pipeline {
             )
             .await
         {
-            Ok(v) => v,
+            Ok((rec, queued, audited)) => (rec.value, queued, audited),
             Err(e) => return self.refuse(ev, e).await,
         };
         self.inner.index.closed(id);
