@@ -1267,13 +1267,13 @@ impl Pipeline {
         {
             Ok(recorded) => {
                 let f = recorded.file;
+                let queued = recorded.queued.is_some();
                 if !joint {
                     Self::describe_valid(&mut done, &f);
                     let mut events = vec![added, stored, done];
-                    events.extend(recorded.queued.clone());
+                    events.extend(recorded.queued);
                     self.audit_all(&events).await?;
                 }
-                let queued = recorded.queued.is_some();
                 if queued {
                     self.inner.index.closed(id);
                     self.wake_outbox(id);

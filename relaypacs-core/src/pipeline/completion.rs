@@ -498,16 +498,8 @@ impl Pipeline {
         // write can complete it, as complete_session would next.
         let queued = match a.queue {
             Some(template) if current.file_count == 0 => {
-                rec.state = SessionState::Forwarding;
-                rec.delivery = crate::model::Delivery {
-                    queued_at: Some(now),
-                    next_attempt_at: Some(now),
-                    ..Default::default()
-                };
-                let mut ev = template.clone();
-                ev.study = rec.study_instance_uid.clone();
-                ev.detail = format!("queued instances={}", rec.files.len());
-                Some(ev)
+                Self::enter_outbox(&mut rec, now);
+                Some(Self::queued_record(template, &rec))
             }
             _ => None,
         };

@@ -380,9 +380,11 @@ impl Pipeline {
         // The "queued" record, when this call queues the session: with the
         // audit trail in the state database it commits with the state.
         let queued_event = |rec: &SessionRecord, queued: &bool| {
-            let mut e = ev.clone();
-            e.detail = format!("queued instances={}", rec.files.len());
-            if *queued { vec![e] } else { Vec::new() }
+            if *queued {
+                vec![Self::queued_record(&ev, rec)]
+            } else {
+                Vec::new()
+            }
         };
         let (rec, queued, audited) = match self
             .update_head_audited(
@@ -424,12 +426,7 @@ impl Pipeline {
                             format!("{pending} file(s) are not complete"),
                         ));
                     }
-                    rec.state = SessionState::Forwarding;
-                    rec.delivery = crate::model::Delivery {
-                        queued_at: Some(now),
-                        next_attempt_at: Some(now),
-                        ..Default::default()
-                    };
+                    Self::enter_outbox(rec, now);
                     Ok(true)
                 },
                 queued_event,
@@ -444,11 +441,30 @@ impl Pipeline {
             return Ok(rec);
         }
         if !audited {
-            ev.detail = format!("queued instances={}", rec.files.len());
-            self.audit(ev).await?;
+            self.audit(Self::queued_record(&ev, &rec)).await?;
         }
         self.wake_outbox(id);
         Ok(rec)
+    }
+
+    /// Put `rec` in the outbox at `now`: forwarding, its first attempt due
+    /// at once (what completing a session writes).
+    pub(super) fn enter_outbox(rec: &mut SessionRecord, now: OffsetDateTime) {
+        rec.state = SessionState::Forwarding;
+        rec.delivery = crate::model::Delivery {
+            queued_at: Some(now),
+            next_attempt_at: Some(now),
+            ..Default::default()
+        };
+    }
+
+    /// The "queued" audit record of `rec` entering the outbox, made from
+    /// `template` (the completing actor's `ForwardStarted` event).
+    pub(super) fn queued_record(template: &AuditEvent, rec: &SessionRecord) -> AuditEvent {
+        let mut e = template.clone();
+        e.study = rec.study_instance_uid.clone();
+        e.detail = format!("queued instances={}", rec.files.len());
+        e
     }
 
     /// Completing a session with no file (every one was refused, or none
