@@ -294,6 +294,34 @@ impl SqlSessionStore {
         Ok(expected + 1)
     }
 
+    /// The one transaction of a file's write with its chunk records
+    /// ([`SessionStore::update_file_scope_with_chunks`]); with `claim`,
+    /// the claim too, the transaction dropped (nothing written) when the
+    /// claim in force is another file's; with `audit`, its audit records.
+    async fn file_with_chunks(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        chunks: &[(FileId, ChunkRecord)],
+        claim: Option<&InstanceClaim>,
+        audit: Option<Audit<'_>>,
+    ) -> Result<ClaimedWrite> {
+        const OP: &str = "record file";
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
+        Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
+        if let Some(claim) = claim {
+            let held = Self::claim_in(&mut tx, claim).await?;
+            if !held.held_by(claim.session, claim.file) {
+                tx.rollback().await.map_err(|e| db_err(OP, e))?;
+                return Ok(ClaimedWrite::Held(held));
+            }
+        }
+        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit) of
+        // the file, its chunks, its claim and, with `audit`, its records.
+        commit_with(tx, audit.as_ref(), OP).await?;
+        Ok(ClaimedWrite::Written(expected + 1))
+    }
+
     /// `events` as records of the audit trail this store appends to (see
     /// [`with_audit`](Self::with_audit)), or the refusal of `op`.
     fn audited(
@@ -989,12 +1017,18 @@ impl SessionStore for SqlSessionStore {
         expected: u64,
         chunks: &[(FileId, ChunkRecord)],
     ) -> Result<u64> {
-        const OP: &str = "record file";
-        let (_turn, mut tx) = self.db.begin_write(OP).await?;
-        Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
-        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit).
-        tx.commit().await.map_err(|e| db_err(OP, e))?;
-        Ok(expected + 1)
+        match self
+            .file_with_chunks(session, expected, chunks, None, None)
+            .await?
+        {
+            ClaimedWrite::Written(v) => Ok(v),
+            // Only a write that claims meets another file's claim.
+            ClaimedWrite::Held(_) => Err(Error::storage(
+                StorageErrorKind::Io,
+                "record file",
+                "a write without a claim found one held",
+            )),
+        }
     }
 
     /// One transaction: the writes of
@@ -1010,17 +1044,8 @@ impl SessionStore for SqlSessionStore {
         chunks: &[(FileId, ChunkRecord)],
         claim: &InstanceClaim,
     ) -> Result<ClaimedWrite> {
-        const OP: &str = "record file";
-        let (_turn, mut tx) = self.db.begin_write(OP).await?;
-        Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
-        let held = Self::claim_in(&mut tx, claim).await?;
-        if !held.held_by(claim.session, claim.file) {
-            tx.rollback().await.map_err(|e| db_err(OP, e))?;
-            return Ok(ClaimedWrite::Held(held));
-        }
-        // Crash-safe point: the commit (WAL fsync / PostgreSQL commit).
-        tx.commit().await.map_err(|e| db_err(OP, e))?;
-        Ok(ClaimedWrite::Written(expected + 1))
+        self.file_with_chunks(session, expected, chunks, Some(claim), None)
+            .await
     }
 
     async fn files_with_instance(
@@ -1211,20 +1236,9 @@ impl SessionStore for SqlSessionStore {
         claim: Option<&InstanceClaim>,
         events: &[relaypacs_core::AuditEvent],
     ) -> Result<ClaimedWrite> {
-        const OP: &str = "record file";
         let audit = self.audited("record a file with its audit records", events)?;
-        let (_turn, mut tx) = self.db.begin_write(OP).await?;
-        Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
-        if let Some(claim) = claim {
-            let held = Self::claim_in(&mut tx, claim).await?;
-            if !held.held_by(claim.session, claim.file) {
-                tx.rollback().await.map_err(|e| db_err(OP, e))?;
-                return Ok(ClaimedWrite::Held(held));
-            }
-        }
-        // The file, its chunks, its claim and its audit records.
-        commit_with(tx, Some(&audit), OP).await?;
-        Ok(ClaimedWrite::Written(expected + 1))
+        self.file_with_chunks(session, expected, chunks, claim, Some(audit))
+            .await
     }
 
     async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>> {
