@@ -320,7 +320,7 @@ impl Pipeline {
     ) -> Result<(Option<OutboxEvent>, Next)> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
-        let (rec, attempts, audited) = match self.take_lease(id, worker, config).await? {
+        let (leased, attempts, audited) = match self.take_lease(id, worker, config).await? {
             Lease::Taken {
                 rec,
                 attempts,
@@ -328,8 +328,7 @@ impl Pipeline {
             } => (*rec, attempts, audited),
             Lease::NotNow(next) => return Ok((None, next)),
         };
-        let leased = rec.clone();
-        let rec = rec.value;
+        let (mut rec, version) = (leased.value, leased.version);
         let actor = worker_actor();
         let instances = Self::instances_of(&rec);
         let patients = patients_of(&instances);
@@ -396,9 +395,15 @@ impl Pipeline {
                 format!("instances={} sink={sink}: {reason}", settled.missing),
             ));
         }
+        // The outcome writes the head only: the files stay as they are.
+        rec.files = Default::default();
+        let head = Versioned {
+            value: rec,
+            version,
+        };
         let audited = self
             .record_attempt(
-                id, leased, worker, &state, &confirmed, &event, &facts, &records,
+                id, head, worker, &state, &confirmed, &event, &facts, &records,
             )
             .await?;
         if !audited && !records.is_empty() {
@@ -440,15 +445,12 @@ impl Pipeline {
         worker: &str,
         config: &OutboxConfig,
     ) -> Result<Lease> {
-        // The head only: deciding and taking the lease never read the
-        // session's files, except that, when the attempt's first audit
-        // record commits with the lease, a due entry's files are read for
-        // it (they are read once either way, for the attempt).
-        // When the ForwardStarted record joins the lease's write, it names
-        // the study's patients: the whole session is read (its files no
-        // longer change while it is forwarding), once. Otherwise the head
-        // only, and the files once the lease is taken, as a loser needs
-        // none.
+        // Deciding and taking the lease need the head only; the attempt
+        // reads the files once. When the ForwardStarted record joins the
+        // lease's write it names the study's patients, so the whole session
+        // is read here, once (its files no longer change while it is
+        // forwarding). Otherwise the head only, and the files once the
+        // lease is taken, as a loser needs none.
         let joint = self.audit_joins_state();
         let loaded = if joint {
             self.inner.sessions.load_session(id).await
@@ -620,11 +622,10 @@ impl Pipeline {
     /// audit `records` commit in the same write and the answer is `true`;
     /// else the caller records them.
     #[allow(clippy::too_many_arguments)] // one attempt's outcome, each part named
-    #[allow(clippy::too_many_arguments)] // private; the attempt's outcome, piece by piece
     async fn record_attempt(
         &self,
         id: SessionId,
-        leased: Versioned<SessionRecord>,
+        head: Versioned<SessionRecord>,
         worker: &str,
         state: &SessionState,
         confirmed: &BTreeMap<String, Verification>,
@@ -637,10 +638,10 @@ impl Pipeline {
             OutboxEvent::Retrying { next, .. } => Some(*next),
             _ => None,
         };
-        // The record as the lease wrote it: while this worker holds the
+        // The head as the lease wrote it: while this worker holds the
         // lease nothing else writes the entry, and if something did, the
         // conditional write below fails, reloads and checks the lease.
-        let current = leased;
+        let current = head;
         let change = |r: &mut SessionRecord| {
             if r.delivery.lease_owner.as_deref() != Some(worker) {
                 return Err(Error::conflict(
