@@ -349,9 +349,20 @@ async fn corruption_after_acknowledgement_is_caught_and_never_forwarded() {
     let p = &e.pipeline;
     let a = alice();
     // With a declared whole-file digest (completion compares the whole
-    // file, then looks for the chunk) and without (it checks each chunk).
-    for (n, declared) in [(5, true), (7, false)] {
-        let data = dicom(&new_study(), n);
+    // file, then looks for the chunk) and without (it checks each chunk);
+    // then files of one chunk, a small one (read back on one thread) and
+    // one of several MiB (read back streamed), where the flipped byte is in
+    // chunk 0.
+    let cases = [
+        (5, true, 400, 65_536usize, 3 * 65_536 + 7),
+        (7, false, 400, 65_536, 3 * 65_536 + 7),
+        (8, false, 400, usize::MAX, 65_536 + 7),
+        (9, true, 400, usize::MAX, 65_536 + 7),
+        (10, false, 1200, usize::MAX, (2 << 20) + 7),
+    ];
+    for (n, declared, side, chunk, flip) in cases {
+        let data = relaypacs_integration::dicom_sized(&new_study(), n, side);
+        let chunk = chunk.min(data.len());
         let s = open_session(p, &a).await.unwrap();
         let f = p
             .add_file(
@@ -365,22 +376,26 @@ async fn corruption_after_acknowledgement_is_caught_and_never_forwarded() {
             )
             .await
             .unwrap();
-        for (i, c) in data.chunks(65_536).enumerate() {
-            put(p, &a, s, f.id, (i * 65_536) as u64, c).await.unwrap();
+        for (i, c) in data.chunks(chunk).enumerate() {
+            put(p, &a, s, f.id, (i * chunk) as u64, c).await.unwrap();
         }
-        // Flip one byte of chunk 3 on disk, behind the gateway's back.
+        // Flip one byte on disk, behind the gateway's back.
         let path = e
             .root
             .join("chunks")
             .join(s.to_string())
             .join(format!("{}.data", f.id));
         let mut bytes = std::fs::read(&path).unwrap();
-        bytes[3 * 65_536 + 7] ^= 0x40;
+        bytes[flip] ^= 0x40;
         std::fs::write(&path, &bytes).unwrap();
         let err = p.complete_file(&a, s, f.id).await.unwrap_err();
         match err {
             Error::Integrity(IntegrityError::StoredChunkCorrupt { offset, .. }) => {
-                assert_eq!(offset, 3 * 65_536, "declared: {declared}")
+                assert_eq!(
+                    offset as usize,
+                    flip / chunk * chunk,
+                    "declared: {declared}"
+                )
             }
             other => panic!("expected StoredChunkCorrupt (declared: {declared}), got {other:?}"),
         }

@@ -136,6 +136,88 @@ impl LocalChunkStore {
     }
 }
 
+/// [`ChunkStore::put_file`] of at most [`WRITE_BUF`] bytes: the body is
+/// gathered first (a body that fails or has another length creates
+/// nothing), then one blocking thread creates, writes and syncs, the same
+/// three syncs as the streamed path (the folders' names, the bytes with the
+/// size, the file's name) without its thread trips and writer channel.
+async fn put_small_file(
+    dir: PathBuf,
+    path: PathBuf,
+    size: u64,
+    mut body: ByteStream,
+) -> Result<String> {
+    let length_error = |actual: u64| {
+        Error::Integrity(relaypacs_core::IntegrityError::ChunkLength {
+            offset: 0,
+            expected: size,
+            actual,
+        })
+    };
+    // At most WRITE_BUF (checked by the caller).
+    let mut buf = BytesMut::with_capacity(usize::try_from(size).unwrap_or(0));
+    while let Some(item) = body.next().await {
+        let b = item?;
+        let seen = (buf.len() + b.len()) as u64;
+        if seen > size {
+            return Err(length_error(seen));
+        }
+        buf.extend_from_slice(&b);
+    }
+    if buf.len() as u64 != size {
+        return Err(length_error(buf.len() as u64));
+    }
+    blocking("store file", move || {
+        // Durable: the session folder's name in the root.
+        create_dir_durable(&dir)?;
+        let f = match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::AlreadyExists { what: "file" });
+            }
+            Err(e) => return Err(Error::io("create data file", e)),
+        };
+        f.write_all_at(&buf, 0)
+            .map_err(|e| Error::io("write chunk", e))?;
+        // Durable: the bytes and the size together, then the name. Until
+        // this returns nothing records the file, so a crash in between
+        // leaves at most an unrecorded file for the orphan sweep.
+        f.sync_data().map_err(|e| Error::io("fdatasync chunk", e))?;
+        fsync_dir(&dir)?;
+        Ok(String::new())
+    })
+    .await
+}
+
+/// [`ChunkStore::read`] of at most [`READ_BUF`] bytes, whole: the same
+/// errors as the streamed read (a missing file, a range outside it).
+fn read_small(path: &Path, range: Range<u64>) -> Result<Bytes> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotFound { what: "file" });
+        }
+        Err(e) => return Err(Error::io("open data file", e)),
+    };
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io("stat data file", e))?
+        .len();
+    if range.start > range.end || range.end > len {
+        return Err(Error::invalid(
+            "RELAY_BAD_RANGE",
+            format!("range {range:?} outside file of {len} bytes"),
+        ));
+    }
+    // At most READ_BUF (checked by the caller), so this fits a usize.
+    let n = usize::try_from(range.end - range.start)
+        .map_err(|_| Error::invalid("RELAY_BAD_RANGE", "range too large"))?;
+    let mut buf = BytesMut::zeroed(n);
+    f.read_exact_at(&mut buf, range.start)
+        .map_err(|e| Error::io("read data file", e))?;
+    Ok(buf.freeze())
+}
+
 async fn blocking<T: Send + 'static>(
     op: &'static str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
@@ -314,6 +396,9 @@ impl ChunkStore for LocalChunkStore {
     async fn put_file(&self, key: FileKey, size: u64, body: ByteStream) -> Result<String> {
         let dir = self.session_dir(key.session);
         let path = self.data_path(key);
+        if size <= WRITE_BUF as u64 {
+            return put_small_file(dir, path, size, body).await;
+        }
         blocking("create file", move || {
             create_dir_durable(&dir)?;
             let f = match OpenOptions::new().write(true).create_new(true).open(&path) {
@@ -369,6 +454,13 @@ impl ChunkStore for LocalChunkStore {
 
     async fn read(&self, key: FileKey, range: Range<u64>) -> Result<ByteStream> {
         let path = self.data_path(key);
+        if range.end.saturating_sub(range.start) <= READ_BUF as u64 {
+            // A range of one read buffer (a typical instance): open, check
+            // and read on one blocking thread instead of a thread trip for
+            // each of them.
+            let buf = blocking("read data file", move || read_small(&path, range)).await?;
+            return Ok(Box::pin(futures::stream::once(async move { Ok(buf) })));
+        }
         let mut f = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

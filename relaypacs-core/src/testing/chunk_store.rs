@@ -114,57 +114,115 @@ pub async fn failed_body_is_not_stored(store: &dyn ChunkStore) {
     );
 }
 
+/// Sizes of whole files the suite stores: a typical instance (stores may
+/// take a short path for a body that fits one buffer) and one of several
+/// MiB, not a multiple of any buffer size.
+const WHOLE_FILE_SIZES: [usize; 2] = [700_000, (3 << 20) + 12_345];
+
 /// A file stored whole by `put_file` reads back and seals as one chunk;
 /// a failing body is an error, and once the left-over is deleted the same
 /// file can be stored again.
 pub async fn whole_file_put(store: &dyn ChunkStore) {
-    let k = key();
-    let data = pattern(7, 700_000);
-    let size = data.len() as u64;
-    let receipt = store
-        .put_file(k, size, pieces(&data, 64 << 10))
-        .await
-        .expect("put_file");
-    let rec = ChunkRecord {
-        offset: 0,
-        length: size,
-        sha256: Sha256Digest::of(&data),
-        receipt,
-    };
-    store.seal_file(k, size, &[rec]).await.expect("seal");
-    assert_eq!(
-        collect(store.read(k, 0..size).await.expect("read"))
+    for len in WHOLE_FILE_SIZES {
+        let k = key();
+        let data = pattern(7, len);
+        let size = data.len() as u64;
+        let receipt = store
+            .put_file(k, size, pieces(&data, 64 << 10))
             .await
-            .expect("stream"),
-        data
-    );
-    let k2 = key();
-    let err = store
-        .put_file(k2, size, failing(&data[..1000]))
-        .await
-        .expect_err("a failing body must fail the put");
-    assert!(
-        matches!(err.kind(), ErrorKind::Storage),
-        "error passed through: {err:?}"
-    );
-    store.delete_file(k2).await.expect("delete the left-over");
-    let receipt = store
-        .put_file(k2, size, pieces(&data, 64 << 10))
-        .await
-        .expect("put_file after the failure");
-    let rec = ChunkRecord {
-        offset: 0,
-        length: size,
-        sha256: Sha256Digest::of(&data),
-        receipt,
-    };
-    store.seal_file(k2, size, &[rec]).await.expect("seal");
-    assert_eq!(
-        collect(store.read(k2, 0..size).await.expect("read"))
+            .expect("put_file");
+        let rec = ChunkRecord {
+            offset: 0,
+            length: size,
+            sha256: Sha256Digest::of(&data),
+            receipt,
+        };
+        store.seal_file(k, size, &[rec]).await.expect("seal");
+        assert_eq!(
+            collect(store.read(k, 0..size).await.expect("read"))
+                .await
+                .expect("stream"),
+            data
+        );
+        let k2 = key();
+        let err = store
+            .put_file(k2, size, failing(&data[..1000]))
             .await
-            .expect("stream"),
-        data
-    );
+            .expect_err("a failing body must fail the put");
+        assert!(
+            matches!(err.kind(), ErrorKind::Storage),
+            "error passed through: {err:?}"
+        );
+        store.delete_file(k2).await.expect("delete the left-over");
+        let receipt = store
+            .put_file(k2, size, pieces(&data, 64 << 10))
+            .await
+            .expect("put_file after the failure");
+        let rec = ChunkRecord {
+            offset: 0,
+            length: size,
+            sha256: Sha256Digest::of(&data),
+            receipt,
+        };
+        store.seal_file(k2, size, &[rec]).await.expect("seal");
+        assert_eq!(
+            collect(store.read(k2, 0..size).await.expect("read"))
+                .await
+                .expect("stream"),
+            data
+        );
+    }
+}
+
+/// A whole file whose body is shorter or longer than its size is
+/// refused, and once the left-over is deleted the file can be stored.
+pub async fn whole_file_wrong_length_is_refused(store: &dyn ChunkStore) {
+    for len in WHOLE_FILE_SIZES {
+        let data = pattern(8, len + 1);
+        let size = len as u64;
+        let k = key();
+        let short = store
+            .put_file(k, size, pieces(&data[..len - 1], 64 << 10))
+            .await;
+        assert!(short.is_err(), "short body of {len} bytes accepted");
+        store.delete_file(k).await.expect("delete the left-over");
+        let long = store.put_file(k, size, pieces(&data, 64 << 10)).await;
+        assert!(long.is_err(), "long body for {len} bytes accepted");
+        store.delete_file(k).await.expect("delete the left-over");
+        store
+            .put_file(k, size, pieces(&data[..len], 64 << 10))
+            .await
+            .expect("put_file of the right length after the refusals");
+        assert_eq!(
+            collect(store.read(k, 0..size).await.expect("read"))
+                .await
+                .expect("stream"),
+            &data[..len]
+        );
+    }
+}
+
+/// A range reaching past the end of a stored file is refused (at once or
+/// by its stream), short or long.
+pub async fn read_outside_is_refused(store: &dyn ChunkStore) {
+    for len in WHOLE_FILE_SIZES {
+        let k = key();
+        let data = pattern(9, len);
+        let size = len as u64;
+        store
+            .put_file(k, size, pieces(&data, 64 << 10))
+            .await
+            .expect("put_file");
+        for range in [size - 10..size + 1, 0..size + 1] {
+            // Refused at once or by the stream, never read as data.
+            if let Ok(s) = store.read(k, range.clone()).await {
+                assert!(
+                    collect(s).await.is_err(),
+                    "range {range:?} of a {size}-byte file was read"
+                );
+            }
+        }
+    }
 }
 
 /// A body shorter or longer than its placement is refused.
@@ -291,7 +349,8 @@ macro_rules! chunk_store_conformance {
     ($name:ident, $factory:path $(,)?) => {
         $crate::chunk_store_conformance!(@cases $name, $factory;
             out_of_order_roundtrip, failed_body_is_not_stored, wrong_length_is_refused,
-            parallel_chunks, delete_semantics, seal_requires_recorded_chunks, whole_file_put);
+            parallel_chunks, delete_semantics, seal_requires_recorded_chunks, whole_file_put,
+            whole_file_wrong_length_is_refused, read_outside_is_refused);
     };
     (@cases $name:ident, $factory:path; $($case:ident),*) => {
         mod $name {
