@@ -98,13 +98,22 @@ pub(crate) async fn read_range(
         return Ok(Box::pin(futures::stream::empty()));
     }
     let opts = GetOptions {
-        range: Some(GetRange::Bounded(range)),
+        range: Some(GetRange::Bounded(range.clone())),
         ..GetOptions::default()
     };
     let got = store
         .get_opts(path, opts)
         .await
         .map_err(|e| map_err("get object", e))?;
+    // A range reaching past the end is served short (clamped to the
+    // object): refused instead, as the local store does, so a caller
+    // never takes fewer bytes for the range it asked for.
+    if got.range != range {
+        return Err(Error::invalid(
+            "RELAY_BAD_RANGE",
+            format!("range {range:?} outside file of {} bytes", got.meta.size),
+        ));
+    }
     Ok(got
         .into_stream()
         .map_err(|e| map_err("read object", e))

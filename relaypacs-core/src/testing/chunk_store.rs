@@ -189,10 +189,17 @@ pub async fn whole_file_wrong_length_is_refused(store: &dyn ChunkStore) {
         let long = store.put_file(k, size, pieces(&data, 64 << 10)).await;
         assert!(long.is_err(), "long body for {len} bytes accepted");
         store.delete_file(k).await.expect("delete the left-over");
-        store
+        let receipt = store
             .put_file(k, size, pieces(&data[..len], 64 << 10))
             .await
             .expect("put_file of the right length after the refusals");
+        let rec = ChunkRecord {
+            offset: 0,
+            length: size,
+            sha256: Sha256Digest::of(&data[..len]),
+            receipt,
+        };
+        store.seal_file(k, size, &[rec]).await.expect("seal");
         assert_eq!(
             collect(store.read(k, 0..size).await.expect("read"))
                 .await
@@ -209,10 +216,17 @@ pub async fn read_outside_is_refused(store: &dyn ChunkStore) {
         let k = key();
         let data = pattern(9, len);
         let size = len as u64;
-        store
+        let receipt = store
             .put_file(k, size, pieces(&data, 64 << 10))
             .await
             .expect("put_file");
+        let rec = ChunkRecord {
+            offset: 0,
+            length: size,
+            sha256: Sha256Digest::of(&data),
+            receipt,
+        };
+        store.seal_file(k, size, &[rec]).await.expect("seal");
         for range in [size - 10..size + 1, 0..size + 1] {
             // Refused at once or by the stream, never read as data.
             if let Ok(s) = store.read(k, range.clone()).await {
