@@ -576,3 +576,450 @@ async fn every_storage_failpoint_leaves_the_session_unqueued_on_postgres() {
     let cluster = PgCluster::start();
     every_failpoint(|| cluster.fresh_db(), false, true).await;
 }
+
+/// A pipeline on `e`'s adapters (its session store wrapped by a fault plan
+/// when given): with `joint`, the audit trail is the state database's own
+/// chain and the session store appends to it in each step's transaction
+/// (as the server on SQLite); else `e`'s JSONL trail.
+fn pipeline_on(
+    e: &Embedded,
+    joint: bool,
+    plan: Option<Arc<FaultPlan>>,
+    config: PipelineConfig,
+) -> (Pipeline, Arc<dyn AuditSink>) {
+    let sql_audit = SqlAuditSink::new(e.state.clone());
+    let (sessions, audit): (Arc<dyn SessionStore>, Arc<dyn AuditSink>) = if joint {
+        (
+            Arc::new(SqlSessionStore::new(e.state.clone()).with_audit(&sql_audit)),
+            Arc::new(sql_audit),
+        )
+    } else {
+        (Arc::new(e.sessions.clone()), Arc::new(e.audit.clone()))
+    };
+    let (chunks, sessions): (Arc<dyn relaypacs_core::ChunkStore>, Arc<dyn SessionStore>) =
+        match plan {
+            Some(plan) => (
+                Arc::new(FaultyChunkStore::new(
+                    Arc::new(e.chunks.clone()),
+                    plan.clone(),
+                )),
+                Arc::new(FaultySessionStore::new(sessions, plan)),
+            ),
+            None => (Arc::new(e.chunks.clone()), sessions),
+        };
+    let p = Pipeline::new(
+        chunks,
+        sessions,
+        Arc::new(e.archive.clone()),
+        audit.clone(),
+        config,
+    );
+    (p, audit)
+}
+
+/// `ingest_first_file` of `data` for `a` in a new request-scoped session.
+async fn ingest_first(
+    p: &Pipeline,
+    a: &Actor,
+    data: &[u8],
+    queue: bool,
+) -> Result<(SessionId, Result<(relaypacs_core::FileRecord, bool), Error>), Error> {
+    p.ingest_first_file(
+        a,
+        relaypacs_core::NewSession {
+            allow_multiple_studies: true,
+            request_scoped: true,
+        },
+        new_file(data, false),
+        bytes_stream(bytes::Bytes::copy_from_slice(data)),
+        queue,
+    )
+    .await
+}
+
+/// Session folders in the chunk area.
+fn chunk_sessions(e: &Embedded) -> usize {
+    match std::fs::read_dir(e.root.join("chunks")) {
+        Ok(d) => d
+            .flatten()
+            .filter(|x| x.file_type().is_ok_and(|t| t.is_dir()))
+            .count(),
+        Err(_) => 0,
+    }
+}
+
+/// The actions and outcomes of session `s`'s audit records, in order.
+async fn trail_of(audit: &dyn AuditSink, s: SessionId) -> Vec<(AuditAction, AuditOutcome)> {
+    audit
+        .events()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|ev| ev.session == Some(s))
+        .map(|ev| (ev.action, ev.outcome))
+        .collect()
+}
+
+/// `ingest_first_file`: a new session and its first file, as
+/// `create_session` then `ingest_file_and_queue` (or `ingest_file`) leave
+/// them, with the session written by the file's own write when the trail
+/// is joint: the session, its file, chunk, claim, outbox entry and the five
+/// records in order. A refused file leaves the session open and empty, its
+/// creation recorded before the refusal. At the owner's cap (known to this
+/// process, or only to the store) nothing is kept and the refusal is
+/// audited once.
+async fn first_file_creates_its_session(db: StateDb, joint: bool) {
+    use AuditAction::*;
+    use AuditOutcome::*;
+    let dir = tempfile::tempdir().unwrap();
+    let e = Embedded::open_on(dir.path(), PipelineConfig::default(), &db)
+        .await
+        .unwrap();
+    let config = PipelineConfig {
+        max_open_sessions_per_user: 2,
+        ..PipelineConfig::default()
+    };
+    let (p, audit) = pipeline_on(&e, joint, None, config);
+    assert_eq!(p.creates_session_with_first_file(), joint);
+    let a = Actor::user("alice");
+    let study = new_study();
+    let data = dicom_of_size(&study, 60 << 10);
+    let (s, done) = ingest_first(&p, &a, &data, true).await.unwrap();
+    let (f, queued) = done.unwrap();
+    assert!(queued, "the only file did not queue its session");
+    let FileState::Valid { dicom } = &f.state else {
+        panic!("not valid: {:?}", f.state)
+    };
+    let rec = e.sessions.load_session(s).await.unwrap();
+    assert_eq!(rec.version, if joint { 1 } else { 2 });
+    assert_eq!(rec.value.owner, "alice");
+    assert!(rec.value.request_scoped);
+    assert_eq!(rec.value.state, relaypacs_core::SessionState::Forwarding);
+    assert_eq!(rec.value.files.get(&f.id), Some(&f));
+    assert_eq!(
+        e.sessions.chunks(s, f.id).await.unwrap()[0].sha256,
+        Sha256Digest::of(&data)
+    );
+    assert!(
+        e.sessions
+            .instance_claim(&dicom.sop_instance_uid)
+            .await
+            .unwrap()
+            .unwrap()
+            .held_by(s, f.id)
+    );
+    assert_eq!(
+        trail_of(audit.as_ref(), s).await,
+        [
+            (SessionCreated, Success),
+            (FileAdded, Success),
+            (ChunkStored, Success),
+            (FileCompleted, Success),
+            (ForwardStarted, Success),
+        ]
+    );
+    // Delivered from the outbox like any completed session.
+    p.attempt_delivery(s, "w", &relaypacs_core::OutboxConfig::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        e.sessions.load_session(s).await.unwrap().value.state,
+        relaypacs_core::SessionState::Delivered { .. }
+    ));
+
+    // Not queued: the session stays open with its file, and completes.
+    let (s2, done) = ingest_first(&p, &a, &dicom_of_size(&study, 20 << 10), false)
+        .await
+        .unwrap();
+    assert!(!done.unwrap().1);
+    let rec = e.sessions.load_session(s2).await.unwrap().value;
+    assert_eq!(rec.state, relaypacs_core::SessionState::Open);
+    assert_eq!(rec.files.len(), 1);
+    p.complete_session(&a, s2).await.unwrap();
+    assert_eq!(queued_records(audit.as_ref(), s2).await, 1);
+
+    // A refused file: the session exists, open and empty, its creation
+    // recorded before the refusal; no bytes stay.
+    let (s3, done) = ingest_first(&p, &a, &[7u8; 3000], true).await.unwrap();
+    let err = done.unwrap_err();
+    assert!(matches!(err, Error::FileRefused { .. }), "{err:?}");
+    let rec = e.sessions.load_session(s3).await.unwrap().value;
+    assert_eq!(rec.state, relaypacs_core::SessionState::Open);
+    assert!(rec.files.is_empty());
+    assert_eq!(stored_files(&e, s3), 0);
+    assert_eq!(
+        trail_of(audit.as_ref(), s3).await,
+        [
+            (SessionCreated, Success),
+            (FileAdded, Success),
+            (ChunkStored, Success),
+            (FileCompleted, MinorFailure),
+        ]
+    );
+    assert_eq!(queued_records(audit.as_ref(), s3).await, 0);
+
+    // The cap of two open sessions (s3 and one more), as this process
+    // knows it: refused before anything is stored, audited.
+    let s4 = open_session(&p, &a).await.unwrap();
+    let before = (
+        e.sessions.list_sessions().await.unwrap().len(),
+        chunk_sessions(&e),
+    );
+    let denied = |audit: Arc<dyn AuditSink>| async move {
+        audit
+            .events()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|ev| ev.action == SessionCreated && ev.outcome == MinorFailure)
+            .count()
+    };
+    let denials = denied(audit.clone()).await;
+    let err = ingest_first(&p, &a, &dicom_of_size(&study, 20 << 10), true)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "RELAY_TOO_MANY_SESSIONS", "{err:?}");
+    assert_eq!(
+        (
+            e.sessions.list_sessions().await.unwrap().len(),
+            chunk_sessions(&e)
+        ),
+        before
+    );
+    assert_eq!(denied(audit.clone()).await, denials + 1);
+    // Only the store knows the cap is reached: s4 ended behind this
+    // process's back, and another session of alice's written straight to
+    // the store. The file is stored, then its write refused at the cap:
+    // nothing stays, one more denial (the alert of the minute, or its
+    // count in the summary the flush writes).
+    p.abort_session(&a, s4).await.unwrap();
+    let mut other = relaypacs_core::testing::session_store::sample_session();
+    other.owner = "alice".into();
+    other.files.clear();
+    e.sessions.create_session(&other).await.unwrap();
+    let before = (
+        e.sessions.list_sessions().await.unwrap().len(),
+        chunk_sessions(&e),
+    );
+    let err = ingest_first(&p, &a, &dicom_of_size(&study, 20 << 10), true)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "RELAY_TOO_MANY_SESSIONS", "{err:?}");
+    assert_eq!(
+        (
+            e.sessions.list_sessions().await.unwrap().len(),
+            chunk_sessions(&e)
+        ),
+        before
+    );
+    p.denials()
+        .flush_at(time::OffsetDateTime::now_utc() + time::Duration::minutes(2))
+        .await
+        .unwrap();
+    assert_eq!(denied(audit.clone()).await, denials + 2);
+    if joint {
+        assert_eq!(
+            verify_sql_chain(&e.state).await.unwrap().count,
+            audit.events().await.unwrap().len() as u64
+        );
+    }
+    e.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_file_creates_its_session_on_sqlite() {
+    first_file_creates_its_session(StateDb::Sqlite, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_file_creates_its_session_without_a_joint_trail_on_sqlite() {
+    first_file_creates_its_session(StateDb::Sqlite, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_file_creates_its_session_on_postgres() {
+    let cluster = PgCluster::start();
+    first_file_creates_its_session(cluster.fresh_db(), true).await;
+}
+
+/// A first file whose SOP Instance UID another session's file holds goes
+/// the long way (its session is written first, then the claim is
+/// resolved): the same outcome as `create_session` then
+/// `ingest_file_and_queue`, and the session exists either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_file_of_a_held_instance_goes_the_long_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Embedded::open_on(dir.path(), PipelineConfig::default(), &StateDb::Sqlite)
+        .await
+        .unwrap();
+    let (p, audit) = pipeline_on(&e, true, None, PipelineConfig::default());
+    let a = Actor::user("alice");
+    let study = new_study();
+    let sop = relaypacs_core::testing::dicom_gen::new_uid();
+    let data = dicom_with_sop(&study, &sop, 1, 64);
+    let held = open_session(&p, &a).await.unwrap();
+    ingest(&p, &a, held, &data).await.unwrap();
+    // The same instance again (same content), then other content.
+    for other in [data.clone(), dicom_with_sop(&study, &sop, 2, 64)] {
+        let (s, done) = ingest_first(&p, &a, &other, true).await.unwrap();
+        assert!(e.sessions.load_session(s).await.is_ok());
+        let s2 = p
+            .create_session(
+                &a,
+                relaypacs_core::NewSession {
+                    allow_multiple_studies: true,
+                    request_scoped: true,
+                },
+            )
+            .await
+            .unwrap()
+            .id;
+        let two_calls = ingest_queued(&p, &a, s2, &other).await;
+        match (&done, &two_calls) {
+            (Ok((f, q1)), Ok((g, q2))) => {
+                assert_eq!((f.state.clone(), q1), (g.state.clone(), q2));
+            }
+            (Err(x), Err(y)) => assert_eq!(x.code(), y.code()),
+            _ => panic!("{done:?} against {two_calls:?}"),
+        }
+        assert_eq!(
+            trail_of(audit.as_ref(), s).await[0],
+            (AuditAction::SessionCreated, AuditOutcome::Success)
+        );
+    }
+    assert_eq!(
+        verify_sql_chain(&e.state).await.unwrap().count,
+        audit.events().await.unwrap().len() as u64
+    );
+    e.close().await;
+}
+
+/// Every storage call of `ingest_first_file` fails in turn (and then all
+/// of them at once): either the session exists, open, empty and unqueued,
+/// with the failure audited (the file's write failed, the session was
+/// written on its own), or nothing of the session or its file is kept; no
+/// failed file's bytes stay; once healed, the same file goes in with a new
+/// session.
+async fn every_first_file_failpoint(db: impl Fn() -> StateDb, joint: bool) {
+    let data = dicom_of_size(&new_study(), 100 << 10);
+    let watched = [
+        Op::CreateFile,
+        Op::PutChunk,
+        Op::SealFile,
+        Op::ReadFile,
+        Op::CreateSession,
+        Op::UpdateSession,
+        Op::RecordChunk,
+        Op::ClaimInstance,
+    ];
+    let a = Actor::user("alice");
+    let mut k = 1u64;
+    loop {
+        let mut failed_any = false;
+        // Each fault at the k-th call; the first round also fails every
+        // call at once.
+        let mut runs = vec![(Fault::Io, false), (Fault::Full, false)];
+        if k == 1 {
+            runs.push((Fault::Io, true));
+        }
+        for (fault, always) in runs {
+            let dir = tempfile::tempdir().unwrap();
+            let e = Embedded::open_on(dir.path(), PipelineConfig::default(), &db())
+                .await
+                .unwrap();
+            let plan = FaultPlan::watching(watched);
+            let (p, audit) = pipeline_on(&e, joint, Some(plan.clone()), PipelineConfig::default());
+            if always {
+                plan.fail_always(fault);
+            } else {
+                plan.fail_nth(k, fault);
+            }
+            let want = match fault {
+                Fault::Full => ErrorKind::InsufficientStorage,
+                _ => ErrorKind::Storage,
+            };
+            match ingest_first(&p, &a, &data, true).await {
+                Ok((_, Ok(_))) => {
+                    assert!(plan.calls() < k, "k={k}: the fault was not reported");
+                }
+                Ok((s, Err(err))) => {
+                    failed_any = true;
+                    assert_eq!(err.kind(), want, "k={k} {fault:?}: {err:?}");
+                    let rec = e.sessions.load_session(s).await.unwrap().value;
+                    assert!(
+                        rec.files.is_empty(),
+                        "k={k}: a failed file is in the session"
+                    );
+                    assert_eq!(
+                        rec.state,
+                        relaypacs_core::SessionState::Open,
+                        "k={k}: a failed step queued its session"
+                    );
+                    assert_eq!(queued_records(audit.as_ref(), s).await, 0, "k={k}");
+                    assert_eq!(
+                        stored_files(&e, s),
+                        0,
+                        "k={k}: a failed file's bytes stayed"
+                    );
+                    let trail = trail_of(audit.as_ref(), s).await;
+                    assert_eq!(
+                        trail.first(),
+                        Some(&(AuditAction::SessionCreated, AuditOutcome::Success)),
+                        "k={k}: {trail:?}"
+                    );
+                    assert!(
+                        trail
+                            .iter()
+                            .any(|(_, o)| *o == AuditOutcome::SeriousFailure),
+                        "k={k}: failure not audited: {trail:?}"
+                    );
+                    assert!(
+                        !trail.contains(&(AuditAction::FileCompleted, AuditOutcome::Success)),
+                        "k={k}: a failed file audited as completed"
+                    );
+                }
+                Err(err) => {
+                    failed_any = true;
+                    assert_eq!(err.kind(), want, "k={k} {fault:?} always={always}: {err:?}");
+                    assert!(
+                        e.sessions.list_sessions().await.unwrap().is_empty(),
+                        "k={k}: a session that was not created is kept"
+                    );
+                    assert_eq!(chunk_sessions(&e), 0, "k={k}: a failed file's bytes stayed");
+                }
+            }
+            plan.heal();
+            let (s, done) = ingest_first(&p, &a, &data, true).await.unwrap();
+            let (f, queued) = done.unwrap();
+            assert!(
+                matches!(f.state, FileState::Valid { .. }) && queued,
+                "k={k}"
+            );
+            assert_eq!(queued_records(audit.as_ref(), s).await, 1, "k={k}");
+            if joint {
+                assert_eq!(
+                    verify_sql_chain(&e.state).await.unwrap().count,
+                    audit.events().await.unwrap().len() as u64,
+                    "k={k}: the chain holds every record"
+                );
+            }
+            e.close().await;
+        }
+        if !failed_any {
+            break;
+        }
+        k += 1;
+    }
+    assert!(k > 5, "the step makes {} watched storage calls", k - 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failpoint_of_a_first_file_keeps_a_whole_session_or_none_on_sqlite() {
+    every_first_file_failpoint(|| StateDb::Sqlite, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failpoint_of_a_first_file_keeps_a_whole_session_or_none_on_postgres() {
+    let cluster = PgCluster::start();
+    every_first_file_failpoint(|| cluster.fresh_db(), true).await;
+}

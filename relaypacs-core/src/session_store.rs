@@ -570,6 +570,33 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         Err(no_trail("record a file with its audit records"))
     }
 
+    /// Create `session` together with its first file, in one transaction:
+    /// [`create_session_capped_audited`](Self::create_session_capped_audited)
+    /// of `session` (it already holds the file, complete, and may already be
+    /// in the outbox) and the writes of
+    /// [`update_file_scope_audited`](Self::update_file_scope_audited): the
+    /// file's `chunks`, its `claim` when set, and `events` (the session's
+    /// creation first) appended to the audit trail of
+    /// [`audit_trail_key`](Self::audit_trail_key). All durable at once, or
+    /// nothing: `Ok(None)` at the cap, `Held` when another file holds the
+    /// claim (nothing written, no event appended either time); once
+    /// written the session is at version 1. For a request that brings its
+    /// own session and one instance (a STOW-RS request): one sync for
+    /// both. The pipeline calls this only when this store's
+    /// `audit_trail_key` is its audit sink's `trail_key`; the default, for
+    /// a store without a trail, refuses.
+    async fn create_session_with_file_audited(
+        &self,
+        session: &SessionRecord,
+        cap: u32,
+        chunks: &[(FileId, ChunkRecord)],
+        claim: Option<&InstanceClaim>,
+        events: &[crate::AuditEvent],
+    ) -> Result<Option<ClaimedWrite>> {
+        let _ = (session, cap, chunks, claim, events);
+        Err(no_trail("create a session with its first file"))
+    }
+
     /// The recorded chunks of a file, by ascending offset.
     async fn chunks(&self, id: SessionId, file: FileId) -> Result<Vec<ChunkRecord>>;
 
@@ -887,6 +914,19 @@ macro_rules! forward_session_store {
             ) -> Result<ClaimedWrite> {
                 (**self)
                     .update_file_scope_audited(session, expected, chunks, claim, events)
+                    .await
+            }
+
+            async fn create_session_with_file_audited(
+                &self,
+                session: &SessionRecord,
+                cap: u32,
+                chunks: &[(FileId, ChunkRecord)],
+                claim: Option<&InstanceClaim>,
+                events: &[crate::AuditEvent],
+            ) -> Result<Option<ClaimedWrite>> {
+                (**self)
+                    .create_session_with_file_audited(session, cap, chunks, claim, events)
                     .await
             }
 

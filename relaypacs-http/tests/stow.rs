@@ -452,3 +452,64 @@ async fn stow_one_instance_is_queued_with_its_part() {
     t.wait_notifications(&u, 4).await;
     assert_eq!(queued(&t.audit().await, &study4), 1);
 }
+
+/// A STOW-RS request's session is written with its first part: at the
+/// owner's cap of open sessions the request is refused (429, JSON naming
+/// the cap) and leaves no session, file or chunk; a request whose every
+/// part is refused before the pipeline (not DICOM by its type) leaves no
+/// session either; below the cap the instance is stored in one session.
+#[tokio::test]
+async fn stow_sessions_hold_the_cap_and_leave_nothing_when_refused() {
+    let t = TestServer::start_with(|c| c.http.max_open_sessions_per_user = 1).await;
+    let u = t.user("ivy", Role::Uploader).await;
+    let count = |table: &'static str| {
+        let data = t.data();
+        async move {
+            common::state_rows(
+                &data,
+                &format!("SELECT CAST(COUNT(*) AS TEXT) FROM {table}"),
+            )
+            .await[0][0]
+                .clone()
+        }
+    };
+    let open = t.new_study(&u).await;
+    let study = new_uid();
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            stow_body(&[&dicom(Some(&study), 64)]),
+        )
+        .await;
+    expect_error(r, 429, "RELAY_TOO_MANY_SESSIONS").await;
+    assert_eq!(
+        count("sessions").await,
+        "1",
+        "only the open study's session"
+    );
+    assert_eq!(count("session_files").await, "0");
+    assert_eq!(count("chunks").await, "0");
+    // Every part refused before the pipeline: 409, no session written.
+    let body = multipart(&[("text/plain", b"not an instance".to_vec())], "XyZ");
+    let r = t.stow(&u, "/dicomweb/studies", body).await;
+    assert_eq!(r.status(), 409);
+    assert_eq!(count("sessions").await, "1");
+    // Below the cap: stored and delivered.
+    let r = t
+        .req(Method::DELETE, &format!("/api/v1/studies/{open}"), &u)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let r = t
+        .stow(
+            &u,
+            "/dicomweb/studies",
+            stow_body(&[&dicom(Some(&study), 64)]),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    t.wait_notifications(&u, 1).await;
+    assert_eq!(snapshot(&t.data().join("archive").join(&study)).len(), 1);
+}

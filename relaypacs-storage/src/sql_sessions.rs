@@ -233,8 +233,10 @@ impl SqlSessionStore {
         &self,
         session: &SessionRecord,
         cap: u32,
+        chunks: &[(FileId, ChunkRecord)],
+        claim: Option<&InstanceClaim>,
         audit: Option<Audit<'_>>,
-    ) -> Result<Option<Versioned<SessionRecord>>> {
+    ) -> Result<Option<ClaimedWrite>> {
         const OP: &str = "create session";
         let (_turn, mut tx) = self.db.begin_write(OP).await?;
         if self.db.engine() == Engine::Postgres {
@@ -263,14 +265,41 @@ impl SqlSessionStore {
                 Ok(None)
             };
         }
-        Self::write_files(&mut tx, session).await?;
-        // The session and, with `audit`, its creation's audit record; the
-        // commit also releases the owner's advisory lock.
+        if !session.files.is_empty() {
+            // A new session's row has no files and zero totals (the
+            // table's defaults): nothing to read or remove first.
+            Self::write_new_files(&mut tx, session).await?;
+            Self::insert_chunks(&mut tx, session.id, chunks).await?;
+        }
+        if let Some(claim) = claim {
+            let held = Self::claim_in(&mut tx, claim).await?;
+            if !held.held_by(claim.session, claim.file) {
+                tx.rollback().await.map_err(|e| db_err(OP, e))?;
+                return Ok(Some(ClaimedWrite::Held(held)));
+            }
+        }
+        // The session, its files, their chunks and claim and, with
+        // `audit`, its audit records; the commit also releases the owner's
+        // advisory lock.
         commit_with(tx, audit.as_ref(), OP).await?;
-        Ok(Some(Versioned {
-            value: session.clone(),
-            version: 1,
-        }))
+        Ok(Some(ClaimedWrite::Written(1)))
+    }
+
+    /// [`create_capped_with`](Self::create_capped_with) of a session as
+    /// [`SessionStore::create_session_capped`] takes it.
+    async fn create_capped(
+        &self,
+        session: &SessionRecord,
+        cap: u32,
+        audit: Option<Audit<'_>>,
+    ) -> Result<Option<Versioned<SessionRecord>>> {
+        Ok(self
+            .create_capped_with(session, cap, &[], None, audit)
+            .await?
+            .map(|_| Versioned {
+                value: session.clone(),
+                version: 1,
+            }))
     }
 
     /// [`SessionStore::update_file_scope_with_facts`]; with `audit`, the
@@ -470,6 +499,24 @@ impl SqlSessionStore {
         Ok(())
     }
 
+    /// Write the files of a session whose row was just inserted (none
+    /// stored yet) and its totals, inside the caller's transaction.
+    async fn write_new_files(conn: &mut sqlx::AnyConnection, rec: &SessionRecord) -> Result<()> {
+        let sid = rec.id.to_string();
+        for file in rec.files.values() {
+            let body = to_json("encode file", file)?;
+            Self::put_file(&mut *conn, &sid, file, body).await?;
+        }
+        sqlx::query("UPDATE sessions SET file_count = $1, declared_bytes = $2 WHERE id = $3")
+            .bind(to_i64(rec.files.len() as u64)?)
+            .bind(to_i64(rec.declared_bytes())?)
+            .bind(&sid)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| db_err("store file totals", e))?;
+        Ok(())
+    }
+
     /// Write the files of `rec` that differ from what is stored, drop the
     /// stored ones it no longer has, and set the session's file totals.
     async fn write_files(conn: &mut sqlx::AnyConnection, rec: &SessionRecord) -> Result<()> {
@@ -578,9 +625,19 @@ impl SqlSessionStore {
         expected: u64,
         chunks: &[(FileId, ChunkRecord)],
     ) -> Result<()> {
-        const OP: &str = "record file";
         Self::write_scope(&mut *tx, session, expected).await?;
-        let sid = session.id.to_string();
+        Self::insert_chunks(tx, session.id, chunks).await
+    }
+
+    /// Record `chunks` of session `id` (inside the caller's transaction);
+    /// a chunk already recorded at its offset must be the same chunk.
+    async fn insert_chunks(
+        tx: &mut sqlx::AnyConnection,
+        id: SessionId,
+        chunks: &[(FileId, ChunkRecord)],
+    ) -> Result<()> {
+        const OP: &str = "record file";
+        let sid = id.to_string();
         for (file, chunk) in chunks {
             let inserted = sqlx::query(
                 "INSERT INTO chunks (session_id, file_id, chunk_offset, length, sha256, receipt) \
@@ -759,7 +816,7 @@ impl SessionStore for SqlSessionStore {
         session: &SessionRecord,
         cap: u32,
     ) -> Result<Option<Versioned<SessionRecord>>> {
-        self.create_capped_with(session, cap, None).await
+        self.create_capped(session, cap, None).await
     }
 
     async fn create_session_capped_audited(
@@ -772,7 +829,20 @@ impl SessionStore for SqlSessionStore {
             "create a session with its audit record",
             std::slice::from_ref(event),
         )?;
-        self.create_capped_with(session, cap, Some(audit)).await
+        self.create_capped(session, cap, Some(audit)).await
+    }
+
+    async fn create_session_with_file_audited(
+        &self,
+        session: &SessionRecord,
+        cap: u32,
+        chunks: &[(FileId, ChunkRecord)],
+        claim: Option<&InstanceClaim>,
+        events: &[relaypacs_core::AuditEvent],
+    ) -> Result<Option<ClaimedWrite>> {
+        let audit = self.audited("create a session with its first file", events)?;
+        self.create_capped_with(session, cap, chunks, claim, Some(audit))
+            .await
     }
 
     async fn load_session(&self, id: SessionId) -> Result<Versioned<SessionRecord>> {

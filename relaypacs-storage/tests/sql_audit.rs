@@ -643,6 +643,140 @@ async fn session_writes_and_audit_records_commit_together(db: SqlState) {
     );
 }
 
+/// A session created with its first file (`create_session_with_file_audited`,
+/// how a one-part STOW-RS request is recorded): the session at version 1
+/// with the file, its totals, its chunk, its claim and the records in one
+/// transaction; when another file holds the UID, and at the owner's cap,
+/// nothing is written and no record appended; without a claim the session
+/// and its file are written; a store without the sink refuses.
+async fn session_and_first_file_commit_together(db: SqlState) {
+    use relaypacs_core::testing::session_store::sample_session;
+    use relaypacs_core::{
+        ChunkRecord, ClaimedWrite, FileId, InstanceClaim, SessionId, SessionStore, Sha256Digest,
+        Uid,
+    };
+    use relaypacs_storage::SqlSessionStore;
+
+    let sink = SqlAuditSink::new(db.clone());
+    record_n(&sink, 1).await;
+    let store = SqlSessionStore::new(db.clone()).with_audit(&sink);
+    let s = sample_session();
+    let file = s.files.values().next().unwrap().clone();
+    let sop = Uid::parse("2.25.4343").unwrap();
+    let claim = |sid: SessionId, f: FileId, content: &[u8]| {
+        InstanceClaim::new(
+            sop.clone(),
+            Sha256Digest::of(content),
+            Uid::parse("1.2.3.4").unwrap(),
+            sid,
+            f,
+        )
+    };
+    let chunk = ChunkRecord::new(0, file.size, Sha256Digest::of(b"part"), "r0");
+    let events: Vec<AuditEvent> = (0..4).map(|i| event(9, i)).collect();
+    let written = store
+        .create_session_with_file_audited(
+            &s,
+            2,
+            &[(file.id, chunk.clone())],
+            Some(&claim(s.id, file.id, b"a")),
+            &events,
+        )
+        .await
+        .unwrap();
+    assert_eq!(written, Some(ClaimedWrite::Written(1)));
+    let loaded = store.load_session(s.id).await.unwrap();
+    assert_eq!(loaded.version, 1);
+    assert_eq!(loaded.value.files, s.files);
+    let scope = store.load_file_scope(s.id, None).await.unwrap();
+    assert_eq!((scope.file_count, scope.declared_bytes), (1, file.size));
+    assert_eq!(
+        store.chunks(s.id, file.id).await.unwrap(),
+        vec![chunk.clone()]
+    );
+    assert!(
+        store
+            .instance_claim(&sop)
+            .await
+            .unwrap()
+            .unwrap()
+            .held_by(s.id, file.id)
+    );
+    let stored = sink.events().await.unwrap();
+    assert_eq!(&stored[1..], &events[..]);
+    // Another session of the owner, whose file has the same UID: held,
+    // nothing written, no record.
+    let mut t = sample_session();
+    t.owner = s.owner.clone();
+    let t_file = t.files.keys().next().copied().unwrap();
+    match store
+        .create_session_with_file_audited(
+            &t,
+            2,
+            &[(t_file, chunk.clone())],
+            Some(&claim(t.id, t_file, b"b")),
+            &events,
+        )
+        .await
+        .unwrap()
+    {
+        Some(ClaimedWrite::Held(c)) => assert!(c.held_by(s.id, file.id), "{c:?}"),
+        w => panic!("written although the UID is held: {w:?}"),
+    }
+    assert!(store.load_session(t.id).await.is_err());
+    match store.chunks(t.id, t_file).await {
+        Ok(c) => assert!(c.is_empty(), "{c:?}"),
+        Err(e) => assert!(matches!(e, relaypacs_core::Error::NotFound { .. }), "{e:?}"),
+    }
+    assert_eq!(sink.events().await.unwrap().len(), 5);
+    // The owner's open session fills a cap of one: nothing, no record.
+    assert_eq!(
+        store
+            .create_session_with_file_audited(&t, 1, &[(t_file, chunk.clone())], None, &events)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store.load_session(t.id).await.is_err());
+    assert_eq!(sink.events().await.unwrap().len(), 5);
+    // Below the cap, without a claim: the session, its file, one record.
+    assert_eq!(
+        store
+            .create_session_with_file_audited(
+                &t,
+                2,
+                &[(t_file, chunk.clone())],
+                None,
+                &events[..1],
+            )
+            .await
+            .unwrap(),
+        Some(ClaimedWrite::Written(1))
+    );
+    assert_eq!(store.load_session(t.id).await.unwrap().value.files, t.files);
+    assert_eq!(store.chunks(t.id, t_file).await.unwrap(), vec![chunk]);
+    assert_eq!(verify_sql_chain(&db).await.unwrap().count, 6);
+    assert!(
+        SqlSessionStore::new(db)
+            .create_session_with_file_audited(&sample_session(), 9, &[], None, &events)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn session_and_first_file_commit_together_on_sqlite() {
+    let d = TempDir::new().unwrap();
+    session_and_first_file_commit_together(sqlite_db(&d).await).await;
+}
+
+#[tokio::test]
+async fn session_and_first_file_commit_together_on_postgres() {
+    let pg = start_postgres().await;
+    let url = pg.create_database("relay");
+    session_and_first_file_commit_together(connect(&url).await).await;
+}
+
 #[tokio::test]
 async fn session_writes_and_audit_records_commit_together_on_sqlite() {
     let d = TempDir::new().unwrap();

@@ -635,6 +635,15 @@ impl Pipeline {
     /// Whether the session store appends to the audit sink's own trail
     /// (one database): a step's state and its audit records then commit in
     /// one transaction.
+    /// Whether [`ingest_first_file`](Self::ingest_first_file) creates its
+    /// session in the file's own write (the audit trail is in the state
+    /// database); else it creates the session first, and a caller that can
+    /// overlap that creation with receiving the file should call
+    /// [`create_session`](Self::create_session) itself.
+    pub fn creates_session_with_first_file(&self) -> bool {
+        self.audit_joins_state()
+    }
+
     pub(crate) fn audit_joins_state(&self) -> bool {
         matches!(
             (self.inner.audit.trail_key(), self.inner.sessions.audit_trail_key()),
@@ -1125,7 +1134,7 @@ impl Pipeline {
         req: NewFile,
         bytes: ByteStream,
     ) -> Result<FileRecord> {
-        self.ingest_file_inner(actor, id, req, bytes, false)
+        self.ingest_file_inner(actor, id, req, bytes, false, None)
             .await
             .map(|(f, _)| f)
     }
@@ -1149,9 +1158,67 @@ impl Pipeline {
         req: NewFile,
         bytes: ByteStream,
     ) -> Result<(FileRecord, bool)> {
-        self.ingest_file_inner(actor, id, req, bytes, true).await
+        self.ingest_file_inner(actor, id, req, bytes, true, None)
+            .await
     }
 
+    /// A new session and its first file, as
+    /// [`create_session`](Self::create_session) then
+    /// [`ingest_file`](Self::ingest_file) (with `queue`,
+    /// [`ingest_file_and_queue`](Self::ingest_file_and_queue)) do, for a
+    /// request that brings its own session (a STOW-RS request). With the
+    /// audit trail in the state database, the file's write also creates
+    /// the session (capped as `create_session` caps it, its creation's
+    /// audit record first): one write and one sync instead of two. When
+    /// the file does not enter the session (refused, or failed), the
+    /// session is written on its own before that is recorded, so the two
+    /// calls' results hold either way.
+    ///
+    /// Returns the session's id and the file's result.
+    ///
+    /// # Errors
+    /// Those of `create_session`, when the session was not created: then
+    /// nothing of it or of the file is kept.
+    pub async fn ingest_first_file(
+        &self,
+        actor: &Actor,
+        req: NewSession,
+        file: NewFile,
+        bytes: ByteStream,
+        queue: bool,
+    ) -> Result<(SessionId, Result<(FileRecord, bool)>)> {
+        if !self.audit_joins_state() {
+            let s = self.create_session(actor, req).await?;
+            let r = self
+                .ingest_file_inner(actor, s.id, file, bytes, queue, None)
+                .await;
+            return Ok((s.id, r));
+        }
+        let pending = self.defer_session(actor, req).await?;
+        let id = pending.rec.id;
+        let r = self
+            .ingest_file_inner(actor, id, file, bytes, queue, Some(&pending))
+            .await;
+        if !pending.unwritten() && !pending.refused() {
+            return Ok((id, r));
+        }
+        // Not created (at the cap, or the store failed): the file's error is
+        // the session's, and the session's chunk area goes (its file's went
+        // already; were this to fail, the orphan sweep removes it later).
+        if let Err(e) = self.inner.chunks.delete_session(id).await {
+            tracing::warn!(session = %id, error = %e, "an unwritten session's chunk area left for the sweep");
+        }
+        Err(match r {
+            Err(e) => e,
+            Ok(_) => Error::storage(
+                crate::error::StorageErrorKind::Io,
+                "create session",
+                "the file was recorded but its session was not written",
+            ),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)] // private; each argument is one step's input
     async fn ingest_file_inner(
         &self,
         actor: &Actor,
@@ -1159,18 +1226,46 @@ impl Pipeline {
         req: NewFile,
         bytes: ByteStream,
         queue: bool,
+        pending: Option<&PendingSession>,
     ) -> Result<(FileRecord, bool)> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
-        // A request-scoped session this process just created starts from
-        // its record as written (one read fewer on a STOW-RS request's
-        // path); the file's write is conditional on its version, and
-        // reloads if it moved on.
-        let current = match self.take_fresh(id) {
-            Some(v) if Self::check_owner(actor, &v.value).is_ok() => FileScope::of(v, None),
-            _ => {
-                self.load_scope_owned_as(actor, id, None, Access::session("add_file"))
-                    .await?
+        let joint = self.audit_joins_state();
+        let (current, pending) = match pending {
+            // Not written yet: version 0, written by the file's write.
+            Some(p) if joint => (
+                FileScope::of(
+                    Versioned {
+                        value: p.rec.clone(),
+                        version: 0,
+                    },
+                    None,
+                ),
+                Some(p),
+            ),
+            // Only a joint write creates a session with its file.
+            Some(p) => (FileScope::of(self.write_session(p).await?, None), None),
+            // A request-scoped session this process just created starts
+            // from its record as written (one read fewer on a STOW-RS
+            // request's path); the file's write is conditional on its
+            // version, and reloads if it moved on.
+            None => match self.take_fresh(id) {
+                Some(v) if Self::check_owner(actor, &v.value).is_ok() => {
+                    (FileScope::of(v, None), None)
+                }
+                _ => (
+                    self.load_scope_owned_as(actor, id, None, Access::session("add_file"))
+                        .await?,
+                    None,
+                ),
+            },
+        };
+        // A file that does not enter a session not written yet: the
+        // session is written on its own before that is recorded.
+        let settle = || async {
+            match pending {
+                Some(p) => self.write_session(p).await.map(|_| ()),
+                None => Ok(()),
             }
         };
         let mut added = Self::event(
@@ -1193,7 +1288,10 @@ impl Pipeline {
             Ok(f)
         }) {
             Ok(f) => f,
-            Err(e) => return self.refuse(added, e).await,
+            Err(e) => {
+                settle().await?;
+                return self.refuse(added, e).await;
+            }
         };
         added.file = Some(file.id);
         added.detail = format!("size={}", file.size);
@@ -1220,6 +1318,7 @@ impl Pipeline {
             Ok(c) => c,
             Err(e) => {
                 self.discard_area(key).await;
+                settle().await?;
                 Self::failed(&mut stored, &e);
                 self.audit_all(&[added, stored]).await?;
                 return Err(e);
@@ -1235,7 +1334,6 @@ impl Pipeline {
         let owner = current.session.value.owner.clone();
         // With the audit trail in the state database, the three records
         // commit in the file's own write (one sync instead of two).
-        let joint = self.audit_joins_state();
         let before = if joint {
             vec![added.clone(), stored.clone()]
         } else {
@@ -1262,6 +1360,7 @@ impl Pipeline {
                 true,
                 plan,
                 queued_template.as_ref(),
+                pending,
             )
             .await
         {
@@ -1282,6 +1381,7 @@ impl Pipeline {
             }
             Err((err, known)) => {
                 self.discard_area(key).await;
+                settle().await?;
                 let uid = |v: &Option<String>| v.as_deref().and_then(|v| Uid::parse(v).ok());
                 let err = if super::completion::refuses_content(&err) {
                     // The file never entered its session: its analytics

@@ -37,6 +37,9 @@ struct Added<'a> {
     /// [`complete_session`](Pipeline::complete_session) does); this is the
     /// template of that "queued" audit record.
     queue: Option<&'a AuditEvent>,
+    /// When set and not yet written, the session itself: the same write
+    /// creates it (see [`Pipeline::ingest_first_file`]).
+    pending: Option<&'a PendingSession>,
 }
 
 /// What [`Pipeline::prove_and_record`] wrote.
@@ -198,7 +201,7 @@ impl Pipeline {
             .chunks(id, file.id)
             .await
             .map_err(plain)?;
-        self.prove_and_record(id, &file, &chunks, current, false, None, None)
+        self.prove_and_record(id, &file, &chunks, current, false, None, None, None)
             .await
             .map(|r| r.file)
     }
@@ -212,17 +215,22 @@ impl Pipeline {
     /// With `audit` (a new file only), its audit records commit in the
     /// file's write: `Ok` means they are durable too. With `queue` (a new
     /// file only), the write also puts the session in the outbox when the
-    /// file is its only one (see [`Recorded::queued`]).
+    /// file is its only one (see [`Recorded::queued`]). With `pending` (a
+    /// new file only, with `audit`), `current` is that session not yet
+    /// written (version 0), and the file's write creates it; when the file
+    /// has to go the long way (another file holds its instance), the
+    /// session is written first.
     #[allow(clippy::too_many_arguments)] // private; each argument is one step's input
     pub(super) async fn prove_and_record(
         &self,
         id: SessionId,
         file: &FileRecord,
         chunks: &[ChunkRecord],
-        current: FileScope,
+        mut current: FileScope,
         new: bool,
         audit: Option<AuditPlan<'_>>,
         queue: Option<&AuditEvent>,
+        pending: Option<&PendingSession>,
     ) -> std::result::Result<Recorded, (Error, Identified)> {
         let plain = |e: Error| (e, Identified::default());
         let file_id = file.id;
@@ -257,6 +265,7 @@ impl Pipeline {
                 claim: Some(&mine),
                 audit,
                 queue,
+                pending,
             };
             match self
                 .record_valid(id, file_id, current.clone(), &dicom, digests, Some(added))
@@ -272,6 +281,14 @@ impl Pipeline {
                 }
             }
         }
+        if let Some(p) = pending {
+            // The instance's claim refers to the session: it exists first.
+            let written = self
+                .write_session(p)
+                .await
+                .map_err(|e| refused(e, &dicom))?;
+            current = FileScope::of(written, None);
+        }
         let claimed = match self.claim(id, file_id, &dicom, data_set_sha256).await {
             Ok((claimed, warning)) => {
                 dicom.warnings.extend(warning);
@@ -285,6 +302,7 @@ impl Pipeline {
             claim: None,
             audit,
             queue,
+            pending: None,
         });
         let written = match self
             .record_valid(id, file_id, current, &dicom, digests, added)
@@ -522,6 +540,30 @@ impl Pipeline {
             }
             events.push(done);
             events.extend(queued.clone());
+            if let Some(p) = a.pending.filter(|p| p.unwritten()) {
+                // One write: the session's creation (capped, its record
+                // first) with all of the above.
+                let mut all = Vec::with_capacity(events.len() + 1);
+                all.push(p.event.clone());
+                all.extend(events);
+                return match self
+                    .inner
+                    .sessions
+                    .create_session_with_file_audited(&rec, p.cap, &chunks, a.claim, &all)
+                    .await?
+                {
+                    Some(ClaimedWrite::Written(version)) => {
+                        let written = Versioned {
+                            value: rec.clone(),
+                            version,
+                        };
+                        self.session_written(p, written);
+                        Ok(Some((rec, queued)))
+                    }
+                    Some(ClaimedWrite::Held(_)) => Ok(None),
+                    None => self.creation_capped(p).await,
+                };
+            }
             // One write: the file, its chunks, its claim, the session's
             // place in the outbox when it queues it, and its audit records
             // (one transaction, one sync).

@@ -59,6 +59,7 @@ pub use chunks::{INGEST_CHUNK_SIZE, PutOutcome, RangeDone, RangeWrite, plan_segm
 pub use denials::DenialAudit;
 pub use index::{Page, PageCursor, PageRequest};
 pub use reports::{ReadReport, ReportContent};
+pub(crate) use sessions::PendingSession;
 
 /// Pipeline settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

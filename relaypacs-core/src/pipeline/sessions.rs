@@ -22,47 +22,78 @@ impl Pipeline {
     /// user and minute), so a burst cannot flood the trail.
     pub async fn create_session(&self, actor: &Actor, req: NewSession) -> Result<SessionRecord> {
         self.ensure_index().await?;
-        let refused = |actor: &Actor, err: &Error| {
-            let mut ev = Self::event(
-                actor,
-                AuditAction::SessionCreated,
-                AuditOutcome::MinorFailure,
-                None,
-            );
-            if err.kind() == ErrorKind::InsufficientStorage {
-                ev.outcome = AuditOutcome::SeriousFailure;
-            }
-            ev.detail = format!("{}: {}", err.code(), err);
-            ev
-        };
-        if let Some(gauge) = self.inner.gauge.get()
-            && let Err(e) = gauge.admit(self.inner.config.session_admission_bytes)
-        {
-            let ev = refused(actor, &e);
-            self.inner
-                .denials
-                .record(ev, "create_session", "storage")
-                .await?;
-            return Err(e);
-        }
+        self.admit_session(actor).await?;
         let creator = self.inner.index.creator(&actor.user);
         let _one_at_a_time = creator.lock().await;
-        let cap = self.inner.config.max_open_sessions_per_user;
-        let too_many = || Error::TooMany {
+        let pending = self.new_session(actor, req).await?;
+        self.write_session(&pending).await.map(|v| v.value)
+    }
+
+    /// A session checked as [`create_session`](Self::create_session) checks
+    /// it (free space, the owner's cap as this process sees it) and built,
+    /// but not written: the store's capped creation is done by the first
+    /// file's write ([`PendingSession`]). The per-owner lock is not held
+    /// until then; the store's capped creation is the guard.
+    pub(super) async fn defer_session(
+        &self,
+        actor: &Actor,
+        req: NewSession,
+    ) -> Result<PendingSession> {
+        self.ensure_index().await?;
+        self.admit_session(actor).await?;
+        let creator = self.inner.index.creator(&actor.user);
+        let _one_at_a_time = creator.lock().await;
+        self.new_session(actor, req).await
+    }
+
+    /// The refusal of a session's creation, audited through
+    /// [`DenialAudit`] (aggregated per user and minute).
+    async fn deny_creation<T>(&self, actor: &Actor, err: Error, what: &'static str) -> Result<T> {
+        let mut ev = Self::event(
+            actor,
+            AuditAction::SessionCreated,
+            AuditOutcome::MinorFailure,
+            None,
+        );
+        if err.kind() == ErrorKind::InsufficientStorage {
+            ev.outcome = AuditOutcome::SeriousFailure;
+        }
+        ev.detail = format!("{}: {}", err.code(), err);
+        self.inner
+            .denials
+            .record(ev, "create_session", what)
+            .await?;
+        Err(err)
+    }
+
+    fn too_many_sessions(cap: u32) -> Error {
+        Error::TooMany {
             code: "RELAY_TOO_MANY_SESSIONS",
             what: "open sessions",
             limit: u64::from(cap),
-        };
-        // This process's view first (no store round trip for most refusals);
-        // the store's capped creation below is the guard across processes.
+        }
+    }
+
+    /// Free space for a new session, when a [`StorageGauge`] is set.
+    async fn admit_session(&self, actor: &Actor) -> Result<()> {
+        if let Some(gauge) = self.inner.gauge.get()
+            && let Err(e) = gauge.admit(self.inner.config.session_admission_bytes)
+        {
+            return self.deny_creation(actor, e, "storage").await;
+        }
+        Ok(())
+    }
+
+    /// The owner's cap (this process's view first: no store round trip for
+    /// most refusals; the store's capped creation is the guard across
+    /// processes), then the new record. Called under the owner's creation
+    /// lock.
+    async fn new_session(&self, actor: &Actor, req: NewSession) -> Result<PendingSession> {
+        let cap = self.inner.config.max_open_sessions_per_user;
         if !self.below_cap(&actor.user, cap).await? {
-            let e = too_many();
-            let ev = refused(actor, &e);
-            self.inner
-                .denials
-                .record(ev, "create_session", "open sessions")
-                .await?;
-            return Err(e);
+            return self
+                .deny_creation(actor, Self::too_many_sessions(cap), "open sessions")
+                .await;
         }
         let now = OffsetDateTime::now_utc();
         let rec = SessionRecord {
@@ -83,47 +114,81 @@ impl Pipeline {
                 None
             },
         };
-        let ev = Self::event(
+        let event = Self::event(
             actor,
             AuditAction::SessionCreated,
             AuditOutcome::Success,
             Some(rec.id),
         );
+        Ok(PendingSession {
+            actor: actor.clone(),
+            rec,
+            event,
+            cap,
+            state: std::sync::Mutex::new(PendingState::Unwritten),
+        })
+    }
+
+    /// Write `pending` alone (its creation's one write); the session as
+    /// written. Once written, again returns it as written then.
+    pub(super) async fn write_session(
+        &self,
+        pending: &PendingSession,
+    ) -> Result<Versioned<SessionRecord>> {
+        match pending.state() {
+            PendingState::Written(v) => return Ok(*v),
+            PendingState::Refused => return Err(Self::too_many_sessions(pending.cap)),
+            PendingState::Unwritten => {}
+        }
+        let (rec, ev, cap) = (&pending.rec, &pending.event, pending.cap);
         // With the audit trail in the state database, the record commits
         // with the session (one sync instead of two).
         let joint = self.audit_joins_state();
         let created = if joint {
             self.inner
                 .sessions
-                .create_session_capped_audited(&rec, cap, &ev)
+                .create_session_capped_audited(rec, cap, ev)
                 .await
         } else {
-            self.inner.sessions.create_session_capped(&rec, cap).await
+            self.inner.sessions.create_session_capped(rec, cap).await
         };
-        match created {
-            Ok(Some(written)) => {
-                if rec.request_scoped {
-                    self.keep_fresh(written);
-                }
-            }
-            Ok(None) => {
-                // Another gateway's sessions fill the cap: this process's
-                // index did not know them yet.
-                let e = too_many();
-                let ev = refused(actor, &e);
-                self.inner
-                    .denials
-                    .record(ev, "create_session", "open sessions")
-                    .await?;
-                return Err(e);
-            }
-            Err(e) => return self.refuse(ev, e).await,
+        let written = match created {
+            Ok(Some(written)) => written,
+            // Another gateway's sessions fill the cap: this process's
+            // index did not know them yet.
+            Ok(None) => return self.creation_capped(pending).await,
+            Err(e) => return self.refuse(ev.clone(), e).await,
+        };
+        self.session_written(pending, written.clone());
+        if rec.request_scoped {
+            self.keep_fresh(written.clone());
         }
-        self.inner.index.insert(&rec);
         if !joint {
-            self.audit(ev).await?;
+            self.audit(ev.clone()).await?;
         }
-        Ok(rec)
+        Ok(written)
+    }
+
+    /// `pending` is written (by [`write_session`](Self::write_session) or
+    /// by its first file's write) at `written`.
+    pub(super) fn session_written(
+        &self,
+        pending: &PendingSession,
+        written: Versioned<SessionRecord>,
+    ) {
+        self.inner.index.insert(&pending.rec);
+        pending.set(PendingState::Written(Box::new(written)));
+    }
+
+    /// The store found `pending`'s owner at the cap: refused, audited once.
+    pub(super) async fn creation_capped<T>(&self, pending: &PendingSession) -> Result<T> {
+        pending.set(PendingState::Refused);
+        self.deny_creation(
+            &pending.actor,
+            Self::too_many_sessions(pending.cap),
+            "open sessions",
+        )
+        .await
     }
 
     /// Whether `owner` holds fewer than `cap` open sessions. Called under
@@ -499,5 +564,48 @@ impl Pipeline {
             "RELAY_SESSION_EMPTY",
             "the session has no valid file; it has been ended",
         ))
+    }
+}
+
+/// A session checked and built but not yet written (see
+/// [`Pipeline::ingest_first_file`]): its first file's write creates it, or
+/// [`Pipeline::write_session`] does when that file does not enter it.
+pub(crate) struct PendingSession {
+    actor: Actor,
+    pub(super) rec: SessionRecord,
+    /// Its creation's audit record.
+    pub(super) event: AuditEvent,
+    /// The owner's cap, applied by the store's creation.
+    pub(super) cap: u32,
+    state: std::sync::Mutex<PendingState>,
+}
+
+/// Where a [`PendingSession`] stands.
+#[derive(Clone)]
+pub(super) enum PendingState {
+    Unwritten,
+    /// Written, at this version.
+    Written(Box<Versioned<SessionRecord>>),
+    /// The store refused it: the owner is at the cap.
+    Refused,
+}
+
+impl PendingSession {
+    pub(super) fn state(&self) -> PendingState {
+        lock(&self.state).clone()
+    }
+
+    fn set(&self, state: PendingState) {
+        *lock(&self.state) = state;
+    }
+
+    /// The store refused it (the owner is at the cap).
+    pub(super) fn refused(&self) -> bool {
+        matches!(*lock(&self.state), PendingState::Refused)
+    }
+
+    /// Still to be written by its first file's write.
+    pub(super) fn unwritten(&self) -> bool {
+        matches!(*lock(&self.state), PendingState::Unwritten)
     }
 }

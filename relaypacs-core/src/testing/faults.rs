@@ -627,6 +627,24 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
             .await
     }
 
+    async fn create_session_with_file_audited(
+        &self,
+        session: &SessionRecord,
+        cap: u32,
+        chunks: &[(FileId, ChunkRecord)],
+        claim: Option<&InstanceClaim>,
+        events: &[crate::AuditEvent],
+    ) -> Result<Option<crate::session_store::ClaimedWrite>> {
+        self.plan.check(Op::CreateSession)?;
+        if claim.is_some() {
+            self.plan.check(Op::ClaimInstance)?;
+        }
+        self.plan.check(Op::UpdateSession)?;
+        self.inner
+            .create_session_with_file_audited(session, cap, chunks, claim, events)
+            .await
+    }
+
     async fn update_file_scope_with_facts_audited(
         &self,
         session: &SessionRecord,

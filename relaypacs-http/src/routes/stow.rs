@@ -303,17 +303,31 @@ fn multipart_error(e: multer::Error) -> ApiError {
     }
 }
 
-/// Feed a spooled part through the pipeline as one file. On failure, the
-/// id of the file when one was declared (a refused file is already gone
-/// from the session; one that failed otherwise is still there).
+/// The request's session: created, or to be created with its first file.
+enum Session {
+    Created(SessionId),
+    /// Not created yet: the first part's write creates it
+    /// ([`Pipeline::ingest_first_file`](relaypacs_core::Pipeline::ingest_first_file)).
+    Deferred(NewSession),
+}
+
+/// One part's result in the request's session (`Err`: the id of the file
+/// when one was declared; a refused file is already gone from the
+/// session, one that failed otherwise is still there).
+type PartResult = Result<(FileId, DicomSummary, bool), (Option<FileId>, Error)>;
+
+/// Feed a spooled part through the pipeline as one file, in the request's
+/// session (created here when it is still deferred). `Err` only when the
+/// session could not be created; else the session's id and the part's
+/// result.
 async fn ingest(
     state: &AppState,
     user: &AuthUser,
-    sid: SessionId,
+    session: &mut Session,
     index: usize,
     part: &Received,
     queue: bool,
-) -> Result<(FileId, DicomSummary, bool), (Option<FileId>, Error)> {
+) -> Result<(SessionId, PartResult), Error> {
     let Received {
         spool,
         size,
@@ -327,35 +341,74 @@ async fn ingest(
         sha256: digest,
     };
     let segment = state.config().http.patch_segment_size;
+    let pipeline = state.pipeline();
     if let Spooled::Memory(b) = spool
-        && size <= segment.min(state.pipeline().config().limits.max_chunk_size)
+        && size <= segment.min(pipeline.config().limits.max_chunk_size)
     {
         // A part of one chunk (a typical instance): declared, stored and
         // completed in one step, one write of the session state (which
-        // with `queue` also completes a session of this one file); on
-        // error it is not in the session.
+        // with `queue` also completes a session of this one file, and for
+        // the first part also creates the session); on error it is not in
+        // the session.
         let body = relaypacs_core::bytes_stream(b.clone());
-        let pipeline = state.pipeline();
-        let (rec, queued) = if queue {
-            pipeline.ingest_file_and_queue(&actor, sid, req, body).await
-        } else {
-            pipeline
-                .ingest_file(&actor, sid, req, body)
-                .await
-                .map(|f| (f, false))
-        }
-        .map_err(|e| (None, e))?;
-        return match rec.state {
-            relaypacs_core::FileState::Valid { dicom } => Ok((rec.id, dicom, queued)),
-            _ => Err((
-                Some(rec.id),
-                Error::Invalid {
-                    code: "RELAY_NOT_VALIDATED",
-                    message: "the file was not validated".into(),
-                },
-            )),
+        let (sid, done) = match session {
+            Session::Created(sid) => {
+                let done = if queue {
+                    pipeline
+                        .ingest_file_and_queue(&actor, *sid, req, body)
+                        .await
+                } else {
+                    pipeline
+                        .ingest_file(&actor, *sid, req, body)
+                        .await
+                        .map(|f| (f, false))
+                };
+                (*sid, done)
+            }
+            Session::Deferred(new) => {
+                let (sid, done) = pipeline
+                    .ingest_first_file(&actor, new.clone(), req, body, queue)
+                    .await?;
+                *session = Session::Created(sid);
+                (sid, done)
+            }
         };
+        let done = match done {
+            Ok((rec, queued)) => match rec.state {
+                relaypacs_core::FileState::Valid { dicom } => Ok((rec.id, dicom, queued)),
+                _ => Err((
+                    Some(rec.id),
+                    Error::Invalid {
+                        code: "RELAY_NOT_VALIDATED",
+                        message: "the file was not validated".into(),
+                    },
+                )),
+            },
+            Err(e) => Err((None, e)),
+        };
+        return Ok((sid, done));
     }
+    let sid = match session {
+        Session::Created(sid) => *sid,
+        Session::Deferred(new) => {
+            let sid = pipeline.create_session(&actor, new.clone()).await?.id;
+            *session = Session::Created(sid);
+            sid
+        }
+    };
+    Ok((sid, spooled_part(state, &actor, sid, req, spool).await))
+}
+
+/// A part larger than one chunk, or spooled to disk: declared, then
+/// streamed in chunks and completed.
+async fn spooled_part(
+    state: &AppState,
+    actor: &relaypacs_core::Actor,
+    sid: SessionId,
+    req: NewFile,
+    spool: &Spooled,
+) -> PartResult {
+    let actor = actor.clone();
     let file = state
         .pipeline()
         .add_file(&actor, sid, req)
@@ -536,23 +589,27 @@ async fn run(
         count: 0,
         max: usize::try_from(state.config().limits.max_files).unwrap_or(usize::MAX),
     };
-    // The session is created while the first part arrives (its commit and
-    // the body's transfer overlap). Nothing is ingested before the session
-    // exists; a part read for a session that could not be created is
-    // dropped (a spooled one with its file).
-    let (session, first) = tokio::join!(
-        state.pipeline().create_session(
-            &actor,
-            NewSession {
-                allow_multiple_studies: study.is_none(),
-                // Only this request knows the session: one left open by a
-                // dead run is ended at the next start.
-                request_scoped: true,
-            },
-        ),
-        parts.next(&state)
-    );
-    let sid = session?.id;
+    let new = NewSession {
+        allow_multiple_studies: study.is_none(),
+        // Only this request knows the session: one left open by a dead run
+        // is ended at the next start.
+        request_scoped: true,
+    };
+    let (mut session, first) = if state.pipeline().creates_session_with_first_file() {
+        // The session is created by its first part's write (one sync for
+        // both), or on its own before a part that goes another way.
+        (Session::Deferred(new), parts.next(&state).await)
+    } else {
+        // The session is created while the first part arrives (its commit
+        // and the body's transfer overlap). Nothing is ingested before the
+        // session exists; a part read for a session that could not be
+        // created is dropped (a spooled one with its file).
+        let (created, first) = tokio::join!(
+            state.pipeline().create_session(&actor, new),
+            parts.next(&state)
+        );
+        (Session::Created(created?.id), first)
+    };
     let mut stored: Vec<Stored> = Vec::new();
     let mut failed: Vec<Failed> = Vec::new();
     // Whether the last part's write also completed the session.
@@ -574,7 +631,8 @@ async fn run(
             // (a valid instance of another study is removed below, which
             // needs the session open).
             let queue = last && study.is_none();
-            match ingest(&state, &user, sid, index, &received, queue).await {
+            let (sid, done) = ingest(&state, &user, &mut session, index, &received, queue).await?;
+            match done {
                 Ok((fid, summary, was_queued)) => {
                     queued |= was_queued;
                     if let Some(want) = &study
@@ -624,29 +682,43 @@ async fn run(
         Ok(())
     }
     .await;
+    // None when no part reached the pipeline and the session was deferred:
+    // nothing of it was ever written.
+    let sid = match session {
+        Session::Created(sid) => Some(sid),
+        Session::Deferred(_) => None,
+    };
     if let Err(e) = outcome {
         // Nothing of a malformed or failed request is kept.
-        if let Err(abort) = state.pipeline().abort_session(&actor, sid).await {
+        if let Some(sid) = sid
+            && let Err(abort) = state.pipeline().abort_session(&actor, sid).await
+        {
             tracing::error!(error = %abort, "could not remove the session of a failed STOW-RS request");
         }
         return Err(e);
     }
     if parts.count == 0 {
-        state.pipeline().abort_session(&actor, sid).await?;
+        if let Some(sid) = sid {
+            state.pipeline().abort_session(&actor, sid).await?;
+        }
         return Err(ApiError::bad_request(
             "RELAY_BAD_MULTIPART",
             "the request has no parts",
         ));
     }
-    if stored.is_empty() {
-        state.pipeline().abort_session(&actor, sid).await?;
-    } else {
-        // Stored, verified and in the outbox: the gateway answers for these
-        // instances now (store and forward); delivery to the PACS follows.
-        if !queued {
-            state.pipeline().complete_session(&actor, sid).await?;
+    match sid {
+        Some(sid) if stored.is_empty() => state.pipeline().abort_session(&actor, sid).await?,
+        Some(sid) => {
+            // Stored, verified and in the outbox: the gateway answers for
+            // these instances now (store and forward); delivery to the PACS
+            // follows.
+            if !queued {
+                state.pipeline().complete_session(&actor, sid).await?;
+            }
+            state.metrics().forward("queued");
         }
-        state.metrics().forward("queued");
+        // Every part was refused before it reached the pipeline.
+        None => {}
     }
     let warned = stored.iter().any(|s| s.warning_reason().is_some());
     let status = if stored.is_empty() {
