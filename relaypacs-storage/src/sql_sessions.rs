@@ -242,10 +242,11 @@ impl SqlSessionStore {
         if self.db.engine() == Engine::Postgres {
             lock_owner(&mut tx, SESSIONS_LOCK_CLASS, &session.owner, OP).await?;
         }
+        // With its file totals (its files' rows follow).
         let inserted = sqlx::query(
-            "INSERT INTO sessions (id, owner, version, state, updated_at, head) \
-             SELECT $1, $2, 1, $3, $4, $5 WHERE (SELECT COUNT(*) FROM sessions \
-             WHERE owner = $2 AND state = 'open') < $6 ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO sessions (id, owner, version, state, updated_at, head, file_count, \
+             declared_bytes) SELECT $1, $2, 1, $3, $4, $5, $7, $8 WHERE (SELECT COUNT(*) \
+             FROM sessions WHERE owner = $2 AND state = 'open') < $6 ON CONFLICT (id) DO NOTHING",
         )
         .bind(session.id.to_string())
         .bind(&session.owner)
@@ -253,6 +254,8 @@ impl SqlSessionStore {
         .bind(now_text())
         .bind(head_json(session)?)
         .bind(i64::from(cap))
+        .bind(to_i64(session.files.len() as u64)?)
+        .bind(to_i64(session.declared_bytes())?)
         .execute(&mut *tx)
         .await
         .map_err(|e| db_err(OP, e))?;
@@ -265,12 +268,14 @@ impl SqlSessionStore {
                 Ok(None)
             };
         }
-        if !session.files.is_empty() {
-            // A new session's row has no files and zero totals (the
-            // table's defaults): nothing to read or remove first.
-            Self::write_new_files(&mut tx, session).await?;
-            Self::insert_chunks(&mut tx, session.id, chunks).await?;
+        // A new session has no file rows yet: nothing to read or remove
+        // first.
+        let sid = session.id.to_string();
+        for file in session.files.values() {
+            let body = to_json("encode file", file)?;
+            Self::put_file(&mut tx, &sid, file, body).await?;
         }
+        Self::insert_chunks(&mut tx, session.id, chunks).await?;
         if let Some(claim) = claim {
             let held = Self::claim_in(&mut tx, claim).await?;
             if !held.held_by(claim.session, claim.file) {
@@ -499,24 +504,6 @@ impl SqlSessionStore {
         Ok(())
     }
 
-    /// Write the files of a session whose row was just inserted (none
-    /// stored yet) and its totals, inside the caller's transaction.
-    async fn write_new_files(conn: &mut sqlx::AnyConnection, rec: &SessionRecord) -> Result<()> {
-        let sid = rec.id.to_string();
-        for file in rec.files.values() {
-            let body = to_json("encode file", file)?;
-            Self::put_file(&mut *conn, &sid, file, body).await?;
-        }
-        sqlx::query("UPDATE sessions SET file_count = $1, declared_bytes = $2 WHERE id = $3")
-            .bind(to_i64(rec.files.len() as u64)?)
-            .bind(to_i64(rec.declared_bytes())?)
-            .bind(&sid)
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| db_err("store file totals", e))?;
-        Ok(())
-    }
-
     /// Write the files of `rec` that differ from what is stored, drop the
     /// stored ones it no longer has, and set the session's file totals.
     async fn write_files(conn: &mut sqlx::AnyConnection, rec: &SessionRecord) -> Result<()> {
@@ -688,7 +675,7 @@ impl SqlSessionStore {
             .at
             .format(&Rfc3339)
             .map_err(|e| corrupt("claim time", e))?;
-        sqlx::query(&format!(
+        let inserted = sqlx::query(&format!(
             "INSERT INTO instance_claims ({CLAIM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (sop_instance_uid) DO NOTHING"
         ))
@@ -701,6 +688,10 @@ impl SqlSessionStore {
         .execute(&mut *tx)
         .await
         .map_err(|e| db_err("claim instance", e))?;
+        if inserted.rows_affected() == 1 {
+            // The row is `claim` as written: no need to read it back.
+            return Ok(claim.clone());
+        }
         let row = sqlx::query(&format!(
             "SELECT {CLAIM_COLUMNS} FROM instance_claims WHERE sop_instance_uid = $1"
         ))

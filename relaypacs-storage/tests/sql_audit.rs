@@ -816,3 +816,34 @@ async fn chunk_and_audit_record_commit_together_on_postgres() {
     let other = pg.create_database("other");
     chunk_and_audit_record_commit_together(connect(&url).await, connect(&other).await).await;
 }
+
+/// Batches of every size around the INSERT's group of rows (1, 15-17,
+/// 33, 256 records in one call): each record in its place, in order, the
+/// chain unbroken, on both engines.
+async fn batches_of_any_size_keep_the_chain(db: SqlState) {
+    let sink = SqlAuditSink::new(db.clone());
+    let mut want = Vec::new();
+    for (b, n) in [1usize, 15, 16, 17, 33, 256].into_iter().enumerate() {
+        let batch: Vec<AuditEvent> = (0..n).map(|i| event(b, i)).collect();
+        sink.record_all(&batch).await.unwrap();
+        want.extend(batch);
+    }
+    assert_eq!(sink.events().await.unwrap(), want);
+    assert_eq!(
+        verify_sql_chain(&db).await.unwrap().count,
+        want.len() as u64
+    );
+}
+
+#[tokio::test]
+async fn batches_of_any_size_keep_the_chain_on_sqlite() {
+    let d = TempDir::new().unwrap();
+    batches_of_any_size_keep_the_chain(sqlite_db(&d).await).await;
+}
+
+#[tokio::test]
+async fn batches_of_any_size_keep_the_chain_on_postgres() {
+    let pg = start_postgres().await;
+    let url = pg.create_database("relay");
+    batches_of_any_size_keep_the_chain(connect(&url).await).await;
+}
