@@ -381,7 +381,7 @@ impl PartHeaderGuard {
                     // Fast path: outside a partial match only a CR can
                     // start a delimiter.
                     if self.delimiter.state == 0 {
-                        match chunk[i..].iter().position(|&b| b == b'\r') {
+                        match memchr::memchr(b'\r', &chunk[i..]) {
                             Some(p) => i += p,
                             None => return Ok(()),
                         }

@@ -63,6 +63,9 @@ pub(super) struct AuditPlan<'a> {
 /// Result of a full read-back of a stored file.
 struct ReadBack {
     prefix: Vec<u8>,
+    /// The header's validation, when the read-back ran it on its own
+    /// thread (see [`Pipeline::read_back_small`]); else it is to be run.
+    validated: Option<Validated>,
     sha256: Sha256Digest,
     /// Digest of the data set after the file meta group, when the meta
     /// group could be read.
@@ -77,6 +80,17 @@ const ONE_THREAD_READ_BACK: u64 = 2 << 20;
 /// Bytes hashed by one pass before the other takes them (both while they
 /// are in the cache).
 const PASS_SLICE: usize = 64 << 10;
+
+/// A header's validation: the summary, or the refusal with what
+/// identifies the file.
+type Validated = std::result::Result<DicomSummary, (crate::dicom::DicomError, Identified)>;
+
+/// Validate `prefix` (the first bytes of a file of `size` bytes) as DICOM;
+/// on refusal, what still identifies it.
+fn validate_prefix(prefix: &[u8], size: u64, limits: &DicomLimits) -> Validated {
+    validate_dicom(prefix, size, limits)
+        .map_err(|e| (e, crate::dicom::identify(prefix, size, &limits.prescan)))
+}
 
 /// The chunks (sorted by offset) must cover `0..size` without a gap.
 fn check_tiled(chunks: &[ChunkRecord], size: u64) -> Result<()> {
@@ -235,7 +249,10 @@ impl Pipeline {
         let plain = |e: Error| (e, Identified::default());
         let file_id = file.id;
         let back = self.verify_stored(id, file, chunks).await.map_err(plain)?;
-        let mut dicom = self.validate(back.prefix, file.size).await?;
+        let mut dicom = match back.validated {
+            Some(v) => v.map_err(|(e, known)| (Error::Dicom(e), known))?,
+            None => self.validate(back.prefix, file.size).await?,
+        };
         let refused = |e: Error, d: &DicomSummary| (e, Identified::from(d));
         let data_set_sha256 = back.data_set_sha256.ok_or_else(|| {
             refused(
@@ -418,24 +435,17 @@ impl Pipeline {
         size: u64,
     ) -> std::result::Result<DicomSummary, (Error, Identified)> {
         let limits = self.inner.config.dicom.clone();
-        let (validated, known) = tokio::task::spawn_blocking(move || {
-            let validated = validate_dicom(&prefix, size, &limits);
-            let known = match &validated {
-                Ok(_) => Identified::default(),
-                Err(_) => crate::dicom::identify(&prefix, size, &limits.prescan),
-            };
-            (validated, known)
-        })
-        .await
-        .map_err(|e| {
-            (
-                Error::Dicom(crate::dicom::DicomError::Parser {
-                    message: format!("validator task failed: {e}"),
-                }),
-                Identified::default(),
-            )
-        })?;
-        validated.map_err(|e| (Error::Dicom(e), known))
+        tokio::task::spawn_blocking(move || validate_prefix(&prefix, size, &limits))
+            .await
+            .map_err(|e| {
+                (
+                    Error::Dicom(crate::dicom::DicomError::Parser {
+                        message: format!("validator task failed: {e}"),
+                    }),
+                    Identified::default(),
+                )
+            })?
+            .map_err(|(e, known)| (Error::Dicom(e), known))
     }
 
     /// Record the file as valid (with its digests) in its session: the
@@ -743,6 +753,7 @@ impl Pipeline {
         size: u64,
         expect: Sha256Digest,
         header_cap: u64,
+        limits: DicomLimits,
     ) -> Result<ReadBack> {
         let mut bufs = Vec::new();
         let mut pos = 0u64;
@@ -791,8 +802,12 @@ impl Pipeline {
                 }
                 .into());
             }
+            // The header, validated on this thread too (one thread trip
+            // fewer); only once the bytes are proven.
+            let validated = Some(validate_prefix(&prefix, size, &limits));
             Ok(ReadBack {
                 prefix,
+                validated,
                 // Proven just above: the stored bytes hash to the chunk's
                 // recorded digest, which is then the file's.
                 sha256: expect,
@@ -841,7 +856,8 @@ impl Pipeline {
         if let Some(expect) = one_chunk
             && size <= ONE_THREAD_READ_BACK
         {
-            return Self::read_back_small(stream, size, expect, header_cap).await;
+            let limits = self.inner.config.dicom.clone();
+            return Self::read_back_small(stream, size, expect, header_cap, limits).await;
         }
         // Two hashers on two blocking threads (one per core): one checks
         // each chunk against its recorded digest (only with `per_chunk`;
@@ -930,6 +946,7 @@ impl Pipeline {
             }
             ReadBack {
                 prefix,
+                validated: None,
                 // For one chunk, replaced below once the chunk is verified.
                 sha256: Sha256Digest(whole.map(|w| w.finalize().into()).unwrap_or_default()),
                 data_set_sha256: None,
