@@ -19,7 +19,7 @@ use relaypacs_integration::{Embedded, PgCluster, StateDb, dicom_of_size, new_stu
 
 /// The storage calls an upload makes that can fail, counted together
 /// across the chunk store and the session store.
-const WATCHED: [Op; 8] = [
+pub(crate) const WATCHED: [Op; 8] = [
     Op::CreateFile,
     Op::PutChunk,
     Op::SealFile,

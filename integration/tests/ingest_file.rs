@@ -404,6 +404,16 @@ async fn a_fresh_session_moved_on_is_read_again() {
     e.close().await;
 }
 
+/// The state database's chain verifies and holds every record of
+/// `audit` (after failure point `k`).
+async fn chain_holds_every_record(e: &Embedded, audit: &dyn AuditSink, k: u64) {
+    assert_eq!(
+        verify_sql_chain(&e.state).await.unwrap().count,
+        audit.events().await.unwrap().len() as u64,
+        "k={k}: the chain holds every record"
+    );
+}
+
 /// Every storage call of the step fails in turn (I/O error, disk full):
 /// the call fails with a storage error, the session holds no file, nothing
 /// unrecorded keeps bytes, the failure is audited, and once healed the same
@@ -531,11 +541,7 @@ async fn every_failpoint(db: impl Fn() -> StateDb, joint: bool, queue: bool) {
                         assert_eq!(queued_records(audit.as_ref(), s).await, 1, "k={k}");
                     }
                     if joint {
-                        assert_eq!(
-                            verify_sql_chain(&e.state).await.unwrap().count,
-                            audit.events().await.unwrap().len() as u64,
-                            "k={k}: the chain holds every record"
-                        );
+                        chain_holds_every_record(&e, audit.as_ref(), k).await;
                     }
                 }
             }
@@ -902,16 +908,8 @@ async fn a_first_file_of_a_held_instance_goes_the_long_way() {
 /// session.
 async fn every_first_file_failpoint(db: impl Fn() -> StateDb, joint: bool) {
     let data = dicom_of_size(&new_study(), 100 << 10);
-    let watched = [
-        Op::CreateFile,
-        Op::PutChunk,
-        Op::SealFile,
-        Op::ReadFile,
-        Op::CreateSession,
-        Op::UpdateSession,
-        Op::RecordChunk,
-        Op::ClaimInstance,
-    ];
+    // Every storage call of an upload, the session's creation included.
+    let watched = super::failpoints::WATCHED;
     let a = Actor::user("alice");
     let mut k = 1u64;
     loop {
@@ -997,11 +995,7 @@ async fn every_first_file_failpoint(db: impl Fn() -> StateDb, joint: bool) {
             );
             assert_eq!(queued_records(audit.as_ref(), s).await, 1, "k={k}");
             if joint {
-                assert_eq!(
-                    verify_sql_chain(&e.state).await.unwrap().count,
-                    audit.events().await.unwrap().len() as u64,
-                    "k={k}: the chain holds every record"
-                );
+                chain_holds_every_record(&e, audit.as_ref(), k).await;
             }
             e.close().await;
         }

@@ -475,13 +475,8 @@ async fn stow_sessions_hold_the_cap_and_leave_nothing_when_refused() {
     };
     let open = t.new_study(&u).await;
     let study = new_uid();
-    let r = t
-        .stow(
-            &u,
-            "/dicomweb/studies",
-            stow_body(&[&dicom(Some(&study), 64)]),
-        )
-        .await;
+    let one = stow_body(&[&dicom(Some(&study), 64)]);
+    let r = t.stow(&u, "/dicomweb/studies", one.clone()).await;
     expect_error(r, 429, "RELAY_TOO_MANY_SESSIONS").await;
     assert_eq!(
         count("sessions").await,
@@ -502,13 +497,7 @@ async fn stow_sessions_hold_the_cap_and_leave_nothing_when_refused() {
         .await
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
-    let r = t
-        .stow(
-            &u,
-            "/dicomweb/studies",
-            stow_body(&[&dicom(Some(&study), 64)]),
-        )
-        .await;
+    let r = t.stow(&u, "/dicomweb/studies", one).await;
     assert_eq!(r.status(), 200);
     t.wait_notifications(&u, 1).await;
     assert_eq!(snapshot(&t.data().join("archive").join(&study)).len(), 1);

@@ -168,15 +168,7 @@ async fn put_small_file(
         return Err(length_error(buf.len() as u64));
     }
     blocking("store file", move || {
-        // Durable: the session folder's name in the root.
-        create_dir_durable(&dir)?;
-        let f = match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Error::AlreadyExists { what: "file" });
-            }
-            Err(e) => return Err(Error::io("create data file", e)),
-        };
+        let f = create_new_file(&dir, &path)?;
         f.write_all_at(&buf, 0)
             .map_err(|e| Error::io("write chunk", e))?;
         // Durable: the bytes and the size together, then the name. Until
@@ -189,9 +181,23 @@ async fn put_small_file(
     .await
 }
 
-/// [`ChunkStore::read`] of at most [`READ_BUF`] bytes, whole: the same
-/// errors as the streamed read (a missing file, a range outside it).
-fn read_small(path: &Path, range: Range<u64>) -> Result<Bytes> {
+/// A new data file of `put_file` (not there before), its session folder
+/// created first; the folder's name is durable in the root on return, the
+/// file's is the caller's to make durable.
+fn create_new_file(dir: &Path, path: &Path) -> Result<File> {
+    create_dir_durable(dir)?;
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(Error::AlreadyExists { what: "file" })
+        }
+        Err(e) => Err(Error::io("create data file", e)),
+    }
+}
+
+/// Open the data file at `path` to read `range` of it: a missing file is
+/// `NotFound`, a range outside it `RELAY_BAD_RANGE`.
+fn open_range(path: &Path, range: &Range<u64>) -> Result<File> {
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -209,6 +215,12 @@ fn read_small(path: &Path, range: Range<u64>) -> Result<Bytes> {
             format!("range {range:?} outside file of {len} bytes"),
         ));
     }
+    Ok(f)
+}
+
+/// [`ChunkStore::read`] of at most [`READ_BUF`] bytes, whole.
+fn read_small(path: &Path, range: Range<u64>) -> Result<Bytes> {
+    let f = open_range(path, &range)?;
     // At most READ_BUF (checked by the caller), so this fits a usize.
     let n = usize::try_from(range.end - range.start)
         .map_err(|_| Error::invalid("RELAY_BAD_RANGE", "range too large"))?;
@@ -400,15 +412,9 @@ impl ChunkStore for LocalChunkStore {
             return put_small_file(dir, path, size, body).await;
         }
         blocking("create file", move || {
-            create_dir_durable(&dir)?;
-            let f = match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Err(Error::AlreadyExists { what: "file" });
-                }
-                Err(e) => return Err(Error::io("create data file", e)),
-            };
-            f.set_len(size).map_err(|e| Error::io("size data file", e))
+            create_new_file(&dir, &path)?
+                .set_len(size)
+                .map_err(|e| Error::io("size data file", e))
         })
         .await?;
         let placement = ChunkPlacement {
@@ -461,28 +467,17 @@ impl ChunkStore for LocalChunkStore {
             let buf = blocking("read data file", move || read_small(&path, range)).await?;
             return Ok(Box::pin(futures::stream::once(async move { Ok(buf) })));
         }
-        let mut f = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound { what: "file" });
-            }
-            Err(e) => return Err(Error::io("open data file", e)),
-        };
-        let len = f
-            .metadata()
-            .await
-            .map_err(|e| Error::io("stat data file", e))?
-            .len();
-        if range.start > range.end || range.end > len {
-            return Err(Error::invalid(
-                "RELAY_BAD_RANGE",
-                format!("range {range:?} outside file of {len} bytes"),
-            ));
-        }
-        use tokio::io::AsyncSeekExt;
-        f.seek(std::io::SeekFrom::Start(range.start))
-            .await
-            .map_err(|e| Error::io("seek data file", e))?;
+        let start = range.start;
+        let r = range.clone();
+        let f = blocking("open data file", move || {
+            use std::io::Seek;
+            let mut f = open_range(&path, &r)?;
+            f.seek(std::io::SeekFrom::Start(start))
+                .map_err(|e| Error::io("seek data file", e))?;
+            Ok(f)
+        })
+        .await?;
+        let f = tokio::fs::File::from_std(f);
         let reader = tokio::io::BufReader::with_capacity(READ_BUF, f.take(range.end - range.start));
         let s = tokio_util::io::ReaderStream::with_capacity(reader, READ_BUF)
             .map(|r| r.map_err(|e| Error::io("read data file", e)));

@@ -83,13 +83,18 @@ const PASS_SLICE: usize = 64 << 10;
 
 /// A header's validation: the summary, or the refusal with what
 /// identifies the file.
-type Validated = std::result::Result<DicomSummary, (crate::dicom::DicomError, Identified)>;
+type Validated = std::result::Result<DicomSummary, Box<(crate::dicom::DicomError, Identified)>>;
 
 /// Validate `prefix` (the first bytes of a file of `size` bytes) as DICOM;
 /// on refusal, what still identifies it.
 fn validate_prefix(prefix: &[u8], size: u64, limits: &DicomLimits) -> Validated {
     validate_dicom(prefix, size, limits)
-        .map_err(|e| (e, crate::dicom::identify(prefix, size, &limits.prescan)))
+        .map_err(|e| Box::new((e, crate::dicom::identify(prefix, size, &limits.prescan))))
+}
+
+/// A validation's refusal as the pipeline reports it.
+fn refusal((e, known): (crate::dicom::DicomError, Identified)) -> (Error, Identified) {
+    (Error::Dicom(e), known)
 }
 
 /// The chunks (sorted by offset) must cover `0..size` without a gap.
@@ -250,7 +255,7 @@ impl Pipeline {
         let file_id = file.id;
         let back = self.verify_stored(id, file, chunks).await.map_err(plain)?;
         let mut dicom = match back.validated {
-            Some(v) => v.map_err(|(e, known)| (Error::Dicom(e), known))?,
+            Some(v) => v.map_err(|r| refusal(*r))?,
             None => self.validate(back.prefix, file.size).await?,
         };
         let refused = |e: Error, d: &DicomSummary| (e, Identified::from(d));
@@ -445,7 +450,7 @@ impl Pipeline {
                     Identified::default(),
                 )
             })?
-            .map_err(|(e, known)| (Error::Dicom(e), known))
+            .map_err(|r| refusal(*r))
     }
 
     /// Record the file as valid (with its digests) in its session: the

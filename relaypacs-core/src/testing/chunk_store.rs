@@ -119,58 +119,47 @@ pub async fn failed_body_is_not_stored(store: &dyn ChunkStore) {
 /// MiB, not a multiple of any buffer size.
 const WHOLE_FILE_SIZES: [usize; 2] = [700_000, (3 << 20) + 12_345];
 
+/// `data` stored whole by `put_file` as file `k`, sealed as its one
+/// chunk, and read back whole.
+async fn put_whole(store: &dyn ChunkStore, k: FileKey, data: &[u8]) {
+    let size = data.len() as u64;
+    let receipt = store
+        .put_file(k, size, pieces(data, 64 << 10))
+        .await
+        .expect("put_file of a good body");
+    let rec = ChunkRecord {
+        offset: 0,
+        length: size,
+        sha256: Sha256Digest::of(data),
+        receipt,
+    };
+    store.seal_file(k, size, &[rec]).await.expect("seal");
+    assert_eq!(
+        collect(store.read(k, 0..size).await.expect("read"))
+            .await
+            .expect("stream"),
+        data
+    );
+}
+
 /// A file stored whole by `put_file` reads back and seals as one chunk;
 /// a failing body is an error, and once the left-over is deleted the same
 /// file can be stored again.
 pub async fn whole_file_put(store: &dyn ChunkStore) {
     for len in WHOLE_FILE_SIZES {
-        let k = key();
         let data = pattern(7, len);
-        let size = data.len() as u64;
-        let receipt = store
-            .put_file(k, size, pieces(&data, 64 << 10))
-            .await
-            .expect("put_file");
-        let rec = ChunkRecord {
-            offset: 0,
-            length: size,
-            sha256: Sha256Digest::of(&data),
-            receipt,
-        };
-        store.seal_file(k, size, &[rec]).await.expect("seal");
-        assert_eq!(
-            collect(store.read(k, 0..size).await.expect("read"))
-                .await
-                .expect("stream"),
-            data
-        );
-        let k2 = key();
+        put_whole(store, key(), &data).await;
+        let k = key();
         let err = store
-            .put_file(k2, size, failing(&data[..1000]))
+            .put_file(k, len as u64, failing(&data[..1000]))
             .await
             .expect_err("a failing body must fail the put");
         assert!(
             matches!(err.kind(), ErrorKind::Storage),
             "error passed through: {err:?}"
         );
-        store.delete_file(k2).await.expect("delete the left-over");
-        let receipt = store
-            .put_file(k2, size, pieces(&data, 64 << 10))
-            .await
-            .expect("put_file after the failure");
-        let rec = ChunkRecord {
-            offset: 0,
-            length: size,
-            sha256: Sha256Digest::of(&data),
-            receipt,
-        };
-        store.seal_file(k2, size, &[rec]).await.expect("seal");
-        assert_eq!(
-            collect(store.read(k2, 0..size).await.expect("read"))
-                .await
-                .expect("stream"),
-            data
-        );
+        store.delete_file(k).await.expect("delete the left-over");
+        put_whole(store, k, &data).await;
     }
 }
 
@@ -189,23 +178,7 @@ pub async fn whole_file_wrong_length_is_refused(store: &dyn ChunkStore) {
         let long = store.put_file(k, size, pieces(&data, 64 << 10)).await;
         assert!(long.is_err(), "long body for {len} bytes accepted");
         store.delete_file(k).await.expect("delete the left-over");
-        let receipt = store
-            .put_file(k, size, pieces(&data[..len], 64 << 10))
-            .await
-            .expect("put_file of the right length after the refusals");
-        let rec = ChunkRecord {
-            offset: 0,
-            length: size,
-            sha256: Sha256Digest::of(&data[..len]),
-            receipt,
-        };
-        store.seal_file(k, size, &[rec]).await.expect("seal");
-        assert_eq!(
-            collect(store.read(k, 0..size).await.expect("read"))
-                .await
-                .expect("stream"),
-            &data[..len]
-        );
+        put_whole(store, k, &data[..len]).await;
     }
 }
 
@@ -214,19 +187,8 @@ pub async fn whole_file_wrong_length_is_refused(store: &dyn ChunkStore) {
 pub async fn read_outside_is_refused(store: &dyn ChunkStore) {
     for len in WHOLE_FILE_SIZES {
         let k = key();
-        let data = pattern(9, len);
+        put_whole(store, k, &pattern(9, len)).await;
         let size = len as u64;
-        let receipt = store
-            .put_file(k, size, pieces(&data, 64 << 10))
-            .await
-            .expect("put_file");
-        let rec = ChunkRecord {
-            offset: 0,
-            length: size,
-            sha256: Sha256Digest::of(&data),
-            receipt,
-        };
-        store.seal_file(k, size, &[rec]).await.expect("seal");
         for range in [size - 10..size + 1, 0..size + 1] {
             // Refused at once or by the stream, never read as data.
             if let Ok(s) = store.read(k, range.clone()).await {
