@@ -743,6 +743,34 @@ async fn first_file_creates_its_session(db: StateDb, joint: bool) {
     assert_eq!(rec.files.len(), 1);
     p.complete_session(&a, s2).await.unwrap();
     assert_eq!(queued_records(audit.as_ref(), s2).await, 1);
+    // The record its first file's write left (open) is not what the outbox
+    // goes by once another write queued the session.
+    let delivered = |s: SessionId| {
+        let (p, sessions) = (p.clone(), e.sessions.clone());
+        async move {
+            p.attempt_delivery(s, "w", &relaypacs_core::OutboxConfig::default())
+                .await
+                .unwrap();
+            let state = sessions.load_session(s).await.unwrap().value.state;
+            assert!(
+                matches!(state, relaypacs_core::SessionState::Delivered { .. }),
+                "{state:?}"
+            );
+        }
+    };
+    delivered(s2).await;
+    // Queued by its first file, then rewritten behind the pipeline's back:
+    // the lease finds the version moved on, reloads, and delivers.
+    let (s5, done) = ingest_first(&p, &a, &dicom_of_size(&study, 24 << 10), true)
+        .await
+        .unwrap();
+    assert!(done.unwrap().1);
+    let v = e.sessions.load_session(s5).await.unwrap();
+    e.sessions
+        .update_session(&v.value, v.version)
+        .await
+        .unwrap();
+    delivered(s5).await;
 
     // A refused file: the session exists, open and empty, its creation
     // recorded before the refusal; no bytes stay.
