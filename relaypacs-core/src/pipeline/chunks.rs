@@ -632,9 +632,6 @@ impl Pipeline {
         Ok((PutOutcome::Stored { chunk: record }, joint))
     }
 
-    /// Whether the session store appends to the audit sink's own trail
-    /// (one database): a step's state and its audit records then commit in
-    /// one transaction.
     /// Whether [`ingest_first_file`](Self::ingest_first_file) creates its
     /// session in the file's own write (the audit trail is in the state
     /// database); else it creates the session first, and a caller that can
@@ -644,6 +641,9 @@ impl Pipeline {
         self.audit_joins_state()
     }
 
+    /// Whether the session store appends to the audit sink's own trail
+    /// (one database): a step's state and its audit records then commit in
+    /// one transaction.
     pub(crate) fn audit_joins_state(&self) -> bool {
         matches!(
             (self.inner.audit.trail_key(), self.inner.sessions.audit_trail_key()),
@@ -1199,7 +1199,7 @@ impl Pipeline {
         let r = self
             .ingest_file_inner(actor, id, file, bytes, queue, Some(&pending))
             .await;
-        if !pending.unwritten() && !pending.refused() {
+        if pending.written() {
             return Ok((id, r));
         }
         // Not created (at the cap, or the store failed): the file's error is

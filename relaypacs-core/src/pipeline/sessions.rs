@@ -599,9 +599,10 @@ impl PendingSession {
         *lock(&self.state) = state;
     }
 
-    /// The store refused it (the owner is at the cap).
-    pub(super) fn refused(&self) -> bool {
-        matches!(*lock(&self.state), PendingState::Refused)
+    /// Whether it is in the store (written alone or by its first file's
+    /// write).
+    pub(super) fn written(&self) -> bool {
+        matches!(*lock(&self.state), PendingState::Written(_))
     }
 
     /// Still to be written by its first file's write.
