@@ -147,25 +147,18 @@ async fn put_small_file(
     size: u64,
     mut body: ByteStream,
 ) -> Result<String> {
-    let length_error = |actual: u64| {
-        Error::Integrity(relaypacs_core::IntegrityError::ChunkLength {
-            offset: 0,
-            expected: size,
-            actual,
-        })
-    };
     // At most WRITE_BUF (checked by the caller).
     let mut buf = BytesMut::with_capacity(usize::try_from(size).unwrap_or(0));
     while let Some(item) = body.next().await {
         let b = item?;
         let seen = (buf.len() + b.len()) as u64;
         if seen > size {
-            return Err(length_error(seen));
+            return Err(length_mismatch(0, size, seen));
         }
         buf.extend_from_slice(&b);
     }
     if buf.len() as u64 != size {
-        return Err(length_error(buf.len() as u64));
+        return Err(length_mismatch(0, size, buf.len() as u64));
     }
     blocking("store file", move || {
         let f = create_new_file(&dir, &path)?;
@@ -179,6 +172,15 @@ async fn put_small_file(
         Ok(String::new())
     })
     .await
+}
+
+/// A chunk body of `actual` bytes for a placement of `expected` at `offset`.
+fn length_mismatch(offset: u64, expected: u64, actual: u64) -> Error {
+    Error::Integrity(relaypacs_core::IntegrityError::ChunkLength {
+        offset,
+        expected,
+        actual,
+    })
 }
 
 /// A new data file of `put_file` (not there before), its session folder
@@ -345,13 +347,7 @@ impl ChunkStore for LocalChunkStore {
                 Ok(b) => {
                     seen += b.len() as u64;
                     if seen > length {
-                        failure = Some(Error::Integrity(
-                            relaypacs_core::IntegrityError::ChunkLength {
-                                offset,
-                                expected: length,
-                                actual: seen,
-                            },
-                        ));
+                        failure = Some(length_mismatch(offset, length, seen));
                         break;
                     }
                     buf.extend_from_slice(&b);
@@ -367,13 +363,7 @@ impl ChunkStore for LocalChunkStore {
             }
         }
         if failure.is_none() && seen != length {
-            failure = Some(Error::Integrity(
-                relaypacs_core::IntegrityError::ChunkLength {
-                    offset,
-                    expected: length,
-                    actual: seen,
-                },
-            ));
+            failure = Some(length_mismatch(offset, length, seen));
         }
         if failure.is_none() {
             if !buf.is_empty() {
@@ -467,12 +457,11 @@ impl ChunkStore for LocalChunkStore {
             let buf = blocking("read data file", move || read_small(&path, range)).await?;
             return Ok(Box::pin(futures::stream::once(async move { Ok(buf) })));
         }
-        let start = range.start;
         let r = range.clone();
         let f = blocking("open data file", move || {
             use std::io::Seek;
             let mut f = open_range(&path, &r)?;
-            f.seek(std::io::SeekFrom::Start(start))
+            f.seek(std::io::SeekFrom::Start(r.start))
                 .map_err(|e| Error::io("seek data file", e))?;
             Ok(f)
         })

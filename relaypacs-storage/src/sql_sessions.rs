@@ -276,12 +276,9 @@ impl SqlSessionStore {
             Self::put_file(&mut tx, &sid, file, body).await?;
         }
         Self::insert_chunks(&mut tx, session.id, chunks).await?;
-        if let Some(claim) = claim {
-            let held = Self::claim_in(&mut tx, claim).await?;
-            if !held.held_by(claim.session, claim.file) {
-                tx.rollback().await.map_err(|e| db_err(OP, e))?;
-                return Ok(Some(ClaimedWrite::Held(held)));
-            }
+        if let Some(held) = Self::claim_unless_held(&mut tx, claim).await? {
+            tx.rollback().await.map_err(|e| db_err(OP, e))?;
+            return Ok(Some(ClaimedWrite::Held(held)));
         }
         // The session, its files, their chunks and claim and, with
         // `audit`, its audit records; the commit also releases the owner's
@@ -342,13 +339,11 @@ impl SqlSessionStore {
     ) -> Result<ClaimedWrite> {
         const OP: &str = "record file";
         let (_turn, mut tx) = self.db.begin_write(OP).await?;
-        Self::write_file_with_chunks(&mut tx, session, expected, chunks).await?;
-        if let Some(claim) = claim {
-            let held = Self::claim_in(&mut tx, claim).await?;
-            if !held.held_by(claim.session, claim.file) {
-                tx.rollback().await.map_err(|e| db_err(OP, e))?;
-                return Ok(ClaimedWrite::Held(held));
-            }
+        Self::write_scope(&mut tx, session, expected).await?;
+        Self::insert_chunks(&mut tx, session.id, chunks).await?;
+        if let Some(held) = Self::claim_unless_held(&mut tx, claim).await? {
+            tx.rollback().await.map_err(|e| db_err(OP, e))?;
+            return Ok(ClaimedWrite::Held(held));
         }
         // Crash-safe point: the commit (WAL fsync / PostgreSQL commit) of
         // the file, its chunks, its claim and, with `audit`, its records.
@@ -604,16 +599,18 @@ impl SqlSessionStore {
         Ok((value, num(0)?, num(2)?, num(3)?))
     }
 
-    /// The writes of [`update_file_scope_with_chunks`](SessionStore::update_file_scope_with_chunks)
-    /// inside the caller's transaction.
-    async fn write_file_with_chunks(
+    /// With `claim`, claim its instance inside the caller's transaction:
+    /// the claim in force when another file holds it (the caller then
+    /// drops the transaction: nothing of its write stays), else `None`.
+    async fn claim_unless_held(
         tx: &mut sqlx::AnyConnection,
-        session: &SessionRecord,
-        expected: u64,
-        chunks: &[(FileId, ChunkRecord)],
-    ) -> Result<()> {
-        Self::write_scope(&mut *tx, session, expected).await?;
-        Self::insert_chunks(tx, session.id, chunks).await
+        claim: Option<&InstanceClaim>,
+    ) -> Result<Option<InstanceClaim>> {
+        let Some(claim) = claim else {
+            return Ok(None);
+        };
+        let held = Self::claim_in(tx, claim).await?;
+        Ok((!held.held_by(claim.session, claim.file)).then_some(held))
     }
 
     /// Record `chunks` of session `id` (inside the caller's transaction);

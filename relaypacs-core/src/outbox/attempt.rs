@@ -625,7 +625,7 @@ impl Pipeline {
     async fn record_attempt(
         &self,
         id: SessionId,
-        head: Versioned<SessionRecord>,
+        current: Versioned<SessionRecord>,
         worker: &str,
         state: &SessionState,
         confirmed: &BTreeMap<String, Verification>,
@@ -638,10 +638,10 @@ impl Pipeline {
             OutboxEvent::Retrying { next, .. } => Some(*next),
             _ => None,
         };
-        // The head as the lease wrote it: while this worker holds the
-        // lease nothing else writes the entry, and if something did, the
-        // conditional write below fails, reloads and checks the lease.
-        let current = head;
+        // `current` is the head as the lease wrote it: while this worker
+        // holds the lease nothing else writes the entry, and if something
+        // did, the conditional write below fails, reloads and checks the
+        // lease.
         let change = |r: &mut SessionRecord| {
             if r.delivery.lease_owner.as_deref() != Some(worker) {
                 return Err(Error::conflict(

@@ -760,32 +760,29 @@ impl Pipeline {
         header_cap: u64,
         limits: DicomLimits,
     ) -> Result<ReadBack> {
+        let stored_size = |actual| IntegrityError::StoredSize {
+            expected: size,
+            actual,
+        };
         let mut bufs = Vec::new();
         let mut pos = 0u64;
         while let Some(item) = stream.next().await {
             let b = item?;
             pos += b.len() as u64;
             if pos > size {
-                return Err(IntegrityError::StoredSize {
-                    expected: size,
-                    actual: pos,
-                }
-                .into());
+                return Err(stored_size(pos).into());
             }
             bufs.push(b);
         }
         if pos != size {
-            return Err(IntegrityError::StoredSize {
-                expected: size,
-                actual: pos,
-            }
-            .into());
+            return Err(stored_size(pos).into());
         }
-        let meta_cap = usize::try_from(header_cap).unwrap_or(usize::MAX);
-        let cap = usize::try_from(header_cap).unwrap_or(0);
+        // At most the file's size, at most ONE_THREAD_READ_BACK (the
+        // caller's condition): it fits a usize.
+        let cap = usize::try_from(header_cap.min(size)).unwrap_or(0);
         tokio::task::spawn_blocking(move || -> Result<ReadBack> {
             let mut whole = Sha256::new();
-            let mut set = Part10Hasher::data_set_only(meta_cap);
+            let mut set = Part10Hasher::data_set_only(cap);
             let mut prefix = Vec::with_capacity(cap);
             for b in &bufs {
                 // Both passes over one slice while it is in the cache.
