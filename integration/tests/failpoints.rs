@@ -19,9 +19,10 @@ use relaypacs_integration::{Embedded, PgCluster, StateDb, dicom_of_size, new_stu
 
 /// The storage calls an upload makes that can fail, counted together
 /// across the chunk store and the session store.
-pub(crate) const WATCHED: [Op; 8] = [
+pub(crate) const WATCHED: [Op; 9] = [
     Op::CreateFile,
     Op::PutChunk,
+    Op::SyncFile,
     Op::SealFile,
     Op::ReadFile,
     Op::CreateSession,

@@ -431,6 +431,7 @@ async fn every_failpoint(db: impl Fn() -> StateDb, joint: bool, queue: bool) {
     let watched = [
         Op::CreateFile,
         Op::PutChunk,
+        Op::SyncFile,
         Op::SealFile,
         Op::ReadFile,
         Op::UpdateSession,
@@ -1044,4 +1045,166 @@ async fn every_failpoint_of_a_first_file_keeps_a_whole_session_or_none_on_sqlite
 async fn every_failpoint_of_a_first_file_keeps_a_whole_session_or_none_on_postgres() {
     let cluster = PgCluster::start();
     every_first_file_failpoint(|| cluster.fresh_db(), true).await;
+}
+
+/// A chunk store that keeps other bytes than it was given for a whole
+/// file: the byte at `at` of every `put_file`/`put_file_syncing` body is
+/// flipped on its way in, after the pipeline hashed it.
+#[derive(Debug)]
+struct Flipping {
+    inner: relaypacs_storage::LocalChunkStore,
+    at: u64,
+}
+
+impl std::fmt::Display for Flipping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "flipping({})", self.inner)
+    }
+}
+
+impl Flipping {
+    fn flip(&self, body: relaypacs_core::ByteStream) -> relaypacs_core::ByteStream {
+        use futures::StreamExt;
+        let at = self.at;
+        let mut pos = 0u64;
+        Box::pin(body.map(move |item| {
+            item.map(|b| {
+                let start = pos;
+                pos += b.len() as u64;
+                if (start..pos).contains(&at) {
+                    let mut v = b.to_vec();
+                    v[(at - start) as usize] ^= 0x40;
+                    bytes::Bytes::from(v)
+                } else {
+                    b
+                }
+            })
+        }))
+    }
+}
+
+#[async_trait::async_trait]
+impl relaypacs_core::ChunkStore for Flipping {
+    async fn create_file(
+        &self,
+        key: relaypacs_core::FileKey,
+        size: u64,
+    ) -> relaypacs_core::Result<()> {
+        self.inner.create_file(key, size).await
+    }
+
+    async fn put_chunk(
+        &self,
+        key: relaypacs_core::FileKey,
+        placement: relaypacs_core::ChunkPlacement,
+        body: relaypacs_core::ByteStream,
+    ) -> relaypacs_core::Result<String> {
+        self.inner.put_chunk(key, placement, body).await
+    }
+
+    async fn put_file(
+        &self,
+        key: relaypacs_core::FileKey,
+        size: u64,
+        body: relaypacs_core::ByteStream,
+    ) -> relaypacs_core::Result<String> {
+        self.inner.put_file(key, size, self.flip(body)).await
+    }
+
+    async fn put_file_syncing(
+        &self,
+        key: relaypacs_core::FileKey,
+        size: u64,
+        body: relaypacs_core::ByteStream,
+    ) -> relaypacs_core::Result<(String, relaypacs_core::Syncing)> {
+        self.inner
+            .put_file_syncing(key, size, self.flip(body))
+            .await
+    }
+
+    async fn seal_file(
+        &self,
+        key: relaypacs_core::FileKey,
+        size: u64,
+        chunks: &[relaypacs_core::ChunkRecord],
+    ) -> relaypacs_core::Result<()> {
+        self.inner.seal_file(key, size, chunks).await
+    }
+
+    async fn read(
+        &self,
+        key: relaypacs_core::FileKey,
+        range: std::ops::Range<u64>,
+    ) -> relaypacs_core::Result<relaypacs_core::ByteStream> {
+        self.inner.read(key, range).await
+    }
+
+    async fn delete_file(&self, key: relaypacs_core::FileKey) -> relaypacs_core::Result<()> {
+        self.inner.delete_file(key).await
+    }
+
+    async fn delete_session(&self, session: SessionId) -> relaypacs_core::Result<()> {
+        self.inner.delete_session(session).await
+    }
+}
+
+/// A store that keeps other bytes than it acknowledged is caught by the
+/// read-back of `ingest_file`, whichever way the file is proven: compared
+/// with the bytes received (a small file), or hashed streaming (a file of
+/// several MiB); a flipped first or last byte alike. The file is not
+/// recorded, its bytes are removed, the failure is audited, and a good
+/// store then takes the same file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_keeping_other_bytes_is_caught_by_the_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Embedded::open(dir.path(), PipelineConfig::default())
+        .await
+        .unwrap();
+    let a = Actor::user("alice");
+    for size in [100 << 10, (1 << 20) + 500_000, (3 << 20) + 7] {
+        let data = dicom_of_size(&new_study(), size);
+        for at in [0, data.len() as u64 - 1] {
+            let p = Pipeline::new(
+                Arc::new(Flipping {
+                    inner: e.chunks.clone(),
+                    at,
+                }),
+                Arc::new(e.sessions.clone()),
+                Arc::new(e.archive.clone()),
+                Arc::new(e.audit.clone()),
+                PipelineConfig::default(),
+            );
+            let s = open_session(&p, &a).await.unwrap();
+            let err = ingest(&p, &a, s, &data).await.unwrap_err();
+            assert!(
+                matches!(
+                    err.root(),
+                    Error::Integrity(relaypacs_core::IntegrityError::StoredChunkCorrupt {
+                        offset: 0,
+                        ..
+                    })
+                ),
+                "{size} bytes, flipped at {at}: {err:?}"
+            );
+            let scope = e.sessions.load_session(s).await.unwrap();
+            assert!(scope.value.files.is_empty(), "a corrupt file was recorded");
+            assert_eq!(stored_files(&e, s), 0, "a corrupt file's bytes stayed");
+            let failed = e
+                .audit
+                .events()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|ev| {
+                    ev.session == Some(s)
+                        && ev.action == AuditAction::FileCompleted
+                        && ev.outcome != AuditOutcome::Success
+                })
+                .count();
+            assert_eq!(failed, 1, "the corruption is audited");
+            let f = ingest(&e.pipeline, &a, s, &data).await.unwrap();
+            assert!(matches!(f.state, FileState::Valid { .. }));
+        }
+    }
+    e.close().await;
 }

@@ -10,6 +10,11 @@ use crate::error::{Error, Result};
 use crate::ids::{FileId, SessionId};
 use crate::model::ChunkRecord;
 
+/// The rest of a [`ChunkStore::put_file_syncing`]: resolves once the file
+/// is durable (its sync runs whether or not this is polled), or with the
+/// error that kept it from being durable.
+pub type Syncing = futures::future::BoxFuture<'static, Result<()>>;
+
 /// Addresses one file of one session in a store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileKey {
@@ -91,6 +96,25 @@ pub trait ChunkStore: Debug + Display + Send + Sync + 'static {
         self.put_chunk(key, placement, body).await
     }
 
+    /// [`put_file`](Self::put_file) in two steps, for a caller with work to
+    /// do while the disk syncs (the pipeline reads a new file back and
+    /// validates it meanwhile). When `Ok` returns, the file is written: it
+    /// can be sealed and read like a stored file, but it is **durable only
+    /// once the returned [`Syncing`] resolves `Ok`**, and nothing may
+    /// record it before then. On error, of either step, nothing of it is
+    /// readable as stored data once [`delete_file`](Self::delete_file)
+    /// removes the left-over. The default is `put_file`, with nothing left
+    /// to wait for.
+    async fn put_file_syncing(
+        &self,
+        key: FileKey,
+        size: u64,
+        body: ByteStream,
+    ) -> Result<(String, Syncing)> {
+        let receipt = self.put_file(key, size, body).await?;
+        Ok((receipt, Box::pin(futures::future::ready(Ok(())))))
+    }
+
     /// Make the complete file durable and readable as one object.
     async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()>;
 
@@ -148,6 +172,15 @@ macro_rules! forward_chunk_store {
 
             async fn put_file(&self, key: FileKey, size: u64, body: ByteStream) -> Result<String> {
                 (**self).put_file(key, size, body).await
+            }
+
+            async fn put_file_syncing(
+                &self,
+                key: FileKey,
+                size: u64,
+                body: ByteStream,
+            ) -> Result<(String, Syncing)> {
+                (**self).put_file_syncing(key, size, body).await
             }
 
             async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()> {

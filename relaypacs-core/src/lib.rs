@@ -45,7 +45,7 @@ pub mod testing;
 /// crate implements them without its own `async-trait` dependency.
 pub use async_trait::async_trait;
 pub use audit::{AuditAction, AuditEvent, AuditOutcome, AuditSink};
-pub use chunk_store::{ChunkPlacement, ChunkStore, FileKey};
+pub use chunk_store::{ChunkPlacement, ChunkStore, FileKey, Syncing};
 pub use digest::{ByteStream, Sha256Digest, VerifyingStream, bytes_stream};
 pub use error::{Error, ErrorKind, IntegrityError, Result, StorageErrorKind};
 pub use ids::{Actor, FileId, SessionId, Uid};

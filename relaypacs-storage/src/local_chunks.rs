@@ -1,6 +1,6 @@
 //! [`LocalChunkStore`]: chunks written in place into one file per upload.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use relaypacs_core::{
-    ByteStream, ChunkPlacement, ChunkRecord, ChunkStore, Error, FileKey, Result, SessionId,
+    ByteStream, ChunkPlacement, ChunkRecord, ChunkStore, Error, FileKey, Result, SessionId, Syncing,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
@@ -49,6 +49,11 @@ struct Inner {
     _lock: File,
     writers: Mutex<HashMap<FileKey, Vec<Range<u64>>>>,
     writer_done: Notify,
+    /// Session folders made by `put_file_syncing` whose names are not yet
+    /// durable in the root (their sync is still running): another file
+    /// written into one syncs the root too, so it never depends on a sync
+    /// it does not wait for.
+    unsynced_dirs: Mutex<HashSet<SessionId>>,
 }
 
 impl fmt::Debug for LocalChunkStore {
@@ -102,6 +107,7 @@ impl LocalChunkStore {
                 _lock: lock,
                 writers: Mutex::new(HashMap::new()),
                 writer_done: Notify::new(),
+                unsynced_dirs: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -136,18 +142,11 @@ impl LocalChunkStore {
     }
 }
 
-/// [`ChunkStore::put_file`] of at most [`WRITE_BUF`] bytes: the body is
-/// gathered first (a body that fails or has another length creates
-/// nothing), then one blocking thread creates, writes and syncs, the same
-/// three syncs as the streamed path (the folders' names, the bytes with the
-/// size, the file's name) without its thread trips and writer channel.
-async fn put_small_file(
-    dir: PathBuf,
-    path: PathBuf,
-    size: u64,
-    mut body: ByteStream,
-) -> Result<String> {
-    // At most WRITE_BUF (checked by the caller).
+/// The body of a whole file of `size` bytes, at most [`WRITE_BUF`]
+/// (checked by the caller), gathered: a body that fails or has another
+/// length is an error before anything is created.
+async fn gather(size: u64, mut body: ByteStream) -> Result<BytesMut> {
+    // At most WRITE_BUF (checked by the caller), so this fits a usize.
     let mut buf = BytesMut::with_capacity(usize::try_from(size).unwrap_or(0));
     while let Some(item) = body.next().await {
         let b = item?;
@@ -160,18 +159,7 @@ async fn put_small_file(
     if buf.len() as u64 != size {
         return Err(length_mismatch(0, size, buf.len() as u64));
     }
-    blocking("store file", move || {
-        let f = create_new_file(&dir, &path)?;
-        f.write_all_at(&buf, 0)
-            .map_err(|e| Error::io("write chunk", e))?;
-        // Durable: the bytes and the size together, then the name. Until
-        // this returns nothing records the file, so a crash in between
-        // leaves at most an unrecorded file for the orphan sweep.
-        f.sync_data().map_err(|e| Error::io("fdatasync chunk", e))?;
-        fsync_dir(&dir)?;
-        Ok(String::new())
-    })
-    .await
+    Ok(buf)
 }
 
 /// A chunk body of `actual` bytes for a placement of `expected` at `offset`.
@@ -188,6 +176,11 @@ fn length_mismatch(offset: u64, expected: u64, actual: u64) -> Error {
 /// file's is the caller's to make durable.
 fn create_new_file(dir: &Path, path: &Path) -> Result<File> {
     create_dir_durable(dir)?;
+    open_new(path)
+}
+
+/// A new data file at `path` (not there before), in a folder that exists.
+fn open_new(path: &Path) -> Result<File> {
     match OpenOptions::new().write(true).create_new(true).open(path) {
         Ok(f) => Ok(f),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -396,11 +389,13 @@ impl ChunkStore for LocalChunkStore {
     /// so a crash in between leaves at most an unrecorded file for the
     /// orphan sweep.
     async fn put_file(&self, key: FileKey, size: u64, body: ByteStream) -> Result<String> {
+        if size <= WRITE_BUF as u64 {
+            let (receipt, syncing) = self.put_file_syncing(key, size, body).await?;
+            syncing.await?;
+            return Ok(receipt);
+        }
         let dir = self.session_dir(key.session);
         let path = self.data_path(key);
-        if size <= WRITE_BUF as u64 {
-            return put_small_file(dir, path, size, body).await;
-        }
         blocking("create file", move || {
             create_new_file(&dir, &path)?
                 .set_len(size)
@@ -417,6 +412,72 @@ impl ChunkStore for LocalChunkStore {
         let dir = self.session_dir(key.session);
         blocking("fsync session folder", move || fsync_dir(&dir)).await?;
         Ok(receipt)
+    }
+
+    /// A file of at most [`WRITE_BUF`] bytes: its body gathered first (a
+    /// body that fails or has another length creates nothing), then one
+    /// blocking call creates and writes it, and another, started before
+    /// this returns, makes it durable with the same three syncs as
+    /// `put_file`: the session folder's name in the root (when this or
+    /// another unsynced write made the folder), the bytes with the size
+    /// (`fdatasync`), the file's name (fsync of the session folder). Larger
+    /// files are `put_file`'s, durable on return.
+    async fn put_file_syncing(
+        &self,
+        key: FileKey,
+        size: u64,
+        body: ByteStream,
+    ) -> Result<(String, Syncing)> {
+        if size > WRITE_BUF as u64 {
+            let receipt = self.put_file(key, size, body).await?;
+            return Ok((receipt, Box::pin(futures::future::ready(Ok(())))));
+        }
+        let buf = gather(size, body).await?;
+        let dir = self.session_dir(key.session);
+        let path = self.data_path(key);
+        let inner = self.inner.clone();
+        let session = key.session;
+        let (f, dir, made_dir, sync_root) = blocking("store file", move || {
+            let made_dir = match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    lock(&inner.unsynced_dirs).insert(session);
+                    true
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(Error::io("create session folder", e)),
+            };
+            let sync_root = made_dir || lock(&inner.unsynced_dirs).contains(&session);
+            let f = open_new(&path)?;
+            f.write_all_at(&buf, 0)
+                .map_err(|e| Error::io("write chunk", e))?;
+            Ok((f, dir, made_dir, sync_root))
+        })
+        .await?;
+        let inner = self.inner.clone();
+        // Durable when this resolves: until then nothing records the file
+        // (the trait's contract), so a crash before leaves at most an
+        // unrecorded file, or folder, for the orphan sweep.
+        let sync = tokio::task::spawn_blocking(move || -> Result<()> {
+            f.sync_data().map_err(|e| Error::io("fdatasync chunk", e))?;
+            fsync_dir(&dir)?;
+            if sync_root {
+                fsync_dir(&inner.root)?;
+            }
+            if made_dir {
+                lock(&inner.unsynced_dirs).remove(&session);
+            }
+            Ok(())
+        });
+        let syncing: Syncing = Box::pin(async move {
+            sync.await.map_err(|e| {
+                Error::storage(
+                    relaypacs_core::StorageErrorKind::Io,
+                    "sync file",
+                    e.to_string(),
+                )
+            })?
+        });
+        Ok((String::new(), syncing))
     }
 
     async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()> {

@@ -3,7 +3,7 @@
 //! segments under one reservation, and a whole file put through the same
 //! rules.
 
-use super::completion::AuditPlan;
+use super::completion::{AuditPlan, ONE_THREAD_READ_BACK, Written};
 use super::*;
 
 /// What [`Pipeline::put_chunk`] did.
@@ -723,35 +723,61 @@ impl Pipeline {
         chunk: PutChunk,
         body: ByteStream,
     ) -> Result<ChunkRecord> {
-        self.store_verified(key, chunk, body, false).await
+        self.store_verified(key, chunk, body, false)
+            .await
+            .map(|(c, _)| c)
     }
 
     /// [`store_chunk`](Self::store_chunk); with `new_file`, the chunk is a
     /// whole new file (`0..size`), created and stored by one
-    /// [`ChunkStore::put_file`].
+    /// [`ChunkStore::put_file_syncing`], and returned with what the
+    /// pipeline holds of it ([`Written`]): the file is durable (and may be
+    /// recorded) only once its sync resolves.
     async fn store_verified(
         &self,
         key: FileKey,
         chunk: PutChunk,
         body: ByteStream,
         new_file: bool,
-    ) -> Result<ChunkRecord> {
+    ) -> Result<(ChunkRecord, Option<Written>)> {
         let (verifying, slot) =
             VerifyingStream::new(body, chunk.offset, chunk.length, chunk.sha256);
         let placement = ChunkPlacement {
             offset: chunk.offset,
             length: chunk.length,
         };
-        let receipt = if new_file {
-            self.inner
+        let (receipt, written) = if new_file {
+            // A file the read-back proves on one thread: the verified
+            // buffers the store took are kept (shared, not copied), so
+            // that the read-back compares the stored bytes with them
+            // instead of hashing them again (see `read_back_small`).
+            let kept =
+                (chunk.length <= ONE_THREAD_READ_BACK).then(|| Arc::new(Mutex::new(Vec::new())));
+            let body: ByteStream = match &kept {
+                Some(kept) => {
+                    let kept = kept.clone();
+                    Box::pin(verifying.inspect(move |item| {
+                        if let Ok(b) = item {
+                            lock(&kept).push(b.clone());
+                        }
+                    }))
+                }
+                None => Box::pin(verifying),
+            };
+            let (r, syncing) = self
+                .inner
                 .chunks
-                .put_file(key, chunk.length, Box::pin(verifying))
-                .await?
+                .put_file_syncing(key, chunk.length, body)
+                .await?;
+            let received = kept.map(|k| std::mem::take(&mut *lock(&k)));
+            (r, Some(Written { syncing, received }))
         } else {
-            self.inner
+            let r = self
+                .inner
                 .chunks
                 .put_chunk(key, placement, Box::pin(verifying))
-                .await?
+                .await?;
+            (r, None)
         };
         let sha256 = slot.get().ok_or_else(|| {
             Error::storage(
@@ -763,12 +789,13 @@ impl Pipeline {
                 ),
             )
         })?;
-        Ok(ChunkRecord {
+        let record = ChunkRecord {
             offset: chunk.offset,
             length: chunk.length,
             sha256,
             receipt,
-        })
+        };
+        Ok((record, written))
     }
 
     /// Keep the session's activity time fresh for expiry: at most once a
@@ -1312,9 +1339,11 @@ impl Pipeline {
             length: file.size,
             sha256: None,
         };
-        // Durable before the file is written: put_file (the new file's
-        // name, size and bytes).
-        let chunk = match self.store_verified(key, spec, bytes, true).await {
+        // Written here; durable (the new file's name, size and bytes) once
+        // its sync resolves, which prove_and_record awaits after the
+        // read-back and validation (they run while the disk syncs) and
+        // before anything records the file.
+        let (chunk, written) = match self.store_verified(key, spec, bytes, true).await {
             Ok(c) => c,
             Err(e) => {
                 self.discard_area(key).await;
@@ -1361,6 +1390,7 @@ impl Pipeline {
                 plan,
                 queued_template.as_ref(),
                 pending,
+                written,
             )
             .await
         {

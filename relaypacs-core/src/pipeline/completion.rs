@@ -72,14 +72,59 @@ struct ReadBack {
     data_set_sha256: Option<Sha256Digest>,
 }
 
+/// What the pipeline holds of a whole new file it wrote with
+/// [`ChunkStore::put_file_syncing`].
+pub(super) struct Written {
+    /// The rest of the file's sync: nothing records the file before it
+    /// resolves `Ok`.
+    pub(super) syncing: Syncing,
+    /// The verified buffers the store took (for a file of at most
+    /// [`ONE_THREAD_READ_BACK`] bytes), whose digest the file's one chunk
+    /// is recorded with: the read-back compares the stored bytes with
+    /// them instead of hashing them again.
+    pub(super) received: Option<Vec<bytes::Bytes>>,
+}
+
 /// A stored file of one chunk up to this size is read back on one thread
 /// ([`Pipeline::read_back_small`]): at most this much is held per
 /// completion, and a typical CT or MR instance fits.
-const ONE_THREAD_READ_BACK: u64 = 2 << 20;
+pub(super) const ONE_THREAD_READ_BACK: u64 = 2 << 20;
 
 /// Bytes hashed by one pass before the other takes them (both while they
 /// are in the cache).
 const PASS_SLICE: usize = 64 << 10;
+
+/// Whether two lists of buffers hold the same bytes, however each is cut.
+fn same_bytes(a: &[bytes::Bytes], b: &[bytes::Bytes]) -> bool {
+    let total = |v: &[bytes::Bytes]| v.iter().map(|x| x.len()).sum::<usize>();
+    if total(a) != total(b) {
+        return false;
+    }
+    let (mut a, mut b) = (a.iter().flat_map(|x| x.chunks(PASS_SLICE)), b.iter());
+    let (mut x, mut y): (&[u8], &[u8]) = (&[], &[]);
+    loop {
+        if x.is_empty() {
+            match a.next() {
+                Some(n) => x = n,
+                None => return y.is_empty() && b.all(|r| r.is_empty()),
+            }
+            continue;
+        }
+        if y.is_empty() {
+            match b.next() {
+                Some(n) => y = n,
+                None => return false,
+            }
+            continue;
+        }
+        let n = x.len().min(y.len());
+        if x[..n] != y[..n] {
+            return false;
+        }
+        x = &x[n..];
+        y = &y[n..];
+    }
+}
 
 /// A header's validation: the summary, or the refusal with what
 /// identifies the file.
@@ -220,7 +265,7 @@ impl Pipeline {
             .chunks(id, file.id)
             .await
             .map_err(plain)?;
-        self.prove_and_record(id, &file, &chunks, current, false, None, None, None)
+        self.prove_and_record(id, &file, &chunks, current, false, None, None, None, None)
             .await
             .map(|r| r.file)
     }
@@ -238,7 +283,10 @@ impl Pipeline {
     /// new file only, with `audit`), `current` is that session not yet
     /// written (version 0), and the file's write creates it; when the file
     /// has to go the long way (another file holds its instance), the
-    /// session is written first.
+    /// session is written first. With `written` (a new file only), the
+    /// file was written by [`ChunkStore::put_file_syncing`]: it is read
+    /// back and validated while its sync runs, and nothing is written
+    /// before the sync resolves `Ok`.
     #[allow(clippy::too_many_arguments)] // private; each argument is one step's input
     pub(super) async fn prove_and_record(
         &self,
@@ -250,10 +298,18 @@ impl Pipeline {
         audit: Option<AuditPlan<'_>>,
         queue: Option<&AuditEvent>,
         pending: Option<&PendingSession>,
+        written: Option<Written>,
     ) -> std::result::Result<Recorded, (Error, Identified)> {
         let plain = |e: Error| (e, Identified::default());
         let file_id = file.id;
-        let back = self.verify_stored(id, file, chunks).await.map_err(plain)?;
+        let (syncing, received) = match written {
+            Some(w) => (Some(w.syncing), w.received),
+            None => (None, None),
+        };
+        let back = self
+            .verify_stored(id, file, chunks, received)
+            .await
+            .map_err(plain)?;
         let mut dicom = match back.validated {
             Some(v) => v.map_err(|r| refusal(*r))?,
             None => self.validate(back.prefix, file.size).await?,
@@ -269,6 +325,10 @@ impl Pipeline {
             )
         })?;
         let digests = (back.sha256, data_set_sha256);
+        // Durable before any write records the file (or claims for it).
+        if let Some(syncing) = syncing {
+            syncing.await.map_err(|e| refused(e, &dicom))?;
+        }
         if new {
             // A new file claims its instance in its own write (one
             // transaction): the common case, a UID nobody holds. Only when
@@ -388,12 +448,14 @@ impl Pipeline {
     /// The file's stored bytes, proven: its chunks tile the file, every
     /// one still hashes to what was acknowledged, and the whole file
     /// matches its declared SHA-256 (when one was declared). The store
-    /// seals the file first.
+    /// seals the file first. With `received` (the buffers a new file of
+    /// one chunk was stored from), see [`read_back_small`](Self::read_back_small).
     async fn verify_stored(
         &self,
         id: SessionId,
         file: &FileRecord,
         chunks: &[ChunkRecord],
+        received: Option<Vec<bytes::Bytes>>,
     ) -> Result<ReadBack> {
         check_tiled(chunks, file.size)?;
         let key = FileKey {
@@ -410,7 +472,7 @@ impl Pipeline {
         // times (whole file and data set).
         let per_chunk = file.sha256.is_none();
         let back = self
-            .read_back(key, file.size, chunks, header_cap, per_chunk)
+            .read_back(key, file.size, chunks, header_cap, per_chunk, received)
             .await?;
         if let Some(expected) = file.sha256
             && expected != back.sha256
@@ -419,7 +481,7 @@ impl Pipeline {
                 // Which chunk changed since it was acknowledged, if one
                 // did (StoredChunkCorrupt names it); else the chunks are
                 // what arrived and the client's declaration differs.
-                self.read_back(key, file.size, chunks, header_cap, true)
+                self.read_back(key, file.size, chunks, header_cap, true, None)
                     .await?;
             }
             return Err(IntegrityError::FileHash {
@@ -753,12 +815,20 @@ impl Pipeline {
     /// set's) and keeps the header. For a typical instance (0.1-1 MiB) the
     /// three threads and their channels of the general case cost more in
     /// wake-ups than the passes they run side by side.
+    ///
+    /// With `received` (the buffers the file was stored from, which hash
+    /// to `expect`: the chunk's digest was computed from them as they went
+    /// to the store), the stored bytes are compared with them instead of
+    /// hashed: equal bytes have equal digests, so the proof is the same
+    /// and one SHA-256 pass is saved. Only a mismatch is hashed, to report
+    /// the stored bytes' digest.
     async fn read_back_small(
         mut stream: ByteStream,
         size: u64,
         expect: Sha256Digest,
         header_cap: u64,
         limits: DicomLimits,
+        received: Option<Vec<bytes::Bytes>>,
     ) -> Result<ReadBack> {
         let stored_size = |actual| IntegrityError::StoredSize {
             expected: size,
@@ -781,13 +851,16 @@ impl Pipeline {
         // caller's condition): it fits a usize.
         let cap = usize::try_from(header_cap.min(size)).unwrap_or(0);
         tokio::task::spawn_blocking(move || -> Result<ReadBack> {
-            let mut whole = Sha256::new();
+            // Without the received bytes, the stored ones are hashed.
+            let mut whole = received.is_none().then(Sha256::new);
             let mut set = Part10Hasher::data_set_only(cap);
             let mut prefix = Vec::with_capacity(cap);
             for b in &bufs {
                 // Both passes over one slice while it is in the cache.
                 for part in b.chunks(PASS_SLICE) {
-                    whole.update(part);
+                    if let Some(whole) = &mut whole {
+                        whole.update(part);
+                    }
                     set.update(part);
                 }
                 if prefix.len() < cap {
@@ -795,8 +868,16 @@ impl Pipeline {
                     prefix.extend_from_slice(&b[..take]);
                 }
             }
-            let got = Sha256Digest(whole.finalize().into());
-            if got != expect {
+            let same = match &received {
+                Some(received) => same_bytes(&bufs, received),
+                None => whole.map(|w| Sha256Digest(w.finalize().into())) == Some(expect),
+            };
+            if !same {
+                let mut whole = Sha256::new();
+                for b in &bufs {
+                    whole.update(b);
+                }
+                let got = Sha256Digest(whole.finalize().into());
                 return Err(IntegrityError::StoredChunkCorrupt {
                     offset: 0,
                     expected: expect.to_hex(),
@@ -847,6 +928,7 @@ impl Pipeline {
         chunks: &[ChunkRecord],
         header_cap: u64,
         per_chunk: bool,
+        received: Option<Vec<bytes::Bytes>>,
     ) -> Result<ReadBack> {
         // A one-chunk file is proven by its chunk's digest (see below).
         let one_chunk = match chunks {
@@ -859,7 +941,7 @@ impl Pipeline {
             && size <= ONE_THREAD_READ_BACK
         {
             let limits = self.inner.config.dicom.clone();
-            return Self::read_back_small(stream, size, expect, header_cap, limits).await;
+            return Self::read_back_small(stream, size, expect, header_cap, limits, received).await;
         }
         // Two hashers on two blocking threads (one per core): one checks
         // each chunk against its recorded digest (only with `per_chunk`;
@@ -1000,5 +1082,46 @@ impl Pipeline {
             whole.sha256 = chunk;
         }
         Ok(whole)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    use super::same_bytes;
+
+    /// `data` cut at `cuts` (positions taken modulo its length).
+    fn cut(data: &[u8], cuts: &[usize]) -> Vec<Bytes> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+        at.push(0);
+        at.push(data.len());
+        at.sort_unstable();
+        at.windows(2)
+            .map(|w| Bytes::copy_from_slice(&data[w[0]..w[1]]))
+            .collect()
+    }
+
+    proptest! {
+        /// The same bytes cut two ways are the same; one flipped byte, one
+        /// byte more or one byte fewer is not.
+        #[test]
+        fn same_bytes_ignores_cuts_and_sees_every_byte(
+            data in proptest::collection::vec(any::<u8>(), 1..100_000),
+            a in proptest::collection::vec(any::<usize>(), 0..8),
+            b in proptest::collection::vec(any::<usize>(), 0..8),
+            flip in any::<usize>(),
+        ) {
+            let left = cut(&data, &a);
+            prop_assert!(same_bytes(&left, &cut(&data, &b)));
+            let mut other = data.clone();
+            other[flip % data.len()] ^= 1;
+            prop_assert!(!same_bytes(&left, &cut(&other, &b)));
+            prop_assert!(!same_bytes(&left, &cut(&data[1..], &b)));
+            let mut longer = data.clone();
+            longer.push(0);
+            prop_assert!(!same_bytes(&left, &cut(&longer, &b)));
+        }
     }
 }

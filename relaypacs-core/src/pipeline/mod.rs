@@ -33,7 +33,7 @@ use time::OffsetDateTime;
 use tokio::sync::RwLock;
 
 use crate::audit::{AuditAction, AuditEvent, AuditOutcome, AuditSink};
-use crate::chunk_store::{ChunkPlacement, ChunkStore, FileKey};
+use crate::chunk_store::{ChunkPlacement, ChunkStore, FileKey, Syncing};
 use crate::dicom::{DicomLimits, Identified, Part10Hasher, validate_dicom};
 use crate::digest::{ByteStream, Sha256Digest, VerifyingStream};
 use crate::error::{Error, ErrorKind, IntegrityError, Result};

@@ -163,6 +163,75 @@ pub async fn whole_file_put(store: &dyn ChunkStore) {
     }
 }
 
+/// `put_file_syncing`: the written file seals as one chunk and reads back
+/// before its sync is awaited, and after it; two files of one new
+/// session written side by side both become durable; a failing body or one
+/// of another length is an error, and once the left-over is deleted the
+/// file can be stored.
+pub async fn whole_file_syncing(store: &dyn ChunkStore) {
+    for len in WHOLE_FILE_SIZES {
+        let data = pattern(10, len + 1);
+        let size = len as u64;
+        let session = SessionId::random();
+        let keys = [FileId::random(), FileId::random()].map(|file| FileKey { session, file });
+        let (a, b) = futures::join!(
+            store.put_file_syncing(keys[0], size, pieces(&data[..len], 64 << 10)),
+            store.put_file_syncing(keys[1], size, pieces(&data[1..], 64 << 10)),
+        );
+        let written = [
+            a.expect("first file written"),
+            b.expect("second file written"),
+        ];
+        for ((k, (receipt, syncing)), want) in keys
+            .into_iter()
+            .zip(written)
+            .zip([&data[..len], &data[1..]])
+        {
+            let rec = ChunkRecord {
+                offset: 0,
+                length: size,
+                sha256: Sha256Digest::of(want),
+                receipt,
+            };
+            store
+                .seal_file(k, size, &[rec])
+                .await
+                .expect("seal before the sync");
+            let early = collect(store.read(k, 0..size).await.expect("read before the sync"))
+                .await
+                .expect("stream");
+            assert_eq!(early, want, "{len} bytes read back before the sync");
+            syncing.await.expect("sync");
+            assert_eq!(
+                collect(store.read(k, 0..size).await.expect("read"))
+                    .await
+                    .expect("stream"),
+                want
+            );
+        }
+        let k = key();
+        let failed = store
+            .put_file_syncing(k, size, failing(&data[..1000]))
+            .await;
+        assert!(failed.is_err(), "a failing body of {len} bytes was written");
+        let short = store
+            .put_file_syncing(k, size, pieces(&data[..len - 1], 64 << 10))
+            .await;
+        assert!(short.is_err(), "short body of {len} bytes accepted");
+        store.delete_file(k).await.expect("delete the left-over");
+        let long = store
+            .put_file_syncing(k, size, pieces(&data, 64 << 10))
+            .await;
+        assert!(long.is_err(), "long body for {len} bytes accepted");
+        store.delete_file(k).await.expect("delete the left-over");
+        let (_, syncing) = store
+            .put_file_syncing(k, size, pieces(&data[..len], 64 << 10))
+            .await
+            .expect("stored once the left-over is gone");
+        syncing.await.expect("sync");
+    }
+}
+
 /// A whole file whose body is shorter or longer than its size is
 /// refused, and once the left-over is deleted the file can be stored.
 pub async fn whole_file_wrong_length_is_refused(store: &dyn ChunkStore) {
@@ -326,7 +395,7 @@ macro_rules! chunk_store_conformance {
         $crate::chunk_store_conformance!(@cases $name, $factory;
             out_of_order_roundtrip, failed_body_is_not_stored, wrong_length_is_refused,
             parallel_chunks, delete_semantics, seal_requires_recorded_chunks, whole_file_put,
-            whole_file_wrong_length_is_refused, read_outside_is_refused);
+            whole_file_wrong_length_is_refused, read_outside_is_refused, whole_file_syncing);
     };
     (@cases $name:ident, $factory:path; $($case:ident),*) => {
         mod $name {

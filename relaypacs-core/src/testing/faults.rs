@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 
 use crate::audit::{AuditEvent, AuditSink};
-use crate::chunk_store::{ChunkPlacement, ChunkStore, FileKey};
+use crate::chunk_store::{ChunkPlacement, ChunkStore, FileKey, Syncing};
 use crate::digest::ByteStream;
 use crate::error::{Error, Result, StorageErrorKind};
 use crate::ids::{FileId, SessionId, Uid};
@@ -48,6 +48,9 @@ pub enum Op {
     CreateFile,
     /// [`ChunkStore::put_chunk`].
     PutChunk,
+    /// The sync of [`ChunkStore::put_file_syncing`] (counted when the
+    /// file is written, failing when it is awaited).
+    SyncFile,
     /// [`ChunkStore::seal_file`].
     SealFile,
     /// [`ChunkStore::read`].
@@ -90,9 +93,10 @@ pub enum Op {
 
 impl Op {
     /// Every operation of [`ChunkStore`].
-    pub const CHUNK_STORE: [Op; 6] = [
+    pub const CHUNK_STORE: [Op; 7] = [
         Op::CreateFile,
         Op::PutChunk,
+        Op::SyncFile,
         Op::SealFile,
         Op::ReadFile,
         Op::DeleteFile,
@@ -119,6 +123,7 @@ impl Op {
         match self {
             Op::CreateFile => "create file",
             Op::PutChunk => "write chunk",
+            Op::SyncFile => "sync file",
             Op::SealFile => "seal file",
             Op::ReadFile => "read file",
             Op::DeleteFile => "delete file",
@@ -376,6 +381,19 @@ impl<T: ChunkStore + ?Sized> ChunkStore for FaultyChunkStore<T> {
             },
         };
         self.inner.put_chunk(key, placement, body).await
+    }
+
+    /// The default's `put_file` (its calls failing as planned), then the
+    /// sync, failing as planned when awaited.
+    async fn put_file_syncing(
+        &self,
+        key: FileKey,
+        size: u64,
+        body: ByteStream,
+    ) -> Result<(String, Syncing)> {
+        let receipt = self.put_file(key, size, body).await?;
+        let synced = self.plan.check(Op::SyncFile);
+        Ok((receipt, Box::pin(futures::future::ready(synced))))
     }
 
     async fn seal_file(&self, key: FileKey, size: u64, chunks: &[ChunkRecord]) -> Result<()> {
