@@ -112,8 +112,9 @@ impl FileScope {
 }
 
 /// The refusal of a step that should commit with its audit records by a
-/// store without an audit trail (the `…_audited` defaults).
-fn no_trail(op: &'static str) -> crate::Error {
+/// store without an audit trail: the `…_audited` defaults, and a store
+/// built without its trail.
+pub fn no_trail(op: &'static str) -> crate::Error {
     crate::Error::storage(
         crate::error::StorageErrorKind::Io,
         op,

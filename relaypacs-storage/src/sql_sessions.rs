@@ -358,13 +358,10 @@ impl SqlSessionStore {
         op: &'static str,
         events: &[relaypacs_core::AuditEvent],
     ) -> Result<Audit<'_>> {
-        let trail = self.trail.as_ref().ok_or_else(|| {
-            Error::storage(
-                StorageErrorKind::Io,
-                op,
-                "this session store has no audit trail",
-            )
-        })?;
+        let trail = self
+            .trail
+            .as_ref()
+            .ok_or_else(|| relaypacs_core::session_store::no_trail(op))?;
         let json = events.iter().map(event_json).collect::<Result<Vec<_>>>()?;
         Ok(Audit { trail, json })
     }
