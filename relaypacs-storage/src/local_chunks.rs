@@ -17,7 +17,7 @@ use relaypacs_core::{
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 
-use crate::fs::{create_dir_durable, fsync_dir, lock, lock_root, remove_dir_atomic, sweep_temp};
+use crate::fs::{fsync_dir, lock, lock_root, remove_dir_atomic, sweep_temp};
 
 /// Bytes gathered before one positioned write.
 const WRITE_BUF: usize = 1 << 20;
@@ -142,6 +142,52 @@ impl LocalChunkStore {
     }
 }
 
+/// How a write found its session folder (see [`Inner::session_folder`]).
+#[derive(Clone, Copy)]
+struct Folder {
+    /// This write made it.
+    made: bool,
+    /// Its name may not be durable in the root yet: this write made it, or
+    /// another did whose sync of the root has not ended.
+    unsynced: bool,
+}
+
+impl Inner {
+    /// The folder of `session`, made when missing (its parent, the root,
+    /// exists). Whether its name is durable is decided under the lock of
+    /// `unsynced_dirs` together with the making, so a write that finds the
+    /// folder made by another still syncing knows it.
+    fn session_folder(&self, session: SessionId, dir: &Path) -> Result<Folder> {
+        let mut unsynced = lock(&self.unsynced_dirs);
+        match std::fs::create_dir(dir) {
+            Ok(()) => {
+                unsynced.insert(session);
+                Ok(Folder {
+                    made: true,
+                    unsynced: true,
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Folder {
+                made: false,
+                unsynced: unsynced.contains(&session),
+            }),
+            Err(e) => Err(Error::io(format!("create directory {}", dir.display()), e)),
+        }
+    }
+
+    /// Make the name of `session`'s folder durable in the root when
+    /// `folder` says it may not be (a no-op otherwise).
+    fn sync_folder_name(&self, session: SessionId, folder: Folder) -> Result<()> {
+        if folder.unsynced {
+            fsync_dir(&self.root)?;
+            if folder.made {
+                lock(&self.unsynced_dirs).remove(&session);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The body of a whole file of `size` bytes, at most [`WRITE_BUF`]
 /// (checked by the caller), gathered: a body that fails or has another
 /// length is an error before anything is created.
@@ -172,10 +218,11 @@ fn length_mismatch(offset: u64, expected: u64, actual: u64) -> Error {
 }
 
 /// A new data file of `put_file` (not there before), its session folder
-/// created first; the folder's name is durable in the root on return, the
+/// made first; the folder's name is durable in the root on return, the
 /// file's is the caller's to make durable.
-fn create_new_file(dir: &Path, path: &Path) -> Result<File> {
-    create_dir_durable(dir)?;
+fn create_new_file(inner: &Inner, key: FileKey, dir: &Path, path: &Path) -> Result<File> {
+    let folder = inner.session_folder(key.session, dir)?;
+    inner.sync_folder_name(key.session, folder)?;
     open_new(path)
 }
 
@@ -239,14 +286,16 @@ impl ChunkStore for LocalChunkStore {
     async fn create_file(&self, key: FileKey, size: u64) -> Result<()> {
         let dir = self.session_dir(key.session);
         let path = self.data_path(key);
+        let inner = self.inner.clone();
         blocking("create file", move || {
-            create_dir_durable(&dir)?;
+            let folder = inner.session_folder(key.session, &dir)?;
+            inner.sync_folder_name(key.session, folder)?;
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(f) => {
                     // Durable before the file is recorded (a tus client may
                     // PATCH it after a crash): the file with its size, then
-                    // its name (create_dir_durable above made the session
-                    // folder's name durable in the root).
+                    // its name (the session folder's name was made durable
+                    // in the root above).
                     f.set_len(size)
                         .map_err(|e| Error::io("size data file", e))?;
                     f.sync_all().map_err(|e| Error::io("fsync data file", e))?;
@@ -384,8 +433,8 @@ impl ChunkStore for LocalChunkStore {
     /// file is not fsync'd empty, since the chunk's `fdatasync` makes its
     /// bytes and its size durable together (a size change is metadata
     /// `fdatasync` flushes), and its name is made durable after (fsync of
-    /// the session folder, whose own name `create_dir_durable` made
-    /// durable in the root). Until this returns, nothing records the file,
+    /// the session folder, whose own name was made durable in the root
+    /// first). Until this returns, nothing records the file,
     /// so a crash in between leaves at most an unrecorded file for the
     /// orphan sweep.
     async fn put_file(&self, key: FileKey, size: u64, body: ByteStream) -> Result<String> {
@@ -396,8 +445,9 @@ impl ChunkStore for LocalChunkStore {
         }
         let dir = self.session_dir(key.session);
         let path = self.data_path(key);
+        let inner = self.inner.clone();
         blocking("create file", move || {
-            create_new_file(&dir, &path)?
+            create_new_file(&inner, key, &dir, &path)?
                 .set_len(size)
                 .map_err(|e| Error::io("size data file", e))
         })
@@ -437,20 +487,12 @@ impl ChunkStore for LocalChunkStore {
         let path = self.data_path(key);
         let inner = self.inner.clone();
         let session = key.session;
-        let (f, dir, made_dir, sync_root) = blocking("store file", move || {
-            let made_dir = match std::fs::create_dir(&dir) {
-                Ok(()) => {
-                    lock(&inner.unsynced_dirs).insert(session);
-                    true
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-                Err(e) => return Err(Error::io("create session folder", e)),
-            };
-            let sync_root = made_dir || lock(&inner.unsynced_dirs).contains(&session);
+        let (f, dir, folder) = blocking("store file", move || {
+            let folder = inner.session_folder(session, &dir)?;
             let f = open_new(&path)?;
             f.write_all_at(&buf, 0)
                 .map_err(|e| Error::io("write chunk", e))?;
-            Ok((f, dir, made_dir, sync_root))
+            Ok((f, dir, folder))
         })
         .await?;
         let inner = self.inner.clone();
@@ -460,13 +502,7 @@ impl ChunkStore for LocalChunkStore {
         let sync = tokio::task::spawn_blocking(move || -> Result<()> {
             f.sync_data().map_err(|e| Error::io("fdatasync chunk", e))?;
             fsync_dir(&dir)?;
-            if sync_root {
-                fsync_dir(&inner.root)?;
-            }
-            if made_dir {
-                lock(&inner.unsynced_dirs).remove(&session);
-            }
-            Ok(())
+            inner.sync_folder_name(session, folder)
         });
         let syncing: Syncing = Box::pin(async move {
             sync.await.map_err(|e| {
@@ -548,5 +584,36 @@ impl ChunkStore for LocalChunkStore {
     async fn delete_session(&self, session: SessionId) -> Result<()> {
         let dir = self.session_dir(session);
         blocking("delete session", move || remove_dir_atomic(&dir)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
+
+    use super::*;
+
+    /// A session folder's name counts as not durable from its making until
+    /// its maker synced the root: a second write into it meanwhile syncs
+    /// the root too; one after does not.
+    #[test]
+    fn a_folder_made_by_an_unsynced_write_is_synced_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalChunkStore::open(dir.path()).unwrap();
+        let inner = &store.inner;
+        let s = SessionId::random();
+        let folder = store.session_dir(s);
+        let first = inner.session_folder(s, &folder).unwrap();
+        assert!(first.made && first.unsynced);
+        assert!(folder.is_dir());
+        let second = inner.session_folder(s, &folder).unwrap();
+        assert!(!second.made && second.unsynced, "made by a write still syncing");
+        // The second write's sync leaves the mark to the maker.
+        inner.sync_folder_name(s, second).unwrap();
+        assert!(inner.session_folder(s, &folder).unwrap().unsynced);
+        inner.sync_folder_name(s, first).unwrap();
+        let third = inner.session_folder(s, &folder).unwrap();
+        assert!(!third.made && !third.unsynced, "synced by its maker");
+        assert!(lock(&inner.unsynced_dirs).is_empty());
     }
 }
