@@ -241,3 +241,160 @@ fn sigkill_loop(
         "too few kills landed mid-upload ({kills_mid_upload}); the test would prove little"
     );
 }
+
+/// Rounds of the STOW-RS ingest writer killed, state in SQLite.
+const INGEST_KILLS_SQLITE: usize = 30;
+/// The same with the state in PostgreSQL (every third round the cluster
+/// dies with the writer).
+const INGEST_KILLS_POSTGRES: usize = 12;
+
+#[test]
+fn sigkill_during_stow_ingest_loses_no_acknowledged_instance_on_sqlite() {
+    ingest_kill_loop(&StateDb::Sqlite, None, INGEST_KILLS_SQLITE);
+}
+
+#[test]
+fn sigkill_during_stow_ingest_loses_no_acknowledged_instance_on_postgres() {
+    let mut cluster = PgCluster::start();
+    let db = cluster.fresh_db();
+    ingest_kill_loop(&db, Some(&mut cluster.pg), INGEST_KILLS_POSTGRES);
+}
+
+/// An instance the ingest writer acknowledged: its session, its file and
+/// the SHA-256 of the bytes it sent.
+type Ingested = (relaypacs_core::SessionId, relaypacs_core::FileId, String);
+
+/// Every acknowledged instance is in its session, valid, with the digest
+/// of the bytes sent, its session queued (or further on), and its stored
+/// bytes hash to that digest; the state database's audit chain verifies.
+fn check_ingested(data: &Path, db: &StateDb, acked: &[Ingested]) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let e = Embedded::open_on(data, PipelineConfig::default(), db)
+            .await
+            .expect("stores reopen after SIGKILL");
+        for (s, f, sha) in acked {
+            let rec = e
+                .sessions
+                .load_session(*s)
+                .await
+                .unwrap_or_else(|err| panic!("acknowledged session {s} lost: {err:?}"))
+                .value;
+            assert_ne!(
+                rec.state,
+                relaypacs_core::SessionState::Open,
+                "session {s} not queued"
+            );
+            let file = rec
+                .files
+                .get(f)
+                .unwrap_or_else(|| panic!("acknowledged file {f} of {s} lost"));
+            assert!(
+                matches!(file.state, relaypacs_core::FileState::Valid { .. }),
+                "file {f} not valid"
+            );
+            assert_eq!(
+                file.sha256.map(|d| d.to_hex()).as_deref(),
+                Some(sha.as_str())
+            );
+            let key = FileKey {
+                session: *s,
+                file: *f,
+            };
+            let stored = collect(e.chunks.read(key, 0..file.size).await.unwrap())
+                .await
+                .unwrap();
+            assert_eq!(
+                Sha256Digest::of(&stored).to_hex(),
+                *sha,
+                "stored bytes of acknowledged instance {f} are wrong"
+            );
+        }
+        relaypacs_storage::verify_sql_chain(&e.state)
+            .await
+            .expect("the audit chain verifies after SIGKILL");
+        e.close().await;
+    });
+}
+
+/// `kills_wanted` rounds of: start the ingest writer, let it run 20–300 ms,
+/// SIGKILL it (and, on PostgreSQL every [`PG_CRASH_EVERY`] rounds, the
+/// cluster too), check every instance acknowledged so far.
+fn ingest_kill_loop(
+    db: &StateDb,
+    mut pg: Option<&mut relaypacs_test_peers::Postgres>,
+    kills_wanted: usize,
+) {
+    let started = Instant::now();
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!(
+        "ingest crash test on {} seed {seed} (set CRASH_SEED to replay)",
+        db.engine_name()
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut acked: Vec<Ingested> = Vec::new();
+    let mut kills_mid = 0usize;
+    let mut db_crashes = 0usize;
+    for round in 0..kills_wanted {
+        let mut child = writer(db)
+            .args([data.to_str().unwrap(), "ingest"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(rng.random_range(20..300)));
+        // SIGKILL: no destructor, no flush, exactly like a crash.
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        if let Some(pg) = pg
+            .as_deref_mut()
+            .filter(|_| (round + 1) % PG_CRASH_EVERY == 0)
+        {
+            pg.kill9();
+            pg.start_again();
+            db_crashes += 1;
+        }
+        reader.join().unwrap();
+        assert!(
+            status.code().is_none(),
+            "the ingest writer ended on its own: {status:?}"
+        );
+        // Lines printed were acknowledged before the kill.
+        let before = acked.len();
+        for line in rx.try_iter() {
+            let mut w = line.split_whitespace();
+            assert_eq!(w.next(), Some("INGESTED"), "unexpected line {line}");
+            let s = relaypacs_core::SessionId::parse(w.next().unwrap()).unwrap();
+            let f = relaypacs_core::FileId::parse(w.next().unwrap()).unwrap();
+            acked.push((s, f, w.next().unwrap().to_owned()));
+        }
+        if acked.len() > before {
+            kills_mid += 1;
+        }
+        check_ingested(&data, db, &acked);
+    }
+    eprintln!(
+        "{}: {kills_wanted} kills of the ingest writer ({kills_mid} after acknowledgements, {db_crashes} with the database server), {} instances checked after every kill, {:.1} s",
+        db.engine_name(),
+        acked.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        kills_mid >= kills_wanted / 2,
+        "too few rounds acknowledged instances ({kills_mid}); the test would prove little"
+    );
+}

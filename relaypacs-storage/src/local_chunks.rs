@@ -607,7 +607,10 @@ mod tests {
         assert!(first.made && first.unsynced);
         assert!(folder.is_dir());
         let second = inner.session_folder(s, &folder).unwrap();
-        assert!(!second.made && second.unsynced, "made by a write still syncing");
+        assert!(
+            !second.made && second.unsynced,
+            "made by a write still syncing"
+        );
         // The second write's sync leaves the mark to the maker.
         inner.sync_folder_name(s, second).unwrap();
         assert!(inner.session_folder(s, &folder).unwrap().unsynced);

@@ -5,6 +5,12 @@
 //!
 //! Usage: `crash_writer <data-dir> <source-file> <chunk-size> <seed> [complete]`
 //!
+//! Or `crash_writer <data-dir> ingest`: STOW-RS's path, one new session
+//! with one new instance of 100 KiB at a time
+//! (`Pipeline::ingest_first_file`, queued, the audit trail in the state
+//! database as the server keeps it), printing `INGESTED <session> <file>
+//! <sha256>` after each acknowledged one, until killed.
+//!
 //! State is in SQLite at `<data-dir>/state.db`, or in the PostgreSQL
 //! database named by the environment variable `CRASH_WRITER_STATE_URL`
 //! (`postgres://…`) when it is set.
@@ -32,6 +38,9 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[2] == "ingest" {
+        ingest_until_killed(PathBuf::from(&args[1])).await;
+    }
     if args.len() < 5 {
         fail("usage: crash_writer <data-dir> <source-file> <chunk-size> <seed> [complete]");
     }
@@ -40,10 +49,7 @@ async fn main() {
     let chunk: usize = args[3].parse().unwrap_or_else(|e| fail(e));
     let seed: u64 = args[4].parse().unwrap_or_else(|e| fail(e));
     let complete = args.get(5).is_some_and(|a| a == "complete");
-    let db = match std::env::var("CRASH_WRITER_STATE_URL") {
-        Ok(url) => StateDb::Postgres(url),
-        Err(_) => StateDb::Sqlite,
-    };
+    let db = state_db();
     let e = Embedded::open_on(&data, PipelineConfig::default(), &db)
         .await
         .unwrap_or_else(|e| fail(e));
@@ -105,4 +111,61 @@ async fn main() {
         );
     }
     let _ = writeln!(out, "DONE");
+}
+
+/// The state database the writer uses (see the module's usage).
+fn state_db() -> StateDb {
+    match std::env::var("CRASH_WRITER_STATE_URL") {
+        Ok(url) => StateDb::Postgres(url),
+        Err(_) => StateDb::Sqlite,
+    }
+}
+
+/// The `ingest` mode: one-instance sessions, each acknowledged on stdout,
+/// until the process is killed.
+async fn ingest_until_killed(data: PathBuf) -> ! {
+    let e = Embedded::open_on(&data, PipelineConfig::default(), &state_db())
+        .await
+        .unwrap_or_else(|e| fail(e));
+    // The server's arrangement: the audit trail is the state database's
+    // chain, appended in each step's transaction.
+    let audit = relaypacs_storage::SqlAuditSink::new(e.state.clone());
+    let sessions = relaypacs_storage::SqlSessionStore::new(e.state.clone()).with_audit(&audit);
+    let p = relaypacs_core::Pipeline::new(
+        std::sync::Arc::new(e.chunks.clone()),
+        std::sync::Arc::new(sessions),
+        std::sync::Arc::new(e.archive.clone()),
+        std::sync::Arc::new(audit),
+        PipelineConfig::default(),
+    );
+    let actor = Actor::user("crash");
+    let mut out = std::io::stdout().lock();
+    loop {
+        let data =
+            relaypacs_integration::dicom_of_size(&relaypacs_integration::new_study(), 100 << 10);
+        let digest = Sha256Digest::of(&data);
+        let (session, r) = p
+            .ingest_first_file(
+                &actor,
+                relaypacs_core::NewSession {
+                    allow_multiple_studies: false,
+                    request_scoped: true,
+                },
+                NewFile {
+                    name: "part.dcm".into(),
+                    size: data.len() as u64,
+                    sha256: None,
+                },
+                relaypacs_core::bytes_stream(data),
+                true,
+            )
+            .await
+            .unwrap_or_else(|e| fail(e));
+        let (file, queued) = r.unwrap_or_else(|e| fail(e));
+        if !queued {
+            fail("a one-instance session was not queued");
+        }
+        let _ = writeln!(out, "INGESTED {session} {} {}", file.id, digest.to_hex());
+        let _ = out.flush();
+    }
 }
