@@ -269,9 +269,6 @@ async fn sweep(state: AppState) {
         {
             Ok(gone) => {
                 if !gone.is_empty() {
-                    for s in &gone {
-                        state.admission().forget_session(*s);
-                    }
                     tracing::info!(count = gone.len(), "expired idle study sessions");
                 }
             }

@@ -1,6 +1,5 @@
 //! The server's shared state, wired from a [`Config`].
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -9,8 +8,7 @@ use axum::extract::FromRef;
 use crate::config::SinkConfig;
 use relaypacs_core::pipeline::GaugeFn;
 use relaypacs_core::{
-    Actor, AuditAction, AuditEvent, AuditOutcome, AuditSink, ChunkStore, FileState, PacsSink,
-    Pipeline, SessionState, SessionStore,
+    AuditAction, AuditEvent, AuditOutcome, AuditSink, ChunkStore, PacsSink, Pipeline, SessionStore,
 };
 use relaypacs_pacs::{CStoreSink, DicomWebReports, FanOutSink, LocalArchiveSink, StowSink};
 use relaypacs_storage::{
@@ -27,7 +25,6 @@ use crate::config::{Config, ConfigError};
 use crate::disk::Watermark;
 use crate::metrics::Metrics;
 use crate::notify::Hub;
-use crate::upload_id::UploadId;
 
 /// Why the server could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -316,30 +313,7 @@ impl AppState {
                 _lock: server_lock,
             }),
         };
-        state
-            .count_open_uploads()
-            .await
-            .map_err(store("sessions"))?;
         Ok(state)
-    }
-
-    /// Rebuild the per-user count of unfinished uploads from the sessions.
-    async fn count_open_uploads(&self) -> relaypacs_core::Result<()> {
-        let mut map: HashMap<String, HashSet<UploadId>> = HashMap::new();
-        for rec in self.pipeline().list_sessions(&Actor::system()).await? {
-            if rec.state != SessionState::Open {
-                continue;
-            }
-            for f in rec.files.values() {
-                if f.state == FileState::Uploading {
-                    map.entry(rec.owner.clone())
-                        .or_default()
-                        .insert(UploadId::new(rec.id, f.id));
-                }
-            }
-        }
-        self.admission().set_open_uploads(map);
-        Ok(())
     }
 
     /// The configuration.

@@ -71,7 +71,20 @@ async fn a_burst_of_tus_creations_opens_exactly_the_cap() {
     )
     .await;
     assert_eq!((ok, refused), (cap, BURST - cap));
-    assert_eq!(t.server().state().admission().open_uploads(&u.id), cap);
+    // The pipeline's count, in the state database: the user's files still
+    // uploading.
+    let uploading: usize = t
+        .server()
+        .state()
+        .pipeline()
+        .list_sessions(&relaypacs_core::Actor::user(u.id.as_str()))
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|s| s.files.values())
+        .filter(|f| f.state == relaypacs_core::FileState::Uploading)
+        .count();
+    assert_eq!(uploading, cap);
     // The refused creations left no reservation behind and released no
     // slot of an upload: the next one is still refused.
     let r = t.create_upload_raw(&u, &study, 1000, None).await;

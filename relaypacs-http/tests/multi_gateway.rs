@@ -2,7 +2,9 @@
 //! (issue 12, "several gateways, one service"): a user and a token made on
 //! one work on the other; an upload's successive PATCHes go to either
 //! gateway and the study completes and is delivered; two PATCHes of one
-//! upload sent at once to the two gateways: exactly one 204, every round.
+//! upload sent at once to the two gateways: exactly one 204, every round;
+//! uploads created on one gateway and finished on the other leave the
+//! user's cap of unfinished uploads.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use crate::common;
@@ -26,6 +28,11 @@ struct Pair {
 }
 
 async fn two_gateways() -> Pair {
+    two_gateways_with(|_| {}).await
+}
+
+/// [`two_gateways`] with the settings `f` makes.
+async fn two_gateways_with(f: impl Fn(&mut relaypacs_http::Config)) -> Pair {
     let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
     let s3 = tokio::task::spawn_blocking(S3Server::start).await.unwrap();
     let url = pg.create_database("relay");
@@ -42,6 +49,7 @@ async fn two_gateways() -> Pair {
             allow_http: true,
             ..Default::default()
         });
+        f(c);
     };
     let a = TestServer::start_with(configure).await;
     let b = TestServer::start_with(configure).await;
@@ -123,6 +131,35 @@ async fn two_patches_of_one_upload_on_two_gateways_one_succeeds() {
             "round {round}: the second PATCH answered {loser}"
         );
     }
+}
+
+/// Uploads created on one gateway and finished on the other no longer
+/// count against the user's cap of unfinished uploads: 3 x cap rounds of
+/// a tus creation on A and the whole file PATCHed on B, every creation
+/// 201 (a count kept by A alone would have been full after cap rounds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_finished_on_the_other_gateway_leave_the_cap() {
+    const CAP: usize = 2;
+    let p = two_gateways_with(|c| c.http.max_open_uploads_per_user = CAP).await;
+    let u = p.a.user("hugo", Role::Uploader).await;
+    let sid = p.a.new_study(&u).await;
+    let study = relaypacs_core::testing::dicom_gen::new_uid();
+    for round in 0..3 * CAP {
+        let data = dicom(Some(&study), 8);
+        let r =
+            p.a.create_upload_raw(&u, &sid, data.len() as u64, None)
+                .await;
+        assert_eq!(r.status(), 201, "round {round}: {:?}", r.text().await);
+        let up = r.headers()["location"].to_str().unwrap().to_string();
+        let r = p.b.patch(&u, &up, 0, data, None).await;
+        assert_eq!(r.status(), 204, "round {round}: {:?}", r.text().await);
+    }
+    // The cap still holds: cap unfinished uploads, then 429.
+    for _ in 0..CAP {
+        p.b.create_upload(&u, &sid, 1000, None).await;
+    }
+    let r = p.a.create_upload_raw(&u, &sid, 1000, None).await;
+    expect_error(r, 429, "RELAY_TOO_MANY_OPEN_UPLOADS").await;
 }
 
 /// An event stream opened on `t`, read line by line: every `data:`

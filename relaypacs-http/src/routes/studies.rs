@@ -13,7 +13,6 @@ use relaypacs_core::{
 use serde::{Deserialize, Serialize};
 
 use super::{AuthUser, Path};
-use crate::admission::Admission;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
 use crate::routes::tus::refusal;
@@ -304,7 +303,6 @@ pub async fn show(
 pub async fn complete(
     State(pipeline): State<Pipeline>,
     State(metrics): State<Arc<Metrics>>,
-    State(admission): State<Admission>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, axum::Json<StudyView>)> {
@@ -326,7 +324,6 @@ pub async fn complete(
                 // the study stays open and the caller learns why.
                 if matches!(e, relaypacs_core::Error::FileRefused { .. }) {
                     metrics.files_refused.inc();
-                    admission.forget_upload(UploadId::new(sid, f.id));
                 }
                 return Err(refusal(e));
             }
@@ -336,12 +333,7 @@ pub async fn complete(
     // 422 RELAY_SESSION_EMPTY and the pipeline ends the session.
     let rec = match pipeline.complete_session(&actor, sid).await {
         Ok(rec) => rec,
-        Err(e) => {
-            if e.code() == "RELAY_SESSION_EMPTY" {
-                admission.forget_session(sid);
-            }
-            return Err(e.into());
-        }
+        Err(e) => return Err(e.into()),
     };
     metrics.forward("queued");
     Ok((
@@ -353,12 +345,10 @@ pub async fn complete(
 /// `DELETE /api/v1/studies/{id}`: abort and remove the session.
 pub async fn abort(
     State(pipeline): State<Pipeline>,
-    State(admission): State<Admission>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let sid = parse_id(&id)?;
     pipeline.abort_session(&user.actor(), sid).await?;
-    admission.forget_session(sid);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -29,7 +29,6 @@ use relaypacs_core::{
 use sha1::Digest as _;
 
 use super::{AuthUser, Path};
-use crate::admission::Admission;
 use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
@@ -302,7 +301,6 @@ async fn finish_if_complete(
         .await
     {
         Ok(_) => {
-            state.admission().forget_upload(id);
             state.hub().publish(
                 &user.id,
                 Event::FileCompleted {
@@ -320,9 +318,6 @@ async fn finish_if_complete(
             // its bytes, so the upload no longer exists (HEAD answers 404)
             // and no longer counts as unfinished; the study stays open for
             // its other files.
-            if matches!(e, Error::FileRefused { .. }) {
-                state.admission().forget_upload(id);
-            }
             state.hub().publish(
                 &user.id,
                 Event::FileCompleted {
@@ -417,19 +412,6 @@ pub async fn create(
         })?),
         None => None,
     };
-    // Check and reserve in one step, before any await: a burst of
-    // creations cannot pass the cap together. The slot is released when
-    // the creation fails (dropped), kept as the upload when it succeeds.
-    let Some(slot) = state
-        .admission()
-        .reserve_upload(&user.id, state.config().http.max_open_uploads_per_user)
-    else {
-        return Err(ApiError::too_many(
-            "RELAY_TOO_MANY_OPEN_UPLOADS",
-            "too many unfinished uploads; finish or delete some",
-            60,
-        ));
-    };
     match state.watermark().admit(length) {
         Ok(Ok(_)) => {}
         Ok(Err((free, min))) => {
@@ -456,8 +438,9 @@ pub async fn create(
         Err(e) => return Err(ApiError::internal("disk space", &e)),
     }
     let actor = user.actor();
-    // The slot above counts this gateway's creations; the pipeline's
-    // capped creation counts the user's uploads on every gateway.
+    // The cap of unfinished uploads: the pipeline's capped creation counts
+    // the user's uploads on every gateway, in the state database, and
+    // takes the new one in the same step (a burst cannot pass it together).
     let max_open = u32::try_from(state.config().http.max_open_uploads_per_user).unwrap_or(u32::MAX);
     let file = state
         .pipeline()
@@ -473,7 +456,6 @@ pub async fn create(
         )
         .await?;
     let id = UploadId::new(sid, file.id);
-    slot.commit(id);
     state.metrics().uploads_created.inc();
     let with_body = headers
         .get(header::CONTENT_TYPE)
@@ -552,7 +534,6 @@ pub async fn patch(
 /// `DELETE /files/{id}`: termination.
 pub async fn terminate(
     State(pipeline): State<Pipeline>,
-    State(admission): State<Admission>,
     user: AuthUser,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -562,6 +543,5 @@ pub async fn terminate(
     pipeline
         .remove_file(&user.actor(), id.session(), id.file())
         .await?;
-    admission.forget_upload(id);
     Ok(tus_response(StatusCode::NO_CONTENT))
 }
