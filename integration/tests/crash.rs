@@ -99,6 +99,33 @@ fn writer(db: &StateDb) -> Command {
     cmd
 }
 
+/// `cmd` started with its stdout read line by line on a thread of its own
+/// (lines reach the receiver as they are printed); the thread ends when the
+/// process does.
+fn spawn_reading(
+    cmd: &mut Command,
+) -> (
+    std::process::Child,
+    mpsc::Receiver<String>,
+    std::thread::JoinHandle<()>,
+) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx, reader)
+}
+
 /// `kills_wanted` rounds of: start the writer, let it run 20–400 ms, SIGKILL it
 /// (and, on PostgreSQL every [`PG_CRASH_EVERY`] rounds, the cluster too),
 /// check every acknowledged chunk. Then resume to the end, byte-exact.
@@ -130,26 +157,12 @@ fn sigkill_loop(
     let mut finished = false;
     let mut db_crashes = 0usize;
     while kills < kills_wanted {
-        let mut child = writer(db)
-            .args([
-                data.to_str().unwrap(),
-                src_path.to_str().unwrap(),
-                &CHUNK.to_string(),
-                &rng.random::<u64>().to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (mut child, rx, reader) = spawn_reading(writer(db).args([
+            data.to_str().unwrap(),
+            src_path.to_str().unwrap(),
+            &CHUNK.to_string(),
+            &rng.random::<u64>().to_string(),
+        ]));
         let deadline = Instant::now() + Duration::from_millis(rng.random_range(20..400));
         let mut done = false;
         while Instant::now() < deadline {
@@ -341,21 +354,8 @@ fn ingest_kill_loop(
     let mut kills_mid = 0usize;
     let mut db_crashes = 0usize;
     for round in 0..kills_wanted {
-        let mut child = writer(db)
-            .args([data.to_str().unwrap(), "ingest"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (mut child, rx, reader) =
+            spawn_reading(writer(db).args([data.to_str().unwrap(), "ingest"]));
         std::thread::sleep(Duration::from_millis(rng.random_range(20..300)));
         // SIGKILL: no destructor, no flush, exactly like a crash.
         let _ = child.kill();
