@@ -473,6 +473,56 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
             .collect())
     }
 
+    /// Whether session `id` has a validated file other than `except` (a
+    /// session that is not there has none). The default loads the whole
+    /// session.
+    async fn has_valid_file_except(&self, id: SessionId, except: FileId) -> Result<bool> {
+        let rec = match self.load_session(id).await {
+            Ok(v) => v.value,
+            Err(crate::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        Ok(rec
+            .files
+            .values()
+            .any(|f| f.id != except && matches!(f.state, crate::model::FileState::Valid { .. })))
+    }
+
+    /// Remove file `file` of the session (its record and its chunk
+    /// records) and replace the session, all but its files, with
+    /// `session` (whose `files` are ignored), if its stored version is
+    /// `expected`, with the analytics `facts`, in one step: the session's
+    /// file count and declared bytes come down by the file's. Returns the
+    /// new version; `NotFound` when the session or the file is not there.
+    /// A store whose cost per call grows with the number of files should
+    /// override this; the default loads the whole session, writes it
+    /// without the file ([`update_session_with_facts`](Self::update_session_with_facts))
+    /// and then forgets the file's chunk records.
+    async fn remove_file_scoped(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        file: FileId,
+        facts: &[UploadFact],
+    ) -> Result<u64> {
+        let current = self.load_session(session.id).await?;
+        if current.version != expected {
+            return Err(crate::Error::Precondition {
+                what: format!("session version {} (expected {expected})", current.version),
+            });
+        }
+        let mut rec = session.clone();
+        rec.files = current.value.files;
+        if rec.files.remove(&file).is_none() {
+            return Err(crate::Error::NotFound { what: "file" });
+        }
+        let version = self
+            .update_session_with_facts(&rec, expected, facts)
+            .await?;
+        self.delete_chunks(rec.id, file).await?;
+        Ok(version)
+    }
+
     /// The validated files of session `id` whose SOP Instance UID is
     /// `sop_instance_uid`. The default loads the whole session.
     async fn files_with_instance(
@@ -812,6 +862,20 @@ macro_rules! forward_session_store {
                 sop_instance_uid: &Uid,
             ) -> Result<Vec<FileId>> {
                 (**self).files_with_instance(id, sop_instance_uid).await
+            }
+
+            async fn has_valid_file_except(&self, id: SessionId, except: FileId) -> Result<bool> {
+                (**self).has_valid_file_except(id, except).await
+            }
+
+            async fn remove_file_scoped(
+                &self,
+                session: &SessionRecord,
+                expected: u64,
+                file: FileId,
+                facts: &[UploadFact],
+            ) -> Result<u64> {
+                (**self).remove_file_scoped(session, expected, file, facts).await
             }
 
             async fn update_file_scope_capped(

@@ -1124,6 +1124,73 @@ impl SessionStore for SqlSessionStore {
             .collect()
     }
 
+    /// One indexed look-up (`session_files_instance`): a validated file
+    /// is one with a SOP Instance UID.
+    async fn has_valid_file_except(&self, id: SessionId, except: FileId) -> Result<bool> {
+        let row = sqlx::query(
+            "SELECT 1 FROM session_files WHERE session_id = $1 \
+             AND sop_instance_uid IS NOT NULL AND file_id <> $2 LIMIT 1",
+        )
+        .bind(id.to_string())
+        .bind(except.to_string())
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(|e| db_err("find a valid file", e))?;
+        Ok(row.is_some())
+    }
+
+    /// One transaction: the conditional UPDATE of the session's row (it
+    /// takes the write lock first), the file's row and chunk records
+    /// deleted, the totals brought down by the file's, the facts.
+    async fn remove_file_scoped(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        file: FileId,
+        facts: &[UploadFact],
+    ) -> Result<u64> {
+        const OP: &str = "remove file";
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
+        Self::update_head(&mut tx, session, expected).await?;
+        let sid = session.id.to_string();
+        let fid = file.to_string();
+        let gone = sqlx::query(
+            "DELETE FROM session_files WHERE session_id = $1 AND file_id = $2 RETURNING size",
+        )
+        .bind(&sid)
+        .bind(&fid)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| db_err(OP, e))?;
+        let Some(row) = gone else {
+            tx.rollback().await.map_err(|e| db_err(OP, e))?;
+            return Err(Error::NotFound { what: "file" });
+        };
+        let size: i64 = row.try_get(0).map_err(|e| db_err(OP, e))?;
+        sqlx::query("DELETE FROM chunks WHERE session_id = $1 AND file_id = $2")
+            .bind(&sid)
+            .bind(&fid)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+        sqlx::query(
+            "UPDATE sessions SET file_count = file_count - 1, \
+             declared_bytes = declared_bytes - $1 WHERE id = $2",
+        )
+        .bind(size)
+        .bind(&sid)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err("store file totals", e))?;
+        for fact in facts {
+            Self::insert_fact(&mut tx, fact).await?;
+        }
+        // Crash-safe point: the commit of the session's head, the file's
+        // removal with its chunk records and totals, and the facts.
+        tx.commit().await.map_err(|e| db_err(OP, e))?;
+        Ok(expected + 1)
+    }
+
     async fn list_files(
         &self,
         id: SessionId,

@@ -7,10 +7,12 @@
 //! throwaway PostgreSQL 15 cluster (`--engine postgres`, durable settings).
 //!
 //! Prints the rate (files/s) of every window of `--window` files (default
-//! 1,000), the ratio of the last window's rate to the first's, the time of
-//! the first page of the study view (`GET /api/v1/studies/{id}`) and of the
-//! study's completion (`POST /api/v1/studies/{id}/complete`), then one
-//! JSON line.
+//! 1,000), the ratio of the last window's rate to the first's, the median
+//! time of a file refused in the full study (21 files that are not DICOM,
+//! each sent whole and refused with 422, which removes it from the
+//! study), the time of the first page of the study view
+//! (`GET /api/v1/studies/{id}`) and of the study's completion
+//! (`POST /api/v1/studies/{id}/complete`), then one JSON line.
 //!
 //! Run: `cargo run --release -p relaypacs-benches --bin many_files_bench`
 //! (options: `--files N`, `--window N`, `--engine sqlite|postgres`,
@@ -39,6 +41,9 @@ use relaypacs_benches::{Res, login, ours_config, start_ours};
 use relaypacs_core::testing::dicom_gen::{DicomSpec, generate, new_uid};
 use reqwest::{Client, StatusCode};
 use sha2::{Digest, Sha256};
+
+/// Files refused in the full study, one at a time (see `main`).
+const REFUSED: usize = 21;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Res<()> {
@@ -193,6 +198,38 @@ async fn main() -> Res<()> {
             t_window = Instant::now();
         }
     }
+    // Files refused in the full study: not DICOM, each sent whole by tus
+    // creation-with-upload; the refusal (422) removes it from the study
+    // (`Pipeline::drop_file`), which must not cost more as the study grows.
+    let mut refused_ms = Vec::new();
+    for i in 0..REFUSED {
+        let junk = vec![7u8; 1000 + i];
+        let meta = format!(
+            "filename {},session {}",
+            STANDARD.encode(format!("junk{i:02}.bin")),
+            STANDARD.encode(&study_id)
+        );
+        let t = Instant::now();
+        let r = client
+            .post(format!("{base}/files"))
+            .bearer_auth(&token)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Length", junk.len().to_string())
+            .header("Upload-Metadata", meta)
+            .header("Content-Type", "application/offset+octet-stream")
+            .body(junk)
+            .send()
+            .await?;
+        let status = r.status();
+        let answer = r.bytes().await?;
+        refused_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        if status != StatusCode::UNPROCESSABLE_ENTITY {
+            let text = String::from_utf8_lossy(&answer);
+            return Err(format!("refused file {i}: {status}: {text}").into());
+        }
+    }
+    refused_ms.sort_by(f64::total_cmp);
+    let refused_median_ms = refused_ms[refused_ms.len() / 2];
     let t = Instant::now();
     let r = client
         .get(format!("{base}/api/v1/studies/{study_id}"))
@@ -225,7 +262,8 @@ async fn main() -> Res<()> {
     };
     println!(
         "{engine}: {files} files of {size} bytes; last/first window {ratio:.2}; \
-         study view {view_secs:.3} s ({shown} files on its first page); complete {complete_secs:.3} s"
+         study view {view_secs:.3} s ({shown} files on its first page); complete {complete_secs:.3} s; \
+         a refused file {refused_median_ms:.1} ms (median of {REFUSED})"
     );
     println!(
         "{}",
@@ -240,6 +278,7 @@ async fn main() -> Res<()> {
             "view_secs": view_secs,
             "view_files": shown,
             "complete_secs": complete_secs,
+            "refused_file_ms_median": refused_median_ms,
         })
     );
     server.shutdown().await;

@@ -165,39 +165,4 @@ impl Pipeline {
         }
         vec![Self::study_fact(rec, kind, "", OffsetDateTime::now_utc())]
     }
-
-    /// Apply `change` to the session with compare-and-set, reloading and
-    /// re-applying on a concurrent update; every write also records
-    /// `facts` ([`SessionStore::update_session_with_facts`], none: the
-    /// plain write), so an outcome and its analytics facts are durable
-    /// together, and a retry after a concurrent update records the same
-    /// facts again (same keys, counted once).
-    pub(crate) async fn update_with_facts<T>(
-        &self,
-        id: SessionId,
-        mut current: Versioned<SessionRecord>,
-        facts: &[UploadFact],
-        mut change: impl FnMut(&mut SessionRecord) -> Result<T>,
-    ) -> Result<(SessionRecord, T)> {
-        for _ in 0..64 {
-            let mut rec = current.value.clone();
-            let out = change(&mut rec)?;
-            rec.updated_at = OffsetDateTime::now_utc();
-            match self
-                .inner
-                .sessions
-                .update_session_with_facts(&rec, current.version, facts)
-                .await
-            {
-                Ok(_) => return Ok((rec, out)),
-                Err(Error::Precondition { .. }) => {
-                    current = self.inner.sessions.load_session(id).await?
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(Error::Busy {
-            what: "session is being updated concurrently".into(),
-        })
-    }
 }

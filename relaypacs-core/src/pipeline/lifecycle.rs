@@ -114,47 +114,63 @@ impl Pipeline {
     ) -> Result<()> {
         let gate = self.gate(id);
         let _g = gate.rw.write().await;
-        let current = self.inner.sessions.load_session(id).await?;
-        Self::require_open(&current.value)?;
-        let Some(f) = current.value.files.get(&file) else {
-            return if refused.is_some() {
-                Ok(())
-            } else {
-                Err(Error::NotFound { what: "file" })
+        // The session's head and this file only, and one indexed look-up
+        // for the study: the cost does not grow with the session's files.
+        for _ in 0..64 {
+            let scope = self.inner.sessions.load_file_scope(id, Some(file)).await?;
+            let current = scope.session;
+            Self::require_open(&current.value)?;
+            let Some(f) = current.value.files.get(&file) else {
+                return if refused.is_some() {
+                    Ok(())
+                } else {
+                    Err(Error::NotFound { what: "file" })
+                };
             };
-        };
-        if refused.is_some() && matches!(f.state, FileState::Valid { .. }) {
-            return Ok(());
-        }
-        let sop: Option<Uid> = match &f.state {
-            FileState::Valid { dicom } => Some(dicom.sop_instance_uid.clone()),
-            FileState::Uploading => None,
-        };
-        let facts: Vec<_> = refused
-            .map(|err| Self::refused_fact(id, &current.value.owner, file, f.size, err))
-            .into_iter()
-            .collect();
-        self.update_with_facts(id, current, &facts, |rec| {
-            rec.files.remove(&file);
-            if rec
-                .files
-                .values()
-                .all(|f| matches!(f.state, FileState::Uploading))
-            {
-                rec.study_instance_uid = None;
+            if refused.is_some() && matches!(f.state, FileState::Valid { .. }) {
+                return Ok(());
             }
-            Ok(())
-        })
-        .await?;
-        self.inner.sessions.delete_chunks(id, file).await?;
-        self.inner
-            .chunks
-            .delete_file(FileKey { session: id, file })
-            .await?;
-        if let Some(sop) = sop {
-            self.inner.sessions.release_instance(&sop, id, file).await?;
+            let sop: Option<Uid> = match &f.state {
+                FileState::Valid { dicom } => Some(dicom.sop_instance_uid.clone()),
+                FileState::Uploading => None,
+            };
+            let facts: Vec<_> = refused
+                .map(|err| Self::refused_fact(id, &current.value.owner, file, f.size, err))
+                .into_iter()
+                .collect();
+            let mut head = current.value.clone();
+            head.files = Default::default();
+            // The study is the valid files': with none left, the session
+            // takes another study's files again. A file validated after
+            // this look-up moves the version on, and the write below
+            // fails and is tried again.
+            if !self.inner.sessions.has_valid_file_except(id, file).await? {
+                head.study_instance_uid = None;
+            }
+            head.updated_at = OffsetDateTime::now_utc();
+            match self
+                .inner
+                .sessions
+                .remove_file_scoped(&head, current.version, file, &facts)
+                .await
+            {
+                Ok(_) => {
+                    self.inner
+                        .chunks
+                        .delete_file(FileKey { session: id, file })
+                        .await?;
+                    if let Some(sop) = sop {
+                        self.inner.sessions.release_instance(&sop, id, file).await?;
+                    }
+                    return Ok(());
+                }
+                Err(Error::Precondition { .. }) => continue,
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        Err(Error::Busy {
+            what: "session is being updated concurrently".into(),
+        })
     }
 
     /// Remove a file from an open session (its bytes, chunk records and

@@ -597,8 +597,9 @@ impl Pipeline {
         }
     }
 
-    /// [`update_with_facts`](Self::update_with_facts) of the session head only (state, delivery,
-    /// lease, study): `change` may read the files `current` holds but must
+    /// Apply `change` to the session head only (state, delivery, lease,
+    /// study) with compare-and-set, reloading and re-applying on a
+    /// concurrent update: `change` may read the files `current` holds but must
     /// not change them, and only the head is written
     /// ([`SessionStore::update_file_scope`] with no file), so the write
     /// costs the same for a session of one file or of 10,000. On a
@@ -618,8 +619,10 @@ impl Pipeline {
 
     /// [`update_head`](Self::update_head) whose every write also records
     /// the analytics `facts` in the same step
-    /// ([`SessionStore::update_file_scope_with_facts`]), as
-    /// [`update_with_facts`](Self::update_with_facts) does.
+    /// ([`SessionStore::update_file_scope_with_facts`]): an outcome and its
+    /// analytics facts are durable together, and a retry after a
+    /// concurrent update records the same facts again (same keys, counted
+    /// once).
     pub(crate) async fn update_head_with_facts<T>(
         &self,
         id: SessionId,

@@ -530,6 +530,24 @@ impl<T: SessionStore + ?Sized> SessionStore for FaultySessionStore<T> {
         self.inner.files_with_instance(id, sop_instance_uid).await
     }
 
+    async fn has_valid_file_except(&self, id: SessionId, except: FileId) -> Result<bool> {
+        self.plan.check(Op::LoadSession)?;
+        self.inner.has_valid_file_except(id, except).await
+    }
+
+    async fn remove_file_scoped(
+        &self,
+        session: &SessionRecord,
+        expected: u64,
+        file: FileId,
+        facts: &[crate::analytics::UploadFact],
+    ) -> Result<u64> {
+        self.plan.check(Op::UpdateSession)?;
+        self.inner
+            .remove_file_scoped(session, expected, file, facts)
+            .await
+    }
+
     async fn list_files(
         &self,
         id: SessionId,

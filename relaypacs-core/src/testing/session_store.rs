@@ -184,6 +184,134 @@ pub async fn file_scopes(store: &dyn SessionStore) {
     ));
 }
 
+/// A file is removed with its chunk records in one conditional write of
+/// the session's head: the other files and their chunks stay, the totals
+/// come down, the head is the one given; a stale version is a
+/// `Precondition` and a file or session that is not there `NotFound`,
+/// each changing nothing. `has_valid_file_except` sees only validated
+/// files.
+pub async fn file_removal(store: &dyn SessionStore) {
+    let s = sample_session();
+    let first = *s.files.keys().next().expect("one file");
+    let v1 = store.create_session(&s).await.expect("create").version;
+    let uid = Uid::parse("1.2.840.99.7").expect("uid");
+    let mut rec = s.clone();
+    let second = FileRecord {
+        id: FileId::random(),
+        name: "ct-002.dcm".into(),
+        size: 1000,
+        sha256: None,
+        data_set_sha256: None,
+        state: FileState::Valid {
+            dicom: crate::model::DicomSummary::new(
+                Uid::parse("1.2.840.10008.5.1.4.1.1.7").expect("uid"),
+                uid.clone(),
+                Uid::parse("1.2.3").expect("uid"),
+                Uid::parse("1.2.3.4").expect("uid"),
+                "P1",
+                Uid::parse("1.2.840.10008.1.2.1").expect("uid"),
+            ),
+        },
+    };
+    rec.files.insert(second.id, second.clone());
+    rec.study_instance_uid = Some(Uid::parse("1.2.3").expect("uid"));
+    let v2 = store.update_session(&rec, v1).await.expect("second file");
+    for f in [first, second.id] {
+        store
+            .record_chunk(s.id, f, &chunk(0, b"c"))
+            .await
+            .expect("chunk");
+    }
+    assert!(
+        store
+            .has_valid_file_except(s.id, first)
+            .await
+            .expect("look")
+    );
+    assert!(
+        !store
+            .has_valid_file_except(s.id, second.id)
+            .await
+            .expect("look")
+    );
+    assert!(
+        !store
+            .has_valid_file_except(SessionId::random(), first)
+            .await
+            .expect("look")
+    );
+    // Remove the first file, with a head that changed too.
+    let mut head = rec.clone();
+    head.files = Default::default();
+    head.allow_multiple_studies = true;
+    assert!(matches!(
+        store.remove_file_scoped(&head, v1, first, &[]).await,
+        Err(Error::Precondition { .. })
+    ));
+    assert!(matches!(
+        store
+            .remove_file_scoped(&head, v2, FileId::random(), &[])
+            .await,
+        Err(Error::NotFound { .. })
+    ));
+    let whole = store.load_session(s.id).await.expect("load");
+    assert_eq!(whole.version, v2, "a refused removal changes nothing");
+    assert_eq!(whole.value, rec);
+    let v3 = store
+        .remove_file_scoped(&head, v2, first, &[])
+        .await
+        .expect("remove");
+    assert!(v3 > v2);
+    let whole = store.load_session(s.id).await.expect("load");
+    assert_eq!(whole.version, v3);
+    let mut want = head.clone();
+    want.files = [(second.id, second.clone())].into_iter().collect();
+    want.updated_at = whole.value.updated_at;
+    assert_eq!(whole.value, want);
+    assert!(store.chunks(s.id, first).await.expect("chunks").is_empty());
+    assert_eq!(
+        store.chunks(s.id, second.id).await.expect("chunks").len(),
+        1
+    );
+    let scope = store.load_file_scope(s.id, None).await.expect("scope");
+    assert_eq!((scope.file_count, scope.declared_bytes), (1, 1000));
+    // Then the valid one: no valid file and no instance left.
+    head.study_instance_uid = None;
+    store
+        .remove_file_scoped(&head, v3, second.id, &[])
+        .await
+        .expect("remove");
+    let scope = store.load_file_scope(s.id, None).await.expect("scope");
+    assert_eq!((scope.file_count, scope.declared_bytes), (0, 0));
+    assert!(scope.session.value.study_instance_uid.is_none());
+    assert!(
+        !store
+            .has_valid_file_except(s.id, first)
+            .await
+            .expect("look")
+    );
+    assert!(
+        store
+            .files_with_instance(s.id, &uid)
+            .await
+            .expect("find")
+            .is_empty()
+    );
+    assert!(
+        store
+            .chunks(s.id, second.id)
+            .await
+            .expect("chunks")
+            .is_empty()
+    );
+    let mut gone = head.clone();
+    gone.id = SessionId::random();
+    assert!(matches!(
+        store.remove_file_scoped(&gone, 1, first, &[]).await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
 /// Range reservations: overlapping ranges of two holders exclude each
 /// other until released or expired; the same holder renews its own;
 /// disjoint ranges and other files are independent.
@@ -1442,7 +1570,7 @@ macro_rules! session_store_conformance {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, head_only_updates, one_instance_per_session, range_reservations, chunk_records, delete_session, instance_claims, upload_facts, file_with_chunks, file_with_claim);
+            $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, file_removal, head_only_updates, one_instance_per_session, range_reservations, chunk_records, delete_session, instance_claims, upload_facts, file_with_chunks, file_with_claim);
             $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap, concurrent_capped_file_additions_stop_at_the_cap, writes_with_facts);
         }
     };
