@@ -69,7 +69,7 @@ async fn main() -> Res<()> {
         .prefix("many-files-")
         .tempdir_in(&dir)?;
     let mut config = ours_config(data.path());
-    config.limits.max_files = u32::try_from(files.max(3 * latency).max(1))?;
+    config.limits.max_files = u32::try_from((files + REFUSED).max(3 * latency).max(1))?;
     config.http.max_open_uploads_per_user = latency + 64;
     let state_tmp = match &state_dir {
         Some(d) => {
