@@ -99,6 +99,20 @@ fn writer(db: &StateDb) -> Command {
     cmd
 }
 
+/// The random source of a crash loop: seeded from `CRASH_SEED` when set,
+/// else at random, the seed printed so that a failing run can be replayed.
+fn seeded_rng(what: &str, db: &StateDb) -> rand::rngs::StdRng {
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!(
+        "{what} on {} seed {seed} (set CRASH_SEED to replay)",
+        db.engine_name()
+    );
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
 /// `cmd` started with its stdout read line by line on a thread of its own
 /// (lines reach the receiver as they are printed); the thread ends when the
 /// process does.
@@ -135,15 +149,7 @@ fn sigkill_loop(
     kills_wanted: usize,
 ) {
     let started = Instant::now();
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!(
-        "crash test on {} seed {seed} (set CRASH_SEED to replay)",
-        db.engine_name()
-    );
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng("crash test", db);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let src_path = dir.path().join("source.dcm");
@@ -339,15 +345,7 @@ fn ingest_kill_loop(
     kills_wanted: usize,
 ) {
     let started = Instant::now();
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!(
-        "ingest crash test on {} seed {seed} (set CRASH_SEED to replay)",
-        db.engine_name()
-    );
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng("ingest crash test", db);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut acked: Vec<Ingested> = Vec::new();

@@ -128,17 +128,7 @@ pub async fn file_scopes(store: &dyn SessionStore) {
     // Validate the second file; then it is found by its SOP Instance UID.
     let uid = Uid::parse("1.2.840.99.1").expect("uid");
     let mut valid = scope.session.value.clone();
-    let f = valid.files.get_mut(&second.id).expect("second");
-    f.state = FileState::Valid {
-        dicom: crate::model::DicomSummary::new(
-            Uid::parse("1.2.840.10008.5.1.4.1.1.7").expect("uid"),
-            uid.clone(),
-            Uid::parse("1.2.3").expect("uid"),
-            Uid::parse("1.2.3.4").expect("uid"),
-            "P1",
-            Uid::parse("1.2.840.10008.1.2.1").expect("uid"),
-        ),
-    };
+    valid_as(valid.files.get_mut(&second.id).expect("second"), &uid);
     let v3 = store.update_file_scope(&valid, v2).await.expect("validate");
     assert_eq!(
         store.files_with_instance(s.id, &uid).await.expect("find"),
@@ -196,23 +186,15 @@ pub async fn file_removal(store: &dyn SessionStore) {
     let v1 = store.create_session(&s).await.expect("create").version;
     let uid = Uid::parse("1.2.840.99.7").expect("uid");
     let mut rec = s.clone();
-    let second = FileRecord {
+    let mut second = FileRecord {
         id: FileId::random(),
         name: "ct-002.dcm".into(),
         size: 1000,
         sha256: None,
         data_set_sha256: None,
-        state: FileState::Valid {
-            dicom: crate::model::DicomSummary::new(
-                Uid::parse("1.2.840.10008.5.1.4.1.1.7").expect("uid"),
-                uid.clone(),
-                Uid::parse("1.2.3").expect("uid"),
-                Uid::parse("1.2.3.4").expect("uid"),
-                "P1",
-                Uid::parse("1.2.840.10008.1.2.1").expect("uid"),
-            ),
-        },
+        state: FileState::Uploading,
     };
+    valid_as(&mut second, &uid);
     rec.files.insert(second.id, second.clone());
     rec.study_instance_uid = Some(Uid::parse("1.2.3").expect("uid"));
     let v2 = store.update_session(&rec, v1).await.expect("second file");
