@@ -15,6 +15,11 @@ use crate::model::ChunkRecord;
 /// error that kept it from being durable.
 pub type Syncing = futures::future::BoxFuture<'static, Result<()>>;
 
+/// The [`Syncing`] of a file that is durable already: nothing to wait for.
+pub fn already_durable() -> Syncing {
+    Box::pin(futures::future::ready(Ok(())))
+}
+
 /// Addresses one file of one session in a store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileKey {
@@ -112,7 +117,7 @@ pub trait ChunkStore: Debug + Display + Send + Sync + 'static {
         body: ByteStream,
     ) -> Result<(String, Syncing)> {
         let receipt = self.put_file(key, size, body).await?;
-        Ok((receipt, Box::pin(futures::future::ready(Ok(())))))
+        Ok((receipt, already_durable()))
     }
 
     /// Make the complete file durable and readable as one object.

@@ -111,6 +111,22 @@ impl FileScope {
     }
 }
 
+/// Session `id` as `store` holds it, if at version `expected`; else
+/// `Precondition` (for the defaults that load, change and write whole).
+async fn load_at<S: SessionStore + ?Sized>(
+    store: &S,
+    id: SessionId,
+    expected: u64,
+) -> Result<Versioned<SessionRecord>> {
+    let stored = store.load_session(id).await?;
+    if stored.version != expected {
+        return Err(crate::Error::Precondition {
+            what: format!("session version {} (expected {expected})", stored.version),
+        });
+    }
+    Ok(stored)
+}
+
 /// The refusal of a step that should commit with its audit records by a
 /// store without an audit trail: the `…_audited` defaults, and a store
 /// built without its trail.
@@ -242,12 +258,7 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
     /// default loads the whole session, merges, and calls
     /// [`update_session`](Self::update_session).
     async fn update_file_scope(&self, session: &SessionRecord, expected: u64) -> Result<u64> {
-        let stored = self.load_session(session.id).await?;
-        if stored.version != expected {
-            return Err(crate::Error::Precondition {
-                what: format!("session version {} (expected {expected})", stored.version),
-            });
-        }
+        let stored = load_at(self, session.id, expected).await?;
         let mut merged = session.clone();
         merged.files = stored.value.files;
         merged
@@ -505,12 +516,7 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         file: FileId,
         facts: &[UploadFact],
     ) -> Result<u64> {
-        let current = self.load_session(session.id).await?;
-        if current.version != expected {
-            return Err(crate::Error::Precondition {
-                what: format!("session version {} (expected {expected})", current.version),
-            });
-        }
+        let current = load_at(self, session.id, expected).await?;
         let mut rec = session.clone();
         rec.files = current.value.files;
         if rec.files.remove(&file).is_none() {

@@ -217,9 +217,9 @@ fn length_mismatch(offset: u64, expected: u64, actual: u64) -> Error {
     })
 }
 
-/// A new data file of `put_file` (not there before), its session folder
-/// made first; the folder's name is durable in the root on return, the
-/// file's is the caller's to make durable.
+/// A new data file (not there before: `AlreadyExists` otherwise), its
+/// session folder made first; the folder's name is durable in the root on
+/// return, the file's is the caller's to make durable.
 fn create_new_file(inner: &Inner, key: FileKey, dir: &Path, path: &Path) -> Result<File> {
     let folder = inner.session_folder(key.session, dir)?;
     inner.sync_folder_name(key.session, folder)?;
@@ -278,7 +278,13 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Error::storage(relaypacs_core::StorageErrorKind::Io, op, e.to_string()))?
+        .map_err(|e| task_failed(op, e))?
+}
+
+/// A blocking task of `op` that did not return (it panicked or was
+/// cancelled with the runtime).
+fn task_failed(op: &'static str, e: tokio::task::JoinError) -> Error {
+    Error::storage(relaypacs_core::StorageErrorKind::Io, op, e.to_string())
 }
 
 #[async_trait]
@@ -288,9 +294,7 @@ impl ChunkStore for LocalChunkStore {
         let path = self.data_path(key);
         let inner = self.inner.clone();
         blocking("create file", move || {
-            let folder = inner.session_folder(key.session, &dir)?;
-            inner.sync_folder_name(key.session, folder)?;
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
+            match create_new_file(&inner, key, &dir, &path) {
                 Ok(f) => {
                     // Durable before the file is recorded (a tus client may
                     // PATCH it after a crash): the file with its size, then
@@ -301,7 +305,7 @@ impl ChunkStore for LocalChunkStore {
                     f.sync_all().map_err(|e| Error::io("fsync data file", e))?;
                     fsync_dir(&dir)
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(Error::AlreadyExists { .. }) => {
                     let len = std::fs::metadata(&path)
                         .map_err(|e| Error::io("stat data file", e))?
                         .len();
@@ -314,7 +318,7 @@ impl ChunkStore for LocalChunkStore {
                         ))
                     }
                 }
-                Err(e) => Err(Error::io("create data file", e)),
+                Err(e) => Err(e),
             }
         })
         .await
@@ -416,13 +420,7 @@ impl ChunkStore for LocalChunkStore {
         drop(tx);
         // Wait for the writer in every case, so nothing writes into this
         // range after we return.
-        let written = writer.await.map_err(|e| {
-            Error::storage(
-                relaypacs_core::StorageErrorKind::Io,
-                "write chunk",
-                e.to_string(),
-            )
-        })?;
+        let written = writer.await.map_err(|e| task_failed("write chunk", e))?;
         match failure {
             Some(e) => Err(e),
             None => written.map(|()| String::new()),
@@ -480,7 +478,7 @@ impl ChunkStore for LocalChunkStore {
     ) -> Result<(String, Syncing)> {
         if size > WRITE_BUF as u64 {
             let receipt = self.put_file(key, size, body).await?;
-            return Ok((receipt, Box::pin(futures::future::ready(Ok(())))));
+            return Ok((receipt, relaypacs_core::chunk_store::already_durable()));
         }
         let buf = gather(size, body).await?;
         let dir = self.session_dir(key.session);
@@ -504,15 +502,8 @@ impl ChunkStore for LocalChunkStore {
             fsync_dir(&dir)?;
             inner.sync_folder_name(session, folder)
         });
-        let syncing: Syncing = Box::pin(async move {
-            sync.await.map_err(|e| {
-                Error::storage(
-                    relaypacs_core::StorageErrorKind::Io,
-                    "sync file",
-                    e.to_string(),
-                )
-            })?
-        });
+        let syncing: Syncing =
+            Box::pin(async move { sync.await.map_err(|e| task_failed("sync file", e))? });
         Ok((String::new(), syncing))
     }
 

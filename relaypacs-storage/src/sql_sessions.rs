@@ -441,17 +441,41 @@ impl SqlSessionStore {
             Self::put_file(&mut *tx, &sid, file, body).await?;
         }
         if count != 0 || bytes != 0 {
-            sqlx::query(
-                "UPDATE sessions SET file_count = file_count + $1, \
-                 declared_bytes = declared_bytes + $2 WHERE id = $3",
-            )
-            .bind(count)
-            .bind(bytes)
-            .bind(&sid)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_err("store file totals", e))?;
+            Self::add_to_totals(&mut *tx, &sid, count, bytes).await?;
         }
+        Ok(())
+    }
+
+    /// Add `count` files and `bytes` declared bytes (either may be
+    /// negative) to session `sid`'s totals, inside the caller's transaction.
+    async fn add_to_totals(
+        conn: &mut sqlx::AnyConnection,
+        sid: &str,
+        count: i64,
+        bytes: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE sessions SET file_count = file_count + $1, \
+             declared_bytes = declared_bytes + $2 WHERE id = $3",
+        )
+        .bind(count)
+        .bind(bytes)
+        .bind(sid)
+        .execute(conn)
+        .await
+        .map_err(|e| db_err("store file totals", e))?;
+        Ok(())
+    }
+
+    /// Forget the chunk records of file `fid` of session `sid`, inside the
+    /// caller's transaction.
+    async fn delete_chunks_in(conn: &mut sqlx::AnyConnection, sid: &str, fid: &str) -> Result<()> {
+        sqlx::query("DELETE FROM chunks WHERE session_id = $1 AND file_id = $2")
+            .bind(sid)
+            .bind(fid)
+            .execute(conn)
+            .await
+            .map_err(|e| db_err("delete chunks", e))?;
         Ok(())
     }
 
@@ -1167,21 +1191,8 @@ impl SessionStore for SqlSessionStore {
             return Err(Error::NotFound { what: "file" });
         };
         let size: i64 = row.try_get(0).map_err(|e| db_err(OP, e))?;
-        sqlx::query("DELETE FROM chunks WHERE session_id = $1 AND file_id = $2")
-            .bind(&sid)
-            .bind(&fid)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_err(OP, e))?;
-        sqlx::query(
-            "UPDATE sessions SET file_count = file_count - 1, \
-             declared_bytes = declared_bytes - $1 WHERE id = $2",
-        )
-        .bind(size)
-        .bind(&sid)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_err("store file totals", e))?;
+        Self::delete_chunks_in(&mut tx, &sid, &fid).await?;
+        Self::add_to_totals(&mut tx, &sid, -1, -size).await?;
         for fact in facts {
             Self::insert_fact(&mut tx, fact).await?;
         }
@@ -1395,12 +1406,7 @@ impl SessionStore for SqlSessionStore {
 
     async fn delete_chunks(&self, id: SessionId, file: FileId) -> Result<()> {
         let (_turn, mut tx) = self.db.begin_write("delete chunks").await?;
-        sqlx::query("DELETE FROM chunks WHERE session_id = $1 AND file_id = $2")
-            .bind(id.to_string())
-            .bind(file.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_err("delete chunks", e))?;
+        Self::delete_chunks_in(&mut tx, &id.to_string(), &file.to_string()).await?;
         if !Self::exists(&mut tx, id).await? {
             return Err(Error::NotFound { what: "session" });
         }
