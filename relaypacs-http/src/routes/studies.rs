@@ -331,10 +331,7 @@ pub async fn complete(
     }
     // With no file left (every one refused, or none sent) this answers
     // 422 RELAY_SESSION_EMPTY and the pipeline ends the session.
-    let rec = match pipeline.complete_session(&actor, sid).await {
-        Ok(rec) => rec,
-        Err(e) => return Err(e.into()),
-    };
+    let rec = pipeline.complete_session(&actor, sid).await?;
     metrics.forward("queued");
     Ok((
         StatusCode::ACCEPTED,
