@@ -72,6 +72,14 @@ async fn queued_records(audit: &dyn AuditSink, s: SessionId) -> usize {
         .count()
 }
 
+/// Session `s` holds no file, and its chunk area no bytes (`what` left
+/// nothing).
+async fn assert_no_file(e: &Embedded, s: SessionId, what: &str) {
+    let scope = e.sessions.load_session(s).await.unwrap();
+    assert!(scope.value.files.is_empty(), "{what} was recorded");
+    assert_eq!(stored_files(e, s), 0, "{what}'s bytes stayed");
+}
+
 /// Files of the chunk area of session `s` (data files on disk).
 fn stored_files(e: &Embedded, s: SessionId) -> usize {
     match std::fs::read_dir(e.root.join("chunks").join(s.to_string())) {
@@ -185,9 +193,7 @@ async fn refused_content_leaves_no_file_and_no_bytes() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Integrity, "{err:?}");
-    let scope = e.sessions.load_session(s).await.unwrap();
-    assert!(scope.value.files.is_empty(), "a refused file stayed");
-    assert_eq!(stored_files(&e, s), 0, "a refused file's bytes stayed");
+    assert_no_file(&e, s, "a refused file").await;
     // Each refusal is audited as a failed completion or chunk.
     let failed = e
         .audit
@@ -1186,9 +1192,7 @@ async fn a_store_keeping_other_bytes_is_caught_by_the_read_back() {
                 ),
                 "{size} bytes, flipped at {at}: {err:?}"
             );
-            let scope = e.sessions.load_session(s).await.unwrap();
-            assert!(scope.value.files.is_empty(), "a corrupt file was recorded");
-            assert_eq!(stored_files(&e, s), 0, "a corrupt file's bytes stayed");
+            assert_no_file(&e, s, "a corrupt file").await;
             let failed = e
                 .audit
                 .events()

@@ -166,23 +166,18 @@ async fn main() -> Res<()> {
             token = login(&client, &base).await?;
             token_at = Instant::now();
         }
-        let meta = format!(
-            "filename {},session {}",
-            STANDARD.encode(format!("f{i:05}.dcm")),
-            STANDARD.encode(&study_id)
-        );
         let sum = STANDARD.encode(Sha256::digest(&file));
-        let r = client
-            .post(format!("{base}/files"))
-            .bearer_auth(&token)
-            .header("Tus-Resumable", "1.0.0")
-            .header("Upload-Length", file.len().to_string())
-            .header("Upload-Metadata", meta)
-            .header("Upload-Checksum", format!("sha256 {sum}"))
-            .header("Content-Type", "application/offset+octet-stream")
-            .body(file)
-            .send()
-            .await?;
+        let r = create_with_upload(
+            &client,
+            &base,
+            &token,
+            &study_id,
+            &format!("f{i:05}.dcm"),
+            file,
+        )
+        .header("Upload-Checksum", format!("sha256 {sum}"))
+        .send()
+        .await?;
         if r.status() != StatusCode::CREATED {
             let s = r.status();
             return Err(format!("file {i}: POST /files: {s}: {}", r.text().await?).into());
@@ -204,20 +199,9 @@ async fn main() -> Res<()> {
     let mut refused_ms = Vec::new();
     for i in 0..REFUSED {
         let junk = vec![7u8; 1000 + i];
-        let meta = format!(
-            "filename {},session {}",
-            STANDARD.encode(format!("junk{i:02}.bin")),
-            STANDARD.encode(&study_id)
-        );
+        let name = format!("junk{i:02}.bin");
         let t = Instant::now();
-        let r = client
-            .post(format!("{base}/files"))
-            .bearer_auth(&token)
-            .header("Tus-Resumable", "1.0.0")
-            .header("Upload-Length", junk.len().to_string())
-            .header("Upload-Metadata", meta)
-            .header("Content-Type", "application/offset+octet-stream")
-            .body(junk)
+        let r = create_with_upload(&client, &base, &token, &study_id, &name, junk)
             .send()
             .await?;
         let status = r.status();
@@ -283,6 +267,31 @@ async fn main() -> Res<()> {
     );
     server.shutdown().await;
     Ok(())
+}
+
+/// A tus creation-with-upload of `body` as file `name` of study session
+/// `study` (more headers may be added before it is sent).
+fn create_with_upload(
+    client: &Client,
+    base: &str,
+    token: &str,
+    study: &str,
+    name: &str,
+    body: Vec<u8>,
+) -> reqwest::RequestBuilder {
+    let meta = format!(
+        "filename {},session {}",
+        STANDARD.encode(name),
+        STANDARD.encode(study)
+    );
+    client
+        .post(format!("{base}/files"))
+        .bearer_auth(token)
+        .header("Tus-Resumable", "1.0.0")
+        .header("Upload-Length", body.len().to_string())
+        .header("Upload-Metadata", meta)
+        .header("Content-Type", "application/offset+octet-stream")
+        .body(body)
 }
 
 /// The latency mode's shared context (see the module's documentation).
