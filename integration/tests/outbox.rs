@@ -290,3 +290,103 @@ async fn a_crashed_attempt_is_taken_over() {
     );
     assert_eq!(state(&s).await.delivery.lease_owner, None);
 }
+
+/// A batch of due entries: the leases in one store write, the sends, the
+/// outcomes in another; each entry ends as its own attempt would (one
+/// delivered, one dead letter), entries not to attempt are answered
+/// without a write, and every attempt is audited as alone.
+#[tokio::test]
+async fn a_batch_ends_each_entry_as_its_own_attempt_would() {
+    let s = setup(1, &[], false, false, false).await;
+    let actor = Actor::user("alice");
+    let p = &s.e.pipeline;
+    // A second completed study, refused for good by the archive.
+    let refused = open_session(p, &actor).await.unwrap();
+    let f = upload_file(p, &actor, refused, "r", &dicom(&new_study(), 9), 1 << 20)
+        .await
+        .unwrap();
+    let relaypacs_core::FileState::Valid { dicom: d } = f.state else {
+        panic!("{:?}", f.state)
+    };
+    s.sink
+        .refuse([d.sop_instance_uid.clone()], Refusal::permanent(REASON));
+    p.complete_session(&actor, refused).await.unwrap();
+    // An open study (nothing to deliver) and an id nobody holds.
+    let open = open_session(p, &actor).await.unwrap();
+    let unknown = SessionId::random();
+    let ids = [s.sid, refused, open, unknown, s.sid];
+    let answers = p.attempt_deliveries(&ids, "w", &fast()).await;
+    assert_eq!(answers.len(), 4, "one answer per distinct id: {answers:?}");
+    for (id, answer) in answers {
+        let (ev, next) = answer.unwrap();
+        if id == s.sid {
+            assert!(
+                matches!(ev, Some(relaypacs_core::OutboxEvent::Delivered { .. })),
+                "{ev:?}"
+            );
+            // Then a report check, if a report source is set (none here).
+            assert_eq!(next, Next::Done);
+        } else if id == refused {
+            assert!(
+                matches!(ev, Some(relaypacs_core::OutboxEvent::DeadLettered { .. })),
+                "{ev:?}"
+            );
+            assert_eq!(next, Next::Done);
+        } else {
+            assert_eq!(ev, None, "{id}");
+            assert_eq!(next, Next::Done, "{id}");
+        }
+    }
+    let delivered = state(&s).await;
+    assert!(
+        matches!(delivered.state, SessionState::Delivered { .. }),
+        "{:?}",
+        delivered.state
+    );
+    assert_eq!(delivered.delivery.attempts, 1);
+    assert_eq!(
+        delivered.delivery.lease_owner, None,
+        "the lease is released"
+    );
+    let dead = s.e.sessions.load_session(refused).await.unwrap().value;
+    assert!(
+        matches!(dead.state, SessionState::DeadLetter { .. }),
+        "{:?}",
+        dead.state
+    );
+    assert_eq!(dead.delivery.attempts, 1);
+    let opened = s.e.sessions.load_session(open).await.unwrap().value;
+    assert_eq!(
+        opened.delivery.attempts, 0,
+        "an open study is not attempted"
+    );
+    // Each attempt audited as alone: its start, and its outcome (the
+    // queueing at completion is the uploader's record).
+    let audit = s.e.audit.events().await.unwrap();
+    for (sid, outcome) in [
+        (s.sid, AuditOutcome::Success),
+        (refused, AuditOutcome::SeriousFailure),
+    ] {
+        let of = |action| {
+            audit
+                .iter()
+                .filter(|e| {
+                    e.session == Some(sid) && e.action == action && e.user == "system:outbox"
+                })
+                .collect::<Vec<_>>()
+        };
+        let started = of(AuditAction::ForwardStarted);
+        assert_eq!(started.len(), 1, "{sid}: {started:?}");
+        assert!(started[0].detail.starts_with("attempt=1 "), "{started:?}");
+        let fwd = of(AuditAction::Forwarded);
+        assert_eq!(fwd.len(), 1, "{sid}: {fwd:?}");
+        assert_eq!(fwd[0].outcome, outcome, "{sid}");
+    }
+    // Nothing left to do for them: a second pass writes nothing.
+    let again = p.attempt_deliveries(&[s.sid, refused], "w", &fast()).await;
+    for (id, answer) in again {
+        let (ev, _) = answer.unwrap();
+        assert_eq!(ev, None, "{id}");
+    }
+    assert_eq!(state(&s).await.delivery.attempts, 1);
+}

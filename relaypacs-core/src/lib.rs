@@ -53,7 +53,7 @@ pub use model::{
     ChunkRecord, Delivery, DicomSummary, FileRecord, FileState, Limits, SessionRecord,
     SessionState, Versioned,
 };
-pub use outbox::{Next, Outbox, OutboxConfig, OutboxEvent, OutboxListener};
+pub use outbox::{Attempted, Next, Outbox, OutboxConfig, OutboxEvent, OutboxListener};
 pub use pacs_sink::{
     DeliveryReport, Holding, Instance, InstanceOutcome, InstanceSource, PacsSink, Verification,
     VerifyMode, compare_content,
@@ -63,4 +63,6 @@ pub use pipeline::{
     PutChunk, PutOutcome, RangeDone, RangeWrite, contiguous_end, plan_segments,
 };
 pub use report_source::{ReportKind, ReportRef, ReportSource};
-pub use session_store::{ChunkInsert, ClaimedWrite, FileScope, InstanceClaim, SessionStore};
+pub use session_store::{
+    ChunkInsert, ClaimedWrite, FileScope, HeadWrite, InstanceClaim, SessionStore,
+};

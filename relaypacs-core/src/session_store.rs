@@ -12,6 +12,21 @@ use crate::error::Result;
 use crate::ids::{FileId, SessionId, Uid};
 use crate::model::{ChunkRecord, SessionRecord, Versioned};
 
+/// One session head for [`SessionStore::update_heads`]: the record (its
+/// files are not written), the version it was read at, and what commits
+/// with it.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadWrite<'a> {
+    /// The session's new head.
+    pub session: &'a SessionRecord,
+    /// The version the write is conditional on.
+    pub expected: u64,
+    /// Analytics facts written with it.
+    pub facts: &'a [UploadFact],
+    /// Audit records committed with it (none: no audit trail is touched).
+    pub events: &'a [crate::AuditEvent],
+}
+
 /// One entry of the gateway's index of accepted instances: which file of
 /// which session first brought a SOP Instance UID, with the digest of its
 /// data set (see [`SessionStore::claim_instance`]).
@@ -446,6 +461,48 @@ pub trait SessionStore: Debug + Display + Send + Sync + 'static {
         Err(no_trail("update a session with its audit records"))
     }
 
+    /// Several sessions' heads written at once (files untouched, as
+    /// [`update_file_scope`](Self::update_file_scope) of a record without
+    /// files), each with its `facts` and, when it has any, its `events`
+    /// (as [`update_file_scope_with_facts_audited`](Self::update_file_scope_with_facts_audited)):
+    /// how the delivery worker takes the leases of, and records the
+    /// outcomes of, a group of due entries in one transaction instead of
+    /// one each.
+    ///
+    /// # Contract
+    /// - One answer per write, in order: the new version, or that write's
+    ///   own refusal ([`Error::Precondition`](crate::Error::Precondition)
+    ///   when its version moved, [`Error::NotFound`](crate::Error::NotFound)).
+    ///   A refused write leaves nothing of its own (no head, fact or
+    ///   event); the others are written.
+    /// - `Err` for the whole call: nothing was written by an overriding
+    ///   store (one transaction); the default writes one at a time, so an
+    ///   error may follow writes that were made.
+    /// - Callers pass writes ordered by session id, so stores that lock
+    ///   rows take their locks in one order.
+    ///
+    /// Conformance case `head_writes`.
+    async fn update_heads(&self, writes: &[HeadWrite<'_>]) -> Result<Vec<Result<u64>>> {
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            let written = if w.events.is_empty() {
+                self.update_file_scope_with_facts(w.session, w.expected, w.facts)
+                    .await
+            } else {
+                self.update_file_scope_with_facts_audited(w.session, w.expected, w.facts, w.events)
+                    .await
+            };
+            match written {
+                Err(e @ (crate::Error::Precondition { .. } | crate::Error::NotFound { .. })) => {
+                    out.push(Err(e));
+                }
+                Err(e) => return Err(e),
+                Ok(v) => out.push(Ok(v)),
+            }
+        }
+        Ok(out)
+    }
+
     /// [`delete_session`](Self::delete_session) and
     /// [`record_upload_fact`](Self::record_upload_fact) of each of `facts`
     /// as one step: how a study that ends while open (aborted, expired,
@@ -851,6 +908,10 @@ macro_rules! forward_session_store {
                 (**self)
                     .update_file_scope_with_facts_audited(session, expected, facts, events)
                     .await
+            }
+
+            async fn update_heads(&self, writes: &[HeadWrite<'_>]) -> Result<Vec<Result<u64>>> {
+                (**self).update_heads(writes).await
             }
 
             async fn delete_session_with_facts(

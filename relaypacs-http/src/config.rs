@@ -1009,10 +1009,10 @@ impl Config {
             r.to_dicomweb()?;
         }
         let o = &self.outbox;
-        if o.max_attempts == 0 || o.parallel == 0 || o.base_delay.is_zero() {
+        if o.max_attempts == 0 || o.parallel == 0 || o.batch == 0 || o.base_delay.is_zero() {
             return inv(
                 "outbox",
-                "max_attempts, parallel and base_delay must be positive",
+                "max_attempts, parallel, batch and base_delay must be positive",
             );
         }
         let h = &self.http;

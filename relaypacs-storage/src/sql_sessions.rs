@@ -1022,6 +1022,53 @@ impl SessionStore for SqlSessionStore {
             .await
     }
 
+    /// One transaction for every write: each head conditionally on its
+    /// version (a refused one is skipped, nothing of its own written),
+    /// the facts of those written, then their audit records appended in
+    /// one go. Rows are locked in the order given (callers sort by id).
+    async fn update_heads(
+        &self,
+        writes: &[relaypacs_core::HeadWrite<'_>],
+    ) -> Result<Vec<Result<u64>>> {
+        const OP: &str = "update sessions";
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let events: Vec<relaypacs_core::AuditEvent> = Vec::new();
+        let mut audit = if writes.iter().any(|w| !w.events.is_empty()) {
+            Some(self.audited(OP, &events)?)
+        } else {
+            None
+        };
+        let (_turn, mut tx) = self.db.begin_write(OP).await?;
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            let mut head = w.session.clone();
+            head.files.clear();
+            match Self::update_head(&mut tx, &head, w.expected).await {
+                Ok(()) => {}
+                Err(e @ (Error::Precondition { .. } | Error::NotFound { .. })) => {
+                    out.push(Err(e));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            for fact in w.facts {
+                Self::insert_fact(&mut tx, fact).await?;
+            }
+            if let Some(a) = audit.as_mut() {
+                for e in w.events {
+                    a.json.push(event_json(e)?);
+                }
+            }
+            out.push(Ok(w.expected + 1));
+        }
+        // Crash-safe point: one commit for every head written, its facts
+        // and its audit records.
+        commit_with(tx, audit.as_ref(), OP).await?;
+        Ok(out)
+    }
+
     /// Atomic across every gateway on the database, as
     /// [`create_session_capped`](SessionStore::create_session_capped):
     /// PostgreSQL takes an advisory lock on the owner's uploads first;

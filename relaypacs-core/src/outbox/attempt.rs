@@ -7,6 +7,7 @@ use crate::AuditEvent;
 use crate::analytics::FactKind;
 use crate::model::Versioned;
 use crate::pacs_sink::DeliveryReport;
+use crate::session_store::HeadWrite;
 
 /// Whether one attempt holds the entry, or when to look again.
 enum Lease {
@@ -262,19 +263,67 @@ fn last_error_of(event: &OutboxEvent) -> Option<&str> {
 /// Index ranges of `instances` in groups of at most `max_bytes` (a larger
 /// instance goes alone) and `max_count` instances.
 fn groups(instances: &[Instance], max_bytes: u64, max_count: usize) -> Vec<std::ops::Range<usize>> {
+    let sizes: Vec<u64> = instances.iter().map(|i| i.size).collect();
+    size_groups(&sizes, max_bytes, max_count)
+}
+
+/// An entry whose lease this worker holds: the record at the version the
+/// lease's write made (files included), the attempt's number, and whether
+/// its `ForwardStarted` record committed with the lease.
+struct Held {
+    id: SessionId,
+    rec: Versioned<SessionRecord>,
+    attempts: u32,
+    audited: bool,
+}
+
+/// What an attempt decided, and what is written with it.
+struct Decided {
+    state: SessionState,
+    event: OutboxEvent,
+    confirmed: BTreeMap<String, Verification>,
+    facts: Vec<crate::analytics::UploadFact>,
+    records: Vec<AuditEvent>,
+    now: OffsetDateTime,
+}
+
+/// The entry `r` after the attempt `d` of `worker`: refused unless
+/// `worker` still holds the lease.
+fn apply_outcome(r: &mut SessionRecord, worker: &str, d: &Decided) -> Result<()> {
+    if r.delivery.lease_owner.as_deref() != Some(worker) {
+        return Err(Error::conflict(
+            "RELAY_OUTBOX_LEASE_LOST",
+            "another worker took the entry over",
+        ));
+    }
+    r.state = d.state.clone();
+    r.delivery.confirmed = d.confirmed.clone();
+    r.delivery.lease_until = None;
+    r.delivery.lease_owner = None;
+    r.delivery.last_error = last_error_of(&d.event).map(str::to_owned);
+    r.delivery.next_attempt_at = match &d.event {
+        OutboxEvent::Retrying { next, .. } => Some(*next),
+        _ => None,
+    };
+    Ok(())
+}
+
+/// Index ranges of `sizes` in groups of at most `max_bytes` (a larger
+/// entry goes alone) and `max_count` entries.
+fn size_groups(sizes: &[u64], max_bytes: u64, max_count: usize) -> Vec<std::ops::Range<usize>> {
     let (max_bytes, max_count) = (max_bytes.max(1), max_count.max(1));
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0usize, 0u64);
-    for (i, inst) in instances.iter().enumerate() {
-        let full = i > start && (bytes + inst.size > max_bytes || i - start >= max_count);
+    for (i, size) in sizes.iter().enumerate() {
+        let full = i > start && (bytes + size > max_bytes || i - start >= max_count);
         if full {
             out.push(start..i);
             (start, bytes) = (i, 0);
         }
-        bytes += inst.size;
+        bytes += size;
     }
-    if start < instances.len() {
-        out.push(start..instances.len());
+    if start < sizes.len() {
+        out.push(start..sizes.len());
     }
     out
 }
@@ -320,22 +369,260 @@ impl Pipeline {
     ) -> Result<(Option<OutboxEvent>, Next)> {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
-        let (leased, attempts, audited) = match self.take_lease(id, worker, config).await? {
+        let held = match self.take_lease(id, worker, config).await? {
             Lease::Taken {
                 rec,
                 attempts,
                 audited,
-            } => (*rec, attempts, audited),
+            } => Held {
+                id,
+                rec: *rec,
+                attempts,
+                audited,
+            },
             Lease::NotNow(next) => return Ok((None, next)),
         };
-        let (mut rec, version) = (leased.value, leased.version);
-        let actor = worker_actor();
-        let instances = Self::instances_of(&rec);
-        let patients = patients_of(&instances);
-        if !audited {
-            self.audit(self.forward_started(&rec, attempts)).await?;
-        }
+        let decided = self.attempt_held(&held, config).await?;
+        self.record_decided(&held, worker, decided, None, config)
+            .await
+    }
 
+    /// One delivery attempt for each of `ids` that is due, as
+    /// [`attempt_delivery`](Self::attempt_delivery) makes for one, in
+    /// groups of at most `config.batch` entries and `config.group_bytes`
+    /// bytes (a larger entry goes alone): a group's leases are taken in
+    /// one store write and its outcomes recorded in another (see
+    /// [`SessionStore::update_heads`](crate::SessionStore::update_heads)),
+    /// its sends run `config.parallel` entries at a time. An entry whose
+    /// grouped write is refused (another writer moved it meanwhile) goes
+    /// the one-entry way, which reads it again. One answer per distinct
+    /// id, in id order within each group.
+    pub async fn attempt_deliveries(
+        &self,
+        ids: &[SessionId],
+        worker: &str,
+        config: &OutboxConfig,
+    ) -> Vec<Attempted> {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut out = Vec::with_capacity(ids.len());
+        if ids.len() < 2 || config.batch < 2 {
+            for id in ids {
+                out.push((id, self.attempt_delivery(id, worker, config).await));
+            }
+            return out;
+        }
+        // The gates in id order, held to the end (readers only, as one
+        // attempt holds its own).
+        let gates: Vec<_> = ids.iter().map(|id| self.gate(*id)).collect();
+        let mut guards = Vec::with_capacity(gates.len());
+        for g in &gates {
+            guards.push(g.rw.read().await);
+        }
+        let sessions = &self.inner.sessions;
+        let loaded =
+            futures::future::join_all(ids.iter().map(|id| sessions.load_session(*id))).await;
+        let now = OffsetDateTime::now_utc();
+        let mut due = Vec::new();
+        for (id, loaded) in ids.iter().copied().zip(loaded) {
+            match loaded {
+                Err(Error::NotFound { .. }) => out.push((id, Ok((None, Next::Done)))),
+                Err(e) => out.push((id, Err(e))),
+                Ok(v) if v.value.state != SessionState::Forwarding => {
+                    out.push((id, Ok((None, self.due(&v.value, config, now)))));
+                }
+                Ok(v) => match Self::not_now(&v.value.delivery, worker, config, now) {
+                    Some(next) => out.push((id, Ok((None, next)))),
+                    None => due.push(v),
+                },
+            }
+        }
+        let sizes: Vec<u64> = due
+            .iter()
+            .map(|v| {
+                Self::instances_of(&v.value)
+                    .iter()
+                    .filter(|i| {
+                        !v.value
+                            .delivery
+                            .confirmed
+                            .contains_key(i.dicom.sop_instance_uid.as_str())
+                    })
+                    .map(|i| i.size)
+                    .sum()
+            })
+            .collect();
+        let mut due = due.into_iter();
+        for range in size_groups(&sizes, config.group_bytes, config.batch) {
+            let group: Vec<_> = due.by_ref().take(range.len()).collect();
+            let held = self.take_leases(group, worker, config, &mut out).await;
+            let parallel = config.parallel.max(1);
+            let sent: Vec<(Held, Result<Decided>)> = futures::stream::iter(held)
+                .map(|h| async move {
+                    let d = self.attempt_held(&h, config).await;
+                    (h, d)
+                })
+                .buffered(parallel)
+                .collect()
+                .await;
+            self.record_group(sent, worker, config, &mut out).await;
+        }
+        drop(guards);
+        out
+    }
+
+    /// Take the leases of `group` (due, read whole just now) in one store
+    /// write; each refused one the one-entry way. Answers for entries not
+    /// to attempt go to `out`.
+    async fn take_leases(
+        &self,
+        group: Vec<Versioned<SessionRecord>>,
+        worker: &str,
+        config: &OutboxConfig,
+        out: &mut Vec<Attempted>,
+    ) -> Vec<Held> {
+        let joint = self.audit_joins_state();
+        let now = OffsetDateTime::now_utc();
+        let leased: Vec<(SessionRecord, Vec<AuditEvent>)> = group
+            .iter()
+            .map(|current| {
+                let mut rec = current.value.clone();
+                rec.delivery.attempts += 1;
+                rec.delivery.lease_until = Some(plus(now, config.lease));
+                rec.delivery.lease_owner = Some(worker.to_owned());
+                rec.updated_at = now;
+                let events = if joint {
+                    vec![self.forward_started(&rec, rec.delivery.attempts)]
+                } else {
+                    Vec::new()
+                };
+                rec.files = Default::default();
+                (rec, events)
+            })
+            .collect();
+        let writes: Vec<HeadWrite<'_>> = group
+            .iter()
+            .zip(&leased)
+            .map(|(current, (rec, events))| HeadWrite {
+                session: rec,
+                expected: current.version,
+                facts: &[],
+                events,
+            })
+            .collect();
+        let written = self.write_heads(&writes).await;
+        drop(writes);
+        let mut held = Vec::with_capacity(group.len());
+        for ((current, (mut rec, events)), version) in group.into_iter().zip(leased).zip(written) {
+            let id = current.value.id;
+            let taken = match version {
+                Some(version) => {
+                    rec.files = current.value.files;
+                    let attempts = rec.delivery.attempts;
+                    Ok(Lease::Taken {
+                        rec: Box::new(Versioned {
+                            value: rec,
+                            version,
+                        }),
+                        attempts,
+                        audited: !events.is_empty(),
+                    })
+                }
+                None => self.take_lease(id, worker, config).await,
+            };
+            match taken {
+                Ok(Lease::Taken {
+                    rec,
+                    attempts,
+                    audited,
+                }) => held.push(Held {
+                    id,
+                    rec: *rec,
+                    attempts,
+                    audited,
+                }),
+                Ok(Lease::NotNow(next)) => out.push((id, Ok((None, next)))),
+                Err(e) => out.push((id, Err(e))),
+            }
+        }
+        held
+    }
+
+    /// `writes` in one store write: the new version of each written, `None`
+    /// for each refused, or for all when the write failed as a whole (the
+    /// one-entry way then reads each again, and reports a lasting failure).
+    async fn write_heads(&self, writes: &[HeadWrite<'_>]) -> Vec<Option<u64>> {
+        if writes.is_empty() {
+            return Vec::new();
+        }
+        match self.inner.sessions.update_heads(writes).await {
+            Ok(answers) if answers.len() == writes.len() => {
+                answers.into_iter().map(|a| a.ok()).collect()
+            }
+            Ok(_) | Err(_) => vec![None; writes.len()],
+        }
+    }
+
+    /// Record the outcomes of a group's attempts in one store write (each
+    /// refused one the one-entry way); the answers go to `out`.
+    async fn record_group(
+        &self,
+        sent: Vec<(Held, Result<Decided>)>,
+        worker: &str,
+        config: &OutboxConfig,
+        out: &mut Vec<Attempted>,
+    ) {
+        let joint = self.audit_joins_state();
+        let now = OffsetDateTime::now_utc();
+        let mut ready = Vec::with_capacity(sent.len());
+        for (h, decided) in sent {
+            let d = match decided {
+                Ok(d) => d,
+                Err(e) => {
+                    out.push((h.id, Err(e)));
+                    continue;
+                }
+            };
+            let mut after = h.rec.value.clone();
+            after.files = Default::default();
+            match apply_outcome(&mut after, worker, &d) {
+                Ok(()) => {
+                    after.updated_at = now;
+                    ready.push((h, d, after));
+                }
+                Err(e) => out.push((h.id, Err(e))),
+            }
+        }
+        let writes: Vec<HeadWrite<'_>> = ready
+            .iter()
+            .map(|(h, d, after)| HeadWrite {
+                session: after,
+                expected: h.rec.version,
+                facts: &d.facts,
+                events: if joint { &d.records } else { &[] },
+            })
+            .collect();
+        let written = self.write_heads(&writes).await;
+        drop(writes);
+        for ((h, d, _), version) in ready.into_iter().zip(written) {
+            let audited = version.map(|_| joint && !d.records.is_empty());
+            let id = h.id;
+            out.push((
+                id,
+                self.record_decided(&h, worker, d, audited, config).await,
+            ));
+        }
+    }
+
+    /// An attempt under a lease held: its `ForwardStarted` record unless
+    /// it committed with the lease, the sends, and the decision.
+    async fn attempt_held(&self, h: &Held, config: &OutboxConfig) -> Result<Decided> {
+        let rec = &h.rec.value;
+        if !h.audited {
+            self.audit(self.forward_started(rec, h.attempts)).await?;
+        }
+        let instances = Self::instances_of(rec);
         let mut confirmed: BTreeMap<String, Verification> = rec.delivery.confirmed.clone();
         let pending: Vec<_> = instances
             .iter()
@@ -343,25 +630,34 @@ impl Pipeline {
             .cloned()
             .collect();
         let progress = self.send_and_verify(&pending, config, &mut confirmed).await;
-        let settled = Settled::of(progress, &instances, &confirmed);
+        Ok(self.decide_attempt(rec, h.attempts, &instances, confirmed, progress, config))
+    }
+
+    /// What an attempt comes to: the entry's next state, the event, and
+    /// the facts and audit records written with it.
+    fn decide_attempt(
+        &self,
+        rec: &SessionRecord,
+        attempts: u32,
+        instances: &[Instance],
+        confirmed: BTreeMap<String, Verification>,
+        progress: Progress,
+        config: &OutboxConfig,
+    ) -> Decided {
+        let id = rec.id;
+        let actor = worker_actor();
+        let patients = patients_of(instances);
+        let settled = Settled::of(progress, instances, &confirmed);
         let now = OffsetDateTime::now_utc();
         let sink = self.inner.sink.to_string();
-        let (state, event) = decide(
-            &rec,
-            attempts,
-            instances.len(),
-            &settled,
-            &sink,
-            config,
-            now,
-        );
+        let (state, event) = decide(rec, attempts, instances.len(), &settled, &sink, config, now);
         // The analytics fact of a final outcome is written with it.
         let facts: Vec<_> = match &event {
             OutboxEvent::Delivered { .. } => Some((FactKind::Delivered, "")),
             OutboxEvent::DeadLettered { .. } => Some((FactKind::DeadLettered, settled.class())),
             _ => None,
         }
-        .map(|(kind, cause)| Self::study_fact(&rec, kind, cause, now))
+        .map(|(kind, cause)| Self::study_fact(rec, kind, cause, now))
         .into_iter()
         .collect();
         // One audit record for what the PACS holds and one for what it does
@@ -395,28 +691,52 @@ impl Pipeline {
                 format!("instances={} sink={sink}: {reason}", settled.missing),
             ));
         }
-        // The outcome writes the head only: the files stay as they are.
-        rec.files = Default::default();
-        let head = Versioned {
-            value: rec,
-            version,
-        };
-        let audited = self
-            .record_attempt(
-                id, head, worker, &state, &confirmed, &event, &facts, &records,
-            )
-            .await?;
-        if !audited && !records.is_empty() {
-            self.audit_all(&records).await?;
+        Decided {
+            state,
+            event,
+            confirmed,
+            facts,
+            records,
+            now,
         }
-        let next = match &event {
+    }
+
+    /// Finish an attempt: unless `audited` says its outcome was written
+    /// already (`Some(true)`: with its audit records), write it the
+    /// one-entry way; then audit it if that did not; the event and when
+    /// to look again.
+    async fn record_decided(
+        &self,
+        h: &Held,
+        worker: &str,
+        d: Decided,
+        audited: Option<bool>,
+        config: &OutboxConfig,
+    ) -> Result<(Option<OutboxEvent>, Next)> {
+        let audited = match audited {
+            Some(a) => a,
+            None => {
+                // The outcome writes the head only: the files stay as they are.
+                let mut head = h.rec.value.clone();
+                head.files = Default::default();
+                let head = Versioned {
+                    value: head,
+                    version: h.rec.version,
+                };
+                self.record_attempt(h.id, head, worker, &d).await?
+            }
+        };
+        if !audited && !d.records.is_empty() {
+            self.audit_all(&d.records).await?;
+        }
+        let next = match &d.event {
             OutboxEvent::Retrying { next, .. } => Next::At(*next),
             OutboxEvent::Delivered { .. } => {
-                self.report_next(now, plus(now, config.report_poll_interval), config)
+                self.report_next(d.now, plus(d.now, config.report_poll_interval), config)
             }
             _ => Next::Done,
         };
-        Ok((Some(event), next))
+        Ok((Some(d.event), next))
     }
 
     /// The audit record of an attempt starting (PS3.15 "begin
@@ -616,49 +936,31 @@ impl Pipeline {
         progress
     }
 
-    /// Record the attempt's outcome with its analytics `facts` (one
+    /// Record the attempt's outcome `d` with its analytics facts (one
     /// write) and release the lease (only while this worker still holds
     /// it). With the audit trail in the state database, the attempt's
-    /// audit `records` commit in the same write and the answer is `true`;
+    /// audit records commit in the same write and the answer is `true`;
     /// else the caller records them.
-    #[allow(clippy::too_many_arguments)] // one attempt's outcome, each part named
     async fn record_attempt(
         &self,
         id: SessionId,
         current: Versioned<SessionRecord>,
         worker: &str,
-        state: &SessionState,
-        confirmed: &BTreeMap<String, Verification>,
-        event: &OutboxEvent,
-        facts: &[crate::analytics::UploadFact],
-        records: &[AuditEvent],
+        d: &Decided,
     ) -> Result<bool> {
-        let last_error = last_error_of(event).map(str::to_owned);
-        let next_at = match event {
-            OutboxEvent::Retrying { next, .. } => Some(*next),
-            _ => None,
-        };
         // `current` is the head as the lease wrote it: while this worker
         // holds the lease nothing else writes the entry, and if something
         // did, the conditional write below fails, reloads and checks the
         // lease.
-        let change = |r: &mut SessionRecord| {
-            if r.delivery.lease_owner.as_deref() != Some(worker) {
-                return Err(Error::conflict(
-                    "RELAY_OUTBOX_LEASE_LOST",
-                    "another worker took the entry over",
-                ));
-            }
-            r.state = state.clone();
-            r.delivery.confirmed = confirmed.clone();
-            r.delivery.lease_until = None;
-            r.delivery.lease_owner = None;
-            r.delivery.last_error = last_error.clone();
-            r.delivery.next_attempt_at = next_at;
-            Ok(())
-        };
         let (_, (), audited) = self
-            .update_head_audited(id, current, false, facts, change, |_, _| records.to_vec())
+            .update_head_audited(
+                id,
+                current,
+                false,
+                &d.facts,
+                |r| apply_outcome(r, worker, d),
+                |_, _| d.records.clone(),
+            )
             .await?;
         Ok(audited)
     }

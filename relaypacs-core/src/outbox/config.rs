@@ -22,6 +22,11 @@ pub struct OutboxConfig {
     pub lease: Duration,
     /// Entries delivered at once.
     pub parallel: usize,
+    /// Most due entries taken in one batch (default 32): their leases are
+    /// taken in one store write and their outcomes recorded in another
+    /// (one commit each instead of one per entry); their sends still run
+    /// `parallel` at a time. 1 = one entry at a time.
+    pub batch: usize,
     /// How often the whole store is rescanned for entries (e.g. queued by
     /// another process sharing the session store).
     #[serde(with = "secs")]
@@ -59,6 +64,7 @@ impl Default for OutboxConfig {
             max_age: Duration::from_secs(24 * 3600),
             lease: Duration::from_secs(15 * 60),
             parallel: 2,
+            batch: 32,
             rescan_interval: Duration::from_secs(300),
             report_poll_interval: Duration::from_secs(60),
             report_window: Duration::from_secs(30 * 24 * 3600),

@@ -131,6 +131,10 @@ pub enum Next {
     Done,
 }
 
+/// One entry's answer from [`Pipeline::attempt_deliveries`]: the event to
+/// report, if any, and when to look again; or why the attempt failed.
+pub type Attempted = (SessionId, Result<(Option<OutboxEvent>, Next)>);
+
 /// The actor of the worker's audit records.
 fn worker_actor() -> Actor {
     Actor {

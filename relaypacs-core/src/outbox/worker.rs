@@ -36,13 +36,10 @@ impl Outbox {
         }
     }
 
-    /// One step for one entry: a delivery attempt, or a report check.
-    async fn step(&self, id: SessionId) -> Next {
-        let result = match self
-            .pipeline
-            .attempt_delivery(id, &self.worker, &self.config)
-            .await
-        {
+    /// What an entry needs next after its attempt's `result`: the event
+    /// told to the listener, a report check when one is due.
+    async fn settle(&self, id: SessionId, result: Result<(Option<OutboxEvent>, Next)>) -> Next {
+        let result = match result {
             Ok((Some(event), next)) => {
                 self.listener.on_event(&event).await;
                 Ok(next)
@@ -74,13 +71,23 @@ impl Outbox {
         Ok(next)
     }
 
-    /// Step `due`, `parallel` at a time; what each needs next.
+    /// Step `due` in batches of `batch` (see
+    /// [`Pipeline::attempt_deliveries`]); what each needs next.
     async fn step_all(&self, due: Vec<SessionId>) -> Vec<(SessionId, Next)> {
-        futures::stream::iter(due)
-            .map(|id| async move { (id, self.step(id).await) })
-            .buffer_unordered(self.config.parallel.max(1))
-            .collect()
-            .await
+        let mut out = Vec::with_capacity(due.len());
+        for batch in due.chunks(self.config.batch.max(1)) {
+            let results = self
+                .pipeline
+                .attempt_deliveries(batch, &self.worker, &self.config)
+                .await;
+            let settled: Vec<(SessionId, Next)> = futures::stream::iter(results)
+                .map(|(id, r)| async move { (id, self.settle(id, r).await) })
+                .buffer_unordered(self.config.parallel.max(1))
+                .collect()
+                .await;
+            out.extend(settled);
+        }
+        out
     }
 
     /// Load every session's schedule from the store.

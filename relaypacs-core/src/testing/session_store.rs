@@ -10,7 +10,9 @@ use crate::digest::Sha256Digest;
 use crate::error::Error;
 use crate::ids::{FileId, SessionId, Uid};
 use crate::model::{ChunkRecord, FileRecord, FileState, Limits, SessionRecord, SessionState};
-use crate::session_store::{ChunkInsert, ClaimedWrite, FileScope, InstanceClaim, SessionStore};
+use crate::session_store::{
+    ChunkInsert, ClaimedWrite, FileScope, HeadWrite, InstanceClaim, SessionStore,
+};
 
 /// A fresh session record with one file.
 pub fn sample_session() -> SessionRecord {
@@ -1539,6 +1541,100 @@ pub async fn writes_with_facts(store: Arc<dyn SessionStore>) {
     assert_eq!(counts.get(&FactKind::Aborted), Some(&1), "{counts:?}");
 }
 
+/// One run of [`head_writes`] on `store`.
+async fn check_head_writes(store: &dyn SessionStore) {
+    use crate::analytics::{FactKind, UploadFact};
+    let day = time::Date::from_calendar_date(2095, time::Month::January, 1).expect("a valid date")
+        + time::Duration::days(i64::from(rand::random::<u16>() % 3000));
+    let at = day.with_time(time::Time::MIDNIGHT).assume_utc() + time::Duration::hours(12);
+    let owner = format!("heads-{}", SessionId::random());
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        let mut s = sample_session();
+        s.owner = owner.clone();
+        let v = store.create_session(&s).await.expect("create").version;
+        made.push((s, v));
+    }
+    made.sort_by_key(|(s, _)| s.id);
+    let heads: Vec<(SessionRecord, Vec<UploadFact>)> = made
+        .iter()
+        .map(|(s, _)| {
+            let mut h = s.clone();
+            h.files.clear();
+            h.delivery.attempts = 7;
+            let facts = vec![UploadFact::new(
+                s.id,
+                FactKind::Delivered,
+                owner.as_str(),
+                at,
+            )];
+            (h, facts)
+        })
+        .collect();
+    let mut missing = sample_session();
+    missing.files.clear();
+    let writes: Vec<HeadWrite<'_>> = heads
+        .iter()
+        .zip(&made)
+        .enumerate()
+        .map(|(i, ((h, facts), (_, v)))| HeadWrite {
+            session: h,
+            // The second write is at a stale version: refused alone.
+            expected: if i == 1 { v + 5 } else { *v },
+            facts,
+            events: &[],
+        })
+        .chain(std::iter::once(HeadWrite {
+            session: &missing,
+            expected: 1,
+            facts: &[],
+            events: &[],
+        }))
+        .collect();
+    let out = store.update_heads(&writes).await.expect("update heads");
+    assert_eq!(out.len(), 4, "one answer per write");
+    assert_eq!(*out[0].as_ref().expect("written"), made[0].1 + 1);
+    assert!(
+        matches!(out[1], Err(crate::Error::Precondition { .. })),
+        "{:?}",
+        out[1]
+    );
+    assert_eq!(*out[2].as_ref().expect("written"), made[2].1 + 1);
+    assert!(
+        matches!(out[3], Err(crate::Error::NotFound { .. })),
+        "{:?}",
+        out[3]
+    );
+    for (i, (s, v)) in made.iter().enumerate() {
+        let now = store.load_session(s.id).await.expect("load");
+        assert_eq!(now.value.files, s.files, "the files are untouched");
+        if i == 1 {
+            assert_eq!(now.version, *v, "a refused write leaves its session");
+            assert_eq!(now.value.delivery.attempts, s.delivery.attempts);
+        } else {
+            assert_eq!(now.version, v + 1);
+            assert_eq!(now.value.delivery.attempts, 7);
+        }
+    }
+    let counts = facts_by_kind(store, &owner, day).await;
+    assert_eq!(
+        counts.get(&FactKind::Delivered),
+        Some(&2),
+        "the facts of the written heads only: {counts:?}"
+    );
+    assert!(store.update_heads(&[]).await.expect("nothing").is_empty());
+}
+
+/// [`SessionStore::update_heads`]: each head written at its version with
+/// its facts, a stale or missing one refused alone, the files untouched;
+/// the adapter's own method and the trait's default on top of it.
+pub async fn head_writes(store: Arc<dyn SessionStore>) {
+    use crate::testing::faults::{FaultPlan, FaultySessionStore};
+    check_head_writes(&*store).await;
+    let defaults = FaultySessionStore::new(store.clone(), FaultPlan::counting());
+    check_head_writes(&defaults).await;
+}
+
 /// Generates a module `$name` with one `#[test]` per [`SessionStore`]
 /// conformance case. `$factory` is an `async fn() -> (impl SessionStore,
 /// impl Sized)`; the calling crate needs no tokio of its own.
@@ -1553,7 +1649,7 @@ macro_rules! session_store_conformance {
             #[allow(unused_imports)]
             use super::*;
             $crate::session_store_conformance!(@ref $factory; create_load, compare_and_set, file_scopes, file_removal, head_only_updates, one_instance_per_session, range_reservations, chunk_records, delete_session, instance_claims, upload_facts, file_with_chunks, file_with_claim);
-            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap, concurrent_capped_file_additions_stop_at_the_cap, writes_with_facts);
+            $crate::session_store_conformance!(@arc $factory; concurrent_cas_has_one_winner, concurrent_chunk_insert, concurrent_claims_have_one_winner, concurrent_reservations_have_one_winner, concurrent_capped_creations_stop_at_the_cap, concurrent_capped_file_additions_stop_at_the_cap, writes_with_facts, head_writes);
         }
     };
     (@ref $factory:path; $($case:ident),*) => {$(
