@@ -410,45 +410,78 @@ impl Hub {
         message: &str,
         verified: Option<Verification>,
     ) -> Result<Option<Notification>> {
-        let n = Notification {
-            id: relaypacs_core::FileId::random().to_string(),
+        let notice = Notice {
+            user,
             kind,
-            study: study.to_string(),
-            message: message.to_string(),
-            created_at: OffsetDateTime::now_utc(),
-            read: false,
-            verified,
-        };
-        let body = serde_json::to_string(&n).map_err(|e| {
-            Error::storage(
-                relaypacs_core::StorageErrorKind::Corrupt,
-                "encode a notification",
-                e,
-            )
-        })?;
-        let created_at = n
-            .created_at
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(|e| Error::invalid("RELAY_TIME", e.to_string()))?;
-        let event = Event::Notification(n.clone());
-        let payload = match self.shared.outgoing {
-            Some(_) => self.shared.wire(user, &event),
-            None => None,
-        };
-        let row = NewNotification {
-            id: &n.id,
-            owner: user,
-            kind: kind.as_str(),
             study,
             subject,
-            created_at: &created_at,
-            body: &body,
+            message: message.to_owned(),
+            verified,
         };
-        let Some(_) = self.shared.store.insert(&row, payload.as_deref()).await? else {
-            return Ok(None);
-        };
-        self.shared.publish_local(user, event);
-        Ok(Some(n))
+        Ok(self.notify_all(&[notice]).await?.pop().flatten())
+    }
+
+    /// [`notify_once`](Self::notify_once) of each of `notices`, stored in
+    /// one transaction (one commit for a batch of deliveries), then pushed
+    /// live; one answer per notice, in order.
+    pub async fn notify_all(&self, notices: &[Notice<'_>]) -> Result<Vec<Option<Notification>>> {
+        let mut made = Vec::with_capacity(notices.len());
+        for x in notices {
+            let n = Notification {
+                id: relaypacs_core::FileId::random().to_string(),
+                kind: x.kind,
+                study: x.study.to_string(),
+                message: x.message.clone(),
+                created_at: OffsetDateTime::now_utc(),
+                read: false,
+                verified: x.verified,
+            };
+            let body = serde_json::to_string(&n).map_err(|e| {
+                Error::storage(
+                    relaypacs_core::StorageErrorKind::Corrupt,
+                    "encode a notification",
+                    e,
+                )
+            })?;
+            let created_at = n
+                .created_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|e| Error::invalid("RELAY_TIME", e.to_string()))?;
+            let event = Event::Notification(n.clone());
+            let payload = match self.shared.outgoing {
+                Some(_) => self.shared.wire(x.user, &event),
+                None => None,
+            };
+            made.push((n, body, created_at, event, payload));
+        }
+        let rows: Vec<(NewNotification<'_>, Option<&str>)> = notices
+            .iter()
+            .zip(&made)
+            .map(|(x, (n, body, created_at, _, payload))| {
+                (
+                    NewNotification {
+                        id: &n.id,
+                        owner: x.user,
+                        kind: x.kind.as_str(),
+                        study: x.study,
+                        subject: x.subject,
+                        created_at,
+                        body,
+                    },
+                    payload.as_deref(),
+                )
+            })
+            .collect();
+        let stored = self.shared.store.insert_many(&rows).await?;
+        drop(rows);
+        let mut out = Vec::with_capacity(notices.len());
+        for ((x, (n, _, _, event, _)), stored) in notices.iter().zip(made).zip(stored) {
+            out.push(stored.map(|_| {
+                self.shared.publish_local(x.user, event);
+                n
+            }));
+        }
+        Ok(out)
     }
 
     /// `user`'s notifications, newest last.
@@ -593,6 +626,24 @@ pub fn delivered_message(instances: usize, verified: Verification) -> String {
     }
 }
 
+/// One notification to create with [`Hub::notify_all`] (as
+/// [`Hub::notify_once`]'s arguments).
+#[derive(Debug, Clone)]
+pub struct Notice<'a> {
+    /// Who sees it.
+    pub user: &'a str,
+    /// What happened.
+    pub kind: NotificationKind,
+    /// The study (session id).
+    pub study: &'a str,
+    /// `""` for one per study, a report's SOP Instance UID for one per report.
+    pub subject: &'a str,
+    /// What the user reads.
+    pub message: String,
+    /// How a delivery was verified.
+    pub verified: Option<Verification>,
+}
+
 /// Turns the delivery worker's events into the uploader's notifications
 /// (written durably, then pushed to open event streams) and metrics.
 ///
@@ -616,73 +667,92 @@ impl DeliveryNotifier {
 #[async_trait::async_trait]
 impl relaypacs_core::OutboxListener for DeliveryNotifier {
     async fn on_event(&self, event: &relaypacs_core::OutboxEvent) {
+        self.on_events(std::slice::from_ref(event)).await;
+    }
+
+    /// The batch's notifications in one transaction.
+    async fn on_events(&self, events: &[relaypacs_core::OutboxEvent]) {
         use relaypacs_core::OutboxEvent as E;
-        let (owner, session, kind, subject, message, outcome, verified) = match event {
-            E::Delivered {
-                owner,
-                session,
-                instances,
-                verified,
-                ..
-            } => (
-                owner,
-                session,
-                NotificationKind::Delivered,
-                "",
-                delivered_message(*instances, *verified),
-                "delivered",
-                Some(*verified),
-            ),
-            E::DeadLettered { owner, session, .. } => (
-                owner,
-                session,
-                NotificationKind::ForwardFailed,
-                "",
-                FORWARD_FAILED_MESSAGE.to_owned(),
-                "dead_letter",
-                None,
-            ),
-            E::ReportReady {
-                owner,
-                session,
-                report,
-            } => (
-                owner,
-                session,
-                NotificationKind::ReportReady,
-                report.sop_instance_uid.as_str(),
-                report_message(report.sop_instance_uid.as_str()),
-                "report",
-                None,
-            ),
-            E::Retrying { .. } => {
-                self.metrics.forward("retrying");
-                return;
-            }
-        };
-        self.metrics.forward(outcome);
-        match self
-            .hub
-            .notify_once(
-                owner,
-                kind,
-                &session.to_string(),
+        let mut notices = Vec::with_capacity(events.len());
+        for event in events {
+            let (owner, session, kind, subject, message, outcome, verified) = match event {
+                E::Delivered {
+                    owner,
+                    session,
+                    instances,
+                    verified,
+                    ..
+                } => (
+                    owner,
+                    session,
+                    NotificationKind::Delivered,
+                    "",
+                    delivered_message(*instances, *verified),
+                    "delivered",
+                    Some(*verified),
+                ),
+                E::DeadLettered { owner, session, .. } => (
+                    owner,
+                    session,
+                    NotificationKind::ForwardFailed,
+                    "",
+                    FORWARD_FAILED_MESSAGE.to_owned(),
+                    "dead_letter",
+                    None,
+                ),
+                E::ReportReady {
+                    owner,
+                    session,
+                    report,
+                } => (
+                    owner,
+                    session,
+                    NotificationKind::ReportReady,
+                    report.sop_instance_uid.as_str(),
+                    report_message(report.sop_instance_uid.as_str()),
+                    "report",
+                    None,
+                ),
+                E::Retrying { .. } => {
+                    self.metrics.forward("retrying");
+                    continue;
+                }
+            };
+            self.metrics.forward(outcome);
+            notices.push((session.to_string(), owner, kind, subject, message, verified));
+        }
+        if notices.is_empty() {
+            return;
+        }
+        let list: Vec<Notice<'_>> = notices
+            .iter()
+            .map(|(study, owner, kind, subject, message, verified)| Notice {
+                user: owner,
+                kind: *kind,
+                study,
                 subject,
-                &message,
-                verified,
-            )
-            .await
-        {
-            Ok(Some(_)) => {}
-            // Another gateway's worker or a repair pass created it first
-            // (one notification per study, or per report).
-            Ok(None) => tracing::debug!(session = %session, "already notified"),
-            // The delivery itself is durable and visible in the study's
-            // state; the repair pass creates a lost `delivered` or
+                message: message.clone(),
+                verified: *verified,
+            })
+            .collect();
+        match self.hub.notify_all(&list).await {
+            Ok(made) => {
+                for (n, made) in list.iter().zip(made) {
+                    if made.is_none() {
+                        // Another gateway's worker or a repair pass created
+                        // it first (one notification per study, or per
+                        // report).
+                        tracing::debug!(session = %n.study, "already notified");
+                    }
+                }
+            }
+            // The deliveries themselves are durable and visible in the
+            // studies' state; the repair pass creates a lost `delivered` or
             // dead-letter notification later (see `Hub::repair`). Logged
             // once, here.
             Err(e) => {
-                tracing::error!(session = %session, error = %e, "could not store a delivery notification");
+                let sessions: Vec<&str> = list.iter().map(|n| n.study).collect();
+                tracing::error!(sessions = ?sessions, error = %e, "could not store delivery notifications");
             }
         }
     }

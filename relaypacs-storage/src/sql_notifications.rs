@@ -30,7 +30,7 @@ pub const KIND_REPORT_READY: &str = "report_ready";
 
 /// A notification to insert. `body` is whatever the caller keeps (JSON);
 /// the other fields are indexed.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct NewNotification<'a> {
     /// Unique id.
     pub id: &'a str,
@@ -153,65 +153,110 @@ impl SqlNotificationStore {
         n: &NewNotification<'_>,
         event: Option<&str>,
     ) -> Result<Option<StoredNotification>> {
+        Ok(self.insert_many(&[(*n, event)]).await?.pop().flatten())
+    }
+
+    /// [`insert`](Self::insert) of each of `items` in one transaction (one
+    /// commit for a batch of deliveries); one answer per item, in order, as
+    /// `insert`'s. The keys are inserted in (study, kind, subject) order
+    /// and, on PostgreSQL, the owners' locks taken after every key in
+    /// owner order: two gateways' batches never wait on each other in a
+    /// cycle.
+    pub async fn insert_many(
+        &self,
+        items: &[(NewNotification<'_>, Option<&str>)],
+    ) -> Result<Vec<Option<StoredNotification>>> {
         const OP: &str = "store a notification";
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|i| {
+            let n = &items[*i].0;
+            (n.study, n.kind, n.subject)
+        });
         let (_turn, mut tx) = self.db.begin_write(OP).await?;
-        // First statement a write: SQLite takes its write lock here.
-        let fresh = sqlx::query(
-            "INSERT INTO notification_keys (study, kind, subject) VALUES ($1, $2, $3) \
-             ON CONFLICT (study, kind, subject) DO NOTHING",
-        )
-        .bind(n.study)
-        .bind(n.kind)
-        .bind(n.subject)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_err(OP, e))?;
-        if fresh.rows_affected() == 0 {
-            return Ok(None);
+        let mut fresh = vec![false; items.len()];
+        for i in order {
+            let n = &items[i].0;
+            // First statement a write: SQLite takes its write lock here.
+            let done = sqlx::query(
+                "INSERT INTO notification_keys (study, kind, subject) VALUES ($1, $2, $3) \
+                 ON CONFLICT (study, kind, subject) DO NOTHING",
+            )
+            .bind(n.study)
+            .bind(n.kind)
+            .bind(n.subject)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+            fresh[i] = done.rows_affected() == 1;
+        }
+        let owners: std::collections::BTreeSet<&str> = items
+            .iter()
+            .zip(&fresh)
+            .filter(|(_, f)| **f)
+            .map(|((n, _), _)| n.owner)
+            .collect();
+        if owners.is_empty() {
+            // Every one notified before: nothing to write (the transaction
+            // is dropped, rolled back).
+            return Ok(items.iter().map(|_| None).collect());
         }
         if self.db.engine() == Engine::Postgres {
             // One inserter per user at a time, so the cap holds exactly.
-            sqlx::query("SELECT pg_advisory_xact_lock(1852796276, hashtext($1))")
-                .bind(n.owner)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| db_err(OP, e))?;
+            for owner in &owners {
+                sqlx::query("SELECT pg_advisory_xact_lock(1852796276, hashtext($1))")
+                    .bind(*owner)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_err(OP, e))?;
+            }
         }
-        sqlx::query(
-            "INSERT INTO notifications (id, owner, kind, study, subject, created_at, read, body) \
-             VALUES ($1, $2, $3, $4, $5, $6, 0, $7)",
-        )
-        .bind(n.id)
-        .bind(n.owner)
-        .bind(n.kind)
-        .bind(n.study)
-        .bind(n.subject)
-        .bind(n.created_at)
-        .bind(n.body)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_err(OP, e))?;
-        sqlx::query(
-            "DELETE FROM notifications WHERE owner = $1 AND seq <= \
-             (SELECT seq FROM notifications WHERE owner = $1 ORDER BY seq DESC LIMIT 1 OFFSET $2)",
-        )
-        .bind(n.owner)
-        .bind(MAX_PER_USER)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_err(OP, e))?;
-        if let Some(payload) = event {
-            self.notify_in(&mut tx, payload).await?;
+        for ((n, _), _) in items.iter().zip(&fresh).filter(|(_, f)| **f) {
+            sqlx::query(
+                "INSERT INTO notifications (id, owner, kind, study, subject, created_at, read, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 0, $7)",
+            )
+            .bind(n.id)
+            .bind(n.owner)
+            .bind(n.kind)
+            .bind(n.study)
+            .bind(n.subject)
+            .bind(n.created_at)
+            .bind(n.body)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+        }
+        for owner in &owners {
+            sqlx::query(
+                "DELETE FROM notifications WHERE owner = $1 AND seq <= \
+                 (SELECT seq FROM notifications WHERE owner = $1 ORDER BY seq DESC LIMIT 1 OFFSET $2)",
+            )
+            .bind(*owner)
+            .bind(MAX_PER_USER)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_err(OP, e))?;
+        }
+        for ((_, event), _) in items.iter().zip(&fresh).filter(|(_, f)| **f) {
+            if let Some(payload) = event {
+                self.notify_in(&mut tx, payload).await?;
+            }
         }
         // Crash-safe point: the commit (WAL fsync / PostgreSQL commit); a
         // NOTIFY inside the transaction is sent only if it commits.
         tx.commit().await.map_err(|e| db_err(OP, e))?;
-        Ok(Some(StoredNotification {
-            id: n.id.to_owned(),
-            owner: n.owner.to_owned(),
-            read: false,
-            body: n.body.to_owned(),
-        }))
+        Ok(items
+            .iter()
+            .zip(fresh)
+            .map(|((n, _), f)| {
+                f.then(|| StoredNotification {
+                    id: n.id.to_owned(),
+                    owner: n.owner.to_owned(),
+                    read: false,
+                    body: n.body.to_owned(),
+                })
+            })
+            .collect())
     }
 
     async fn notify_in(&self, conn: &mut sqlx::AnyConnection, payload: &str) -> Result<()> {

@@ -3,7 +3,7 @@
 //! gateways race, ever (a notification pruned by the cap is not created
 //! again); the per-user cap, newest last; owner-only read marks; the
 //! repair pass's query for deliveries whose notification was never
-//! written.
+//! written; batches of inserts racing the same way.
 #![cfg(all(feature = "sqlite", feature = "postgres"))]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
@@ -89,6 +89,80 @@ async fn sqlite_racing_inserts_create_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_racing_inserts_create_one() {
     racing_inserts_create_one(Db::postgres().await).await;
+}
+
+/// Batches (`insert_many`, one transaction each) racing on two gateways,
+/// over keys in opposite orders and owners that cross: each (study, kind,
+/// subject) created once, answers in the batch's order, no deadlock; a
+/// key twice in one batch is created once; the cap holds within a batch.
+async fn racing_batches_create_each_once(db: Db) {
+    let (a, b) = (
+        SqlNotificationStore::new(db.gateway().await),
+        SqlNotificationStore::new(db.gateway().await),
+    );
+    for round in 0..100 {
+        let studies: Vec<String> = (0..4).map(|i| format!("r{round}-s{i}")).collect();
+        let ids: Vec<String> = (0..8).map(|i| format!("r{round}-n{i}")).collect();
+        let owner = |i: usize| if i.is_multiple_of(2) { "u" } else { "w" };
+        // Gateway a: studies 0..3 in order; b: studies 3..0, plus its own 4th.
+        let batch_a: Vec<_> = (0..3)
+            .map(|i| (new(&ids[i], owner(i), &studies[i], ""), None))
+            .collect();
+        let batch_b: Vec<_> = (1..4)
+            .rev()
+            .map(|i| (new(&ids[4 + i], owner(i + 1), &studies[i], ""), None))
+            .collect();
+        let (ra, rb) = tokio::join!(a.insert_many(&batch_a), b.insert_many(&batch_b));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!((ra.len(), rb.len()), (3, 3));
+        for (answer, (n, _)) in ra.iter().zip(&batch_a).chain(rb.iter().zip(&batch_b)) {
+            if let Some(stored) = answer {
+                assert_eq!(stored.id, n.id, "answers in order");
+            }
+        }
+        // Studies 1 and 2 are in both batches: one each; 0 and 3 in one.
+        let created = ra.iter().chain(&rb).flatten().count();
+        assert_eq!(created, 4, "round {round}: {ra:?} {rb:?}");
+        assert!(ra[0].is_some() && rb[0].is_some(), "round {round}");
+    }
+    // A key twice in one batch: the first made, the second refused.
+    let dup = [
+        (new("d1", "u", "dup", ""), None),
+        (new("d2", "u", "dup", ""), None),
+    ];
+    let made = a.insert_many(&dup).await.unwrap();
+    assert!(made[0].is_some() && made[1].is_none(), "{made:?}");
+    assert!(a.insert_many(&[]).await.unwrap().is_empty());
+    // The cap holds within one batch.
+    let many: Vec<(String, String)> = (0..MAX_PER_USER as usize + 3)
+        .map(|i| (format!("c{i:05}"), format!("cap-{i}")))
+        .collect();
+    let batch: Vec<_> = many
+        .iter()
+        .map(|(id, study)| (new(id, "capped", study, ""), None))
+        .collect();
+    assert_eq!(
+        a.insert_many(&batch)
+            .await
+            .unwrap()
+            .iter()
+            .flatten()
+            .count(),
+        many.len()
+    );
+    let list = b.list("capped").await.unwrap();
+    assert_eq!(list.len(), MAX_PER_USER as usize);
+    assert_eq!(list.last().unwrap().id, many.last().unwrap().0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_racing_batches_create_each_once() {
+    racing_batches_create_each_once(Db::sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_racing_batches_create_each_once() {
+    racing_batches_create_each_once(Db::postgres().await).await;
 }
 
 async fn cap_order_and_owner(db: Db) {

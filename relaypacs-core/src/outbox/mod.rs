@@ -99,9 +99,11 @@ pub enum OutboxEvent {
 /// Receives [`OutboxEvent`]s (to notify users, count metrics).
 ///
 /// # Contract
-/// - [`on_event`](Self::on_event) is called once per event, after the
-///   state change it reports is durable, from the outbox worker (several
-///   entries may be worked at once, so calls may overlap).
+/// - Each event is told once, after the state change it reports is
+///   durable, from the outbox worker: [`on_events`](Self::on_events)
+///   with the events of one batch (its default calls
+///   [`on_event`](Self::on_event) for each). Several entries may be
+///   worked at once, so calls may overlap.
 /// - The worker waits for it: keep it short, hand slow work (mail, push)
 ///   to a task or a queue of your own.
 ///
@@ -120,6 +122,17 @@ pub enum OutboxEvent {
 pub trait OutboxListener: Send + Sync + 'static {
     /// Called once per event, after the state change is durable.
     async fn on_event(&self, event: &OutboxEvent);
+
+    /// The events of one batch of attempts (see
+    /// [`Pipeline::attempt_deliveries`]), each once, after their state
+    /// changes are durable: override to handle them together (e.g. store
+    /// their notifications in one transaction). The default calls
+    /// [`on_event`](Self::on_event) for each, in order.
+    async fn on_events(&self, events: &[OutboxEvent]) {
+        for e in events {
+            self.on_event(e).await;
+        }
+    }
 }
 
 /// When an entry needs the worker again.

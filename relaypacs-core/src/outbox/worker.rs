@@ -36,14 +36,12 @@ impl Outbox {
         }
     }
 
-    /// What an entry needs next after its attempt's `result`: the event
-    /// told to the listener, a report check when one is due.
+    /// What an entry needs next after its attempt's `result` (whose event
+    /// was told to the listener with its batch's): a report check when
+    /// one is due.
     async fn settle(&self, id: SessionId, result: Result<(Option<OutboxEvent>, Next)>) -> Next {
         let result = match result {
-            Ok((Some(event), next)) => {
-                self.listener.on_event(&event).await;
-                Ok(next)
-            }
+            Ok((Some(_), next)) => Ok(next),
             // A delivered study whose report check is due.
             Ok((None, Next::At(t))) if t <= OffsetDateTime::now_utc() => self.reports(id).await,
             Ok((None, next)) => Ok(next),
@@ -65,8 +63,8 @@ impl Outbox {
 
     async fn reports(&self, id: SessionId) -> Result<Next> {
         let (events, next) = self.pipeline.check_reports(id, &self.config).await?;
-        for e in &events {
-            self.listener.on_event(e).await;
+        if !events.is_empty() {
+            self.listener.on_events(&events).await;
         }
         Ok(next)
     }
@@ -80,6 +78,13 @@ impl Outbox {
                 .pipeline
                 .attempt_deliveries(batch, &self.worker, &self.config)
                 .await;
+            let events: Vec<OutboxEvent> = results
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().ok().and_then(|(e, _)| e.clone()))
+                .collect();
+            if !events.is_empty() {
+                self.listener.on_events(&events).await;
+            }
             let settled: Vec<(SessionId, Next)> = futures::stream::iter(results)
                 .map(|(id, r)| async move { (id, self.settle(id, r).await) })
                 .buffer_unordered(self.config.parallel.max(1))
