@@ -28,6 +28,9 @@
 //! minus those over Orthanc's run (client only) is our server's CPU per
 //! instance; Orthanc's own is read from /proc.
 //!
+//! Latency: each request's time from sending to the answer read, as the
+//! median and 99th percentile of a run (ours and Orthanc's).
+//!
 //! With `--strace`, one more run of each happens under `strace -f -c -w`
 //! (attached to this process for ours, to Orthanc's process for Orthanc;
 //! our run is counted until every instance is delivered to the local
@@ -101,10 +104,14 @@ impl Target {
 }
 
 /// POST every file alone, in order; returns the seconds taken.
-async fn post_all(client: &Client, target: &Target, files: &[Bytes]) -> Res<f64> {
+/// POST every file, one after the other: the run's seconds, and each
+/// request's milliseconds (sent to answer read).
+async fn post_all(client: &Client, target: &Target, files: &[Bytes]) -> Res<(f64, Vec<f64>)> {
     let bodies: Vec<Bytes> = files.iter().map(|f| multipart(f)).collect();
+    let mut each = Vec::with_capacity(bodies.len());
     let t0 = Instant::now();
     for body in bodies {
+        let sent = Instant::now();
         let r = target
             .authorize(client.post(&target.url))
             .header(
@@ -117,6 +124,7 @@ async fn post_all(client: &Client, target: &Target, files: &[Bytes]) -> Res<f64>
             .await?;
         let status = r.status();
         let answer = r.bytes().await?;
+        each.push(1e3 * sent.elapsed().as_secs_f64());
         if status != StatusCode::OK {
             return Err(format!(
                 "POST {}: HTTP {status}: {}",
@@ -134,7 +142,18 @@ async fn post_all(client: &Client, target: &Target, files: &[Bytes]) -> Res<f64>
             return Err(format!("POST {}: instance not referenced: {obj}", target.url).into());
         }
     }
-    Ok(t0.elapsed().as_secs_f64())
+    Ok((t0.elapsed().as_secs_f64(), each))
+}
+
+/// The `q` quantile (0..=1) of `v`, nearest rank.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
 }
 
 /// Our server on `rt`, with one uploader; returns it and its bearer token.
@@ -366,6 +385,11 @@ struct Round {
     discard: f64,
     ours_cpu_ms: f64,
     orthanc_cpu_ms: f64,
+    /// Request latency, ms: median and 99th percentile, ours and Orthanc's.
+    ours_p50: f64,
+    ours_p99: f64,
+    orthanc_p50: f64,
+    orthanc_p99: f64,
 }
 
 fn main() -> Res<()> {
@@ -430,7 +454,7 @@ fn main() -> Res<()> {
         instances(1)?.2[0].len()
     );
     println!(
-        "round  ours inst/s  ours delivered  orthanc inst/s  ratio  client ceiling  ours CPU ms/inst  orthanc CPU ms/inst"
+        "round  ours inst/s  ours delivered  orthanc inst/s  ratio  client ceiling  ours CPU ms/inst  orthanc CPU ms/inst  ours ms p50/p99  orthanc ms p50/p99"
     );
     let mut all: Vec<Round> = Vec::new();
     for round in 0..rounds {
@@ -443,6 +467,10 @@ fn main() -> Res<()> {
             discard: 0.0,
             ours_cpu_ms: 0.0,
             orthanc_cpu_ms: 0.0,
+            ours_p50: 0.0,
+            ours_p99: 0.0,
+            orthanc_p50: 0.0,
+            orthanc_p99: 0.0,
         };
         let mut client_cpu = 0.0;
         let mut ours_cpu = 0.0;
@@ -451,7 +479,8 @@ fn main() -> Res<()> {
             match (round + step) % 3 {
                 0 => {
                     let (c0, t0) = (cpu_secs(me), Instant::now());
-                    let secs = post(&ours, &a)?;
+                    let (secs, each) = post(&ours, &a)?;
+                    (r.ours_p50, r.ours_p99) = (quantile(&each, 0.5), quantile(&each, 0.99));
                     ours_cpu = cpu_secs(me) - c0;
                     r.ours = count as f64 / secs;
                     let d = wait_delivered(
@@ -465,14 +494,15 @@ fn main() -> Res<()> {
                 }
                 1 => {
                     let (c0, o0) = (cpu_secs(me), cpu_secs(o_pid));
-                    let secs = post(&theirs, &b)?;
+                    let (secs, each) = post(&theirs, &b)?;
+                    (r.orthanc_p50, r.orthanc_p99) = (quantile(&each, 0.5), quantile(&each, 0.99));
                     client_cpu = cpu_secs(me) - c0;
                     r.orthanc_cpu_ms = 1e3 * (cpu_secs(o_pid) - o0) / count as f64;
                     r.orthanc = count as f64 / secs;
                     clear_study(&orthanc, &study_b)?;
                 }
                 _ => {
-                    let secs = post(&discard, &a)?;
+                    let (secs, _) = post(&discard, &a)?;
                     r.discard = count as f64 / secs;
                 }
             }
@@ -480,14 +510,16 @@ fn main() -> Res<()> {
         // Our process ran server and client; during Orthanc's run, the client alone.
         r.ours_cpu_ms = 1e3 * (ours_cpu - client_cpu) / count as f64;
         println!(
-            "{round:>5}  {:>11.1}  {:>14.1}  {:>14.1}  {:>5.2}  {:>14.1}  {:>16.2}  {:>19.2}",
+            "{round:>5}  {:>11.1}  {:>14.1}  {:>14.1}  {:>5.2}  {:>14.1}  {:>16.2}  {:>19.2}  {:>15}  {:>18}",
             r.ours,
             r.ours_delivered,
             r.orthanc,
             r.ours / r.orthanc,
             r.discard,
             r.ours_cpu_ms,
-            r.orthanc_cpu_ms
+            r.orthanc_cpu_ms,
+            format!("{:.2}/{:.2}", r.ours_p50, r.ours_p99),
+            format!("{:.2}/{:.2}", r.orthanc_p50, r.orthanc_p99),
         );
         all.push(r);
     }
@@ -555,6 +587,10 @@ fn main() -> Res<()> {
             "median_ratio": median(&ratios),
             "ours_server_cpu_ms_per_inst": col(|r| r.ours_cpu_ms),
             "orthanc_cpu_ms_per_inst": col(|r| r.orthanc_cpu_ms),
+            "ours_ms_p50": col(|r| r.ours_p50),
+            "ours_ms_p99": col(|r| r.ours_p99),
+            "orthanc_ms_p50": col(|r| r.orthanc_p50),
+            "orthanc_ms_p99": col(|r| r.orthanc_p99),
             "syscalls_per_instance": per_instance,
         })
     );
