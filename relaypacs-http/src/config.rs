@@ -1015,6 +1015,9 @@ impl Config {
                 "max_attempts, parallel, batch and base_delay must be positive",
             );
         }
+        if !(0..=19).contains(&o.nice) {
+            return inv("outbox", "nice must be 0 to 19");
+        }
         let h = &self.http;
         if h.header_read_timeout_secs == 0 || h.header_read_timeout_secs > 300 {
             return inv("http.header_read_timeout_secs", "must be 1..=300");

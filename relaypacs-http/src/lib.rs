@@ -19,6 +19,7 @@ pub mod body_guard;
 pub mod client;
 pub mod client_addr;
 pub mod config;
+mod delivery_thread;
 pub mod disk;
 pub mod edges;
 pub mod error;
@@ -52,8 +53,8 @@ pub struct Server {
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
     sweeper: JoinHandle<()>,
-    outbox: JoinHandle<()>,
-    stop_outbox: oneshot::Sender<()>,
+    /// The delivery worker, on a thread of its own.
+    outbox: delivery_thread::DeliveryThread,
     /// `[tls]`, and its SIGHUP reload task.
     tls: Option<(tls::Tls, JoinHandle<()>)>,
 }
@@ -136,7 +137,6 @@ impl Server {
             .await
         });
         let sweeper = tokio::spawn(sweep(state.clone()));
-        let (stop_outbox, outbox_stopped) = oneshot::channel::<()>();
         // The worker may take over leases at once only when it is the one
         // process on its state: SQLite in the data folder this process
         // holds locked. On a shared database (PostgreSQL, or a SQLite file
@@ -152,9 +152,9 @@ impl Server {
                 state.metrics().clone(),
             )),
         );
-        let outbox = tokio::spawn(outbox.run(async {
-            let _ = outbox_stopped.await;
-        }));
+        let nice = state.config().outbox.nice;
+        let outbox = delivery_thread::DeliveryThread::spawn(outbox, nice)
+            .map_err(|e| StartError::Other(format!("cannot start the delivery worker: {e}")))?;
         tracing::info!(%addr, "relaypacs listening");
         Ok(Self {
             addr,
@@ -163,7 +163,6 @@ impl Server {
             task,
             sweeper,
             outbox,
-            stop_outbox,
             tls,
         })
     }
@@ -213,14 +212,7 @@ impl Server {
         }
         // The worker finishes the attempt in progress (its state is durable
         // either way) and stops.
-        let _ = self.stop_outbox.send(());
-        let abort = self.outbox.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(10), self.outbox)
-            .await
-            .is_err()
-        {
-            abort.abort();
-        }
+        self.outbox.stop(Duration::from_secs(10)).await;
         if let Ok(Err(e)) = self.task.await {
             tracing::error!(error = %e, "server ended with an error");
         }

@@ -191,6 +191,20 @@ impl SqlState {
             // nothing the transaction itself does not. A PostgreSQL
             // connection can die with the server or the network: pinged.
             .test_before_acquire(engine == Engine::Postgres)
+            // SQLite: every connection is opened below, at start, and kept
+            // (a connection of a file costs nothing idle). Each has a
+            // worker thread, started by the task that opens it and
+            // inheriting that thread's CPU priority: opened here, none can
+            // be started later by a lower-priority thread (the reference
+            // server's delivery worker) and slow every request that then
+            // gets it.
+            .min_connections(if engine == Engine::Sqlite {
+                options.max_connections.max(1)
+            } else {
+                0
+            })
+            .idle_timeout((engine == Engine::Postgres).then_some(Duration::from_secs(600)))
+            .max_lifetime((engine == Engine::Postgres).then_some(Duration::from_secs(1800)))
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     match engine {
@@ -214,6 +228,19 @@ impl SqlState {
             .connect_with(connect)
             .await
             .map_err(|e| db_err("connect to the state database", e))?;
+        if engine == Engine::Sqlite {
+            // Every connection opened now, from the caller's thread (see
+            // `min_connections` above), then back in the pool.
+            let mut held = Vec::new();
+            for _ in 0..options.max_connections.max(1) {
+                held.push(
+                    pool.acquire()
+                        .await
+                        .map_err(|e| db_err("connect to the state database", e))?,
+                );
+            }
+            drop(held);
+        }
         let key = i64::from_le_bytes(rand::random::<[u8; 8]>());
         let lock = match engine {
             // Held on a connection of its own, outside the pool, until the

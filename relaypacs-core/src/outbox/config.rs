@@ -46,6 +46,13 @@ pub struct OutboxConfig {
     /// Groups sent at once (default 2; 1 = one request at a time). A PACS
     /// ingests several requests faster than one.
     pub groups_in_flight: usize,
+    /// How far below the requests' CPU priority the worker runs, as a nice
+    /// increment (default 10; 0: the same). Core runs the worker wherever
+    /// [`Outbox::run`](super::Outbox::run) is polled; the reference server
+    /// runs it on a thread of its own at this value, so acknowledging
+    /// uploads comes first when the cores are busy and delivery gets every
+    /// idle cycle.
+    pub nice: i32,
     /// Whether this worker is the only one on its session store (the
     /// reference server holds a lock on its data folder). Leases left by
     /// an earlier, crashed process are then taken over at once instead of
@@ -71,6 +78,7 @@ impl Default for OutboxConfig {
             group_bytes: 16 << 20,
             group_instances: 32,
             groups_in_flight: 2,
+            nice: 10,
             exclusive: true,
         }
     }
