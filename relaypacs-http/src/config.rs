@@ -1191,6 +1191,15 @@ impl Config {
         self.state.url.is_none()
     }
 
+    /// Whether the delivery worker runs on a thread and runtime of its own,
+    /// `[outbox] nice` below the requests: when nothing it opens is a
+    /// socket that requests share, i.e. SQLite state (its connections have
+    /// worker threads of their own) and local chunks. With PostgreSQL
+    /// state or S3 chunks it runs on the requests' runtime.
+    pub fn delivery_runs_apart(&self) -> bool {
+        self.state_url().starts_with("sqlite:") && matches!(self.chunks, ChunksConfig::Local { .. })
+    }
+
     /// The state database password: `[state] password`, else the first
     /// line of `password_file`, else none (the URL's, if any).
     pub fn state_password(&self) -> Result<Option<SecretString>, ConfigError> {
@@ -1446,5 +1455,33 @@ mod audit_anchor_config_tests {
         std::fs::write(&f, "[audit]\njsonl_path = \"/srv/trail.jsonl\"\n").unwrap();
         let e = Config::load(Some(&f)).unwrap_err();
         assert!(e.to_string().contains("audit.jsonl_path"), "{e}");
+    }
+
+    #[test]
+    fn outbox_batch_nice_and_thread_are_checked() {
+        let d = Config::default();
+        assert_eq!((d.outbox.batch, d.outbox.nice), (32, 10));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("relaypacs.toml");
+        std::fs::write(
+            &f,
+            "[outbox]
+batch = 4
+nice = 0
+",
+        )
+        .unwrap();
+        let c = Config::load(Some(&f)).unwrap();
+        assert_eq!((c.outbox.batch, c.outbox.nice), (4, 0));
+        // A thread of its own only when no socket is shared with requests.
+        assert!(d.delivery_runs_apart());
+        let mut pg = Config::default();
+        pg.state.url = Some("postgres://relay@127.0.0.1/relay".into());
+        assert!(!pg.delivery_runs_apart());
+        for bad in ["batch = 0", "nice = 20", "nice = -1"] {
+            std::fs::write(&f, format!("[outbox]\n{bad}\n")).unwrap();
+            let e = Config::load(Some(&f)).unwrap_err();
+            assert!(e.to_string().contains("outbox"), "{bad}: {e}");
+        }
     }
 }

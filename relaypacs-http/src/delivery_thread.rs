@@ -1,15 +1,23 @@
-//! The delivery worker on a thread of its own, below the requests' CPU
-//! priority: acknowledging an upload comes first when the cores are busy,
-//! and delivery still gets every idle cycle.
+//! Where the delivery worker runs: on a thread of its own, below the
+//! requests' CPU priority, so that acknowledging an upload comes first
+//! when the cores are busy and delivery still gets every idle cycle; or,
+//! when it would share sockets with requests, on the requests' runtime.
 //!
-//! The worker ([`relaypacs_core::Outbox`]) runs on a single-thread tokio
-//! runtime of its own, on an OS thread whose nice value is raised by
+//! On its own thread the worker ([`relaypacs_core::Outbox`]) runs on a
+//! single-thread tokio runtime whose OS thread's nice value is raised by
 //! `[outbox] nice` (Linux: a thread's own; the threads it starts, its
-//! blocking pool for the sink's file work, inherit it). Its SQL goes
-//! through the same pool as the requests'; the SQLite connections' worker
-//! threads are all started when the state opens (see
-//! `relaypacs_storage::SqlState::connect`), so none inherits this
-//! priority.
+//! blocking pool for the sink's file work, inherit it). That is only done
+//! when nothing the worker opens is shared with requests
+//! ([`Config::delivery_runs_apart`](crate::Config::delivery_runs_apart)):
+//! a socket belongs to the runtime that opens it, so a PostgreSQL
+//! connection or an S3 connection the worker opened and a request then
+//! reused would be served by the worker's thread. SQLite's connections
+//! have worker threads of their own, all started when the state opens
+//! (see `relaypacs_storage::SqlState::connect`), so none inherits the
+//! lower priority. The one client both still share is the DICOMweb
+//! report source's: a report the study view fetches over a connection
+//! the worker opened is served by the worker's thread (it works, at the
+//! worker's priority).
 
 use std::time::Duration;
 
@@ -26,18 +34,18 @@ pub(crate) struct DeliveryThread {
 }
 
 impl DeliveryThread {
-    /// Start `outbox` on a thread named `relaypacs-outbox`, `nice` steps
-    /// below this process's priority (0: the same).
+    /// Start `outbox` on a thread named `relay-outbox`, `nice` steps
+    /// below the calling thread's priority (0: the same).
     pub(crate) fn spawn(outbox: Outbox, nice: i32) -> std::io::Result<Self> {
         let (stop, stopped) = oneshot::channel::<()>();
         let (kill, killed) = oneshot::channel::<()>();
         let (done_tx, done) = oneshot::channel::<()>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .thread_name("relaypacs-outbox")
+            .thread_name("relay-outbox")
             .build()?;
         std::thread::Builder::new()
-            .name("relaypacs-outbox".into())
+            .name("relay-outbox".into())
             .spawn(move || {
                 if nice != 0
                     && let Err(e) = lower_priority(nice)
@@ -55,6 +63,21 @@ impl DeliveryThread {
                 let _ = done_tx.send(());
             })?;
         Ok(Self { stop, kill, done })
+    }
+
+    /// Run `outbox` as a task of the calling runtime, stopped the same way.
+    pub(crate) fn on_this_runtime(outbox: Outbox) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (kill, killed) = oneshot::channel::<()>();
+        let (done_tx, done) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = outbox.run(async { let _ = stopped.await; }) => {}
+                _ = killed => {}
+            }
+            let _ = done_tx.send(());
+        });
+        Self { stop, kill, done }
     }
 
     /// Stop the worker after the step in progress; past `grace`, drop the

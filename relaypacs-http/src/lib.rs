@@ -152,9 +152,13 @@ impl Server {
                 state.metrics().clone(),
             )),
         );
-        let nice = state.config().outbox.nice;
-        let outbox = delivery_thread::DeliveryThread::spawn(outbox, nice)
-            .map_err(|e| StartError::Other(format!("cannot start the delivery worker: {e}")))?;
+        let outbox = if state.config().delivery_runs_apart() {
+            let nice = state.config().outbox.nice;
+            delivery_thread::DeliveryThread::spawn(outbox, nice)
+                .map_err(|e| StartError::Other(format!("cannot start the delivery worker: {e}")))?
+        } else {
+            delivery_thread::DeliveryThread::on_this_runtime(outbox)
+        };
         tracing::info!(%addr, "relaypacs listening");
         Ok(Self {
             addr,

@@ -496,3 +496,48 @@ async fn fwd_cstore_delivers_byte_identical_data_sets() {
     assert_eq!(notifications(&t, &u, "delivered").await.len(), 1);
     t.stop().await;
 }
+
+/// The nice value of thread `tid` of this process (field 19 of its stat).
+fn nice_of(tid: &str) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+}
+
+/// The delivery worker runs on threads of its own (its runtime and its
+/// blocking pool), `[outbox] nice` below the requests' priority; the
+/// threads serving requests keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_worker_runs_below_the_requests_priority() {
+    let t = TestServer::start().await;
+    let u = t.user("nicely", Role::Uploader).await;
+    // A delivery, so the worker's blocking pool has started too.
+    let (id, _, _) = upload_and_complete(&t, &u, 2).await;
+    wait_for(&t, &u, &id, "delivered", state_is("delivered")).await;
+    let base = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let base: i32 = base[base.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut worker = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let tid = task.unwrap().file_name().to_string_lossy().to_string();
+        let Ok(name) = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")) else {
+            continue; // the thread ended meanwhile
+        };
+        if name.trim() == "relay-outbox" {
+            worker.push(nice_of(&tid));
+        }
+    }
+    assert!(
+        worker.len() >= 2,
+        "the worker's thread and a blocking one: {worker:?}"
+    );
+    let want = (base + 10).min(19);
+    assert!(
+        worker.iter().all(|n| *n == want),
+        "{worker:?}, requests at {base}"
+    );
+}

@@ -49,9 +49,10 @@ pub struct OutboxConfig {
     /// How far below the requests' CPU priority the worker runs, as a nice
     /// increment (default 10; 0: the same). Core runs the worker wherever
     /// [`Outbox::run`](super::Outbox::run) is polled; the reference server
-    /// runs it on a thread of its own at this value, so acknowledging
-    /// uploads comes first when the cores are busy and delivery gets every
-    /// idle cycle.
+    /// runs it on a thread of its own at this value when the worker shares
+    /// no socket with requests (SQLite state, local chunks), so
+    /// acknowledging uploads comes first when the cores are busy and
+    /// delivery gets every idle cycle.
     pub nice: i32,
     /// Whether this worker is the only one on its session store (the
     /// reference server holds a lock on its data folder). Leases left by
