@@ -18,6 +18,12 @@
 //! retried after an exponential backoff with jitter (at least the PACS's
 //! `Retry-After`). An admin can [`replay`](Pipeline::replay) a dead letter
 //! after fixing the cause.
+//!
+//! The worker takes due entries in batches
+//! ([`Pipeline::attempt_deliveries`]): each entry is attempted as above,
+//! on its own, but a batch's leases are taken in one store write and its
+//! outcomes recorded in another, and its events reach the listener
+//! together ([`OutboxListener::on_events`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;

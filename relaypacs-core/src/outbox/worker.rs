@@ -134,7 +134,8 @@ impl Outbox {
 
     /// Run until `shutdown` completes: scan the store at start and every
     /// `rescan_interval`, take newly queued entries at once, and step each
-    /// entry when due, `parallel` at a time.
+    /// entry when due, in batches of `batch` (their sends `parallel` at a
+    /// time).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut schedule: HashMap<SessionId, OffsetDateTime> = HashMap::new();
