@@ -24,8 +24,8 @@ use std::time::Duration;
 use relaypacs_core::Outbox;
 use tokio::sync::oneshot;
 
-/// A worker running on its own thread: stopped between steps, or dropped
-/// mid-step after a grace period.
+/// The running worker, on a thread of its own or as a task: stopped
+/// between steps, or dropped mid-step after a grace period.
 #[derive(Debug)]
 pub(crate) struct DeliveryThread {
     stop: oneshot::Sender<()>,
@@ -33,13 +33,48 @@ pub(crate) struct DeliveryThread {
     done: oneshot::Receiver<()>,
 }
 
+/// The worker's side of a [`DeliveryThread`]'s channels.
+struct WorkerEnd {
+    stopped: oneshot::Receiver<()>,
+    killed: oneshot::Receiver<()>,
+    done: oneshot::Sender<()>,
+}
+
+impl WorkerEnd {
+    /// Run `outbox` until it is stopped (between steps) or killed (where
+    /// it waits), then say so.
+    async fn run(self, outbox: Outbox) {
+        let Self {
+            stopped,
+            killed,
+            done,
+        } = self;
+        tokio::select! {
+            () = outbox.run(async { let _ = stopped.await; }) => {}
+            _ = killed => {}
+        }
+        let _ = done.send(());
+    }
+}
+
 impl DeliveryThread {
-    /// Start `outbox` on a thread named `relay-outbox`, `nice` steps
-    /// below the calling thread's priority (0: the same).
-    pub(crate) fn spawn(outbox: Outbox, nice: i32) -> std::io::Result<Self> {
+    /// Both ends of the channels between the server and the worker.
+    fn channels() -> (Self, WorkerEnd) {
         let (stop, stopped) = oneshot::channel::<()>();
         let (kill, killed) = oneshot::channel::<()>();
         let (done_tx, done) = oneshot::channel::<()>();
+        let worker = WorkerEnd {
+            stopped,
+            killed,
+            done: done_tx,
+        };
+        (Self { stop, kill, done }, worker)
+    }
+
+    /// Start `outbox` on a thread named `relay-outbox`, `nice` steps
+    /// below the calling thread's priority (0: the same).
+    pub(crate) fn spawn(outbox: Outbox, nice: i32) -> std::io::Result<Self> {
+        let (this, worker) = Self::channels();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_name("relay-outbox")
@@ -54,30 +89,16 @@ impl DeliveryThread {
                     // answers under load, nothing lost.
                     tracing::warn!(error = %e, nice, "could not lower the delivery worker's priority");
                 }
-                rt.block_on(async {
-                    tokio::select! {
-                        () = outbox.run(async { let _ = stopped.await; }) => {}
-                        _ = killed => {}
-                    }
-                });
-                let _ = done_tx.send(());
+                rt.block_on(worker.run(outbox));
             })?;
-        Ok(Self { stop, kill, done })
+        Ok(this)
     }
 
     /// Run `outbox` as a task of the calling runtime, stopped the same way.
     pub(crate) fn on_this_runtime(outbox: Outbox) -> Self {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (kill, killed) = oneshot::channel::<()>();
-        let (done_tx, done) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = outbox.run(async { let _ = stopped.await; }) => {}
-                _ = killed => {}
-            }
-            let _ = done_tx.send(());
-        });
-        Self { stop, kill, done }
+        let (this, worker) = Self::channels();
+        tokio::spawn(worker.run(outbox));
+        this
     }
 
     /// Stop the worker after the step in progress; past `grace`, drop the

@@ -53,7 +53,8 @@ pub struct Server {
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
     sweeper: JoinHandle<()>,
-    /// The delivery worker, on a thread of its own.
+    /// The delivery worker (a thread of its own, or a task: see
+    /// [`Config::delivery_runs_apart`]).
     outbox: delivery_thread::DeliveryThread,
     /// `[tls]`, and its SIGHUP reload task.
     tls: Option<(tls::Tls, JoinHandle<()>)>,

@@ -413,7 +413,7 @@ impl Hub {
         let notice = Notice {
             user,
             kind,
-            study,
+            study: study.to_owned(),
             subject,
             message: message.to_owned(),
             verified,
@@ -430,7 +430,7 @@ impl Hub {
             let n = Notification {
                 id: relaypacs_core::FileId::random().to_string(),
                 kind: x.kind,
-                study: x.study.to_string(),
+                study: x.study.clone(),
                 message: x.message.clone(),
                 created_at: OffsetDateTime::now_utc(),
                 read: false,
@@ -463,7 +463,7 @@ impl Hub {
                         id: &n.id,
                         owner: x.user,
                         kind: x.kind.as_str(),
-                        study: x.study,
+                        study: &x.study,
                         subject: x.subject,
                         created_at,
                         body,
@@ -635,7 +635,7 @@ pub struct Notice<'a> {
     /// What happened.
     pub kind: NotificationKind,
     /// The study (session id).
-    pub study: &'a str,
+    pub study: String,
     /// `""` for one per study, a report's SOP Instance UID for one per report.
     pub subject: &'a str,
     /// What the user reads.
@@ -719,25 +719,21 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
                 }
             };
             self.metrics.forward(outcome);
-            notices.push((session.to_string(), owner, kind, subject, message, verified));
+            notices.push(Notice {
+                user: owner,
+                kind,
+                study: session.to_string(),
+                subject,
+                message,
+                verified,
+            });
         }
         if notices.is_empty() {
             return;
         }
-        let list: Vec<Notice<'_>> = notices
-            .iter()
-            .map(|(study, owner, kind, subject, message, verified)| Notice {
-                user: owner,
-                kind: *kind,
-                study,
-                subject,
-                message: message.clone(),
-                verified: *verified,
-            })
-            .collect();
-        match self.hub.notify_all(&list).await {
+        match self.hub.notify_all(&notices).await {
             Ok(made) => {
-                for (n, made) in list.iter().zip(made) {
+                for (n, made) in notices.iter().zip(made) {
                     if made.is_none() {
                         // Another gateway's worker or a repair pass created
                         // it first (one notification per study, or per
@@ -751,7 +747,7 @@ impl relaypacs_core::OutboxListener for DeliveryNotifier {
             // dead-letter notification later (see `Hub::repair`). Logged
             // once, here.
             Err(e) => {
-                let sessions: Vec<&str> = list.iter().map(|n| n.study).collect();
+                let sessions: Vec<&str> = notices.iter().map(|n| n.study.as_str()).collect();
                 tracing::error!(sessions = ?sessions, error = %e, "could not store delivery notifications");
             }
         }

@@ -189,12 +189,12 @@ impl SqlNotificationStore {
             .map_err(|e| db_err(OP, e))?;
             fresh[i] = done.rows_affected() == 1;
         }
-        let owners: std::collections::BTreeSet<&str> = items
+        let made: Vec<&(NewNotification<'_>, Option<&str>)> = items
             .iter()
             .zip(&fresh)
-            .filter(|(_, f)| **f)
-            .map(|((n, _), _)| n.owner)
+            .filter_map(|(item, f)| f.then_some(item))
             .collect();
+        let owners: std::collections::BTreeSet<&str> = made.iter().map(|(n, _)| n.owner).collect();
         if owners.is_empty() {
             // Every one notified before: nothing to write (the transaction
             // is dropped, rolled back).
@@ -210,7 +210,7 @@ impl SqlNotificationStore {
                     .map_err(|e| db_err(OP, e))?;
             }
         }
-        for ((n, _), _) in items.iter().zip(&fresh).filter(|(_, f)| **f) {
+        for (n, _) in &made {
             sqlx::query(
                 "INSERT INTO notifications (id, owner, kind, study, subject, created_at, read, body) \
                  VALUES ($1, $2, $3, $4, $5, $6, 0, $7)",
@@ -237,7 +237,7 @@ impl SqlNotificationStore {
             .await
             .map_err(|e| db_err(OP, e))?;
         }
-        for ((_, event), _) in items.iter().zip(&fresh).filter(|(_, f)| **f) {
+        for (_, event) in &made {
             if let Some(payload) = event {
                 self.notify_in(&mut tx, payload).await?;
             }

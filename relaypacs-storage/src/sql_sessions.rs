@@ -1034,18 +1034,18 @@ impl SessionStore for SqlSessionStore {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let events: Vec<relaypacs_core::AuditEvent> = Vec::new();
+        // Refused before anything is written when the trail is not this
+        // store's; the records join it write by write.
         let mut audit = if writes.iter().any(|w| !w.events.is_empty()) {
-            Some(self.audited(OP, &events)?)
+            Some(self.audited(OP, &[])?)
         } else {
             None
         };
         let (_turn, mut tx) = self.db.begin_write(OP).await?;
         let mut out = Vec::with_capacity(writes.len());
         for w in writes {
-            let mut head = w.session.clone();
-            head.files.clear();
-            match Self::update_head(&mut tx, &head, w.expected).await {
+            // The head row only (`head_json` leaves the files out).
+            match Self::update_head(&mut tx, w.session, w.expected).await {
                 Ok(()) => {}
                 Err(e @ (Error::Precondition { .. } | Error::NotFound { .. })) => {
                     out.push(Err(e));

@@ -203,6 +203,7 @@ impl SqlState {
             } else {
                 0
             })
+            // PostgreSQL keeps sqlx's defaults (10 min idle, 30 min life).
             .idle_timeout((engine == Engine::Postgres).then_some(Duration::from_secs(600)))
             .max_lifetime((engine == Engine::Postgres).then_some(Duration::from_secs(1800)))
             .after_connect(move |conn, _meta| {

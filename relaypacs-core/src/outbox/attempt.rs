@@ -11,15 +11,8 @@ use crate::session_store::HeadWrite;
 
 /// Whether one attempt holds the entry, or when to look again.
 enum Lease {
-    /// This worker holds the lease; the record after taking it, at the
-    /// version the lease's write made (the attempt's outcome is written
-    /// conditionally on it, without reading it again).
-    Taken {
-        rec: Box<Versioned<SessionRecord>>,
-        attempts: u32,
-        /// The attempt's `ForwardStarted` record committed with the lease.
-        audited: bool,
-    },
+    /// This worker holds the lease.
+    Taken(Box<Held>),
     /// Nothing to do now.
     NotNow(Next),
 }
@@ -268,8 +261,9 @@ fn groups(instances: &[Instance], max_bytes: u64, max_count: usize) -> Vec<std::
 }
 
 /// An entry whose lease this worker holds: the record at the version the
-/// lease's write made (files included), the attempt's number, and whether
-/// its `ForwardStarted` record committed with the lease.
+/// lease's write made, files included (the attempt's outcome is written
+/// conditionally on it, without reading it again), the attempt's number,
+/// and whether its `ForwardStarted` record committed with the lease.
 struct Held {
     id: SessionId,
     rec: Versioned<SessionRecord>,
@@ -285,6 +279,33 @@ struct Decided {
     facts: Vec<crate::analytics::UploadFact>,
     records: Vec<AuditEvent>,
     now: OffsetDateTime,
+}
+
+/// Take the lease of `r` for `worker` from `now`: one attempt more.
+/// Returns the attempt's number.
+fn apply_lease(
+    r: &mut SessionRecord,
+    worker: &str,
+    config: &OutboxConfig,
+    now: OffsetDateTime,
+) -> u32 {
+    r.delivery.attempts += 1;
+    r.delivery.lease_until = Some(plus(now, config.lease));
+    r.delivery.lease_owner = Some(worker.to_owned());
+    r.delivery.attempts
+}
+
+/// The instances of `rec` the PACS is not yet confirmed to hold, of
+/// `instances` (its instances).
+fn unconfirmed<'a>(
+    rec: &'a SessionRecord,
+    instances: &'a [Instance],
+) -> impl Iterator<Item = &'a Instance> + 'a {
+    instances.iter().filter(|i| {
+        !rec.delivery
+            .confirmed
+            .contains_key(i.dicom.sop_instance_uid.as_str())
+    })
 }
 
 /// The entry `r` after the attempt `d` of `worker`: refused unless
@@ -370,20 +391,11 @@ impl Pipeline {
         let gate = self.gate(id);
         let _g = gate.rw.read().await;
         let held = match self.take_lease(id, worker, config).await? {
-            Lease::Taken {
-                rec,
-                attempts,
-                audited,
-            } => Held {
-                id,
-                rec: *rec,
-                attempts,
-                audited,
-            },
+            Lease::Taken(held) => *held,
             Lease::NotNow(next) => return Ok((None, next)),
         };
         let decided = self.attempt_held(&held, config).await?;
-        self.record_decided(&held, worker, decided, None, config)
+        self.record_decided(held, worker, decided, None, config)
             .await
     }
 
@@ -441,16 +453,8 @@ impl Pipeline {
         let sizes: Vec<u64> = due
             .iter()
             .map(|v| {
-                Self::instances_of(&v.value)
-                    .iter()
-                    .filter(|i| {
-                        !v.value
-                            .delivery
-                            .confirmed
-                            .contains_key(i.dicom.sop_instance_uid.as_str())
-                    })
-                    .map(|i| i.size)
-                    .sum()
+                let instances = Self::instances_of(&v.value);
+                unconfirmed(&v.value, &instances).map(|i| i.size).sum()
             })
             .collect();
         let mut due = due.into_iter();
@@ -484,28 +488,25 @@ impl Pipeline {
     ) -> Vec<Held> {
         let joint = self.audit_joins_state();
         let now = OffsetDateTime::now_utc();
-        let leased: Vec<(SessionRecord, Vec<AuditEvent>)> = group
+        // Each record becomes its leased head in place; its files are set
+        // aside (the write leaves them) and given back to a lease taken.
+        let mut leased = Vec::with_capacity(group.len());
+        for mut current in group {
+            let rec = &mut current.value;
+            let attempts = apply_lease(rec, worker, config, now);
+            rec.updated_at = now;
+            let events = if joint {
+                vec![self.forward_started(rec, attempts)]
+            } else {
+                Vec::new()
+            };
+            let files = std::mem::take(&mut rec.files);
+            leased.push((current, files, attempts, events));
+        }
+        let writes: Vec<HeadWrite<'_>> = leased
             .iter()
-            .map(|current| {
-                let mut rec = current.value.clone();
-                rec.delivery.attempts += 1;
-                rec.delivery.lease_until = Some(plus(now, config.lease));
-                rec.delivery.lease_owner = Some(worker.to_owned());
-                rec.updated_at = now;
-                let events = if joint {
-                    vec![self.forward_started(&rec, rec.delivery.attempts)]
-                } else {
-                    Vec::new()
-                };
-                rec.files = Default::default();
-                (rec, events)
-            })
-            .collect();
-        let writes: Vec<HeadWrite<'_>> = group
-            .iter()
-            .zip(&leased)
-            .map(|(current, (rec, events))| HeadWrite {
-                session: rec,
+            .map(|(current, _, _, events)| HeadWrite {
+                session: &current.value,
                 expected: current.version,
                 facts: &[],
                 events,
@@ -513,35 +514,24 @@ impl Pipeline {
             .collect();
         let written = self.write_heads(&writes).await;
         drop(writes);
-        let mut held = Vec::with_capacity(group.len());
-        for ((current, (mut rec, events)), version) in group.into_iter().zip(leased).zip(written) {
-            let id = current.value.id;
+        let mut held = Vec::with_capacity(leased.len());
+        for ((mut rec, files, attempts, events), version) in leased.into_iter().zip(written) {
+            let id = rec.value.id;
             let taken = match version {
                 Some(version) => {
-                    rec.files = current.value.files;
-                    let attempts = rec.delivery.attempts;
-                    Ok(Lease::Taken {
-                        rec: Box::new(Versioned {
-                            value: rec,
-                            version,
-                        }),
+                    rec.value.files = files;
+                    rec.version = version;
+                    Ok(Lease::Taken(Box::new(Held {
+                        id,
+                        rec,
                         attempts,
                         audited: !events.is_empty(),
-                    })
+                    })))
                 }
                 None => self.take_lease(id, worker, config).await,
             };
             match taken {
-                Ok(Lease::Taken {
-                    rec,
-                    attempts,
-                    audited,
-                }) => held.push(Held {
-                    id,
-                    rec: *rec,
-                    attempts,
-                    audited,
-                }),
+                Ok(Lease::Taken(h)) => held.push(*h),
                 Ok(Lease::NotNow(next)) => out.push((id, Ok((None, next)))),
                 Err(e) => out.push((id, Err(e))),
             }
@@ -576,7 +566,7 @@ impl Pipeline {
         let joint = self.audit_joins_state();
         let now = OffsetDateTime::now_utc();
         let mut ready = Vec::with_capacity(sent.len());
-        for (h, decided) in sent {
+        for (mut h, decided) in sent {
             let d = match decided {
                 Ok(d) => d,
                 Err(e) => {
@@ -584,8 +574,10 @@ impl Pipeline {
                     continue;
                 }
             };
+            // The outcome writes the head only: the files, no longer
+            // needed, are not copied along.
+            h.rec.value.files = Default::default();
             let mut after = h.rec.value.clone();
-            after.files = Default::default();
             match apply_outcome(&mut after, worker, &d) {
                 Ok(()) => {
                     after.updated_at = now;
@@ -608,10 +600,7 @@ impl Pipeline {
         for ((h, d, _), version) in ready.into_iter().zip(written) {
             let audited = version.map(|_| joint && !d.records.is_empty());
             let id = h.id;
-            out.push((
-                id,
-                self.record_decided(&h, worker, d, audited, config).await,
-            ));
+            out.push((id, self.record_decided(h, worker, d, audited, config).await));
         }
     }
 
@@ -624,11 +613,7 @@ impl Pipeline {
         }
         let instances = Self::instances_of(rec);
         let mut confirmed: BTreeMap<String, Verification> = rec.delivery.confirmed.clone();
-        let pending: Vec<_> = instances
-            .iter()
-            .filter(|i| !confirmed.contains_key(i.dicom.sop_instance_uid.as_str()))
-            .cloned()
-            .collect();
+        let pending: Vec<_> = unconfirmed(rec, &instances).cloned().collect();
         let progress = self.send_and_verify(&pending, config, &mut confirmed).await;
         Ok(self.decide_attempt(rec, h.attempts, &instances, confirmed, progress, config))
     }
@@ -707,7 +692,7 @@ impl Pipeline {
     /// to look again.
     async fn record_decided(
         &self,
-        h: &Held,
+        h: Held,
         worker: &str,
         d: Decided,
         audited: Option<bool>,
@@ -717,12 +702,8 @@ impl Pipeline {
             Some(a) => a,
             None => {
                 // The outcome writes the head only: the files stay as they are.
-                let mut head = h.rec.value.clone();
-                head.files = Default::default();
-                let head = Versioned {
-                    value: head,
-                    version: h.rec.version,
-                };
+                let mut head = h.rec;
+                head.value.files = Default::default();
                 self.record_attempt(h.id, head, worker, &d).await?
             }
         };
@@ -815,10 +796,7 @@ impl Pipeline {
                         later = Some(next);
                         return Err(Error::conflict("RELAY_OUTBOX_LEASED", "entry taken"));
                     }
-                    r.delivery.attempts += 1;
-                    r.delivery.lease_until = Some(plus(now, config.lease));
-                    r.delivery.lease_owner = Some(worker.to_owned());
-                    Ok(r.delivery.attempts)
+                    Ok(apply_lease(r, worker, config, now))
                 },
                 started,
             )
@@ -832,11 +810,12 @@ impl Pipeline {
                 } else {
                     self.inner.sessions.load_session(id).await?
                 };
-                Ok(Lease::Taken {
-                    rec: Box::new(rec),
+                Ok(Lease::Taken(Box::new(Held {
+                    id,
+                    rec,
                     attempts,
                     audited,
-                })
+                })))
             }
             (
                 Err(Error::Conflict {
