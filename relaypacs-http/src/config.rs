@@ -571,6 +571,12 @@ pub struct HttpConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Most concurrent connections (excess ones wait in the listen queue).
     pub max_connections: usize,
+    /// Length of the listen queue: connections the kernel completes before
+    /// the server accepts them (capped by the kernel's
+    /// `net.core.somaxconn`). Past it the kernel drops new connection
+    /// attempts and their clients retry only after 1 s, so it is kept
+    /// above the bursts a flood of reconnecting clients makes.
+    pub listen_backlog: u32,
     /// Most concurrent connections from one client address (the TCP peer;
     /// IPv6 by /64); beyond it a new connection is closed at once. Raise it
     /// behind a reverse proxy, whose connections all share its address.
@@ -825,6 +831,7 @@ impl Default for HttpConfig {
             hsts: false,
             trusted_proxies: Vec::new(),
             max_connections: 1024,
+            listen_backlog: 4096,
             max_connections_per_address: 64,
             body_min_rate_bytes_per_sec: 2048,
             body_rate_grace_secs: 10,
@@ -1059,6 +1066,9 @@ impl Config {
                 "http.max_connections_per_address",
                 "must be 1..=http.max_connections",
             );
+        }
+        if h.listen_backlog == 0 || h.listen_backlog > 65_535 {
+            return inv("http.listen_backlog", "must be 1..=65535");
         }
         if h.max_unauthenticated_bodies == 0 || h.max_unauthenticated_bodies >= h.max_connections {
             return inv(
@@ -1482,6 +1492,20 @@ nice = 0
             std::fs::write(&f, format!("[outbox]\n{bad}\n")).unwrap();
             let e = Config::load(Some(&f)).unwrap_err();
             assert!(e.to_string().contains("outbox"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn listen_backlog_is_read_and_checked() {
+        assert_eq!(Config::default().http.listen_backlog, 4096);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("relaypacs.toml");
+        std::fs::write(&f, "[http]\nlisten_backlog = 512\n").unwrap();
+        assert_eq!(Config::load(Some(&f)).unwrap().http.listen_backlog, 512);
+        for bad in ["listen_backlog = 0", "listen_backlog = 65536"] {
+            std::fs::write(&f, format!("[http]\n{bad}\n")).unwrap();
+            let e = Config::load(Some(&f)).unwrap_err();
+            assert!(e.to_string().contains("http.listen_backlog"), "{bad}: {e}");
         }
     }
 }

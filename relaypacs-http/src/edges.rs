@@ -268,6 +268,26 @@ pub fn metrics_app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Bind `addr` with a listen queue of `backlog` connections (the kernel
+/// caps it at `net.core.somaxconn`). `tokio::net::TcpListener::bind` leaves
+/// a queue of 128 (measured: `a_burst_of_connections_waits_in_the_listen_queue`
+/// in `tests/slow_body.rs`); a burst of reconnecting clients larger than the
+/// queue makes the kernel drop new connection attempts, a health check's
+/// among them, and a dropped attempt is retried only after 1 s.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does on Unix: a restarted server can bind
+    // while the last run's connections are in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Prepare `/metrics`: resolve its token (creating the token file on
 /// first start) and, when `[metrics] listen` is set, bind that address.
 /// `Some` is the separate listener and its router, for
@@ -279,7 +299,7 @@ pub async fn bind_metrics(
     let Some(addr) = state.config().metrics.listen else {
         return Ok(None);
     };
-    let listener = TcpListener::bind(addr).await.map_err(|e| {
+    let listener = bind(addr, state.config().http.listen_backlog).map_err(|e| {
         crate::StartError::Other(format!("cannot listen on {addr} for metrics: {e}"))
     })?;
     if let Ok(a) = listener.local_addr() {

@@ -72,9 +72,9 @@ impl Server {
         adapt: impl FnOnce(state::Adapters) -> state::Adapters,
     ) -> Result<Self, StartError> {
         let listen = config.listen;
+        let backlog = config.http.listen_backlog;
         let state = AppState::open_with(config, adapt).await?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
+        let listener = edges::bind(listen, backlog)
             .map_err(|e| StartError::Other(format!("cannot listen on {listen}: {e}")))?;
         Self::with_listener(state, listener).await
     }

@@ -276,6 +276,57 @@ async fn slow_login_bodies_leave_room_for_health_checks_and_uploads() {
     t.stop().await;
 }
 
+/// Connections the kernel completed while nobody accepted, each given
+/// 300 ms (a dropped attempt is retried after 1 s): how many got through.
+async fn unaccepted_connects(server: SocketAddr, n: usize) -> (usize, Vec<TcpStream>) {
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(server)).await {
+            Ok(Ok(s)) => open.push(s),
+            _ => break,
+        }
+    }
+    (open.len(), open)
+}
+
+/// The listener's queue is `[http] listen_backlog` long, not the 128
+/// `tokio::net::TcpListener::bind` leaves (it takes 129 here): a burst of 1,500 connections nobody has accepted
+/// yet all complete at once (a reconnect storm larger than the queue
+/// makes the kernel drop attempts, a health check's among them, for 1 s).
+/// A queue of 64 is full after 65, which shows the measure holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_waits_in_the_listen_queue() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let limit = raise_nofile(8192);
+    assert!(limit >= 2 * 1600 + 256, "RLIMIT_NOFILE {limit}");
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let default = relaypacs_http::Config::default().http.listen_backlog;
+    assert_eq!(default, 4096);
+    let burst = 1_500.min(somaxconn);
+    assert!(burst > 1024, "net.core.somaxconn {somaxconn}");
+    let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+
+    let listener = relaypacs_http::edges::bind(any, default).unwrap();
+    let (got, open) = unaccepted_connects(listener.local_addr().unwrap(), burst).await;
+    assert_eq!(got, burst, "a queue of {default} took {got} of {burst}");
+    // The queued connections are served once accepted.
+    for _ in 0..burst {
+        tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    drop(open);
+
+    let small = relaypacs_http::edges::bind(any, 64).unwrap();
+    let (got, _open) = unaccepted_connects(small.local_addr().unwrap(), 200).await;
+    assert!((64..100).contains(&got), "a queue of 64 took {got}");
+}
+
 /// Writes `head`, then `piece` bytes every `every` until the server
 /// answers; returns the answer (status line to end of the first read) and
 /// when it came, and checks the connection is then closed.
