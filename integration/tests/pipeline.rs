@@ -3,6 +3,7 @@
 //! anything stored.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -64,7 +65,24 @@ async fn study_flows_to_archive_byte_exact_and_is_audited() {
             &dicom.series_instance_uid,
             &dicom.sop_instance_uid,
         );
-        assert_eq!(std::fs::read(path).unwrap(), *f, "archived bytes differ");
+        assert_eq!(std::fs::read(&path).unwrap(), *f, "archived bytes differ");
+        // The archive is on the chunks' filesystem: it holds the chunk
+        // store's verified file under a second name, not a copy.
+        let data = e
+            .chunks
+            .local_file(
+                relaypacs_core::FileKey {
+                    session: s,
+                    file: rec.id,
+                },
+                f.len() as u64,
+            )
+            .unwrap();
+        let (a, c) = (
+            std::fs::metadata(&path).unwrap(),
+            std::fs::metadata(&data).unwrap(),
+        );
+        assert_eq!((a.dev(), a.ino()), (c.dev(), c.ino()), "{data:?}");
     }
     let events = e.audit.events().await.unwrap();
     for action in [

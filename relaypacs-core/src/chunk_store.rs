@@ -131,6 +131,17 @@ pub trait ChunkStore: Debug + Display + Send + Sync + 'static {
 
     /// Remove everything stored for a session.
     async fn delete_session(&self, session: SessionId) -> Result<()>;
+
+    /// The path of a sealed file `key` of `size` bytes when the store keeps
+    /// it as one plain local file holding exactly those bytes, durable,
+    /// that it never writes to again (only removes): a local PACS sink may
+    /// then hard-link it rather than copy it. `None` (the default) for any
+    /// other layout; a caller still reads the bytes with
+    /// [`read`](Self::read) to verify them.
+    fn local_file(&self, key: FileKey, size: u64) -> Option<std::path::PathBuf> {
+        let _ = (key, size);
+        None
+    }
 }
 
 /// Check that `chunks` (in offset order) tile `[0, size)` exactly, as
@@ -202,6 +213,10 @@ macro_rules! forward_chunk_store {
 
             async fn delete_session(&self, session: SessionId) -> Result<()> {
                 (**self).delete_session(session).await
+            }
+
+            fn local_file(&self, key: FileKey, size: u64) -> Option<std::path::PathBuf> {
+                (**self).local_file(key, size)
             }
         }
     };

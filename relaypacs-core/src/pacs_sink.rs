@@ -95,6 +95,17 @@ pub trait InstanceSource: Debug + Send + Sync {
     /// checks the verified SHA-256 at the end): a sink must not commit an
     /// instance before its stream has ended without error.
     async fn open(&self, instance: &Instance) -> Result<ByteStream>;
+
+    /// The instance's bytes as one plain local file, when the source keeps
+    /// them so (see [`ChunkStore::local_file`](crate::ChunkStore::local_file)):
+    /// a sink on the same filesystem may hard-link it instead of writing a
+    /// copy, after [`open`](Self::open)'s stream has ended without error.
+    /// The file is durable and never written again; a sink must never
+    /// write to it. `None` (the default): only the stream.
+    fn local_file(&self, instance: &Instance) -> Option<std::path::PathBuf> {
+        let _ = instance;
+        None
+    }
 }
 
 /// What happened to one instance.

@@ -23,7 +23,11 @@ use sha2::{Digest, Sha256};
 /// (from an [`InstanceSource`], whose stream fails unless its bytes are the
 /// verified ones), fsync'd,
 /// linked into place without replacing anything (`link` fails if the name
-/// exists), and the directory is fsync'd: crash-safe, never partial. An
+/// exists), and the directory is fsync'd: crash-safe, never partial. When
+/// the source keeps the instance as a durable local file on the archive's
+/// filesystem ([`InstanceSource::local_file`]: the local chunk store), that
+/// file is hard-linked into place instead, once its stream has proven the
+/// bytes: no copy written, and no data sync (see `link_one`). An
 /// instance already archived with identical bytes is `AlreadyPresent`;
 /// with different bytes it is refused, never overwritten.
 #[derive(Clone)]
@@ -156,6 +160,57 @@ impl LocalArchiveSink {
         Ok(None)
     }
 
+    /// Archive `inst` as a hard link to the source's own file `src`: no
+    /// copy written, and no sync of data (the source's file is durable).
+    /// The source's stream is read to its end first: it fails unless the
+    /// bytes at rest are the verified ones, and nothing is linked before.
+    /// Then the name is linked into place (never replacing one) and the
+    /// folder fsync'd: crash-safe like the copy. `None` when the file
+    /// cannot be linked here (another filesystem, another size, gone): the
+    /// caller writes a copy from the stream instead.
+    async fn link_one(
+        &self,
+        inst: &Instance,
+        source: &dyn InstanceSource,
+        src: PathBuf,
+        target: &Path,
+        dir: &Path,
+    ) -> Result<Option<InstanceOutcome>> {
+        let mut stream = source.open(inst).await?;
+        let mut n = 0u64;
+        while let Some(item) = stream.next().await {
+            n += item?.len() as u64;
+        }
+        if n != inst.size {
+            return Err(IntegrityError::StoredSize {
+                expected: inst.size,
+                actual: n,
+            }
+            .into());
+        }
+        let (expected, size) = (inst.sha256, inst.size);
+        let (tg, dr) = (target.to_path_buf(), dir.to_path_buf());
+        tokio::task::spawn_blocking(move || -> Result<Option<InstanceOutcome>> {
+            match std::fs::metadata(&src) {
+                Ok(m) if m.is_file() && m.len() == size => {}
+                _ => return Ok(None),
+            }
+            create_dir_durable(&dr)?;
+            let outcome = match std::fs::hard_link(&src, &tg) {
+                Ok(()) => InstanceOutcome::Stored,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    same_or_refused(file_digest(&tg)?, expected)
+                }
+                // Another filesystem, or links not allowed there: a copy.
+                Err(_) => return Ok(None),
+            };
+            fsync_dir(&dr)?;
+            Ok(Some(outcome))
+        })
+        .await
+        .map_err(join_err)?
+    }
+
     async fn deliver_one(
         &self,
         inst: &Instance,
@@ -178,6 +233,11 @@ impl LocalArchiveSink {
                 .await
                 .map_err(join_err)??;
             return Ok(same_or_refused(held, expected));
+        }
+        if let Some(src) = source.local_file(inst)
+            && let Some(outcome) = self.link_one(inst, source, src, &target, &dir).await?
+        {
+            return Ok(outcome);
         }
         let mut r = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut r);

@@ -576,6 +576,15 @@ impl ChunkStore for LocalChunkStore {
         let dir = self.session_dir(session);
         blocking("delete session", move || remove_dir_atomic(&dir)).await
     }
+
+    /// A sealed file is its data file: exactly its bytes (the file was
+    /// sized at creation and `seal_file` checked the length) and durable.
+    /// Nothing writes to it again: chunks are written only before the
+    /// file is sealed (the pipeline takes none for a completed file), and
+    /// deleting only unlinks, so a hard link elsewhere keeps the bytes.
+    fn local_file(&self, key: FileKey, _size: u64) -> Option<PathBuf> {
+        Some(self.data_path(key))
+    }
 }
 
 #[cfg(test)]

@@ -322,6 +322,10 @@ impl InstanceSource for StoreSource {
         let (verified, _) = VerifyingStream::new(raw, 0, instance.size, Some(instance.sha256));
         Ok(Box::pin(verified))
     }
+
+    fn local_file(&self, instance: &Instance) -> Option<std::path::PathBuf> {
+        self.chunks.local_file(instance.key, instance.size)
+    }
 }
 impl Pipeline {
     /// Assemble a pipeline from its four adapters.

@@ -382,6 +382,55 @@ pub async fn seal_requires_recorded_chunks(store: &dyn ChunkStore) {
     assert!(res.is_err(), "sealing with a missing chunk must fail");
 }
 
+/// A store that names a sealed file's local path
+/// ([`ChunkStore::local_file`]) holds exactly the file's bytes there, for
+/// a file put in chunks and one put whole, and keeps them there as it
+/// reads them; deleting the file removes only its own name (a hard link
+/// made to it keeps the bytes). A store that names none passes as is.
+pub async fn local_file_is_the_sealed_bytes(store: &dyn ChunkStore) {
+    let (chunked, whole) = (key(), key());
+    let data = pattern(7, 300_000);
+    let size = data.len() as u64;
+    store.create_file(chunked, size).await.expect("create");
+    let recs = vec![
+        put(store, chunked, &data, 0, 200_000).await,
+        put(store, chunked, &data, 200_000, 100_000).await,
+    ];
+    store.seal_file(chunked, size, &recs).await.expect("seal");
+    let receipt = store
+        .put_file(whole, size, pieces(&data, 64 << 10))
+        .await
+        .expect("put_file");
+    let rec = ChunkRecord {
+        offset: 0,
+        length: size,
+        sha256: Sha256Digest::of(&data),
+        receipt,
+    };
+    store
+        .seal_file(whole, size, &[rec])
+        .await
+        .expect("seal whole");
+    for k in [chunked, whole] {
+        let Some(path) = store.local_file(k, size) else {
+            continue;
+        };
+        assert_eq!(std::fs::read(&path).expect("read local file"), data);
+        assert_eq!(
+            collect(store.read(k, 0..size).await.expect("read"))
+                .await
+                .expect("stream"),
+            data
+        );
+        let link = path.with_extension("conformance-link");
+        std::fs::hard_link(&path, &link).expect("the local file can be linked");
+        store.delete_file(k).await.expect("delete_file");
+        assert!(!path.exists(), "deleted file still at its path");
+        assert_eq!(std::fs::read(&link).expect("linked bytes kept"), data);
+        std::fs::remove_file(&link).expect("remove the link");
+    }
+}
+
 /// Generates a module `$name` with one `#[test]` per [`ChunkStore`]
 /// conformance case. `$factory` is an `async fn() -> (impl ChunkStore,
 /// impl Sized)`; the calling crate needs no tokio of its own.
@@ -395,7 +444,8 @@ macro_rules! chunk_store_conformance {
         $crate::chunk_store_conformance!(@cases $name, $factory;
             out_of_order_roundtrip, failed_body_is_not_stored, wrong_length_is_refused,
             parallel_chunks, delete_semantics, seal_requires_recorded_chunks, whole_file_put,
-            whole_file_wrong_length_is_refused, read_outside_is_refused, whole_file_syncing);
+            whole_file_wrong_length_is_refused, read_outside_is_refused, whole_file_syncing,
+            local_file_is_the_sealed_bytes);
     };
     (@cases $name:ident, $factory:path; $($case:ident),*) => {
         mod $name {

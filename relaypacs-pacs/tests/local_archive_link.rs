@@ -1,0 +1,197 @@
+//! The local archive hard-links a source's own file instead of writing a
+//! copy when it can, and falls back to the copy when it cannot; either
+//! way only verified bytes are archived.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use relaypacs_core::testing::dicom_gen;
+use relaypacs_core::{
+    ByteStream, FileId, FileKey, Holding, Instance, InstanceOutcome, InstanceSource, PacsSink,
+    Result, SessionId, VerifyingStream,
+};
+use relaypacs_pacs::LocalArchiveSink;
+use tempfile::TempDir;
+
+/// Instances kept as files in a folder, read back through the verifying
+/// stream (as the pipeline's source does); `local_file` names each file,
+/// or, with `point_elsewhere`, a path that cannot be linked.
+#[derive(Debug)]
+struct FileSource {
+    dir: PathBuf,
+    point_elsewhere: Option<PathBuf>,
+}
+
+impl FileSource {
+    fn path(&self, key: FileKey) -> PathBuf {
+        self.dir.join(format!("{}.data", key.file))
+    }
+
+    /// Write `n` new instances of one study; their descriptions.
+    fn add_study(&self, n: usize) -> Vec<Instance> {
+        let (study, series) = (dicom_gen::new_uid(), dicom_gen::new_uid());
+        (0..n)
+            .map(|i| {
+                let spec = dicom_gen::DicomSpec {
+                    study_uid: study.clone(),
+                    series_uid: series.clone(),
+                    sop_instance_uid: dicom_gen::new_uid(),
+                    seed: i as u64,
+                    ..dicom_gen::DicomSpec::default()
+                };
+                let bytes = dicom_gen::generate(&spec).unwrap();
+                let summary = relaypacs_core::dicom::validate_dicom(
+                    &bytes,
+                    bytes.len() as u64,
+                    &Default::default(),
+                )
+                .unwrap();
+                let key = FileKey {
+                    session: SessionId::random(),
+                    file: FileId::random(),
+                };
+                std::fs::write(self.path(key), &bytes).unwrap();
+                Instance::of_bytes(key, &bytes, summary)
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl InstanceSource for FileSource {
+    async fn open(&self, instance: &Instance) -> Result<ByteStream> {
+        let bytes = std::fs::read(self.path(instance.key)).unwrap();
+        let raw = relaypacs_core::testing::pieces(&bytes, 64 << 10);
+        let (verified, _) = VerifyingStream::new(raw, 0, instance.size, Some(instance.sha256));
+        Ok(Box::pin(verified))
+    }
+
+    fn local_file(&self, instance: &Instance) -> Option<PathBuf> {
+        Some(
+            self.point_elsewhere
+                .clone()
+                .unwrap_or_else(|| self.path(instance.key)),
+        )
+    }
+}
+
+fn archived(root: &Path, i: &Instance) -> PathBuf {
+    let d = &i.dicom;
+    root.join(d.study_instance_uid.as_str())
+        .join(d.series_instance_uid.as_str())
+        .join(format!("{}.dcm", d.sop_instance_uid.as_str()))
+}
+
+fn setup(point_elsewhere: Option<PathBuf>) -> (TempDir, FileSource, LocalArchiveSink, PathBuf) {
+    let dir = TempDir::new().unwrap();
+    let chunks = dir.path().join("chunks");
+    std::fs::create_dir(&chunks).unwrap();
+    let root = dir.path().join("archive");
+    let sink = LocalArchiveSink::open(&root).unwrap();
+    let src = FileSource {
+        dir: chunks,
+        point_elsewhere,
+    };
+    (dir, src, sink, root)
+}
+
+async fn all_held(sink: &LocalArchiveSink, insts: &[Instance]) {
+    for h in sink.verify(insts).await.unwrap() {
+        assert!(matches!(h, Holding::Same { .. }), "{h:?}");
+    }
+}
+
+/// On one filesystem the archive's file is the source's file (one inode,
+/// two names), held byte for byte, and stays when the source removes its
+/// name (the chunk store's cleanup after delivery).
+#[tokio::test]
+async fn a_local_file_is_linked_not_copied() {
+    let (_dir, src, sink, root) = setup(None);
+    let insts = src.add_study(3);
+    let report = sink.deliver(&insts, &src).await.unwrap();
+    assert!(
+        report
+            .outcomes
+            .iter()
+            .all(|(_, o)| *o == InstanceOutcome::Stored),
+        "{report:?}"
+    );
+    for i in &insts {
+        let (a, s) = (
+            std::fs::metadata(archived(&root, i)).unwrap(),
+            std::fs::metadata(src.path(i.key)).unwrap(),
+        );
+        assert_eq!((a.dev(), a.ino()), (s.dev(), s.ino()));
+        assert_eq!(a.nlink(), 2);
+    }
+    all_held(&sink, &insts).await;
+    // Again: already there, nothing written.
+    let again = sink.deliver(&insts, &src).await.unwrap();
+    assert!(
+        again
+            .outcomes
+            .iter()
+            .all(|(_, o)| *o == InstanceOutcome::AlreadyPresent)
+    );
+    for i in &insts {
+        std::fs::remove_file(src.path(i.key)).unwrap();
+        assert_eq!(std::fs::metadata(archived(&root, i)).unwrap().nlink(), 1);
+    }
+    all_held(&sink, &insts).await;
+    // No temp names left behind.
+    let series = archived(&root, &insts[0]).parent().unwrap().to_path_buf();
+    assert_eq!(std::fs::read_dir(series).unwrap().count(), 3);
+}
+
+/// A source file whose bytes changed at rest is never linked: the stream
+/// fails before, and the archive holds nothing under that name.
+#[tokio::test]
+async fn a_file_changed_at_rest_is_not_linked() {
+    let (_dir, src, sink, root) = setup(None);
+    let insts = src.add_study(1);
+    let path = src.path(insts[0].key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(sink.deliver(&insts, &src).await.is_err());
+    assert!(!archived(&root, &insts[0]).exists());
+    assert!(matches!(
+        sink.verify(&insts).await.unwrap()[0],
+        Holding::Absent
+    ));
+}
+
+/// A path that cannot be linked (gone, or a file of another size) is
+/// archived as a copy of the verified stream: its own inode.
+#[tokio::test]
+async fn a_file_that_cannot_be_linked_is_copied() {
+    let other = TempDir::new().unwrap();
+    let wrong_size = other.path().join("wrong-size");
+    std::fs::write(&wrong_size, b"not the instance").unwrap();
+    for elsewhere in [other.path().join("missing"), wrong_size] {
+        let (_dir, src, sink, root) = setup(Some(elsewhere.clone()));
+        let insts = src.add_study(2);
+        let report = sink.deliver(&insts, &src).await.unwrap();
+        assert!(
+            report
+                .outcomes
+                .iter()
+                .all(|(_, o)| *o == InstanceOutcome::Stored),
+            "{elsewhere:?}: {report:?}"
+        );
+        for i in &insts {
+            let a = std::fs::metadata(archived(&root, i)).unwrap();
+            let s = std::fs::metadata(src.path(i.key)).unwrap();
+            assert_ne!(a.ino(), s.ino(), "{elsewhere:?}");
+            assert_eq!(a.nlink(), 1);
+            assert_eq!(
+                std::fs::read(archived(&root, i)).unwrap(),
+                std::fs::read(src.path(i.key)).unwrap()
+            );
+        }
+        all_held(&sink, &insts).await;
+    }
+}
