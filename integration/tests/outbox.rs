@@ -390,3 +390,96 @@ async fn a_batch_ends_each_entry_as_its_own_attempt_would() {
     }
     assert_eq!(state(&s).await.delivery.attempts, 1);
 }
+
+/// Records each batch of events the worker reports, as one list.
+#[derive(Default)]
+struct Batches(Mutex<Vec<Vec<relaypacs_core::OutboxEvent>>>);
+
+#[relaypacs_core::async_trait]
+impl relaypacs_core::OutboxListener for Batches {
+    async fn on_event(&self, event: &relaypacs_core::OutboxEvent) {
+        self.0.lock().unwrap().push(vec![event.clone()]);
+    }
+
+    async fn on_events(&self, events: &[relaypacs_core::OutboxEvent]) {
+        self.0.lock().unwrap().push(events.to_vec());
+    }
+}
+
+/// Three studies completed one after another while the worker runs: with
+/// a `linger` longer than the completions take, the first waits for the
+/// others and the three are delivered as one batch (one report to the
+/// listener); when they fill the batch, they go at once instead of
+/// waiting out a `linger` of a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_not_yet_full_lingers_for_more_entries() {
+    for (batch, linger) in [(8, Duration::from_secs(3)), (3, Duration::from_secs(60))] {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Embedded::open(dir.path(), PipelineConfig::default())
+            .await
+            .unwrap();
+        let actor = Actor::user("alice");
+        let mut sids = Vec::new();
+        for i in 0..3 {
+            let sid = open_session(&e.pipeline, &actor).await.unwrap();
+            upload_file(
+                &e.pipeline,
+                &actor,
+                sid,
+                "f",
+                &dicom(&new_study(), i),
+                1 << 20,
+            )
+            .await
+            .unwrap();
+            sids.push(sid);
+        }
+        let batches = Arc::new(Batches::default());
+        let worker = relaypacs_core::Outbox::new(
+            e.pipeline.clone(),
+            OutboxConfig {
+                batch,
+                linger,
+                ..fast()
+            },
+            batches.clone(),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(worker.run(async {
+            let _ = stopped.await;
+        }));
+        let started = std::time::Instant::now();
+        for sid in &sids {
+            e.pipeline.complete_session(&actor, *sid).await.unwrap();
+        }
+        let queued_in = started.elapsed();
+        assert!(queued_in < linger / 2, "completions took {queued_in:?}");
+        // Within 20 s: a third of the minute a full batch would otherwise
+        // have waited.
+        let deadline = started + Duration::from_secs(20);
+        for sid in &sids {
+            while !matches!(
+                e.sessions.load_session(*sid).await.unwrap().value.state,
+                SessionState::Delivered { .. }
+            ) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "batch {batch}: not delivered"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let _ = stop.send(());
+        run.await.unwrap();
+        let seen = batches.0.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "batch {batch}: {seen:?}");
+        assert_eq!(seen[0].len(), 3, "batch {batch}: {seen:?}");
+        assert!(
+            seen[0]
+                .iter()
+                .all(|ev| matches!(ev, relaypacs_core::OutboxEvent::Delivered { .. })),
+            "{seen:?}"
+        );
+        e.close().await;
+    }
+}

@@ -1025,6 +1025,9 @@ impl Config {
         if !(0..=19).contains(&o.nice) {
             return inv("outbox", "nice must be 0 to 19");
         }
+        if o.linger > std::time::Duration::from_secs(10) {
+            return inv("outbox", "linger must be at most 10 s");
+        }
         let h = &self.http;
         if h.header_read_timeout_secs == 0 || h.header_read_timeout_secs > 300 {
             return inv("http.header_read_timeout_secs", "must be 1..=300");
@@ -1488,7 +1491,10 @@ nice = 0
         let mut pg = Config::default();
         pg.state.url = Some("postgres://relay@127.0.0.1/relay".into());
         assert!(!pg.delivery_runs_apart());
-        for bad in ["batch = 0", "nice = 20", "nice = -1"] {
+        assert_eq!(d.outbox.linger, std::time::Duration::from_millis(50));
+        std::fs::write(&f, "[outbox]\nlinger = 0\n").unwrap();
+        assert!(Config::load(Some(&f)).unwrap().outbox.linger.is_zero());
+        for bad in ["batch = 0", "nice = 20", "nice = -1", "linger = 10.5"] {
             std::fs::write(&f, format!("[outbox]\n{bad}\n")).unwrap();
             let e = Config::load(Some(&f)).unwrap_err();
             assert!(e.to_string().contains("outbox"), "{bad}: {e}");

@@ -27,6 +27,12 @@ pub struct OutboxConfig {
     /// (one commit each instead of one per entry); their sends still run
     /// `parallel` at a time. 1 = one entry at a time.
     pub batch: usize,
+    /// How long the worker waits for a batch to fill once an entry is due
+    /// (default 0.05 s; 0: never): entries queued meanwhile share its
+    /// leases', outcomes' and notifications' commits. A full batch goes at
+    /// once; no entry waits longer than this for others.
+    #[serde(with = "secs")]
+    pub linger: Duration,
     /// How often the whole store is rescanned for entries (e.g. queued by
     /// another process sharing the session store).
     #[serde(with = "secs")]
@@ -73,6 +79,7 @@ impl Default for OutboxConfig {
             lease: Duration::from_secs(15 * 60),
             parallel: 2,
             batch: 32,
+            linger: Duration::from_millis(50),
             rescan_interval: Duration::from_secs(300),
             report_poll_interval: Duration::from_secs(60),
             report_window: Duration::from_secs(30 * 24 * 3600),

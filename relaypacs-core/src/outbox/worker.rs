@@ -135,11 +135,14 @@ impl Outbox {
     /// Run until `shutdown` completes: scan the store at start and every
     /// `rescan_interval`, take newly queued entries at once, and step each
     /// entry when due, in batches of `batch` (their sends `parallel` at a
-    /// time).
+    /// time); a batch not yet full waits up to `linger` from when its
+    /// first entry was due for others to join it.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut schedule: HashMap<SessionId, OffsetDateTime> = HashMap::new();
         let mut last_scan: Option<tokio::time::Instant> = None;
+        // When the entries now due started waiting for a fuller batch.
+        let mut lingering: Option<tokio::time::Instant> = None;
         loop {
             let rescan = last_scan.is_none_or(|t| t.elapsed() >= self.config.rescan_interval);
             if rescan {
@@ -161,6 +164,19 @@ impl Outbox {
                 .map(|(id, _)| *id)
                 .collect();
             if !due.is_empty() {
+                let since = *lingering.get_or_insert_with(tokio::time::Instant::now);
+                let left = self.config.linger.saturating_sub(since.elapsed());
+                if due.len() < self.config.batch.max(1) && !left.is_zero() {
+                    // More entries may be on their way (a burst of
+                    // uploads): one batch's commits for all of them.
+                    tokio::select! {
+                        () = &mut shutdown => return,
+                        () = self.pipeline.inner.kick.notified() => {}
+                        () = tokio::time::sleep(left) => {}
+                    }
+                    continue;
+                }
+                lingering = None;
                 for (id, next) in self.step_all(due).await {
                     match next {
                         Next::At(t) => {
