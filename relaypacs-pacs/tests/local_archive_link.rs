@@ -7,10 +7,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use relaypacs_core::testing::dicom_gen;
+use relaypacs_core::testing::collect;
 use relaypacs_core::{
-    ByteStream, FileId, FileKey, Holding, Instance, InstanceOutcome, InstanceSource, PacsSink,
-    Result, SessionId, VerifyingStream,
+    ByteStream, DeliveryReport, FileKey, Holding, Instance, InstanceOutcome, InstanceSource,
+    PacsSink, Result, VerifyingStream,
 };
 use relaypacs_pacs::LocalArchiveSink;
 use tempfile::TempDir;
@@ -29,33 +29,15 @@ impl FileSource {
         self.dir.join(format!("{}.data", key.file))
     }
 
-    /// Write `n` new instances of one study; their descriptions.
-    fn add_study(&self, n: usize) -> Vec<Instance> {
-        let (study, series) = (dicom_gen::new_uid(), dicom_gen::new_uid());
-        (0..n)
-            .map(|i| {
-                let spec = dicom_gen::DicomSpec {
-                    study_uid: study.clone(),
-                    series_uid: series.clone(),
-                    sop_instance_uid: dicom_gen::new_uid(),
-                    seed: i as u64,
-                    ..dicom_gen::DicomSpec::default()
-                };
-                let bytes = dicom_gen::generate(&spec).unwrap();
-                let summary = relaypacs_core::dicom::validate_dicom(
-                    &bytes,
-                    bytes.len() as u64,
-                    &Default::default(),
-                )
-                .unwrap();
-                let key = FileKey {
-                    session: SessionId::random(),
-                    file: FileId::random(),
-                };
-                std::fs::write(self.path(key), &bytes).unwrap();
-                Instance::of_bytes(key, &bytes, summary)
-            })
-            .collect()
+    /// Write `n` new instances of one study (the conformance suite's
+    /// generator) as files; their descriptions.
+    async fn add_study(&self, n: usize) -> Vec<Instance> {
+        let (memory, insts) = relaypacs_core::testing::pacs_sink::study(n).unwrap();
+        for i in &insts {
+            let bytes = collect(memory.open(i).await.unwrap()).await.unwrap();
+            std::fs::write(self.path(i.key), bytes).unwrap();
+        }
+        insts
     }
 }
 
@@ -97,6 +79,13 @@ fn setup(point_elsewhere: Option<PathBuf>) -> (TempDir, FileSource, LocalArchive
     (dir, src, sink, root)
 }
 
+fn assert_all(report: &DeliveryReport, want: &InstanceOutcome, what: &str) {
+    assert!(
+        report.outcomes.iter().all(|(_, o)| o == want),
+        "{what}: {report:?}"
+    );
+}
+
 async fn all_held(sink: &LocalArchiveSink, insts: &[Instance]) {
     for h in sink.verify(insts).await.unwrap() {
         assert!(matches!(h, Holding::Same { .. }), "{h:?}");
@@ -109,15 +98,9 @@ async fn all_held(sink: &LocalArchiveSink, insts: &[Instance]) {
 #[tokio::test]
 async fn a_local_file_is_linked_not_copied() {
     let (_dir, src, sink, root) = setup(None);
-    let insts = src.add_study(3);
+    let insts = src.add_study(3).await;
     let report = sink.deliver(&insts, &src).await.unwrap();
-    assert!(
-        report
-            .outcomes
-            .iter()
-            .all(|(_, o)| *o == InstanceOutcome::Stored),
-        "{report:?}"
-    );
+    assert_all(&report, &InstanceOutcome::Stored, "first");
     for i in &insts {
         let (a, s) = (
             std::fs::metadata(archived(&root, i)).unwrap(),
@@ -129,12 +112,7 @@ async fn a_local_file_is_linked_not_copied() {
     all_held(&sink, &insts).await;
     // Again: already there, nothing written.
     let again = sink.deliver(&insts, &src).await.unwrap();
-    assert!(
-        again
-            .outcomes
-            .iter()
-            .all(|(_, o)| *o == InstanceOutcome::AlreadyPresent)
-    );
+    assert_all(&again, &InstanceOutcome::AlreadyPresent, "again");
     for i in &insts {
         std::fs::remove_file(src.path(i.key)).unwrap();
         assert_eq!(std::fs::metadata(archived(&root, i)).unwrap().nlink(), 1);
@@ -150,7 +128,7 @@ async fn a_local_file_is_linked_not_copied() {
 #[tokio::test]
 async fn a_file_changed_at_rest_is_not_linked() {
     let (_dir, src, sink, root) = setup(None);
-    let insts = src.add_study(1);
+    let insts = src.add_study(1).await;
     let path = src.path(insts[0].key);
     let mut bytes = std::fs::read(&path).unwrap();
     let last = bytes.len() - 1;
@@ -173,15 +151,9 @@ async fn a_file_that_cannot_be_linked_is_copied() {
     std::fs::write(&wrong_size, b"not the instance").unwrap();
     for elsewhere in [other.path().join("missing"), wrong_size] {
         let (_dir, src, sink, root) = setup(Some(elsewhere.clone()));
-        let insts = src.add_study(2);
+        let insts = src.add_study(2).await;
         let report = sink.deliver(&insts, &src).await.unwrap();
-        assert!(
-            report
-                .outcomes
-                .iter()
-                .all(|(_, o)| *o == InstanceOutcome::Stored),
-            "{elsewhere:?}: {report:?}"
-        );
+        assert_all(&report, &InstanceOutcome::Stored, &format!("{elsewhere:?}"));
         for i in &insts {
             let a = std::fs::metadata(archived(&root, i)).unwrap();
             let s = std::fs::metadata(src.path(i.key)).unwrap();
