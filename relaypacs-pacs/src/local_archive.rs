@@ -162,12 +162,13 @@ impl LocalArchiveSink {
 
     /// Archive `inst` as a hard link to the source's own file `src`: no
     /// copy written, and no sync of data (the source's file is durable).
-    /// The source's stream is read to its end first: it fails unless the
-    /// bytes at rest are the verified ones, and nothing is linked before.
-    /// Then the name is linked into place (never replacing one) and the
-    /// folder fsync'd: crash-safe like the copy. `None` when the file
-    /// cannot be linked here (another filesystem, another size, gone): the
-    /// caller writes a copy from the stream instead.
+    /// Only a regular file of the instance's size on the archive's own
+    /// filesystem is tried, checked before anything is read. The source's
+    /// stream is then read to its end: it fails unless the bytes at rest
+    /// are the verified ones, and nothing is linked before. Then the name
+    /// is linked into place (never replacing one) and the folder fsync'd:
+    /// crash-safe like the copy. `None` when the file cannot be linked
+    /// here: the caller writes a copy from the stream instead.
     async fn link_one(
         &self,
         inst: &Instance,
@@ -176,6 +177,16 @@ impl LocalArchiveSink {
         target: &Path,
         dir: &Path,
     ) -> Result<Option<InstanceOutcome>> {
+        let (size, root) = (inst.size, self.root.clone());
+        let (src, linkable) = tokio::task::spawn_blocking(move || {
+            let ok = linkable(&src, size, &root);
+            (src, ok)
+        })
+        .await
+        .map_err(join_err)?;
+        if !linkable {
+            return Ok(None);
+        }
         let mut stream = source.open(inst).await?;
         let mut n = 0u64;
         while let Some(item) = stream.next().await {
@@ -188,20 +199,16 @@ impl LocalArchiveSink {
             }
             .into());
         }
-        let (expected, size) = (inst.sha256, inst.size);
+        let expected = inst.sha256;
         let (tg, dr) = (target.to_path_buf(), dir.to_path_buf());
         tokio::task::spawn_blocking(move || -> Result<Option<InstanceOutcome>> {
-            match std::fs::metadata(&src) {
-                Ok(m) if m.is_file() && m.len() == size => {}
-                _ => return Ok(None),
-            }
             create_dir_durable(&dr)?;
             let outcome = match std::fs::hard_link(&src, &tg) {
                 Ok(()) => InstanceOutcome::Stored,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     same_or_refused(file_digest(&tg)?, expected)
                 }
-                // Another filesystem, or links not allowed there: a copy.
+                // Gone since, or links not allowed there: a copy.
                 Err(_) => return Ok(None),
             };
             fsync_dir(&dr)?;
@@ -305,6 +312,27 @@ impl LocalArchiveSink {
             let _ = std::fs::remove_file(&tmp); // best effort; a leftover temp name is never read
         }
         res
+    }
+}
+
+/// Whether `src` is a regular file of `size` bytes on `root`'s
+/// filesystem (a hard link cannot cross filesystems).
+fn linkable(src: &Path, size: u64, root: &Path) -> bool {
+    let Ok(m) = std::fs::metadata(src) else {
+        return false;
+    };
+    if !m.is_file() || m.len() != size {
+        return false;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(root).is_ok_and(|r| r.dev() == m.dev())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = root;
+        true
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use relaypacs_core::testing::collect;
@@ -22,6 +23,8 @@ use tempfile::TempDir;
 struct FileSource {
     dir: PathBuf,
     point_elsewhere: Option<PathBuf>,
+    /// Streams opened: each instance is read once, linked or copied.
+    opened: AtomicUsize,
 }
 
 impl FileSource {
@@ -44,6 +47,7 @@ impl FileSource {
 #[async_trait]
 impl InstanceSource for FileSource {
     async fn open(&self, instance: &Instance) -> Result<ByteStream> {
+        self.opened.fetch_add(1, Ordering::Relaxed);
         let bytes = std::fs::read(self.path(instance.key)).unwrap();
         let raw = relaypacs_core::testing::pieces(&bytes, 64 << 10);
         let (verified, _) = VerifyingStream::new(raw, 0, instance.size, Some(instance.sha256));
@@ -75,6 +79,7 @@ fn setup(point_elsewhere: Option<PathBuf>) -> (TempDir, FileSource, LocalArchive
     let src = FileSource {
         dir: chunks,
         point_elsewhere,
+        opened: AtomicUsize::new(0),
     };
     (dir, src, sink, root)
 }
@@ -101,6 +106,7 @@ async fn a_local_file_is_linked_not_copied() {
     let insts = src.add_study(3).await;
     let report = sink.deliver(&insts, &src).await.unwrap();
     assert_all(&report, &InstanceOutcome::Stored, "first");
+    assert_eq!(src.opened.load(Ordering::Relaxed), 3, "each read once");
     for i in &insts {
         let (a, s) = (
             std::fs::metadata(archived(&root, i)).unwrap(),
@@ -154,6 +160,9 @@ async fn a_file_that_cannot_be_linked_is_copied() {
         let insts = src.add_study(2).await;
         let report = sink.deliver(&insts, &src).await.unwrap();
         assert_all(&report, &InstanceOutcome::Stored, &format!("{elsewhere:?}"));
+        // Found unlinkable before reading: each instance read once, for
+        // its copy.
+        assert_eq!(src.opened.load(Ordering::Relaxed), 2, "{elsewhere:?}");
         for i in &insts {
             let a = std::fs::metadata(archived(&root, i)).unwrap();
             let s = std::fs::metadata(src.path(i.key)).unwrap();
