@@ -70,13 +70,10 @@ async fn study_flows_to_archive_byte_exact_and_is_audited() {
         // store's verified file under a second name, not a copy.
         let data = e
             .chunks
-            .local_file(
-                relaypacs_core::FileKey {
-                    session: s,
-                    file: rec.id,
-                },
-                f.len() as u64,
-            )
+            .local_file(relaypacs_core::FileKey {
+                session: s,
+                file: rec.id,
+            })
             .unwrap();
         let (a, c) = (
             std::fs::metadata(&path).unwrap(),

@@ -132,14 +132,14 @@ pub trait ChunkStore: Debug + Display + Send + Sync + 'static {
     /// Remove everything stored for a session.
     async fn delete_session(&self, session: SessionId) -> Result<()>;
 
-    /// The path of a sealed file `key` of `size` bytes when the store keeps
-    /// it as one plain local file holding exactly those bytes, durable,
-    /// that it never writes to again (only removes): a local PACS sink may
-    /// then hard-link it rather than copy it. `None` (the default) for any
+    /// The path of the sealed file `key` when the store keeps it as one
+    /// plain local file holding exactly its bytes, durable, that it never
+    /// writes to again (only removes): a local PACS sink may then
+    /// hard-link it rather than copy it. `None` (the default) for any
     /// other layout; a caller still reads the bytes with
     /// [`read`](Self::read) to verify them.
-    fn local_file(&self, key: FileKey, size: u64) -> Option<std::path::PathBuf> {
-        let _ = (key, size);
+    fn local_file(&self, key: FileKey) -> Option<std::path::PathBuf> {
+        let _ = key;
         None
     }
 }
@@ -215,8 +215,8 @@ macro_rules! forward_chunk_store {
                 (**self).delete_session(session).await
             }
 
-            fn local_file(&self, key: FileKey, size: u64) -> Option<std::path::PathBuf> {
-                (**self).local_file(key, size)
+            fn local_file(&self, key: FileKey) -> Option<std::path::PathBuf> {
+                (**self).local_file(key)
             }
         }
     };

@@ -497,9 +497,9 @@ async fn fwd_cstore_delivers_byte_identical_data_sets() {
     t.stop().await;
 }
 
-/// The nice value of thread `tid` of this process (field 19 of its stat).
-fn nice_of(tid: &str) -> i32 {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+/// The nice value in a thread's `stat` file at `path` (field 19).
+fn nice_of(path: &str) -> i32 {
+    let stat = std::fs::read_to_string(path).unwrap();
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     rest.split_whitespace().nth(16).unwrap().parse().unwrap()
 }
@@ -514,13 +514,7 @@ async fn the_delivery_worker_runs_below_the_requests_priority() {
     // A delivery, so the worker's blocking pool has started too.
     let (id, _, _) = upload_and_complete(&t, &u, 2).await;
     wait_for(&t, &u, &id, "delivered", state_is("delivered")).await;
-    let base = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-    let base: i32 = base[base.rfind(')').unwrap() + 2..]
-        .split_whitespace()
-        .nth(16)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let base = nice_of("/proc/thread-self/stat");
     let mut worker = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap() {
         let tid = task.unwrap().file_name().to_string_lossy().to_string();
@@ -528,7 +522,7 @@ async fn the_delivery_worker_runs_below_the_requests_priority() {
             continue; // the thread ended meanwhile
         };
         if name.trim() == "relay-outbox" {
-            worker.push(nice_of(&tid));
+            worker.push(nice_of(&format!("/proc/self/task/{tid}/stat")));
         }
     }
     assert!(

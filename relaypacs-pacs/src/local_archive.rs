@@ -192,13 +192,7 @@ impl LocalArchiveSink {
         while let Some(item) = stream.next().await {
             n += item?.len() as u64;
         }
-        if n != inst.size {
-            return Err(IntegrityError::StoredSize {
-                expected: inst.size,
-                actual: n,
-            }
-            .into());
-        }
+        whole_stream(inst, n)?;
         let expected = inst.sha256;
         let (tg, dr) = (target.to_path_buf(), dir.to_path_buf());
         tokio::task::spawn_blocking(move || -> Result<Option<InstanceOutcome>> {
@@ -281,13 +275,7 @@ impl LocalArchiveSink {
                 file = f;
                 r.map_err(io("write archive temp file"))?;
             }
-            if n != inst.size {
-                return Err(IntegrityError::StoredSize {
-                    expected: inst.size,
-                    actual: n,
-                }
-                .into());
-            }
+            whole_stream(inst, n)?;
             let (t, tg, dr) = (tmp.clone(), target.clone(), dir.clone());
             tokio::task::spawn_blocking(move || -> Result<InstanceOutcome> {
                 // Crash-safe publish: fsync temp, link into place (never
@@ -334,6 +322,19 @@ fn linkable(src: &Path, size: u64, root: &Path) -> bool {
         let _ = root;
         true
     }
+}
+
+/// `Ok` when a source's stream of `inst` that ended cleanly gave `n`
+/// bytes, its whole size.
+fn whole_stream(inst: &Instance, n: u64) -> Result<()> {
+    if n == inst.size {
+        return Ok(());
+    }
+    Err(IntegrityError::StoredSize {
+        expected: inst.size,
+        actual: n,
+    }
+    .into())
 }
 
 fn same_or_refused(held: Sha256Digest, expected: Sha256Digest) -> InstanceOutcome {

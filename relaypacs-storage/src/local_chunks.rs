@@ -582,7 +582,7 @@ impl ChunkStore for LocalChunkStore {
     /// Nothing writes to it again: chunks are written only before the
     /// file is sealed (the pipeline takes none for a completed file), and
     /// deleting only unlinks, so a hard link elsewhere keeps the bytes.
-    fn local_file(&self, key: FileKey, _size: u64) -> Option<PathBuf> {
+    fn local_file(&self, key: FileKey) -> Option<PathBuf> {
         Some(self.data_path(key))
     }
 }

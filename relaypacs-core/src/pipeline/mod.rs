@@ -324,7 +324,7 @@ impl InstanceSource for StoreSource {
     }
 
     fn local_file(&self, instance: &Instance) -> Option<std::path::PathBuf> {
-        self.chunks.local_file(instance.key, instance.size)
+        self.chunks.local_file(instance.key)
     }
 }
 impl Pipeline {

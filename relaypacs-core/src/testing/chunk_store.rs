@@ -412,7 +412,7 @@ pub async fn local_file_is_the_sealed_bytes(store: &dyn ChunkStore) {
         .await
         .expect("seal whole");
     for k in [chunked, whole] {
-        let Some(path) = store.local_file(k, size) else {
+        let Some(path) = store.local_file(k) else {
             continue;
         };
         assert_eq!(std::fs::read(&path).expect("read local file"), data);
