@@ -148,6 +148,14 @@ async fn enrol_totp(http: &reqwest::Client, url: &str, user: &str, password: &st
     )
     .await;
     let secret = e["secret"].as_str().unwrap().to_owned();
+    // The server takes its own step or the one before. Computed in the last
+    // seconds of a step, the previous step's code could reach the server in
+    // the next step, two behind: wait for a fresh step first.
+    let now = time::OffsetDateTime::now_utc();
+    let into_step = (now.unix_timestamp() as u64 % 30) * 1000 + u64::from(now.millisecond());
+    if into_step > 25_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(30_000 - into_step + 200)).await;
+    }
     let step = time::OffsetDateTime::now_utc().unix_timestamp() as u64 / 30 - 1;
     let r = http
         .post(format!("{url}/api/v1/auth/totp/confirm"))
