@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the real peers the tests talk to, idempotently:
-#   dcmtk (DICOM tools), orthanc + orthanc-dicomweb (PACS), redis-server,
+#   dcmtk (DICOM tools), orthanc + orthanc-dicomweb (PACS),
 #   rsyslog + rsyslog-gnutls (syslog collector over TLS, RFC 5425),
 #   postgresql-15 (test clusters started by relaypacs-test-peers),
 #   s3s-fs 0.14.1 (S3-compatible server that checks signatures and checksums),
@@ -30,7 +30,6 @@ if [[ "$what" == all || "$what" == apt ]]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
   [[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need_apt+=(orthanc-dicomweb)
-  command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
   command -v rsyslogd >/dev/null 2>&1 || need_apt+=(rsyslog)
   [[ -n "$(find /usr/lib -name lmnsd_gtls.so -print -quit 2>/dev/null)" ]] || need_apt+=(rsyslog-gnutls)
   # PostgreSQL 15 (server and psql): tests start their own clusters with

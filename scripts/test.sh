@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: installs the real peers (dcmtk, Orthanc, PostgreSQL
-# 15, Redis, rsyslog, s3s-fs, the tus clients) if missing, then runs
+# 15, rsyslog, s3s-fs, the tus clients) if missing, then runs
 # formatting and lint checks and every test of the workspace (unit,
 # conformance against local files, SQLite and throwaway PostgreSQL clusters,
 # in-memory and a real S3 server on loopback, property, crash, multi-gateway
