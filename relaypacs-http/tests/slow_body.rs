@@ -290,10 +290,11 @@ async fn unaccepted_connects(server: SocketAddr, n: usize) -> (usize, Vec<TcpStr
 }
 
 /// The listener's queue is `[http] listen_backlog` long, not the 128
-/// `tokio::net::TcpListener::bind` leaves (it takes 129 here): a burst of 1,500 connections nobody has accepted
-/// yet all complete at once (a reconnect storm larger than the queue
-/// makes the kernel drop attempts, a health check's among them, for 1 s).
-/// A queue of 64 is full after 65, which shows the measure holds.
+/// `tokio::net::TcpListener::bind` leaves (it takes 129 here): a burst of
+/// 1,500 connections nobody has accepted yet all complete at once (a
+/// reconnect storm larger than the queue makes the kernel drop attempts,
+/// a health check's among them, for 1 s). A queue of 64 is full after 65,
+/// which shows the measure holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_connections_waits_in_the_listen_queue() {
     let _alone = ONE_AT_A_TIME.lock().await;

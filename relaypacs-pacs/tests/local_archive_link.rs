@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure must panic
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
@@ -63,25 +63,27 @@ impl InstanceSource for FileSource {
     }
 }
 
-fn archived(root: &Path, i: &Instance) -> PathBuf {
+/// Where the archive keeps `i` (its own layout).
+fn archived(sink: &LocalArchiveSink, i: &Instance) -> PathBuf {
     let d = &i.dicom;
-    root.join(d.study_instance_uid.as_str())
-        .join(d.series_instance_uid.as_str())
-        .join(format!("{}.dcm", d.sop_instance_uid.as_str()))
+    sink.instance_path(
+        &d.study_instance_uid,
+        &d.series_instance_uid,
+        &d.sop_instance_uid,
+    )
 }
 
-fn setup(point_elsewhere: Option<PathBuf>) -> (TempDir, FileSource, LocalArchiveSink, PathBuf) {
+fn setup(point_elsewhere: Option<PathBuf>) -> (TempDir, FileSource, LocalArchiveSink) {
     let dir = TempDir::new().unwrap();
     let chunks = dir.path().join("chunks");
     std::fs::create_dir(&chunks).unwrap();
-    let root = dir.path().join("archive");
-    let sink = LocalArchiveSink::open(&root).unwrap();
+    let sink = LocalArchiveSink::open(dir.path().join("archive")).unwrap();
     let src = FileSource {
         dir: chunks,
         point_elsewhere,
         opened: AtomicUsize::new(0),
     };
-    (dir, src, sink, root)
+    (dir, src, sink)
 }
 
 fn assert_all(report: &DeliveryReport, want: &InstanceOutcome, what: &str) {
@@ -102,14 +104,14 @@ async fn all_held(sink: &LocalArchiveSink, insts: &[Instance]) {
 /// name (the chunk store's cleanup after delivery).
 #[tokio::test]
 async fn a_local_file_is_linked_not_copied() {
-    let (_dir, src, sink, root) = setup(None);
+    let (_dir, src, sink) = setup(None);
     let insts = src.add_study(3).await;
     let report = sink.deliver(&insts, &src).await.unwrap();
     assert_all(&report, &InstanceOutcome::Stored, "first");
     assert_eq!(src.opened.load(Ordering::Relaxed), 3, "each read once");
     for i in &insts {
         let (a, s) = (
-            std::fs::metadata(archived(&root, i)).unwrap(),
+            std::fs::metadata(archived(&sink, i)).unwrap(),
             std::fs::metadata(src.path(i.key)).unwrap(),
         );
         assert_eq!((a.dev(), a.ino()), (s.dev(), s.ino()));
@@ -121,11 +123,11 @@ async fn a_local_file_is_linked_not_copied() {
     assert_all(&again, &InstanceOutcome::AlreadyPresent, "again");
     for i in &insts {
         std::fs::remove_file(src.path(i.key)).unwrap();
-        assert_eq!(std::fs::metadata(archived(&root, i)).unwrap().nlink(), 1);
+        assert_eq!(std::fs::metadata(archived(&sink, i)).unwrap().nlink(), 1);
     }
     all_held(&sink, &insts).await;
     // No temp names left behind.
-    let series = archived(&root, &insts[0]).parent().unwrap().to_path_buf();
+    let series = archived(&sink, &insts[0]).parent().unwrap().to_path_buf();
     assert_eq!(std::fs::read_dir(series).unwrap().count(), 3);
 }
 
@@ -133,7 +135,7 @@ async fn a_local_file_is_linked_not_copied() {
 /// fails before, and the archive holds nothing under that name.
 #[tokio::test]
 async fn a_file_changed_at_rest_is_not_linked() {
-    let (_dir, src, sink, root) = setup(None);
+    let (_dir, src, sink) = setup(None);
     let insts = src.add_study(1).await;
     let path = src.path(insts[0].key);
     let mut bytes = std::fs::read(&path).unwrap();
@@ -141,7 +143,7 @@ async fn a_file_changed_at_rest_is_not_linked() {
     bytes[last] ^= 0x01;
     std::fs::write(&path, &bytes).unwrap();
     assert!(sink.deliver(&insts, &src).await.is_err());
-    assert!(!archived(&root, &insts[0]).exists());
+    assert!(!archived(&sink, &insts[0]).exists());
     assert!(matches!(
         sink.verify(&insts).await.unwrap()[0],
         Holding::Absent
@@ -156,7 +158,7 @@ async fn a_file_that_cannot_be_linked_is_copied() {
     let wrong_size = other.path().join("wrong-size");
     std::fs::write(&wrong_size, b"not the instance").unwrap();
     for elsewhere in [other.path().join("missing"), wrong_size] {
-        let (_dir, src, sink, root) = setup(Some(elsewhere.clone()));
+        let (_dir, src, sink) = setup(Some(elsewhere.clone()));
         let insts = src.add_study(2).await;
         let report = sink.deliver(&insts, &src).await.unwrap();
         assert_all(&report, &InstanceOutcome::Stored, &format!("{elsewhere:?}"));
@@ -164,12 +166,12 @@ async fn a_file_that_cannot_be_linked_is_copied() {
         // its copy.
         assert_eq!(src.opened.load(Ordering::Relaxed), 2, "{elsewhere:?}");
         for i in &insts {
-            let a = std::fs::metadata(archived(&root, i)).unwrap();
+            let a = std::fs::metadata(archived(&sink, i)).unwrap();
             let s = std::fs::metadata(src.path(i.key)).unwrap();
             assert_ne!(a.ino(), s.ino(), "{elsewhere:?}");
             assert_eq!(a.nlink(), 1);
             assert_eq!(
-                std::fs::read(archived(&root, i)).unwrap(),
+                std::fs::read(archived(&sink, i)).unwrap(),
                 std::fs::read(src.path(i.key)).unwrap()
             );
         }
